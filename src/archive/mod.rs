@@ -1,0 +1,65 @@
+//! Artifact archives: deterministic `tar`+`zstd` packing and streaming safety checks.
+//!
+//! [`pack`] writes the archive CI uploads; [`check`] reads one as it streams in and refuses
+//! what could never be deployed safely; [`rules`] holds the per-entry rules both share (and that
+//! the node's unpacker applies again, never trusting the server's check alone).
+//!
+//! Architecture invariant: this module does no network or database I/O; it works on
+//! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
+
+mod check;
+mod pack;
+mod rules;
+#[cfg(test)]
+mod tests;
+
+pub use check::{CheckOptions, Summary, check};
+pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};
+pub use rules::RelPath;
+
+/// The first four bytes of every zstd frame.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Why an archive was refused. Each variant names the entry (or limit) at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArchiveError {
+    #[error("not a zstd stream (an artifact must be a tar archive compressed with zstd)")]
+    NotZstd,
+    #[error("corrupt zstd stream: {0}")]
+    Zstd(String),
+    #[error("not a valid tar stream: {0}")]
+    Tar(String),
+    #[error("the tar stream is truncated: {0}")]
+    Truncated(String),
+    #[error("entry {path:?}: absolute paths are not allowed")]
+    AbsolutePath { path: String },
+    #[error("entry {path:?}: `..` components are not allowed")]
+    ParentDir { path: String },
+    #[error("entry {path:?}: path is empty or not UTF-8")]
+    BadPath { path: String },
+    #[error(
+        "entry {path:?}: link target {target:?} is not inside the archive's tree (relative, `..` only at its start, never above the root)"
+    )]
+    LinkEscapes { path: String, target: String },
+    #[error("entry {path:?}: lies under the symbolic link {link:?}, so it would be written through it")]
+    ThroughSymlink { path: String, link: String },
+    #[error("entry {path:?}: hard link to {target:?}, which is not a regular file earlier in the archive")]
+    HardlinkTarget { path: String, target: String },
+    #[error("entry {path:?}: {kind} entries are not allowed")]
+    ForbiddenType { path: String, kind: &'static str },
+    #[error("entry {path:?}: setuid and setgid bits are not allowed (mode {mode:o})")]
+    Setuid { path: String, mode: u32 },
+    #[error("entry {path:?}: {shared:?} is kept in the service's shared/ directory, so it must not be in an artifact")]
+    SharedPath { path: String, shared: String },
+    #[error("the archive holds more than {limit} entries (limits.max_files)")]
+    TooManyFiles { limit: u64 },
+    #[error("the archive unpacks to more than {limit} bytes (limits.max_unpacked_bytes)")]
+    TooLarge { limit: u64 },
+}
+
+impl ArchiveError {
+    /// True for the refusals that are about size limits rather than safety.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, ArchiveError::TooManyFiles { .. } | ArchiveError::TooLarge { .. })
+    }
+}

@@ -1,0 +1,242 @@
+//! The command line: one file per subcommand; this file parses and dispatches.
+//!
+//! Every command takes `--json` (machine-readable output on stdout). Failures print their whole
+//! error once and exit with SPEC 4's codes (see [`Failure`]).
+
+mod artifact;
+mod init;
+mod package;
+mod serve;
+mod token;
+mod upload;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientError};
+
+#[derive(Debug, Parser)]
+#[command(name = "release", version, about = "Artifact build-and-release server with immutable releases")]
+pub struct Cli {
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (with no configuration: the embedded default).
+    Serve(serve::Args),
+    /// Write a commented example release.toml.
+    Init(init::Args),
+    /// Manage API tokens on the local registry (works without a running server).
+    #[command(subcommand)]
+    Token(token::Command),
+    /// Write a deterministic tar+zstd archive of a directory and print its digest.
+    Package(package::Args),
+    /// Upload an archive (packaging a directory first); prints the digest.
+    Upload(upload::Args),
+    /// Download an artifact's bytes, checking their digest.
+    Download(artifact::DownloadArgs),
+    /// Look at stored artifacts.
+    #[command(subcommand)]
+    Artifact(artifact::Command),
+}
+
+/// Where the server is and who we are, for client commands.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The release server's URL.
+    #[arg(long, env = "RELEASE_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// API token (prefer the environment variable: a flag shows in `ps`).
+    #[arg(long, env = "RELEASE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerArgs {
+    pub fn client(&self) -> Client {
+        Client::new(&self.server, self.token.clone())
+    }
+}
+
+/// A command's failure: the message to print and the exit code (SPEC 4).
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: u8,
+    pub message: String,
+}
+
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CONFLICT: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const NOT_ALLOWED: u8 = 5;
+    pub const INTEGRITY: u8 = 6;
+}
+
+impl Failure {
+    pub fn new(exit: u8, message: impl std::fmt::Display) -> Failure {
+        Failure { exit, message: message.to_string() }
+    }
+}
+
+/// Prints an error with its whole chain of causes, once.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let exit = match &e {
+            ClientError::Api { status, code, .. } => match (status, code.as_str()) {
+                (401 | 403, _) => exit::NOT_ALLOWED,
+                (404, _) => exit::NOT_FOUND,
+                (409, _) => exit::CONFLICT,
+                (_, "digest_mismatch" | "unsafe_archive" | "archive_too_large" | "upload_too_large") => exit::INTEGRITY,
+                (400, _) => exit::USAGE,
+                _ => exit::FAILED,
+            },
+            ClientError::DigestMismatch { .. } => exit::INTEGRITY,
+            _ => exit::FAILED,
+        };
+        Failure::new(exit, chain(&e))
+    }
+}
+
+impl From<crate::config::ConfigError> for Failure {
+    fn from(e: crate::config::ConfigError) -> Failure {
+        Failure::new(exit::USAGE, chain(&e))
+    }
+}
+
+impl From<crate::registry::RegistryError> for Failure {
+    fn from(e: crate::registry::RegistryError) -> Failure {
+        use crate::registry::RegistryError as R;
+        let exit = match e {
+            R::TokenNameTaken(_) | R::TokenAlreadyRevoked(_) => exit::CONFLICT,
+            R::TokenNotFound(_) => exit::NOT_FOUND,
+            _ => exit::FAILED,
+        };
+        Failure::new(exit, chain(&e))
+    }
+}
+
+impl From<crate::archive::PackError> for Failure {
+    fn from(e: crate::archive::PackError) -> Failure {
+        use crate::archive::PackError as P;
+        let exit = match e {
+            P::Unsupported { .. } | P::LinkEscapes { .. } | P::NotUtf8 { .. } => exit::INTEGRITY,
+            P::OutputInsideTree { .. } | P::NotADirectory { .. } => exit::USAGE,
+            P::Io { .. } | P::Changed { .. } => exit::FAILED,
+        };
+        Failure::new(exit, chain(&e))
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::new(exit::FAILED, chain(&e))
+    }
+}
+
+/// How a command prints: JSON for machines, text for people, progress only on a terminal.
+#[derive(Clone, Copy, Debug)]
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    pub fn interactive(&self) -> bool {
+        !self.json && std::io::stdout().is_terminal()
+    }
+
+    /// A progress bar on stderr when stdout is a terminal; hidden otherwise.
+    pub fn progress(&self, total: Option<u64>, message: &str) -> indicatif::ProgressBar {
+        if !self.interactive() {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = match total {
+            Some(total) => indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            ),
+            None => indicatif::ProgressBar::new_spinner()
+                .with_style(indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}").expect("valid template")),
+        };
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.with_message(message.to_owned())
+    }
+
+    pub fn print(&self, json: &serde_json::Value, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{}", human());
+        }
+    }
+}
+
+/// Runs a parsed command line; the process's exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let output = Output { json: cli.json };
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Init(args) => init::run(args, output),
+        Command::Token(command) => token::run(command, output),
+        Command::Package(args) => package::run(args, output),
+        Command::Upload(args) => runtime().block_on(upload::run(args, output)),
+        Command::Download(args) => runtime().block_on(artifact::download(args, output)),
+        Command::Artifact(command) => runtime().block_on(artifact::run(command, output)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if output.json {
+                println!("{}", serde_json::json!({"error": {"exit": failure.exit, "message": failure.message}}));
+            }
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.exit)
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
+}
+
+/// A data directory from `--data-dir`/`RELEASE_DATA_DIR`, else the config file's, else the default.
+#[derive(Debug, clap::Args)]
+pub struct DataDirArgs {
+    /// The server's data directory (registry.db lives there).
+    #[arg(long, env = "RELEASE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Read data_dir from this configuration file.
+    #[arg(long, env = "RELEASE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    pub fn registry(&self) -> Result<crate::registry::Registry, Failure> {
+        let overrides = crate::config::Overrides { listen: None, data_dir: self.data_dir.clone() };
+        let config = crate::config::Config::load(self.config.as_deref(), &overrides)?;
+        Ok(crate::registry::Registry::open(&config.registry_path())?)
+    }
+}

@@ -1,0 +1,57 @@
+//! `release serve`: load the configuration, open state, serve until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::{Failure, exit};
+use crate::config::{Config, Overrides};
+use crate::server::{self, Opened};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Configuration file (TOML); without one, the embedded default.
+    #[arg(long, env = "RELEASE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "RELEASE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory: registry.db, the lock and local objects [default: ./release-data].
+    #[arg(long, env = "RELEASE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    init_logging();
+    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listen = config.listen;
+        let opened = Opened::open(config).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "listening on http://{local}");
+        server::serve(listener, server::router(opened.state.clone()), shutdown_signal())
+            .await
+            .map_err(|e| Failure::new(exit::FAILED, e))?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELEASE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Completes on SIGTERM or SIGINT; requests in flight are then finished.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,114 @@
+//! `release token create|list|revoke`: tokens on the local registry, no server needed.
+
+use super::{DataDirArgs, Failure, Output, exit};
+use crate::token::{self, TokenError, TokenRequest};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a token; its secret is printed once and stored only as a hash.
+    Create {
+        name: String,
+        /// Roles, comma-separated: ci, deployer, approver, auditor, admin.
+        #[arg(long = "role", required = true)]
+        roles: String,
+        /// The person or pipeline it belongs to (four-eyes compares owners) [default: NAME].
+        #[arg(long)]
+        owner: Option<String>,
+        /// Limit to these services (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+        /// Limit to these environments (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        envs: Option<Vec<String>>,
+        /// Expire after this many days.
+        #[arg(long)]
+        expires: Option<u32>,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+    /// Revoke a token; its name is never reused.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+impl From<TokenError> for Failure {
+    fn from(e: TokenError) -> Failure {
+        match e {
+            TokenError::Registry(e) => e.into(),
+            e => Failure::new(exit::USAGE, e),
+        }
+    }
+}
+
+pub fn run(command: Command, output: Output) -> Result<(), Failure> {
+    match command {
+        Command::Create { name, roles, owner, services, envs, expires, data } => {
+            let registry = data.registry()?;
+            let request = TokenRequest {
+                owner: owner.unwrap_or_else(|| name.clone()),
+                name,
+                roles: token::parse_roles(&roles)?,
+                services,
+                environments: envs,
+                expires_in_days: expires,
+            };
+            let (record, secret) = token::create(&registry, request)?;
+            output.print(
+                &serde_json::json!({"name": record.name, "token": secret, "owner": record.owner,
+                    "roles": record.roles, "expires_at": record.expires_at}),
+                || {
+                    format!(
+                        "{secret}\n\ntoken {:?} for {} ({}) created; the secret above is shown only this once",
+                        record.name,
+                        record.owner,
+                        token::join_roles(&record.roles)
+                    )
+                },
+            );
+        }
+        Command::List { data } => {
+            let tokens = data.registry()?.tokens()?;
+            output.print(&serde_json::to_value(&tokens).expect("tokens serialize"), || {
+                let mut text = format!("{:<24} {:<16} {:<28} {:<10} {}", "NAME", "OWNER", "ROLES", "STATE", "SCOPE");
+                for t in &tokens {
+                    let state = if t.revoked_at.is_some() {
+                        "revoked"
+                    } else if t.expires_at.as_deref().is_some_and(|at| at <= crate::utc::now_text().as_str()) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    let scope = [("services", &t.services), ("envs", &t.environments)]
+                        .iter()
+                        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", v.join(","))))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    text.push_str(&format!(
+                        "\n{:<24} {:<16} {:<28} {:<10} {}",
+                        t.name,
+                        t.owner,
+                        token::join_roles(&t.roles),
+                        state,
+                        if scope.is_empty() { "all".into() } else { scope }
+                    ));
+                }
+                text
+            });
+        }
+        Command::Revoke { name, data } => {
+            let record = data.registry()?.revoke_token(&name)?;
+            output.print(&serde_json::json!({"name": record.name, "revoked_at": record.revoked_at}), || {
+                format!("token {:?} revoked", record.name)
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The HTTP client the command line uses to talk to a `release` server.
+
+use std::path::Path;
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::digest::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the release server at {server}: {source}")]
+    Connect { server: String, source: reqwest::Error },
+    /// The server answered with an error document.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api { status: u16, code: String, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the download's digest is {actual}, not {expected}; nothing was written")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+/// Labels sent with an upload.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct UploadLabels {
+    pub service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_sha: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_url: Option<String>,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(server: &str, token: Option<String>) -> Client {
+        Client {
+            http: reqwest::Client::builder()
+                .user_agent(concat!("release/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("HTTP client builds"),
+            base: server.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response =
+            builder.send().await.map_err(|source| ClientError::Connect { server: self.base.clone(), source })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(api_error(response).await)
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(builder).await?;
+        response.json().await.map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Uploads an archive file whose digest the caller computed; the server refuses it if the
+    /// bytes it receives hash differently. `progress` sees the bytes sent so far.
+    pub async fn upload(
+        &self,
+        file: &Path,
+        digest: Digest,
+        labels: &UploadLabels,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
+        let handle = tokio::fs::File::open(file).await?;
+        let size = handle.metadata().await?.len();
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(handle, 256 << 10).inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                sent += chunk.len() as u64;
+                progress(sent);
+            }
+        });
+        let builder = self
+            .request(reqwest::Method::POST, "/v1/artifacts")
+            .query(labels)
+            .header("X-Release-Digest", digest.to_string())
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header(reqwest::header::CONTENT_TYPE, "application/zstd")
+            .body(reqwest::Body::wrap_stream(stream));
+        self.json(builder).await
+    }
+
+    /// An artifact's metadata, or `None` if the server does not have it.
+    pub async fn artifact(&self, digest: Digest) -> Result<Option<Value>, ClientError> {
+        match self.json(self.request(reqwest::Method::GET, &format!("/v1/artifacts/{digest}"))).await {
+            Ok(v) => Ok(Some(v)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn service_artifacts(&self, service: &str, limit: u32) -> Result<Value, ClientError> {
+        self.json(
+            self.request(reqwest::Method::GET, &format!("/v1/services/{service}/artifacts")).query(&[("limit", limit)]),
+        )
+        .await
+    }
+
+    /// Downloads an artifact to `output` (through a temporary file beside it), checking its
+    /// digest before the file appears.
+    pub async fn download(
+        &self,
+        digest: Digest,
+        output: &Path,
+        progress: impl Fn(u64, Option<u64>),
+    ) -> Result<u64, ClientError> {
+        let response = self.send(self.request(reqwest::Method::GET, &format!("/v1/artifacts/{digest}/blob"))).await?;
+        let total = response.content_length();
+        let parent = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let temp = tempfile::Builder::new().prefix(".release-download-").tempfile_in(&parent)?;
+        let (std_file, temp_path) = temp.into_parts();
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut hasher = Sha256::new();
+        let mut received = 0u64;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Protocol(format!("download interrupted: {e}")))?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+            received += chunk.len() as u64;
+            progress(received, total);
+        }
+        file.sync_all().await?;
+        let actual = Digest::from_hasher(hasher);
+        if actual != digest {
+            return Err(ClientError::DigestMismatch { expected: digest, actual });
+        }
+        temp_path.persist(output).map_err(|e| ClientError::Io(e.error))?;
+        Ok(received)
+    }
+}
+
+async fn api_error(response: reqwest::Response) -> ClientError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) if v["error"]["code"].is_string() => ClientError::Api {
+            status: status.as_u16(),
+            code: v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+            message: v["error"]["message"].as_str().unwrap_or_default().to_owned(),
+        },
+        _ => ClientError::Api {
+            status: status.as_u16(),
+            code: status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"),
+            message: if text.is_empty() { format!("HTTP {status}") } else { text },
+        },
+    }
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => StatusCode::from_u16(*status).ok(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! Typed configuration: defaults, then the TOML file, then `RELEASE_*` variables and flags.
+//!
+//! The file is parsed whole (SPEC 8a), even the parts that later subsystems act on, so that a
+//! typo anywhere is caught at start. Every error names the file and the key. Secrets are held in
+//! [`Secret`], whose `Debug` never shows them.
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{ByteSize, HumanDuration};
+
+/// The commented example that `release init` writes; a test keeps it parseable.
+pub const EXAMPLE: &str = include_str!("example.toml");
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./release-data";
+
+/// What went wrong loading the configuration. Always names the file and, where there is one,
+/// the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}{line}: {key}{message}", line = line.map(|l| format!(":{l}")).unwrap_or_default(),
+        key = if key.is_empty() { String::new() } else { format!("key `{key}`: ") })]
+    Parse { path: PathBuf, line: Option<usize>, key: String, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+/// A secret from the configuration: printed and debugged as `"<redacted>"`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, if any (for messages).
+    pub source: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: Option<TlsConfig>,
+    pub storage: StorageConfig,
+    pub limits: Limits,
+    pub ssh: SshConfig,
+    /// In lifecycle order.
+    pub environments: Vec<Environment>,
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Values from flags and `RELEASE_*` variables, which win over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where artifact bytes live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageConfig {
+    /// A directory on this machine (the embedded default: `<data_dir>/objects`).
+    Local {
+        path: PathBuf,
+    },
+    S3(S3Config),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every key, e.g. `"release/"`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Virtual-hosted-style addressing (`bucket.endpoint`); path-style when false.
+    #[serde(default)]
+    pub virtual_hosted: bool,
+    /// Falls back to `AWS_ACCESS_KEY_ID` when absent.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Falls back to `AWS_SECRET_ACCESS_KEY` when absent.
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+}
+
+/// Checked while an upload streams in.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The archive as sent.
+    pub max_upload_bytes: ByteSize,
+    /// What the archive would unpack to (tar stream bytes, headers included).
+    pub max_unpacked_bytes: ByteSize,
+    /// Entries in the archive.
+    pub max_files: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_upload_bytes: ByteSize(4 << 30), max_unpacked_bytes: ByteSize(16 << 30), max_files: 500_000 }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub command_timeout: Option<HumanDuration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Environment {
+    pub name: String,
+    pub promote_from: Option<String>,
+    pub requires_approval: bool,
+    pub approval_ttl: Duration,
+    pub parallel: u32,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    Laravel,
+    Node,
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub kind: ServiceKind,
+    /// Paths (relative to a release) linked from `<base>/shared`; never allowed inside an artifact.
+    pub shared: Vec<String>,
+    pub keep: u32,
+    pub health: Option<HealthCheck>,
+    pub hooks: Hooks,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub url: String,
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// Shell commands per phase; `None` means the kind's default.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    pub finalize: Option<Vec<String>>,
+    pub migrate: Option<Vec<String>>,
+    pub reload: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Defaults to `host` (or `host:port` when the port is not 22).
+    #[serde(default)]
+    pub name: Option<String>,
+    pub environment: String,
+    /// A host name or address, or `"local"` for this machine without SSH.
+    pub host: String,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub user: Option<String>,
+    pub base: PathBuf,
+    #[serde(default)]
+    pub migrate: bool,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+
+// ---- the file, as written ------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    server: ServerSection,
+    storage: Option<StorageSection>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    ssh: SshConfig,
+    #[serde(default)]
+    environment: Vec<EnvironmentSection>,
+    #[serde(default)]
+    service: BTreeMap<String, ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum StorageSection {
+    Local { path: Option<PathBuf> },
+    S3(S3Config),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvironmentSection {
+    name: String,
+    promote_from: Option<String>,
+    #[serde(default)]
+    requires_approval: bool,
+    approval_ttl: Option<HumanDuration>,
+    parallel: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    #[serde(default = "default_kind")]
+    kind: ServiceKind,
+    shared: Option<Vec<String>>,
+    keep: Option<u32>,
+    health: Option<HealthCheck>,
+    #[serde(default)]
+    hooks: Hooks,
+    #[serde(default)]
+    node: Vec<Node>,
+}
+
+fn default_kind() -> ServiceKind {
+    ServiceKind::Generic
+}
+
+impl Config {
+    /// Loads the file (if any), applies the overrides and checks the whole.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let parsed = match file {
+            None => File::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                parse_file(path, &text)?
+            }
+        };
+        resolve(file, parsed, overrides)
+    }
+
+    /// The embedded default (SPEC 8): no file, no overrides.
+    pub fn embedded_default() -> Config {
+        Config::load(None, &Overrides::default()).expect("the embedded default is valid")
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.data_dir.join("registry.db")
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<File, ConfigError> {
+    let parse_error = |line: Option<usize>, key: String, message: String| ConfigError::Parse {
+        path: path.to_owned(),
+        line,
+        key,
+        message,
+    };
+    let line_of =
+        |span: Option<std::ops::Range<usize>>| span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let de = toml::de::Deserializer::parse(text)
+        .map_err(|e| parse_error(line_of(e.span()), String::new(), e.message().trim().to_owned()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        parse_error(line_of(inner.span()), key, inner.message().trim().to_owned())
+    })
+}
+
+fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let origin = file.map_or_else(|| "built-in default".to_owned(), |p| p.display().to_string());
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { path: origin.clone(), key: key.to_owned(), message };
+
+    let listen =
+        overrides.listen.or(parsed.server.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+    let data_dir =
+        overrides.data_dir.clone().or(parsed.server.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let tls = match (parsed.server.tls_cert, parsed.server.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("server.tls_key", "tls_cert is set, so tls_key is needed too".into())),
+        (None, Some(_)) => return Err(invalid("server.tls_cert", "tls_key is set, so tls_cert is needed too".into())),
+    };
+    let storage = match parsed.storage {
+        None | Some(StorageSection::Local { path: None }) => StorageConfig::Local { path: data_dir.join("objects") },
+        Some(StorageSection::Local { path: Some(path) }) => StorageConfig::Local { path },
+        Some(StorageSection::S3(s3)) => {
+            if !(s3.endpoint.starts_with("https://") || s3.endpoint.starts_with("http://")) {
+                return Err(invalid(
+                    "storage.endpoint",
+                    format!("{:?} must start with https:// or http://", s3.endpoint),
+                ));
+            }
+            if s3.bucket.is_empty() {
+                return Err(invalid("storage.bucket", "must not be empty".into()));
+            }
+            if !(s3.prefix.is_empty() || s3.prefix.ends_with('/')) || s3.prefix.starts_with('/') {
+                return Err(invalid("storage.prefix", format!("{:?} must be empty or like \"release/\"", s3.prefix)));
+            }
+            StorageConfig::S3(s3)
+        }
+    };
+
+    let limits = parsed.limits;
+    for (key, value) in [
+        ("limits.max_upload_bytes", limits.max_upload_bytes.0),
+        ("limits.max_unpacked_bytes", limits.max_unpacked_bytes.0),
+        ("limits.max_files", limits.max_files),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, "must be greater than zero".into()));
+        }
+    }
+
+    let environments = resolve_environments(parsed.environment, &invalid)?;
+    let mut services = BTreeMap::new();
+    for (name, section) in parsed.service {
+        let service = resolve_service(name.clone(), section, &environments, &invalid)?;
+        services.insert(name, service);
+    }
+
+    Ok(Config {
+        source: file.map(Path::to_owned),
+        listen,
+        data_dir,
+        tls,
+        storage,
+        limits,
+        ssh: parsed.ssh,
+        environments,
+        services,
+    })
+}
+
+fn resolve_environments(
+    sections: Vec<EnvironmentSection>,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Vec<Environment>, ConfigError> {
+    if sections.is_empty() {
+        return Ok(default_environments());
+    }
+    let mut environments: Vec<Environment> = Vec::new();
+    for (i, section) in sections.into_iter().enumerate() {
+        let key = |field: &str| format!("environment[{i}].{field}");
+        if !is_valid_name(&section.name) {
+            return Err(invalid(&key("name"), format!("{:?} must match [a-z0-9][a-z0-9-]*", section.name)));
+        }
+        if environments.iter().any(|e| e.name == section.name) {
+            return Err(invalid(&key("name"), format!("environment {:?} is defined twice", section.name)));
+        }
+        if let Some(from) = &section.promote_from
+            && !environments.iter().any(|e| &e.name == from)
+        {
+            return Err(invalid(
+                &key("promote_from"),
+                format!("{from:?} is not an environment defined before {:?}", section.name),
+            ));
+        }
+        if section.parallel == Some(0) {
+            return Err(invalid(&key("parallel"), "must be at least 1".into()));
+        }
+        environments.push(Environment {
+            name: section.name,
+            promote_from: section.promote_from,
+            requires_approval: section.requires_approval,
+            approval_ttl: section.approval_ttl.map_or(Duration::from_secs(24 * 3600), |d| d.0),
+            parallel: section.parallel.unwrap_or(10),
+        });
+    }
+    Ok(environments)
+}
+
+fn default_environments() -> Vec<Environment> {
+    vec![
+        Environment {
+            name: "staging".into(),
+            promote_from: None,
+            requires_approval: false,
+            approval_ttl: Duration::from_secs(24 * 3600),
+            parallel: 10,
+        },
+        Environment {
+            name: "production".into(),
+            promote_from: Some("staging".into()),
+            requires_approval: true,
+            approval_ttl: Duration::from_secs(24 * 3600),
+            parallel: 10,
+        },
+    ]
+}
+
+fn resolve_service(
+    name: String,
+    section: ServiceSection,
+    environments: &[Environment],
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Service, ConfigError> {
+    let key = |field: &str| format!("service.{name}.{field}");
+    if !is_valid_name(&name) {
+        return Err(invalid(
+            &format!("service.{name}"),
+            format!("service name {name:?} must match [a-z0-9][a-z0-9-]*"),
+        ));
+    }
+    let shared = section.shared.unwrap_or_else(|| match section.kind {
+        ServiceKind::Laravel => vec![".env".into(), "storage".into()],
+        ServiceKind::Node => vec![".env".into()],
+        ServiceKind::Generic => vec![],
+    });
+    for path in &shared {
+        if let Err(why) = check_relative_path(path) {
+            return Err(invalid(&key("shared"), format!("{path:?} {why}")));
+        }
+    }
+    if section.keep == Some(0) {
+        return Err(invalid(&key("keep"), "must be at least 1".into()));
+    }
+    for (i, node) in section.node.iter().enumerate() {
+        let node_key = |field: &str| format!("service.{name}.node[{i}].{field}");
+        if !environments.iter().any(|e| e.name == node.environment) {
+            return Err(invalid(
+                &node_key("environment"),
+                format!("{:?} is not a configured environment", node.environment),
+            ));
+        }
+        if node.host.is_empty() {
+            return Err(invalid(&node_key("host"), "must not be empty".into()));
+        }
+        if !node.base.is_absolute() {
+            return Err(invalid(&node_key("base"), format!("{} must be an absolute path", node.base.display())));
+        }
+        if node.migrate && section.kind != ServiceKind::Laravel {
+            return Err(invalid(&node_key("migrate"), "only laravel services run migrations".into()));
+        }
+    }
+    if section.kind == ServiceKind::Laravel {
+        for env in environments {
+            let in_env: Vec<_> = section.node.iter().filter(|n| n.environment == env.name).collect();
+            let migrators = in_env.iter().filter(|n| n.migrate).count();
+            if !in_env.is_empty() && migrators != 1 {
+                return Err(invalid(
+                    &key("node"),
+                    format!(
+                        "a laravel service needs exactly one node with migrate = true per environment; {:?} has {migrators}",
+                        env.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Service {
+        name,
+        kind: section.kind,
+        shared,
+        keep: section.keep.unwrap_or(5),
+        health: section.health,
+        hooks: section.hooks,
+        nodes: section.node,
+    })
+}
+
+/// Service and environment names: `[a-z0-9][a-z0-9-]*`, at most 64 characters.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_lowercase() | bytes[0].is_ascii_digit()
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// A path inside a release: relative, no `..`, not empty.
+fn check_relative_path(path: &str) -> Result<(), &'static str> {
+    let p = Path::new(path);
+    if path.is_empty() || p.is_absolute() {
+        return Err("must be a relative path inside the release");
+    }
+    if p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        return Err("must not contain `..` or `.` components");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

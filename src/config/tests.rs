@@ -1,0 +1,114 @@
+use std::io::Write;
+
+use super::*;
+
+fn load_text(text: &str) -> Result<Config, ConfigError> {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    Config::load(Some(file.path()), &Overrides::default())
+}
+
+#[test]
+fn embedded_default_is_spec_8() {
+    let c = Config::embedded_default();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.data_dir, PathBuf::from("./release-data"));
+    assert_eq!(c.registry_path(), PathBuf::from("./release-data/registry.db"));
+    assert_eq!(c.storage, StorageConfig::Local { path: "./release-data/objects".into() });
+    let names: Vec<_> = c.environments.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["staging", "production"]);
+    assert!(c.environments[1].requires_approval);
+    assert_eq!(c.environments[1].promote_from.as_deref(), Some("staging"));
+    assert_eq!(c.limits, Limits::default());
+}
+
+#[test]
+fn the_example_file_parses() {
+    let c = load_text(EXAMPLE).unwrap();
+    let api = c.service("api").unwrap();
+    assert_eq!(api.kind, ServiceKind::Laravel);
+    assert_eq!(api.shared, [".env", "storage"]);
+    assert_eq!(api.nodes.len(), 2);
+    assert_eq!(c.limits.max_upload_bytes, ByteSize(4 << 30));
+    assert_eq!(c.environments[1].approval_ttl, Duration::from_secs(86400));
+}
+
+#[test]
+fn overrides_win_over_the_file() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(b"[server]\nlisten = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/a\"\n").unwrap();
+    let from_file = Config::load(Some(file.path()), &Overrides::default()).unwrap();
+    assert_eq!(from_file.listen.port(), 9000);
+    assert_eq!(from_file.data_dir, PathBuf::from("/tmp/a"));
+    let overridden = Config::load(
+        Some(file.path()),
+        &Overrides { listen: Some("127.0.0.1:9001".parse().unwrap()), data_dir: Some("/tmp/b".into()) },
+    )
+    .unwrap();
+    assert_eq!(overridden.listen.port(), 9001);
+    assert_eq!(overridden.data_dir, PathBuf::from("/tmp/b"));
+    assert_eq!(overridden.storage, StorageConfig::Local { path: "/tmp/b/objects".into() });
+}
+
+#[test]
+fn unknown_key_names_the_key_file_and_line() {
+    let err = load_text("[limits]\nmax_files = 10\nmax_filez = 3\n").unwrap_err().to_string();
+    assert!(err.contains("max_filez"), "{err}");
+    assert!(err.contains(":3:"), "{err}");
+    assert!(err.contains(".tmp"), "names the file: {err}");
+}
+
+#[test]
+fn bad_value_names_the_key() {
+    let err = load_text("[limits]\nmax_upload_bytes = \"4 gigs\"\n").unwrap_err().to_string();
+    assert!(err.contains("limits.max_upload_bytes"), "{err}");
+    assert!(err.contains("unknown size unit"), "{err}");
+
+    let err = load_text("[server]\nlisten = \"localhost\"\n").unwrap_err().to_string();
+    assert!(err.contains("server.listen"), "{err}");
+}
+
+#[test]
+fn unknown_storage_key_is_refused() {
+    let err = load_text(
+        "[storage]\nkind = \"s3\"\nendpoint = \"http://x\"\nregion = \"r\"\nbucket = \"b\"\nbukket = \"c\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bukket"), "{err}");
+}
+
+#[test]
+fn secrets_never_show_in_debug() {
+    let c = load_text(
+        "[storage]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\nbucket = \"b\"\nsecret_access_key = \"hunter2hunter2\"\n",
+    )
+    .unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("hunter2"), "{dbg}");
+    assert!(dbg.contains("<redacted>"));
+}
+
+#[test]
+fn semantic_errors_name_the_key() {
+    let cases = [
+        ("[[environment]]\nname = \"prod\"\npromote_from = \"staging\"\n", "environment[0].promote_from"),
+        ("[[environment]]\nname = \"Prod\"\n", "environment[0].name"),
+        ("[limits]\nmax_files = 0\n", "limits.max_files"),
+        ("[service.api]\nkind = \"node\"\nshared = [\"../x\"]\n", "service.api.shared"),
+        (
+            "[service.api]\nkind = \"laravel\"\n[[service.api.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"/srv/a\"\n",
+            "service.api.node",
+        ),
+        (
+            "[service.api]\nkind = \"node\"\n[[service.api.node]]\nenvironment = \"qa\"\nhost = \"local\"\nbase = \"/srv/a\"\n",
+            "service.api.node[0].environment",
+        ),
+        ("[server]\ntls_cert = \"/x\"\n", "server.tls_key"),
+        ("[storage]\nkind = \"s3\"\nendpoint = \"s3.example\"\nregion = \"r\"\nbucket = \"b\"\n", "storage.endpoint"),
+    ];
+    for (text, key) in cases {
+        let err = load_text(text).unwrap_err().to_string();
+        assert!(err.contains(key), "expected {key} in: {err}");
+    }
+}

@@ -1,0 +1,269 @@
+//! Upload ingest: stream the body once, hashing it, checking the archive and writing it to a
+//! staging key at the same time; publish and record it only if everything checked out.
+//!
+//! The body is never held in memory: chunks flow through bounded channels to a hashing thread
+//! and an archive-checking thread while being written to the store. The final object key is
+//! written only after digest and archive checked out, and the registry row — the commit point —
+//! only after that. Whatever fails, the staging object is aborted, so nothing is left under an
+//! artifact key.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use futures::{Stream, StreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+
+use crate::archive::{self, ArchiveError, CheckOptions, Summary};
+use crate::config::{Config, ServiceKind, is_valid_name};
+use crate::digest::Digest;
+use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
+use crate::store::{Store, StoreError, Upload};
+use crate::token::{Action, Principal, TokenError};
+
+/// Chunks in flight to each of the hashing and checking threads.
+const CHANNEL_DEPTH: usize = 16;
+const MAX_LABEL: usize = 256;
+const MAX_URL: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Forbidden(TokenError),
+    #[error("the upload's digest is {actual}, not {expected} as the client said; nothing was stored")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("unsafe archive, nothing was stored: {0}")]
+    Unsafe(ArchiveError),
+    #[error("the upload is larger than {limit} bytes (limits.max_upload_bytes); nothing was stored")]
+    TooLarge { limit: u64 },
+    #[error("the upload was interrupted before its end ({0}); nothing was stored")]
+    Interrupted(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// What the client said about the upload, besides its bytes.
+#[derive(Clone, Debug, Default)]
+pub struct UploadRequest {
+    pub service: String,
+    pub version: Option<String>,
+    pub git_sha: Option<String>,
+    pub build_url: Option<String>,
+    /// `X-Release-Digest`: refuse the upload unless its bytes have this digest.
+    pub expected: Option<Digest>,
+    /// `Content-Length`, when the client sent one: refused at once when over the limit.
+    pub declared_size: Option<u64>,
+}
+
+/// Everything an ingest needs; cheap to clone into a task.
+#[derive(Clone)]
+pub struct Ingestor {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub registry: Arc<Registry>,
+}
+
+impl Ingestor {
+    /// Takes one upload from its body stream to a registry row, or to nothing at all.
+    pub async fn ingest<S, E>(
+        &self,
+        principal: &Principal,
+        request: UploadRequest,
+        body: S,
+    ) -> Result<Recorded, IngestError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        principal.require(Action::UploadArtifact).map_err(IngestError::Forbidden)?;
+        check_request(&request)?;
+        principal.require_service(&request.service).map_err(IngestError::Forbidden)?;
+        let limit = self.config.limits.max_upload_bytes.0;
+        if request.declared_size.is_some_and(|n| n > limit) {
+            return Err(IngestError::TooLarge { limit });
+        }
+
+        let options = self.check_options(&request.service);
+        let mut upload = self.store.begin_upload().await?;
+        let received = match receive(body, &mut upload, limit, options).await {
+            Ok(received) => received,
+            Err(e) => {
+                upload.abort().await;
+                return Err(e);
+            }
+        };
+        if let Some(expected) = request.expected
+            && expected != received.digest
+        {
+            upload.abort().await;
+            return Err(IngestError::DigestMismatch { expected, actual: received.digest });
+        }
+        let staged = upload.finish().await?;
+        if let Err(e) = self.store.publish(staged, received.digest, received.size).await {
+            let _ = self.store.delete(crate::store::Key::Upload(staged)).await;
+            return Err(e.into());
+        }
+
+        let new = NewArtifact {
+            digest: received.digest,
+            size: received.size,
+            unpacked_size: received.summary.unpacked_bytes,
+            file_count: received.summary.file_count,
+            migrations: received.summary.migrations,
+            service: request.service,
+            version: request.version,
+            git_sha: request.git_sha,
+            build_url: request.build_url,
+            uploaded_by: principal.name.clone(),
+            uploader_owner: principal.owner.clone(),
+        };
+        let registry = Arc::clone(&self.registry);
+        let recorded = tokio::task::spawn_blocking(move || registry.record_artifact(&new))
+            .await
+            .expect("registry call does not panic")?;
+        tracing::info!(
+            digest = %recorded.artifact.digest,
+            service = %recorded.upload.service,
+            size = recorded.artifact.size,
+            created = recorded.created,
+            "artifact stored"
+        );
+        Ok(recorded)
+    }
+
+    fn check_options(&self, service: &str) -> CheckOptions {
+        let configured = self.config.service(service);
+        CheckOptions {
+            max_unpacked_bytes: self.config.limits.max_unpacked_bytes.0,
+            max_files: self.config.limits.max_files,
+            shared: configured.map(|s| s.shared.clone()).unwrap_or_default(),
+            // A service not configured yet may turn out to be a Laravel one.
+            record_migrations: configured.is_none_or(|s| s.kind == ServiceKind::Laravel),
+        }
+    }
+}
+
+fn check_request(request: &UploadRequest) -> Result<(), IngestError> {
+    if !is_valid_name(&request.service) {
+        return Err(IngestError::BadRequest(format!(
+            "service {:?} must match [a-z0-9][a-z0-9-]* (at most 64 characters)",
+            request.service
+        )));
+    }
+    for (name, value, max) in [
+        ("version", &request.version, MAX_LABEL),
+        ("git_sha", &request.git_sha, MAX_LABEL),
+        ("build_url", &request.build_url, MAX_URL),
+    ] {
+        if let Some(value) = value
+            && (value.is_empty() || value.len() > max || value.chars().any(char::is_control))
+        {
+            return Err(IngestError::BadRequest(format!(
+                "{name} must be 1 to {max} characters without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct Received {
+    digest: Digest,
+    size: u64,
+    summary: Summary,
+}
+
+/// Streams the body to the staging upload, the hasher and the checker.
+async fn receive<S, E>(
+    mut body: S,
+    upload: &mut Upload,
+    limit: u64,
+    options: CheckOptions,
+) -> Result<Received, IngestError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (hash_tx, mut hash_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        Digest::from_hasher(hasher)
+    });
+    let (check_tx, check_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let checker = tokio::task::spawn_blocking(move || {
+        archive::check(ChannelReader { rx: check_rx, current: Bytes::new() }, &options)
+    });
+
+    let mut size = 0u64;
+    let mut check_tx = Some(check_tx);
+    let mut checker_gone = false;
+    let mut outcome = Ok(());
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                outcome = Err(IngestError::Interrupted(e.to_string()));
+                break;
+            }
+        };
+        size += chunk.len() as u64;
+        if size > limit {
+            outcome = Err(IngestError::TooLarge { limit });
+            break;
+        }
+        if let Some(tx) = &check_tx
+            && tx.send(chunk.clone()).await.is_err()
+        {
+            // The checker refused the archive. Keep reading (and discarding) the body within
+            // the upload limit, so that the client receives the refusal instead of a reset.
+            check_tx = None;
+            checker_gone = true;
+        }
+        if check_tx.is_none() {
+            continue;
+        }
+        if hash_tx.send(chunk.clone()).await.is_err() {
+            unreachable!("the hasher only stops when its channel closes");
+        }
+        upload.write(chunk).await?;
+    }
+    drop(check_tx);
+    drop(hash_tx);
+    let checked = checker.await.expect("the archive check does not panic");
+    let digest = hasher.await.expect("hashing does not panic");
+    outcome?;
+    let summary = checked.map_err(IngestError::Unsafe)?;
+    if checker_gone {
+        // The check ended before the body did: bytes follow the archive's zstd stream.
+        return Err(IngestError::Unsafe(ArchiveError::Zstd("data follows the end of the zstd stream".into())));
+    }
+    Ok(Received { digest, size, summary })
+}
+
+/// Reads chunks from a channel on a blocking thread; end of channel is end of file.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}

@@ -1,0 +1,27 @@
+//! `release`: an artifact build-and-release server with immutable releases.
+//!
+//! Code map (see `ARCHITECTURE.md` for the invariants):
+//!
+//! - [`config`] — typed configuration: defaults, TOML file, `RELEASE_*` variables, flags.
+//! - [`digest`] — the `sha256:<hex>` name of an artifact.
+//! - [`archive`] — deterministic packing and the streaming safety check of `tar`+`zstd`.
+//! - [`store`] — artifact bytes in a local directory or S3, behind typed keys.
+//! - [`registry`] — the SQLite registry; the only code with SQL.
+//! - [`token`] — roles, token secrets, authentication and permission rules.
+//! - [`ingest`] — an upload from body stream to verified object and registry row.
+//! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
+//! - [`client`] — the HTTP client of the command line.
+//! - [`cli`] — the command line, one file per subcommand.
+//! - [`utc`] — time stamps.
+
+pub mod archive;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod digest;
+pub mod ingest;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod token;
+pub mod utc;

@@ -1,0 +1,199 @@
+//! Artifact rows: the bytes' facts (`artifacts`) and who uploaded them for which service
+//! (`artifact_uploads`).
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Registry, RegistryError};
+use crate::digest::Digest;
+use crate::utc;
+
+/// The facts of stored bytes, measured at ingest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Artifact {
+    pub digest: Digest,
+    pub size: u64,
+    pub unpacked_size: u64,
+    pub file_count: u64,
+    pub migrations: Vec<String>,
+    pub stored_at: String,
+}
+
+/// One service's record of an artifact: the labels CI gave and who uploaded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ArtifactUpload {
+    pub service: String,
+    pub digest: Digest,
+    pub version: Option<String>,
+    pub git_sha: Option<String>,
+    pub build_url: Option<String>,
+    pub uploaded_by: String,
+    pub uploader_owner: String,
+    pub uploaded_at: String,
+}
+
+/// What ingest hands over once bytes are verified and published.
+#[derive(Clone, Debug)]
+pub struct NewArtifact {
+    pub digest: Digest,
+    pub size: u64,
+    pub unpacked_size: u64,
+    pub file_count: u64,
+    pub migrations: Vec<String>,
+    pub service: String,
+    pub version: Option<String>,
+    pub git_sha: Option<String>,
+    pub build_url: Option<String>,
+    pub uploaded_by: String,
+    pub uploader_owner: String,
+}
+
+/// The outcome of recording an upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// False when this service already had this digest: nothing was changed.
+    pub created: bool,
+    pub artifact: Artifact,
+    pub upload: ArtifactUpload,
+}
+
+const ARTIFACT_COLUMNS: &str = "digest, size, unpacked_size, file_count, migrations, stored_at";
+const UPLOAD_COLUMNS: &str = "service, digest, version, git_sha, build_url, uploaded_by, uploader_owner, uploaded_at";
+
+impl Registry {
+    /// Records verified bytes and their upload for a service, in one transaction: the commit
+    /// point of an upload. Existing rows are left exactly as they were.
+    pub fn record_artifact(&self, new: &NewArtifact) -> Result<Recorded, RegistryError> {
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            let now = utc::now_text();
+            let migrations = serde_json::to_string(&new.migrations).expect("strings serialize");
+            tx.execute(
+                "INSERT INTO artifacts (digest, size, unpacked_size, file_count, migrations, stored_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
+                params![new.digest.to_string(), new.size, new.unpacked_size, new.file_count, migrations, now],
+            )?;
+            let created = tx.execute(
+                "INSERT INTO artifact_uploads
+                   (service, digest, version, git_sha, build_url, uploaded_by, uploader_owner, uploaded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (service, digest) DO NOTHING",
+                params![
+                    new.service,
+                    new.digest.to_string(),
+                    new.version,
+                    new.git_sha,
+                    new.build_url,
+                    new.uploaded_by,
+                    new.uploader_owner,
+                    now
+                ],
+            )? == 1;
+            let artifact = query_artifact(&tx, new.digest)?
+                .ok_or_else(|| RegistryError::Corrupt("artifact row vanished".into()))?;
+            let upload: ArtifactUpload = tx.query_row(
+                &format!("SELECT {UPLOAD_COLUMNS} FROM artifact_uploads WHERE service = ?1 AND digest = ?2"),
+                params![new.service, new.digest.to_string()],
+                upload_from_row,
+            )?;
+            tx.commit()?;
+            Ok(Recorded { created, artifact, upload })
+        })
+    }
+
+    pub fn artifact(&self, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
+        self.read(|conn| query_artifact(conn, digest))
+    }
+
+    /// Every service's upload record of a digest, oldest first.
+    pub fn artifact_uploads(&self, digest: Digest) -> Result<Vec<ArtifactUpload>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM artifact_uploads WHERE digest = ?1 ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([digest.to_string()], upload_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// A service's artifacts, newest upload first; `before` is the cursor from a previous page.
+    pub fn service_artifacts(
+        &self,
+        service: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<ListedArtifact>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT u.id, a.size, u.service, u.digest, u.version, u.git_sha, u.build_url,
+                        u.uploaded_by, u.uploader_owner, u.uploaded_at
+                 FROM artifact_uploads u JOIN artifacts a ON a.digest = u.digest
+                 WHERE u.service = ?1 AND u.id < ?2 ORDER BY u.id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![service, before.unwrap_or(i64::MAX), limit], |row| {
+                Ok(ListedArtifact { cursor: row.get(0)?, size: row.get(1)?, upload: upload_from_row_at(row, 2)? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
+/// One row of a service's artifact list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ListedArtifact {
+    #[serde(skip)]
+    pub cursor: i64,
+    pub size: u64,
+    #[serde(flatten)]
+    pub upload: ArtifactUpload,
+}
+
+fn query_artifact(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?1"),
+            [digest.to_string()],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u64>(1)?,
+                    row.get::<_, u64>(2)?,
+                    row.get::<_, u64>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, String>(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    row.map(|(digest, size, unpacked_size, file_count, migrations, stored_at)| {
+        Ok(Artifact {
+            digest: digest.parse().map_err(|e| RegistryError::Corrupt(format!("{e}")))?,
+            size,
+            unpacked_size,
+            file_count,
+            migrations: serde_json::from_str(&migrations)
+                .map_err(|e| RegistryError::Corrupt(format!("migrations of {digest}: {e}")))?,
+            stored_at,
+        })
+    })
+    .transpose()
+}
+
+fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactUpload> {
+    upload_from_row_at(row, 0)
+}
+
+fn upload_from_row_at(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ArtifactUpload> {
+    let digest: String = row.get(at + 1)?;
+    Ok(ArtifactUpload {
+        service: row.get(at)?,
+        digest: digest
+            .parse()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(at + 1, rusqlite::types::Type::Text, Box::new(e)))?,
+        version: row.get(at + 2)?,
+        git_sha: row.get(at + 3)?,
+        build_url: row.get(at + 4)?,
+        uploaded_by: row.get(at + 5)?,
+        uploader_owner: row.get(at + 6)?,
+        uploaded_at: row.get(at + 7)?,
+    })
+}

@@ -1,0 +1,29 @@
+//! The schema: `migrations/*.sql`, embedded, applied in order at open, each in a transaction.
+
+use rusqlite::Connection;
+
+use super::RegistryError;
+
+/// Every migration, in order. Append only (see `migrations/README.md`).
+const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_artifacts_and_tokens", include_str!("../../migrations/0001_artifacts_and_tokens.sql"))];
+
+/// Brings the schema up to date; refuses a registry written by a newer `release`.
+pub fn apply(conn: &mut Connection) -> Result<(), RegistryError> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(RegistryError::TooNew { found: current, known: MIGRATIONS.len() });
+    }
+    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql).map_err(|source| RegistryError::Migration { name, source })?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+        tracing::info!(migration = name, "applied registry migration");
+    }
+    Ok(())
+}
+
+pub fn latest() -> usize {
+    MIGRATIONS.len()
+}

@@ -1,0 +1,117 @@
+//! The registry: SQLite through rusqlite. The only code that holds SQL (besides `migrations/`).
+//!
+//! rusqlite is blocking: callers on async threads go through `tokio::task::spawn_blocking`.
+//! One writer connection (SQLite serializes writers anyway) and a small pool of readers, which
+//! WAL mode lets read while a write is in progress.
+
+mod artifacts;
+mod migrate;
+mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub use artifacts::{Artifact, ArtifactUpload, ListedArtifact, NewArtifact, Recorded};
+pub use tokens::{NewToken, TokenRecord};
+
+const MAX_IDLE_READERS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("registry migration {name} failed: {source}")]
+    Migration { name: &'static str, source: rusqlite::Error },
+    #[error(
+        "the registry has schema version {found}, newer than this release binary knows ({known}); run a newer release"
+    )]
+    TooNew { found: usize, known: usize },
+    #[error("cannot create the registry's directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("a token named {0:?} exists already (names are never reused)")]
+    TokenNameTaken(String),
+    #[error("no token named {0:?}")]
+    TokenNotFound(String),
+    #[error("token {0:?} is revoked already")]
+    TokenAlreadyRevoked(String),
+    #[error("corrupt registry row: {0}")]
+    Corrupt(String),
+}
+
+pub struct Registry {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Registry {
+    /// Opens (creating if needed) the registry at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| RegistryError::CreateDir { path: dir.to_owned(), source })?;
+        }
+        let mut writer = Connection::open(path)?;
+        configure(&writer)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        migrate::apply(&mut writer)?;
+        Ok(Registry { path: path.to_owned(), writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema_version() -> usize {
+        migrate::latest()
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+        let pooled = self.readers.lock().expect("reader pool lock").pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+                )?;
+                configure(&conn)?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        let mut pool = self.readers.lock().expect("reader pool lock");
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+        result
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+        let mut conn = self.writer.lock().expect("registry writer lock");
+        f(&mut conn)
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), RegistryError> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The registry row is the commit point of an upload and, later, of every release:
+    // a committed transaction must survive a power cut.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+/// `a,b` ↔ `["a", "b"]` for the comma-separated columns; `None` stays NULL.
+fn join_list(list: &Option<Vec<String>>) -> Option<String> {
+    list.as_ref().map(|l| l.join(","))
+}
+
+fn split_list(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| t.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+}
+
+#[cfg(test)]
+mod tests;

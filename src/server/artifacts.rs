@@ -1,0 +1,204 @@
+//! The artifact endpoints of SPEC 5, exactly as written there.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::range::{self, Ranged};
+use super::{AppState, blocking};
+use crate::digest::Digest;
+use crate::ingest::UploadRequest;
+use crate::registry::{Artifact, ArtifactUpload, ListedArtifact};
+use crate::token::Action;
+
+pub const DIGEST_HEADER: &str = "x-release-digest";
+const MAX_PAGE: u32 = 500;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/artifacts", post(upload))
+        .route("/artifacts/{digest}", get(show).head(exists))
+        .route("/artifacts/{digest}/blob", get(blob))
+        .route("/services/{service}/artifacts", get(list))
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    service: Option<String>,
+    version: Option<String>,
+    git_sha: Option<String>,
+    build_url: Option<String>,
+}
+
+/// The answer to an upload: the artifact's facts and this service's record of it.
+#[derive(Serialize)]
+struct Uploaded {
+    #[serde(flatten)]
+    artifact: Artifact,
+    #[serde(flatten)]
+    upload: ArtifactUpload,
+    created: bool,
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let service = query.service.ok_or_else(|| ApiError::bad_request("the query parameter `service` is required"))?;
+    let expected =
+        match headers.get(DIGEST_HEADER) {
+            None => None,
+            Some(value) => {
+                Some(value.to_str().ok().and_then(|v| v.parse::<Digest>().ok()).ok_or_else(|| {
+                    ApiError::bad_request("X-Release-Digest must be sha256:<64 lowercase hex digits>")
+                })?)
+            }
+        };
+    let declared_size =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let request = UploadRequest {
+        service,
+        version: query.version,
+        git_sha: query.git_sha,
+        build_url: query.build_url,
+        expected,
+        declared_size,
+    };
+    // In its own task, so that a client that goes away mid-body cannot cancel the ingest
+    // half-way: it sees the body end in an error and aborts the staging upload itself.
+    let ingestor = state.ingestor.clone();
+    let recorded = tokio::spawn(async move { ingestor.ingest(&principal, request, body.into_data_stream()).await })
+        .await
+        .expect("ingest does not panic")?;
+    let status = if recorded.created { StatusCode::CREATED } else { StatusCode::OK };
+    let answer = Uploaded { artifact: recorded.artifact, upload: recorded.upload, created: recorded.created };
+    Ok((status, Json(answer)).into_response())
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+    text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
+}
+
+async fn find(state: &AppState, digest: Digest) -> Result<Artifact, ApiError> {
+    let registry = Arc::clone(&state.ingestor.registry);
+    blocking(move || registry.artifact(digest))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))
+}
+
+async fn exists(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require(Action::Read)?;
+    let artifact = find(&state, parse_digest(&digest)?).await?;
+    Ok(([(header::CONTENT_LENGTH, artifact.size.to_string())], StatusCode::OK).into_response())
+}
+
+#[derive(Serialize)]
+struct ArtifactAnswer {
+    #[serde(flatten)]
+    artifact: Artifact,
+    uploads: Vec<ArtifactUpload>,
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(digest): Path<String>,
+) -> Result<Json<ArtifactAnswer>, ApiError> {
+    principal.require(Action::Read)?;
+    let digest = parse_digest(&digest)?;
+    let artifact = find(&state, digest).await?;
+    let registry = Arc::clone(&state.ingestor.registry);
+    let uploads = blocking(move || registry.artifact_uploads(digest)).await?;
+    Ok(Json(ArtifactAnswer { artifact, uploads }))
+}
+
+async fn blob(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    principal.require(Action::Read)?;
+    let artifact = find(&state, parse_digest(&digest)?).await?;
+    let size = artifact.size;
+    let requested = range::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+    let (status, range) = match requested {
+        Ranged::Whole => (StatusCode::OK, None),
+        Ranged::Part(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        Ranged::Unsatisfiable => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the artifact has {size} bytes"),
+            )
+            .into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return Ok(response);
+        }
+    };
+    let stream = state.ingestor.store.read_artifact(artifact.digest, range.clone()).await?;
+    let length = range.as_ref().map_or(size, |r| r.end - r.start);
+    let mut response = Response::new(Body::from_stream(stream.map_err(std::io::Error::other)));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+    h.insert(header::CONTENT_LENGTH, header_value(&length.to_string()));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, header_value(&format!("\"{}\"", artifact.digest)));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    if let Some(r) = range {
+        h.insert(header::CONTENT_RANGE, header_value(&format!("bytes {}-{}/{size}", r.start, r.end - 1)));
+    }
+    Ok(response)
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).expect("ASCII header value")
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct ListAnswer {
+    service: String,
+    artifacts: Vec<ListedArtifact>,
+    /// Pass as `before` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(service): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<ListAnswer>, ApiError> {
+    principal.require(Action::Read)?;
+    principal.require_service(&service)?;
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let registry = Arc::clone(&state.ingestor.registry);
+    let wanted = service.clone();
+    let artifacts = blocking(move || registry.service_artifacts(&wanted, limit, query.before)).await?;
+    let next = (artifacts.len() == limit as usize).then(|| artifacts.last().map(|a| a.cursor)).flatten();
+    Ok(Json(ListAnswer { service, artifacts, next }))
+}

@@ -1,0 +1,114 @@
+//! The one place that turns domain errors into HTTP: status, error code and the message the
+//! client may see. Internal details are logged, not sent.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::ingest::IngestError;
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+use crate::token::TokenError;
+
+/// An error answer: `{"error": {"code": "...", "message": "..."}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(what: &str, error: &dyn std::error::Error) -> ApiError {
+        tracing::error!(error = %error, "{what}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{what}; see the server log"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> ApiError {
+        match e {
+            TokenError::Missing
+            | TokenError::Unknown
+            | TokenError::Malformed
+            | TokenError::Revoked(_)
+            | TokenError::Expired { .. } => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+            TokenError::Forbidden { .. } | TokenError::ServiceNotAllowed { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            TokenError::Registry(e) => e.into(),
+            TokenError::UnknownRole(_)
+            | TokenError::NoRoles
+            | TokenError::BadName(_)
+            | TokenError::BadScope { .. }
+            | TokenError::BadExpiry => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        ApiError::internal("registry error", &e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            e => {
+                tracing::error!(error = %e, "artifact store error");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "storage_unavailable",
+                    "the artifact store failed; see the server log",
+                )
+            }
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            IngestError::BadRequest(_) => ApiError::bad_request(message),
+            IngestError::Forbidden(e) => e.into(),
+            IngestError::DigestMismatch { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch", message)
+            }
+            IngestError::Unsafe(a) if a.is_limit() => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "archive_too_large", message)
+            }
+            IngestError::Unsafe(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsafe_archive", message),
+            IngestError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message),
+            IngestError::Interrupted(_) => ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", message),
+            IngestError::Store(e) => e.into(),
+            IngestError::Registry(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The artifact store: one small wrapper over `object_store` with typed keys.
+//!
+//! Two backends: a local directory (the embedded default) and S3-compatible object storage.
+//! This is the only code that builds an object key. Uploads are streamed to a staging key
+//! (`uploads/<uuid>`) and published under their content address (`artifacts/sha256/<hex>`)
+//! only after the caller has verified digest and archive; the store never relies on
+//! conditional (create-only) writes, which Akamai, Garage and multipart completion lack.
+//! See `storage-layout.md`.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use uuid::Uuid;
+
+use crate::config::{S3Config, StorageConfig};
+use crate::digest::Digest;
+
+/// Part size of multipart uploads. Memory per upload is about this times (`PARTS_IN_FLIGHT` + 1).
+const PART_SIZE: usize = 8 << 20;
+const PARTS_IN_FLIGHT: usize = 3;
+/// S3's limit for a single-request server-side copy.
+const MAX_SINGLE_COPY: u64 = 5 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found in the artifact store")]
+    NotFound { key: String },
+    #[error("artifact store ({backend}), object {key}: {source}")]
+    Backend { backend: String, key: String, source: object_store::Error },
+    #[error("artifact store: cannot open {what}: {source}")]
+    Open { what: String, source: object_store::Error },
+}
+
+/// A typed object key. `Store::path` is the only place that turns one into a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// Verified, immutable artifact bytes.
+    Artifact(Digest),
+    /// An upload being received; never read by anything but its own ingest.
+    Upload(Uuid),
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Local { root: PathBuf },
+    S3 { endpoint: String, bucket: String },
+}
+
+/// The artifact store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    backend: Backend,
+}
+
+impl Store {
+    pub fn open(config: &StorageConfig) -> Result<Store, StoreError> {
+        match config {
+            StorageConfig::Local { path } => {
+                std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+                    what: path.display().to_string(),
+                    source: object_store::Error::Generic { store: "local", source: Box::new(e) },
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(path)
+                    .map_err(|source| StoreError::Open { what: path.display().to_string(), source })?
+                    .with_fsync(true)
+                    .with_automatic_cleanup(true);
+                Ok(Store { inner: Arc::new(fs), prefix: String::new(), backend: Backend::Local { root: path.clone() } })
+            }
+            StorageConfig::S3(s3) => Self::open_s3(s3),
+        }
+    }
+
+    fn open_s3(s3: &S3Config) -> Result<Store, StoreError> {
+        let endpoint = if s3.virtual_hosted {
+            // object_store wants the bucket inside a virtual-hosted endpoint.
+            let (scheme, host) = s3.endpoint.split_once("://").unwrap_or(("https", &s3.endpoint));
+            format!("{scheme}://{}.{host}", s3.bucket)
+        } else {
+            s3.endpoint.clone()
+        };
+        let plain_http = endpoint.starts_with("http://");
+        let mut builder = AmazonS3Builder::from_env()
+            .with_endpoint(&endpoint)
+            .with_region(&s3.region)
+            .with_bucket_name(&s3.bucket)
+            .with_virtual_hosted_style_request(s3.virtual_hosted)
+            .with_allow_http(plain_http)
+            // Over TLS the payload is protected in transit and we hash every artifact ourselves;
+            // over plain HTTP (loopback tests) the payload signature is kept.
+            .with_unsigned_payload(!plain_http);
+        if let Some(key) = &s3.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &s3.secret_access_key {
+            builder = builder.with_secret_access_key(secret.expose());
+        }
+        let s3_store = builder
+            .build()
+            .map_err(|source| StoreError::Open { what: format!("bucket {} at {}", s3.bucket, s3.endpoint), source })?;
+        Ok(Store {
+            inner: Arc::new(s3_store),
+            prefix: s3.prefix.clone(),
+            backend: Backend::S3 { endpoint: s3.endpoint.clone(), bucket: s3.bucket.clone() },
+        })
+    }
+
+    /// A store in memory, for unit tests of code above the store.
+    pub fn in_memory() -> Store {
+        Store {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            prefix: String::new(),
+            backend: Backend::S3 { endpoint: "memory".into(), bucket: "memory".into() },
+        }
+    }
+
+    /// Where the bytes live, for logs and messages (never credentials).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Local { root } => format!("local directory {}", root.display()),
+            Backend::S3 { endpoint, bucket } => format!("s3 bucket {bucket} at {endpoint}, prefix {:?}", self.prefix),
+        }
+    }
+
+    fn path(&self, key: Key) -> Path {
+        let relative = match key {
+            Key::Artifact(digest) => format!("artifacts/sha256/{}", digest.hex()),
+            Key::Upload(id) => format!("uploads/{id}"),
+        };
+        Path::from(format!("{}{relative}", self.prefix))
+    }
+
+    fn error(&self, key: Key) -> impl Fn(object_store::Error) -> StoreError + '_ {
+        move |source| match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { key: self.path(key).to_string() },
+            source => StoreError::Backend { backend: self.describe(), key: self.path(key).to_string(), source },
+        }
+    }
+
+    /// Starts receiving an upload under a fresh staging key.
+    pub async fn begin_upload(&self) -> Result<Upload, StoreError> {
+        let id = Uuid::new_v4();
+        let key = Key::Upload(id);
+        let multipart = self.inner.put_multipart(&self.path(key)).await.map_err(self.error(key))?;
+        Ok(Upload { id, writer: WriteMultipart::new_with_chunk_size(multipart, PART_SIZE), store: self.clone() })
+    }
+
+    /// Moves a completed, verified upload to its artifact key. Publishing the same digest twice
+    /// writes the same bytes twice, which is harmless.
+    pub async fn publish(&self, upload: Uuid, digest: Digest, size: u64) -> Result<(), StoreError> {
+        let (from, to) = (Key::Upload(upload), Key::Artifact(digest));
+        let (from_path, to_path) = (self.path(from), self.path(to));
+        match self.backend {
+            Backend::Local { .. } => self.inner.rename(&from_path, &to_path).await.map_err(self.error(from)),
+            Backend::S3 { .. } if size <= MAX_SINGLE_COPY => {
+                self.inner.copy(&from_path, &to_path).await.map_err(self.error(to))?;
+                self.delete(from).await
+            }
+            Backend::S3 { .. } => {
+                // Too large for CopyObject: stream it across (object_store has no UploadPartCopy).
+                let source = self.inner.get(&from_path).await.map_err(self.error(from))?;
+                let multipart = self.inner.put_multipart(&to_path).await.map_err(self.error(to))?;
+                let mut writer = WriteMultipart::new_with_chunk_size(multipart, PART_SIZE);
+                let mut stream = source.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = match chunk {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            let _ = writer.abort().await;
+                            return Err(self.error(from)(e));
+                        }
+                    };
+                    writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(self.error(to))?;
+                    writer.put(chunk);
+                }
+                writer.finish().await.map_err(self.error(to))?;
+                self.delete(from).await
+            }
+        }
+    }
+
+    pub async fn delete(&self, key: Key) -> Result<(), StoreError> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key)(e)),
+        }
+    }
+
+    /// The stored size of an artifact, or `None` when its key is absent.
+    pub async fn artifact_size(&self, digest: Digest) -> Result<Option<u64>, StoreError> {
+        let key = Key::Artifact(digest);
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(key)(e)),
+        }
+    }
+
+    /// Streams an artifact's bytes, or the given byte range of them.
+    pub async fn read_artifact(
+        &self,
+        digest: Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let key = Key::Artifact(digest);
+        let options = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
+        let result = self.inner.get_opts(&self.path(key), options).await.map_err(self.error(key))?;
+        let describe = self.describe();
+        let key_text = self.path(key).to_string();
+        Ok(result
+            .into_stream()
+            .map_err(move |source| StoreError::Backend { backend: describe.clone(), key: key_text.clone(), source })
+            .boxed())
+    }
+
+    /// Deletes staging objects older than `age`: uploads a crash or a lost connection left
+    /// behind. Returns how many were removed.
+    pub async fn sweep_uploads(&self, age: Duration) -> Result<usize, StoreError> {
+        let cutoff = SystemTime::now() - age;
+        match &self.backend {
+            Backend::Local { root } => {
+                // The local backend stages multipart writes as `uploads/<uuid>#<n>`, which
+                // object_store's listing hides; walk the directory itself.
+                let dir = root.join("uploads");
+                let removed =
+                    tokio::task::spawn_blocking(move || sweep_dir(&dir, cutoff)).await.expect("sweep does not panic");
+                Ok(removed)
+            }
+            Backend::S3 { .. } => {
+                let prefix = Path::from(format!("{}uploads", self.prefix));
+                let stale: Vec<Path> = self
+                    .inner
+                    .list(Some(&prefix))
+                    .try_filter(|meta| {
+                        let modified =
+                            SystemTime::UNIX_EPOCH + Duration::from_secs(meta.last_modified.timestamp().max(0) as u64);
+                        futures::future::ready(modified < cutoff)
+                    })
+                    .map_ok(|meta| meta.location)
+                    .try_collect()
+                    .await
+                    .map_err(|source| StoreError::Backend {
+                        backend: self.describe(),
+                        key: prefix.to_string(),
+                        source,
+                    })?;
+                for path in &stale {
+                    match self.inner.delete(path).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(source) => {
+                            return Err(StoreError::Backend {
+                                backend: self.describe(),
+                                key: path.to_string(),
+                                source,
+                            });
+                        }
+                    }
+                }
+                Ok(stale.len())
+            }
+        }
+    }
+
+    /// Every artifact key present, as digests (tests and consistency checks).
+    pub async fn list_artifacts(&self) -> Result<Vec<Digest>, StoreError> {
+        let prefix = Path::from(format!("{}artifacts/sha256", self.prefix));
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|source| StoreError::Backend { backend: self.describe(), key: prefix.to_string(), source })?;
+        Ok(metas.iter().filter_map(|m| m.location.filename()?.parse().ok()).collect())
+    }
+
+    /// Every staging key present, including the local backend's hidden part files.
+    pub async fn list_uploads(&self) -> Result<Vec<String>, StoreError> {
+        match &self.backend {
+            Backend::Local { root } => Ok(std::fs::read_dir(root.join("uploads"))
+                .map(|dir| dir.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+                .unwrap_or_default()),
+            Backend::S3 { .. } => {
+                let prefix = Path::from(format!("{}uploads", self.prefix));
+                let metas: Vec<_> = self.inner.list(Some(&prefix)).try_collect().await.map_err(|source| {
+                    StoreError::Backend { backend: self.describe(), key: prefix.to_string(), source }
+                })?;
+                Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+            }
+        }
+    }
+}
+
+fn sweep_dir(dir: &std::path::Path, cutoff: SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+/// An upload being streamed to its staging key.
+pub struct Upload {
+    id: Uuid,
+    writer: WriteMultipart,
+    store: Store,
+}
+
+impl Upload {
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Appends bytes, waiting while too many parts are in flight (backpressure to the client).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let key = Key::Upload(self.id);
+        self.writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(self.store.error(key))?;
+        self.writer.put(bytes);
+        Ok(())
+    }
+
+    /// Completes the staging object.
+    pub async fn finish(self) -> Result<Uuid, StoreError> {
+        let key = Key::Upload(self.id);
+        self.writer.finish().await.map_err(self.store.error(key))?;
+        Ok(self.id)
+    }
+
+    /// Drops everything written; nothing stays under the staging key.
+    pub async fn abort(self) {
+        let key = Key::Upload(self.id);
+        if let Err(e) = self.writer.abort().await {
+            tracing::warn!(key = %self.store.path(key), error = %e, "could not abort a staged upload; the start-up sweep removes it");
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! API tokens: roles, the secret's format, hashing and the permission rules (SPEC 2).
+//!
+//! A token string is `rls_<id>_<secret>`: `id` (16 hex digits) finds the row, `secret` (64 hex
+//! digits, 256 random bits) is checked by comparing its SHA-256 with the stored one in constant
+//! time. A plain SHA-256 is enough for a 256-bit random secret (no dictionary to attack); the
+//! secret itself is shown once and never stored.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::RngExt;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::is_valid_name;
+use crate::registry::{NewToken, Registry, RegistryError, TokenRecord};
+use crate::utc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Ci,
+    Deployer,
+    Approver,
+    Auditor,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Ci, Role::Deployer, Role::Approver, Role::Auditor, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ci => "ci",
+            Role::Deployer => "deployer",
+            Role::Approver => "approver",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| TokenError::UnknownRole(s.to_owned()))
+    }
+}
+
+/// What a request wants to do; each maps to the roles allowed to (SPEC 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Read artifacts, status, history.
+    Read,
+    UploadArtifact,
+    ManageTokens,
+}
+
+impl Action {
+    pub fn allowed_roles(self) -> &'static [Role] {
+        match self {
+            Action::Read => &Role::ALL,
+            Action::UploadArtifact => &[Role::Ci, Role::Admin],
+            Action::ManageTokens => &[Role::Admin],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::UploadArtifact => "upload artifacts",
+            Action::ManageTokens => "manage tokens",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("missing token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("unknown token")]
+    Unknown,
+    #[error("token {0:?} is revoked")]
+    Revoked(String),
+    #[error("token {name:?} expired at {at}")]
+    Expired { name: String, at: String },
+    #[error("{what} {name:?} must match [a-z0-9][a-z0-9-]*")]
+    BadScope { what: &'static str, name: String },
+    #[error("--expires must be at least 1 day")]
+    BadExpiry,
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("unknown role {0:?} (roles: ci, deployer, approver, auditor, admin)")]
+    UnknownRole(String),
+    #[error("a token needs at least one role")]
+    NoRoles,
+    #[error("token name {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'")]
+    BadName(String),
+    #[error("not a release token (expected rls_<id>_<secret>)")]
+    Malformed,
+    #[error("token {name:?} may not {action}; its roles are {roles}")]
+    Forbidden { name: String, action: &'static str, roles: String },
+    #[error("token {name:?} is limited to services {allowed}; {service:?} is not one of them")]
+    ServiceNotAllowed { name: String, service: String, allowed: String },
+}
+
+/// A freshly generated token: the string to show once, and what to store.
+pub struct NewSecret {
+    pub id: String,
+    pub token: String,
+    pub secret_sha256: [u8; 32],
+}
+
+impl NewSecret {
+    pub fn generate() -> NewSecret {
+        let mut rng = rand::rng();
+        let id: [u8; 8] = rng.random();
+        let secret: [u8; 32] = rng.random();
+        let (id, secret) = (hex::encode(id), hex::encode(secret));
+        NewSecret { token: format!("rls_{id}_{secret}"), secret_sha256: Sha256::digest(secret.as_bytes()).into(), id }
+    }
+}
+
+/// A token string as presented by a client, split but not yet checked.
+pub struct Presented<'a> {
+    pub id: &'a str,
+    secret: &'a str,
+}
+
+impl<'a> Presented<'a> {
+    pub fn parse(token: &'a str) -> Result<Presented<'a>, TokenError> {
+        let rest = token.strip_prefix("rls_").ok_or(TokenError::Malformed)?;
+        let (id, secret) = rest.split_once('_').ok_or(TokenError::Malformed)?;
+        let hex16 = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex16(id, 16) || !hex16(secret, 64) {
+            return Err(TokenError::Malformed);
+        }
+        Ok(Presented { id, secret })
+    }
+
+    /// Constant-time comparison of the presented secret's hash with the stored hash.
+    pub fn matches(&self, stored_sha256: &[u8]) -> bool {
+        let hash: [u8; 32] = Sha256::digest(self.secret.as_bytes()).into();
+        hash.ct_eq(stored_sha256).into()
+    }
+}
+
+pub fn check_name(name: &str) -> Result<(), TokenError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    if ok { Ok(()) } else { Err(TokenError::BadName(name.to_owned())) }
+}
+
+/// Parses `ci,deployer`.
+pub fn parse_roles(list: &str) -> Result<Vec<Role>, TokenError> {
+    let mut roles: Vec<Role> =
+        list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect::<Result<_, _>>()?;
+    roles.sort();
+    roles.dedup();
+    if roles.is_empty() {
+        return Err(TokenError::NoRoles);
+    }
+    Ok(roles)
+}
+
+pub fn join_roles(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// The authenticated caller of a request: a valid, unexpired, unrevoked token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub owner: String,
+    pub roles: Vec<Role>,
+    /// `None`: every service.
+    pub services: Option<Vec<String>>,
+    /// `None`: every environment.
+    pub environments: Option<Vec<String>>,
+}
+
+impl Principal {
+    pub fn require(&self, action: Action) -> Result<(), TokenError> {
+        if self.roles.iter().any(|r| action.allowed_roles().contains(r)) {
+            return Ok(());
+        }
+        Err(TokenError::Forbidden { name: self.name.clone(), action: action.name(), roles: join_roles(&self.roles) })
+    }
+
+    pub fn require_service(&self, service: &str) -> Result<(), TokenError> {
+        match &self.services {
+            Some(allowed) if !allowed.iter().any(|s| s == service) => Err(TokenError::ServiceNotAllowed {
+                name: self.name.clone(),
+                service: service.to_owned(),
+                allowed: allowed.join(","),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What `release token create` asks for.
+pub struct TokenRequest {
+    pub name: String,
+    pub owner: String,
+    pub roles: Vec<Role>,
+    pub services: Option<Vec<String>>,
+    pub environments: Option<Vec<String>>,
+    pub expires_in_days: Option<u32>,
+}
+
+/// Creates a token; returns its record and the token string, which exists nowhere else.
+pub fn create(registry: &Registry, request: TokenRequest) -> Result<(TokenRecord, String), TokenError> {
+    check_name(&request.name)?;
+    if request.roles.is_empty() {
+        return Err(TokenError::NoRoles);
+    }
+    for (what, list) in [("service", &request.services), ("environment", &request.environments)] {
+        if let Some(bad) = list.iter().flatten().find(|n| !is_valid_name(n)) {
+            return Err(TokenError::BadScope { what, name: bad.clone() });
+        }
+    }
+    let expires_at = match request.expires_in_days {
+        None => None,
+        Some(0) => return Err(TokenError::BadExpiry),
+        Some(days) => Some(utc::format(utc::now() + time::Duration::days(days.into()))),
+    };
+    let secret = NewSecret::generate();
+    let record = registry.create_token(&NewToken {
+        id: secret.id,
+        name: request.name,
+        owner: request.owner,
+        roles: request.roles,
+        services: request.services,
+        environments: request.environments,
+        secret_sha256: secret.secret_sha256,
+        expires_at,
+    })?;
+    Ok((record, secret.token))
+}
+
+/// Checks a presented token against the registry: known, secret matches, not revoked, not
+/// expired.
+pub fn authenticate(registry: &Registry, token: &str) -> Result<Principal, TokenError> {
+    let presented = Presented::parse(token)?;
+    let record = registry.token_by_id(presented.id)?.ok_or(TokenError::Unknown)?;
+    if !presented.matches(&record.secret_sha256) {
+        return Err(TokenError::Unknown);
+    }
+    if record.revoked_at.is_some() {
+        return Err(TokenError::Revoked(record.name));
+    }
+    if let Some(at) = &record.expires_at
+        && at.as_str() <= utc::now_text().as_str()
+    {
+        return Err(TokenError::Expired { name: record.name, at: at.clone() });
+    }
+    Ok(Principal {
+        name: record.name,
+        owner: record.owner,
+        roles: record.roles,
+        services: record.services,
+        environments: record.environments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_verify_and_others_do_not() {
+        let new = NewSecret::generate();
+        let presented = Presented::parse(&new.token).unwrap();
+        assert_eq!(presented.id, new.id);
+        assert!(presented.matches(&new.secret_sha256));
+        let other = NewSecret::generate();
+        assert!(!Presented::parse(&other.token).unwrap().matches(&new.secret_sha256));
+    }
+
+    #[test]
+    fn authenticate_checks_secret_revocation_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("r.db")).unwrap();
+        let request = |name: &str| TokenRequest {
+            name: name.into(),
+            owner: "alice".into(),
+            roles: vec![Role::Deployer],
+            services: None,
+            environments: Some(vec!["staging".into()]),
+            expires_in_days: Some(90),
+        };
+        let (record, token) = create(&registry, request("alice-laptop")).unwrap();
+        assert!(record.expires_at.is_some());
+        let principal = authenticate(&registry, &token).unwrap();
+        assert_eq!(principal.owner, "alice");
+        assert_eq!(principal.environments, Some(vec!["staging".to_owned()]));
+
+        // Right id, wrong secret.
+        let forged = format!("{}{}", &token[..token.len() - 1], if token.ends_with('0') { '1' } else { '0' });
+        assert!(matches!(authenticate(&registry, &forged), Err(TokenError::Unknown)));
+
+        registry.revoke_token("alice-laptop").unwrap();
+        assert!(matches!(authenticate(&registry, &token), Err(TokenError::Revoked(_))));
+
+        let mut bad = request("Bad Name");
+        assert!(matches!(create(&registry, bad), Err(TokenError::BadName(_))));
+        bad = request("scoped");
+        bad.services = Some(vec!["API!".into()]);
+        assert!(matches!(create(&registry, bad), Err(TokenError::BadScope { .. })));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        for bad in ["", "rls_", "rls_abc_def", "Bearer x", "rls_0123456789abcdef_short"] {
+            assert!(Presented::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn roles_parse_and_gate_actions() {
+        assert_eq!(parse_roles("deployer, ci,ci").unwrap(), [Role::Ci, Role::Deployer]);
+        assert!(matches!(parse_roles("root"), Err(TokenError::UnknownRole(r)) if r == "root"));
+        assert!(matches!(parse_roles(""), Err(TokenError::NoRoles)));
+        let p = |roles: Vec<Role>| Principal {
+            name: "t".into(),
+            owner: "o".into(),
+            roles,
+            services: Some(vec!["api".into()]),
+            environments: None,
+        };
+        assert!(p(vec![Role::Ci]).require(Action::UploadArtifact).is_ok());
+        assert!(p(vec![Role::Admin]).require(Action::UploadArtifact).is_ok());
+        assert!(p(vec![Role::Auditor]).require(Action::UploadArtifact).is_err());
+        assert!(p(vec![Role::Auditor]).require(Action::Read).is_ok());
+        assert!(p(vec![Role::Ci]).require_service("api").is_ok());
+        assert!(p(vec![Role::Ci]).require_service("play").is_err());
+    }
+}
