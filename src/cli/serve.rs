@@ -42,7 +42,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELEASE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 /// Completes on SIGTERM or SIGINT; requests in flight are then finished.

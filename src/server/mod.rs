@@ -128,10 +128,10 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     let actor = slot.0.lock().expect("actor slot").take().unwrap_or_else(|| "-".into());
     tracing::info!(
         %method,
-        path,
+        %path,
         status = response.status().as_u16(),
         ms = started.elapsed().as_secs_f64() * 1000.0,
-        actor,
+        %actor,
         "request"
     );
     response

@@ -1,0 +1,158 @@
+//! The server as a process: health, auth on every /v1 route, graceful shutdown, the data
+//! directory lock, configuration errors, request logs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::support::{Backend, TestCommand, TestServer, archives};
+
+#[test]
+fn healthz_needs_no_token() {
+    let server = TestServer::start(Backend::Local);
+    let response = server.http().get(format!("{}/healthz", server.url)).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[test]
+fn every_v1_route_needs_a_token() {
+    let server = TestServer::start(Backend::Local);
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let routes = [
+        ("POST", "/v1/artifacts?service=api".to_owned()),
+        ("HEAD", format!("/v1/artifacts/{digest}")),
+        ("GET", format!("/v1/artifacts/{digest}")),
+        ("GET", format!("/v1/artifacts/{digest}/blob")),
+        ("GET", "/v1/services/api/artifacts".to_owned()),
+    ];
+    for (method, path) in routes {
+        let response = server
+            .http()
+            .request(method.parse().unwrap(), format!("{}{path}", server.url))
+            .body(if method == "POST" { archives::valid("x") } else { vec![] })
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+}
+
+#[test]
+fn reads_are_open_to_every_role_but_scoped_by_service() {
+    let server = TestServer::start(Backend::Local);
+    for role in ["ci", "deployer", "approver", "auditor", "admin"] {
+        let token = server.token(role, role);
+        let response =
+            server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{role}");
+    }
+    let scoped = server.token_with("scoped", "auditor", &["--services", "api"]);
+    let response =
+        server.http().get(format!("{}/v1/services/play/artifacts", server.url)).bearer_auth(&scoped).send().unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn sigterm_finishes_the_upload_in_flight_then_exits() {
+    let mut server = TestServer::start(Backend::Local);
+    let ci = server.token("ci", "ci");
+    let body = archives::valid(&"q".repeat(50_000));
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "POST /v1/artifacts?service=api HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ci}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() / 2]).unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let pid = server.pid();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    stream.write_all(&body[body.len() / 2..]).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let status = server.terminate_after_signal();
+    assert!(status.success(), "exit status {status}");
+    let log = server.log();
+    assert!(log.contains("SIGTERM: shutting down") && log.contains("stopped"), "{log}");
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let server = TestServer::start(Backend::Local);
+    let out = TestCommand::new()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", server.data_dir().to_str().unwrap()])
+        .assert_exit(1);
+    assert!(out.stderr().contains("another release server is using the data directory"), "{out}");
+}
+
+#[test]
+fn a_bad_config_names_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("release.toml");
+    std::fs::write(&config, "[server]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nmax_upload_bytes = \"lots\"\n").unwrap();
+    let out = TestCommand::new().args(["serve", "--config", config.to_str().unwrap()]).assert_exit(2);
+    let err = out.stderr();
+    assert!(err.contains("release.toml:5") && err.contains("limits.max_upload_bytes"), "{out}");
+    std::fs::write(&config, "[sever]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = TestCommand::new().args(["serve", "--config", config.to_str().unwrap()]).assert_exit(2);
+    assert!(out.stderr().contains("unknown field `sever`"), "{out}");
+}
+
+#[test]
+fn init_writes_a_config_that_serve_accepts_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    TestCommand::new().args(["init", dir.path().to_str().unwrap()]).assert_success();
+    let config = dir.path().join("release.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("[limits]") && text.contains("# "));
+    let again = TestCommand::new().args(["init", dir.path().to_str().unwrap()]).assert_exit(3);
+    assert!(again.stderr().contains("exists already"), "{again}");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
+}
+
+#[test]
+fn flags_win_over_environment_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("release.toml");
+    let file_dir = dir.path().join("from-file");
+    let env_dir = dir.path().join("from-env");
+    let flag_dir = dir.path().join("from-flag");
+    std::fs::write(&config, format!("[server]\ndata_dir = \"{}\"\n", file_dir.display())).unwrap();
+    // token create opens the registry in the data dir it resolves.
+    let create = |name: &str, extra: &[&str], env: Option<&std::path::Path>| {
+        let mut cmd = TestCommand::new();
+        cmd.args(["token", "create", name, "--role", "admin", "--config", config.to_str().unwrap()]).args(extra);
+        if let Some(env) = env {
+            cmd.env("RELEASE_DATA_DIR", env);
+        }
+        cmd.assert_success();
+    };
+    create("a", &[], None);
+    create("b", &[], Some(&env_dir));
+    create("c", &["--data-dir", flag_dir.to_str().unwrap()], Some(&env_dir));
+    assert!(file_dir.join("registry.db").exists());
+    assert!(env_dir.join("registry.db").exists());
+    assert!(flag_dir.join("registry.db").exists());
+}
+
+#[test]
+fn one_log_line_per_request_without_secrets() {
+    let server = TestServer::start(Backend::Local);
+    let token = server.token("auditor", "auditor");
+    for _ in 0..3 {
+        server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+    }
+    let log = server.log();
+    let lines: Vec<_> = log.lines().filter(|l| l.contains("path=/v1/services/api/artifacts")).collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(lines.iter().all(|l| l.contains("status=200") && l.contains("actor=auditor")), "{log}");
+    assert!(!log.contains(&token[4..]), "the token's secret appears in the log");
+}

@@ -1,0 +1,394 @@
+//! Test support: a real `release` server process, the CLI, a real S3 server, hostile archives.
+//! Failures explain themselves: commands print their arguments, stdout and stderr; servers
+//! print their log.
+
+pub mod archives;
+pub mod garage;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use release::config::{S3Config, Secret, StorageConfig};
+use release::store::Store;
+
+pub use garage::{Garage, garage};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_release")
+}
+
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+}
+
+/// Spawns `command` from a thread that lives as long as the test process, with
+/// PR_SET_PDEATHSIG, so the child dies with the tests even when they crash.
+pub fn spawn_tied_to_this_process(mut command: Command) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: prctl in the child before exec; async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn();
+        let ok = child.is_ok();
+        tx.send(child.map(|c| c.id())).unwrap();
+        if ok {
+            loop {
+                std::thread::park();
+            }
+        }
+    });
+    rx.recv().unwrap().expect("spawn the helper server");
+}
+
+pub fn s3_store(garage: &Garage, prefix: &str) -> Store {
+    Store::open(&StorageConfig::S3(s3_config(garage, prefix))).unwrap()
+}
+
+fn s3_config(garage: &Garage, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: garage.endpoint.clone(),
+        region: garage.region.clone(),
+        bucket: garage.bucket.clone(),
+        prefix: prefix.to_owned(),
+        virtual_hosted: false,
+        access_key_id: Some(garage.access_key.clone()),
+        secret_access_key: Some(Secret::new(garage.secret_key.clone())),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    S3,
+}
+
+/// A `release serve` process on a port of its own, with its own data directory (and, on S3,
+/// its own key prefix in the shared bucket).
+pub struct TestServer {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    config: PathBuf,
+    storage: StorageConfig,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl TestServer {
+    pub fn start(backend: Backend) -> TestServer {
+        TestServer::start_with(backend, "")
+    }
+
+    /// Starts with `extra` appended to the configuration file (limits, services…).
+    pub fn start_with(backend: Backend, extra: &str) -> TestServer {
+        let dir = tempfile::Builder::new().prefix("release-test-").tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (storage, storage_toml) = match backend {
+            Backend::Local => (StorageConfig::Local { path: data.join("objects") }, String::new()),
+            Backend::S3 => {
+                let garage = garage();
+                let prefix = format!("test-{}/", uuid::Uuid::new_v4());
+                let toml = format!(
+                    "[storage]\nkind = \"s3\"\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\nprefix = \"{prefix}\"\n\
+                     access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+                    garage.endpoint, garage.region, garage.bucket, garage.access_key, garage.secret_key
+                );
+                (StorageConfig::S3(s3_config(&garage, &prefix)), toml)
+            }
+        };
+        let config = dir.path().join("release.toml");
+        std::fs::write(
+            &config,
+            format!("[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{storage_toml}{extra}", data.display()),
+        )
+        .unwrap();
+        let mut server = TestServer {
+            url: String::new(),
+            log: dir.path().join("server.log"),
+            dir,
+            child: None,
+            config,
+            storage,
+            starts: 0,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = clean_command()
+            .args(["serve", "--config", self.config.to_str().unwrap()])
+            .env("RELEASE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.url = self.wait_for_listen_line();
+    }
+
+    fn wait_for_listen_line(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let wanted = self.starts;
+        loop {
+            let log = self.log();
+            let found = log
+                .lines()
+                .filter_map(|l| l.split("listening on ").nth(1))
+                .nth(wanted as usize - 1)
+                .map(|rest| rest.split_whitespace().next().unwrap().to_owned());
+            if let Some(url) = found {
+                return url;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("release serve exited with {status} before listening\n--- server log ---\n{log}");
+            }
+            if Instant::now() > deadline {
+                panic!("release serve did not listen within 30 s\n--- server log ---\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the exit after a SIGTERM the test sent itself.
+    pub fn terminate_after_signal(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("release serve did not stop within 20 s of SIGTERM\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A fresh token with these roles, made with the CLI on the server's registry.
+    pub fn token(&self, name: &str, roles: &str) -> String {
+        self.token_with(name, roles, &[])
+    }
+
+    pub fn token_with(&self, name: &str, roles: &str, extra: &[&str]) -> String {
+        let out = self.cli().args(["token", "create", name, "--role", roles, "--json"]).args(extra).assert_success();
+        out.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// The CLI pointed at this server and its data directory.
+    pub fn cli(&self) -> TestCommand {
+        let mut cmd = TestCommand::new();
+        cmd.env("RELEASE_SERVER", &self.url).env("RELEASE_DATA_DIR", self.data_dir());
+        cmd
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.storage).unwrap()
+    }
+
+    /// Digests present under artifact keys in the store.
+    pub fn artifact_keys(&self) -> Vec<release::digest::Digest> {
+        block_on(self.store().list_artifacts()).unwrap()
+    }
+
+    /// Staging objects present (including the local backend's part files).
+    pub fn staging_keys(&self) -> Vec<String> {
+        block_on(self.store().list_uploads()).unwrap()
+    }
+
+    /// Runs one query against the registry (read-only) and returns the first column as i64.
+    pub fn count(&self, sql: &str) -> i64 {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data_dir().join("registry.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Asserts that the store and the registry hold no artifact at all, and no staging object.
+    pub fn assert_nothing_stored(&self) {
+        assert_eq!(self.artifact_keys(), vec![], "artifact keys in the store\n{}", self.log());
+        assert_eq!(self.count("SELECT count(*) FROM artifacts"), 0, "artifact rows");
+        assert_eq!(self.count("SELECT count(*) FROM artifact_uploads"), 0, "upload rows");
+        self.assert_no_staging_left();
+    }
+
+    /// Staging objects are aborted asynchronously after a failed upload; give it a moment.
+    pub fn assert_no_staging_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.staging_keys();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("staging objects left behind: {left:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    }
+
+    /// Peak resident memory of the server process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- server log ({}) ---\n{}", self.url, self.log());
+        }
+    }
+}
+
+/// The `release` binary with no `RELEASE_*` or `AWS_*` from the environment leaking in.
+fn clean_command() -> Command {
+    let mut command = Command::new(bin());
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("RELEASE_") || key.starts_with("AWS_") {
+            command.env_remove(&*key);
+        }
+    }
+    command
+}
+
+/// A CLI invocation whose failures print everything needed to understand them.
+pub struct TestCommand {
+    command: Command,
+}
+
+impl TestCommand {
+    pub fn new() -> TestCommand {
+        TestCommand { command: clean_command() }
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut TestCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn env(&mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> &mut TestCommand {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn run(&mut self) -> CmdOutput {
+        let output = self.command.stdin(Stdio::null()).output().unwrap();
+        CmdOutput { description: format!("{:?}", self.command), output }
+    }
+
+    pub fn assert_success(&mut self) -> CmdOutput {
+        let out = self.run();
+        assert!(out.output.status.success(), "command failed\n{out}");
+        out
+    }
+
+    /// Asserts the exit code and returns the output.
+    pub fn assert_exit(&mut self, code: i32) -> CmdOutput {
+        let out = self.run();
+        assert_eq!(out.output.status.code(), Some(code), "unexpected exit code\n{out}");
+        out
+    }
+}
+
+pub struct CmdOutput {
+    description: String,
+    pub output: Output,
+}
+
+impl CmdOutput {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.output.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{self}"))
+    }
+}
+
+impl std::fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.description,
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+/// Writes a small, Laravel-like tree under `root`.
+pub fn app_tree(root: &Path, version: &str) {
+    let files = [
+        ("artisan", "#!/usr/bin/env php\n<?php require __DIR__.'/vendor/autoload.php';\n"),
+        ("public/index.php", "<?php echo 'hello';\n"),
+        ("routes/web.php", "<?php Route::get('/version', fn () => config('app.version'));\n"),
+        ("config/app.php", "<?php return ['version' => 'VERSION'];\n"),
+        ("database/migrations/2024_01_01_000000_create_users_table.php", "<?php // users\n"),
+        ("vendor/autoload.php", "<?php require '/usr/share/php/Illuminate/autoload.php';\n"),
+    ];
+    for (path, content) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content.replace("VERSION", version)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("artisan"), std::fs::Permissions::from_mode(0o755)).unwrap();
+}

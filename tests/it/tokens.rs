@@ -1,0 +1,79 @@
+//! `release token`: secrets shown once, stored hashed, revocation, names never reused.
+
+use crate::support::{Backend, TestServer};
+
+#[test]
+fn a_token_secret_is_shown_once_and_stored_only_hashed() {
+    let server = TestServer::start(Backend::Local);
+    let created = server
+        .cli()
+        .args([
+            "token",
+            "create",
+            "ci-api",
+            "--role",
+            "ci",
+            "--owner",
+            "gitlab",
+            "--services",
+            "api",
+            "--expires",
+            "90",
+            "--json",
+        ])
+        .assert_success()
+        .json();
+    let secret = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(created["name"], "ci-api");
+    assert!(secret.starts_with("rls_"));
+
+    let listed = server.cli().args(["token", "list", "--json"]).assert_success();
+    assert!(!listed.stdout().contains(&secret[20..]), "list shows no secret\n{listed}");
+    let list = listed.json();
+    assert_eq!(list[0]["owner"], "gitlab");
+    assert_eq!(list[0]["services"], serde_json::json!(["api"]));
+    assert!(list[0]["expires_at"].is_string());
+
+    // Nothing on disk holds the secret, only its hash.
+    for file in ["registry.db", "registry.db-wal"] {
+        if let Ok(bytes) = std::fs::read(server.data_dir().join(file)) {
+            let needle = &secret.as_bytes()[21..];
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{file} holds the secret");
+        }
+    }
+
+    let human = server.cli().args(["token", "list"]).assert_success().stdout();
+    assert!(human.contains("ci-api") && human.contains("active") && human.contains("services=api"), "{human}");
+}
+
+#[test]
+fn revoke_then_names_are_never_reused() {
+    let server = TestServer::start(Backend::Local);
+    let token = server.token("alice", "deployer");
+    let ok = server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+    assert_eq!(ok.status(), 200);
+
+    server.cli().args(["token", "revoke", "alice"]).assert_success();
+    let refused =
+        server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+    assert_eq!(refused.status(), 401);
+    let again = server.cli().args(["token", "revoke", "alice"]).assert_exit(3);
+    assert!(again.stderr().contains("revoked already"), "{again}");
+    let reuse = server.cli().args(["token", "create", "alice", "--role", "ci"]).assert_exit(3);
+    assert!(reuse.stderr().contains("never reused"), "{reuse}");
+    let missing = server.cli().args(["token", "revoke", "bob"]).assert_exit(4);
+    assert!(missing.stderr().contains("no token named \"bob\""), "{missing}");
+    let listed = server.cli().args(["token", "list"]).assert_success().stdout();
+    assert!(listed.contains("revoked"), "{listed}");
+}
+
+#[test]
+fn bad_token_requests_are_usage_errors() {
+    let server = TestServer::start(Backend::Local);
+    let out = server.cli().args(["token", "create", "x", "--role", "root"]).assert_exit(2);
+    assert!(out.stderr().contains("unknown role \"root\""), "{out}");
+    let out = server.cli().args(["token", "create", "Has Spaces", "--role", "ci"]).assert_exit(2);
+    assert!(out.stderr().contains("token name"), "{out}");
+    let out = server.cli().args(["token", "create", "x", "--role", "ci", "--expires", "0"]).assert_exit(2);
+    assert!(out.stderr().contains("--expires"), "{out}");
+}

@@ -1,0 +1,202 @@
+//! Upload round trips against both backends: CLI and HTTP, metadata, blobs, ranges, repeats.
+
+use std::fs;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::{Backend, TestCommand, TestServer, app_tree, archives};
+
+fn round_trip(backend: Backend) {
+    let server = TestServer::start(backend);
+    let ci = server.token("ci-api", "ci");
+    let auditor = server.token("auditor", "auditor");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("app");
+    app_tree(&src, "1.4.2");
+
+    // Upload a directory: packaged on the fly, digest printed.
+    let uploaded = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", src.to_str().unwrap(), "--service", "api", "--version", "1.4.2", "--git-sha", "0a1b2c3"])
+        .args(["--build-url", "https://ci.example/builds/42", "--json"])
+        .assert_success()
+        .json();
+    let digest = uploaded["digest"].as_str().unwrap().to_owned();
+    assert_eq!(uploaded["created"], true);
+    assert_eq!(uploaded["service"], "api");
+
+    // The same directory packaged locally has the same digest (determinism end to end).
+    let local = work.path().join("local.tar.zst");
+    let packaged = TestCommand::new()
+        .args(["package", src.to_str().unwrap(), "-o", local.to_str().unwrap(), "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(packaged["digest"].as_str().unwrap(), digest);
+
+    // Stored under its content address, recorded once.
+    assert_eq!(server.artifact_keys().iter().map(|d| d.to_string()).collect::<Vec<_>>(), vec![digest.clone()]);
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+    assert!(server.staging_keys().is_empty(), "staging emptied: {:?}", server.staging_keys());
+
+    // Metadata: labels from the upload, facts measured at ingest.
+    let http = server.http();
+    let meta: Value =
+        http.get(format!("{}/v1/artifacts/{digest}", server.url)).bearer_auth(&auditor).send().unwrap().json().unwrap();
+    assert_eq!(meta["size"].as_u64().unwrap(), fs::metadata(&local).unwrap().len());
+    assert_eq!(meta["file_count"], 12, "6 files and 6 directories");
+    assert_eq!(meta["migrations"], serde_json::json!(["2024_01_01_000000_create_users_table.php"]));
+    assert!(meta["unpacked_size"].as_u64().unwrap() > 6 * 512);
+    let upload = &meta["uploads"][0];
+    assert_eq!(upload["version"], "1.4.2");
+    assert_eq!(upload["git_sha"], "0a1b2c3");
+    assert_eq!(upload["build_url"], "https://ci.example/builds/42");
+    assert_eq!(upload["uploaded_by"], "ci-api");
+
+    // HEAD lets CI skip an upload.
+    let head = http.head(format!("{}/v1/artifacts/{digest}", server.url)).bearer_auth(&ci).send().unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let head = http.head(format!("{}/v1/artifacts/{missing}", server.url)).bearer_auth(&ci).send().unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+
+    // Download through the CLI: bytes verified, identical to the local package.
+    let downloaded = work.path().join("downloaded.tar.zst");
+    server
+        .cli()
+        .env("RELEASE_TOKEN", &auditor)
+        .args(["download", &digest, "-o", downloaded.to_str().unwrap()])
+        .assert_success();
+    assert_eq!(fs::read(&downloaded).unwrap(), fs::read(&local).unwrap());
+
+    // Ranges.
+    let bytes = fs::read(&local).unwrap();
+    let part = http
+        .get(format!("{}/v1/artifacts/{digest}/blob", server.url))
+        .bearer_auth(&auditor)
+        .header("Range", "bytes=10-99")
+        .send()
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.headers()["content-range"], format!("bytes 10-99/{}", bytes.len()));
+    assert_eq!(part.bytes().unwrap(), &bytes[10..100]);
+    let tail = http
+        .get(format!("{}/v1/artifacts/{digest}/blob", server.url))
+        .bearer_auth(&auditor)
+        .header("Range", "bytes=-16")
+        .send()
+        .unwrap();
+    assert_eq!(tail.bytes().unwrap(), &bytes[bytes.len() - 16..]);
+    let beyond = http
+        .get(format!("{}/v1/artifacts/{digest}/blob", server.url))
+        .bearer_auth(&auditor)
+        .header("Range", format!("bytes={}-", bytes.len()))
+        .send()
+        .unwrap();
+    assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+
+    // The service's list.
+    let list: Value = http
+        .get(format!("{}/v1/services/api/artifacts", server.url))
+        .bearer_auth(&auditor)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(list["artifacts"][0]["digest"], digest.as_str());
+    assert_eq!(list["artifacts"][0]["version"], "1.4.2");
+
+    // Uploading the same directory again sends nothing and succeeds.
+    let again = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", src.to_str().unwrap(), "--service", "api", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(again["digest"].as_str().unwrap(), digest);
+    assert_eq!(again["created"], false);
+}
+
+#[test]
+fn round_trip_on_the_local_backend() {
+    round_trip(Backend::Local);
+}
+
+#[test]
+fn round_trip_on_s3() {
+    round_trip(Backend::S3);
+}
+
+fn post(server: &TestServer, token: &str, query: &str, body: Vec<u8>) -> reqwest::blocking::Response {
+    server.http().post(format!("{}/v1/artifacts?{query}", server.url)).bearer_auth(token).body(body).send().unwrap()
+}
+
+fn second_upload_changes_nothing(backend: Backend) {
+    let server = TestServer::start(backend);
+    let ci = server.token("ci", "ci");
+    let body = archives::valid("<?php echo 1;");
+    // Like plain curl: no digest header.
+    let first = post(&server, &ci, "service=api&version=1", body.clone());
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().unwrap();
+    let keys = server.artifact_keys();
+    let store_bytes = |s: &TestServer| {
+        let digest = keys[0];
+        crate::support::block_on(async {
+            use futures::TryStreamExt as _;
+            let stream = s.store().read_artifact(digest, None).await.unwrap();
+            let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+            chunks.concat()
+        })
+    };
+    let stored = store_bytes(&server);
+    assert_eq!(&stored[..], &body[..]);
+
+    let second = post(&server, &ci, "service=api&version=2", body.clone());
+    assert_eq!(second.status(), StatusCode::OK);
+    let second: Value = second.json().unwrap();
+    assert_eq!(second["created"], false);
+    assert_eq!(second["version"], "1", "the first upload's label stays");
+    assert_eq!(second["stored_at"], first["stored_at"]);
+    assert_eq!(server.artifact_keys(), keys);
+    assert_eq!(&store_bytes(&server)[..], &body[..]);
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+    assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 1);
+    assert!(server.staging_keys().is_empty());
+
+    // The same bytes for another service: a new upload record, the same artifact.
+    let other = post(&server, &ci, "service=worker", body);
+    assert_eq!(other.status(), StatusCode::CREATED);
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+    assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 2);
+}
+
+#[test]
+fn a_second_upload_of_the_same_bytes_changes_nothing_local() {
+    second_upload_changes_nothing(Backend::Local);
+}
+
+#[test]
+fn a_second_upload_of_the_same_bytes_changes_nothing_s3() {
+    second_upload_changes_nothing(Backend::S3);
+}
+
+#[test]
+fn a_matching_digest_header_is_accepted() {
+    let server = TestServer::start(Backend::Local);
+    let ci = server.token("ci", "ci");
+    let body = archives::valid("<?php");
+    let digest = release::digest::Digest::of(&body);
+    let response = server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&ci)
+        .header("X-Release-Digest", digest.to_string())
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let answer: Value = response.json().unwrap();
+    assert_eq!(answer["digest"], digest.to_string());
+}
