@@ -1,6 +1,12 @@
 //! The HTTP client the command line uses to talk to a `release` server.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::Frame;
 
 use futures::StreamExt;
 use reqwest::StatusCode;
@@ -8,6 +14,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
+
+/// Names the upload's digest: a request header, or a trailer after the body.
+const DIGEST_HEADER: &str = "x-release-digest";
 
 use crate::digest::Digest;
 
@@ -78,32 +87,50 @@ impl Client {
         response.json().await.map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Uploads an archive file whose digest the caller computed; the server refuses it if the
-    /// bytes it receives hash differently. `progress` sees the bytes sent so far.
+    /// Uploads an archive file. With `known`, the digest goes in the `X-Release-Digest` header;
+    /// without, the file is hashed while it is sent and the digest follows the bytes as an HTTP
+    /// trailer — one read of the file instead of two. Either way the server refuses bytes that
+    /// hash differently, and the answer is checked against the digest computed here.
+    /// `progress` sees the bytes sent so far.
     pub async fn upload(
         &self,
         file: &Path,
-        digest: Digest,
+        known: Option<Digest>,
         labels: &UploadLabels,
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Value, ClientError> {
         let handle = tokio::fs::File::open(file).await?;
         let size = handle.metadata().await?.len();
-        let mut sent = 0u64;
-        let stream = tokio_util::io::ReaderStream::with_capacity(handle, 256 << 10).inspect(move |chunk| {
-            if let Ok(chunk) = chunk {
-                sent += chunk.len() as u64;
-                progress(sent);
-            }
-        });
-        let builder = self
+        let computed = Arc::new(OnceLock::new());
+        let body = HashingBody {
+            reader: tokio_util::io::ReaderStream::with_capacity(handle, 64 << 10),
+            hasher: Some(Sha256::new()),
+            sent: 0,
+            progress: Box::new(progress),
+            computed: Arc::clone(&computed),
+            trailer: known.is_none(),
+        };
+        let mut builder = self
             .request(reqwest::Method::POST, "/v1/artifacts")
             .query(labels)
-            .header("X-Release-Digest", digest.to_string())
-            .header(reqwest::header::CONTENT_LENGTH, size)
             .header(reqwest::header::CONTENT_TYPE, "application/zstd")
-            .body(reqwest::Body::wrap_stream(stream));
-        self.json(builder).await
+            .body(reqwest::Body::wrap(body));
+        builder = match known {
+            Some(digest) => {
+                builder.header(DIGEST_HEADER, digest.to_string()).header(reqwest::header::CONTENT_LENGTH, size)
+            }
+            None => builder.header(reqwest::header::TRAILER, DIGEST_HEADER),
+        };
+        let answer: Value = self.json(builder).await?;
+        // With a Content-Length the body is not polled past its last byte, so the known digest
+        // is the one to compare with.
+        let sent = known
+            .or_else(|| computed.get().copied())
+            .ok_or_else(|| ClientError::Protocol("the upload ended before its digest was sent".into()))?;
+        if answer["digest"] != sent.to_string() {
+            return Err(ClientError::Protocol(format!("the server stored {} but this file is {sent}", answer["digest"])));
+        }
+        Ok(answer)
     }
 
     /// An artifact's metadata, or `None` if the server does not have it.
@@ -181,6 +208,47 @@ impl ClientError {
         match self {
             ClientError::Api { status, .. } => StatusCode::from_u16(*status).ok(),
             _ => None,
+        }
+    }
+}
+
+/// A file as a request body that hashes what it sends and, at the end, either sends the
+/// digest as a trailer or just records it.
+struct HashingBody {
+    reader: tokio_util::io::ReaderStream<tokio::fs::File>,
+    hasher: Option<Sha256>,
+    sent: u64,
+    progress: Box<dyn Fn(u64) + Send + Sync>,
+    computed: Arc<OnceLock<Digest>>,
+    trailer: bool,
+}
+
+impl http_body::Body for HashingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.hasher.is_none() {
+            return Poll::Ready(None);
+        }
+        match ready!(futures::Stream::poll_next(Pin::new(&mut self.reader), cx)) {
+            Some(Ok(chunk)) => {
+                self.hasher.as_mut().expect("checked above").update(&chunk);
+                self.sent += chunk.len() as u64;
+                (self.progress)(self.sent);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => {
+                let digest = Digest::from_hasher(self.hasher.take().expect("checked above"));
+                let _ = self.computed.set(digest);
+                if !self.trailer {
+                    return Poll::Ready(None);
+                }
+                let mut trailers = reqwest::header::HeaderMap::new();
+                trailers.insert(DIGEST_HEADER, digest.to_string().parse().expect("a digest is a valid header value"));
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
         }
     }
 }

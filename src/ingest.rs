@@ -7,7 +7,7 @@
 //! only after that. Whatever fails, the staging object is aborted, so nothing is left under an
 //! artifact key.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -22,8 +22,10 @@ use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
 use crate::store::{Store, StoreError, Upload};
 use crate::token::{Action, Principal, TokenError};
 
-/// Chunks in flight to each of the hashing and checking threads.
-const CHANNEL_DEPTH: usize = 16;
+/// Body chunks are handed to the hashing and checking threads in batches of about this many
+/// bytes (fewer thread wake-ups), with this many batches in flight to each.
+const BATCH_BYTES: usize = 1 << 20;
+const CHANNEL_DEPTH: usize = 4;
 const MAX_LABEL: usize = 256;
 const MAX_URL: usize = 2048;
 
@@ -47,6 +49,15 @@ pub enum IngestError {
     Registry(#[from] RegistryError),
 }
 
+/// One piece of an upload body as it arrives.
+#[derive(Debug)]
+pub enum Piece {
+    Bytes(Bytes),
+    /// The digest the client names after the bytes (an HTTP trailer), so that it can hash
+    /// while sending instead of reading the file twice.
+    Claim(String),
+}
+
 /// What the client said about the upload, besides its bytes.
 #[derive(Clone, Debug, Default)]
 pub struct UploadRequest {
@@ -54,7 +65,8 @@ pub struct UploadRequest {
     pub version: Option<String>,
     pub git_sha: Option<String>,
     pub build_url: Option<String>,
-    /// `X-Release-Digest`: refuse the upload unless its bytes have this digest.
+    /// `X-Release-Digest` as a header: refuse the upload unless its bytes have this digest.
+    /// (The same claim may come after the body instead, as a [`Piece::Claim`].)
     pub expected: Option<Digest>,
     /// `Content-Length`, when the client sent one: refused at once when over the limit.
     pub declared_size: Option<u64>,
@@ -77,7 +89,7 @@ impl Ingestor {
         body: S,
     ) -> Result<Recorded, IngestError>
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,
     {
         principal.require(Action::UploadArtifact).map_err(IngestError::Forbidden)?;
@@ -97,11 +109,13 @@ impl Ingestor {
                 return Err(e);
             }
         };
-        if let Some(expected) = request.expected
-            && expected != received.digest
-        {
-            upload.abort().await;
-            return Err(IngestError::DigestMismatch { expected, actual: received.digest });
+        for claim in [request.expected, received.claim] {
+            if let Some(expected) = claim
+                && expected != received.digest
+            {
+                upload.abort().await;
+                return Err(IngestError::DigestMismatch { expected, actual: received.digest });
+            }
         }
         let staged = upload.finish().await?;
         if let Err(e) = self.store.publish(staged, received.digest, received.size).await {
@@ -173,6 +187,8 @@ fn check_request(request: &UploadRequest) -> Result<(), IngestError> {
 
 struct Received {
     digest: Digest,
+    /// A digest named after the body.
+    claim: Option<Digest>,
     size: u64,
     summary: Summary,
 }
@@ -185,29 +201,39 @@ async fn receive<S, E>(
     options: CheckOptions,
 ) -> Result<Received, IngestError>
 where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    S: Stream<Item = Result<Piece, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let (hash_tx, mut hash_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let (hash_tx, mut hash_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let hasher = tokio::task::spawn_blocking(move || {
         let mut hasher = Sha256::new();
-        while let Some(chunk) = hash_rx.blocking_recv() {
-            hasher.update(&chunk);
+        while let Some(batch) = hash_rx.blocking_recv() {
+            batch.iter().for_each(|chunk| hasher.update(chunk));
         }
         Digest::from_hasher(hasher)
     });
-    let (check_tx, check_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let (check_tx, check_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let checker = tokio::task::spawn_blocking(move || {
-        archive::check(ChannelReader { rx: check_rx, current: Bytes::new() }, &options)
+        archive::check(ChannelReader { rx: check_rx, batch: Vec::new().into_iter(), current: Bytes::new() }, &options)
     });
 
     let mut size = 0u64;
     let mut check_tx = Some(check_tx);
     let mut checker_gone = false;
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
     let mut outcome = Ok(());
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
+    let mut claim = None;
+    while let Some(piece) = body.next().await {
+        let chunk = match piece {
+            Ok(Piece::Bytes(chunk)) => chunk,
+            Ok(Piece::Claim(text)) => {
+                match text.parse::<Digest>() {
+                    Ok(digest) => claim = Some(digest),
+                    Err(e) => outcome = Err(IngestError::BadRequest(format!("X-Release-Digest trailer: {e}"))),
+                }
+                continue;
+            }
             Err(e) => {
                 outcome = Err(IngestError::Interrupted(e.to_string()));
                 break;
@@ -218,21 +244,18 @@ where
             outcome = Err(IngestError::TooLarge { limit });
             break;
         }
-        if let Some(tx) = &check_tx
-            && tx.send(chunk.clone()).await.is_err()
-        {
-            // The checker refused the archive. Keep reading (and discarding) the body within
-            // the upload limit, so that the client receives the refusal instead of a reset.
-            check_tx = None;
-            checker_gone = true;
-        }
         if check_tx.is_none() {
-            continue;
+            continue; // refused already: the rest of the body is read and dropped
         }
-        if hash_tx.send(chunk.clone()).await.is_err() {
-            unreachable!("the hasher only stops when its channel closes");
-        }
+        batch_bytes += chunk.len();
+        batch.push(chunk.clone());
         upload.write(chunk).await?;
+        if batch_bytes >= BATCH_BYTES {
+            checker_gone = !hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+        }
+    }
+    if outcome.is_ok() && !batch.is_empty() {
+        checker_gone = !hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
     }
     drop(check_tx);
     drop(hash_tx);
@@ -244,26 +267,63 @@ where
         // The check ended before the body did: bytes follow the archive's zstd stream.
         return Err(IngestError::Unsafe(ArchiveError::Zstd("data follows the end of the zstd stream".into())));
     }
-    Ok(Received { digest, size, summary })
+    Ok(Received { digest, claim, size, summary })
 }
 
-/// Reads chunks from a channel on a blocking thread; end of channel is end of file.
+type Batch = Vec<Bytes>;
+
+/// Sends the batch to the hasher and the checker; false when the checker has stopped (it
+/// refused the archive), after which nothing more is sent to it.
+async fn hand_over(
+    batch: &mut Batch,
+    batch_bytes: &mut usize,
+    hash_tx: &mpsc::Sender<Batch>,
+    check_tx: &mut Option<mpsc::Sender<Batch>>,
+) -> bool {
+    let full = std::mem::take(batch);
+    *batch_bytes = 0;
+    let Some(tx) = check_tx.as_ref() else { return false };
+    if tx.send(full.clone()).await.is_err() {
+        *check_tx = None;
+        return false;
+    }
+    hash_tx.send(full).await.expect("the hasher only stops when its channel closes");
+    true
+}
+
+/// Reads batches of chunks from a channel on a blocking thread, in place; end of channel is
+/// end of file.
 struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Batch>,
+    batch: std::vec::IntoIter<Bytes>,
     current: Bytes,
+}
+
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.current.is_empty() {
+            match self.batch.next() {
+                Some(chunk) => self.current = chunk,
+                None => match self.rx.blocking_recv() {
+                    Some(batch) => self.batch = batch.into_iter(),
+                    None => return Ok(&[]),
+                },
+            }
+        }
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.current.advance(amount);
+    }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
         Ok(n)
     }
 }

@@ -2,7 +2,7 @@
 //! in one pass over a `Read`, without keeping the archive in memory.
 
 use std::cell::Cell;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::rc::Rc;
 
 use tar::EntryType;
@@ -16,6 +16,9 @@ use super::{ArchiveError, ZSTD_MAGIC};
 const MAX_WINDOW_LOG: u32 = 27;
 
 const BLOCK: u64 = 512;
+/// Entry data is read (and dropped) in pieces this large, so zstd decompresses straight into
+/// one buffer instead of through the tar reader's 8 KiB copies.
+const READ_BUFFER: usize = 1 << 20;
 
 /// What a check enforces beyond the fixed rules.
 #[derive(Clone, Debug)]
@@ -42,24 +45,19 @@ pub struct Summary {
 }
 
 /// Checks a whole `tar`+`zstd` stream. Reads `input` to its end unless it refuses earlier.
-pub fn check(mut input: impl Read, options: &CheckOptions) -> Result<Summary, ArchiveError> {
+/// (`BufRead`, so zstd reads the caller's buffers in place instead of copying them.)
+pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary, ArchiveError> {
     let mut magic = [0u8; 4];
     input.read_exact(&mut magic).map_err(|_| ArchiveError::NotZstd)?;
     if magic != ZSTD_MAGIC {
         return Err(ArchiveError::NotZstd);
     }
-    let mut decoder = zstd::stream::read::Decoder::new(io::Cursor::new(magic).chain(input))
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(io::Cursor::new(magic).chain(input))
         .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
     decoder.window_log_max(MAX_WINDOW_LOG).map_err(|e| ArchiveError::Zstd(e.to_string()))?;
 
     let trouble = Rc::new(Cell::new(None));
-    let counted = Counted {
-        inner: decoder,
-        pos: 0,
-        last_nonzero_end: 0,
-        limit: options.max_unpacked_bytes,
-        trouble: Rc::clone(&trouble),
-    };
+    let counted = Counted { inner: decoder, pos: 0, limit: options.max_unpacked_bytes, trouble: Rc::clone(&trouble) };
     let mut archive = tar::Archive::new(counted);
     let read_error = |e: io::Error| match trouble.take() {
         Some(Trouble::Limit) => ArchiveError::TooLarge { limit: options.max_unpacked_bytes },
@@ -75,22 +73,32 @@ pub fn check(mut input: impl Read, options: &CheckOptions) -> Result<Summary, Ar
     let mut summary = Summary::default();
     let mut tree = TreeState::default();
     let mut end_of_entries = 0u64;
+    let mut buffer = vec![0u8; READ_BUFFER];
     for entry in archive.entries().map_err(read_error)? {
-        let entry = entry.map_err(read_error)?;
+        let mut entry = entry.map_err(read_error)?;
         summary.file_count += 1;
         if summary.file_count > options.max_files {
             return Err(ArchiveError::TooManyFiles { limit: options.max_files });
         }
         end_of_entries = entry.raw_file_position() + entry.size().next_multiple_of(BLOCK);
         check_entry(&entry, options, &mut tree, &mut summary)?;
+        while entry.read(&mut buffer).map_err(read_error)? > 0 {}
     }
 
+    // What follows the entries: the end-of-archive marker (two zero blocks, the first of which
+    // the tar reader consumed) and zero padding, nothing else.
     let mut counted = archive.into_inner();
-    io::copy(&mut counted, &mut io::sink()).map_err(read_error)?;
-    if counted.last_nonzero_end > end_of_entries {
-        return Err(ArchiveError::Tar("data follows the end-of-archive marker".into()));
+    let after_entries = counted.pos;
+    loop {
+        let n = counted.read(&mut buffer).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        if buffer[..n].iter().any(|b| *b != 0) {
+            return Err(ArchiveError::Tar("data follows the end-of-archive marker".into()));
+        }
     }
-    if counted.pos < end_of_entries + 2 * BLOCK {
+    if after_entries == end_of_entries || counted.pos < end_of_entries + 2 * BLOCK {
         return Err(ArchiveError::Truncated("no end-of-archive marker after the last entry".into()));
     }
     summary.unpacked_bytes = counted.pos;
@@ -158,13 +166,11 @@ enum Trouble {
     Zstd(io::ErrorKind, String),
 }
 
-/// Counts decompressed bytes, enforces the unpacked-size limit as they flow (so a bomb is
-/// stopped, not inflated), and remembers where the last non-zero byte ended (to check the
-/// end-of-archive marker).
+/// Counts decompressed bytes and enforces the unpacked-size limit as they flow (so a bomb is
+/// stopped, not inflated).
 struct Counted<R> {
     inner: R,
     pos: u64,
-    last_nonzero_end: u64,
     limit: u64,
     trouble: Rc<Cell<Option<Trouble>>>,
 }
@@ -176,9 +182,6 @@ impl<R: Read> Read for Counted<R> {
         })?;
         if n == 0 && !buf.is_empty() {
             self.trouble.set(Some(Trouble::Eof));
-        }
-        if let Some(i) = buf[..n].iter().rposition(|b| *b != 0) {
-            self.last_nonzero_end = self.pos + i as u64 + 1;
         }
         self.pos += n as u64;
         if self.pos > self.limit {

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::range::{self, Ranged};
 use super::{AppState, blocking};
 use crate::digest::Digest;
-use crate::ingest::UploadRequest;
+use crate::ingest::{Piece, UploadRequest};
 use crate::registry::{Artifact, ArtifactUpload, ListedArtifact};
 use crate::token::Action;
 
@@ -79,12 +79,28 @@ async fn upload(
     // In its own task, so that a client that goes away mid-body cannot cancel the ingest
     // half-way: it sees the body end in an error and aborts the staging upload itself.
     let ingestor = state.ingestor.clone();
-    let recorded = tokio::spawn(async move { ingestor.ingest(&principal, request, body.into_data_stream()).await })
+    let recorded = tokio::spawn(async move { ingestor.ingest(&principal, request, pieces(body)).await })
         .await
         .expect("ingest does not panic")?;
     let status = if recorded.created { StatusCode::CREATED } else { StatusCode::OK };
     let answer = Uploaded { artifact: recorded.artifact, upload: recorded.upload, created: recorded.created };
     Ok((status, Json(answer)).into_response())
+}
+
+/// The body's data frames, then the digest named in its trailers (if any).
+fn pieces(body: Body) -> impl futures::Stream<Item = Result<Piece, axum::Error>> + Unpin {
+    use futures::StreamExt;
+    http_body_util::BodyStream::new(body).filter_map(|frame| {
+        futures::future::ready(match frame {
+            Err(e) => Some(Err(e)),
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => Some(Ok(Piece::Bytes(data))),
+                Err(frame) => frame.into_trailers().ok().and_then(|trailers| {
+                    trailers.get(DIGEST_HEADER).map(|v| Ok(Piece::Claim(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+                }),
+            },
+        })
+    })
 }
 
 fn parse_digest(text: &str) -> Result<Digest, ApiError> {

@@ -352,3 +352,36 @@ fn a_bad_service_name_is_400() {
     assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
     server.assert_nothing_stored();
 }
+
+/// A chunked upload whose digest follows the body as a trailer, as `release upload FILE` sends it.
+fn upload_with_trailer(server: &TestServer, token: &str, body: &[u8], trailer: &str) -> String {
+    let (mut stream, head) =
+        raw_request_head(server, token, "Transfer-Encoding: chunked\r\nTrailer: X-Release-Digest\r\nConnection: close");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(format!("{:x}\r\n", body.len()).as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    stream.write_all(format!("\r\n0\r\nX-Release-Digest: {trailer}\r\n\r\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn digest_mismatch_in_a_trailer_stores_nothing() {
+    let server = TestServer::start(Backend::Local);
+    let ci = server.token("ci", "ci");
+    let body = archives::valid("<?php");
+    let wrong = release::digest::Digest::of(b"other bytes");
+    let answer = upload_with_trailer(&server, &ci, &body, &wrong.to_string());
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(answer.contains("digest_mismatch") && answer.contains(&wrong.to_string()), "{answer}");
+    server.assert_nothing_stored();
+
+    let bad = upload_with_trailer(&server, &ci, &body, "md5:abc");
+    assert!(bad.starts_with("HTTP/1.1 400") && bad.contains("X-Release-Digest trailer"), "{bad}");
+    server.assert_nothing_stored();
+
+    let right = release::digest::Digest::of(&body);
+    let ok = upload_with_trailer(&server, &ci, &body, &right.to_string());
+    assert!(ok.starts_with("HTTP/1.1 201"), "{ok}");
+}
