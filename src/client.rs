@@ -128,7 +128,10 @@ impl Client {
             .or_else(|| computed.get().copied())
             .ok_or_else(|| ClientError::Protocol("the upload ended before its digest was sent".into()))?;
         if answer["digest"] != sent.to_string() {
-            return Err(ClientError::Protocol(format!("the server stored {} but this file is {sent}", answer["digest"])));
+            return Err(ClientError::Protocol(format!(
+                "the server stored {} but this file is {sent}",
+                answer["digest"]
+            )));
         }
         Ok(answer)
     }

@@ -307,6 +307,22 @@ mod tests {
         let forged = format!("{}{}", &token[..token.len() - 1], if token.ends_with('0') { '1' } else { '0' });
         assert!(matches!(authenticate(&registry, &forged), Err(TokenError::Unknown)));
 
+        // Expired: a row whose expiry has passed.
+        let old = NewSecret::generate();
+        registry
+            .create_token(&NewToken {
+                id: old.id.clone(),
+                name: "old".into(),
+                owner: "bob".into(),
+                roles: vec![Role::Ci],
+                services: None,
+                environments: None,
+                secret_sha256: old.secret_sha256,
+                expires_at: Some("2020-01-01T00:00:00.000000Z".into()),
+            })
+            .unwrap();
+        assert!(matches!(authenticate(&registry, &old.token), Err(TokenError::Expired { .. })));
+
         registry.revoke_token("alice-laptop").unwrap();
         assert!(matches!(authenticate(&registry, &token), Err(TokenError::Revoked(_))));
 

@@ -44,8 +44,13 @@ struct UploadQuery {
 struct Uploaded {
     #[serde(flatten)]
     artifact: Artifact,
-    #[serde(flatten)]
-    upload: ArtifactUpload,
+    service: String,
+    version: Option<String>,
+    git_sha: Option<String>,
+    build_url: Option<String>,
+    uploaded_by: String,
+    uploaded_at: String,
+    /// False when this service had this digest already: nothing was changed.
     created: bool,
 }
 
@@ -83,7 +88,17 @@ async fn upload(
         .await
         .expect("ingest does not panic")?;
     let status = if recorded.created { StatusCode::CREATED } else { StatusCode::OK };
-    let answer = Uploaded { artifact: recorded.artifact, upload: recorded.upload, created: recorded.created };
+    let upload = recorded.upload;
+    let answer = Uploaded {
+        artifact: recorded.artifact,
+        service: upload.service,
+        version: upload.version,
+        git_sha: upload.git_sha,
+        build_url: upload.build_url,
+        uploaded_by: upload.uploaded_by,
+        uploaded_at: upload.uploaded_at,
+        created: recorded.created,
+    };
     Ok((status, Json(answer)).into_response())
 }
 
@@ -96,7 +111,9 @@ fn pieces(body: Body) -> impl futures::Stream<Item = Result<Piece, axum::Error>>
             Ok(frame) => match frame.into_data() {
                 Ok(data) => Some(Ok(Piece::Bytes(data))),
                 Err(frame) => frame.into_trailers().ok().and_then(|trailers| {
-                    trailers.get(DIGEST_HEADER).map(|v| Ok(Piece::Claim(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+                    trailers
+                        .get(DIGEST_HEADER)
+                        .map(|v| Ok(Piece::Claim(String::from_utf8_lossy(v.as_bytes()).into_owned())))
                 }),
             },
         })

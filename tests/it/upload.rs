@@ -197,6 +197,10 @@ fn a_matching_digest_header_is_accepted() {
         .send()
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    let answer: Value = response.json().unwrap();
+    let text = response.text().unwrap();
+    assert_eq!(text.matches("\"digest\"").count(), 1, "each key once: {text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(answer["digest"], digest.to_string());
+    assert_eq!(answer["service"], "api");
+    assert_eq!(answer["created"], true);
 }
