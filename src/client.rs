@@ -9,14 +9,13 @@ use bytes::Bytes;
 use http_body::Frame;
 
 use futures::StreamExt;
-use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 /// Names the upload's digest: a request header, or a trailer after the body.
-const DIGEST_HEADER: &str = "x-release-digest";
+use crate::digest::HTTP_HEADER as DIGEST_HEADER;
 
 use crate::digest::Digest;
 
@@ -203,15 +202,6 @@ async fn api_error(response: reqwest::Response) -> ClientError {
             code: status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"),
             message: if text.is_empty() { format!("HTTP {status}") } else { text },
         },
-    }
-}
-
-impl ClientError {
-    pub fn status(&self) -> Option<StatusCode> {
-        match self {
-            ClientError::Api { status, .. } => StatusCode::from_u16(*status).ok(),
-            _ => None,
-        }
     }
 }
 

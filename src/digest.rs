@@ -8,6 +8,9 @@ use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
+/// The HTTP header (or trailer) in which a client names the digest it expects an upload to have.
+pub const HTTP_HEADER: &str = "x-release-digest";
+
 /// The SHA-256 of an artifact's bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest([u8; 32]);
@@ -21,10 +24,6 @@ pub struct ParseDigestError {
 
 impl Digest {
     pub const PREFIX: &'static str = "sha256:";
-
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Digest(bytes)
-    }
 
     /// Finishes a hasher that saw exactly the artifact's bytes.
     pub fn from_hasher(hasher: Sha256) -> Self {

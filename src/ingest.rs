@@ -78,9 +78,17 @@ pub struct Ingestor {
     pub config: Arc<Config>,
     pub store: Store,
     pub registry: Arc<Registry>,
+    /// Turns for uploads, `limits.max_concurrent_uploads` of them: what bounds the memory all
+    /// uploads together may hold.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingestor {
+    pub fn new(config: Arc<Config>, store: Store, registry: Arc<Registry>) -> Ingestor {
+        let turns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_concurrent_uploads as usize));
+        Ingestor { config, store, registry, turns }
+    }
+
     /// Takes one upload from its body stream to a registry row, or to nothing at all.
     pub async fn ingest<S, E>(
         &self,
@@ -101,6 +109,7 @@ impl Ingestor {
         }
 
         let options = self.check_options(&request.service);
+        let _turn = self.turns.acquire().await.expect("the semaphore is never closed");
         let mut upload = self.store.begin_upload().await?;
         let received = match receive(body, &mut upload, limit, options).await {
             Ok(received) => received,
@@ -118,9 +127,12 @@ impl Ingestor {
             }
         }
         let staged = upload.finish().await?;
-        if let Err(e) = self.store.publish(staged, received.digest, received.size).await {
-            let _ = self.store.delete(crate::store::Key::Upload(staged)).await;
-            return Err(e.into());
+        if self.store.artifact_size(received.digest).await? == Some(received.size) {
+            // Stored already (published by an earlier upload, so verified): a repeated upload
+            // leaves the object exactly as it was.
+            self.store.discard(staged).await;
+        } else {
+            self.store.publish(staged, received.digest, received.size).await?;
         }
 
         let new = NewArtifact {
@@ -144,7 +156,8 @@ impl Ingestor {
             digest = %recorded.artifact.digest,
             service = %recorded.upload.service,
             size = recorded.artifact.size,
-            created = recorded.created,
+            new_artifact = recorded.new_artifact,
+            new_upload = recorded.new_upload,
             "artifact stored"
         );
         Ok(recorded)
@@ -219,7 +232,6 @@ where
 
     let mut size = 0u64;
     let mut check_tx = Some(check_tx);
-    let mut checker_gone = false;
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     let mut outcome = Ok(());
@@ -251,44 +263,41 @@ where
         batch.push(chunk.clone());
         upload.write(chunk).await?;
         if batch_bytes >= BATCH_BYTES {
-            checker_gone = !hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+            hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
         }
     }
     if outcome.is_ok() && !batch.is_empty() {
-        checker_gone = !hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+        hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
     }
     drop(check_tx);
     drop(hash_tx);
     let checked = checker.await.expect("the archive check does not panic");
     let digest = hasher.await.expect("hashing does not panic");
     outcome?;
+    // The check reads its input to the end unless it refuses, so a check that stopped early
+    // has an error here.
     let summary = checked.map_err(IngestError::Unsafe)?;
-    if checker_gone {
-        // The check ended before the body did: bytes follow the archive's zstd stream.
-        return Err(IngestError::Unsafe(ArchiveError::Zstd("data follows the end of the zstd stream".into())));
-    }
     Ok(Received { digest, claim, size, summary })
 }
 
 type Batch = Vec<Bytes>;
 
-/// Sends the batch to the hasher and the checker; false when the checker has stopped (it
-/// refused the archive), after which nothing more is sent to it.
+/// Sends the batch to the checker and the hasher. When the checker has stopped (it refused
+/// the archive), `check_tx` becomes `None` and nothing more is handed over.
 async fn hand_over(
     batch: &mut Batch,
     batch_bytes: &mut usize,
     hash_tx: &mpsc::Sender<Batch>,
     check_tx: &mut Option<mpsc::Sender<Batch>>,
-) -> bool {
+) {
     let full = std::mem::take(batch);
     *batch_bytes = 0;
-    let Some(tx) = check_tx.as_ref() else { return false };
+    let Some(tx) = check_tx.as_ref() else { return };
     if tx.send(full.clone()).await.is_err() {
         *check_tx = None;
-        return false;
+        return;
     }
     hash_tx.send(full).await.expect("the hasher only stops when its channel closes");
-    true
 }
 
 /// Reads batches of chunks from a channel on a blocking thread, in place; end of channel is

@@ -25,7 +25,7 @@ use crate::digest::Digest;
 
 /// Part size of multipart uploads. Memory per upload is about this times (`PARTS_IN_FLIGHT` + 1).
 const PART_SIZE: usize = 8 << 20;
-const PARTS_IN_FLIGHT: usize = 3;
+const PARTS_IN_FLIGHT: usize = 2;
 /// S3's limit for a single-request server-side copy.
 const MAX_SINGLE_COPY: u64 = 5 << 30;
 
@@ -81,13 +81,7 @@ impl Store {
     }
 
     fn open_s3(s3: &S3Config) -> Result<Store, StoreError> {
-        let endpoint = if s3.virtual_hosted {
-            // object_store wants the bucket inside a virtual-hosted endpoint.
-            let (scheme, host) = s3.endpoint.split_once("://").unwrap_or(("https", &s3.endpoint));
-            format!("{scheme}://{}.{host}", s3.bucket)
-        } else {
-            s3.endpoint.clone()
-        };
+        let endpoint = endpoint_url(s3);
         let plain_http = endpoint.starts_with("http://");
         let mut builder = AmazonS3Builder::from_env()
             .with_endpoint(&endpoint)
@@ -112,15 +106,6 @@ impl Store {
             prefix: s3.prefix.clone(),
             backend: Backend::S3 { endpoint: s3.endpoint.clone(), bucket: s3.bucket.clone() },
         })
-    }
-
-    /// A store in memory, for unit tests of code above the store.
-    pub fn in_memory() -> Store {
-        Store {
-            inner: Arc::new(object_store::memory::InMemory::new()),
-            prefix: String::new(),
-            backend: Backend::S3 { endpoint: "memory".into(), bucket: "memory".into() },
-        }
     }
 
     /// Where the bytes live, for logs and messages (never credentials).
@@ -159,36 +144,55 @@ impl Store {
     pub async fn publish(&self, upload: Uuid, digest: Digest, size: u64) -> Result<(), StoreError> {
         let (from, to) = (Key::Upload(upload), Key::Artifact(digest));
         let (from_path, to_path) = (self.path(from), self.path(to));
-        match self.backend {
-            Backend::Local { .. } => self.inner.rename(&from_path, &to_path).await.map_err(self.error(from)),
+        let published = match self.backend {
+            Backend::Local { .. } => return self.inner.rename(&from_path, &to_path).await.map_err(self.error(from)),
             Backend::S3 { .. } if size <= MAX_SINGLE_COPY => {
-                self.inner.copy(&from_path, &to_path).await.map_err(self.error(to))?;
-                self.delete(from).await
+                self.inner.copy(&from_path, &to_path).await.map_err(self.error(to))
             }
-            Backend::S3 { .. } => {
-                // Too large for CopyObject: stream it across (object_store has no UploadPartCopy).
-                let source = self.inner.get(&from_path).await.map_err(self.error(from))?;
-                let multipart = self.inner.put_multipart(&to_path).await.map_err(self.error(to))?;
-                let mut writer = WriteMultipart::new_with_chunk_size(multipart, PART_SIZE);
-                let mut stream = source.into_stream();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = match chunk {
-                        Ok(chunk) => chunk,
-                        Err(e) => {
-                            let _ = writer.abort().await;
-                            return Err(self.error(from)(e));
-                        }
-                    };
-                    writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(self.error(to))?;
-                    writer.put(chunk);
-                }
-                writer.finish().await.map_err(self.error(to))?;
-                self.delete(from).await
+            Backend::S3 { .. } => self.stream_copy(&from_path, &to_path).await,
+        };
+        // Published or not, the staging object has served its purpose.
+        self.discard(upload).await;
+        published
+    }
+
+    /// Copies an object too large for CopyObject by streaming it across (object_store has no
+    /// UploadPartCopy). A failed copy is aborted: nothing appears under `to`.
+    async fn stream_copy(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+        let backend_error = |key: &Path| {
+            let key = key.to_string();
+            move |source| StoreError::Backend { backend: self.describe(), key: key.clone(), source }
+        };
+        let source = self.inner.get(from).await.map_err(backend_error(from))?;
+        let multipart = self.inner.put_multipart(to).await.map_err(backend_error(to))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(multipart, PART_SIZE);
+        let mut stream = source.into_stream();
+        let copied = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(backend_error(from))?;
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(backend_error(to))?;
+                writer.put(chunk);
+            }
+            Ok(())
+        }
+        .await;
+        match copied {
+            Ok(()) => writer.finish().await.map(drop).map_err(backend_error(to)),
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
             }
         }
     }
 
-    pub async fn delete(&self, key: Key) -> Result<(), StoreError> {
+    /// Removes a staging object; a failure is only logged (the start-up sweep removes it).
+    pub async fn discard(&self, upload: Uuid) {
+        if let Err(e) = self.delete(Key::Upload(upload)).await {
+            tracing::warn!(error = %e, "could not remove a staging upload; the start-up sweep will");
+        }
+    }
+
+    async fn delete(&self, key: Key) -> Result<(), StoreError> {
         match self.inner.delete(&self.path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(key)(e)),
@@ -299,6 +303,16 @@ impl Store {
     }
 }
 
+/// The endpoint object_store wants: as configured for path-style addressing, with the bucket
+/// in the host name for virtual-hosted style.
+fn endpoint_url(s3: &S3Config) -> String {
+    if !s3.virtual_hosted {
+        return s3.endpoint.clone();
+    }
+    let (scheme, host) = s3.endpoint.split_once("://").unwrap_or(("https", &s3.endpoint));
+    format!("{scheme}://{}.{}", s3.bucket, host.trim_end_matches('/'))
+}
+
 fn sweep_dir(dir: &std::path::Path, cutoff: SystemTime) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
@@ -316,10 +330,6 @@ pub struct Upload {
 }
 
 impl Upload {
-    pub fn id(&self) -> Uuid {
-        self.id
-    }
-
     /// Appends bytes, waiting while too many parts are in flight (backpressure to the client).
     pub async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
         let key = Key::Upload(self.id);
@@ -341,5 +351,37 @@ impl Upload {
         if let Err(e) = self.writer.abort().await {
             tracing::warn!(key = %self.store.path(key), error = %e, "could not abort a staged upload; the start-up sweep removes it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_hosted_endpoints_carry_the_bucket() {
+        let mut s3 = S3Config {
+            endpoint: "https://us-east-1.linodeobjects.com/".into(),
+            region: "us-east-1".into(),
+            bucket: "edye-artifacts".into(),
+            prefix: "release/".into(),
+            virtual_hosted: true,
+            access_key_id: None,
+            secret_access_key: None,
+        };
+        assert_eq!(endpoint_url(&s3), "https://edye-artifacts.us-east-1.linodeobjects.com");
+        s3.virtual_hosted = false;
+        assert_eq!(endpoint_url(&s3), "https://us-east-1.linodeobjects.com/");
+    }
+
+    #[test]
+    fn keys_are_content_addresses_under_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&StorageConfig::Local { path: dir.path().into() }).unwrap();
+        store.prefix = "release/".into();
+        let digest = Digest::of(b"x");
+        assert_eq!(store.path(Key::Artifact(digest)).to_string(), format!("release/artifacts/sha256/{}", digest.hex()));
+        let id = Uuid::nil();
+        assert_eq!(store.path(Key::Upload(id)).to_string(), format!("release/uploads/{id}"));
     }
 }

@@ -194,6 +194,21 @@ impl Principal {
         Err(TokenError::Forbidden { name: self.name.clone(), action: action.name(), roles: join_roles(&self.roles) })
     }
 
+    /// For something that belongs to several services (an artifact uploaded for each): allowed
+    /// when any of them is in scope.
+    pub fn require_any_service<'a>(&self, services: impl IntoIterator<Item = &'a str>) -> Result<(), TokenError> {
+        let Some(allowed) = &self.services else { return Ok(()) };
+        let services: Vec<&str> = services.into_iter().collect();
+        if services.iter().any(|s| allowed.iter().any(|a| a == s)) {
+            return Ok(());
+        }
+        Err(TokenError::ServiceNotAllowed {
+            name: self.name.clone(),
+            service: services.join(","),
+            allowed: allowed.join(","),
+        })
+    }
+
     pub fn require_service(&self, service: &str) -> Result<(), TokenError> {
         match &self.services {
             Some(allowed) if !allowed.iter().any(|s| s == service) => Err(TokenError::ServiceNotAllowed {

@@ -10,10 +10,10 @@ use tar::EntryType;
 use super::rules::{RelPath, TreeState, check_mode, check_symlink_target};
 use super::{ArchiveError, ZSTD_MAGIC};
 
-/// The largest zstd window accepted, as a power of two: 128 MiB, the zstd tool's own default
-/// limit, so any archive made by `zstd` without `--long=28` or more passes, and a hostile frame
-/// cannot make the server allocate more than that.
-const MAX_WINDOW_LOG: u32 = 27;
+/// The largest zstd window accepted, as a power of two: 32 MiB. Every level up to 19 stays
+/// within it (`release package` uses 2 MiB); only `--long` and `--ultra` go beyond. It bounds
+/// what a hostile frame can make the server allocate per upload.
+const MAX_WINDOW_LOG: u32 = 25;
 
 const BLOCK: u64 = 512;
 /// Entry data is read (and dropped) in pieces this large, so zstd decompresses straight into
@@ -64,6 +64,10 @@ pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary,
         Some(Trouble::Zstd(io::ErrorKind::UnexpectedEof, message)) => {
             ArchiveError::Truncated(format!("the zstd stream ends mid-frame ({message})"))
         }
+        Some(Trouble::Zstd(_, message)) if message.contains("too much memory") => ArchiveError::Zstd(format!(
+            "{message}: its window is over {} MiB; compress without --long or --ultra",
+            1 << (MAX_WINDOW_LOG - 20)
+        )),
         Some(Trouble::Zstd(_, message)) => ArchiveError::Zstd(message),
         Some(Trouble::Eof) => ArchiveError::Truncated(e.to_string()),
         None if e.kind() == io::ErrorKind::UnexpectedEof => ArchiveError::Truncated(e.to_string()),
@@ -72,17 +76,27 @@ pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary,
 
     let mut summary = Summary::default();
     let mut tree = TreeState::default();
+    let mut names = Extensions::default();
     let mut end_of_entries = 0u64;
     let mut buffer = vec![0u8; READ_BUFFER];
-    for entry in archive.entries().map_err(read_error)? {
+    // Raw entries: GNU long names and PAX headers are read here, capped, instead of by the tar
+    // reader, which would read one of any size into memory.
+    for entry in archive.entries().map_err(read_error)?.raw(true) {
         let mut entry = entry.map_err(read_error)?;
+        end_of_entries = entry.raw_file_position() + entry.size().next_multiple_of(BLOCK);
+        if names.absorb(&mut entry).map_err(|e| e.or_else(read_error))? {
+            continue;
+        }
         summary.file_count += 1;
         if summary.file_count > options.max_files {
             return Err(ArchiveError::TooManyFiles { limit: options.max_files });
         }
-        end_of_entries = entry.raw_file_position() + entry.size().next_multiple_of(BLOCK);
-        check_entry(&entry, options, &mut tree, &mut summary)?;
+        let (path, link) = names.take(&entry)?;
+        check_entry(entry.header(), &path, link.as_deref(), options, &mut tree, &mut summary)?;
         while entry.read(&mut buffer).map_err(read_error)? > 0 {}
+    }
+    if names.pending() {
+        return Err(ArchiveError::Tar("a long-name or PAX header is not followed by an entry".into()));
     }
 
     // What follows the entries: the end-of-archive marker (two zero blocks, the first of which
@@ -106,22 +120,24 @@ pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary,
     Ok(summary)
 }
 
-fn check_entry<R: Read>(
-    entry: &tar::Entry<'_, R>,
+fn check_entry(
+    header: &tar::Header,
+    raw_path: &[u8],
+    link: Option<&[u8]>,
     options: &CheckOptions,
     tree: &mut TreeState,
     summary: &mut Summary,
 ) -> Result<(), ArchiveError> {
-    let header = entry.header();
     let kind = header.entry_type();
-    if kind == EntryType::XGlobalHeader {
-        return Ok(());
-    }
-    let path = match RelPath::parse(&entry.path_bytes())? {
+    let shown = || String::from_utf8_lossy(raw_path).into_owned();
+    let mode = header.mode().map_err(|e| ArchiveError::Tar(format!("entry {:?}: {e}", shown())))?;
+    let path = match RelPath::parse(raw_path)? {
         Some(path) => path,
         // The root directory itself (`./`), as `tar -C dir .` writes it.
-        None if kind == EntryType::Directory => return Ok(()),
-        None => return Err(ArchiveError::BadPath { path: String::from_utf8_lossy(&entry.path_bytes()).into_owned() }),
+        None if kind == EntryType::Directory => {
+            return check_mode(&RelPath::root(), mode);
+        }
+        None => return Err(ArchiveError::BadPath { path: shown() }),
     };
     let forbidden = |name: &'static str| ArchiveError::ForbiddenType { path: path.as_str().to_owned(), kind: name };
     match kind {
@@ -131,19 +147,18 @@ fn check_entry<R: Read>(
         EntryType::GNUSparse => return Err(forbidden("sparse file")),
         _ => return Err(forbidden("unsupported (not a file, directory or link)")),
     }
-    let mode = header.mode().map_err(|e| ArchiveError::Tar(format!("entry {:?}: {e}", path.as_str())))?;
     check_mode(&path, mode)?;
     tree.check_not_through_symlink(&path)?;
     if let Some(shared) = options.shared.iter().find(|s| path.is_within(s)) {
         return Err(ArchiveError::SharedPath { path: path.as_str().to_owned(), shared: shared.clone() });
     }
-    let link_target = || entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+    let link = link.unwrap_or_default();
     match kind {
         EntryType::Symlink => {
-            check_symlink_target(&path, &link_target())?;
+            check_symlink_target(&path, link)?;
             tree.add_symlink(&path);
         }
-        EntryType::Link => tree.check_hardlink(&path, &link_target())?,
+        EntryType::Link => tree.check_hardlink(&path, link)?,
         EntryType::Regular => {
             tree.add_file(&path);
             if options.record_migrations
@@ -157,6 +172,112 @@ fn check_entry<R: Read>(
         _ => {}
     }
     Ok(())
+}
+
+/// GNU long-name and long-link entries and PAX headers, which name the entry that follows.
+/// Each is read into memory, so each is capped at [`MAX_EXTENSION`] bytes.
+#[derive(Default)]
+struct Extensions {
+    path: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    /// A PAX `size`, which must agree with the next header's (entries past 8 GiB, which need
+    /// it, are not supported).
+    size: Option<u64>,
+    pending: bool,
+}
+
+const MAX_EXTENSION: u64 = 64 << 10;
+
+impl Extensions {
+    /// Takes in an extension entry; `Ok(false)` for an ordinary entry. Errors are either an
+    /// archive error or a read error for the caller to classify.
+    fn absorb<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<bool, Either> {
+        let kind = entry.header().entry_type();
+        if !matches!(
+            kind,
+            EntryType::GNULongName | EntryType::GNULongLink | EntryType::XHeader | EntryType::XGlobalHeader
+        ) {
+            return Ok(false);
+        }
+        let size = entry.size();
+        if size > MAX_EXTENSION {
+            return Err(Either::Archive(ArchiveError::Tar(format!(
+                "a long-name or PAX header of {size} bytes (at most {MAX_EXTENSION})"
+            ))));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut data).map_err(Either::Read)?;
+        let twice = || Either::Archive(ArchiveError::Tar("two long names or PAX headers for one entry".into()));
+        match kind {
+            EntryType::GNULongName | EntryType::GNULongLink => {
+                let slot = if kind == EntryType::GNULongName { &mut self.path } else { &mut self.link };
+                if slot.is_some() {
+                    return Err(twice());
+                }
+                let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+                data.truncate(end);
+                *slot = Some(data);
+                self.pending = true;
+            }
+            EntryType::XHeader => {
+                for extension in tar::PaxExtensions::new(&data) {
+                    let extension =
+                        extension.map_err(|e| Either::Archive(ArchiveError::Tar(format!("PAX header: {e}"))))?;
+                    let value = extension.value_bytes().to_vec();
+                    match extension.key_bytes() {
+                        b"path" => self.path = Some(value),
+                        b"linkpath" => self.link = Some(value),
+                        b"size" => {
+                            let size = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok());
+                            self.size = Some(size.ok_or_else(|| {
+                                Either::Archive(ArchiveError::Tar("PAX header: size is not a number".into()))
+                            })?);
+                        }
+                        _ => {}
+                    }
+                }
+                self.pending = true;
+            }
+            _ => {} // a global PAX header: nothing in it matters here
+        }
+        Ok(true)
+    }
+
+    /// The path and link target of an ordinary entry, from the extensions before it or its
+    /// own header.
+    fn take<R: Read>(&mut self, entry: &tar::Entry<'_, R>) -> Result<(Vec<u8>, Option<Vec<u8>>), ArchiveError> {
+        if let Some(size) = self.size.take()
+            && size != entry.size()
+        {
+            return Err(ArchiveError::Tar(format!(
+                "PAX size {size} differs from the header's {} (entries past 8 GiB are not supported)",
+                entry.size()
+            )));
+        }
+        self.pending = false;
+        let path = self.path.take().unwrap_or_else(|| entry.header().path_bytes().into_owned());
+        let link = self.link.take().or_else(|| entry.header().link_name_bytes().map(|l| l.into_owned()));
+        Ok((path, link))
+    }
+
+    fn pending(&self) -> bool {
+        self.pending
+    }
+}
+
+/// An archive error, or a read error still to be classified (limit, zstd, truncation).
+enum Either {
+    Archive(ArchiveError),
+    Read(io::Error),
+}
+
+impl Either {
+    fn or_else(self, classify: impl Fn(io::Error) -> ArchiveError) -> ArchiveError {
+        match self {
+            Either::Archive(e) => e,
+            Either::Read(e) => classify(e),
+        }
+    }
 }
 
 enum Trouble {

@@ -14,6 +14,8 @@ mod rules;
 mod tests;
 
 pub use check::{CheckOptions, Summary, check};
+#[cfg(test)]
+use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};
 pub use rules::RelPath;
 

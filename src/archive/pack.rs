@@ -58,6 +58,19 @@ pub fn pack_to_writer<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(Packed, W), PackError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    pack_with_workers(dir, exclude, out, progress, workers)
+}
+
+/// [`pack_to_writer`] with a given number of zstd workers (at least one: zstd's output then
+/// does not depend on the number).
+pub(super) fn pack_with_workers<W: Write>(
+    dir: &Path,
+    exclude: &[String],
+    out: W,
+    progress: &mut dyn FnMut(u64),
+    workers: u32,
+) -> Result<(Packed, W), PackError> {
     let meta = fs::metadata(dir).map_err(|source| PackError::Io { path: dir.to_owned(), source })?;
     if !meta.is_dir() {
         return Err(PackError::NotADirectory { path: dir.to_owned() });
@@ -66,7 +79,6 @@ pub fn pack_to_writer<W: Write>(
     let hashing = HashingWriter { inner: out, hasher: Sha256::new(), written: 0 };
     let mut encoder = zstd::stream::write::Encoder::new(hashing, LEVEL).map_err(out_err)?;
     encoder.include_checksum(true).map_err(out_err)?;
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     encoder.multithread(workers.max(1)).map_err(out_err)?;
 
     let mut packer = Packer { builder: tar::Builder::new(encoder), exclude, count: 0, progress };
@@ -87,10 +99,7 @@ pub fn pack_to_file(
     output: &Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Packed, PackError> {
-    let io_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PackError::Io { path, source }
-    };
+    let io_err = io_error;
     let dir_abs = fs::canonicalize(dir).map_err(io_err(dir))?;
     let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -108,6 +117,12 @@ pub fn pack_to_file(
     Ok(packed)
 }
 
+/// Wraps an I/O error with the path it concerns.
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PackError + use<> {
+    let path = path.to_owned();
+    move |source| PackError::Io { path, source }
+}
+
 struct Packer<'a, W: Write> {
     builder: tar::Builder<W>,
     exclude: &'a [String],
@@ -117,10 +132,7 @@ struct Packer<'a, W: Write> {
 
 impl<W: Write> Packer<'_, W> {
     fn add_dir_contents(&mut self, dir: &Path, prefix: &str) -> Result<(), PackError> {
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| PackError::Io { path, source }
-        };
+        let io_err = io_error;
         let mut names: Vec<_> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .map(|e| e.map(|e| e.file_name()))

@@ -32,6 +32,11 @@ impl RelPath {
         Ok((!parts.is_empty()).then(|| RelPath(parts.join("/"))))
     }
 
+    /// The release's root directory, `.` (only for messages about the root entry itself).
+    pub fn root() -> RelPath {
+        RelPath(".".into())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

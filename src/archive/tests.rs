@@ -64,25 +64,20 @@ fn executable_bit_changes_the_digest_but_other_mode_bits_do_not() {
 
 #[test]
 fn the_worker_count_does_not_change_the_bytes() {
-    // zstd's multi-threaded output must not depend on how many cores packed it.
+    // The packer's output must not depend on how many cores packed it.
     let dir = tempfile::tempdir().unwrap();
     let mut big = String::new();
     for i in 0..400_000 {
         big.push_str(&format!("line {i} of a file large enough to span several zstd jobs\n"));
     }
     write(&dir.path().join("big.txt"), &big);
-    let one = compress_with_workers(dir.path(), 1);
-    let four = compress_with_workers(dir.path(), 4);
-    assert_eq!(one, four);
-}
-
-fn compress_with_workers(dir: &Path, workers: u32) -> Vec<u8> {
-    let data = fs::read(dir.join("big.txt")).unwrap();
-    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
-    encoder.include_checksum(true).unwrap();
-    encoder.multithread(workers).unwrap();
-    encoder.write_all(&data).unwrap();
-    encoder.finish().unwrap()
+    sample_tree(dir.path(), false);
+    let with = |workers| pack_with_workers(dir.path(), &[], Vec::new(), &mut |_| {}, workers).unwrap();
+    let (one, one_bytes) = with(1);
+    let (four, four_bytes) = with(4);
+    assert!(big.len() > 16 << 20, "input for several zstd jobs (8 MiB each at level 3)");
+    assert_eq!(one.digest, four.digest);
+    assert_eq!(one_bytes, four_bytes);
 }
 
 #[test]
@@ -207,4 +202,73 @@ fn hardlinks_must_point_at_an_earlier_file() {
     check(&zstd_of(&link("a.txt"))[..], &options()).unwrap();
     let err = check(&zstd_of(&link("c.txt"))[..], &options()).unwrap_err();
     assert!(matches!(err, ArchiveError::HardlinkTarget { .. }), "{err}");
+}
+
+#[test]
+fn long_names_are_read_but_capped() {
+    // A real long name (GNU extension, written by the packer) passes, with its full path.
+    let dir = tempfile::tempdir().unwrap();
+    let deep = format!("{}/{}", "d".repeat(120), "f".repeat(120));
+    write(&dir.path().join(&deep), "x");
+    let shared_deep = CheckOptions { shared: vec![deep.clone()], ..options() };
+    let (_, bytes) = pack_bytes(dir.path());
+    check(&bytes[..], &options()).unwrap();
+    // The long name is the one the rules see.
+    assert!(matches!(check(&bytes[..], &shared_deep), Err(ArchiveError::SharedPath { path, .. }) if path == deep));
+
+    // A long-name entry of 1 MiB is refused before it is read into memory.
+    let mut tar = Vec::new();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::GNULongName);
+    header.set_path("././@LongLink").unwrap();
+    header.set_size(1 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.extend_from_slice(header.as_bytes());
+    tar.extend(std::iter::repeat_n(b'a', 1 << 20));
+    let mut file = tar::Header::new_gnu();
+    file.set_path("short").unwrap();
+    file.set_size(0);
+    file.set_mode(0o644);
+    file.set_cksum();
+    tar.extend_from_slice(file.as_bytes());
+    tar.extend_from_slice(&[0u8; 1024]);
+    let err = check(&zstd_of(&tar)[..], &options()).unwrap_err();
+    assert!(err.to_string().contains("long-name or PAX header of 1048576 bytes"), "{err}");
+}
+
+#[test]
+fn pax_paths_are_checked_like_any_other() {
+    let mut builder = tar::Builder::new(Vec::new());
+    // A PAX header naming an absolute path for the entry that follows.
+    builder.append_pax_extensions([("path", b"/etc/passwd".as_slice())]).unwrap();
+    file_entry(&mut builder, "harmless", b"x");
+    let tar = builder.into_inner().unwrap();
+    let err = check(&zstd_of(&tar)[..], &options()).unwrap_err();
+    assert!(matches!(err, ArchiveError::AbsolutePath { ref path } if path == "/etc/passwd"), "{err}");
+}
+
+#[test]
+fn a_setuid_root_directory_is_refused() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_size(0);
+    header.set_mode(0o4755);
+    builder.append_data(&mut header, "./", std::io::empty()).unwrap();
+    let tar = builder.into_inner().unwrap();
+    let err = check(&zstd_of(&tar)[..], &options()).unwrap_err();
+    assert!(matches!(err, ArchiveError::Setuid { .. }), "{err}");
+}
+
+#[test]
+fn a_window_beyond_32_mib_is_refused_with_a_hint() {
+    let tar = tar_of(|b| file_entry(b, "a.txt", &vec![7u8; 100_000]));
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    encoder.long_distance_matching(true).unwrap();
+    encoder.window_log(27).unwrap();
+    encoder.write_all(&tar).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let err = check(&compressed[..], &options()).unwrap_err();
+    assert!(err.to_string().contains("compress without --long"), "{err}");
 }

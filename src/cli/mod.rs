@@ -110,6 +110,7 @@ impl From<ClientError> for Failure {
                 (404, _) => exit::NOT_FOUND,
                 (409, _) => exit::CONFLICT,
                 (_, "digest_mismatch" | "unsafe_archive" | "archive_too_large" | "upload_too_large") => exit::INTEGRITY,
+                (_, "upload_interrupted") => exit::FAILED,
                 (400, _) => exit::USAGE,
                 _ => exit::FAILED,
             },

@@ -125,11 +125,18 @@ pub struct Limits {
     pub max_unpacked_bytes: ByteSize,
     /// Entries in the archive.
     pub max_files: u64,
+    /// Uploads received at once; more wait for a turn. Each may hold up to ~64 MiB.
+    pub max_concurrent_uploads: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_upload_bytes: ByteSize(4 << 30), max_unpacked_bytes: ByteSize(16 << 30), max_files: 500_000 }
+        Limits {
+            max_upload_bytes: ByteSize(4 << 30),
+            max_unpacked_bytes: ByteSize(16 << 30),
+            max_files: 500_000,
+            max_concurrent_uploads: 4,
+        }
     }
 }
 
@@ -360,6 +367,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         ("limits.max_upload_bytes", limits.max_upload_bytes.0),
         ("limits.max_unpacked_bytes", limits.max_unpacked_bytes.0),
         ("limits.max_files", limits.max_files),
+        ("limits.max_concurrent_uploads", limits.max_concurrent_uploads.into()),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than zero".into()));
@@ -461,11 +469,11 @@ fn resolve_service(
         ServiceKind::Node => vec![".env".into()],
         ServiceKind::Generic => vec![],
     });
-    for path in &shared {
-        if let Err(why) = check_relative_path(path) {
-            return Err(invalid(&key("shared"), format!("{path:?} {why}")));
-        }
-    }
+    // Normalized (`storage/` → `storage`), so that the archive check compares like with like.
+    let shared = shared
+        .iter()
+        .map(|path| normalize_relative_path(path).map_err(|why| invalid(&key("shared"), format!("{path:?} {why}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     if section.keep == Some(0) {
         return Err(invalid(&key("keep"), "must be at least 1".into()));
     }
@@ -522,16 +530,21 @@ pub fn is_valid_name(name: &str) -> bool {
         && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
-/// A path inside a release: relative, no `..`, not empty.
-fn check_relative_path(path: &str) -> Result<(), &'static str> {
+/// A path inside a release, normalized: relative, no `..` or `.`, single slashes, no
+/// trailing slash.
+fn normalize_relative_path(path: &str) -> Result<String, &'static str> {
     let p = Path::new(path);
     if path.is_empty() || p.is_absolute() {
         return Err("must be a relative path inside the release");
     }
-    if p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-        return Err("must not contain `..` or `.` components");
+    let mut parts = Vec::new();
+    for component in p.components() {
+        match component {
+            std::path::Component::Normal(part) => parts.push(part.to_str().ok_or("must be UTF-8")?),
+            _ => return Err("must not contain `..` or `.` components"),
+        }
     }
-    Ok(())
+    Ok(parts.join("/"))
 }
 
 #[cfg(test)]

@@ -112,3 +112,12 @@ fn semantic_errors_name_the_key() {
         assert!(err.contains(key), "expected {key} in: {err}");
     }
 }
+
+#[test]
+fn shared_paths_are_normalized() {
+    let c =
+        load_text("[service.api]\nkind = \"laravel\"\nshared = [\"storage/\", \"config//secrets.php\", \".env\"]\n")
+            .unwrap();
+    assert_eq!(c.service("api").unwrap().shared, ["storage", "config/secrets.php", ".env"]);
+    assert!(load_text("[service.api]\nshared = [\"./.env\"]\n").is_err());
+}

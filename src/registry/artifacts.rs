@@ -51,8 +51,10 @@ pub struct NewArtifact {
 /// The outcome of recording an upload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recorded {
-    /// False when this service already had this digest: nothing was changed.
-    pub created: bool,
+    /// True when these bytes were not stored before.
+    pub new_artifact: bool,
+    /// True when this service had no record of these bytes before (false: nothing changed).
+    pub new_upload: bool,
     pub artifact: Artifact,
     pub upload: ArtifactUpload,
 }
@@ -68,12 +70,12 @@ impl Registry {
             let tx = conn.transaction()?;
             let now = utc::now_text();
             let migrations = serde_json::to_string(&new.migrations).expect("strings serialize");
-            tx.execute(
+            let new_artifact = tx.execute(
                 "INSERT INTO artifacts (digest, size, unpacked_size, file_count, migrations, stored_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
                 params![new.digest.to_string(), new.size, new.unpacked_size, new.file_count, migrations, now],
-            )?;
-            let created = tx.execute(
+            )? == 1;
+            let new_upload = tx.execute(
                 "INSERT INTO artifact_uploads
                    (service, digest, version, git_sha, build_url, uploaded_by, uploader_owner, uploaded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (service, digest) DO NOTHING",
@@ -96,7 +98,7 @@ impl Registry {
                 upload_from_row,
             )?;
             tx.commit()?;
-            Ok(Recorded { created, artifact, upload })
+            Ok(Recorded { new_artifact, new_upload, artifact, upload })
         })
     }
 

@@ -23,7 +23,3 @@ pub fn apply(conn: &mut Connection) -> Result<(), RegistryError> {
     }
     Ok(())
 }
-
-pub fn latest() -> usize {
-    MIGRATIONS.len()
-}

@@ -64,10 +64,6 @@ impl Registry {
         &self.path
     }
 
-    pub fn schema_version() -> usize {
-        migrate::latest()
-    }
-
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
         let pooled = self.readers.lock().expect("reader pool lock").pop();
         let conn = match pooled {

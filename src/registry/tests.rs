@@ -41,17 +41,17 @@ fn new_token(name: &str) -> NewToken {
 fn recording_the_same_upload_twice_changes_nothing() {
     let (_dir, registry) = open();
     let first = registry.record_artifact(&new_artifact("api", b"bytes")).unwrap();
-    assert!(first.created);
+    assert!(first.new_artifact && first.new_upload);
     let mut again = new_artifact("api", b"bytes");
     again.version = Some("other label".into());
     let second = registry.record_artifact(&again).unwrap();
-    assert!(!second.created);
+    assert!(!second.new_artifact && !second.new_upload);
     assert_eq!(second.upload, first.upload, "the first upload's labels stay");
     assert_eq!(second.artifact, first.artifact);
 
     // The same bytes for another service: a second upload record, one artifact.
     let other = registry.record_artifact(&new_artifact("play", b"bytes")).unwrap();
-    assert!(other.created);
+    assert!(!other.new_artifact && other.new_upload);
     assert_eq!(registry.artifact_uploads(Digest::of(b"bytes")).unwrap().len(), 2);
     let page = registry.service_artifacts("api", 10, None).unwrap();
     assert_eq!(page.len(), 1);

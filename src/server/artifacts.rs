@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::range::{self, Ranged};
-use super::{AppState, blocking};
+use super::{ApiPath, ApiQuery, AppState, blocking};
 use crate::digest::Digest;
 use crate::ingest::{Piece, UploadRequest};
-use crate::registry::{Artifact, ArtifactUpload, ListedArtifact};
-use crate::token::Action;
+use crate::registry::{Artifact, ArtifactUpload, ListedArtifact, RegistryError};
+use crate::token::{Action, Principal};
 
-pub const DIGEST_HEADER: &str = "x-release-digest";
+use crate::digest::HTTP_HEADER as DIGEST_HEADER;
 const MAX_PAGE: u32 = 500;
 
 pub fn routes() -> axum::Router<AppState> {
@@ -50,14 +50,14 @@ struct Uploaded {
     build_url: Option<String>,
     uploaded_by: String,
     uploaded_at: String,
-    /// False when this service had this digest already: nothing was changed.
+    /// False when the bytes were stored already (the first upload's labels stay).
     created: bool,
 }
 
 async fn upload(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Query(query): Query<UploadQuery>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -87,7 +87,8 @@ async fn upload(
     let recorded = tokio::spawn(async move { ingestor.ingest(&principal, request, pieces(body)).await })
         .await
         .expect("ingest does not panic")?;
-    let status = if recorded.created { StatusCode::CREATED } else { StatusCode::OK };
+    // SPEC 5: 201 for bytes stored now, 200 for bytes stored before (for this service or another).
+    let status = if recorded.new_artifact { StatusCode::CREATED } else { StatusCode::OK };
     let upload = recorded.upload;
     let answer = Uploaded {
         artifact: recorded.artifact,
@@ -97,7 +98,7 @@ async fn upload(
         build_url: upload.build_url,
         uploaded_by: upload.uploaded_by,
         uploaded_at: upload.uploaded_at,
-        created: recorded.created,
+        created: recorded.new_artifact,
     };
     Ok((status, Json(answer)).into_response())
 }
@@ -124,20 +125,32 @@ fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
 }
 
-async fn find(state: &AppState, digest: Digest) -> Result<Artifact, ApiError> {
+/// The artifact, if it exists and the caller may read it: any role may, but a token scoped to
+/// services only sees artifacts uploaded for one of them.
+async fn readable(
+    state: &AppState,
+    principal: &Principal,
+    digest: &str,
+) -> Result<(Artifact, Vec<ArtifactUpload>), ApiError> {
+    principal.require(Action::Read)?;
+    let digest = parse_digest(digest)?;
     let registry = Arc::clone(&state.ingestor.registry);
-    blocking(move || registry.artifact(digest))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))
+    let (artifact, uploads) =
+        blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_uploads(digest)?)))
+            .await?;
+    let not_found = || ApiError::not_found(format!("no artifact {digest}"));
+    let artifact = artifact.ok_or_else(not_found)?;
+    // A scoped token learns nothing about artifacts outside its scope, not even that they exist.
+    principal.require_any_service(uploads.iter().map(|u| u.service.as_str())).map_err(|_| not_found())?;
+    Ok((artifact, uploads))
 }
 
 async fn exists(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Path(digest): Path<String>,
+    ApiPath(digest): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    principal.require(Action::Read)?;
-    let artifact = find(&state, parse_digest(&digest)?).await?;
+    let (artifact, _) = readable(&state, &principal, &digest).await?;
     Ok(([(header::CONTENT_LENGTH, artifact.size.to_string())], StatusCode::OK).into_response())
 }
 
@@ -151,24 +164,19 @@ struct ArtifactAnswer {
 async fn show(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Path(digest): Path<String>,
+    ApiPath(digest): ApiPath<String>,
 ) -> Result<Json<ArtifactAnswer>, ApiError> {
-    principal.require(Action::Read)?;
-    let digest = parse_digest(&digest)?;
-    let artifact = find(&state, digest).await?;
-    let registry = Arc::clone(&state.ingestor.registry);
-    let uploads = blocking(move || registry.artifact_uploads(digest)).await?;
+    let (artifact, uploads) = readable(&state, &principal, &digest).await?;
     Ok(Json(ArtifactAnswer { artifact, uploads }))
 }
 
 async fn blob(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Path(digest): Path<String>,
+    ApiPath(digest): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    principal.require(Action::Read)?;
-    let artifact = find(&state, parse_digest(&digest)?).await?;
+    let (artifact, _) = readable(&state, &principal, &digest).await?;
     let size = artifact.size;
     let requested = range::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
     let (status, range) = match requested {
@@ -223,8 +231,8 @@ struct ListAnswer {
 async fn list(
     State(state): State<AppState>,
     Caller(principal): Caller,
-    Path(service): Path<String>,
-    Query(query): Query<ListQuery>,
+    ApiPath(service): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<ListAnswer>, ApiError> {
     principal.require(Action::Read)?;
     principal.require_service(&service)?;

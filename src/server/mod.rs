@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -83,7 +84,7 @@ impl Opened {
             tracing::info!(swept, "removed staging uploads left by an interrupted run");
         }
         tracing::info!(store = %store.describe(), registry = %registry.path().display(), "opened");
-        let ingestor = Ingestor { config: Arc::new(config), store, registry: Arc::new(registry) };
+        let ingestor = Ingestor::new(Arc::new(config), store, Arc::new(registry));
         Ok(Opened { state: AppState { ingestor }, _lock: lock })
     }
 }
@@ -108,6 +109,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1", v1)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+        })
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(log_request))
         .with_state(state)
@@ -154,6 +159,34 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError
         tracing::warn!(%addr, "serving plain HTTP beyond loopback: put TLS in front (a reverse proxy)");
     }
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr: addr.to_string(), source })
+}
+
+/// `Query`, answering a malformed query string with the JSON error document.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// `Path`, answering a malformed path parameter with the JSON error document.
+pub struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
 }
 
 /// Runs blocking registry work off the async threads.

@@ -21,7 +21,7 @@ pub fn parse(header: Option<&str>, size: u64) -> Ranged {
     let Some((first, last)) = spec.split_once('-') else { return Ranged::Unsatisfiable };
     let (first, last) = (first.trim(), last.trim());
     let range = match (first.parse::<u64>(), last.parse::<u64>()) {
-        (Ok(first), Ok(last)) if first <= last => first..(last + 1).min(size),
+        (Ok(first), Ok(last)) if first <= last => first..last.saturating_add(1).min(size),
         (Ok(first), Err(_)) if last.is_empty() => first..size,
         (Err(_), Ok(suffix)) if first.is_empty() && suffix > 0 => size.saturating_sub(suffix)..size,
         _ => return Ranged::Unsatisfiable,
@@ -46,5 +46,6 @@ mod tests {
         assert_eq!(parse(Some("bytes=x"), 100), Ranged::Unsatisfiable);
         assert_eq!(parse(Some("bytes=0-1,5-6"), 100), Ranged::Whole);
         assert_eq!(parse(Some("items=0-1"), 100), Ranged::Whole);
+        assert_eq!(parse(Some("bytes=0-18446744073709551615"), 100), Ranged::Part(0..100));
     }
 }

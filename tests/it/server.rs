@@ -156,3 +156,62 @@ fn one_log_line_per_request_without_secrets() {
     assert!(lines.iter().all(|l| l.contains("status=200") && l.contains("actor=auditor")), "{log}");
     assert!(!log.contains(&token[4..]), "the token's secret appears in the log");
 }
+
+#[test]
+fn errors_are_json_documents_even_for_unknown_routes_and_bad_queries() {
+    let server = TestServer::start(Backend::Local);
+    let token = server.token("auditor", "auditor");
+    let cases = [
+        (reqwest::Method::GET, "/v1/nope".to_owned(), StatusCode::NOT_FOUND, "not_found"),
+        (
+            reqwest::Method::DELETE,
+            format!("/v1/artifacts/sha256:{}", "a".repeat(64)),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/services/api/artifacts?limit=many".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (reqwest::Method::GET, "/v1/artifacts/sha256:xyz".to_owned(), StatusCode::BAD_REQUEST, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let response =
+            server.http().request(method.clone(), format!("{}{path}", server.url)).bearer_auth(&token).send().unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+    }
+}
+
+#[test]
+fn a_token_scoped_to_services_sees_only_their_artifacts() {
+    let server = TestServer::start(Backend::Local);
+    let ci = server.token("ci", "ci");
+    let upload = |service: &str, content: &str| -> String {
+        let response = server
+            .http()
+            .post(format!("{}/v1/artifacts?service={service}", server.url))
+            .bearer_auth(&ci)
+            .body(archives::valid(content))
+            .send()
+            .unwrap();
+        let answer: serde_json::Value = response.json().unwrap();
+        answer["digest"].as_str().unwrap().to_owned()
+    };
+    let api = upload("api", "api code");
+    let play = upload("play", "play code");
+    let scoped = server.token_with("api-auditor", "auditor", &["--services", "api"]);
+    for path in ["", "/blob"] {
+        let ok =
+            server.http().get(format!("{}/v1/artifacts/{api}{path}", server.url)).bearer_auth(&scoped).send().unwrap();
+        assert_eq!(ok.status(), StatusCode::OK, "{path}");
+        let hidden =
+            server.http().get(format!("{}/v1/artifacts/{play}{path}", server.url)).bearer_auth(&scoped).send().unwrap();
+        assert_eq!(hidden.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    let head = server.http().head(format!("{}/v1/artifacts/{play}", server.url)).bearer_auth(&scoped).send().unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+}

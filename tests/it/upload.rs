@@ -153,6 +153,13 @@ fn second_upload_changes_nothing(backend: Backend) {
     let stored = store_bytes(&server);
     assert_eq!(&stored[..], &body[..]);
 
+    let object_file = server.data_dir().join("objects/artifacts/sha256").join(keys[0].hex());
+    let file_identity = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).map(|m| (m.ino(), m.mtime(), m.mtime_nsec())).ok()
+    };
+    let before = file_identity(&object_file);
+
     let second = post(&server, &ci, "service=api&version=2", body.clone());
     assert_eq!(second.status(), StatusCode::OK);
     let second: Value = second.json().unwrap();
@@ -161,13 +168,14 @@ fn second_upload_changes_nothing(backend: Backend) {
     assert_eq!(second["stored_at"], first["stored_at"]);
     assert_eq!(server.artifact_keys(), keys);
     assert_eq!(&store_bytes(&server)[..], &body[..]);
+    assert_eq!(file_identity(&object_file), before, "the stored object was not rewritten");
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
     assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 1);
     assert!(server.staging_keys().is_empty());
 
-    // The same bytes for another service: a new upload record, the same artifact.
+    // The same bytes for another service: already stored (200), a new upload record.
     let other = post(&server, &ci, "service=worker", body);
-    assert_eq!(other.status(), StatusCode::CREATED);
+    assert_eq!(other.status(), StatusCode::OK);
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
     assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 2);
 }

@@ -63,6 +63,36 @@ fn s3_config(garage: &Garage, prefix: &str) -> S3Config {
     }
 }
 
+/// `ListMultipartUploads` under the prefix, through a presigned URL (object_store signs it
+/// but has no call for it).
+async fn incomplete_multipart_uploads(s3: &S3Config) -> Vec<String> {
+    use object_store::signer::Signer;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&s3.endpoint)
+        .with_region(&s3.region)
+        .with_bucket_name(&s3.bucket)
+        .with_allow_http(true)
+        .with_access_key_id(s3.access_key_id.as_deref().unwrap())
+        .with_secret_access_key(s3.secret_access_key.as_ref().unwrap().expose())
+        .build()
+        .unwrap();
+    let options = object_store::signer::SignedUrlOptions::new()
+        .with_query([("uploads", String::new()), ("prefix", format!("{}uploads/", s3.prefix))]);
+    let url = store
+        .signed_url_opts(reqwest::Method::GET, &object_store::path::Path::from(""), Duration::from_secs(60), &options)
+        .await
+        .unwrap();
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status();
+    let xml = response.text().await.unwrap();
+    assert!(status.is_success(), "ListMultipartUploads: {status}\n{xml}");
+    xml.split("<Key>")
+        .skip(1)
+        .filter_map(|rest| rest.split("</Key>").next())
+        .map(|k| format!("multipart:{k}"))
+        .collect()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Local,
@@ -227,9 +257,15 @@ impl TestServer {
         block_on(self.store().list_artifacts()).unwrap()
     }
 
-    /// Staging objects present (including the local backend's part files).
+    /// Staging objects present: the local backend's staging and part files; on S3, staging
+    /// objects and multipart uploads begun and neither completed nor aborted (which a plain
+    /// listing never shows).
     pub fn staging_keys(&self) -> Vec<String> {
-        block_on(self.store().list_uploads()).unwrap()
+        let mut keys = block_on(self.store().list_uploads()).unwrap();
+        if let StorageConfig::S3(s3) = &self.storage {
+            keys.extend(block_on(incomplete_multipart_uploads(s3)));
+        }
+        keys
     }
 
     /// Runs one query against the registry (read-only) and returns the first column as i64.
