@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -98,17 +98,10 @@ impl Client {
         labels: &UploadLabels,
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Value, ClientError> {
-        let handle = tokio::fs::File::open(file).await?;
-        let size = handle.metadata().await?.len();
+        let handle = std::fs::File::open(file)?;
+        let size = handle.metadata()?.len();
         let computed = Arc::new(OnceLock::new());
-        let body = HashingBody {
-            reader: tokio_util::io::ReaderStream::with_capacity(handle, 64 << 10),
-            hasher: Some(Sha256::new()),
-            sent: 0,
-            progress: Box::new(progress),
-            computed: Arc::clone(&computed),
-            trailer: known.is_none(),
-        };
+        let body = ChannelBody { rx: read_and_hash(handle, known.is_none(), Arc::clone(&computed), progress) };
         let mut builder = self
             .request(reqwest::Method::POST, "/v1/artifacts")
             .query(labels)
@@ -205,43 +198,67 @@ async fn api_error(response: reqwest::Response) -> ClientError {
     }
 }
 
-/// A file as a request body that hashes what it sends and, at the end, either sends the
-/// digest as a trailer or just records it.
-struct HashingBody {
-    reader: tokio_util::io::ReaderStream<tokio::fs::File>,
-    hasher: Option<Sha256>,
-    sent: u64,
-    progress: Box<dyn Fn(u64) + Send + Sync>,
-    computed: Arc<OnceLock<Digest>>,
+/// Pieces of a file read and hashed on a thread of its own, so reading and hashing overlap with
+/// sending (and no read hops through the async runtime's blocking pool).
+const READ_CHUNK: usize = 512 << 10;
+const CHUNKS_AHEAD: usize = 8;
+
+type BodyFrame = Result<Frame<Bytes>, std::io::Error>;
+
+/// Reads `file` to its end on a new thread, hashing it; the frames go to the returned channel,
+/// then, with `trailer`, the digest as a trailer. The digest is also left in `computed`.
+fn read_and_hash(
+    mut file: std::fs::File,
     trailer: bool,
+    computed: Arc<OnceLock<Digest>>,
+    progress: impl Fn(u64) + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<BodyFrame> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+    std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        let mut sent = 0u64;
+        loop {
+            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            let mut chunk = Vec::with_capacity(READ_CHUNK);
+            let n = match (&mut file).take(READ_CHUNK as u64).read_to_end(&mut chunk) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk);
+            sent += n as u64;
+            progress(sent);
+            if tx.blocking_send(Ok(Frame::data(Bytes::from(chunk)))).is_err() {
+                return; // the request was dropped
+            }
+        }
+        let digest = Digest::from_hasher(hasher);
+        let _ = computed.set(digest);
+        if trailer {
+            let mut trailers = reqwest::header::HeaderMap::new();
+            trailers.insert(DIGEST_HEADER, digest.to_string().parse().expect("a digest is a valid header value"));
+            let _ = tx.blocking_send(Ok(Frame::trailers(trailers)));
+        }
+    });
+    rx
 }
 
-impl http_body::Body for HashingBody {
+/// A request body fed by [`read_and_hash`].
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<BodyFrame>,
+}
+
+impl http_body::Body for ChannelBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.hasher.is_none() {
-            return Poll::Ready(None);
-        }
-        match ready!(futures::Stream::poll_next(Pin::new(&mut self.reader), cx)) {
-            Some(Ok(chunk)) => {
-                self.hasher.as_mut().expect("checked above").update(&chunk);
-                self.sent += chunk.len() as u64;
-                (self.progress)(self.sent);
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(e))),
-            None => {
-                let digest = Digest::from_hasher(self.hasher.take().expect("checked above"));
-                let _ = self.computed.set(digest);
-                if !self.trailer {
-                    return Poll::Ready(None);
-                }
-                let mut trailers = reqwest::header::HeaderMap::new();
-                trailers.insert(DIGEST_HEADER, digest.to_string().parse().expect("a digest is a valid header value"));
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-        }
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BodyFrame>> {
+        self.rx.poll_recv(cx)
     }
 }
