@@ -137,6 +137,35 @@ impl Client {
         }
     }
 
+    /// `GET path` with query pairs, as JSON.
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, ClientError> {
+        self.json(self.request(reqwest::Method::GET, path).query(query)).await
+    }
+
+    /// `POST path` with a JSON body, as JSON.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.json(self.request(reqwest::Method::POST, path).json(body)).await
+    }
+
+    /// `GET path` streamed to `out` as it arrives (the audit export).
+    pub async fn stream_to(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, ClientError> {
+        let response = self.send(self.request(reqwest::Method::GET, path).query(query)).await?;
+        let mut body = response.bytes_stream();
+        let mut written = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Protocol(format!("the answer was cut short: {e}")))?;
+            out.write_all(&chunk)?;
+            written += chunk.len() as u64;
+        }
+        out.flush()?;
+        Ok(written)
+    }
+
     pub async fn service_artifacts(&self, service: &str, limit: u32) -> Result<Value, ClientError> {
         self.json(
             self.request(reqwest::Method::GET, &format!("/v1/services/{service}/artifacts")).query(&[("limit", limit)]),

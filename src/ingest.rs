@@ -16,6 +16,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::archive::{self, ArchiveError, CheckOptions, Summary};
+use crate::audit::NewEvent;
 use crate::config::{Config, ServiceKind, is_valid_name};
 use crate::digest::Digest;
 use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
@@ -148,8 +149,20 @@ impl Ingestor {
             uploaded_by: principal.name.clone(),
             uploader_owner: principal.owner.clone(),
         };
+        let event = NewEvent::by(
+            principal,
+            "artifact.upload",
+            new.digest.to_string(),
+            serde_json::json!({
+                "service": new.service,
+                "size": new.size,
+                "version": new.version,
+                "git_sha": new.git_sha,
+                "build_url": new.build_url,
+            }),
+        );
         let registry = Arc::clone(&self.registry);
-        let recorded = tokio::task::spawn_blocking(move || registry.record_artifact(&new))
+        let recorded = tokio::task::spawn_blocking(move || registry.record_artifact(&new, &event))
             .await
             .expect("registry call does not panic")?;
         tracing::info!(

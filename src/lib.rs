@@ -8,19 +8,23 @@
 //! - [`store`] — artifact bytes in a local directory or S3, behind typed keys.
 //! - [`registry`] — the SQLite registry; the only code with SQL.
 //! - [`token`] — roles, token secrets, authentication and permission rules.
+//! - [`audit`] — the hash-chained audit log, its verification and bucket checkpoints.
 //! - [`ingest`] — an upload from body stream to verified object and registry row.
+//! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
 //! - [`client`] — the HTTP client of the command line.
 //! - [`cli`] — the command line, one file per subcommand.
 //! - [`utc`] — time stamps.
 
 pub mod archive;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod digest;
 pub mod ingest;
 pub mod registry;
+pub mod releases;
 pub mod server;
 pub mod store;
 pub mod token;

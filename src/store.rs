@@ -46,6 +46,10 @@ pub enum Key {
     Artifact(Digest),
     /// An upload being received; never read by anything but its own ingest.
     Upload(Uuid),
+    /// A checkpoint of the audit chain after this many events (immutable).
+    Checkpoint(u64),
+    /// The latest checkpoint (overwritten each time).
+    CheckpointHead,
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +124,8 @@ impl Store {
         let relative = match key {
             Key::Artifact(digest) => format!("artifacts/sha256/{}", digest.hex()),
             Key::Upload(id) => format!("uploads/{id}"),
+            Key::Checkpoint(events) => format!("audit/checkpoints/{events:020}.json"),
+            Key::CheckpointHead => "audit/head.json".to_owned(),
         };
         Path::from(format!("{}{relative}", self.prefix))
     }
@@ -224,6 +230,25 @@ impl Store {
             .into_stream()
             .map_err(move |source| StoreError::Backend { backend: describe.clone(), key: key_text.clone(), source })
             .boxed())
+    }
+
+    /// Writes an audit checkpoint: its own immutable key, then the head key readers look at.
+    pub async fn put_checkpoint(&self, events: u64, json: Vec<u8>) -> Result<(), StoreError> {
+        let payload = bytes::Bytes::from(json);
+        for key in [Key::Checkpoint(events), Key::CheckpointHead] {
+            self.inner.put(&self.path(key), payload.clone().into()).await.map_err(self.error(key))?;
+        }
+        Ok(())
+    }
+
+    /// The latest audit checkpoint (key and JSON), if any was written.
+    pub async fn latest_checkpoint(&self) -> Result<Option<(String, Bytes)>, StoreError> {
+        let key = Key::CheckpointHead;
+        match self.inner.get(&self.path(key)).await {
+            Ok(result) => Ok(Some((self.path(key).to_string(), result.bytes().await.map_err(self.error(key))?))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(key)(e)),
+        }
     }
 
     /// Deletes staging objects older than `age`: uploads a crash or a lost connection left

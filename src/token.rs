@@ -12,6 +12,7 @@ use rand::RngExt;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::audit::NewEvent;
 use crate::config::is_valid_name;
 use crate::registry::{NewToken, Registry, RegistryError, TokenRecord};
 use crate::utc;
@@ -56,10 +57,20 @@ impl FromStr for Role {
 /// What a request wants to do; each maps to the roles allowed to (SPEC 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Read artifacts, status, history.
+    /// Read artifacts, status, history, releases.
     Read,
     UploadArtifact,
     ManageTokens,
+    /// Ask for an artifact to go live (`ci` only where no approval is needed: a policy).
+    Deploy,
+    Promote,
+    Rollback,
+    /// Approve or reject a pending release.
+    Decide,
+    /// Export and verify the audit log.
+    ReadAudit,
+    /// Withdraw a pending release (its requester, or an admin: a policy on top).
+    Cancel,
 }
 
 impl Action {
@@ -68,6 +79,11 @@ impl Action {
             Action::Read => &Role::ALL,
             Action::UploadArtifact => &[Role::Ci, Role::Admin],
             Action::ManageTokens => &[Role::Admin],
+            Action::Deploy => &[Role::Ci, Role::Deployer, Role::Admin],
+            Action::Promote | Action::Rollback => &[Role::Deployer, Role::Admin],
+            Action::Decide => &[Role::Approver, Role::Admin],
+            Action::ReadAudit => &[Role::Auditor, Role::Admin],
+            Action::Cancel => &[Role::Ci, Role::Deployer, Role::Admin],
         }
     }
 
@@ -76,6 +92,12 @@ impl Action {
             Action::Read => "read",
             Action::UploadArtifact => "upload artifacts",
             Action::ManageTokens => "manage tokens",
+            Action::Deploy => "deploy",
+            Action::Promote => "promote",
+            Action::Rollback => "roll back",
+            Action::Decide => "approve or reject releases",
+            Action::ReadAudit => "read the audit log",
+            Action::Cancel => "cancel releases",
         }
     }
 }
@@ -108,6 +130,14 @@ pub enum TokenError {
     Forbidden { name: String, action: &'static str, roles: String },
     #[error("token {name:?} is limited to services {allowed}; {service:?} is not one of them")]
     ServiceNotAllowed { name: String, service: String, allowed: String },
+    #[error("token {name:?} is limited to environments {allowed}; {environment:?} is not one of them")]
+    EnvironmentNotAllowed { name: String, environment: String, allowed: String },
+    #[error(
+        "token {name:?} has only the ci role, which deploys only to environments without approval; {environment:?} requires approval"
+    )]
+    CiNeedsNoApproval { name: String, environment: String },
+    #[error("only the requester ({owner}) or an admin may cancel release {id}")]
+    NotRequester { id: i64, owner: String },
 }
 
 /// A freshly generated token: the string to show once, and what to store.
@@ -209,6 +239,21 @@ impl Principal {
         })
     }
 
+    pub fn require_environment(&self, environment: &str) -> Result<(), TokenError> {
+        match &self.environments {
+            Some(allowed) if !allowed.iter().any(|e| e == environment) => Err(TokenError::EnvironmentNotAllowed {
+                name: self.name.clone(),
+                environment: environment.to_owned(),
+                allowed: allowed.join(","),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
     pub fn require_service(&self, service: &str) -> Result<(), TokenError> {
         match &self.services {
             Some(allowed) if !allowed.iter().any(|s| s == service) => Err(TokenError::ServiceNotAllowed {
@@ -231,8 +276,29 @@ pub struct TokenRequest {
     pub expires_in_days: Option<u32>,
 }
 
+/// Who manages a token: an admin through the API, or someone on the server's machine through
+/// the command line (recorded as the operating-system user).
+#[derive(Clone, Copy, Debug)]
+pub enum Manager<'a> {
+    Local,
+    Caller(&'a Principal),
+}
+
+impl Manager<'_> {
+    fn event(self, action: &str, subject: &str, details: serde_json::Value) -> NewEvent {
+        match self {
+            Manager::Local => NewEvent::by_local_user(action, subject, details),
+            Manager::Caller(principal) => NewEvent::by(principal, action, subject, details),
+        }
+    }
+}
+
 /// Creates a token; returns its record and the token string, which exists nowhere else.
-pub fn create(registry: &Registry, request: TokenRequest) -> Result<(TokenRecord, String), TokenError> {
+pub fn create(
+    registry: &Registry,
+    request: TokenRequest,
+    manager: Manager<'_>,
+) -> Result<(TokenRecord, String), TokenError> {
     check_name(&request.name)?;
     if request.roles.is_empty() {
         return Err(TokenError::NoRoles);
@@ -248,17 +314,36 @@ pub fn create(registry: &Registry, request: TokenRequest) -> Result<(TokenRecord
         Some(days) => Some(utc::format(utc::now() + time::Duration::days(days.into()))),
     };
     let secret = NewSecret::generate();
-    let record = registry.create_token(&NewToken {
-        id: secret.id,
-        name: request.name,
-        owner: request.owner,
-        roles: request.roles,
-        services: request.services,
-        environments: request.environments,
-        secret_sha256: secret.secret_sha256,
-        expires_at,
-    })?;
+    let event = manager.event(
+        "token.create",
+        &request.name,
+        serde_json::json!({
+            "owner": request.owner,
+            "roles": join_roles(&request.roles),
+            "services": request.services,
+            "environments": request.environments,
+            "expires_at": expires_at,
+        }),
+    );
+    let record = registry.create_token(
+        &NewToken {
+            id: secret.id,
+            name: request.name,
+            owner: request.owner,
+            roles: request.roles,
+            services: request.services,
+            environments: request.environments,
+            secret_sha256: secret.secret_sha256,
+            expires_at,
+        },
+        &event,
+    )?;
     Ok((record, secret.token))
+}
+
+/// Revokes a token for good; its name is never reused.
+pub fn revoke(registry: &Registry, name: &str, manager: Manager<'_>) -> Result<TokenRecord, TokenError> {
+    Ok(registry.revoke_token(name, &manager.event("token.revoke", name, serde_json::json!({})))?)
 }
 
 /// Checks a presented token against the registry: known, secret matches, not revoked, not
@@ -312,7 +397,7 @@ mod tests {
             environments: Some(vec!["staging".into()]),
             expires_in_days: Some(90),
         };
-        let (record, token) = create(&registry, request("alice-laptop")).unwrap();
+        let (record, token) = create(&registry, request("alice-laptop"), Manager::Local).unwrap();
         assert!(record.expires_at.is_some());
         let principal = authenticate(&registry, &token).unwrap();
         assert_eq!(principal.owner, "alice");
@@ -325,27 +410,30 @@ mod tests {
         // Expired: a row whose expiry has passed.
         let old = NewSecret::generate();
         registry
-            .create_token(&NewToken {
-                id: old.id.clone(),
-                name: "old".into(),
-                owner: "bob".into(),
-                roles: vec![Role::Ci],
-                services: None,
-                environments: None,
-                secret_sha256: old.secret_sha256,
-                expires_at: Some("2020-01-01T00:00:00.000000Z".into()),
-            })
+            .create_token(
+                &NewToken {
+                    id: old.id.clone(),
+                    name: "old".into(),
+                    owner: "bob".into(),
+                    roles: vec![Role::Ci],
+                    services: None,
+                    environments: None,
+                    secret_sha256: old.secret_sha256,
+                    expires_at: Some("2020-01-01T00:00:00.000000Z".into()),
+                },
+                &NewEvent::by_local_user("token.create", "old", serde_json::json!({})),
+            )
             .unwrap();
         assert!(matches!(authenticate(&registry, &old.token), Err(TokenError::Expired { .. })));
 
-        registry.revoke_token("alice-laptop").unwrap();
+        revoke(&registry, "alice-laptop", Manager::Local).unwrap();
         assert!(matches!(authenticate(&registry, &token), Err(TokenError::Revoked(_))));
 
         let mut bad = request("Bad Name");
-        assert!(matches!(create(&registry, bad), Err(TokenError::BadName(_))));
+        assert!(matches!(create(&registry, bad, Manager::Local), Err(TokenError::BadName(_))));
         bad = request("scoped");
         bad.services = Some(vec!["API!".into()]);
-        assert!(matches!(create(&registry, bad), Err(TokenError::BadScope { .. })));
+        assert!(matches!(create(&registry, bad, Manager::Local), Err(TokenError::BadScope { .. })));
     }
 
     #[test]

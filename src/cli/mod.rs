@@ -4,8 +4,11 @@
 //! error once and exit with SPEC 4's codes (see [`Failure`]).
 
 mod artifact;
+mod audit;
 mod init;
+mod look;
 mod package;
+mod release;
 mod serve;
 mod token;
 mod upload;
@@ -46,6 +49,27 @@ pub enum Command {
     /// Look at stored artifacts.
     #[command(subcommand)]
     Artifact(artifact::Command),
+    /// Ask for an artifact to go live in an environment.
+    Deploy(release::DeployArgs),
+    /// Ask for what is live in one environment to go live in the next.
+    Promote(release::PromoteArgs),
+    /// Approve a release waiting for approval (not your own).
+    Approve(release::DecideArgs),
+    /// Reject a release waiting for approval.
+    Reject(release::RejectArgs),
+    /// Withdraw a release waiting for approval (yours, or as an admin).
+    Cancel(release::CancelArgs),
+    /// Go back to the last good release, or to a digest that was live before.
+    Rollback(release::RollbackArgs),
+    /// What is live where, and what is in flight.
+    Status(look::StatusArgs),
+    /// Releases, newest first.
+    History(look::HistoryArgs),
+    /// One release with its transitions, approval and per-node deployments.
+    Show(look::ShowArgs),
+    /// The audit log: export, verify.
+    #[command(subcommand)]
+    Audit(audit::Command),
 }
 
 /// Where the server is and who we are, for client commands.
@@ -206,6 +230,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Upload(args) => runtime().block_on(upload::run(args, output)),
         Command::Download(args) => runtime().block_on(artifact::download(args, output)),
         Command::Artifact(command) => runtime().block_on(artifact::run(command, output)),
+        Command::Deploy(args) => runtime().block_on(release::deploy(args, output)),
+        Command::Promote(args) => runtime().block_on(release::promote(args, output)),
+        Command::Approve(args) => runtime().block_on(release::approve(args, output)),
+        Command::Reject(args) => runtime().block_on(release::reject(args, output)),
+        Command::Cancel(args) => runtime().block_on(release::cancel(args, output)),
+        Command::Rollback(args) => runtime().block_on(release::rollback(args, output)),
+        Command::Status(args) => runtime().block_on(look::status(args, output)),
+        Command::History(args) => runtime().block_on(look::history(args, output)),
+        Command::Show(args) => runtime().block_on(look::show(args, output)),
+        Command::Audit(command) => runtime().block_on(audit::run(command, output)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,13 +27,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen;
-        let opened = Opened::open(config).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        let deployer = std::sync::Arc::new(crate::releases::RecordOnly);
+        let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "listening on http://{local}");
         server::serve(listener, server::router(opened.state.clone()), shutdown_signal())
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
+        opened.checkpoint().await;
         tracing::info!("stopped");
         Ok(())
     })

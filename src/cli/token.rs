@@ -1,7 +1,7 @@
 //! `release token create|list|revoke`: tokens on the local registry, no server needed.
 
 use super::{DataDirArgs, Failure, Output, exit};
-use crate::token::{self, TokenError, TokenRequest};
+use crate::token::{self, Manager, TokenError, TokenRequest};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -60,7 +60,7 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
                 environments: envs,
                 expires_in_days: expires,
             };
-            let (record, secret) = token::create(&registry, request)?;
+            let (record, secret) = token::create(&registry, request, Manager::Local)?;
             output.print(
                 &serde_json::json!({"name": record.name, "token": secret, "owner": record.owner,
                     "roles": record.roles, "expires_at": record.expires_at}),
@@ -104,7 +104,7 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
             });
         }
         Command::Revoke { name, data } => {
-            let record = data.registry()?.revoke_token(&name)?;
+            let record = token::revoke(&data.registry()?, &name, Manager::Local)?;
             output.print(&serde_json::json!({"name": record.name, "revoked_at": record.revoked_at}), || {
                 format!("token {:?} revoked", record.name)
             });

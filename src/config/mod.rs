@@ -66,6 +66,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: Limits,
     pub ssh: SshConfig,
+    pub audit: AuditConfig,
     /// In lifecycle order.
     pub environments: Vec<Environment>,
     pub services: BTreeMap<String, Service>,
@@ -137,6 +138,20 @@ impl Default for Limits {
             max_files: 500_000,
             max_concurrent_uploads: 4,
         }
+    }
+}
+
+/// The audit log's checkpoints in the object store.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often the chain's head is checkpointed to the object store (when it moved).
+    pub checkpoint_interval: HumanDuration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { checkpoint_interval: HumanDuration(Duration::from_secs(60)) }
     }
 }
 
@@ -229,6 +244,8 @@ struct File {
     limits: Limits,
     #[serde(default)]
     ssh: SshConfig,
+    #[serde(default)]
+    audit: AuditConfig,
     #[serde(default)]
     environment: Vec<EnvironmentSection>,
     #[serde(default)]
@@ -374,6 +391,9 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         }
     }
 
+    if parsed.audit.checkpoint_interval.0.is_zero() {
+        return Err(invalid("audit.checkpoint_interval", "must be longer than zero".into()));
+    }
     let environments = resolve_environments(parsed.environment, &invalid)?;
     let mut services = BTreeMap::new();
     for (name, section) in parsed.service {
@@ -389,6 +409,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         storage,
         limits,
         ssh: parsed.ssh,
+        audit: parsed.audit,
         environments,
         services,
     })

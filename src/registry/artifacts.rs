@@ -5,6 +5,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Registry, RegistryError};
+use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::utc;
 
@@ -65,7 +66,9 @@ const UPLOAD_COLUMNS: &str = "service, digest, version, git_sha, build_url, uplo
 impl Registry {
     /// Records verified bytes and their upload for a service, in one transaction: the commit
     /// point of an upload. Existing rows are left exactly as they were.
-    pub fn record_artifact(&self, new: &NewArtifact) -> Result<Recorded, RegistryError> {
+    /// `event` is appended to the audit log in the same transaction, with the outcome
+    /// (`new_artifact`, `new_upload`) added to its details.
+    pub fn record_artifact(&self, new: &NewArtifact, event: &NewEvent) -> Result<Recorded, RegistryError> {
         self.write(|conn| {
             let tx = conn.transaction()?;
             let now = utc::now_text();
@@ -97,6 +100,12 @@ impl Registry {
                 params![new.service, new.digest.to_string()],
                 upload_from_row,
             )?;
+            let mut event = event.clone();
+            if let Some(details) = event.details.as_object_mut() {
+                details.insert("new_artifact".into(), new_artifact.into());
+                details.insert("new_upload".into(), new_upload.into());
+            }
+            super::audit::append(&tx, &event)?;
             tx.commit()?;
             Ok(Recorded { new_artifact, new_upload, artifact, upload })
         })

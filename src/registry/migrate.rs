@@ -5,8 +5,10 @@ use rusqlite::Connection;
 use super::RegistryError;
 
 /// Every migration, in order. Append only (see `migrations/README.md`).
-const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_artifacts_and_tokens", include_str!("../../migrations/0001_artifacts_and_tokens.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_artifacts_and_tokens", include_str!("../../migrations/0001_artifacts_and_tokens.sql")),
+    ("0002_releases_and_audit", include_str!("../../migrations/0002_releases_and_audit.sql")),
+];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.
 pub fn apply(conn: &mut Connection) -> Result<(), RegistryError> {

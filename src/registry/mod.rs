@@ -5,7 +5,9 @@
 //! WAL mode lets read while a write is in progress.
 
 mod artifacts;
+mod audit;
 mod migrate;
+mod releases;
 mod tokens;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use artifacts::{Artifact, ArtifactUpload, ListedArtifact, NewArtifact, Recorded};
+pub use releases::{ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
 
 const MAX_IDLE_READERS: usize = 8;
@@ -39,6 +42,13 @@ pub enum RegistryError {
     TokenAlreadyRevoked(String),
     #[error("corrupt registry row: {0}")]
     Corrupt(String),
+    #[error("no release {0}")]
+    ReleaseNotFound(i64),
+    #[error("release {id} of {service} in {environment} is in flight ({state})", id = .0.id, service = .0.service,
+        environment = .0.environment, state = .0.state)]
+    InFlight(Box<crate::releases::Release>),
+    #[error("release {id} is {state}, which does not allow that")]
+    WrongState { id: i64, state: crate::releases::State },
 }
 
 pub struct Registry {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::token::Role;
 
@@ -24,6 +25,10 @@ fn new_artifact(service: &str, content: &[u8]) -> NewArtifact {
     }
 }
 
+fn event() -> NewEvent {
+    NewEvent::by_server("test", "subject", serde_json::json!({}))
+}
+
 fn new_token(name: &str) -> NewToken {
     NewToken {
         id: format!("{:016x}", name.len()),
@@ -40,17 +45,17 @@ fn new_token(name: &str) -> NewToken {
 #[test]
 fn recording_the_same_upload_twice_changes_nothing() {
     let (_dir, registry) = open();
-    let first = registry.record_artifact(&new_artifact("api", b"bytes")).unwrap();
+    let first = registry.record_artifact(&new_artifact("api", b"bytes"), &event()).unwrap();
     assert!(first.new_artifact && first.new_upload);
     let mut again = new_artifact("api", b"bytes");
     again.version = Some("other label".into());
-    let second = registry.record_artifact(&again).unwrap();
+    let second = registry.record_artifact(&again, &event()).unwrap();
     assert!(!second.new_artifact && !second.new_upload);
     assert_eq!(second.upload, first.upload, "the first upload's labels stay");
     assert_eq!(second.artifact, first.artifact);
 
     // The same bytes for another service: a second upload record, one artifact.
-    let other = registry.record_artifact(&new_artifact("play", b"bytes")).unwrap();
+    let other = registry.record_artifact(&new_artifact("play", b"bytes"), &event()).unwrap();
     assert!(!other.new_artifact && other.new_upload);
     assert_eq!(registry.artifact_uploads(Digest::of(b"bytes")).unwrap().len(), 2);
     let page = registry.service_artifacts("api", 10, None).unwrap();
@@ -62,7 +67,7 @@ fn recording_the_same_upload_twice_changes_nothing() {
 #[test]
 fn the_database_refuses_to_rewrite_artifacts() {
     let (_dir, registry) = open();
-    registry.record_artifact(&new_artifact("api", b"bytes")).unwrap();
+    registry.record_artifact(&new_artifact("api", b"bytes"), &event()).unwrap();
     let conn = registry.writer.lock().unwrap();
     for sql in [
         "UPDATE artifacts SET size = 1",
@@ -78,14 +83,14 @@ fn the_database_refuses_to_rewrite_artifacts() {
 #[test]
 fn tokens_are_revoked_once_and_names_never_reused() {
     let (_dir, registry) = open();
-    let created = registry.create_token(&new_token("ci-api")).unwrap();
+    let created = registry.create_token(&new_token("ci-api"), &event()).unwrap();
     assert_eq!(created.services, Some(vec!["api".to_owned()]));
-    assert!(matches!(registry.create_token(&new_token("ci-api")), Err(RegistryError::TokenNameTaken(_))));
-    let revoked = registry.revoke_token("ci-api").unwrap();
+    assert!(matches!(registry.create_token(&new_token("ci-api"), &event()), Err(RegistryError::TokenNameTaken(_))));
+    let revoked = registry.revoke_token("ci-api", &event()).unwrap();
     assert!(revoked.revoked_at.is_some());
-    assert!(matches!(registry.revoke_token("ci-api"), Err(RegistryError::TokenAlreadyRevoked(_))));
-    assert!(matches!(registry.revoke_token("nobody"), Err(RegistryError::TokenNotFound(_))));
-    assert!(matches!(registry.create_token(&new_token("ci-api")), Err(RegistryError::TokenNameTaken(_))));
+    assert!(matches!(registry.revoke_token("ci-api", &event()), Err(RegistryError::TokenAlreadyRevoked(_))));
+    assert!(matches!(registry.revoke_token("nobody", &event()), Err(RegistryError::TokenNotFound(_))));
+    assert!(matches!(registry.create_token(&new_token("ci-api"), &event()), Err(RegistryError::TokenNameTaken(_))));
 
     let conn = registry.writer.lock().unwrap();
     for sql in ["DELETE FROM tokens", "UPDATE tokens SET revoked_at = NULL", "UPDATE tokens SET roles = 'admin'"] {
@@ -103,4 +108,132 @@ fn a_registry_from_a_newer_release_is_refused() {
     drop(conn);
     let err = Registry::open(&path).err().unwrap();
     assert!(matches!(err, RegistryError::TooNew { found: 99, .. }), "{err}");
+}
+
+mod releases {
+    use super::*;
+    use crate::registry::{NewApproval, NewRelease};
+    use crate::releases::{Kind, State};
+
+    fn with_artifact() -> (tempfile::TempDir, Registry, Digest) {
+        let (dir, registry) = open();
+        registry.record_artifact(&new_artifact("api", b"v1"), &event()).unwrap();
+        (dir, registry, Digest::of(b"v1"))
+    }
+
+    fn request(digest: Digest, state: State) -> NewRelease {
+        NewRelease {
+            service: "api".into(),
+            environment: "production".into(),
+            digest,
+            kind: Kind::Deploy,
+            state,
+            requested_by: "alice".into(),
+            requester_owner: "alice".into(),
+            source_environment: None,
+            replaces: None,
+            expires_at: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn the_database_holds_the_state_machine() {
+        let (_dir, registry, digest) = with_artifact();
+        let pending = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        let conn = registry.writer.lock().unwrap();
+        for (sql, why) in [
+            (format!("UPDATE releases SET state = 'live' WHERE id = {}", pending.id), "skips approval and deploy"),
+            (
+                format!("UPDATE releases SET digest = 'sha256:{}' WHERE id = {}", "0".repeat(64), pending.id),
+                "another digest",
+            ),
+            (format!("UPDATE releases SET requested_by = 'mallory' WHERE id = {}", pending.id), "another requester"),
+            (format!("DELETE FROM releases WHERE id = {}", pending.id), "deleted"),
+            ("UPDATE release_transitions SET actor = 'mallory'".into(), "rewritten transition"),
+            ("DELETE FROM audit_events".into(), "deleted audit"),
+            ("UPDATE audit_events SET actor = 'mallory'".into(), "rewritten audit"),
+        ] {
+            assert!(conn.execute(&sql, []).is_err(), "the database allowed: {why}");
+        }
+        // An approval must bind the release's own digest.
+        let sql = format!(
+            "INSERT INTO approvals VALUES ({}, 'sha256:{}', 'approved', 'bob', 'bob', 't', NULL)",
+            pending.id,
+            "1".repeat(64)
+        );
+        assert!(conn.execute(&sql, []).unwrap_err().to_string().contains("binds the digest"));
+    }
+
+    #[test]
+    fn one_release_in_flight_per_service_and_environment() {
+        let (_dir, registry, digest) = with_artifact();
+        let first = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        let err = registry.create_release(&request(digest, State::Approved), &event()).unwrap_err();
+        assert!(matches!(&err, RegistryError::InFlight(r) if r.id == first.id), "{err}");
+        // A pending one is allowed beside it, but cannot be approved while the first flies.
+        let pending = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        let approval =
+            NewApproval { approve: true, decided_by: "bob".into(), decider_owner: "bob".into(), reason: None };
+        assert!(matches!(registry.decide(pending.id, &approval, &event()), Err(RegistryError::InFlight(_))));
+        // Even a raw insert cannot put a second one in flight.
+        let conn = registry.writer.lock().unwrap();
+        let err = conn
+            .execute(
+                &format!(
+                    "INSERT INTO releases (service, environment, digest, kind, state, requested_by, requester_owner,
+                       requested_at, state_changed_at) VALUES ('api', 'production', '{digest}', 'deploy', 'deploying',
+                       'x', 'x', 't', 't')"
+                ),
+                [],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+    }
+
+    #[test]
+    fn going_live_supersedes_and_cancels_stale_requests() {
+        let (_dir, registry, digest) = with_artifact();
+        let live = |registry: &Registry| {
+            let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+            registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
+            registry.go_live(r.id, &event()).unwrap()
+        };
+        let first = live(&registry);
+        let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        let second = live(&registry);
+        assert_eq!(registry.release(first.id).unwrap().unwrap().state, State::Superseded);
+        assert_eq!(registry.release(stale.id).unwrap().unwrap().state, State::Cancelled);
+        assert_eq!(registry.live_release("api", "production").unwrap().unwrap().id, second.id);
+        let detail = registry.release_detail(stale.id).unwrap().unwrap();
+        assert_eq!(
+            detail.transitions.last().unwrap().reason.as_deref(),
+            Some(format!("release {} went live first", second.id).as_str())
+        );
+    }
+}
+
+mod audit_chain {
+    use super::*;
+
+    #[test]
+    fn every_change_lands_in_the_chain_in_order() {
+        let (_dir, registry) = open();
+        registry.record_artifact(&new_artifact("api", b"x"), &event()).unwrap();
+        registry.create_token(&new_token("t1"), &event()).unwrap();
+        registry.append_event(&event()).unwrap();
+        let mut seqs = vec![];
+        let mut prev = crate::audit::GENESIS;
+        registry
+            .walk_audit_events(|e| {
+                assert_eq!(e.prev_hash, prev);
+                assert_eq!(e.hash, e.expected_hash(&prev));
+                prev = e.hash;
+                seqs.push(e.seq);
+                true
+            })
+            .unwrap();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(registry.audit_head().unwrap().unwrap(), (3, prev));
+    }
 }

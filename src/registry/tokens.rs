@@ -4,6 +4,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Registry, RegistryError, join_list, split_list};
+use crate::audit::NewEvent;
 use crate::token::{Role, join_roles};
 use crate::utc;
 
@@ -38,7 +39,8 @@ const COLUMNS: &str =
     "id, name, owner, roles, services, environments, secret_sha256, created_at, expires_at, revoked_at";
 
 impl Registry {
-    pub fn create_token(&self, new: &NewToken) -> Result<TokenRecord, RegistryError> {
+    /// Creates a token and appends `event` in the same transaction.
+    pub fn create_token(&self, new: &NewToken, event: &NewEvent) -> Result<TokenRecord, RegistryError> {
         self.write(|conn| {
             let tx = conn.transaction()?;
             let taken: bool =
@@ -62,6 +64,7 @@ impl Registry {
             )?;
             let record =
                 query_one(&tx, "id", &new.id)?.ok_or_else(|| RegistryError::Corrupt("token row vanished".into()))?;
+            super::audit::append(&tx, event)?;
             tx.commit()?;
             Ok(record)
         })
@@ -79,7 +82,8 @@ impl Registry {
         })
     }
 
-    pub fn revoke_token(&self, name: &str) -> Result<TokenRecord, RegistryError> {
+    /// Revokes a token and appends `event` in the same transaction.
+    pub fn revoke_token(&self, name: &str, event: &NewEvent) -> Result<TokenRecord, RegistryError> {
         self.write(|conn| {
             let tx = conn.transaction()?;
             let token = query_one(&tx, "name", name)?.ok_or_else(|| RegistryError::TokenNotFound(name.to_owned()))?;
@@ -89,6 +93,7 @@ impl Registry {
             tx.execute("UPDATE tokens SET revoked_at = ?1 WHERE name = ?2", params![utc::now_text(), name])?;
             let token =
                 query_one(&tx, "name", name)?.ok_or_else(|| RegistryError::Corrupt("token row vanished".into()))?;
+            super::audit::append(&tx, event)?;
             tx.commit()?;
             Ok(token)
         })

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::range::{self, Ranged};
-use super::{ApiPath, ApiQuery, AppState, blocking};
+use super::{AppState, blocking};
 use crate::digest::Digest;
 use crate::ingest::{Piece, UploadRequest};
 use crate::registry::{Artifact, ArtifactUpload, ListedArtifact, RegistryError};

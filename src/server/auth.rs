@@ -14,9 +14,34 @@ use crate::token::{self, Principal, TokenError};
 /// handler require a valid token.
 pub struct Caller(pub Principal);
 
-/// Where the request log line finds the caller's name (set by [`Caller`]).
+/// Where the request log line and the refusal audit find the caller (set by [`Caller`]).
 #[derive(Clone, Default)]
-pub struct ActorSlot(pub Arc<Mutex<Option<String>>>);
+pub struct ActorSlot(Arc<Mutex<Option<Seen>>>);
+
+#[derive(Clone)]
+enum Seen {
+    Caller { name: String, owner: String },
+    Refused(String),
+}
+
+impl ActorSlot {
+    /// For the log line: the token's name, or why it was refused.
+    pub fn for_log(&self) -> String {
+        match &*self.0.lock().expect("actor slot") {
+            Some(Seen::Caller { name, .. }) => name.clone(),
+            Some(Seen::Refused(why)) => format!("(refused: {why})"),
+            None => "-".into(),
+        }
+    }
+
+    /// The authenticated caller's name and owner, if any.
+    pub fn caller(&self) -> Option<(String, String)> {
+        match &*self.0.lock().expect("actor slot") {
+            Some(Seen::Caller { name, owner }) => Some((name.clone(), owner.clone())),
+            _ => None,
+        }
+    }
+}
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
@@ -31,18 +56,18 @@ impl FromRequestParts<AppState> for Caller {
         let result = match presented {
             None => Err(TokenError::Missing),
             Some(token) => {
-                let registry = Arc::clone(&state.ingestor.registry);
+                let registry = Arc::clone(&state.registry);
                 tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
                     .await
                     .expect("authentication does not panic")
             }
         };
-        let actor = match &result {
-            Ok(principal) => principal.name.clone(),
-            Err(e) => format!("(refused: {e})"),
+        let seen = match &result {
+            Ok(principal) => Seen::Caller { name: principal.name.clone(), owner: principal.owner.clone() },
+            Err(e) => Seen::Refused(e.to_string()),
         };
         if let Some(slot) = parts.extensions.get::<ActorSlot>() {
-            *slot.0.lock().expect("actor slot") = Some(actor);
+            *slot.0.lock().expect("actor slot") = Some(seen);
         }
         Ok(Caller(result?))
     }

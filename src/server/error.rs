@@ -6,8 +6,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::audit::AuditError;
 use crate::ingest::IngestError;
 use crate::registry::RegistryError;
+use crate::releases::ReleaseError;
 use crate::store::StoreError;
 use crate::token::TokenError;
 
@@ -38,10 +40,18 @@ impl ApiError {
     }
 }
 
+/// What a refusal said, left on the response for the audit middleware.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response =
             (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
+        response.extensions_mut().insert(Refusal { code: self.code, message: self.message });
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -57,9 +67,11 @@ impl From<TokenError> for ApiError {
             | TokenError::Malformed
             | TokenError::Revoked(_)
             | TokenError::Expired { .. } => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
-            TokenError::Forbidden { .. } | TokenError::ServiceNotAllowed { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
-            }
+            TokenError::Forbidden { .. }
+            | TokenError::ServiceNotAllowed { .. }
+            | TokenError::EnvironmentNotAllowed { .. }
+            | TokenError::CiNeedsNoApproval { .. }
+            | TokenError::NotRequester { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
             TokenError::Registry(e) => e.into(),
             TokenError::UnknownRole(_)
             | TokenError::NoRoles
@@ -109,6 +121,41 @@ impl From<IngestError> for ApiError {
             IngestError::Interrupted(_) => ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", message),
             IngestError::Store(e) => e.into(),
             IngestError::Registry(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReleaseError> for ApiError {
+    fn from(e: ReleaseError) -> ApiError {
+        let message = e.to_string();
+        let conflict = |code| ApiError::new(StatusCode::CONFLICT, code, message.clone());
+        match e {
+            ReleaseError::NotConfigured { .. } | ReleaseError::UnknownArtifact { .. } | ReleaseError::NotFound(_) => {
+                ApiError::not_found(message)
+            }
+            ReleaseError::Forbidden(e) => e.into(),
+            ReleaseError::Conflict(_) => conflict("conflict"),
+            ReleaseError::SelfApproval { .. } => conflict("self_approval"),
+            ReleaseError::NotPromotable { .. } => conflict("not_promotable"),
+            ReleaseError::NothingLive { .. } => conflict("nothing_live"),
+            ReleaseError::NoRollbackTarget { .. } => conflict("no_rollback_target"),
+            ReleaseError::NotLiveBefore { .. } => conflict("not_live_before"),
+            ReleaseError::InvalidState { .. } => conflict("invalid_state"),
+            ReleaseError::Expired { .. } => conflict("expired"),
+            ReleaseError::BadRequest(_) => ApiError::bad_request(message),
+            ReleaseError::Registry(e) => e.into(),
+        }
+    }
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> ApiError {
+        match e {
+            AuditError::Registry(e) => e.into(),
+            AuditError::Store(e) => e.into(),
+            e @ (AuditError::BadCheckpoint { .. } | AuditError::Diverged(_)) => {
+                ApiError::internal("the bucket's audit checkpoint is unreadable", &e)
+            }
         }
     }
 }

@@ -5,9 +5,13 @@
 //! (through the [`auth::Caller`] extractor), call one domain function, answer.
 
 mod artifacts;
+mod audit;
 mod auth;
 mod error;
+mod extract;
 mod range;
+mod releases;
+pub mod routes;
 
 use std::future::Future;
 use std::path::Path;
@@ -15,8 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
-use axum::http::request::Parts;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -27,6 +30,7 @@ pub use error::ApiError;
 use crate::config::{Config, StorageConfig};
 use crate::ingest::Ingestor;
 use crate::registry::{Registry, RegistryError};
+use crate::releases::{Deployer, Releases};
 use crate::store::{Store, StoreError};
 
 /// How old a staging upload of an S3 store must be before the start-up sweep removes it
@@ -49,12 +53,18 @@ pub enum ServerError {
     TlsUnsupported,
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot start: {0}")]
+    Start(String),
 }
 
 /// Shared by every request. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub registry: Arc<Registry>,
     pub ingestor: Ingestor,
+    pub releases: Releases,
 }
 
 /// What `release serve` holds while it runs: the state and the data directory's lock.
@@ -64,8 +74,10 @@ pub struct Opened {
 }
 
 impl Opened {
-    /// Locks the data directory, opens the registry and the store, and sweeps stale uploads.
-    pub async fn open(config: Config) -> Result<Opened, ServerError> {
+    /// Locks the data directory, opens the registry and the store, sweeps stale uploads,
+    /// checks the audit log against the bucket, resumes releases, and starts the audit
+    /// checkpoints. `deployer` is the deploy seam's implementation.
+    pub async fn open(config: Config, deployer: Arc<dyn Deployer>) -> Result<Opened, ServerError> {
         if config.tls.is_some() {
             return Err(ServerError::TlsUnsupported);
         }
@@ -84,8 +96,55 @@ impl Opened {
             tracing::info!(swept, "removed staging uploads left by an interrupted run");
         }
         tracing::info!(store = %store.describe(), registry = %registry.path().display(), "opened");
-        let ingestor = Ingestor::new(Arc::new(config), store, Arc::new(registry));
-        Ok(Opened { state: AppState { ingestor }, _lock: lock })
+        let (config, registry) = (Arc::new(config), Arc::new(registry));
+        check_audit_against_bucket(&registry, &store).await?;
+        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
+        let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), deployer);
+        releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
+        let state = AppState { config, store, registry, ingestor, releases };
+        tokio::spawn(checkpoints(state.clone()));
+        Ok(Opened { state, _lock: lock })
+    }
+
+    /// Writes a last checkpoint of the audit chain (at shutdown).
+    pub async fn checkpoint(&self) {
+        if let Err(e) = crate::audit::checkpoint(&self.state.registry, &self.state.store, 0).await {
+            tracing::error!(error = %e, "could not write the audit checkpoint");
+        }
+    }
+}
+
+/// A registry behind the bucket's checkpoint was replaced or rolled back: say so loudly, and
+/// record it (the events after it are then on a fork that `audit verify` reports).
+async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> Result<(), ServerError> {
+    let reader = Arc::clone(registry);
+    let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+    let events = head.map_or(0, |(n, _)| n);
+    match crate::audit::against_checkpoint(registry, store, events).await {
+        Ok((_, None)) => Ok(()),
+        Ok((_, Some(bad))) => {
+            tracing::error!(event = bad.seq, "audit log does not match the bucket's checkpoint: {}", bad.why);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not compare the audit log with the bucket's checkpoint");
+            Ok(())
+        }
+    }
+}
+
+/// Checkpoints the audit chain's head to the store every `audit.checkpoint_interval`, when it
+/// moved.
+async fn checkpoints(state: AppState) {
+    let mut last = 0;
+    let mut interval = tokio::time::interval(state.config.audit.checkpoint_interval.0);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match crate::audit::checkpoint(&state.registry, &state.store, last).await {
+            Ok(n) => last = n,
+            Err(e) => tracing::error!(error = %e, "could not write the audit checkpoint"),
+        }
     }
 }
 
@@ -105,7 +164,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServerError> {
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
-    let v1 = artifacts::routes();
+    let v1 = artifacts::routes().merge(releases::routes()).merge(audit::routes());
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1", v1)
@@ -114,8 +173,36 @@ pub fn router(state: AppState) -> Router {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
         })
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Every refused request (401, 403, 409, 413, 422) becomes an audit event: who, what, why.
+/// Malformed requests (400), missing things (404) and wrong methods (405) do not.
+async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let subject = format!("{} {}", request.method(), request.uri().path());
+    let slot = request.extensions().get::<auth::ActorSlot>().cloned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    if !matches!(status, 401 | 403 | 409 | 413 | 422) {
+        return response;
+    }
+    let (actor, owner) = slot.and_then(|s| s.caller()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
+    let refusal = response.extensions().get::<error::Refusal>();
+    let details = serde_json::json!({
+        "status": status,
+        "code": refusal.map(|r| r.code),
+        "message": refusal.map(|r| r.message.clone()),
+    });
+    let event = crate::audit::NewEvent { actor, owner, action: "request.refused".into(), subject, details };
+    let registry = Arc::clone(&state.registry);
+    match tokio::task::spawn_blocking(move || registry.append_event(&event)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "could not record a refused request in the audit log"),
+        Err(e) => tracing::error!(error = %e, "recording a refused request panicked"),
+    }
+    response
 }
 
 async fn healthz() -> axum::Json<serde_json::Value> {
@@ -130,7 +217,7 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     let slot = auth::ActorSlot::default();
     request.extensions_mut().insert(slot.clone());
     let response = next.run(request).await;
-    let actor = slot.0.lock().expect("actor slot").take().unwrap_or_else(|| "-".into());
+    let actor = slot.for_log();
     tracing::info!(
         %method,
         %path,
@@ -159,34 +246,6 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError
         tracing::warn!(%addr, "serving plain HTTP beyond loopback: put TLS in front (a reverse proxy)");
     }
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr: addr.to_string(), source })
-}
-
-/// `Query`, answering a malformed query string with the JSON error document.
-pub struct ApiQuery<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
-    }
-}
-
-/// `Path`, answering a malformed path parameter with the JSON error document.
-pub struct ApiPath<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
-    }
 }
 
 /// Runs blocking registry work off the async threads.

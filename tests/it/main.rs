@@ -1,9 +1,14 @@
 //! Integration tests: the real `release` binary against a real S3-compatible server (Garage)
 //! and the local backend. One test binary; see `support` for the harness.
 
+mod audit;
+mod concurrency;
 mod large;
 mod packaging;
+mod policies;
 mod refusals;
+mod releases;
+mod roles;
 mod server;
 mod support;
 mod tokens;

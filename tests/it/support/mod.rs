@@ -4,6 +4,7 @@
 
 pub mod archives;
 pub mod garage;
+pub mod inprocess;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -93,6 +94,9 @@ async fn incomplete_multipart_uploads(s3: &S3Config) -> Vec<String> {
         .collect()
 }
 
+/// Separates the harness's part of a test configuration from the test's own.
+const EXTRA_MARK: &str = "# --- test configuration ---\n";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Local,
@@ -136,7 +140,10 @@ impl TestServer {
         let config = dir.path().join("release.toml");
         std::fs::write(
             &config,
-            format!("[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{storage_toml}{extra}", data.display()),
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{storage_toml}{EXTRA_MARK}{extra}",
+                data.display()
+            ),
         )
         .unwrap();
         let mut server = TestServer {
@@ -229,6 +236,15 @@ impl TestServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Stops the server, replaces the `extra` part of its configuration, starts it again on
+    /// the same data directory and store.
+    pub fn reconfigure(&mut self, extra: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let base = text.split(EXTRA_MARK).next().unwrap().to_owned();
+        std::fs::write(&self.config, format!("{base}{EXTRA_MARK}{extra}")).unwrap();
+        self.restart();
     }
 
     /// A fresh token with these roles, made with the CLI on the server's registry.

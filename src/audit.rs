@@ -1,0 +1,320 @@
+//! The audit log: every state change and every refused request, as a SHA-256 hash chain, with
+//! checkpoints of the chain's head kept in the object store.
+//!
+//! Each event's hash covers the previous event's hash and the event's own fields, so a changed,
+//! removed or reordered event breaks the chain at that event. A registry replaced wholesale by
+//! an older copy has a consistent chain, but a shorter one than the checkpoint in the bucket
+//! says, or a different head at the checkpoint's count; `verify` catches both.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::registry::{Registry, RegistryError};
+use crate::store::{Store, StoreError};
+use crate::token::Principal;
+use crate::utc;
+
+/// The hash before the first event.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// An event about to be appended.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub actor: String,
+    pub owner: String,
+    pub action: String,
+    pub subject: String,
+    pub details: serde_json::Value,
+}
+
+impl NewEvent {
+    /// An event caused by an authenticated caller.
+    pub fn by(principal: &Principal, action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+        NewEvent {
+            actor: principal.name.clone(),
+            owner: principal.owner.clone(),
+            action: action.to_owned(),
+            subject: subject.into(),
+            details,
+        }
+    }
+
+    /// An event caused by the server itself (expiry, a deploy's progress, start-up checks).
+    pub fn by_server(action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+        NewEvent {
+            actor: "release".into(),
+            owner: "release".into(),
+            action: action.to_owned(),
+            subject: subject.into(),
+            details,
+        }
+    }
+
+    /// An event caused on this machine by the command line (e.g. `release token create`,
+    /// which works without a server): the actor is the operating-system user.
+    pub fn by_local_user(action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+        let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        NewEvent {
+            actor: format!("local:{user}"),
+            owner: user,
+            action: action.to_owned(),
+            subject: subject.into(),
+            details,
+        }
+    }
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at: String,
+    pub actor: String,
+    pub owner: String,
+    pub action: String,
+    pub subject: String,
+    /// The JSON text exactly as hashed.
+    #[serde(serialize_with = "raw_json")]
+    pub details: String,
+    #[serde(serialize_with = "hex_bytes")]
+    pub prev_hash: [u8; 32],
+    #[serde(serialize_with = "hex_bytes")]
+    pub hash: [u8; 32],
+}
+
+fn raw_json<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or(serde_json::Value::String(text.to_owned()));
+    value.serialize(s)
+}
+
+fn hex_bytes<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
+}
+
+/// The fields of an event that its hash covers.
+#[derive(Serialize)]
+pub struct Hashed<'a> {
+    pub seq: u64,
+    pub at: &'a str,
+    pub actor: &'a str,
+    pub owner: &'a str,
+    pub action: &'a str,
+    pub subject: &'a str,
+    /// As stored text.
+    pub details: &'a str,
+}
+
+/// The hash of an event: SHA-256 over the previous hash and the JSON array
+/// `[seq, at, actor, owner, action, subject, details]`.
+pub fn chain_hash(prev: &[u8; 32], f: &Hashed<'_>) -> [u8; 32] {
+    let fields = serde_json::to_vec(&(f.seq, f.at, f.actor, f.owner, f.action, f.subject, f.details))
+        .expect("strings serialize");
+    let mut hasher = Sha256::new();
+    hasher.update(prev);
+    hasher.update(&fields);
+    hasher.finalize().into()
+}
+
+impl Event {
+    pub fn expected_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
+        chain_hash(
+            prev,
+            &Hashed {
+                seq: self.seq,
+                at: &self.at,
+                actor: &self.actor,
+                owner: &self.owner,
+                action: &self.action,
+                subject: &self.subject,
+                details: &self.details,
+            },
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("corrupt checkpoint {key}: {why}")]
+    BadCheckpoint { key: String, why: String },
+    #[error("not checkpointing the audit chain: {0}")]
+    Diverged(String),
+}
+
+/// A checkpoint: how long the chain was and what its head was, at a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub events: u64,
+    /// Hex SHA-256 of event `events`.
+    pub head: String,
+    pub at: String,
+}
+
+/// The outcome of `verify`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verification {
+    pub ok: bool,
+    pub events: u64,
+    /// Hex hash of the last event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// The first event found wrong, and why (`seq` 0 when the chain itself is fine but does
+    /// not match the bucket's checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad: Option<BadEvent>,
+    /// The checkpoint it was compared with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BadEvent {
+    pub seq: u64,
+    pub why: String,
+}
+
+/// Walks the chain end to end, then compares it with the latest checkpoint in the store.
+pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verification, AuditError> {
+    let walker = Arc::clone(registry);
+    let walked = tokio::task::spawn_blocking(move || walk(&walker)).await.expect("verification does not panic")?;
+    let mut verification = Verification {
+        ok: walked.first_bad.is_none(),
+        events: walked.events,
+        head: walked.head.map(hex::encode),
+        first_bad: walked.first_bad,
+        checkpoint: None,
+    };
+    if verification.ok {
+        let (checkpoint, bad) = against_checkpoint(registry, store, walked.events).await?;
+        if let Some(bad) = bad {
+            verification.ok = false;
+            verification.first_bad = Some(bad);
+        }
+        verification.checkpoint = checkpoint;
+    }
+    Ok(verification)
+}
+
+/// Compares the registry with the latest checkpoint in the store: the registry must hold at
+/// least as many events, and the event at the checkpoint's count must have its hash. Cheap
+/// (no walk), so the server runs it at start.
+pub async fn against_checkpoint(
+    registry: &Arc<Registry>,
+    store: &Store,
+    events: u64,
+) -> Result<(Option<Checkpoint>, Option<BadEvent>), AuditError> {
+    let Some((key, bytes)) = store.latest_checkpoint().await? else { return Ok((None, None)) };
+    let checkpoint: Checkpoint =
+        serde_json::from_slice(&bytes).map_err(|e| AuditError::BadCheckpoint { key, why: e.to_string() })?;
+    let bad = if events < checkpoint.events {
+        Some(BadEvent {
+            seq: events + 1,
+            why: format!(
+                "the registry holds {events} events but the bucket's checkpoint of {} counted {}: the registry was replaced by an older copy or cut short",
+                checkpoint.at, checkpoint.events
+            ),
+        })
+    } else {
+        let reader = Arc::clone(registry);
+        let seq = checkpoint.events;
+        let event = tokio::task::spawn_blocking(move || reader.audit_event(seq)).await.expect("no panic")?;
+        match event {
+            Some(event) if hex::encode(event.hash) == checkpoint.head => None,
+            _ => Some(BadEvent {
+                seq,
+                why: format!(
+                    "event {seq} does not have the hash the bucket's checkpoint of {} recorded ({}): the registry was rewritten",
+                    checkpoint.at, checkpoint.head
+                ),
+            }),
+        }
+    };
+    Ok((Some(checkpoint), bad))
+}
+
+struct Walked {
+    events: u64,
+    head: Option<[u8; 32]>,
+    first_bad: Option<BadEvent>,
+}
+
+fn walk(registry: &Registry) -> Result<Walked, RegistryError> {
+    let mut prev = GENESIS;
+    let mut expected_seq = 1u64;
+    let mut first_bad = None;
+    let mut events = 0;
+    registry.walk_audit_events(|event| {
+        events += 1;
+        let (seq, why) = if event.seq != expected_seq {
+            (
+                expected_seq,
+                Some(format!("event {expected_seq} is missing (the next is {}): events were removed", event.seq)),
+            )
+        } else if event.prev_hash != prev {
+            (
+                event.seq,
+                Some(
+                    "its previous-hash does not match the event before it: events were replaced, inserted or reordered"
+                        .into(),
+                ),
+            )
+        } else if event.hash != event.expected_hash(&prev) {
+            (event.seq, Some("its content does not match its hash: the event was altered".into()))
+        } else {
+            (event.seq, None)
+        };
+        if let Some(why) = why {
+            first_bad = Some(BadEvent { seq, why });
+            return false;
+        }
+        prev = event.hash;
+        expected_seq += 1;
+        true
+    })?;
+    Ok(Walked { events, head: (events > 0).then_some(prev), first_bad })
+}
+
+/// Writes a checkpoint of the chain's head to the store if it moved since `last`; returns the
+/// count checkpointed. A checkpoint never moves backwards: a registry that does not extend
+/// the chain the bucket's latest checkpoint recorded (shorter, or another head at its count)
+/// is not checkpointed, so the evidence stays for `verify` to report.
+pub async fn checkpoint(registry: &Arc<Registry>, store: &Store, last: u64) -> Result<u64, AuditError> {
+    let reader = Arc::clone(registry);
+    let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+    let Some((events, hash)) = head else { return Ok(last) };
+    if events == last {
+        return Ok(last);
+    }
+    match against_checkpoint(registry, store, events).await? {
+        (_, Some(bad)) => return Err(AuditError::Diverged(bad.why)),
+        (Some(latest), None) if latest.events >= events => return Ok(events),
+        _ => {}
+    }
+    let checkpoint = Checkpoint { events, head: hex::encode(hash), at: utc::now_text() };
+    store.put_checkpoint(events, serde_json::to_vec(&checkpoint).expect("serializes")).await?;
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(prev: &[u8; 32], seq: u64, actor: &str, owner: &str, details: &str) -> [u8; 32] {
+        chain_hash(prev, &Hashed { seq, at: "t", actor, owner, action: "x", subject: "s", details })
+    }
+
+    #[test]
+    fn the_hash_covers_every_field_and_the_previous_hash() {
+        let base = hash(&GENESIS, 1, "a", "o", "{}");
+        assert_ne!(base, hash(&[1; 32], 1, "a", "o", "{}"));
+        assert_ne!(base, hash(&GENESIS, 2, "a", "o", "{}"));
+        assert_ne!(base, hash(&GENESIS, 1, "a", "o", "{\"k\":1}"));
+        // Field boundaries are part of the encoding: moving a character between fields changes it.
+        assert_ne!(hash(&GENESIS, 1, "ab", "o", "{}"), hash(&GENESIS, 1, "a", "bo", "{}"));
+    }
+}

@@ -1,0 +1,150 @@
+//! `release status|history|show`: what is live where, what happened, one release's story.
+
+use serde_json::Value;
+
+use super::{Failure, Output, ServerArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    service: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    service: Option<String>,
+    #[arg(long = "env")]
+    environment: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    id: i64,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { "-".into() } else { v.to_string() })
+}
+
+fn short(digest: &Value) -> String {
+    digest.as_str().map(|d| d.trim_start_matches("sha256:").chars().take(12).collect()).unwrap_or_else(|| "-".into())
+}
+
+pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
+    let query: Vec<(&str, String)> = args.service.iter().map(|s| ("service", s.clone())).collect();
+    let rows = args.server.client().get("/v1/status", &query).await?;
+    output.print(&rows, || {
+        let mut out = format!(
+            "{:<16} {:<12} {:<14} {:<10} {:<8} {}",
+            "SERVICE", "ENV", "LIVE", "VERSION", "RELEASE", "IN FLIGHT"
+        );
+        for r in rows.as_array().into_iter().flatten() {
+            let pending: Vec<String> =
+                r["pending"].as_array().into_iter().flatten().map(|p| format!("#{p} pending")).collect();
+            let mut busy: Vec<String> = r["in_flight"].as_i64().map(|id| format!("#{id}")).into_iter().collect();
+            busy.extend(pending);
+            out.push_str(&format!(
+                "\n{:<16} {:<12} {:<14} {:<10} {:<8} {}",
+                text(&r["service"]),
+                text(&r["environment"]),
+                short(&r["digest"]),
+                text(&r["version"]),
+                r["release"].as_i64().map(|id| format!("#{id}")).unwrap_or_else(|| "-".into()),
+                busy.join(", ")
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+pub async fn history(args: HistoryArgs, output: Output) -> Result<(), Failure> {
+    let mut query = vec![("limit", args.limit.to_string())];
+    query.extend(args.service.iter().map(|s| ("service", s.clone())));
+    query.extend(args.environment.iter().map(|e| ("environment", e.clone())));
+    let page = args.server.client().get("/v1/releases", &query).await?;
+    let releases = page["releases"].clone();
+    output.print(&releases, || {
+        let mut out = format!(
+            "{:<6} {:<16} {:<12} {:<9} {:<17} {:<14} {}",
+            "ID", "SERVICE", "ENV", "KIND", "STATE", "DIGEST", "REQUESTED"
+        );
+        for r in releases.as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:<6} {:<16} {:<12} {:<9} {:<17} {:<14} {} by {}",
+                text(&r["id"]),
+                text(&r["service"]),
+                text(&r["environment"]),
+                text(&r["kind"]),
+                text(&r["state"]),
+                short(&r["digest"]),
+                text(&r["requested_at"]),
+                text(&r["requested_by"])
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
+    let r = args.server.client().get(&format!("/v1/releases/{}", args.id), &[]).await?;
+    output.print(&r, || {
+        let mut out = format!(
+            "release {} — {} of {} to {}: {}\nartifact  {} (version {})\nrequested {} by {} ({})",
+            r["id"],
+            text(&r["kind"]),
+            text(&r["service"]),
+            text(&r["environment"]),
+            text(&r["state"]),
+            text(&r["digest"]),
+            text(&r["version"]),
+            text(&r["requested_at"]),
+            text(&r["requested_by"]),
+            text(&r["requester_owner"])
+        );
+        if let Some(a) = r.get("approval").filter(|a| !a.is_null()) {
+            out.push_str(&format!(
+                "\n{} {} by {} ({})",
+                text(&a["decision"]),
+                text(&a["decided_at"]),
+                text(&a["decided_by"]),
+                text(&a["decider_owner"])
+            ));
+        }
+        if let Some(approvers) = r["approvers"].as_array() {
+            let names: Vec<String> = approvers.iter().map(text).collect();
+            out.push_str(&format!(
+                "\nmay approve: {}",
+                if names.is_empty() { "(nobody yet)".into() } else { names.join(", ") }
+            ));
+        }
+        out.push_str("\ntransitions:");
+        for t in r["transitions"].as_array().into_iter().flatten() {
+            let reason = t["reason"].as_str().map(|x| format!(" — {x}")).unwrap_or_default();
+            out.push_str(&format!("\n  {} {:<17} by {}{reason}", text(&t["at"]), text(&t["state"]), text(&t["actor"])));
+        }
+        let deployments = r["deployments"].as_array().cloned().unwrap_or_default();
+        if !deployments.is_empty() {
+            out.push_str("\nnodes:");
+            for d in deployments {
+                out.push_str(&format!(
+                    "\n  {:<20} {:<10} {:<7} {}",
+                    text(&d["node"]),
+                    text(&d["phase"]),
+                    text(&d["outcome"]),
+                    text(&d["finished_at"])
+                ));
+            }
+        }
+        out
+    });
+    Ok(())
+}

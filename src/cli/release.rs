@@ -1,0 +1,202 @@
+//! `release deploy|promote|rollback|approve|reject|cancel`: ask for a release or decide one,
+//! and with `--wait` follow it to its end.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{Failure, Output, ServerArgs, exit};
+use crate::client::Client;
+
+const POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    service: String,
+    #[arg(long = "env")]
+    environment: String,
+    digest: String,
+    /// Follow the release until it is final.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PromoteArgs {
+    service: String,
+    /// The environment to promote to.
+    #[arg(long = "to")]
+    environment: String,
+    /// Where it is live now [default: the environment's promote_from].
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    service: String,
+    #[arg(long = "env")]
+    environment: String,
+    /// A digest that was live in the environment before [default: the last good release
+    /// before the live one].
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    id: i64,
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RejectArgs {
+    id: i64,
+    /// Why (recorded with the decision).
+    #[arg(long)]
+    reason: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    id: i64,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn digest(text: &str) -> Result<String, Failure> {
+    text.parse::<crate::digest::Digest>().map(|d| d.to_string()).map_err(|e| Failure::new(exit::USAGE, e))
+}
+
+pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
+    let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?});
+    let client = args.server.client();
+    let release = client.post("/v1/releases", &body).await?;
+    conclude(&client, release, args.wait, output).await
+}
+
+pub async fn promote(args: PromoteArgs, output: Output) -> Result<(), Failure> {
+    let body = json!({"service": args.service, "environment": args.environment, "from": args.from});
+    let client = args.server.client();
+    let release = client.post("/v1/releases/promote", &body).await?;
+    conclude(&client, release, args.wait, output).await
+}
+
+pub async fn rollback(args: RollbackArgs, output: Output) -> Result<(), Failure> {
+    let to = args.to.as_deref().map(digest).transpose()?;
+    let body = json!({"service": args.service, "environment": args.environment, "to": to});
+    let client = args.server.client();
+    let release = client.post("/v1/releases/rollback", &body).await?;
+    conclude(&client, release, args.wait, output).await
+}
+
+pub async fn approve(args: DecideArgs, output: Output) -> Result<(), Failure> {
+    let client = args.server.client();
+    let release = client.post(&format!("/v1/releases/{}/approve", args.id), &json!({})).await?;
+    conclude(&client, release, args.wait, output).await
+}
+
+pub async fn reject(args: RejectArgs, output: Output) -> Result<(), Failure> {
+    let client = args.server.client();
+    let release = client.post(&format!("/v1/releases/{}/reject", args.id), &json!({"reason": args.reason})).await?;
+    conclude(&client, release, false, output).await
+}
+
+pub async fn cancel(args: CancelArgs, output: Output) -> Result<(), Failure> {
+    let client = args.server.client();
+    let release = client.post(&format!("/v1/releases/{}/cancel", args.id), &json!({})).await?;
+    conclude(&client, release, false, output).await
+}
+
+/// Prints the release as accepted; with `wait`, follows it to a final state and exits by it.
+async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -> Result<(), Failure> {
+    if !wait {
+        output.print(&release, || describe(&release));
+        return Ok(());
+    }
+    let id =
+        release["id"].as_i64().ok_or_else(|| Failure::new(exit::FAILED, "the server's answer has no release id"))?;
+    let mut seen = HashSet::new();
+    let mut told_approvers = false;
+    loop {
+        let shown = client.get(&format!("/v1/releases/{id}"), &[]).await?;
+        if !output.json {
+            for t in shown["transitions"].as_array().into_iter().flatten() {
+                let key = (t["state"].to_string(), t["at"].to_string());
+                if seen.insert(key) {
+                    let reason = t["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+                    println!(
+                        "release {id}: {} at {} by {}{reason}",
+                        text(&t["state"]),
+                        text(&t["at"]),
+                        text(&t["actor"])
+                    );
+                }
+            }
+        }
+        let state = shown["state"].as_str().unwrap_or_default().to_owned();
+        if state == "pending_approval" && !told_approvers && !output.json {
+            told_approvers = true;
+            let approvers: Vec<&str> =
+                shown["approvers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            println!(
+                "release {id} waits for approval by one of: {}; approve with `release approve {id}`",
+                if approvers.is_empty() { "(no approver token exists yet)".to_owned() } else { approvers.join(", ") }
+            );
+        }
+        match state.as_str() {
+            "live" | "superseded" => {
+                output.print(&shown, || format!("release {id} is live: {}", text(&shown["digest"])));
+                return Ok(());
+            }
+            "failed" => {
+                if output.json {
+                    println!("{shown}");
+                }
+                return Err(Failure::new(
+                    exit::FAILED,
+                    format!("release {id} failed; the previous release stays live"),
+                ));
+            }
+            "rejected" | "cancelled" | "expired" => {
+                if output.json {
+                    println!("{shown}");
+                }
+                return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
+}
+
+fn describe(r: &Value) -> String {
+    format!(
+        "release {} ({} of {} to {}): {}\n{}",
+        r["id"],
+        text(&r["kind"]),
+        text(&r["service"]),
+        text(&r["environment"]),
+        text(&r["state"]),
+        text(&r["digest"])
+    )
+}

@@ -1,0 +1,139 @@
+//! Audit rows: appended in the same transaction as the change they record, read in order.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{Registry, RegistryError};
+use crate::audit::{Event, GENESIS, Hashed, NewEvent, chain_hash};
+use crate::utc;
+
+const COLUMNS: &str = "seq, at, actor, owner, action, subject, details, prev_hash, hash";
+
+/// Events read per query while walking the whole log.
+const WALK_PAGE: u64 = 10_000;
+
+impl Registry {
+    /// Appends one event on its own (a refused request, a start-up finding).
+    pub fn append_event(&self, event: &NewEvent) -> Result<Event, RegistryError> {
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            let appended = append(&tx, event)?;
+            tx.commit()?;
+            Ok(appended)
+        })
+    }
+
+    /// The number of events and the hash of the last one.
+    pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, RegistryError> {
+        self.read(|conn| {
+            let row = conn
+                .query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
+                    Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?;
+            row.map(|(seq, hash)| Ok((seq, to_hash(hash)?))).transpose()
+        })
+    }
+
+    pub fn audit_event(&self, seq: u64) -> Result<Option<Event>, RegistryError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(&format!("SELECT {COLUMNS} FROM audit_events WHERE seq = ?1"), [seq], from_row)
+                .optional()?)
+        })
+    }
+
+    /// Events after `after_seq` (and at or after `since`, an RFC 3339 time), oldest first.
+    pub fn audit_events(&self, after_seq: u64, since: Option<&str>, limit: u64) -> Result<Vec<Event>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM audit_events WHERE seq > ?1 AND at >= ?2 ORDER BY seq LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![after_seq, since.unwrap_or(""), limit], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Calls `visit` with every event in order until it returns false. Reads page by page so
+    /// that memory stays flat however long the log is.
+    pub fn walk_audit_events(&self, mut visit: impl FnMut(Event) -> bool) -> Result<(), RegistryError> {
+        let mut after = 0u64;
+        loop {
+            let page = self.audit_events(after, None, WALK_PAGE)?;
+            let Some(last) = page.last().map(|e| e.seq) else { return Ok(()) };
+            for event in page {
+                if !visit(event) {
+                    return Ok(());
+                }
+            }
+            after = last;
+        }
+    }
+}
+
+/// Appends `event` inside `tx`, chaining it to the last event.
+pub(super) fn append(tx: &Transaction<'_>, event: &NewEvent) -> Result<Event, RegistryError> {
+    let last = tx
+        .query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, to_hash(hash)?),
+        None => (1, GENESIS),
+    };
+    let at = utc::now_text();
+    let details = serde_json::to_string(&event.details).expect("JSON values serialize");
+    let hash = chain_hash(
+        &prev_hash,
+        &Hashed {
+            seq,
+            at: &at,
+            actor: &event.actor,
+            owner: &event.owner,
+            action: &event.action,
+            subject: &event.subject,
+            details: &details,
+        },
+    );
+    tx.execute(
+        &format!("INSERT INTO audit_events ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![seq, at, event.actor, event.owner, event.action, event.subject, details, &prev_hash[..], &hash[..]],
+    )?;
+    Ok(Event {
+        seq,
+        at,
+        actor: event.actor.clone(),
+        owner: event.owner.clone(),
+        action: event.action.clone(),
+        subject: event.subject.clone(),
+        details,
+        prev_hash,
+        hash,
+    })
+}
+
+fn to_hash(bytes: Vec<u8>) -> Result<[u8; 32], RegistryError> {
+    bytes.try_into().map_err(|_| RegistryError::Corrupt("an audit hash is not 32 bytes".into()))
+}
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let hash_at = |i: usize| -> rusqlite::Result<[u8; 32]> {
+        let bytes: Vec<u8> = row.get(i)?;
+        // A wrong length is left to verification to report (it will not match).
+        let mut out = [0u8; 32];
+        let n = bytes.len().min(32);
+        out[..n].copy_from_slice(&bytes[..n]);
+        Ok(out)
+    };
+    Ok(Event {
+        seq: row.get(0)?,
+        at: row.get(1)?,
+        actor: row.get(2)?,
+        owner: row.get(3)?,
+        action: row.get(4)?,
+        subject: row.get(5)?,
+        details: row.get(6)?,
+        prev_hash: hash_at(7)?,
+        hash: hash_at(8)?,
+    })
+}

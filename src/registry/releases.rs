@@ -1,0 +1,652 @@
+//! Release rows and their story: transitions, approvals, deployments, leases, the status
+//! matrix. Every change is one transaction with its audit event.
+
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{Registry, RegistryError};
+use crate::audit::NewEvent;
+use crate::digest::Digest;
+use crate::releases::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
+use crate::utc;
+
+const COLUMNS: &str = "id, service, environment, digest, kind, state, requested_by, requester_owner, requested_at, \
+                       source_environment, replaces, expires_at, state_changed_at";
+
+/// A release about to be recorded.
+#[derive(Clone, Debug)]
+pub struct NewRelease {
+    pub service: String,
+    pub environment: String,
+    pub digest: Digest,
+    pub kind: Kind,
+    /// `PendingApproval` or `Approved`.
+    pub state: State,
+    pub requested_by: String,
+    pub requester_owner: String,
+    pub source_environment: Option<String>,
+    pub replaces: Option<i64>,
+    pub expires_at: Option<String>,
+    /// Why it needs no approval, or waits for one (recorded with the first transition).
+    pub note: Option<String>,
+}
+
+/// A decision on a pending release.
+#[derive(Clone, Debug)]
+pub struct NewApproval {
+    pub approve: bool,
+    pub decided_by: String,
+    pub decider_owner: String,
+    pub reason: Option<String>,
+}
+
+/// What the configuration declares, for the registry's own record.
+#[derive(Clone, Debug)]
+pub struct ConfiguredEnvironment {
+    pub name: String,
+    pub promote_from: Option<String>,
+    pub requires_approval: bool,
+}
+
+impl Registry {
+    /// Records the configured services and environments (new or changed ones get an event).
+    pub fn sync_config(
+        &self,
+        services: &[(String, String)],
+        environments: &[ConfiguredEnvironment],
+    ) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let now = utc::now_text();
+            for (name, kind) in services {
+                let known: Option<String> =
+                    tx.query_row("SELECT kind FROM services WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+                if known.as_ref() != Some(kind) {
+                    tx.execute(
+                        "INSERT INTO services (name, kind, recorded_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, recorded_at = excluded.recorded_at",
+                        params![name, kind, now],
+                    )?;
+                    let event = NewEvent::by_server("config.service", name, serde_json::json!({"kind": kind}));
+                    super::audit::append(&tx, &event)?;
+                }
+            }
+            for (position, env) in environments.iter().enumerate() {
+                let known: Option<(i64, Option<String>, bool)> = tx
+                    .query_row(
+                        "SELECT position, promote_from, requires_approval FROM environments WHERE name = ?1",
+                        [&env.name],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let wanted = (position as i64, env.promote_from.clone(), env.requires_approval);
+                if known.as_ref() != Some(&wanted) {
+                    tx.execute(
+                        "INSERT INTO environments (name, position, promote_from, requires_approval, recorded_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                           promote_from = excluded.promote_from, requires_approval = excluded.requires_approval,
+                           recorded_at = excluded.recorded_at",
+                        params![env.name, position as i64, env.promote_from, env.requires_approval, now],
+                    )?;
+                    let details = serde_json::json!({
+                        "position": position, "promote_from": env.promote_from,
+                        "requires_approval": env.requires_approval,
+                    });
+                    super::audit::append(&tx, &NewEvent::by_server("config.environment", &env.name, details))?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Records a new release. One in flight per (service, environment): an `Approved` release
+    /// is refused with [`RegistryError::InFlight`] while another is approved or deploying.
+    pub fn create_release(&self, new: &NewRelease, event: &NewEvent) -> Result<Release, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            if new.state.in_flight()
+                && let Some(busy) = in_flight(&tx, &new.service, &new.environment)?
+            {
+                return Err(RegistryError::InFlight(Box::new(busy)));
+            }
+            let now = utc::now_text();
+            tx.execute(
+                "INSERT INTO releases (service, environment, digest, kind, state, requested_by, requester_owner,
+                   requested_at, source_environment, replaces, expires_at, state_changed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?8)",
+                params![
+                    new.service,
+                    new.environment,
+                    new.digest.to_string(),
+                    new.kind.as_str(),
+                    new.state.as_str(),
+                    new.requested_by,
+                    new.requester_owner,
+                    now,
+                    new.source_environment,
+                    new.replaces,
+                    new.expires_at
+                ],
+            )
+            .map_err(|e| in_flight_violation(e, &tx, &new.service, &new.environment))?;
+            let id = tx.last_insert_rowid();
+            record_transition(&tx, id, new.state, &now, &new.requested_by, new.note.as_deref())?;
+            let mut event = event.clone();
+            event.subject = format!("release/{id}");
+            super::audit::append(&tx, &event)?;
+            let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+            tx.commit()?;
+            Ok(release)
+        })
+    }
+
+    /// Moves a release to `to` if the state machine allows it from its current state.
+    pub fn transition(
+        &self,
+        id: i64,
+        to: State,
+        actor: &str,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<Release, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let release = change_state(&tx, id, to, actor, reason)?;
+            super::audit::append(&tx, event)?;
+            tx.commit()?;
+            Ok(release)
+        })
+    }
+
+    /// Approves (→ `approved`) or rejects (→ `rejected`) a pending release, recording the
+    /// decision bound to its digest. Approval is refused while another release of the same
+    /// service and environment is in flight.
+    pub fn decide(&self, id: i64, decision: &NewApproval, event: &NewEvent) -> Result<Release, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+            if release.state != State::PendingApproval {
+                return Err(RegistryError::WrongState { id, state: release.state });
+            }
+            if decision.approve
+                && let Some(busy) = in_flight(&tx, &release.service, &release.environment)?
+            {
+                return Err(RegistryError::InFlight(Box::new(busy)));
+            }
+            tx.execute(
+                "INSERT INTO approvals (release_id, digest, decision, decided_by, decider_owner, decided_at, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    release.digest.to_string(),
+                    if decision.approve { "approved" } else { "rejected" },
+                    decision.decided_by,
+                    decision.decider_owner,
+                    utc::now_text(),
+                    decision.reason
+                ],
+            )?;
+            let to = if decision.approve { State::Approved } else { State::Rejected };
+            let release =
+                change_state(&tx, id, to, &decision.decided_by, decision.reason.as_deref()).map_err(|e| match e {
+                    RegistryError::Sqlite(e) => in_flight_violation(e, &tx, &release.service, &release.environment),
+                    e => e,
+                })?;
+            super::audit::append(&tx, event)?;
+            tx.commit()?;
+            Ok(release)
+        })
+    }
+
+    /// `deploying → live`: the previously live release becomes `superseded`, and releases of
+    /// the same service and environment still waiting for approval are cancelled (an
+    /// approval never lands on a stale request). Each change gets its event.
+    pub fn go_live(&self, id: i64, event: &NewEvent) -> Result<Release, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+            if let Some(previous) = live(&tx, &release.service, &release.environment)? {
+                let why = format!("release {id} went live");
+                change_state(&tx, previous.id, State::Superseded, "release", Some(&why))?;
+                let details = serde_json::json!({"by": id});
+                let event = NewEvent::by_server("release.superseded", format!("release/{}", previous.id), details);
+                super::audit::append(&tx, &event)?;
+            }
+            let release = change_state(&tx, id, State::Live, "release", None)?;
+            super::audit::append(&tx, event)?;
+            let pending: Vec<i64> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id FROM releases WHERE service = ?1 AND environment = ?2 AND state = 'pending_approval'",
+                )?;
+                stmt.query_map(params![release.service, release.environment], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            for stale in pending {
+                let why = format!("release {id} went live first");
+                change_state(&tx, stale, State::Cancelled, "release", Some(&why))?;
+                let details = serde_json::json!({"reason": why});
+                super::audit::append(&tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
+            }
+            tx.commit()?;
+            Ok(release)
+        })
+    }
+
+    /// Expires releases whose approval window has passed.
+    pub fn expire_pending(&self) -> Result<Vec<Release>, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let now = utc::now_text();
+            let due: Vec<i64> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id FROM releases WHERE state = 'pending_approval' AND expires_at <= ?1 ORDER BY id",
+                )?;
+                stmt.query_map([&now], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            let mut expired = Vec::new();
+            for id in due {
+                let release = change_state(&tx, id, State::Expired, "release", Some("not approved in time"))?;
+                let details = serde_json::json!({"expires_at": release.expires_at});
+                super::audit::append(&tx, &NewEvent::by_server("release.expire", format!("release/{id}"), details))?;
+                expired.push(release);
+            }
+            tx.commit()?;
+            Ok(expired)
+        })
+    }
+
+    pub fn release(&self, id: i64) -> Result<Option<Release>, RegistryError> {
+        self.read(|conn| by_id(conn, id))
+    }
+
+    /// A release with its story.
+    pub fn release_detail(&self, id: i64) -> Result<Option<Detail>, RegistryError> {
+        self.read(|conn| {
+            let Some(release) = by_id(conn, id)? else { return Ok(None) };
+            let version: Option<String> = conn
+                .query_row(
+                    "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
+                    params![release.service, release.digest.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            let transitions = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT state, at, actor, reason FROM release_transitions WHERE release_id = ?1 ORDER BY id",
+                )?;
+                stmt.query_map([id], |r| {
+                    Ok(Transition { state: state_at(r, 0)?, at: r.get(1)?, actor: r.get(2)?, reason: r.get(3)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+            };
+            let approval = conn
+                .query_row(
+                    "SELECT decision, digest, decided_by, decider_owner, decided_at, reason FROM approvals
+                     WHERE release_id = ?1",
+                    [id],
+                    |r| {
+                        Ok(Approval {
+                            decision: r.get(0)?,
+                            digest: digest_at(r, 1)?,
+                            decided_by: r.get(2)?,
+                            decider_owner: r.get(3)?,
+                            decided_at: r.get(4)?,
+                            reason: r.get(5)?,
+                        })
+                    },
+                )
+                .optional()?;
+            let deployments = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT node, phase, started_at, finished_at, outcome, output_tail FROM deployments
+                     WHERE release_id = ?1 ORDER BY id",
+                )?;
+                stmt.query_map([id], |r| {
+                    Ok(Deployment {
+                        node: r.get(0)?,
+                        phase: r.get(1)?,
+                        started_at: r.get(2)?,
+                        finished_at: r.get(3)?,
+                        outcome: r.get(4)?,
+                        output_tail: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+            };
+            Ok(Some(Detail { release, version, transitions, approval, deployments }))
+        })
+    }
+
+    /// Releases, newest first, optionally of one service and/or environment; `before` is
+    /// the id from a previous page.
+    pub fn history(
+        &self,
+        service: Option<&str>,
+        environment: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Release>, RegistryError> {
+        self.read(|conn| {
+            let before = before.unwrap_or(i64::MAX);
+            let sql = match (service, environment) {
+                (Some(_), Some(_)) => format!(
+                    "SELECT {COLUMNS} FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4"
+                ),
+                (Some(_), None) => format!(
+                    "SELECT {COLUMNS} FROM releases WHERE service = ?1 AND ?2 IS NULL AND id < ?3 ORDER BY id DESC LIMIT ?4"
+                ),
+                (None, Some(_)) => format!(
+                    "SELECT {COLUMNS} FROM releases WHERE ?1 IS NULL AND environment = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4"
+                ),
+                (None, None) => format!(
+                    "SELECT {COLUMNS} FROM releases WHERE ?1 IS NULL AND ?2 IS NULL AND id < ?3 ORDER BY id DESC LIMIT ?4"
+                ),
+            };
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![service, environment, before, limit], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// What is live and in flight, for every configured service and environment (or one
+    /// service), in the environments' lifecycle order.
+    pub fn status(&self, service: Option<&str>) -> Result<Vec<StatusRow>, RegistryError> {
+        self.read(|conn| {
+            let mut cells = Vec::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT s.name, e.name FROM services s CROSS JOIN environments e
+                 WHERE ?1 IS NULL OR s.name = ?1 ORDER BY s.name, e.position",
+            )?;
+            let pairs: Vec<(String, String)> =
+                stmt.query_map([service], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            for (service, environment) in pairs {
+                let live = live(conn, &service, &environment)?;
+                let version = match &live {
+                    Some(r) => conn
+                        .query_row(
+                            "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
+                            params![service, r.digest.to_string()],
+                            |row| row.get::<_, Option<String>>(0),
+                        )
+                        .optional()?
+                        .flatten(),
+                    None => None,
+                };
+                let in_flight = in_flight(conn, &service, &environment)?.map(|r| r.id);
+                let pending: Vec<i64> = {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT id FROM releases WHERE service = ?1 AND environment = ?2 AND state = 'pending_approval'
+                         ORDER BY id",
+                    )?;
+                    stmt.query_map(params![service, environment], |r| r.get(0))?.collect::<Result<_, _>>()?
+                };
+                cells.push(StatusRow {
+                    digest: live.as_ref().map(|r| r.digest),
+                    release: live.as_ref().map(|r| r.id),
+                    since: live.as_ref().map(|r| r.state_changed_at.clone()),
+                    version,
+                    in_flight,
+                    pending,
+                    service,
+                    environment,
+                });
+            }
+            Ok(cells)
+        })
+    }
+
+    pub fn live_release(&self, service: &str, environment: &str) -> Result<Option<Release>, RegistryError> {
+        self.read(|conn| live(conn, service, environment))
+    }
+
+    /// Whether `digest` went live, successfully, in this service and environment at some time.
+    pub fn went_live(&self, service: &str, environment: &str, digest: Digest) -> Result<bool, RegistryError> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM releases WHERE digest = ?1 AND environment = ?2 AND service = ?3
+                   AND state IN ('live', 'superseded'))",
+                params![digest.to_string(), environment, service],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    /// Whether a release of `digest` in this service and environment was approved by an
+    /// approver at some time.
+    pub fn was_approved(&self, service: &str, environment: &str, digest: Digest) -> Result<bool, RegistryError> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM approvals a JOIN releases r ON r.id = a.release_id
+                   WHERE a.digest = ?1 AND r.environment = ?2 AND r.service = ?3 AND a.decision = 'approved')",
+                params![digest.to_string(), environment, service],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    /// The newest release before `live` that went live successfully with another digest.
+    pub fn rollback_target(&self, live: &Release) -> Result<Option<Release>, RegistryError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!(
+                        "SELECT {COLUMNS} FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3
+                         AND state = 'superseded' AND digest != ?4 ORDER BY id DESC LIMIT 1"
+                    ),
+                    params![live.service, live.environment, live.id, live.digest.to_string()],
+                    from_row,
+                )
+                .optional()?)
+        })
+    }
+
+    /// Releases in a state, oldest first (start-up recovery).
+    pub fn releases_in_state(&self, state: State) -> Result<Vec<Release>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM releases WHERE state = ?1 ORDER BY id"))?;
+            let rows = stmt.query_map([state.as_str()], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Records one node's phase of a release.
+    pub fn record_deployment(&self, release_id: i64, deployment: &Deployment) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            conn.execute(
+                "INSERT INTO deployments (release_id, node, phase, started_at, finished_at, outcome, output_tail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    release_id,
+                    deployment.node,
+                    deployment.phase,
+                    deployment.started_at,
+                    deployment.finished_at,
+                    deployment.outcome,
+                    deployment.output_tail
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Takes the deploy lease of (service, environment) for `release_id` unless another owner
+    /// holds an unexpired one. Returns whether it was taken.
+    pub fn take_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let now = utc::now_text();
+            let held: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
+                    params![release.service, release.environment],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((holder, until)) = held
+                && holder != owner
+                && until > now
+            {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO deploy_leases (service, environment, release_id, owner, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (service, environment) DO UPDATE SET release_id = excluded.release_id,
+                   owner = excluded.owner, expires_at = excluded.expires_at",
+                params![release.service, release.environment, release.id, owner, expires_at],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Extends a lease this owner holds; false if it is no longer theirs.
+    pub fn renew_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+        self.write(|conn| {
+            Ok(conn.execute(
+                "UPDATE deploy_leases SET expires_at = ?1
+                 WHERE service = ?2 AND environment = ?3 AND owner = ?4 AND release_id = ?5",
+                params![expires_at, release.service, release.environment, owner, release.id],
+            )? == 1)
+        })
+    }
+
+    pub fn drop_lease(&self, release: &Release, owner: &str) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            conn.execute(
+                "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND owner = ?3",
+                params![release.service, release.environment, owner],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The lease on (service, environment): owner and expiry.
+    pub fn lease(&self, service: &str, environment: &str) -> Result<Option<(i64, String, String)>, RegistryError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT release_id, owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
+                    params![service, environment],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?)
+        })
+    }
+}
+
+/// A write transaction that takes the write lock at once (no upgrade deadlocks with the
+/// command line writing tokens beside a running server).
+fn immediate(conn: &mut rusqlite::Connection) -> Result<Transaction<'_>, RegistryError> {
+    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+}
+
+fn change_state(
+    tx: &Transaction<'_>,
+    id: i64,
+    to: State,
+    actor: &str,
+    reason: Option<&str>,
+) -> Result<Release, RegistryError> {
+    let release = by_id(tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+    if !release.state.may_become(to) {
+        return Err(RegistryError::WrongState { id, state: release.state });
+    }
+    let now = utc::now_text();
+    tx.execute("UPDATE releases SET state = ?1, state_changed_at = ?2 WHERE id = ?3", params![to.as_str(), now, id])?;
+    record_transition(tx, id, to, &now, actor, reason)?;
+    by_id(tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))
+}
+
+fn record_transition(
+    tx: &Transaction<'_>,
+    id: i64,
+    state: State,
+    at: &str,
+    actor: &str,
+    reason: Option<&str>,
+) -> Result<(), RegistryError> {
+    tx.execute(
+        "INSERT INTO release_transitions (release_id, state, at, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, state.as_str(), at, actor, reason],
+    )?;
+    Ok(())
+}
+
+/// The unique index `one_in_flight` refusing a second release in flight, as the error that
+/// names the one in flight.
+fn in_flight_violation(
+    e: rusqlite::Error,
+    conn: &rusqlite::Connection,
+    service: &str,
+    environment: &str,
+) -> RegistryError {
+    let unique = matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE);
+    match (unique, in_flight(conn, service, environment)) {
+        (true, Ok(Some(busy))) => RegistryError::InFlight(Box::new(busy)),
+        _ => RegistryError::Sqlite(e),
+    }
+}
+
+fn by_id(conn: &rusqlite::Connection, id: i64) -> Result<Option<Release>, RegistryError> {
+    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM releases WHERE id = ?1"), [id], from_row).optional()?)
+}
+
+fn in_flight(conn: &rusqlite::Connection, service: &str, environment: &str) -> Result<Option<Release>, RegistryError> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {COLUMNS} FROM releases WHERE service = ?1 AND environment = ?2
+                 AND state IN ('approved', 'deploying')"
+            ),
+            params![service, environment],
+            from_row,
+        )
+        .optional()?)
+}
+
+fn live(conn: &rusqlite::Connection, service: &str, environment: &str) -> Result<Option<Release>, RegistryError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM releases WHERE service = ?1 AND environment = ?2 AND state = 'live'"),
+            params![service, environment],
+            from_row,
+        )
+        .optional()?)
+}
+
+fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadText(String);
+
+fn state_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<State> {
+    row.get::<_, String>(i)?.parse().map_err(|e| conversion(i, BadText(e)))
+}
+
+fn digest_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Digest> {
+    row.get::<_, String>(i)?.parse().map_err(|e| conversion(i, e))
+}
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
+    Ok(Release {
+        id: row.get(0)?,
+        service: row.get(1)?,
+        environment: row.get(2)?,
+        digest: digest_at(row, 3)?,
+        kind: row.get::<_, String>(4)?.parse().map_err(|e| conversion(4, BadText(e)))?,
+        state: state_at(row, 5)?,
+        requested_by: row.get(6)?,
+        requester_owner: row.get(7)?,
+        requested_at: row.get(8)?,
+        source_environment: row.get(9)?,
+        replaces: row.get(10)?,
+        expires_at: row.get(11)?,
+        state_changed_at: row.get(12)?,
+    })
+}

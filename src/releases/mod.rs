@@ -1,0 +1,579 @@
+//! Releases: requests to put an artifact live (deploy, promote, rollback), the four-eyes
+//! approval, and the run of an approved release through the deploy seam.
+//!
+//! Policies (SPEC 3): `promote_from` (only what was live in the source environment),
+//! `requires_approval` (a different owner approves, binding the digest), rollback targets
+//! (what was live before), at most one release in flight per service and environment. Every
+//! decision is checked here; the registry makes each change atomic with its audit event and
+//! its triggers refuse anything off the state machine.
+
+mod deployer;
+mod model;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use deployer::{Deployer, Failure, Plan, RecordOnly};
+pub use model::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
+
+use crate::audit::NewEvent;
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::registry::{ConfiguredEnvironment, NewApproval, NewRelease, Registry, RegistryError};
+use crate::token::{Action, Principal, Role, TokenError};
+use crate::utc;
+
+/// How long a deploy lease lasts unless renewed, and how often it is renewed.
+const LEASE: Duration = Duration::from_secs(30);
+const LEASE_RENEWAL: Duration = Duration::from_secs(10);
+/// How often pending releases past their approval window are expired.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("{what} {name:?} is not in the configuration")]
+    NotConfigured { what: &'static str, name: String },
+    #[error("no artifact {digest} was uploaded for {service}")]
+    UnknownArtifact { service: String, digest: Digest },
+    #[error("no release {0}")]
+    NotFound(i64),
+    #[error(transparent)]
+    Forbidden(#[from] TokenError),
+    #[error("{0}; wait for it to finish")]
+    Conflict(RegistryError),
+    #[error("{owner} requested release {id}, so {owner} may not approve it: another person must (four eyes)")]
+    SelfApproval { id: i64, owner: String },
+    #[error("{digest} was never live in {source_env}, so it cannot go to {environment} (promote_from)")]
+    NotPromotable { digest: Digest, source_env: String, environment: String },
+    #[error("nothing is live for {service} in {environment}")]
+    NothingLive { service: String, environment: String },
+    #[error(
+        "no earlier release of {service} in {environment} went live with another artifact: nothing to roll back to"
+    )]
+    NoRollbackTarget { service: String, environment: String },
+    #[error("{digest} was never live for {service} in {environment}, so it is not a rollback target")]
+    NotLiveBefore { service: String, environment: String, digest: Digest },
+    #[error("release {id} is {state}: {what} needs a release waiting for approval")]
+    InvalidState { id: i64, state: State, what: &'static str },
+    #[error("release {id} expired at {at} without a decision")]
+    Expired { id: i64, at: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
+impl From<RegistryError> for ReleaseError {
+    fn from(e: RegistryError) -> ReleaseError {
+        match e {
+            e @ RegistryError::InFlight(_) => ReleaseError::Conflict(e),
+            RegistryError::ReleaseNotFound(id) => ReleaseError::NotFound(id),
+            e => ReleaseError::Registry(e),
+        }
+    }
+}
+
+/// A release as `show` answers it: its story, and who may still decide it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Shown {
+    #[serde(flatten)]
+    pub detail: Detail,
+    /// While pending: the owners whose tokens may approve it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Vec<String>>,
+}
+
+/// The release service. Cheap to clone.
+#[derive(Clone)]
+pub struct Releases {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    deployer: Arc<dyn Deployer>,
+    /// This server instance, as the owner of the deploy leases it takes.
+    instance: String,
+}
+
+impl Releases {
+    pub fn new(config: Arc<Config>, registry: Arc<Registry>, deployer: Arc<dyn Deployer>) -> Releases {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
+        Releases { config, registry, deployer, instance }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, ReleaseError> {
+        let registry = Arc::clone(&self.registry);
+        Ok(tokio::task::spawn_blocking(move || f(&registry)).await.expect("registry calls do not panic")?)
+    }
+
+    /// Records the configured services and environments; finishes or puts back what a
+    /// stopped server left in flight; starts the expiry sweep.
+    pub async fn start(&self) -> Result<(), ReleaseError> {
+        let services: Vec<(String, String)> = self
+            .config
+            .services
+            .values()
+            .map(|s| {
+                (s.name.clone(), serde_json::to_value(s.kind).expect("serializes").as_str().unwrap_or("").to_owned())
+            })
+            .collect();
+        let environments: Vec<ConfiguredEnvironment> = self
+            .config
+            .environments
+            .iter()
+            .map(|e| ConfiguredEnvironment {
+                name: e.name.clone(),
+                promote_from: e.promote_from.clone(),
+                requires_approval: e.requires_approval,
+            })
+            .collect();
+        self.blocking(move |r| r.sync_config(&services, &environments)).await?;
+        self.recover().await?;
+        let sweeper = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EXPIRY_SWEEP).await;
+                if let Err(e) = sweeper.blocking(|r| r.expire_pending()).await {
+                    tracing::error!(error = %e, "expiring pending releases failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A deploy left `deploying` by a stopped server is put back (its lease expired; nothing
+    /// is known of its nodes) and an `approved` one not yet started is started.
+    async fn recover(&self) -> Result<(), ReleaseError> {
+        let now = utc::now_text();
+        for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
+            let (service, environment) = (release.service.clone(), release.environment.clone());
+            let lease = self.blocking(move |r| r.lease(&service, &environment)).await?;
+            if lease.is_some_and(|(_, owner, until)| owner != self.instance && until > now) {
+                continue; // another running server holds it
+            }
+            let event = NewEvent::by_server(
+                "release.failed",
+                format!("release/{}", release.id),
+                serde_json::json!({"reason": "the server stopped during the deploy"}),
+            );
+            let id = release.id;
+            self.blocking(move |r| {
+                r.transition(id, State::Failed, "release", Some("the server stopped during the deploy"), &event)
+            })
+            .await?;
+            tracing::warn!(release = id, "a deploy was interrupted by a stop; marked failed");
+        }
+        for release in self.blocking(|r| r.releases_in_state(State::Approved)).await? {
+            self.launch(release);
+        }
+        Ok(())
+    }
+
+    fn environment(&self, name: &str) -> Result<&crate::config::Environment, ReleaseError> {
+        self.config
+            .environments
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| ReleaseError::NotConfigured { what: "environment", name: name.to_owned() })
+    }
+
+    fn check_scope(&self, principal: &Principal, action: Action, service: &str, env: &str) -> Result<(), ReleaseError> {
+        principal.require(action)?;
+        principal.require_service(service)?;
+        principal.require_environment(env)?;
+        if self.config.service(service).is_none() {
+            return Err(ReleaseError::NotConfigured { what: "service", name: service.to_owned() });
+        }
+        self.environment(env)?;
+        Ok(())
+    }
+
+    /// `release deploy S --env E DIGEST`.
+    pub async fn deploy(
+        &self,
+        p: &Principal,
+        service: &str,
+        env: &str,
+        digest: Digest,
+    ) -> Result<Release, ReleaseError> {
+        self.check_scope(p, Action::Deploy, service, env)?;
+        let environment = self.environment(env)?;
+        if environment.requires_approval && !p.has(Role::Deployer) && !p.has(Role::Admin) {
+            return Err(TokenError::CiNeedsNoApproval { name: p.name.clone(), environment: env.to_owned() }.into());
+        }
+        self.require_uploaded(service, digest).await?;
+        if let Some(source) = &environment.promote_from {
+            self.require_went_live(service, source, env, digest).await?;
+        }
+        self.request(p, Kind::Deploy, service, env, digest, None).await
+    }
+
+    /// `release promote S --to E [--from E0]`: what is live in E0 goes to E.
+    pub async fn promote(
+        &self,
+        p: &Principal,
+        service: &str,
+        env: &str,
+        from: Option<&str>,
+    ) -> Result<Release, ReleaseError> {
+        self.check_scope(p, Action::Promote, service, env)?;
+        let environment = self.environment(env)?;
+        let source = match from.map(str::to_owned).or_else(|| environment.promote_from.clone()) {
+            Some(source) => source,
+            None => {
+                return Err(ReleaseError::BadRequest(format!(
+                    "{env} has no promote_from; name the source environment with --from"
+                )));
+            }
+        };
+        self.environment(&source)?;
+        let (s, e) = (service.to_owned(), source.clone());
+        let live = self
+            .blocking(move |r| r.live_release(&s, &e))
+            .await?
+            .ok_or_else(|| ReleaseError::NothingLive { service: service.to_owned(), environment: source.clone() })?;
+        if let Some(required) = &environment.promote_from {
+            self.require_went_live(service, required, env, live.digest).await?;
+        }
+        self.request(p, Kind::Promote, service, env, live.digest, Some(source)).await
+    }
+
+    /// `release rollback S --env E [--to DIGEST]`.
+    pub async fn rollback(
+        &self,
+        p: &Principal,
+        service: &str,
+        env: &str,
+        to: Option<Digest>,
+    ) -> Result<Release, ReleaseError> {
+        self.check_scope(p, Action::Rollback, service, env)?;
+        let (s, e) = (service.to_owned(), env.to_owned());
+        let live = self
+            .blocking(move |r| r.live_release(&s, &e))
+            .await?
+            .ok_or_else(|| ReleaseError::NothingLive { service: service.to_owned(), environment: env.to_owned() })?;
+        let target = match to {
+            Some(digest) => {
+                let (s, e) = (service.to_owned(), env.to_owned());
+                if !self.blocking(move |r| r.went_live(&s, &e, digest)).await? {
+                    return Err(ReleaseError::NotLiveBefore {
+                        service: service.to_owned(),
+                        environment: env.to_owned(),
+                        digest,
+                    });
+                }
+                digest
+            }
+            None => {
+                let current = live.clone();
+                self.blocking(move |r| r.rollback_target(&current))
+                    .await?
+                    .ok_or_else(|| ReleaseError::NoRollbackTarget {
+                        service: service.to_owned(),
+                        environment: env.to_owned(),
+                    })?
+                    .digest
+            }
+        };
+        self.request(p, Kind::Rollback, service, env, target, None).await
+    }
+
+    async fn require_uploaded(&self, service: &str, digest: Digest) -> Result<(), ReleaseError> {
+        let uploads = self.blocking(move |r| r.artifact_uploads(digest)).await?;
+        if uploads.iter().any(|u| u.service == service) {
+            Ok(())
+        } else {
+            Err(ReleaseError::UnknownArtifact { service: service.to_owned(), digest })
+        }
+    }
+
+    async fn require_went_live(
+        &self,
+        service: &str,
+        source: &str,
+        env: &str,
+        digest: Digest,
+    ) -> Result<(), ReleaseError> {
+        let (s, e) = (service.to_owned(), source.to_owned());
+        if self.blocking(move |r| r.went_live(&s, &e, digest)).await? {
+            Ok(())
+        } else {
+            Err(ReleaseError::NotPromotable { digest, source_env: source.to_owned(), environment: env.to_owned() })
+        }
+    }
+
+    /// Records the request: pending when the environment requires approval (a rollback to an
+    /// artifact approved there before does not), else approved and started at once.
+    async fn request(
+        &self,
+        p: &Principal,
+        kind: Kind,
+        service: &str,
+        env: &str,
+        digest: Digest,
+        source_environment: Option<String>,
+    ) -> Result<Release, ReleaseError> {
+        let environment = self.environment(env)?.clone();
+        let approved_before = if kind == Kind::Rollback && environment.requires_approval {
+            let (s, e) = (service.to_owned(), env.to_owned());
+            self.blocking(move |r| r.was_approved(&s, &e, digest)).await?
+        } else {
+            false
+        };
+        let needs_approval = environment.requires_approval && !approved_before;
+        let (s, e) = (service.to_owned(), env.to_owned());
+        let replaces = self.blocking(move |r| r.live_release(&s, &e)).await?.map(|r| r.id);
+        let new = NewRelease {
+            service: service.to_owned(),
+            environment: env.to_owned(),
+            digest,
+            kind,
+            state: if needs_approval { State::PendingApproval } else { State::Approved },
+            requested_by: p.name.clone(),
+            requester_owner: p.owner.clone(),
+            source_environment,
+            replaces,
+            expires_at: needs_approval.then(|| {
+                utc::format(
+                    utc::now() + time::Duration::try_from(environment.approval_ttl).unwrap_or(time::Duration::DAY),
+                )
+            }),
+            note: match (needs_approval, approved_before, environment.requires_approval) {
+                (true, _, _) => Some(format!("{env} requires approval")),
+                (false, true, _) => Some("rollback to an artifact approved in this environment before".into()),
+                _ => None,
+            },
+        };
+        let event = NewEvent::by(
+            p,
+            &format!("release.{}", kind.as_str()),
+            String::new(),
+            serde_json::json!({
+                "service": service, "environment": env, "digest": digest,
+                "state": new.state, "replaces": replaces, "source_environment": new.source_environment,
+            }),
+        );
+        let release = self.blocking(move |r| r.create_release(&new, &event)).await?;
+        if release.state == State::Approved {
+            self.launch(release.clone());
+        }
+        Ok(release)
+    }
+
+    /// `release approve ID`: by an approver who is not the requester (owners compared).
+    pub async fn approve(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
+        let release = self.pending(p, id, "approval").await?;
+        if release.requester_owner == p.owner {
+            return Err(ReleaseError::SelfApproval { id, owner: p.owner.clone() });
+        }
+        let decision =
+            NewApproval { approve: true, decided_by: p.name.clone(), decider_owner: p.owner.clone(), reason: None };
+        let event =
+            NewEvent::by(p, "release.approve", format!("release/{id}"), serde_json::json!({"digest": release.digest}));
+        let release = self.blocking(move |r| r.decide(id, &decision, &event)).await?;
+        self.launch(release.clone());
+        Ok(release)
+    }
+
+    /// `release reject ID --reason TEXT`.
+    pub async fn reject(&self, p: &Principal, id: i64, reason: &str) -> Result<Release, ReleaseError> {
+        if reason.trim().is_empty() {
+            return Err(ReleaseError::BadRequest("a rejection needs a reason".into()));
+        }
+        let release = self.pending(p, id, "rejection").await?;
+        let decision = NewApproval {
+            approve: false,
+            decided_by: p.name.clone(),
+            decider_owner: p.owner.clone(),
+            reason: Some(reason.to_owned()),
+        };
+        let event = NewEvent::by(
+            p,
+            "release.reject",
+            format!("release/{id}"),
+            serde_json::json!({"digest": release.digest, "reason": reason}),
+        );
+        self.blocking(move |r| r.decide(id, &decision, &event)).await
+    }
+
+    /// `release cancel ID`: the requester (same owner) or an admin withdraws a pending release.
+    pub async fn cancel(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
+        p.require(Action::Cancel)?;
+        let release = self.find(id).await?;
+        p.require_service(&release.service)?;
+        p.require_environment(&release.environment)?;
+        if release.requester_owner != p.owner && !p.has(Role::Admin) {
+            return Err(TokenError::NotRequester { id, owner: release.requester_owner }.into());
+        }
+        if release.state != State::PendingApproval {
+            return Err(ReleaseError::InvalidState { id, state: release.state, what: "cancelling" });
+        }
+        let event = NewEvent::by(p, "release.cancel", format!("release/{id}"), serde_json::json!({}));
+        let actor = p.name.clone();
+        self.blocking(move |r| r.transition(id, State::Cancelled, &actor, Some("withdrawn"), &event)).await
+    }
+
+    async fn find(&self, id: i64) -> Result<Release, ReleaseError> {
+        self.blocking(move |r| r.release(id)).await?.ok_or(ReleaseError::NotFound(id))
+    }
+
+    /// A release an approver may decide now: in scope, pending, not expired.
+    async fn pending(&self, p: &Principal, id: i64, what: &'static str) -> Result<Release, ReleaseError> {
+        p.require(Action::Decide)?;
+        let release = self.find(id).await?;
+        p.require_service(&release.service)?;
+        p.require_environment(&release.environment)?;
+        if release.state != State::PendingApproval {
+            return Err(ReleaseError::InvalidState { id, state: release.state, what });
+        }
+        if let Some(at) = &release.expires_at
+            && at.as_str() <= utc::now_text().as_str()
+        {
+            self.blocking(|r| r.expire_pending()).await?;
+            return Err(ReleaseError::Expired { id, at: at.clone() });
+        }
+        Ok(release)
+    }
+
+    pub async fn show(&self, p: &Principal, id: i64) -> Result<Shown, ReleaseError> {
+        p.require(Action::Read)?;
+        let detail = self.blocking(move |r| r.release_detail(id)).await?.ok_or(ReleaseError::NotFound(id))?;
+        p.require_service(&detail.release.service)?;
+        let approvers = if detail.release.state == State::PendingApproval {
+            let (service, env, requester) = (
+                detail.release.service.clone(),
+                detail.release.environment.clone(),
+                detail.release.requester_owner.clone(),
+            );
+            let tokens = self.blocking(|r| r.tokens()).await?;
+            let now = utc::now_text();
+            let mut owners: Vec<String> = tokens
+                .into_iter()
+                .filter(|t| t.revoked_at.is_none() && t.expires_at.as_ref().is_none_or(|at| *at > now))
+                .filter(|t| t.roles.iter().any(|r| Action::Decide.allowed_roles().contains(r)))
+                .filter(|t| t.services.as_ref().is_none_or(|s| s.contains(&service)))
+                .filter(|t| t.environments.as_ref().is_none_or(|e| e.contains(&env)))
+                .filter(|t| t.owner != requester)
+                .map(|t| t.owner)
+                .collect();
+            owners.sort();
+            owners.dedup();
+            Some(owners)
+        } else {
+            None
+        };
+        Ok(Shown { detail, approvers })
+    }
+
+    pub async fn history(
+        &self,
+        p: &Principal,
+        service: Option<String>,
+        env: Option<String>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Release>, ReleaseError> {
+        p.require(Action::Read)?;
+        if let Some(service) = &service {
+            p.require_service(service)?;
+        }
+        let releases = self.blocking(move |r| r.history(service.as_deref(), env.as_deref(), limit, before)).await?;
+        Ok(releases.into_iter().filter(|r| p.require_service(&r.service).is_ok()).collect())
+    }
+
+    pub async fn status(&self, p: &Principal, service: Option<String>) -> Result<Vec<StatusRow>, ReleaseError> {
+        p.require(Action::Read)?;
+        if let Some(service) = &service {
+            p.require_service(service)?;
+        }
+        let rows = self.blocking(move |r| r.status(service.as_deref())).await?;
+        Ok(rows.into_iter().filter(|r| p.require_service(&r.service).is_ok()).collect())
+    }
+
+    /// Runs an approved release through the deploy seam, in the background.
+    fn launch(&self, release: Release) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = release.id;
+            if let Err(e) = this.run(release).await {
+                tracing::error!(release = id, error = %e, "running the release failed");
+            }
+        });
+    }
+
+    async fn run(&self, release: Release) -> Result<(), ReleaseError> {
+        let id = release.id;
+        let (lease_release, owner) = (release.clone(), self.instance.clone());
+        let taken = self.blocking(move |r| r.take_lease(&lease_release, &owner, &lease_expiry())).await?;
+        if !taken {
+            tracing::warn!(release = id, "another server holds the deploy lease; leaving it to that server");
+            return Ok(());
+        }
+        let event = NewEvent::by_server("release.deploying", format!("release/{id}"), serde_json::json!({}));
+        let release = self.blocking(move |r| r.transition(id, State::Deploying, "release", None, &event)).await?;
+
+        let renewer = {
+            let (this, leased) = (self.clone(), release.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LEASE_RENEWAL).await;
+                    let (r, owner) = (leased.clone(), this.instance.clone());
+                    match this.blocking(move |reg| reg.renew_lease(&r, &owner, &lease_expiry())).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::error!(release = leased.id, "the deploy lease was lost"),
+                        Err(e) => tracing::error!(release = leased.id, error = %e, "renewing the deploy lease failed"),
+                    }
+                }
+            })
+        };
+        let plan = self.plan(&release).await?;
+        let outcome = self.deployer.deploy(&plan).await;
+        renewer.abort();
+
+        let deployments = match &outcome {
+            Ok(d) => d.clone(),
+            Err(f) => f.deployments.clone(),
+        };
+        for deployment in deployments {
+            self.blocking(move |r| r.record_deployment(id, &deployment)).await?;
+        }
+        match outcome {
+            Ok(_) => {
+                let event = NewEvent::by_server("release.live", format!("release/{id}"), serde_json::json!({}));
+                self.blocking(move |r| r.go_live(id, &event)).await?;
+            }
+            Err(failure) => {
+                let event = NewEvent::by_server(
+                    "release.failed",
+                    format!("release/{id}"),
+                    serde_json::json!({"reason": failure.reason}),
+                );
+                self.blocking(move |r| r.transition(id, State::Failed, "release", Some(&failure.reason), &event))
+                    .await?;
+            }
+        }
+        let (r2, owner) = (release, self.instance.clone());
+        self.blocking(move |r| r.drop_lease(&r2, &owner)).await?;
+        Ok(())
+    }
+
+    async fn plan(&self, release: &Release) -> Result<Plan, ReleaseError> {
+        let service = self
+            .config
+            .service(&release.service)
+            .ok_or_else(|| ReleaseError::NotConfigured { what: "service", name: release.service.clone() })?
+            .clone();
+        let nodes = service.nodes.iter().filter(|n| n.environment == release.environment).cloned().collect();
+        let previous = match release.replaces {
+            Some(id) => self.blocking(move |r| r.release(id)).await?,
+            None => None,
+        };
+        Ok(Plan { release: release.clone(), previous, service, nodes })
+    }
+}
+
+fn lease_expiry() -> String {
+    utc::format(utc::now() + time::Duration::try_from(LEASE).expect("small"))
+}

@@ -1,0 +1,225 @@
+//! What a release is: its kind, its state machine (SPEC 3), and the rows that tell its story.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Deploy,
+    Promote,
+    Rollback,
+}
+
+/// `pending_approval → approved → deploying → live`, or `rejected`, `failed`, `cancelled`,
+/// `expired`, and `superseded` once a later release goes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    PendingApproval,
+    Approved,
+    Deploying,
+    Live,
+    Rejected,
+    Failed,
+    Cancelled,
+    Expired,
+    Superseded,
+}
+
+impl State {
+    pub const ALL: [State; 9] = [
+        State::PendingApproval,
+        State::Approved,
+        State::Deploying,
+        State::Live,
+        State::Rejected,
+        State::Failed,
+        State::Cancelled,
+        State::Expired,
+        State::Superseded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::PendingApproval => "pending_approval",
+            State::Approved => "approved",
+            State::Deploying => "deploying",
+            State::Live => "live",
+            State::Rejected => "rejected",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+            State::Expired => "expired",
+            State::Superseded => "superseded",
+        }
+    }
+
+    /// `approved` or `deploying`: at most one per (service, environment).
+    pub fn in_flight(self) -> bool {
+        matches!(self, State::Approved | State::Deploying)
+    }
+
+    /// No further change but `live → superseded`.
+    pub fn is_final(self) -> bool {
+        !matches!(self, State::PendingApproval | State::Approved | State::Deploying)
+    }
+
+    /// The transitions SPEC 3 allows (the database's trigger holds the same table).
+    pub fn may_become(self, next: State) -> bool {
+        use State::*;
+        matches!(
+            (self, next),
+            (PendingApproval, Approved | Rejected | Cancelled | Expired)
+                | (Approved, Deploying | Failed)
+                | (Deploying, Live | Failed)
+                | (Live, Superseded)
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown release state {s:?}"))
+    }
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Deploy => "deploy",
+            Kind::Promote => "promote",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Kind::Deploy, Kind::Promote, Kind::Rollback]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown release kind {s:?}"))
+    }
+}
+
+/// A release row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Release {
+    pub id: i64,
+    pub service: String,
+    pub environment: String,
+    pub digest: Digest,
+    pub kind: Kind,
+    pub state: State,
+    pub requested_by: String,
+    pub requester_owner: String,
+    pub requested_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_environment: Option<String>,
+    /// The release that was live when this one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    pub state_changed_at: String,
+}
+
+/// One change of a release's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    pub state: State,
+    pub at: String,
+    pub actor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The four-eyes decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Approval {
+    pub decision: String,
+    pub digest: Digest,
+    pub decided_by: String,
+    pub decider_owner: String,
+    pub decided_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One node's phase of one release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deployment {
+    pub node: String,
+    pub phase: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
+}
+
+/// A release with its whole story, as `show` tells it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Detail {
+    #[serde(flatten)]
+    pub release: Release,
+    /// The version label its artifact was uploaded with for this service.
+    pub version: Option<String>,
+    pub transitions: Vec<Transition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    pub deployments: Vec<Deployment>,
+}
+
+/// One cell of the status matrix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatusRow {
+    pub service: String,
+    pub environment: String,
+    /// The live artifact, if any.
+    pub digest: Option<Digest>,
+    /// The live release's id.
+    pub release: Option<i64>,
+    pub version: Option<String>,
+    pub since: Option<String>,
+    /// The release in flight (approved or deploying), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<i64>,
+    /// Releases waiting for approval.
+    pub pending: Vec<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_machine_of_spec_3() {
+        use State::*;
+        assert!(PendingApproval.may_become(Approved));
+        assert!(Approved.may_become(Deploying));
+        assert!(Deploying.may_become(Live));
+        assert!(Live.may_become(Superseded));
+        assert!(!Live.may_become(Deploying));
+        assert!(!Rejected.may_become(Approved));
+        assert!(!Superseded.may_become(Live));
+        assert!(!PendingApproval.may_become(Live));
+        for s in State::ALL {
+            assert_eq!(s.as_str().parse::<State>().unwrap(), s);
+            assert!(!s.may_become(s), "{s} to itself");
+        }
+        assert!(Approved.in_flight() && Deploying.in_flight() && !Live.in_flight());
+    }
+}

@@ -1,0 +1,86 @@
+//! The audit endpoints: export as JSON lines (streamed page by page), and verification.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::ApiQuery;
+use crate::audit::{self, Verification};
+use crate::token::Action;
+
+/// Events per registry read while streaming an export.
+const EXPORT_PAGE: u64 = 5_000;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/audit/events", get(export)).route("/audit/verify", get(verify))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    /// Only events after this sequence number.
+    after: Option<u64>,
+    /// Only events at or after this time (RFC 3339).
+    since: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn export(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> Result<Response, ApiError> {
+    p.require(Action::ReadAudit)?;
+    if let Some(since) = &q.since {
+        crate::utc::parse(since)
+            .map_err(|e| ApiError::bad_request(format!("since: {since:?} is not an RFC 3339 time: {e}")))?;
+    }
+    let registry = Arc::clone(&state.registry);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut after = q.after.unwrap_or(0);
+        let mut left = q.limit.unwrap_or(u64::MAX);
+        while left > 0 {
+            let page = match registry.audit_events(after, q.since.as_deref(), EXPORT_PAGE.min(left)) {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            let Some(last) = page.last().map(|e| e.seq) else { return };
+            let mut lines = Vec::with_capacity(page.len() * 300);
+            for event in &page {
+                serde_json::to_writer(&mut lines, event).expect("events serialize");
+                lines.push(b'\n');
+            }
+            left -= page.len() as u64;
+            after = last;
+            if tx.blocking_send(Ok(lines)).is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream_from(rx));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn verify(State(state): State<AppState>, Caller(p): Caller) -> Result<Json<Verification>, ApiError> {
+    p.require(Action::ReadAudit)?;
+    Ok(Json(audit::verify(&state.registry, &state.store).await?))
+}

@@ -1,0 +1,163 @@
+//! The release endpoints: deploy, promote, rollback, approve, reject, cancel, show, history,
+//! status. Each handler extracts, calls one `Releases` method, answers.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::digest::Digest;
+use crate::releases::{Release, Shown, StatusRow};
+
+const MAX_PAGE: u32 = 500;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/releases", post(deploy).get(history))
+        .route("/releases/promote", post(promote))
+        .route("/releases/rollback", post(rollback))
+        .route("/releases/{id}", get(show))
+        .route("/releases/{id}/approve", post(approve))
+        .route("/releases/{id}/reject", post(reject))
+        .route("/releases/{id}/cancel", post(cancel))
+        .route("/status", get(status))
+}
+
+type Created = (StatusCode, Json<Release>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    service: String,
+    environment: String,
+    digest: Digest,
+}
+
+async fn deploy(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiJson(b): ApiJson<DeployBody>,
+) -> Result<Created, ApiError> {
+    let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest).await?;
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteBody {
+    service: String,
+    environment: String,
+    from: Option<String>,
+}
+
+async fn promote(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiJson(b): ApiJson<PromoteBody>,
+) -> Result<Created, ApiError> {
+    let release = state.releases.promote(&p, &b.service, &b.environment, b.from.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    service: String,
+    environment: String,
+    to: Option<Digest>,
+}
+
+async fn rollback(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiJson(b): ApiJson<RollbackBody>,
+) -> Result<Created, ApiError> {
+    let release = state.releases.rollback(&p, &b.service, &b.environment, b.to).await?;
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Release>, ApiError> {
+    Ok(Json(state.releases.approve(&p, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectBody {
+    reason: String,
+}
+
+async fn reject(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(b): ApiJson<RejectBody>,
+) -> Result<Json<Release>, ApiError> {
+    Ok(Json(state.releases.reject(&p, id, &b.reason).await?))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Release>, ApiError> {
+    Ok(Json(state.releases.cancel(&p, id).await?))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Shown>, ApiError> {
+    Ok(Json(state.releases.show(&p, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    service: Option<String>,
+    environment: Option<String>,
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct HistoryAnswer {
+    releases: Vec<Release>,
+    /// Pass as `before` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<i64>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<Json<HistoryAnswer>, ApiError> {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let releases = state.releases.history(&p, q.service, q.environment, limit, q.before).await?;
+    let next = (releases.len() == limit as usize).then(|| releases.last().map(|r| r.id)).flatten();
+    Ok(Json(HistoryAnswer { releases, next }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    service: Option<String>,
+}
+
+async fn status(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiQuery(q): ApiQuery<StatusQuery>,
+) -> Result<Json<Vec<StatusRow>>, ApiError> {
+    Ok(Json(state.releases.status(&p, q.service).await?))
+}

@@ -1,0 +1,96 @@
+//! Many concurrent deploys of one service to one environment: exactly one is accepted, the
+//! rest are refused naming it, and nothing is corrupted.
+
+use std::sync::{Arc, Barrier};
+
+use futures::future::BoxFuture;
+use release::releases::{Deployer, Deployment, Failure, Plan};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::archives;
+use crate::support::inprocess::InProcessServer;
+
+/// Holds every deploy until the test lets it go.
+struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Deployer for Gate {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+        Box::pin(async move {
+            let _pass = self.0.acquire().await.expect("the gate stays open");
+            Ok(vec![])
+        })
+    }
+}
+
+#[test]
+fn exactly_one_of_many_concurrent_deploys_is_accepted() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Gate(Arc::clone(&gate))));
+    let ci = server.token("ci", "ci", "gitlab");
+    let auditor = server.token("carol", "auditor", "carol");
+    let http = reqwest::blocking::Client::new();
+    let uploaded: Value = http
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&ci)
+        .body(archives::valid("v1"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let digest = uploaded["digest"].as_str().unwrap().to_owned();
+
+    const N: usize = 16;
+    let barrier = Arc::new(Barrier::new(N));
+    let answers: Vec<(StatusCode, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                let (barrier, http, url, ci, digest) = (Arc::clone(&barrier), http.clone(), &server.url, &ci, &digest);
+                scope.spawn(move || {
+                    barrier.wait();
+                    let response = http
+                        .post(format!("{url}/v1/releases"))
+                        .bearer_auth(ci)
+                        .json(&json!({"service": "api", "environment": "staging", "digest": digest}))
+                        .send()
+                        .unwrap();
+                    (response.status(), response.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let accepted: Vec<&Value> = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).map(|(_, v)| v).collect();
+    assert_eq!(accepted.len(), 1, "{answers:#?}");
+    let id = accepted[0]["id"].as_i64().unwrap();
+    for (status, body) in answers.iter().filter(|(s, _)| *s != StatusCode::CREATED) {
+        assert_eq!(*status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], "conflict");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("release {id} of api in staging is in flight")), "{message}");
+    }
+
+    // Let the one deploy finish: it goes live, and the registry tells one consistent story.
+    gate.add_permits(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let shown: Value =
+            http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&auditor).send().unwrap().json().unwrap();
+        if shown["state"] == "live" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let history: Value =
+        http.get(format!("{}/v1/releases", server.url)).bearer_auth(&auditor).send().unwrap().json().unwrap();
+    assert_eq!(history["releases"].as_array().unwrap().len(), 1);
+    let events =
+        http.get(format!("{}/v1/audit/events", server.url)).bearer_auth(&auditor).send().unwrap().text().unwrap();
+    let refusals = events.lines().filter(|l| l.contains("\"request.refused\"") && l.contains("\"conflict\"")).count();
+    assert_eq!(refusals, N - 1, "every refused deploy is on record");
+    let verified: Value =
+        http.get(format!("{}/v1/audit/verify", server.url)).bearer_auth(&auditor).send().unwrap().json().unwrap();
+    assert_eq!(verified["ok"], true, "{verified}");
+}

@@ -1,0 +1,232 @@
+//! SPEC 9 refusals about releases, roles and policies, each its own test, each checking the
+//! audit event it leaves.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::releases::Fixture;
+
+fn deploy_body(env: &str, digest: &str) -> serde_json::Value {
+    json!({"service": "api", "environment": env, "digest": digest})
+}
+
+#[test]
+fn promote_of_an_artifact_never_live_in_the_source_environment() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let (status, body) = f.post("alice", "/v1/releases", deploy_body("production", &v1));
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "not_promotable");
+    assert!(body["error"]["message"].as_str().unwrap().contains("never live in staging"));
+    f.assert_refusal_recorded("alice", 409, "not_promotable");
+
+    // Nothing live in staging at all: nothing to promote.
+    let out = f.cli("alice").args(["promote", "api", "--to", "production"]).assert_exit(3);
+    assert!(out.stderr().contains("nothing is live for api in staging"), "{out}");
+    f.assert_refusal_recorded("alice", 409, "nothing_live");
+    assert!(f.get("carol", "/v1/releases")["releases"].as_array().unwrap().is_empty(), "no release was recorded");
+}
+
+#[test]
+fn self_approval_is_refused() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
+    let id = pending["id"].as_i64().unwrap();
+    let (status, body) = f.post("alice-approver", &format!("/v1/releases/{id}/approve"), json!({}));
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "self_approval");
+    f.assert_refusal_recorded("alice-approver", 409, "self_approval");
+    assert_eq!(f.get("carol", &format!("/v1/releases/{id}"))["state"], "pending_approval");
+}
+
+#[test]
+fn a_role_that_does_not_allow_the_action_is_403() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let (status, body) = f.post("carol", "/v1/releases", deploy_body("staging", &v1));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"]["message"].as_str().unwrap().contains("may not deploy"));
+    f.assert_refusal_recorded("carol", 403, "forbidden");
+
+    let (status, _) = f.post("ci", "/v1/releases/rollback", json!({"service": "api", "environment": "staging"}));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    f.assert_refusal_recorded("ci", 403, "forbidden");
+}
+
+#[test]
+fn ci_deploys_only_where_no_approval_is_needed() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let out = f.cli("ci").args(["deploy", "api", "--env", "production", &v1]).assert_exit(5);
+    assert!(out.stderr().contains("deploys only to environments without approval"), "{out}");
+    f.assert_refusal_recorded("ci", 403, "forbidden");
+}
+
+#[test]
+fn missing_unknown_and_revoked_tokens_are_401_and_recorded() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let url = format!("{}/v1/releases", f.server.url);
+    let response = f.server.http().post(&url).json(&deploy_body("staging", &v1)).send().unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    f.server.cli().args(["token", "revoke", "alice"]).assert_success();
+    let response =
+        f.server.http().post(&url).bearer_auth(f.token("alice")).json(&deploy_body("staging", &v1)).send().unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let refused = f.events("request.refused");
+    let unauthenticated: Vec<_> = refused.iter().filter(|e| e["actor"] == "(unauthenticated)").collect();
+    assert_eq!(unauthenticated.len(), 2, "{refused:#?}");
+    assert!(unauthenticated.iter().all(|e| e["subject"] == "POST /v1/releases"));
+    assert!(unauthenticated[1]["details"]["message"].as_str().unwrap().contains("revoked"));
+    assert_eq!(f.events("token.revoke").len(), 1, "the revocation itself is recorded too");
+}
+
+#[test]
+fn a_token_scoped_to_other_environments_is_403() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let staging_only = f.server.token_with("ci-staging", "deployer", &["--envs", "staging"]);
+    let response = f
+        .server
+        .http()
+        .post(format!("{}/v1/releases/promote", f.server.url))
+        .bearer_auth(&staging_only)
+        .json(&json!({"service": "api", "environment": "production"}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    f.assert_refusal_recorded("ci-staging", 403, "forbidden");
+    let _ = v1;
+}
+
+#[test]
+fn a_pending_release_expires_and_cannot_be_approved_then() {
+    let f = Fixture::with_config(
+        "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n\
+         promote_from = \"staging\"\nrequires_approval = true\napproval_ttl = \"1s\"\n",
+    );
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
+    let id = pending["id"].as_i64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (status, body) = f.post("bob", &format!("/v1/releases/{id}/approve"), json!({}));
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "expired");
+    assert_eq!(f.get("carol", &format!("/v1/releases/{id}"))["state"], "expired");
+    assert_eq!(f.events("release.expire").len(), 1);
+    f.assert_refusal_recorded("bob", 409, "expired");
+}
+
+#[test]
+fn deciding_a_release_that_is_not_pending_is_refused() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let live = f.live_in("ci", "staging", &v1);
+    let id = live["id"].as_i64().unwrap();
+    let (status, body) = f.post("bob", &format!("/v1/releases/{id}/approve"), json!({}));
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "invalid_state");
+    f.assert_refusal_recorded("bob", 409, "invalid_state");
+}
+
+#[test]
+fn rollback_targets_must_have_been_live_before() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let v2 = f.upload("v2");
+    // Nothing live: nothing to roll back.
+    let (status, body) = f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging"}));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("nothing_live")));
+    // One release only: no earlier one to go back to.
+    f.live_in("ci", "staging", &v1);
+    let (status, body) = f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging"}));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("no_rollback_target")));
+    // --to an artifact never live there.
+    let (status, body) =
+        f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging", "to": v2}));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_live_before")));
+    f.assert_refusal_recorded("alice", 409, "not_live_before");
+    // After v2 went live, --to v1 is fine.
+    f.live_in("ci", "staging", &v2);
+    let (status, body) =
+        f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging", "to": v1}));
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(f.settle(body["id"].as_i64().unwrap())["digest"], v1.as_str());
+}
+
+#[test]
+fn a_rollback_to_an_artifact_never_approved_there_waits_for_approval() {
+    // Production needed no approval when v1 and v2 went live there; now it does.
+    let mut f = Fixture::with_config("[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"production\"\n");
+    let v1 = f.upload("v1");
+    let v2 = f.upload("v2");
+    f.live_in("alice", "production", &v1);
+    f.live_in("alice", "production", &v2);
+    f.server.reconfigure(
+        "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"production\"\nrequires_approval = true\n",
+    );
+    let (status, rollback) =
+        f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "production"}));
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(rollback["state"], "pending_approval", "v1 was never approved in production: {rollback}");
+    assert_eq!(rollback["digest"], v1.as_str());
+    let id = rollback["id"].as_i64().unwrap();
+    f.post("bob", &format!("/v1/releases/{id}/approve"), json!({}));
+    assert_eq!(f.settle(id)["state"], "live");
+    assert_eq!(f.events("config.environment").len(), 2, "the configuration change is on record");
+}
+
+const CONFIG_APPROVAL_ONLY: &str = "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n\
+    [[environment]]\nname = \"production\"\nrequires_approval = true\n";
+
+#[test]
+fn only_the_requester_or_an_admin_may_cancel() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
+    let id = pending["id"].as_i64().unwrap();
+    let (status, _) = f.post("ci", &format!("/v1/releases/{id}/cancel"), json!({}));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    f.assert_refusal_recorded("ci", 403, "forbidden");
+    let out = f.cli("alice").args(["cancel", &id.to_string(), "--json"]).assert_success().json();
+    assert_eq!(out["state"], "cancelled");
+    assert_eq!(f.events("release.cancel").len(), 1);
+}
+
+#[test]
+fn a_rejected_release_ends_the_wait_with_exit_3() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
+    let id = pending["id"].as_i64().unwrap();
+    let out = f.cli("bob").args(["reject", &id.to_string(), "--reason", "changelog missing"]).assert_success();
+    assert!(out.stdout().contains("rejected"), "{out}");
+    let shown = f.get("carol", &format!("/v1/releases/{id}"));
+    assert_eq!(shown["approval"]["decision"], "rejected");
+    assert_eq!(shown["approval"]["reason"], "changelog missing");
+    let (status, body) = f.post("bob", &format!("/v1/releases/{id}/reject"), json!({"reason": ""}));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+}
+
+#[test]
+fn a_pending_release_is_cancelled_when_another_goes_live_first() {
+    let f = Fixture::with_config(CONFIG_APPROVAL_ONLY);
+    let v1 = f.upload("v1");
+    let v2 = f.upload("v2");
+    let (_, pending) = f.post("alice", "/v1/releases", deploy_body("production", &v1));
+    let stale = pending["id"].as_i64().unwrap();
+    let (_, other) = f.post("alice", "/v1/releases", deploy_body("production", &v2));
+    let other = other["id"].as_i64().unwrap();
+    f.post("bob", &format!("/v1/releases/{other}/approve"), json!({}));
+    assert_eq!(f.settle(other)["state"], "live");
+    let shown = f.get("carol", &format!("/v1/releases/{stale}"));
+    assert_eq!(shown["state"], "cancelled");
+    let (status, body) = f.post("bob", &format!("/v1/releases/{stale}/approve"), json!({}));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("invalid_state")));
+}

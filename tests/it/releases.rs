@@ -1,0 +1,257 @@
+//! Releases through the real binary and a real server: the whole story, and every refusal
+//! of SPEC 9 about releases, roles and policies, each with the audit event it leaves.
+
+use std::collections::HashMap;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Backend, TestServer, archives};
+
+const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\n[service.api]\nkind = \"generic\"\n\
+    [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
+    requires_approval = true\napproval_ttl = \"24h\"\n";
+
+/// A server with the usual cast: CI (gitlab), Alice who deploys, Bob who approves, Alice's own
+/// approver token, and Carol the auditor.
+pub struct Fixture {
+    pub server: TestServer,
+    tokens: HashMap<&'static str, String>,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        Fixture::with_config(CONFIG)
+    }
+
+    pub fn with_config(config: &str) -> Fixture {
+        let server = TestServer::start_with(Backend::Local, config);
+        let mut tokens = HashMap::new();
+        for (name, roles, owner) in [
+            ("ci", "ci", "gitlab"),
+            ("alice", "deployer", "alice"),
+            ("alice-approver", "approver", "alice"),
+            ("bob", "approver", "bob"),
+            ("carol", "auditor", "carol"),
+            ("root", "admin", "root"),
+        ] {
+            tokens.insert(name, server.token_with(name, roles, &["--owner", owner]));
+        }
+        Fixture { server, tokens }
+    }
+
+    pub fn token(&self, who: &str) -> &str {
+        &self.tokens[who]
+    }
+
+    /// Uploads a small archive for `api`; returns its digest.
+    pub fn upload(&self, content: &str) -> String {
+        let response = self
+            .server
+            .http()
+            .post(format!("{}/v1/artifacts?service=api&version={content}", self.server.url))
+            .bearer_auth(self.token("ci"))
+            .body(archives::valid(content))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.text().unwrap());
+        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+    }
+
+    pub fn post(&self, who: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .server
+            .http()
+            .post(format!("{}{path}", self.server.url))
+            .bearer_auth(self.token(who))
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = response.status();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    pub fn get(&self, who: &str, path: &str) -> Value {
+        let response =
+            self.server.http().get(format!("{}{path}", self.server.url)).bearer_auth(self.token(who)).send().unwrap();
+        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        response.json().unwrap()
+    }
+
+    /// The CLI as `who`.
+    pub fn cli(&self, who: &str) -> crate::support::TestCommand {
+        let mut cmd = self.server.cli();
+        cmd.env("RELEASE_TOKEN", self.token(who));
+        cmd
+    }
+
+    /// Waits until release `id` is in a final state; returns it.
+    pub fn settle(&self, id: i64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let shown = self.get("carol", &format!("/v1/releases/{id}"));
+            if !matches!(shown["state"].as_str(), Some("approved" | "deploying")) {
+                return shown;
+            }
+            assert!(std::time::Instant::now() < deadline, "release {id} did not settle: {shown}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Deploys `digest` to `env` by the API as `who` and waits for it; returns the release.
+    pub fn live_in(&self, who: &str, env: &str, digest: &str) -> Value {
+        let (status, release) =
+            self.post(who, "/v1/releases", json!({"service": "api", "environment": env, "digest": digest}));
+        assert_eq!(status, StatusCode::CREATED, "{release}");
+        let settled = self.settle(release["id"].as_i64().unwrap());
+        assert_eq!(settled["state"], "live", "{settled}");
+        settled
+    }
+
+    /// The audit events with this action, oldest first.
+    pub fn events(&self, action: &str) -> Vec<Value> {
+        let response = self
+            .server
+            .http()
+            .get(format!("{}/v1/audit/events", self.server.url))
+            .bearer_auth(self.token("carol"))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success());
+        response
+            .text()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["action"] == action)
+            .collect()
+    }
+
+    /// Asserts the refusal left its audit event: actor, status and error code.
+    pub fn assert_refusal_recorded(&self, actor: &str, status: u16, code: &str) {
+        let found = self.events("request.refused");
+        assert!(
+            found
+                .iter()
+                .any(|e| e["actor"] == actor && e["details"]["status"] == status && e["details"]["code"] == code),
+            "no request.refused event by {actor} with {status} {code} in {found:#?}"
+        );
+    }
+
+    /// status, history and show tell the same story.
+    pub fn assert_views_agree(&self) {
+        let status = self.get("carol", "/v1/status");
+        for cell in status.as_array().unwrap() {
+            let (service, env) = (cell["service"].as_str().unwrap(), cell["environment"].as_str().unwrap());
+            let history = self.get("carol", &format!("/v1/releases?service={service}&environment={env}&limit=500"));
+            let rows = history["releases"].as_array().unwrap();
+            let live: Vec<&Value> = rows.iter().filter(|r| r["state"] == "live").collect();
+            match cell["release"].as_i64() {
+                Some(id) => {
+                    assert_eq!(live.len(), 1, "{env}: exactly one live release in history: {history}");
+                    assert_eq!(live[0]["id"], id, "{env}: status and history name the same live release");
+                    assert_eq!(live[0]["digest"], cell["digest"]);
+                    let shown = self.get("carol", &format!("/v1/releases/{id}"));
+                    assert_eq!(shown["state"], "live");
+                    assert_eq!(shown["digest"], cell["digest"]);
+                }
+                None => assert!(live.is_empty(), "{env}: history has a live release status does not show"),
+            }
+            for pending in cell["pending"].as_array().unwrap() {
+                let shown = self.get("carol", &format!("/v1/releases/{pending}"));
+                assert_eq!(shown["state"], "pending_approval");
+            }
+            for row in rows {
+                let shown = self.get("carol", &format!("/v1/releases/{}", row["id"]));
+                assert_eq!(shown["state"], row["state"], "show and history agree on release {}", row["id"]);
+                assert_eq!(shown["transitions"].as_array().unwrap().last().unwrap()["state"], row["state"]);
+            }
+        }
+    }
+}
+
+fn status_cell(f: &Fixture, env: &str) -> Value {
+    let status = f.get("carol", "/v1/status?service=api");
+    status.as_array().unwrap().iter().find(|c| c["environment"] == env).unwrap().clone()
+}
+
+#[test]
+fn the_full_story_through_the_binary() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let v2 = f.upload("v2");
+
+    // CI deploys v1 to staging and waits for it.
+    let out = f.cli("ci").args(["deploy", "api", "--env", "staging", &v1, "--wait", "--json"]).assert_success().json();
+    assert_eq!(out["state"], "live");
+    assert_eq!(status_cell(&f, "staging")["digest"], v1.as_str());
+    assert!(status_cell(&f, "production")["digest"].is_null());
+    f.assert_views_agree();
+
+    // Alice promotes it to production: it waits for approval.
+    let promoted = f.cli("alice").args(["promote", "api", "--to", "production", "--json"]).assert_success().json();
+    assert_eq!(promoted["state"], "pending_approval");
+    assert_eq!(promoted["digest"], v1.as_str());
+    let id = promoted["id"].as_i64().unwrap();
+    assert_eq!(status_cell(&f, "production")["pending"], json!([id]));
+    let shown = f.get("carol", &format!("/v1/releases/{id}"));
+    assert_eq!(shown["approvers"], json!(["bob", "root"]), "Alice's own approver token is not listed");
+    f.assert_views_agree();
+
+    // Alice's other token may not approve it: four eyes compares owners.
+    let out = f.cli("alice-approver").args(["approve", &id.to_string()]).assert_exit(3);
+    assert!(out.stderr().contains("self_approval"), "{out}");
+    f.assert_refusal_recorded("alice-approver", 409, "self_approval");
+    assert_eq!(f.get("carol", &format!("/v1/releases/{id}"))["state"], "pending_approval");
+
+    // Bob approves and follows it live.
+    let out = f.cli("bob").args(["approve", &id.to_string(), "--wait"]).assert_success();
+    assert!(out.stdout().contains("is live"), "{out}");
+    let shown = f.get("carol", &format!("/v1/releases/{id}"));
+    assert_eq!(shown["state"], "live");
+    assert_eq!(shown["approval"]["decided_by"], "bob");
+    assert_eq!(shown["approval"]["digest"], v1.as_str(), "the approval binds the digest");
+    assert_eq!(status_cell(&f, "production")["release"], id);
+    f.assert_views_agree();
+
+    // Another artifact through the same path.
+    f.live_in("ci", "staging", &v2);
+    let second = f.cli("alice").args(["promote", "api", "--to", "production", "--json"]).assert_success().json();
+    let second_id = second["id"].as_i64().unwrap();
+    f.cli("bob").args(["approve", &second_id.to_string(), "--wait"]).assert_success();
+    assert_eq!(status_cell(&f, "production")["digest"], v2.as_str());
+    assert_eq!(f.get("carol", &format!("/v1/releases/{id}"))["state"], "superseded");
+    f.assert_views_agree();
+
+    // Roll back: v1 was approved in production before, so no second approval is needed.
+    let out =
+        f.cli("alice").args(["rollback", "api", "--env", "production", "--wait", "--json"]).assert_success().json();
+    assert_eq!(out["state"], "live");
+    assert_eq!(out["kind"], "rollback");
+    assert_eq!(out["digest"], v1.as_str());
+    assert!(out["approval"].is_null());
+    assert_eq!(status_cell(&f, "production")["digest"], v1.as_str());
+    assert_eq!(f.get("carol", &format!("/v1/releases/{second_id}"))["state"], "superseded");
+    f.assert_views_agree();
+
+    // The human views tell the same.
+    let status = f.cli("carol").args(["status", "api"]).assert_success().stdout();
+    assert!(status.contains(&v1[7..19]), "{status}");
+    let history = f.cli("carol").args(["history", "api", "--env", "production", "--json"]).assert_success().json();
+    let states: Vec<&str> = history.as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["live", "superseded", "superseded"]);
+
+    // And the audit log holds every step, intact.
+    for action in [
+        "release.deploy",
+        "release.promote",
+        "release.approve",
+        "release.live",
+        "release.rollback",
+        "release.superseded",
+    ] {
+        assert!(!f.events(action).is_empty(), "no {action} event");
+    }
+    let verified = f.cli("carol").args(["audit", "verify", "--json"]).assert_success().json();
+    assert_eq!(verified["ok"], true);
+}
