@@ -38,10 +38,13 @@ CREATE TABLE releases (
     state_changed_at   TEXT NOT NULL
 ) STRICT;
 
+-- History by service and environment, by service, by environment (newest first); rollback
+-- targets and "was it live there" by digest; what waits for approval, per cell and by expiry.
 CREATE INDEX releases_by_service_environment ON releases (service, environment, id DESC);
+CREATE INDEX releases_by_service ON releases (service, id DESC);
 CREATE INDEX releases_by_environment ON releases (environment, id DESC);
 CREATE INDEX releases_by_digest ON releases (digest, environment);
-CREATE INDEX releases_pending ON releases (expires_at) WHERE state = 'pending_approval';
+CREATE INDEX releases_pending ON releases (service, environment, expires_at) WHERE state = 'pending_approval';
 -- At most one release in flight and at most one live per (service, environment): the
 -- database itself refuses a second.
 CREATE UNIQUE INDEX one_in_flight ON releases (service, environment) WHERE state IN ('approved', 'deploying');

@@ -523,6 +523,17 @@ impl Registry {
         })
     }
 
+    /// Removes the lease of a release whoever holds it (recovery, under the data-dir lock).
+    pub fn drop_any_lease(&self, release: &Release) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            conn.execute(
+                "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND release_id = ?3",
+                params![release.service, release.environment, release.id],
+            )?;
+            Ok(())
+        })
+    }
+
     /// The lease on (service, environment): owner and expiry.
     pub fn lease(&self, service: &str, environment: &str) -> Result<Option<(i64, String, String)>, RegistryError> {
         self.read(|conn| {

@@ -143,24 +143,18 @@ impl Releases {
         Ok(())
     }
 
-    /// A deploy left `deploying` by a stopped server is put back (its lease expired; nothing
-    /// is known of its nodes) and an `approved` one not yet started is started.
+    /// A deploy left `deploying` by a stopped server is resolved, and an `approved` one not
+    /// yet started is started. The server holds its data directory's lock, so every lease in
+    /// the registry belonged to a server that is gone: none needs a human to remove it.
     async fn recover(&self) -> Result<(), ReleaseError> {
-        let now = utc::now_text();
         for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
-            let (service, environment) = (release.service.clone(), release.environment.clone());
-            let lease = self.blocking(move |r| r.lease(&service, &environment)).await?;
-            if lease.is_some_and(|(_, owner, until)| owner != self.instance && until > now) {
-                continue; // another running server holds it
-            }
-            let event = NewEvent::by_server(
-                "release.failed",
-                format!("release/{}", release.id),
-                serde_json::json!({"reason": "the server stopped during the deploy"}),
-            );
             let id = release.id;
+            let why = "the server stopped during the deploy";
+            let event =
+                NewEvent::by_server("release.failed", format!("release/{id}"), serde_json::json!({"reason": why}));
             self.blocking(move |r| {
-                r.transition(id, State::Failed, "release", Some("the server stopped during the deploy"), &event)
+                r.transition(id, State::Failed, "release", Some(why), &event)?;
+                r.drop_any_lease(&release)
             })
             .await?;
             tracing::warn!(release = id, "a deploy was interrupted by a stop; marked failed");

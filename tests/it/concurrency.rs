@@ -94,3 +94,52 @@ fn exactly_one_of_many_concurrent_deploys_is_accepted() {
         http.get(format!("{}/v1/audit/verify", server.url)).bearer_auth(&auditor).send().unwrap().json().unwrap();
     assert_eq!(verified["ok"], true, "{verified}");
 }
+
+#[test]
+fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let config = "[service.api]\nkind = \"generic\"\n";
+    let server = InProcessServer::start(config, Arc::new(Gate(Arc::clone(&gate))));
+    let ci = server.token("ci", "ci", "gitlab");
+    let http = reqwest::blocking::Client::new();
+    let uploaded: Value = http
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&ci)
+        .body(archives::valid("v1"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let body = json!({"service": "api", "environment": "staging", "digest": uploaded["digest"]});
+    let first: Value =
+        http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap().json().unwrap();
+    let id = first["id"].as_i64().unwrap();
+    // Wait until it is deploying (held by the gate), then stop the server under it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let shown: Value =
+            http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&ci).send().unwrap().json().unwrap();
+        if shown["state"] == "deploying" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let dir = server.crash();
+
+    // The next start resolves it: failed with the reason, no lease left, a new deploy accepted.
+    let server = InProcessServer::start_in(dir, config, Arc::new(release::releases::RecordOnly));
+    let shown: Value =
+        http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&ci).send().unwrap().json().unwrap();
+    assert_eq!(shown["state"], "failed", "{shown}");
+    assert_eq!(
+        shown["transitions"].as_array().unwrap().last().unwrap()["reason"],
+        "the server stopped during the deploy"
+    );
+    let again = http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    let conn = rusqlite::Connection::open(server.data_dir().join("registry.db")).unwrap();
+    let leases: i64 =
+        conn.query_row("SELECT count(*) FROM deploy_leases WHERE release_id = ?1", [id], |r| r.get(0)).unwrap();
+    assert_eq!(leases, 0);
+}

@@ -19,6 +19,11 @@ pub struct InProcessServer {
 impl InProcessServer {
     pub fn start(extra: &str, deployer: Arc<dyn Deployer>) -> InProcessServer {
         let dir = tempfile::Builder::new().prefix("release-inproc-").tempdir().unwrap();
+        InProcessServer::start_in(dir, extra, deployer)
+    }
+
+    /// Starts on an existing directory (and so the registry and store a stopped server left).
+    pub fn start_in(dir: tempfile::TempDir, extra: &str, deployer: Arc<dyn Deployer>) -> InProcessServer {
         let config_path = dir.path().join("release.toml");
         std::fs::write(
             &config_path,
@@ -57,13 +62,27 @@ impl InProcessServer {
     }
 }
 
-impl Drop for InProcessServer {
-    fn drop(&mut self) {
+impl InProcessServer {
+    /// Stops the server at once, as a crash would for whatever it was doing (its runtime and
+    /// every task on it are dropped), and hands back its directory.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        self.stop_now();
+        let placeholder = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    fn stop_now(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        self.stop_now();
     }
 }
