@@ -6,9 +6,12 @@
 -- deleted. Triggers enforce it, so not even a bug in our own code can rewrite history.
 
 -- What the configuration declared, as the registry saw it (configuration is the source).
+-- A service or environment no longer in the configuration stays, marked inactive (history
+-- refers to it).
 CREATE TABLE services (
     name        TEXT PRIMARY KEY,
     kind        TEXT NOT NULL CHECK (kind IN ('laravel', 'node', 'generic')),
+    active      INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
     recorded_at TEXT NOT NULL
 ) STRICT;
 
@@ -17,6 +20,7 @@ CREATE TABLE environments (
     position          INTEGER NOT NULL,      -- lifecycle order
     promote_from      TEXT,
     requires_approval INTEGER NOT NULL CHECK (requires_approval IN (0, 1)),
+    active            INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
     recorded_at       TEXT NOT NULL
 ) STRICT;
 
@@ -103,6 +107,12 @@ CREATE TRIGGER approvals_bind_the_digest BEFORE INSERT ON approvals
 WHEN NEW.digest IS NOT (SELECT digest FROM releases WHERE id = NEW.release_id)
 BEGIN
     SELECT RAISE(ABORT, 'an approval binds the digest of its release');
+END;
+CREATE TRIGGER approvals_need_four_eyes BEFORE INSERT ON approvals
+WHEN NEW.decision = 'approved'
+ AND NEW.decider_owner = (SELECT requester_owner FROM releases WHERE id = NEW.release_id)
+BEGIN
+    SELECT RAISE(ABORT, 'four eyes: the owner who requested a release may not approve it');
 END;
 CREATE TRIGGER approvals_are_immutable BEFORE UPDATE ON approvals
 BEGIN

@@ -108,10 +108,10 @@ pub enum TokenError {
     Missing,
     #[error("unknown token")]
     Unknown,
-    #[error("token {0:?} is revoked")]
-    Revoked(String),
+    #[error("token {name:?} is revoked")]
+    Revoked { name: String, owner: String },
     #[error("token {name:?} expired at {at}")]
-    Expired { name: String, at: String },
+    Expired { name: String, owner: String, at: String },
     #[error("{what} {name:?} must match [a-z0-9][a-z0-9-]*")]
     BadScope { what: &'static str, name: String },
     #[error("--expires must be at least 1 day")]
@@ -355,12 +355,12 @@ pub fn authenticate(registry: &Registry, token: &str) -> Result<Principal, Token
         return Err(TokenError::Unknown);
     }
     if record.revoked_at.is_some() {
-        return Err(TokenError::Revoked(record.name));
+        return Err(TokenError::Revoked { name: record.name, owner: record.owner });
     }
     if let Some(at) = &record.expires_at
         && at.as_str() <= utc::now_text().as_str()
     {
-        return Err(TokenError::Expired { name: record.name, at: at.clone() });
+        return Err(TokenError::Expired { name: record.name, owner: record.owner, at: at.clone() });
     }
     Ok(Principal {
         name: record.name,
@@ -427,7 +427,7 @@ mod tests {
         assert!(matches!(authenticate(&registry, &old.token), Err(TokenError::Expired { .. })));
 
         revoke(&registry, "alice-laptop", Manager::Local).unwrap();
-        assert!(matches!(authenticate(&registry, &token), Err(TokenError::Revoked(_))));
+        assert!(matches!(authenticate(&registry, &token), Err(TokenError::Revoked { .. })));
 
         let mut bad = request("Bad Name");
         assert!(matches!(create(&registry, bad, Manager::Local), Err(TokenError::BadName(_))));

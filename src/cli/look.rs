@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::{Failure, Output, ServerArgs};
+use super::{Failure, Output, ServerArgs, text};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -27,10 +27,6 @@ pub struct ShowArgs {
     id: i64,
     #[command(flatten)]
     server: ServerArgs,
-}
-
-fn text(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { "-".into() } else { v.to_string() })
 }
 
 fn short(digest: &Value) -> String {

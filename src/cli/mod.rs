@@ -103,11 +103,22 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 4;
     pub const NOT_ALLOWED: u8 = 5;
     pub const INTEGRITY: u8 = 6;
+    /// The deploy failed and the fleet was put back on the previous release.
+    pub const DEPLOY_FAILED: u8 = 7;
 }
 
 impl Failure {
     pub fn new(exit: u8, message: impl std::fmt::Display) -> Failure {
         Failure { exit, message: message.to_string() }
+    }
+}
+
+/// A JSON value as people read it: strings bare, null as `-`.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Failure, Output, ServerArgs, exit};
+use super::{Failure, Output, ServerArgs, exit, text};
 use crate::client::Client;
 
 const POLL: Duration = Duration::from_millis(250);
@@ -169,9 +169,15 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 if output.json {
                     println!("{shown}");
                 }
+                let reason = shown["transitions"]
+                    .as_array()
+                    .and_then(|t| t.last())
+                    .and_then(|t| t["reason"].as_str())
+                    .unwrap_or("no reason recorded")
+                    .to_owned();
                 return Err(Failure::new(
-                    exit::FAILED,
-                    format!("release {id} failed; the previous release stays live"),
+                    exit::DEPLOY_FAILED,
+                    format!("release {id} failed ({reason}); the previous release stays live"),
                 ));
             }
             "rejected" | "cancelled" | "expired" => {
@@ -183,10 +189,6 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
             _ => tokio::time::sleep(POLL).await,
         }
     }
-}
-
-fn text(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
 }
 
 fn describe(r: &Value) -> String {

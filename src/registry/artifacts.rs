@@ -70,7 +70,7 @@ impl Registry {
     /// (`new_artifact`, `new_upload`) added to its details.
     pub fn record_artifact(&self, new: &NewArtifact, event: &NewEvent) -> Result<Recorded, RegistryError> {
         self.write(|conn| {
-            let tx = conn.transaction()?;
+            let tx = super::immediate(conn)?;
             let now = utc::now_text();
             let migrations = serde_json::to_string(&new.migrations).expect("strings serialize");
             let new_artifact = tx.execute(

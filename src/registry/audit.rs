@@ -15,7 +15,7 @@ impl Registry {
     /// Appends one event on its own (a refused request, a start-up finding).
     pub fn append_event(&self, event: &NewEvent) -> Result<Event, RegistryError> {
         self.write(|conn| {
-            let tx = conn.transaction()?;
+            let tx = super::immediate(conn)?;
             let appended = append(&tx, event)?;
             tx.commit()?;
             Ok(appended)

@@ -49,6 +49,8 @@ pub enum RegistryError {
     InFlight(Box<crate::releases::Release>),
     #[error("release {id} is {state}, which does not allow that")]
     WrongState { id: i64, state: crate::releases::State },
+    #[error("release {id} expired at {at} without a decision")]
+    ApprovalExpired { id: i64, at: String },
 }
 
 pub struct Registry {
@@ -100,6 +102,15 @@ impl Registry {
         f(&mut conn)
     }
 }
+
+/// A write transaction that takes the write lock at once: a deferred one could fail with
+/// SQLITE_BUSY_SNAPSHOT when another process (the command line writing a token beside a
+/// running server) wrote in between, and the busy timeout does not help with that.
+fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, RegistryError> {
+    Ok(conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+}
+
+impl Registry {}
 
 fn configure(conn: &Connection) -> Result<(), RegistryError> {
     conn.busy_timeout(Duration::from_secs(10))?;

@@ -1,9 +1,9 @@
 //! Release rows and their story: transitions, approvals, deployments, leases, the status
 //! matrix. Every change is one transaction with its audit event.
 
-use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{Registry, RegistryError};
+use super::{Registry, RegistryError, immediate};
 use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::releases::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
@@ -48,7 +48,8 @@ pub struct ConfiguredEnvironment {
 }
 
 impl Registry {
-    /// Records the configured services and environments (new or changed ones get an event).
+    /// Records the configured services and environments: new or changed ones are (re)activated,
+    /// ones no longer configured marked inactive; each change is an event.
     pub fn sync_config(
         &self,
         services: &[(String, String)],
@@ -58,12 +59,16 @@ impl Registry {
             let tx = immediate(conn)?;
             let now = utc::now_text();
             for (name, kind) in services {
-                let known: Option<String> =
-                    tx.query_row("SELECT kind FROM services WHERE name = ?1", [name], |r| r.get(0)).optional()?;
-                if known.as_ref() != Some(kind) {
+                let known: Option<(String, bool)> = tx
+                    .query_row("SELECT kind, active FROM services WHERE name = ?1", [name], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if known.as_ref() != Some(&(kind.clone(), true)) {
                     tx.execute(
-                        "INSERT INTO services (name, kind, recorded_at) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, recorded_at = excluded.recorded_at",
+                        "INSERT INTO services (name, kind, active, recorded_at) VALUES (?1, ?2, 1, ?3)
+                         ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, active = 1,
+                           recorded_at = excluded.recorded_at",
                         params![name, kind, now],
                     )?;
                     let event = NewEvent::by_server("config.service", name, serde_json::json!({"kind": kind}));
@@ -71,21 +76,21 @@ impl Registry {
                 }
             }
             for (position, env) in environments.iter().enumerate() {
-                let known: Option<(i64, Option<String>, bool)> = tx
+                let known: Option<(i64, Option<String>, bool, bool)> = tx
                     .query_row(
-                        "SELECT position, promote_from, requires_approval FROM environments WHERE name = ?1",
+                        "SELECT position, promote_from, requires_approval, active FROM environments WHERE name = ?1",
                         [&env.name],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                     )
                     .optional()?;
-                let wanted = (position as i64, env.promote_from.clone(), env.requires_approval);
+                let wanted = (position as i64, env.promote_from.clone(), env.requires_approval, true);
                 if known.as_ref() != Some(&wanted) {
                     tx.execute(
-                        "INSERT INTO environments (name, position, promote_from, requires_approval, recorded_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
+                        "INSERT INTO environments (name, position, promote_from, requires_approval, active, recorded_at)
+                         VALUES (?1, ?2, ?3, ?4, 1, ?5)
                          ON CONFLICT (name) DO UPDATE SET position = excluded.position,
                            promote_from = excluded.promote_from, requires_approval = excluded.requires_approval,
-                           recorded_at = excluded.recorded_at",
+                           active = 1, recorded_at = excluded.recorded_at",
                         params![env.name, position as i64, env.promote_from, env.requires_approval, now],
                     )?;
                     let details = serde_json::json!({
@@ -93,6 +98,24 @@ impl Registry {
                         "requires_approval": env.requires_approval,
                     });
                     super::audit::append(&tx, &NewEvent::by_server("config.environment", &env.name, details))?;
+                }
+            }
+            for (table, configured) in [
+                ("services", services.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()),
+                ("environments", environments.iter().map(|e| e.name.clone()).collect()),
+            ] {
+                let active: Vec<String> = {
+                    let mut stmt = tx.prepare(&format!("SELECT name FROM {table} WHERE active = 1"))?;
+                    stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+                };
+                for gone in active.iter().filter(|n| !configured.contains(n)) {
+                    tx.execute(
+                        &format!("UPDATE {table} SET active = 0, recorded_at = ?1 WHERE name = ?2"),
+                        params![now, gone],
+                    )?;
+                    let action =
+                        if table == "services" { "config.service_retired" } else { "config.environment_retired" };
+                    super::audit::append(&tx, &NewEvent::by_server(action, gone, serde_json::json!({})))?;
                 }
             }
             tx.commit()?;
@@ -168,6 +191,11 @@ impl Registry {
             let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
             if release.state != State::PendingApproval {
                 return Err(RegistryError::WrongState { id, state: release.state });
+            }
+            if let Some(at) = &release.expires_at
+                && *at <= utc::now_text()
+            {
+                return Err(RegistryError::ApprovalExpired { id, at: at.clone() });
             }
             if decision.approve
                 && let Some(busy) = in_flight(&tx, &release.service, &release.environment)?
@@ -357,7 +385,7 @@ impl Registry {
             let mut cells = Vec::new();
             let mut stmt = conn.prepare_cached(
                 "SELECT s.name, e.name FROM services s CROSS JOIN environments e
-                 WHERE ?1 IS NULL OR s.name = ?1 ORDER BY s.name, e.position",
+                 WHERE s.active = 1 AND e.active = 1 AND (?1 IS NULL OR s.name = ?1) ORDER BY s.name, e.position",
             )?;
             let pairs: Vec<(String, String)> =
                 stmt.query_map([service], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
@@ -472,12 +500,19 @@ impl Registry {
         })
     }
 
-    /// Takes the deploy lease of (service, environment) for `release_id` unless another owner
-    /// holds an unexpired one. Returns whether it was taken.
-    pub fn take_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+    /// `approved → deploying` and the deploy lease, in one transaction: a release is never
+    /// deploying without a lease, nor leased without deploying. `Ok(None)` when another owner
+    /// holds an unexpired lease on (service, environment).
+    pub fn start_deploy(
+        &self,
+        id: i64,
+        owner: &str,
+        expires_at: &str,
+        event: &NewEvent,
+    ) -> Result<Option<Release>, RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
-            let now = utc::now_text();
+            let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
             let held: Option<(String, String)> = tx
                 .query_row(
                     "SELECT owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
@@ -487,18 +522,20 @@ impl Registry {
                 .optional()?;
             if let Some((holder, until)) = held
                 && holder != owner
-                && until > now
+                && until > utc::now_text()
             {
-                return Ok(false);
+                return Ok(None);
             }
             tx.execute(
                 "INSERT INTO deploy_leases (service, environment, release_id, owner, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (service, environment) DO UPDATE SET release_id = excluded.release_id,
                    owner = excluded.owner, expires_at = excluded.expires_at",
-                params![release.service, release.environment, release.id, owner, expires_at],
+                params![release.service, release.environment, id, owner, expires_at],
             )?;
+            let release = change_state(&tx, id, State::Deploying, "release", None)?;
+            super::audit::append(&tx, event)?;
             tx.commit()?;
-            Ok(true)
+            Ok(Some(release))
         })
     }
 
@@ -513,45 +550,46 @@ impl Registry {
         })
     }
 
-    pub fn drop_lease(&self, release: &Release, owner: &str) -> Result<(), RegistryError> {
-        self.write(|conn| {
-            conn.execute(
-                "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND owner = ?3",
-                params![release.service, release.environment, owner],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Removes the lease of a release whoever holds it (recovery, under the data-dir lock).
-    pub fn drop_any_lease(&self, release: &Release) -> Result<(), RegistryError> {
+    /// Ends a deploy: its final state, its event and the end of its lease, in one transaction.
+    pub fn finish_deploy(
+        &self,
+        id: i64,
+        to: State,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<Release, RegistryError> {
+        let release = match to {
+            State::Live => self.go_live(id, event)?,
+            _ => self.transition(id, to, "release", reason, event)?,
+        };
         self.write(|conn| {
             conn.execute(
                 "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND release_id = ?3",
-                params![release.service, release.environment, release.id],
+                params![release.service, release.environment, id],
             )?;
             Ok(())
-        })
+        })?;
+        Ok(release)
     }
 
-    /// The lease on (service, environment): owner and expiry.
-    pub fn lease(&self, service: &str, environment: &str) -> Result<Option<(i64, String, String)>, RegistryError> {
+    /// Removes every deploy lease (at start: the data directory's lock proves their owners
+    /// are gone).
+    pub fn clear_leases(&self) -> Result<usize, RegistryError> {
+        self.write(|conn| Ok(conn.execute("DELETE FROM deploy_leases", [])?))
+    }
+
+    /// Releases deploying without a live lease: their runner is gone.
+    pub fn lapsed_deploys(&self) -> Result<Vec<Release>, RegistryError> {
         self.read(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT release_id, owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
-                    params![service, environment],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?)
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM releases r WHERE state = 'deploying' AND NOT EXISTS (
+                   SELECT 1 FROM deploy_leases l WHERE l.service = r.service AND l.environment = r.environment
+                   AND l.release_id = r.id AND l.expires_at > ?1) ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([utc::now_text()], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
-}
-
-/// A write transaction that takes the write lock at once (no upgrade deadlocks with the
-/// command line writing tokens beside a running server).
-fn immediate(conn: &mut rusqlite::Connection) -> Result<Transaction<'_>, RegistryError> {
-    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
 }
 
 fn change_state(

@@ -163,6 +163,12 @@ mod releases {
             "1".repeat(64)
         );
         assert!(conn.execute(&sql, []).unwrap_err().to_string().contains("binds the digest"));
+        // Four eyes, held by the database too: the requester's owner cannot approve.
+        let sql = format!(
+            "INSERT INTO approvals VALUES ({}, '{digest}', 'approved', 'alice-2', 'alice', 't', NULL)",
+            pending.id
+        );
+        assert!(conn.execute(&sql, []).unwrap_err().to_string().contains("four eyes"));
     }
 
     #[test]

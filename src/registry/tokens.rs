@@ -42,7 +42,7 @@ impl Registry {
     /// Creates a token and appends `event` in the same transaction.
     pub fn create_token(&self, new: &NewToken, event: &NewEvent) -> Result<TokenRecord, RegistryError> {
         self.write(|conn| {
-            let tx = conn.transaction()?;
+            let tx = super::immediate(conn)?;
             let taken: bool =
                 tx.query_row("SELECT EXISTS (SELECT 1 FROM tokens WHERE name = ?1)", [&new.name], |r| r.get(0))?;
             if taken {
@@ -85,7 +85,7 @@ impl Registry {
     /// Revokes a token and appends `event` in the same transaction.
     pub fn revoke_token(&self, name: &str, event: &NewEvent) -> Result<TokenRecord, RegistryError> {
         self.write(|conn| {
-            let tx = conn.transaction()?;
+            let tx = super::immediate(conn)?;
             let token = query_one(&tx, "name", name)?.ok_or_else(|| RegistryError::TokenNotFound(name.to_owned()))?;
             if token.revoked_at.is_some() {
                 return Err(RegistryError::TokenAlreadyRevoked(name.to_owned()));

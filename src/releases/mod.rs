@@ -26,8 +26,9 @@ use crate::utc;
 /// How long a deploy lease lasts unless renewed, and how often it is renewed.
 const LEASE: Duration = Duration::from_secs(30);
 const LEASE_RENEWAL: Duration = Duration::from_secs(10);
-/// How often pending releases past their approval window are expired.
-const EXPIRY_SWEEP: Duration = Duration::from_secs(15);
+/// How often pending releases past their approval window are expired and lapsed deploys
+/// failed.
+const SWEEP: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
@@ -68,6 +69,9 @@ impl From<RegistryError> for ReleaseError {
         match e {
             e @ RegistryError::InFlight(_) => ReleaseError::Conflict(e),
             RegistryError::ReleaseNotFound(id) => ReleaseError::NotFound(id),
+            // Another decision, a cancel or the expiry sweep came first.
+            RegistryError::WrongState { id, state } => ReleaseError::InvalidState { id, state, what: "that" },
+            RegistryError::ApprovalExpired { id, at } => ReleaseError::Expired { id, at },
             e => ReleaseError::Registry(e),
         }
     }
@@ -134,10 +138,8 @@ impl Releases {
         let sweeper = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(EXPIRY_SWEEP).await;
-                if let Err(e) = sweeper.blocking(|r| r.expire_pending()).await {
-                    tracing::error!(error = %e, "expiring pending releases failed");
-                }
+                tokio::time::sleep(SWEEP).await;
+                sweeper.sweep().await;
             }
         });
         Ok(())
@@ -145,24 +147,55 @@ impl Releases {
 
     /// A deploy left `deploying` by a stopped server is resolved, and an `approved` one not
     /// yet started is started. The server holds its data directory's lock, so every lease in
-    /// the registry belonged to a server that is gone: none needs a human to remove it.
+    /// the registry belonged to a server that is gone: they are cleared, none needs a human.
     async fn recover(&self) -> Result<(), ReleaseError> {
+        let cleared = self.blocking(|r| r.clear_leases()).await?;
+        if cleared > 0 {
+            tracing::warn!(cleared, "cleared deploy leases left by a stopped server");
+        }
         for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
-            let id = release.id;
-            let why = "the server stopped during the deploy";
-            let event =
-                NewEvent::by_server("release.failed", format!("release/{id}"), serde_json::json!({"reason": why}));
-            self.blocking(move |r| {
-                r.transition(id, State::Failed, "release", Some(why), &event)?;
-                r.drop_any_lease(&release)
-            })
-            .await?;
-            tracing::warn!(release = id, "a deploy was interrupted by a stop; marked failed");
+            self.fail(release.id, "the server stopped during the deploy").await;
         }
         for release in self.blocking(|r| r.releases_in_state(State::Approved)).await? {
             self.launch(release);
         }
         Ok(())
+    }
+
+    /// Fails a deploying release (its fleet is back on the previous release) and ends its
+    /// lease; retried, since a release must never be left silently deploying.
+    async fn fail(&self, id: i64, why: &str) {
+        let event = NewEvent::by_server("release.failed", format!("release/{id}"), serde_json::json!({"reason": why}));
+        for attempt in 1..=5 {
+            let (event, why_owned) = (event.clone(), why.to_owned());
+            match self.blocking(move |r| r.finish_deploy(id, State::Failed, Some(&why_owned), &event)).await {
+                Ok(_) => {
+                    tracing::warn!(release = id, reason = why, "release failed");
+                    return;
+                }
+                Err(ReleaseError::InvalidState { .. }) => return, // already final
+                Err(e) => {
+                    tracing::error!(release = id, attempt, error = %e, "could not record the release as failed");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Expires pending releases past their approval window, and fails deploys whose lease
+    /// lapsed (their runner is gone without a word).
+    async fn sweep(&self) {
+        if let Err(e) = self.blocking(|r| r.expire_pending()).await {
+            tracing::error!(error = %e, "expiring pending releases failed");
+        }
+        match self.blocking(|r| r.lapsed_deploys()).await {
+            Ok(lapsed) => {
+                for release in lapsed {
+                    self.fail(release.id, "the deploy stopped renewing its lease").await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "looking for lapsed deploys failed"),
+        }
     }
 
     fn environment(&self, name: &str) -> Result<&crate::config::Environment, ReleaseError> {
@@ -435,6 +468,7 @@ impl Releases {
         p.require(Action::Read)?;
         let detail = self.blocking(move |r| r.release_detail(id)).await?.ok_or(ReleaseError::NotFound(id))?;
         p.require_service(&detail.release.service)?;
+        p.require_environment(&detail.release.environment)?;
         let approvers = if detail.release.state == State::PendingApproval {
             let (service, env, requester) = (
                 detail.release.service.clone(),
@@ -461,6 +495,9 @@ impl Releases {
         Ok(Shown { detail, approvers })
     }
 
+    /// A page of history, and the cursor of the next page (`None` on the last). A token scoped
+    /// to some services or environments sees only theirs; its pages may come out shorter, but
+    /// the cursor still moves through the whole history.
     pub async fn history(
         &self,
         p: &Principal,
@@ -468,13 +505,18 @@ impl Releases {
         env: Option<String>,
         limit: u32,
         before: Option<i64>,
-    ) -> Result<Vec<Release>, ReleaseError> {
+    ) -> Result<(Vec<Release>, Option<i64>), ReleaseError> {
         p.require(Action::Read)?;
         if let Some(service) = &service {
             p.require_service(service)?;
         }
-        let releases = self.blocking(move |r| r.history(service.as_deref(), env.as_deref(), limit, before)).await?;
-        Ok(releases.into_iter().filter(|r| p.require_service(&r.service).is_ok()).collect())
+        if let Some(env) = &env {
+            p.require_environment(env)?;
+        }
+        let scanned = self.blocking(move |r| r.history(service.as_deref(), env.as_deref(), limit, before)).await?;
+        let next = (scanned.len() == limit as usize).then(|| scanned.last().map(|r| r.id)).flatten();
+        let visible = scanned.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect();
+        Ok((visible, next))
     }
 
     pub async fn status(&self, p: &Principal, service: Option<String>) -> Result<Vec<StatusRow>, ReleaseError> {
@@ -483,7 +525,7 @@ impl Releases {
             p.require_service(service)?;
         }
         let rows = self.blocking(move |r| r.status(service.as_deref())).await?;
-        Ok(rows.into_iter().filter(|r| p.require_service(&r.service).is_ok()).collect())
+        Ok(rows.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect())
     }
 
     /// Runs an approved release through the deploy seam, in the background.
@@ -499,58 +541,62 @@ impl Releases {
 
     async fn run(&self, release: Release) -> Result<(), ReleaseError> {
         let id = release.id;
-        let (lease_release, owner) = (release.clone(), self.instance.clone());
-        let taken = self.blocking(move |r| r.take_lease(&lease_release, &owner, &lease_expiry())).await?;
-        if !taken {
-            tracing::warn!(release = id, "another server holds the deploy lease; leaving it to that server");
-            return Ok(());
-        }
+        let owner = self.instance.clone();
         let event = NewEvent::by_server("release.deploying", format!("release/{id}"), serde_json::json!({}));
-        let release = self.blocking(move |r| r.transition(id, State::Deploying, "release", None, &event)).await?;
-
-        let renewer = {
-            let (this, leased) = (self.clone(), release.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(LEASE_RENEWAL).await;
-                    let (r, owner) = (leased.clone(), this.instance.clone());
-                    match this.blocking(move |reg| reg.renew_lease(&r, &owner, &lease_expiry())).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::error!(release = leased.id, "the deploy lease was lost"),
-                        Err(e) => tracing::error!(release = leased.id, error = %e, "renewing the deploy lease failed"),
-                    }
-                }
-            })
+        let started = self.blocking(move |r| r.start_deploy(id, &owner, &lease_expiry(), &event)).await?;
+        let Some(release) = started else {
+            tracing::warn!(release = id, "another server holds the deploy lease; leaving the release to it");
+            return Ok(());
         };
-        let plan = self.plan(&release).await?;
-        let outcome = self.deployer.deploy(&plan).await;
-        renewer.abort();
-
+        // From here on every path ends the release: live, or failed with the reason.
+        let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
+        let outcome = match self.plan(&release).await {
+            Ok(plan) => {
+                let deployer = Arc::clone(&self.deployer);
+                // In a task of its own, so that a panicking deployer fails the release instead
+                // of leaving it deploying.
+                match tokio::spawn(async move { deployer.deploy(&plan).await }).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => Err(Failure { reason: format!("the deployer crashed: {e}"), deployments: vec![] }),
+                }
+            }
+            Err(e) => Err(Failure { reason: format!("could not plan the deploy: {e}"), deployments: vec![] }),
+        };
         let deployments = match &outcome {
             Ok(d) => d.clone(),
             Err(f) => f.deployments.clone(),
         };
         for deployment in deployments {
-            self.blocking(move |r| r.record_deployment(id, &deployment)).await?;
+            if let Err(e) = self.blocking(move |r| r.record_deployment(id, &deployment)).await {
+                tracing::error!(release = id, error = %e, "could not record a node's deployment");
+            }
         }
         match outcome {
             Ok(_) => {
                 let event = NewEvent::by_server("release.live", format!("release/{id}"), serde_json::json!({}));
-                self.blocking(move |r| r.go_live(id, &event)).await?;
+                if let Err(e) = self.blocking(move |r| r.finish_deploy(id, State::Live, None, &event)).await {
+                    tracing::error!(release = id, error = %e, "could not record the release as live");
+                    self.fail(id, &format!("the deploy succeeded but could not be recorded: {e}")).await;
+                }
             }
-            Err(failure) => {
-                let event = NewEvent::by_server(
-                    "release.failed",
-                    format!("release/{id}"),
-                    serde_json::json!({"reason": failure.reason}),
-                );
-                self.blocking(move |r| r.transition(id, State::Failed, "release", Some(&failure.reason), &event))
-                    .await?;
-            }
+            Err(failure) => self.fail(id, &failure.reason).await,
         }
-        let (r2, owner) = (release, self.instance.clone());
-        self.blocking(move |r| r.drop_lease(&r2, &owner)).await?;
         Ok(())
+    }
+
+    fn renew_lease_while_running(&self, release: Release) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEWAL).await;
+                let (r, owner) = (release.clone(), this.instance.clone());
+                match this.blocking(move |reg| reg.renew_lease(&r, &owner, &lease_expiry())).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::error!(release = release.id, "the deploy lease was lost"),
+                    Err(e) => tracing::error!(release = release.id, error = %e, "renewing the deploy lease failed"),
+                }
+            }
+        })
     }
 
     async fn plan(&self, release: &Release) -> Result<Plan, ReleaseError> {
@@ -565,6 +611,21 @@ impl Releases {
             None => None,
         };
         Ok(Plan { release: release.clone(), previous, service, nodes })
+    }
+}
+
+/// Whether a token's scopes let it see (service, environment).
+fn visible(p: &Principal, service: &str, environment: &str) -> bool {
+    p.require_service(service).is_ok() && p.require_environment(environment).is_ok()
+}
+
+/// Aborts a background task when dropped (the lease renewer ends with its deploy, whatever
+/// way the deploy ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

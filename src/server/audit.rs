@@ -40,17 +40,21 @@ async fn export(
     ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> Result<Response, ApiError> {
     p.require(Action::ReadAudit)?;
-    if let Some(since) = &q.since {
-        crate::utc::parse(since)
-            .map_err(|e| ApiError::bad_request(format!("since: {since:?} is not an RFC 3339 time: {e}")))?;
-    }
+    // Normalized to the stored form (UTC, microseconds), so that text order is time order.
+    let since = match &q.since {
+        Some(since) => Some(crate::utc::format(
+            crate::utc::parse(since)
+                .map_err(|e| ApiError::bad_request(format!("since: {since:?} is not an RFC 3339 time: {e}")))?,
+        )),
+        None => None,
+    };
     let registry = Arc::clone(&state.registry);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let mut after = q.after.unwrap_or(0);
         let mut left = q.limit.unwrap_or(u64::MAX);
         while left > 0 {
-            let page = match registry.audit_events(after, q.since.as_deref(), EXPORT_PAGE.min(left)) {
+            let page = match registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left)) {
                 Ok(page) => page,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));

@@ -20,8 +20,15 @@ pub struct ActorSlot(Arc<Mutex<Option<Seen>>>);
 
 #[derive(Clone)]
 enum Seen {
-    Caller { name: String, owner: String },
-    Refused(String),
+    Caller {
+        name: String,
+        owner: String,
+    },
+    /// Refused; the token's name and owner when it was a real one (revoked, expired).
+    Refused {
+        why: String,
+        token: Option<(String, String)>,
+    },
 }
 
 impl ActorSlot {
@@ -29,16 +36,17 @@ impl ActorSlot {
     pub fn for_log(&self) -> String {
         match &*self.0.lock().expect("actor slot") {
             Some(Seen::Caller { name, .. }) => name.clone(),
-            Some(Seen::Refused(why)) => format!("(refused: {why})"),
+            Some(Seen::Refused { why, .. }) => format!("(refused: {why})"),
             None => "-".into(),
         }
     }
 
-    /// The authenticated caller's name and owner, if any.
-    pub fn caller(&self) -> Option<(String, String)> {
+    /// The token's name and owner: of the caller, or of a real token that was refused.
+    pub fn who(&self) -> Option<(String, String)> {
         match &*self.0.lock().expect("actor slot") {
             Some(Seen::Caller { name, owner }) => Some((name.clone(), owner.clone())),
-            _ => None,
+            Some(Seen::Refused { token, .. }) => token.clone(),
+            None => None,
         }
     }
 }
@@ -64,7 +72,15 @@ impl FromRequestParts<AppState> for Caller {
         };
         let seen = match &result {
             Ok(principal) => Seen::Caller { name: principal.name.clone(), owner: principal.owner.clone() },
-            Err(e) => Seen::Refused(e.to_string()),
+            Err(e) => Seen::Refused {
+                why: e.to_string(),
+                token: match e {
+                    TokenError::Revoked { name, owner } | TokenError::Expired { name, owner, .. } => {
+                        Some((name.clone(), owner.clone()))
+                    }
+                    _ => None,
+                },
+            },
         };
         if let Some(slot) = parts.extensions.get::<ActorSlot>() {
             *slot.0.lock().expect("actor slot") = Some(seen);

@@ -65,7 +65,7 @@ impl From<TokenError> for ApiError {
             TokenError::Missing
             | TokenError::Unknown
             | TokenError::Malformed
-            | TokenError::Revoked(_)
+            | TokenError::Revoked { .. }
             | TokenError::Expired { .. } => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
             TokenError::Forbidden { .. }
             | TokenError::ServiceNotAllowed { .. }

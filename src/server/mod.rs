@@ -65,6 +65,20 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub ingestor: Ingestor,
     pub releases: Releases,
+    /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
+    /// head in the bucket cannot go backwards between two writers.
+    checkpointed: Arc<tokio::sync::Mutex<u64>>,
+}
+
+impl AppState {
+    /// Checkpoints the audit chain's head to the store if it moved.
+    pub async fn checkpoint(&self) {
+        let mut last = self.checkpointed.lock().await;
+        match crate::audit::checkpoint(&self.registry, &self.store, *last).await {
+            Ok(n) => *last = n,
+            Err(e) => tracing::error!(error = %e, "could not write the audit checkpoint"),
+        }
+    }
 }
 
 /// What `release serve` holds while it runs: the state and the data directory's lock.
@@ -101,21 +115,20 @@ impl Opened {
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
         let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), deployer);
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
-        let state = AppState { config, store, registry, ingestor, releases };
+        let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
+        let state = AppState { config, store, registry, ingestor, releases, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         Ok(Opened { state, _lock: lock })
     }
 
     /// Writes a last checkpoint of the audit chain (at shutdown).
     pub async fn checkpoint(&self) {
-        if let Err(e) = crate::audit::checkpoint(&self.state.registry, &self.state.store, 0).await {
-            tracing::error!(error = %e, "could not write the audit checkpoint");
-        }
+        self.state.checkpoint().await;
     }
 }
 
-/// A registry behind the bucket's checkpoint was replaced or rolled back: say so loudly, and
-/// record it (the events after it are then on a fork that `audit verify` reports).
+/// A registry behind the bucket's checkpoint was replaced or rolled back: say so loudly and
+/// record it in the audit log (whose chain `audit verify` then reports as not matching).
 async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> Result<(), ServerError> {
     let reader = Arc::clone(registry);
     let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
@@ -124,6 +137,13 @@ async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> 
         Ok((_, None)) => Ok(()),
         Ok((_, Some(bad))) => {
             tracing::error!(event = bad.seq, "audit log does not match the bucket's checkpoint: {}", bad.why);
+            let event = crate::audit::NewEvent::by_server(
+                "audit.checkpoint_mismatch",
+                format!("audit/{}", bad.seq),
+                serde_json::json!({"why": bad.why}),
+            );
+            let writer = Arc::clone(registry);
+            tokio::task::spawn_blocking(move || writer.append_event(&event)).await.expect("no panic")?;
             Ok(())
         }
         Err(e) => {
@@ -136,15 +156,11 @@ async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> 
 /// Checkpoints the audit chain's head to the store every `audit.checkpoint_interval`, when it
 /// moved.
 async fn checkpoints(state: AppState) {
-    let mut last = 0;
     let mut interval = tokio::time::interval(state.config.audit.checkpoint_interval.0);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        match crate::audit::checkpoint(&state.registry, &state.store, last).await {
-            Ok(n) => last = n,
-            Err(e) => tracing::error!(error = %e, "could not write the audit checkpoint"),
-        }
+        state.checkpoint().await;
     }
 }
 
@@ -188,7 +204,7 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
     if !matches!(status, 401 | 403 | 409 | 413 | 422) {
         return response;
     }
-    let (actor, owner) = slot.and_then(|s| s.caller()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
+    let (actor, owner) = slot.and_then(|s| s.who()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
     let refusal = response.extensions().get::<error::Refusal>();
     let details = serde_json::json!({
         "status": status,

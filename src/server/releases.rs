@@ -143,8 +143,7 @@ async fn history(
     ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> Result<Json<HistoryAnswer>, ApiError> {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let releases = state.releases.history(&p, q.service, q.environment, limit, q.before).await?;
-    let next = (releases.len() == limit as usize).then(|| releases.last().map(|r| r.id)).flatten();
+    let (releases, next) = state.releases.history(&p, q.service, q.environment, limit, q.before).await?;
     Ok(Json(HistoryAnswer { releases, next }))
 }
 

@@ -143,3 +143,98 @@ fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
         conn.query_row("SELECT count(*) FROM deploy_leases WHERE release_id = ?1", [id], |r| r.get(0)).unwrap();
     assert_eq!(leases, 0);
 }
+
+/// Fails every deploy, as a node that cannot take the release would.
+struct Refuses;
+
+impl Deployer for Refuses {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+        Box::pin(async {
+            Err(Failure {
+                reason: "node web-1: finalize hook exited with 2".into(),
+                deployments: vec![Deployment {
+                    node: "web-1".into(),
+                    phase: "prepare".into(),
+                    started_at: "2026-11-27T00:00:00.000000Z".into(),
+                    finished_at: "2026-11-27T00:00:01.000000Z".into(),
+                    outcome: "failed".into(),
+                    output_tail: Some("php artisan optimize: exit 2".into()),
+                }],
+            })
+        })
+    }
+}
+
+/// Panics in the middle of a deploy (a bug in a deployer).
+struct Panics;
+
+impl Deployer for Panics {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+        Box::pin(async { panic!("a bug in the deployer") })
+    }
+}
+
+fn upload_v1(server: &InProcessServer, ci: &str) -> String {
+    let uploaded: Value = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(ci)
+        .body(archives::valid("v1"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    uploaded["digest"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_failed_deploy_ends_the_wait_with_exit_7_and_the_reason() {
+    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Refuses));
+    let ci = server.token("ci", "ci", "gitlab");
+    let digest = upload_v1(&server, &ci);
+    let out = crate::support::TestCommand::new()
+        .env("RELEASE_SERVER", &server.url)
+        .env("RELEASE_TOKEN", &ci)
+        .args(["deploy", "api", "--env", "staging", &digest, "--wait"])
+        .assert_exit(7);
+    assert!(out.stderr().contains("finalize hook exited with 2"), "{out}");
+    let shown = crate::support::TestCommand::new()
+        .env("RELEASE_SERVER", &server.url)
+        .env("RELEASE_TOKEN", &ci)
+        .args(["show", "1", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(shown["state"], "failed");
+    assert_eq!(shown["deployments"][0]["node"], "web-1");
+    assert_eq!(shown["deployments"][0]["output_tail"], "php artisan optimize: exit 2");
+}
+
+#[test]
+fn a_panicking_deployer_fails_the_release_instead_of_leaving_it_deploying() {
+    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Panics));
+    let ci = server.token("ci", "ci", "gitlab");
+    let digest = upload_v1(&server, &ci);
+    let http = reqwest::blocking::Client::new();
+    let body = json!({"service": "api", "environment": "staging", "digest": digest});
+    let created: Value =
+        http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap().json().unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let shown: Value =
+            http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&ci).send().unwrap().json().unwrap();
+        if shown["state"] == "failed" {
+            assert!(
+                shown["transitions"].as_array().unwrap().last().unwrap()["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("crashed")
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Nothing stays in flight: the next deploy is accepted.
+    let again = http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+}

@@ -70,17 +70,33 @@ fn missing_unknown_and_revoked_tokens_are_401_and_recorded() {
     let f = Fixture::new();
     let v1 = f.upload("v1");
     let url = format!("{}/v1/releases", f.server.url);
-    let response = f.server.http().post(&url).json(&deploy_body("staging", &v1)).send().unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let send = |token: Option<&str>| {
+        let request = f.server.http().post(&url).json(&deploy_body("staging", &v1));
+        match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+        .send()
+        .unwrap()
+        .status()
+    };
+    assert_eq!(send(None), StatusCode::UNAUTHORIZED);
+    let forged = format!("{}0000", &f.token("alice")[..f.token("alice").len() - 4]);
+    assert_eq!(send(Some(&forged)), StatusCode::UNAUTHORIZED);
     f.server.cli().args(["token", "revoke", "alice"]).assert_success();
-    let response =
-        f.server.http().post(&url).bearer_auth(f.token("alice")).json(&deploy_body("staging", &v1)).send().unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(send(Some(f.token("alice"))), StatusCode::UNAUTHORIZED);
+
     let refused = f.events("request.refused");
-    let unauthenticated: Vec<_> = refused.iter().filter(|e| e["actor"] == "(unauthenticated)").collect();
-    assert_eq!(unauthenticated.len(), 2, "{refused:#?}");
-    assert!(unauthenticated.iter().all(|e| e["subject"] == "POST /v1/releases"));
-    assert!(unauthenticated[1]["details"]["message"].as_str().unwrap().contains("revoked"));
+    let anonymous: Vec<_> = refused.iter().filter(|e| e["actor"] == "(unauthenticated)").collect();
+    assert_eq!(anonymous.len(), 2, "missing and unknown tokens name nobody: {refused:#?}");
+    assert!(anonymous.iter().all(|e| e["subject"] == "POST /v1/releases" && e["details"]["status"] == 401));
+    assert!(anonymous[0]["details"]["message"].as_str().unwrap().contains("missing token"));
+    assert!(anonymous[1]["details"]["message"].as_str().unwrap().contains("unknown token"));
+    // A revoked token is a real one: its refusal names it and its owner.
+    let revoked: Vec<_> = refused.iter().filter(|e| e["actor"] == "alice").collect();
+    assert_eq!(revoked.len(), 1, "{refused:#?}");
+    assert_eq!(revoked[0]["owner"], "alice");
+    assert!(revoked[0]["details"]["message"].as_str().unwrap().contains("revoked"));
     assert_eq!(f.events("token.revoke").len(), 1, "the revocation itself is recorded too");
 }
 
@@ -99,7 +115,16 @@ fn a_token_scoped_to_other_environments_is_403() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     f.assert_refusal_recorded("ci-staging", 403, "forbidden");
-    let _ = v1;
+    // It still deploys where it may.
+    let response = f
+        .server
+        .http()
+        .post(format!("{}/v1/releases", f.server.url))
+        .bearer_auth(&staging_only)
+        .json(&deploy_body("staging", &v1))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
 }
 
 #[test]
@@ -141,10 +166,12 @@ fn rollback_targets_must_have_been_live_before() {
     // Nothing live: nothing to roll back.
     let (status, body) = f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging"}));
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("nothing_live")));
+    f.assert_refusal_recorded("alice", 409, "nothing_live");
     // One release only: no earlier one to go back to.
     f.live_in("ci", "staging", &v1);
     let (status, body) = f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging"}));
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("no_rollback_target")));
+    f.assert_refusal_recorded("alice", 409, "no_rollback_target");
     // --to an artifact never live there.
     let (status, body) =
         f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "staging", "to": v2}));
@@ -203,15 +230,78 @@ fn a_rejected_release_ends_the_wait_with_exit_3() {
     let f = Fixture::new();
     let v1 = f.upload("v1");
     f.live_in("ci", "staging", &v1);
+    // Alice promotes and waits; Bob rejects meanwhile.
+    let waiting = std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| f.cli("alice").args(["promote", "api", "--to", "production", "--wait"]).run());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let id = loop {
+            let status = f.get("carol", "/v1/status?service=api");
+            let production =
+                status.as_array().unwrap().iter().find(|c| c["environment"] == "production").unwrap().clone();
+            if let Some(id) = production["pending"].as_array().and_then(|p| p.first()).and_then(|v| v.as_i64()) {
+                break id;
+            }
+            assert!(std::time::Instant::now() < deadline, "the promotion never showed up as pending");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        f.cli("bob").args(["reject", &id.to_string(), "--reason", "changelog missing"]).assert_success();
+        let shown = f.get("carol", &format!("/v1/releases/{id}"));
+        assert_eq!(shown["approval"]["decision"], "rejected");
+        assert_eq!(shown["approval"]["reason"], "changelog missing");
+        waiter.join().unwrap()
+    });
+    assert_eq!(waiting.output.status.code(), Some(3), "{waiting}");
+    assert!(waiting.stdout().contains("waits for approval by one of: bob, root"), "{waiting}");
+    assert!(waiting.stderr().contains("ended rejected"), "{waiting}");
+}
+
+#[test]
+fn a_rejection_needs_a_reason() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
     let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
     let id = pending["id"].as_i64().unwrap();
-    let out = f.cli("bob").args(["reject", &id.to_string(), "--reason", "changelog missing"]).assert_success();
-    assert!(out.stdout().contains("rejected"), "{out}");
-    let shown = f.get("carol", &format!("/v1/releases/{id}"));
-    assert_eq!(shown["approval"]["decision"], "rejected");
-    assert_eq!(shown["approval"]["reason"], "changelog missing");
-    let (status, body) = f.post("bob", &format!("/v1/releases/{id}/reject"), json!({"reason": ""}));
+    let (status, body) = f.post("bob", &format!("/v1/releases/{id}/reject"), json!({"reason": " "}));
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert_eq!(f.get("carol", &format!("/v1/releases/{id}"))["state"], "pending_approval");
+}
+
+#[test]
+fn a_service_dropped_from_the_configuration_leaves_the_status_matrix() {
+    let mut f = Fixture::new();
+    f.server.reconfigure(
+        "[service.web]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n",
+    );
+    let status = f.get("carol", "/v1/status");
+    let services: std::collections::BTreeSet<&str> =
+        status.as_array().unwrap().iter().map(|c| c["service"].as_str().unwrap()).collect();
+    assert_eq!(services.into_iter().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(f.events("config.service_retired").len(), 1);
+}
+
+#[test]
+fn a_scoped_token_pages_through_the_whole_history() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    for _ in 0..3 {
+        f.live_in("ci", "staging", &v1);
+    }
+    let prod_only = f.server.token_with("prod-auditor", "auditor", &["--envs", "production"]);
+    let url = format!("{}/v1/releases?limit=2", f.server.url);
+    let page: serde_json::Value = f.server.http().get(&url).bearer_auth(&prod_only).send().unwrap().json().unwrap();
+    assert!(page["releases"].as_array().unwrap().is_empty(), "staging is out of scope: {page}");
+    assert!(page["next"].is_i64(), "but the cursor still moves on: {page}");
+    let status: serde_json::Value = f
+        .server
+        .http()
+        .get(format!("{}/v1/status", f.server.url))
+        .bearer_auth(&prod_only)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(status.as_array().unwrap().iter().all(|c| c["environment"] == "production"), "{status}");
 }
 
 #[test]

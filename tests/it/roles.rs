@@ -10,6 +10,27 @@ use serde_json::json;
 use crate::releases::Fixture;
 use crate::support::archives;
 
+/// SPEC 2, written out independently of the code: which roles may do what.
+#[test]
+fn the_permission_table_is_spec_2() {
+    use release::token::Action::*;
+    let expected = [
+        (Read, "ci deployer approver auditor admin"),
+        (UploadArtifact, "ci admin"),
+        (ManageTokens, "admin"),
+        (Deploy, "ci deployer admin"),
+        (Promote, "deployer admin"),
+        (Rollback, "deployer admin"),
+        (Decide, "approver admin"),
+        (ReadAudit, "auditor admin"),
+        (Cancel, "ci deployer admin"),
+    ];
+    for (action, roles) in expected {
+        let actual: Vec<&str> = action.allowed_roles().iter().map(|r| r.as_str()).collect();
+        assert_eq!(actual.join(" "), roles, "{action:?}");
+    }
+}
+
 #[test]
 fn every_route_and_every_role_allowed_or_403() {
     let f = Fixture::new();
