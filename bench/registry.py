@@ -40,9 +40,11 @@ def generate(db_path, releases, events):
     cur = conn.cursor()
     cur.execute("BEGIN")
     for i, s in enumerate(SERVICES):
-        cur.execute("INSERT INTO services VALUES (?, 'generic', ?)", (s, ts(0)))
-    cur.execute("INSERT INTO environments VALUES ('staging', 0, NULL, 0, ?)", (ts(0),))
-    cur.execute("INSERT INTO environments VALUES ('production', 1, 'staging', 1, ?)", (ts(0),))
+        cur.execute("INSERT INTO services (name, kind, recorded_at) VALUES (?, 'generic', ?)", (s, ts(0)))
+    cur.execute("INSERT INTO environments (name, position, promote_from, requires_approval, recorded_at) "
+                "VALUES ('staging', 0, NULL, 0, ?)", (ts(0),))
+    cur.execute("INSERT INTO environments (name, position, promote_from, requires_approval, recorded_at) "
+                "VALUES ('production', 1, 'staging', 1, ?)", (ts(0),))
     digests = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(10_000)]
     cur.executemany("INSERT INTO artifacts VALUES (?, 1000, 10240, 10, '[]', ?)", [(d, ts(0)) for d in digests])
     cur.executemany(
