@@ -10,6 +10,7 @@
 //! - [`token`] — roles, token secrets, authentication and permission rules.
 //! - [`audit`] — the hash-chained audit log, its verification and bucket checkpoints.
 //! - [`ingest`] — an upload from body stream to verified object and registry row.
+//! - [`curation`] — blocking artifacts and purging the bytes of ones never live.
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
 //! - [`client`] — the HTTP client of the command line.
@@ -21,6 +22,7 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod curation;
 pub mod digest;
 pub mod ingest;
 pub mod registry;

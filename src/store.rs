@@ -205,6 +205,12 @@ impl Store {
         }
     }
 
+    /// Removes an artifact's bytes (a purge the registry has recorded; nothing else deletes an
+    /// artifact key).
+    pub async fn purge_artifact(&self, digest: Digest) -> Result<(), StoreError> {
+        self.delete(Key::Artifact(digest)).await
+    }
+
     /// The stored size of an artifact, or `None` when its key is absent.
     pub async fn artifact_size(&self, digest: Digest) -> Result<Option<u64>, StoreError> {
         let key = Key::Artifact(digest);

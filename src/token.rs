@@ -71,6 +71,8 @@ pub enum Action {
     ReadAudit,
     /// Withdraw a pending release (its requester, or an admin: a policy on top).
     Cancel,
+    /// Block an artifact, purge the bytes of ones never live.
+    ManageArtifacts,
 }
 
 impl Action {
@@ -84,6 +86,7 @@ impl Action {
             Action::Decide => &[Role::Approver, Role::Admin],
             Action::ReadAudit => &[Role::Auditor, Role::Admin],
             Action::Cancel => &[Role::Ci, Role::Deployer, Role::Admin],
+            Action::ManageArtifacts => &[Role::Admin],
         }
     }
 
@@ -98,6 +101,7 @@ impl Action {
             Action::Decide => "approve or reject releases",
             Action::ReadAudit => "read the audit log",
             Action::Cancel => "cancel releases",
+            Action::ManageArtifacts => "block or purge artifacts",
         }
     }
 }

@@ -23,6 +23,24 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Never deployable again (admin), e.g. after a data-corrupting bug.
+    Block {
+        digest: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Free the bytes of artifacts never live and older than DAYS (admin); the rows stay.
+    Purge {
+        /// Required: only artifacts never live are ever purged.
+        #[arg(long, required = true)]
+        never_live: bool,
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// A service's artifacts, newest first.
     List {
         service: String,
@@ -70,6 +88,22 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
                 .await?
                 .ok_or_else(|| Failure::new(exit::NOT_FOUND, format!("no artifact {digest}")))?;
             output.print(&artifact, || serde_json::to_string_pretty(&artifact).expect("JSON prints"));
+        }
+        Command::Block { digest, reason, server } => {
+            let digest = parse(&digest)?;
+            let block = server
+                .client()
+                .post(&format!("/v1/artifacts/{digest}/block"), &serde_json::json!({"reason": reason}))
+                .await?;
+            output.print(&block, || format!("{digest} is blocked: {reason}"));
+        }
+        Command::Purge { never_live, older_than, server } => {
+            let body = serde_json::json!({"never_live": never_live, "older_than_days": older_than});
+            let report = server.client().post("/v1/artifacts/purge", &body).await?;
+            output.print(&report, || {
+                let purged = report["purged"].as_array().map_or(0, Vec::len);
+                format!("purged the bytes of {purged} artifacts never live ({} bytes freed)", report["bytes"])
+            });
         }
         Command::List { service, limit, server } => {
             let list = server.client().service_artifacts(&service, limit).await?;

@@ -208,3 +208,93 @@ fn upload_from_row_at(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Ar
         uploaded_at: row.get(at + 7)?,
     })
 }
+
+/// An admin's block on an artifact: it is never deployable again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Block {
+    pub reason: String,
+    pub blocked_by: String,
+    pub owner: String,
+    pub blocked_at: String,
+}
+
+impl Registry {
+    /// Blocks an artifact for good; `ArtifactBlocked` if it is blocked already.
+    pub fn block_artifact(&self, digest: Digest, block: &Block, event: &NewEvent) -> Result<Block, RegistryError> {
+        self.write(|conn| {
+            let tx = super::immediate(conn)?;
+            if query_artifact(&tx, digest)?.is_none() {
+                return Err(RegistryError::ArtifactNotFound(digest));
+            }
+            if let Some(existing) = query_block(&tx, digest)? {
+                return Err(RegistryError::ArtifactBlocked { digest, reason: existing.reason });
+            }
+            tx.execute(
+                "INSERT INTO artifact_blocks (digest, reason, blocked_by, owner, blocked_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![digest.to_string(), block.reason, block.blocked_by, block.owner, utc::now_text()],
+            )?;
+            super::audit::append(&tx, event)?;
+            let stored = query_block(&tx, digest)?.ok_or_else(|| RegistryError::Corrupt("block row vanished".into()))?;
+            tx.commit()?;
+            Ok(stored)
+        })
+    }
+
+    pub fn artifact_block(&self, digest: Digest) -> Result<Option<Block>, RegistryError> {
+        self.read(|conn| query_block(conn, digest))
+    }
+
+    /// When the artifact's bytes were last purged, if ever.
+    pub fn last_purge(&self, digest: Digest) -> Result<Option<String>, RegistryError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT purged_at FROM artifact_purges WHERE digest = ?1 ORDER BY id DESC LIMIT 1",
+                    [digest.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// Artifacts stored before `cutoff` that were never live anywhere, that no release still
+    /// waiting or in flight names, and that were not purged since they were last stored.
+    pub fn purge_candidates(&self, cutoff: &str) -> Result<Vec<Digest>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT a.digest FROM artifacts a
+                 WHERE a.stored_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM releases r WHERE r.digest = a.digest
+                                   AND r.state IN ('live', 'superseded', 'pending_approval', 'approved', 'deploying'))
+                   AND NOT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = a.digest)
+                 ORDER BY a.stored_at",
+            )?;
+            let rows = stmt.query_map([cutoff], |r| r.get::<_, String>(0))?;
+            rows.map(|d| d?.parse().map_err(|e| RegistryError::Corrupt(format!("{e}")))).collect()
+        })
+    }
+
+    /// Records that an artifact's bytes were purged (the trigger refuses one ever live).
+    pub fn record_purge(&self, digest: Digest, by: &str, owner: &str, event: &NewEvent) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            let tx = super::immediate(conn)?;
+            tx.execute(
+                "INSERT INTO artifact_purges (digest, purged_by, owner, purged_at) VALUES (?1, ?2, ?3, ?4)",
+                params![digest.to_string(), by, owner, utc::now_text()],
+            )?;
+            super::audit::append(&tx, event)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+}
+
+fn query_block(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Block>, RegistryError> {
+    Ok(conn
+        .query_row(
+            "SELECT reason, blocked_by, owner, blocked_at FROM artifact_blocks WHERE digest = ?1",
+            [digest.to_string()],
+            |r| Ok(Block { reason: r.get(0)?, blocked_by: r.get(1)?, owner: r.get(2)?, blocked_at: r.get(3)? }),
+        )
+        .optional()?)
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use artifacts::{Artifact, ArtifactUpload, ListedArtifact, NewArtifact, Recorded};
+pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use releases::{ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
 
@@ -51,6 +51,10 @@ pub enum RegistryError {
     WrongState { id: i64, state: crate::releases::State },
     #[error("release {id} expired at {at} without a decision")]
     ApprovalExpired { id: i64, at: String },
+    #[error("no artifact {0}")]
+    ArtifactNotFound(crate::digest::Digest),
+    #[error("artifact {digest} is blocked: {reason}")]
+    ArtifactBlocked { digest: crate::digest::Digest, reason: String },
 }
 
 pub struct Registry {

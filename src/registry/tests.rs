@@ -198,6 +198,17 @@ mod releases {
     }
 
     #[test]
+    fn an_artifact_ever_live_can_never_be_purged() {
+        let (_dir, registry, digest) = with_artifact();
+        let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
+        registry.go_live(r.id, &event()).unwrap();
+        assert!(registry.purge_candidates("9999").unwrap().is_empty());
+        let err = registry.record_purge(digest, "root", "root", &event()).unwrap_err();
+        assert!(err.to_string().contains("kept for good"), "{err}");
+    }
+
+    #[test]
     fn going_live_supersedes_and_cancels_stale_requests() {
         let (_dir, registry, digest) = with_artifact();
         let live = |registry: &Registry| {

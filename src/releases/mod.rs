@@ -20,6 +20,7 @@ use crate::audit::NewEvent;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::registry::{ConfiguredEnvironment, NewApproval, NewRelease, Registry, RegistryError};
+use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError};
 use crate::utc;
 
@@ -60,6 +61,12 @@ pub enum ReleaseError {
     Expired { id: i64, at: String },
     #[error("{0}")]
     BadRequest(String),
+    #[error("artifact {digest} is blocked ({reason}): it never goes live again")]
+    Blocked { digest: Digest, reason: String },
+    #[error("the bytes of artifact {digest} were purged; upload them again to deploy it")]
+    Purged { digest: Digest },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Registry(RegistryError),
 }
@@ -92,16 +99,17 @@ pub struct Shown {
 pub struct Releases {
     config: Arc<Config>,
     registry: Arc<Registry>,
+    store: Store,
     deployer: Arc<dyn Deployer>,
     /// This server instance, as the owner of the deploy leases it takes.
     instance: String,
 }
 
 impl Releases {
-    pub fn new(config: Arc<Config>, registry: Arc<Registry>, deployer: Arc<dyn Deployer>) -> Releases {
+    pub fn new(config: Arc<Config>, registry: Arc<Registry>, store: Store, deployer: Arc<dyn Deployer>) -> Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
-        Releases { config, registry, deployer, instance }
+        Releases { config, registry, store, deployer, instance }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -343,6 +351,12 @@ impl Releases {
         source_environment: Option<String>,
     ) -> Result<Release, ReleaseError> {
         let environment = self.environment(env)?.clone();
+        if let Some(block) = self.blocking(move |r| r.artifact_block(digest)).await? {
+            return Err(ReleaseError::Blocked { digest, reason: block.reason });
+        }
+        if self.store.artifact_size(digest).await?.is_none() {
+            return Err(ReleaseError::Purged { digest });
+        }
         let approved_before = if kind == Kind::Rollback && environment.requires_approval {
             let (s, e) = (service.to_owned(), env.to_owned());
             self.blocking(move |r| r.was_approved(&s, &e, digest)).await?

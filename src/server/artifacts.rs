@@ -13,12 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{ApiPath, ApiQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::range::{self, Ranged};
 use super::{AppState, blocking};
 use crate::digest::Digest;
 use crate::ingest::{Piece, UploadRequest};
-use crate::registry::{Artifact, ArtifactUpload, ListedArtifact, RegistryError};
+use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
 use crate::token::{Action, Principal};
 
 use crate::digest::HTTP_HEADER as DIGEST_HEADER;
@@ -29,6 +29,8 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/artifacts", post(upload))
         .route("/artifacts/{digest}", get(show).head(exists))
         .route("/artifacts/{digest}/blob", get(blob))
+        .route("/artifacts/{digest}/block", post(block))
+        .route("/artifacts/purge", post(purge))
         .route("/services/{service}/artifacts", get(list))
 }
 
@@ -160,6 +162,12 @@ struct ArtifactAnswer {
     #[serde(flatten)]
     artifact: Artifact,
     uploads: Vec<ArtifactUpload>,
+    /// Whether the bytes are in the store (false after a purge, until uploaded again).
+    stored: bool,
+    /// An admin's block: never deployable again.
+    blocked: Option<Block>,
+    /// The last purge of its bytes.
+    purged_at: Option<String>,
 }
 
 async fn show(
@@ -168,7 +176,48 @@ async fn show(
     ApiPath(digest): ApiPath<String>,
 ) -> Result<Json<ArtifactAnswer>, ApiError> {
     let (artifact, uploads) = readable(&state, &principal, &digest).await?;
-    Ok(Json(ArtifactAnswer { artifact, uploads }))
+    let digest = artifact.digest;
+    let stored = state.store.artifact_size(digest).await?.is_some();
+    let registry = Arc::clone(&state.registry);
+    let (blocked, purged_at) =
+        blocking(move || Ok::<_, RegistryError>((registry.artifact_block(digest)?, registry.last_purge(digest)?)))
+            .await?;
+    Ok(Json(ArtifactAnswer { artifact, uploads, stored, blocked, purged_at }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockBody {
+    reason: String,
+}
+
+async fn block(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiPath(digest): ApiPath<String>,
+    ApiJson(body): ApiJson<BlockBody>,
+) -> Result<Json<Block>, ApiError> {
+    let digest = parse_digest(&digest)?;
+    Ok(Json(crate::curation::block(&state.registry, &principal, digest, &body.reason).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    /// Must be true: only artifacts never live are ever purged, and the request says so.
+    never_live: bool,
+    older_than_days: u32,
+}
+
+async fn purge(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiJson(body): ApiJson<PurgeBody>,
+) -> Result<Json<crate::curation::Purged>, ApiError> {
+    if !body.never_live {
+        return Err(ApiError::bad_request("only artifacts never live can be purged: send never_live = true"));
+    }
+    Ok(Json(crate::curation::purge(&state.registry, &state.store, &principal, body.older_than_days).await?))
 }
 
 async fn blob(
@@ -194,7 +243,16 @@ async fn blob(
             return Ok(response);
         }
     };
-    let stream = state.ingestor.store.read_artifact(artifact.digest, range.clone()).await?;
+    let stream = match state.store.read_artifact(artifact.digest, range.clone()).await {
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "purged",
+                format!("the bytes of {} were purged; upload them again to restore them", artifact.digest),
+            ));
+        }
+        other => other?,
+    };
     let length = range.as_ref().map_or(size, |r| r.end - r.start);
     let mut response = Response::new(Body::from_stream(stream.map_err(std::io::Error::other)));
     *response.status_mut() = status;

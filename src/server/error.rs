@@ -143,7 +143,26 @@ impl From<ReleaseError> for ApiError {
             ReleaseError::InvalidState { .. } => conflict("invalid_state"),
             ReleaseError::Expired { .. } => conflict("expired"),
             ReleaseError::BadRequest(_) => ApiError::bad_request(message),
+            ReleaseError::Blocked { .. } => conflict("blocked"),
+            ReleaseError::Purged { .. } => conflict("purged"),
+            ReleaseError::Store(e) => e.into(),
             ReleaseError::Registry(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::curation::CurationError> for ApiError {
+    fn from(e: crate::curation::CurationError) -> ApiError {
+        use crate::curation::CurationError as C;
+        match e {
+            C::Forbidden(e) => e.into(),
+            C::BadRequest(m) => ApiError::bad_request(m),
+            C::Registry(RegistryError::ArtifactNotFound(d)) => ApiError::not_found(format!("no artifact {d}")),
+            C::Registry(e @ RegistryError::ArtifactBlocked { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "blocked", format!("{e} (blocked already)"))
+            }
+            C::Registry(e) => e.into(),
+            C::Store(e) => e.into(),
         }
     }
 }

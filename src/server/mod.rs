@@ -113,7 +113,7 @@ impl Opened {
         let (config, registry) = (Arc::new(config), Arc::new(registry));
         check_audit_against_bucket(&registry, &store).await?;
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
-        let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), deployer);
+        let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer);
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
         let state = AppState { config, store, registry, ingestor, releases, checkpointed };

@@ -38,6 +38,18 @@ pub const ROUTES: &[Route] = &[
         summary: "the artifact's bytes (Range supported)",
     },
     Route {
+        method: "POST",
+        path: "/v1/artifacts/{digest}/block",
+        action: Action::ManageArtifacts,
+        summary: "never deployable again: {reason}",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/artifacts/purge",
+        action: Action::ManageArtifacts,
+        summary: "free the bytes of artifacts never live: {never_live: true, older_than_days}",
+    },
+    Route {
         method: "GET",
         path: "/v1/services/{service}/artifacts",
         action: Action::Read,

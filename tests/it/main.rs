@@ -3,6 +3,7 @@
 
 mod audit;
 mod concurrency;
+mod curation;
 mod large;
 mod packaging;
 mod policies;

@@ -24,6 +24,7 @@ fn the_permission_table_is_spec_2() {
         (Decide, "approver admin"),
         (ReadAudit, "auditor admin"),
         (Cancel, "ci deployer admin"),
+        (ManageArtifacts, "admin"),
     ];
     for (action, roles) in expected {
         let actual: Vec<&str> = action.allowed_roles().iter().map(|r| r.as_str()).collect();
@@ -73,7 +74,10 @@ fn every_route_and_every_role_allowed_or_403() {
                     request.json(&json!({"service": "api", "environment": "production"}))
                 }
                 ("POST", "/v1/releases/rollback") => request.json(&json!({"service": "api", "environment": "staging"})),
-                ("POST", p) if p.ends_with("/reject") => request.json(&json!({"reason": "matrix"})),
+                ("POST", p) if p.ends_with("/reject") || p.ends_with("/block") => {
+                    request.json(&json!({"reason": "matrix"}))
+                }
+                ("POST", "/v1/artifacts/purge") => request.json(&json!({"never_live": true, "older_than_days": 3650})),
                 ("POST", _) => request.json(&json!({})),
                 _ => request,
             };
