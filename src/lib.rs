@@ -12,6 +12,8 @@
 //! - [`ingest`] — an upload from body stream to verified object and registry row.
 //! - [`curation`] — blocking artifacts and purging the bytes of ones never live.
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
+//! - [`deploy`] — the node deployer behind the seam: phases across a fleet, transports.
+//! - [`node`] — the node side (`release node`): prepare, switch, status, cleanup, hooks, health.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
 //! - [`client`] — the HTTP client of the command line.
 //! - [`cli`] — the command line, one file per subcommand.
@@ -23,8 +25,10 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod curation;
+pub mod deploy;
 pub mod digest;
 pub mod ingest;
+pub mod node;
 pub mod registry;
 pub mod releases;
 pub mod server;

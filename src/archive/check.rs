@@ -44,13 +44,58 @@ pub struct Summary {
     pub migrations: Vec<String>,
 }
 
+/// One entry that passed every rule, as a [`Visitor`] sees it.
+#[derive(Debug)]
+pub enum Entry<'a> {
+    Directory { path: &'a RelPath },
+    /// A regular file; `executable` when any execute bit is set.
+    File { path: &'a RelPath, executable: bool },
+    Symlink { path: &'a RelPath, target: &'a str },
+    /// A hard link to an earlier regular file.
+    Hardlink { path: &'a RelPath, target: RelPath },
+}
+
+/// What to do with each entry that passed the rules: nothing (the ingest check) or write it
+/// (the node's unpacker). `data` is the file's content; what the visitor leaves unread is
+/// read and dropped.
+pub trait Visitor {
+    fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()>;
+}
+
+/// Reads nothing: the check alone.
+struct Nothing;
+
+impl Visitor for Nothing {
+    fn entry(&mut self, _: Entry<'_>, _: &mut dyn Read) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a walk stopped: the archive broke a rule, or the visitor could not do its part
+/// (for the unpacker: a full disk, a permission).
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("{path}: {source}")]
+    Visitor { path: String, source: io::Error },
+}
+
 /// Checks a whole `tar`+`zstd` stream. Reads `input` to its end unless it refuses earlier.
 /// (`BufRead`, so zstd reads the caller's buffers in place instead of copying them.)
-pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary, ArchiveError> {
+pub fn check(input: impl BufRead, options: &CheckOptions) -> Result<Summary, ArchiveError> {
+    walk(input, options, &mut Nothing).map_err(|e| match e {
+        WalkError::Archive(e) => e,
+        WalkError::Visitor { .. } => unreachable!("the check's visitor does nothing"),
+    })
+}
+
+/// [`check`], handing every entry that passed the rules to `visitor` as it goes.
+pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
     let mut magic = [0u8; 4];
     input.read_exact(&mut magic).map_err(|_| ArchiveError::NotZstd)?;
     if magic != ZSTD_MAGIC {
-        return Err(ArchiveError::NotZstd);
+        return Err(WalkError::Archive(ArchiveError::NotZstd));
     }
     let mut decoder = zstd::stream::read::Decoder::with_buffer(io::Cursor::new(magic).chain(input))
         .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
@@ -89,14 +134,28 @@ pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary,
         }
         summary.file_count += 1;
         if summary.file_count > options.max_files {
-            return Err(ArchiveError::TooManyFiles { limit: options.max_files });
+            return Err(WalkError::Archive(ArchiveError::TooManyFiles { limit: options.max_files }));
         }
         let (path, link) = names.take(&entry)?;
-        check_entry(entry.header(), &path, link.as_deref(), options, &mut tree, &mut summary)?;
+        let header = entry.header().clone();
+        if let Some(checked) = check_entry(&header, &path, link.as_deref(), options, &mut tree, &mut summary)? {
+            let shown = checked.path().as_str().to_owned();
+            let visited = visitor.entry(checked.as_entry(), &mut entry);
+            if let Err(source) = visited {
+                // A read error inside the visitor is the archive's; anything else is the visitor's.
+                return Err(match trouble.take() {
+                    Some(t) => {
+                        trouble.set(Some(t));
+                        read_error(source).into()
+                    }
+                    None => WalkError::Visitor { path: shown, source },
+                });
+            }
+        }
         while entry.read(&mut buffer).map_err(read_error)? > 0 {}
     }
     if names.pending() {
-        return Err(ArchiveError::Tar("a long-name or PAX header is not followed by an entry".into()));
+        return Err(WalkError::Archive(ArchiveError::Tar("a long-name or PAX header is not followed by an entry".into())));
     }
 
     // What follows the entries: the end-of-archive marker (two zero blocks, the first of which
@@ -109,17 +168,43 @@ pub fn check(mut input: impl BufRead, options: &CheckOptions) -> Result<Summary,
             break;
         }
         if buffer[..n].iter().any(|b| *b != 0) {
-            return Err(ArchiveError::Tar("data follows the end-of-archive marker".into()));
+            return Err(WalkError::Archive(ArchiveError::Tar("data follows the end-of-archive marker".into())));
         }
     }
     if after_entries == end_of_entries || counted.pos < end_of_entries + 2 * BLOCK {
-        return Err(ArchiveError::Truncated("no end-of-archive marker after the last entry".into()));
+        return Err(WalkError::Archive(ArchiveError::Truncated("no end-of-archive marker after the last entry".into())));
     }
     summary.unpacked_bytes = counted.pos;
     summary.migrations.sort();
     Ok(summary)
 }
 
+/// An entry that passed the rules, owning what the visitor borrows.
+enum Checked {
+    Directory(RelPath),
+    File(RelPath, bool),
+    Symlink(RelPath, String),
+    Hardlink(RelPath, RelPath),
+}
+
+impl Checked {
+    fn path(&self) -> &RelPath {
+        match self {
+            Checked::Directory(p) | Checked::File(p, _) | Checked::Symlink(p, _) | Checked::Hardlink(p, _) => p,
+        }
+    }
+
+    fn as_entry(&self) -> Entry<'_> {
+        match self {
+            Checked::Directory(path) => Entry::Directory { path },
+            Checked::File(path, executable) => Entry::File { path, executable: *executable },
+            Checked::Symlink(path, target) => Entry::Symlink { path, target },
+            Checked::Hardlink(path, target) => Entry::Hardlink { path, target: target.clone() },
+        }
+    }
+}
+
+/// Applies the rules to one entry; `None` for the root directory itself.
 fn check_entry(
     header: &tar::Header,
     raw_path: &[u8],
@@ -127,7 +212,7 @@ fn check_entry(
     options: &CheckOptions,
     tree: &mut TreeState,
     summary: &mut Summary,
-) -> Result<(), ArchiveError> {
+) -> Result<Option<Checked>, ArchiveError> {
     let kind = header.entry_type();
     let shown = || String::from_utf8_lossy(raw_path).into_owned();
     let mode = header.mode().map_err(|e| ArchiveError::Tar(format!("entry {:?}: {e}", shown())))?;
@@ -135,7 +220,8 @@ fn check_entry(
         Some(path) => path,
         // The root directory itself (`./`), as `tar -C dir .` writes it.
         None if kind == EntryType::Directory => {
-            return check_mode(&RelPath::root(), mode);
+            check_mode(&RelPath::root(), mode)?;
+            return Ok(None);
         }
         None => return Err(ArchiveError::BadPath { path: shown() }),
     };
@@ -153,12 +239,17 @@ fn check_entry(
         return Err(ArchiveError::SharedPath { path: path.as_str().to_owned(), shared: shared.clone() });
     }
     let link = link.unwrap_or_default();
-    match kind {
+    Ok(Some(match kind {
         EntryType::Symlink => {
             check_symlink_target(&path, link)?;
             tree.add_symlink(&path);
+            let target = String::from_utf8(link.to_vec()).expect("checked UTF-8 by check_symlink_target");
+            Checked::Symlink(path, target)
         }
-        EntryType::Link => tree.check_hardlink(&path, link)?,
+        EntryType::Link => {
+            let target = tree.check_hardlink(&path, link)?;
+            Checked::Hardlink(path, target)
+        }
         EntryType::Regular => {
             tree.add_file(&path);
             if options.record_migrations
@@ -168,10 +259,10 @@ fn check_entry(
             {
                 summary.migrations.push(name.to_owned());
             }
+            Checked::File(path, mode & 0o111 != 0)
         }
-        _ => {}
-    }
-    Ok(())
+        _ => Checked::Directory(path),
+    }))
 }
 
 /// GNU long-name and long-link entries and PAX headers, which name the entry that follows.

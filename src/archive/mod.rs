@@ -13,7 +13,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use check::{CheckOptions, Summary, check};
+pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, walk};
 #[cfg(test)]
 use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};

@@ -124,7 +124,8 @@ impl TreeState {
         self.files.insert(std::hash::BuildHasher::hash_one(&self.hasher, path.as_str()));
     }
 
-    pub fn check_hardlink(&self, path: &RelPath, target: &[u8]) -> Result<(), ArchiveError> {
+    /// Returns the link's (normalized) target: an earlier regular file.
+    pub fn check_hardlink(&self, path: &RelPath, target: &[u8]) -> Result<RelPath, ArchiveError> {
         let refused = || ArchiveError::HardlinkTarget {
             path: path.as_str().to_owned(),
             target: String::from_utf8_lossy(target).into_owned(),
@@ -141,7 +142,7 @@ impl TreeState {
             Err(_) => return Err(refused()),
         };
         if self.files.contains(&std::hash::BuildHasher::hash_one(&self.hasher, target.as_str())) {
-            Ok(())
+            Ok(target)
         } else {
             Err(refused())
         }

@@ -70,6 +70,9 @@ pub enum Command {
     /// The audit log: export, verify.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// The node side, run over SSH (or locally) by the server: not for people.
+    #[command(hide = true)]
+    Node,
 }
 
 /// Where the server is and who we are, for client commands.
@@ -251,6 +254,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::History(args) => runtime().block_on(look::history(args, output)),
         Command::Show(args) => runtime().block_on(look::show(args, output)),
         Command::Audit(command) => runtime().block_on(audit::run(command, output)),
+        Command::Node => return crate::node::main(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -232,6 +232,23 @@ fn default_ssh_port() -> u16 {
     22
 }
 
+impl Node {
+    /// How the node is named in the registry and in messages: its `name`, else its host (and
+    /// port when not 22); local nodes by their base directory.
+    pub fn display_name(&self) -> String {
+        match (&self.name, self.host.as_str(), self.port) {
+            (Some(name), _, _) => name.clone(),
+            (None, "local", _) => format!("local:{}", self.base.display()),
+            (None, host, 22) => host.to_owned(),
+            (None, host, port) => format!("{host}:{port}"),
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.host == "local"
+    }
+}
+
 // ---- the file, as written ------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]

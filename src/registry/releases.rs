@@ -470,6 +470,21 @@ impl Registry {
         })
     }
 
+    /// What nodes of (service, environment) must keep: every digest live for the service in
+    /// any environment, and the newest `keep` that went live in this one.
+    pub fn retained_digests(&self, service: &str, environment: &str, keep: u32) -> Result<Vec<Digest>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT digest FROM releases WHERE service = ?1 AND state = 'live'
+                 UNION
+                 SELECT digest FROM (SELECT digest FROM releases WHERE service = ?1 AND environment = ?2
+                                     AND state IN ('live', 'superseded') ORDER BY id DESC LIMIT ?3)",
+            )?;
+            let rows = stmt.query_map(params![service, environment, keep], |r| digest_at(r, 0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     /// Releases in a state, oldest first (start-up recovery).
     pub fn releases_in_state(&self, state: State) -> Result<Vec<Release>, RegistryError> {
         self.read(|conn| {

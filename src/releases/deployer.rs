@@ -1,15 +1,40 @@
 //! The deploy seam: what makes an approved release live on its nodes.
 //!
-//! The orchestration (state machine, lease, audit) calls a [`Deployer`] and records what it
-//! reports; it does not know how nodes are reached. [`RecordOnly`] is the first
-//! implementation: it records, for every configured node, that the release was taken, and
-//! succeeds. The node deployer (SSH and local transports) plugs in here unchanged.
+//! The orchestration (state machine, lease, audit) calls a [`Deployer`] with a [`Plan`]; it
+//! does not know how nodes are reached. Each node's phase is reported through the plan's
+//! [`Reporter`] as it ends, so `show` and `--wait` follow a deploy live. [`RecordOnly`]
+//! records, for every configured node, that the release was taken; the node deployer
+//! (`deploy::NodeDeployer`) really takes it.
+
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
 use super::{Deployment, Release};
-use crate::config::{Node, Service};
+use crate::config::{Environment, Node, Service};
+use crate::digest::Digest;
 use crate::utc;
+
+/// Where a deploy's per-node phases go as they end.
+#[derive(Clone)]
+pub struct Reporter(pub Arc<dyn Fn(Deployment) + Send + Sync>);
+
+impl Reporter {
+    pub fn report(&self, deployment: Deployment) {
+        (self.0)(deployment)
+    }
+
+    /// Drops every report (tests, recovery).
+    pub fn none() -> Reporter {
+        Reporter(Arc::new(|_| {}))
+    }
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reporter")
+    }
+}
 
 /// What to deploy, and where.
 #[derive(Clone, Debug)]
@@ -19,41 +44,59 @@ pub struct Plan {
     pub previous: Option<Release>,
     /// The service's configuration.
     pub service: Service,
+    pub environment: Environment,
     /// The environment's nodes.
     pub nodes: Vec<Node>,
+    /// Releases each node must keep after a successful deploy: whatever any environment has
+    /// live, the previous good one here, and the newest `keep` successful ones here.
+    pub retain: Vec<Digest>,
+    pub report: Reporter,
 }
 
-/// A deploy that did not make it; the fleet is back on `previous`.
+/// A deploy that did not make it; the fleet is back on `previous` unless `stranded` names
+/// nodes that could not be put back.
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub reason: String,
-    pub deployments: Vec<Deployment>,
+    /// Nodes left on the new release (or in an unknown state): shown as drift.
+    pub stranded: Vec<String>,
+}
+
+impl Failure {
+    pub fn new(reason: impl Into<String>) -> Failure {
+        Failure { reason: reason.into(), stranded: vec![] }
+    }
 }
 
 pub trait Deployer: Send + Sync + 'static {
     /// Makes `plan.release` live on its nodes; on failure, puts them back.
-    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>>;
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// A deploy a stopped server left unfinished: finish it (`Ok`: the release is live on
+    /// every node) or put the nodes back (`Err`).
+    fn recover<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async { Err(Failure::new("the server stopped during the deploy")) })
+    }
 }
 
 /// Records the outcome only: every node "takes" the release at once.
 pub struct RecordOnly;
 
 impl Deployer for RecordOnly {
-    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let now = utc::now_text();
-            Ok(plan
-                .nodes
-                .iter()
-                .map(|node| Deployment {
+            for node in &plan.nodes {
+                plan.report.report(Deployment {
                     node: node.name.clone().unwrap_or_else(|| node.host.clone()),
                     phase: "record".into(),
                     started_at: now.clone(),
                     finished_at: now.clone(),
                     outcome: "ok".into(),
-                    output_tail: Some("recorded only: node deployments are not wired in yet".into()),
-                })
-                .collect())
+                    output_tail: Some("recorded only".into()),
+                });
+            }
+            Ok(())
         })
     }
 }

@@ -13,7 +13,7 @@ mod model;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use deployer::{Deployer, Failure, Plan, RecordOnly};
+pub use deployer::{Deployer, Failure, Plan, RecordOnly, Reporter};
 pub use model::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
 
 use crate::audit::NewEvent;
@@ -162,7 +162,19 @@ impl Releases {
             tracing::warn!(cleared, "cleared deploy leases left by a stopped server");
         }
         for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
-            self.fail(release.id, "the server stopped during the deploy").await;
+            let id = release.id;
+            let outcome = match self.plan(&release).await {
+                Ok(plan) => {
+                    let deployer = Arc::clone(&self.deployer);
+                    match tokio::spawn(async move { deployer.recover(&plan).await }).await {
+                        Ok(outcome) => outcome,
+                        Err(e) => Err(Failure::new(format!("recovering the deploy crashed: {e}"))),
+                    }
+                }
+                Err(e) => Err(Failure::new(format!("the server stopped during the deploy ({e})"))),
+            };
+            tracing::warn!(release = id, finished = outcome.is_ok(), "resolved a deploy a stop interrupted");
+            self.conclude(id, outcome).await;
         }
         for release in self.blocking(|r| r.releases_in_state(State::Approved)).await? {
             self.launch(release);
@@ -571,31 +583,48 @@ impl Releases {
                 // of leaving it deploying.
                 match tokio::spawn(async move { deployer.deploy(&plan).await }).await {
                     Ok(outcome) => outcome,
-                    Err(e) => Err(Failure { reason: format!("the deployer crashed: {e}"), deployments: vec![] }),
+                    Err(e) => Err(Failure::new(format!("the deployer crashed: {e}"))),
                 }
             }
-            Err(e) => Err(Failure { reason: format!("could not plan the deploy: {e}"), deployments: vec![] }),
+            Err(e) => Err(Failure::new(format!("could not plan the deploy: {e}"))),
         };
-        let deployments = match &outcome {
-            Ok(d) => d.clone(),
-            Err(f) => f.deployments.clone(),
-        };
-        for deployment in deployments {
-            if let Err(e) = self.blocking(move |r| r.record_deployment(id, &deployment)).await {
-                tracing::error!(release = id, error = %e, "could not record a node's deployment");
-            }
-        }
+        self.conclude(id, outcome).await;
+        Ok(())
+    }
+
+    /// Records how a deploy ended: live, or failed with its reason (and the nodes it could not
+    /// put back).
+    async fn conclude(&self, id: i64, outcome: Result<(), Failure>) {
         match outcome {
-            Ok(_) => {
+            Ok(()) => {
                 let event = NewEvent::by_server("release.live", format!("release/{id}"), serde_json::json!({}));
                 if let Err(e) = self.blocking(move |r| r.finish_deploy(id, State::Live, None, &event)).await {
                     tracing::error!(release = id, error = %e, "could not record the release as live");
                     self.fail(id, &format!("the deploy succeeded but could not be recorded: {e}")).await;
                 }
             }
-            Err(failure) => self.fail(id, &failure.reason).await,
+            Err(failure) => {
+                let reason = if failure.stranded.is_empty() {
+                    failure.reason
+                } else {
+                    format!("{}; not put back: {}", failure.reason, failure.stranded.join(", "))
+                };
+                self.fail(id, &reason).await;
+            }
         }
-        Ok(())
+    }
+
+    /// Records each node's phase as the deployer reports it.
+    fn reporter(&self, id: i64) -> Reporter {
+        let registry = Arc::clone(&self.registry);
+        Reporter(Arc::new(move |deployment: Deployment| {
+            let registry = Arc::clone(&registry);
+            // The deployer reports from async code: record off its thread, in order.
+            let recorded = tokio::task::block_in_place(|| registry.record_deployment(id, &deployment));
+            if let Err(e) = recorded {
+                tracing::error!(release = id, error = %e, "could not record a node's deployment");
+            }
+        }))
     }
 
     fn renew_lease_while_running(&self, release: Release) -> tokio::task::JoinHandle<()> {
@@ -624,7 +653,15 @@ impl Releases {
             Some(id) => self.blocking(move |r| r.release(id)).await?,
             None => None,
         };
-        Ok(Plan { release: release.clone(), previous, service, nodes })
+        let environment = self.environment(&release.environment)?.clone();
+        // The release being deployed is the newest of the `keep` successful ones it will count.
+        let (s, e, keep) = (release.service.clone(), release.environment.clone(), service.keep.saturating_sub(1));
+        let mut retain = self.blocking(move |r| r.retained_digests(&s, &e, keep)).await?;
+        retain.push(release.digest);
+        retain.extend(previous.as_ref().map(|p| p.digest));
+        retain.sort();
+        retain.dedup();
+        Ok(Plan { release: release.clone(), previous, service, environment, nodes, retain, report: self.reporter(release.id) })
     }
 }
 

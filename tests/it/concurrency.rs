@@ -15,10 +15,10 @@ use crate::support::inprocess::InProcessServer;
 struct Gate(Arc<tokio::sync::Semaphore>);
 
 impl Deployer for Gate {
-    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let _pass = self.0.acquire().await.expect("the gate stays open");
-            Ok(vec![])
+            Ok(())
         })
     }
 }
@@ -148,19 +148,17 @@ fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
 struct Refuses;
 
 impl Deployer for Refuses {
-    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
-        Box::pin(async {
-            Err(Failure {
-                reason: "node web-1: finalize hook exited with 2".into(),
-                deployments: vec![Deployment {
-                    node: "web-1".into(),
-                    phase: "prepare".into(),
-                    started_at: "2026-11-27T00:00:00.000000Z".into(),
-                    finished_at: "2026-11-27T00:00:01.000000Z".into(),
-                    outcome: "failed".into(),
-                    output_tail: Some("php artisan optimize: exit 2".into()),
-                }],
-            })
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            plan.report.report(Deployment {
+                node: "web-1".into(),
+                phase: "prepare".into(),
+                started_at: "2026-11-27T00:00:00.000000Z".into(),
+                finished_at: "2026-11-27T00:00:01.000000Z".into(),
+                outcome: "failed".into(),
+                output_tail: Some("php artisan optimize: exit 2".into()),
+            });
+            Err(Failure::new("node web-1: finalize hook exited with 2"))
         })
     }
 }
@@ -169,7 +167,7 @@ impl Deployer for Refuses {
 struct Panics;
 
 impl Deployer for Panics {
-    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<Vec<Deployment>, Failure>> {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async { panic!("a bug in the deployer") })
     }
 }

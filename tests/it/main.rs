@@ -5,6 +5,7 @@ mod audit;
 mod concurrency;
 mod curation;
 mod large;
+mod nodes;
 mod packaging;
 mod policies;
 mod refusals;

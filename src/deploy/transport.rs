@@ -1,0 +1,146 @@
+//! How the server reaches a node's agent (`release node`): the only code that knows whether a
+//! node is this machine or one behind SSH. A call sends one request (and maybe an artifact's
+//! bytes) and reads one answer.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::node::{NodeError, Request};
+use crate::store::StoreError;
+
+/// Bytes to send after the request (an artifact).
+pub type Payload = BoxStream<'static, Result<Bytes, StoreError>>;
+
+/// Why a call did not get an answer from the node's agent.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The agent answered with a refusal or failure.
+    #[error("{0}")]
+    Node(NodeError),
+    #[error("{0}")]
+    Transport(String),
+}
+
+pub trait Transport: Send + Sync {
+    /// Sends `request` (then `payload`, if any) to the node's agent; its answer.
+    fn call<'a>(
+        &'a self,
+        request: &'a Request,
+        payload: Option<Payload>,
+    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>>;
+}
+
+/// This machine: the agent runs as a child process of the server (the same binary).
+pub struct Local {
+    pub program: PathBuf,
+    pub timeout: Duration,
+}
+
+impl Local {
+    pub fn new(timeout: Duration) -> Local {
+        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("release"));
+        Local { program, timeout }
+    }
+}
+
+impl Transport for Local {
+    fn call<'a>(
+        &'a self,
+        request: &'a Request,
+        payload: Option<Payload>,
+    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
+        Box::pin(async move {
+            let mut child = tokio::process::Command::new(&self.program)
+                .arg("node")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| CallError::Transport(format!("cannot start {}: {e}", self.program.display())))?;
+            let exchange = async {
+                let mut stdin = child.stdin.take().expect("piped");
+                let mut line = serde_json::to_vec(request).expect("requests serialize");
+                line.push(b'\n');
+                let sent = send(&mut stdin, line, payload).await;
+                drop(stdin);
+                let mut out = Vec::new();
+                child.stdout.take().expect("piped").read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+                let mut err = Vec::new();
+                let _ = child.stderr.take().expect("piped").read_to_end(&mut err).await;
+                let status = child.wait().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((sent, out, err, status))
+            };
+            let (sent, out, err, status) = tokio::time::timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| CallError::Transport(format!("the node agent did not answer within {:?}", self.timeout)))?
+                .map_err(CallError::Transport)?;
+            parse_answer(&out, &err, status.success(), sent)
+        })
+    }
+}
+
+/// Writes the request line and the payload; a payload error (the store failed mid-stream) is
+/// returned, a closed pipe is not (the agent refused early and says why in its answer).
+async fn send(
+    stdin: &mut (impl AsyncWriteExt + Unpin),
+    line: Vec<u8>,
+    payload: Option<Payload>,
+) -> Result<(), String> {
+    if stdin.write_all(&line).await.is_err() {
+        return Ok(());
+    }
+    if let Some(mut payload) = payload {
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| format!("reading the artifact from the store: {e}"))?;
+            if stdin.write_all(&chunk).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let _ = stdin.shutdown().await;
+    Ok(())
+}
+
+/// The agent's answer: its last line of stdout, as JSON.
+pub fn parse_answer(
+    out: &[u8],
+    err: &[u8],
+    exited_ok: bool,
+    sent: Result<(), String>,
+) -> Result<serde_json::Value, CallError> {
+    let text = String::from_utf8_lossy(out);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let answer: serde_json::Value = match serde_json::from_str(last) {
+        Ok(v) => v,
+        Err(_) => {
+            let stderr = String::from_utf8_lossy(err);
+            let stderr = stderr.trim();
+            let why = match sent {
+                Err(e) => e,
+                Ok(()) if !exited_ok => format!("the node agent failed: {}", tail(stderr)),
+                Ok(()) => format!("the node agent's answer is not JSON: {}", tail(&text)),
+            };
+            return Err(CallError::Transport(why));
+        }
+    };
+    if answer["ok"] == true {
+        return Ok(answer);
+    }
+    let error: NodeError = serde_json::from_value(answer.clone())
+        .unwrap_or_else(|_| NodeError::new("unknown", format!("unexpected answer: {answer}")));
+    Err(CallError::Node(error))
+}
+
+fn tail(text: &str) -> &str {
+    let start = text.len().saturating_sub(2000);
+    let start = (start..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+    &text[start..]
+}

@@ -1,0 +1,146 @@
+//! The node side: `release node`, run on each node by the server (over SSH, or as a local
+//! process). One JSON request on the first line of stdin (an artifact's bytes may follow),
+//! one JSON answer on stdout. Everything it does to `<base>` is here:
+//!
+//! ```text
+//! <base>/releases/<64 hex>/     one directory per artifact, read-only once ready
+//! <base>/current -> releases/…  relative symlink, switched by one rename(2)
+//! <base>/shared/                persistent: .env, storage/, uploads
+//! <base>/.release/lock          flock: one deploy at a time on this base
+//! <base>/.release/ready/<hex>   marker: that release is unpacked, linked and finalized
+//! ```
+//!
+//! Architecture invariant: the node trusts nothing it receives. It checks the archive by the
+//! same rules as ingest and its digest while unpacking, and never writes outside `<base>`.
+
+mod ops;
+mod unpack;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use unpack::{UnpackError, remove_tree, unpack};
+
+use crate::digest::Digest;
+
+/// A request to the node agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Prepare(Prepare),
+    /// Points `current` at the release; `None` removes `current` (putting back a first deploy).
+    Switch { base: PathBuf, digest: Option<Digest> },
+    Status { base: PathBuf },
+    Cleanup { base: PathBuf, keep: Vec<Digest> },
+    Exec(Exec),
+    Health(Health),
+}
+
+/// Where prepare gets the artifact's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// They follow the request on stdin.
+    Stdin,
+    /// A (presigned) URL to fetch them from.
+    Url(String),
+    /// None sent: the release must already be on the node.
+    Present,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    pub base: PathBuf,
+    pub digest: Digest,
+    pub source: Source,
+    /// Relative paths linked from `<base>/shared`.
+    pub shared: Vec<String>,
+    /// Relative paths left writable when the release is made read-only.
+    pub writable: Vec<String>,
+    /// Shell commands run in the release directory, at its final path.
+    pub finalize: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub max_unpacked_bytes: u64,
+    pub max_files: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exec {
+    pub base: PathBuf,
+    /// Where to run: a release's directory, or `current` when `None`.
+    pub digest: Option<Digest>,
+    pub commands: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub url: String,
+    /// Text the answer must contain (the server has put the digest in already).
+    pub expect: Option<String>,
+    pub timeout_ms: u64,
+}
+
+/// A refusal or failure on the node: a code for the server, a message for people, and the
+/// tail of what a hook printed.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct NodeError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+impl NodeError {
+    pub fn new(code: &str, message: impl Into<String>) -> NodeError {
+        NodeError { code: code.to_owned(), message: message.into(), output: None }
+    }
+}
+
+/// The answer: `{"ok": true, ...}` or `{"ok": false, "code", "message", "output"}`.
+pub fn answer(result: Result<serde_json::Value, NodeError>) -> serde_json::Value {
+    match result {
+        Ok(mut value) => {
+            if let Some(map) = value.as_object_mut() {
+                map.insert("ok".into(), true.into());
+            }
+            value
+        }
+        Err(e) => {
+            let mut value = serde_json::to_value(&e).expect("serializes");
+            value["ok"] = false.into();
+            value
+        }
+    }
+}
+
+/// `release node`: reads one request from stdin, answers on stdout.
+pub fn main() -> std::process::ExitCode {
+    let stdin = std::io::stdin();
+    let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+    let mut line = String::new();
+    let result = match input.read_line(&mut line) {
+        Ok(0) => Err(NodeError::new("bad_request", "no request on stdin")),
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => ops::handle(request, &mut input),
+            Err(e) => Err(NodeError::new("bad_request", format!("not a node request: {e}"))),
+        },
+        Err(e) => Err(NodeError::new("bad_request", format!("cannot read stdin: {e}"))),
+    };
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{}", answer(result));
+    let _ = stdout.flush();
+    std::process::ExitCode::SUCCESS
+}
+
+/// Drains stdin (bytes the server sent that were not needed).
+fn drain(input: &mut dyn BufRead) {
+    let _ = std::io::copy(input, &mut std::io::sink());
+}

@@ -1,0 +1,425 @@
+//! What the node agent does to `<base>`: prepare, switch, status, cleanup, exec, health.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufRead, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Exec, Health, NodeError, Prepare, Request, Source, drain, remove_tree, unpack};
+use crate::archive::CheckOptions;
+use crate::digest::Digest;
+
+/// The last bytes of a hook's output kept in the answer (and in the registry).
+const OUTPUT_TAIL: usize = 4000;
+/// How long a deploy waits for another one holding the base's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
+    match request {
+        Request::Prepare(p) => prepare(&p, input),
+        Request::Switch { base, digest } => switch(&base, digest),
+        Request::Status { base } => status(&base),
+        Request::Cleanup { base, keep } => cleanup(&base, &keep),
+        Request::Exec(e) => exec(&e),
+        Request::Health(h) => health(&h),
+    }
+}
+
+/// The paths of one base.
+struct Layout {
+    base: PathBuf,
+}
+
+impl Layout {
+    fn releases(&self) -> PathBuf {
+        self.base.join("releases")
+    }
+    fn release(&self, digest: Digest) -> PathBuf {
+        self.releases().join(digest.hex())
+    }
+    fn ready(&self, digest: Digest) -> PathBuf {
+        self.base.join(".release/ready").join(digest.hex())
+    }
+    fn current(&self) -> PathBuf {
+        self.base.join("current")
+    }
+    fn shared(&self) -> PathBuf {
+        self.base.join("shared")
+    }
+
+    fn create(&self) -> Result<(), NodeError> {
+        for dir in [self.releases(), self.shared(), self.base.join(".release/ready")] {
+            fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// The digest `current` points at; an error if `current` is not a symlink into releases/.
+    fn current_digest(&self) -> Result<Option<Digest>, NodeError> {
+        let current = self.current();
+        match fs::symlink_metadata(&current) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&current, e)),
+            Ok(meta) if !meta.file_type().is_symlink() => Err(NodeError::new(
+                "not_adopted",
+                format!("{} is not a symlink (an application deployed another way?): adopt it first", current.display()),
+            )),
+            Ok(_) => {
+                let target = fs::read_link(&current).map_err(|e| io_error(&current, e))?;
+                let hex = target.strip_prefix("releases").ok().and_then(|t| t.to_str()).unwrap_or_default();
+                hex.parse::<Digest>().map(Some).map_err(|_| {
+                    NodeError::new("drift", format!("{} points at {}, not a release", current.display(), target.display()))
+                })
+            }
+        }
+    }
+
+    /// Takes `<base>/.release/lock`, waiting a little for another deploy to finish.
+    fn lock(&self) -> Result<fs::File, NodeError> {
+        use std::os::fd::AsRawFd;
+        let path = self.base.join(".release/lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        let started = Instant::now();
+        // SAFETY: flock on a descriptor we own.
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if started.elapsed() > LOCK_WAIT {
+                return Err(NodeError::new(
+                    "locked",
+                    format!("another deploy holds {} (waited {} s)", path.display(), LOCK_WAIT.as_secs()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(file)
+    }
+}
+
+fn io_error(path: &Path, e: io::Error) -> NodeError {
+    let code = if e.raw_os_error() == Some(libc::ENOSPC) { "disk_full" } else { "io" };
+    NodeError::new(code, format!("{}: {e}", path.display()))
+}
+
+fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
+    let layout = Layout { base: p.base.clone() };
+    layout.create()?;
+    let _lock = layout.lock()?;
+    layout.current_digest()?; // refuses a base that holds an application deployed another way
+    let dir = layout.release(p.digest);
+    let ready = layout.ready(p.digest);
+    let reused = dir.is_dir() && ready.exists();
+    if reused {
+        if p.source == Source::Stdin {
+            drain(input);
+        }
+        set_writable(&dir).map_err(|e| io_error(&dir, e))?;
+    } else {
+        if dir.exists() {
+            // Left unready by a crash: redone.
+            remove_tree(&dir).map_err(|e| io_error(&dir, e))?;
+        }
+        let tmp = layout.releases().join(format!(".tmp-{}", p.digest.hex()));
+        remove_tree(&tmp).map_err(|e| io_error(&tmp, e))?;
+        let options = CheckOptions {
+            max_unpacked_bytes: p.max_unpacked_bytes,
+            max_files: p.max_files,
+            shared: p.shared.clone(),
+            record_migrations: false,
+        };
+        let unpacked = match &p.source {
+            Source::Stdin => unpack(input, &tmp, &options, p.digest),
+            Source::Url(url) => {
+                let response = fetch(url)?;
+                unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest)
+            }
+            Source::Present => {
+                return Err(NodeError::new("missing", format!("{} is not on this node", p.digest)));
+            }
+        };
+        unpacked.map_err(|e| match e {
+            super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
+            super::UnpackError::Unsafe(_) => NodeError::new("unsafe_archive", e.to_string()),
+            super::UnpackError::Write { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                NodeError::new("disk_full", e.to_string())
+            }
+            super::UnpackError::Write { .. } => NodeError::new("io", e.to_string()),
+        })?;
+        fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
+        sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
+        link_shared(&layout, &dir, &p.shared)?;
+    }
+    let _ = fs::remove_file(&ready);
+    let env = release_env(&layout, p.digest, &p.env);
+    let output = run_commands(&dir, &p.finalize, &env)?;
+    set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    fs::write(&ready, b"").map_err(|e| io_error(&ready, e))?;
+    sync_dir(ready.parent().expect("ready has a parent")).map_err(|e| io_error(&ready, e))?;
+    Ok(json!({"dir": dir, "reused": reused, "output": output}))
+}
+
+fn fetch(url: &str) -> Result<impl Read, NodeError> {
+    let response = reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(None)
+        .build()
+        .map_err(|e| NodeError::new("fetch", e.to_string()))?
+        .get(url)
+        .send()
+        .map_err(|e| NodeError::new("fetch", format!("cannot fetch the artifact: {e}")))?;
+    if !response.status().is_success() {
+        return Err(NodeError::new("fetch", format!("fetching the artifact: HTTP {}", response.status())));
+    }
+    Ok(response)
+}
+
+/// Links each shared path of the release to `<base>/shared/<path>` with a relative symlink.
+fn link_shared(layout: &Layout, dir: &Path, shared: &[String]) -> Result<(), NodeError> {
+    for path in shared {
+        let target = layout.shared().join(path);
+        if fs::symlink_metadata(&target).is_err() {
+            return Err(NodeError::new(
+                "shared_missing",
+                format!("{} does not exist: create it (file or directory) on this node before deploying", target.display()),
+            ));
+        }
+        let link = dir.join(path);
+        if fs::symlink_metadata(&link).is_ok() {
+            return Err(NodeError::new(
+                "shared_in_artifact",
+                format!("the artifact contains {path}, which the service keeps in shared/: leave it out of the package"),
+            ));
+        }
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        // From <base>/releases/<hex>/<parents of path> up to <base>, then down to shared/.
+        let depth = 2 + Path::new(path).components().count() - 1;
+        let relative = format!("{}shared/{path}", "../".repeat(depth));
+        std::os::unix::fs::symlink(&relative, &link).map_err(|e| io_error(&link, e))?;
+    }
+    Ok(())
+}
+
+fn release_env(layout: &Layout, digest: Digest, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = extra.clone();
+    env.insert("RELEASE_DIGEST".into(), digest.to_string());
+    env.insert("RELEASE_DIR".into(), layout.release(digest).display().to_string());
+    env.insert("RELEASE_BASE".into(), layout.base.display().to_string());
+    env
+}
+
+/// Runs shell commands in `dir`, one after the other; the tail of their output, or the
+/// failing command with its tail.
+fn run_commands(dir: &Path, commands: &[String], env: &BTreeMap<String, String>) -> Result<String, NodeError> {
+    let mut output = Vec::new();
+    for command in commands {
+        let run = Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 2>&1; {command}"))
+            .current_dir(dir)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .output()
+            .map_err(|e| NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")))?;
+        output.extend_from_slice(format!("$ {command}\n").as_bytes());
+        output.extend_from_slice(&run.stdout);
+        if !run.status.success() {
+            let mut e = NodeError::new("hook_failed", format!("`{command}` failed ({})", run.status));
+            e.output = Some(tail(&output));
+            return Err(e);
+        }
+    }
+    Ok(tail(&output))
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let start = bytes.len().saturating_sub(OUTPUT_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Removes every write bit in the release, except under `writable` paths.
+fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
+    let keep: Vec<PathBuf> = writable.iter().map(|w| dir.join(w)).collect();
+    walk_modes(dir, &mut |path, meta| {
+        if keep.iter().any(|k| path.starts_with(k)) {
+            return Ok(());
+        }
+        let mode = meta.permissions().mode();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o222))
+    })
+}
+
+/// Gives the owner write permission back (before finalize runs again on a reused release).
+fn set_writable(dir: &Path) -> io::Result<()> {
+    walk_modes(dir, &mut |path, meta| {
+        let mode = meta.permissions().mode();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))
+    })
+}
+
+/// Visits the directory and everything under it (not following symlinks), directories last.
+fn walk_modes(dir: &Path, f: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        // Make sure the directory can be listed and entered before it is walked.
+        fs::set_permissions(dir, fs::Permissions::from_mode(meta.permissions().mode() | 0o500))?;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            if meta.is_dir() {
+                walk_modes(&path, f)?;
+            } else {
+                f(&path, &meta)?;
+            }
+        }
+    }
+    f(dir, &fs::symlink_metadata(dir)?)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Points `current` at the release with one rename(2) of a fresh relative symlink, then
+/// makes the directory entry durable. Without a digest, removes `current`.
+fn switch(base: &Path, digest: Option<Digest>) -> Result<Value, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    layout.create()?;
+    let _lock = layout.lock()?;
+    let Some(digest) = digest else {
+        let previous = layout.current_digest()?;
+        if previous.is_some() {
+            fs::remove_file(layout.current()).map_err(|e| io_error(&layout.current(), e))?;
+            sync_dir(base).map_err(|e| io_error(base, e))?;
+        }
+        return Ok(json!({"previous": previous}));
+    };
+    if !layout.ready(digest).exists() || !layout.release(digest).is_dir() {
+        return Err(NodeError::new("not_ready", format!("{digest} is not prepared on this node")));
+    }
+    let previous = layout.current_digest()?;
+    let tmp = layout.base.join(format!(".release/current-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("releases/{}", digest.hex()), &tmp).map_err(|e| io_error(&tmp, e))?;
+    fs::rename(&tmp, layout.current()).map_err(|e| io_error(&layout.current(), e))?;
+    sync_dir(base).map_err(|e| io_error(base, e))?;
+    Ok(json!({"previous": previous}))
+}
+
+fn status(base: &Path) -> Result<Value, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    if !base.exists() {
+        return Ok(json!({"current": null, "ready": [], "unready": []}));
+    }
+    let current = layout.current_digest()?;
+    let (mut ready, mut unready) = (Vec::new(), Vec::new());
+    if let Ok(entries) = fs::read_dir(layout.releases()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match name.parse::<Digest>() {
+                Ok(d) if layout.ready(d).exists() => ready.push(d),
+                _ => unready.push(name),
+            }
+        }
+    }
+    ready.sort();
+    unready.sort();
+    Ok(json!({"current": current, "ready": ready, "unready": unready}))
+}
+
+/// Removes releases not in `keep`, never the current one, never one a running process has as
+/// its working directory.
+fn cleanup(base: &Path, keep: &[Digest]) -> Result<Value, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    layout.create()?;
+    let _lock = layout.lock()?;
+    let current = layout.current_digest()?;
+    let in_use = working_directories();
+    let (mut removed, mut busy) = (Vec::new(), Vec::new());
+    for entry in fs::read_dir(layout.releases()).map_err(|e| io_error(&layout.releases(), e))?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let digest = name.parse::<Digest>().ok();
+        if digest.is_some_and(|d| keep.contains(&d) || current == Some(d)) {
+            continue;
+        }
+        if in_use.iter().any(|cwd| cwd.starts_with(&path)) {
+            busy.push(name);
+            continue;
+        }
+        if let Some(d) = digest {
+            let _ = fs::remove_file(layout.ready(d));
+        }
+        remove_tree(&path).map_err(|e| io_error(&path, e))?;
+        removed.push(name);
+    }
+    removed.sort();
+    Ok(json!({"removed": removed, "in_use": busy}))
+}
+
+/// The working directories of this machine's processes that we can see.
+fn working_directories() -> Vec<PathBuf> {
+    let Ok(procs) = fs::read_dir("/proc") else { return vec![] };
+    procs
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| fs::read_link(e.path().join("cwd")).ok())
+        .collect()
+}
+
+fn exec(e: &Exec) -> Result<Value, NodeError> {
+    let layout = Layout { base: e.base.clone() };
+    let (dir, digest) = match e.digest {
+        Some(d) => (layout.release(d), d),
+        None => match layout.current_digest()? {
+            Some(d) => (layout.current(), d),
+            None => return Err(NodeError::new("not_ready", format!("{} has no current release", e.base.display()))),
+        },
+    };
+    let output = run_commands(&dir, &e.commands, &release_env(&layout, digest, &e.env))?;
+    Ok(json!({"output": output}))
+}
+
+/// GETs the URL from the node itself until it answers 2xx (with `expect` in the body), or
+/// the time is up.
+fn health(h: &Health) -> Result<Value, NodeError> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| NodeError::new("health_failed", e.to_string()))?;
+    let deadline = Instant::now() + Duration::from_millis(h.timeout_ms);
+    loop {
+        let last = match client.get(&h.url).send() {
+            Ok(response) => {
+                let status = response.status();
+                let body = response.text().unwrap_or_default();
+                if status.is_success() && h.expect.as_ref().is_none_or(|e| body.contains(e.as_str())) {
+                    return Ok(json!({"status": status.as_u16(), "body": tail(body.as_bytes())}));
+                }
+                format!("HTTP {status}: {}", tail(body.as_bytes()).trim())
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            let expect = h.expect.as_ref().map(|e| format!(" containing {e:?}")).unwrap_or_default();
+            let mut error = NodeError::new("health_failed", format!("{} did not answer 2xx{expect}", h.url));
+            error.output = Some(last);
+            return Err(error);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

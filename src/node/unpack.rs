@@ -1,0 +1,231 @@
+//! The node's unpacker: the archive's bytes are hashed and checked by the same rules as at
+//! ingest (never trusting the server's check alone) while they are written into a fresh
+//! directory. A digest that does not match, a rule broken, a full disk: the directory is
+//! removed and nothing is left.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::archive::{self, ArchiveError, CheckOptions, Entry, Summary, Visitor, WalkError};
+use crate::digest::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("the artifact's digest is {actual}, not {expected}: corrupted in the store or on the way")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("unsafe archive: {0}")]
+    Unsafe(#[from] ArchiveError),
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: io::Error },
+}
+
+/// Unpacks `input` (a whole `tar`+`zstd` stream) into `dest`, which must not exist yet.
+pub fn unpack(input: impl BufRead, dest: &Path, options: &CheckOptions, expected: Digest) -> Result<Summary, UnpackError> {
+    let write_error = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| UnpackError::Write { path, source }
+    };
+    fs::create_dir(dest).map_err(write_error(dest))?;
+    let mut hashing = HashingReader { inner: input, hasher: Sha256::new() };
+    let walked = archive::walk(&mut hashing, options, &mut Unpacker { root: dest.to_owned() });
+    let outcome = match walked {
+        Err(WalkError::Archive(e)) => Err(UnpackError::Unsafe(e)),
+        Err(WalkError::Visitor { path, source }) => Err(UnpackError::Write { path, source }),
+        Ok(summary) => {
+            // Drain whatever follows (nothing, for a well-formed stream) so the digest covers
+            // every byte that was sent.
+            io::copy(&mut hashing, &mut io::sink()).map_err(write_error(dest))?;
+            let actual = Digest::from_hasher(hashing.hasher.clone());
+            if actual == expected { Ok(summary) } else { Err(UnpackError::DigestMismatch { expected, actual }) }
+        }
+    };
+    match outcome {
+        Ok(summary) => {
+            sync_filesystem(dest).map_err(write_error(dest))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = remove_tree(dest);
+            Err(e)
+        }
+    }
+}
+
+/// Removes a tree whose directories may have been made read-only.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        make_writable_dirs(path)?;
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+fn make_writable_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        let mode = meta.permissions().mode();
+        if mode & 0o200 == 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o700))?;
+        }
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                make_writable_dirs(&entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `syncfs` for the whole tree instead of an fsync per file.
+fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct Unpacker {
+    root: PathBuf,
+}
+
+impl Unpacker {
+    fn parent_of(&self, path: &Path) -> io::Result<()> {
+        match path.parent() {
+            Some(parent) if parent != self.root => fs::create_dir_all(parent),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Visitor for Unpacker {
+    /// Paths were checked (relative, no `..`, never under a symbolic link of the archive) and
+    /// the root is a fresh directory, so joining them to it cannot leave it.
+    fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {
+        match entry {
+            Entry::Directory { path } => fs::create_dir_all(self.root.join(path.as_str())),
+            Entry::File { path, executable } => {
+                let target = self.root.join(path.as_str());
+                self.parent_of(&target)?;
+                // create_new: a second entry for the same path is refused, never overwrites.
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(if executable { 0o755 } else { 0o644 })
+                    .open(&target)?;
+                let mut writer = BufWriter::with_capacity(256 << 10, file);
+                io::copy(data, &mut writer)?;
+                writer.flush()
+            }
+            Entry::Symlink { path, target } => {
+                let link = self.root.join(path.as_str());
+                self.parent_of(&link)?;
+                std::os::unix::fs::symlink(target, &link)
+            }
+            Entry::Hardlink { path, target } => {
+                let link = self.root.join(path.as_str());
+                self.parent_of(&link)?;
+                fs::hard_link(self.root.join(target.as_str()), &link)
+            }
+        }
+    }
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: BufRead> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for HashingReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        if let Ok(buf) = self.inner.fill_buf() {
+            self.hasher.update(&buf[..amount.min(buf.len())]);
+        }
+        self.inner.consume(amount);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> CheckOptions {
+        CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 1000, shared: vec![], record_migrations: false }
+    }
+
+    fn packed_tree() -> (tempfile::TempDir, Vec<u8>, Digest) {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir_all(src.path().join("public/css")).unwrap();
+        fs::write(src.path().join("public/index.php"), "<?php echo 1;").unwrap();
+        fs::write(src.path().join("public/css/app.css"), "body{}").unwrap();
+        fs::write(src.path().join("artisan"), "#!/usr/bin/env php").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(src.path().join("artisan"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("public/index.php", src.path().join("entry")).unwrap();
+        let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+        (src, bytes, packed.digest)
+    }
+
+    #[test]
+    fn unpacks_exactly_the_tree() {
+        let (src, bytes, digest) = packed_tree();
+        let dest = tempfile::tempdir().unwrap();
+        let target = dest.path().join("release");
+        unpack(&bytes[..], &target, &options(), digest).unwrap();
+        assert_eq!(fs::read_to_string(target.join("public/css/app.css")).unwrap(), "body{}");
+        assert_eq!(fs::read_link(target.join("entry")).unwrap(), Path::new("public/index.php"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(target.join("artisan")).unwrap().permissions().mode() & 0o111, 0o111);
+        drop(src);
+    }
+
+    #[test]
+    fn a_wrong_digest_leaves_nothing() {
+        let (_src, bytes, _) = packed_tree();
+        let dest = tempfile::tempdir().unwrap();
+        let target = dest.path().join("release");
+        let err = unpack(&bytes[..], &target, &options(), Digest::of(b"other")).unwrap_err();
+        assert!(matches!(err, UnpackError::DigestMismatch { .. }), "{err}");
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn a_corrupt_stream_leaves_nothing() {
+        let (_src, mut bytes, digest) = packed_tree();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        let dest = tempfile::tempdir().unwrap();
+        let target = dest.path().join("release");
+        assert!(unpack(&bytes[..], &target, &options(), digest).is_err());
+        assert!(!target.exists());
+    }
+}

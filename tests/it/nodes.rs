@@ -1,0 +1,351 @@
+//! Deploys onto nodes on this machine (`host = "local"`: the node agent runs as a child of
+//! the server, no SSH): the files on each node, the registry and `status` agree at every
+//! step; faults end with the whole fleet on the previous release and the release failed.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::releases::Fixture;
+use crate::support::archives::{RawTar, zstd};
+
+/// A fleet of local nodes, each a base directory with its shared/ ready.
+struct Fleet {
+    f: Fixture,
+    bases: Vec<PathBuf>,
+}
+
+const FINALIZE: &str = "hooks.finalize = [\"echo finalized > FINALIZED\"]";
+
+const RELOAD: &str = "hooks.reload = [\"echo reloaded $RELEASE_DIGEST >> $RELEASE_BASE/reloads\"]";
+
+fn node_config(bases: &[PathBuf], service_extra: &str) -> String {
+    let finalize = if service_extra.contains("hooks.finalize") { "" } else { FINALIZE };
+    let reload = if service_extra.contains("hooks.reload") { "" } else { RELOAD };
+    let mut config = format!(
+        "[service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\nkeep = 3\n{finalize}\n{reload}\n{service_extra}\n"
+    );
+    for base in bases {
+        config.push_str(&format!("[[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n", base.display()));
+    }
+    config
+}
+
+impl Fleet {
+    fn new(nodes: usize, service_extra: &str) -> Fleet {
+        let root = tempfile::Builder::new().prefix("release-fleet-").tempdir().unwrap().keep();
+        let bases: Vec<PathBuf> = (1..=nodes).map(|i| root.join(format!("node{i}"))).collect();
+        for base in &bases {
+            fs::create_dir_all(base.join("shared")).unwrap();
+            fs::write(base.join("shared/config.txt"), format!("config of {}", base.display())).unwrap();
+        }
+        Fleet { f: Fixture::with_config(&node_config(&bases, service_extra)), bases }
+    }
+
+    /// Uploads an archive for `web` with `version.txt` = `version` (and `extra` files).
+    fn upload(&self, version: &str, extra: &[(&str, &[u8])]) -> String {
+        let mut tar = RawTar::new().dir("public").file("version.txt", version.as_bytes()).file("public/index.html", b"hi");
+        for (path, data) in extra {
+            tar = tar.file(path, data);
+        }
+        let response = self
+            .f
+            .server
+            .http()
+            .post(format!("{}/v1/artifacts?service=web", self.f.server.url))
+            .bearer_auth(self.f.token("ci"))
+            .body(zstd(&tar.finish()))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.text().unwrap());
+        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+    }
+
+    fn deploy(&self, digest: &str) -> Value {
+        let (status, release) =
+            self.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": digest}));
+        assert!(status.is_success(), "{release}");
+        self.f.settle(release["id"].as_i64().unwrap())
+    }
+
+    /// What `current` points at on every node.
+    fn currents(&self) -> Vec<Option<String>> {
+        self.bases
+            .iter()
+            .map(|b| fs::read_link(b.join("current")).ok().map(|t| format!("sha256:{}", t.file_name().unwrap().to_string_lossy())))
+            .collect()
+    }
+
+    /// The registry, `status` and every node's `current` agree on `digest`.
+    fn assert_all_on(&self, digest: &str) {
+        assert!(self.currents().iter().all(|c| c.as_deref() == Some(digest)), "nodes: {:?}, expected {digest}", self.currents());
+        let status = self.f.get("carol", "/v1/status?service=web");
+        let staging = status.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap();
+        assert_eq!(staging["digest"], digest, "status: {staging}");
+        for base in &self.bases {
+            let version = fs::read_to_string(base.join("current/version.txt")).unwrap();
+            let hex = &digest[7..];
+            assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(hex));
+            assert!(!version.is_empty());
+        }
+    }
+
+    fn phases(&self, release: &Value) -> Vec<(String, String, String)> {
+        let shown = self.f.get("carol", &format!("/v1/releases/{}", release["id"]));
+        shown["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["node"].as_str().unwrap().to_owned(), d["phase"].as_str().unwrap().to_owned(), d["outcome"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+}
+
+fn release_dirs(base: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(base.join("releases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn deploy_deploy_again_and_roll_back_on_three_nodes() {
+    let fleet = Fleet::new(3, "");
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+
+    let first = fleet.deploy(&v1);
+    assert_eq!(first["state"], "live", "{first}");
+    fleet.assert_all_on(&v1);
+    for base in &fleet.bases {
+        let release = base.join("releases").join(&v1[7..]);
+        assert_eq!(fs::read_to_string(release.join("version.txt")).unwrap(), "v1");
+        // Shared paths are linked, relatively, into each release.
+        assert_eq!(fs::read_link(release.join("config.txt")).unwrap(), Path::new("../../shared/config.txt"));
+        assert!(fs::read_to_string(base.join("current/config.txt")).unwrap().starts_with("config of"));
+        // Finalize ran in the release; it is read-only since; it is marked ready.
+        assert_eq!(fs::read_to_string(release.join("FINALIZED")).unwrap(), "finalized\n");
+        assert_eq!(fs::metadata(release.join("version.txt")).unwrap().permissions().mode() & 0o222, 0);
+        assert!(base.join(".release/ready").join(&v1[7..]).exists());
+        assert_eq!(fs::read_to_string(base.join("reloads")).unwrap(), format!("reloaded {v1}\n"));
+    }
+    let phases = fleet.phases(&first);
+    for phase in ["prepare", "switch", "reload", "cleanup"] {
+        assert_eq!(phases.iter().filter(|(_, p, o)| p == phase && o == "ok").count(), 3, "{phase}: {phases:?}");
+    }
+
+    let second = fleet.deploy(&v2);
+    assert_eq!(second["state"], "live", "{second}");
+    fleet.assert_all_on(&v2);
+    let v1_inode = fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino();
+
+    // Rollback: the directory is there, so prepare only checks it; switch + reload.
+    let out = fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(out["digest"], v1.as_str());
+    fleet.assert_all_on(&v1);
+    assert_eq!(fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino(), v1_inode, "not unpacked again");
+    for base in &fleet.bases {
+        assert_eq!(release_dirs(base), {
+            let mut both = vec![v1[7..].to_owned(), v2[7..].to_owned()];
+            both.sort();
+            both
+        });
+        assert_eq!(fs::read_to_string(base.join("reloads")).unwrap().lines().count(), 3);
+    }
+}
+
+#[test]
+fn a_failing_finalize_hook_on_one_node_switches_no_node() {
+    let fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    // v2 carries a file that makes the finalize hook fail on node 2 only.
+    fs::write(fleet.bases[1].join("shared/config.txt"), "broken").unwrap();
+    let mut fleet = fleet;
+    fleet.f.server.reconfigure(&node_config(
+        &fleet.bases,
+        "hooks.finalize = [\"grep -q 'config of' config.txt || { echo 'config.txt is broken' >&2; exit 3; }\"]",
+    ));
+    let v2 = fleet.upload("v2", &[]);
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_exit(7);
+    assert!(out.stderr().contains("node2") && out.stderr().contains("failed"), "{out}");
+    fleet.assert_all_on(&v1);
+    let shown = fleet.f.cli("carol").args(["show", "2", "--json"]).assert_success().json();
+    let failed: Vec<&Value> = shown["deployments"].as_array().unwrap().iter().filter(|d| d["outcome"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{shown}");
+    assert!(failed[0]["node"].as_str().unwrap().ends_with("node2"));
+    assert!(failed[0]["output_tail"].as_str().unwrap().contains("config.txt is broken"), "{shown}");
+    assert!(!shown["deployments"].as_array().unwrap().iter().any(|d| d["phase"] == "switch"), "nothing switched");
+}
+
+#[test]
+fn a_corrupt_object_in_the_store_is_refused_by_the_node() {
+    let fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[("filler.bin", &[7u8; 4096])]);
+    // Someone with the bucket flips a byte of v2's object.
+    let object = fleet.f.server.data_dir().join("objects/artifacts/sha256").join(&v2[7..]);
+    let mut bytes = fs::read(&object).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0x55;
+    fs::write(&object, bytes).unwrap();
+
+    let release = fleet.deploy(&v2);
+    assert_eq!(release["state"], "failed");
+    let reason = release["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("digest_mismatch") || reason.contains("unsafe_archive"), "{reason}");
+    fleet.assert_all_on(&v1);
+    for base in &fleet.bases {
+        assert_eq!(release_dirs(base), vec![v1[7..].to_owned()], "nothing half-unpacked is left");
+    }
+}
+
+#[test]
+fn a_failing_health_check_switches_every_node_back() {
+    // The health check reads node 1's current/health.txt through a small HTTP server.
+    let root = tempfile::Builder::new().prefix("release-health-").tempdir().unwrap().keep();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let health = format!("health = {{ url = \"http://127.0.0.1:{port}/health.txt\", expect = \"healthy\" }}");
+    let bases: Vec<PathBuf> = (1..=2).map(|i| root.join(format!("node{i}"))).collect();
+    for base in &bases {
+        fs::create_dir_all(base.join("shared")).unwrap();
+        fs::write(base.join("shared/config.txt"), "config of").unwrap();
+    }
+    let fleet = Fleet { f: Fixture::with_config(&node_config(&bases, &health)), bases };
+    let mut http = std::process::Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .arg(fleet.bases[0].join("current"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let good = fleet.upload("v1", &[("health.txt", b"healthy v1")]);
+    let first = fleet.deploy(&good);
+    assert_eq!(first["state"], "live", "{first}");
+    let bad = fleet.upload("v2", &[("health.txt", b"broken v2")]);
+    let second = fleet.deploy(&bad);
+    let _ = http.kill();
+    assert_eq!(second["state"], "failed", "{second}");
+    fleet.assert_all_on(&good);
+    let phases = fleet.phases(&second);
+    assert_eq!(phases.iter().filter(|(_, p, o)| p == "switch" && o == "ok").count(), 2, "{phases:?}");
+    assert_eq!(phases.iter().filter(|(_, p, o)| p == "switch back" && o == "ok").count(), 2, "{phases:?}");
+    assert!(phases.iter().any(|(_, p, o)| p == "verify" && o == "failed"), "{phases:?}");
+}
+
+#[test]
+fn a_full_disk_on_one_node_switches_no_node() {
+    let fleet = Fleet::new(2, "");
+    // Node 2's base on a tiny filesystem of its own.
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&fleet.bases[1])
+        .status()
+        .expect("mount (the tests run as root, as .ci/run does)");
+    assert!(status.success(), "mounting a small tmpfs for node 2 failed");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fleet.bases[1].clone());
+    fs::create_dir_all(fleet.bases[1].join("shared")).unwrap();
+    fs::write(fleet.bases[1].join("shared/config.txt"), "config of").unwrap();
+
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let noise: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let big = fleet.upload("v2", &[("big.bin", &noise)]);
+    let release = fleet.deploy(&big);
+    assert_eq!(release["state"], "failed");
+    let reason = release["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("node2") && reason.contains("disk_full"), "{reason}");
+    fleet.assert_all_on(&v1);
+    assert_eq!(release_dirs(&fleet.bases[1]), vec![v1[7..].to_owned()], "the partial unpack is gone");
+}
+
+#[test]
+fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones() {
+    let fleet = Fleet::new(2, "");
+    let mut live = Vec::new();
+    for i in 1..=5 {
+        let digest = fleet.upload(&format!("v{i}"), &[]);
+        assert_eq!(fleet.deploy(&digest)["state"], "live");
+        live.push(digest);
+        if i == 3 {
+            // A release that fails in prepare on node 1: its directory never counts.
+            fs::write(fleet.bases[0].join("shared/config.txt"), "").unwrap();
+            let mut tar_extra: Vec<(&str, &[u8])> = vec![];
+            tar_extra.push(("fail.txt", b"x"));
+            let failing = fleet.upload("failing", &tar_extra);
+            fs::remove_file(fleet.bases[0].join("shared/config.txt")).unwrap();
+            assert_eq!(fleet.deploy(&failing)["state"], "failed");
+            fs::write(fleet.bases[0].join("shared/config.txt"), "config of").unwrap();
+        }
+    }
+    // keep = 3: the live one and the two before it, on every node.
+    let mut expected: Vec<String> = live[2..].iter().map(|d| d[7..].to_owned()).collect();
+    expected.sort();
+    for base in &fleet.bases {
+        assert_eq!(release_dirs(base), expected, "{}", base.display());
+    }
+    fleet.assert_all_on(&live[4]);
+}
+
+/// Kills the server while release `id` is in `phase` on every node, starts it again, and
+/// returns the release once final.
+fn kill_during(fleet: &mut Fleet, id: i64, phase: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let shown = fleet.f.get("carol", &format!("/v1/releases/{id}"));
+        let done = shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == phase && d["outcome"] == "ok").count();
+        if done == fleet.bases.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the deploy never reached {phase}: {shown}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fleet.f.server.kill();
+    fleet.f.server.restart();
+    fleet.f.settle(id)
+}
+
+#[test]
+fn a_server_killed_after_the_switch_finishes_the_deploy_at_restart() {
+    let mut fleet = Fleet::new(2, "hooks.reload = [\"sleep 2\"]");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[]);
+    let (_, release) = fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let settled = kill_during(&mut fleet, release["id"].as_i64().unwrap(), "switch");
+    // Every node had switched: the restarted server reloads, verifies and records it live.
+    assert_eq!(settled["state"], "live", "{settled}");
+    fleet.assert_all_on(&v2);
+}
+
+#[test]
+fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
+    let mut fleet = Fleet::new(2, "hooks.finalize = [\"sleep 2\"]");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[]);
+    let (_, release) = fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].as_i64().unwrap();
+    // Wait until the deploy is under way (deploying), then kill the server mid-prepare.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fleet.f.get("carol", &format!("/v1/releases/{id}"))["state"] != "deploying" {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    fleet.f.server.kill();
+    fleet.f.server.restart();
+    let settled = fleet.f.settle(id);
+    assert_eq!(settled["state"], "failed", "{settled}");
+    assert!(settled["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().contains("stopped"));
+    fleet.assert_all_on(&v1);
+}
