@@ -47,12 +47,23 @@ pub struct Summary {
 /// One entry that passed every rule, as a [`Visitor`] sees it.
 #[derive(Debug)]
 pub enum Entry<'a> {
-    Directory { path: &'a RelPath },
+    Directory {
+        path: &'a RelPath,
+    },
     /// A regular file; `executable` when any execute bit is set.
-    File { path: &'a RelPath, executable: bool },
-    Symlink { path: &'a RelPath, target: &'a str },
+    File {
+        path: &'a RelPath,
+        executable: bool,
+    },
+    Symlink {
+        path: &'a RelPath,
+        target: &'a str,
+    },
     /// A hard link to an earlier regular file.
-    Hardlink { path: &'a RelPath, target: RelPath },
+    Hardlink {
+        path: &'a RelPath,
+        target: RelPath,
+    },
 }
 
 /// What to do with each entry that passed the rules: nothing (the ingest check) or write it
@@ -155,7 +166,9 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
         while entry.read(&mut buffer).map_err(read_error)? > 0 {}
     }
     if names.pending() {
-        return Err(WalkError::Archive(ArchiveError::Tar("a long-name or PAX header is not followed by an entry".into())));
+        return Err(WalkError::Archive(ArchiveError::Tar(
+            "a long-name or PAX header is not followed by an entry".into(),
+        )));
     }
 
     // What follows the entries: the end-of-archive marker (two zero blocks, the first of which
@@ -172,7 +185,9 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
         }
     }
     if after_entries == end_of_entries || counted.pos < end_of_entries + 2 * BLOCK {
-        return Err(WalkError::Archive(ArchiveError::Truncated("no end-of-archive marker after the last entry".into())));
+        return Err(WalkError::Archive(ArchiveError::Truncated(
+            "no end-of-archive marker after the last entry".into(),
+        )));
     }
     summary.unpacked_bytes = counted.pos;
     summary.migrations.sort();

@@ -7,6 +7,9 @@ use super::{Failure, Output, ServerArgs, text};
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     service: Option<String>,
+    /// Ask every node what it really serves, and mark drift.
+    #[arg(long)]
+    nodes: bool,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -34,7 +37,10 @@ fn short(digest: &Value) -> String {
 }
 
 pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
-    let query: Vec<(&str, String)> = args.service.iter().map(|s| ("service", s.clone())).collect();
+    let mut query: Vec<(&str, String)> = args.service.iter().map(|s| ("service", s.clone())).collect();
+    if args.nodes {
+        query.push(("nodes", "true".into()));
+    }
     let rows = args.server.client().get("/v1/status", &query).await?;
     output.print(&rows, || {
         let mut out = format!(
@@ -55,6 +61,14 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
                 r["release"].as_i64().map(|id| format!("#{id}")).unwrap_or_else(|| "-".into()),
                 busy.join(", ")
             ));
+            for n in r["nodes"].as_array().into_iter().flatten() {
+                let mark = match (&n["error"], n["drift"] == true) {
+                    (serde_json::Value::String(e), _) => format!("UNREACHABLE: {e}"),
+                    (_, true) => "DRIFT: not what the registry says is live".into(),
+                    _ => "ok".into(),
+                };
+                out.push_str(&format!("\n    {:<40} {:<14} {mark}", text(&n["node"]), short(&n["current"])));
+            }
         }
         out
     });

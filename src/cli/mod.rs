@@ -108,6 +108,8 @@ pub mod exit {
     pub const INTEGRITY: u8 = 6;
     /// The deploy failed and the fleet was put back on the previous release.
     pub const DEPLOY_FAILED: u8 = 7;
+    /// The deploy failed and at least one node could not be put back.
+    pub const NOT_PUT_BACK: u8 = 8;
 }
 
 impl Failure {

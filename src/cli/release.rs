@@ -138,7 +138,7 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
         let shown = client.get(&format!("/v1/releases/{id}"), &[]).await?;
         if !output.json {
             for t in shown["transitions"].as_array().into_iter().flatten() {
-                let key = (t["state"].to_string(), t["at"].to_string());
+                let key = ("state".to_owned(), t["state"].to_string(), t["at"].to_string());
                 if seen.insert(key) {
                     let reason = t["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
                     println!(
@@ -147,6 +147,14 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                         text(&t["at"]),
                         text(&t["actor"])
                     );
+                }
+            }
+            // Each node's phases, as they end.
+            for d in shown["deployments"].as_array().into_iter().flatten() {
+                let key = (text(&d["node"]), text(&d["phase"]), text(&d["finished_at"]));
+                if seen.insert(key) {
+                    let ms = millis_between(&d["started_at"], &d["finished_at"]);
+                    println!("  {:<28} {:<12} {:<7} {ms}", text(&d["node"]), text(&d["phase"]), text(&d["outcome"]));
                 }
             }
         }
@@ -169,6 +177,22 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 if output.json {
                     println!("{shown}");
                 }
+                let stranded: Vec<String> = shown["deployments"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d["phase"] == "put back" && d["outcome"] == "failed")
+                    .map(|d| text(&d["node"]))
+                    .collect();
+                if !stranded.is_empty() {
+                    return Err(Failure::new(
+                        exit::NOT_PUT_BACK,
+                        format!(
+                            "release {id} failed and could not be put back on: {} (shown as drift)",
+                            stranded.join(", ")
+                        ),
+                    ));
+                }
                 let reason = shown["transitions"]
                     .as_array()
                     .and_then(|t| t.last())
@@ -188,6 +212,14 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
             }
             _ => tokio::time::sleep(POLL).await,
         }
+    }
+}
+
+/// "12 ms" between two RFC 3339 times, or nothing.
+fn millis_between(start: &Value, end: &Value) -> String {
+    match (start.as_str().map(crate::utc::parse), end.as_str().map(crate::utc::parse)) {
+        (Some(Ok(a)), Some(Ok(b))) => format!("{} ms", (b - a).whole_milliseconds()),
+        _ => String::new(),
     }
 }
 

@@ -23,7 +23,7 @@ pub use transport::{CallError, Local, Payload, Transport};
 use crate::config::{Limits, Node, ServiceKind};
 use crate::digest::Digest;
 use crate::node::{self, Request, Source};
-use crate::releases::{Deployer, Deployment, Failure, Plan};
+use crate::releases::{Deployer, Deployment, Failure, Observed, Plan};
 use crate::store::Store;
 use crate::utc;
 
@@ -109,7 +109,8 @@ impl NodeDeployer {
         let digest = plan.release.digest;
         let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
-        let (source, payload) = if present { (Source::Present, None) } else { (Source::Stdin, Some(self.artifact(digest).await?)) };
+        let (source, payload) =
+            if present { (Source::Present, None) } else { (Source::Stdin, Some(self.artifact(digest).await?)) };
         let request = Request::Prepare(node::Prepare {
             base: target.base.clone(),
             digest,
@@ -124,7 +125,14 @@ impl NodeDeployer {
         phase(plan, target, "prepare", request, payload).await.map(drop)
     }
 
-    async fn exec(&self, plan: &Plan, target: &Target, name: &str, digest: Option<Digest>, commands: &[String]) -> Result<(), String> {
+    async fn exec(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        name: &str,
+        digest: Option<Digest>,
+        commands: &[String],
+    ) -> Result<(), String> {
         if commands.is_empty() {
             return Ok(());
         }
@@ -137,7 +145,13 @@ impl NodeDeployer {
         phase(plan, target, name, request, None).await.map(drop)
     }
 
-    async fn switch(&self, plan: &Plan, target: &Target, name: &str, digest: Option<Digest>) -> Result<Option<Digest>, String> {
+    async fn switch(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        name: &str,
+        digest: Option<Digest>,
+    ) -> Result<Option<Digest>, String> {
         let answer = phase(plan, target, name, Request::Switch { base: target.base.clone(), digest }, None).await?;
         Ok(answer["previous"].as_str().and_then(|d| d.parse().ok()))
     }
@@ -160,13 +174,28 @@ impl NodeDeployer {
         targets.iter().zip(results).filter(|(_, r)| r.is_err()).map(|(t, _)| t.name.clone()).collect()
     }
 
+    /// Switches one node back and reloads it; reports the whole as a "put back" phase, whose
+    /// failure means the node is left on the new release (or in an unknown state): drift.
     async fn put_back_one(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
+        let started = utc::now_text();
         let to = plan.previous.as_ref().map(|p| p.digest);
-        self.switch(plan, target, "switch back", to).await?;
-        if to.is_some() {
-            self.exec(plan, target, "reload", None, &hooks.reload).await?;
+        let result = async {
+            self.switch(plan, target, "switch back", to).await?;
+            if to.is_some() {
+                self.exec(plan, target, "reload", None, &hooks.reload).await?;
+            }
+            Ok::<_, String>(())
         }
-        Ok(())
+        .await;
+        plan.report.report(Deployment {
+            node: target.name.clone(),
+            phase: "put back".into(),
+            started_at: started,
+            finished_at: utc::now_text(),
+            outcome: if result.is_ok() { "ok" } else { "failed" }.into(),
+            output_tail: result.as_ref().err().cloned(),
+        });
+        result
     }
 
     /// Reload, then verify, on one node.
@@ -195,7 +224,9 @@ impl NodeDeployer {
         if plan.service.kind == ServiceKind::Laravel
             && let Some(migrator) = targets.iter().find(|t| t.migrate)
         {
-            self.exec(plan, migrator, "migrate", Some(plan.release.digest), &hooks.migrate).await.map_err(Failure::new)?;
+            self.exec(plan, migrator, "migrate", Some(plan.release.digest), &hooks.migrate)
+                .await
+                .map_err(Failure::new)?;
         }
 
         // 3. Switch everywhere at once.
@@ -273,7 +304,27 @@ fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
     }
 }
 
+impl NodeDeployer {
+    async fn observe_one(&self, node: &Node) -> Observed {
+        let name = node.display_name();
+        let answer = match self.connect(node) {
+            Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
+            Err(failure) => Err(failure.reason),
+        };
+        match answer {
+            Ok(status) => {
+                Observed { node: name, current: status["current"].as_str().and_then(|d| d.parse().ok()), error: None }
+            }
+            Err(e) => Observed { node: name, current: None, error: Some(e) },
+        }
+    }
+}
+
 impl Deployer for NodeDeployer {
+    fn observe<'a>(&'a self, nodes: &'a [Node]) -> BoxFuture<'a, Vec<Observed>> {
+        Box::pin(join_all(nodes.iter().map(|n| self.observe_one(n))))
+    }
+
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(self.run(plan))
     }

@@ -32,9 +32,17 @@ use crate::digest::Digest;
 pub enum Request {
     Prepare(Prepare),
     /// Points `current` at the release; `None` removes `current` (putting back a first deploy).
-    Switch { base: PathBuf, digest: Option<Digest> },
-    Status { base: PathBuf },
-    Cleanup { base: PathBuf, keep: Vec<Digest> },
+    Switch {
+        base: PathBuf,
+        digest: Option<Digest>,
+    },
+    Status {
+        base: PathBuf,
+    },
+    Cleanup {
+        base: PathBuf,
+        keep: Vec<Digest>,
+    },
     Exec(Exec),
     Health(Health),
 }

@@ -67,13 +67,19 @@ impl Layout {
             Err(e) => Err(io_error(&current, e)),
             Ok(meta) if !meta.file_type().is_symlink() => Err(NodeError::new(
                 "not_adopted",
-                format!("{} is not a symlink (an application deployed another way?): adopt it first", current.display()),
+                format!(
+                    "{} is not a symlink (an application deployed another way?): adopt it first",
+                    current.display()
+                ),
             )),
             Ok(_) => {
                 let target = fs::read_link(&current).map_err(|e| io_error(&current, e))?;
                 let hex = target.strip_prefix("releases").ok().and_then(|t| t.to_str()).unwrap_or_default();
                 hex.parse::<Digest>().map(Some).map_err(|_| {
-                    NodeError::new("drift", format!("{} points at {}, not a release", current.display(), target.display()))
+                    NodeError::new(
+                        "drift",
+                        format!("{} points at {}, not a release", current.display(), target.display()),
+                    )
                 })
             }
         }
@@ -188,14 +194,19 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String]) -> Result<(), Nod
         if fs::symlink_metadata(&target).is_err() {
             return Err(NodeError::new(
                 "shared_missing",
-                format!("{} does not exist: create it (file or directory) on this node before deploying", target.display()),
+                format!(
+                    "{} does not exist: create it (file or directory) on this node before deploying",
+                    target.display()
+                ),
             ));
         }
         let link = dir.join(path);
         if fs::symlink_metadata(&link).is_ok() {
             return Err(NodeError::new(
                 "shared_in_artifact",
-                format!("the artifact contains {path}, which the service keeps in shared/: leave it out of the package"),
+                format!(
+                    "the artifact contains {path}, which the service keeps in shared/: leave it out of the package"
+                ),
             ));
         }
         if let Some(parent) = link.parent() {

@@ -24,7 +24,12 @@ pub enum UnpackError {
 }
 
 /// Unpacks `input` (a whole `tar`+`zstd` stream) into `dest`, which must not exist yet.
-pub fn unpack(input: impl BufRead, dest: &Path, options: &CheckOptions, expected: Digest) -> Result<Summary, UnpackError> {
+pub fn unpack(
+    input: impl BufRead,
+    dest: &Path,
+    options: &CheckOptions,
+    expected: Digest,
+) -> Result<Summary, UnpackError> {
     let write_error = |path: &Path| {
         let path = path.display().to_string();
         move |source| UnpackError::Write { path, source }

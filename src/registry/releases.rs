@@ -417,6 +417,7 @@ impl Registry {
                     version,
                     in_flight,
                     pending,
+                    nodes: None,
                     service,
                     environment,
                 });

@@ -68,7 +68,32 @@ impl Failure {
     }
 }
 
+/// What a node says it serves.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Observed {
+    pub node: String,
+    /// What `current` points at.
+    pub current: Option<Digest>,
+    /// Why the node could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 pub trait Deployer: Send + Sync + 'static {
+    /// Asks each node what it serves (`release status --nodes`).
+    fn observe<'a>(&'a self, nodes: &'a [Node]) -> BoxFuture<'a, Vec<Observed>> {
+        Box::pin(async move {
+            nodes
+                .iter()
+                .map(|n| Observed {
+                    node: n.display_name(),
+                    current: None,
+                    error: Some("this deployer cannot ask nodes".into()),
+                })
+                .collect()
+        })
+    }
+
     /// Makes `plan.release` live on its nodes; on failure, puts them back.
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>>;
 

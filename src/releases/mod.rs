@@ -13,8 +13,8 @@ mod model;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use deployer::{Deployer, Failure, Plan, RecordOnly, Reporter};
-pub use model::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
+pub use deployer::{Deployer, Failure, Observed, Plan, RecordOnly, Reporter};
+pub use model::{Approval, Deployment, Detail, Kind, NodeView, Release, State, StatusRow, Transition};
 
 use crate::audit::NewEvent;
 use crate::config::Config;
@@ -545,13 +545,42 @@ impl Releases {
         Ok((visible, next))
     }
 
-    pub async fn status(&self, p: &Principal, service: Option<String>) -> Result<Vec<StatusRow>, ReleaseError> {
+    /// The status matrix; with `nodes`, each cell's nodes are asked what they serve and those
+    /// that differ from the registry are marked as drift.
+    pub async fn status(
+        &self,
+        p: &Principal,
+        service: Option<String>,
+        nodes: bool,
+    ) -> Result<Vec<StatusRow>, ReleaseError> {
         p.require(Action::Read)?;
         if let Some(service) = &service {
             p.require_service(service)?;
         }
         let rows = self.blocking(move |r| r.status(service.as_deref())).await?;
-        Ok(rows.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect())
+        let mut rows: Vec<StatusRow> = rows.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect();
+        if nodes {
+            for row in &mut rows {
+                let configured: Vec<crate::config::Node> = self
+                    .config
+                    .service(&row.service)
+                    .map(|s| s.nodes.iter().filter(|n| n.environment == row.environment).cloned().collect())
+                    .unwrap_or_default();
+                let observed = self.deployer.observe(&configured).await;
+                row.nodes = Some(
+                    observed
+                        .into_iter()
+                        .map(|o| NodeView {
+                            drift: o.error.is_none() && o.current != row.digest,
+                            node: o.node,
+                            current: o.current,
+                            error: o.error,
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(rows)
     }
 
     /// Runs an approved release through the deploy seam, in the background.
@@ -661,7 +690,15 @@ impl Releases {
         retain.extend(previous.as_ref().map(|p| p.digest));
         retain.sort();
         retain.dedup();
-        Ok(Plan { release: release.clone(), previous, service, environment, nodes, retain, report: self.reporter(release.id) })
+        Ok(Plan {
+            release: release.clone(),
+            previous,
+            service,
+            environment,
+            nodes,
+            retain,
+            report: self.reporter(release.id),
+        })
     }
 }
 

@@ -199,6 +199,20 @@ pub struct StatusRow {
     pub in_flight: Option<i64>,
     /// Releases waiting for approval.
     pub pending: Vec<i64>,
+    /// With `--nodes`: what each node says it serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<NodeView>>,
+}
+
+/// One node of a status cell, as it answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeView {
+    pub node: String,
+    pub current: Option<Digest>,
+    /// The node serves something other than what the registry says is live.
+    pub drift: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

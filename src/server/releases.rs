@@ -151,6 +151,9 @@ async fn history(
 #[serde(deny_unknown_fields)]
 struct StatusQuery {
     service: Option<String>,
+    /// Ask every node what it serves.
+    #[serde(default)]
+    nodes: bool,
 }
 
 async fn status(
@@ -158,5 +161,5 @@ async fn status(
     Caller(p): Caller,
     ApiQuery(q): ApiQuery<StatusQuery>,
 ) -> Result<Json<Vec<StatusRow>>, ApiError> {
-    Ok(Json(state.releases.status(&p, q.service).await?))
+    Ok(Json(state.releases.status(&p, q.service, q.nodes).await?))
 }

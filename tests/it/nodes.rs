@@ -28,7 +28,10 @@ fn node_config(bases: &[PathBuf], service_extra: &str) -> String {
         "[service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\nkeep = 3\n{finalize}\n{reload}\n{service_extra}\n"
     );
     for base in bases {
-        config.push_str(&format!("[[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n", base.display()));
+        config.push_str(&format!(
+            "[[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n",
+            base.display()
+        ));
     }
     config
 }
@@ -46,7 +49,8 @@ impl Fleet {
 
     /// Uploads an archive for `web` with `version.txt` = `version` (and `extra` files).
     fn upload(&self, version: &str, extra: &[(&str, &[u8])]) -> String {
-        let mut tar = RawTar::new().dir("public").file("version.txt", version.as_bytes()).file("public/index.html", b"hi");
+        let mut tar =
+            RawTar::new().dir("public").file("version.txt", version.as_bytes()).file("public/index.html", b"hi");
         for (path, data) in extra {
             tar = tar.file(path, data);
         }
@@ -74,13 +78,21 @@ impl Fleet {
     fn currents(&self) -> Vec<Option<String>> {
         self.bases
             .iter()
-            .map(|b| fs::read_link(b.join("current")).ok().map(|t| format!("sha256:{}", t.file_name().unwrap().to_string_lossy())))
+            .map(|b| {
+                fs::read_link(b.join("current"))
+                    .ok()
+                    .map(|t| format!("sha256:{}", t.file_name().unwrap().to_string_lossy()))
+            })
             .collect()
     }
 
     /// The registry, `status` and every node's `current` agree on `digest`.
     fn assert_all_on(&self, digest: &str) {
-        assert!(self.currents().iter().all(|c| c.as_deref() == Some(digest)), "nodes: {:?}, expected {digest}", self.currents());
+        assert!(
+            self.currents().iter().all(|c| c.as_deref() == Some(digest)),
+            "nodes: {:?}, expected {digest}",
+            self.currents()
+        );
         let status = self.f.get("carol", "/v1/status?service=web");
         let staging = status.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap();
         assert_eq!(staging["digest"], digest, "status: {staging}");
@@ -98,14 +110,22 @@ impl Fleet {
             .as_array()
             .unwrap()
             .iter()
-            .map(|d| (d["node"].as_str().unwrap().to_owned(), d["phase"].as_str().unwrap().to_owned(), d["outcome"].as_str().unwrap().to_owned()))
+            .map(|d| {
+                (
+                    d["node"].as_str().unwrap().to_owned(),
+                    d["phase"].as_str().unwrap().to_owned(),
+                    d["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect()
     }
 }
 
 fn release_dirs(base: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        fs::read_dir(base.join("releases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir(base.join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
@@ -142,10 +162,15 @@ fn deploy_deploy_again_and_roll_back_on_three_nodes() {
     let v1_inode = fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino();
 
     // Rollback: the directory is there, so prepare only checks it; switch + reload.
-    let out = fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    let out =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
     assert_eq!(out["digest"], v1.as_str());
     fleet.assert_all_on(&v1);
-    assert_eq!(fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino(), v1_inode, "not unpacked again");
+    assert_eq!(
+        fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino(),
+        v1_inode,
+        "not unpacked again"
+    );
     for base in &fleet.bases {
         assert_eq!(release_dirs(base), {
             let mut both = vec![v1[7..].to_owned(), v2[7..].to_owned()];
@@ -171,9 +196,14 @@ fn a_failing_finalize_hook_on_one_node_switches_no_node() {
     let v2 = fleet.upload("v2", &[]);
     let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_exit(7);
     assert!(out.stderr().contains("node2") && out.stderr().contains("failed"), "{out}");
+    assert!(
+        out.stdout().lines().filter(|l| l.contains(" prepare ")).count() == 2,
+        "--wait shows each node's phases: {out}"
+    );
     fleet.assert_all_on(&v1);
     let shown = fleet.f.cli("carol").args(["show", "2", "--json"]).assert_success().json();
-    let failed: Vec<&Value> = shown["deployments"].as_array().unwrap().iter().filter(|d| d["outcome"] == "failed").collect();
+    let failed: Vec<&Value> =
+        shown["deployments"].as_array().unwrap().iter().filter(|d| d["outcome"] == "failed").collect();
     assert_eq!(failed.len(), 1, "{shown}");
     assert!(failed[0]["node"].as_str().unwrap().ends_with("node2"));
     assert!(failed[0]["output_tail"].as_str().unwrap().contains("config.txt is broken"), "{shown}");
@@ -215,19 +245,28 @@ fn a_failing_health_check_switches_every_node_back() {
         fs::write(base.join("shared/config.txt"), "config of").unwrap();
     }
     let fleet = Fleet { f: Fixture::with_config(&node_config(&bases, &health)), bases };
-    let mut http = std::process::Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
-        .arg(fleet.bases[0].join("current"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let http = Reap(
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(fleet.bases[0].join("current"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let good = fleet.upload("v1", &[("health.txt", b"healthy v1")]);
     let first = fleet.deploy(&good);
     assert_eq!(first["state"], "live", "{first}");
     let bad = fleet.upload("v2", &[("health.txt", b"broken v2")]);
     let second = fleet.deploy(&bad);
-    let _ = http.kill();
+    drop(http);
     assert_eq!(second["state"], "failed", "{second}");
     fleet.assert_all_on(&good);
     let phases = fleet.phases(&second);
@@ -279,9 +318,7 @@ fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones()
         if i == 3 {
             // A release that fails in prepare on node 1: its directory never counts.
             fs::write(fleet.bases[0].join("shared/config.txt"), "").unwrap();
-            let mut tar_extra: Vec<(&str, &[u8])> = vec![];
-            tar_extra.push(("fail.txt", b"x"));
-            let failing = fleet.upload("failing", &tar_extra);
+            let failing = fleet.upload("failing", &[]);
             fs::remove_file(fleet.bases[0].join("shared/config.txt")).unwrap();
             assert_eq!(fleet.deploy(&failing)["state"], "failed");
             fs::write(fleet.bases[0].join("shared/config.txt"), "config of").unwrap();
@@ -302,7 +339,12 @@ fn kill_during(fleet: &mut Fleet, id: i64, phase: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let shown = fleet.f.get("carol", &format!("/v1/releases/{id}"));
-        let done = shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == phase && d["outcome"] == "ok").count();
+        let done = shown["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["phase"] == phase && d["outcome"] == "ok")
+            .count();
         if done == fleet.bases.len() {
             break;
         }
@@ -320,7 +362,8 @@ fn a_server_killed_after_the_switch_finishes_the_deploy_at_restart() {
     let v1 = fleet.upload("v1", &[]);
     fleet.deploy(&v1);
     let v2 = fleet.upload("v2", &[]);
-    let (_, release) = fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
     let settled = kill_during(&mut fleet, release["id"].as_i64().unwrap(), "switch");
     // Every node had switched: the restarted server reloads, verifies and records it live.
     assert_eq!(settled["state"], "live", "{settled}");
@@ -333,7 +376,8 @@ fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
     let v1 = fleet.upload("v1", &[]);
     fleet.deploy(&v1);
     let v2 = fleet.upload("v2", &[]);
-    let (_, release) = fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
     let id = release["id"].as_i64().unwrap();
     // Wait until the deploy is under way (deploying), then kill the server mid-prepare.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -348,4 +392,48 @@ fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
     assert_eq!(settled["state"], "failed", "{settled}");
     assert!(settled["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().contains("stopped"));
     fleet.assert_all_on(&v1);
+}
+
+#[test]
+fn status_nodes_reports_drift() {
+    let fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    let clean = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    let staging = clean.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone();
+    assert!(
+        staging["nodes"].as_array().unwrap().iter().all(|n| n["drift"] == false && n["current"] == v2.as_str()),
+        "{staging}"
+    );
+
+    // Someone points node 2 back at v1 by hand.
+    let node2 = &fleet.bases[1];
+    std::os::unix::fs::symlink(format!("releases/{}", &v1[7..]), node2.join("current.tmp")).unwrap();
+    fs::rename(node2.join("current.tmp"), node2.join("current")).unwrap();
+    let drifted = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    let staging = drifted.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone();
+    let nodes = staging["nodes"].as_array().unwrap();
+    let node2_view = nodes.iter().find(|n| n["node"].as_str().unwrap().ends_with("node2")).unwrap();
+    assert_eq!(node2_view["drift"], true);
+    assert_eq!(node2_view["current"], v1.as_str());
+    let human = fleet.f.cli("carol").args(["status", "web", "--nodes"]).assert_success().stdout();
+    assert!(human.contains("DRIFT"), "{human}");
+}
+
+#[test]
+fn a_node_that_cannot_be_put_back_exits_8() {
+    let fleet = Fleet::new(2, "hooks.reload = [\"test ! -e $RELEASE_BASE/shared/reload-broken\"]");
+    let v1 = fleet.upload("v1", &[]);
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+    // From now on node 2's reload fails: after the switch, and again after the switch back.
+    fs::write(fleet.bases[1].join("shared/reload-broken"), "").unwrap();
+    let v2 = fleet.upload("v2", &[]);
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_exit(8);
+    assert!(out.stderr().contains("could not be put back on") && out.stderr().contains("node2"), "{out}");
+    let shown = fleet.f.cli("carol").args(["show", "2", "--json"]).assert_success().json();
+    assert_eq!(shown["state"], "failed");
+    let reason = shown["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap();
+    assert!(reason.contains("not put back") && reason.contains("node2"), "{reason}");
 }
