@@ -62,6 +62,8 @@ enum Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same S3 store, as a URL signer (presigned GETs for nodes).
+    signer: Option<Arc<object_store::aws::AmazonS3>>,
     prefix: String,
     backend: Backend,
 }
@@ -78,7 +80,12 @@ impl Store {
                     .map_err(|source| StoreError::Open { what: path.display().to_string(), source })?
                     .with_fsync(true)
                     .with_automatic_cleanup(true);
-                Ok(Store { inner: Arc::new(fs), prefix: String::new(), backend: Backend::Local { root: path.clone() } })
+                Ok(Store {
+                    inner: Arc::new(fs),
+                    signer: None,
+                    prefix: String::new(),
+                    backend: Backend::Local { root: path.clone() },
+                })
             }
             StorageConfig::S3(s3) => Self::open_s3(s3),
         }
@@ -105,8 +112,10 @@ impl Store {
         let s3_store = builder
             .build()
             .map_err(|source| StoreError::Open { what: format!("bucket {} at {}", s3.bucket, s3.endpoint), source })?;
+        let s3_store = Arc::new(s3_store);
         Ok(Store {
-            inner: Arc::new(s3_store),
+            inner: Arc::clone(&s3_store) as Arc<dyn ObjectStore>,
+            signer: Some(s3_store),
             prefix: s3.prefix.clone(),
             backend: Backend::S3 { endpoint: s3.endpoint.clone(), bucket: s3.bucket.clone() },
         })
@@ -203,6 +212,22 @@ impl Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(key)(e)),
         }
+    }
+
+    /// A presigned GET URL for an artifact, valid for an hour, when the store is S3 (nodes
+    /// fetch from the bucket themselves); `None` for the local backend.
+    pub async fn presigned_get(&self, digest: Digest) -> Result<Option<String>, StoreError> {
+        let Some(signer) = &self.signer else { return Ok(None) };
+        let key = Key::Artifact(digest);
+        let url = object_store::signer::Signer::signed_url(
+            signer.as_ref(),
+            reqwest::Method::GET,
+            &self.path(key),
+            Duration::from_secs(3600),
+        )
+        .await
+        .map_err(self.error(key))?;
+        Ok(Some(url.to_string()))
     }
 
     /// Removes an artifact's bytes (a purge the registry has recorded; nothing else deletes an

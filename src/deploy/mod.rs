@@ -8,6 +8,7 @@
 //! Architecture invariant: only this module (through `transport`) talks to nodes.
 
 mod hooks;
+mod ssh;
 mod transport;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use serde_json::Value;
 pub use hooks::Hooks;
 pub use transport::{CallError, Local, Payload, Transport};
 
-use crate::config::{Limits, Node, ServiceKind};
+use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::{self, Request, Source};
 use crate::releases::{Deployer, Deployment, Failure, Observed, Plan};
@@ -33,27 +34,57 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct NodeDeployer {
     store: Store,
     limits: Limits,
+    ssh: SshConfig,
     timeout: Duration,
 }
 
 impl NodeDeployer {
-    pub fn new(store: Store, limits: Limits, timeout: Duration) -> NodeDeployer {
-        NodeDeployer { store, limits, timeout }
+    pub fn new(store: Store, limits: Limits, ssh: SshConfig, timeout: Duration) -> NodeDeployer {
+        NodeDeployer { store, limits, ssh, timeout }
     }
 
-    fn connect(&self, node: &Node) -> Result<Target, Failure> {
-        if !node.is_local() {
-            return Err(Failure::new(format!(
-                "node {}: the ssh transport is not available yet; only host = \"local\" nodes deploy",
-                node.display_name()
-            )));
+    /// Connects to one node: a local agent, or an SSH session (host key checked, binary
+    /// shipped if needed).
+    async fn connect(&self, node: &Node) -> Result<Target, String> {
+        let transport: Box<dyn Transport> = if node.is_local() {
+            Box::new(Local::new(self.timeout))
+        } else {
+            Box::new(
+                ssh::Ssh::connect(node, &self.ssh, self.timeout)
+                    .await
+                    .map_err(|e| format!("node {}: {e}", node.display_name()))?,
+            )
+        };
+        Ok(Target { name: node.display_name(), base: node.base.clone(), migrate: node.migrate, transport })
+    }
+
+    /// Connects to every node of the plan at once; the first node that cannot be reached fails
+    /// the deploy before anything happens.
+    async fn connect_all(&self, plan: &Plan) -> Result<Vec<Target>, Failure> {
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n))).await;
+        let mut targets = Vec::new();
+        let mut errors = Vec::new();
+        for (node, result) in plan.nodes.iter().zip(connected) {
+            match result {
+                Ok(target) => targets.push(target),
+                Err(e) => {
+                    let now = utc::now_text();
+                    plan.report.report(Deployment {
+                        node: node.display_name(),
+                        phase: "connect".into(),
+                        started_at: now.clone(),
+                        finished_at: now,
+                        outcome: "failed".into(),
+                        output_tail: Some(e.clone()),
+                    });
+                    errors.push(Err(e));
+                }
+            }
         }
-        Ok(Target {
-            name: node.display_name(),
-            base: node.base.clone(),
-            migrate: node.migrate,
-            transport: Box::new(Local::new(self.timeout)),
-        })
+        match first_error(errors) {
+            Some(reason) => Err(Failure::new(reason)),
+            None => Ok(targets),
+        }
     }
 
     async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
@@ -109,8 +140,14 @@ impl NodeDeployer {
         let digest = plan.release.digest;
         let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
-        let (source, payload) =
-            if present { (Source::Present, None) } else { (Source::Stdin, Some(self.artifact(digest).await?)) };
+        let (source, payload) = if present {
+            (Source::Present, None)
+        } else if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
+            // The node fetches from the bucket itself: the bytes do not pass through the server.
+            (Source::Url(url), None)
+        } else {
+            (Source::Stdin, Some(self.artifact(digest).await?))
+        };
         let request = Request::Prepare(node::Prepare {
             base: target.base.clone(),
             digest,
@@ -206,7 +243,7 @@ impl NodeDeployer {
 
     async fn run(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let targets = plan.nodes.iter().map(|n| self.connect(n)).collect::<Result<Vec<_>, _>>()?;
+        let targets = self.connect_all(plan).await?;
         if targets.is_empty() {
             return Ok(());
         }
@@ -265,7 +302,7 @@ impl NodeDeployer {
     /// verify); else put back the nodes that did.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let targets = plan.nodes.iter().map(|n| self.connect(n)).collect::<Result<Vec<_>, _>>()?;
+        let targets = self.connect_all(plan).await?;
         let digest = plan.release.digest;
         let mut on_new = Vec::new();
         for target in &targets {
@@ -307,9 +344,9 @@ fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
 impl NodeDeployer {
     async fn observe_one(&self, node: &Node) -> Observed {
         let name = node.display_name();
-        let answer = match self.connect(node) {
+        let answer = match self.connect(node).await {
             Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
-            Err(failure) => Err(failure.reason),
+            Err(e) => Err(e),
         };
         match answer {
             Ok(status) => {

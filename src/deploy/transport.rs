@@ -89,7 +89,11 @@ impl Transport for Local {
 
 /// Writes the request line and the payload; a payload error (the store failed mid-stream) is
 /// returned, a closed pipe is not (the agent refused early and says why in its answer).
-async fn send(stdin: &mut (impl AsyncWriteExt + Unpin), line: Vec<u8>, payload: Option<Payload>) -> Result<(), String> {
+pub(super) async fn send(
+    stdin: &mut (impl AsyncWriteExt + Unpin),
+    line: Vec<u8>,
+    payload: Option<Payload>,
+) -> Result<(), String> {
     if stdin.write_all(&line).await.is_err() {
         return Ok(());
     }

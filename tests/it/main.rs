@@ -12,6 +12,7 @@ mod refusals;
 mod releases;
 mod roles;
 mod server;
+mod ssh;
 mod support;
 mod tokens;
 mod upload;

@@ -25,7 +25,11 @@ impl Fixture {
     }
 
     pub fn with_config(config: &str) -> Fixture {
-        let server = TestServer::start_with(Backend::Local, config);
+        Fixture::adopt(TestServer::start_with(Backend::Local, config))
+    }
+
+    /// The usual cast on a server started elsewhere.
+    pub fn adopt(server: TestServer) -> Fixture {
         let mut tokens = HashMap::new();
         for (name, roles, owner) in [
             ("ci", "ci", "gitlab"),

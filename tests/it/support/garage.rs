@@ -99,7 +99,7 @@ fn start() -> Garage {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    super::spawn_tied_to_this_process(command);
+    let _ = super::spawn_tied_to_this_process(command);
     wait_ready(&garage, Some(&dir));
     garage
 }

@@ -5,6 +5,7 @@
 pub mod archives;
 pub mod garage;
 pub mod inprocess;
+pub mod sshd;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 /// Spawns `command` from a thread that lives as long as the test process, with
-/// PR_SET_PDEATHSIG, so the child dies with the tests even when they crash.
-pub fn spawn_tied_to_this_process(mut command: Command) {
+/// PR_SET_PDEATHSIG, so the child dies with the tests even when they crash. Returns its pid.
+pub fn spawn_tied_to_this_process(mut command: Command) -> u32 {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // SAFETY: prctl in the child before exec; async-signal-safe.
@@ -45,7 +46,7 @@ pub fn spawn_tied_to_this_process(mut command: Command) {
             }
         }
     });
-    rx.recv().unwrap().expect("spawn the helper server");
+    rx.recv().unwrap().expect("spawn the helper server")
 }
 
 pub fn s3_store(garage: &Garage, prefix: &str) -> Store {

@@ -1,0 +1,167 @@
+//! The SSH transport: one multiplexed session per node (the `openssh` crate driving the system
+//! `ssh`), key authentication, host keys always checked against the configured known_hosts,
+//! timeouts on connecting and on every command. The node agent is this very binary, shipped
+//! to `~/.release/bin/release-<sha256 prefix>` when the node lacks it (checksum compared), so a
+//! node needs nothing but sshd and a user.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::transport::{CallError, Payload, Transport, parse_answer, send};
+use crate::config::{Node, SshConfig};
+use crate::node::Request;
+
+/// How long connecting may take unless `ssh.connect_timeout` says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This binary and its SHA-256, computed once.
+fn this_binary() -> Result<&'static (PathBuf, String), String> {
+    static BINARY: OnceLock<Result<(PathBuf, String), String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let path = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+            let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Ok((path, hex::encode(Sha256::digest(&bytes))))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+pub struct Ssh {
+    session: Arc<Session>,
+    /// The agent's path on the node, relative to the login directory.
+    program: String,
+    timeout: Duration,
+    node: String,
+}
+
+impl Ssh {
+    /// Connects (checking the host key) and makes sure the node has this binary.
+    pub async fn connect(node: &Node, config: &SshConfig, timeout: Duration) -> Result<Ssh, String> {
+        let name = node.display_name();
+        let mut builder = SessionBuilder::default();
+        builder
+            .known_hosts_check(KnownHosts::Strict)
+            .port(node.port)
+            .connect_timeout(config.connect_timeout.map_or(CONNECT_TIMEOUT, |d| d.0))
+            .server_alive_interval(Duration::from_secs(15));
+        if let Some(user) = &node.user {
+            builder.user(user.clone());
+        }
+        if let Some(identity) = &config.identity {
+            builder.keyfile(identity);
+        }
+        if let Some(known_hosts) = &config.known_hosts {
+            builder.user_known_hosts_file(known_hosts);
+        }
+        let session = builder.connect_mux(&node.host).await.map_err(|e| format!("cannot connect: {e}"))?;
+        let (path, sum) = this_binary()?;
+        let ssh = Ssh {
+            session: Arc::new(session),
+            program: format!(".release/bin/release-{}", &sum[..16]),
+            timeout,
+            node: name,
+        };
+        ssh.ship(path, sum).await?;
+        Ok(ssh)
+    }
+
+    /// Copies this binary to the node unless it is there already; written under a temporary
+    /// name, checked, then renamed, so a cut-off copy is never run.
+    async fn ship(&self, path: &Path, sum: &str) -> Result<(), String> {
+        let present = self.shell(&format!("test -x {}", self.program), None).await;
+        if present.is_ok() {
+            return Ok(());
+        }
+        let bytes = tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let tmp = format!("{}.tmp-$$", self.program);
+        let script = format!(
+            "set -e; mkdir -p .release/bin; cat > {tmp}; \
+             test \"$(sha256sum {tmp} | cut -d' ' -f1)\" = {sum} || {{ rm -f {tmp}; echo 'checksum mismatch' >&2; exit 3; }}; \
+             chmod 755 {tmp}; mv {tmp} {program}",
+            program = self.program
+        );
+        self.shell(&script, Some(bytes)).await.map_err(|e| format!("cannot ship the release binary: {e}"))
+    }
+
+    /// Runs a shell script on the node, with `input` on its stdin.
+    async fn shell(&self, script: &str, input: Option<Vec<u8>>) -> Result<(), String> {
+        let run = async {
+            let mut child = self
+                .session
+                .raw_command(format!("sh -c '{}'", script.replace('\'', "'\\''")))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut stdin = child.stdin().take().expect("piped");
+            if let Some(input) = input {
+                stdin.write_all(&input).await.map_err(|e| e.to_string())?;
+            }
+            drop(stdin);
+            let mut err = Vec::new();
+            if let Some(mut stderr) = child.stderr().take() {
+                let _ = stderr.read_to_end(&mut err).await;
+            }
+            let status = child.wait().await.map_err(|e| e.to_string())?;
+            if status.success() { Ok(()) } else { Err(format!("{status}: {}", String::from_utf8_lossy(&err).trim())) }
+        };
+        tokio::time::timeout(self.timeout, run).await.map_err(|_| format!("no answer within {:?}", self.timeout))?
+    }
+}
+
+impl Transport for Ssh {
+    fn call<'a>(
+        &'a self,
+        request: &'a Request,
+        payload: Option<Payload>,
+    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
+        Box::pin(async move {
+            let exchange = async {
+                let mut child = self
+                    .session
+                    .raw_command(format!("{} node", self.program))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .await
+                    .map_err(|e| format!("cannot run the node agent: {e}"))?;
+                let mut stdin = child.stdin().take().expect("piped");
+                let mut line = serde_json::to_vec(request).expect("requests serialize");
+                line.push(b'\n');
+                // Read stdout while writing stdin: the agent may answer (refuse) early.
+                let mut stdout = child.stdout().take().expect("piped");
+                let mut stderr = child.stderr().take().expect("piped");
+                let reading = async {
+                    let mut out = Vec::new();
+                    let _ = stdout.read_to_end(&mut out).await;
+                    let mut err = Vec::new();
+                    let _ = stderr.read_to_end(&mut err).await;
+                    (out, err)
+                };
+                let writing = async {
+                    let sent = send(&mut stdin, line, payload).await;
+                    drop(stdin);
+                    sent
+                };
+                let (sent, (out, err)) = tokio::join!(writing, reading);
+                let status = child.wait().await.map_err(|e| format!("lost the connection: {e}"))?;
+                Ok::<_, String>((sent, out, err, status.success()))
+            };
+            let (sent, out, err, ok) = tokio::time::timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| CallError::Transport(format!("{}: no answer within {:?}", self.node, self.timeout)))?
+                .map_err(CallError::Transport)?;
+            parse_answer(&out, &err, ok, sent)
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! Deploys over SSH to nodes behind real sshd instances on loopback addresses: a three-node
+//! staging and a two-node production with approval, rollback, and the faults that SSH brings
+//! (a node unreachable before prepare, sshd killed between prepare and switch).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::releases::Fixture;
+use crate::support::Backend;
+use crate::support::archives::{RawTar, zstd};
+use crate::support::sshd::{self, SshNode};
+
+struct SshFleet {
+    f: Fixture,
+    nodes: Vec<SshNode>,
+    /// (environment, base) per node, in the order of `nodes`.
+    bases: Vec<(String, PathBuf)>,
+}
+
+impl SshFleet {
+    /// `layout`: the environment of each node. `finalize`: the service's finalize hook.
+    fn new(backend: Backend, layout: &[&str], finalize: &str) -> SshFleet {
+        let nodes: Vec<SshNode> = layout.iter().map(|_| SshNode::start()).collect();
+        let known_hosts = sshd::known_hosts(&nodes.iter().collect::<Vec<_>>());
+        let mut config = format!(
+            "[ssh]\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
+             [service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\nhooks.finalize = [{finalize:?}]\n",
+            sshd::client_key().display(),
+            known_hosts.display()
+        );
+        let mut bases = Vec::new();
+        for (node, env) in nodes.iter().zip(layout) {
+            let base = node.dir.join("base");
+            fs::create_dir_all(base.join("shared")).unwrap();
+            fs::write(base.join("shared/config.txt"), "config").unwrap();
+            config.push_str(&format!(
+                "[[service.web.node]]\nenvironment = \"{env}\"\nhost = \"{}\"\nport = {}\nuser = \"root\"\nbase = \"{}\"\n",
+                node.address,
+                node.port,
+                base.display()
+            ));
+            bases.push((env.to_string(), base));
+        }
+        config.push_str(
+            "[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\nrequires_approval = true\n",
+        );
+        let server = crate::support::TestServer::start_with(backend, &config);
+        let f = Fixture::adopt(server);
+        SshFleet { f, nodes, bases }
+    }
+
+    fn upload(&self, version: &str) -> String {
+        let tar = RawTar::new().file("version.txt", version.as_bytes()).finish();
+        let response = self
+            .f
+            .server
+            .http()
+            .post(format!("{}/v1/artifacts?service=web", self.f.server.url))
+            .bearer_auth(self.f.token("ci"))
+            .body(zstd(&tar))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success());
+        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+    }
+
+    /// Every node of `env` serves `digest`, and so say the registry and `status --nodes`.
+    fn assert_env_on(&self, env: &str, digest: &str, version: &str) {
+        for (node_env, base) in &self.bases {
+            if node_env == env {
+                assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&digest[7..]));
+                assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), version);
+            }
+        }
+        let status = self.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
+        let cell = status.as_array().unwrap().iter().find(|c| c["environment"] == env).unwrap();
+        assert_eq!(cell["digest"], digest, "{cell}");
+        let views = cell["nodes"].as_array().unwrap();
+        assert!(!views.is_empty());
+        assert!(views.iter().all(|n| n["current"] == digest && n["drift"] == false), "{cell}");
+    }
+
+    fn live_in(&self, env: &str, digest: &str) {
+        let (status, release) =
+            self.f.post("ci", "/v1/releases", json!({"service": "web", "environment": env, "digest": digest}));
+        assert!(status.is_success(), "{release}");
+        assert_eq!(self.f.settle(release["id"].as_i64().unwrap())["state"], "live");
+    }
+
+    fn release(&self, id: &Value) -> Value {
+        self.f.get("carol", &format!("/v1/releases/{id}"))
+    }
+}
+
+#[test]
+fn three_staging_nodes_promote_to_two_production_nodes_and_roll_back() {
+    let fleet = SshFleet::new(Backend::S3, &["staging", "staging", "staging", "production", "production"], "true");
+    let v1 = fleet.upload("v1");
+    let v2 = fleet.upload("v2");
+
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--wait"]).assert_success();
+    assert!(out.stdout().contains(" switch "), "phases per node: {out}");
+    fleet.assert_env_on("staging", &v1, "v1");
+
+    let promoted =
+        fleet.f.cli("alice").args(["promote", "web", "--to", "production", "--json"]).assert_success().json();
+    fleet.f.cli("bob").args(["approve", &promoted["id"].to_string(), "--wait"]).assert_success();
+    fleet.assert_env_on("production", &v1, "v1");
+
+    fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_success();
+    let promoted =
+        fleet.f.cli("alice").args(["promote", "web", "--to", "production", "--json"]).assert_success().json();
+    fleet.f.cli("bob").args(["approve", &promoted["id"].to_string(), "--wait"]).assert_success();
+    fleet.assert_env_on("production", &v2, "v2");
+    fleet.assert_env_on("staging", &v2, "v2");
+
+    let started = std::time::Instant::now();
+    fleet.f.cli("alice").args(["rollback", "web", "--env", "production", "--wait"]).assert_success();
+    eprintln!("rollback of 2 ssh nodes through the CLI: {:?}", started.elapsed());
+    fleet.assert_env_on("production", &v1, "v1");
+    fleet.assert_env_on("staging", &v2, "v2");
+
+    // The nodes fetched the artifact from the bucket (presigned URL), not through the server.
+    let shown = fleet.release(&promoted["id"]);
+    assert!(shown["deployments"].as_array().unwrap().iter().any(|d| d["phase"] == "prepare" && d["outcome"] == "ok"));
+}
+
+#[test]
+fn a_node_unreachable_before_prepare_fails_the_release_and_nothing_switches() {
+    let mut fleet = SshFleet::new(Backend::Local, &["staging", "staging"], "true");
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    fleet.nodes[1].kill();
+    let v2 = fleet.upload("v2");
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_exit(7);
+    assert!(out.stderr().contains("cannot connect"), "{out}");
+    let node0 = &fleet.bases[0].1;
+    assert_eq!(fs::read_to_string(node0.join("current/version.txt")).unwrap(), "v1", "nothing switched");
+    fleet.nodes[1].start_again();
+    fleet.assert_env_on("staging", &v1, "v1");
+}
+
+#[test]
+fn sshd_killed_between_prepare_and_switch_leaves_the_fleet_on_the_previous_release() {
+    // Node 1 finalizes at once, node 2 takes its time: node 1's sshd dies in between.
+    let finalize = "sleep $(cat $RELEASE_BASE/shared/delay 2>/dev/null || echo 0)";
+    let mut fleet = SshFleet::new(Backend::Local, &["staging", "staging"], finalize);
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    fs::write(fleet.bases[1].1.join("shared/delay"), "3").unwrap();
+    let v2 = fleet.upload("v2");
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let shown = fleet.release(&id);
+        let prepared = shown["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["phase"] == "prepare" && d["outcome"] == "ok")
+            .count();
+        if prepared == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fleet.nodes[0].kill();
+    let settled = fleet.f.settle(id.as_i64().unwrap());
+    assert_eq!(settled["state"], "failed", "{settled}");
+    fleet.nodes[0].start_again();
+    fleet.assert_env_on("staging", &v1, "v1");
+}
