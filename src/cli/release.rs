@@ -17,6 +17,9 @@ pub struct DeployArgs {
     #[arg(long = "env")]
     environment: String,
     digest: String,
+    /// Leave this node out of the release (repeatable; recorded).
+    #[arg(long = "exclude-node")]
+    exclude_nodes: Vec<String>,
     /// Follow the release until it is final.
     #[arg(long)]
     wait: bool,
@@ -33,6 +36,9 @@ pub struct PromoteArgs {
     /// Where it is live now [default: the environment's promote_from].
     #[arg(long)]
     from: Option<String>,
+    /// Leave this node out of the release (repeatable; recorded).
+    #[arg(long = "exclude-node")]
+    exclude_nodes: Vec<String>,
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -48,6 +54,12 @@ pub struct RollbackArgs {
     /// before the live one].
     #[arg(long)]
     to: Option<String>,
+    /// Leave this node out of the release (repeatable; recorded).
+    #[arg(long = "exclude-node")]
+    exclude_nodes: Vec<String>,
+    /// Roll back past migrations the target lacks (Laravel; recorded).
+    #[arg(long)]
+    force: bool,
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -85,14 +97,16 @@ fn digest(text: &str) -> Result<String, Failure> {
 }
 
 pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
-    let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?});
+    let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?,
+        "exclude_nodes": args.exclude_nodes});
     let client = args.server.client();
     let release = client.post("/v1/releases", &body).await?;
     conclude(&client, release, args.wait, output).await
 }
 
 pub async fn promote(args: PromoteArgs, output: Output) -> Result<(), Failure> {
-    let body = json!({"service": args.service, "environment": args.environment, "from": args.from});
+    let body = json!({"service": args.service, "environment": args.environment, "from": args.from,
+        "exclude_nodes": args.exclude_nodes});
     let client = args.server.client();
     let release = client.post("/v1/releases/promote", &body).await?;
     conclude(&client, release, args.wait, output).await
@@ -100,7 +114,8 @@ pub async fn promote(args: PromoteArgs, output: Output) -> Result<(), Failure> {
 
 pub async fn rollback(args: RollbackArgs, output: Output) -> Result<(), Failure> {
     let to = args.to.as_deref().map(digest).transpose()?;
-    let body = json!({"service": args.service, "environment": args.environment, "to": to});
+    let body = json!({"service": args.service, "environment": args.environment, "to": to,
+        "exclude_nodes": args.exclude_nodes, "force": args.force});
     let client = args.server.client();
     let release = client.post("/v1/releases/rollback", &body).await?;
     conclude(&client, release, args.wait, output).await

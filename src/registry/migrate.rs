@@ -9,6 +9,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_artifacts_and_tokens", include_str!("../../migrations/0001_artifacts_and_tokens.sql")),
     ("0002_releases_and_audit", include_str!("../../migrations/0002_releases_and_audit.sql")),
     ("0003_artifact_blocks_and_purges", include_str!("../../migrations/0003_artifact_blocks_and_purges.sql")),
+    ("0004_release_exclusions", include_str!("../../migrations/0004_release_exclusions.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

@@ -28,6 +28,8 @@ pub struct NewRelease {
     pub expires_at: Option<String>,
     /// Why it needs no approval, or waits for one (recorded with the first transition).
     pub note: Option<String>,
+    /// Nodes left out of this release.
+    pub excluded: Vec<String>,
 }
 
 /// A decision on a pending release.
@@ -154,6 +156,9 @@ impl Registry {
             )
             .map_err(|e| in_flight_violation(e, &tx, &new.service, &new.environment))?;
             let id = tx.last_insert_rowid();
+            for node in &new.excluded {
+                tx.execute("INSERT INTO release_exclusions (release_id, node) VALUES (?1, ?2)", params![id, node])?;
+            }
             record_transition(&tx, id, new.state, &now, &new.requested_by, new.note.as_deref())?;
             let mut event = event.clone();
             event.subject = format!("release/{id}");
@@ -343,7 +348,12 @@ impl Registry {
                 })?
                 .collect::<Result<Vec<_>, _>>()?
             };
-            Ok(Some(Detail { release, version, transitions, approval, deployments }))
+            let excluded_nodes = {
+                let mut stmt =
+                    conn.prepare_cached("SELECT node FROM release_exclusions WHERE release_id = ?1 ORDER BY node")?;
+                stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?
+            };
+            Ok(Some(Detail { release, version, transitions, approval, deployments, excluded_nodes }))
         })
     }
 
@@ -482,6 +492,16 @@ impl Registry {
                                      AND state IN ('live', 'superseded') ORDER BY id DESC LIMIT ?3)",
             )?;
             let rows = stmt.query_map(params![service, environment, keep], |r| digest_at(r, 0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// The nodes left out of a release.
+    pub fn excluded_nodes(&self, id: i64) -> Result<Vec<String>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT node FROM release_exclusions WHERE release_id = ?1 ORDER BY node")?;
+            let rows = stmt.query_map([id], |r| r.get(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -134,6 +134,7 @@ mod releases {
             replaces: None,
             expires_at: None,
             note: None,
+            excluded: vec![],
         }
     }
 

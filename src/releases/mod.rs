@@ -65,6 +65,11 @@ pub enum ReleaseError {
     Blocked { digest: Digest, reason: String },
     #[error("the bytes of artifact {digest} were purged; upload them again to deploy it")]
     Purged { digest: Digest },
+    #[error(
+        "rolling back to {digest} goes past migrations it lacks ({}): migrations are never undone, so the schema would stay ahead of the code; add --force to do it anyway (recorded)",
+        migrations.join(", ")
+    )]
+    MigrationsAhead { digest: Digest, migrations: Vec<String> },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -82,6 +87,13 @@ impl From<RegistryError> for ReleaseError {
             e => ReleaseError::Registry(e),
         }
     }
+}
+
+/// What a request may add: nodes to leave out, and consent to roll back past migrations.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    pub exclude_nodes: Vec<String>,
+    pub force: bool,
 }
 
 /// A release as `show` answers it: its story, and who may still decide it.
@@ -244,6 +256,7 @@ impl Releases {
         service: &str,
         env: &str,
         digest: Digest,
+        options: &RequestOptions,
     ) -> Result<Release, ReleaseError> {
         self.check_scope(p, Action::Deploy, service, env)?;
         let environment = self.environment(env)?;
@@ -254,7 +267,7 @@ impl Releases {
         if let Some(source) = &environment.promote_from {
             self.require_went_live(service, source, env, digest).await?;
         }
-        self.request(p, Kind::Deploy, service, env, digest, None).await
+        self.request(p, Kind::Deploy, service, env, digest, None, options, serde_json::json!({})).await
     }
 
     /// `release promote S --to E [--from E0]`: what is live in E0 goes to E.
@@ -264,6 +277,7 @@ impl Releases {
         service: &str,
         env: &str,
         from: Option<&str>,
+        options: &RequestOptions,
     ) -> Result<Release, ReleaseError> {
         self.check_scope(p, Action::Promote, service, env)?;
         let environment = self.environment(env)?;
@@ -284,7 +298,7 @@ impl Releases {
         if let Some(required) = &environment.promote_from {
             self.require_went_live(service, required, env, live.digest).await?;
         }
-        self.request(p, Kind::Promote, service, env, live.digest, Some(source)).await
+        self.request(p, Kind::Promote, service, env, live.digest, Some(source), options, serde_json::json!({})).await
     }
 
     /// `release rollback S --env E [--to DIGEST]`.
@@ -294,6 +308,7 @@ impl Releases {
         service: &str,
         env: &str,
         to: Option<Digest>,
+        options: &RequestOptions,
     ) -> Result<Release, ReleaseError> {
         self.check_scope(p, Action::Rollback, service, env)?;
         let (s, e) = (service.to_owned(), env.to_owned());
@@ -324,7 +339,51 @@ impl Releases {
                     .digest
             }
         };
-        self.request(p, Kind::Rollback, service, env, target, None).await
+        // Migrations are never undone: rolling a Laravel service back past migration files the
+        // target lacks leaves the schema ahead of the code, so it takes --force (on record).
+        let mut details = serde_json::json!({});
+        if self.config.service(service).is_some_and(|s| s.kind == crate::config::ServiceKind::Laravel) {
+            let (from, into) = (live.digest, target);
+            let (live_artifact, target_artifact) =
+                self.blocking(move |r| Ok((r.artifact(from)?, r.artifact(into)?))).await?;
+            let ahead: Vec<String> = match (live_artifact, target_artifact) {
+                (Some(l), Some(t)) => l.migrations.into_iter().filter(|m| !t.migrations.contains(m)).collect(),
+                _ => vec![],
+            };
+            if !ahead.is_empty() {
+                if !options.force {
+                    return Err(ReleaseError::MigrationsAhead { digest: target, migrations: ahead });
+                }
+                details = serde_json::json!({"forced": true, "migrations_ahead": ahead});
+            }
+        }
+        self.request(p, Kind::Rollback, service, env, target, None, options, details).await
+    }
+
+    /// `--exclude-node` names must be nodes of the service in the environment, and at least
+    /// one node must remain.
+    fn check_exclusions(&self, service: &str, env: &str, names: &[String]) -> Result<Vec<String>, ReleaseError> {
+        if names.is_empty() {
+            return Ok(vec![]);
+        }
+        let nodes: Vec<String> = self
+            .config
+            .service(service)
+            .map(|s| s.nodes.iter().filter(|n| n.environment == env).map(|n| n.display_name()).collect())
+            .unwrap_or_default();
+        if let Some(unknown) = names.iter().find(|n| !nodes.contains(n)) {
+            return Err(ReleaseError::BadRequest(format!(
+                "--exclude-node {unknown:?} is not a node of {service} in {env} (nodes: {})",
+                nodes.join(", ")
+            )));
+        }
+        if nodes.iter().all(|n| names.contains(n)) {
+            return Err(ReleaseError::BadRequest(format!("every node of {service} in {env} would be left out")));
+        }
+        let mut names = names.to_vec();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     async fn require_uploaded(&self, service: &str, digest: Digest) -> Result<(), ReleaseError> {
@@ -353,6 +412,7 @@ impl Releases {
 
     /// Records the request: pending when the environment requires approval (a rollback to an
     /// artifact approved there before does not), else approved and started at once.
+    #[allow(clippy::too_many_arguments)]
     async fn request(
         &self,
         p: &Principal,
@@ -361,8 +421,11 @@ impl Releases {
         env: &str,
         digest: Digest,
         source_environment: Option<String>,
+        options: &RequestOptions,
+        extra: serde_json::Value,
     ) -> Result<Release, ReleaseError> {
         let environment = self.environment(env)?.clone();
+        let excluded = self.check_exclusions(service, env, &options.exclude_nodes)?;
         if let Some(block) = self.blocking(move |r| r.artifact_block(digest)).await? {
             return Err(ReleaseError::Blocked { digest, reason: block.reason });
         }
@@ -393,21 +456,24 @@ impl Releases {
                     utc::now() + time::Duration::try_from(environment.approval_ttl).unwrap_or(time::Duration::DAY),
                 )
             }),
+            excluded: excluded.clone(),
             note: match (needs_approval, approved_before, environment.requires_approval) {
                 (true, _, _) => Some(format!("{env} requires approval")),
                 (false, true, _) => Some("rollback to an artifact approved in this environment before".into()),
                 _ => None,
             },
         };
-        let event = NewEvent::by(
-            p,
-            &format!("release.{}", kind.as_str()),
-            String::new(),
-            serde_json::json!({
+        let event = NewEvent::by(p, &format!("release.{}", kind.as_str()), String::new(), {
+            let mut details = serde_json::json!({
                 "service": service, "environment": env, "digest": digest,
                 "state": new.state, "replaces": replaces, "source_environment": new.source_environment,
-            }),
-        );
+                "excluded_nodes": excluded,
+            });
+            if let (Some(d), Some(x)) = (details.as_object_mut(), extra.as_object()) {
+                d.extend(x.clone());
+            }
+            details
+        });
         let release = self.blocking(move |r| r.create_release(&new, &event)).await?;
         if release.state == State::Approved {
             self.launch(release.clone());
@@ -677,7 +743,14 @@ impl Releases {
             .service(&release.service)
             .ok_or_else(|| ReleaseError::NotConfigured { what: "service", name: release.service.clone() })?
             .clone();
-        let nodes = service.nodes.iter().filter(|n| n.environment == release.environment).cloned().collect();
+        let id = release.id;
+        let excluded = self.blocking(move |r| r.excluded_nodes(id)).await?;
+        let nodes = service
+            .nodes
+            .iter()
+            .filter(|n| n.environment == release.environment && !excluded.contains(&n.display_name()))
+            .cloned()
+            .collect();
         let previous = match release.replaces {
             Some(id) => self.blocking(move |r| r.release(id)).await?,
             None => None,

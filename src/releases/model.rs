@@ -181,6 +181,9 @@ pub struct Detail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
     pub deployments: Vec<Deployment>,
+    /// Nodes left out of this release (`--exclude-node`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded_nodes: Vec<String>,
 }
 
 /// One cell of the status matrix.

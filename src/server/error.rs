@@ -145,6 +145,7 @@ impl From<ReleaseError> for ApiError {
             ReleaseError::BadRequest(_) => ApiError::bad_request(message),
             ReleaseError::Blocked { .. } => conflict("blocked"),
             ReleaseError::Purged { .. } => conflict("purged"),
+            ReleaseError::MigrationsAhead { .. } => conflict("migrations_ahead"),
             ReleaseError::Store(e) => e.into(),
             ReleaseError::Registry(e) => e.into(),
         }

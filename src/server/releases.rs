@@ -12,7 +12,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::digest::Digest;
-use crate::releases::{Release, Shown, StatusRow};
+use crate::releases::{Release, RequestOptions, Shown, StatusRow};
 
 const MAX_PAGE: u32 = 500;
 
@@ -36,6 +36,8 @@ struct DeployBody {
     service: String,
     environment: String,
     digest: Digest,
+    #[serde(default)]
+    exclude_nodes: Vec<String>,
 }
 
 async fn deploy(
@@ -43,7 +45,8 @@ async fn deploy(
     Caller(p): Caller,
     ApiJson(b): ApiJson<DeployBody>,
 ) -> Result<Created, ApiError> {
-    let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest).await?;
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false };
+    let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
 
@@ -53,6 +56,8 @@ struct PromoteBody {
     service: String,
     environment: String,
     from: Option<String>,
+    #[serde(default)]
+    exclude_nodes: Vec<String>,
 }
 
 async fn promote(
@@ -60,7 +65,8 @@ async fn promote(
     Caller(p): Caller,
     ApiJson(b): ApiJson<PromoteBody>,
 ) -> Result<Created, ApiError> {
-    let release = state.releases.promote(&p, &b.service, &b.environment, b.from.as_deref()).await?;
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false };
+    let release = state.releases.promote(&p, &b.service, &b.environment, b.from.as_deref(), &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
 
@@ -70,6 +76,11 @@ struct RollbackBody {
     service: String,
     environment: String,
     to: Option<Digest>,
+    #[serde(default)]
+    exclude_nodes: Vec<String>,
+    /// Roll back past migrations the target lacks.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn rollback(
@@ -77,7 +88,8 @@ async fn rollback(
     Caller(p): Caller,
     ApiJson(b): ApiJson<RollbackBody>,
 ) -> Result<Created, ApiError> {
-    let release = state.releases.rollback(&p, &b.service, &b.environment, b.to).await?;
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force };
+    let release = state.releases.rollback(&p, &b.service, &b.environment, b.to, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
 

@@ -437,3 +437,84 @@ fn a_node_that_cannot_be_put_back_exits_8() {
     let reason = shown["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap();
     assert!(reason.contains("not put back") && reason.contains("node2"), "{reason}");
 }
+
+#[test]
+fn a_node_left_out_with_exclude_node_keeps_its_release_and_the_record_says_so() {
+    let fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    // Node 2 is down for good (here: its shared config is gone, so it could not prepare).
+    fs::remove_file(fleet.bases[1].join("shared/config.txt")).unwrap();
+    let v2 = fleet.upload("v2", &[]);
+    let node2 = format!("local:{}", fleet.bases[1].display());
+    let out = fleet
+        .f
+        .cli("ci")
+        .args(["deploy", "web", "--env", "staging", &v2, "--exclude-node", &node2, "--wait", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(out["state"], "live");
+    assert_eq!(out["excluded_nodes"], json!([node2]));
+    assert_eq!(fs::read_to_string(fleet.bases[0].join("current/version.txt")).unwrap(), "v2");
+    assert_eq!(fs::read_to_string(fleet.bases[1].join("current/version.txt")).unwrap(), "v1");
+    let events = fleet.f.events("release.deploy");
+    assert_eq!(events.last().unwrap()["details"]["excluded_nodes"], json!([node2]));
+
+    let (status, body) = fleet.f.post(
+        "ci",
+        "/v1/releases",
+        json!({"service": "web", "environment": "staging", "digest": v2, "exclude_nodes": ["nobody"]}),
+    );
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    let everyone = vec![format!("local:{}", fleet.bases[0].display()), node2];
+    let (status, body) = fleet.f.post(
+        "ci",
+        "/v1/releases",
+        json!({"service": "web", "environment": "staging", "digest": v2, "exclude_nodes": everyone}),
+    );
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[test]
+fn rolling_a_laravel_service_back_past_migrations_needs_force() {
+    let root = tempfile::Builder::new().prefix("release-migrate-").tempdir().unwrap().keep();
+    let base = root.join("node1");
+    fs::create_dir_all(base.join("shared/storage")).unwrap();
+    fs::write(base.join("shared/.env"), "APP_KEY=x").unwrap();
+    let config = format!(
+        "[service.web]\nkind = \"laravel\"\nhooks.finalize = []\nhooks.migrate = [\"echo migrated >> $RELEASE_BASE/migrations.log\"]\n\
+         hooks.reload = []\n[[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\nmigrate = true\n",
+        base.display()
+    );
+    let fleet = Fleet { f: Fixture::with_config(&config), bases: vec![base.clone()] };
+    let v1 = fleet.upload("v1", &[("database/migrations/2026_01_01_000000_create_orders.php", b"<?php")]);
+    let v2 = fleet.upload(
+        "v2",
+        &[
+            ("database/migrations/2026_01_01_000000_create_orders.php", b"<?php"),
+            ("database/migrations/2026_02_01_000000_add_discounts.php", b"<?php"),
+        ],
+    );
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    assert_eq!(
+        fs::read_to_string(base.join("migrations.log")).unwrap().lines().count(),
+        2,
+        "migrate ran on the migrate node"
+    );
+
+    let out = fleet.f.cli("alice").args(["rollback", "web", "--env", "staging"]).assert_exit(3);
+    assert!(out.stderr().contains("2026_02_01_000000_add_discounts.php") && out.stderr().contains("--force"), "{out}");
+    fleet.f.assert_refusal_recorded("alice", 409, "migrations_ahead");
+
+    let out = fleet
+        .f
+        .cli("alice")
+        .args(["rollback", "web", "--env", "staging", "--force", "--wait", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(out["digest"], v1.as_str());
+    let event = fleet.f.events("release.rollback").pop().unwrap();
+    assert_eq!(event["details"]["forced"], true);
+    assert_eq!(event["details"]["migrations_ahead"], json!(["2026_02_01_000000_add_discounts.php"]));
+}
