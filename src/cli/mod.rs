@@ -97,6 +97,9 @@ impl ServerArgs {
 pub struct Failure {
     pub exit: u8,
     pub message: String,
+    /// The command already printed its JSON document (e.g. the release that failed): no
+    /// second one for the error.
+    pub json_printed: bool,
 }
 
 pub mod exit {
@@ -113,8 +116,14 @@ pub mod exit {
 }
 
 impl Failure {
+    /// Marks that the command printed its JSON document already.
+    pub fn printed(mut self, printed: bool) -> Failure {
+        self.json_printed = printed;
+        self
+    }
+
     pub fn new(exit: u8, message: impl std::fmt::Display) -> Failure {
-        Failure { exit, message: message.to_string() }
+        Failure { exit, message: message.to_string(), json_printed: false }
     }
 }
 
@@ -261,7 +270,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            if output.json {
+            if output.json && !failure.json_printed {
                 println!("{}", serde_json::json!({"error": {"exit": failure.exit, "message": failure.message}}));
             }
             eprintln!("error: {}", failure.message);

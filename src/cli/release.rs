@@ -206,7 +206,8 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                             "release {id} failed and could not be put back on: {} (shown as drift)",
                             stranded.join(", ")
                         ),
-                    ));
+                    )
+                    .printed(output.json));
                 }
                 let reason = shown["transitions"]
                     .as_array()
@@ -217,13 +218,14 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 return Err(Failure::new(
                     exit::DEPLOY_FAILED,
                     format!("release {id} failed ({reason}); the previous release stays live"),
-                ));
+                )
+                .printed(output.json));
             }
             "rejected" | "cancelled" | "expired" => {
                 if output.json {
                     println!("{shown}");
                 }
-                return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")));
+                return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")).printed(output.json));
             }
             _ => tokio::time::sleep(POLL).await,
         }

@@ -190,6 +190,8 @@ pub struct Service {
     pub keep: u32,
     pub health: Option<HealthCheck>,
     pub hooks: Hooks,
+    /// Environment variables for the service's hooks and checks on its nodes (PATH, PM2_HOME…).
+    pub env: BTreeMap<String, String>,
     pub nodes: Vec<Node>,
 }
 
@@ -306,6 +308,8 @@ struct ServiceSection {
     health: Option<HealthCheck>,
     #[serde(default)]
     hooks: Hooks,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
     #[serde(default)]
     node: Vec<Node>,
 }
@@ -555,6 +559,7 @@ fn resolve_service(
         keep: section.keep.unwrap_or(5),
         health: section.health,
         hooks: section.hooks,
+        env: section.env,
         nodes: section.node,
     })
 }

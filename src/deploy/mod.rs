@@ -155,7 +155,7 @@ impl NodeDeployer {
             shared: plan.service.shared.clone(),
             writable: hooks.writable.clone(),
             finalize: hooks.finalize.clone(),
-            env: Default::default(),
+            env: plan.service.env.clone(),
             max_unpacked_bytes: self.limits.max_unpacked_bytes.0,
             max_files: self.limits.max_files,
         });
@@ -177,7 +177,7 @@ impl NodeDeployer {
             base: target.base.clone(),
             digest,
             commands: commands.to_vec(),
-            env: Default::default(),
+            env: plan.service.env.clone(),
         });
         phase(plan, target, name, request, None).await.map(drop)
     }
@@ -194,6 +194,15 @@ impl NodeDeployer {
     }
 
     async fn verify(&self, plan: &Plan, target: &Target) -> Result<(), String> {
+        if plan.service.kind == ServiceKind::Node {
+            let request = Request::Pm2Cwd {
+                base: target.base.clone(),
+                digest: plan.release.digest,
+                app: plan.service.name.clone(),
+                env: plan.service.env.clone(),
+            };
+            phase(plan, target, "verify pm2", request, None).await?;
+        }
         let Some(health) = &plan.service.health else { return Ok(()) };
         let digest = plan.release.digest.to_string();
         let request = Request::Health(node::Health {

@@ -45,6 +45,13 @@ pub enum Request {
     },
     Exec(Exec),
     Health(Health),
+    /// Every PM2 process of `app` runs from the release (its working directory is inside it).
+    Pm2Cwd {
+        base: PathBuf,
+        digest: Digest,
+        app: String,
+        env: BTreeMap<String, String>,
+    },
 }
 
 /// Where prepare gets the artifact's bytes.

@@ -27,6 +27,7 @@ pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeEr
         Request::Cleanup { base, keep } => cleanup(&base, &keep),
         Request::Exec(e) => exec(&e),
         Request::Health(h) => health(&h),
+        Request::Pm2Cwd { base, digest, app, env } => pm2_cwd(&base, digest, &app, &env),
     }
 }
 
@@ -433,4 +434,49 @@ fn health(h: &Health) -> Result<Value, NodeError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Asks PM2 for the app's processes and checks each one's working directory (from /proc, so
+/// resolved) lies inside the release: a process started from a resolved release path keeps
+/// its old directory across `pm2 reload`, and this is how that trap is caught.
+fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String>) -> Result<Value, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    let release = fs::canonicalize(layout.release(digest)).map_err(|e| io_error(&layout.release(digest), e))?;
+    let run = Command::new("sh")
+        .args(["-c", "pm2 jlist"])
+        .envs(env)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| NodeError::new("pm2", format!("cannot run pm2: {e}")))?;
+    if !run.status.success() {
+        let mut e = NodeError::new("pm2", format!("`pm2 jlist` failed ({})", run.status));
+        e.output = Some(tail(&run.stderr));
+        return Err(e);
+    }
+    let text = String::from_utf8_lossy(&run.stdout);
+    // pm2 may print notices before the JSON: take from the first '['.
+    let list: Vec<Value> = serde_json::from_str(text.get(text.find('[').unwrap_or(0)..).unwrap_or("[]"))
+        .map_err(|e| NodeError::new("pm2", format!("`pm2 jlist` is not JSON: {e}")))?;
+    let mut checked = Vec::new();
+    for process in list.iter().filter(|p| p["name"] == app) {
+        let pid = process["pid"].as_u64().unwrap_or(0);
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        if pid == 0 || !cwd.starts_with(&release) {
+            return Err(NodeError::new(
+                "pm2_cwd",
+                format!(
+                    "PM2 process {pid} of {app} runs from {}, not from the new release {}",
+                    cwd.display(),
+                    release.display()
+                ),
+            ));
+        }
+        checked.push(pid);
+    }
+    if checked.is_empty() {
+        return Err(NodeError::new("pm2_cwd", format!("PM2 runs no process named {app}")));
+    }
+    Ok(
+        json!({"processes": checked, "output": format!("{} processes of {app} run from {}", checked.len(), release.display())}),
+    )
 }

@@ -12,6 +12,7 @@ mod refusals;
 mod releases;
 mod roles;
 mod server;
+mod services;
 mod ssh;
 mod support;
 mod tokens;

@@ -5,6 +5,7 @@
 pub mod archives;
 pub mod garage;
 pub mod inprocess;
+pub mod services;
 pub mod sshd;
 
 use std::os::unix::process::CommandExt;
