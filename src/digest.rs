@@ -35,6 +35,18 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
+    /// The digest of everything a reader yields (a shared file on a node).
+    pub fn of_reader(mut reader: impl std::io::Read) -> std::io::Result<Self> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match reader.read(&mut buf)? {
+                0 => return Ok(Digest::from_hasher(hasher)),
+                n => hasher.update(&buf[..n]),
+            }
+        }
+    }
+
     /// The 64 lowercase hex digits, without the `sha256:` prefix (used in object keys).
     pub fn hex(&self) -> String {
         hex::encode(self.0)

@@ -52,6 +52,9 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
                 r["pending"].as_array().into_iter().flatten().map(|p| format!("#{p} pending")).collect();
             let mut busy: Vec<String> = r["in_flight"].as_i64().map(|id| format!("#{id}")).into_iter().collect();
             busy.extend(pending);
+            if r["verified"] == false {
+                busy.insert(0, "UNVERIFIED (no health check proves the digest)".into());
+            }
             out.push_str(&format!(
                 "\n{:<16} {:<12} {:<14} {:<10} {:<8} {}",
                 text(&r["service"]),
@@ -152,6 +155,20 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                     text(&d["outcome"]),
                     text(&d["finished_at"])
                 ));
+            }
+        }
+        if let Some(config) = r["config_digest"].as_str() {
+            out.push_str(&format!("\nconfiguration {config}"));
+        }
+        if r["verified"] == false {
+            out.push_str("\nunverified: no health check proves the digest (put {digest} in its url or expect)");
+        }
+        let shared = r["shared_files"].as_array().cloned().unwrap_or_default();
+        if !shared.is_empty() {
+            out.push_str("\nshared files at the switch:");
+            for f in shared {
+                let what = f["sha256"].as_str().unwrap_or_else(|| f["kind"].as_str().unwrap_or("?"));
+                out.push_str(&format!("\n  {:<20} {:<24} {what}", text(&f["node"]), text(&f["path"])));
             }
         }
         out

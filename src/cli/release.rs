@@ -20,6 +20,11 @@ pub struct DeployArgs {
     /// Leave this node out of the release (repeatable; recorded).
     #[arg(long = "exclude-node")]
     exclude_nodes: Vec<String>,
+    /// Take over an application found at `current` on a node (a plain directory deployed
+    /// another way): it is kept as an artifact and a release directory, so that even this
+    /// first deploy can be rolled back (recorded).
+    #[arg(long)]
+    adopt: bool,
     /// Follow the release until it is final.
     #[arg(long)]
     wait: bool,
@@ -39,6 +44,11 @@ pub struct PromoteArgs {
     /// Leave this node out of the release (repeatable; recorded).
     #[arg(long = "exclude-node")]
     exclude_nodes: Vec<String>,
+    /// Take over an application found at `current` on a node (a plain directory deployed
+    /// another way): it is kept as an artifact and a release directory, so that even this
+    /// first deploy can be rolled back (recorded).
+    #[arg(long)]
+    adopt: bool,
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -98,7 +108,7 @@ fn digest(text: &str) -> Result<String, Failure> {
 
 pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
     let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?,
-        "exclude_nodes": args.exclude_nodes});
+        "exclude_nodes": args.exclude_nodes, "adopt": args.adopt});
     let client = args.server.client();
     let release = client.post("/v1/releases", &body).await?;
     conclude(&client, release, args.wait, output).await
@@ -106,7 +116,7 @@ pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
 
 pub async fn promote(args: PromoteArgs, output: Output) -> Result<(), Failure> {
     let body = json!({"service": args.service, "environment": args.environment, "from": args.from,
-        "exclude_nodes": args.exclude_nodes});
+        "exclude_nodes": args.exclude_nodes, "adopt": args.adopt});
     let client = args.server.client();
     let release = client.post("/v1/releases/promote", &body).await?;
     conclude(&client, release, args.wait, output).await

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::digest::Digest;
+
 pub use units::{ByteSize, HumanDuration};
 
 /// The commented example that `release init` writes; a test keeps it parseable.
@@ -232,6 +234,48 @@ pub struct Node {
 
 fn default_ssh_port() -> u16 {
     22
+}
+
+impl Service {
+    /// Whether the health check proves the new code answers: `{digest}` in its URL or in the
+    /// text it expects. A release live without that proof is *unverified* (SPEC 7).
+    pub fn health_proves_digest(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|h| h.url.contains("{digest}") || h.expect.as_deref().is_some_and(|e| e.contains("{digest}")))
+    }
+
+    /// The digest of what this service's deploys to `environment` run with (its hooks run as
+    /// shell on production): kind, shared paths, hooks, health check, hook environment, keep,
+    /// the environment's nodes and parallelism, and this binary's version (whose kind
+    /// defaults fill the hooks left unset). Canonical JSON (sorted keys), hashed.
+    pub fn config_digest(&self, environment: &Environment) -> Digest {
+        let nodes: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| n.environment == environment.name)
+            .map(|n| {
+                serde_json::json!({
+                    "name": n.display_name(), "host": n.host, "port": n.port, "user": n.user,
+                    "base": n.base, "migrate": n.migrate,
+                })
+            })
+            .collect();
+        let canonical = serde_json::json!({
+            "release": env!("CARGO_PKG_VERSION"),
+            "service": self.name,
+            "kind": self.kind,
+            "shared": self.shared,
+            "keep": self.keep,
+            "health": self.health.as_ref().map(|h| serde_json::json!({"url": h.url, "expect": h.expect})),
+            "hooks": {"finalize": self.hooks.finalize, "migrate": self.hooks.migrate, "reload": self.hooks.reload},
+            "env": self.env,
+            "environment": environment.name,
+            "parallel": environment.parallel,
+            "nodes": nodes,
+        });
+        Digest::of(canonical.to_string().as_bytes())
+    }
 }
 
 impl Node {

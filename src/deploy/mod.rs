@@ -12,6 +12,8 @@ mod ssh;
 mod transport;
 
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -24,7 +26,7 @@ pub use transport::{CallError, Local, Payload, Transport};
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::{self, Request, Source};
-use crate::releases::{Deployer, Deployment, Failure, Observed, Plan};
+use crate::releases::{Deployer, Deployment, Failure, Kind, LegacyBytes, Observed, Plan, SharedFile};
 use crate::store::Store;
 use crate::utc;
 
@@ -55,7 +57,14 @@ impl NodeDeployer {
                     .map_err(|e| format!("node {}: {e}", node.display_name()))?,
             )
         };
-        Ok(Target { name: node.display_name(), base: node.base.clone(), migrate: node.migrate, transport })
+        Ok(Target {
+            name: node.display_name(),
+            base: node.base.clone(),
+            migrate: node.migrate,
+            transport,
+            back_to: Mutex::new(None),
+            adopting: AtomicBool::new(false),
+        })
     }
 
     /// Connects to every node of the plan at once; the first node that cannot be reached fails
@@ -66,7 +75,10 @@ impl NodeDeployer {
         let mut errors = Vec::new();
         for (node, result) in plan.nodes.iter().zip(connected) {
             match result {
-                Ok(target) => targets.push(target),
+                Ok(target) => {
+                    target.set_back_to(plan.previous.as_ref().map(|p| p.digest));
+                    targets.push(target)
+                }
                 Err(e) => {
                     let now = utc::now_text();
                     plan.report.report(Deployment {
@@ -76,6 +88,7 @@ impl NodeDeployer {
                         finished_at: now,
                         outcome: "failed".into(),
                         output_tail: Some(e.clone()),
+                        shared_files: vec![],
                     });
                     errors.push(Err(e));
                 }
@@ -98,6 +111,53 @@ struct Target {
     base: PathBuf,
     migrate: bool,
     transport: Box<dyn Transport>,
+    /// What a put-back switches this node to: what its `current` pointed at when the deploy
+    /// prepared it (else the registry's previous release), or the legacy tree it adopted.
+    back_to: Mutex<Option<Digest>>,
+    /// Its `current` is a plain directory this release adopts.
+    adopting: AtomicBool,
+}
+
+impl Target {
+    fn back_to(&self) -> Option<Digest> {
+        *self.back_to.lock().expect("never poisoned")
+    }
+    fn set_back_to(&self, digest: Option<Digest>) {
+        *self.back_to.lock().expect("never poisoned") = digest;
+    }
+    fn adopting(&self) -> bool {
+        self.adopting.load(Ordering::Relaxed)
+    }
+}
+
+/// How a switch did not happen.
+enum SwitchError {
+    /// The node refused before touching `current`.
+    Refused(String),
+    /// It may or may not have switched (no answer, or a failure after the rename).
+    Unclear(String),
+}
+
+impl SwitchError {
+    fn reason(&self) -> &str {
+        match self {
+            SwitchError::Refused(r) | SwitchError::Unclear(r) => r,
+        }
+    }
+}
+
+/// Node error codes of a switch refused before `current` was touched.
+const REFUSED_BEFORE_SWITCH: [&str; 4] = ["not_ready", "locked", "not_adopted", "drift"];
+
+/// How much of an adopted package one call reads.
+const ADOPTED_CHUNK: u64 = 4 << 20;
+
+/// The release a switch request points `current` at.
+fn switching_to(request: &Request) -> Option<Digest> {
+    match request {
+        Request::Switch { digest, .. } => *digest,
+        _ => None,
+    }
 }
 
 /// Runs one phase on one node, reports it, and returns the answer or the reason.
@@ -110,8 +170,27 @@ async fn phase(
 ) -> Result<Value, String> {
     let started = utc::now_text();
     let answer = target.transport.call(&request, payload).await;
+    report_phase(plan, target, name, &request, started, answer)
+}
+
+/// Reports one node's phase from the agent's answer; the answer, or the reason.
+fn report_phase(
+    plan: &Plan,
+    target: &Target,
+    name: &str,
+    request: &Request,
+    started: String,
+    answer: Result<Value, CallError>,
+) -> Result<Value, String> {
+    let mut shared_files = vec![];
     let (outcome, output, result) = match answer {
         Ok(value) => {
+            if let Some(digest) = switching_to(request)
+                && digest == plan.release.digest
+            {
+                shared_files = serde_json::from_value::<Vec<SharedFile>>(value["shared"].clone()).unwrap_or_default();
+                shared_files.iter_mut().for_each(|f| f.node = target.name.clone());
+            }
             let output = value["output"].as_str().map(str::to_owned);
             ("ok", output, Ok(value))
         }
@@ -131,13 +210,29 @@ async fn phase(
         finished_at: utc::now_text(),
         outcome: outcome.to_owned(),
         output_tail: output.filter(|o| !o.is_empty()),
+        shared_files,
     });
     result
 }
 
 impl NodeDeployer {
-    async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
-        let digest = plan.release.digest;
+    /// Prepares the release (and first the adopted legacy tree, on a node adopting one); notes
+    /// what the node's `current` points at, to put it back there.
+    async fn prepare_node(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
+        if target.adopting()
+            && let Some(legacy) = target.back_to()
+        {
+            self.prepare(plan, target, hooks, legacy).await?;
+        } else {
+            let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
+            if status["plain"] != true {
+                target.set_back_to(status["current"].as_str().and_then(|d| d.parse().ok()));
+            }
+        }
+        self.prepare(plan, target, hooks, plan.release.digest).await
+    }
+
+    async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
         let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
         let (source, payload) = if present {
@@ -154,12 +249,16 @@ impl NodeDeployer {
             source,
             shared: plan.service.shared.clone(),
             writable: hooks.writable.clone(),
-            finalize: hooks.finalize.clone(),
+            // A rollback to a directory already here is a check only: the switch and reload
+            // are all that happens.
+            finalize: if present && plan.release.kind == Kind::Rollback { vec![] } else { hooks.finalize.clone() },
             env: plan.service.env.clone(),
             max_unpacked_bytes: self.limits.max_unpacked_bytes.0,
             max_files: self.limits.max_files,
+            adopt: target.adopting(),
         });
-        phase(plan, target, "prepare", request, payload).await.map(drop)
+        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
+        phase(plan, target, name, request, payload).await.map(drop)
     }
 
     async fn exec(
@@ -188,9 +287,19 @@ impl NodeDeployer {
         target: &Target,
         name: &str,
         digest: Option<Digest>,
-    ) -> Result<Option<Digest>, String> {
-        let answer = phase(plan, target, name, Request::Switch { base: target.base.clone(), digest }, None).await?;
-        Ok(answer["previous"].as_str().and_then(|d| d.parse().ok()))
+    ) -> Result<(), SwitchError> {
+        let request = Request::Switch {
+            base: target.base.clone(),
+            digest,
+            shared: plan.service.shared.clone(),
+            adopt: target.adopting(),
+        };
+        let started = utc::now_text();
+        let answer = target.transport.call(&request, None).await;
+        let refused = matches!(&answer, Err(CallError::Node(e)) if REFUSED_BEFORE_SWITCH.contains(&e.code.as_str()));
+        report_phase(plan, target, name, &request, started, answer)
+            .map(drop)
+            .map_err(|reason| if refused { SwitchError::Refused(reason) } else { SwitchError::Unclear(reason) })
     }
 
     async fn verify(&self, plan: &Plan, target: &Target) -> Result<(), String> {
@@ -213,8 +322,8 @@ impl NodeDeployer {
         phase(plan, target, "verify", request, None).await.map(drop)
     }
 
-    /// Switches the given nodes back to `to` (or removes `current` when there was nothing
-    /// before) and reloads them. Returns the nodes that could not be put back.
+    /// Switches the given nodes back to where each was (or removes `current` when there was
+    /// nothing before) and reloads them. Returns the nodes that could not be put back.
     async fn put_back(&self, plan: &Plan, targets: &[&Target], hooks: &Hooks) -> Vec<String> {
         let results = join_all(targets.iter().map(|t| self.put_back_one(plan, t, hooks))).await;
         targets.iter().zip(results).filter(|(_, r)| r.is_err()).map(|(t, _)| t.name.clone()).collect()
@@ -224,9 +333,9 @@ impl NodeDeployer {
     /// failure means the node is left on the new release (or in an unknown state): drift.
     async fn put_back_one(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
         let started = utc::now_text();
-        let to = plan.previous.as_ref().map(|p| p.digest);
+        let to = target.back_to();
         let result = async {
-            self.switch(plan, target, "switch back", to).await?;
+            self.switch(plan, target, "switch back", to).await.map_err(|e| e.reason().to_owned())?;
             if to.is_some() {
                 self.exec(plan, target, "reload", None, &hooks.reload).await?;
             }
@@ -240,6 +349,7 @@ impl NodeDeployer {
             finished_at: utc::now_text(),
             outcome: if result.is_ok() { "ok" } else { "failed" }.into(),
             output_tail: result.as_ref().err().cloned(),
+            shared_files: vec![],
         });
         result
     }
@@ -256,38 +366,46 @@ impl NodeDeployer {
         if targets.is_empty() {
             return Ok(());
         }
+        let adopted = self.adopt(plan, &targets).await?;
 
         // 1. Prepare everywhere; nothing that serves traffic changes yet.
         let parallel = plan.environment.parallel.max(1) as usize;
         let preparing: Vec<BoxFuture<'_, Result<(), String>>> =
-            targets.iter().map(|t| Box::pin(self.prepare(plan, t, &hooks)) as BoxFuture<'_, _>).collect();
+            targets.iter().map(|t| Box::pin(self.prepare_node(plan, t, &hooks)) as BoxFuture<'_, _>).collect();
         let prepared: Vec<Result<(), String>> = futures::stream::iter(preparing).buffered(parallel).collect().await;
         if let Some(reason) = first_error(prepared) {
             return Err(Failure::new(reason));
         }
 
-        // 2. Migrate on exactly one node, in the new release, before anything switches.
-        if plan.service.kind == ServiceKind::Laravel
-            && let Some(migrator) = targets.iter().find(|t| t.migrate)
-        {
+        // 2. Migrate on exactly one node, in the new release, before anything switches
+        //    (never for a rollback: migrations are never undone, the schema stays ahead).
+        if plan.service.kind == ServiceKind::Laravel && plan.release.kind != Kind::Rollback {
+            let Some(migrator) = targets.iter().find(|t| t.migrate) else {
+                return Err(Failure::new("no migrate node among the nodes of this release: migrations would not run"));
+            };
             self.exec(plan, migrator, "migrate", Some(plan.release.digest), &hooks.migrate)
                 .await
                 .map_err(Failure::new)?;
         }
 
-        // 3. Switch everywhere at once.
+        // 3. Switch everywhere at once. If any node fails, every node that switched, or may
+        //    have, goes back to where it was.
         let digest = plan.release.digest;
         let switched = join_all(targets.iter().map(|t| self.switch(plan, t, "switch", Some(digest)))).await;
-        let mut moved = Vec::new();
+        let mut back = Vec::new();
         let mut failure = None;
         for (target, result) in targets.iter().zip(switched) {
             match result {
-                Ok(_) => moved.push(target),
-                Err(reason) => failure = failure.or(Some(reason)),
+                Ok(()) => back.push(target),
+                Err(SwitchError::Unclear(reason)) => {
+                    back.push(target);
+                    failure = failure.or(Some(reason));
+                }
+                Err(SwitchError::Refused(reason)) => failure = failure.or(Some(reason)),
             }
         }
         if let Some(reason) = failure {
-            let stranded = self.put_back(plan, &moved, &hooks).await;
+            let stranded = self.put_back(plan, &back, &hooks).await;
             return Err(Failure { reason, stranded });
         }
 
@@ -300,40 +418,136 @@ impl NodeDeployer {
         }
 
         // 6. Retention; a failure here is reported, the release is live regardless.
-        let _ = join_all(targets.iter().map(|t| {
-            phase(plan, t, "cleanup", Request::Cleanup { base: t.base.clone(), keep: plan.retain.clone() }, None)
-        }))
-        .await;
+        let mut keep = plan.retain.clone();
+        keep.extend(adopted);
+        let _ =
+            join_all(targets.iter().map(|t| {
+                phase(plan, t, "cleanup", Request::Cleanup { base: t.base.clone(), keep: keep.clone() }, None)
+            }))
+            .await;
         Ok(())
     }
 
-    /// A deploy a stopped server left behind: if every node switched, finish it (reload and
-    /// verify); else put back the nodes that did.
+    /// `--adopt`: asks every node whether its `current` is a plain directory; if any is, the
+    /// tree (the same on every such node) is packaged there, kept as an artifact and recorded,
+    /// and those nodes prepare it as a release to go back to. The adopted digest, if any.
+    async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<Option<Digest>, Failure> {
+        let Some(adopt) = &plan.adopt else { return Ok(None) };
+        if let Some((digest, nodes)) = &adopt.captured {
+            for target in targets.iter().filter(|t| nodes.contains(&t.name)) {
+                target.adopting.store(true, Ordering::Relaxed);
+                target.set_back_to(Some(*digest));
+            }
+            return Ok(Some(*digest));
+        }
+        let asking = targets.iter().map(|t| {
+            let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
+            phase(plan, t, "adopt", request, None)
+        });
+        let mut found: Vec<(&Target, Digest)> = Vec::new();
+        let mut errors = Vec::new();
+        for (target, answer) in targets.iter().zip(join_all(asking).await) {
+            match answer {
+                Ok(answer) => {
+                    if let Some(digest) = answer["legacy"]["digest"].as_str().and_then(|d| d.parse().ok()) {
+                        found.push((target, digest));
+                    }
+                }
+                Err(e) => errors.push(Err(e)),
+            }
+        }
+        if let Some(reason) = first_error(errors) {
+            return Err(Failure::new(reason));
+        }
+        let Some(&(first, digest)) = found.first() else { return Ok(None) };
+        if found.iter().any(|(_, d)| *d != digest) {
+            let trees: Vec<String> = found.iter().map(|(t, d)| format!("{} has {}", t.name, d.short())).collect();
+            return Err(Failure::new(format!(
+                "the nodes hold different applications at current ({}): make them the same, or adopt them \
+                 one release at a time with --exclude-node",
+                trees.join(", ")
+            )));
+        }
+        adopt
+            .adopter
+            .keep(digest, adopted_bytes(first))
+            .await
+            .map_err(|e| Failure::new(format!("node {}: {e}", first.name)))?;
+        let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
+        adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
+        for (target, _) in &found {
+            target.adopting.store(true, Ordering::Relaxed);
+            target.set_back_to(Some(digest));
+        }
+        Ok(Some(digest))
+    }
+
+    /// A deploy a stopped server left behind: if every node is reachable and switched,
+    /// finish it (reload and verify). Else every reachable node on the new release is
+    /// switched back, and every reachable node is reloaded (the stop may have come between a
+    /// switch back and its reload); nodes that cannot be reached or asked are reported.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let targets = self.connect_all(plan).await?;
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n))).await;
+        let (mut targets, mut unknown) = (Vec::new(), Vec::new());
+        for (node, result) in plan.nodes.iter().zip(connected) {
+            match result {
+                Ok(target) => {
+                    target.set_back_to(plan.previous.as_ref().map(|p| p.digest));
+                    targets.push(target);
+                }
+                Err(_) => unknown.push(node.display_name()),
+            }
+        }
+        if let Some(adopt) = &plan.adopt
+            && let Some((digest, nodes)) = &adopt.captured
+        {
+            for target in targets.iter().filter(|t| nodes.contains(&t.name)) {
+                target.adopting.store(true, Ordering::Relaxed);
+                target.set_back_to(Some(*digest));
+            }
+        }
         let digest = plan.release.digest;
-        let mut on_new = Vec::new();
+        let (mut on_new, mut elsewhere) = (Vec::new(), Vec::new());
         for target in &targets {
             match phase_quiet(target, Request::Status { base: target.base.clone() }).await {
                 Ok(status) if status["current"] == digest.to_string() => on_new.push(target),
-                Ok(_) => {}
-                Err(reason) => {
-                    let stranded = self.put_back(plan, &on_new, &hooks).await;
-                    return Err(Failure { reason: format!("after a stop: {reason}"), stranded });
-                }
+                Ok(_) => elsewhere.push(target),
+                Err(_) => unknown.push(target.name.clone()),
             }
         }
-        if on_new.len() == targets.len() && !targets.is_empty() {
+        if unknown.is_empty() && elsewhere.is_empty() && !on_new.is_empty() {
             let after = join_all(targets.iter().map(|t| self.reload_and_verify(plan, t, &hooks))).await;
             if first_error(after).is_none() {
                 return Ok(());
             }
         }
-        let all: Vec<&Target> = if on_new.is_empty() { vec![] } else { targets.iter().collect() };
-        let stranded = self.put_back(plan, &all, &hooks).await;
+        let mut stranded = self.put_back(plan, &on_new, &hooks).await;
+        let _ = join_all(elsewhere.iter().map(|t| self.exec(plan, t, "reload", None, &hooks.reload))).await;
+        stranded.extend(unknown);
         Err(Failure { reason: "the server stopped during the deploy; the nodes were put back".into(), stranded })
     }
+}
+
+/// The adopted package on a node, read in chunks over the node's transport.
+fn adopted_bytes(target: &Target) -> LegacyBytes<'_> {
+    let chunks = futures::stream::unfold(Some(0u64), move |offset| async move {
+        let offset = offset?;
+        let request = Request::ReadAdopted { base: target.base.clone(), offset, len: ADOPTED_CHUNK };
+        let chunk = phase_quiet(target, request).await.and_then(|answer| {
+            let data = hex::decode(answer["data"].as_str().unwrap_or_default())
+                .map_err(|e| format!("node {}: the adopted package came garbled: {e}", target.name))?;
+            Ok((data, answer["eof"] == true))
+        });
+        match chunk {
+            Ok((data, eof)) => {
+                let next = (!eof && !data.is_empty()).then(|| offset + data.len() as u64);
+                Some((Ok(bytes::Bytes::from(data)), next))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Box::pin(chunks)
 }
 
 /// A call whose outcome is not a phase of its own (status).
@@ -358,6 +572,11 @@ impl NodeDeployer {
             Err(e) => Err(e),
         };
         match answer {
+            Ok(status) if status["plain"] == true => Observed {
+                node: name,
+                current: None,
+                error: Some("current is a plain directory (deployed another way): deploy with --adopt".into()),
+            },
             Ok(status) => {
                 Observed { node: name, current: status["current"].as_str().and_then(|d| d.parse().ok()), error: None }
             }

@@ -17,6 +17,9 @@ use super::transport::{CallError, Payload, Transport, parse_answer, send};
 use crate::config::{Node, SshConfig};
 use crate::node::Request;
 
+/// Agent binaries (of different builds) kept on a node: this server's and the newest others
+/// (another server, or the build before an upgrade).
+const KEEP_BINARIES: usize = 3;
 /// How long connecting may take unless `ssh.connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -25,7 +28,8 @@ fn this_binary() -> Result<&'static (PathBuf, String), String> {
     static BINARY: OnceLock<Result<(PathBuf, String), String>> = OnceLock::new();
     BINARY
         .get_or_init(|| {
-            let path = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+            // /proc/self/exe: still this binary after an upgrade replaced the file on disk.
+            let path = PathBuf::from("/proc/self/exe");
             let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             Ok((path, hex::encode(Sha256::digest(&bytes))))
         })
@@ -73,9 +77,21 @@ impl Ssh {
     }
 
     /// Copies this binary to the node unless it is there already; written under a temporary
-    /// name, checked, then renamed, so a cut-off copy is never run.
+    /// name, checked, then renamed, so a cut-off copy is never run. In the same round trip,
+    /// binaries of other builds are pruned: the newest `KEEP_BINARIES` stay (this one is
+    /// touched first, so it is always among them).
     async fn ship(&self, path: &Path, sum: &str) -> Result<(), String> {
-        let present = self.shell(&format!("test -x {}", self.program), None).await;
+        let present = self
+            .shell(
+                &format!(
+                    "test -x {program} || exit 1; touch {program}; cd .release/bin && \
+                     ls -t | grep -E '^release-[0-9a-f]{{16}}$' | tail -n +{keep} | xargs -r rm -f --",
+                    program = self.program,
+                    keep = KEEP_BINARIES + 1
+                ),
+                None,
+            )
+            .await;
         if present.is_ok() {
             return Ok(());
         }

@@ -45,7 +45,9 @@ pub struct Local {
 
 impl Local {
     pub fn new(timeout: Duration) -> Local {
-        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("release"));
+        // /proc/self/exe still opens when the binary on disk has been replaced by an upgrade
+        // (current_exe() would then name a deleted path).
+        let program = PathBuf::from("/proc/self/exe");
         Local { program, timeout }
     }
 }
@@ -118,15 +120,20 @@ pub fn parse_answer(
 ) -> Result<serde_json::Value, CallError> {
     let text = String::from_utf8_lossy(out);
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    // The server could not send everything (the store failed mid-stream): that is the cause,
+    // whatever the agent made of the cut-off input.
+    if let Err(e) = sent {
+        return Err(CallError::Transport(format!("{e} (the node agent answered: {})", tail(last))));
+    }
     let answer: serde_json::Value = match serde_json::from_str(last) {
         Ok(v) => v,
         Err(_) => {
             let stderr = String::from_utf8_lossy(err);
             let stderr = stderr.trim();
-            let why = match sent {
-                Err(e) => e,
-                Ok(()) if !exited_ok => format!("the node agent failed: {}", tail(stderr)),
-                Ok(()) => format!("the node agent's answer is not JSON: {}", tail(&text)),
+            let why = if exited_ok {
+                format!("the node agent's answer is not JSON: {}", tail(&text))
+            } else {
+                format!("the node agent failed: {}", tail(stderr))
             };
             return Err(CallError::Transport(why));
         }

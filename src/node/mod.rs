@@ -32,9 +32,30 @@ use crate::digest::Digest;
 pub enum Request {
     Prepare(Prepare),
     /// Points `current` at the release; `None` removes `current` (putting back a first deploy).
+    /// The answer names the SHA-256 of each `shared` file as the release found it. With
+    /// `adopt`, a plain directory at `current` is swapped for the symlink in one
+    /// rename(2) and kept as `<base>/.release/adopted-<time>`.
     Switch {
         base: PathBuf,
         digest: Option<Digest>,
+        #[serde(default)]
+        shared: Vec<String>,
+        #[serde(default)]
+        adopt: bool,
+    },
+    /// A plain directory at `current` (an application deployed another way) is packaged as it
+    /// is, `shared` paths left out, into `<base>/.release/adopted.tar.zst`; shared paths that
+    /// `shared/` lacks are copied there from it. Nothing that serves traffic changes.
+    Adopt {
+        base: PathBuf,
+        shared: Vec<String>,
+    },
+    /// Up to `len` bytes of the adopted package from `offset`, hex-encoded (the server reads
+    /// it in chunks over the same calls as everything else).
+    ReadAdopted {
+        base: PathBuf,
+        offset: u64,
+        len: u64,
     },
     Status {
         base: PathBuf,
@@ -81,6 +102,9 @@ pub struct Prepare {
     pub env: BTreeMap<String, String>,
     pub max_unpacked_bytes: u64,
     pub max_files: u64,
+    /// A plain directory at `current` is being adopted: prepare beside it.
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

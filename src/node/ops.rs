@@ -16,13 +16,17 @@ use crate::digest::Digest;
 
 /// The last bytes of a hook's output kept in the answer (and in the registry).
 const OUTPUT_TAIL: usize = 4000;
+/// Shared files larger than this are not hashed at a switch (recorded as unreadable).
+const SHARED_HASH_LIMIT: u64 = 64 << 20;
 /// How long a deploy waits for another one holding the base's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     match request {
         Request::Prepare(p) => prepare(&p, input),
-        Request::Switch { base, digest } => switch(&base, digest),
+        Request::Switch { base, digest, shared, adopt } => switch(&base, digest, &shared, adopt),
+        Request::Adopt { base, shared } => adopt(&base, &shared),
+        Request::ReadAdopted { base, offset, len } => read_adopted(&base, offset, len),
         Request::Status { base } => status(&base),
         Request::Cleanup { base, keep } => cleanup(&base, &keep),
         Request::Exec(e) => exec(&e),
@@ -52,6 +56,14 @@ impl Layout {
     fn shared(&self) -> PathBuf {
         self.base.join("shared")
     }
+    fn adopted_package(&self) -> PathBuf {
+        self.base.join(".release/adopted.tar.zst")
+    }
+
+    /// Whether `current` is a plain directory: an application deployed another way.
+    fn current_is_plain_dir(&self) -> bool {
+        fs::symlink_metadata(self.current()).is_ok_and(|m| m.is_dir())
+    }
 
     fn create(&self) -> Result<(), NodeError> {
         for dir in [self.releases(), self.shared(), self.base.join(".release/ready")] {
@@ -69,7 +81,8 @@ impl Layout {
             Ok(meta) if !meta.file_type().is_symlink() => Err(NodeError::new(
                 "not_adopted",
                 format!(
-                    "{} is not a symlink (an application deployed another way?): adopt it first",
+                    "{} is a plain directory, not a release (an application deployed another way?): \
+                     deploy with --adopt to keep it as the release to roll back to",
                     current.display()
                 ),
             )),
@@ -120,7 +133,11 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     let layout = Layout { base: p.base.clone() };
     layout.create()?;
     let _lock = layout.lock()?;
-    layout.current_digest()?; // refuses a base that holds an application deployed another way
+    let live = if p.adopt && layout.current_is_plain_dir() {
+        None
+    } else {
+        layout.current_digest()? // refuses a base that holds an application deployed another way
+    };
     let dir = layout.release(p.digest);
     let ready = layout.ready(p.digest);
     let reused = dir.is_dir() && ready.exists();
@@ -128,8 +145,29 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         if p.source == Source::Stdin {
             drain(input);
         }
+        if p.finalize.is_empty() {
+            // Nothing to run (a rollback): prepare is only this check.
+            return Ok(json!({"dir": dir, "reused": true, "output": "artifact: already here, ready"}));
+        }
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
+        // Finalize runs again (a changed shared/.env is picked up); the release stays ready
+        // whatever it does, so a failure never strands a node that can switch back to it.
+        let env = release_env(&layout, p.digest, &p.env);
+        let finalized = run_commands(&dir, &p.finalize, &env);
+        set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+        sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
+        let output = format!("artifact: already here, finalized again\n{}", finalized?);
+        return Ok(json!({"dir": dir, "reused": true, "output": output}));
     } else {
+        if p.source == Source::Present {
+            return Err(NodeError::new("missing", format!("{} is not on this node", p.digest)));
+        }
+        if live == Some(p.digest) {
+            return Err(NodeError::new(
+                "live_unready",
+                format!("{} is what current points at, but it is not marked ready: not touched", dir.display()),
+            ));
+        }
         if dir.exists() {
             // Left unready by a crash: redone.
             remove_tree(&dir).map_err(|e| io_error(&dir, e))?;
@@ -148,9 +186,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
                 let response = fetch(url)?;
                 unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest)
             }
-            Source::Present => {
-                return Err(NodeError::new("missing", format!("{} is not on this node", p.digest)));
-            }
+            Source::Present => unreachable!("answered above"),
         };
         unpacked.map_err(|e| match e {
             super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
@@ -164,13 +200,18 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
         link_shared(&layout, &dir, &p.shared)?;
     }
-    let _ = fs::remove_file(&ready);
     let env = release_env(&layout, p.digest, &p.env);
     let output = run_commands(&dir, &p.finalize, &env)?;
     set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    // What finalize wrote, the links and the modes are on disk before the marker says ready.
+    sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
     fs::write(&ready, b"").map_err(|e| io_error(&ready, e))?;
     sync_dir(ready.parent().expect("ready has a parent")).map_err(|e| io_error(&ready, e))?;
-    Ok(json!({"dir": dir, "reused": reused, "output": output}))
+    let how = match p.source {
+        Source::Url(_) => "fetched from the object store (presigned URL)",
+        _ => "streamed from the server",
+    };
+    Ok(json!({"dir": dir, "reused": false, "output": format!("artifact: {how}\n{output}")}))
 }
 
 fn fetch(url: &str) -> Result<impl Read, NodeError> {
@@ -202,6 +243,20 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String]) -> Result<(), Nod
             ));
         }
         let link = dir.join(path);
+        // A link placed through a symlinked parent would land somewhere else.
+        let mut parent = dir.to_path_buf();
+        for component in Path::new(path).parent().into_iter().flat_map(Path::components) {
+            parent.push(component);
+            if fs::symlink_metadata(&parent).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(NodeError::new(
+                    "shared_through_link",
+                    format!(
+                        "the artifact makes {} a symbolic link, so shared {path} cannot be linked there",
+                        parent.display()
+                    ),
+                ));
+            }
+        }
         if fs::symlink_metadata(&link).is_ok() {
             return Err(NodeError::new(
                 "shared_in_artifact",
@@ -306,9 +361,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Flushes the whole filesystem holding `path` (syncfs(2)): a release's many files at once.
+fn sync_fs(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = fs::File::open(path)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Points `current` at the release with one rename(2) of a fresh relative symlink, then
-/// makes the directory entry durable. Without a digest, removes `current`.
-fn switch(base: &Path, digest: Option<Digest>) -> Result<Value, NodeError> {
+/// makes the directory entry durable. Without a digest, removes `current`. The shared files
+/// are hashed after the rename, so that hashing never widens the gap between nodes.
+fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool) -> Result<Value, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let _lock = layout.lock()?;
@@ -323,13 +390,119 @@ fn switch(base: &Path, digest: Option<Digest>) -> Result<Value, NodeError> {
     if !layout.ready(digest).exists() || !layout.release(digest).is_dir() {
         return Err(NodeError::new("not_ready", format!("{digest} is not prepared on this node")));
     }
+    let target = format!("releases/{}", digest.hex());
+    if adopt && layout.current_is_plain_dir() {
+        let kept = exchange_for_symlink(&layout, &target)?;
+        let shared: Vec<Value> = shared.iter().map(|path| shared_file(&layout.shared(), path)).collect();
+        return Ok(json!({"previous": null, "adopted": kept, "shared": shared}));
+    }
     let previous = layout.current_digest()?;
     let tmp = layout.base.join(format!(".release/current-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(format!("releases/{}", digest.hex()), &tmp).map_err(|e| io_error(&tmp, e))?;
+    std::os::unix::fs::symlink(&target, &tmp).map_err(|e| io_error(&tmp, e))?;
     fs::rename(&tmp, layout.current()).map_err(|e| io_error(&layout.current(), e))?;
     sync_dir(base).map_err(|e| io_error(base, e))?;
-    Ok(json!({"previous": previous}))
+    let shared: Vec<Value> = shared.iter().map(|path| shared_file(&layout.shared(), path)).collect();
+    Ok(json!({"previous": previous, "shared": shared}))
+}
+
+/// Swaps the plain directory at `current` for a symlink to `target` in one renameat2(2)
+/// (RENAME_EXCHANGE): there is no moment without `current`. The old tree ends up at
+/// `<base>/.release/adopted-<time>`, where the symlink was made; that path is returned.
+fn exchange_for_symlink(layout: &Layout, target: &str) -> Result<PathBuf, NodeError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let kept = layout.base.join(format!(".release/adopted-{}", crate::utc::now_text().replace([':', '.'], "")));
+    std::os::unix::fs::symlink(target, &kept).map_err(|e| io_error(&kept, e))?;
+    let (from, to) = (
+        CString::new(kept.as_os_str().as_bytes()).expect("no NUL in a path"),
+        CString::new(layout.current().as_os_str().as_bytes()).expect("no NUL in a path"),
+    );
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let swapped =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE) };
+    if swapped != 0 {
+        let e = io::Error::last_os_error();
+        let _ = fs::remove_file(&kept);
+        return Err(io_error(&layout.current(), e));
+    }
+    sync_dir(&layout.base).map_err(|e| io_error(&layout.base, e))?;
+    let dot = layout.base.join(".release");
+    sync_dir(&dot).map_err(|e| io_error(&dot, e))?;
+    Ok(kept)
+}
+
+/// Packages the plain directory at `current` (shared paths left out) for the server to keep
+/// as an artifact, after copying the shared paths `shared/` lacks from it.
+fn adopt(base: &Path, shared: &[String]) -> Result<Value, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    layout.create()?;
+    let _lock = layout.lock()?;
+    if !layout.current_is_plain_dir() {
+        return Ok(json!({"legacy": null}));
+    }
+    let current = layout.current();
+    let mut seeded = Vec::new();
+    for path in shared {
+        let (from, to) = (current.join(path), layout.shared().join(path));
+        if fs::symlink_metadata(&to).is_ok() || fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        let copied = Command::new("cp").arg("-a").arg("--").arg(&from).arg(&to).output();
+        match copied {
+            Ok(out) if out.status.success() => seeded.push(path.clone()),
+            Ok(out) => {
+                return Err(NodeError::new(
+                    "adopt",
+                    format!(
+                        "copying {} to {}: {}",
+                        from.display(),
+                        to.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                ));
+            }
+            Err(e) => return Err(NodeError::new("adopt", format!("cannot run cp: {e}"))),
+        }
+    }
+    let package = layout.adopted_package();
+    let packed = crate::archive::pack_to_file(&current, shared, &package, &mut |_| {}).map_err(|e| {
+        NodeError::new("unadoptable", format!("{} cannot be kept as a release as it is: {e}", current.display()))
+    })?;
+    Ok(json!({"legacy": {"digest": packed.digest, "size": packed.size, "files": packed.file_count}, "seeded": seeded}))
+}
+
+/// A chunk of the adopted package, hex-encoded; `eof` once the end is reached.
+fn read_adopted(base: &Path, offset: u64, len: u64) -> Result<Value, NodeError> {
+    use std::io::{Seek, SeekFrom};
+    let path = Layout { base: base.to_owned() }.adopted_package();
+    let mut file = fs::File::open(&path).map_err(|e| io_error(&path, e))?;
+    let size = file.metadata().map_err(|e| io_error(&path, e))?.len();
+    file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(&path, e))?;
+    let mut data = Vec::new();
+    file.take(len).read_to_end(&mut data).map_err(|e| io_error(&path, e))?;
+    Ok(json!({"data": hex::encode(&data), "eof": offset + data.len() as u64 >= size}))
+}
+
+/// What a shared path holds: a file's SHA-256 (never its contents), or only that it is a
+/// directory (data, not configuration) or missing.
+fn shared_file(shared: &Path, path: &str) -> Value {
+    let full = shared.join(path);
+    match fs::metadata(&full) {
+        Ok(meta) if meta.is_dir() => json!({"path": path, "kind": "directory"}),
+        Ok(meta) if meta.is_file() && meta.len() <= SHARED_HASH_LIMIT => {
+            match fs::File::open(&full).and_then(Digest::of_reader) {
+                Ok(digest) => json!({"path": path, "kind": "file", "sha256": digest}),
+                Err(_) => json!({"path": path, "kind": "unreadable"}),
+            }
+        }
+        // A FIFO or a device would block the switch; a huge file would slow it.
+        Ok(_) => json!({"path": path, "kind": "unreadable"}),
+        Err(_) => json!({"path": path, "kind": "missing"}),
+    }
 }
 
 fn status(base: &Path) -> Result<Value, NodeError> {
@@ -337,7 +510,9 @@ fn status(base: &Path) -> Result<Value, NodeError> {
     if !base.exists() {
         return Ok(json!({"current": null, "ready": [], "unready": []}));
     }
-    let current = layout.current_digest()?;
+    // A plain directory at `current` is an application deployed another way (see Adopt).
+    let plain = layout.current_is_plain_dir();
+    let current = if plain { None } else { layout.current_digest()? };
     let (mut ready, mut unready) = (Vec::new(), Vec::new());
     if let Ok(entries) = fs::read_dir(layout.releases()) {
         for entry in entries.flatten() {
@@ -350,7 +525,7 @@ fn status(base: &Path) -> Result<Value, NodeError> {
     }
     ready.sort();
     unready.sort();
-    Ok(json!({"current": current, "ready": ready, "unready": unready}))
+    Ok(json!({"current": current, "plain": plain, "ready": ready, "unready": unready}))
 }
 
 /// Removes releases not in `keep`, never the current one, never one a running process has as
@@ -369,7 +544,9 @@ fn cleanup(base: &Path, keep: &[Digest]) -> Result<Value, NodeError> {
         if digest.is_some_and(|d| keep.contains(&d) || current == Some(d)) {
             continue;
         }
-        if in_use.iter().any(|cwd| cwd.starts_with(&path)) {
+        // /proc answers resolved paths: compare with the resolved release directory.
+        let resolved = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if in_use.iter().any(|cwd| cwd.starts_with(&resolved)) {
             busy.push(name);
             continue;
         }

@@ -10,6 +10,11 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0002_releases_and_audit", include_str!("../../migrations/0002_releases_and_audit.sql")),
     ("0003_artifact_blocks_and_purges", include_str!("../../migrations/0003_artifact_blocks_and_purges.sql")),
     ("0004_release_exclusions", include_str!("../../migrations/0004_release_exclusions.sql")),
+    (
+        "0005_release_configs_and_shared_files",
+        include_str!("../../migrations/0005_release_configs_and_shared_files.sql"),
+    ),
+    ("0006_release_adoptions", include_str!("../../migrations/0006_release_adoptions.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
-pub use releases::{ConfiguredEnvironment, NewApproval, NewRelease};
+pub use releases::{Adoption, ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
 
 const MAX_IDLE_READERS: usize = 8;

@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::{Registry, RegistryError, immediate};
 use crate::audit::NewEvent;
 use crate::digest::Digest;
-use crate::releases::{Approval, Deployment, Detail, Kind, Release, State, StatusRow, Transition};
+use crate::releases::{Approval, Deployment, Detail, Kind, Release, SharedFile, State, StatusRow, Transition};
 use crate::utc;
 
 const COLUMNS: &str = "id, service, environment, digest, kind, state, requested_by, requester_owner, requested_at, \
@@ -30,6 +30,17 @@ pub struct NewRelease {
     pub note: Option<String>,
     /// Nodes left out of this release.
     pub excluded: Vec<String>,
+    /// `--adopt`: take over an application found at `current` deployed another way.
+    pub adopt: bool,
+}
+
+/// A release's `--adopt`: asked for, and what its deploy captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adoption {
+    /// The legacy tree's package, kept as an artifact; `None` until captured.
+    pub digest: Option<Digest>,
+    /// The nodes whose `current` held that tree.
+    pub nodes: Vec<String>,
 }
 
 /// A decision on a pending release.
@@ -158,6 +169,9 @@ impl Registry {
             let id = tx.last_insert_rowid();
             for node in &new.excluded {
                 tx.execute("INSERT INTO release_exclusions (release_id, node) VALUES (?1, ?2)", params![id, node])?;
+            }
+            if new.adopt {
+                tx.execute("INSERT INTO release_adoptions (release_id) VALUES (?1)", [id])?;
             }
             record_transition(&tx, id, new.state, &now, &new.requested_by, new.note.as_deref())?;
             let mut event = event.clone();
@@ -344,6 +358,7 @@ impl Registry {
                         finished_at: r.get(3)?,
                         outcome: r.get(4)?,
                         output_tail: r.get(5)?,
+                        shared_files: vec![],
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?
@@ -353,7 +368,47 @@ impl Registry {
                     conn.prepare_cached("SELECT node FROM release_exclusions WHERE release_id = ?1 ORDER BY node")?;
                 stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?
             };
-            Ok(Some(Detail { release, version, transitions, approval, deployments, excluded_nodes }))
+            let adopted = conn
+                .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [id], |r| {
+                    let nodes: Option<String> = r.get(1)?;
+                    let nodes: serde_json::Value =
+                        nodes.and_then(|n| serde_json::from_str(&n).ok()).unwrap_or_else(|| serde_json::json!([]));
+                    Ok(serde_json::json!({"digest": r.get::<_, Option<String>>(0)?, "nodes": nodes}))
+                })
+                .optional()?;
+            let (config_digest, verified) = conn
+                .query_row("SELECT config_digest, verifies FROM release_configs WHERE release_id = ?1", [id], |r| {
+                    Ok((Some(digest_at(r, 0)?), Some(r.get::<_, bool>(1)?)))
+                })
+                .optional()?
+                .unwrap_or((None, None));
+            let shared_files = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT node, path, kind, sha256 FROM release_shared_files WHERE release_id = ?1 ORDER BY node, path",
+                )?;
+                stmt.query_map([id], |r| {
+                    let sha256: Option<String> = r.get(3)?;
+                    Ok(SharedFile {
+                        node: r.get(0)?,
+                        path: r.get(1)?,
+                        kind: r.get(2)?,
+                        sha256: sha256.map(|s| s.parse().map_err(|e| conversion(3, e))).transpose()?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+            };
+            Ok(Some(Detail {
+                release,
+                version,
+                transitions,
+                approval,
+                deployments,
+                excluded_nodes,
+                config_digest,
+                verified,
+                shared_files,
+                adopted,
+            }))
         })
     }
 
@@ -412,6 +467,14 @@ impl Registry {
                         .flatten(),
                     None => None,
                 };
+                let verified = match &live {
+                    Some(r) => conn
+                        .query_row("SELECT verifies FROM release_configs WHERE release_id = ?1", [r.id], |row| {
+                            row.get::<_, bool>(0)
+                        })
+                        .optional()?,
+                    None => None,
+                };
                 let in_flight = in_flight(conn, &service, &environment)?.map(|r| r.id);
                 let pending: Vec<i64> = {
                     let mut stmt = conn.prepare_cached(
@@ -425,6 +488,7 @@ impl Registry {
                     release: live.as_ref().map(|r| r.id),
                     since: live.as_ref().map(|r| r.state_changed_at.clone()),
                     version,
+                    verified,
                     in_flight,
                     pending,
                     nodes: None,
@@ -440,12 +504,15 @@ impl Registry {
         self.read(|conn| live(conn, service, environment))
     }
 
-    /// Whether `digest` went live, successfully, in this service and environment at some time.
+    /// Whether `digest` went live, successfully, in this service and environment at some time
+    /// (an adopted legacy tree was live before the release that adopted it).
     pub fn went_live(&self, service: &str, environment: &str, digest: Digest) -> Result<bool, RegistryError> {
         self.read(|conn| {
             Ok(conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM releases WHERE digest = ?1 AND environment = ?2 AND service = ?3
-                   AND state IN ('live', 'superseded'))",
+                   AND state IN ('live', 'superseded'))
+                 OR EXISTS (SELECT 1 FROM release_adoptions a JOIN releases r ON r.id = a.release_id
+                   WHERE a.digest = ?1 AND r.environment = ?2 AND r.service = ?3)",
                 params![digest.to_string(), environment, service],
                 |r| r.get(0),
             )?)
@@ -453,43 +520,113 @@ impl Registry {
     }
 
     /// Whether a release of `digest` in this service and environment was approved by an
-    /// approver at some time.
+    /// approver at some time, or `digest` is a legacy tree adopted by an approved release.
     pub fn was_approved(&self, service: &str, environment: &str, digest: Digest) -> Result<bool, RegistryError> {
         self.read(|conn| {
             Ok(conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM approvals a JOIN releases r ON r.id = a.release_id
-                   WHERE a.digest = ?1 AND r.environment = ?2 AND r.service = ?3 AND a.decision = 'approved')",
+                   WHERE a.digest = ?1 AND r.environment = ?2 AND r.service = ?3 AND a.decision = 'approved')
+                 OR EXISTS (SELECT 1 FROM release_adoptions d JOIN approvals a ON a.release_id = d.release_id
+                   JOIN releases r ON r.id = d.release_id
+                   WHERE d.digest = ?1 AND r.environment = ?2 AND r.service = ?3 AND a.decision = 'approved')",
                 params![digest.to_string(), environment, service],
                 |r| r.get(0),
             )?)
         })
     }
 
-    /// The newest release before `live` that went live successfully with another digest.
-    pub fn rollback_target(&self, live: &Release) -> Result<Option<Release>, RegistryError> {
+    /// The digest of the newest release before `live` that went live successfully with
+    /// another digest; failing that, the legacy tree adopted by `live` or a release before it.
+    pub fn rollback_target(&self, live: &Release) -> Result<Option<Digest>, RegistryError> {
         self.read(|conn| {
+            let params = params![live.service, live.environment, live.id, live.digest.to_string()];
+            let before = conn
+                .query_row(
+                    "SELECT digest FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3
+                     AND state = 'superseded' AND digest != ?4 ORDER BY id DESC LIMIT 1",
+                    params,
+                    |r| digest_at(r, 0),
+                )
+                .optional()?;
+            if before.is_some() {
+                return Ok(before);
+            }
             Ok(conn
                 .query_row(
-                    &format!(
-                        "SELECT {COLUMNS} FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3
-                         AND state = 'superseded' AND digest != ?4 ORDER BY id DESC LIMIT 1"
-                    ),
-                    params![live.service, live.environment, live.id, live.digest.to_string()],
-                    from_row,
+                    "SELECT a.digest FROM release_adoptions a JOIN releases r ON r.id = a.release_id
+                     WHERE r.service = ?1 AND r.environment = ?2 AND r.id <= ?3 AND a.digest IS NOT NULL
+                       AND a.digest != ?4 AND r.state IN ('live', 'superseded')
+                     ORDER BY r.id DESC LIMIT 1",
+                    params,
+                    |r| digest_at(r, 0),
                 )
                 .optional()?)
         })
     }
 
+    /// A release's `--adopt`, if it asked for one.
+    pub fn adoption(&self, release_id: i64) -> Result<Option<Adoption>, RegistryError> {
+        self.read(|conn| {
+            let row: Option<(Option<String>, Option<String>)> = conn
+                .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [release_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            let Some((digest, nodes)) = row else { return Ok(None) };
+            let digest = digest.map(|d| d.parse().map_err(|e| conversion(0, e))).transpose()?;
+            let nodes = match nodes {
+                Some(text) => serde_json::from_str(&text).map_err(|e| conversion(1, e))?,
+                None => vec![],
+            };
+            Ok(Some(Adoption { digest, nodes }))
+        })
+    }
+
+    /// Records what a release's deploy adopted: the legacy tree's artifact and the nodes that
+    /// held it, with an audit event. Once only.
+    pub fn record_adoption(
+        &self,
+        release_id: i64,
+        digest: Digest,
+        nodes: &[String],
+        event: &NewEvent,
+    ) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let changed = tx.execute(
+                "UPDATE release_adoptions SET digest = ?2, nodes = ?3, adopted_at = ?4
+                 WHERE release_id = ?1 AND digest IS NULL",
+                params![
+                    release_id,
+                    digest.to_string(),
+                    serde_json::to_string(nodes).expect("names serialize"),
+                    utc::now_text()
+                ],
+            )?;
+            if changed == 1 {
+                super::audit::append(&tx, event)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     /// What nodes of (service, environment) must keep: every digest live for the service in
-    /// any environment, and the newest `keep` that went live in this one.
+    /// any environment, the newest `keep` distinct digests that went live in this one (looked
+    /// for among its newest `20 × keep` successful releases), and any legacy tree adopted here
+    /// (the way back to before the first deploy).
     pub fn retained_digests(&self, service: &str, environment: &str, keep: u32) -> Result<Vec<Digest>, RegistryError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT digest FROM releases WHERE service = ?1 AND state = 'live'
                  UNION
-                 SELECT digest FROM (SELECT digest FROM releases WHERE service = ?1 AND environment = ?2
-                                     AND state IN ('live', 'superseded') ORDER BY id DESC LIMIT ?3)",
+                 SELECT digest FROM (SELECT digest, max(id) AS newest
+                                     FROM (SELECT digest, id FROM releases WHERE service = ?1 AND environment = ?2
+                                           AND state IN ('live', 'superseded') ORDER BY id DESC LIMIT ?3 * 20)
+                                     GROUP BY digest ORDER BY newest DESC LIMIT ?3)
+                 UNION
+                 SELECT a.digest FROM release_adoptions a JOIN releases r ON r.id = a.release_id
+                 WHERE r.service = ?1 AND r.environment = ?2 AND a.digest IS NOT NULL",
             )?;
             let rows = stmt.query_map(params![service, environment, keep], |r| digest_at(r, 0))?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -516,10 +653,26 @@ impl Registry {
         })
     }
 
-    /// Records one node's phase of a release.
+    /// Records one node's phase of a release, with the shared files it found at a switch (the
+    /// first switch to the release counts).
     pub fn record_deployment(&self, release_id: i64, deployment: &Deployment) -> Result<(), RegistryError> {
         self.write(|conn| {
-            conn.execute(
+            let tx = immediate(conn)?;
+            for file in &deployment.shared_files {
+                tx.execute(
+                    "INSERT OR IGNORE INTO release_shared_files (release_id, node, path, kind, sha256, recorded_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        release_id,
+                        deployment.node,
+                        file.path,
+                        file.kind,
+                        file.sha256.map(|d| d.to_string()),
+                        deployment.finished_at
+                    ],
+                )?;
+            }
+            tx.execute(
                 "INSERT INTO deployments (release_id, node, phase, started_at, finished_at, outcome, output_tail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
@@ -531,6 +684,20 @@ impl Registry {
                     deployment.outcome,
                     deployment.output_tail
                 ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Records the digest of the configuration a release's deploy runs with (the first
+    /// record stands: a deploy finished after a restart keeps the one it started with).
+    pub fn record_config(&self, release_id: i64, config_digest: Digest, verifies: bool) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO release_configs (release_id, config_digest, verifies, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![release_id, config_digest.to_string(), verifies, utc::now_text()],
             )?;
             Ok(())
         })

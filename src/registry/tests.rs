@@ -112,7 +112,7 @@ fn a_registry_from_a_newer_release_is_refused() {
 
 mod releases {
     use super::*;
-    use crate::registry::{NewApproval, NewRelease};
+    use crate::registry::{Adoption, NewApproval, NewRelease};
     use crate::releases::{Kind, State};
 
     fn with_artifact() -> (tempfile::TempDir, Registry, Digest) {
@@ -135,6 +135,37 @@ mod releases {
             expires_at: None,
             note: None,
             excluded: vec![],
+            adopt: false,
+        }
+    }
+
+    #[test]
+    fn what_a_release_ran_with_and_what_it_adopted_are_written_once() {
+        let (_dir, registry, digest) = with_artifact();
+        registry.record_artifact(&new_artifact("api", b"legacy"), &event()).unwrap();
+        let legacy = Digest::of(b"legacy");
+        let release =
+            registry.create_release(&NewRelease { adopt: true, ..request(digest, State::Approved) }, &event()).unwrap();
+        assert_eq!(registry.adoption(release.id).unwrap(), Some(Adoption { digest: None, nodes: vec![] }));
+        let nodes = vec!["web-1".to_owned(), "web-2".to_owned()];
+        registry.record_adoption(release.id, legacy, &nodes, &event()).unwrap();
+        // A second capture changes nothing.
+        registry.record_adoption(release.id, digest, &["web-3".to_owned()], &event()).unwrap();
+        assert_eq!(registry.adoption(release.id).unwrap(), Some(Adoption { digest: Some(legacy), nodes }));
+
+        registry.record_config(release.id, legacy, false).unwrap();
+        registry.record_config(release.id, digest, true).unwrap();
+        let detail = registry.release_detail(release.id).unwrap().unwrap();
+        assert_eq!((detail.config_digest, detail.verified), (Some(legacy), Some(false)), "the first record stands");
+
+        let conn = registry.writer.lock().unwrap();
+        for (sql, why) in [
+            ("UPDATE release_adoptions SET nodes = '[]'", "adoption rewritten"),
+            ("DELETE FROM release_adoptions", "adoption deleted"),
+            ("UPDATE release_configs SET recorded_at = 'x'", "configuration digest rewritten"),
+            ("DELETE FROM release_configs", "configuration digest deleted"),
+        ] {
+            assert!(conn.execute(sql, []).is_err(), "the database allowed: {why}");
         }
     }
 

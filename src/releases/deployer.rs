@@ -51,6 +51,34 @@ pub struct Plan {
     /// live, the previous good one here, and the newest `keep` successful ones here.
     pub retain: Vec<Digest>,
     pub report: Reporter,
+    /// `--adopt`: asked for by the release (and what it has captured so far).
+    pub adopt: Option<Adopt>,
+}
+
+/// The bytes of a legacy tree's package, as a node sends them.
+pub type LegacyBytes<'a> = futures::stream::BoxStream<'a, Result<bytes::Bytes, String>>;
+
+/// What a deploy that adopts needs from the rest of the server.
+pub trait Adopter: Send + Sync {
+    /// Keeps a legacy tree's package as an artifact of the service (its digest checked).
+    fn keep<'a>(&'a self, digest: Digest, bytes: LegacyBytes<'a>) -> BoxFuture<'a, Result<(), String>>;
+    /// Records that these nodes' `current` held the tree packaged as `digest`.
+    fn record(&self, digest: Digest, nodes: Vec<String>) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// A release's `--adopt`.
+#[derive(Clone)]
+pub struct Adopt {
+    pub adopter: Arc<dyn Adopter>,
+    /// Already captured (a restarted server resolving the deploy): the legacy tree's digest
+    /// and the nodes that held it — where those nodes go back to.
+    pub captured: Option<(Digest, Vec<String>)>,
+}
+
+impl std::fmt::Debug for Adopt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adopt").field("captured", &self.captured).finish_non_exhaustive()
+    }
 }
 
 /// A deploy that did not make it; the fleet is back on `previous` unless `stranded` names
@@ -119,6 +147,7 @@ impl Deployer for RecordOnly {
                     finished_at: now.clone(),
                     outcome: "ok".into(),
                     output_tail: Some("recorded only".into()),
+                    shared_files: vec![],
                 });
             }
             Ok(())

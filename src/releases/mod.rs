@@ -7,18 +7,20 @@
 //! decision is checked here; the registry makes each change atomic with its audit event and
 //! its triggers refuse anything off the state machine.
 
+mod adopt;
 mod deployer;
 mod model;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use deployer::{Deployer, Failure, Observed, Plan, RecordOnly, Reporter};
-pub use model::{Approval, Deployment, Detail, Kind, NodeView, Release, State, StatusRow, Transition};
+pub use deployer::{Adopt, Adopter, Deployer, Failure, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
+pub use model::{Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Transition};
 
 use crate::audit::NewEvent;
 use crate::config::Config;
 use crate::digest::Digest;
+use crate::ingest::Ingestor;
 use crate::registry::{ConfiguredEnvironment, NewApproval, NewRelease, Registry, RegistryError};
 use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError};
@@ -94,6 +96,8 @@ impl From<RegistryError> for ReleaseError {
 pub struct RequestOptions {
     pub exclude_nodes: Vec<String>,
     pub force: bool,
+    /// Adopt an application found at `current` deployed another way (deploy, promote).
+    pub adopt: bool,
 }
 
 /// A release as `show` answers it: its story, and who may still decide it.
@@ -113,6 +117,8 @@ pub struct Releases {
     registry: Arc<Registry>,
     store: Store,
     deployer: Arc<dyn Deployer>,
+    /// Keeps adopted legacy trees as artifacts.
+    ingestor: Ingestor,
     /// This server instance, as the owner of the deploy leases it takes.
     instance: String,
 }
@@ -121,7 +127,8 @@ impl Releases {
     pub fn new(config: Arc<Config>, registry: Arc<Registry>, store: Store, deployer: Arc<dyn Deployer>) -> Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
-        Releases { config, registry, store, deployer, instance }
+        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
+        Releases { config, registry, store, deployer, ingestor, instance }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -330,13 +337,9 @@ impl Releases {
             }
             None => {
                 let current = live.clone();
-                self.blocking(move |r| r.rollback_target(&current))
-                    .await?
-                    .ok_or_else(|| ReleaseError::NoRollbackTarget {
-                        service: service.to_owned(),
-                        environment: env.to_owned(),
-                    })?
-                    .digest
+                self.blocking(move |r| r.rollback_target(&current)).await?.ok_or_else(|| {
+                    ReleaseError::NoRollbackTarget { service: service.to_owned(), environment: env.to_owned() }
+                })?
             }
         };
         // Migrations are never undone: rolling a Laravel service back past migration files the
@@ -379,6 +382,16 @@ impl Releases {
         }
         if nodes.iter().all(|n| names.contains(n)) {
             return Err(ReleaseError::BadRequest(format!("every node of {service} in {env} would be left out")));
+        }
+        if let Some(s) = self.config.service(service).filter(|s| s.kind == crate::config::ServiceKind::Laravel)
+            && let Some(migrator) = s.nodes.iter().find(|n| n.environment == env && n.migrate)
+            && names.contains(&migrator.display_name())
+        {
+            return Err(ReleaseError::BadRequest(format!(
+                "--exclude-node {:?} is the migrate node of {service} in {env}: migrations would not run; \
+                 mark another node `migrate = true` first",
+                migrator.display_name()
+            )));
         }
         let mut names = names.to_vec();
         names.sort();
@@ -457,6 +470,7 @@ impl Releases {
                 )
             }),
             excluded: excluded.clone(),
+            adopt: options.adopt,
             note: match (needs_approval, approved_before, environment.requires_approval) {
                 (true, _, _) => Some(format!("{env} requires approval")),
                 (false, true, _) => Some("rollback to an artifact approved in this environment before".into()),
@@ -469,6 +483,9 @@ impl Releases {
                 "state": new.state, "replaces": replaces, "source_environment": new.source_environment,
                 "excluded_nodes": excluded,
             });
+            if options.adopt {
+                details["adopt"] = serde_json::json!(true);
+            }
             if let (Some(d), Some(x)) = (details.as_object_mut(), extra.as_object()) {
                 d.extend(x.clone());
             }
@@ -673,6 +690,11 @@ impl Releases {
         let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
         let outcome = match self.plan(&release).await {
             Ok(plan) => {
+                let config_digest = plan.service.config_digest(&plan.environment);
+                let verifies = plan.service.health_proves_digest();
+                if let Err(e) = self.blocking(move |r| r.record_config(id, config_digest, verifies)).await {
+                    tracing::error!(release = id, error = %e, "could not record the release's configuration digest");
+                }
                 let deployer = Arc::clone(&self.deployer);
                 // In a task of its own, so that a panicking deployer fails the release instead
                 // of leaving it deploying.
@@ -761,6 +783,16 @@ impl Releases {
         let mut retain = self.blocking(move |r| r.retained_digests(&s, &e, keep)).await?;
         retain.push(release.digest);
         retain.extend(previous.as_ref().map(|p| p.digest));
+        let adopt = self.blocking(move |r| r.adoption(id)).await?.map(|adoption| deployer::Adopt {
+            adopter: Arc::new(adopt::ServerAdopter {
+                ingestor: self.ingestor.clone(),
+                registry: Arc::clone(&self.registry),
+                release: release.clone(),
+            }),
+            captured: adoption.digest.map(|d| (d, adoption.nodes)),
+        });
+        // An adopted tree stays: it is the way back to before the first deploy.
+        retain.extend(adopt.as_ref().and_then(|a| a.captured.as_ref()).map(|(d, _)| *d));
         retain.sort();
         retain.dedup();
         Ok(Plan {
@@ -771,6 +803,7 @@ impl Releases {
             nodes,
             retain,
             report: self.reporter(release.id),
+            adopt,
         })
     }
 }

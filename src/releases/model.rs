@@ -168,6 +168,23 @@ pub struct Deployment {
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
+    /// What the node found at its shared paths when it switched to this release (switch
+    /// phases only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_files: Vec<SharedFile>,
+}
+
+/// A shared path on one node as it was at the switch: a file's SHA-256, never its contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SharedFile {
+    #[serde(default)]
+    pub node: String,
+    pub path: String,
+    /// `file`, `directory` (its contents are data, not configuration), `missing` or
+    /// `unreadable`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest>,
 }
 
 /// A release with its whole story, as `show` tells it.
@@ -184,6 +201,18 @@ pub struct Detail {
     /// Nodes left out of this release (`--exclude-node`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded_nodes: Vec<String>,
+    /// The digest of the service's configuration as its deploy started (hooks, shared paths,
+    /// health check, nodes): what it ran with. None until the deploy starts.
+    pub config_digest: Option<Digest>,
+    /// Whether its health check proves the digest; a release live without that proof is
+    /// *unverified*.
+    pub verified: Option<bool>,
+    /// Each node's shared paths at its switch to this release.
+    pub shared_files: Vec<SharedFile>,
+    /// `--adopt`: the legacy tree it took over (kept as an artifact) and the nodes that held
+    /// it; `{"digest": null}` while asked for but not captured yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<serde_json::Value>,
 }
 
 /// One cell of the status matrix.
@@ -197,6 +226,9 @@ pub struct StatusRow {
     pub release: Option<i64>,
     pub version: Option<String>,
     pub since: Option<String>,
+    /// Whether the live release's health check proved its digest (`false`: live but
+    /// unverified; `None`: recorded before this was, or nothing live).
+    pub verified: Option<bool>,
     /// The release in flight (approved or deploying), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,

@@ -38,6 +38,9 @@ struct DeployBody {
     digest: Digest,
     #[serde(default)]
     exclude_nodes: Vec<String>,
+    /// Take over an application found at `current` deployed another way.
+    #[serde(default)]
+    adopt: bool,
 }
 
 async fn deploy(
@@ -45,7 +48,7 @@ async fn deploy(
     Caller(p): Caller,
     ApiJson(b): ApiJson<DeployBody>,
 ) -> Result<Created, ApiError> {
-    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false };
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false, adopt: b.adopt };
     let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
@@ -58,6 +61,8 @@ struct PromoteBody {
     from: Option<String>,
     #[serde(default)]
     exclude_nodes: Vec<String>,
+    #[serde(default)]
+    adopt: bool,
 }
 
 async fn promote(
@@ -65,7 +70,7 @@ async fn promote(
     Caller(p): Caller,
     ApiJson(b): ApiJson<PromoteBody>,
 ) -> Result<Created, ApiError> {
-    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false };
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false, adopt: b.adopt };
     let release = state.releases.promote(&p, &b.service, &b.environment, b.from.as_deref(), &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
@@ -88,7 +93,7 @@ async fn rollback(
     Caller(p): Caller,
     ApiJson(b): ApiJson<RollbackBody>,
 ) -> Result<Created, ApiError> {
-    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force };
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: false };
     let release = state.releases.rollback(&p, &b.service, &b.environment, b.to, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }

@@ -157,6 +157,7 @@ impl Deployer for Refuses {
                 finished_at: "2026-11-27T00:00:01.000000Z".into(),
                 outcome: "failed".into(),
                 output_tail: Some("php artisan optimize: exit 2".into()),
+                shared_files: vec![],
             });
             Err(Failure::new("node web-1: finalize hook exited with 2"))
         })

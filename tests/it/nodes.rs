@@ -171,6 +171,10 @@ fn deploy_deploy_again_and_roll_back_on_three_nodes() {
         v1_inode,
         "not unpacked again"
     );
+    let shown = fleet.f.get("carol", &format!("/v1/releases/{}", out["id"]));
+    for prepare in shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare") {
+        assert_eq!(prepare["output_tail"], "artifact: already here, ready", "a check only, no finalize: {prepare}");
+    }
     for base in &fleet.bases {
         assert_eq!(release_dirs(base), {
             let mut both = vec![v1[7..].to_owned(), v2[7..].to_owned()];
@@ -216,17 +220,32 @@ fn a_corrupt_object_in_the_store_is_refused_by_the_node() {
     let v1 = fleet.upload("v1", &[]);
     fleet.deploy(&v1);
     let v2 = fleet.upload("v2", &[("filler.bin", &[7u8; 4096])]);
-    // Someone with the bucket flips a byte of v2's object.
-    let object = fleet.f.server.data_dir().join("objects/artifacts/sha256").join(&v2[7..]);
-    let mut bytes = fs::read(&object).unwrap();
-    let last = bytes.len() - 20;
-    bytes[last] ^= 0x55;
-    fs::write(&object, bytes).unwrap();
+    let v3 = fleet.upload("v3", &[("filler.bin", &[8u8; 4096])]);
+    let objects = fleet.f.server.data_dir().join("objects/artifacts/sha256");
+    let reason_of = |release: &Value| {
+        release["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned()
+    };
 
+    // Someone with the bucket puts another well-formed archive under v2's name: only the
+    // node's digest check can tell.
+    let v2_bytes = fs::read(objects.join(&v2[7..])).unwrap();
+    fs::copy(objects.join(&v3[7..]), objects.join(&v2[7..])).unwrap();
     let release = fleet.deploy(&v2);
     assert_eq!(release["state"], "failed");
-    let reason = release["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
-    assert!(reason.contains("digest_mismatch") || reason.contains("unsafe_archive"), "{reason}");
+    assert!(reason_of(&release).contains("digest_mismatch"), "{}", reason_of(&release));
+    fleet.assert_all_on(&v1);
+    for base in &fleet.bases {
+        assert_eq!(release_dirs(base), vec![v1[7..].to_owned()], "nothing half-unpacked is left");
+    }
+
+    // Or flips a byte of it: zstd's checksum or the archive check catches it first.
+    let mut bytes = v2_bytes;
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0x55;
+    fs::write(objects.join(&v2[7..]), bytes).unwrap();
+    let release = fleet.deploy(&v2);
+    assert_eq!(release["state"], "failed");
+    assert!(reason_of(&release).contains("unsafe_archive") || reason_of(&release).contains("digest_mismatch"));
     fleet.assert_all_on(&v1);
     for base in &fleet.bases {
         assert_eq!(release_dirs(base), vec![v1[7..].to_owned()], "nothing half-unpacked is left");
@@ -517,4 +536,225 @@ fn rolling_a_laravel_service_back_past_migrations_needs_force() {
     let event = fleet.f.events("release.rollback").pop().unwrap();
     assert_eq!(event["details"]["forced"], true);
     assert_eq!(event["details"]["migrations_ahead"], json!(["2026_02_01_000000_add_discounts.php"]));
+    assert_eq!(
+        fs::read_to_string(base.join("migrations.log")).unwrap().lines().count(),
+        2,
+        "a rollback runs no migration"
+    );
+}
+
+#[test]
+fn leaving_out_the_migrate_node_of_a_laravel_service_is_refused() {
+    let root = tempfile::Builder::new().prefix("release-migrate-").tempdir().unwrap().keep();
+    let mut config = "[service.web]\nkind = \"laravel\"\nhooks.finalize = []\nhooks.reload = []\n".to_owned();
+    for (name, migrate) in [("node1", true), ("node2", false)] {
+        let base = root.join(name);
+        fs::create_dir_all(base.join("shared/storage")).unwrap();
+        fs::write(base.join("shared/.env"), "APP_KEY=x").unwrap();
+        config.push_str(&format!(
+            "[[service.web.node]]\nname = \"{name}\"\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\nmigrate = {migrate}\n",
+            base.display()
+        ));
+    }
+    let fleet = Fleet { f: Fixture::with_config(&config), bases: vec![] };
+    let v1 = fleet.upload("v1", &[]);
+    let out =
+        fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--exclude-node", "node1"]).assert_exit(2);
+    assert!(out.stderr().contains("migrate node") && out.stderr().contains("node1"), "{out}");
+    assert!(fleet.f.get("carol", "/v1/releases?service=web")["releases"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn each_release_records_its_configuration_and_each_nodes_shared_files() {
+    let mut fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    let v3 = fleet.upload("v3", &[]);
+    let sha256 = |bytes: &[u8]| format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)));
+
+    let first = recorded(&fleet, &fleet.deploy(&v1));
+    let config_1 = first["config_digest"].as_str().unwrap().to_owned();
+    assert!(config_1.starts_with("sha256:") && config_1.len() == 71, "{first}");
+    let files = first["shared_files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{first}");
+    for (file, base) in files.iter().zip(&fleet.bases) {
+        assert_eq!(file["node"], format!("local:{}", base.display()));
+        assert_eq!(file["path"], "config.txt");
+        assert_eq!(file["kind"], "file");
+        let content = fs::read(base.join("shared/config.txt")).unwrap();
+        assert_eq!(file["sha256"], sha256(&content), "the hash, never the contents");
+        assert!(!first.to_string().contains(std::str::from_utf8(&content).unwrap()), "contents leaked: {first}");
+    }
+
+    // Node 2's shared file changes: the next release records the new hash there, the first
+    // keeps what it ran with.
+    fs::write(fleet.bases[1].join("shared/config.txt"), "config of node 2, rotated").unwrap();
+    let second = recorded(&fleet, &fleet.deploy(&v2));
+    assert_eq!(second["config_digest"], config_1.as_str(), "same configuration, same digest");
+    assert_eq!(second["shared_files"][1]["sha256"], sha256(b"config of node 2, rotated"));
+    assert_eq!(second["shared_files"][0]["sha256"], first["shared_files"][0]["sha256"]);
+    assert_eq!(recorded(&fleet, &first)["shared_files"], first["shared_files"]);
+
+    // A changed hook is a changed configuration; `show` names the digest and the hashes.
+    fleet.f.server.reconfigure(&node_config(&fleet.bases, "hooks.finalize = [\"true\"]"));
+    let third = recorded(&fleet, &fleet.deploy(&v3));
+    assert_ne!(third["config_digest"], config_1.as_str());
+    assert_eq!(recorded(&fleet, &second)["config_digest"], config_1.as_str());
+    let shown = fleet.f.cli("carol").args(["show", &third["id"].to_string()]).assert_success();
+    assert!(shown.stdout().contains(&format!("configuration {}", third["config_digest"].as_str().unwrap())), "{shown}");
+    assert!(shown.stdout().contains(&sha256(b"config of node 2, rotated")), "{shown}");
+}
+
+fn recorded(fleet: &Fleet, release: &Value) -> Value {
+    fleet.f.get("carol", &format!("/v1/releases/{}", release["id"]))
+}
+
+/// An application deployed another way: `current` is a plain directory holding it, with its
+/// own copy of the shared config.
+fn legacy_app(base: &Path, version: &str) {
+    let current = base.join("current");
+    fs::create_dir_all(current.join("public")).unwrap();
+    fs::write(current.join("version.txt"), version).unwrap();
+    fs::write(current.join("public/index.html"), "hi").unwrap();
+    fs::write(current.join("config.txt"), format!("legacy config of {}", base.display())).unwrap();
+}
+
+#[test]
+fn adopt_keeps_an_application_deployed_another_way_so_the_first_deploy_rolls_back() {
+    let fleet = Fleet::new(2, "");
+    for base in &fleet.bases {
+        legacy_app(base, "legacy");
+    }
+    // Node 2 has no shared config yet: adoption takes the one the legacy tree has.
+    fs::remove_file(fleet.bases[1].join("shared/config.txt")).unwrap();
+    let v1 = fleet.upload("v1", &[]);
+
+    // Without --adopt, the plain directory is refused, and nothing is touched.
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--wait"]).assert_exit(7);
+    assert!(out.stderr().contains("plain directory") && out.stderr().contains("--adopt"), "{out}");
+    for base in &fleet.bases {
+        assert!(fs::symlink_metadata(base.join("current")).unwrap().is_dir());
+        assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), "legacy");
+        assert!(release_dirs(base).is_empty(), "{:?}", release_dirs(base));
+    }
+    let status = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    assert!(status.to_string().contains("plain directory"), "{status}");
+
+    let out = fleet
+        .f
+        .cli("ci")
+        .args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(out["state"], "live", "{out}");
+    fleet.assert_all_on(&v1);
+    let legacy = out["adopted"]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(out["adopted"]["nodes"].as_array().unwrap().len(), 2, "{out}");
+    for base in &fleet.bases {
+        // The old tree is kept aside as it was, and as a release beside the new one.
+        let kept: Vec<_> = fs::read_dir(base.join(".release"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("adopted-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(fs::read_to_string(kept[0].join("version.txt")).unwrap(), "legacy");
+        let adopted = base.join("releases").join(&legacy[7..]);
+        assert_eq!(fs::read_to_string(adopted.join("version.txt")).unwrap(), "legacy");
+        assert_eq!(fs::read_link(adopted.join("config.txt")).unwrap(), Path::new("../../shared/config.txt"));
+    }
+    assert_eq!(
+        fs::read_to_string(fleet.bases[1].join("shared/config.txt")).unwrap(),
+        format!("legacy config of {}", fleet.bases[1].display()),
+        "seeded from the legacy tree"
+    );
+    assert!(fs::read_to_string(fleet.bases[0].join("shared/config.txt")).unwrap().starts_with("config of"), "kept");
+    // The legacy tree is an artifact of the service now, by the same digest a package gives.
+    let artifact = fleet.f.get("carol", &format!("/v1/artifacts/{legacy}"));
+    assert_eq!(artifact["uploads"][0]["version"], "adopted", "{artifact}");
+
+    // Even this first deploy rolls back: to exactly the adopted tree.
+    let back =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(back["digest"], legacy.as_str(), "{back}");
+    fleet.assert_all_on(&legacy);
+    for base in &fleet.bases {
+        assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), "legacy");
+    }
+    let events = fleet.f.cli("carol").args(["audit", "export"]).assert_success().stdout();
+    assert!(events.lines().any(|l| l.contains("\"release.adopted\"") && l.contains(&legacy)), "{events}");
+}
+
+#[test]
+fn adopt_refuses_nodes_holding_different_applications_and_touches_nothing() {
+    let fleet = Fleet::new(2, "");
+    legacy_app(&fleet.bases[0], "legacy a");
+    legacy_app(&fleet.bases[1], "legacy b");
+    let v1 = fleet.upload("v1", &[]);
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait"]).assert_exit(7);
+    assert!(out.stderr().contains("different applications"), "{out}");
+    for (base, version) in fleet.bases.iter().zip(["legacy a", "legacy b"]) {
+        assert!(fs::symlink_metadata(base.join("current")).unwrap().is_dir());
+        assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), version);
+        assert!(release_dirs(base).is_empty());
+    }
+}
+
+#[test]
+fn a_failed_adopting_deploy_puts_every_node_back_on_the_adopted_tree() {
+    // Node 2 cannot reload v1 (only v1): the deploy fails after the switch.
+    let fleet =
+        Fleet::new(2, "hooks.reload = [\"test ! -e $RELEASE_BASE/shared/reload-broken || ! grep -q v1 version.txt\"]");
+    for base in &fleet.bases {
+        legacy_app(base, "legacy");
+    }
+    fs::write(fleet.bases[1].join("shared/reload-broken"), "").unwrap();
+    let v1 = fleet.upload("v1", &[]);
+    let out = fleet
+        .f
+        .cli("ci")
+        .args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait", "--json"])
+        .assert_exit(7)
+        .json();
+    let legacy = out["adopted"]["digest"].as_str().unwrap().to_owned();
+    for base in &fleet.bases {
+        assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&legacy[7..]));
+        assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), "legacy");
+    }
+}
+
+#[test]
+fn redeploying_the_live_release_with_a_failing_finalize_leaves_it_live_and_ready() {
+    let mut fleet = Fleet::new(2, "");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let inode = fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino();
+    fleet.f.server.reconfigure(&node_config(&fleet.bases, "hooks.finalize = [\"exit 3\"]"));
+    let again = fleet.deploy(&v1);
+    assert_eq!(again["state"], "failed", "{again}");
+    fleet.assert_all_on(&v1);
+    for base in &fleet.bases {
+        assert!(base.join(".release/ready").join(&v1[7..]).exists(), "still ready");
+    }
+    // A later deploy that fails after the switch can still go back to it.
+    fleet.f.server.reconfigure(&node_config(&fleet.bases, "hooks.finalize = [\"true\"]"));
+    let v2 = fleet.upload("v2", &[]);
+    assert_eq!(fleet.deploy(&v2)["state"], "live");
+    let back =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(back["state"], "live", "{back}");
+    fleet.assert_all_on(&v1);
+    assert_eq!(fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino(), inode, "never redone");
+}
+
+#[test]
+fn a_release_without_a_health_check_naming_the_digest_is_live_but_unverified() {
+    let fleet = Fleet::new(1, "");
+    let v1 = fleet.upload("v1", &[]);
+    let live = fleet.deploy(&v1);
+    assert_eq!(live["state"], "live");
+    let status = fleet.f.cli("carol").args(["status", "web"]).assert_success();
+    assert!(status.stdout().contains("UNVERIFIED"), "{status}");
+    let shown = fleet.f.get("carol", &format!("/v1/releases/{}", live["id"]));
+    assert_eq!(shown["verified"], false, "{shown}");
 }

@@ -94,6 +94,12 @@ fn a_laravel_app_under_apache_deploys_and_rolls_back_with_zero_downtime() {
     let tables: i64 =
         db.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'visits'", [], |r| r.get(0)).unwrap();
     assert_eq!(tables, 1);
+    // What it ran with: `.env` by its hash, `storage/` as a directory (data, not hashed).
+    let files = first["shared_files"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> =
+        files.iter().map(|f| (f["path"].as_str().unwrap(), f["kind"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [(".env", "file"), ("storage", "directory")], "{first}");
+    assert!(files[0]["sha256"].as_str().unwrap().starts_with("sha256:") && files[1]["sha256"].is_null());
 
     let expected = [format!("v1 {v1}"), format!("v2 {v2}")];
     let second = under_load(&apache.url("/version"), &expected, || deploy(&f, "shop", &v2));

@@ -124,7 +124,13 @@ fn three_staging_nodes_promote_to_two_production_nodes_and_roll_back() {
 
     // The nodes fetched the artifact from the bucket (presigned URL), not through the server.
     let shown = fleet.release(&promoted["id"]);
-    assert!(shown["deployments"].as_array().unwrap().iter().any(|d| d["phase"] == "prepare" && d["outcome"] == "ok"));
+    let prepares: Vec<&Value> =
+        shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare").collect();
+    assert_eq!(prepares.len(), 2, "{shown}");
+    for prepare in prepares {
+        assert_eq!(prepare["outcome"], "ok");
+        assert!(prepare["output_tail"].as_str().unwrap().contains("presigned URL"), "{prepare}");
+    }
 }
 
 #[test]
@@ -174,4 +180,87 @@ fn sshd_killed_between_prepare_and_switch_leaves_the_fleet_on_the_previous_relea
     assert_eq!(settled["state"], "failed", "{settled}");
     fleet.nodes[0].start_again();
     fleet.assert_env_on("staging", &v1, "v1");
+}
+
+#[test]
+fn adopt_over_ssh_reads_the_legacy_tree_in_chunks_into_the_bucket_and_rolls_back_to_it() {
+    let fleet = SshFleet::new(Backend::S3, &["staging", "staging"], "true");
+    // The same application, deployed another way, on both nodes; bigger than one chunk.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..9 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    for (_, base) in &fleet.bases {
+        let current = base.join("current");
+        fs::create_dir_all(current.join("public")).unwrap();
+        fs::write(current.join("version.txt"), "legacy").unwrap();
+        fs::write(current.join("public/video.bin"), &noise).unwrap();
+        fs::write(current.join("config.txt"), "legacy config").unwrap();
+    }
+    let v1 = fleet.upload("v1");
+    let out = fleet
+        .f
+        .cli("ci")
+        .args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait", "--json"])
+        .assert_success()
+        .json();
+    fleet.assert_env_on("staging", &v1, "v1");
+    let legacy = out["adopted"]["digest"].as_str().unwrap().to_owned();
+    // Kept in the bucket, downloadable, byte for byte the package of the tree.
+    let blob = fleet
+        .f
+        .server
+        .http()
+        .get(format!("{}/v1/artifacts/{legacy}/blob", fleet.f.server.url))
+        .bearer_auth(fleet.f.token("carol"))
+        .send()
+        .unwrap();
+    assert!(blob.status().is_success());
+    let bytes = blob.bytes().unwrap();
+    assert!(bytes.len() > 8 << 20, "more than one chunk: {}", bytes.len());
+    assert_eq!(format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))), legacy);
+
+    fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait"]).assert_success();
+    fleet.assert_env_on("staging", &legacy, "legacy");
+    for (_, base) in &fleet.bases {
+        assert_eq!(fs::read(base.join("current/public/video.bin")).unwrap(), noise);
+    }
+}
+
+#[test]
+fn agent_binaries_of_other_builds_are_pruned_on_the_node() {
+    let fleet = SshFleet::new(Backend::Local, &["staging"], "true");
+    let home = std::process::Command::new("sh").args(["-c", "getent passwd root | cut -d: -f6"]).output().unwrap();
+    let bin = Path::new(String::from_utf8(home.stdout).unwrap().trim()).join(".release/bin");
+    fs::create_dir_all(&bin).unwrap();
+    // Four binaries of old builds, from 2020: the newest three binaries stay, ours among them.
+    let old: Vec<PathBuf> = (1..=4).map(|i| bin.join(format!("release-{i:016x}"))).collect();
+    for (i, path) in old.iter().enumerate() {
+        fs::write(path, "old build").unwrap();
+        let day = format!("2020-01-0{}", i + 1);
+        assert!(std::process::Command::new("touch").args(["-d", &day]).arg(path).status().unwrap().success());
+    }
+    // The first deploy may ship this build; every connection after that prunes.
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    let v2 = fleet.upload("v2");
+    fleet.live_in("staging", &v2);
+    let left: Vec<String> = fs::read_dir(&bin)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("release-") && !n.contains(".tmp-"))
+        .collect();
+    assert!(left.len() <= 3, "{left:?}");
+    assert!(!old[0].exists() && !old[1].exists(), "the oldest go: {left:?}");
+    // Ours stays: the next deploy works.
+    let v3 = fleet.upload("v3");
+    fleet.live_in("staging", &v3);
+    for path in &old {
+        let _ = fs::remove_file(path);
+    }
 }
