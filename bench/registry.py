@@ -4,6 +4,7 @@ SQLite (the audit events as a real hash chain, continuing the one the binary sta
 
   - `status`, `history --limit 50` and `show` over HTTP on a running `release serve`,
     p50/p99 of many requests on one keep-alive connection (goal: p99 < 5 ms each);
+  - the web pages (matrix, timeline, release, artifact, audit log with filters) the same way;
   - `release audit verify` end to end (goal: < 30 s).
 
 Usage: bench/registry.py [--releases N] [--events N] [--requests N]
@@ -75,7 +76,17 @@ def generate(db_path, releases, events):
     batch = []
     for n in range(events):
         seq += 1
+        # Mostly CI deploys; people and refusals now and then; one rare actor (the worst
+        # case for a filter without an index).
         at, actor, owner, action = ts(seq), "ci", "gitlab", "release.deploy"
+        if seq % 10 == 0:
+            actor, owner, action = "bob", "bob", "release.approve"
+        elif seq % 10 == 5:
+            actor, owner, action = "release", "release", "release.live"
+        elif seq % 1000 == 7:
+            actor, owner, action = "(unauthenticated)", "", "request.refused"
+        if seq % 250_000 == 3:
+            actor, owner, action = "mallory", "mallory", "request.refused"
         subject = f"release/{seq % releases + 1}"
         details = json.dumps({"service": SERVICES[seq % 8], "environment": "staging"}, separators=(",", ":"))
         fields = json.dumps([seq, at, actor, owner, action, subject, details], separators=(",", ":"), ensure_ascii=False)
@@ -124,6 +135,21 @@ def measure(host, port, token, paths, n):
         if response.status != 200:
             sys.exit(f"{path}: HTTP {response.status}")
     return percentiles(samples)
+
+
+def wait_for_chain(host, port, token, timeout=120):
+    conn = http.client.HTTPConnection(host, port)
+    started = time.time()
+    while time.time() - started < timeout:
+        conn.request("GET", "/audit", headers={"Authorization": f"Bearer {token}"})
+        body = conn.getresponse().read().decode()
+        if "The hash chain is intact" in body and "a full check is running" not in body:
+            print(f"  audit chain checked by the server in {time.time() - started:.1f} s (at start, in the background)")
+            return
+        if "The hash chain is broken" in body:
+            sys.exit("the generated chain is broken")
+        time.sleep(0.5)
+    sys.exit("the server did not finish checking the audit chain")
 
 
 def main():
@@ -177,6 +203,24 @@ def main():
             "history (all) --limit 50": measure(*url, token, ["/v1/releases?limit=50"], args.requests),
             "show": measure(*url, token, [f"/v1/releases/{i}" for i in ids], args.requests),
         }
+        # The pages check the audit chain whole once, in the background, at start: wait for it.
+        wait_for_chain(*url, token)
+        digests = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(0, 10_000, 20)]
+        pages = {
+            "page /": ["/"],
+            "page /services/S?env=E": [f"/services/{s}?env={e}" for s, e in cells],
+            "page /services/S (all envs)": [f"/services/{s}" for s in SERVICES],
+            "page /releases/ID": [f"/releases/{i}" for i in ids],
+            "page /artifacts/DIGEST": [f"/artifacts/{d}" for d in digests],
+            "page /audit": ["/audit"],
+            "page /audit?actor=bob": ["/audit?actor=bob"],
+            "page /audit?actor=mallory (rare)": ["/audit?actor=mallory"],
+            "page /audit?action=release.live": ["/audit?action=release.live"],
+            "page /audit?service=svc3": ["/audit?service=svc3"],
+            "page /audit?from=…&until=…": [f"/audit?from={ts(args.events // 2)}&until={ts(args.events // 2 + 3600)}"],
+        }
+        for name, paths in pages.items():
+            results[name] = measure(*url, token, paths, max(200, args.requests // 10))
         started = time.time()
         out = subprocess.run([binary, "audit", "verify", "--json", "--server", f"http://{url[0]}:{url[1]}", "--token", token],
                              capture_output=True, env=env)

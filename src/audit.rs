@@ -244,11 +244,15 @@ struct Walked {
 }
 
 fn walk(registry: &Registry) -> Result<Walked, RegistryError> {
-    let mut prev = GENESIS;
-    let mut expected_seq = 1u64;
+    walk_after(registry, 0, GENESIS)
+}
+
+/// Walks the chain from the event after `after`, whose predecessor's hash is `prev`.
+fn walk_after(registry: &Registry, after: u64, mut prev: [u8; 32]) -> Result<Walked, RegistryError> {
+    let mut expected_seq = after + 1;
     let mut first_bad = None;
-    let mut events = 0;
-    registry.walk_audit_events(|event| {
+    let mut events = after;
+    registry.walk_audit_events_after(after, |event| {
         events += 1;
         let (seq, why) = if event.seq != expected_seq {
             (
@@ -277,6 +281,91 @@ fn walk(registry: &Registry) -> Result<Walked, RegistryError> {
         true
     })?;
     Ok(Walked { events, head: (events > 0).then_some(prev), first_bad })
+}
+
+/// The state of the chain as the web pages show it, kept up to date cheaply: the first check
+/// walks the whole chain (seconds at millions of events, so the server starts it in the
+/// background), later ones walk only the events appended since, and compare with the bucket's
+/// latest checkpoint. [`ChainWatch::forget`] makes the next check walk everything again (the
+/// server does so hourly: an edit of an already-checked event is found within the hour).
+#[derive(Default)]
+pub struct ChainWatch {
+    /// How far the chain is known good: (events, hash of the last), or the first bad event.
+    checked: tokio::sync::Mutex<Checked>,
+    last: std::sync::Mutex<Option<ChainView>>,
+}
+
+#[derive(Default)]
+struct Checked {
+    events: u64,
+    head: Option<[u8; 32]>,
+    broken: Option<BadEvent>,
+}
+
+/// What the audit page says about the chain.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChainView {
+    pub ok: bool,
+    pub events: u64,
+    pub first_bad: Option<BadEvent>,
+    /// The bucket's checkpoint compared with, if any.
+    pub checkpoint: Option<Checkpoint>,
+    pub checked_at: String,
+    /// Another check is still running (the first full walk): this is the one before it.
+    pub in_progress: bool,
+}
+
+impl ChainWatch {
+    /// Checks what was appended since the last check. While another check runs (the first
+    /// full walk), answers the last result at once, marked in progress (`None` before any).
+    pub async fn check(&self, registry: &Arc<Registry>, store: &Store) -> Result<Option<ChainView>, AuditError> {
+        let Ok(mut checked) = self.checked.try_lock() else {
+            let last = self.last.lock().expect("never poisoned").clone();
+            return Ok(Some(last.map_or_else(
+                || ChainView {
+                    ok: true,
+                    events: 0,
+                    first_bad: None,
+                    checkpoint: None,
+                    checked_at: utc::now_text(),
+                    in_progress: true,
+                },
+                |v| ChainView { in_progress: true, ..v },
+            )));
+        };
+        if checked.broken.is_none() {
+            let (reader, after, prev) = (Arc::clone(registry), checked.events, checked.head.unwrap_or(GENESIS));
+            let walked = tokio::task::spawn_blocking(move || walk_after(&reader, after, prev))
+                .await
+                .expect("verification does not panic")?;
+            checked.events = walked.events;
+            checked.head = walked.head.or(checked.head);
+            checked.broken = walked.first_bad;
+        }
+        let mut view = ChainView {
+            ok: checked.broken.is_none(),
+            events: checked.events,
+            first_bad: checked.broken.clone(),
+            checkpoint: None,
+            checked_at: utc::now_text(),
+            in_progress: false,
+        };
+        if view.ok {
+            let (checkpoint, bad) = against_checkpoint(registry, store, checked.events).await?;
+            view.checkpoint = checkpoint;
+            if let Some(bad) = bad {
+                view.ok = false;
+                view.first_bad = Some(bad);
+            }
+        }
+        *self.last.lock().expect("never poisoned") = Some(view.clone());
+        Ok(Some(view))
+    }
+
+    /// Forgets what was checked: the next check walks the whole chain again.
+    pub async fn forget(&self) {
+        *self.checked.lock().await = Checked::default();
+    }
 }
 
 /// Writes a checkpoint of the chain's head to the store if it moved since `last`; returns the

@@ -358,6 +358,16 @@ pub fn authenticate(registry: &Registry, token: &str) -> Result<Principal, Token
     if !presented.matches(&record.secret_sha256) {
         return Err(TokenError::Unknown);
     }
+    still_valid(record)
+}
+
+/// The principal of a token known by its id (a web session opened with it): refused once the
+/// token is revoked or expired, so a session never outlives its token.
+pub fn authenticate_by_id(registry: &Registry, id: &str) -> Result<Principal, TokenError> {
+    still_valid(registry.token_by_id(id)?.ok_or(TokenError::Unknown)?)
+}
+
+fn still_valid(record: TokenRecord) -> Result<Principal, TokenError> {
     if record.revoked_at.is_some() {
         return Err(TokenError::Revoked { name: record.name, owner: record.owner });
     }

@@ -11,7 +11,61 @@ const COLUMNS: &str = "seq, at, actor, owner, action, subject, details, prev_has
 /// Events read per query while walking the whole log.
 const WALK_PAGE: u64 = 10_000;
 
+/// What the audit page filters on; every field optional.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// The token name that acted.
+    pub actor: Option<String>,
+    /// The exact action (`release.live`, `request.refused`, …).
+    pub action: Option<String>,
+    /// The service named in the event's details.
+    pub service: Option<String>,
+    /// At or after this time (stored form: RFC 3339, UTC, microseconds).
+    pub from: Option<String>,
+    /// Before this time.
+    pub until: Option<String>,
+    /// Older than this sequence number (the next page).
+    pub before: Option<u64>,
+}
+
 impl Registry {
+    /// Events matching `filter`, newest first. Only the conditions given are in the query, so
+    /// SQLite walks the index of the one that narrows it (actor, action, service or time).
+    pub fn audit_page(&self, filter: &AuditFilter, limit: u64) -> Result<Vec<Event>, RegistryError> {
+        let mut conditions = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |condition: &str, value: rusqlite::types::Value| {
+            values.push(value);
+            conditions.push(condition.replace('?', &format!("?{}", values.len())));
+        };
+        if let Some(actor) = &filter.actor {
+            add("actor = ?", actor.clone().into());
+        }
+        if let Some(action) = &filter.action {
+            add("action = ?", action.clone().into());
+        }
+        if let Some(service) = &filter.service {
+            add("json_extract(details, '$.service') = ?", service.clone().into());
+        }
+        if let Some(from) = &filter.from {
+            add("at >= ?", from.clone().into());
+        }
+        if let Some(until) = &filter.until {
+            add("at < ?", until.clone().into());
+        }
+        if let Some(before) = filter.before {
+            add("seq < ?", (before as i64).into());
+        }
+        let wher = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        values.push((limit as i64).into());
+        let sql = format!("SELECT {COLUMNS} FROM audit_events {wher} ORDER BY seq DESC LIMIT ?{}", values.len());
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(values), from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     /// Appends one event on its own (a refused request, a start-up finding).
     pub fn append_event(&self, event: &NewEvent) -> Result<Event, RegistryError> {
         self.write(|conn| {
@@ -55,8 +109,16 @@ impl Registry {
 
     /// Calls `visit` with every event in order until it returns false. Reads page by page so
     /// that memory stays flat however long the log is.
-    pub fn walk_audit_events(&self, mut visit: impl FnMut(Event) -> bool) -> Result<(), RegistryError> {
-        let mut after = 0u64;
+    pub fn walk_audit_events(&self, visit: impl FnMut(Event) -> bool) -> Result<(), RegistryError> {
+        self.walk_audit_events_after(0, visit)
+    }
+
+    /// [`Registry::walk_audit_events`] from the event after `after` on.
+    pub fn walk_audit_events_after(
+        &self,
+        mut after: u64,
+        mut visit: impl FnMut(Event) -> bool,
+    ) -> Result<(), RegistryError> {
         loop {
             let page = self.audit_events(after, None, WALK_PAGE)?;
             let Some(last) = page.last().map(|e| e.seq) else { return Ok(()) };

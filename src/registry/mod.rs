@@ -9,6 +9,7 @@ mod audit;
 mod migrate;
 mod releases;
 mod tokens;
+mod web;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,8 +18,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
+pub use audit::AuditFilter;
 pub use releases::{Adoption, ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
+pub use web::{LiveSpell, Session};
 
 const MAX_IDLE_READERS: usize = 8;
 

@@ -487,6 +487,7 @@ impl Registry {
                     digest: live.as_ref().map(|r| r.digest),
                     release: live.as_ref().map(|r| r.id),
                     since: live.as_ref().map(|r| r.state_changed_at.clone()),
+                    live_by: live.as_ref().map(|r| r.requested_by.clone()),
                     version,
                     verified,
                     in_flight,

@@ -226,6 +226,8 @@ pub struct StatusRow {
     pub release: Option<i64>,
     pub version: Option<String>,
     pub since: Option<String>,
+    /// Who asked for the live release (token name).
+    pub live_by: Option<String>,
     /// Whether the live release's health check proved its digest (`false`: live but
     /// unverified; `None`: recorded before this was, or nothing live).
     pub verified: Option<bool>,

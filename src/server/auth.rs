@@ -32,6 +32,24 @@ enum Seen {
 }
 
 impl ActorSlot {
+    /// Records the authenticated caller (for extractors other than [`Caller`]).
+    pub fn caller(&self, principal: &Principal) {
+        *self.0.lock().expect("actor slot") =
+            Some(Seen::Caller { name: principal.name.clone(), owner: principal.owner.clone() });
+    }
+
+    /// Records a refusal, naming a real token's owner when it was one (revoked, expired,
+    /// or without the role).
+    pub fn refused(&self, e: &TokenError) {
+        let token = match e {
+            TokenError::Revoked { name, owner } | TokenError::Expired { name, owner, .. } => {
+                Some((name.clone(), owner.clone()))
+            }
+            _ => None,
+        };
+        *self.0.lock().expect("actor slot") = Some(Seen::Refused { why: e.to_string(), token });
+    }
+
     /// For the log line: the token's name, or why it was refused.
     pub fn for_log(&self) -> String {
         match &*self.0.lock().expect("actor slot") {

@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod error;
 mod extract;
+mod pages;
 mod range;
 mod releases;
 pub mod routes;
@@ -36,6 +37,8 @@ use crate::store::{Store, StoreError};
 /// How old a staging upload of an S3 store must be before the start-up sweep removes it
 /// (a shared bucket may hold another server's upload in progress; a local store is ours alone).
 const S3_UPLOAD_SWEEP_AGE: Duration = Duration::from_secs(24 * 3600);
+/// How often the pages' view of the audit chain is checked from its first event again.
+const CHAIN_RECHECK: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -65,6 +68,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub ingestor: Ingestor,
     pub releases: Releases,
+    /// The audit chain's state for the pages, checked incrementally.
+    pub chain: Arc<crate::audit::ChainWatch>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -116,8 +121,10 @@ impl Opened {
         let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer);
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
-        let state = AppState { config, store, registry, ingestor, releases, checkpointed };
+        let chain = Arc::new(crate::audit::ChainWatch::default());
+        let state = AppState { config, store, registry, ingestor, releases, chain, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
+        tokio::spawn(watch_chain(state.clone()));
         Ok(Opened { state, _lock: lock })
     }
 
@@ -164,6 +171,21 @@ async fn checkpoints(state: AppState) {
     }
 }
 
+/// Checks the whole audit chain for the pages in the background at start (seconds at
+/// millions of events), then again every hour from scratch; pages check what was appended
+/// since.
+async fn watch_chain(state: AppState) {
+    let mut interval = tokio::time::interval(CHAIN_RECHECK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        state.chain.forget().await;
+        if let Err(e) = state.chain.check(&state.registry, &state.store).await {
+            tracing::error!(error = %e, "checking the audit chain");
+        }
+    }
+}
+
 /// Takes `<data_dir>/lock` (flock, released when the process ends, even by a crash).
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServerError> {
     use std::os::fd::AsRawFd;
@@ -183,7 +205,9 @@ pub fn router(state: AppState) -> Router {
     let v1 = artifacts::routes().merge(releases::routes()).merge(audit::routes());
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
         .nest("/v1", v1)
+        .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
@@ -219,6 +243,15 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
         Err(e) => tracing::error!(error = %e, "recording a refused request panicked"),
     }
     response
+}
+
+/// The API reference (OpenAPI 3.1), public like `/healthz`; a test keeps it true to
+/// [`routes::ROUTES`] and to the request bodies the handlers accept.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn healthz() -> axum::Json<serde_json::Value> {

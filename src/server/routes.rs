@@ -158,4 +158,48 @@ mod tests {
             .collect();
         assert_eq!(documented, expected);
     }
+
+    /// The OpenAPI document has exactly these operations, with these roles and path
+    /// parameters (and nothing else but itself).
+    #[test]
+    fn the_openapi_document_is_this_table() {
+        let doc: serde_json::Value = serde_json::from_str(super::super::OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("path item") {
+                if path == "/v1/openapi.json" {
+                    continue;
+                }
+                documented.push((method.to_uppercase(), path.clone()));
+                let route = ROUTES
+                    .iter()
+                    .find(|r| r.method.eq_ignore_ascii_case(method) && r.path == path)
+                    .unwrap_or_else(|| panic!("{method} {path} is documented but not served"));
+                let roles: Vec<&str> = route.action.allowed_roles().iter().map(|r| r.as_str()).collect();
+                assert_eq!(operation["x-roles"], serde_json::json!(roles), "{method} {path}: roles");
+                let mut declared: Vec<String> = operation["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path")
+                    .map(|p| p["name"].as_str().unwrap().to_owned())
+                    .collect();
+                let mut in_path: Vec<String> = path
+                    .split('/')
+                    .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+                    .map(str::to_owned)
+                    .collect();
+                declared.sort();
+                in_path.sort();
+                assert_eq!(declared, in_path, "{method} {path}: path parameters");
+                assert!(operation["summary"].as_str().is_some_and(|s| !s.is_empty()), "{method} {path}: summary");
+            }
+        }
+        let mut served: Vec<(String, String)> =
+            ROUTES.iter().map(|r| (r.method.to_owned(), r.path.to_owned())).collect();
+        served.sort();
+        documented.sort();
+        assert_eq!(documented, served, "every served route is documented");
+    }
 }

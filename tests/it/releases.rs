@@ -91,7 +91,7 @@ impl Fixture {
 
     /// Waits until release `id` is in a final state; returns it.
     pub fn settle(&self, id: i64) -> Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let shown = self.get("carol", &format!("/v1/releases/{id}"));
             if !matches!(shown["state"].as_str(), Some("approved" | "deploying")) {

@@ -3,6 +3,7 @@
 //! print their log.
 
 pub mod archives;
+pub mod chromium;
 pub mod garage;
 pub mod inprocess;
 pub mod services;

@@ -1,0 +1,113 @@
+//! What the web pages read beyond the release API: people's sessions, where an artifact has
+//! been live, and who approved a page of releases.
+
+use std::collections::HashMap;
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{Registry, RegistryError};
+use crate::digest::Digest;
+use crate::utc;
+
+/// A signed-in session, as found by its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub token_id: String,
+    pub expires_at: String,
+}
+
+/// One stay of an artifact live in a (service, environment).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LiveSpell {
+    pub release: i64,
+    pub service: String,
+    pub environment: String,
+    pub live_at: String,
+    /// When another release replaced it; `None` while it is live.
+    pub until: Option<String>,
+}
+
+impl Registry {
+    /// Opens a session for the token (by id); `id_sha256` is the SHA-256 of the cookie's id.
+    pub fn open_session(&self, id_sha256: &[u8; 32], token_id: &str, expires_at: &str) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            let now = utc::now_text();
+            // Sessions long over are of no use to anyone: dropped as new ones open.
+            conn.execute(
+                "DELETE FROM web_sessions WHERE expires_at < ?1",
+                [utc::format(utc::now() - time::Duration::days(30))],
+            )?;
+            conn.execute(
+                "INSERT INTO web_sessions (id_sha256, token_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id_sha256.as_slice(), token_id, now, expires_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The live session with this id hash (not ended, not expired).
+    pub fn session(&self, id_sha256: &[u8; 32]) -> Result<Option<Session>, RegistryError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT token_id, expires_at FROM web_sessions
+                     WHERE id_sha256 = ?1 AND ended_at IS NULL AND expires_at > ?2",
+                    params![id_sha256.as_slice(), utc::now_text()],
+                    |r| Ok(Session { token_id: r.get(0)?, expires_at: r.get(1)? }),
+                )
+                .optional()?)
+        })
+    }
+
+    /// Signs a session out; the id of the token it was opened with, if it was open.
+    pub fn end_session(&self, id_sha256: &[u8; 32]) -> Result<Option<String>, RegistryError> {
+        self.write(|conn| {
+            Ok(conn
+                .query_row(
+                    "UPDATE web_sessions SET ended_at = ?2 WHERE id_sha256 = ?1 AND ended_at IS NULL RETURNING token_id",
+                    params![id_sha256.as_slice(), utc::now_text()],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// Every time `digest` went live, newest first (at most `limit`).
+    pub fn live_spells(&self, digest: Digest, limit: u32) -> Result<Vec<LiveSpell>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT r.id, r.service, r.environment, t.at,
+                        CASE WHEN r.state = 'superseded' THEN r.state_changed_at END
+                 FROM releases r JOIN release_transitions t ON t.release_id = r.id AND t.state = 'live'
+                 WHERE r.digest = ?1 AND r.state IN ('live', 'superseded')
+                 ORDER BY r.id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![digest.to_string(), limit], |r| {
+                Ok(LiveSpell {
+                    release: r.get(0)?,
+                    service: r.get(1)?,
+                    environment: r.get(2)?,
+                    live_at: r.get(3)?,
+                    until: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Who approved (or rejected) each of these releases, by release id.
+    pub fn deciders(&self, ids: &[i64]) -> Result<HashMap<i64, (String, String)>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT decision, decided_by FROM approvals WHERE release_id = ?1")?;
+            let mut out = HashMap::new();
+            for id in ids {
+                if let Some(row) =
+                    stmt.query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).optional()?
+                {
+                    out.insert(*id, row);
+                }
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,234 @@
+//! Who is looking at a page: a person signed in with a token (a session cookie), or a script
+//! sending the bearer header. Signing in and out.
+
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use rand::RngExt as _;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::render;
+use crate::server::AppState;
+use crate::server::auth::ActorSlot;
+use crate::token::{self, Action, Principal, TokenError};
+use crate::utc;
+
+/// The session cookie's name.
+const COOKIE: &str = "release_session";
+/// How long a session lasts (never longer than its token).
+pub const SESSION_TTL: time::Duration = time::Duration::hours(8);
+
+/// The person (or script) looking at a page: authenticated, with the auditor role (or admin).
+pub struct Viewer(pub Principal);
+
+impl FromRequestParts<AppState> for Viewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+        let registry = Arc::clone(&state.registry);
+        let principal = if let Some(token) = bearer {
+            let authenticated = tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
+                .await
+                .expect("authentication does not panic");
+            match authenticated {
+                Ok(p) => p,
+                Err(e) => {
+                    slot.refused(&e);
+                    return Err(render::refused(StatusCode::UNAUTHORIZED, "unauthenticated", &e.to_string()));
+                }
+            }
+        } else {
+            let Some(id) = cookie(&parts.headers) else { return Err(to_login(parts)) };
+            let hash = session_hash(&id);
+            let found = tokio::task::spawn_blocking(move || {
+                let session = registry.session(&hash)?;
+                Ok::<_, TokenError>(match session {
+                    Some(s) => Some(token::authenticate_by_id(&registry, &s.token_id)),
+                    None => None,
+                })
+            })
+            .await
+            .expect("authentication does not panic");
+            match found {
+                Ok(Some(Ok(p))) => p,
+                // The session ended, expired, or its token did: sign in again.
+                Ok(None) | Ok(Some(Err(_))) => return Err(to_login(parts)),
+                Err(e) => return Err(render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),
+            }
+        };
+        slot.caller(&principal);
+        if let Err(e) = principal.require(Action::ReadAudit) {
+            return Err(render::refused(StatusCode::FORBIDDEN, "forbidden", &e.to_string()));
+        }
+        Ok(Viewer(principal))
+    }
+}
+
+/// To the sign-in page, coming back here afterwards.
+fn to_login(parts: &Parts) -> Response {
+    let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let query = serde_urlencoded_pair("next", next);
+    Redirect::to(&format!("/login?{query}")).into_response()
+}
+
+fn serde_urlencoded_pair(key: &str, value: &str) -> String {
+    let mut out = format!("{key}=");
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The session id from the request's cookies.
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn session_hash(id: &str) -> [u8; 32] {
+    Sha256::digest(id.as_bytes()).into()
+}
+
+/// Where to go after signing in: only a path on this server.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        _ => "/".into(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct LoginQuery {
+    next: Option<String>,
+}
+
+pub async fn login_page(Query(q): Query<LoginQuery>) -> Response {
+    render::login(&safe_next(q.next.as_deref()), None, StatusCode::OK)
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+    next: Option<String>,
+}
+
+/// Checks the token (auditor role, or admin), opens a session and sets its cookie:
+/// HttpOnly, SameSite=Strict, Secure when the request came over HTTPS (a proxy says so).
+pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form<LoginForm>) -> Response {
+    let next = safe_next(form.next.as_deref());
+    let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
+    let registry = Arc::clone(&state.registry);
+    let token = form.token.trim().to_owned();
+    let authenticated = tokio::task::spawn_blocking(move || {
+        let principal = token::authenticate(&registry, &token)?;
+        let id = token::Presented::parse(&token)?.id.to_owned();
+        Ok::<_, TokenError>((principal, id))
+    })
+    .await
+    .expect("authentication does not panic");
+    let refuse = |status: StatusCode, code: &'static str, e: &TokenError| {
+        let mut response = render::login(&next, Some(&e.to_string()), status);
+        response.extensions_mut().insert(crate::server::error::Refusal { code, message: e.to_string() });
+        response
+    };
+    let (principal, token_id) = match authenticated {
+        Ok(found) => found,
+        Err(e) => {
+            slot.refused(&e);
+            return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", &e);
+        }
+    };
+    slot.caller(&principal);
+    if let Err(e) = principal.require(Action::ReadAudit) {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", &e);
+    }
+    let id = hex::encode(rand::rng().random::<[u8; 32]>());
+    let expires = utc::format(utc::now() + SESSION_TTL);
+    let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
+    let event = crate::audit::NewEvent::by(
+        &principal,
+        "web.login",
+        format!("token/{}", principal.name),
+        serde_json::json!({"expires_at": expires}),
+    );
+    let opened = tokio::task::spawn_blocking(move || {
+        registry.open_session(&hash, &token_id, &expires)?;
+        registry.append_event(&event)
+    })
+    .await
+    .expect("no panic");
+    if let Err(e) = opened {
+        return render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string());
+    }
+    let secure = https(&parts.headers);
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL.whole_seconds(),
+        if secure { "; Secure" } else { "" }
+    );
+    let mut response = Redirect::to(&next).into_response();
+    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("cookie is ASCII"));
+    response
+}
+
+/// Ends the session (if any) and clears the cookie.
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie(&headers) {
+        let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
+        let ended = tokio::task::spawn_blocking(move || {
+            let Some(token_id) = registry.end_session(&hash)? else { return Ok(()) };
+            if let Some(t) = registry.token_by_id(&token_id)? {
+                let subject = format!("token/{}", t.name);
+                let (actor, owner) = (t.name, t.owner);
+                let event = crate::audit::NewEvent {
+                    actor,
+                    owner,
+                    action: "web.logout".into(),
+                    subject,
+                    details: serde_json::json!({}),
+                };
+                registry.append_event(&event)?;
+            }
+            Ok::<_, crate::registry::RegistryError>(())
+        })
+        .await
+        .expect("no panic");
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "could not end a session");
+        }
+    }
+    let mut response = Redirect::to("/login").into_response();
+    let clear = format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        if https(&headers) { "; Secure" } else { "" }
+    );
+    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&clear).expect("ASCII"));
+    response
+}
+
+/// Whether the browser talks HTTPS to us: TLS is terminated by a proxy, which says so.
+fn https(headers: &HeaderMap) -> bool {
+    headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
