@@ -15,6 +15,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0005_release_configs_and_shared_files.sql"),
     ),
     ("0006_release_adoptions", include_str!("../../migrations/0006_release_adoptions.sql")),
+    ("0007_webhooks", include_str!("../../migrations/0007_webhooks.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

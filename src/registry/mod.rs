@@ -9,6 +9,7 @@ mod audit;
 mod migrate;
 mod releases;
 mod tokens;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -19,6 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use releases::{Adoption, ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
+pub use webhooks::{Backlog, ReleaseAtEvent};
 
 const MAX_IDLE_READERS: usize = 8;
 
