@@ -17,3 +17,4 @@ mod ssh;
 mod support;
 mod tokens;
 mod upload;
+mod webhooks;
