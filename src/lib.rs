@@ -15,6 +15,7 @@
 //! - [`deploy`] — the node deployer behind the seam: phases across a fleet, transports.
 //! - [`node`] — the node side (`release node`): prepare, switch, status, cleanup, hooks, health.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
+//! - [`webhooks`] — release events POSTed, signed, to configured receivers; an outbox over the audit log.
 //! - [`client`] — the HTTP client of the command line.
 //! - [`cli`] — the command line, one file per subcommand.
 //! - [`utc`] — time stamps.
@@ -35,3 +36,4 @@ pub mod server;
 pub mod store;
 pub mod token;
 pub mod utc;
+pub mod webhooks;

@@ -171,6 +171,26 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                 out.push_str(&format!("\n  {:<20} {:<24} {what}", text(&f["node"]), text(&f["path"])));
             }
         }
+        let deliveries = r["webhook_deliveries"].as_array().cloned().unwrap_or_default();
+        if !deliveries.is_empty() {
+            out.push_str("\nwebhooks:");
+            for d in deliveries {
+                let how = match d["outcome"].as_str() {
+                    Some("accepted") => format!("accepted ({})", text(&d["last_status"])),
+                    Some("retrying") => {
+                        format!("retrying at {}: {}", text(&d["next_attempt_at"]), text(&d["last_error"]))
+                    }
+                    _ => format!("GAVE UP: {}", text(&d["last_error"])),
+                };
+                out.push_str(&format!(
+                    "\n  {:<16} {:<20} {} attempt(s), last {} — {how}",
+                    text(&d["webhook"]),
+                    text(&d["event"]),
+                    text(&d["attempts"]),
+                    text(&d["last_attempt_at"])
+                ));
+            }
+        }
         out
     });
     Ok(())

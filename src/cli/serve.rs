@@ -38,7 +38,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         server::serve(listener, server::router(opened.state.clone()), shutdown_signal())
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
-        opened.checkpoint().await;
+        opened.shutdown().await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -5,6 +5,7 @@
 //! [`Secret`], whose `Debug` never shows them.
 
 mod units;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use crate::digest::Digest;
 
 pub use units::{ByteSize, HumanDuration};
+pub use webhook::Webhook;
 
 /// The commented example that `release init` writes; a test keeps it parseable.
 pub const EXAMPLE: &str = include_str!("example.toml");
@@ -72,6 +74,8 @@ pub struct Config {
     /// In lifecycle order.
     pub environments: Vec<Environment>,
     pub services: BTreeMap<String, Service>,
+    /// Receivers of release events (`[[webhook]]`), in the file's order.
+    pub webhooks: Vec<Webhook>,
 }
 
 /// Values from flags and `RELEASE_*` variables, which win over the file.
@@ -313,6 +317,8 @@ struct File {
     environment: Vec<EnvironmentSection>,
     #[serde(default)]
     service: BTreeMap<String, ServiceSection>,
+    #[serde(default)]
+    webhook: Vec<webhook::WebhookSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -465,6 +471,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         let service = resolve_service(name.clone(), section, &environments, &invalid)?;
         services.insert(name, service);
     }
+    let webhooks = webhook::resolve(parsed.webhook, &environments, &services, &invalid)?;
 
     Ok(Config {
         source: file.map(Path::to_owned),
@@ -477,6 +484,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         audit: parsed.audit,
         environments,
         services,
+        webhooks,
     })
 }
 

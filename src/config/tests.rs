@@ -121,3 +121,79 @@ fn shared_paths_are_normalized() {
     assert_eq!(c.service("api").unwrap().shared, ["storage", "config/secrets.php", ".env"]);
     assert!(load_text("[service.api]\nshared = [\"./.env\"]\n").is_err());
 }
+
+const WEBHOOK: &str =
+    "[service.api]\n[[webhook]]\nname = \"monday\"\nurl = \"https://hooks.example/x?token=hunter2hunter2\"\n";
+
+#[test]
+fn the_example_webhook_parses_once_uncommented() {
+    // The commented [[webhook]] of the example, switched on (with a secret from a variable that
+    // is always set).
+    let block = EXAMPLE.split("# [[webhook]]").nth(1).expect("the example has a webhook");
+    let uncommented: String = block.lines().map(|l| l.strip_prefix("# ").unwrap_or(l)).collect::<Vec<_>>().join("\n");
+    let text = format!("{EXAMPLE}\n[[webhook]]{}", uncommented.replace("MONDAY_WEBHOOK_SECRET", "PATH"));
+    let c = load_text(&text).unwrap();
+    let w = &c.webhooks[0];
+    assert_eq!(w.name, "monday");
+    assert_eq!(w.secret.expose(), std::env::var("PATH").unwrap());
+    assert_eq!(w.events.as_deref(), Some(&["release.live".to_owned(), "release.failed".to_owned()][..]));
+    assert_eq!((w.timeout, w.retry_base, w.max_attempts), (Duration::from_secs(10), Duration::from_secs(1), 8));
+    assert!(w.wants("release.live", "api", "production"));
+    assert!(!w.wants("release.live", "api", "staging"));
+    assert!(!w.wants("release.deploying", "api", "production"));
+}
+
+#[test]
+fn webhook_defaults_and_backoff() {
+    let c = load_text(&format!("{WEBHOOK}secret = \"0123456789abcdef\"\nretry_base = \"100ms\"\nretry_max = \"1s\"\n"))
+        .unwrap();
+    let w = &c.webhooks[0];
+    assert!(w.events.is_none() && w.services.is_none() && w.environments.is_none());
+    assert!(w.wants("release.requested", "anything", "anywhere"));
+    let waits: Vec<u128> = (2..=8).map(|n| w.backoff(n).as_millis()).collect();
+    assert_eq!(waits, [100, 200, 400, 800, 1000, 1000, 1000]);
+    assert_eq!(w.backoff(u32::MAX), Duration::from_secs(1));
+}
+
+#[test]
+fn webhook_secrets_and_urls_never_show_in_debug() {
+    let c = load_text(&format!("{WEBHOOK}secret = \"s3cr3t-s3cr3t-s3cr3t\"\n")).unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("s3cr3t") && !dbg.contains("hunter2"), "{dbg}");
+}
+
+#[test]
+fn webhook_errors_name_the_key() {
+    let secret = "secret = \"0123456789abcdef\"\n";
+    let cases = [
+        ("[[webhook]]\nname = \"x\"\nsecret = \"0123456789abcdef\"\n".to_owned(), "webhook[0].url"),
+        ("[[webhook]]\nurl = \"https://h/\"\n".to_owned(), "webhook[0].name"),
+        (format!("{WEBHOOK}{secret}events = [\"release.liv\"]\n"), "webhook[0].events"),
+        (format!("{WEBHOOK}{secret}events = []\n"), "webhook[0].events"),
+        (format!("{WEBHOOK}{secret}services = [\"nope\"]\n"), "webhook[0].services"),
+        (format!("{WEBHOOK}{secret}environments = [\"qa\"]\n"), "webhook[0].environments"),
+        (format!("{WEBHOOK}{secret}max_attempts = 0\n"), "webhook[0].max_attempts"),
+        (format!("{WEBHOOK}{secret}timeout = \"soon\"\n"), "webhook[0].timeout"),
+        (format!("{WEBHOOK}{secret}retry_base = \"2s\"\nretry_max = \"1s\"\n"), "webhook[0].retry_max"),
+        (format!("{WEBHOOK}{secret}colour = \"red\"\n"), "colour"),
+        (WEBHOOK.to_owned(), "webhook[0].secret"),
+        (format!("{WEBHOOK}secret = \"short\"\n"), "webhook[0].secret"),
+        (format!("{WEBHOOK}{secret}secret_env = \"PATH\"\n"), "webhook[0].secret"),
+        (format!("{WEBHOOK}secret_env = \"RELEASE_TEST_VARIABLE_NOBODY_SETS\"\n"), "webhook[0].secret_env"),
+        (format!("{WEBHOOK}{secret}[[webhook]]\nname = \"monday\"\nurl = \"https://h/\"\n{secret}"), "webhook[1].name"),
+        ("[[webhook]]\nname = \"x\"\nurl = \"ftp://h/\"\nsecret = \"0123456789abcdef\"\n".to_owned(), "webhook[0].url"),
+        (
+            "[[webhook]]\nname = \"x\"\nurl = \"not a url\"\nsecret = \"0123456789abcdef\"\n".to_owned(),
+            "webhook[0].url",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains(key), "expected {key} in: {err}\n--- config ---\n{text}");
+    }
+    // The URL is never echoed, not even in an error.
+    let err = load_text("[[webhook]]\nname = \"x\"\nurl = \"ftp://tok3n@h/\"\nsecret = \"0123456789abcdef\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("tok3n"), "{err}");
+}

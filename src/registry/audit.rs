@@ -178,7 +178,7 @@ fn to_hash(bytes: Vec<u8>) -> Result<[u8; 32], RegistryError> {
     bytes.try_into().map_err(|_| RegistryError::Corrupt("an audit hash is not 32 bytes".into()))
 }
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+pub(super) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     let hash_at = |i: usize| -> rusqlite::Result<[u8; 32]> {
         let bytes: Vec<u8> = row.get(i)?;
         // A wrong length is left to verification to report (it will not match).

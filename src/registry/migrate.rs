@@ -15,6 +15,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0005_release_configs_and_shared_files.sql"),
     ),
     ("0006_release_adoptions", include_str!("../../migrations/0006_release_adoptions.sql")),
+    ("0007_webhooks", include_str!("../../migrations/0007_webhooks.sql")),
     ("0008_web_sessions_and_audit_filters", include_str!("../../migrations/0008_web_sessions_and_audit_filters.sql")),
 ];
 

@@ -10,6 +10,7 @@ mod migrate;
 mod releases;
 mod tokens;
 mod web;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,6 +23,7 @@ pub use audit::AuditFilter;
 pub use releases::{Adoption, ConfiguredEnvironment, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
+pub use webhooks::{Backlog, ReleaseAtEvent};
 
 const MAX_IDLE_READERS: usize = 8;
 

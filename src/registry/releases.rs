@@ -397,6 +397,7 @@ impl Registry {
                 })?
                 .collect::<Result<Vec<_>, _>>()?
             };
+            let webhook_deliveries = super::webhooks::deliveries_of(conn, id)?;
             Ok(Some(Detail {
                 release,
                 version,
@@ -408,6 +409,7 @@ impl Registry {
                 verified,
                 shared_files,
                 adopted,
+                webhook_deliveries,
             }))
         })
     }
@@ -843,7 +845,7 @@ fn in_flight_violation(
     }
 }
 
-fn by_id(conn: &rusqlite::Connection, id: i64) -> Result<Option<Release>, RegistryError> {
+pub(super) fn by_id(conn: &rusqlite::Connection, id: i64) -> Result<Option<Release>, RegistryError> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM releases WHERE id = ?1"), [id], from_row).optional()?)
 }
 
@@ -870,7 +872,7 @@ fn live(conn: &rusqlite::Connection, service: &str, environment: &str) -> Result
         .optional()?)
 }
 
-fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+pub(super) fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
 }
 
@@ -878,11 +880,11 @@ fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> ru
 #[error("{0}")]
 struct BadText(String);
 
-fn state_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<State> {
+pub(super) fn state_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<State> {
     row.get::<_, String>(i)?.parse().map_err(|e| conversion(i, BadText(e)))
 }
 
-fn digest_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Digest> {
+pub(super) fn digest_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Digest> {
     row.get::<_, String>(i)?.parse().map_err(|e| conversion(i, e))
 }
 

@@ -262,6 +262,108 @@ mod releases {
     }
 }
 
+mod webhooks {
+    use super::*;
+    use crate::registry::NewRelease;
+    use crate::releases::{Kind, State};
+    use crate::webhooks::{Attempt, Outcome};
+
+    fn release(registry: &Registry) -> i64 {
+        registry.record_artifact(&new_artifact("api", b"v1"), &event()).unwrap();
+        let new = NewRelease {
+            service: "api".into(),
+            environment: "staging".into(),
+            digest: Digest::of(b"v1"),
+            kind: Kind::Deploy,
+            state: State::Approved,
+            requested_by: "ci".into(),
+            requester_owner: "gitlab".into(),
+            source_environment: None,
+            replaces: None,
+            expires_at: None,
+            note: None,
+            excluded: vec![],
+            adopt: false,
+        };
+        let event = NewEvent::by_server("release.deploy", "", serde_json::json!({}));
+        registry.create_release(&new, &event).unwrap().id
+    }
+
+    fn attempt(seq: u64, release_id: i64, n: u32, outcome: Outcome) -> Attempt {
+        Attempt {
+            webhook: "monday".into(),
+            event_seq: seq,
+            release_id,
+            event: "release.requested".into(),
+            delivery: "d".into(),
+            attempt: n,
+            at: crate::utc::now_text(),
+            duration_ms: 3,
+            status_code: Some(if outcome == Outcome::Accepted { 200 } else { 500 }),
+            error: (outcome != Outcome::Accepted).then(|| "answered 500".into()),
+            outcome,
+            next_attempt_at: (outcome == Outcome::Retrying).then(crate::utc::now_text),
+        }
+    }
+
+    #[test]
+    fn a_cursor_starts_at_the_head_and_only_moves_forward() {
+        let (_dir, registry) = open();
+        registry.append_event(&event()).unwrap();
+        registry.start_webhook_cursors(&["monday".into()]).unwrap();
+        assert_eq!(registry.webhook_cursor("monday").unwrap(), Some(1), "starts after what came before");
+        assert_eq!(registry.webhook_cursor("slack").unwrap(), None);
+
+        // Only release.* events, and how far the scan got: past the others too.
+        let id = release(&registry);
+        registry.append_event(&event()).unwrap();
+        let backlog = registry.webhook_backlog(1, 100).unwrap();
+        let actions: Vec<&str> = backlog.events.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["release.deploy"]);
+        let head = registry.audit_head().unwrap().unwrap().0;
+        assert_eq!(backlog.scanned_to, head);
+        let at = registry.release_at_event(id).unwrap().unwrap();
+        assert_eq!((at.first_state, at.version.as_deref()), (State::Approved, Some("1.2.3")));
+
+        // A full page stops the scan at its last event.
+        let page = registry.webhook_backlog(0, 1).unwrap();
+        assert_eq!(page.scanned_to, page.events[0].seq);
+
+        // A retry leaves the cursor; the attempt that ends a delivery moves it.
+        let seq = backlog.events[0].seq;
+        registry.record_webhook_attempt(&attempt(seq, id, 1, Outcome::Retrying)).unwrap();
+        assert_eq!(registry.webhook_cursor("monday").unwrap(), Some(1));
+        registry.record_webhook_attempt(&attempt(seq, id, 2, Outcome::Accepted)).unwrap();
+        assert_eq!(registry.webhook_cursor("monday").unwrap(), Some(seq));
+        assert_eq!(registry.webhook_attempts("monday", seq).unwrap(), 2);
+        registry.advance_webhook_cursor("monday", 1).unwrap();
+        assert_eq!(registry.webhook_cursor("monday").unwrap(), Some(seq), "never back");
+        registry.start_webhook_cursors(&["monday".into()]).unwrap();
+        assert_eq!(registry.webhook_cursor("monday").unwrap(), Some(seq), "a known webhook keeps its cursor");
+
+        let shown = registry.release_detail(id).unwrap().unwrap().webhook_deliveries;
+        assert_eq!(shown.len(), 1, "one line per (event, webhook): {shown:?}");
+        assert_eq!((shown[0].attempts, shown[0].delivered, shown[0].last_status), (2, true, Some(200)));
+
+        let conn = registry.writer.lock().unwrap();
+        for (sql, why) in [
+            ("UPDATE webhook_cursors SET after_seq = 0".to_owned(), "cursor moved back"),
+            ("DELETE FROM webhook_cursors".to_owned(), "cursor deleted"),
+            ("UPDATE webhook_deliveries SET outcome = 'gave_up'".to_owned(), "attempt rewritten"),
+            ("DELETE FROM webhook_deliveries".to_owned(), "attempt deleted"),
+            (
+                format!(
+                    "INSERT INTO webhook_deliveries (webhook, event_seq, release_id, event, delivery, attempt, at,
+                       duration_ms, error, outcome) VALUES ('monday', {seq}, {id}, 'e', 'd', 2, 't', 0, 'x', 'gave_up')"
+                ),
+                "a second attempt 2",
+            ),
+        ] {
+            assert!(conn.execute(&sql, []).is_err(), "the database allowed: {why}");
+        }
+    }
+}
+
 mod audit_chain {
     use super::*;
 

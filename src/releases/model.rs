@@ -213,6 +213,8 @@ pub struct Detail {
     /// it; `{"digest": null}` while asked for but not captured yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adopted: Option<serde_json::Value>,
+    /// Each of its events' delivery to each webhook, as the last attempt left it.
+    pub webhook_deliveries: Vec<crate::webhooks::Delivery>,
 }
 
 /// One cell of the status matrix.

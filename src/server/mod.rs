@@ -33,6 +33,7 @@ use crate::ingest::Ingestor;
 use crate::registry::{Registry, RegistryError};
 use crate::releases::{Deployer, Releases};
 use crate::store::{Store, StoreError};
+use crate::webhooks::Workers;
 
 /// How old a staging upload of an S3 store must be before the start-up sweep removes it
 /// (a shared bucket may hold another server's upload in progress; a local store is ours alone).
@@ -86,16 +87,18 @@ impl AppState {
     }
 }
 
-/// What `release serve` holds while it runs: the state and the data directory's lock.
+/// What `release serve` holds while it runs: the state, the webhook tasks and the data
+/// directory's lock.
 pub struct Opened {
     pub state: AppState,
+    webhooks: Option<Workers>,
     _lock: std::fs::File,
 }
 
 impl Opened {
     /// Locks the data directory, opens the registry and the store, sweeps stale uploads,
-    /// checks the audit log against the bucket, resumes releases, and starts the audit
-    /// checkpoints. `deployer` is the deploy seam's implementation.
+    /// checks the audit log against the bucket, starts the webhooks, resumes releases, and
+    /// starts the audit checkpoints. `deployer` is the deploy seam's implementation.
     pub async fn open(config: Config, deployer: Arc<dyn Deployer>) -> Result<Opened, ServerError> {
         if config.tls.is_some() {
             return Err(ServerError::TlsUnsupported);
@@ -118,6 +121,9 @@ impl Opened {
         let (config, registry) = (Arc::new(config), Arc::new(registry));
         check_audit_against_bucket(&registry, &store).await?;
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
+        // Before the releases start: a webhook new to the registry starts at the audit log's
+        // head, and what recovery appends next is already after it.
+        let webhooks = Workers::start(&config.webhooks, Arc::clone(&registry)).await?;
         let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer);
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
@@ -125,12 +131,21 @@ impl Opened {
         let state = AppState { config, store, registry, ingestor, releases, chain, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
-        Ok(Opened { state, _lock: lock })
+        Ok(Opened { state, webhooks: Some(webhooks), _lock: lock })
     }
 
     /// Writes a last checkpoint of the audit chain (at shutdown).
     pub async fn checkpoint(&self) {
         self.state.checkpoint().await;
+    }
+
+    /// At shutdown: stops the webhook tasks (an attempt in flight is dropped and made again
+    /// after the next start) and writes a last checkpoint of the audit chain.
+    pub async fn shutdown(mut self) {
+        if let Some(webhooks) = self.webhooks.take() {
+            webhooks.stop().await;
+        }
+        self.checkpoint().await;
     }
 }
 

@@ -19,3 +19,4 @@ mod ssh;
 mod support;
 mod tokens;
 mod upload;
+mod webhooks;

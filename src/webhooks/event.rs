@@ -1,0 +1,189 @@
+//! What a webhook receives: the event names, the JSON body built from an audit event, its
+//! signature and its delivery id. No I/O.
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::audit::Event;
+use crate::digest::Digest;
+use crate::registry::ReleaseAtEvent;
+use crate::releases::{Kind, State};
+
+/// Every event a webhook may receive: one per change of a release's state.
+pub const EVENTS: &[&str] = &[
+    "release.requested",
+    "release.approved",
+    "release.rejected",
+    "release.cancelled",
+    "release.expired",
+    "release.deploying",
+    "release.live",
+    "release.failed",
+    "release.superseded",
+];
+
+/// The event an audit action stands for, and the state the release entered with it (`None`
+/// for a request, whose state is its first transition's: `pending_approval` or `approved`).
+/// Audit actions that change no state (`release.adopted`) are no event.
+pub fn event_for(action: &str) -> Option<(&'static str, Option<State>)> {
+    Some(match action {
+        "release.deploy" | "release.promote" | "release.rollback" => ("release.requested", None),
+        "release.approve" => ("release.approved", Some(State::Approved)),
+        "release.reject" => ("release.rejected", Some(State::Rejected)),
+        "release.cancel" => ("release.cancelled", Some(State::Cancelled)),
+        "release.expire" => ("release.expired", Some(State::Expired)),
+        "release.deploying" => ("release.deploying", Some(State::Deploying)),
+        "release.live" => ("release.live", Some(State::Live)),
+        "release.failed" => ("release.failed", Some(State::Failed)),
+        "release.superseded" => ("release.superseded", Some(State::Superseded)),
+        _ => return None,
+    })
+}
+
+/// The release id an event is about (`release/<id>`).
+pub fn release_id(subject: &str) -> Option<i64> {
+    subject.strip_prefix("release/")?.parse().ok()
+}
+
+/// The body POSTed for one event.
+#[derive(Debug, Serialize)]
+pub struct Payload<'a> {
+    /// The audit event's sequence number: increasing, unique within this registry.
+    pub id: u64,
+    pub event: &'a str,
+    /// When the change happened (the audit event's time), RFC 3339 UTC.
+    pub at: &'a str,
+    pub release: ReleaseView<'a>,
+    /// Who caused it: a token's name and owner, or `release` for the server itself.
+    pub actor: Actor<'a>,
+    /// Why, where the change has a reason (rejected, failed, cancelled by a newer release).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The release as it was right after this event.
+#[derive(Debug, Serialize)]
+pub struct ReleaseView<'a> {
+    pub id: i64,
+    pub service: &'a str,
+    pub environment: &'a str,
+    pub digest: Digest,
+    pub version: Option<&'a str>,
+    pub kind: Kind,
+    /// The state this event put it in (not necessarily its state now).
+    pub state: State,
+    pub requested_by: &'a str,
+    pub requester_owner: &'a str,
+    pub requested_at: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_environment: Option<&'a str>,
+    /// The release that was live when this one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Actor<'a> {
+    pub name: &'a str,
+    pub owner: &'a str,
+}
+
+/// The JSON body for `event` (named `name`, entering `state`) about `at_event`'s release.
+pub fn body(event: &Event, name: &str, state: Option<State>, at_event: &ReleaseAtEvent) -> Vec<u8> {
+    let r = &at_event.release;
+    let details: serde_json::Value = serde_json::from_str(&event.details).unwrap_or_default();
+    let payload = Payload {
+        id: event.seq,
+        event: name,
+        at: &event.at,
+        release: ReleaseView {
+            id: r.id,
+            service: &r.service,
+            environment: &r.environment,
+            digest: r.digest,
+            version: at_event.version.as_deref(),
+            kind: r.kind,
+            state: state.unwrap_or(at_event.first_state),
+            requested_by: &r.requested_by,
+            requester_owner: &r.requester_owner,
+            requested_at: &r.requested_at,
+            source_environment: r.source_environment.as_deref(),
+            replaces: r.replaces,
+        },
+        actor: Actor { name: &event.actor, owner: &event.owner },
+        reason: details["reason"].as_str().map(str::to_owned),
+    };
+    serde_json::to_vec(&payload).expect("the payload serializes")
+}
+
+/// `X-Release-Signature`: `sha256=` and the hex HMAC-SHA256 of the exact body with the secret.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// `X-Release-Delivery`: the same for every attempt of one event to one webhook, different for
+/// any other pair, even across registries (the event's chain hash is in it). UUID-shaped.
+pub fn delivery_id(webhook: &str, event_hash: &[u8; 32]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"release webhook delivery\0");
+    hasher.update(webhook.as_bytes());
+    hasher.update([0]);
+    hasher.update(event_hash);
+    let digest = hasher.finalize();
+    let bytes: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_rfc_4231_hmac_sha256() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn every_state_has_an_event_and_every_event_an_action() {
+        let entered: Vec<State> = ["release.approve", "release.reject", "release.cancel", "release.expire"]
+            .into_iter()
+            .chain(["release.deploying", "release.live", "release.failed", "release.superseded"])
+            .map(|a| event_for(a).unwrap().1.unwrap())
+            .collect();
+        for state in State::ALL {
+            // pending_approval and approved are also entered by a request (release.requested).
+            assert!(entered.contains(&state) || state == State::PendingApproval, "no event enters {state}");
+        }
+        let named: Vec<&str> = ["release.deploy", "release.approve", "release.reject", "release.cancel"]
+            .into_iter()
+            .chain(["release.expire", "release.deploying", "release.live", "release.failed", "release.superseded"])
+            .map(|a| event_for(a).unwrap().0)
+            .collect();
+        assert_eq!(named, EVENTS);
+        assert_eq!(event_for("release.adopted"), None);
+        assert_eq!(event_for("request.refused"), None);
+    }
+
+    #[test]
+    fn delivery_ids_are_stable_and_distinct() {
+        let a = delivery_id("monday", &[1; 32]);
+        assert_eq!(a, delivery_id("monday", &[1; 32]));
+        assert_ne!(a, delivery_id("slack", &[1; 32]));
+        assert_ne!(a, delivery_id("monday", &[2; 32]));
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+    }
+
+    #[test]
+    fn release_ids_from_subjects() {
+        assert_eq!(release_id("release/42"), Some(42));
+        assert_eq!(release_id("release/"), None);
+        assert_eq!(release_id("token/42"), None);
+    }
+}

@@ -1,0 +1,375 @@
+//! Outgoing webhooks: every change of a release's state POSTed as signed JSON to the
+//! configured receivers, retried with backoff, never on a deploy's path.
+//!
+//! The audit log is the outbox. Each state change is already an audit event, appended in the
+//! transaction that makes the change; one task per webhook reads the `release.*` events after
+//! its cursor (`webhook_cursors`), delivers them one at a time, in order, and records every
+//! attempt (`webhook_deliveries`). The attempt that ends a delivery (a 2xx answer, or the last
+//! attempt failing) moves the cursor in the same transaction, so a restart resumes where the
+//! last run stopped: at least once, never lost, with the same `X-Release-Delivery` id each
+//! time. A slow or dead receiver holds back only its own webhook.
+
+mod event;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use event::{EVENTS, Payload, delivery_id, event_for, signature};
+
+use crate::audit::Event;
+use crate::config::Webhook;
+use crate::registry::{Registry, RegistryError};
+use crate::utc;
+
+/// How often a webhook with nothing to do looks for new events.
+const POLL: Duration = Duration::from_millis(500);
+/// Events read from the log at once.
+const BATCH: u64 = 100;
+/// The wait before trying again after the registry failed.
+const REGISTRY_RETRY: Duration = Duration::from_secs(2);
+/// How much of a refusing receiver's answer is kept with the attempt.
+const ANSWER_TAIL: usize = 200;
+
+/// How one attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx answer: delivered.
+    Accepted,
+    /// Failed; another attempt follows.
+    Retrying,
+    /// The last attempt failed: the event is given up for this webhook.
+    GaveUp,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Retrying => "retrying",
+            Outcome::GaveUp => "gave_up",
+        }
+    }
+
+    /// Ends the delivery (the cursor moves past the event).
+    pub fn is_final(self) -> bool {
+        self != Outcome::Retrying
+    }
+}
+
+/// One attempt to deliver one event to one webhook, as recorded.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub webhook: String,
+    pub event_seq: u64,
+    pub release_id: i64,
+    pub event: String,
+    pub delivery: String,
+    pub attempt: u32,
+    pub at: String,
+    pub duration_ms: u64,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub outcome: Outcome,
+    pub next_attempt_at: Option<String>,
+}
+
+/// One event's delivery to one webhook, as `release show` tells it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    pub webhook: String,
+    pub event: String,
+    /// The audit event's sequence number (the body's `id`).
+    pub event_id: u64,
+    /// The `X-Release-Delivery` header.
+    pub delivery: String,
+    pub attempts: u32,
+    /// `accepted`, `retrying` or `gave_up`.
+    pub outcome: String,
+    pub delivered: bool,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub first_attempt_at: String,
+    pub last_attempt_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+/// The running webhook tasks; stopped by [`Workers::stop`] or when dropped.
+pub struct Workers {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Gives each webhook that has none a cursor at the head of the audit log (call this
+    /// before anything appends events at start, so that none is missed), then starts one
+    /// task per webhook.
+    pub async fn start(webhooks: &[Webhook], registry: Arc<Registry>) -> Result<Workers, RegistryError> {
+        let names: Vec<String> = webhooks.iter().map(|w| w.name.clone()).collect();
+        let reg = Arc::clone(&registry);
+        tokio::task::spawn_blocking(move || reg.start_webhook_cursors(&names)).await.expect("no panic")?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("release/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client with rustls builds");
+        for hook in webhooks {
+            let plain = reqwest::Url::parse(hook.url.expose())
+                .is_ok_and(|u| u.scheme() == "http" && !is_loopback(u.host_str().unwrap_or("")));
+            if plain {
+                // Signed, so not forgeable; but anyone on the way reads the events.
+                tracing::warn!(webhook = %hook.name, "webhook over plain HTTP beyond loopback: use https://");
+            }
+        }
+        let cancel = CancellationToken::new();
+        let tasks = webhooks
+            .iter()
+            .map(|hook| {
+                let worker = Worker {
+                    hook: hook.clone(),
+                    registry: Arc::clone(&registry),
+                    client: client.clone(),
+                    cancel: cancel.clone(),
+                };
+                tokio::spawn(worker.run())
+            })
+            .collect();
+        Ok(Workers { cancel, tasks })
+    }
+
+    /// Stops every task: an attempt in flight is dropped (its event is delivered again after
+    /// the next start, with the same delivery id).
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The task of one webhook.
+struct Worker {
+    hook: Webhook,
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    cancel: CancellationToken,
+}
+
+/// The task was told to stop.
+struct Stopped;
+
+impl Worker {
+    async fn run(self) {
+        let name = self.hook.name.clone();
+        let cursor = self.until_ok(move |r| {
+            r.start_webhook_cursors(std::slice::from_ref(&name))?;
+            r.webhook_cursor(&name)
+        });
+        let Ok(Some(mut cursor)) = cursor.await else { return };
+        tracing::info!(webhook = %self.hook.name, after = cursor, "webhook started");
+        loop {
+            let backlog = match self.until_ok(move |r| r.webhook_backlog(cursor, BATCH)).await {
+                Ok(backlog) => backlog,
+                Err(Stopped) => return,
+            };
+            let full = backlog.events.len() as u64 == BATCH;
+            for event in backlog.events {
+                match self.handle(&event).await {
+                    Ok(true) => cursor = event.seq,
+                    Ok(false) => {}
+                    Err(Stopped) => return,
+                }
+            }
+            if backlog.scanned_to > cursor {
+                let (name, to) = (self.hook.name.clone(), backlog.scanned_to);
+                if self.until_ok(move |r| r.advance_webhook_cursor(&name, to)).await.is_err() {
+                    return;
+                }
+                cursor = backlog.scanned_to;
+            }
+            if !full && self.sleep(POLL).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Delivers `event` if this webhook wants it; `Ok(true)` when it was delivered or given up
+    /// (the cursor moved past it), `Ok(false)` when it is not one for this webhook.
+    async fn handle(&self, event: &Event) -> Result<bool, Stopped> {
+        let Some((name, state)) = event_for(&event.action) else { return Ok(false) };
+        let Some(id) = event::release_id(&event.subject) else { return Ok(false) };
+        let Some(release) = self.until_ok(move |r| r.release_at_event(id)).await? else {
+            tracing::error!(webhook = %self.hook.name, event = event.seq, release = id, "an event names no release");
+            return Ok(false);
+        };
+        let r = &release.release;
+        if !self.hook.wants(name, &r.service, &r.environment) {
+            return Ok(false);
+        }
+        let body = event::body(event, name, state, &release);
+        self.deliver(event, name, id, body).await?;
+        Ok(true)
+    }
+
+    /// Attempts until the receiver accepts or the attempts run out; records each attempt.
+    async fn deliver(&self, event: &Event, name: &str, release_id: i64, body: Vec<u8>) -> Result<(), Stopped> {
+        let hook = &self.hook;
+        let delivery = delivery_id(&hook.name, &event.hash);
+        let signature = signature(hook.secret.expose().as_bytes(), &body);
+        let (webhook, seq) = (hook.name.clone(), event.seq);
+        let mut attempt = self.until_ok(move |r| r.webhook_attempts(&webhook, seq)).await? + 1;
+        loop {
+            let at = utc::now_text();
+            let started = Instant::now();
+            let request = self
+                .client
+                .post(hook.url.expose())
+                .timeout(hook.timeout)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header("X-Release-Event", name)
+                .header("X-Release-Delivery", &delivery)
+                .header("X-Release-Signature", &signature)
+                .body(body.clone());
+            let (status_code, error) = tokio::select! {
+                answer = send(request, hook.timeout) => answer,
+                _ = self.cancel.cancelled() => return Err(Stopped),
+            };
+            let outcome = match (&error, attempt >= hook.max_attempts) {
+                (None, _) => Outcome::Accepted,
+                (Some(_), false) => Outcome::Retrying,
+                (Some(_), true) => Outcome::GaveUp,
+            };
+            let wait = hook.backoff(attempt + 1);
+            let record = Attempt {
+                webhook: hook.name.clone(),
+                event_seq: event.seq,
+                release_id,
+                event: name.to_owned(),
+                delivery: delivery.clone(),
+                attempt,
+                at,
+                duration_ms: started.elapsed().as_millis() as u64,
+                status_code,
+                error: error.clone(),
+                outcome,
+                next_attempt_at: (outcome == Outcome::Retrying)
+                    .then(|| utc::format(utc::now() + time::Duration::try_from(wait).unwrap_or(time::Duration::MAX))),
+            };
+            let (webhook, delivery_id) = (hook.name.as_str(), delivery.as_str());
+            match outcome {
+                Outcome::Accepted => {
+                    tracing::info!(webhook, event = name, seq, delivery = delivery_id, attempt, "webhook delivered")
+                }
+                Outcome::Retrying => tracing::warn!(
+                    webhook,
+                    event = name,
+                    seq,
+                    delivery = delivery_id,
+                    attempt,
+                    error = error.as_deref().unwrap_or(""),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "webhook attempt failed"
+                ),
+                Outcome::GaveUp => tracing::error!(
+                    webhook,
+                    event = name,
+                    seq,
+                    delivery = delivery_id,
+                    attempt,
+                    error = error.as_deref().unwrap_or(""),
+                    "webhook delivery given up"
+                ),
+            }
+            self.until_ok(move |r| r.record_webhook_attempt(&record)).await?;
+            if outcome.is_final() {
+                return Ok(());
+            }
+            self.sleep(wait).await?;
+            attempt += 1;
+        }
+    }
+
+    /// Runs a registry call off the async threads, again and again until it succeeds (a
+    /// registry that fails now may not in a moment), or until the task is stopped.
+    async fn until_ok<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Registry) -> Result<T, RegistryError> + Send + Sync + 'static,
+    ) -> Result<T, Stopped> {
+        let f = Arc::new(f);
+        loop {
+            let (registry, call) = (Arc::clone(&self.registry), Arc::clone(&f));
+            match tokio::task::spawn_blocking(move || call(&registry)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => tracing::error!(webhook = %self.hook.name, error = %e, "webhook: registry call failed"),
+                Err(e) => tracing::error!(webhook = %self.hook.name, error = %e, "webhook: registry call panicked"),
+            }
+            self.sleep(REGISTRY_RETRY).await?;
+        }
+    }
+
+    async fn sleep(&self, how_long: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            _ = tokio::time::sleep(how_long) => Ok(()),
+            _ = self.cancel.cancelled() => Err(Stopped),
+        }
+    }
+}
+
+/// Sends one attempt: `(status, None)` on a 2xx answer, else what went wrong. The URL never
+/// appears in the error (it may carry a token).
+async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u16>, Option<String>) {
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_timeout() => {
+            return (None, Some(format!("no answer within {}", humantime::format_duration(timeout))));
+        }
+        Err(e) => return (None, Some(error_chain(&e.without_url()))),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return (Some(status.as_u16()), None);
+    }
+    let mut answer = Vec::new();
+    let mut response = response;
+    while answer.len() < ANSWER_TAIL {
+        match response.chunk().await {
+            Ok(Some(chunk)) => answer.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    answer.truncate(ANSWER_TAIL);
+    let answer: String =
+        String::from_utf8_lossy(&answer).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let answer = answer.trim();
+    let error = if answer.is_empty() { format!("answered {status}") } else { format!("answered {status}: {answer}") };
+    (Some(status.as_u16()), Some(error))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An error and its causes, once each.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
