@@ -30,6 +30,8 @@ use crate::releases::{Deployer, Deployment, Failure, Kind, LegacyBytes, Observed
 use crate::store::Store;
 use crate::utc;
 
+/// What a node's hooks leave of the server's wait for an answer.
+const HOOK_MARGIN: Duration = Duration::from_secs(5);
 /// How long the node's health check may take to pass after a switch.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -43,6 +45,12 @@ pub struct NodeDeployer {
 impl NodeDeployer {
     pub fn new(store: Store, limits: Limits, ssh: SshConfig, timeout: Duration) -> NodeDeployer {
         NodeDeployer { store, limits, ssh, timeout }
+    }
+
+    /// How long hooks may run on a node: a little less than the server waits for an answer,
+    /// so that the node kills a hung hook and says so before the call times out.
+    fn hook_timeout(&self) -> Duration {
+        self.timeout.saturating_sub(HOOK_MARGIN).max(Duration::from_secs(1))
     }
 
     /// Connects to one node: a local agent, or an SSH session (host key checked, binary
@@ -256,6 +264,7 @@ impl NodeDeployer {
             max_unpacked_bytes: self.limits.max_unpacked_bytes.0,
             max_files: self.limits.max_files,
             adopt: target.adopting(),
+            hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
         });
         let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
         phase(plan, target, name, request, payload).await.map(drop)
@@ -277,6 +286,7 @@ impl NodeDeployer {
             digest,
             commands: commands.to_vec(),
             env: plan.service.env.clone(),
+            hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
         });
         phase(plan, target, name, request, None).await.map(drop)
     }

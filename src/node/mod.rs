@@ -105,6 +105,15 @@ pub struct Prepare {
     /// A plain directory at `current` is being adopted: prepare beside it.
     #[serde(default)]
     pub adopt: bool,
+    /// How long the finalize commands may run, all together, before they are killed.
+    #[serde(default)]
+    pub hook_timeout_ms: Option<u64>,
+}
+
+impl Prepare {
+    pub fn hook_timeout(&self) -> Option<std::time::Duration> {
+        self.hook_timeout_ms.map(std::time::Duration::from_millis)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,6 +124,9 @@ pub struct Exec {
     pub digest: Option<Digest>,
     pub commands: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// How long the commands may run, all together, before they are killed.
+    #[serde(default)]
+    pub hook_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -153,7 +153,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
-        let finalized = run_commands(&dir, &p.finalize, &env);
+        let finalized = run_commands(&dir, &p.finalize, &env, p.hook_timeout());
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
         sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
@@ -201,7 +201,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         link_shared(&layout, &dir, &p.shared)?;
     }
     let env = release_env(&layout, p.digest, &p.env);
-    let output = run_commands(&dir, &p.finalize, &env)?;
+    let output = run_commands(&dir, &p.finalize, &env, p.hook_timeout())?;
     set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
     // What finalize wrote, the links and the modes are on disk before the marker says ready.
     sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
@@ -285,26 +285,67 @@ fn release_env(layout: &Layout, digest: Digest, extra: &BTreeMap<String, String>
 }
 
 /// Runs shell commands in `dir`, one after the other; the tail of their output, or the
-/// failing command with its tail.
-fn run_commands(dir: &Path, commands: &[String], env: &BTreeMap<String, String>) -> Result<String, NodeError> {
+/// failing command with its tail. A command still running at `deadline` is killed with its
+/// whole process group, so a hung hook never holds the base's lock past the server's wait.
+fn run_commands(
+    dir: &Path,
+    commands: &[String],
+    env: &BTreeMap<String, String>,
+    deadline: Option<Duration>,
+) -> Result<String, NodeError> {
+    use std::os::unix::process::CommandExt;
+    let started = Instant::now();
     let mut output = Vec::new();
     for command in commands {
-        let run = Command::new("sh")
+        let mut child = Command::new("sh")
             .arg("-c")
             .arg(format!("exec 2>&1; {command}"))
             .current_dir(dir)
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .output()
+            .process_group(0)
+            .spawn()
             .map_err(|e| NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")))?;
+        let mut stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = stdout.read_to_end(&mut out);
+            let _ = tx.send(out);
+        });
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| NodeError::new("hook_failed", e.to_string()))? {
+                break Some(status);
+            }
+            if deadline.is_some_and(|d| started.elapsed() > d) {
+                // SAFETY: kill(2) on the process group of the hook we started.
+                unsafe {
+                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                }
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // A daemon the hook started may keep the pipe open: wait a little, not for ever.
+        let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
         output.extend_from_slice(format!("$ {command}\n").as_bytes());
-        output.extend_from_slice(&run.stdout);
-        if !run.status.success() {
-            let mut e = NodeError::new("hook_failed", format!("`{command}` failed ({})", run.status));
-            e.output = Some(tail(&output));
-            return Err(e);
-        }
+        output.extend_from_slice(&rx.recv_timeout(wait).unwrap_or_default());
+        let failure = match status {
+            Some(status) if status.success() => continue,
+            Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
+            None => NodeError::new(
+                "hook_timeout",
+                format!(
+                    "`{command}` was still running after {} s and was killed (with its process group)",
+                    deadline.unwrap_or_default().as_secs()
+                ),
+            ),
+        };
+        let mut e = failure;
+        e.output = Some(tail(&output));
+        return Err(e);
     }
     Ok(tail(&output))
 }
@@ -579,7 +620,8 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
             None => return Err(NodeError::new("not_ready", format!("{} has no current release", e.base.display()))),
         },
     };
-    let output = run_commands(&dir, &e.commands, &release_env(&layout, digest, &e.env))?;
+    let deadline = e.hook_timeout_ms.map(Duration::from_millis);
+    let output = run_commands(&dir, &e.commands, &release_env(&layout, digest, &e.env), deadline)?;
     Ok(json!({"output": output}))
 }
 

@@ -758,3 +758,24 @@ fn a_release_without_a_health_check_naming_the_digest_is_live_but_unverified() {
     let shown = fleet.f.get("carol", &format!("/v1/releases/{}", live["id"]));
     assert_eq!(shown["verified"], false, "{shown}");
 }
+
+#[test]
+fn a_hung_hook_is_killed_on_the_node_before_the_server_gives_up_and_the_lock_is_free() {
+    let mut fleet = Fleet::new(1, "");
+    fleet.f.server.reconfigure(&format!(
+        "[ssh]\ncommand_timeout = \"7s\"\n{}",
+        node_config(&fleet.bases, "hooks.finalize = [\"sleep 120 # hung-hook-marker\"]")
+    ));
+    let v1 = fleet.upload("v1", &[]);
+    let started = std::time::Instant::now();
+    let failed = fleet.deploy(&v1);
+    assert_eq!(failed["state"], "failed");
+    let reason = failed["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("hook_timeout") && reason.contains("killed"), "{reason}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    let ps = std::process::Command::new("pgrep").args(["-f", "hung-hook-marker"]).output().unwrap();
+    assert!(ps.stdout.is_empty(), "the hook's processes are gone: {}", String::from_utf8_lossy(&ps.stdout));
+    // The base is not locked by a left-over agent: the next deploy goes through.
+    fleet.f.server.reconfigure(&format!("[ssh]\ncommand_timeout = \"7s\"\n{}", node_config(&fleet.bases, "")));
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+}
