@@ -1,5 +1,5 @@
-//! What a scrape shows for what was recorded, and that the README names only metrics the
-//! server exposes (so it does not drift from the code).
+//! What a scrape shows for what was recorded, and that the README and the Grafana dashboard
+//! name only metrics the server exposes (so neither drifts from the code).
 
 use std::collections::BTreeSet;
 
@@ -171,6 +171,60 @@ fn the_readme_lists_every_metric_and_no_other() {
     }
     for family in FAMILIES {
         assert!(section.contains(&format!("`{family}")), "README's Metrics section does not list {family}");
+    }
+}
+
+/// The example dashboard imports into Grafana (a `DS_PROMETHEUS` input that every panel and
+/// query uses) and queries only metrics the server exposes.
+#[test]
+fn the_grafana_dashboard_uses_only_exposed_metrics() {
+    let text = include_str!("../../systemd/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(text).expect("the dashboard is JSON");
+    let inputs = dashboard["__inputs"].as_array().expect("__inputs for import");
+    assert!(
+        inputs
+            .iter()
+            .any(|i| i["name"] == "DS_PROMETHEUS" && i["type"] == "datasource" && i["pluginId"] == "prometheus"),
+        "no DS_PROMETHEUS datasource input: {inputs:?}"
+    );
+    assert!(dashboard["title"].is_string() && dashboard["schemaVersion"].is_u64() && dashboard["uid"].is_string());
+    let exposed = exposed(&everything());
+
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut used = BTreeSet::new();
+    for panel in panels.iter().chain(panels.iter().flat_map(|p| p["panels"].as_array().into_iter().flatten())) {
+        let title = panel["title"].as_str().expect("every panel has a title");
+        assert!(ids.insert(panel["id"].as_u64().expect("every panel has an id")), "{title}: id used twice");
+        for key in ["x", "y", "w", "h"] {
+            assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+        }
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}: datasource");
+        let targets = panel["targets"].as_array().unwrap_or_else(|| panic!("{title}: no targets"));
+        assert!(!targets.is_empty(), "{title}: no targets");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}: a query's datasource");
+            let expr = target["expr"].as_str().unwrap_or_else(|| panic!("{title}: a query without expr"));
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{title}: {expr} uses no release_ metric");
+            for name in names {
+                assert!(exposed.contains(&name), "{title}: {expr} uses {name}, which the server does not expose");
+                used.insert(name);
+            }
+        }
+    }
+    for wanted in [
+        "release_releases_total",
+        "release_deploy_duration_seconds_bucket",
+        "release_phase_duration_seconds_bucket",
+        "release_refused_requests_total",
+        "release_artifacts_stored_bytes",
+        "release_uploads_total",
+    ] {
+        assert!(used.contains(wanted), "the dashboard has no panel on {wanted}");
     }
 }
 
