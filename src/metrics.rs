@@ -228,12 +228,16 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// Creates, at zero, every series whose labels the configuration already knows: releases
-    /// and deploy durations per (service, environment), uploads per service. Prometheus's
+    /// Creates, at zero, every series whose labels are known before anything happens:
+    /// releases and deploy durations per (service, environment), uploads per service, and the
+    /// refusals any server sees (401 `unauthenticated`, 403 `forbidden`). Prometheus's
     /// `increase()` cannot see the first increment of a series that appears with it, so a
-    /// first failure after a start would go unseen otherwise. Series whose labels come from
-    /// events (phases, refusal codes) appear at their first event.
+    /// first failure after a start would go unseen otherwise. Other series (phases, other
+    /// refusal codes) appear at their first event.
     pub fn start_at_zero(&self, services: &[String], environments: &[String]) {
+        for (status, code) in [(401, "unauthenticated"), (403, "forbidden")] {
+            self.refused.get_or_create_owned(&RefusedLabels { status: status.to_string(), code: code.into() });
+        }
         for service in services {
             for outcome in [UploadOutcome::Stored, UploadOutcome::Repeat, UploadOutcome::Refused, UploadOutcome::Failed]
             {

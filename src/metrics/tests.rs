@@ -139,6 +139,7 @@ fn a_scrape_shows_what_was_recorded() {
         r#"release_releases_total{service="web",environment="production",kind="rollback",outcome="expired"} 0"#,
         r#"release_deploy_duration_seconds_count{service="web",environment="production",outcome="failed"} 0"#,
         r#"release_uploads_total{service="web",outcome="refused"} 0"#,
+        r#"release_refused_requests_total{status="403",code="forbidden"} 0"#,
     ] {
         assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
     }
