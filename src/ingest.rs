@@ -19,6 +19,7 @@ use crate::archive::{self, ArchiveError, CheckOptions, Summary};
 use crate::audit::NewEvent;
 use crate::config::{Config, ServiceKind, is_valid_name};
 use crate::digest::Digest;
+use crate::metrics::{Metrics, UploadOutcome};
 use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
 use crate::store::{Store, StoreError, Upload};
 use crate::token::{Action, Principal, TokenError};
@@ -79,24 +80,45 @@ pub struct Ingestor {
     pub config: Arc<Config>,
     pub store: Store,
     pub registry: Arc<Registry>,
+    /// Counts every upload by outcome.
+    pub metrics: Arc<Metrics>,
     /// Turns for uploads, `limits.max_concurrent_uploads` of them: what bounds the memory all
     /// uploads together may hold.
     turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingestor {
-    pub fn new(config: Arc<Config>, store: Store, registry: Arc<Registry>) -> Ingestor {
+    pub fn new(config: Arc<Config>, store: Store, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Ingestor {
         let turns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_concurrent_uploads as usize));
-        Ingestor { config, store, registry, turns }
+        Ingestor { config, store, registry, metrics, turns }
     }
 
-    /// Takes one upload from its body stream to a registry row, or to nothing at all.
+    /// Takes one upload from its body stream to a registry row, or to nothing at all; counts
+    /// how it ended.
     pub async fn ingest<S, E>(
         &self,
         principal: &Principal,
         request: UploadRequest,
         body: S,
     ) -> Result<Recorded, IngestError>
+    where
+        S: Stream<Item = Result<Piece, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let service = request.service.clone();
+        let result = self.take(principal, request, body).await;
+        let outcome = match &result {
+            Ok(recorded) if recorded.new_artifact => UploadOutcome::Stored,
+            Ok(_) => UploadOutcome::Repeat,
+            Err(IngestError::Store(_) | IngestError::Registry(_)) => UploadOutcome::Failed,
+            Err(_) => UploadOutcome::Refused,
+        };
+        self.metrics.record_upload(&service, outcome);
+        result
+    }
+
+    /// The upload itself; [`Ingestor::ingest`] counts how it ended.
+    async fn take<S, E>(&self, principal: &Principal, request: UploadRequest, body: S) -> Result<Recorded, IngestError>
     where
         S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,

@@ -14,6 +14,7 @@
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
 //! - [`deploy`] — the node deployer behind the seam: phases across a fleet, transports.
 //! - [`node`] — the node side (`release node`): prepare, switch, status, cleanup, hooks, health.
+//! - [`metrics`] — Prometheus metrics: per-process counters and histograms, registry gauges.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
 //! - [`webhooks`] — release events POSTed, signed, to configured receivers; an outbox over the audit log.
 //! - [`client`] — the HTTP client of the command line.
@@ -29,6 +30,7 @@ pub mod curation;
 pub mod deploy;
 pub mod digest;
 pub mod ingest;
+pub mod metrics;
 pub mod node;
 pub mod registry;
 pub mod releases;

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod audit;
+mod gauges;
 mod migrate;
 mod releases;
 mod tokens;
@@ -20,7 +21,8 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
-pub use releases::{Adoption, ConfiguredEnvironment, NewApproval, NewRelease};
+pub use gauges::{Cell, Gauges};
+pub use releases::{Adoption, ConfiguredEnvironment, Finished, NewApproval, NewRelease};
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
 pub use webhooks::{Backlog, ReleaseAtEvent};

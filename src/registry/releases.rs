@@ -52,6 +52,17 @@ pub struct NewApproval {
     pub reason: Option<String>,
 }
 
+/// How a deploy ended, as [`Registry::finish_deploy`] recorded it.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// The release in its final state (`live` or `failed`).
+    pub release: Release,
+    /// When it became `deploying` (`None` if it never did).
+    pub deploying_since: Option<String>,
+    /// Releases waiting for approval that its going live cancelled.
+    pub cancelled: Vec<Release>,
+}
+
 /// What the configuration declares, for the registry's own record.
 #[derive(Clone, Debug)]
 pub struct ConfiguredEnvironment {
@@ -248,8 +259,9 @@ impl Registry {
 
     /// `deploying → live`: the previously live release becomes `superseded`, and releases of
     /// the same service and environment still waiting for approval are cancelled (an
-    /// approval never lands on a stale request). Each change gets its event.
-    pub fn go_live(&self, id: i64, event: &NewEvent) -> Result<Release, RegistryError> {
+    /// approval never lands on a stale request). Each change gets its event. Returns the live
+    /// release and the ones it cancelled.
+    pub fn go_live(&self, id: i64, event: &NewEvent) -> Result<(Release, Vec<Release>), RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
             let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
@@ -269,14 +281,15 @@ impl Registry {
                 stmt.query_map(params![release.service, release.environment], |r| r.get(0))?
                     .collect::<Result<_, _>>()?
             };
+            let mut cancelled = Vec::new();
             for stale in pending {
                 let why = format!("release {id} went live first");
-                change_state(&tx, stale, State::Cancelled, "release", Some(&why))?;
+                cancelled.push(change_state(&tx, stale, State::Cancelled, "release", Some(&why))?);
                 let details = serde_json::json!({"reason": why});
                 super::audit::append(&tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
             }
             tx.commit()?;
-            Ok(release)
+            Ok((release, cancelled))
         })
     }
 
@@ -763,19 +776,26 @@ impl Registry {
         to: State,
         reason: Option<&str>,
         event: &NewEvent,
-    ) -> Result<Release, RegistryError> {
-        let release = match to {
+    ) -> Result<Finished, RegistryError> {
+        let (release, cancelled) = match to {
             State::Live => self.go_live(id, event)?,
-            _ => self.transition(id, to, "release", reason, event)?,
+            _ => (self.transition(id, to, "release", reason, event)?, vec![]),
         };
-        self.write(|conn| {
+        let deploying_since = self.write(|conn| {
             conn.execute(
                 "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND release_id = ?3",
                 params![release.service, release.environment, id],
             )?;
-            Ok(())
+            Ok(conn
+                .query_row(
+                    "SELECT at FROM release_transitions WHERE release_id = ?1 AND state = 'deploying'
+                     ORDER BY id DESC LIMIT 1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?)
         })?;
-        Ok(release)
+        Ok(Finished { release, deploying_since, cancelled })
     }
 
     /// Removes every deploy lease (at start: the data directory's lock proves their owners

@@ -246,7 +246,7 @@ mod releases {
         let live = |registry: &Registry| {
             let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
             registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
-            registry.go_live(r.id, &event()).unwrap()
+            registry.go_live(r.id, &event()).unwrap().0
         };
         let first = live(&registry);
         let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
@@ -259,6 +259,59 @@ mod releases {
             detail.transitions.last().unwrap().reason.as_deref(),
             Some(format!("release {} went live first", second.id).as_str())
         );
+    }
+
+    #[test]
+    fn finishing_a_deploy_tells_when_it_began_and_what_it_cancelled() {
+        let (_dir, registry, digest) = with_artifact();
+        let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        let deploying = registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
+        let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        let finished = registry.finish_deploy(r.id, State::Live, None, &event()).unwrap();
+        assert_eq!(finished.release.state, State::Live);
+        assert_eq!(finished.deploying_since.as_deref(), Some(deploying.state_changed_at.as_str()));
+        let cancelled: Vec<(i64, State)> = finished.cancelled.iter().map(|c| (c.id, c.state)).collect();
+        assert_eq!(cancelled, [(stale.id, State::Cancelled)]);
+
+        let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        let deploying = registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
+        let finished = registry.finish_deploy(r.id, State::Failed, Some("no"), &event()).unwrap();
+        assert_eq!(finished.release.state, State::Failed);
+        assert_eq!(finished.deploying_since, Some(deploying.state_changed_at));
+        assert!(finished.cancelled.is_empty());
+    }
+
+    #[test]
+    fn gauges_count_stored_artifacts_and_what_waits_in_each_cell() {
+        use crate::registry::{Cell, ConfiguredEnvironment};
+        let (_dir, registry, digest) = with_artifact();
+        registry.record_artifact(&new_artifact("api", b"v2 bytes"), &event()).unwrap();
+        let environment = |name: &str| ConfiguredEnvironment {
+            name: name.into(),
+            promote_from: None,
+            requires_approval: name == "production",
+        };
+        registry
+            .sync_config(&[("api".into(), "generic".into())], &[environment("staging"), environment("production")])
+            .unwrap();
+        registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
+        registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+
+        let gauges = registry.gauges().unwrap();
+        assert_eq!((gauges.artifacts, gauges.artifact_bytes), (2, 2 + 8));
+        let cell = |environment: &str, in_flight, pending_approval| Cell {
+            service: "api".into(),
+            environment: environment.into(),
+            in_flight,
+            pending_approval,
+        };
+        assert_eq!(gauges.cells, [cell("staging", 0, 0), cell("production", 1, 2)]);
+
+        // Purged bytes are not stored any more.
+        registry.record_purge(Digest::of(b"v2 bytes"), "root", "root", &event()).unwrap();
+        let gauges = registry.gauges().unwrap();
+        assert_eq!((gauges.artifacts, gauges.artifact_bytes), (1, 2));
     }
 }
 

@@ -21,7 +21,8 @@ use crate::audit::NewEvent;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::ingest::Ingestor;
-use crate::registry::{ConfiguredEnvironment, NewApproval, NewRelease, Registry, RegistryError};
+use crate::metrics::Metrics;
+use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError};
 use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError};
 use crate::utc;
@@ -121,14 +122,22 @@ pub struct Releases {
     ingestor: Ingestor,
     /// This server instance, as the owner of the deploy leases it takes.
     instance: String,
+    /// Counts releases as they end, and times deploys and their phases.
+    metrics: Arc<Metrics>,
 }
 
 impl Releases {
-    pub fn new(config: Arc<Config>, registry: Arc<Registry>, store: Store, deployer: Arc<dyn Deployer>) -> Releases {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        store: Store,
+        deployer: Arc<dyn Deployer>,
+        metrics: Arc<Metrics>,
+    ) -> Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
-        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
-        Releases { config, registry, store, deployer, ingestor, instance }
+        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
+        Releases { config, registry, store, deployer, ingestor, instance, metrics }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -208,8 +217,9 @@ impl Releases {
         for attempt in 1..=5 {
             let (event, why_owned) = (event.clone(), why.to_owned());
             match self.blocking(move |r| r.finish_deploy(id, State::Failed, Some(&why_owned), &event)).await {
-                Ok(_) => {
+                Ok(finished) => {
                     tracing::warn!(release = id, reason = why, "release failed");
+                    self.record_finished(&finished);
                     return;
                 }
                 Err(ReleaseError::InvalidState { .. }) => return, // already final
@@ -224,7 +234,7 @@ impl Releases {
     /// Expires pending releases past their approval window, and fails deploys whose lease
     /// lapsed (their runner is gone without a word).
     async fn sweep(&self) {
-        if let Err(e) = self.blocking(|r| r.expire_pending()).await {
+        if let Err(e) = self.expire_pending().await {
             tracing::error!(error = %e, "expiring pending releases failed");
         }
         match self.blocking(|r| r.lapsed_deploys()).await {
@@ -531,7 +541,9 @@ impl Releases {
             format!("release/{id}"),
             serde_json::json!({"digest": release.digest, "reason": reason}),
         );
-        self.blocking(move |r| r.decide(id, &decision, &event)).await
+        let rejected = self.blocking(move |r| r.decide(id, &decision, &event)).await?;
+        self.metrics.record_release(&rejected, None);
+        Ok(rejected)
     }
 
     /// `release cancel ID`: the requester (same owner) or an admin withdraws a pending release.
@@ -548,7 +560,27 @@ impl Releases {
         }
         let event = NewEvent::by(p, "release.cancel", format!("release/{id}"), serde_json::json!({}));
         let actor = p.name.clone();
-        self.blocking(move |r| r.transition(id, State::Cancelled, &actor, Some("withdrawn"), &event)).await
+        let cancelled =
+            self.blocking(move |r| r.transition(id, State::Cancelled, &actor, Some("withdrawn"), &event)).await?;
+        self.metrics.record_release(&cancelled, None);
+        Ok(cancelled)
+    }
+
+    /// Expires pending releases past their approval window, counting each.
+    async fn expire_pending(&self) -> Result<(), ReleaseError> {
+        for expired in self.blocking(|r| r.expire_pending()).await? {
+            self.metrics.record_release(&expired, None);
+        }
+        Ok(())
+    }
+
+    /// Counts a deploy that ended (and times it), and the pending releases its going live
+    /// cancelled.
+    fn record_finished(&self, finished: &Finished) {
+        self.metrics.record_release(&finished.release, finished.deploying_since.as_deref());
+        for cancelled in &finished.cancelled {
+            self.metrics.record_release(cancelled, None);
+        }
     }
 
     async fn find(&self, id: i64) -> Result<Release, ReleaseError> {
@@ -567,7 +599,7 @@ impl Releases {
         if let Some(at) = &release.expires_at
             && at.as_str() <= utc::now_text().as_str()
         {
-            self.blocking(|r| r.expire_pending()).await?;
+            self.expire_pending().await?;
             return Err(ReleaseError::Expired { id, at: at.clone() });
         }
         Ok(release)
@@ -715,9 +747,12 @@ impl Releases {
         match outcome {
             Ok(()) => {
                 let event = NewEvent::by_server("release.live", format!("release/{id}"), serde_json::json!({}));
-                if let Err(e) = self.blocking(move |r| r.finish_deploy(id, State::Live, None, &event)).await {
-                    tracing::error!(release = id, error = %e, "could not record the release as live");
-                    self.fail(id, &format!("the deploy succeeded but could not be recorded: {e}")).await;
+                match self.blocking(move |r| r.finish_deploy(id, State::Live, None, &event)).await {
+                    Ok(finished) => self.record_finished(&finished),
+                    Err(e) => {
+                        tracing::error!(release = id, error = %e, "could not record the release as live");
+                        self.fail(id, &format!("the deploy succeeded but could not be recorded: {e}")).await;
+                    }
                 }
             }
             Err(failure) => {
@@ -731,10 +766,12 @@ impl Releases {
         }
     }
 
-    /// Records each node's phase as the deployer reports it.
+    /// Records each node's phase as the deployer reports it, and times it.
     fn reporter(&self, id: i64) -> Reporter {
         let registry = Arc::clone(&self.registry);
+        let metrics = Arc::clone(&self.metrics);
         Reporter(Arc::new(move |deployment: Deployment| {
+            metrics.record_phase(&deployment);
             let registry = Arc::clone(&registry);
             // The deployer reports from async code: record off its thread, in order.
             let recorded = tokio::task::block_in_place(|| registry.record_deployment(id, &deployment));

@@ -168,6 +168,17 @@ impl From<crate::curation::CurationError> for ApiError {
     }
 }
 
+impl From<crate::metrics::MetricsError> for ApiError {
+    fn from(e: crate::metrics::MetricsError) -> ApiError {
+        use crate::metrics::MetricsError as M;
+        match e {
+            M::Forbidden(e) => e.into(),
+            e @ M::Scoped { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            M::Registry(e) => e.into(),
+        }
+    }
+}
+
 impl From<AuditError> for ApiError {
     fn from(e: AuditError) -> ApiError {
         match e {

@@ -22,14 +22,17 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
 
+use auth::Caller;
+
 use crate::config::{Config, StorageConfig};
 use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::releases::{Deployer, Releases};
 use crate::store::{Store, StoreError};
@@ -71,6 +74,7 @@ pub struct AppState {
     pub releases: Releases,
     /// The audit chain's state for the pages, checked incrementally.
     pub chain: Arc<crate::audit::ChainWatch>,
+    pub metrics: Arc<Metrics>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -120,15 +124,20 @@ impl Opened {
         tracing::info!(store = %store.describe(), registry = %registry.path().display(), "opened");
         let (config, registry) = (Arc::new(config), Arc::new(registry));
         check_audit_against_bucket(&registry, &store).await?;
-        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry));
+        let metrics = Arc::new(Metrics::new());
+        let services: Vec<String> = config.services.values().map(|s| s.name.clone()).collect();
+        let environments: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
+        metrics.start_at_zero(&services, &environments);
+        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
         // Before the releases start: a webhook new to the registry starts at the audit log's
         // head, and what recovery appends next is already after it.
         let webhooks = Workers::start(&config.webhooks, Arc::clone(&registry)).await?;
-        let releases = Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer);
+        let releases =
+            Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer, Arc::clone(&metrics));
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
         let chain = Arc::new(crate::audit::ChainWatch::default());
-        let state = AppState { config, store, registry, ingestor, releases, chain, checkpointed };
+        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
         Ok(Opened { state, webhooks: Some(webhooks), _lock: lock })
@@ -221,6 +230,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -233,8 +243,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 409, 413, 422) becomes an audit event: who, what, why.
-/// Malformed requests (400), missing things (404) and wrong methods (405) do not.
+/// Every refused request (401, 403, 409, 413, 422) becomes an audit event: who, what, why;
+/// and is counted in `release_refused_requests_total`. Malformed requests (400), missing
+/// things (404) and wrong methods (405) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let subject = format!("{} {}", request.method(), request.uri().path());
     let slot = request.extensions().get::<auth::ActorSlot>().cloned();
@@ -245,6 +256,7 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
     }
     let (actor, owner) = slot.and_then(|s| s.who()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
     let refusal = response.extensions().get::<error::Refusal>();
+    state.metrics.record_refusal(status, refusal.map_or("unknown", |r| r.code));
     let details = serde_json::json!({
         "status": status,
         "code": refusal.map(|r| r.code),
@@ -271,6 +283,12 @@ async fn openapi() -> Response {
 
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// `GET /metrics`: Prometheus text, for a token with any role and no scope.
+async fn metrics(State(state): State<AppState>, Caller(principal): Caller) -> Result<Response, ApiError> {
+    let text = state.metrics.scrape(&principal, &state.registry).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// One log line per request: method, path (never the query or headers), status, time, caller.

@@ -1,6 +1,7 @@
-//! Every `/v1` route in one table: method, path, the action (and so the roles) it needs, and
-//! what it does. The README's API reference and the role-matrix test are checked against it,
-//! and a test checks the router answers every entry, so no endpoint is forgotten.
+//! Every route that needs a token (`/v1` and `/metrics`) in one table: method, path, the action
+//! (and so the roles) it needs, and what it does. The README's API reference, the OpenAPI
+//! document and the role-matrix test are checked against it, and a test checks the router
+//! answers every entry, so no endpoint is forgotten.
 
 use crate::token::Action;
 
@@ -120,6 +121,12 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/audit/verify",
         action: Action::ReadAudit,
         summary: "walk the hash chain and compare it with the bucket's checkpoint",
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        action: Action::Read,
+        summary: "Prometheus text (see Metrics below); a token limited to services or environments gets 403",
     },
 ];
 

@@ -5,6 +5,7 @@ mod audit;
 mod concurrency;
 mod curation;
 mod large;
+mod metrics;
 mod nodes;
 mod openapi;
 mod packaging;
