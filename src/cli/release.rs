@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::{Failure, Output, ServerArgs, exit, text};
 use crate::client::Client;
 
-const POLL: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {

@@ -12,8 +12,8 @@ mod ssh;
 mod transport;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -40,11 +40,13 @@ pub struct NodeDeployer {
     limits: Limits,
     ssh: SshConfig,
     timeout: Duration,
+    /// SSH sessions kept between deploys.
+    pool: ssh::Pool,
 }
 
 impl NodeDeployer {
     pub fn new(store: Store, limits: Limits, ssh: SshConfig, timeout: Duration) -> NodeDeployer {
-        NodeDeployer { store, limits, ssh, timeout }
+        NodeDeployer { store, limits, ssh, timeout, pool: ssh::Pool::default() }
     }
 
     /// How long hooks may run on a node: a little less than the server waits for an answer,
@@ -56,14 +58,13 @@ impl NodeDeployer {
     /// Connects to one node: a local agent, or an SSH session (host key checked, binary
     /// shipped if needed).
     async fn connect(&self, node: &Node) -> Result<Target, String> {
-        let transport: Box<dyn Transport> = if node.is_local() {
-            Box::new(Local::new(self.timeout))
+        let transport: Arc<dyn Transport> = if node.is_local() {
+            Arc::new(Local::new(self.timeout))
         } else {
-            Box::new(
-                ssh::Ssh::connect(node, &self.ssh, self.timeout)
-                    .await
-                    .map_err(|e| format!("node {}: {e}", node.display_name()))?,
-            )
+            self.pool
+                .get(node, &self.ssh, self.timeout)
+                .await
+                .map_err(|e| format!("node {}: {e}", node.display_name()))?
         };
         Ok(Target {
             name: node.display_name(),
@@ -118,7 +119,7 @@ struct Target {
     name: String,
     base: PathBuf,
     migrate: bool,
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
     /// What a put-back switches this node to: what its `current` pointed at when the deploy
     /// prepared it (else the registry's previous release), or the legacy tree it adopted.
     back_to: Mutex<Option<Digest>>,

@@ -4,7 +4,7 @@
 //! removed and nothing is left.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -36,7 +36,8 @@ pub fn unpack(
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
     let mut hashing = HashingReader { inner: input, hasher: Sha256::new() };
-    let walked = archive::walk(&mut hashing, options, &mut Unpacker { root: dest.to_owned() });
+    let walked =
+        archive::walk(&mut hashing, options, &mut Unpacker { root: dest.to_owned(), buffer: vec![0; 256 << 10] });
     let outcome = match walked {
         Err(WalkError::Archive(e)) => Err(UnpackError::Unsafe(e)),
         Err(WalkError::Visitor { path, source }) => Err(UnpackError::Write { path, source }),
@@ -106,6 +107,9 @@ fn sync_filesystem(dir: &Path) -> io::Result<()> {
 
 struct Unpacker {
     root: PathBuf,
+    /// One copy buffer for every file (a fresh one per file cost ~8% of an unpack in
+    /// allocating and clearing pages).
+    buffer: Vec<u8>,
 }
 
 impl Unpacker {
@@ -132,9 +136,7 @@ impl Visitor for Unpacker {
                     .create_new(true)
                     .mode(if executable { 0o755 } else { 0o644 })
                     .open(&target)?;
-                let mut writer = BufWriter::with_capacity(256 << 10, file);
-                io::copy(data, &mut writer)?;
-                writer.flush()
+                copy_with(data, file, &mut self.buffer)
             }
             Entry::Symlink { path, target } => {
                 let link = self.root.join(path.as_str());
@@ -147,6 +149,19 @@ impl Visitor for Unpacker {
                 fs::hard_link(self.root.join(target.as_str()), &link)
             }
         }
+    }
+}
+
+/// Copies `data` into `file` through `buffer`, in as few writes as it takes.
+fn copy_with(data: &mut dyn Read, mut file: fs::File, buffer: &mut [u8]) -> io::Result<()> {
+    loop {
+        let n = match data.read(buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        file.write_all(&buffer[..n])?;
     }
 }
 

@@ -245,7 +245,7 @@ fn agent_binaries_of_other_builds_are_pruned_on_the_node() {
         let day = format!("2020-01-0{}", i + 1);
         assert!(std::process::Command::new("touch").args(["-d", &day]).arg(path).status().unwrap().success());
     }
-    // The first deploy may ship this build; every connection after that prunes.
+    // Every new connection prunes, whether it ships this build or finds it there.
     let v1 = fleet.upload("v1");
     fleet.live_in("staging", &v1);
     let v2 = fleet.upload("v2");
@@ -260,6 +260,9 @@ fn agent_binaries_of_other_builds_are_pruned_on_the_node() {
     // Ours stays: the next deploy works.
     let v3 = fleet.upload("v3");
     fleet.live_in("staging", &v3);
+    // Three deploys, one SSH session: the server keeps it open between releases.
+    let log = fleet.nodes[0].log();
+    assert_eq!(log.matches("Accepted publickey").count(), 1, "{log}");
     for path in &old {
         let _ = fs::remove_file(path);
     }

@@ -331,6 +331,20 @@ fn a_receiver_failing_twice_accepts_each_event_once() {
         6
     );
     assert_eq!(f.server.count("SELECT count(*) FROM webhook_deliveries WHERE outcome = 'accepted'"), 3);
+
+    // The release's page shows the attempts too.
+    let page = f
+        .server
+        .http()
+        .get(format!("{}/releases/{release}", f.server.url))
+        .bearer_auth(f.token("carol"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let table = page.split("id=\"webhooks\"").nth(1).expect("a webhooks table on the release page");
+    assert_eq!(table.matches("<td>flaky</td>").count(), 3, "{table}");
+    assert_eq!(table.matches("HTTP 200").count(), 3, "{table}");
 }
 
 #[test]

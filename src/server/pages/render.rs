@@ -86,7 +86,7 @@ pub fn login(next: &str, error: Option<&str>, status: StatusCode) -> Response {
 fn at(text: &str) -> Markup {
     let shown = match utc::parse(text) {
         Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
             t.year(),
             u8::from(t.month()),
             t.day(),
@@ -338,6 +338,33 @@ pub fn release(
                             td { (at(&p.started_at)) }
                             td { (took(&p.started_at, &p.finished_at)) }
                             td { @if let Some(tail) = &p.output_tail { pre { (tail) } } }
+                        }
+                    }
+                }
+            }
+        }
+        @if !d.webhook_deliveries.is_empty() {
+            h2 { "Webhooks" }
+            table #webhooks {
+                thead { tr { th { "webhook" } th { "event" } th { "outcome" } th { "attempts" } th { "last answer" } th { "first attempt" } th { "last attempt" } th { "next attempt" } } }
+                tbody {
+                    @for w in &d.webhook_deliveries {
+                        tr {
+                            td { (w.webhook) }
+                            td { code { (w.event) } }
+                            td {
+                                @if w.delivered { span.ok { (w.outcome) } }
+                                @else if w.outcome == "gave_up" { span.bad { "gave up" } }
+                                @else { span.warn { (w.outcome) } }
+                            }
+                            td { (w.attempts) }
+                            td {
+                                @if let Some(status) = w.last_status { "HTTP " (status) " " }
+                                @if let Some(error) = &w.last_error { span.dim { (error) } }
+                            }
+                            td { (at(&w.first_attempt_at)) }
+                            td { (at(&w.last_attempt_at)) }
+                            td { @if let Some(next) = &w.next_attempt_at { (at(next)) } }
                         }
                     }
                 }
