@@ -779,3 +779,48 @@ fn a_hung_hook_is_killed_on_the_node_before_the_server_gives_up_and_the_lock_is_
     fleet.f.server.reconfigure(&format!("[ssh]\ncommand_timeout = \"7s\"\n{}", node_config(&fleet.bases, "")));
     assert_eq!(fleet.deploy(&v1)["state"], "live");
 }
+
+#[test]
+fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
+    use std::os::fd::AsRawFd;
+    let mut fleet = Fleet::new(2, "hooks.finalize = [\"test ! -e $RELEASE_BASE/shared/slow || sleep 2\"]");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    // Node 1 now prepares slowly; node 2 is prepared first, and then its base's lock is held
+    // here, so node 1 switches while node 2 waits: the server is killed right then.
+    fs::write(fleet.bases[0].join("shared/slow"), "").unwrap();
+    let v2 = fleet.upload("v2", &[]);
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].as_i64().unwrap();
+    let node = |i: usize| format!("local:{}", fleet.bases[i].display());
+    let reached = |fleet: &Fleet, node: &str, phase: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let shown = fleet.f.get("carol", &format!("/v1/releases/{id}"));
+            if shown["deployments"].as_array().unwrap().iter().any(|d| d["node"] == node && d["phase"] == phase) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{node} never reached {phase}: {shown}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    reached(&fleet, &node(1), "prepare");
+    let lock = fs::OpenOptions::new().write(true).open(fleet.bases[1].join(".release/lock")).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    reached(&fleet, &node(0), "switch");
+    fleet.f.server.kill();
+    assert_eq!(fs::read_link(fleet.bases[0].join("current")).unwrap(), Path::new("releases").join(&v2[7..]));
+    assert_eq!(fs::read_link(fleet.bases[1].join("current")).unwrap(), Path::new("releases").join(&v1[7..]));
+    // The killed server's agent on node 2 is still waiting for the lock: let it give up
+    // (10 s) before the lock goes, so that it cannot switch after the restart looked.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    drop(lock);
+    fleet.f.server.restart();
+    let settled = fleet.f.settle(id);
+    assert_eq!(settled["state"], "failed", "{settled}");
+    fleet.assert_all_on(&v1);
+    let phases = fleet.phases(&settled);
+    assert!(phases.iter().any(|(n, p, o)| n == &node(0) && p == "put back" && o == "ok"), "{phases:?}");
+}
