@@ -57,7 +57,7 @@ impl NodeDeployer {
 
     /// Connects to one node: a local agent, or an SSH session (host key checked, binary
     /// shipped if needed).
-    async fn connect(&self, node: &Node) -> Result<Target, String> {
+    async fn connect(&self, node: &Node, fence: u64) -> Result<Target, String> {
         let transport: Arc<dyn Transport> = if node.is_local() {
             Arc::new(Local::new(self.timeout))
         } else {
@@ -73,13 +73,15 @@ impl NodeDeployer {
             transport,
             back_to: Mutex::new(None),
             adopting: AtomicBool::new(false),
+            fence,
         })
     }
 
     /// Connects to every node of the plan at once; the first node that cannot be reached fails
     /// the deploy before anything happens.
     async fn connect_all(&self, plan: &Plan) -> Result<Vec<Target>, Failure> {
-        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n))).await;
+        let fence = new_fence();
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
         let mut targets = Vec::new();
         let mut errors = Vec::new();
         for (node, result) in plan.nodes.iter().zip(connected) {
@@ -125,6 +127,14 @@ struct Target {
     back_to: Mutex<Option<Digest>>,
     /// Its `current` is a plain directory this release adopts.
     adopting: AtomicBool,
+    /// This deploy run's fence: a node refuses changes from runs older than the newest it saw.
+    fence: u64,
+}
+
+/// A fence for a new deploy run: the time in microseconds, so a later run (a restarted
+/// server resolving a deploy) always outranks an earlier one's left-over agents.
+fn new_fence() -> u64 {
+    (utc::now().unix_timestamp_nanos() / 1000) as u64
 }
 
 impl Target {
@@ -156,7 +166,7 @@ impl SwitchError {
 }
 
 /// Node error codes of a switch refused before `current` was touched.
-const REFUSED_BEFORE_SWITCH: [&str; 4] = ["not_ready", "locked", "not_adopted", "drift"];
+const REFUSED_BEFORE_SWITCH: [&str; 5] = ["not_ready", "locked", "not_adopted", "drift", "fenced"];
 
 /// How much of an adopted package one call reads.
 const ADOPTED_CHUNK: u64 = 4 << 20;
@@ -264,6 +274,7 @@ impl NodeDeployer {
             env: plan.service.env.clone(),
             max_unpacked_bytes: self.limits.max_unpacked_bytes.0,
             max_files: self.limits.max_files,
+            fence: target.fence,
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
         });
@@ -304,6 +315,7 @@ impl NodeDeployer {
             digest,
             shared: plan.service.shared.clone(),
             adopt: target.adopting(),
+            fence: target.fence,
         };
         let started = utc::now_text();
         let answer = target.transport.call(&request, None).await;
@@ -431,11 +443,11 @@ impl NodeDeployer {
         // 6. Retention; a failure here is reported, the release is live regardless.
         let mut keep = plan.retain.clone();
         keep.extend(adopted);
-        let _ =
-            join_all(targets.iter().map(|t| {
-                phase(plan, t, "cleanup", Request::Cleanup { base: t.base.clone(), keep: keep.clone() }, None)
-            }))
-            .await;
+        let _ = join_all(targets.iter().map(|t| {
+            let request = Request::Cleanup { base: t.base.clone(), keep: keep.clone(), fence: t.fence };
+            phase(plan, t, "cleanup", request, None)
+        }))
+        .await;
         Ok(())
     }
 
@@ -499,7 +511,8 @@ impl NodeDeployer {
     /// switch back and its reload); nodes that cannot be reached or asked are reported.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n))).await;
+        let fence = new_fence();
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
         let (mut targets, mut unknown) = (Vec::new(), Vec::new());
         for (node, result) in plan.nodes.iter().zip(connected) {
             match result {
@@ -521,7 +534,14 @@ impl NodeDeployer {
         let digest = plan.release.digest;
         let (mut on_new, mut elsewhere) = (Vec::new(), Vec::new());
         for target in &targets {
-            match phase_quiet(target, Request::Status { base: target.base.clone() }).await {
+            // First take the node for this run: an agent of the stopped server still waiting
+            // for the lock either finishes before (and status sees what it did) or is refused.
+            let fenced = phase_quiet(target, Request::Fence { base: target.base.clone(), fence }).await;
+            let status = match fenced {
+                Ok(_) => phase_quiet(target, Request::Status { base: target.base.clone() }).await,
+                Err(e) => Err(e),
+            };
+            match status {
                 Ok(status) if status["current"] == digest.to_string() => on_new.push(target),
                 Ok(_) => elsewhere.push(target),
                 Err(_) => unknown.push(target.name.clone()),
@@ -578,7 +598,7 @@ fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
 impl NodeDeployer {
     async fn observe_one(&self, node: &Node) -> Observed {
         let name = node.display_name();
-        let answer = match self.connect(node).await {
+        let answer = match self.connect(node, 0).await {
             Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
             Err(e) => Err(e),
         };

@@ -8,6 +8,7 @@
 //! <base>/shared/                persistent: .env, storage/, uploads
 //! <base>/.release/lock          flock: one deploy at a time on this base
 //! <base>/.release/ready/<hex>   marker: that release is unpacked, linked and finalized
+//! <base>/.release/fence         the newest deploy run's fence: older runs are refused
 //! ```
 //!
 //! Architecture invariant: the node trusts nothing it receives. It checks the archive by the
@@ -42,6 +43,8 @@ pub enum Request {
         shared: Vec<String>,
         #[serde(default)]
         adopt: bool,
+        #[serde(default)]
+        fence: u64,
     },
     /// A plain directory at `current` (an application deployed another way) is packaged as it
     /// is, `shared` paths left out, into `<base>/.release/adopted.tar.zst`; shared paths that
@@ -63,6 +66,14 @@ pub enum Request {
     Cleanup {
         base: PathBuf,
         keep: Vec<Digest>,
+        #[serde(default)]
+        fence: u64,
+    },
+    /// Takes the base for a newer deploy run: from now on, changes asked with an older fence
+    /// (an agent of a server that died, still waiting for the lock) are refused.
+    Fence {
+        base: PathBuf,
+        fence: u64,
     },
     Exec(Exec),
     Health(Health),
@@ -108,6 +119,9 @@ pub struct Prepare {
     /// How long the finalize commands may run, all together, before they are killed.
     #[serde(default)]
     pub hook_timeout_ms: Option<u64>,
+    /// The deploy run's fence (see [`Request::Fence`]); 0: none.
+    #[serde(default)]
+    pub fence: u64,
 }
 
 impl Prepare {

@@ -24,11 +24,18 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     match request {
         Request::Prepare(p) => prepare(&p, input),
-        Request::Switch { base, digest, shared, adopt } => switch(&base, digest, &shared, adopt),
+        Request::Switch { base, digest, shared, adopt, fence } => switch(&base, digest, &shared, adopt, fence),
+        Request::Fence { base, fence } => {
+            let layout = Layout { base };
+            layout.create()?;
+            let _lock = layout.lock()?;
+            layout.fence(fence)?;
+            Ok(json!({"fence": fence}))
+        }
         Request::Adopt { base, shared } => adopt(&base, &shared),
         Request::ReadAdopted { base, offset, len } => read_adopted(&base, offset, len),
         Request::Status { base } => status(&base),
-        Request::Cleanup { base, keep } => cleanup(&base, &keep),
+        Request::Cleanup { base, keep, fence } => cleanup(&base, &keep, fence),
         Request::Exec(e) => exec(&e),
         Request::Health(h) => health(&h),
         Request::Pm2Cwd { base, digest, app, env } => pm2_cwd(&base, digest, &app, &env),
@@ -99,6 +106,31 @@ impl Layout {
         }
     }
 
+    /// Refuses a change from a deploy run older than the newest that took this base (call
+    /// under the lock); records `fence` when it is the newest. 0 asks nothing.
+    fn fence(&self, fence: u64) -> Result<(), NodeError> {
+        if fence == 0 {
+            return Ok(());
+        }
+        let path = self.base.join(".release/fence");
+        let newest: u64 = fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+        if fence < newest {
+            return Err(NodeError::new(
+                "fenced",
+                format!(
+                    "a newer deploy run (fence {newest}) has taken {}; this one ({fence}) is stale",
+                    self.base.display()
+                ),
+            ));
+        }
+        if fence > newest {
+            let tmp = self.base.join(format!(".release/fence.tmp-{}", std::process::id()));
+            fs::write(&tmp, fence.to_string()).map_err(|e| io_error(&tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
+        }
+        Ok(())
+    }
+
     /// Takes `<base>/.release/lock`, waiting a little for another deploy to finish.
     fn lock(&self) -> Result<fs::File, NodeError> {
         use std::os::fd::AsRawFd;
@@ -133,6 +165,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     let layout = Layout { base: p.base.clone() };
     layout.create()?;
     let _lock = layout.lock()?;
+    layout.fence(p.fence)?;
     let live = if p.adopt && layout.current_is_plain_dir() {
         None
     } else {
@@ -416,10 +449,11 @@ fn sync_fs(path: &Path) -> io::Result<()> {
 /// Points `current` at the release with one rename(2) of a fresh relative symlink, then
 /// makes the directory entry durable. Without a digest, removes `current`. The shared files
 /// are hashed after the rename, so that hashing never widens the gap between nodes.
-fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool) -> Result<Value, NodeError> {
+fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool, fence: u64) -> Result<Value, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let _lock = layout.lock()?;
+    layout.fence(fence)?;
     let Some(digest) = digest else {
         let previous = layout.current_digest()?;
         if previous.is_some() {
@@ -571,10 +605,11 @@ fn status(base: &Path) -> Result<Value, NodeError> {
 
 /// Removes releases not in `keep`, never the current one, never one a running process has as
 /// its working directory.
-fn cleanup(base: &Path, keep: &[Digest]) -> Result<Value, NodeError> {
+fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let _lock = layout.lock()?;
+    layout.fence(fence)?;
     let current = layout.current_digest()?;
     let in_use = working_directories();
     let (mut removed, mut busy) = (Vec::new(), Vec::new());

@@ -814,7 +814,10 @@ fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
     assert_eq!(fs::read_link(fleet.bases[0].join("current")).unwrap(), Path::new("releases").join(&v2[7..]));
     assert_eq!(fs::read_link(fleet.bases[1].join("current")).unwrap(), Path::new("releases").join(&v1[7..]));
     // The killed server's agent on node 2 is still waiting for the lock: let it give up
-    // (10 s) before the lock goes, so that it cannot switch after the restart looked.
+    // (10 s) before the lock goes, so the outcome is this one. (Released at once, the agent
+    // may switch node 2 before the restarted server fences the node, which then finds every
+    // node on v2 and finishes the deploy instead; after the fence it is refused. Either way
+    // the registry and the nodes agree — see the fence test below.)
     std::thread::sleep(std::time::Duration::from_secs(11));
     drop(lock);
     fleet.f.server.restart();
@@ -823,4 +826,42 @@ fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
     fleet.assert_all_on(&v1);
     let phases = fleet.phases(&settled);
     assert!(phases.iter().any(|(n, p, o)| n == &node(0) && p == "put back" && o == "ok"), "{phases:?}");
+}
+
+/// Runs the node agent (`release node`) with one request; its answer.
+fn agent(request: Value) -> Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(crate::support::bin())
+        .arg("node")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{request}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_node_refuses_changes_from_a_deploy_run_older_than_the_newest_it_saw() {
+    let fleet = Fleet::new(1, "");
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    let base = &fleet.bases[0];
+    // A restarted server took the node with a newer fence...
+    let taken = agent(json!({"op": "fence", "base": base, "fence": 2_000_000_000_000_000u64}));
+    assert_eq!(taken["ok"], true, "{taken}");
+    // ...so the stopped server's agent, still holding an older one, changes nothing.
+    let stale = agent(json!({"op": "switch", "base": base, "digest": v1, "fence": 1_000_000_000_000_000u64}));
+    assert_eq!(stale["code"], "fenced", "{stale}");
+    assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&v2[7..]));
+    let stale = agent(json!({"op": "cleanup", "base": base, "keep": [], "fence": 1_000_000_000_000_000u64}));
+    assert_eq!(stale["code"], "fenced", "{stale}");
+    assert!(base.join("releases").join(&v1[7..]).exists());
+    // The newer run itself goes on.
+    let newer = agent(json!({"op": "switch", "base": base, "digest": v1, "fence": 2_000_000_000_000_000u64}));
+    assert_eq!(newer["ok"], true, "{newer}");
+    assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&v1[7..]));
 }
