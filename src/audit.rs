@@ -286,13 +286,16 @@ fn walk_after(registry: &Registry, after: u64, mut prev: [u8; 32]) -> Result<Wal
 /// The state of the chain as the web pages show it, kept up to date cheaply: the first check
 /// walks the whole chain (seconds at millions of events, so the server starts it in the
 /// background), later ones walk only the events appended since, and compare with the bucket's
-/// latest checkpoint. [`ChainWatch::forget`] makes the next check walk everything again (the
-/// server does so hourly: an edit of an already-checked event is found within the hour).
+/// latest checkpoint; each check first makes sure the last event it checked is unchanged (a
+/// cut or rewritten tail is found at once). [`ChainWatch::check_all`] walks everything again
+/// (the server does so hourly: an edit deeper in the chain is found within the hour).
 #[derive(Default)]
 pub struct ChainWatch {
     /// How far the chain is known good: (events, hash of the last), or the first bad event.
     checked: tokio::sync::Mutex<Checked>,
     last: std::sync::Mutex<Option<ChainView>>,
+    /// A walk from the first event is running (the page says so).
+    walking_all: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -319,8 +322,13 @@ impl ChainWatch {
     /// Checks what was appended since the last check. While another check runs (the first
     /// full walk), answers the last result at once, marked in progress (`None` before any).
     pub async fn check(&self, registry: &Arc<Registry>, store: &Store) -> Result<Option<ChainView>, AuditError> {
-        let Ok(mut checked) = self.checked.try_lock() else {
+        let Ok(checked) = self.checked.try_lock() else {
+            let in_progress = self.walking_all.load(std::sync::atomic::Ordering::Relaxed);
             let last = self.last.lock().expect("never poisoned").clone();
+            if let (Some(last), false) = (&last, in_progress) {
+                // Another page's check, a moment old.
+                return Ok(Some(last.clone()));
+            }
             return Ok(Some(last.map_or_else(
                 || ChainView {
                     ok: true,
@@ -333,6 +341,37 @@ impl ChainWatch {
                 |v| ChainView { in_progress: true, ..v },
             )));
         };
+        self.check_locked(checked, registry, store, false).await
+    }
+
+    /// Walks the whole chain again (the server does so hourly), then compares as `check`.
+    pub async fn check_all(&self, registry: &Arc<Registry>, store: &Store) -> Result<Option<ChainView>, AuditError> {
+        let checked = self.checked.lock().await;
+        self.check_locked(checked, registry, store, true).await
+    }
+
+    async fn check_locked(
+        &self,
+        mut checked: tokio::sync::MutexGuard<'_, Checked>,
+        registry: &Arc<Registry>,
+        store: &Store,
+        from_scratch: bool,
+    ) -> Result<Option<ChainView>, AuditError> {
+        // The last event checked must still be what it was: a rewritten or cut tail is found
+        // at once, not only at the next full walk.
+        if !from_scratch && checked.events > 0 && checked.broken.is_none() {
+            let (reader, seq) = (Arc::clone(registry), checked.events);
+            let tail = tokio::task::spawn_blocking(move || reader.audit_event(seq)).await.expect("no panic")?;
+            let intact = tail.is_some_and(|e| Some(e.hash) == checked.head && e.expected_hash(&e.prev_hash) == e.hash);
+            if !intact {
+                *checked = Checked::default();
+            }
+        }
+        if from_scratch {
+            *checked = Checked::default();
+        }
+        let walking_all = checked.events == 0;
+        self.walking_all.store(walking_all, std::sync::atomic::Ordering::Relaxed);
         if checked.broken.is_none() {
             let (reader, after, prev) = (Arc::clone(registry), checked.events, checked.head.unwrap_or(GENESIS));
             let walked = tokio::task::spawn_blocking(move || walk_after(&reader, after, prev))
@@ -342,6 +381,7 @@ impl ChainWatch {
             checked.head = walked.head.or(checked.head);
             checked.broken = walked.first_bad;
         }
+        self.walking_all.store(false, std::sync::atomic::Ordering::Relaxed);
         let mut view = ChainView {
             ok: checked.broken.is_none(),
             events: checked.events,
@@ -360,11 +400,6 @@ impl ChainWatch {
         }
         *self.last.lock().expect("never poisoned") = Some(view.clone());
         Ok(Some(view))
-    }
-
-    /// Forgets what was checked: the next check walks the whole chain again.
-    pub async fn forget(&self) {
-        *self.checked.lock().await = Checked::default();
     }
 }
 

@@ -142,6 +142,10 @@ pub enum TokenError {
     CiNeedsNoApproval { name: String, environment: String },
     #[error("only the requester ({owner}) or an admin may cancel release {id}")]
     NotRequester { id: i64, owner: String },
+    #[error(
+        "token {name:?} is limited to some services or environments; {what} covers all of them, so it needs a token without limits"
+    )]
+    Scoped { name: String, what: &'static str },
 }
 
 /// A freshly generated token: the string to show once, and what to store.
@@ -256,6 +260,14 @@ impl Principal {
 
     pub fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// For what spans every service and environment (the audit log and its exports).
+    pub fn require_unscoped(&self, what: &'static str) -> Result<(), TokenError> {
+        if self.services.is_some() || self.environments.is_some() {
+            return Err(TokenError::Scoped { name: self.name.clone(), what });
+        }
+        Ok(())
     }
 
     pub fn require_service(&self, service: &str) -> Result<(), TokenError> {

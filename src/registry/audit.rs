@@ -133,6 +133,25 @@ impl Registry {
 }
 
 /// Appends `event` inside `tx`, chaining it to the last event.
+/// An event about a release names its service and environment in its details, whoever wrote
+/// it, so that the audit log can be filtered (and scoped) by service.
+fn with_release_cell(tx: &Transaction<'_>, event: &NewEvent) -> Result<serde_json::Value, RegistryError> {
+    let mut details = event.details.clone();
+    let id = event.subject.strip_prefix("release/").and_then(|id| id.parse::<i64>().ok());
+    if let (Some(id), Some(map)) = (id, details.as_object_mut())
+        && !map.contains_key("service")
+    {
+        let cell: Option<(String, String)> = tx
+            .query_row("SELECT service, environment FROM releases WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((service, environment)) = cell {
+            map.insert("service".into(), service.into());
+            map.entry("environment").or_insert(environment.into());
+        }
+    }
+    Ok(details)
+}
+
 pub(super) fn append(tx: &Transaction<'_>, event: &NewEvent) -> Result<Event, RegistryError> {
     let last = tx
         .query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
@@ -144,7 +163,7 @@ pub(super) fn append(tx: &Transaction<'_>, event: &NewEvent) -> Result<Event, Re
         None => (1, GENESIS),
     };
     let at = utc::now_text();
-    let details = serde_json::to_string(&event.details).expect("JSON values serialize");
+    let details = serde_json::to_string(&with_release_cell(tx, event)?).expect("JSON values serialize");
     let hash = chain_hash(
         &prev_hash,
         &Hashed {

@@ -40,6 +40,7 @@ async fn export(
     ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> Result<Response, ApiError> {
     p.require(Action::ReadAudit)?;
+    p.require_unscoped("the audit log")?;
     // Normalized to the stored form (UTC, microseconds), so that text order is time order.
     let since = match &q.since {
         Some(since) => Some(crate::utc::format(

@@ -71,7 +71,8 @@ impl From<TokenError> for ApiError {
             | TokenError::ServiceNotAllowed { .. }
             | TokenError::EnvironmentNotAllowed { .. }
             | TokenError::CiNeedsNoApproval { .. }
-            | TokenError::NotRequester { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            | TokenError::NotRequester { .. }
+            | TokenError::Scoped { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
             TokenError::Registry(e) => e.into(),
             TokenError::UnknownRole(_)
             | TokenError::NoRoles

@@ -203,8 +203,7 @@ async fn watch_chain(state: AppState) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        state.chain.forget().await;
-        if let Err(e) = state.chain.check(&state.registry, &state.store).await {
+        if let Err(e) = state.chain.check_all(&state.registry, &state.store).await {
             tracing::error!(error = %e, "checking the audit chain");
         }
     }

@@ -290,6 +290,7 @@ fn signing_in_needs_the_auditor_role_and_sessions_end_with_their_token() {
     f.server.cli().args(["token", "revoke", "dave", "--data-dir", &data_dir]).assert_success();
     let page = client.get(format!("{url}/audit")).header("cookie", &session).send().unwrap();
     assert_eq!(page.status(), StatusCode::SEE_OTHER);
+    f.assert_refusal_recorded("dave", 303, "session_token_refused");
 }
 
 #[test]
@@ -328,4 +329,69 @@ fn signing_out_ends_the_session_and_the_exports_follow_the_filter() {
     let after = client.get(format!("{url}/audit/export.csv")).header("cookie", &session).send().unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER, "the session is over on the server too");
     let _ = (&s.bases, &s.v1, &s.v3);
+}
+
+#[test]
+fn the_audit_log_needs_an_unscoped_token_and_its_filters_find_every_release_event() {
+    let s = seed();
+    let url = &s.f.server.url;
+    let client = no_redirects();
+    let get = |token: &str, path: &str| client.get(format!("{url}{path}")).bearer_auth(token).send().unwrap();
+
+    // An auditor limited to some services sees their pages, never the whole log.
+    let scoped = s.f.server.token_with("erin", "auditor", &["--owner", "erin", "--services", "shop"]);
+    assert_eq!(get(&scoped, "/services/shop").status(), StatusCode::OK);
+    for path in ["/audit", "/audit/export.csv", "/audit/export.jsonl", "/v1/audit/events"] {
+        let response = get(&scoped, path);
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+        assert!(response.text().unwrap().contains("limited to some services"), "{path}");
+    }
+
+    // Filtering by service finds every state change of its releases, not only the requests.
+    let jsonl = get(s.f.token("carol"), "/audit/export.jsonl?service=shop").text().unwrap();
+    let actions: Vec<String> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["action"].as_str().unwrap().to_owned())
+        .collect();
+    for action in ["release.deploy", "release.approve", "release.reject", "release.live", "release.failed"] {
+        assert!(actions.iter().any(|a| a == action), "no {action} for service=shop: {actions:?}");
+    }
+
+    // Sign-in never sends anyone off this server, and another site cannot post it.
+    for next in ["//evil.example/", "/\t/evil.example", "/\\evil.example", "https://evil.example/"] {
+        let response =
+            client.post(format!("{url}/login")).form(&[("token", s.f.token("carol")), ("next", next)]).send().unwrap();
+        assert_eq!(response.headers()["location"], "/", "next = {next:?}");
+    }
+    let response = client
+        .post(format!("{url}/login"))
+        .header("origin", "https://evil.example")
+        .form(&[("token", s.f.token("carol"))])
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(response.headers().get("set-cookie").is_none());
+}
+
+#[test]
+fn a_rewritten_last_event_shows_the_chain_broken_on_the_audit_page() {
+    let s = seed();
+    let url = &s.f.server.url;
+    let page =
+        || Client::new().get(format!("{url}/audit")).bearer_auth(s.f.token("carol")).send().unwrap().text().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !page().contains("The hash chain is intact") {
+        assert!(std::time::Instant::now() < deadline, "never checked");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Someone with the database file rewrites the newest event (past the triggers).
+    let conn = rusqlite::Connection::open(s.f.server.data_dir().join("registry.db")).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER audit_events_are_immutable;
+         UPDATE audit_events SET actor = 'mallory' WHERE seq = (SELECT max(seq) FROM audit_events);",
+    )
+    .unwrap();
+    let html = page();
+    assert!(html.contains("The hash chain is broken"), "{html}");
+    assert!(html.contains("the event was altered"), "{html}");
 }

@@ -58,7 +58,7 @@ async fn security_headers(request: Request, next: Next) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     response
@@ -227,6 +227,7 @@ async fn audit(
     Viewer(p): Viewer,
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, PageError> {
+    p.require_unscoped("the audit log")?;
     let (filter, query) = q.filter()?;
     let chain = match state.chain.check(&state.registry, &state.store).await {
         Ok(view) => view,
@@ -256,9 +257,10 @@ fn page_of(mut events: Vec<Event>) -> (Vec<Event>, Option<u64>) {
 
 async fn export_jsonl(
     State(state): State<AppState>,
-    Viewer(_): Viewer,
+    Viewer(p): Viewer,
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, PageError> {
+    p.require_unscoped("the audit log")?;
     let (filter, _) = q.filter()?;
     Ok(export(state, filter, "application/x-ndjson", "audit.jsonl", b"", |event, out| {
         serde_json::to_writer(&mut *out, event).expect("events serialize");
@@ -268,9 +270,10 @@ async fn export_jsonl(
 
 async fn export_csv(
     State(state): State<AppState>,
-    Viewer(_): Viewer,
+    Viewer(p): Viewer,
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, PageError> {
+    p.require_unscoped("the audit log")?;
     let (filter, _) = q.filter()?;
     let header = b"seq,at,actor,owner,action,subject,details,prev_hash,hash\r\n";
     Ok(export(state, filter, "text/csv; charset=utf-8", "audit.csv", header, |event, out| {

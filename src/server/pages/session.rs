@@ -63,8 +63,31 @@ impl FromRequestParts<AppState> for Viewer {
             .expect("authentication does not panic");
             match found {
                 Ok(Some(Ok(p))) => p,
-                // The session ended, expired, or its token did: sign in again.
-                Ok(None) | Ok(Some(Err(_))) => return Err(to_login(parts)),
+                // The session ended or expired: sign in again.
+                Ok(None) => return Err(to_login(parts)),
+                // Its token was revoked or expired: a refused attempt, on record, then sign in.
+                Ok(Some(Err(e))) => {
+                    let (actor, owner) = match &e {
+                        TokenError::Revoked { name, owner } | TokenError::Expired { name, owner, .. } => {
+                            (name.clone(), owner.clone())
+                        }
+                        _ => ("(unauthenticated)".into(), String::new()),
+                    };
+                    let event = crate::audit::NewEvent {
+                        actor,
+                        owner,
+                        action: "request.refused".into(),
+                        subject: format!("{} {}", parts.method, parts.uri.path()),
+                        details: serde_json::json!({"status": 303, "code": "session_token_refused", "message": e.to_string()}),
+                    };
+                    let registry = Arc::clone(&state.registry);
+                    let recorded =
+                        tokio::task::spawn_blocking(move || registry.append_event(&event)).await.expect("no panic");
+                    if let Err(e) = recorded {
+                        tracing::error!(error = %e, "could not record a refused session");
+                    }
+                    return Err(to_login(parts));
+                }
                 Err(e) => return Err(render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),
             }
         };
@@ -111,11 +134,35 @@ fn session_hash(id: &str) -> [u8; 32] {
     Sha256::digest(id.as_bytes()).into()
 }
 
-/// Where to go after signing in: only a path on this server.
+/// Where to go after signing in: only a path on this server — visible ASCII only (browsers
+/// drop tabs and line breaks, so `/<TAB>/evil` would become `//evil`), never `//` or `/\`.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.bytes().all(|b| (0x21..=0x7e).contains(&b)) =>
+        {
+            n.to_owned()
+        }
         _ => "/".into(),
+    }
+}
+
+/// A sign-in or sign-out posted by another site (login CSRF) is refused: browsers say where
+/// a form came from in `Sec-Fetch-Site` and `Origin`.
+fn cross_site(headers: &HeaderMap) -> bool {
+    // Browsers that send Sec-Fetch-Site are believed; others are judged by Origin.
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return matches!(site, "cross-site" | "same-site");
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        (Some("null") | None, _) => false,
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
+        (Some(_), None) => true,
     }
 }
 
@@ -138,6 +185,9 @@ pub struct LoginForm {
 /// HttpOnly, SameSite=Strict, Secure when the request came over HTTPS (a proxy says so).
 pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form<LoginForm>) -> Response {
     let next = safe_next(form.next.as_deref());
+    if cross_site(&parts.headers) {
+        return render::refused(StatusCode::FORBIDDEN, "cross_site", "a sign-in posted by another site is refused");
+    }
     let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
     let registry = Arc::clone(&state.registry);
     let token = form.token.trim().to_owned();
@@ -195,6 +245,9 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
 
 /// Ends the session (if any) and clears the cookie.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if cross_site(&headers) {
+        return render::refused(StatusCode::FORBIDDEN, "cross_site", "a sign-out posted by another site is refused");
+    }
     if let Some(id) = cookie(&headers) {
         let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
         let ended = tokio::task::spawn_blocking(move || {
