@@ -295,9 +295,10 @@ async fn export_csv(
 }
 
 /// RFC 4180: quoted when it holds a comma, quote or line break; quotes doubled. A leading
-/// `=`, `+`, `-` or `@` is prefixed with `'` so a spreadsheet never runs it as a formula.
+/// `=`, `+`, `-`, `@`, tab or carriage return is prefixed with `'` so a spreadsheet never runs it as a formula.
 fn csv_field(field: &str) -> String {
-    let field = if field.starts_with(['=', '+', '-', '@']) { format!("'{field}") } else { field.to_owned() };
+    let field =
+        if field.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{field}") } else { field.to_owned() };
     if field.contains([',', '"', '\r', '\n']) { format!("\"{}\"", field.replace('"', "\"\"")) } else { field }
 }
 

@@ -24,6 +24,8 @@ pub struct Browser {
     pub console: Vec<(String, String)>,
     /// The HTTP status of the last document loaded.
     pub status: Option<u64>,
+    /// A load event came (perhaps while waiting for another answer).
+    loaded: bool,
 }
 
 impl Browser {
@@ -78,7 +80,8 @@ impl Browser {
             .unwrap()
             .to_owned();
         let (socket, _) = tungstenite::connect(page).expect("connect to the page's DevTools");
-        let mut browser = Browser { pid, _profile: profile, socket, next_id: 0, console: Vec::new(), status: None };
+        let mut browser =
+            Browser { pid, _profile: profile, socket, next_id: 0, console: Vec::new(), status: None, loaded: false };
         for domain in ["Page.enable", "Runtime.enable", "Log.enable", "Network.enable"] {
             browser.call(domain, json!({}));
         }
@@ -137,6 +140,7 @@ impl Browser {
                     entry["text"].as_str().unwrap_or("").to_owned(),
                 ));
             }
+            Some("Page.loadEventFired") => self.loaded = true,
             Some("Network.responseReceived") if params["type"] == "Document" => {
                 self.status = params["response"]["status"].as_u64();
             }
@@ -148,17 +152,16 @@ impl Browser {
     pub fn goto(&mut self, url: &str) {
         self.console.clear();
         self.status = None;
+        self.loaded = false;
         self.call("Page.navigate", json!({"url": url}));
         self.wait_for_load();
     }
 
     fn wait_for_load(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        while !self.loaded {
             assert!(Instant::now() < deadline, "the page did not load");
-            if self.read()["method"] == "Page.loadEventFired" {
-                return;
-            }
+            self.read();
         }
     }
 
@@ -172,6 +175,7 @@ impl Browser {
     pub fn submit(&mut self, expression: &str) {
         self.console.clear();
         self.status = None;
+        self.loaded = false;
         self.eval(expression);
         self.wait_for_load();
     }
