@@ -341,6 +341,10 @@ fn the_audit_log_needs_an_unscoped_token_and_its_filters_find_every_release_even
     // An auditor limited to some services sees their pages, never the whole log.
     let scoped = s.f.server.token_with("erin", "auditor", &["--owner", "erin", "--services", "shop"]);
     assert_eq!(get(&scoped, "/services/shop").status(), StatusCode::OK);
+    let staging_only = s.f.server.token_with("frank", "auditor", &["--owner", "frank", "--envs", "staging"]);
+    assert_eq!(get(&staging_only, &format!("/releases/{}", s.failed)).status(), StatusCode::OK);
+    let hidden = get(&staging_only, &format!("/releases/{}", s.promoted));
+    assert_eq!(hidden.status(), StatusCode::NOT_FOUND, "a production release is not even said to exist");
     for path in ["/audit", "/audit/export.csv", "/audit/export.jsonl", "/v1/audit/events"] {
         let response = get(&scoped, path);
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");

@@ -23,6 +23,7 @@ use super::error::ApiError;
 use crate::audit::Event;
 use crate::digest::Digest;
 use crate::registry::AuditFilter;
+use crate::releases::ReleaseError;
 use crate::utc;
 use session::Viewer;
 
@@ -129,7 +130,14 @@ async fn timeline(
 }
 
 async fn release(State(state): State<AppState>, Viewer(p): Viewer, Path(id): Path<i64>) -> Result<Response, PageError> {
-    let shown = state.releases.show(&p, id).await?;
+    // A token limited to some services learns nothing of others' releases, not even that they
+    // exist (as on the artifact page).
+    let shown = state.releases.show(&p, id).await.map_err(|e| match e {
+        crate::releases::ReleaseError::Forbidden(
+            crate::token::TokenError::ServiceNotAllowed { .. } | crate::token::TokenError::EnvironmentNotAllowed { .. },
+        ) => ReleaseError::NotFound(id),
+        e => e,
+    })?;
     let (registry, digest, service) =
         (Arc::clone(&state.registry), shown.detail.release.digest, shown.detail.release.service.clone());
     let (artifact, uploads) = tokio::task::spawn_blocking(move || {
