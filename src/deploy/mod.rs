@@ -147,6 +147,11 @@ impl Target {
     fn adopting(&self) -> bool {
         self.adopting.load(Ordering::Relaxed)
     }
+    /// Its `current` held the legacy tree adopted as `digest`: prepared beside, put back to.
+    fn adopted(&self, digest: Digest) {
+        self.adopting.store(true, Ordering::Relaxed);
+        self.set_back_to(Some(digest));
+    }
 }
 
 /// How a switch did not happen.
@@ -457,10 +462,7 @@ impl NodeDeployer {
     async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<Option<Digest>, Failure> {
         let Some(adopt) = &plan.adopt else { return Ok(None) };
         if let Some((digest, nodes)) = &adopt.captured {
-            for target in targets.iter().filter(|t| nodes.contains(&t.name)) {
-                target.adopting.store(true, Ordering::Relaxed);
-                target.set_back_to(Some(*digest));
-            }
+            targets.iter().filter(|t| nodes.contains(&t.name)).for_each(|t| t.adopted(*digest));
             return Ok(Some(*digest));
         }
         let asking = targets.iter().map(|t| {
@@ -498,10 +500,7 @@ impl NodeDeployer {
             .map_err(|e| Failure::new(format!("node {}: {e}", first.name)))?;
         let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
         adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
-        for (target, _) in &found {
-            target.adopting.store(true, Ordering::Relaxed);
-            target.set_back_to(Some(digest));
-        }
+        found.iter().for_each(|(t, _)| t.adopted(digest));
         Ok(Some(digest))
     }
 
@@ -526,10 +525,7 @@ impl NodeDeployer {
         if let Some(adopt) = &plan.adopt
             && let Some((digest, nodes)) = &adopt.captured
         {
-            for target in targets.iter().filter(|t| nodes.contains(&t.name)) {
-                target.adopting.store(true, Ordering::Relaxed);
-                target.set_back_to(Some(*digest));
-            }
+            targets.iter().filter(|t| nodes.contains(&t.name)).for_each(|t| t.adopted(*digest));
         }
         let digest = plan.release.digest;
         let (mut on_new, mut elsewhere) = (Vec::new(), Vec::new());

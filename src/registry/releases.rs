@@ -324,14 +324,7 @@ impl Registry {
     pub fn release_detail(&self, id: i64) -> Result<Option<Detail>, RegistryError> {
         self.read(|conn| {
             let Some(release) = by_id(conn, id)? else { return Ok(None) };
-            let version: Option<String> = conn
-                .query_row(
-                    "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
-                    params![release.service, release.digest.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
+            let version = upload_version(conn, &release.service, release.digest)?;
             let transitions = {
                 let mut stmt = conn.prepare_cached(
                     "SELECT state, at, actor, reason FROM release_transitions WHERE release_id = ?1 ORDER BY id",
@@ -472,14 +465,7 @@ impl Registry {
             for (service, environment) in pairs {
                 let live = live(conn, &service, &environment)?;
                 let version = match &live {
-                    Some(r) => conn
-                        .query_row(
-                            "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
-                            params![service, r.digest.to_string()],
-                            |row| row.get::<_, Option<String>>(0),
-                        )
-                        .optional()?
-                        .flatten(),
+                    Some(r) => upload_version(conn, &service, r.digest)?,
                     None => None,
                 };
                 let verified = match &live {
@@ -890,6 +876,22 @@ fn live(conn: &rusqlite::Connection, service: &str, environment: &str) -> Result
             from_row,
         )
         .optional()?)
+}
+
+/// The version label `digest` was uploaded with for `service`, if any.
+pub(super) fn upload_version(
+    conn: &rusqlite::Connection,
+    service: &str,
+    digest: Digest,
+) -> Result<Option<String>, RegistryError> {
+    Ok(conn
+        .query_row(
+            "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
+            params![service, digest.to_string()],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?
+        .flatten())
 }
 
 pub(super) fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {

@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::releases::{by_id, state_at};
+use super::releases::{by_id, state_at, upload_version};
 use super::{Registry, RegistryError, immediate};
 use crate::audit::Event;
 use crate::releases::{Release, State};
@@ -92,14 +92,7 @@ impl Registry {
     pub fn release_at_event(&self, id: i64) -> Result<Option<ReleaseAtEvent>, RegistryError> {
         self.read(|conn| {
             let Some(release) = by_id(conn, id)? else { return Ok(None) };
-            let version: Option<String> = conn
-                .query_row(
-                    "SELECT version FROM artifact_uploads WHERE service = ?1 AND digest = ?2",
-                    params![release.service, release.digest.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .flatten();
+            let version = upload_version(conn, &release.service, release.digest)?;
             let first_state = conn.query_row(
                 "SELECT state FROM release_transitions WHERE release_id = ?1 ORDER BY id LIMIT 1",
                 [id],

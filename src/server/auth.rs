@@ -69,24 +69,30 @@ impl ActorSlot {
     }
 }
 
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+}
+
+/// Checks a presented token against the registry (off the async threads).
+pub async fn authenticate(state: &AppState, token: String) -> Result<Principal, TokenError> {
+    let registry = Arc::clone(&state.registry);
+    tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
+        .await
+        .expect("authentication does not panic")
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let presented = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned());
-        let result = match presented {
+        let result = match bearer(&parts.headers) {
             None => Err(TokenError::Missing),
-            Some(token) => {
-                let registry = Arc::clone(&state.registry);
-                tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
-                    .await
-                    .expect("authentication does not panic")
-            }
+            Some(token) => authenticate(state, token).await,
         };
         let seen = match &result {
             Ok(principal) => Seen::Caller { name: principal.name.clone(), owner: principal.owner.clone() },

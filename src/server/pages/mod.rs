@@ -343,7 +343,7 @@ fn export(
             filter.before = page.last().map(|e| e.seq);
         }
     });
-    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+    let body = Body::from_stream(super::audit::tokio_stream_from(rx));
     (
         StatusCode::OK,
         [

@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::render;
 use crate::server::AppState;
-use crate::server::auth::ActorSlot;
+use crate::server::auth::{self, ActorSlot};
 use crate::token::{self, Action, Principal, TokenError};
 use crate::utc;
 
@@ -31,18 +31,9 @@ impl FromRequestParts<AppState> for Viewer {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned());
         let registry = Arc::clone(&state.registry);
-        let principal = if let Some(token) = bearer {
-            let authenticated = tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
-                .await
-                .expect("authentication does not panic");
-            match authenticated {
+        let principal = if let Some(token) = auth::bearer(&parts.headers) {
+            match auth::authenticate(state, token).await {
                 Ok(p) => p,
                 Err(e) => {
                     slot.refused(&e);
