@@ -865,3 +865,50 @@ fn a_node_refuses_changes_from_a_deploy_run_older_than_the_newest_it_saw() {
     assert_eq!(newer["ok"], true, "{newer}");
     assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&v1[7..]));
 }
+
+#[test]
+fn a_shared_path_under_a_directory_the_artifact_makes_a_symlink_is_refused() {
+    let root = tempfile::Builder::new().prefix("release-shared-link-").tempdir().unwrap().keep();
+    let base = root.join("node1");
+    fs::create_dir_all(base.join("shared/data")).unwrap();
+    fs::write(base.join("shared/data/config.txt"), "config").unwrap();
+    let config = format!(
+        "[service.web]\nkind = \"generic\"\nshared = [\"data/config.txt\"]\n\
+         [[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n",
+        base.display()
+    );
+    let fleet = Fleet { f: Fixture::with_config(&config), bases: vec![base.clone()] };
+    // `data` is a link to `public`: the shared link would land in public/, not data/.
+    let tar = RawTar::new().dir("public").file("public/index.html", b"hi").symlink("data", "public").finish();
+    let response = fleet
+        .f
+        .server
+        .http()
+        .post(format!("{}/v1/artifacts?service=web", fleet.f.server.url))
+        .bearer_auth(fleet.f.token("ci"))
+        .body(zstd(&tar))
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().unwrap());
+    let digest = response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned();
+    let release = fleet.deploy(&digest);
+    assert_eq!(release["state"], "failed");
+    let reason = release["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("shared_through_link") && reason.contains("data/config.txt"), "{reason}");
+    assert!(fs::symlink_metadata(base.join("current")).is_err(), "nothing switched");
+    assert!(!base.join("public/config.txt").exists());
+}
+
+#[test]
+fn adopt_refuses_a_tree_that_cannot_be_packaged_and_touches_nothing() {
+    let fleet = Fleet::new(1, "");
+    legacy_app(&fleet.bases[0], "legacy");
+    // A link out of the tree: `release package` refuses it, so adoption does too.
+    std::os::unix::fs::symlink("/etc/passwd", fleet.bases[0].join("current/public/leak")).unwrap();
+    let v1 = fleet.upload("v1", &[]);
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait"]).assert_exit(7);
+    assert!(out.stderr().contains("unadoptable") && out.stderr().contains("leaves the tree"), "{out}");
+    assert!(fs::symlink_metadata(fleet.bases[0].join("current")).unwrap().is_dir());
+    assert_eq!(fs::read_to_string(fleet.bases[0].join("current/version.txt")).unwrap(), "legacy");
+    assert!(release_dirs(&fleet.bases[0]).is_empty());
+}
