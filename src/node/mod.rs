@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use unpack::{UnpackError, remove_tree, unpack};
+pub use unpack::{Modes, UnpackError, Unpacked, remove_tree, unpack};
 
 use crate::digest::Digest;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Exec, Health, NodeError, Prepare, Request, Source, drain, remove_tree, unpack};
+use super::{Exec, Health, Modes, NodeError, Prepare, Request, Source, drain, remove_tree, unpack};
 use crate::archive::CheckOptions;
 use crate::digest::Digest;
 
@@ -213,15 +213,18 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             shared: p.shared.clone(),
             record_migrations: false,
         };
+        // Without finalize hooks nothing runs in the tree before it is sealed, so its files
+        // are written read-only at once and only its directories are sealed afterwards.
+        let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
         let unpacked = match &p.source {
-            Source::Stdin => unpack(input, &tmp, &options, p.digest),
+            Source::Stdin => unpack(input, &tmp, &options, p.digest, modes),
             Source::Url(url) => {
                 let response = fetch(url)?;
-                unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest)
+                unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest, modes)
             }
             Source::Present => unreachable!("answered above"),
         };
-        unpacked.map_err(|e| match e {
+        let unpacked = unpacked.map_err(|e| match e {
             super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
             super::UnpackError::Unsafe(_) => NodeError::new("unsafe_archive", e.to_string()),
             super::UnpackError::Write { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
@@ -231,11 +234,17 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         })?;
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
-        link_shared(&layout, &dir, &p.shared)?;
+        let mut dirs = unpacked.dirs;
+        link_shared(&layout, &dir, &p.shared, &mut dirs)?;
+        if let Modes::Sealed(writable) = modes {
+            seal_dirs(&dir, &dirs, writable).map_err(|e| io_error(&dir, e))?;
+        }
     }
     let env = release_env(&layout, p.digest, &p.env);
     let output = run_commands(&dir, &p.finalize, &env, p.hook_timeout())?;
-    set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    if !p.finalize.is_empty() {
+        set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    }
     // What finalize wrote, the links and the modes are on disk before the marker says ready.
     sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
     fs::write(&ready, b"").map_err(|e| io_error(&ready, e))?;
@@ -262,8 +271,9 @@ fn fetch(url: &str) -> Result<impl Read, NodeError> {
     Ok(response)
 }
 
-/// Links each shared path of the release to `<base>/shared/<path>` with a relative symlink.
-fn link_shared(layout: &Layout, dir: &Path, shared: &[String]) -> Result<(), NodeError> {
+/// Links each shared path of the release to `<base>/shared/<path>` with a relative symlink;
+/// the directories it has to make for them are added to `dirs` (relative to `dir`).
+fn link_shared(layout: &Layout, dir: &Path, shared: &[String], dirs: &mut Vec<PathBuf>) -> Result<(), NodeError> {
     for path in shared {
         let target = layout.shared().join(path);
         if fs::symlink_metadata(&target).is_err() {
@@ -297,6 +307,12 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String]) -> Result<(), Nod
                     "the artifact contains {path}, which the service keeps in shared/: leave it out of the package"
                 ),
             ));
+        }
+        for parent in Path::new(path).ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+            let absolute = dir.join(parent);
+            if fs::symlink_metadata(&absolute).is_err() {
+                dirs.push(parent.to_owned());
+            }
         }
         if let Some(parent) = link.parent() {
             fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
@@ -398,6 +414,20 @@ fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
         let mode = meta.permissions().mode();
         fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o222))
     })
+}
+
+/// Seals the directories of a release whose files were written read-only already: the same
+/// modes as [`set_read_only`] gives, without walking every file.
+fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()> {
+    for relative in dirs {
+        if writable.iter().any(|w| relative.starts_with(w)) {
+            continue;
+        }
+        let path = dir.join(relative);
+        let mode = fs::symlink_metadata(&path)?.permissions().mode();
+        fs::set_permissions(&path, fs::Permissions::from_mode((mode | 0o500) & !0o222))?;
+    }
+    Ok(())
 }
 
 /// Gives the owner write permission back (before finalize runs again on a reused release).
@@ -733,4 +763,81 @@ fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String
     Ok(
         json!({"processes": checked, "output": format!("{} processes of {app} run from {}", checked.len(), release.display())}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive;
+
+    fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
+        let mut found = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            found.push((
+                dir.strip_prefix(root).unwrap().to_owned(),
+                fs::symlink_metadata(&dir).unwrap().permissions().mode(),
+            ));
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    stack.push(path);
+                } else if !meta.file_type().is_symlink() {
+                    found.push((path.strip_prefix(root).unwrap().to_owned(), meta.permissions().mode()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Files written read-only at once (no finalize hook) end with exactly the modes that the
+    /// walk after a finalize hook gives: writable paths left alone, shared links' new parents
+    /// sealed too.
+    #[test]
+    fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
+        let src = tempfile::tempdir().unwrap();
+        for (path, body) in
+            [("public/index.php", "<?php"), ("vendor/a/b/C.php", "<?php"), ("cache/views/x", "x"), ("artisan", "#!")]
+        {
+            fs::create_dir_all(src.path().join(path).parent().unwrap()).unwrap();
+            fs::write(src.path().join(path), body).unwrap();
+        }
+        fs::set_permissions(src.path().join("artisan"), fs::Permissions::from_mode(0o755)).unwrap();
+        let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+
+        let mut trees = Vec::new();
+        for finalize in [vec!["true".to_owned()], vec![]] {
+            let base = tempfile::tempdir().unwrap();
+            fs::create_dir_all(base.path().join("shared/data/uploads")).unwrap();
+            fs::write(base.path().join("shared/.env"), "A=1").unwrap();
+            let request = Prepare {
+                base: base.path().to_owned(),
+                digest: packed.digest,
+                source: Source::Stdin,
+                shared: vec![".env".into(), "data/uploads".into()],
+                writable: vec!["cache".into()],
+                finalize,
+                env: BTreeMap::new(),
+                max_unpacked_bytes: 1 << 20,
+                max_files: 100,
+                adopt: false,
+                hook_timeout_ms: None,
+                fence: 0,
+            };
+            let answer = prepare(&request, &mut &bytes[..]).unwrap();
+            let dir = PathBuf::from(answer["dir"].as_str().unwrap());
+            trees.push(modes_of(&dir));
+            set_writable(&dir).unwrap(); // so that the temporary directory can be removed
+        }
+        assert_eq!(trees[0], trees[1]);
+        let mode = |path: &str| trees[1].iter().find(|(p, _)| p == Path::new(path)).unwrap().1 & 0o777;
+        assert_eq!(mode(""), 0o555);
+        assert_eq!(mode("data"), 0o555, "made for a shared link, sealed too");
+        assert_eq!(mode("public/index.php"), 0o444);
+        assert_eq!(mode("artisan"), 0o555);
+        assert_eq!(mode("cache/views/x") & 0o200, 0o200, "writable path left writable");
+        assert_eq!(mode("cache/views") & 0o200, 0o200);
+    }
 }
