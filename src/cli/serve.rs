@@ -29,8 +29,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let listen = config.listen;
         let store = crate::store::Store::open(&config.storage).map_err(|e| Failure::new(exit::FAILED, e))?;
         let timeout = config.ssh.command_timeout.map_or(std::time::Duration::from_secs(600), |d| d.0);
-        let deployer =
-            std::sync::Arc::new(crate::deploy::NodeDeployer::new(store, config.limits, config.ssh.clone(), timeout));
+        let control_dir = config.data_dir.join("ssh");
+        let deployer = std::sync::Arc::new(crate::deploy::NodeDeployer::new(
+            store,
+            config.limits,
+            config.ssh.clone(),
+            timeout,
+            &control_dir,
+        ));
         let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;

@@ -11,7 +11,7 @@ mod hooks;
 mod ssh;
 mod transport;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,8 +45,9 @@ pub struct NodeDeployer {
 }
 
 impl NodeDeployer {
-    pub fn new(store: Store, limits: Limits, ssh: SshConfig, timeout: Duration) -> NodeDeployer {
-        NodeDeployer { store, limits, ssh, timeout, pool: ssh::Pool::default() }
+    /// `control_dir`: where the SSH masters' control sockets go (`<data_dir>/ssh`).
+    pub fn new(store: Store, limits: Limits, ssh: SshConfig, timeout: Duration, control_dir: &Path) -> NodeDeployer {
+        NodeDeployer { store, limits, ssh, timeout, pool: ssh::Pool::new(control_dir) }
     }
 
     /// How long hooks may run on a node: a little less than the server waits for an answer,

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,6 +23,12 @@ use crate::node::Request;
 const KEEP_BINARIES: usize = 3;
 /// How long connecting may take unless `ssh.connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an SSH master with nothing to do stays up: kept sessions spare a rollback the
+/// handshake, and a master whose server was killed ends by itself after this.
+const IDLE_PERSIST: usize = 3600;
+/// The longest control directory the master's socket path
+/// (`<dir>/.ssh-connectionXXXXXX/master`) still fits in (108 bytes for a unix socket).
+const MAX_CONTROL_DIR: usize = 72;
 
 /// This binary and its SHA-256, computed once.
 fn this_binary() -> Result<&'static (PathBuf, String), String> {
@@ -44,9 +50,35 @@ fn this_binary() -> Result<&'static (PathBuf, String), String> {
 #[derive(Default)]
 pub struct Pool {
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Ssh>>>,
+    /// Where the masters' control sockets are (else the `openssh` crate's default).
+    control_dir: Option<PathBuf>,
 }
 
 impl Pool {
+    /// A pool whose masters keep their control sockets in `dir` (the server's own, under its
+    /// locked data directory). Masters a killed server left there are ended first: they would
+    /// otherwise hold their connections open for as long as the nodes answer.
+    pub fn new(dir: &Path) -> Pool {
+        let usable = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+            .and_then(|()| dir.canonicalize());
+        let control_dir = match usable {
+            Ok(dir) if dir.as_os_str().len() <= MAX_CONTROL_DIR => {
+                end_masters_left_in(&dir);
+                Some(dir)
+            }
+            Ok(dir) => {
+                tracing::warn!(dir = %dir.display(), "path too long for SSH control sockets; using the default place");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot use it for SSH control sockets");
+                None
+            }
+        };
+        Pool { sessions: Default::default(), control_dir }
+    }
+
     pub async fn get(&self, node: &Node, config: &SshConfig, timeout: Duration) -> Result<Arc<Ssh>, String> {
         let key = format!("{}@{}:{}", node.user.as_deref().unwrap_or(""), node.host, node.port);
         let kept = self.sessions.lock().await.get(&key).cloned();
@@ -56,7 +88,7 @@ impl Pool {
                 return Ok(ssh);
             }
         }
-        let ssh = Arc::new(Ssh::connect(node, config, timeout).await?);
+        let ssh = Arc::new(Ssh::connect(node, config, timeout, self.control_dir.as_deref()).await?);
         self.sessions.lock().await.insert(key, Arc::clone(&ssh));
         Ok(ssh)
     }
@@ -72,10 +104,19 @@ pub struct Ssh {
 
 impl Ssh {
     /// Connects (checking the host key) and makes sure the node has this binary.
-    pub async fn connect(node: &Node, config: &SshConfig, timeout: Duration) -> Result<Ssh, String> {
+    pub async fn connect(
+        node: &Node,
+        config: &SshConfig,
+        timeout: Duration,
+        control_dir: Option<&Path>,
+    ) -> Result<Ssh, String> {
         let name = node.display_name();
         let mut builder = SessionBuilder::default();
+        if let Some(dir) = control_dir {
+            builder.control_directory(dir);
+        }
         builder
+            .control_persist(ControlPersist::IdleFor(IDLE_PERSIST.try_into().expect("not zero")))
             .known_hosts_check(KnownHosts::Strict)
             .port(node.port)
             .connect_timeout(config.connect_timeout.map_or(CONNECT_TIMEOUT, |d| d.0))
@@ -153,6 +194,45 @@ impl Ssh {
         };
         tokio::time::timeout(self.timeout, run).await.map_err(|_| format!("no answer within {:?}", self.timeout))?
     }
+}
+
+/// Ends every SSH master whose control socket a previous server left in `dir` (`ssh -O exit`),
+/// and removes its directory. The data directory's lock says that server is gone.
+fn end_masters_left_in(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with(".ssh-connection") {
+            continue;
+        }
+        let socket = path.join("master");
+        if socket.exists() {
+            let ended = std::process::Command::new("ssh")
+                .arg("-S")
+                .arg(&socket)
+                .args(["-O", "exit", "left-behind"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .and_then(|mut child| wait_briefly(&mut child));
+            tracing::warn!(socket = %socket.display(), ended = ?ended, "ended an SSH master a stopped server left");
+        }
+        let _ = std::fs::remove_dir_all(&path);
+    }
+}
+
+/// Waits up to 5 s for `child`, then kills it.
+fn wait_briefly(child: &mut std::process::Child) -> std::io::Result<bool> {
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(false)
 }
 
 impl Transport for Ssh {

@@ -267,3 +267,44 @@ fn agent_binaries_of_other_builds_are_pruned_on_the_node() {
         let _ = fs::remove_file(path);
     }
 }
+
+/// The pid of the SSH master behind `socket`, as `ssh -O check` reports it.
+fn master_pid(socket: &Path) -> Option<u32> {
+    let out = std::process::Command::new("ssh").arg("-S").arg(socket).args(["-O", "check", "x"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.split("pid=").nth(1)?.split(')').next()?.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn ssh_masters_a_killed_server_left_are_ended_when_it_starts_again() {
+    let mut fleet = SshFleet::new(Backend::Local, &["staging"], "true");
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    // The master's control socket is in the server's own data directory.
+    let control = fleet.f.server.data_dir().join("ssh");
+    let sockets: Vec<PathBuf> =
+        fs::read_dir(&control).unwrap().map(|e| e.unwrap().path().join("master")).filter(|p| p.exists()).collect();
+    assert_eq!(sockets.len(), 1, "one master for one node: {sockets:?}");
+    let pid = master_pid(&sockets[0]).expect("the master answers");
+
+    // A crash leaves the master (a process of its own) connected to the node.
+    fleet.f.server.kill();
+    assert!(alive(pid), "the master outlived the server, as a crashed server's would");
+
+    // The next start ends it and clears its directory; deploys then use a new master.
+    fleet.f.server.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!alive(pid), "master {pid} left running after the restart");
+    assert!(!sockets[0].parent().unwrap().exists(), "its control directory is removed");
+    let v2 = fleet.upload("v2");
+    fleet.live_in("staging", &v2);
+    fleet.assert_env_on("staging", &v2, "v2");
+}
