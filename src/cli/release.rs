@@ -9,6 +9,10 @@ use serde_json::{Value, json};
 use super::{Failure, Output, ServerArgs, exit, text};
 use crate::client::Client;
 
+/// How long one follow request may wait on the server for the release to change.
+const WAIT_SECONDS: u64 = 25;
+/// The pause before asking again when an answer brought nothing new (a server that does not
+/// wait for changes answers at once).
 const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
@@ -159,8 +163,12 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
         release["id"].as_i64().ok_or_else(|| Failure::new(exit::FAILED, "the server's answer has no release id"))?;
     let mut seen = HashSet::new();
     let mut told_approvers = false;
+    // Transitions and node phases seen so far: the server answers as soon as there are more.
+    let mut known: usize = 0;
     loop {
-        let shown = client.get(&format!("/v1/releases/{id}"), &[]).await?;
+        let query = [("seen", known.to_string()), ("wait", WAIT_SECONDS.to_string())];
+        let shown = client.get(&format!("/v1/releases/{id}"), &query).await?;
+        let changes = ["transitions", "deployments"].iter().map(|k| shown[k].as_array().map_or(0, Vec::len)).sum();
         if !output.json {
             for t in shown["transitions"].as_array().into_iter().flatten() {
                 let key = ("state".to_owned(), t["state"].to_string(), t["at"].to_string());
@@ -237,8 +245,10 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 }
                 return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")).printed(output.json));
             }
-            _ => tokio::time::sleep(POLL).await,
+            _ if changes <= known => tokio::time::sleep(POLL).await,
+            _ => {}
         }
+        known = changes;
     }
 }
 

@@ -41,7 +41,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "listening on http://{local}");
-        server::serve(listener, server::router(opened.state.clone()), shutdown_signal())
+        let releases = opened.state.releases.clone();
+        let stopping = async move {
+            shutdown_signal().await;
+            releases.stop_waiting(); // followers waiting for a change answer now
+        };
+        server::serve(listener, server::router(opened.state.clone()), stopping)
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
         opened.shutdown().await;

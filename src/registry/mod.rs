@@ -68,6 +68,8 @@ pub struct Registry {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Counts this process's committed writes, so that a reader can wait for the next one.
+    writes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -80,7 +82,23 @@ impl Registry {
         configure(&writer)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
         migrate::apply(&mut writer)?;
-        Ok(Registry { path: path.to_owned(), writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
+        Ok(Registry {
+            path: path.to_owned(),
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            writes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Changes with every write this process commits (and with [`Registry::nudge`]): a
+    /// reader waits on it instead of polling.
+    pub fn watch_writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writes.subscribe()
+    }
+
+    /// Wakes every [`Registry::watch_writes`] waiter without a write (the server is stopping).
+    pub fn nudge(&self) {
+        self.writes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn path(&self) -> &Path {
@@ -110,7 +128,12 @@ impl Registry {
 
     fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
         let mut conn = self.writer.lock().expect("registry writer lock");
-        f(&mut conn)
+        let written = f(&mut conn);
+        drop(conn);
+        if written.is_ok() {
+            self.nudge();
+        }
+        written
     }
 }
 

@@ -124,6 +124,8 @@ pub struct Releases {
     instance: String,
     /// Counts releases as they end, and times deploys and their phases.
     metrics: Arc<Metrics>,
+    /// Set when the server stops: waiting readers answer at once.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Releases {
@@ -137,7 +139,7 @@ impl Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
-        Releases { config, registry, store, deployer, ingestor, instance, metrics }
+        Releases { config, registry, store, deployer, ingestor, instance, metrics, closing: Default::default() }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -603,6 +605,35 @@ impl Releases {
             return Err(ReleaseError::Expired { id, at: at.clone() });
         }
         Ok(release)
+    }
+
+    /// `show`, once the release has more than `seen` transitions and node phases recorded, or
+    /// is final, or `wait` has passed, or the server stops: a follower (`--wait`) hears of each
+    /// change as it is committed instead of polling for it.
+    pub async fn show_after(&self, p: &Principal, id: i64, seen: usize, wait: Duration) -> Result<Shown, ReleaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut writes = self.registry.watch_writes();
+        loop {
+            writes.borrow_and_update();
+            let shown = self.show(p, id).await?;
+            let changes = shown.detail.transitions.len() + shown.detail.deployments.len();
+            if changes > seen
+                || shown.detail.release.state.is_final()
+                || self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(shown);
+            }
+            if tokio::time::timeout_at(deadline, writes.changed()).await.is_err() {
+                return Ok(shown);
+            }
+        }
+    }
+
+    /// Ends every [`Releases::show_after`] wait (the server is stopping and finishes the
+    /// requests in flight first).
+    pub fn stop_waiting(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.registry.nudge();
     }
 
     pub async fn show(&self, p: &Principal, id: i64) -> Result<Shown, ReleaseError> {

@@ -129,12 +129,33 @@ async fn cancel(
     Ok(Json(state.releases.cancel(&p, id).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    /// How many transitions and node phases the caller has seen: with `wait`, the answer
+    /// comes once there are more (or the release is final).
+    #[serde(default)]
+    seen: usize,
+    /// Seconds to wait for a change, at most [`MAX_WAIT`]; without it, the answer is at once.
+    wait: Option<u64>,
+}
+
+/// The longest a `GET /v1/releases/ID?wait=` holds its answer back.
+const MAX_WAIT: u64 = 30;
+
 async fn show(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<ShowQuery>,
 ) -> Result<Json<Shown>, ApiError> {
-    Ok(Json(state.releases.show(&p, id).await?))
+    Ok(Json(match q.wait {
+        Some(wait) => {
+            let wait = std::time::Duration::from_secs(wait.min(MAX_WAIT));
+            state.releases.show_after(&p, id, q.seen, wait).await?
+        }
+        None => state.releases.show(&p, id).await?,
+    }))
 }
 
 #[derive(Deserialize)]

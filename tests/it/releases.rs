@@ -259,3 +259,87 @@ fn the_full_story_through_the_binary() {
     let verified = f.cli("carol").args(["audit", "verify", "--json"]).assert_success().json();
     assert_eq!(verified["ok"], true);
 }
+
+/// A promotion of `digest` waiting for approval in production; its id.
+fn pending_promotion(f: &Fixture, digest: &str) -> i64 {
+    f.live_in("alice", "staging", digest);
+    let promoted = f.cli("alice").args(["promote", "api", "--to", "production", "--json"]).assert_success().json();
+    assert_eq!(promoted["state"], "pending_approval");
+    promoted["id"].as_i64().unwrap()
+}
+
+/// `GET /v1/releases/ID?seen=N&wait=S` in a thread of its own: (status, answer, seconds taken).
+fn follow(f: &Fixture, id: i64, query: &str) -> std::thread::JoinHandle<(StatusCode, Value, f64)> {
+    let (http, url, token) =
+        (f.server.http(), format!("{}/v1/releases/{id}?{query}", f.server.url), f.token("carol").to_owned());
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let response = http.get(url).bearer_auth(token).send().unwrap();
+        let status = response.status();
+        (status, response.json().unwrap_or(Value::Null), started.elapsed().as_secs_f64())
+    })
+}
+
+fn changes(shown: &Value) -> usize {
+    shown["transitions"].as_array().unwrap().len() + shown["deployments"].as_array().unwrap().len()
+}
+
+#[test]
+fn a_follower_hears_of_a_change_when_it_is_committed_and_not_before() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let id = pending_promotion(&f, &v1);
+    let seen = changes(&f.get("carol", &format!("/v1/releases/{id}")));
+
+    // Nothing changes: the answer is held back.
+    let waiter = follow(&f, id, &format!("seen={seen}&wait=30"));
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(!waiter.is_finished(), "answered though nothing changed");
+
+    // Bob approves: the follower hears of it at once, long before its 30 s are up.
+    let (status, _) = f.post("bob", &format!("/v1/releases/{id}/approve"), json!({}));
+    assert!(status.is_success());
+    let (status, answer, took) = waiter.join().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(changes(&answer) > seen, "{answer}");
+    assert!(took < 20.0, "held {took:.1} s after the change");
+    f.settle(id);
+
+    // A final release is answered at once, whatever was seen.
+    let (status, answer, took) = follow(&f, id, "seen=1000&wait=30").join().unwrap();
+    assert_eq!((status, answer["state"].as_str()), (StatusCode::OK, Some("live")));
+    assert!(took < 20.0, "{took:.1} s for a final release");
+
+    // Without a change, the wait ends with the release as it is.
+    let v2 = f.upload("v2");
+    let id = pending_promotion(&f, &v2);
+    let seen = changes(&f.get("carol", &format!("/v1/releases/{id}")));
+    let (status, answer, took) = follow(&f, id, &format!("seen={seen}&wait=1")).join().unwrap();
+    assert_eq!((status, changes(&answer)), (StatusCode::OK, seen));
+    assert!(took >= 0.9, "answered after {took:.2} s, before its wait");
+
+    // What it cannot read is refused, naming it.
+    for (query, named) in [("wait=soon", "wait"), ("seen=-1&wait=1", "seen"), ("wait=1&hold=3", "hold")] {
+        let (status, answer, _) = follow(&f, id, query).join().unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(named), "{query}: {answer}");
+    }
+}
+
+#[test]
+fn a_stopping_server_answers_its_followers_instead_of_keeping_them_waiting() {
+    let mut f = Fixture::new();
+    let v1 = f.upload("v1");
+    let id = pending_promotion(&f, &v1);
+    let seen = changes(&f.get("carol", &format!("/v1/releases/{id}")));
+    let waiter = follow(&f, id, &format!("seen={seen}&wait=30"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!waiter.is_finished());
+    let started = std::time::Instant::now();
+    // SAFETY: a signal to the server process this test started.
+    unsafe { libc::kill(f.server.pid() as i32, libc::SIGTERM) };
+    assert!(f.server.terminate_after_signal().success());
+    let (status, answer, _) = waiter.join().unwrap();
+    assert_eq!((status, answer["state"].as_str()), (StatusCode::OK, Some("pending_approval")));
+    assert!(started.elapsed().as_secs_f64() < 15.0, "the stop waited for the follower's 30 s");
+}
