@@ -55,8 +55,14 @@
 # node, as on a fleet whose nodes have CPUs of their own. With 4 nodes on this 2-core machine
 # the nodes take turns on the cores, and a deploy takes about the CPU time of all of them.
 #
+# With BENCH_STORE=s3, release keeps its artifacts in Garage (an S3-compatible server started
+# here, on the bench root, inside the bench's CPU cgroup: its CPU counts against release), and
+# the nodes fetch them through presigned URLs, as with Akamai/Linode Object Storage in
+# production; by default (local) the server streams them over the SSH channel.
+#
 # Usage: sudo bash bench/deploy.sh     (root: useradd, mount, unshare, sshd)
 # Env:   RELEASE_BIN=path (else cargo build --release), RUNS=5, BENCH_FS=tmpfs|ext4, BENCH_NODES=4,
+#        BENCH_STORE=local|s3 (s3 needs garage: GARAGE_BIN, else ~/.cargo/bin/garage, see .ci/run),
 #        SSH_PORT=2222, SERVER_PORT=18480, BENCH_ROOT=/tmp/release-bench-root, BENCH_QUIET_WAIT=0,
 #        BENCH_DEADLINE=900 (the whole run is ended after that many seconds)
 set -euo pipefail
@@ -68,6 +74,13 @@ SSH_PORT=${SSH_PORT:-2222}
 SERVER_PORT=${SERVER_PORT:-18480}
 ROOT=${BENCH_ROOT:-/tmp/release-bench-root}
 BENCH_NODES=${BENCH_NODES:-4}
+BENCH_STORE=${BENCH_STORE:-local}
+case $BENCH_STORE in
+  local) ;;
+  s3) GARAGE=${GARAGE_BIN:-$HOME/.cargo/bin/garage}
+      [ -x "$GARAGE" ] || { echo "BENCH_STORE=s3 needs garage at $GARAGE (GARAGE_BIN=...)" >&2; exit 2; } ;;
+  *) echo "BENCH_STORE must be local or s3" >&2; exit 2 ;;
+esac
 [[ $BENCH_NODES =~ ^[1-8]$ ]] || { echo "BENCH_NODES must be 1-8" >&2; exit 2; }
 NODES=()
 for i in $(seq 2 $((BENCH_NODES + 1))); do NODES+=("127.0.0.$i"); done
@@ -126,6 +139,7 @@ descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do desc
 cleanup() {
   set +e
   for victim in $(descendants "$WATCHDOG") "$WATCHDOG"; do kill "$victim" 2>/dev/null; done
+  [ -n "${GARAGE_PID:-}" ] && kill "$GARAGE_PID" 2>/dev/null
   if [ -n "$SERVER_PID" ]; then
     kill "$SERVER_PID" 2>/dev/null
     for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
@@ -355,8 +369,35 @@ live_version() { tr -d v <"$(resolve "$1" 0)/VERSION"; }
 
 # --- contender 1: release ------------------------------------------------------------------
 mkdir -p "$ROOT/server/data" "$ROOT/server/shows"
+STORE_TOML=
+STORE_DESC="local directory (artifacts streamed to the nodes over the SSH channel)"
+if [ "$BENCH_STORE" = s3 ]; then
+  G=$ROOT/garage; GPORT=$((SERVER_PORT + 1)); mkdir -p "$G"
+  GKEY="GK$(openssl rand -hex 12)"; GSECRET=$(openssl rand -hex 32)
+  cat >"$G/garage.toml" <<EOF
+metadata_dir = "$G/meta"
+data_dir = "$G/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((SERVER_PORT + 2))"
+rpc_public_addr = "127.0.0.1:$((SERVER_PORT + 2))"
+rpc_secret = "$(openssl rand -hex 32)"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$GPORT"
+EOF
+  GARAGE_DEFAULT_ACCESS_KEY=$GKEY GARAGE_DEFAULT_SECRET_KEY=$GSECRET GARAGE_DEFAULT_BUCKET=artifacts \
+    "$GARAGE" -c "$G/garage.toml" server --single-node --default-bucket >"$G/garage.log" 2>&1 &
+  GARAGE_PID=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$GPORT/" && break; sleep 0.1; done
+  curl -s -o /dev/null "http://127.0.0.1:$GPORT/" || die "garage did not start: $(tail "$G/garage.log")"
+  STORE_TOML=$(printf '[storage]\nkind = "s3"\nendpoint = "http://127.0.0.1:%s"\nregion = "garage"\nbucket = "artifacts"\naccess_key_id = "%s"\nsecret_access_key = "%s"\n' \
+    "$GPORT" "$GKEY" "$GSECRET")
+  STORE_DESC="Garage $("$GARAGE" --version | awk '{print $2}') on 127.0.0.1:$GPORT (S3; nodes fetch presigned URLs; its CPU counts)"
+fi
 {
   printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$SERVER_PORT" "$ROOT/server/data"
+  [ -n "$STORE_TOML" ] && printf '%s\n' "$STORE_TOML"
   printf '[ssh]\nidentity = "%s"\nknown_hosts = "%s"\nconnect_timeout = "10s"\ncommand_timeout = "120s"\n' \
     "$ROOT/ssh/id_ed25519" "$ROOT/ssh/known_hosts"
   printf '[service.app]\nkind = "generic"\nshared = [".env", "storage"]\n'
@@ -567,6 +608,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 printf '\nrelease deploy bench, %s\n' "$(date -u +%FT%TZ)"
 printf 'machine: %s cores, Linux %s; load average at start %s, at end %s\n' "$(nproc)" "$(uname -r)" "$LOAD_START" "$LOAD_END"
 printf 'node work on: %s\n' "$FS_DESC"
+printf 'release store: %s\n' "$STORE_DESC"
 printf 'nodes: %s sshd on %s..%s:%s, one mount namespace each (own /srv/app), user %s with an empty home\n' \
   "${#NODES[@]}" "${NODES[0]}" "${NODES[-1]}" "$SSH_PORT" "$USER_NAME"
 printf 'tree: %s files, %s MB (archive %s MB, tar+zstd); every deploy unpacks a new version; %s runs\n' \
