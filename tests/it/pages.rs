@@ -399,3 +399,77 @@ fn a_rewritten_last_event_shows_the_chain_broken_on_the_audit_page() {
     assert!(html.contains("The hash chain is broken"), "{html}");
     assert!(html.contains("the event was altered"), "{html}");
 }
+
+/// The event numbers of an audit page, and the link to the next (older) page if any.
+fn audit_page(client: &Client, url: &str, token: &str, path: &str) -> (Vec<u64>, Option<String>) {
+    let html = client.get(format!("{url}{path}")).bearer_auth(token).send().unwrap().text().unwrap();
+    let seqs = html.split("<tr><td>").skip(1).filter_map(|row| row.split("</td>").next()?.parse().ok()).collect();
+    let next = html
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|h| h.split('"').next())
+        .find(|h| h.starts_with("/audit?") && h.contains("before="))
+        .map(|h| h.replace("&amp;", "&"));
+    (seqs, next)
+}
+
+/// Every page of `/audit?{query}`, following its links: the event numbers, page by page.
+fn audit_pages(client: &Client, url: &str, token: &str, query: &str) -> Vec<Vec<u64>> {
+    let mut pages = Vec::new();
+    let mut path = Some(format!("/audit?{query}"));
+    while let Some(p) = path {
+        let (seqs, next) = audit_page(client, url, token, &p);
+        pages.push(seqs);
+        path = next;
+        assert!(pages.len() < 50, "the pages do not end");
+    }
+    pages
+}
+
+#[test]
+fn the_audit_pages_and_a_time_window_hold_exactly_the_events_of_the_export() {
+    let f = Fixture::new();
+    let url = &f.server.url;
+    let client = no_redirects();
+    // 130 refused requests, each one an audit event: three pages of 50 and more.
+    for _ in 0..130 {
+        let refused = client.get(format!("{url}/v1/audit/events")).bearer_auth(f.token("ci")).send().unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    }
+    let carol = f.token("carol");
+    let export = |query: &str| -> Vec<Value> {
+        let text =
+            client.get(format!("{url}/audit/export.jsonl?{query}")).bearer_auth(carol).send().unwrap().text().unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let all = export("");
+    assert!(all.len() > 130, "{} events", all.len());
+    let seqs = |events: &[Value]| -> Vec<u64> { events.iter().map(|e| e["seq"].as_u64().unwrap()).collect() };
+
+    // The pages, one after the other, are the export: newest first, none twice, none left out.
+    let pages = audit_pages(&client, url, carol, "");
+    assert!(pages.len() >= 3 && pages.iter().all(|p| !p.is_empty() && p.len() <= 50), "{pages:?}");
+    assert!(pages[..pages.len() - 1].iter().all(|p| p.len() == 50), "only the last page is short");
+    // (The pages are read after the export, and reading them adds no event.)
+    assert_eq!(pages.concat(), seqs(&all));
+
+    // A window [from, until) holds exactly the events stamped in it, on the pages and in the
+    // export; a filter on top of it narrows both alike.
+    let (from, until) = (all[110]["at"].as_str().unwrap(), all[20]["at"].as_str().unwrap());
+    let inside: Vec<Value> = all
+        .iter()
+        .filter(|e| {
+            let at = e["at"].as_str().unwrap();
+            at >= from && at < until
+        })
+        .cloned()
+        .collect();
+    assert!(inside.len() >= 80, "{} events in the window", inside.len());
+    let window = format!("from={from}&until={until}");
+    assert_eq!(audit_pages(&client, url, carol, &window).concat(), seqs(&inside));
+    assert_eq!(seqs(&export(&window)), seqs(&inside));
+    let refusals: Vec<Value> = inside.iter().filter(|e| e["actor"] == "ci").cloned().collect();
+    let narrowed = format!("{window}&actor=ci");
+    assert_eq!(audit_pages(&client, url, carol, &narrowed).concat(), seqs(&refusals));
+    assert_eq!(seqs(&export(&narrowed)), seqs(&refusals));
+}
