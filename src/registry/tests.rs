@@ -241,6 +241,33 @@ mod releases {
     }
 
     #[test]
+    fn live_spells_are_limited_within_the_callers_scope() {
+        let (_dir, registry, digest) = with_artifact();
+        registry.record_artifact(&new_artifact("web", b"v1"), &event()).unwrap();
+        let live = |service: &str, environment: &str| {
+            let new = NewRelease {
+                service: service.into(),
+                environment: environment.into(),
+                ..request(digest, State::Approved)
+            };
+            let r = registry.create_release(&new, &event()).unwrap();
+            registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
+            registry.go_live(r.id, &event()).unwrap().0.id
+        };
+        let api = live("api", "production");
+        let web: Vec<i64> = (0..3).map(|_| live("web", "staging")).collect();
+        let ids = |spells: Vec<crate::registry::LiveSpell>| spells.iter().map(|s| s.release).collect::<Vec<_>>();
+        // Newest first; the limit counts only what the scope lets through.
+        assert_eq!(ids(registry.live_spells(digest, None, None, 2).unwrap()), [web[2], web[1]]);
+        let only_api = ["api".to_owned()];
+        assert_eq!(ids(registry.live_spells(digest, Some(&only_api), None, 2).unwrap()), [api]);
+        let only_production = ["production".to_owned()];
+        assert_eq!(ids(registry.live_spells(digest, None, Some(&only_production), 2).unwrap()), [api]);
+        let staging = ["staging".to_owned()];
+        assert!(registry.live_spells(digest, Some(&only_api), Some(&staging), 2).unwrap().is_empty());
+    }
+
+    #[test]
     fn going_live_supersedes_and_cancels_stale_requests() {
         let (_dir, registry, digest) = with_artifact();
         let live = |registry: &Registry| {

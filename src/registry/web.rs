@@ -73,16 +73,27 @@ impl Registry {
     }
 
     /// Every time `digest` went live, newest first (at most `limit`).
-    pub fn live_spells(&self, digest: Digest, limit: u32) -> Result<Vec<LiveSpell>, RegistryError> {
+    pub fn live_spells(
+        &self,
+        digest: Digest,
+        services: Option<&[String]>,
+        environments: Option<&[String]>,
+        limit: u32,
+    ) -> Result<Vec<LiveSpell>, RegistryError> {
+        // The scope is applied in the query, so that `limit` counts only what may be shown.
+        let scope = |names: Option<&[String]>| names.map(|n| serde_json::to_string(n).expect("names serialize"));
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT r.id, r.service, r.environment, t.at,
                         CASE WHEN r.state = 'superseded' THEN r.state_changed_at END
                  FROM releases r JOIN release_transitions t ON t.release_id = r.id AND t.state = 'live'
                  WHERE r.digest = ?1 AND r.state IN ('live', 'superseded')
+                   AND (?3 IS NULL OR r.service IN (SELECT value FROM json_each(?3)))
+                   AND (?4 IS NULL OR r.environment IN (SELECT value FROM json_each(?4)))
                  ORDER BY r.id DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![digest.to_string(), limit], |r| {
+            let params = params![digest.to_string(), limit, scope(services), scope(environments)];
+            let rows = stmt.query_map(params, |r| {
                 Ok(LiveSpell {
                     release: r.get(0)?,
                     service: r.get(1)?,

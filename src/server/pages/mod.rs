@@ -157,11 +157,12 @@ async fn artifact(
     let digest: Digest =
         digest.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))?;
     let registry = Arc::clone(&state.registry);
+    let (services, environments) = (p.services.clone(), p.environments.clone());
     let found = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::registry::RegistryError>((
             registry.artifact(digest)?,
             registry.artifact_uploads(digest)?,
-            registry.live_spells(digest, SPELLS)?,
+            registry.live_spells(digest, services.as_deref(), environments.as_deref(), SPELLS)?,
             registry.artifact_block(digest)?,
         ))
     })
@@ -175,10 +176,6 @@ async fn artifact(
     if uploads.is_empty() {
         return Err(ApiError::not_found(format!("no artifact {digest}")).into());
     }
-    let spells: Vec<_> = spells
-        .into_iter()
-        .filter(|s| p.require_service(&s.service).is_ok() && p.require_environment(&s.environment).is_ok())
-        .collect();
     Ok(html(render::artifact(&p, &artifact, &uploads, &spells, block.as_ref().map(|b| b.reason.as_str()))))
 }
 
