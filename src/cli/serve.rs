@@ -36,6 +36,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             config.ssh.clone(),
             timeout,
             &control_dir,
+            config.node_url.clone(),
         ));
         let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;

@@ -67,6 +67,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub tls: Option<TlsConfig>,
+    /// Where nodes reach this server (`[server] node_url`): with the local store they fetch
+    /// artifacts from it by signed URL instead of through SSH.
+    pub node_url: Option<String>,
     pub storage: StorageConfig,
     pub limits: Limits,
     pub ssh: SshConfig,
@@ -328,6 +331,7 @@ struct ServerSection {
     data_dir: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    node_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +434,10 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         (Some(_), None) => return Err(invalid("server.tls_key", "tls_cert is set, so tls_key is needed too".into())),
         (None, Some(_)) => return Err(invalid("server.tls_cert", "tls_key is set, so tls_cert is needed too".into())),
     };
+    let node_url = match parsed.server.node_url {
+        None => None,
+        Some(url) => Some(node_url(&url).map_err(|why| invalid("server.node_url", why))?),
+    };
     let storage = match parsed.storage {
         None | Some(StorageSection::Local { path: None }) => StorageConfig::Local { path: data_dir.join("objects") },
         Some(StorageSection::Local { path: Some(path) }) => StorageConfig::Local { path },
@@ -477,6 +485,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         source: file.map(Path::to_owned),
         listen,
         data_dir,
+        node_url,
         tls,
         storage,
         limits,
@@ -644,3 +653,19 @@ fn normalize_relative_path(path: &str) -> Result<String, &'static str> {
 
 #[cfg(test)]
 mod tests;
+
+/// `[server] node_url`: an http(s) URL with a host and nothing after its path, kept without
+/// a trailing `/`.
+fn node_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{text:?}: nodes fetch over http or https, not {}", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} names no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!("{text:?}: give the server's address only, without user, query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}

@@ -105,6 +105,10 @@ fn semantic_errors_name_the_key() {
             "service.api.node[0].environment",
         ),
         ("[server]\ntls_cert = \"/x\"\n", "server.tls_key"),
+        ("[server]\nnode_url = \"10.0.0.5:8080\"\n", "server.node_url"),
+        ("[server]\nnode_url = \"ftp://10.0.0.5/\"\n", "server.node_url"),
+        ("[server]\nnode_url = \"http://10.0.0.5:8080/?x=1\"\n", "server.node_url"),
+        ("[server]\nnode_url = \"https://user@10.0.0.5\"\n", "server.node_url"),
         ("[storage]\nkind = \"s3\"\nendpoint = \"s3.example\"\nregion = \"r\"\nbucket = \"b\"\n", "storage.endpoint"),
     ];
     for (text, key) in cases {
@@ -196,4 +200,11 @@ fn webhook_errors_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains("tok3n"), "{err}");
+}
+
+#[test]
+fn node_url_is_kept_without_its_trailing_slash() {
+    let config = load_text("[server]\nnode_url = \"https://release.internal:8443/\"\n").unwrap();
+    assert_eq!(config.node_url.as_deref(), Some("https://release.internal:8443"));
+    assert_eq!(load_text("").unwrap().node_url, None);
 }

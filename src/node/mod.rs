@@ -92,8 +92,10 @@ pub enum Request {
 pub enum Source {
     /// They follow the request on stdin.
     Stdin,
-    /// A (presigned) URL to fetch them from.
+    /// A (presigned) URL of the object store to fetch them from.
     Url(String),
+    /// A signed URL of the release server to fetch them from (`[server] node_url`).
+    Server(String),
     /// None sent: the release must already be on the node.
     Present,
 }

@@ -218,7 +218,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
         let unpacked = match &p.source {
             Source::Stdin => unpack(input, &tmp, &options, p.digest, modes),
-            Source::Url(url) => {
+            Source::Url(url) | Source::Server(url) => {
                 let response = fetch(url)?;
                 unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest, modes)
             }
@@ -251,6 +251,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     sync_dir(ready.parent().expect("ready has a parent")).map_err(|e| io_error(&ready, e))?;
     let how = match p.source {
         Source::Url(_) => "fetched from the object store (presigned URL)",
+        Source::Server(_) => "fetched from the release server (signed URL)",
         _ => "streamed from the server",
     };
     Ok(json!({"dir": dir, "reused": false, "output": format!("artifact: {how}\n{output}")}))

@@ -243,6 +243,41 @@ async fn blob(
             return Ok(response);
         }
     };
+    bytes_of(&state, &artifact, status, range).await
+}
+
+/// `GET /node/artifacts/{digest}?expires=&sig=`: a node fetching an artifact by the signed
+/// URL its deploy gave it (no token: the signature names the digest and an expiry).
+pub async fn node_fetch(
+    State(state): State<AppState>,
+    ApiPath(digest): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FetchQuery>,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(&digest)?;
+    crate::deploy::fetch::verify(digest, q.expires, &q.sig, crate::utc::now().unix_timestamp())
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+    let registry = Arc::clone(&state.ingestor.registry);
+    let artifact = blocking(move || registry.artifact(digest))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))?;
+    bytes_of(&state, &artifact, StatusCode::OK, None).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchQuery {
+    expires: i64,
+    sig: String,
+}
+
+/// The artifact's bytes (or a range of them) as a streamed response.
+async fn bytes_of(
+    state: &AppState,
+    artifact: &Artifact,
+    status: StatusCode,
+    range: Option<std::ops::Range<u64>>,
+) -> Result<Response, ApiError> {
+    let size = artifact.size;
     let stream = match state.store.read_artifact(artifact.digest, range.clone()).await {
         Err(crate::store::StoreError::NotFound { .. }) => {
             return Err(ApiError::new(

@@ -230,6 +230,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route(&format!("{}/{{digest}}", crate::deploy::fetch::PATH), get(artifacts::node_fetch))
         .nest("/v1", v1)
         .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no such route") })

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::releases::Fixture;
-use crate::support::Backend;
 use crate::support::archives::{RawTar, zstd};
 use crate::support::sshd::{self, SshNode};
+use crate::support::{Backend, TestServer};
 
 struct SshFleet {
     f: Fixture,
@@ -22,6 +22,11 @@ struct SshFleet {
 impl SshFleet {
     /// `layout`: the environment of each node. `finalize`: the service's finalize hook.
     fn new(backend: Backend, layout: &[&str], finalize: &str) -> SshFleet {
+        SshFleet::start(backend, layout, finalize, TestServer::start_with)
+    }
+
+    /// `start`: how the server starts, given its backend and the test's configuration.
+    fn start(backend: Backend, layout: &[&str], finalize: &str, start: fn(Backend, &str) -> TestServer) -> SshFleet {
         let nodes: Vec<SshNode> = layout.iter().map(|_| SshNode::start()).collect();
         let known_hosts = sshd::known_hosts(&nodes.iter().collect::<Vec<_>>());
         let mut config = format!(
@@ -46,7 +51,7 @@ impl SshFleet {
         config.push_str(
             "[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\nrequires_approval = true\n",
         );
-        let server = crate::support::TestServer::start_with(backend, &config);
+        let server = start(backend, &config);
         let f = Fixture::adopt(server);
         SshFleet { f, nodes, bases }
     }
@@ -307,4 +312,40 @@ fn ssh_masters_a_killed_server_left_are_ended_when_it_starts_again() {
     let v2 = fleet.upload("v2");
     fleet.live_in("staging", &v2);
     fleet.assert_env_on("staging", &v2, "v2");
+}
+
+#[test]
+fn with_a_node_url_nodes_fetch_the_artifact_from_the_server_by_signed_url() {
+    let fleet = SshFleet::start(Backend::Local, &["staging", "staging"], "true", TestServer::start_serving_nodes);
+    let v1 = fleet.upload("v1");
+    let (status, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v1}));
+    assert!(status.is_success(), "{release}");
+    assert_eq!(fleet.f.settle(release["id"].as_i64().unwrap())["state"], "live");
+    fleet.assert_env_on("staging", &v1, "v1");
+    let shown = fleet.release(&release["id"]);
+    let prepares: Vec<&Value> =
+        shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare").collect();
+    assert_eq!(prepares.len(), 2);
+    for prepare in prepares {
+        let output = prepare["output_tail"].as_str().unwrap();
+        assert!(output.contains("fetched from the release server (signed URL)"), "{prepare}");
+    }
+
+    // The fetch path opens nothing without this server's signature, and says why.
+    let url = &fleet.f.server.url;
+    let http = fleet.f.server.http();
+    let expires = time_now() + 600;
+    let forged =
+        http.get(format!("{url}/node/artifacts/{v1}?expires={expires}&sig={}", "00".repeat(32))).send().unwrap();
+    assert_eq!(forged.status(), reqwest::StatusCode::FORBIDDEN);
+    assert!(forged.text().unwrap().contains("not signed by this server"));
+    let unsigned = http.get(format!("{url}/node/artifacts/{v1}?expires={expires}")).send().unwrap();
+    assert_eq!(unsigned.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert!(unsigned.text().unwrap().contains("sig"));
+    fleet.f.assert_refusal_recorded("(unauthenticated)", 403, "forbidden");
+}
+
+fn time_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

@@ -125,6 +125,19 @@ impl TestServer {
 
     /// Starts with `extra` appended to the configuration file (limits, services…).
     pub fn start_with(backend: Backend, extra: &str) -> TestServer {
+        TestServer::start_listening(backend, extra, "listen = \"127.0.0.1:0\"\n")
+    }
+
+    /// Starts on a port picked beforehand, which it also gives as its `node_url`: nodes fetch
+    /// artifacts from it by signed URL.
+    pub fn start_serving_nodes(backend: Backend, extra: &str) -> TestServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let server = format!("listen = \"127.0.0.1:{port}\"\nnode_url = \"http://127.0.0.1:{port}\"\n");
+        TestServer::start_listening(backend, extra, &server)
+    }
+
+    /// `server`: the `[server]` lines besides `data_dir`.
+    fn start_listening(backend: Backend, extra: &str, server: &str) -> TestServer {
         let dir = tempfile::Builder::new().prefix("release-test-").tempdir().unwrap();
         let data = dir.path().join("data");
         let (storage, storage_toml) = match backend {
@@ -143,10 +156,7 @@ impl TestServer {
         let config = dir.path().join("release.toml");
         std::fs::write(
             &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{storage_toml}{EXTRA_MARK}{extra}",
-                data.display()
-            ),
+            format!("[server]\n{server}data_dir = \"{}\"\n{storage_toml}{EXTRA_MARK}{extra}", data.display()),
         )
         .unwrap();
         let mut server = TestServer {
