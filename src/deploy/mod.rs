@@ -504,10 +504,12 @@ impl NodeDeployer {
         Ok(Some(digest))
     }
 
-    /// A deploy a stopped server left behind: if every node is reachable and switched,
-    /// finish it (reload and verify). Else every reachable node on the new release is
-    /// switched back, and every reachable node is reloaded (the stop may have come between a
-    /// switch back and its reload); nodes that cannot be reached or asked are reported.
+    /// A deploy whose run ended without recording how (a stopped server, a run that could not
+    /// record its outcome): if every node is reachable and switched, finish it (reload and
+    /// verify). Else every reachable node on the new release is switched back, and every
+    /// reachable node is reloaded (the stop may have come between a switch back and its
+    /// reload); nodes that cannot be reached or asked are reported. The reason says what was
+    /// found.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
         let fence = new_fence();
@@ -519,7 +521,7 @@ impl NodeDeployer {
                     target.set_back_to(plan.previous.as_ref().map(|p| p.digest));
                     targets.push(target);
                 }
-                Err(_) => unknown.push(node.display_name()),
+                Err(e) => unknown.push((node.display_name(), e)),
             }
         }
         if let Some(adopt) = &plan.adopt
@@ -530,8 +532,8 @@ impl NodeDeployer {
         let digest = plan.release.digest;
         let (mut on_new, mut elsewhere) = (Vec::new(), Vec::new());
         for target in &targets {
-            // First take the node for this run: an agent of the stopped server still waiting
-            // for the lock either finishes before (and status sees what it did) or is refused.
+            // First take the node for this run: an agent of the run that ended, still waiting
+            // for the lock, either finishes before (and status sees what it did) or is refused.
             let fenced = phase_quiet(target, Request::Fence { base: target.base.clone(), fence }).await;
             let status = match fenced {
                 Ok(_) => phase_quiet(target, Request::Status { base: target.base.clone() }).await,
@@ -539,20 +541,35 @@ impl NodeDeployer {
             };
             match status {
                 Ok(status) if status["current"] == digest.to_string() => on_new.push(target),
-                Ok(_) => elsewhere.push(target),
-                Err(_) => unknown.push(target.name.clone()),
+                Ok(status) => {
+                    let serves = match status["current"].as_str() {
+                        Some(current) => current.parse::<Digest>().map_or(current.to_owned(), |d| d.short()),
+                        None if status["plain"] == true => "a plain directory".to_owned(),
+                        None => "nothing".to_owned(),
+                    };
+                    elsewhere.push((target, serves));
+                }
+                Err(e) => unknown.push((target.name.clone(), e)),
             }
         }
-        if unknown.is_empty() && elsewhere.is_empty() && !on_new.is_empty() {
+        let found = if let Some((_, e)) = unknown.first() {
+            e.clone()
+        } else if let Some((target, serves)) = elsewhere.first() {
+            format!("node {} serves {serves}, not {}", target.name, digest.short())
+        } else if on_new.is_empty() {
+            "no node to finish it on".to_owned()
+        } else {
             let after = join_all(targets.iter().map(|t| self.reload_and_verify(plan, t, &hooks))).await;
-            if first_error(after).is_none() {
-                return Ok(());
+            match first_error(after) {
+                None => return Ok(()),
+                Some(reason) => reason,
             }
-        }
+        };
         let mut stranded = self.put_back(plan, &on_new, &hooks).await;
-        let _ = join_all(elsewhere.iter().map(|t| self.exec(plan, t, "reload", None, &hooks.reload))).await;
-        stranded.extend(unknown);
-        Err(Failure { reason: "the server stopped during the deploy; the nodes were put back".into(), stranded })
+        let _ = join_all(elsewhere.iter().map(|(t, _)| self.exec(plan, t, "reload", None, &hooks.reload))).await;
+        stranded.extend(unknown.into_iter().map(|(name, _)| name));
+        let put_back = if stranded.is_empty() { "the nodes were put back" } else { "the other nodes were put back" };
+        Err(Failure { reason: format!("{found}; {put_back}"), stranded })
     }
 }
 

@@ -125,10 +125,12 @@ pub trait Deployer: Send + Sync + 'static {
     /// Makes `plan.release` live on its nodes; on failure, puts them back.
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>>;
 
-    /// A deploy a stopped server left unfinished: finish it (`Ok`: the release is live on
-    /// every node) or put the nodes back (`Err`).
+    /// A deploy whose run ended without recording how (a stopped server, or a run that could
+    /// not record its outcome): finish it (`Ok`: the release is live on every node) or put
+    /// the nodes back (`Err`, saying what the nodes were found in). Calls of the run that
+    /// ended must no longer change a node once this has begun (fences).
     fn recover<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async { Err(Failure::new("the server stopped during the deploy")) })
+        Box::pin(async { Err(Failure::new("this deployer cannot ask the nodes, so it cannot finish the deploy")) })
     }
 }
 

@@ -116,6 +116,9 @@ pub struct TestServer {
     storage: StorageConfig,
     log: PathBuf,
     starts: u32,
+    /// Variables the server process is started with (the harness clears every other
+    /// `RELEASE_*` one).
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -125,6 +128,12 @@ impl TestServer {
 
     /// Starts with `extra` appended to the configuration file (limits, services…).
     pub fn start_with(backend: Backend, extra: &str) -> TestServer {
+        TestServer::start_with_env(backend, extra, &[])
+    }
+
+    /// Starts with `extra` in the configuration and these variables in the server's
+    /// environment (e.g. `RELEASE_TEST_DEPLOY_LEASE_MS`), at every start.
+    pub fn start_with_env(backend: Backend, extra: &str, env: &[(&str, &str)]) -> TestServer {
         let dir = tempfile::Builder::new().prefix("release-test-").tempdir().unwrap();
         let data = dir.path().join("data");
         let (storage, storage_toml) = match backend {
@@ -157,6 +166,7 @@ impl TestServer {
             config,
             storage,
             starts: 0,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         server.spawn();
         server
@@ -172,6 +182,7 @@ impl TestServer {
         let child = clean_command()
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .env("RELEASE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
