@@ -335,7 +335,7 @@ impl NodeDeployer {
             let request = Request::Pm2Cwd {
                 base: target.base.clone(),
                 digest: plan.release.digest,
-                app: plan.service.name.clone(),
+                app: plan.service.pm2_app.clone().unwrap_or_else(|| plan.service.name.clone()),
                 env: plan.service.env.clone(),
             };
             phase(plan, target, "verify pm2", request, None).await?;
