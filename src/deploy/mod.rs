@@ -1,9 +1,10 @@
 //! The node deployer: SPEC 7's phases across an environment's nodes, behind the deploy seam.
 //!
 //! prepare all (bounded parallelism) → migrate on the one `migrate` node → switch all, as
-//! close together as possible → reload → verify health → clean up old releases. Any failure
-//! before the switch: no node switches. Any failure after: every switched node is switched
-//! back and reloaded. Each node's phase is reported as it ends.
+//! close together as possible → reload → verify health. Any failure before the switch: no
+//! node switches. Any failure after: every switched node is switched back and reloaded. Each
+//! node's phase is reported as it ends. Old releases are cleaned up once the release is
+//! recorded live ([`Deployer::clean_up`], called by `Releases` in the background).
 //!
 //! Architecture invariant: only this module (through `transport`) talks to nodes.
 
@@ -80,8 +81,7 @@ impl NodeDeployer {
     /// Connects to every node of the plan at once; the first node that cannot be reached fails
     /// the deploy before anything happens.
     async fn connect_all(&self, plan: &Plan) -> Result<Vec<Target>, Failure> {
-        let fence = new_fence();
-        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, plan.fence))).await;
         let mut targets = Vec::new();
         let mut errors = Vec::new();
         for (node, result) in plan.nodes.iter().zip(connected) {
@@ -129,12 +129,6 @@ struct Target {
     adopting: AtomicBool,
     /// This deploy run's fence: a node refuses changes from runs older than the newest it saw.
     fence: u64,
-}
-
-/// A fence for a new deploy run: the time in microseconds, so a later run (a restarted
-/// server resolving a deploy) always outranks an earlier one's left-over agents.
-fn new_fence() -> u64 {
-    (utc::now().unix_timestamp_nanos() / 1000) as u64
 }
 
 impl Target {
@@ -259,15 +253,40 @@ impl NodeDeployer {
     async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
         let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
-        let (source, payload) = if present {
-            (Source::Present, None)
-        } else if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
+        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
+        let started = utc::now_text();
+        if present {
+            let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
+            let answer = target.transport.call(&request, None).await;
+            // The status was read without the node's lock: the clean-up of an earlier run may
+            // have removed the release since (it follows `live` in the background). Then it is
+            // fetched after all.
+            if !matches!(&answer, Err(CallError::Node(e)) if e.code == "missing") {
+                return report_phase(plan, target, name, &request, started, answer).map(drop);
+            }
+            tracing::warn!(node = %target.name, %digest, "the release left the node between its status and prepare; fetching it");
+        }
+        let (source, payload) = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
             // The node fetches from the bucket itself: the bytes do not pass through the server.
             (Source::Url(url), None)
         } else {
             (Source::Stdin, Some(self.artifact(digest).await?))
         };
-        let request = Request::Prepare(node::Prepare {
+        let request = self.prepare_request(plan, target, hooks, digest, source, false);
+        let answer = target.transport.call(&request, payload).await;
+        report_phase(plan, target, name, &request, started, answer).map(drop)
+    }
+
+    fn prepare_request(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        hooks: &Hooks,
+        digest: Digest,
+        source: Source,
+        present: bool,
+    ) -> Request {
+        Request::Prepare(node::Prepare {
             base: target.base.clone(),
             digest,
             source,
@@ -282,9 +301,7 @@ impl NodeDeployer {
             fence: target.fence,
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
-        });
-        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
-        phase(plan, target, name, request, payload).await.map(drop)
+        })
     }
 
     async fn exec(
@@ -394,7 +411,7 @@ impl NodeDeployer {
         if targets.is_empty() {
             return Ok(());
         }
-        let adopted = self.adopt(plan, &targets).await?;
+        self.adopt(plan, &targets).await?;
 
         // 1. Prepare everywhere; nothing that serves traffic changes yet.
         let parallel = plan.environment.parallel.max(1) as usize;
@@ -444,26 +461,44 @@ impl NodeDeployer {
             let stranded = self.put_back(plan, &all, &hooks).await;
             return Err(Failure { reason, stranded });
         }
-
-        // 6. Retention; a failure here is reported, the release is live regardless.
-        let mut keep = plan.retain.clone();
-        keep.extend(adopted);
-        let _ = join_all(targets.iter().map(|t| {
-            let request = Request::Cleanup { base: t.base.clone(), keep: keep.clone(), fence: t.fence };
-            phase(plan, t, "cleanup", request, None)
-        }))
-        .await;
+        // 6. Retention comes after `live` is recorded: see `clean_up`.
         Ok(())
     }
 
+    /// Retention (phase 6), on every node of the plan, with the plan's fence; each node's
+    /// outcome is its `cleanup` phase (a node that cannot be reached too). Nothing here fails
+    /// anything.
+    async fn clean_up_nodes(&self, plan: &Plan, keep: &[Digest]) {
+        join_all(plan.nodes.iter().map(|node| async move {
+            let started = utc::now_text();
+            match self.connect(node, plan.fence).await {
+                Ok(target) => {
+                    let request =
+                        Request::Cleanup { base: target.base.clone(), keep: keep.to_vec(), fence: plan.fence };
+                    let _ = phase(plan, &target, "cleanup", request, None).await;
+                }
+                Err(e) => plan.report.report(Deployment {
+                    node: node.display_name(),
+                    phase: "cleanup".into(),
+                    started_at: started,
+                    finished_at: utc::now_text(),
+                    outcome: "failed".into(),
+                    output_tail: Some(e),
+                    shared_files: vec![],
+                }),
+            }
+        }))
+        .await;
+    }
+
     /// `--adopt`: asks every node whether its `current` is a plain directory; if any is, the
-    /// tree (the same on every such node) is packaged there, kept as an artifact and recorded,
-    /// and those nodes prepare it as a release to go back to. The adopted digest, if any.
-    async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<Option<Digest>, Failure> {
-        let Some(adopt) = &plan.adopt else { return Ok(None) };
+    /// tree (the same on every such node) is packaged there, kept as an artifact and recorded
+    /// (so retention keeps it), and those nodes prepare it as a release to go back to.
+    async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<(), Failure> {
+        let Some(adopt) = &plan.adopt else { return Ok(()) };
         if let Some((digest, nodes)) = &adopt.captured {
             targets.iter().filter(|t| nodes.contains(&t.name)).for_each(|t| t.adopted(*digest));
-            return Ok(Some(*digest));
+            return Ok(());
         }
         let asking = targets.iter().map(|t| {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
@@ -484,7 +519,7 @@ impl NodeDeployer {
         if let Some(reason) = first_error(errors) {
             return Err(Failure::new(reason));
         }
-        let Some(&(first, digest)) = found.first() else { return Ok(None) };
+        let Some(&(first, digest)) = found.first() else { return Ok(()) };
         if found.iter().any(|(_, d)| *d != digest) {
             let trees: Vec<String> = found.iter().map(|(t, d)| format!("{} has {}", t.name, d.short())).collect();
             return Err(Failure::new(format!(
@@ -501,7 +536,7 @@ impl NodeDeployer {
         let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
         adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
         found.iter().for_each(|(t, _)| t.adopted(digest));
-        Ok(Some(digest))
+        Ok(())
     }
 
     /// A deploy whose run ended without recording how (a stopped server, a run that could not
@@ -512,7 +547,7 @@ impl NodeDeployer {
     /// found.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let fence = new_fence();
+        let fence = plan.fence;
         let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
         let (mut targets, mut unknown) = (Vec::new(), Vec::new());
         for (node, result) in plan.nodes.iter().zip(connected) {
@@ -640,5 +675,9 @@ impl Deployer for NodeDeployer {
 
     fn recover<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(self.resume(plan))
+    }
+
+    fn clean_up<'a>(&'a self, plan: &'a Plan, keep: &'a [Digest]) -> BoxFuture<'a, ()> {
+        Box::pin(self.clean_up_nodes(plan, keep))
     }
 }

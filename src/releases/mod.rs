@@ -260,26 +260,26 @@ impl Releases {
             Err(e) => tracing::error!(release = id, error = %e, "could not take the deploy lease to resolve"),
         }
         let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
-        let outcome = match self.plan(&release).await {
+        let (plan, outcome) = match self.plan(&release).await {
             Ok(plan) => {
-                let deployer = Arc::clone(&self.deployer);
-                match tokio::spawn(async move { deployer.recover(&plan).await }).await {
-                    Ok(outcome) => outcome,
-                    Err(e) => Err(Failure::new(format!("resolving it from the nodes crashed: {e}"))),
+                let (deployer, resolving) = (Arc::clone(&self.deployer), plan.clone());
+                match tokio::spawn(async move { deployer.recover(&resolving).await }).await {
+                    Ok(outcome) => (Some(plan), outcome),
+                    Err(e) => (Some(plan), Err(Failure::new(format!("resolving it from the nodes crashed: {e}")))),
                 }
             }
-            Err(e) => Err(Failure::new(format!("it could not be resolved from the nodes: {e}"))),
+            Err(e) => (None, Err(Failure::new(format!("it could not be resolved from the nodes: {e}")))),
         };
         let outcome = outcome.map_err(|f| Failure { reason: format!("{cause}; {}", f.reason), stranded: f.stranded });
         tracing::warn!(release = id, cause, finished = outcome.is_ok(), "resolved a deploy from its nodes");
-        self.conclude(id, outcome).await;
+        self.conclude(id, outcome, plan).await;
     }
 
     /// Records a deploy's final state and ends its lease, retried with a growing pause. When
     /// it still cannot be recorded, the release is left `deploying`: its run ends, so its
     /// lease lapses and the sweep resolves it from the nodes (never failed blindly: the nodes
-    /// may serve it).
-    async fn finish(&self, id: i64, to: State, reason: Option<String>) {
+    /// may serve it). True when this call recorded it.
+    async fn finish(&self, id: i64, to: State, reason: Option<String>) -> bool {
         let (action, details) = match &reason {
             Some(why) => ("release.failed", serde_json::json!({"reason": why})),
             None => ("release.live", serde_json::json!({})),
@@ -294,10 +294,10 @@ impl Releases {
                         None => tracing::info!(release = id, "release live"),
                     }
                     self.record_finished(&finished);
-                    return;
+                    return true;
                 }
                 // Already final: an earlier attempt committed, its answer was lost.
-                Err(ReleaseError::InvalidState { .. }) => return,
+                Err(ReleaseError::InvalidState { .. }) => return false,
                 Err(e) => {
                     tracing::error!(release = id, attempt, state = %to, error = %e, "could not record the release's final state");
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
@@ -310,6 +310,7 @@ impl Releases {
             "gave up recording the release's final state: it stays deploying until its lease lapses, \
              then the sweep resolves it from the nodes"
         );
+        false
     }
 
     /// Expires pending releases past their approval window, and resolves deploys whose lease
@@ -817,32 +818,39 @@ impl Releases {
         // that cannot be recorded, left to lapse and be resolved from the nodes. The lease is
         // renewed until this function returns, and no longer.
         let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
-        let outcome = match self.plan(&release).await {
+        let (plan, outcome) = match self.plan(&release).await {
             Ok(plan) => {
                 let config_digest = plan.service.config_digest(&plan.environment);
                 let verifies = plan.service.health_proves_digest();
                 if let Err(e) = self.blocking(move |r| r.record_config(id, config_digest, verifies)).await {
                     tracing::error!(release = id, error = %e, "could not record the release's configuration digest");
                 }
-                let deployer = Arc::clone(&self.deployer);
+                let (deployer, running) = (Arc::clone(&self.deployer), plan.clone());
                 // In a task of its own, so that a panicking deployer fails the release instead
                 // of leaving it deploying.
-                match tokio::spawn(async move { deployer.deploy(&plan).await }).await {
-                    Ok(outcome) => outcome,
-                    Err(e) => Err(Failure::new(format!("the deployer crashed: {e}"))),
+                match tokio::spawn(async move { deployer.deploy(&running).await }).await {
+                    Ok(outcome) => (Some(plan), outcome),
+                    Err(e) => (Some(plan), Err(Failure::new(format!("the deployer crashed: {e}")))),
                 }
             }
-            Err(e) => Err(Failure::new(format!("could not plan the deploy: {e}"))),
+            Err(e) => (None, Err(Failure::new(format!("could not plan the deploy: {e}")))),
         };
-        self.conclude(id, outcome).await;
+        self.conclude(id, outcome, plan).await;
         Ok(())
     }
 
     /// Records how a deploy ended: live, or failed with its reason (and the nodes it could not
-    /// put back). Either may fail to be recorded; the release is then left to the sweep.
-    async fn conclude(&self, id: i64, outcome: Result<(), Failure>) {
+    /// put back). Either may fail to be recorded; the release is then left to the sweep. Once
+    /// `live` is recorded, the plan's nodes are cleaned up in the background.
+    async fn conclude(&self, id: i64, outcome: Result<(), Failure>, plan: Option<Plan>) {
         match outcome {
-            Ok(()) => self.finish(id, State::Live, None).await,
+            Ok(()) => {
+                if self.finish(id, State::Live, None).await
+                    && let Some(plan) = plan
+                {
+                    self.clean_up(plan);
+                }
+            }
             Err(failure) => {
                 let reason = if failure.stranded.is_empty() {
                     failure.reason
@@ -852,6 +860,42 @@ impl Releases {
                 self.finish(id, State::Failed, Some(reason)).await;
             }
         }
+    }
+
+    /// Retention after `live` is recorded, in the background: what the nodes keep is read from
+    /// the registry now (whatever any environment has live, this one included; the newest
+    /// `keep` successful digests here; adopted trees), with the release the deploy replaced.
+    /// The deploy is over: a failure here is only reported (each node's `cleanup` phase), and
+    /// a newer run's fence makes a node refuse it.
+    fn clean_up(&self, plan: Plan) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let release = &plan.release;
+            let (s, e, keep) = (release.service.clone(), release.environment.clone(), plan.service.keep);
+            let mut retain = match this.blocking(move |r| r.retained_digests(&s, &e, keep)).await {
+                Ok(retain) => retain,
+                Err(e) => {
+                    let now = utc::now_text();
+                    for node in &plan.nodes {
+                        plan.report.report(Deployment {
+                            node: node.display_name(),
+                            phase: "cleanup".into(),
+                            started_at: now.clone(),
+                            finished_at: now.clone(),
+                            outcome: "failed".into(),
+                            output_tail: Some(format!("not cleaned up: what to keep could not be read ({e})")),
+                            shared_files: vec![],
+                        });
+                    }
+                    return;
+                }
+            };
+            retain.push(release.digest);
+            retain.extend(plan.previous.as_ref().map(|p| p.digest));
+            retain.sort();
+            retain.dedup();
+            this.deployer.clean_up(&plan, &retain).await;
+        });
     }
 
     /// Records each node's phase as the deployer reports it, and times it.
@@ -908,11 +952,6 @@ impl Releases {
             None => None,
         };
         let environment = self.environment(&release.environment)?.clone();
-        // The release being deployed is the newest of the `keep` successful ones it will count.
-        let (s, e, keep) = (release.service.clone(), release.environment.clone(), service.keep.saturating_sub(1));
-        let mut retain = self.blocking(move |r| r.retained_digests(&s, &e, keep)).await?;
-        retain.push(release.digest);
-        retain.extend(previous.as_ref().map(|p| p.digest));
         let adopt = self.blocking(move |r| r.adoption(id)).await?.map(|adoption| deployer::Adopt {
             adopter: Arc::new(adopt::ServerAdopter {
                 ingestor: self.ingestor.clone(),
@@ -921,17 +960,13 @@ impl Releases {
             }),
             captured: adoption.digest.map(|d| (d, adoption.nodes)),
         });
-        // An adopted tree stays: it is the way back to before the first deploy.
-        retain.extend(adopt.as_ref().and_then(|a| a.captured.as_ref()).map(|(d, _)| *d));
-        retain.sort();
-        retain.dedup();
         Ok(Plan {
             release: release.clone(),
             previous,
             service,
             environment,
             nodes,
-            retain,
+            fence: deployer::new_fence(),
             report: self.reporter(release.id),
             adopt,
         })

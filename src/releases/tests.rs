@@ -1,5 +1,6 @@
 //! The sweep's choice: a deploy whose lease lapsed is resolved from its nodes only when no
-//! task of this process runs it; one that does is left alone, lapsed or not.
+//! task of this process runs it; one that does is left alone, lapsed or not. And retention
+//! comes once `live` is recorded, never for a failed deploy.
 
 use std::sync::Mutex as StdMutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,10 @@ struct Scripted {
     finish_recover: Notify,
     recovers: AtomicUsize,
     recover_fails: StdMutex<Option<String>>,
+    deploy_fails: StdMutex<Option<String>>,
+    /// Each clean-up asked for: the release and what to keep.
+    cleanups: StdMutex<Vec<(i64, Vec<Digest>)>>,
+    cleaned: Notify,
 }
 
 impl Deployer for Scripted {
@@ -26,7 +31,17 @@ impl Deployer for Scripted {
         Box::pin(async move {
             self.deploying.notify_one();
             self.finish_deploy.notified().await;
-            Ok(())
+            match self.deploy_fails.lock().unwrap().clone() {
+                Some(why) => Err(Failure::new(why)),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn clean_up<'a>(&'a self, plan: &'a Plan, keep: &'a [Digest]) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.cleanups.lock().unwrap().push((plan.release.id, keep.to_vec()));
+            self.cleaned.notify_one();
         })
     }
 
@@ -181,4 +196,34 @@ async fn a_lapsed_deploy_whose_nodes_are_elsewhere_fails_with_what_was_found() {
         "the deploy's run ended without recording its outcome; node web-1 serves 0123456789ab, not the new release; \
          not put back: web-2"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_follows_live_with_what_the_registry_keeps_and_never_a_failed_deploy() {
+    let s = setup();
+    let first = approved(&s.registry, b"v1");
+    s.releases.launch(first.clone());
+    s.deployer.finish_deploy.notify_one();
+    s.deployer.cleaned.notified().await;
+    assert_eq!(state(&s.registry, first.id), State::Live, "cleaned up only once live was recorded");
+    assert_eq!(*s.deployer.cleanups.lock().unwrap(), [(first.id, vec![first.digest])]);
+
+    // A failed deploy cleans nothing up.
+    *s.deployer.deploy_fails.lock().unwrap() = Some("node web-1: verify failed".into());
+    let failing = approved(&s.registry, b"v2");
+    s.releases.launch(failing.clone());
+    s.deployer.finish_deploy.notify_one();
+    assert_eq!(settle(&s.registry, failing.id).await.state, State::Failed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.deployer.cleanups.lock().unwrap().len(), 1);
+
+    // The next one keeps itself (live now) and the one it replaced, read from the registry.
+    *s.deployer.deploy_fails.lock().unwrap() = None;
+    let second = approved(&s.registry, b"v3");
+    s.releases.launch(second.clone());
+    s.deployer.finish_deploy.notify_one();
+    s.deployer.cleaned.notified().await;
+    let mut keep = vec![first.digest, second.digest];
+    keep.sort();
+    assert_eq!(s.deployer.cleanups.lock().unwrap()[1], (second.id, keep), "the failed v2 is not kept");
 }
