@@ -202,6 +202,9 @@ pub struct Service {
     /// Environment variables for the service's hooks and checks on its nodes (PATH, PM2_HOME…).
     pub env: BTreeMap<String, String>,
     pub nodes: Vec<Node>,
+    /// `node` services: the PM2 app the default reload reloads and verify checks (`pm2_app`,
+    /// default the service's name). `None` for other kinds.
+    pub pm2_app: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -254,7 +257,7 @@ impl Service {
 
     /// The digest of what this service's deploys to `environment` run with (its hooks run as
     /// shell on production): kind, shared paths, hooks, health check, hook environment, keep,
-    /// the environment's nodes and parallelism, and this binary's version (whose kind
+    /// the PM2 app, the environment's nodes and parallelism, and this binary's version (whose kind
     /// defaults fill the hooks left unset). Canonical JSON (sorted keys), hashed.
     pub fn config_digest(&self, environment: &Environment) -> Digest {
         let nodes: Vec<_> = self
@@ -277,6 +280,7 @@ impl Service {
             "health": self.health.as_ref().map(|h| serde_json::json!({"url": h.url, "expect": h.expect})),
             "hooks": {"finalize": self.hooks.finalize, "migrate": self.hooks.migrate, "reload": self.hooks.reload},
             "env": self.env,
+            "pm2_app": self.pm2_app,
             "environment": environment.name,
             "parallel": environment.parallel,
             "nodes": nodes,
@@ -364,6 +368,7 @@ struct ServiceSection {
     hooks: Hooks,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    pm2_app: Option<String>,
     #[serde(default)]
     node: Vec<Node>,
 }
@@ -580,6 +585,21 @@ fn resolve_service(
     if section.keep == Some(0) {
         return Err(invalid(&key("keep"), "must be at least 1".into()));
     }
+    let pm2_app = match (section.kind, section.pm2_app) {
+        (ServiceKind::Node, None) => Some(name.clone()),
+        (ServiceKind::Node, Some(app)) if is_valid_pm2_app(&app) => Some(app),
+        (ServiceKind::Node, Some(app)) => {
+            return Err(invalid(
+                &key("pm2_app"),
+                format!(
+                    "{app:?} must be 1 to 128 of A-Z a-z 0-9 . _ - and not start with - \
+                     (it goes into the command `pm2 reload <app>`)"
+                ),
+            ));
+        }
+        (_, Some(_)) => return Err(invalid(&key("pm2_app"), "only node services run under PM2".into())),
+        (_, None) => None,
+    };
     for (i, node) in section.node.iter().enumerate() {
         let node_key = |field: &str| format!("service.{name}.node[{i}].{field}");
         if !environments.iter().any(|e| e.name == node.environment) {
@@ -622,7 +642,15 @@ fn resolve_service(
         hooks: section.hooks,
         env: section.env,
         nodes: section.node,
+        pm2_app,
     })
+}
+
+/// A PM2 app name the default reload command can carry without quoting.
+fn is_valid_pm2_app(app: &str) -> bool {
+    (1..=128).contains(&app.len())
+        && !app.starts_with('-')
+        && app.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Service and environment names: `[a-z0-9][a-z0-9-]*`, at most 64 characters.

@@ -208,3 +208,47 @@ fn node_url_is_kept_without_its_trailing_slash() {
     assert_eq!(config.node_url.as_deref(), Some("https://release.internal:8443"));
     assert_eq!(load_text("").unwrap().node_url, None);
 }
+
+#[test]
+fn a_node_service_names_its_pm2_app_or_defaults_to_its_own_name() {
+    let c =
+        load_text("[service.web]\nkind = \"node\"\n[service.shop]\nkind = \"node\"\npm2_app = \"shop-frontend.v2\"\n")
+            .unwrap();
+    let (web, shop) = (c.service("web").unwrap(), c.service("shop").unwrap());
+    assert_eq!(web.pm2_app.as_deref(), Some("web"));
+    assert_eq!(shop.pm2_app.as_deref(), Some("shop-frontend.v2"));
+    // The default reload reloads that app; the explicit hook stays as written.
+    assert_eq!(crate::deploy::Hooks::of(web).reload, ["pm2 reload web"]);
+    assert_eq!(crate::deploy::Hooks::of(shop).reload, ["pm2 reload shop-frontend.v2"]);
+    // It is part of what a release runs with.
+    let renamed = load_text("[service.web]\nkind = \"node\"\npm2_app = \"other\"\n").unwrap();
+    let staging = &c.environments[0];
+    assert_ne!(web.config_digest(staging), renamed.service("web").unwrap().config_digest(staging));
+    // Other kinds have none.
+    let c = load_text("[service.api]\nkind = \"laravel\"\n[service.job]\n").unwrap();
+    assert_eq!((c.service("api").unwrap().pm2_app.as_ref(), c.service("job").unwrap().pm2_app.as_ref()), (None, None));
+}
+
+#[test]
+fn pm2_app_is_refused_off_node_services_and_when_the_shell_would_need_quoting() {
+    for kind in ["laravel", "generic"] {
+        let err = load_text(&format!("[service.api]\nkind = \"{kind}\"\npm2_app = \"api\"\n")).unwrap_err().to_string();
+        assert!(err.contains("service.api.pm2_app") && err.contains("only node services run under PM2"), "{err}");
+    }
+    // A generic service is what a service without `kind` is.
+    let err = load_text("[service.api]\npm2_app = \"api\"\n").unwrap_err().to_string();
+    assert!(err.contains("service.api.pm2_app"), "{err}");
+    for bad in ["", "web; rm -rf /", "-web", "web app", "wéb", &"x".repeat(129)] {
+        let err = load_text(&format!("[service.web]\nkind = \"node\"\npm2_app = {bad:?}\n")).unwrap_err().to_string();
+        assert!(err.contains("service.web.pm2_app") && err.contains("pm2 reload <app>"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn the_example_node_service_parses_once_uncommented() {
+    let block = EXAMPLE.split("\n# [service.web]\n").nth(1).expect("the example has a node service");
+    let lines: Vec<&str> = block.lines().take_while(|l| !l.is_empty()).map(|l| l.strip_prefix("# ").unwrap()).collect();
+    let c = load_text(&format!("{EXAMPLE}\n[service.web]\n{}\n", lines.join("\n"))).unwrap();
+    let web = c.service("web").unwrap();
+    assert_eq!((web.kind, web.pm2_app.as_deref()), (ServiceKind::Node, Some("storefront")));
+}

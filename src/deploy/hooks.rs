@@ -28,7 +28,7 @@ impl Hooks {
             ServiceKind::Node => Hooks {
                 finalize: vec![],
                 migrate: vec![],
-                reload: vec![format!("pm2 reload {}", service.name)],
+                reload: vec![format!("pm2 reload {}", service.pm2_app.as_deref().unwrap_or(&service.name))],
                 writable: vec![],
             },
             ServiceKind::Generic => Hooks { finalize: vec![], migrate: vec![], reload: vec![], writable: vec![] },

@@ -1,9 +1,10 @@
 //! The node deployer: SPEC 7's phases across an environment's nodes, behind the deploy seam.
 //!
 //! prepare all (bounded parallelism) → migrate on the one `migrate` node → switch all, as
-//! close together as possible → reload → verify health → clean up old releases. Any failure
-//! before the switch: no node switches. Any failure after: every switched node is switched
-//! back and reloaded. Each node's phase is reported as it ends.
+//! close together as possible → reload → verify health. Any failure before the switch: no
+//! node switches. Any failure after: every switched node is switched back and reloaded. Each
+//! node's phase is reported as it ends. Old releases are cleaned up once the release is
+//! recorded live ([`Deployer::clean_up`], called by `Releases` in the background).
 //!
 //! Architecture invariant: only this module (through `transport`) talks to nodes.
 
@@ -92,8 +93,7 @@ impl NodeDeployer {
     /// Connects to every node of the plan at once; the first node that cannot be reached fails
     /// the deploy before anything happens.
     async fn connect_all(&self, plan: &Plan) -> Result<Vec<Target>, Failure> {
-        let fence = new_fence();
-        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
+        let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, plan.fence))).await;
         let mut targets = Vec::new();
         let mut errors = Vec::new();
         for (node, result) in plan.nodes.iter().zip(connected) {
@@ -141,12 +141,6 @@ struct Target {
     adopting: AtomicBool,
     /// This deploy run's fence: a node refuses changes from runs older than the newest it saw.
     fence: u64,
-}
-
-/// A fence for a new deploy run: the time in microseconds, so a later run (a restarted
-/// server resolving a deploy) always outranks an earlier one's left-over agents.
-fn new_fence() -> u64 {
-    (utc::now().unix_timestamp_nanos() / 1000) as u64
 }
 
 impl Target {
@@ -271,9 +265,20 @@ impl NodeDeployer {
     async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
         let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
-        let (source, payload) = if present {
-            (Source::Present, None)
-        } else if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
+        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
+        let started = utc::now_text();
+        if present {
+            let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
+            let answer = target.transport.call(&request, None).await;
+            // The status was read without the node's lock: the clean-up of an earlier run may
+            // have removed the release since (it follows `live` in the background). Then it is
+            // fetched after all.
+            if !matches!(&answer, Err(CallError::Node(e)) if e.code == "missing") {
+                return report_phase(plan, target, name, &request, started, answer).map(drop);
+            }
+            tracing::warn!(node = %target.name, %digest, "the release left the node between its status and prepare; fetching it");
+        }
+        let (source, payload) = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
             // The node fetches from the bucket itself: the bytes do not pass through the server.
             (Source::Url(url), None)
         } else if let Some(base) = &self.node_url {
@@ -282,7 +287,21 @@ impl NodeDeployer {
         } else {
             (Source::Stdin, Some(self.artifact(digest).await?))
         };
-        let request = Request::Prepare(node::Prepare {
+        let request = self.prepare_request(plan, target, hooks, digest, source, false);
+        let answer = target.transport.call(&request, payload).await;
+        report_phase(plan, target, name, &request, started, answer).map(drop)
+    }
+
+    fn prepare_request(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        hooks: &Hooks,
+        digest: Digest,
+        source: Source,
+        present: bool,
+    ) -> Request {
+        Request::Prepare(node::Prepare {
             base: target.base.clone(),
             digest,
             source,
@@ -297,9 +316,7 @@ impl NodeDeployer {
             fence: target.fence,
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
-        });
-        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
-        phase(plan, target, name, request, payload).await.map(drop)
+        })
     }
 
     async fn exec(
@@ -350,7 +367,7 @@ impl NodeDeployer {
             let request = Request::Pm2Cwd {
                 base: target.base.clone(),
                 digest: plan.release.digest,
-                app: plan.service.name.clone(),
+                app: plan.service.pm2_app.clone().unwrap_or_else(|| plan.service.name.clone()),
                 env: plan.service.env.clone(),
             };
             phase(plan, target, "verify pm2", request, None).await?;
@@ -409,7 +426,7 @@ impl NodeDeployer {
         if targets.is_empty() {
             return Ok(());
         }
-        let adopted = self.adopt(plan, &targets).await?;
+        self.adopt(plan, &targets).await?;
 
         // 1. Prepare everywhere; nothing that serves traffic changes yet.
         let parallel = plan.environment.parallel.max(1) as usize;
@@ -459,26 +476,44 @@ impl NodeDeployer {
             let stranded = self.put_back(plan, &all, &hooks).await;
             return Err(Failure { reason, stranded });
         }
-
-        // 6. Retention; a failure here is reported, the release is live regardless.
-        let mut keep = plan.retain.clone();
-        keep.extend(adopted);
-        let _ = join_all(targets.iter().map(|t| {
-            let request = Request::Cleanup { base: t.base.clone(), keep: keep.clone(), fence: t.fence };
-            phase(plan, t, "cleanup", request, None)
-        }))
-        .await;
+        // 6. Retention comes after `live` is recorded: see `clean_up`.
         Ok(())
     }
 
+    /// Retention (phase 6), on every node of the plan, with the plan's fence; each node's
+    /// outcome is its `cleanup` phase (a node that cannot be reached too). Nothing here fails
+    /// anything.
+    async fn clean_up_nodes(&self, plan: &Plan, keep: &[Digest]) {
+        join_all(plan.nodes.iter().map(|node| async move {
+            let started = utc::now_text();
+            match self.connect(node, plan.fence).await {
+                Ok(target) => {
+                    let request =
+                        Request::Cleanup { base: target.base.clone(), keep: keep.to_vec(), fence: plan.fence };
+                    let _ = phase(plan, &target, "cleanup", request, None).await;
+                }
+                Err(e) => plan.report.report(Deployment {
+                    node: node.display_name(),
+                    phase: "cleanup".into(),
+                    started_at: started,
+                    finished_at: utc::now_text(),
+                    outcome: "failed".into(),
+                    output_tail: Some(e),
+                    shared_files: vec![],
+                }),
+            }
+        }))
+        .await;
+    }
+
     /// `--adopt`: asks every node whether its `current` is a plain directory; if any is, the
-    /// tree (the same on every such node) is packaged there, kept as an artifact and recorded,
-    /// and those nodes prepare it as a release to go back to. The adopted digest, if any.
-    async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<Option<Digest>, Failure> {
-        let Some(adopt) = &plan.adopt else { return Ok(None) };
+    /// tree (the same on every such node) is packaged there, kept as an artifact and recorded
+    /// (so retention keeps it), and those nodes prepare it as a release to go back to.
+    async fn adopt(&self, plan: &Plan, targets: &[Target]) -> Result<(), Failure> {
+        let Some(adopt) = &plan.adopt else { return Ok(()) };
         if let Some((digest, nodes)) = &adopt.captured {
             targets.iter().filter(|t| nodes.contains(&t.name)).for_each(|t| t.adopted(*digest));
-            return Ok(Some(*digest));
+            return Ok(());
         }
         let asking = targets.iter().map(|t| {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
@@ -499,7 +534,7 @@ impl NodeDeployer {
         if let Some(reason) = first_error(errors) {
             return Err(Failure::new(reason));
         }
-        let Some(&(first, digest)) = found.first() else { return Ok(None) };
+        let Some(&(first, digest)) = found.first() else { return Ok(()) };
         if found.iter().any(|(_, d)| *d != digest) {
             let trees: Vec<String> = found.iter().map(|(t, d)| format!("{} has {}", t.name, d.short())).collect();
             return Err(Failure::new(format!(
@@ -516,16 +551,18 @@ impl NodeDeployer {
         let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
         adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
         found.iter().for_each(|(t, _)| t.adopted(digest));
-        Ok(Some(digest))
+        Ok(())
     }
 
-    /// A deploy a stopped server left behind: if every node is reachable and switched,
-    /// finish it (reload and verify). Else every reachable node on the new release is
-    /// switched back, and every reachable node is reloaded (the stop may have come between a
-    /// switch back and its reload); nodes that cannot be reached or asked are reported.
+    /// A deploy whose run ended without recording how (a stopped server, a run that could not
+    /// record its outcome): if every node is reachable and switched, finish it (reload and
+    /// verify). Else every reachable node on the new release is switched back, and every
+    /// reachable node is reloaded (the stop may have come between a switch back and its
+    /// reload); nodes that cannot be reached or asked are reported. The reason says what was
+    /// found.
     async fn resume(&self, plan: &Plan) -> Result<(), Failure> {
         let hooks = Hooks::of(&plan.service);
-        let fence = new_fence();
+        let fence = plan.fence;
         let connected = join_all(plan.nodes.iter().map(|n| self.connect(n, fence))).await;
         let (mut targets, mut unknown) = (Vec::new(), Vec::new());
         for (node, result) in plan.nodes.iter().zip(connected) {
@@ -534,7 +571,7 @@ impl NodeDeployer {
                     target.set_back_to(plan.previous.as_ref().map(|p| p.digest));
                     targets.push(target);
                 }
-                Err(_) => unknown.push(node.display_name()),
+                Err(e) => unknown.push((node.display_name(), e)),
             }
         }
         if let Some(adopt) = &plan.adopt
@@ -545,8 +582,8 @@ impl NodeDeployer {
         let digest = plan.release.digest;
         let (mut on_new, mut elsewhere) = (Vec::new(), Vec::new());
         for target in &targets {
-            // First take the node for this run: an agent of the stopped server still waiting
-            // for the lock either finishes before (and status sees what it did) or is refused.
+            // First take the node for this run: an agent of the run that ended, still waiting
+            // for the lock, either finishes before (and status sees what it did) or is refused.
             let fenced = phase_quiet(target, Request::Fence { base: target.base.clone(), fence }).await;
             let status = match fenced {
                 Ok(_) => phase_quiet(target, Request::Status { base: target.base.clone() }).await,
@@ -554,20 +591,35 @@ impl NodeDeployer {
             };
             match status {
                 Ok(status) if status["current"] == digest.to_string() => on_new.push(target),
-                Ok(_) => elsewhere.push(target),
-                Err(_) => unknown.push(target.name.clone()),
+                Ok(status) => {
+                    let serves = match status["current"].as_str() {
+                        Some(current) => current.parse::<Digest>().map_or(current.to_owned(), |d| d.short()),
+                        None if status["plain"] == true => "a plain directory".to_owned(),
+                        None => "nothing".to_owned(),
+                    };
+                    elsewhere.push((target, serves));
+                }
+                Err(e) => unknown.push((target.name.clone(), e)),
             }
         }
-        if unknown.is_empty() && elsewhere.is_empty() && !on_new.is_empty() {
+        let found = if let Some((_, e)) = unknown.first() {
+            e.clone()
+        } else if let Some((target, serves)) = elsewhere.first() {
+            format!("node {} serves {serves}, not {}", target.name, digest.short())
+        } else if on_new.is_empty() {
+            "no node to finish it on".to_owned()
+        } else {
             let after = join_all(targets.iter().map(|t| self.reload_and_verify(plan, t, &hooks))).await;
-            if first_error(after).is_none() {
-                return Ok(());
+            match first_error(after) {
+                None => return Ok(()),
+                Some(reason) => reason,
             }
-        }
+        };
         let mut stranded = self.put_back(plan, &on_new, &hooks).await;
-        let _ = join_all(elsewhere.iter().map(|t| self.exec(plan, t, "reload", None, &hooks.reload))).await;
-        stranded.extend(unknown);
-        Err(Failure { reason: "the server stopped during the deploy; the nodes were put back".into(), stranded })
+        let _ = join_all(elsewhere.iter().map(|(t, _)| self.exec(plan, t, "reload", None, &hooks.reload))).await;
+        stranded.extend(unknown.into_iter().map(|(name, _)| name));
+        let put_back = if stranded.is_empty() { "the nodes were put back" } else { "the other nodes were put back" };
+        Err(Failure { reason: format!("{found}; {put_back}"), stranded })
     }
 }
 
@@ -638,5 +690,9 @@ impl Deployer for NodeDeployer {
 
     fn recover<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(self.resume(plan))
+    }
+
+    fn clean_up<'a>(&'a self, plan: &'a Plan, keep: &'a [Digest]) -> BoxFuture<'a, ()> {
+        Box::pin(self.clean_up_nodes(plan, keep))
     }
 }

@@ -635,36 +635,71 @@ fn status(base: &Path) -> Result<Value, NodeError> {
 }
 
 /// Removes releases not in `keep`, never the current one, never one a running process has as
-/// its working directory.
+/// its working directory. Under the lock they are only unmarked and moved, one rename each,
+/// into `.release/trash/<pid>-<µs>/`; the trees are deleted after the lock is released, so
+/// deleting a big tree on a slow disk never holds up the next deploy's prepare or switch.
+/// Trash a clean-up left behind (its process is gone) is deleted too.
 fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
-    let _lock = layout.lock()?;
-    layout.fence(fence)?;
-    let current = layout.current_digest()?;
-    let in_use = working_directories();
+    let trash_root = base.join(".release/trash");
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let trash = trash_root.join(format!("{}-{}", std::process::id(), started.as_micros()));
     let (mut removed, mut busy) = (Vec::new(), Vec::new());
-    for entry in fs::read_dir(layout.releases()).map_err(|e| io_error(&layout.releases(), e))?.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let digest = name.parse::<Digest>().ok();
-        if digest.is_some_and(|d| keep.contains(&d) || current == Some(d)) {
-            continue;
+    {
+        let _lock = layout.lock()?;
+        layout.fence(fence)?;
+        let current = layout.current_digest()?;
+        let in_use = working_directories();
+        for entry in fs::read_dir(layout.releases()).map_err(|e| io_error(&layout.releases(), e))?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = name.parse::<Digest>().ok();
+            if digest.is_some_and(|d| keep.contains(&d) || current == Some(d)) {
+                continue;
+            }
+            // /proc answers resolved paths: compare with the resolved release directory.
+            let resolved = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if in_use.iter().any(|cwd| cwd.starts_with(&resolved)) {
+                busy.push(name);
+                continue;
+            }
+            if let Some(d) = digest {
+                let _ = fs::remove_file(layout.ready(d));
+            }
+            move_to_trash(&path, &trash.join(&name))?;
+            removed.push(name);
         }
-        // /proc answers resolved paths: compare with the resolved release directory.
-        let resolved = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        if in_use.iter().any(|cwd| cwd.starts_with(&resolved)) {
-            busy.push(name);
-            continue;
+        // What a clean-up whose process is gone left in the trash (a crash while deleting).
+        for entry in fs::read_dir(&trash_root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name.split('-').next().and_then(|pid| pid.parse::<u32>().ok());
+            if entry.path() != trash && !owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+                move_to_trash(&entry.path(), &trash.join(&name))?;
+            }
         }
-        if let Some(d) = digest {
-            let _ = fs::remove_file(layout.ready(d));
-        }
-        remove_tree(&path).map_err(|e| io_error(&path, e))?;
-        removed.push(name);
     }
+    remove_tree(&trash).map_err(|e| io_error(&trash, e))?;
     removed.sort();
     Ok(json!({"removed": removed, "in_use": busy}))
+}
+
+/// Moves a directory (a release, read-only; or an old trash directory) to `to`, in the same
+/// filesystem; where a rename cannot do it, deletes it in place.
+fn move_to_trash(path: &Path, to: &Path) -> Result<(), NodeError> {
+    let parent = to.parent().expect("trash entries have a parent");
+    fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    // Moving a directory to another parent rewrites its `..`: it must be writable (a release
+    // is read-only once ready).
+    if let Ok(meta) = fs::symlink_metadata(path)
+        && meta.is_dir()
+    {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(meta.permissions().mode() | 0o700));
+    }
+    if fs::rename(path, to).is_err() {
+        remove_tree(path).map_err(|e| io_error(path, e))?;
+    }
+    Ok(())
 }
 
 /// The working directories of this machine's processes that we can see.

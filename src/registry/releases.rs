@@ -755,6 +755,21 @@ impl Registry {
         })
     }
 
+    /// Takes the lease of a deploying release to resolve it: only when it lapsed, is gone, or
+    /// is this owner's already; false when another owner holds it unexpired.
+    pub fn take_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+        self.write(|conn| {
+            Ok(conn.execute(
+                "INSERT INTO deploy_leases (service, environment, release_id, owner, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (service, environment) DO UPDATE SET release_id = excluded.release_id,
+                   owner = excluded.owner, expires_at = excluded.expires_at
+                 WHERE deploy_leases.expires_at <= ?6
+                   OR (deploy_leases.owner = excluded.owner AND deploy_leases.release_id = excluded.release_id)",
+                params![release.service, release.environment, release.id, owner, expires_at, utc::now_text()],
+            )? == 1)
+        })
+    }
+
     /// Ends a deploy: its final state, its event and the end of its lease, in one transaction.
     pub fn finish_deploy(
         &self,

@@ -230,6 +230,31 @@ mod releases {
     }
 
     #[test]
+    fn a_lapsed_lease_is_taken_and_a_held_one_refused() {
+        let (_dir, registry, digest) = with_artifact();
+        let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        let (past, future) = ("2000-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z");
+        let r = registry.start_deploy(r.id, "server-a", future, &event()).unwrap().unwrap();
+        assert!(registry.lapsed_deploys().unwrap().is_empty());
+        // Held, unexpired, by another owner: refused, and left as it was.
+        assert!(!registry.take_lease(&r, "server-b", future).unwrap());
+        assert!(!registry.renew_lease(&r, "server-b", future).unwrap());
+        // Its own: taken again.
+        assert!(registry.take_lease(&r, "server-a", future).unwrap());
+        // Lapsed: anyone may take it to resolve the release, and then it is no longer lapsed.
+        assert!(registry.renew_lease(&r, "server-a", past).unwrap());
+        assert_eq!(registry.lapsed_deploys().unwrap().len(), 1);
+        assert!(registry.take_lease(&r, "server-b", future).unwrap());
+        assert!(registry.lapsed_deploys().unwrap().is_empty());
+        assert!(!registry.renew_lease(&r, "server-a", future).unwrap(), "server-a's is gone");
+        // Gone altogether (cleared at a start): taken.
+        registry.clear_leases().unwrap();
+        assert_eq!(registry.lapsed_deploys().unwrap().len(), 1);
+        assert!(registry.take_lease(&r, "server-c", future).unwrap());
+        assert!(registry.lapsed_deploys().unwrap().is_empty());
+    }
+
+    #[test]
     fn an_artifact_ever_live_can_never_be_purged() {
         let (_dir, registry, digest) = with_artifact();
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();

@@ -47,12 +47,20 @@ pub struct Plan {
     pub environment: Environment,
     /// The environment's nodes.
     pub nodes: Vec<Node>,
-    /// Releases each node must keep after a successful deploy: whatever any environment has
-    /// live, the previous good one here, and the newest `keep` successful ones here.
-    pub retain: Vec<Digest>,
+    /// This run's fence: when the plan was made, in µs ([`new_fence`]). Every change the run
+    /// asks of a node carries it, the clean-up after `live` too, and a node refuses a fence
+    /// older than the newest it saw: a later run (the next deploy, a resolution) outranks
+    /// whatever is left of an earlier one.
+    pub fence: u64,
     pub report: Reporter,
     /// `--adopt`: asked for by the release (and what it has captured so far).
     pub adopt: Option<Adopt>,
+}
+
+/// A fence for a new run: the time in microseconds, so a later run always outranks an earlier
+/// one's left-over calls.
+pub fn new_fence() -> u64 {
+    (utc::now().unix_timestamp_nanos() / 1000) as u64
 }
 
 /// The bytes of a legacy tree's package, as a node sends them.
@@ -125,10 +133,21 @@ pub trait Deployer: Send + Sync + 'static {
     /// Makes `plan.release` live on its nodes; on failure, puts them back.
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>>;
 
-    /// A deploy a stopped server left unfinished: finish it (`Ok`: the release is live on
-    /// every node) or put the nodes back (`Err`).
+    /// A deploy whose run ended without recording how (a stopped server, or a run that could
+    /// not record its outcome): finish it (`Ok`: the release is live on every node) or put
+    /// the nodes back (`Err`, saying what the nodes were found in). Calls of the run that
+    /// ended must no longer change a node once this has begun (fences).
     fn recover<'a>(&'a self, _plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async { Err(Failure::new("the server stopped during the deploy")) })
+        Box::pin(async { Err(Failure::new("this deployer cannot ask the nodes, so it cannot finish the deploy")) })
+    }
+
+    /// Retention, once `plan.release` is recorded live (in the background): each node keeps
+    /// `keep` (and what it serves) and removes its other releases, each node's outcome
+    /// reported as its `cleanup` phase. It never changes the release's state. It carries the
+    /// plan's fence, so a node a newer run has taken refuses it (it cannot remove what the
+    /// next deploy just prepared).
+    fn clean_up<'a>(&'a self, _plan: &'a Plan, _keep: &'a [Digest]) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 

@@ -11,7 +11,8 @@ mod adopt;
 mod deployer;
 mod model;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use deployer::{Adopt, Adopter, Deployer, Failure, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
@@ -27,12 +28,40 @@ use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError};
 use crate::utc;
 
-/// How long a deploy lease lasts unless renewed, and how often it is renewed.
+/// How long a deploy lease lasts unless renewed. It is renewed every third of that, and the
+/// sweep (pending releases past their approval window, deploys whose lease lapsed) runs every
+/// half of it.
 const LEASE: Duration = Duration::from_secs(30);
-const LEASE_RENEWAL: Duration = Duration::from_secs(10);
-/// How often pending releases past their approval window are expired and lapsed deploys
-/// failed.
-const SWEEP: Duration = Duration::from_secs(15);
+/// Shortens the lease (and so the renewal and the sweep) for the integration tests, which
+/// make a lease lapse for real. Not for production: a short lease is lost to a slow registry.
+const TEST_LEASE_VARIABLE: &str = "RELEASE_TEST_DEPLOY_LEASE_MS";
+/// How many times a deploy's final state is tried before it is left to the sweep.
+const RECORD_ATTEMPTS: u64 = 5;
+
+/// The lease's timings.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    lease: Duration,
+    renewal: Duration,
+    sweep: Duration,
+}
+
+impl Timing {
+    fn with_lease(lease: Duration) -> Timing {
+        Timing { lease, renewal: lease / 3, sweep: lease / 2 }
+    }
+
+    /// 30 s, unless the test variable says otherwise (warned about).
+    fn from_env() -> Timing {
+        match std::env::var(TEST_LEASE_VARIABLE).ok().and_then(|v| v.parse::<u64>().ok()).filter(|ms| *ms > 0) {
+            Some(ms) => {
+                tracing::warn!(ms, "{TEST_LEASE_VARIABLE} shortens the deploy lease: meant for tests only");
+                Timing::with_lease(Duration::from_millis(ms))
+            }
+            None => Timing::with_lease(LEASE),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
@@ -126,6 +155,11 @@ pub struct Releases {
     metrics: Arc<Metrics>,
     /// Set when the server stops: waiting readers answer at once.
     closing: Arc<std::sync::atomic::AtomicBool>,
+    timing: Timing,
+    /// The releases a task of this process is running (a deploy, or the resolution of one
+    /// left unfinished): the sweep never resolves one of these, even when its lease lapsed
+    /// (a renewal can fail while the runner is alive).
+    running: Arc<Mutex<HashSet<i64>>>,
 }
 
 impl Releases {
@@ -139,7 +173,26 @@ impl Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
-        Releases { config, registry, store, deployer, ingestor, instance, metrics, closing: Default::default() }
+        let (timing, running) = (Timing::from_env(), Arc::default());
+        Releases {
+            config,
+            registry,
+            store,
+            deployer,
+            ingestor,
+            instance,
+            metrics,
+            timing,
+            running,
+            closing: Default::default(),
+        }
+    }
+
+    /// Marks release `id` as run by a task of this process until the guard is dropped; `None`
+    /// when one already runs it.
+    fn claim(&self, id: i64) -> Option<Running> {
+        let fresh = self.running.lock().expect("never poisoned").insert(id);
+        fresh.then(|| Running { id, set: Arc::clone(&self.running) })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -176,7 +229,7 @@ impl Releases {
         let sweeper = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(SWEEP).await;
+                tokio::time::sleep(sweeper.timing.sweep).await;
                 sweeper.sweep().await;
             }
         });
@@ -192,19 +245,9 @@ impl Releases {
             tracing::warn!(cleared, "cleared deploy leases left by a stopped server");
         }
         for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
-            let id = release.id;
-            let outcome = match self.plan(&release).await {
-                Ok(plan) => {
-                    let deployer = Arc::clone(&self.deployer);
-                    match tokio::spawn(async move { deployer.recover(&plan).await }).await {
-                        Ok(outcome) => outcome,
-                        Err(e) => Err(Failure::new(format!("recovering the deploy crashed: {e}"))),
-                    }
-                }
-                Err(e) => Err(Failure::new(format!("the server stopped during the deploy ({e})"))),
-            };
-            tracing::warn!(release = id, finished = outcome.is_ok(), "resolved a deploy a stop interrupted");
-            self.conclude(id, outcome).await;
+            if let Some(running) = self.claim(release.id) {
+                self.resolve(release, "the server stopped during the deploy", running).await;
+            }
         }
         for release in self.blocking(|r| r.releases_in_state(State::Approved)).await? {
             self.launch(release);
@@ -212,29 +255,80 @@ impl Releases {
         Ok(())
     }
 
-    /// Fails a deploying release (its fleet is back on the previous release) and ends its
-    /// lease; retried, since a release must never be left silently deploying.
-    async fn fail(&self, id: i64, why: &str) {
-        let event = NewEvent::by_server("release.failed", format!("release/{id}"), serde_json::json!({"reason": why}));
-        for attempt in 1..=5 {
-            let (event, why_owned) = (event.clone(), why.to_owned());
-            match self.blocking(move |r| r.finish_deploy(id, State::Failed, Some(&why_owned), &event)).await {
-                Ok(finished) => {
-                    tracing::warn!(release = id, reason = why, "release failed");
-                    self.record_finished(&finished);
-                    return;
+    /// Resolves a deploy whose run ended without recording how (a stopped server, or a run
+    /// that could not record its outcome) from what its nodes say, as SPEC 7 asks of a
+    /// stopped server's: all of them on the new release → finished (reload, verify) and live;
+    /// otherwise put back and failed, naming the nodes that could not be. The deployer fences
+    /// every node first, so a late call of the run that ended is refused by the node. `cause`
+    /// begins the reason of a failure.
+    async fn resolve(&self, release: Release, cause: &'static str, _running: Running) {
+        let id = release.id;
+        let (r, owner, until) = (release.clone(), self.instance.clone(), self.lease_expiry());
+        match self.blocking(move |reg| reg.take_lease(&r, &owner, &until)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(release = id, "another server holds the deploy lease; leaving the release to it");
+                return;
+            }
+            Err(e) => tracing::error!(release = id, error = %e, "could not take the deploy lease to resolve"),
+        }
+        let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
+        let (plan, outcome) = match self.plan(&release).await {
+            Ok(plan) => {
+                let (deployer, resolving) = (Arc::clone(&self.deployer), plan.clone());
+                match tokio::spawn(async move { deployer.recover(&resolving).await }).await {
+                    Ok(outcome) => (Some(plan), outcome),
+                    Err(e) => (Some(plan), Err(Failure::new(format!("resolving it from the nodes crashed: {e}")))),
                 }
-                Err(ReleaseError::InvalidState { .. }) => return, // already final
+            }
+            Err(e) => (None, Err(Failure::new(format!("it could not be resolved from the nodes: {e}")))),
+        };
+        let outcome = outcome.map_err(|f| Failure { reason: format!("{cause}; {}", f.reason), stranded: f.stranded });
+        tracing::warn!(release = id, cause, finished = outcome.is_ok(), "resolved a deploy from its nodes");
+        self.conclude(id, outcome, plan).await;
+    }
+
+    /// Records a deploy's final state and ends its lease, retried with a growing pause. When
+    /// it still cannot be recorded, the release is left `deploying`: its run ends, so its
+    /// lease lapses and the sweep resolves it from the nodes (never failed blindly: the nodes
+    /// may serve it). True when this call recorded it.
+    async fn finish(&self, id: i64, to: State, reason: Option<String>) -> bool {
+        let (action, details) = match &reason {
+            Some(why) => ("release.failed", serde_json::json!({"reason": why})),
+            None => ("release.live", serde_json::json!({})),
+        };
+        let event = NewEvent::by_server(action, format!("release/{id}"), details);
+        for attempt in 1..=RECORD_ATTEMPTS {
+            let (event, why) = (event.clone(), reason.clone());
+            match self.blocking(move |r| r.finish_deploy(id, to, why.as_deref(), &event)).await {
+                Ok(finished) => {
+                    match &reason {
+                        Some(why) => tracing::warn!(release = id, reason = why, "release failed"),
+                        None => tracing::info!(release = id, "release live"),
+                    }
+                    self.record_finished(&finished);
+                    return true;
+                }
+                // Already final: an earlier attempt committed, its answer was lost.
+                Err(ReleaseError::InvalidState { .. }) => return false,
                 Err(e) => {
-                    tracing::error!(release = id, attempt, error = %e, "could not record the release as failed");
+                    tracing::error!(release = id, attempt, state = %to, error = %e, "could not record the release's final state");
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
             }
         }
+        tracing::error!(
+            release = id,
+            state = %to,
+            "gave up recording the release's final state: it stays deploying until its lease lapses, \
+             then the sweep resolves it from the nodes"
+        );
+        false
     }
 
-    /// Expires pending releases past their approval window, and fails deploys whose lease
-    /// lapsed (their runner is gone without a word).
+    /// Expires pending releases past their approval window, and resolves deploys whose lease
+    /// lapsed and that no task of this process runs (their run ended without recording an
+    /// outcome), each in a task of its own.
     async fn sweep(&self) {
         if let Err(e) = self.expire_pending().await {
             tracing::error!(error = %e, "expiring pending releases failed");
@@ -242,7 +336,14 @@ impl Releases {
         match self.blocking(|r| r.lapsed_deploys()).await {
             Ok(lapsed) => {
                 for release in lapsed {
-                    self.fail(release.id, "the deploy stopped renewing its lease").await;
+                    let Some(running) = self.claim(release.id) else {
+                        tracing::warn!(release = release.id, "the deploy lease lapsed while its run goes on");
+                        continue;
+                    };
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.resolve(release, "the deploy's run ended without recording its outcome", running).await
+                    });
                 }
             }
             Err(e) => tracing::error!(error = %e, "looking for lapsed deploys failed"),
@@ -742,48 +843,54 @@ impl Releases {
 
     async fn run(&self, release: Release) -> Result<(), ReleaseError> {
         let id = release.id;
-        let owner = self.instance.clone();
+        // Marked before the lease is taken, so the sweep never sees this run's release
+        // deploying while nothing marks it as run here.
+        let Some(_running) = self.claim(id) else {
+            tracing::warn!(release = id, "the release already runs here");
+            return Ok(());
+        };
+        let (owner, until) = (self.instance.clone(), self.lease_expiry());
         let event = NewEvent::by_server("release.deploying", format!("release/{id}"), serde_json::json!({}));
-        let started = self.blocking(move |r| r.start_deploy(id, &owner, &lease_expiry(), &event)).await?;
+        let started = self.blocking(move |r| r.start_deploy(id, &owner, &until, &event)).await?;
         let Some(release) = started else {
             tracing::warn!(release = id, "another server holds the deploy lease; leaving the release to it");
             return Ok(());
         };
-        // From here on every path ends the release: live, or failed with the reason.
+        // From here on every path ends the release: live, or failed with the reason; or, when
+        // that cannot be recorded, left to lapse and be resolved from the nodes. The lease is
+        // renewed until this function returns, and no longer.
         let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
-        let outcome = match self.plan(&release).await {
+        let (plan, outcome) = match self.plan(&release).await {
             Ok(plan) => {
                 let config_digest = plan.service.config_digest(&plan.environment);
                 let verifies = plan.service.health_proves_digest();
                 if let Err(e) = self.blocking(move |r| r.record_config(id, config_digest, verifies)).await {
                     tracing::error!(release = id, error = %e, "could not record the release's configuration digest");
                 }
-                let deployer = Arc::clone(&self.deployer);
+                let (deployer, running) = (Arc::clone(&self.deployer), plan.clone());
                 // In a task of its own, so that a panicking deployer fails the release instead
                 // of leaving it deploying.
-                match tokio::spawn(async move { deployer.deploy(&plan).await }).await {
-                    Ok(outcome) => outcome,
-                    Err(e) => Err(Failure::new(format!("the deployer crashed: {e}"))),
+                match tokio::spawn(async move { deployer.deploy(&running).await }).await {
+                    Ok(outcome) => (Some(plan), outcome),
+                    Err(e) => (Some(plan), Err(Failure::new(format!("the deployer crashed: {e}")))),
                 }
             }
-            Err(e) => Err(Failure::new(format!("could not plan the deploy: {e}"))),
+            Err(e) => (None, Err(Failure::new(format!("could not plan the deploy: {e}")))),
         };
-        self.conclude(id, outcome).await;
+        self.conclude(id, outcome, plan).await;
         Ok(())
     }
 
     /// Records how a deploy ended: live, or failed with its reason (and the nodes it could not
-    /// put back).
-    async fn conclude(&self, id: i64, outcome: Result<(), Failure>) {
+    /// put back). Either may fail to be recorded; the release is then left to the sweep. Once
+    /// `live` is recorded, the plan's nodes are cleaned up in the background.
+    async fn conclude(&self, id: i64, outcome: Result<(), Failure>, plan: Option<Plan>) {
         match outcome {
             Ok(()) => {
-                let event = NewEvent::by_server("release.live", format!("release/{id}"), serde_json::json!({}));
-                match self.blocking(move |r| r.finish_deploy(id, State::Live, None, &event)).await {
-                    Ok(finished) => self.record_finished(&finished),
-                    Err(e) => {
-                        tracing::error!(release = id, error = %e, "could not record the release as live");
-                        self.fail(id, &format!("the deploy succeeded but could not be recorded: {e}")).await;
-                    }
+                if self.finish(id, State::Live, None).await
+                    && let Some(plan) = plan
+                {
+                    self.clean_up(plan);
                 }
             }
             Err(failure) => {
@@ -792,9 +899,45 @@ impl Releases {
                 } else {
                     format!("{}; not put back: {}", failure.reason, failure.stranded.join(", "))
                 };
-                self.fail(id, &reason).await;
+                self.finish(id, State::Failed, Some(reason)).await;
             }
         }
+    }
+
+    /// Retention after `live` is recorded, in the background: what the nodes keep is read from
+    /// the registry now (whatever any environment has live, this one included; the newest
+    /// `keep` successful digests here; adopted trees), with the release the deploy replaced.
+    /// The deploy is over: a failure here is only reported (each node's `cleanup` phase), and
+    /// a newer run's fence makes a node refuse it.
+    fn clean_up(&self, plan: Plan) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let release = &plan.release;
+            let (s, e, keep) = (release.service.clone(), release.environment.clone(), plan.service.keep);
+            let mut retain = match this.blocking(move |r| r.retained_digests(&s, &e, keep)).await {
+                Ok(retain) => retain,
+                Err(e) => {
+                    let now = utc::now_text();
+                    for node in &plan.nodes {
+                        plan.report.report(Deployment {
+                            node: node.display_name(),
+                            phase: "cleanup".into(),
+                            started_at: now.clone(),
+                            finished_at: now.clone(),
+                            outcome: "failed".into(),
+                            output_tail: Some(format!("not cleaned up: what to keep could not be read ({e})")),
+                            shared_files: vec![],
+                        });
+                    }
+                    return;
+                }
+            };
+            retain.push(release.digest);
+            retain.extend(plan.previous.as_ref().map(|p| p.digest));
+            retain.sort();
+            retain.dedup();
+            this.deployer.clean_up(&plan, &retain).await;
+        });
     }
 
     /// Records each node's phase as the deployer reports it, and times it.
@@ -812,13 +955,18 @@ impl Releases {
         }))
     }
 
+    /// When a lease taken or renewed now lapses.
+    fn lease_expiry(&self) -> String {
+        utc::format(utc::now() + time::Duration::try_from(self.timing.lease).expect("small"))
+    }
+
     fn renew_lease_while_running(&self, release: Release) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LEASE_RENEWAL).await;
-                let (r, owner) = (release.clone(), this.instance.clone());
-                match this.blocking(move |reg| reg.renew_lease(&r, &owner, &lease_expiry())).await {
+                tokio::time::sleep(this.timing.renewal).await;
+                let (r, owner, until) = (release.clone(), this.instance.clone(), this.lease_expiry());
+                match this.blocking(move |reg| reg.renew_lease(&r, &owner, &until)).await {
                     Ok(true) => {}
                     Ok(false) => tracing::error!(release = release.id, "the deploy lease was lost"),
                     Err(e) => tracing::error!(release = release.id, error = %e, "renewing the deploy lease failed"),
@@ -846,11 +994,6 @@ impl Releases {
             None => None,
         };
         let environment = self.environment(&release.environment)?.clone();
-        // The release being deployed is the newest of the `keep` successful ones it will count.
-        let (s, e, keep) = (release.service.clone(), release.environment.clone(), service.keep.saturating_sub(1));
-        let mut retain = self.blocking(move |r| r.retained_digests(&s, &e, keep)).await?;
-        retain.push(release.digest);
-        retain.extend(previous.as_ref().map(|p| p.digest));
         let adopt = self.blocking(move |r| r.adoption(id)).await?.map(|adoption| deployer::Adopt {
             adopter: Arc::new(adopt::ServerAdopter {
                 ingestor: self.ingestor.clone(),
@@ -859,17 +1002,13 @@ impl Releases {
             }),
             captured: adoption.digest.map(|d| (d, adoption.nodes)),
         });
-        // An adopted tree stays: it is the way back to before the first deploy.
-        retain.extend(adopt.as_ref().and_then(|a| a.captured.as_ref()).map(|(d, _)| *d));
-        retain.sort();
-        retain.dedup();
         Ok(Plan {
             release: release.clone(),
             previous,
             service,
             environment,
             nodes,
-            retain,
+            fence: deployer::new_fence(),
             report: self.reporter(release.id),
             adopt,
         })
@@ -891,6 +1030,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn lease_expiry() -> String {
-    utc::format(utc::now() + time::Duration::try_from(LEASE).expect("small"))
+/// Removes its release from the set of those a task of this process runs, when dropped.
+struct Running {
+    id: i64,
+    set: Arc<Mutex<HashSet<i64>>>,
 }
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.set.lock().expect("never poisoned").remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

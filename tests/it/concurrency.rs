@@ -134,7 +134,7 @@ fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
     assert_eq!(shown["state"], "failed", "{shown}");
     assert_eq!(
         shown["transitions"].as_array().unwrap().last().unwrap()["reason"],
-        "the server stopped during the deploy"
+        "the server stopped during the deploy; this deployer cannot ask the nodes, so it cannot finish the deploy"
     );
     let again = http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap();
     assert_eq!(again.status(), StatusCode::CREATED);

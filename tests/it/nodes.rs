@@ -67,11 +67,29 @@ impl Fleet {
         response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
     }
 
+    /// Deploys and waits until it is final and, when live, until every node's clean-up (which
+    /// follows `live`, in the background) is recorded: what `release_dirs` then shows is
+    /// retention's doing.
     fn deploy(&self, digest: &str) -> Value {
         let (status, release) =
             self.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": digest}));
         assert!(status.is_success(), "{release}");
-        self.f.settle(release["id"].as_i64().unwrap())
+        let settled = self.f.settle(release["id"].as_i64().unwrap());
+        if settled["state"] == "live" { self.cleaned(&settled["id"]) } else { settled }
+    }
+
+    /// Waits until release `id` has a `cleanup` phase recorded for every node; returns it.
+    fn cleaned(&self, id: &Value) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let shown = self.f.get("carol", &format!("/v1/releases/{id}"));
+            let cleaned = shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "cleanup").count();
+            if cleaned >= self.bases.len() {
+                return shown;
+            }
+            assert!(std::time::Instant::now() < deadline, "no clean-up on every node: {shown}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// What `current` points at on every node.
@@ -166,6 +184,7 @@ fn deploy_deploy_again_and_roll_back_on_three_nodes() {
         fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
     assert_eq!(out["digest"], v1.as_str());
     fleet.assert_all_on(&v1);
+    fleet.cleaned(&out["id"]);
     assert_eq!(
         fs::metadata(fleet.bases[0].join("releases").join(&v1[7..])).unwrap().ino(),
         v1_inode,
@@ -350,6 +369,150 @@ fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones()
         assert_eq!(release_dirs(base), expected, "{}", base.display());
     }
     fleet.assert_all_on(&live[4]);
+}
+
+#[test]
+fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
+    use std::os::fd::AsRawFd;
+    let fleet = Fleet::new(1, "");
+    let base = fleet.bases[0].clone();
+    let digests: Vec<String> = (1..=3).map(|i| fleet.upload(&format!("v{i}"), &[])).collect();
+    for digest in &digests {
+        assert_eq!(fleet.deploy(digest)["state"], "live");
+    }
+    // keep = 3: v4 going live would leave v1 out.
+    let v4 = fleet.upload("v4", &[]);
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v4}));
+    let id = release["id"].as_i64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fleet.phases(&release).iter().any(|(_, p, o)| p == "switch" && o == "ok") {
+        assert!(std::time::Instant::now() < deadline, "v4 never switched");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // From the switch on, the node's lock is held here: reload and verify need no lock, the
+    // clean-up does.
+    let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let live = fleet.f.settle(id);
+    assert_eq!(live["state"], "live", "live is recorded without waiting for the clean-up: {live}");
+    assert!(!fleet.phases(&live).iter().any(|(_, p, _)| p == "cleanup"), "{live}");
+    assert!(base.join("releases").join(&digests[0][7..]).exists());
+    // Meanwhile a newer run takes the node: its fence, written under the lock as the agent
+    // writes it (the next deploy's prepare would, first thing).
+    let newer = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    fs::write(base.join(".release/fence"), newer.to_string()).unwrap();
+    drop(lock);
+    // v4's clean-up carries v4's own (older) fence: refused, reported, nothing removed, and
+    // v4 stays live.
+    let cleaned = fleet.cleaned(&live["id"]);
+    let cleanup = cleaned["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "cleanup").unwrap();
+    assert_eq!(cleanup["outcome"], "failed", "{cleaned}");
+    assert!(cleanup["output_tail"].as_str().unwrap().contains("a newer deploy run"), "{cleanup}");
+    assert_eq!(cleaned["state"], "live");
+    let mut all: Vec<String> = digests.iter().chain([&v4]).map(|d| d[7..].to_owned()).collect();
+    all.sort();
+    assert_eq!(release_dirs(&base), all, "the refused clean-up removed nothing");
+    fleet.assert_all_on(&v4);
+    // The next deploy (a newer fence still) cleans up after itself: v3, v4, v5 stay.
+    let v5 = fleet.upload("v5", &[]);
+    let next = fleet.deploy(&v5);
+    assert!(fleet.phases(&next).iter().any(|(_, p, o)| p == "cleanup" && o == "ok"), "{next}");
+    let mut kept: Vec<String> = [&digests[2], &v4, &v5].iter().map(|d| d[7..].to_owned()).collect();
+    kept.sort();
+    assert_eq!(release_dirs(&base), kept);
+}
+
+/// The node agents (`release node`) the server `pid` runs now.
+fn agents_of(pid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let parent = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            parent == Some(pid) && cmdline.split(|b| *b == 0).nth(1) == Some(b"node")
+        })
+        .collect()
+}
+
+#[test]
+fn a_release_removed_between_the_status_and_the_prepare_is_fetched_again() {
+    use std::os::fd::AsRawFd;
+    let fleet = Fleet::new(1, "");
+    let base = fleet.bases[0].clone();
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    // The node's lock is held here: the rollback's status says v1 is ready, its prepare waits.
+    let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let (status, release) =
+        fleet.f.post("alice", "/v1/releases/rollback", json!({"service": "web", "environment": "staging"}));
+    assert!(status.is_success(), "{release}");
+    // An agent that stays: the prepare, waiting for the lock (status answers at once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let before = agents_of(fleet.f.server.pid());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if agents_of(fleet.f.server.pid()).iter().any(|a| before.contains(a)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no prepare waiting for the lock");
+    }
+    // Meanwhile v1 goes, as the clean-up of an earlier run (which took the lock first) removes
+    // a release the new run's status had seen.
+    fs::remove_file(base.join(".release/ready").join(&v1[7..])).unwrap();
+    fs::remove_dir_all(base.join("releases").join(&v1[7..])).unwrap();
+    drop(lock);
+    let settled = fleet.f.settle(release["id"].as_i64().unwrap());
+    assert_eq!(settled["state"], "live", "{settled}");
+    fleet.assert_all_on(&v1);
+    assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), "v1");
+    let prepare = settled["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "prepare").unwrap().clone();
+    assert_eq!(prepare["outcome"], "ok");
+    assert!(prepare["output_tail"].as_str().unwrap().contains("streamed from the server"), "{prepare}");
+    assert!(fleet.f.server.log().contains("left the node between its status and prepare"));
+}
+
+#[test]
+fn cleanup_moves_releases_to_trash_and_clears_what_a_dead_clean_up_left() {
+    let fleet = Fleet::new(1, "");
+    let base = fleet.bases[0].clone();
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    // Trash of a clean-up that died while deleting (a read-only tree, as releases are), and
+    // trash of one still running (this process stands in for it).
+    let dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    let left = base.join(format!(".release/trash/{dead_pid}-1/{}", &v1[7..]));
+    fs::create_dir_all(left.join("public")).unwrap();
+    fs::write(left.join("public/index.html"), "hi").unwrap();
+    fs::set_permissions(left.join("public"), fs::Permissions::from_mode(0o555)).unwrap();
+    let running = base.join(format!(".release/trash/{}-1", std::process::id()));
+    fs::create_dir_all(&running).unwrap();
+
+    let fence = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let answer = agent(json!({"op": "cleanup", "base": base, "keep": [], "fence": fence}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["removed"], json!([&v1[7..]]), "{answer}");
+    assert_eq!(release_dirs(&base), vec![v2[7..].to_owned()], "the current release stays");
+    assert!(!base.join(".release/ready").join(&v1[7..]).exists());
+    let trash: Vec<String> = fs::read_dir(base.join(".release/trash"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(trash, vec![format!("{}-1", std::process::id())], "only the live clean-up's trash is left");
+    fs::remove_dir_all(running).unwrap();
 }
 
 /// Kills the server while release `id` is in `phase` on every node, starts it again, and

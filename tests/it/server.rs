@@ -104,6 +104,17 @@ fn a_bad_config_names_the_file_and_key() {
     std::fs::write(&config, "[sever]\nlisten = \"127.0.0.1:0\"\n").unwrap();
     let out = TestCommand::new().args(["serve", "--config", config.to_str().unwrap()]).assert_exit(2);
     assert!(out.stderr().contains("unknown field `sever`"), "{out}");
+    // A key in the wrong kind of service is named too.
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[service.shop]\nkind = \"laravel\"\npm2_app = \"shop\"\n",
+    )
+    .unwrap();
+    let out = TestCommand::new().args(["serve", "--config", config.to_str().unwrap()]).assert_exit(2);
+    assert!(
+        out.stderr().contains("service.shop.pm2_app") && out.stderr().contains("only node services run under PM2"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -221,3 +221,62 @@ fn verify_catches_pm2_processes_running_from_an_old_release() {
     assert!(reason.contains("pm2_cwd") && reason.contains("not from the new release"), "{reason}");
     assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&v1[7..]), "switched back");
 }
+
+#[test]
+fn a_node_app_named_otherwise_in_pm2_is_reloaded_and_checked_by_its_pm2_app() {
+    let root = scratch("release-pm2-app-");
+    let base = root.join("web");
+    fs::create_dir_all(base.join("shared")).unwrap();
+    fs::write(base.join("shared/.env"), "NODE_ENV=production\n").unwrap();
+    let pm2 = Pm2::new();
+    // The service is `web`; in PM2 the app is `storefront`.
+    let config = |reload: &str| {
+        format!(
+            "[service.web]\nkind = \"node\"\npm2_app = \"storefront\"\n{}\n\
+             health = {{ url = \"{}\", expect = \"{{digest}}\" }}\nhooks.finalize = [\"echo $RELEASE_DIGEST > REVISION\"]\n\
+             {reload}\n{}",
+            pm2.env_toml().replace(" }", &format!(", PORT = \"{}\" }}", pm2.port)),
+            pm2.url(),
+            node_toml("web", &base, false)
+        )
+    };
+    // The first deploy starts the app (from `current`) under its PM2 name.
+    let start = "pm2 reload storefront || pm2 start app.js -i 2 --name storefront --cwd $RELEASE_BASE/current";
+    let mut f = Fixture::with_config(&config(&format!("hooks.reload = [{start:?}]")));
+    let (src1, src2) = (root.join("v1"), root.join("v2"));
+    services::node_app(&src1, "v1");
+    services::node_app(&src2, "v2");
+    let v1 = upload_dir(&f, "web", &src1);
+    let v2 = upload_dir(&f, "web", &src2);
+    let first = deploy(&f, "web", &v1);
+    assert_eq!(first["state"], "live", "{first}");
+    assert_eq!(get(&pm2.url()), format!("v1 {v1}"));
+
+    // A PM2 app named after the service runs from v1's directory, on a port of its own: the
+    // check must not look at it (it would say "runs from v1"), and the reload must not touch it.
+    let decoy_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = pm2
+        .command()
+        .current_dir(base.join("releases").join(&v1[7..]))
+        .env("PORT", decoy_port.to_string())
+        .args(["start", "app.js", "--name", "web"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let decoy = format!("http://127.0.0.1:{decoy_port}/");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reqwest::blocking::get(&decoy).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the decoy app never answered");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // From now on the kind's default reload: `pm2 reload storefront`.
+    f.server.reconfigure(&config(""));
+    let second = deploy(&f, "web", &v2);
+    assert_eq!(second["state"], "live", "{second}");
+    assert_eq!(get(&pm2.url()), format!("v2 {v2}"), "storefront was reloaded into v2");
+    let verify = second["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "verify pm2").unwrap();
+    assert_eq!(verify["outcome"], "ok", "{second}");
+    assert!(verify["output_tail"].as_str().unwrap().contains("processes of storefront run from"), "{verify}");
+    assert_eq!(get(&decoy), format!("v1 {v1}"), "the app named after the service was left alone");
+}

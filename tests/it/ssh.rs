@@ -1,6 +1,7 @@
 //! Deploys over SSH to nodes behind real sshd instances on loopback addresses: a three-node
 //! staging and a two-node production with approval, rollback, and the faults that SSH brings
-//! (a node unreachable before prepare, sshd killed between prepare and switch).
+//! (a node unreachable before prepare, sshd killed between prepare and switch), and a deploy
+//! whose outcome the registry would not record, resolved from the nodes once its lease lapsed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,16 +23,21 @@ struct SshFleet {
 impl SshFleet {
     /// `layout`: the environment of each node. `finalize`: the service's finalize hook.
     fn new(backend: Backend, layout: &[&str], finalize: &str) -> SshFleet {
-        SshFleet::start(backend, layout, finalize, TestServer::start_with)
+        SshFleet::with(backend, layout, &format!("hooks.finalize = [{finalize:?}]"), &[])
     }
 
-    /// `start`: how the server starts, given its backend and the test's configuration.
-    fn start(backend: Backend, layout: &[&str], finalize: &str, start: fn(Backend, &str) -> TestServer) -> SshFleet {
+    /// `service`: the service's hooks (and more); `env`: variables in the server's environment.
+    fn with(backend: Backend, layout: &[&str], service: &str, env: &[(&str, &str)]) -> SshFleet {
+        SshFleet::build(layout, service, |config| TestServer::start_with_env(backend, config, env))
+    }
+
+    /// `start` starts the server with the fleet's configuration.
+    fn build(layout: &[&str], service: &str, start: impl FnOnce(&str) -> TestServer) -> SshFleet {
         let nodes: Vec<SshNode> = layout.iter().map(|_| SshNode::start()).collect();
         let known_hosts = sshd::known_hosts(&nodes.iter().collect::<Vec<_>>());
         let mut config = format!(
             "[ssh]\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
-             [service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\nhooks.finalize = [{finalize:?}]\n",
+             [service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\n{service}\n",
             sshd::client_key().display(),
             known_hosts.display()
         );
@@ -51,7 +57,7 @@ impl SshFleet {
         config.push_str(
             "[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\nrequires_approval = true\n",
         );
-        let server = start(backend, &config);
+        let server = start(&config);
         let f = Fixture::adopt(server);
         SshFleet { f, nodes, bases }
     }
@@ -316,7 +322,9 @@ fn ssh_masters_a_killed_server_left_are_ended_when_it_starts_again() {
 
 #[test]
 fn with_a_node_url_nodes_fetch_the_artifact_from_the_server_by_signed_url() {
-    let fleet = SshFleet::start(Backend::Local, &["staging", "staging"], "true", TestServer::start_serving_nodes);
+    let fleet = SshFleet::build(&["staging", "staging"], "hooks.finalize = [\"true\"]", |config| {
+        TestServer::start_serving_nodes(Backend::Local, config)
+    });
     let v1 = fleet.upload("v1");
     let (status, release) =
         fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v1}));
@@ -348,4 +356,101 @@ fn with_a_node_url_nodes_fetch_the_artifact_from_the_server_by_signed_url() {
 
 fn time_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A short deploy lease (the sweep runs every half of it), so that a test sees one lapse.
+const SHORT_LEASE: (&str, &str) = ("RELEASE_TEST_DEPLOY_LEASE_MS", "1500");
+
+/// Each reload leaves a line on the node.
+const RELOAD_COUNTED: &str = "hooks.reload = [\"echo reloaded >> $RELEASE_BASE/reloads\"]";
+
+/// A trigger in the registry that refuses to record any release as live, as a registry that
+/// fails at the wrong moment would; `sqlite3` on the server's disk, beside the running server.
+const REFUSE_LIVE: &str = "CREATE TRIGGER test_refuses_live BEFORE UPDATE OF state ON releases
+    WHEN NEW.state = 'live' BEGIN SELECT RAISE(ABORT, 'the test refuses to record live'); END";
+
+fn registry_sql(fleet: &SshFleet, sql: &str) {
+    let conn = rusqlite::Connection::open(fleet.f.server.data_dir().join("registry.db")).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+/// Deploys `digest` to staging while the registry refuses `live`: the deploy succeeds on every
+/// node, recording it fails (retried), and the run ends leaving it deploying. Returns its id
+/// once the server gave up recording.
+fn deploy_that_cannot_be_recorded(fleet: &SshFleet, digest: &str) -> Value {
+    registry_sql(fleet, REFUSE_LIVE);
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": digest}));
+    let id = release["id"].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !fleet.f.server.log().contains("gave up recording the release's final state") {
+        assert!(std::time::Instant::now() < deadline, "{}", fleet.f.server.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The registry does not say failed while the nodes serve it: it is still deploying.
+    assert_eq!(fleet.release(&id)["state"], "deploying");
+    for (_, base) in &fleet.bases {
+        assert_eq!(fs::read_link(base.join("current")).unwrap(), Path::new("releases").join(&digest[7..]));
+    }
+    id
+}
+
+/// The audit events of release `id` with this action.
+fn events_of(fleet: &SshFleet, id: &Value, action: &str) -> usize {
+    let subject = format!("release/{id}");
+    fleet.f.events(action).iter().filter(|e| e["subject"] == subject.as_str()).count()
+}
+
+#[test]
+fn a_deploy_live_on_every_node_but_not_recorded_goes_live_once_its_lease_lapses() {
+    let fleet = SshFleet::with(Backend::Local, &["staging", "staging"], RELOAD_COUNTED, &[SHORT_LEASE]);
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    let v2 = fleet.upload("v2");
+    let id = deploy_that_cannot_be_recorded(&fleet, &v2);
+
+    // The registry can record again; the run is over, its lease lapses, the sweep asks the
+    // nodes: every one serves v2, so it reloads and verifies them and records v2 live.
+    registry_sql(&fleet, "DROP TRIGGER test_refuses_live");
+    let settled = fleet.f.settle(id.as_i64().unwrap());
+    assert_eq!(settled["state"], "live", "{settled}");
+    fleet.assert_env_on("staging", &v2, "v2");
+    assert!(fleet.f.server.log().contains("resolved a deploy from its nodes"), "{}", fleet.f.server.log());
+    assert_eq!(events_of(&fleet, &id, "release.live"), 1);
+    assert_eq!(events_of(&fleet, &id, "release.failed"), 0, "never recorded as failed");
+    // The resolution reloaded every node again (it cannot know whether the run's reload came).
+    let reloads = settled["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "reload").count();
+    assert!(reloads >= 4, "the run's two reloads and the resolution's: {settled}");
+    for (_, base) in &fleet.bases {
+        assert!(fs::read_to_string(base.join("reloads")).unwrap().lines().count() >= 3, "v1, v2, v2 again");
+    }
+}
+
+#[test]
+fn a_deploy_not_recorded_whose_node_moved_elsewhere_is_put_back_and_failed_once_its_lease_lapses() {
+    let fleet = SshFleet::with(Backend::Local, &["staging", "staging"], RELOAD_COUNTED, &[SHORT_LEASE]);
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    let v2 = fleet.upload("v2");
+    let id = deploy_that_cannot_be_recorded(&fleet, &v2);
+
+    // Meanwhile someone points node 2 back at v1 by hand. The registry still refuses `live`,
+    // which no longer matters: node 2 is not on v2, so the sweep puts node 1 back and fails it.
+    let node2 = &fleet.bases[1].1;
+    std::os::unix::fs::symlink(format!("releases/{}", &v1[7..]), node2.join("current.tmp")).unwrap();
+    fs::rename(node2.join("current.tmp"), node2.join("current")).unwrap();
+    let settled = fleet.f.settle(id.as_i64().unwrap());
+    assert_eq!(settled["state"], "failed", "{settled}");
+    let reason = settled["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.starts_with("the deploy's run ended without recording its outcome; "), "{reason}");
+    assert!(reason.contains(&format!("serves {}, not {}", &v1[7..19], &v2[7..19])), "{reason}");
+    assert!(reason.contains("the nodes were put back") && !reason.contains("not put back"), "{reason}");
+    // Nodes and registry agree: v1 everywhere, v1 live.
+    fleet.assert_env_on("staging", &v1, "v1");
+    let phases = settled["deployments"].as_array().unwrap();
+    assert!(phases.iter().any(|d| d["phase"] == "put back" && d["outcome"] == "ok"), "{settled}");
+    assert_eq!(events_of(&fleet, &id, "release.failed"), 1);
+    assert_eq!(events_of(&fleet, &id, "release.live"), 0);
+    registry_sql(&fleet, "DROP TRIGGER test_refuses_live");
 }

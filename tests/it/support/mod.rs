@@ -116,6 +116,9 @@ pub struct TestServer {
     storage: StorageConfig,
     log: PathBuf,
     starts: u32,
+    /// Variables the server process is started with (the harness clears every other
+    /// `RELEASE_*` one).
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -125,7 +128,13 @@ impl TestServer {
 
     /// Starts with `extra` appended to the configuration file (limits, services…).
     pub fn start_with(backend: Backend, extra: &str) -> TestServer {
-        TestServer::start_listening(backend, extra, "listen = \"127.0.0.1:0\"\n")
+        TestServer::start_with_env(backend, extra, &[])
+    }
+
+    /// Starts with `extra` in the configuration and these variables in the server's
+    /// environment (e.g. `RELEASE_TEST_DEPLOY_LEASE_MS`), at every start.
+    pub fn start_with_env(backend: Backend, extra: &str, env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_listening(backend, extra, env, "listen = \"127.0.0.1:0\"\n")
     }
 
     /// Starts on a port picked beforehand, which it also gives as its `node_url`: nodes fetch
@@ -133,11 +142,11 @@ impl TestServer {
     pub fn start_serving_nodes(backend: Backend, extra: &str) -> TestServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let server = format!("listen = \"127.0.0.1:{port}\"\nnode_url = \"http://127.0.0.1:{port}\"\n");
-        TestServer::start_listening(backend, extra, &server)
+        TestServer::start_listening(backend, extra, &[], &server)
     }
 
     /// `server`: the `[server]` lines besides `data_dir`.
-    fn start_listening(backend: Backend, extra: &str, server: &str) -> TestServer {
+    fn start_listening(backend: Backend, extra: &str, env: &[(&str, &str)], server: &str) -> TestServer {
         let dir = tempfile::Builder::new().prefix("release-test-").tempdir().unwrap();
         let data = dir.path().join("data");
         let (storage, storage_toml) = match backend {
@@ -167,6 +176,7 @@ impl TestServer {
             config,
             storage,
             starts: 0,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         server.spawn();
         server
@@ -182,6 +192,7 @@ impl TestServer {
         let child = clean_command()
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .env("RELEASE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,229 @@
+//! The sweep's choice: a deploy whose lease lapsed is resolved from its nodes only when no
+//! task of this process runs it; one that does is left alone, lapsed or not. And retention
+//! comes once `live` is recorded, never for a failed deploy.
+
+use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+
+use super::*;
+use crate::config::{Overrides, StorageConfig};
+use crate::registry::NewArtifact;
+
+/// A deployer whose deploy waits for the test, and whose recover answers as the test says.
+#[derive(Default)]
+struct Scripted {
+    deploying: Notify,
+    finish_deploy: Notify,
+    recovering: Notify,
+    finish_recover: Notify,
+    recovers: AtomicUsize,
+    recover_fails: StdMutex<Option<String>>,
+    deploy_fails: StdMutex<Option<String>>,
+    /// Each clean-up asked for: the release and what to keep.
+    cleanups: StdMutex<Vec<(i64, Vec<Digest>)>>,
+    cleaned: Notify,
+}
+
+impl Deployer for Scripted {
+    fn deploy<'a>(&'a self, _plan: &'a Plan) -> futures::future::BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            self.deploying.notify_one();
+            self.finish_deploy.notified().await;
+            match self.deploy_fails.lock().unwrap().clone() {
+                Some(why) => Err(Failure::new(why)),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn clean_up<'a>(&'a self, plan: &'a Plan, keep: &'a [Digest]) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.cleanups.lock().unwrap().push((plan.release.id, keep.to_vec()));
+            self.cleaned.notify_one();
+        })
+    }
+
+    fn recover<'a>(&'a self, _plan: &'a Plan) -> futures::future::BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            self.recovers.fetch_add(1, Ordering::SeqCst);
+            self.recovering.notify_one();
+            self.finish_recover.notified().await;
+            match self.recover_fails.lock().unwrap().clone() {
+                Some(why) => Err(Failure { reason: why, stranded: vec!["web-2".into()] }),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: Arc<Registry>,
+    releases: Releases,
+    deployer: Arc<Scripted>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("release.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let config = Arc::new(Config::load(Some(&path), &Overrides::default()).unwrap());
+    let registry = Arc::new(Registry::open(&config.registry_path()).unwrap());
+    let store = Store::open(&StorageConfig::Local { path: dir.path().join("objects") }).unwrap();
+    let deployer = Arc::new(Scripted::default());
+    let seam: Arc<dyn Deployer> = deployer.clone();
+    let releases = Releases::new(config, Arc::clone(&registry), store, seam, Arc::new(Metrics::new()));
+    Setup { _dir: dir, registry, releases, deployer }
+}
+
+/// An approved release of `api` in staging.
+fn approved(registry: &Registry, content: &[u8]) -> Release {
+    let digest = Digest::of(content);
+    let artifact = NewArtifact {
+        digest,
+        size: content.len() as u64,
+        unpacked_size: 1024,
+        file_count: 1,
+        migrations: vec![],
+        service: "api".into(),
+        version: None,
+        git_sha: None,
+        build_url: None,
+        uploaded_by: "ci".into(),
+        uploader_owner: "gitlab".into(),
+    };
+    registry.record_artifact(&artifact, &NewEvent::by_server("artifact.upload", "", serde_json::json!({}))).unwrap();
+    let new = NewRelease {
+        service: "api".into(),
+        environment: "staging".into(),
+        digest,
+        kind: Kind::Deploy,
+        state: State::Approved,
+        requested_by: "ci".into(),
+        requester_owner: "gitlab".into(),
+        source_environment: None,
+        replaces: None,
+        expires_at: None,
+        note: None,
+        excluded: vec![],
+        adopt: false,
+    };
+    registry.create_release(&new, &NewEvent::by_server("release.deploy", "", serde_json::json!({}))).unwrap()
+}
+
+fn a_minute_ago() -> String {
+    utc::format(utc::now() - time::Duration::minutes(1))
+}
+
+fn state(registry: &Registry, id: i64) -> State {
+    registry.release(id).unwrap().unwrap().state
+}
+
+async fn settle(registry: &Registry, id: i64) -> Release {
+    for _ in 0..500 {
+        let release = registry.release(id).unwrap().unwrap();
+        if !release.state.in_flight() {
+            return release;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("release {id} did not settle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_of_a_deploy_this_process_still_runs_is_left_to_its_run() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    s.releases.launch(release.clone());
+    s.deployer.deploying.notified().await;
+    // Its renewals failed long enough (a registry that stalled): the lease lapsed.
+    assert!(s.registry.renew_lease(&release, &s.releases.instance, &a_minute_ago()).unwrap());
+    assert_eq!(s.registry.lapsed_deploys().unwrap().len(), 1);
+    s.releases.sweep().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 0, "not resolved behind its run's back");
+    assert_eq!(state(&s.registry, release.id), State::Deploying);
+    // The run goes on and records its outcome itself.
+    s.deployer.finish_deploy.notify_one();
+    assert_eq!(settle(&s.registry, release.id).await.state, State::Live);
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_deploy_no_task_runs_is_resolved_from_its_nodes_once() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    // Its run ended without recording an outcome (here: no run of this process ever had it).
+    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    s.releases.sweep().await;
+    s.deployer.recovering.notified().await;
+    // While it is being resolved, later sweeps leave it alone: its lease is taken and renewed,
+    // and this process runs it.
+    assert!(s.registry.lapsed_deploys().unwrap().is_empty());
+    s.releases.sweep().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 1);
+    s.deployer.finish_recover.notify_one();
+    assert_eq!(settle(&s.registry, release.id).await.state, State::Live, "every node on it: finished and live");
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_deploy_whose_nodes_are_elsewhere_fails_with_what_was_found() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    *s.deployer.recover_fails.lock().unwrap() = Some("node web-1 serves 0123456789ab, not the new release".into());
+    s.deployer.finish_recover.notify_one();
+    s.releases.sweep().await;
+    let settled = settle(&s.registry, release.id).await;
+    assert_eq!(settled.state, State::Failed);
+    let detail = s.registry.release_detail(release.id).unwrap().unwrap();
+    let reason = detail.transitions.last().unwrap().reason.clone().unwrap();
+    assert_eq!(
+        reason,
+        "the deploy's run ended without recording its outcome; node web-1 serves 0123456789ab, not the new release; \
+         not put back: web-2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_follows_live_with_what_the_registry_keeps_and_never_a_failed_deploy() {
+    let s = setup();
+    let first = approved(&s.registry, b"v1");
+    s.releases.launch(first.clone());
+    s.deployer.finish_deploy.notify_one();
+    s.deployer.cleaned.notified().await;
+    assert_eq!(state(&s.registry, first.id), State::Live, "cleaned up only once live was recorded");
+    assert_eq!(*s.deployer.cleanups.lock().unwrap(), [(first.id, vec![first.digest])]);
+
+    // A failed deploy cleans nothing up.
+    *s.deployer.deploy_fails.lock().unwrap() = Some("node web-1: verify failed".into());
+    let failing = approved(&s.registry, b"v2");
+    s.releases.launch(failing.clone());
+    s.deployer.finish_deploy.notify_one();
+    assert_eq!(settle(&s.registry, failing.id).await.state, State::Failed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.deployer.cleanups.lock().unwrap().len(), 1);
+
+    // The next one keeps itself (live now) and the one it replaced, read from the registry.
+    *s.deployer.deploy_fails.lock().unwrap() = None;
+    let second = approved(&s.registry, b"v3");
+    s.releases.launch(second.clone());
+    s.deployer.finish_deploy.notify_one();
+    s.deployer.cleaned.notified().await;
+    let mut keep = vec![first.digest, second.digest];
+    keep.sort();
+    assert_eq!(s.deployer.cleanups.lock().unwrap()[1], (second.id, keep), "the failed v2 is not kept");
+}
