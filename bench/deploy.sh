@@ -58,11 +58,13 @@
 # With BENCH_STORE=s3, release keeps its artifacts in Garage (an S3-compatible server started
 # here, on the bench root, inside the bench's CPU cgroup: its CPU counts against release), and
 # the nodes fetch them through presigned URLs, as with Akamai/Linode Object Storage in
-# production; by default (local) the server streams them over the SSH channel.
+# production; by default (local) the server streams them over the SSH channel; with
+# BENCH_STORE=fetch the store is local and the server has `node_url` set, so the nodes fetch
+# from the server by signed URL over plain HTTP (loopback).
 #
 # Usage: sudo bash bench/deploy.sh     (root: useradd, mount, unshare, sshd)
 # Env:   RELEASE_BIN=path (else cargo build --release), RUNS=5, BENCH_FS=tmpfs|ext4, BENCH_NODES=4,
-#        BENCH_STORE=local|s3 (s3 needs garage: GARAGE_BIN, else ~/.cargo/bin/garage, see .ci/run),
+#        BENCH_STORE=local|fetch|s3 (s3 needs garage: GARAGE_BIN, else ~/.cargo/bin/garage, see .ci/run),
 #        SSH_PORT=2222, SERVER_PORT=18480, BENCH_ROOT=/tmp/release-bench-root, BENCH_QUIET_WAIT=0,
 #        BENCH_DEADLINE=900 (the whole run is ended after that many seconds)
 set -euo pipefail
@@ -76,10 +78,10 @@ ROOT=${BENCH_ROOT:-/tmp/release-bench-root}
 BENCH_NODES=${BENCH_NODES:-4}
 BENCH_STORE=${BENCH_STORE:-local}
 case $BENCH_STORE in
-  local) ;;
+  local | fetch) ;;
   s3) GARAGE=${GARAGE_BIN:-$HOME/.cargo/bin/garage}
       [ -x "$GARAGE" ] || { echo "BENCH_STORE=s3 needs garage at $GARAGE (GARAGE_BIN=...)" >&2; exit 2; } ;;
-  *) echo "BENCH_STORE must be local or s3" >&2; exit 2 ;;
+  *) echo "BENCH_STORE must be local, fetch or s3" >&2; exit 2 ;;
 esac
 [[ $BENCH_NODES =~ ^[1-8]$ ]] || { echo "BENCH_NODES must be 1-8" >&2; exit 2; }
 NODES=()
@@ -371,6 +373,9 @@ live_version() { tr -d v <"$(resolve "$1" 0)/VERSION"; }
 mkdir -p "$ROOT/server/data" "$ROOT/server/shows"
 STORE_TOML=
 STORE_DESC="local directory (artifacts streamed to the nodes over the SSH channel)"
+if [ "$BENCH_STORE" = fetch ]; then
+  STORE_DESC="local directory; node_url set: nodes fetch from the server by signed URL (HTTP)"
+fi
 if [ "$BENCH_STORE" = s3 ]; then
   G=$ROOT/garage; GPORT=$((SERVER_PORT + 1)); mkdir -p "$G"
   GKEY="GK$(openssl rand -hex 12)"; GSECRET=$(openssl rand -hex 32)
@@ -397,6 +402,7 @@ EOF
 fi
 {
   printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$SERVER_PORT" "$ROOT/server/data"
+  [ "$BENCH_STORE" = fetch ] && printf 'node_url = "http://127.0.0.1:%s"\n' "$SERVER_PORT"
   [ -n "$STORE_TOML" ] && printf '%s\n' "$STORE_TOML"
   printf '[ssh]\nidentity = "%s"\nknown_hosts = "%s"\nconnect_timeout = "10s"\ncommand_timeout = "120s"\n' \
     "$ROOT/ssh/id_ed25519" "$ROOT/ssh/known_hosts"

@@ -143,33 +143,41 @@ impl Ssh {
     }
 
     /// Copies this binary to the node unless it is there already; written under a temporary
-    /// name, checked, then renamed, so a cut-off copy is never run. In the same round trip,
-    /// binaries of other builds are pruned: the newest `KEEP_BINARIES` stay (this one is
-    /// touched first, so it is always among them).
+    /// name, checked, then renamed, so a cut-off copy is never run. Sessions shipping to the
+    /// same home at once (several nodes of one machine, several servers) take turns under a
+    /// lock (`flock`, where the node has it) and look again before copying: one copy crosses,
+    /// the others stop after the first window of bytes. In the same round trip, binaries of
+    /// other builds are pruned: the newest `KEEP_BINARIES` stay (this one is touched first,
+    /// so it is always among them).
     async fn ship(&self, path: &Path, sum: &str) -> Result<(), String> {
         let prune = format!(
             "(cd .release/bin && ls -t | grep -E '^release-[0-9a-f]{{16}}$' | tail -n +{} | xargs -r rm -f --)",
             KEEP_BINARIES + 1
         );
-        let present = self
-            .shell(&format!("test -x {program} || exit 1; touch {program}; {prune}", program = self.program), None)
-            .await;
-        if present.is_ok() {
+        let present = format!("test -x {program} || exit 1; touch {program}; {prune}", program = self.program);
+        if self.shell(&present, None).await.is_ok() {
             return Ok(());
         }
         let bytes = tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let tmp = format!("{}.tmp-$$", self.program);
         let script = format!(
-            "set -e; mkdir -p .release/bin; cat > {tmp}; \
+            "set -e; mkdir -p .release/bin; \
+             if command -v flock >/dev/null; then exec 9>.release/bin/.ship-lock; flock 9; fi; \
+             if test -x {program}; then touch {program}; {prune}; exit {ALREADY_THERE}; fi; \
+             cat > {tmp}; \
              test \"$(sha256sum {tmp} | cut -d' ' -f1)\" = {sum} || {{ rm -f {tmp}; echo 'checksum mismatch' >&2; exit 3; }}; \
              chmod 755 {tmp}; mv {tmp} {program}; {prune}",
             program = self.program
         );
-        self.shell(&script, Some(bytes)).await.map_err(|e| format!("cannot ship the release binary: {e}"))
+        match self.shell(&script, Some(bytes)).await {
+            Ok(()) | Err(Shell::Exit(ALREADY_THERE, _)) => Ok(()),
+            Err(e) => Err(format!("cannot ship the release binary: {e}")),
+        }
     }
 
-    /// Runs a shell script on the node, with `input` on its stdin.
-    async fn shell(&self, script: &str, input: Option<Vec<u8>>) -> Result<(), String> {
+    /// Runs a shell script on the node, with `input` on its stdin. An exit status is the
+    /// script's answer even when it stopped reading its input early.
+    async fn shell(&self, script: &str, input: Option<Vec<u8>>) -> Result<(), Shell> {
         let run = async {
             let mut child = self
                 .session
@@ -179,20 +187,53 @@ impl Ssh {
                 .stderr(Stdio::piped())
                 .spawn()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Shell::Failed(e.to_string()))?;
             let mut stdin = child.stdin().take().expect("piped");
-            if let Some(input) = input {
-                stdin.write_all(&input).await.map_err(|e| e.to_string())?;
-            }
-            drop(stdin);
-            let mut err = Vec::new();
-            if let Some(mut stderr) = child.stderr().take() {
+            let mut stderr = child.stderr().take().expect("piped");
+            let writing = async {
+                let written = match input {
+                    Some(input) => stdin.write_all(&input).await,
+                    None => Ok(()),
+                };
+                drop(stdin);
+                written
+            };
+            let reading = async {
+                let mut err = Vec::new();
                 let _ = stderr.read_to_end(&mut err).await;
+                err
+            };
+            let (written, err) = tokio::join!(writing, reading);
+            let status = child.wait().await.map_err(|e| Shell::Failed(e.to_string()))?;
+            let err = String::from_utf8_lossy(&err).trim().to_owned();
+            match status.code() {
+                Some(0) => written.map_err(|e| Shell::Failed(format!("sending the input: {e}"))),
+                Some(code) => Err(Shell::Exit(code, err)),
+                None => Err(Shell::Failed(format!("{status}: {err}"))),
             }
-            let status = child.wait().await.map_err(|e| e.to_string())?;
-            if status.success() { Ok(()) } else { Err(format!("{status}: {}", String::from_utf8_lossy(&err).trim())) }
         };
-        tokio::time::timeout(self.timeout, run).await.map_err(|_| format!("no answer within {:?}", self.timeout))?
+        tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| Shell::Failed(format!("no answer within {:?}", self.timeout)))?
+    }
+}
+
+/// The exit status by which the shipping script says another session shipped the binary.
+const ALREADY_THERE: i32 = 10;
+
+/// How a shell script on the node ended, when not well.
+#[derive(Debug)]
+enum Shell {
+    Exit(i32, String),
+    Failed(String),
+}
+
+impl std::fmt::Display for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shell::Exit(code, err) => write!(f, "exit status {code}: {err}"),
+            Shell::Failed(why) => f.write_str(why),
+        }
     }
 }
 

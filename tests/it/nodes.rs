@@ -374,7 +374,11 @@ fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones()
 #[test]
 fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
     use std::os::fd::AsRawFd;
-    let fleet = Fleet::new(1, "");
+    // The reload waits while <base>/hold exists: the test takes the node's lock meanwhile.
+    let fleet = Fleet::new(
+        1,
+        "hooks.reload = [\"while [ -e $RELEASE_BASE/hold ]; do sleep 0.02; done; echo reloaded >> $RELEASE_BASE/reloads\"]",
+    );
     let base = fleet.bases[0].clone();
     let digests: Vec<String> = (1..=3).map(|i| fleet.upload(&format!("v{i}"), &[])).collect();
     for digest in &digests {
@@ -382,6 +386,7 @@ fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
     }
     // keep = 3: v4 going live would leave v1 out.
     let v4 = fleet.upload("v4", &[]);
+    fs::write(base.join("hold"), "").unwrap();
     let (_, release) =
         fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v4}));
     let id = release["id"].as_i64().unwrap();
@@ -390,11 +395,12 @@ fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
         assert!(std::time::Instant::now() < deadline, "v4 never switched");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // From the switch on, the node's lock is held here: reload and verify need no lock, the
-    // clean-up does.
+    // Switched, and reloading (held): the node's lock is taken here before the reload may
+    // end. Reload and verify need no lock; the clean-up does.
     let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
     // SAFETY: flock on a descriptor we own.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    fs::remove_file(base.join("hold")).unwrap();
     let live = fleet.f.settle(id);
     assert_eq!(live["state"], "live", "live is recorded without waiting for the clean-up: {live}");
     assert!(!fleet.phases(&live).iter().any(|(_, p, _)| p == "cleanup"), "{live}");

@@ -53,12 +53,18 @@ impl SshNode {
         keygen(&dir.join("host_key"));
         let public = std::fs::read_to_string(client_key().with_extension("pub")).unwrap();
         std::fs::write(dir.join("authorized_keys"), public).unwrap();
+        // SHLVL: Debian's bash sources ~/.bashrc for a command sshd runs unless it is nested
+        // (SHLVL >= 2). Root's .bashrc on these machines runs `pyenv init`, whose rehash takes
+        // a lock: a session killed mid-rehash (the fault tests kill sshd) left the lock behind
+        // and every later command of every node waited 60 s for it. The nodes' own user, not
+        // root's Python set-up, is what the tests are about.
         std::fs::write(
             dir.join("sshd_config"),
             format!(
                 "ListenAddress {address}:{port}\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-                 StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n",
+                 StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n\
+                 SetEnv SHLVL=5\n",
                 dir = dir.display()
             ),
         )
