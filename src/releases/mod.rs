@@ -11,7 +11,7 @@ mod adopt;
 mod deployer;
 mod model;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ const LEASE: Duration = Duration::from_secs(30);
 const TEST_LEASE_VARIABLE: &str = "RELEASE_TEST_DEPLOY_LEASE_MS";
 /// How many times a deploy's final state is tried before it is left to the sweep.
 const RECORD_ATTEMPTS: u64 = 5;
+/// The longest pause between two resolutions of a deploy whose outcome cannot be recorded.
+const MAX_RESOLVE_PAUSE: Duration = Duration::from_secs(15 * 60);
 
 /// The lease's timings.
 #[derive(Clone, Copy, Debug)]
@@ -160,6 +162,10 @@ pub struct Releases {
     /// left unfinished): the sweep never resolves one of these, even when its lease lapsed
     /// (a renewal can fail while the runner is alive).
     running: Arc<Mutex<HashSet<i64>>>,
+    /// Deploys resolved without their outcome being recorded (a registry that refuses
+    /// writes): how many times, and when the sweep may try again. Each try fences, asks,
+    /// reloads and verifies every node, so they come further and further apart.
+    resolve_again: Arc<Mutex<HashMap<i64, (u32, std::time::Instant)>>>,
 }
 
 impl Releases {
@@ -184,6 +190,7 @@ impl Releases {
             metrics,
             timing,
             running,
+            resolve_again: Arc::default(),
             closing: Default::default(),
         }
     }
@@ -286,6 +293,21 @@ impl Releases {
         let outcome = outcome.map_err(|f| Failure { reason: format!("{cause}; {}", f.reason), stranded: f.stranded });
         tracing::warn!(release = id, cause, finished = outcome.is_ok(), "resolved a deploy from its nodes");
         self.conclude(id, outcome, plan).await;
+        let unrecorded = !matches!(self.blocking(move |r| r.release(id)).await, Ok(Some(r)) if r.state.is_final());
+        let mut again = self.resolve_again.lock().expect("never poisoned");
+        if unrecorded {
+            let tries = again.get(&id).map_or(0, |(n, _)| *n) + 1;
+            let pause = (self.timing.lease * 2u32.pow(tries.min(10))).min(MAX_RESOLVE_PAUSE);
+            tracing::error!(
+                release = id,
+                tries,
+                ?pause,
+                "the resolved deploy could not be recorded; trying again later"
+            );
+            again.insert(id, (tries, std::time::Instant::now() + pause));
+        } else {
+            again.remove(&id);
+        }
     }
 
     /// Records a deploy's final state and ends its lease, retried with a growing pause. When
@@ -336,6 +358,11 @@ impl Releases {
         match self.blocking(|r| r.lapsed_deploys()).await {
             Ok(lapsed) => {
                 for release in lapsed {
+                    let not_yet =
+                        self.resolve_again.lock().expect("never poisoned").get(&release.id).map(|(_, at)| *at);
+                    if not_yet.is_some_and(|at| std::time::Instant::now() < at) {
+                        continue;
+                    }
                     let Some(running) = self.claim(release.id) else {
                         tracing::warn!(release = release.id, "the deploy lease lapsed while its run goes on");
                         continue;

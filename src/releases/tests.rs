@@ -227,3 +227,48 @@ async fn retention_follows_live_with_what_the_registry_keeps_and_never_a_failed_
     keep.sort();
     assert_eq!(s.deployer.cleanups.lock().unwrap()[1], (second.id, keep), "the failed v2 is not kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_whose_outcome_cannot_be_recorded_is_resolved_again_later_not_at_every_sweep() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    // The registry refuses to record any release live, as a failing disk would.
+    let sql = rusqlite::Connection::open(s.registry.path()).unwrap();
+    sql.execute_batch(
+        "CREATE TRIGGER refuse_live BEFORE UPDATE OF state ON releases WHEN NEW.state = 'live'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .unwrap();
+    s.deployer.finish_recover.notify_one();
+    s.releases.sweep().await;
+    let pending = || s.releases.resolve_again.lock().unwrap().get(&release.id).copied();
+    for _ in 0..1000 {
+        if pending().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (tries, at) = pending().expect("the unrecorded resolution is scheduled again");
+    assert_eq!(tries, 1);
+    assert!(at > std::time::Instant::now() + Duration::from_secs(50), "a pause of twice the lease at least");
+    assert_eq!(state(&s.registry, release.id), State::Deploying);
+
+    // Its lease lapses again: the next sweep leaves it until its time comes.
+    assert!(s.registry.renew_lease(&release, &s.releases.instance, &a_minute_ago()).unwrap());
+    assert_eq!(s.registry.lapsed_deploys().unwrap().len(), 1);
+    s.releases.sweep().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 1, "not resolved again at once");
+
+    // Its time comes (brought forward here) and the registry writes again: resolved, live.
+    sql.execute_batch("DROP TRIGGER refuse_live").unwrap();
+    s.releases.resolve_again.lock().unwrap().insert(release.id, (tries, std::time::Instant::now()));
+    s.deployer.finish_recover.notify_one();
+    s.releases.sweep().await;
+    assert_eq!(settle(&s.registry, release.id).await.state, State::Live);
+    assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(pending().is_none(), "recorded: nothing left to try again");
+}
