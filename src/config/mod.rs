@@ -692,8 +692,14 @@ fn node_url(text: &str) -> Result<String, String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{text:?} names no host"));
     }
-    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-        return Err(format!("{text:?}: give the server's address only, without user, query or fragment"));
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{text:?}: give the server's address only, without user, password, query or fragment"));
+    }
+    if url.path() != "/" {
+        return Err(format!(
+            "{text:?}: nodes fetch from {}/node/artifacts/…, so give no path (a proxy must pass /node/ on as it is)",
+            url.origin().ascii_serialization()
+        ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }

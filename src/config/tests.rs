@@ -109,6 +109,8 @@ fn semantic_errors_name_the_key() {
         ("[server]\nnode_url = \"ftp://10.0.0.5/\"\n", "server.node_url"),
         ("[server]\nnode_url = \"http://10.0.0.5:8080/?x=1\"\n", "server.node_url"),
         ("[server]\nnode_url = \"https://user@10.0.0.5\"\n", "server.node_url"),
+        ("[server]\nnode_url = \"https://:secret@10.0.0.5\"\n", "server.node_url"),
+        ("[server]\nnode_url = \"https://gw.internal/release\"\n", "server.node_url"),
         ("[storage]\nkind = \"s3\"\nendpoint = \"s3.example\"\nregion = \"r\"\nbucket = \"b\"\n", "storage.endpoint"),
     ];
     for (text, key) in cases {

@@ -87,6 +87,7 @@ impl NodeDeployer {
             back_to: Mutex::new(None),
             adopting: AtomicBool::new(false),
             fence,
+            remote: !node.is_local(),
         })
     }
 
@@ -141,6 +142,8 @@ struct Target {
     adopting: AtomicBool,
     /// This deploy run's fence: a node refuses changes from runs older than the newest it saw.
     fence: u64,
+    /// Reached over SSH (a local agent reads its artifact through a pipe, never by URL).
+    remote: bool,
 }
 
 impl Target {
@@ -281,7 +284,7 @@ impl NodeDeployer {
         let (source, payload) = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
             // The node fetches from the bucket itself: the bytes do not pass through the server.
             (Source::Url(url), None)
-        } else if let Some(base) = &self.node_url {
+        } else if let Some(base) = self.node_url.as_ref().filter(|_| target.remote) {
             // From this server, by a signed URL: plain HTTP(S) costs less than the SSH stream.
             (Source::Server(fetch::url(base, digest, utc::now().unix_timestamp())), None)
         } else {
@@ -680,6 +683,11 @@ impl NodeDeployer {
 }
 
 impl Deployer for NodeDeployer {
+    /// The server holds its data directory now: SSH masters a killed server left in it end.
+    fn start(&self) {
+        self.pool.end_masters_left_behind();
+    }
+
     fn observe<'a>(&'a self, nodes: &'a [Node]) -> BoxFuture<'a, Vec<Observed>> {
         Box::pin(join_all(nodes.iter().map(|n| self.observe_one(n))))
     }

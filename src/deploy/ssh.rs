@@ -26,9 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an SSH master with nothing to do stays up: kept sessions spare a rollback the
 /// handshake, and a master whose server was killed ends by itself after this.
 const IDLE_PERSIST: usize = 3600;
-/// The longest control directory the master's socket path
-/// (`<dir>/.ssh-connectionXXXXXX/master`) still fits in (108 bytes for a unix socket).
-const MAX_CONTROL_DIR: usize = 72;
+/// The longest control directory the master's socket still fits in: OpenSSH binds it first
+/// as `<dir>/.ssh-connectionXXXXXX/master.<16 random>` (46 bytes after the directory), and a
+/// unix socket path holds 107.
+const MAX_CONTROL_DIR: usize = 107 - 46;
 
 /// This binary and its SHA-256, computed once.
 fn this_binary() -> Result<&'static (PathBuf, String), String> {
@@ -56,17 +57,13 @@ pub struct Pool {
 
 impl Pool {
     /// A pool whose masters keep their control sockets in `dir` (the server's own, under its
-    /// locked data directory). Masters a killed server left there are ended first: they would
-    /// otherwise hold their connections open for as long as the nodes answer.
+    /// data directory), or in the crate's default place when `dir` cannot hold them.
     pub fn new(dir: &Path) -> Pool {
         let usable = std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
             .and_then(|()| dir.canonicalize());
         let control_dir = match usable {
-            Ok(dir) if dir.as_os_str().len() <= MAX_CONTROL_DIR => {
-                end_masters_left_in(&dir);
-                Some(dir)
-            }
+            Ok(dir) if dir.as_os_str().len() <= MAX_CONTROL_DIR => Some(dir),
             Ok(dir) => {
                 tracing::warn!(dir = %dir.display(), "path too long for SSH control sockets; using the default place");
                 None
@@ -77,6 +74,16 @@ impl Pool {
             }
         };
         Pool { sessions: Default::default(), control_dir }
+    }
+
+    /// Ends the masters a killed server left in the control directory: they would otherwise
+    /// hold their connections open for as long as the nodes answer. Only once the server
+    /// holds the data directory's lock (a server refused by the lock must not end the masters
+    /// of the one running), and before it connects anywhere.
+    pub fn end_masters_left_behind(&self) {
+        if let Some(dir) = &self.control_dir {
+            end_masters_left_in(dir);
+        }
     }
 
     pub async fn get(&self, node: &Node, config: &SshConfig, timeout: Duration) -> Result<Arc<Ssh>, String> {
@@ -162,7 +169,7 @@ impl Ssh {
         let tmp = format!("{}.tmp-$$", self.program);
         let script = format!(
             "set -e; mkdir -p .release/bin; \
-             if command -v flock >/dev/null; then exec 9>.release/bin/.ship-lock; flock 9; fi; \
+             if command -v flock >/dev/null; then exec 9>.release/bin/.ship-lock; flock 9 || true; fi; \
              if test -x {program}; then touch {program}; {prune}; exit {ALREADY_THERE}; fi; \
              cat > {tmp}; \
              test \"$(sha256sum {tmp} | cut -d' ' -f1)\" = {sum} || {{ rm -f {tmp}; echo 'checksum mismatch' >&2; exit 3; }}; \

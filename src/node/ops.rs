@@ -265,7 +265,8 @@ fn fetch(url: &str) -> Result<impl Read, NodeError> {
         .map_err(|e| NodeError::new("fetch", e.to_string()))?
         .get(url)
         .send()
-        .map_err(|e| NodeError::new("fetch", format!("cannot fetch the artifact: {e}")))?;
+        // Without the URL: it carries the signature, and this text is stored with the phase.
+        .map_err(|e| NodeError::new("fetch", format!("cannot fetch the artifact: {}", e.without_url())))?;
     if !response.status().is_success() {
         return Err(NodeError::new("fetch", format!("fetching the artifact: HTTP {}", response.status())));
     }
@@ -425,7 +426,13 @@ fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()
             continue;
         }
         let path = dir.join(relative);
-        let mode = fs::symlink_metadata(&path)?.permissions().mode();
+        let meta = fs::symlink_metadata(&path)?;
+        // A directory entry at the path of an earlier symlink made nothing of its own: as the
+        // walk does, never seal through a link.
+        if !meta.is_dir() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
         fs::set_permissions(&path, fs::Permissions::from_mode((mode | 0o500) & !0o222))?;
     }
     Ok(())
@@ -804,7 +811,6 @@ fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive;
 
     fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
         let mut found = Vec::new();
@@ -833,15 +839,28 @@ mod tests {
     /// sealed too.
     #[test]
     fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
-        let src = tempfile::tempdir().unwrap();
-        for (path, body) in
-            [("public/index.php", "<?php"), ("vendor/a/b/C.php", "<?php"), ("cache/views/x", "x"), ("artisan", "#!")]
-        {
-            fs::create_dir_all(src.path().join(path).parent().unwrap()).unwrap();
-            fs::write(src.path().join(path), body).unwrap();
+        // Built by hand: the packer never writes hard links, other tools do.
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, body, mode) in [
+            ("public/index.php", "<?php", 0o644),
+            ("vendor/a/b/C.php", "<?php", 0o644),
+            ("cache/views/x", "x", 0o644),
+            ("cache/data/y", "y", 0o644),
+            ("artisan", "#!", 0o755),
+        ] {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(body.len() as u64);
+            header.set_mode(mode);
+            tar.append_data(&mut header, path, body.as_bytes()).unwrap();
         }
-        fs::set_permissions(src.path().join("artisan"), fs::Permissions::from_mode(0o755)).unwrap();
-        let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+        // One inode at a writable and at a sealed path: read-only, by either way.
+        let mut link = tar::Header::new_ustar();
+        link.set_entry_type(tar::EntryType::Link);
+        link.set_size(0);
+        link.set_mode(0o644);
+        tar.append_link(&mut link, "public/y", "cache/data/y").unwrap();
+        let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+        let digest = Digest::of(&bytes);
 
         let mut trees = Vec::new();
         for finalize in [vec!["true".to_owned()], vec![]] {
@@ -850,7 +869,7 @@ mod tests {
             fs::write(base.path().join("shared/.env"), "A=1").unwrap();
             let request = Prepare {
                 base: base.path().to_owned(),
-                digest: packed.digest,
+                digest,
                 source: Source::Stdin,
                 shared: vec![".env".into(), "data/uploads".into()],
                 writable: vec!["cache".into()],
@@ -875,5 +894,6 @@ mod tests {
         assert_eq!(mode("artisan"), 0o555);
         assert_eq!(mode("cache/views/x") & 0o200, 0o200, "writable path left writable");
         assert_eq!(mode("cache/views") & 0o200, 0o200);
+        assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
     }
 }

@@ -196,7 +196,17 @@ impl Visitor for Unpacker<'_> {
             Entry::Hardlink { path, target } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
-                fs::hard_link(self.root.join(target.as_str()), self.root.join(relative))
+                let link = self.root.join(relative);
+                fs::hard_link(self.root.join(target.as_str()), &link)?;
+                // One inode, two paths: read-only when either is (as the walk would leave it).
+                if let Modes::Sealed(writable) = self.modes
+                    && !writable.iter().any(|w| relative.starts_with(w))
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = fs::metadata(&link)?.permissions().mode();
+                    fs::set_permissions(&link, fs::Permissions::from_mode(mode & !0o222))?;
+                }
+                Ok(())
             }
         }
     }

@@ -320,6 +320,22 @@ impl Registry {
         self.read(|conn| by_id(conn, id))
     }
 
+    /// A release's state and how many transitions and node phases it has recorded: what a
+    /// follower compares before it reads the whole story again. `None`: no such release.
+    pub fn release_progress(&self, id: i64) -> Result<Option<(State, usize)>, RegistryError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT state,
+                        (SELECT count(*) FROM release_transitions WHERE release_id = ?1)
+                      + (SELECT count(*) FROM deployments WHERE release_id = ?1)
+                 FROM releases WHERE id = ?1",
+            )?
+            .query_row([id], |row| Ok((state_at(row, 0)?, row.get::<_, i64>(1)? as usize)))
+            .optional()
+            .map_err(Into::into)
+        })
+    }
+
     /// A release with its story.
     pub fn release_detail(&self, id: i64) -> Result<Option<Detail>, RegistryError> {
         self.read(|conn| {

@@ -116,6 +116,10 @@ pub struct Observed {
 }
 
 pub trait Deployer: Send + Sync + 'static {
+    /// Called once the server holds its data directory, before anything is resolved or
+    /// deployed (blocking work is fine: it runs off the async threads).
+    fn start(&self) {}
+
     /// Asks each node what it serves (`release status --nodes`).
     fn observe<'a>(&'a self, nodes: &'a [Node]) -> BoxFuture<'a, Vec<Observed>> {
         Box::pin(async move {

@@ -232,6 +232,8 @@ impl Releases {
             })
             .collect();
         self.blocking(move |r| r.sync_config(&services, &environments)).await?;
+        let deployer = Arc::clone(&self.deployer);
+        tokio::task::spawn_blocking(move || deployer.start()).await.expect("the deployer's start does not panic");
         self.recover().await?;
         let sweeper = self.clone();
         tokio::spawn(async move {
@@ -741,18 +743,24 @@ impl Releases {
     pub async fn show_after(&self, p: &Principal, id: i64, seen: usize, wait: Duration) -> Result<Shown, ReleaseError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut writes = self.registry.watch_writes();
+        writes.borrow_and_update();
+        // The whole story once (it also checks the caller may see it), then only the cheap
+        // count at each write anywhere, until it moved.
+        let shown = self.show(p, id).await?;
+        let changes = shown.detail.transitions.len() + shown.detail.deployments.len();
+        if changes > seen || shown.detail.release.state.is_final() {
+            return Ok(shown);
+        }
         loop {
-            writes.borrow_and_update();
-            let shown = self.show(p, id).await?;
-            let changes = shown.detail.transitions.len() + shown.detail.deployments.len();
-            if changes > seen
-                || shown.detail.release.state.is_final()
-                || self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst)
+                || tokio::time::timeout_at(deadline, writes.changed()).await.is_err()
             {
                 return Ok(shown);
             }
-            if tokio::time::timeout_at(deadline, writes.changed()).await.is_err() {
-                return Ok(shown);
+            writes.borrow_and_update();
+            match self.blocking(move |r| r.release_progress(id)).await? {
+                Some((state, now)) if now <= seen && !state.is_final() => continue,
+                _ => return self.show(p, id).await,
             }
         }
     }

@@ -257,9 +257,18 @@ pub async fn node_fetch(
     crate::deploy::fetch::verify(digest, q.expires, &q.sig, crate::utc::now().unix_timestamp())
         .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
     let registry = Arc::clone(&state.ingestor.registry);
-    let artifact = blocking(move || registry.artifact(digest))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))?;
+    let (artifact, block) =
+        blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_block(digest)?)))
+            .await?;
+    let artifact = artifact.ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))?;
+    // A URL handed out before the artifact was blocked opens nothing after.
+    if let Some(block) = block {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "blocked",
+            format!("artifact {digest} is blocked: {}", block.reason),
+        ));
+    }
     bytes_of(&state, &artifact, StatusCode::OK, None).await
 }
 

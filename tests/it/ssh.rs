@@ -303,6 +303,14 @@ fn ssh_masters_a_killed_server_left_are_ended_when_it_starts_again() {
     assert_eq!(sockets.len(), 1, "one master for one node: {sockets:?}");
     let pid = master_pid(&sockets[0]).expect("the master answers");
 
+    // A second server started on the same data directory is refused by its lock, and ends
+    // nothing of the running one's.
+    let config = fleet.f.server.dir.path().join("release.toml");
+    let refused = fleet.f.server.cli().args(["serve", "--config", config.to_str().unwrap()]).assert_exit(1);
+    assert!(refused.stderr().contains("lock") || refused.stderr().contains("in use"), "{refused}");
+    assert!(alive(pid), "a refused server ended the running server's master");
+    assert!(sockets[0].exists());
+
     // A crash leaves the master (a process of its own) connected to the node.
     fleet.f.server.kill();
     assert!(alive(pid), "the master outlived the server, as a crashed server's would");
