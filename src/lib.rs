@@ -39,3 +39,19 @@ pub mod store;
 pub mod token;
 pub mod utc;
 pub mod webhooks;
+
+/// An error and its causes, each once (a cause whose text the error already shows is left
+/// out): what the command line prints and what a webhook attempt records.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

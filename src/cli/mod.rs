@@ -136,21 +136,6 @@ fn text(v: &serde_json::Value) -> String {
     }
 }
 
-/// Prints an error with its whole chain of causes, once.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         let exit = match &e {
@@ -166,13 +151,13 @@ impl From<ClientError> for Failure {
             ClientError::DigestMismatch { .. } => exit::INTEGRITY,
             _ => exit::FAILED,
         };
-        Failure::new(exit, chain(&e))
+        Failure::new(exit, crate::error_chain(&e))
     }
 }
 
 impl From<crate::config::ConfigError> for Failure {
     fn from(e: crate::config::ConfigError) -> Failure {
-        Failure::new(exit::USAGE, chain(&e))
+        Failure::new(exit::USAGE, crate::error_chain(&e))
     }
 }
 
@@ -184,7 +169,7 @@ impl From<crate::registry::RegistryError> for Failure {
             R::TokenNotFound(_) => exit::NOT_FOUND,
             _ => exit::FAILED,
         };
-        Failure::new(exit, chain(&e))
+        Failure::new(exit, crate::error_chain(&e))
     }
 }
 
@@ -196,13 +181,13 @@ impl From<crate::archive::PackError> for Failure {
             P::OutputInsideTree { .. } | P::NotADirectory { .. } => exit::USAGE,
             P::Io { .. } | P::Changed { .. } => exit::FAILED,
         };
-        Failure::new(exit, chain(&e))
+        Failure::new(exit, crate::error_chain(&e))
     }
 }
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Failure {
-        Failure::new(exit::FAILED, chain(&e))
+        Failure::new(exit::FAILED, crate::error_chain(&e))
     }
 }
 

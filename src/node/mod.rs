@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use unpack::{Modes, UnpackError, Unpacked, remove_tree, unpack};
+pub use unpack::{Modes, UnpackError, Unpacked, is_writable, remove_tree, unpack};
 
 use crate::digest::Digest;
 

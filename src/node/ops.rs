@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Exec, Health, Modes, NodeError, Prepare, Request, Source, drain, remove_tree, unpack};
+use super::{Exec, Health, Modes, NodeError, Prepare, Request, Source, drain, is_writable, remove_tree, unpack};
 use crate::archive::CheckOptions;
 use crate::digest::Digest;
 
@@ -408,9 +408,8 @@ fn tail(bytes: &[u8]) -> String {
 
 /// Removes every write bit in the release, except under `writable` paths.
 fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
-    let keep: Vec<PathBuf> = writable.iter().map(|w| dir.join(w)).collect();
     walk_modes(dir, &mut |path, meta| {
-        if keep.iter().any(|k| path.starts_with(k)) {
+        if is_writable(path.strip_prefix(dir).expect("walked under dir"), writable) {
             return Ok(());
         }
         let mode = meta.permissions().mode();
@@ -422,7 +421,7 @@ fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
 /// modes as [`set_read_only`] gives, without walking every file.
 fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()> {
     for relative in dirs {
-        if writable.iter().any(|w| relative.starts_with(w)) {
+        if is_writable(relative, writable) {
             continue;
         }
         let path = dir.join(relative);

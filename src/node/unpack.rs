@@ -35,6 +35,12 @@ pub enum Modes<'a> {
     Sealed(&'a [String]),
 }
 
+/// Whether `relative` (a path in a release) is at or under one of the `writable` paths,
+/// which stay writable when the release is sealed.
+pub fn is_writable(relative: &Path, writable: &[String]) -> bool {
+    writable.iter().any(|w| relative.starts_with(w))
+}
+
 /// What [`unpack`] made.
 #[derive(Debug)]
 pub struct Unpacked {
@@ -164,7 +170,7 @@ impl Unpacker<'_> {
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
         let mode = if executable { 0o755 } else { 0o644 };
         match self.modes {
-            Modes::Sealed(writable) if !writable.iter().any(|w| relative.starts_with(w)) => mode & !0o222,
+            Modes::Sealed(writable) if !is_writable(relative, writable) => mode & !0o222,
             _ => mode,
         }
     }
@@ -200,7 +206,7 @@ impl Visitor for Unpacker<'_> {
                 fs::hard_link(self.root.join(target.as_str()), &link)?;
                 // One inode, two paths: read-only when either is (as the walk would leave it).
                 if let Modes::Sealed(writable) = self.modes
-                    && !writable.iter().any(|w| relative.starts_with(w))
+                    && !is_writable(relative, writable)
                 {
                     use std::os::unix::fs::PermissionsExt;
                     let mode = fs::metadata(&link)?.permissions().mode();

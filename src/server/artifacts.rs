@@ -124,7 +124,7 @@ fn pieces(body: Body) -> impl futures::Stream<Item = Result<Piece, axum::Error>>
     })
 }
 
-fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+pub(super) fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
 }
 

@@ -333,7 +333,7 @@ async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u1
         Err(e) if e.is_timeout() => {
             return (None, Some(format!("no answer within {}", humantime::format_duration(timeout))));
         }
-        Err(e) => return (None, Some(error_chain(&e.without_url()))),
+        Err(e) => return (None, Some(crate::error_chain(&e.without_url()))),
     };
     let status = response.status();
     if status.is_success() {
@@ -357,19 +357,4 @@ async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u1
 
 fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// An error and its causes, once each.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -139,6 +139,15 @@ impl Fleet {
     }
 }
 
+/// Takes the node's lock as the agent does (flock), until the file is dropped.
+fn hold_node_lock(base: &Path) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    lock
+}
+
 fn release_dirs(base: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(base.join("releases"))
         .unwrap()
@@ -373,7 +382,6 @@ fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones()
 
 #[test]
 fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
-    use std::os::fd::AsRawFd;
     // The reload waits while <base>/hold exists: the test takes the node's lock meanwhile.
     let fleet = Fleet::new(
         1,
@@ -397,9 +405,7 @@ fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
     }
     // Switched, and reloading (held): the node's lock is taken here before the reload may
     // end. Reload and verify need no lock; the clean-up does.
-    let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_node_lock(&base);
     fs::remove_file(base.join("hold")).unwrap();
     let live = fleet.f.settle(id);
     assert_eq!(live["state"], "live", "live is recorded without waiting for the clean-up: {live}");
@@ -447,7 +453,6 @@ fn agents_of(pid: u32) -> Vec<u32> {
 
 #[test]
 fn a_release_removed_between_the_status_and_the_prepare_is_fetched_again() {
-    use std::os::fd::AsRawFd;
     let fleet = Fleet::new(1, "");
     let base = fleet.bases[0].clone();
     let v1 = fleet.upload("v1", &[]);
@@ -455,9 +460,7 @@ fn a_release_removed_between_the_status_and_the_prepare_is_fetched_again() {
     fleet.deploy(&v1);
     fleet.deploy(&v2);
     // The node's lock is held here: the rollback's status says v1 is ready, its prepare waits.
-    let lock = fs::OpenOptions::new().write(true).open(base.join(".release/lock")).unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_node_lock(&base);
     let (status, release) =
         fleet.f.post("alice", "/v1/releases/rollback", json!({"service": "web", "environment": "staging"}));
     assert!(status.is_success(), "{release}");
@@ -951,7 +954,6 @@ fn a_hung_hook_is_killed_on_the_node_before_the_server_gives_up_and_the_lock_is_
 
 #[test]
 fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
-    use std::os::fd::AsRawFd;
     let mut fleet = Fleet::new(2, "hooks.finalize = [\"test ! -e $RELEASE_BASE/shared/slow || sleep 2\"]");
     let v1 = fleet.upload("v1", &[]);
     fleet.deploy(&v1);
@@ -975,9 +977,7 @@ fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
         }
     };
     reached(&fleet, &node(1), "prepare");
-    let lock = fs::OpenOptions::new().write(true).open(fleet.bases[1].join(".release/lock")).unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_node_lock(&fleet.bases[1]);
     reached(&fleet, &node(0), "switch");
     fleet.f.server.kill();
     assert_eq!(fs::read_link(fleet.bases[0].join("current")).unwrap(), Path::new("releases").join(&v2[7..]));

@@ -21,7 +21,6 @@ use serde::Deserialize;
 use super::AppState;
 use super::error::ApiError;
 use crate::audit::Event;
-use crate::digest::Digest;
 use crate::registry::AuditFilter;
 use crate::releases::ReleaseError;
 use crate::utc;
@@ -154,8 +153,7 @@ async fn artifact(
     Viewer(p): Viewer,
     Path(digest): Path<String>,
 ) -> Result<Response, PageError> {
-    let digest: Digest =
-        digest.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))?;
+    let digest = super::artifacts::parse_digest(&digest)?;
     let registry = Arc::clone(&state.registry);
     let (services, environments) = (p.services.clone(), p.environments.clone());
     let found = tokio::task::spawn_blocking(move || {
