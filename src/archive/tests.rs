@@ -1,3 +1,6 @@
+//! Packing and checking archives: determinism, every refusal of the ingest rules, and the
+//! streaming walk.
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};

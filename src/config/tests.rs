@@ -1,3 +1,6 @@
+//! The configuration: the embedded default, the example file, overrides, and every key a
+//! wrong value is refused by name.
+
 use std::io::Write;
 
 use super::*;

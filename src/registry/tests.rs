@@ -1,3 +1,6 @@
+//! The registry against a real SQLite file: append-only history, tokens, releases, leases,
+//! scopes in queries, migrations.
+
 use super::*;
 use crate::audit::NewEvent;
 use crate::digest::Digest;
