@@ -258,3 +258,20 @@ fn an_adoption_never_records_purged_bytes() {
     let err = registry.record_adoption(adopting.id, legacy, &["web-1".to_owned()], &event()).unwrap_err();
     assert!(err.to_string().contains("purged"), "{err}");
 }
+
+#[test]
+fn a_blocked_artifact_is_never_the_rollback_target() {
+    let (_dir, registry) = open();
+    let live = |digest: Digest| {
+        let r = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
+        registry.start_deploy(r.id, "server", "2999-01-01T00:00:00Z", &event()).unwrap().deploying().unwrap();
+        registry.finish_deploy(r.id, State::Live, None, &event()).unwrap().release
+    };
+    let (v1, v2, v3) = (upload(&registry, b"v1"), upload(&registry, b"v2"), upload(&registry, b"v3"));
+    live(v1);
+    live(v2);
+    let now = live(v3);
+    assert_eq!(registry.rollback_target(&now).unwrap(), Some(v2));
+    registry.block_artifact(v2, &block("corrupts orders"), &event()).unwrap();
+    assert_eq!(registry.rollback_target(&now).unwrap(), Some(v1), "the last good one before it");
+}

@@ -590,13 +590,16 @@ impl Registry {
 
     /// The digest of the newest release before `live` that went live successfully with
     /// another digest; failing that, the legacy tree adopted by `live` or a release before it.
+    /// A blocked artifact is never a target (it never goes live again).
     pub fn rollback_target(&self, live: &Release) -> Result<Option<Digest>, RegistryError> {
         self.read(|conn| {
             let params = params![live.service, live.environment, live.id, live.digest.to_string()];
             let before = conn
                 .query_row(
                     "SELECT digest FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3
-                     AND state = 'superseded' AND digest != ?4 ORDER BY id DESC LIMIT 1",
+                     AND state = 'superseded' AND digest != ?4
+                     AND NOT EXISTS (SELECT 1 FROM artifact_blocks b WHERE b.digest = releases.digest)
+                     ORDER BY id DESC LIMIT 1",
                     params,
                     |r| digest_at(r, 0),
                 )
@@ -609,6 +612,7 @@ impl Registry {
                     "SELECT a.digest FROM release_adoptions a JOIN releases r ON r.id = a.release_id
                      WHERE r.service = ?1 AND r.environment = ?2 AND r.id <= ?3 AND a.digest IS NOT NULL
                        AND a.digest != ?4 AND r.state IN ('live', 'superseded')
+                       AND NOT EXISTS (SELECT 1 FROM artifact_blocks b WHERE b.digest = a.digest)
                      ORDER BY r.id DESC LIMIT 1",
                     params,
                     |r| digest_at(r, 0),
