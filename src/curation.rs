@@ -109,8 +109,13 @@ pub async fn purge(
                 .into(),
         ));
     }
+    // Past the calendar's start (a huge number of days), nothing is that old: the empty cutoff
+    // sorts before every time stamp.
     let age = day().saturating_mul(older_than_days);
-    let cutoff = utc::format(utc::now() - time::Duration::try_from(age).unwrap_or(time::Duration::MAX));
+    let cutoff = time::Duration::try_from(age)
+        .ok()
+        .and_then(|age| utc::now().checked_sub(age))
+        .map_or_else(String::new, utc::format);
     let reader = Arc::clone(registry);
     let listed = cutoff.clone();
     let candidates = tokio::task::spawn_blocking(move || reader.purge_candidates(&listed)).await.expect("no panic")?;
