@@ -1,14 +1,23 @@
 //! Taking artifacts out of use (SPEC 3): an admin blocks an artifact (never deployable again,
 //! e.g. after a data-corrupting bug) or purges the bytes of ones never live and older than an
 //! age. Both are recorded; the artifact's row stays; an artifact ever live is kept for good.
+//!
+//! A block cancels, in its own transaction, every release of the artifact still waiting for
+//! approval or approved and not started; a deploy already running stops before its nodes
+//! switch. A purge records each artifact in a transaction that checks again that nothing
+//! needs its bytes (a release waiting, in flight or ever live; an adoption), and only then
+//! deletes them; a release request refuses purged bytes in its own transaction.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::audit::NewEvent;
 use crate::digest::Digest;
+use crate::metrics::Metrics;
 use crate::registry::{Block, Registry, RegistryError};
+use crate::releases::Release;
 use crate::store::{Store, StoreError};
 use crate::token::{Action, Principal, TokenError};
 use crate::utc;
@@ -25,6 +34,21 @@ pub enum CurationError {
     Store(#[from] StoreError),
 }
 
+/// Makes a purge's "day" shorter, so that integration tests can purge what they uploaded a
+/// moment ago (`older_than_days` must be at least 1). Read once, warned about; never for
+/// production.
+const TEST_DAY_VARIABLE: &str = "RELEASE_TEST_PURGE_DAY_MS";
+
+/// What a block did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Blocked {
+    #[serde(flatten)]
+    pub block: Block,
+    /// The releases of the artifact it cancelled: waiting for approval, or approved and not
+    /// started.
+    pub cancelled: Vec<i64>,
+}
+
 /// What a purge did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Purged {
@@ -34,13 +58,15 @@ pub struct Purged {
     pub bytes: u64,
 }
 
-/// Blocks `digest` for good, with the reason.
+/// Blocks `digest` for good, with the reason, and cancels its releases waiting for approval
+/// or approved and not started (counted as they end).
 pub async fn block(
     registry: &Arc<Registry>,
+    metrics: &Metrics,
     p: &Principal,
     digest: Digest,
     reason: &str,
-) -> Result<Block, CurationError> {
+) -> Result<Blocked, CurationError> {
     p.require(Action::ManageArtifacts)?;
     if reason.trim().is_empty() {
         return Err(CurationError::BadRequest("a block needs a reason".into()));
@@ -53,12 +79,22 @@ pub async fn block(
     };
     let event = NewEvent::by(p, "artifact.block", digest.to_string(), serde_json::json!({"reason": reason}));
     let registry = Arc::clone(registry);
-    Ok(tokio::task::spawn_blocking(move || registry.block_artifact(digest, &block, &event)).await.expect("no panic")?)
+    let (block, cancelled): (Block, Vec<Release>) =
+        tokio::task::spawn_blocking(move || registry.block_artifact(digest, &block, &event))
+            .await
+            .expect("no panic")?;
+    for release in &cancelled {
+        tracing::warn!(release = release.id, %digest, "release cancelled: its artifact was blocked");
+        metrics.record_release(release, None);
+    }
+    Ok(Blocked { block, cancelled: cancelled.iter().map(|r| r.id).collect() })
 }
 
 /// Removes the bytes of artifacts never live anywhere and stored more than `older_than_days`
-/// ago (and not named by a release still waiting or in flight). Each purge is recorded before
-/// its bytes go, so the record never lags the store.
+/// (at least 1) ago, that no release waiting or in flight names and that are not an adopted
+/// legacy tree. Each purge is recorded before its bytes go, so the record never lags the
+/// store, in a transaction that checks all that again: a release requested since the
+/// candidates were listed keeps its bytes.
 pub async fn purge(
     registry: &Arc<Registry>,
     store: &Store,
@@ -66,9 +102,23 @@ pub async fn purge(
     older_than_days: u32,
 ) -> Result<Purged, CurationError> {
     p.require(Action::ManageArtifacts)?;
-    let cutoff = utc::format(utc::now() - time::Duration::days(older_than_days.into()));
+    if older_than_days == 0 {
+        return Err(CurationError::BadRequest(
+            "older_than_days must be at least 1 (got 0): a purge never takes the bytes of an artifact \
+             uploaded today, which a release may be about to name"
+                .into(),
+        ));
+    }
+    // Past the calendar's start (a huge number of days), nothing is that old: the empty cutoff
+    // sorts before every time stamp.
+    let age = day().saturating_mul(older_than_days);
+    let cutoff = time::Duration::try_from(age)
+        .ok()
+        .and_then(|age| utc::now().checked_sub(age))
+        .map_or_else(String::new, utc::format);
     let reader = Arc::clone(registry);
-    let candidates = tokio::task::spawn_blocking(move || reader.purge_candidates(&cutoff)).await.expect("no panic")?;
+    let listed = cutoff.clone();
+    let candidates = tokio::task::spawn_blocking(move || reader.purge_candidates(&listed)).await.expect("no panic")?;
     let mut report = Purged::default();
     for digest in candidates {
         let size = store.artifact_size(digest).await?;
@@ -78,13 +128,14 @@ pub async fn purge(
             digest.to_string(),
             serde_json::json!({"older_than_days": older_than_days, "bytes": size}),
         );
-        let (writer, by, owner) = (Arc::clone(registry), p.name.clone(), p.owner.clone());
-        let recorded = tokio::task::spawn_blocking(move || writer.record_purge(digest, &by, &owner, &event))
+        let (writer, by, owner, cutoff) = (Arc::clone(registry), p.name.clone(), p.owner.clone(), cutoff.clone());
+        let recorded = tokio::task::spawn_blocking(move || writer.record_purge(digest, &cutoff, &by, &owner, &event))
             .await
-            .expect("no panic");
-        if let Err(e) = recorded {
-            // Went live (or was named by a release) since the candidates were listed: kept.
-            tracing::info!(%digest, error = %e, "not purged");
+            .expect("no panic")?;
+        if !recorded {
+            // Named by a release (or adopted, or purged by another call) since the candidates
+            // were listed: kept.
+            tracing::info!(%digest, "not purged: needed since it was listed");
             continue;
         }
         store.purge_artifact(digest).await?;
@@ -92,4 +143,18 @@ pub async fn purge(
         report.purged.push(digest);
     }
     Ok(report)
+}
+
+/// A day, unless the test variable says otherwise (warned about once).
+fn day() -> Duration {
+    static DAY: OnceLock<Duration> = OnceLock::new();
+    *DAY.get_or_init(|| {
+        match std::env::var(TEST_DAY_VARIABLE).ok().and_then(|v| v.parse::<u64>().ok()).filter(|ms| *ms > 0) {
+            Some(ms) => {
+                tracing::warn!(ms, "{TEST_DAY_VARIABLE} shortens a purge's day: meant for tests only");
+                Duration::from_millis(ms)
+            }
+            None => Duration::from_secs(24 * 60 * 60),
+        }
+    })
 }

@@ -207,7 +207,7 @@ impl Metrics {
         );
         registry.register(
             "artifacts_stored",
-            "Artifacts whose bytes are stored (never purged), read from the registry at scrape time",
+            "Artifacts whose bytes are stored (not purged, or uploaded again since), read from the registry at scrape time",
             metrics.artifacts.clone(),
         );
         registry.register(

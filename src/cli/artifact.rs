@@ -23,7 +23,9 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Never deployable again (admin), e.g. after a data-corrupting bug.
+    /// Never deployable again (admin), e.g. after a data-corrupting bug; cancels its releases
+    /// waiting for approval or approved and not started, and stops one deploying before its
+    /// switch. What is live stays live: roll it back.
     Block {
         digest: String,
         #[arg(long)]
@@ -32,10 +34,12 @@ pub enum Command {
         server: ServerArgs,
     },
     /// Free the bytes of artifacts never live and older than DAYS (admin); the rows stay.
+    /// Artifacts a release waits for or runs, and adopted legacy trees, are kept.
     Purge {
         /// Required: only artifacts never live are ever purged.
         #[arg(long, required = true)]
         never_live: bool,
+        /// At least 1.
         #[arg(long, value_name = "DAYS")]
         older_than: u32,
         #[command(flatten)]
@@ -95,7 +99,18 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
                 .client()
                 .post(&format!("/v1/artifacts/{digest}/block"), &serde_json::json!({"reason": reason}))
                 .await?;
-            output.print(&block, || format!("{digest} is blocked: {reason}"));
+            output.print(&block, || {
+                let cancelled: Vec<String> =
+                    block["cancelled"].as_array().into_iter().flatten().map(|id| id.to_string()).collect();
+                if cancelled.is_empty() {
+                    format!("{digest} is blocked: {reason}")
+                } else {
+                    format!(
+                        "{digest} is blocked: {reason}\ncancelled the releases of it not started: {}",
+                        cancelled.join(", ")
+                    )
+                }
+            });
         }
         Command::Purge { never_live, older_than, server } => {
             let body = serde_json::json!({"never_live": never_live, "older_than_days": older_than});

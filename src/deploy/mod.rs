@@ -252,6 +252,8 @@ impl NodeDeployer {
     /// Prepares the release (and first the adopted legacy tree, on a node adopting one); notes
     /// what the node's `current` points at, to put it back there.
     async fn prepare_node(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
+        // A blocked artifact is not even fetched (a presigned URL would bypass the server).
+        plan.gate.check().await?;
         if target.adopting()
             && let Some(legacy) = target.back_to()
         {
@@ -439,6 +441,9 @@ impl NodeDeployer {
         if let Some(reason) = first_error(prepared) {
             return Err(Failure::new(reason));
         }
+        // A block that came while the nodes prepared stops the deploy here: migrations are
+        // never undone, and nothing has switched yet.
+        plan.gate.check().await.map_err(Failure::new)?;
 
         // 2. Migrate on exactly one node, in the new release, before anything switches
         //    (never for a rollback: migrations are never undone, the schema stays ahead).
@@ -452,7 +457,9 @@ impl NodeDeployer {
         }
 
         // 3. Switch everywhere at once. If any node fails, every node that switched, or may
-        //    have, goes back to where it was.
+        //    have, goes back to where it was. The last look at the block: once the nodes have
+        //    switched, a block does not undo it (a rollback does).
+        plan.gate.check().await.map_err(Failure::new)?;
         let digest = plan.release.digest;
         let switched = join_all(targets.iter().map(|t| self.switch(plan, t, "switch", Some(digest)))).await;
         let mut back = Vec::new();
@@ -611,6 +618,10 @@ impl NodeDeployer {
             format!("node {} serves {serves}, not {}", target.name, digest.short())
         } else if on_new.is_empty() {
             "no node to finish it on".to_owned()
+        } else if let Err(blocked) = plan.gate.check().await {
+            // Every node switched, but nothing recorded it live: its artifact blocked since,
+            // it is put back rather than finished (a blocked artifact never goes live).
+            blocked
         } else {
             let after = join_all(targets.iter().map(|t| self.reload_and_verify(plan, t, &hooks))).await;
             match first_error(after) {

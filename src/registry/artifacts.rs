@@ -93,6 +93,13 @@ impl Registry {
                     now
                 ],
             )? == 1;
+            // Bytes purged before are stored again: each purge not yet undone is, now.
+            let restored = tx.execute(
+                "INSERT INTO artifact_restores (purge_id, restored_by, restored_at)
+                 SELECT p.id, ?2, ?3 FROM artifact_purges p WHERE p.digest = ?1
+                   AND NOT EXISTS (SELECT 1 FROM artifact_restores r WHERE r.purge_id = p.id)",
+                params![new.digest.to_string(), new.uploaded_by, now],
+            )? > 0;
             let artifact = query_artifact(&tx, new.digest)?
                 .ok_or_else(|| RegistryError::Corrupt("artifact row vanished".into()))?;
             let upload: ArtifactUpload = tx.query_row(
@@ -104,6 +111,9 @@ impl Registry {
             if let Some(details) = event.details.as_object_mut() {
                 details.insert("new_artifact".into(), new_artifact.into());
                 details.insert("new_upload".into(), new_upload.into());
+                if restored {
+                    details.insert("restored".into(), true.into());
+                }
             }
             super::audit::append(&tx, &event)?;
             tx.commit()?;
@@ -219,8 +229,18 @@ pub struct Block {
 }
 
 impl Registry {
-    /// Blocks an artifact for good; `ArtifactBlocked` if it is blocked already.
-    pub fn block_artifact(&self, digest: Digest, block: &Block, event: &NewEvent) -> Result<Block, RegistryError> {
+    /// Blocks an artifact for good; `ArtifactBlocked` if it is blocked already. In the same
+    /// transaction, every release of it waiting for approval, or approved and not started, is
+    /// cancelled (each with its transition and its `release.cancel` event, which webhooks
+    /// send): a blocked artifact never goes live, whatever was pending when it was blocked.
+    /// Returns the block and the releases it cancelled. A release already deploying is left
+    /// to its run, which checks the block before each node prepares and before the switch.
+    pub fn block_artifact(
+        &self,
+        digest: Digest,
+        block: &Block,
+        event: &NewEvent,
+    ) -> Result<(Block, Vec<crate::releases::Release>), RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
             if query_artifact(&tx, digest)?.is_none() {
@@ -235,8 +255,9 @@ impl Registry {
             )?;
             super::audit::append(&tx, event)?;
             let stored = query_block(&tx, digest)?.ok_or_else(|| RegistryError::Corrupt("block row vanished".into()))?;
+            let cancelled = super::releases::cancel_blocked(&tx, digest, &stored, (&block.blocked_by, &block.owner))?;
             tx.commit()?;
-            Ok(stored)
+            Ok((stored, cancelled))
         })
     }
 
@@ -257,39 +278,76 @@ impl Registry {
         })
     }
 
-    /// Artifacts stored before `cutoff` that were never live anywhere, that no release still
-    /// waiting or in flight names, and that were not purged since they were last stored.
+    /// Artifacts whose bytes may be purged: stored (or stored again) before `cutoff`, never
+    /// live anywhere, named by no release waiting or in flight, not an adopted legacy tree,
+    /// and not purged now.
     pub fn purge_candidates(&self, cutoff: &str) -> Result<Vec<Digest>, RegistryError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT a.digest FROM artifacts a
-                 WHERE a.stored_at < ?1
-                   AND NOT EXISTS (SELECT 1 FROM releases r WHERE r.digest = a.digest
-                                   AND r.state IN ('live', 'superseded', 'pending_approval', 'approved', 'deploying'))
-                   AND NOT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = a.digest)
-                 ORDER BY a.stored_at",
-            )?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT a.digest FROM artifacts a WHERE {PURGEABLE} ORDER BY a.stored_at, a.digest"
+            ))?;
             let rows = stmt.query_map([cutoff], |r| r.get::<_, String>(0))?;
             rows.map(|d| d?.parse().map_err(|e| RegistryError::Corrupt(format!("{e}")))).collect()
         })
     }
 
-    /// Records that an artifact's bytes were purged (the trigger refuses one ever live).
-    pub fn record_purge(&self, digest: Digest, by: &str, owner: &str, event: &NewEvent) -> Result<(), RegistryError> {
+    /// Records that an artifact's bytes are purged, if it still may be (the conditions of
+    /// [`Registry::purge_candidates`], checked again in this transaction: a release requested
+    /// or an adoption recorded since the candidates were listed keeps the bytes). False when
+    /// it may not any more; nothing is recorded then. The triggers refuse the same.
+    pub fn record_purge(
+        &self,
+        digest: Digest,
+        cutoff: &str,
+        by: &str,
+        owner: &str,
+        event: &NewEvent,
+    ) -> Result<bool, RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
+            let purgeable: bool = tx.query_row(
+                &format!("SELECT EXISTS (SELECT 1 FROM artifacts a WHERE a.digest = ?2 AND {PURGEABLE})"),
+                params![cutoff, digest.to_string()],
+                |r| r.get(0),
+            )?;
+            if !purgeable {
+                return Ok(false);
+            }
             tx.execute(
                 "INSERT INTO artifact_purges (digest, purged_by, owner, purged_at) VALUES (?1, ?2, ?3, ?4)",
                 params![digest.to_string(), by, owner, utc::now_text()],
             )?;
             super::audit::append(&tx, event)?;
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
     }
 }
 
-fn query_block(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Block>, RegistryError> {
+/// What makes artifact `a` purgeable, given the cutoff as `?1`: its bytes stored (or last
+/// stored again) before the cutoff; no release naming it ever live, waiting or in flight
+/// (rejected, cancelled, expired and failed ones do not keep it); not an adopted legacy tree;
+/// not purged now.
+const PURGEABLE: &str = "
+    max(a.stored_at, COALESCE((SELECT max(r.restored_at) FROM artifact_restores r
+                               JOIN artifact_purges p ON p.id = r.purge_id WHERE p.digest = a.digest), '')) < ?1
+    AND NOT EXISTS (SELECT 1 FROM releases r WHERE r.digest = a.digest
+                    AND r.state IN ('live', 'superseded', 'pending_approval', 'approved', 'deploying'))
+    AND NOT EXISTS (SELECT 1 FROM release_adoptions d WHERE d.digest = a.digest)
+    AND NOT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = a.digest
+                    AND NOT EXISTS (SELECT 1 FROM artifact_restores r WHERE r.purge_id = p.id))";
+
+/// Whether the artifact's bytes are purged now (purged, and not uploaded again since).
+pub(super) fn purged_now(conn: &rusqlite::Connection, digest: Digest) -> Result<bool, RegistryError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = ?1
+           AND NOT EXISTS (SELECT 1 FROM artifact_restores r WHERE r.purge_id = p.id))",
+        [digest.to_string()],
+        |r| r.get(0),
+    )?)
+}
+
+pub(super) fn query_block(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Block>, RegistryError> {
     Ok(conn
         .query_row(
             "SELECT reason, blocked_by, owner, blocked_at FROM artifact_blocks WHERE digest = ?1",

@@ -9,7 +9,7 @@ use super::{Registry, RegistryError};
 /// The registry's gauges at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Gauges {
-    /// Artifacts whose bytes were never purged.
+    /// Artifacts whose bytes are stored: never purged, or uploaded again since.
     pub artifacts: u64,
     /// The sum of their sizes (bytes as stored, tar+zstd).
     pub artifact_bytes: u64,
@@ -34,7 +34,8 @@ impl Registry {
             let tx = conn.unchecked_transaction()?;
             let (artifacts, artifact_bytes) = tx.query_row(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM artifacts a
-                 WHERE NOT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = a.digest)",
+                 WHERE NOT EXISTS (SELECT 1 FROM artifact_purges p WHERE p.digest = a.digest
+                   AND NOT EXISTS (SELECT 1 FROM artifact_restores r WHERE r.purge_id = p.id))",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0006_release_adoptions", include_str!("../../migrations/0006_release_adoptions.sql")),
     ("0007_webhooks", include_str!("../../migrations/0007_webhooks.sql")),
     ("0008_web_sessions_and_audit_filters", include_str!("../../migrations/0008_web_sessions_and_audit_filters.sql")),
+    ("0009_blocks_hold_and_purges_wait", include_str!("../../migrations/0009_blocks_hold_and_purges_wait.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

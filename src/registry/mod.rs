@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
 pub use gauges::{Cell, Gauges};
-pub use releases::{Adoption, ConfiguredEnvironment, Finished, NewApproval, NewRelease};
+pub use releases::{Adoption, ConfiguredEnvironment, Finished, NewApproval, NewRelease, Start};
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
 pub use webhooks::{Backlog, ReleaseAtEvent};
@@ -62,6 +62,8 @@ pub enum RegistryError {
     ArtifactNotFound(crate::digest::Digest),
     #[error("artifact {digest} is blocked: {reason}")]
     ArtifactBlocked { digest: crate::digest::Digest, reason: String },
+    #[error("the bytes of artifact {0} were purged")]
+    ArtifactPurged(crate::digest::Digest),
 }
 
 pub struct Registry {
@@ -164,5 +166,7 @@ fn split_list(text: Option<String>) -> Option<Vec<String>> {
     text.map(|t| t.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
 }
 
+#[cfg(test)]
+mod curation_tests;
 #[cfg(test)]
 mod tests;

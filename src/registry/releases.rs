@@ -63,6 +63,27 @@ pub struct Finished {
     pub cancelled: Vec<Release>,
 }
 
+/// What [`Registry::start_deploy`] did.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// `deploying`, with the lease.
+    Deploying(Release),
+    /// Another server holds the lease of (service, environment).
+    Leased,
+    /// Its artifact is blocked: it was cancelled, with these (itself among them).
+    Blocked { block: super::Block, cancelled: Vec<Release> },
+}
+
+impl Start {
+    /// The release, if it is deploying now.
+    pub fn deploying(self) -> Option<Release> {
+        match self {
+            Start::Deploying(release) => Some(release),
+            _ => None,
+        }
+    }
+}
+
 /// What the configuration declares, for the registry's own record.
 #[derive(Clone, Debug)]
 pub struct ConfiguredEnvironment {
@@ -152,6 +173,14 @@ impl Registry {
     pub fn create_release(&self, new: &NewRelease, event: &NewEvent) -> Result<Release, RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
+            // Checked here, in the transaction that records the request, so that a block or a
+            // purge committed since the caller looked is seen (the triggers refuse the same).
+            if let Some(block) = super::artifacts::query_block(&tx, new.digest)? {
+                return Err(RegistryError::ArtifactBlocked { digest: new.digest, reason: block.reason });
+            }
+            if super::artifacts::purged_now(&tx, new.digest)? {
+                return Err(RegistryError::ArtifactPurged(new.digest));
+            }
             if new.state.in_flight()
                 && let Some(busy) = in_flight(&tx, &new.service, &new.environment)?
             {
@@ -214,11 +243,17 @@ impl Registry {
 
     /// Approves (→ `approved`) or rejects (→ `rejected`) a pending release, recording the
     /// decision bound to its digest. Approval is refused while another release of the same
-    /// service and environment is in flight.
+    /// service and environment is in flight, and whenever its artifact is blocked (also when
+    /// the block has cancelled it already: the refusal names the block).
     pub fn decide(&self, id: i64, decision: &NewApproval, event: &NewEvent) -> Result<Release, RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
             let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+            if decision.approve
+                && let Some(block) = super::artifacts::query_block(&tx, release.digest)?
+            {
+                return Err(RegistryError::ArtifactBlocked { digest: release.digest, reason: block.reason });
+            }
             if release.state != State::PendingApproval {
                 return Err(RegistryError::WrongState { id, state: release.state });
             }
@@ -555,13 +590,16 @@ impl Registry {
 
     /// The digest of the newest release before `live` that went live successfully with
     /// another digest; failing that, the legacy tree adopted by `live` or a release before it.
+    /// A blocked artifact is never a target (it never goes live again).
     pub fn rollback_target(&self, live: &Release) -> Result<Option<Digest>, RegistryError> {
         self.read(|conn| {
             let params = params![live.service, live.environment, live.id, live.digest.to_string()];
             let before = conn
                 .query_row(
                     "SELECT digest FROM releases WHERE service = ?1 AND environment = ?2 AND id < ?3
-                     AND state = 'superseded' AND digest != ?4 ORDER BY id DESC LIMIT 1",
+                     AND state = 'superseded' AND digest != ?4
+                     AND NOT EXISTS (SELECT 1 FROM artifact_blocks b WHERE b.digest = releases.digest)
+                     ORDER BY id DESC LIMIT 1",
                     params,
                     |r| digest_at(r, 0),
                 )
@@ -574,6 +612,7 @@ impl Registry {
                     "SELECT a.digest FROM release_adoptions a JOIN releases r ON r.id = a.release_id
                      WHERE r.service = ?1 AND r.environment = ?2 AND r.id <= ?3 AND a.digest IS NOT NULL
                        AND a.digest != ?4 AND r.state IN ('live', 'superseded')
+                       AND NOT EXISTS (SELECT 1 FROM artifact_blocks b WHERE b.digest = a.digest)
                      ORDER BY r.id DESC LIMIT 1",
                     params,
                     |r| digest_at(r, 0),
@@ -722,18 +761,27 @@ impl Registry {
     }
 
     /// `approved → deploying` and the deploy lease, in one transaction: a release is never
-    /// deploying without a lease, nor leased without deploying. `Ok(None)` when another owner
-    /// holds an unexpired lease on (service, environment).
+    /// deploying without a lease, nor leased without deploying. [`Start::Leased`] when another
+    /// owner holds an unexpired lease on (service, environment); [`Start::Blocked`] when its
+    /// artifact is blocked: then it is cancelled instead (with every other release of the
+    /// artifact still waiting or approved), in this transaction.
     pub fn start_deploy(
         &self,
         id: i64,
         owner: &str,
         expires_at: &str,
         event: &NewEvent,
-    ) -> Result<Option<Release>, RegistryError> {
+    ) -> Result<Start, RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
             let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+            if release.state == State::Approved
+                && let Some(block) = super::artifacts::query_block(&tx, release.digest)?
+            {
+                let cancelled = cancel_blocked(&tx, release.digest, &block, ("release", "release"))?;
+                tx.commit()?;
+                return Ok(Start::Blocked { block, cancelled });
+            }
             let held: Option<(String, String)> = tx
                 .query_row(
                     "SELECT owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
@@ -745,7 +793,7 @@ impl Registry {
                 && holder != owner
                 && until > utc::now_text()
             {
-                return Ok(None);
+                return Ok(Start::Leased);
             }
             tx.execute(
                 "INSERT INTO deploy_leases (service, environment, release_id, owner, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -756,7 +804,7 @@ impl Registry {
             let release = change_state(&tx, id, State::Deploying, "release", None)?;
             super::audit::append(&tx, event)?;
             tx.commit()?;
-            Ok(Some(release))
+            Ok(Start::Deploying(release))
         })
     }
 
@@ -833,6 +881,37 @@ impl Registry {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+}
+
+/// Cancels every release of a blocked artifact that waits for approval or is approved and
+/// not started, each with its transition (by `by`: the token that blocked it, or the server)
+/// and its `release.cancel` event.
+pub(super) fn cancel_blocked(
+    tx: &Transaction<'_>,
+    digest: Digest,
+    block: &super::Block,
+    (actor, owner): (&str, &str),
+) -> Result<Vec<Release>, RegistryError> {
+    let ids: Vec<i64> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id FROM releases WHERE digest = ?1 AND state IN ('pending_approval', 'approved') ORDER BY id",
+        )?;
+        stmt.query_map([digest.to_string()], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let why = format!("artifact {digest} was blocked by {}: {}", block.blocked_by, block.reason);
+    let mut cancelled = Vec::new();
+    for id in ids {
+        cancelled.push(change_state(tx, id, State::Cancelled, actor, Some(&why))?);
+        let event = NewEvent {
+            actor: actor.to_owned(),
+            owner: owner.to_owned(),
+            action: "release.cancel".into(),
+            subject: format!("release/{id}"),
+            details: serde_json::json!({"reason": why, "blocked": digest}),
+        };
+        super::audit::append(tx, &event)?;
+    }
+    Ok(cancelled)
 }
 
 fn change_state(

@@ -237,7 +237,7 @@ mod releases {
         let (_dir, registry, digest) = with_artifact();
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
         let (past, future) = ("2000-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z");
-        let r = registry.start_deploy(r.id, "server-a", future, &event()).unwrap().unwrap();
+        let r = registry.start_deploy(r.id, "server-a", future, &event()).unwrap().deploying().unwrap();
         assert!(registry.lapsed_deploys().unwrap().is_empty());
         // Held, unexpired, by another owner: refused, and left as it was.
         assert!(!registry.take_lease(&r, "server-b", future).unwrap());
@@ -264,7 +264,15 @@ mod releases {
         registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
         registry.go_live(r.id, &event()).unwrap();
         assert!(registry.purge_candidates("9999").unwrap().is_empty());
-        let err = registry.record_purge(digest, "root", "root", &event()).unwrap_err();
+        assert!(!registry.record_purge(digest, "9999", "root", "root", &event()).unwrap(), "checked again");
+        // And the trigger refuses it too.
+        let conn = registry.writer.lock().unwrap();
+        let err = conn
+            .execute(
+                &format!("INSERT INTO artifact_purges (digest, purged_by, owner, purged_at) VALUES ('{digest}', 'r', 'r', 't')"),
+                [],
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("kept for good"), "{err}");
     }
 
@@ -363,10 +371,12 @@ mod releases {
         };
         assert_eq!(gauges.cells, [cell("staging", 0, 0), cell("production", 1, 2)]);
 
-        // Purged bytes are not stored any more.
-        registry.record_purge(Digest::of(b"v2 bytes"), "root", "root", &event()).unwrap();
+        // Purged bytes are not stored any more, until they are uploaded again.
+        assert!(registry.record_purge(Digest::of(b"v2 bytes"), "9999", "root", "root", &event()).unwrap());
         let gauges = registry.gauges().unwrap();
         assert_eq!((gauges.artifacts, gauges.artifact_bytes), (1, 2));
+        registry.record_artifact(&new_artifact("api", b"v2 bytes"), &event()).unwrap();
+        assert_eq!(registry.gauges().unwrap().artifacts, 2);
     }
 }
 

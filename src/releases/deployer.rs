@@ -55,6 +55,33 @@ pub struct Plan {
     pub report: Reporter,
     /// `--adopt`: asked for by the release (and what it has captured so far).
     pub adopt: Option<Adopt>,
+    /// Whether the release may still go on: asked before each node prepares, before the
+    /// migration and before the switch, and before a resolution finishes a deploy.
+    pub gate: Gate,
+}
+
+/// Asks the registry whether a release may still go live: `Err(reason)` once its artifact is
+/// blocked (or when that cannot be known: a deploy that cannot ask does not go on). A block
+/// that comes while a deploy runs stops it before its nodes switch; after the switch it
+/// changes nothing (a rollback does).
+#[derive(Clone)]
+pub struct Gate(pub Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
+
+impl Gate {
+    pub async fn check(&self) -> Result<(), String> {
+        (self.0)().await
+    }
+
+    /// Never closes (tests).
+    pub fn open() -> Gate {
+        Gate(Arc::new(|| Box::pin(async { Ok(()) })))
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 /// A fence for a new run: the time in microseconds, so a later run always outranks an earlier
@@ -161,6 +188,7 @@ pub struct RecordOnly;
 impl Deployer for RecordOnly {
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
+            plan.gate.check().await.map_err(Failure::new)?;
             let now = utc::now_text();
             for node in &plan.nodes {
                 plan.report.report(Deployment {

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use deployer::{Adopt, Adopter, Deployer, Failure, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
+pub use deployer::{Adopt, Adopter, Deployer, Failure, Gate, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
 pub use model::{Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Transition};
 
 use crate::audit::NewEvent;
@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::digest::Digest;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
-use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError};
+use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError, Start};
 use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError};
 use crate::utc;
@@ -118,6 +118,8 @@ impl From<RegistryError> for ReleaseError {
             // Another decision, a cancel or the expiry sweep came first.
             RegistryError::WrongState { id, state } => ReleaseError::InvalidState { id, state, what: "that" },
             RegistryError::ApprovalExpired { id, at } => ReleaseError::Expired { id, at },
+            RegistryError::ArtifactBlocked { digest, reason } => ReleaseError::Blocked { digest, reason },
+            RegistryError::ArtifactPurged(digest) => ReleaseError::Purged { digest },
             e => ReleaseError::Registry(e),
         }
     }
@@ -640,8 +642,15 @@ impl Releases {
         Ok(release)
     }
 
-    /// `release approve ID`: by an approver who is not the requester (owners compared).
+    /// `release approve ID`: by an approver who is not the requester (owners compared), of a
+    /// release whose artifact is not blocked (the refusal names the block, also when the block
+    /// has cancelled the release already).
     pub async fn approve(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
+        let release = self.decidable(p, id).await?;
+        let digest = release.digest;
+        if let Some(block) = self.blocking(move |r| r.artifact_block(digest)).await? {
+            return Err(ReleaseError::Blocked { digest, reason: block.reason });
+        }
         let release = self.pending(p, id, "approval").await?;
         if release.requester_owner == p.owner {
             return Err(ReleaseError::SelfApproval { id, owner: p.owner.clone() });
@@ -719,12 +728,18 @@ impl Releases {
         self.blocking(move |r| r.release(id)).await?.ok_or(ReleaseError::NotFound(id))
     }
 
-    /// A release an approver may decide now: in scope, pending, not expired.
-    async fn pending(&self, p: &Principal, id: i64, what: &'static str) -> Result<Release, ReleaseError> {
+    /// A release this approver may decide, whatever its state: the role and the scopes.
+    async fn decidable(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
         p.require(Action::Decide)?;
         let release = self.find(id).await?;
         p.require_service(&release.service)?;
         p.require_environment(&release.environment)?;
+        Ok(release)
+    }
+
+    /// A release an approver may decide now: in scope, pending, not expired.
+    async fn pending(&self, p: &Principal, id: i64, what: &'static str) -> Result<Release, ReleaseError> {
+        let release = self.decidable(p, id).await?;
         if release.state != State::PendingApproval {
             return Err(ReleaseError::InvalidState { id, state: release.state, what });
         }
@@ -886,10 +901,23 @@ impl Releases {
         };
         let (owner, until) = (self.instance.clone(), self.lease_expiry());
         let event = NewEvent::by_server("release.deploying", format!("release/{id}"), serde_json::json!({}));
-        let started = self.blocking(move |r| r.start_deploy(id, &owner, &until, &event)).await?;
-        let Some(release) = started else {
-            tracing::warn!(release = id, "another server holds the deploy lease; leaving the release to it");
-            return Ok(());
+        let release = match self.blocking(move |r| r.start_deploy(id, &owner, &until, &event)).await {
+            Ok(Start::Deploying(release)) => release,
+            Ok(Start::Leased) => {
+                tracing::warn!(release = id, "another server holds the deploy lease; leaving the release to it");
+                return Ok(());
+            }
+            Ok(Start::Blocked { block, cancelled }) => {
+                tracing::warn!(release = id, reason = block.reason, "the artifact is blocked: release cancelled");
+                cancelled.iter().for_each(|r| self.metrics.record_release(r, None));
+                return Ok(());
+            }
+            // Cancelled (its artifact blocked) or otherwise decided before it could start.
+            Err(ReleaseError::InvalidState { state, .. }) => {
+                tracing::info!(release = id, %state, "the release is no longer approved; not started");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         // From here on every path ends the release: live, or failed with the reason; or, when
         // that cannot be recorded, left to lapse and be resolved from the nodes. The lease is
@@ -1046,7 +1074,29 @@ impl Releases {
             fence: deployer::new_fence(),
             report: self.reporter(release.id),
             adopt,
+            gate: self.gate(release.digest),
         })
+    }
+
+    /// Asks the registry, each time, whether `digest` is blocked now.
+    fn gate(&self, digest: Digest) -> Gate {
+        let registry = Arc::clone(&self.registry);
+        Gate(Arc::new(move || {
+            let registry = Arc::clone(&registry);
+            Box::pin(async move {
+                let block = tokio::task::spawn_blocking(move || registry.artifact_block(digest))
+                    .await
+                    .map_err(|e| format!("could not check whether {digest} is blocked: {e}"))?
+                    .map_err(|e| format!("could not check whether {digest} is blocked: {e}"))?;
+                match block {
+                    None => Ok(()),
+                    Some(b) => Err(format!(
+                        "artifact {digest} was blocked by {} ({}): it never goes live",
+                        b.blocked_by, b.reason
+                    )),
+                }
+            })
+        }))
     }
 }
 

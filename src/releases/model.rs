@@ -68,13 +68,15 @@ impl State {
         !matches!(self, State::PendingApproval | State::Approved | State::Deploying)
     }
 
-    /// The transitions SPEC 3 allows (the database's trigger holds the same table).
+    /// The transitions SPEC 3 allows (the database's trigger holds the same table, and allows
+    /// `approved → cancelled` only for a blocked artifact: a block cancels what was approved
+    /// and has not started).
     pub fn may_become(self, next: State) -> bool {
         use State::*;
         matches!(
             (self, next),
             (PendingApproval, Approved | Rejected | Cancelled | Expired)
-                | (Approved, Deploying | Failed)
+                | (Approved, Deploying | Failed | Cancelled)
                 | (Deploying, Live | Failed)
                 | (Live, Superseded)
         )

@@ -1,6 +1,7 @@
 //! The sweep's choice: a deploy whose lease lapsed is resolved from its nodes only when no
-//! task of this process runs it; one that does is left alone, lapsed or not. And retention
-//! comes once `live` is recorded, never for a failed deploy.
+//! task of this process runs it; one that does is left alone, lapsed or not. Retention comes
+//! once `live` is recorded, never for a failed deploy. A block that lands between an approval
+//! and the launch, or while the deploy runs, keeps the release from going live.
 
 use std::sync::Mutex as StdMutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::*;
 use crate::config::{Overrides, StorageConfig};
-use crate::registry::NewArtifact;
+use crate::registry::{NewApproval, NewArtifact};
 
 /// A deployer whose deploy waits for the test, and whose recover answers as the test says.
 #[derive(Default)]
@@ -27,10 +28,12 @@ struct Scripted {
 }
 
 impl Deployer for Scripted {
-    fn deploy<'a>(&'a self, _plan: &'a Plan) -> futures::future::BoxFuture<'a, Result<(), Failure>> {
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> futures::future::BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             self.deploying.notify_one();
             self.finish_deploy.notified().await;
+            // As the node deployer does before the switch.
+            plan.gate.check().await.map_err(Failure::new)?;
             match self.deploy_fails.lock().unwrap().clone() {
                 Some(why) => Err(Failure::new(why)),
                 None => Ok(()),
@@ -87,6 +90,11 @@ fn setup() -> Setup {
 
 /// An approved release of `api` in staging.
 fn approved(registry: &Registry, content: &[u8]) -> Release {
+    requested(registry, content, State::Approved)
+}
+
+/// A release of `api` in staging, recorded in `state` (pending or approved).
+fn requested(registry: &Registry, content: &[u8], state: State) -> Release {
     let digest = Digest::of(content);
     let artifact = NewArtifact {
         digest,
@@ -107,7 +115,7 @@ fn approved(registry: &Registry, content: &[u8]) -> Release {
         environment: "staging".into(),
         digest,
         kind: Kind::Deploy,
-        state: State::Approved,
+        state,
         requested_by: "ci".into(),
         requester_owner: "gitlab".into(),
         source_environment: None,
@@ -164,7 +172,7 @@ async fn a_lapsed_deploy_no_task_runs_is_resolved_from_its_nodes_once() {
     let release = approved(&s.registry, b"v1");
     // Its run ended without recording an outcome (here: no run of this process ever had it).
     let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
-    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     s.releases.sweep().await;
     s.deployer.recovering.notified().await;
     // While it is being resolved, later sweeps leave it alone: its lease is taken and renewed,
@@ -183,7 +191,7 @@ async fn a_lapsed_deploy_whose_nodes_are_elsewhere_fails_with_what_was_found() {
     let s = setup();
     let release = approved(&s.registry, b"v1");
     let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
-    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     *s.deployer.recover_fails.lock().unwrap() = Some("node web-1 serves 0123456789ab, not the new release".into());
     s.deployer.finish_recover.notify_one();
     s.releases.sweep().await;
@@ -233,7 +241,7 @@ async fn a_deploy_whose_outcome_cannot_be_recorded_is_resolved_again_later_not_a
     let s = setup();
     let release = approved(&s.registry, b"v1");
     let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
-    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().unwrap();
+    s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     // The registry refuses to record any release live, as a failing disk would.
     let sql = rusqlite::Connection::open(s.registry.path()).unwrap();
     sql.execute_batch(
@@ -271,4 +279,48 @@ async fn a_deploy_whose_outcome_cannot_be_recorded_is_resolved_again_later_not_a
     assert_eq!(s.deployer.recovers.load(Ordering::SeqCst), 2);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(pending().is_none(), "recorded: nothing left to try again");
+}
+
+fn block(registry: &Registry, digest: Digest) -> Vec<Release> {
+    let block = crate::registry::Block {
+        reason: "corrupts orders".into(),
+        blocked_by: "root".into(),
+        owner: "root".into(),
+        blocked_at: String::new(),
+    };
+    let event = NewEvent::by_server("artifact.block", digest.to_string(), serde_json::json!({}));
+    registry.block_artifact(digest, &block, &event).unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_between_the_approval_and_the_launch_cancels_the_release_before_it_starts() {
+    let s = setup();
+    let pending = requested(&s.registry, b"v1", State::PendingApproval);
+    let decision = NewApproval { approve: true, decided_by: "bob".into(), decider_owner: "bob".into(), reason: None };
+    let event = NewEvent::by_server("release.approve", format!("release/{}", pending.id), serde_json::json!({}));
+    let approved = s.registry.decide(pending.id, &decision, &event).unwrap();
+    // The block commits after the approval and before the launch's first step.
+    let cancelled = block(&s.registry, approved.digest);
+    assert_eq!(cancelled.iter().map(|r| r.id).collect::<Vec<_>>(), [approved.id]);
+    // Were it started anyway, its deploy would end at once: a wrong outcome shows as a state.
+    s.deployer.finish_deploy.notify_one();
+    s.releases.run(approved.clone()).await.unwrap();
+    let detail = s.registry.release_detail(approved.id).unwrap().unwrap();
+    assert_eq!(detail.release.state, State::Cancelled, "{detail:?}");
+    assert!(detail.transitions.iter().all(|t| t.state != State::Deploying), "never started: {detail:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_while_the_release_deploys_stops_it_before_the_switch() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    s.releases.launch(release.clone());
+    s.deployer.deploying.notified().await;
+    assert!(block(&s.registry, release.digest).is_empty(), "a running deploy is not cancelled");
+    s.deployer.finish_deploy.notify_one();
+    let settled = settle(&s.registry, release.id).await;
+    assert_eq!(settled.state, State::Failed);
+    let detail = s.registry.release_detail(release.id).unwrap().unwrap();
+    let reason = detail.transitions.last().unwrap().reason.clone().unwrap();
+    assert!(reason.contains("blocked by root (corrupts orders)"), "{reason}");
 }

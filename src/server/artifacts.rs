@@ -196,9 +196,9 @@ async fn block(
     Caller(principal): Caller,
     ApiPath(digest): ApiPath<String>,
     ApiJson(body): ApiJson<BlockBody>,
-) -> Result<Json<Block>, ApiError> {
+) -> Result<Json<crate::curation::Blocked>, ApiError> {
     let digest = parse_digest(&digest)?;
-    Ok(Json(crate::curation::block(&state.registry, &principal, digest, &body.reason).await?))
+    Ok(Json(crate::curation::block(&state.registry, &state.metrics, &principal, digest, &body.reason).await?))
 }
 
 #[derive(Deserialize)]

@@ -48,7 +48,7 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/artifacts/purge",
         action: Action::ManageArtifacts,
-        summary: "free the bytes of artifacts never live: {never_live: true, older_than_days}",
+        summary: "free the bytes of artifacts never live: {never_live: true, older_than_days ≥ 1}",
     },
     Route {
         method: "GET",

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::releases::Fixture;
 use crate::support::archives::{RawTar, zstd};
+use crate::support::{Backend, TestServer};
 
 /// A fleet of local nodes, each a base directory with its shared/ ready.
 struct Fleet {
@@ -38,13 +39,19 @@ fn node_config(bases: &[PathBuf], service_extra: &str) -> String {
 
 impl Fleet {
     fn new(nodes: usize, service_extra: &str) -> Fleet {
+        Fleet::with_env(nodes, service_extra, &[])
+    }
+
+    /// With these variables in the server's environment.
+    fn with_env(nodes: usize, service_extra: &str, env: &[(&str, &str)]) -> Fleet {
         let root = tempfile::Builder::new().prefix("release-fleet-").tempdir().unwrap().keep();
         let bases: Vec<PathBuf> = (1..=nodes).map(|i| root.join(format!("node{i}"))).collect();
         for base in &bases {
             fs::create_dir_all(base.join("shared")).unwrap();
             fs::write(base.join("shared/config.txt"), format!("config of {}", base.display())).unwrap();
         }
-        Fleet { f: Fixture::with_config(&node_config(&bases, service_extra)), bases }
+        let server = TestServer::start_with_env(Backend::Local, &node_config(&bases, service_extra), env);
+        Fleet { f: Fixture::adopt(server), bases }
     }
 
     /// Uploads an archive for `web` with `version.txt` = `version` (and `extra` files).
@@ -527,6 +534,14 @@ fn cleanup_moves_releases_to_trash_and_clears_what_a_dead_clean_up_left() {
 /// Kills the server while release `id` is in `phase` on every node, starts it again, and
 /// returns the release once final.
 fn kill_during(fleet: &mut Fleet, id: i64, phase: &str) -> Value {
+    reach_everywhere(fleet, id, phase);
+    fleet.f.server.kill();
+    fleet.f.server.restart();
+    fleet.f.settle(id)
+}
+
+/// Waits until release `id` has done `phase` on every node.
+fn reach_everywhere(fleet: &Fleet, id: i64, phase: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let shown = fleet.f.get("carol", &format!("/v1/releases/{id}"));
@@ -542,9 +557,6 @@ fn kill_during(fleet: &mut Fleet, id: i64, phase: &str) -> Value {
         assert!(std::time::Instant::now() < deadline, "the deploy never reached {phase}: {shown}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    fleet.f.server.kill();
-    fleet.f.server.restart();
-    fleet.f.settle(id)
 }
 
 #[test]
@@ -559,6 +571,75 @@ fn a_server_killed_after_the_switch_finishes_the_deploy_at_restart() {
     // Every node had switched: the restarted server reloads, verifies and records it live.
     assert_eq!(settled["state"], "live", "{settled}");
     fleet.assert_all_on(&v2);
+}
+
+#[test]
+fn a_deploy_a_killed_server_left_switched_is_put_back_if_its_artifact_was_blocked_meanwhile() {
+    let mut fleet = Fleet::new(2, "hooks.reload = [\"sleep 2\"]");
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[]);
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].as_i64().unwrap();
+    reach_everywhere(&fleet, id, "switch");
+    fleet.f.server.kill();
+    // While the server is down, v2 is blocked straight in its registry.
+    let registry = release::registry::Registry::open(&fleet.f.server.data_dir().join("registry.db")).unwrap();
+    let block = release::registry::Block {
+        reason: "corrupts orders".into(),
+        blocked_by: "root".into(),
+        owner: "root".into(),
+        blocked_at: String::new(),
+    };
+    let event = release::audit::NewEvent::by_server("artifact.block", v2.clone(), json!({"reason": "corrupts orders"}));
+    let (_, cancelled) = registry.block_artifact(v2.parse().unwrap(), &block, &event).unwrap();
+    assert!(cancelled.is_empty(), "a deploying release is not cancelled: {cancelled:?}");
+    drop(registry);
+    fleet.f.server.restart();
+    // Every node had switched, but nothing recorded it live: it is put back, not finished.
+    let settled = fleet.f.settle(id);
+    assert_eq!(settled["state"], "failed", "{settled}");
+    let reason = settled["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("stopped") && reason.contains("blocked by root (corrupts orders)"), "{reason}");
+    fleet.assert_all_on(&v1);
+}
+
+#[test]
+fn a_block_while_the_nodes_prepare_stops_the_deploy_before_anything_switches() {
+    let waits = "hooks.finalize = [\"i=0; while [ -e $RELEASE_BASE/shared/hold ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"]";
+    let fleet = Fleet::new(2, waits);
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[]);
+    for base in &fleet.bases {
+        fs::write(base.join("shared/hold"), "").unwrap();
+    }
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].as_i64().unwrap();
+    // Both nodes are in prepare's finalize (the hook waits) when the block comes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fleet.bases.iter().all(|b| b.join("releases").join(&v2[7..]).exists()) {
+        assert!(std::time::Instant::now() < deadline, "v2 never reached the nodes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out =
+        fleet.f.cli("root").args(["artifact", "block", &v2, "--reason", "corrupts orders", "--json"]).assert_success();
+    assert_eq!(out.json()["cancelled"], json!([]), "a deploying release is left to its run");
+    for base in &fleet.bases {
+        fs::remove_file(base.join("shared/hold")).unwrap();
+    }
+    let settled = fleet.f.settle(id);
+    assert_eq!(settled["state"], "failed", "{settled}");
+    let reason = settled["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("blocked by root (corrupts orders)"), "{reason}");
+    assert!(
+        !fleet.phases(&settled).iter().any(|(_, phase, _)| phase.contains("switch")),
+        "{:?}",
+        fleet.phases(&settled)
+    );
+    fleet.assert_all_on(&v1);
 }
 
 #[test]
@@ -855,6 +936,35 @@ fn adopt_keeps_an_application_deployed_another_way_so_the_first_deploy_rolls_bac
     }
     let events = fleet.f.cli("carol").args(["audit", "export"]).assert_success().stdout();
     assert!(events.lines().any(|l| l.contains("\"release.adopted\"") && l.contains(&legacy)), "{events}");
+}
+
+#[test]
+fn purge_keeps_the_adopted_tree_the_only_way_back_to_before_the_first_deploy() {
+    let fleet = Fleet::with_env(1, "", &[crate::curation::SHORT_DAY]);
+    legacy_app(&fleet.bases[0], "legacy");
+    let v1 = fleet.upload("v1", &[]);
+    let out = fleet
+        .f
+        .cli("ci")
+        .args(["deploy", "web", "--env", "staging", &v1, "--adopt", "--wait", "--json"])
+        .assert_success()
+        .json();
+    let legacy = out["adopted"]["digest"].as_str().unwrap().to_owned();
+    let never = fleet.upload("never deployed", &[]);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    // The adopted tree was never live as a release: only its adoption keeps it.
+    let purged = fleet
+        .f
+        .cli("root")
+        .args(["artifact", "purge", "--never-live", "--older-than", "1", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(purged["purged"], json!([never]), "{purged}");
+    assert_eq!(fleet.f.get("carol", &format!("/v1/artifacts/{legacy}"))["stored"], true);
+    let back =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!((back["digest"].as_str(), back["state"].as_str()), (Some(legacy.as_str()), Some("live")), "{back}");
+    fleet.assert_all_on(&legacy);
 }
 
 #[test]

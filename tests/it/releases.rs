@@ -28,6 +28,12 @@ impl Fixture {
         Fixture::adopt(TestServer::start_with(Backend::Local, config))
     }
 
+    /// The usual configuration and `extra` after it, with these variables in the server's
+    /// environment.
+    pub fn with_env(extra: &str, env: &[(&str, &str)]) -> Fixture {
+        Fixture::adopt(TestServer::start_with_env(Backend::Local, &format!("{CONFIG}{extra}"), env))
+    }
+
     /// The usual cast on a server started elsewhere.
     pub fn adopt(server: TestServer) -> Fixture {
         let mut tokens = HashMap::new();

@@ -25,13 +25,13 @@ fn config(webhooks: &str) -> String {
     )
 }
 
-fn webhook(name: &str, url: &str, extra: &str) -> String {
+pub fn webhook(name: &str, url: &str, extra: &str) -> String {
     format!("[[webhook]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nretry_base = \"100ms\"\n{extra}\n")
 }
 
 /// One request as the receiver saw it, and what it answered.
 #[derive(Clone, Debug)]
-struct Received {
+pub struct Received {
     path: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
@@ -43,11 +43,11 @@ impl Received {
         self.headers.get(name).map(String::as_str).unwrap_or_else(|| panic!("no {name} header in {self:?}"))
     }
 
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
     }
 
-    fn event(&self) -> String {
+    pub fn event(&self) -> String {
         self.json()["event"].as_str().unwrap().to_owned()
     }
 
@@ -60,8 +60,8 @@ type Answer = dyn Fn(&Received, &[Received]) -> u16 + Send + Sync;
 
 /// A webhook receiver on 127.0.0.1: records each request and answers with the status
 /// `answer` picks (given the request and those before it).
-struct Receiver {
-    url: String,
+pub struct Receiver {
+    pub url: String,
     seen: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -83,7 +83,7 @@ impl Receiver {
     }
 
     /// Answers 200 to everything.
-    fn ok() -> Receiver {
+    pub fn ok() -> Receiver {
         Receiver::start(|_, _| 200)
     }
 
@@ -96,7 +96,7 @@ impl Receiver {
     }
 
     /// Waits until `done` holds for what was received; returns it.
-    fn wait_for(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let seen = self.seen();
