@@ -55,3 +55,10 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Whether `text` says nothing a person could read: empty, or only whitespace, control
+/// characters and byte-order marks. A reason (a rejection, a block) must say something; the
+/// OpenAPI document states the same rule as a pattern.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
+}
