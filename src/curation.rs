@@ -68,7 +68,7 @@ pub async fn block(
     reason: &str,
 ) -> Result<Blocked, CurationError> {
     p.require(Action::ManageArtifacts)?;
-    if reason.trim().is_empty() {
+    if crate::is_blank(reason) {
         return Err(CurationError::BadRequest("a block needs a reason".into()));
     }
     let block = Block {

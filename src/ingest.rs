@@ -223,7 +223,7 @@ fn check_request(request: &UploadRequest) -> Result<(), IngestError> {
         ("build_url", &request.build_url, MAX_URL),
     ] {
         if let Some(value) = value
-            && (value.is_empty() || value.len() > max || value.chars().any(char::is_control))
+            && (value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control))
         {
             return Err(IngestError::BadRequest(format!(
                 "{name} must be 1 to {max} characters without control characters"

@@ -55,3 +55,23 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Whether `text` says nothing a person could read: empty, or only whitespace, control
+/// characters and byte-order marks. A reason (a rejection, a block) must say something; the
+/// OpenAPI document states the same rule as a pattern.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_reason_must_have_a_visible_character() {
+        for blank in ["", " ", "\t\n", "\u{85}", "\u{a0}\u{3000}", "\u{feff}", "\u{1f}\u{7f}"] {
+            assert!(super::is_blank(blank), "{blank:?}");
+        }
+        for reason in ["x", " data loss ", "\u{feff}é"] {
+            assert!(!super::is_blank(reason), "{reason:?}");
+        }
+    }
+}

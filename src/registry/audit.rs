@@ -102,6 +102,8 @@ impl Registry {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM audit_events WHERE seq > ?1 AND at >= ?2 ORDER BY seq LIMIT ?3"
             ))?;
+            // SQLite integers are i64: beyond that there are no events, and no limit is lower.
+            let (after_seq, limit) = (after_seq.min(i64::MAX as u64), limit.min(i64::MAX as u64));
             let rows = stmt.query_map(params![after_seq, since.unwrap_or(""), limit], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })

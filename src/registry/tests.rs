@@ -506,3 +506,13 @@ mod audit_chain {
         assert_eq!(registry.audit_head().unwrap().unwrap(), (3, prev));
     }
 }
+
+#[test]
+fn audit_reads_past_sqlite_integers_find_nothing_instead_of_failing() {
+    // `GET /v1/audit/events?after=9223372036854775808` broke its answer mid-stream.
+    let (_dir, registry) = open();
+    registry.append_event(&event()).unwrap();
+    assert_eq!(registry.audit_events(0, None, u64::MAX).unwrap().len(), 1);
+    assert!(registry.audit_events(u64::MAX, None, u64::MAX).unwrap().is_empty());
+    assert!(registry.audit_events(i64::MAX as u64 + 1, None, 10).unwrap().is_empty());
+}

@@ -666,7 +666,7 @@ impl Releases {
 
     /// `release reject ID --reason TEXT`.
     pub async fn reject(&self, p: &Principal, id: i64, reason: &str) -> Result<Release, ReleaseError> {
-        if reason.trim().is_empty() {
+        if crate::is_blank(reason) {
             return Err(ReleaseError::BadRequest("a rejection needs a reason".into()));
         }
         let release = self.pending(p, id, "rejection").await?;
