@@ -206,6 +206,7 @@ async fn block(
 struct PurgeBody {
     /// Must be true: only artifacts never live are ever purged, and the request says so.
     never_live: bool,
+    #[serde(deserialize_with = "super::extract::whole_number")]
     older_than_days: u32,
 }
 

@@ -52,3 +52,36 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
     }
 }
+
+/// A whole number in a JSON body, written `7` or `7.0`: JSON Schema's `integer` (what the
+/// OpenAPI document says) admits both, serde's integers only the first.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    use serde::de::{Deserialize, Error};
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let whole = match (number.as_u64(), number.as_f64()) {
+        (Some(n), _) => u32::try_from(n).ok(),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => Some(f as u32),
+        _ => None,
+    };
+    whole.ok_or_else(|| D::Error::custom(format!("{number} is not a whole number from 0 to {}", u32::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(serde::Deserialize, Debug)]
+    struct Days {
+        #[serde(deserialize_with = "super::whole_number")]
+        days: u32,
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_with_a_fraction_of_zero() {
+        let days = |json: &str| serde_json::from_str::<Days>(json).map(|d| d.days).map_err(|e| e.to_string());
+        assert_eq!(days(r#"{"days": 7}"#), Ok(7));
+        assert_eq!(days(r#"{"days": 7.0}"#), Ok(7));
+        assert_eq!(days(r#"{"days": 4294967295}"#), Ok(u32::MAX));
+        for bad in [r#"{"days": 7.5}"#, r#"{"days": -1}"#, r#"{"days": 4294967296}"#, r#"{"days": 1e300}"#] {
+            assert!(days(bad).unwrap_err().contains("not a whole number"), "{bad}");
+        }
+    }
+}
