@@ -201,8 +201,8 @@ impl Metrics {
         );
         registry.register(
             "refused_requests",
-            "Requests refused with 401, 403, 409, 413 or 422 since this process started (each is also a \
-             request.refused audit event)",
+            "Requests refused with 401, 403, 409, 413 or 422 since this process started, every one (the \
+             audit log has each, or counts it in a request.refused.aggregate event)",
             metrics.refused.clone(),
         );
         registry.register(

@@ -16,7 +16,7 @@ use crate::support::archives::{RawTar, zstd};
 fn fixture() -> Fixture {
     let base = tempfile::Builder::new().prefix("release-metrics-node-").tempdir().unwrap().keep();
     Fixture::with_config(&format!(
-        "[[environment]]\nname = \"staging\"\n\
+        "[audit]\nrefusal_window = \"1s\"\n[[environment]]\nname = \"staging\"\n\
          [[environment]]\nname = \"production\"\npromote_from = \"staging\"\nrequires_approval = true\n\
          approval_ttl = \"24h\"\n\
          [service.web]\nkind = \"generic\"\n\
