@@ -94,7 +94,8 @@ impl Ingestor {
     }
 
     /// Takes one upload from its body stream to a registry row, or to nothing at all; counts
-    /// how it ended.
+    /// how it ended (under its service only once the token may upload for it, so that a
+    /// refused token cannot make up metric series).
     pub async fn ingest<S, E>(
         &self,
         principal: &Principal,
@@ -105,6 +106,10 @@ impl Ingestor {
         S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,
     {
+        if let Err(e) = authorize(principal, &request) {
+            self.metrics.record_upload(None, UploadOutcome::Refused);
+            return Err(e);
+        }
         let service = request.service.clone();
         let result = self.take(principal, request, body).await;
         let outcome = match &result {
@@ -113,19 +118,16 @@ impl Ingestor {
             Err(IngestError::Store(_) | IngestError::Registry(_)) => UploadOutcome::Failed,
             Err(_) => UploadOutcome::Refused,
         };
-        self.metrics.record_upload(&service, outcome);
+        self.metrics.record_upload(Some(&service), outcome);
         result
     }
 
-    /// The upload itself; [`Ingestor::ingest`] counts how it ended.
+    /// The upload itself, once authorized; [`Ingestor::ingest`] counts how it ended.
     async fn take<S, E>(&self, principal: &Principal, request: UploadRequest, body: S) -> Result<Recorded, IngestError>
     where
         S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,
     {
-        principal.require(Action::UploadArtifact).map_err(IngestError::Forbidden)?;
-        check_request(&request)?;
-        principal.require_service(&request.service).map_err(IngestError::Forbidden)?;
         let limit = self.config.limits.max_upload_bytes.0;
         if request.declared_size.is_some_and(|n| n > limit) {
             return Err(IngestError::TooLarge { limit });
@@ -208,6 +210,14 @@ impl Ingestor {
             record_migrations: configured.is_none_or(|s| s.kind == ServiceKind::Laravel),
         }
     }
+}
+
+/// May this token upload this request's artifact: the role, a well-formed request, the
+/// token's services.
+fn authorize(principal: &Principal, request: &UploadRequest) -> Result<(), IngestError> {
+    principal.require(Action::UploadArtifact).map_err(IngestError::Forbidden)?;
+    check_request(request)?;
+    principal.require_service(&request.service).map_err(IngestError::Forbidden)
 }
 
 fn check_request(request: &UploadRequest) -> Result<(), IngestError> {

@@ -14,6 +14,7 @@
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
 //! - [`deploy`] — the node deployer behind the seam: phases across a fleet, transports.
 //! - [`node`] — the node side (`release node`): prepare, switch, status, cleanup, hooks, health.
+//! - [`refusals`] — refused requests in the audit log, bounded: cut, counted per source and window.
 //! - [`metrics`] — Prometheus metrics: per-process counters and histograms, registry gauges.
 //! - [`server`] — HTTP: routes, auth extractor, error mapping, thin handlers.
 //! - [`webhooks`] — release events POSTed, signed, to configured receivers; an outbox over the audit log.
@@ -32,6 +33,7 @@ pub mod digest;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod refusals;
 pub mod registry;
 pub mod releases;
 pub mod server;

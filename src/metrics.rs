@@ -11,7 +11,8 @@
 //! that see things happen (ingest, releases, the refusal middleware) call its `record_*`
 //! methods. Nothing here is global.
 
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -143,9 +144,18 @@ pub struct Metrics {
     artifact_bytes: Gauge,
     in_flight: Family<CellLabels, Gauge>,
     pending: Family<CellLabels, Gauge>,
+    /// The configured services: the only ones that label uploads (others count as
+    /// [`OTHER_SERVICE`]), so that the series stay as many as the configuration makes.
+    services: RwLock<BTreeSet<String>>,
     /// One scrape at a time: the gauges are set from a registry read, then encoded.
     scraping: Mutex<()>,
 }
+
+/// The `service` of uploads for a service that is not configured.
+pub const OTHER_SERVICE: &str = "other";
+/// The `service` of uploads refused before the token was found allowed to upload for the
+/// service it named: none (Prometheus reads an empty label as no label).
+const NO_SERVICE: &str = "";
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,6 +182,7 @@ impl Metrics {
             artifact_bytes: Gauge::default(),
             in_flight: Family::default(),
             pending: Family::default(),
+            services: RwLock::default(),
             scraping: Mutex::new(()),
         };
         // Families are handles to shared values: the registry holds clones, for encoding.
@@ -196,13 +207,14 @@ impl Metrics {
         );
         registry.register(
             "uploads",
-            "Artifact uploads since this process started, by outcome (stored, repeat, refused, failed)",
+            "Artifact uploads since this process started, by configured service (others: other; none when \
+             refused before the token was found allowed to upload) and outcome (stored, repeat, refused, failed)",
             metrics.uploads.clone(),
         );
         registry.register(
             "refused_requests",
-            "Requests refused with 401, 403, 409, 413 or 422 since this process started (each is also a \
-             request.refused audit event)",
+            "Requests refused with 401, 403, 409, 413 or 422 since this process started, every one (the \
+             audit log has each, or counts it in a request.refused.aggregate event)",
             metrics.refused.clone(),
         );
         registry.register(
@@ -228,19 +240,29 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// Creates, at zero, every series whose labels are known before anything happens:
-    /// releases and deploy durations per (service, environment), uploads per service, and the
-    /// refusals any server sees (401 `unauthenticated`, 403 `forbidden`). Prometheus's
-    /// `increase()` cannot see the first increment of a series that appears with it, so a
-    /// first failure after a start would go unseen otherwise. Other series (phases, other
-    /// refusal codes) appear at their first event.
+    /// Takes note of the configured services (only they label uploads) and creates, at zero,
+    /// every series whose labels are known before anything happens: releases and deploy
+    /// durations per (service, environment), uploads per service (and `other`, and refused
+    /// without a service), and the refusals any server sees (401 `unauthenticated`, 403
+    /// `forbidden`). Prometheus's `increase()` cannot see the first increment of a series that
+    /// appears with it, so a first failure after a start would go unseen otherwise. Other
+    /// series (phases, other refusal codes) appear at their first event.
     pub fn start_at_zero(&self, services: &[String], environments: &[String]) {
+        self.services.write().expect("services lock").extend(services.iter().cloned());
         for (status, code) in [(401, "unauthenticated"), (403, "forbidden")] {
             self.refused.get_or_create_owned(&RefusedLabels { status: status.to_string(), code: code.into() });
         }
+        self.uploads.get_or_create_owned(&UploadLabels {
+            service: NO_SERVICE.into(),
+            outcome: UploadOutcome::Refused.as_str().into(),
+        });
+        let outcomes = [UploadOutcome::Stored, UploadOutcome::Repeat, UploadOutcome::Refused, UploadOutcome::Failed];
+        for outcome in outcomes {
+            self.uploads
+                .get_or_create_owned(&UploadLabels { service: OTHER_SERVICE.into(), outcome: outcome.as_str().into() });
+        }
         for service in services {
-            for outcome in [UploadOutcome::Stored, UploadOutcome::Repeat, UploadOutcome::Refused, UploadOutcome::Failed]
-            {
+            for outcome in outcomes {
                 self.uploads
                     .get_or_create_owned(&UploadLabels { service: service.clone(), outcome: outcome.as_str().into() });
             }
@@ -293,10 +315,15 @@ impl Metrics {
         }
     }
 
-    /// An upload ended. `service` is what the request named (refused uploads may name an
-    /// invalid one: those count as `(invalid)`, so no label carries arbitrary text).
-    pub fn record_upload(&self, service: &str, outcome: UploadOutcome) {
-        let service = if crate::config::is_valid_name(service) { service } else { "(invalid)" };
+    /// An upload ended. `service`: what the request named, once the token was found allowed
+    /// to upload for it (`None`: refused before that). Only a configured service labels it:
+    /// any other counts as `other`, so no token can add series by naming services.
+    pub fn record_upload(&self, service: Option<&str>, outcome: UploadOutcome) {
+        let service = match service {
+            None => NO_SERVICE,
+            Some(s) if self.services.read().expect("services lock").contains(s) => s,
+            Some(_) => OTHER_SERVICE,
+        };
         let labels = UploadLabels { service: service.to_owned(), outcome: outcome.as_str().to_owned() };
         self.uploads.get_or_create(&labels).inc();
     }

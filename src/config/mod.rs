@@ -4,6 +4,7 @@
 //! typo anywhere is caught at start. Every error names the file and the key. Secrets are held in
 //! [`Secret`], whose `Debug` never shows them.
 
+mod net;
 mod units;
 mod webhook;
 
@@ -17,6 +18,7 @@ use serde::Deserialize;
 
 use crate::digest::Digest;
 
+pub use net::{IpRange, mask};
 pub use units::{ByteSize, HumanDuration};
 pub use webhook::Webhook;
 
@@ -70,6 +72,9 @@ pub struct Config {
     /// Where nodes reach this server (`[server] node_url`): with the local store they fetch
     /// artifacts from it by signed URL instead of through SSH.
     pub node_url: Option<String>,
+    /// Proxies whose `X-Forwarded-For` names the client (`[server] trusted_proxies`); empty:
+    /// the client is always the peer of the connection.
+    pub trusted_proxies: Vec<IpRange>,
     pub storage: StorageConfig,
     pub limits: Limits,
     pub ssh: SshConfig,
@@ -150,17 +155,23 @@ impl Default for Limits {
     }
 }
 
-/// The audit log's checkpoints in the object store.
+/// The audit log: its checkpoints in the object store, and how refusals are counted.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// How often the chain's head is checkpointed to the object store (when it moved).
     pub checkpoint_interval: HumanDuration,
+    /// The window over which refusals without a valid token are counted into one event per
+    /// source (and a token's refusals past its budget into one per token).
+    pub refusal_window: HumanDuration,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { checkpoint_interval: HumanDuration(Duration::from_secs(60)) }
+        AuditConfig {
+            checkpoint_interval: HumanDuration(Duration::from_secs(60)),
+            refusal_window: HumanDuration(Duration::from_secs(60)),
+        }
     }
 }
 
@@ -336,6 +347,8 @@ struct ServerSection {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     node_url: Option<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -443,6 +456,13 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         None => None,
         Some(url) => Some(node_url(&url).map_err(|why| invalid("server.node_url", why))?),
     };
+    let trusted_proxies = parsed
+        .server
+        .trusted_proxies
+        .iter()
+        .map(|p| IpRange::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|why| invalid("server.trusted_proxies", why))?;
     let storage = match parsed.storage {
         None | Some(StorageSection::Local { path: None }) => StorageConfig::Local { path: data_dir.join("objects") },
         Some(StorageSection::Local { path: Some(path) }) => StorageConfig::Local { path },
@@ -478,6 +498,10 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
     if parsed.audit.checkpoint_interval.0.is_zero() {
         return Err(invalid("audit.checkpoint_interval", "must be longer than zero".into()));
     }
+    let window = parsed.audit.refusal_window.0;
+    if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
+        return Err(invalid("audit.refusal_window", "must be from 1s to 1h".into()));
+    }
     let environments = resolve_environments(parsed.environment, &invalid)?;
     let mut services = BTreeMap::new();
     for (name, section) in parsed.service {
@@ -491,6 +515,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         listen,
         data_dir,
         node_url,
+        trusted_proxies,
         tls,
         storage,
         limits,

@@ -115,11 +115,27 @@ fn semantic_errors_name_the_key() {
         ("[server]\nnode_url = \"https://:secret@10.0.0.5\"\n", "server.node_url"),
         ("[server]\nnode_url = \"https://gw.internal/release\"\n", "server.node_url"),
         ("[storage]\nkind = \"s3\"\nendpoint = \"s3.example\"\nregion = \"r\"\nbucket = \"b\"\n", "storage.endpoint"),
+        ("[server]\ntrusted_proxies = [\"nginx.internal\"]\n", "server.trusted_proxies"),
+        ("[server]\ntrusted_proxies = [\"10.0.0.0/40\"]\n", "server.trusted_proxies"),
+        ("[audit]\nrefusal_window = \"0s\"\n", "audit.refusal_window"),
+        ("[audit]\nrefusal_window = \"2h\"\n", "audit.refusal_window"),
     ];
     for (text, key) in cases {
         let err = load_text(text).unwrap_err().to_string();
         assert!(err.contains(key), "expected {key} in: {err}");
     }
+}
+
+#[test]
+fn trusted_proxies_and_the_refusal_window() {
+    let c = Config::embedded_default();
+    assert!(c.trusted_proxies.is_empty(), "no proxy is trusted unless named");
+    assert_eq!(c.audit.refusal_window.0, Duration::from_secs(60));
+    let c =
+        load_text("[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n[audit]\nrefusal_window = \"10s\"\n")
+            .unwrap();
+    assert_eq!(c.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(), ["127.0.0.1/32", "10.0.0.0/8"]);
+    assert_eq!(c.audit.refusal_window.0, Duration::from_secs(10));
 }
 
 #[test]

@@ -99,8 +99,10 @@ fn a_scrape_shows_what_was_recorded() {
         output_tail: None,
         shared_files: vec![],
     });
-    metrics.record_upload("api", UploadOutcome::Stored);
-    metrics.record_upload("not a <name>", UploadOutcome::Refused);
+    metrics.start_at_zero(&["api".into()], &[]);
+    metrics.record_upload(Some("api"), UploadOutcome::Stored);
+    metrics.record_upload(Some("made-up"), UploadOutcome::Stored);
+    metrics.record_upload(None, UploadOutcome::Refused);
     metrics.record_refusal(401, "unauthenticated");
     let text = metrics.encode(&gauges());
 
@@ -116,7 +118,8 @@ fn a_scrape_shows_what_was_recorded() {
             .into(),
         r#"release_phase_duration_seconds_count{phase="put back",outcome="ok"} 1"#.into(),
         r#"release_uploads_total{service="api",outcome="stored"} 1"#.into(),
-        r#"release_uploads_total{service="(invalid)",outcome="refused"} 1"#.into(),
+        r#"release_uploads_total{service="other",outcome="stored"} 1"#.into(),
+        r#"release_uploads_total{service="",outcome="refused"} 1"#.into(),
         r#"release_refused_requests_total{status="401",code="unauthenticated"} 1"#.into(),
         "release_artifacts_stored 2".into(),
         "release_artifacts_stored_bytes 1234".into(),
@@ -234,4 +237,23 @@ fn durations_come_from_the_time_stamps() {
     assert_eq!(seconds_between("2026-11-27T10:00:00.000000Z", "2026-11-27T10:01:00.250000Z"), Some(60.25));
     assert_eq!(seconds_between("2026-11-27T10:00:01.000000Z", "2026-11-27T10:00:00.000000Z"), Some(0.0));
     assert_eq!(seconds_between("yesterday", "2026-11-27T10:00:00.000000Z"), None);
+}
+
+#[test]
+fn invented_services_add_no_upload_series() {
+    let metrics = Metrics::new();
+    metrics.start_at_zero(&["api".into()], &["staging".into()]);
+    let series = |text: &str| text.lines().filter(|l| l.starts_with("release_uploads_total{")).count();
+    let before = series(&metrics.encode(&gauges()));
+    for i in 0..100 {
+        let name = format!("invented-{i}");
+        for outcome in [UploadOutcome::Stored, UploadOutcome::Repeat, UploadOutcome::Refused, UploadOutcome::Failed] {
+            metrics.record_upload(Some(&name), outcome);
+        }
+        metrics.record_upload(None, UploadOutcome::Refused);
+    }
+    let text = metrics.encode(&gauges());
+    assert_eq!(series(&text), before, "{text}");
+    assert!(text.contains(r#"release_uploads_total{service="other",outcome="stored"} 100"#), "{text}");
+    assert!(text.contains(r#"release_uploads_total{service="",outcome="refused"} 100"#), "{text}");
 }

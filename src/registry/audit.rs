@@ -76,6 +76,19 @@ impl Registry {
         })
     }
 
+    /// Appends several events in one transaction (one sync for all: the refusals counted
+    /// over a window).
+    pub fn append_events(&self, events: &[NewEvent]) -> Result<(), RegistryError> {
+        self.write(|conn| {
+            let tx = super::immediate(conn)?;
+            for event in events {
+                append(&tx, event)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     /// The number of events and the hash of the last one.
     pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, RegistryError> {
         self.read(|conn| {

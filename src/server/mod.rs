@@ -13,6 +13,7 @@ mod pages;
 mod range;
 mod releases;
 pub mod routes;
+mod source;
 
 use std::future::Future;
 use std::path::Path;
@@ -33,6 +34,7 @@ use auth::Caller;
 use crate::config::{Config, StorageConfig};
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
+use crate::refusals::{RefusalLog, Refused};
 use crate::registry::{Registry, RegistryError};
 use crate::releases::{Deployer, Releases};
 use crate::store::{Store, StoreError};
@@ -75,6 +77,8 @@ pub struct AppState {
     /// The audit chain's state for the pages, checked incrementally.
     pub chain: Arc<crate::audit::ChainWatch>,
     pub metrics: Arc<Metrics>,
+    /// Refused requests into the audit log, bounded.
+    pub refusals: Arc<RefusalLog>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -96,6 +100,8 @@ impl AppState {
 pub struct Opened {
     pub state: AppState,
     webhooks: Option<Workers>,
+    /// Ends each window of refusal counts.
+    refusal_windows: tokio::task::JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -137,10 +143,12 @@ impl Opened {
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
         let chain = Arc::new(crate::audit::ChainWatch::default());
-        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, checkpointed };
+        let refusals = Arc::new(RefusalLog::new(Arc::clone(&registry), config.audit.refusal_window.0));
+        let refusal_windows = tokio::spawn(Arc::clone(&refusals).run());
+        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, refusals, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
-        Ok(Opened { state, webhooks: Some(webhooks), _lock: lock })
+        Ok(Opened { state, webhooks: Some(webhooks), refusal_windows, _lock: lock })
     }
 
     /// Writes a last checkpoint of the audit chain (at shutdown).
@@ -148,12 +156,15 @@ impl Opened {
         self.state.checkpoint().await;
     }
 
-    /// At shutdown: stops the webhook tasks (an attempt in flight is dropped and made again
-    /// after the next start) and writes a last checkpoint of the audit chain.
+    /// At shutdown (after the last request): stops the webhook tasks (an attempt in flight is
+    /// dropped and made again after the next start), records the refusals counted in the open
+    /// window, and writes a last checkpoint of the audit chain.
     pub async fn shutdown(mut self) {
         if let Some(webhooks) = self.webhooks.take() {
             webhooks.stop().await;
         }
+        self.state.refusals.flush().await;
+        self.refusal_windows.abort();
         self.checkpoint().await;
     }
 }
@@ -243,32 +254,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 409, 413, 422) becomes an audit event: who, what, why;
-/// and is counted in `release_refused_requests_total`. Malformed requests (400), missing
-/// things (404) and wrong methods (405) are neither.
+/// Every refused request (401, 403, 409, 413, 422) is recorded in the audit log, bounded
+/// ([`crate::refusals`]): who, what, why, from where; and counted in
+/// `release_refused_requests_total`. Malformed requests (400), missing things (404) and wrong
+/// methods (405) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let subject = format!("{} {}", request.method(), request.uri().path());
+    let what = format!("{} {}", request.method(), request.uri().path());
+    let source = source::client(request.extensions(), request.headers(), &state.config.trusted_proxies);
     let slot = request.extensions().get::<auth::ActorSlot>().cloned();
     let response = next.run(request).await;
-    let status = response.status().as_u16();
-    if !matches!(status, 401 | 403 | 409 | 413 | 422) {
+    let status = response.status();
+    if !matches!(status.as_u16(), 401 | 403 | 409 | 413 | 422) {
         return response;
     }
-    let (actor, owner) = slot.and_then(|s| s.who()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
     let refusal = response.extensions().get::<error::Refusal>();
-    state.metrics.record_refusal(status, refusal.map_or("unknown", |r| r.code));
-    let details = serde_json::json!({
-        "status": status,
-        "code": refusal.map(|r| r.code),
-        "message": refusal.map(|r| r.message.clone()),
-    });
-    let event = crate::audit::NewEvent { actor, owner, action: "request.refused".into(), subject, details };
-    let registry = Arc::clone(&state.registry);
-    match tokio::task::spawn_blocking(move || registry.append_event(&event)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "could not record a refused request in the audit log"),
-        Err(e) => tracing::error!(error = %e, "recording a refused request panicked"),
-    }
+    let code = refusal.map_or("unknown", |r| r.code);
+    state.metrics.record_refusal(status.as_u16(), code);
+    let message =
+        refusal.map_or_else(|| status.canonical_reason().unwrap_or_default().to_owned(), |r| r.message.clone());
+    let token = slot.and_then(|s| s.who()).map(|(name, owner)| crate::refusals::Token { name, owner });
+    state.refusals.record(Refused { status: status.as_u16(), code, message, request: what, source, token }).await;
     response
 }
 
@@ -291,11 +296,12 @@ async fn metrics(State(state): State<AppState>, Caller(principal): Caller) -> Re
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-/// One log line per request: method, path (never the query or headers), status, time, caller.
+/// One log line per request: method, path (never the query or headers; cut like a refusal's,
+/// so a flood of long paths cannot fill the log either), status, time, caller.
 async fn log_request(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let path = crate::refusals::truncate(request.uri().path(), crate::refusals::MAX_TEXT).into_owned();
     let slot = auth::ActorSlot::default();
     request.extensions_mut().insert(slot.clone());
     let response = next.run(request).await;
@@ -318,7 +324,9 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    // The peer's address reaches the handlers (the refusal counts are per source).
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 

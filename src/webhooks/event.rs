@@ -169,6 +169,7 @@ mod tests {
         assert_eq!(named, EVENTS);
         assert_eq!(event_for("release.adopted"), None);
         assert_eq!(event_for("request.refused"), None);
+        assert_eq!(event_for("request.refused.aggregate"), None);
     }
 
     #[test]

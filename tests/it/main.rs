@@ -4,6 +4,7 @@
 mod audit;
 mod concurrency;
 mod curation;
+mod floods;
 mod large;
 mod metrics;
 mod nodes;

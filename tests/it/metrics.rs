@@ -16,7 +16,7 @@ use crate::support::archives::{RawTar, zstd};
 fn fixture() -> Fixture {
     let base = tempfile::Builder::new().prefix("release-metrics-node-").tempdir().unwrap().keep();
     Fixture::with_config(&format!(
-        "[[environment]]\nname = \"staging\"\n\
+        "[audit]\nrefusal_window = \"1s\"\n[[environment]]\nname = \"staging\"\n\
          [[environment]]\nname = \"production\"\npromote_from = \"staging\"\nrequires_approval = true\n\
          approval_ttl = \"24h\"\n\
          [service.web]\nkind = \"generic\"\n\
@@ -216,4 +216,48 @@ fn metrics_need_a_token_without_scope() {
     let scraped = Scraped(prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap());
     assert_eq!(scraped.value("release_refused_requests_total", &[("status", "401")]), 1.0, "{text}");
     assert_eq!(scraped.value("release_refused_requests_total", &[("status", "403"), ("code", "forbidden")]), 1.0);
+}
+
+/// Every series of a scrape: name and labels.
+fn series(scraped: &Scraped) -> std::collections::BTreeSet<String> {
+    scraped
+        .0
+        .samples
+        .iter()
+        .map(|s| {
+            let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            labels.sort();
+            format!("{}{{{}}}", s.metric, labels.join(","))
+        })
+        .collect()
+}
+
+#[test]
+fn uploads_for_invented_services_add_no_series() {
+    let f = fixture();
+    let scoped = f.server.token_with("ci-web", "ci", &["--services", "web"]);
+    let before = scrape(&f);
+    let archive = zstd(&RawTar::new().file("index.html", b"hello").finish());
+    let upload = |token: &str, service: &str| {
+        let url = format!("{}/v1/artifacts?service={service}", f.server.url);
+        f.server.http().post(url).bearer_auth(token).body(archive.clone()).send().unwrap().status()
+    };
+    for i in 0..100 {
+        let service = format!("invented-{i}");
+        // Stored (then repeated) for a service nobody configured; refused for a token without
+        // the role and for one limited to another service.
+        assert!(upload(f.token("ci"), &service).is_success());
+        assert_eq!(upload(f.token("carol"), &service), StatusCode::FORBIDDEN);
+        assert_eq!(upload(&scoped, &service), StatusCode::FORBIDDEN);
+    }
+    assert_eq!(upload(f.token("ci"), "Not-A-Name"), StatusCode::BAD_REQUEST);
+    let after = scrape(&f);
+    let (was, now) = (series(&before), series(&after));
+    assert_eq!(now.difference(&was).collect::<Vec<_>>(), Vec::<&String>::new(), "new series");
+    let delta = |labels: &[(&str, &str)]| {
+        after.value("release_uploads_total", labels) - before.value("release_uploads_total", labels)
+    };
+    assert_eq!(delta(&[("service", "other"), ("outcome", "stored")]), 1.0);
+    assert_eq!(delta(&[("service", "other"), ("outcome", "repeat")]), 99.0);
+    assert_eq!(delta(&[("service", ""), ("outcome", "refused")]), 201.0, "refused before authorization: no service");
 }

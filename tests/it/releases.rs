@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Backend, TestServer, archives};
 
-const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\n[service.api]\nkind = \"generic\"\n\
+const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\nrefusal_window = \"1s\"\n[service.api]\nkind = \"generic\"\n\
     [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
     requires_approval = true\napproval_ttl = \"24h\"\n";
 
@@ -137,15 +137,62 @@ impl Fixture {
             .collect()
     }
 
-    /// Asserts the refusal left its audit event: actor, status and error code.
+    /// Asserts the refusal left its audit event: actor, status and error code. A real token's
+    /// refusal is an event of its own at once; one without a token is counted into its
+    /// source's `request.refused.aggregate` event when the refusal window ends (1 s in these
+    /// tests' configurations).
     pub fn assert_refusal_recorded(&self, actor: &str, status: u16, code: &str) {
-        let found = self.events("request.refused");
-        assert!(
-            found
-                .iter()
-                .any(|e| e["actor"] == actor && e["details"]["status"] == status && e["details"]["code"] == code),
-            "no request.refused event by {actor} with {status} {code} in {found:#?}"
-        );
+        if actor != "(unauthenticated)" {
+            let found = self.events("request.refused");
+            assert!(
+                found
+                    .iter()
+                    .any(|e| e["actor"] == actor && e["details"]["status"] == status && e["details"]["code"] == code),
+                "no request.refused event by {actor} with {status} {code} in {found:#?}"
+            );
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let found = self.events("request.refused.aggregate");
+            let counted = found.iter().any(|e| {
+                e["actor"] == actor
+                    && e["details"]["statuses"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|s| s["status"] == status && s["code"] == code && s["count"].as_u64() > Some(0))
+            });
+            if counted {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no request.refused.aggregate event counting {status} {code} in {found:#?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the `request.refused.aggregate` events of refusals without a token have
+    /// counted `count` refusals in all; returns their samples (they are written as each
+    /// refusal window ends).
+    pub fn anonymous_refusals(&self, count: u64) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let found: Vec<Value> = self
+                .events("request.refused.aggregate")
+                .into_iter()
+                .filter(|e| e["actor"] == "(unauthenticated)")
+                .collect();
+            let counted: u64 = found.iter().map(|e| e["details"]["count"].as_u64().unwrap()).sum();
+            if counted >= count {
+                assert_eq!(counted, count, "{found:#?}");
+                return found.iter().flat_map(|e| e["details"]["samples"].as_array().unwrap().clone()).collect();
+            }
+            assert!(std::time::Instant::now() < deadline, "{counted} of {count} refusals counted: {found:#?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// status, history and show tell the same story.

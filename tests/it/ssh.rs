@@ -36,7 +36,7 @@ impl SshFleet {
         let nodes: Vec<SshNode> = layout.iter().map(|_| SshNode::start()).collect();
         let known_hosts = sshd::known_hosts(&nodes.iter().collect::<Vec<_>>());
         let mut config = format!(
-            "[ssh]\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
+            "[audit]\nrefusal_window = \"1s\"\n[ssh]\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
              [service.web]\nkind = \"generic\"\nshared = [\"config.txt\"]\n{service}\n",
             sshd::client_key().display(),
             known_hosts.display()

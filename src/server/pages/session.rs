@@ -13,8 +13,10 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::render;
+use crate::refusals::{Refused, Token};
 use crate::server::AppState;
 use crate::server::auth::{self, ActorSlot};
+use crate::server::source;
 use crate::token::{self, Action, Principal, TokenError};
 use crate::utc;
 
@@ -58,25 +60,21 @@ impl FromRequestParts<AppState> for Viewer {
                 Ok(None) => return Err(to_login(parts)),
                 // Its token was revoked or expired: a refused attempt, on record, then sign in.
                 Ok(Some(Err(e))) => {
-                    let (actor, owner) = match &e {
+                    let token = match &e {
                         TokenError::Revoked { name, owner } | TokenError::Expired { name, owner, .. } => {
-                            (name.clone(), owner.clone())
+                            Some(Token { name: name.clone(), owner: owner.clone() })
                         }
-                        _ => ("(unauthenticated)".into(), String::new()),
+                        _ => None,
                     };
-                    let event = crate::audit::NewEvent {
-                        actor,
-                        owner,
-                        action: "request.refused".into(),
-                        subject: format!("{} {}", parts.method, parts.uri.path()),
-                        details: serde_json::json!({"status": 303, "code": "session_token_refused", "message": e.to_string()}),
+                    let refused = Refused {
+                        status: 303,
+                        code: "session_token_refused",
+                        message: e.to_string(),
+                        request: format!("{} {}", parts.method, parts.uri.path()),
+                        source: source::client(&parts.extensions, &parts.headers, &state.config.trusted_proxies),
+                        token,
                     };
-                    let registry = Arc::clone(&state.registry);
-                    let recorded =
-                        tokio::task::spawn_blocking(move || registry.append_event(&event)).await.expect("no panic");
-                    if let Err(e) = recorded {
-                        tracing::error!(error = %e, "could not record a refused session");
-                    }
+                    state.refusals.record(refused).await;
                     return Err(to_login(parts));
                 }
                 Err(e) => return Err(render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),

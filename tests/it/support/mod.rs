@@ -137,6 +137,12 @@ impl TestServer {
         TestServer::start_listening(backend, extra, env, "listen = \"127.0.0.1:0\"\n")
     }
 
+    /// Starts with `server` among the `[server]` lines (e.g. `trusted_proxies`) and `extra`
+    /// in the rest of the configuration.
+    pub fn start_with_server(backend: Backend, server: &str, extra: &str) -> TestServer {
+        TestServer::start_listening(backend, extra, &[], &format!("listen = \"127.0.0.1:0\"\n{server}"))
+    }
+
     /// Starts on a port picked beforehand, which it also gives as its `node_url`: nodes fetch
     /// artifacts from it by signed URL.
     pub fn start_serving_nodes(backend: Backend, extra: &str) -> TestServer {
