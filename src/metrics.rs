@@ -201,7 +201,7 @@ impl Metrics {
         );
         registry.register(
             "refused_requests",
-            "Requests refused with 401, 403, 409, 413 or 422 since this process started (each is also a \
+            "Requests refused with 401, 403, 408, 409, 413 or 422 since this process started (each is also a \
              request.refused audit event)",
             metrics.refused.clone(),
         );

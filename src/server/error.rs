@@ -19,11 +19,19 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// `Connection: close`: the request's body may be left unread.
+    close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), close: false }
+    }
+
+    /// The connection is closed after this answer (what is left of the request's body is
+    /// not read).
+    pub fn closing(self) -> ApiError {
+        ApiError { close: true, ..self }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -52,8 +60,12 @@ impl IntoResponse for ApiError {
         let mut response =
             (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
         response.extensions_mut().insert(Refusal { code: self.code, message: self.message });
+        let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -120,6 +132,9 @@ impl From<IngestError> for ApiError {
             IngestError::Unsafe(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsafe_archive", message),
             IngestError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message),
             IngestError::Interrupted(_) => ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", message),
+            IngestError::Stalled(_) | IngestError::TooSlow { .. } => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_too_slow", message).closing()
+            }
             IngestError::Store(e) => e.into(),
             IngestError::Registry(e) => e.into(),
         }

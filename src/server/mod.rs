@@ -9,12 +9,13 @@ mod audit;
 mod auth;
 mod error;
 mod extract;
+mod limits;
+mod listen;
 mod pages;
 mod range;
 mod releases;
 pub mod routes;
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,17 +234,20 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{}/{{digest}}", crate::deploy::fetch::PATH), get(artifacts::node_fetch))
         .nest("/v1", v1)
         .merge(pages::routes())
+        // Every route: a small body and a deadline, but the upload (see `limits`).
+        .route_layer(middleware::from_fn_with_state(state.clone(), limits::guard))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
         })
-        .layer(DefaultBodyLimit::disable())
+        // The guard has read every body the extractors see; this only keeps them in step.
+        .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes.0 as usize))
         .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 409, 413, 422) becomes an audit event: who, what, why;
+/// Every refused request (401, 403, 408, 409, 413, 422) becomes an audit event: who, what, why;
 /// and is counted in `release_refused_requests_total`. Malformed requests (400), missing
 /// things (404) and wrong methods (405) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -251,7 +255,7 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
     let slot = request.extensions().get::<auth::ActorSlot>().cloned();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    if !matches!(status, 401 | 403 | 409 | 413 | 422) {
+    if !matches!(status, 401 | 403 | 408 | 409 | 413 | 422) {
         return response;
     }
     let (actor, owner) = slot.and_then(|s| s.who()).unwrap_or_else(|| ("(unauthenticated)".into(), String::new()));
@@ -311,16 +315,7 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then finishes the requests in
-/// flight.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
-    Ok(())
-}
+pub use listen::serve;
 
 /// Binds `addr`, warning when it is not loopback (plain HTTP beyond this machine).
 pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {

@@ -2,6 +2,7 @@
 //! and the local backend. One test binary; see `support` for the harness.
 
 mod audit;
+mod bodies;
 mod concurrency;
 mod curation;
 mod large;
@@ -18,6 +19,7 @@ mod server;
 mod services;
 mod ssh;
 mod support;
+mod timeouts;
 mod tokens;
 mod upload;
 mod webhooks;
