@@ -126,8 +126,8 @@ pub struct S3Config {
 }
 
 /// What one client may make the server hold or do: upload sizes (checked while an upload
-/// streams in), other bodies, connections and their timeouts. README's "Limits" section states
-/// each.
+/// streams in), other bodies, connections and their timeouts, and how often the requests that
+/// make the server work hard are served fresh. README's "Limits" section states each.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -157,6 +157,12 @@ pub struct Limits {
     /// (time spent waiting for the client only), is aborted (408). 0: no minimum.
     pub min_upload_rate: ByteSize,
     pub upload_rate_window: HumanDuration,
+    /// `status --nodes` asks a cell's nodes at most once in this long; answers this fresh are
+    /// shared by every caller, with the time they were asked.
+    pub node_status_max_age: HumanDuration,
+    /// `audit verify`: each token gets at most one fresh walk of the chain in this long (429
+    /// otherwise); an answer this fresh is reused while the chain's head has not moved.
+    pub verify_interval: HumanDuration,
 }
 
 impl Default for Limits {
@@ -175,6 +181,8 @@ impl Default for Limits {
             upload_stall_timeout: secs(30),
             min_upload_rate: ByteSize(64 << 10),
             upload_rate_window: secs(60),
+            node_status_max_age: secs(30),
+            verify_interval: secs(30),
         }
     }
 }

@@ -275,7 +275,7 @@ fn the_readme_states_every_limit() {
     let section = section.split("\n## ").next().unwrap();
     let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
     let keys: Vec<&String> = example["limits"].as_table().unwrap().keys().collect();
-    assert_eq!(keys.len(), 12, "{keys:?}");
+    assert_eq!(keys.len(), 14, "{keys:?}");
     for key in keys {
         assert!(section.contains(&format!("`{key}`")), "README's Limits section does not name `{key}`");
     }

@@ -510,6 +510,7 @@ impl Registry {
                     in_flight,
                     pending,
                     nodes: None,
+                    nodes_asked_at: None,
                     service,
                     environment,
                 });

@@ -19,19 +19,30 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    retry_after: Option<u64>,
     /// `Connection: close`: the request's body may be left unread.
     close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), close: false }
+        ApiError { status, code, message: message.into(), retry_after: None, close: false }
     }
 
     /// The connection is closed after this answer (what is left of the request's body is
     /// not read).
     pub fn closing(self) -> ApiError {
         ApiError { close: true, ..self }
+    }
+
+    /// 429 `rate_limited`, with `Retry-After` (whole seconds, at least 1).
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> ApiError {
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        ApiError {
+            retry_after: Some(seconds.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -63,6 +74,9 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -76,6 +76,8 @@ pub struct AppState {
     /// The audit chain's state for the pages, checked incrementally.
     pub chain: Arc<crate::audit::ChainWatch>,
     pub metrics: Arc<Metrics>,
+    /// Serves `audit verify` at a bounded rate.
+    verifier: Arc<audit::Verifier>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -138,7 +140,8 @@ impl Opened {
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
         let chain = Arc::new(crate::audit::ChainWatch::default());
-        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, checkpointed };
+        let verifier = Arc::default();
+        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, verifier, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
         Ok(Opened { state, webhooks: Some(webhooks), _lock: lock })

@@ -19,6 +19,7 @@ mod server;
 mod services;
 mod ssh;
 mod support;
+mod throttles;
 mod timeouts;
 mod tokens;
 mod upload;
