@@ -240,3 +240,36 @@ fn no_more_connections_than_the_cap_are_served_at_once() {
     let answer = raw::read_answer(&mut fourth, Duration::from_secs(10)).expect("served once a connection closed");
     assert_eq!(answer.status, 200);
 }
+
+#[test]
+fn an_answer_not_begun_by_the_deadline_is_503_and_the_server_goes_on() {
+    // A "node" that takes the connection and never says a word: asking it outlasts the deadline.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
+    let server = TestServer::start_with(
+        Backend::Local,
+        &format!(
+            "[limits]\nrequest_timeout = \"2s\"\n[ssh]\nknown_hosts = \"{}\"\nconnect_timeout = \"20s\"\n\
+             [service.web]\nkind = \"generic\"\n[[service.web.node]]\nenvironment = \"staging\"\n\
+             host = \"127.0.0.1\"\nport = {port}\nuser = \"root\"\nbase = \"/srv/web\"\n",
+            known_hosts.display()
+        ),
+    );
+    let carol = server.token_with("carol", "auditor", &["--owner", "carol"]);
+    let started = Instant::now();
+    let response =
+        server.http().get(format!("{}/v1/status?nodes=true", server.url)).bearer_auth(&carol).send().unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let answer: Value = response.json().unwrap();
+    assert_eq!(answer["error"]["code"], "timeout", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("limits.request_timeout"), "{answer}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(10), "503 after {took:?}");
+    // Other requests are answered meanwhile.
+    let response = server.http().get(format!("{}/v1/status", server.url)).bearer_auth(&carol).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(silent);
+}
