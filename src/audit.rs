@@ -170,6 +170,9 @@ pub struct Verification {
     /// The checkpoint it was compared with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// When the walk started (the server may answer a recent walk again while the chain's
+    /// head has not moved).
+    pub checked_at: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -180,6 +183,7 @@ pub struct BadEvent {
 
 /// Walks the chain end to end, then compares it with the latest checkpoint in the store.
 pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verification, AuditError> {
+    let checked_at = utc::now_text();
     let walker = Arc::clone(registry);
     let walked = tokio::task::spawn_blocking(move || walk(&walker)).await.expect("verification does not panic")?;
     let mut verification = Verification {
@@ -188,6 +192,7 @@ pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verificat
         head: walked.head.map(hex::encode),
         first_bad: walked.first_bad,
         checkpoint: None,
+        checked_at,
     };
     if verification.ok {
         let (checkpoint, bad) = against_checkpoint(registry, store, walked.events).await?;

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::archive::{self, ArchiveError, CheckOptions, Summary};
 use crate::audit::NewEvent;
-use crate::config::{Config, ServiceKind, is_valid_name};
+use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
 use crate::metrics::{Metrics, UploadOutcome};
 use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
@@ -45,6 +45,13 @@ pub enum IngestError {
     TooLarge { limit: u64 },
     #[error("the upload was interrupted before its end ({0}); nothing was stored")]
     Interrupted(String),
+    #[error("the upload sent no byte for {0} (limits.upload_stall_timeout); nothing was stored")]
+    Stalled(HumanDuration),
+    #[error(
+        "the upload brought {got} bytes in {window} of waiting for it, less than limits.min_upload_rate \
+         ({rate}/s); nothing was stored"
+    )]
+    TooSlow { got: u64, window: HumanDuration, rate: ByteSize },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -72,6 +79,61 @@ pub struct UploadRequest {
     pub expected: Option<Digest>,
     /// `Content-Length`, when the client sent one: refused at once when over the limit.
     pub declared_size: Option<u64>,
+    /// How fast the body must come (an HTTP client's); `None`: as fast as it comes (a node's
+    /// package read by the server itself).
+    pub pace: Option<Pace>,
+}
+
+/// The pace an upload's body must keep, so that a client cannot hold one of the
+/// `max_concurrent_uploads` turns by trickling: no wait for the next piece longer than
+/// `stall`, and at least `min_rate` bytes a second over each `window` of time spent waiting
+/// for the client (time the server spends on its side — the store, the checks — is not the
+/// client's to answer for).
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub stall: HumanDuration,
+    pub min_rate: ByteSize,
+    pub window: HumanDuration,
+}
+
+impl Pace {
+    pub fn of(limits: &Limits) -> Pace {
+        Pace { stall: limits.upload_stall_timeout, min_rate: limits.min_upload_rate, window: limits.upload_rate_window }
+    }
+}
+
+/// A body read at a [`Pace`]: the time waited for the client and the bytes it brought in the
+/// current window.
+struct Paced<S> {
+    body: S,
+    pace: Option<Pace>,
+    waited: std::time::Duration,
+    bytes: u64,
+}
+
+impl<S, E> Paced<S>
+where
+    S: Stream<Item = Result<Piece, E>> + Unpin,
+{
+    async fn next(&mut self) -> Result<Option<Result<Piece, E>>, IngestError> {
+        let Some(pace) = self.pace else { return Ok(self.body.next().await) };
+        let started = tokio::time::Instant::now();
+        let piece =
+            tokio::time::timeout(pace.stall.0, self.body.next()).await.map_err(|_| IngestError::Stalled(pace.stall))?;
+        self.waited += started.elapsed();
+        if let Some(Ok(Piece::Bytes(bytes))) = &piece {
+            self.bytes += bytes.len() as u64;
+        }
+        if self.waited >= pace.window.0 {
+            let wanted = (pace.min_rate.0 as f64 * self.waited.as_secs_f64()) as u64;
+            if self.bytes < wanted {
+                let window = HumanDuration(std::time::Duration::from_millis(self.waited.as_millis() as u64));
+                return Err(IngestError::TooSlow { got: self.bytes, window, rate: pace.min_rate });
+            }
+            (self.waited, self.bytes) = (std::time::Duration::ZERO, 0);
+        }
+        Ok(piece)
+    }
 }
 
 /// Everything an ingest needs; cheap to clone into a task.
@@ -136,6 +198,7 @@ impl Ingestor {
         let options = self.check_options(&request.service);
         let _turn = self.turns.acquire().await.expect("the semaphore is never closed");
         let mut upload = self.store.begin_upload().await?;
+        let body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0 };
         let received = match receive(body, &mut upload, limit, options).await {
             Ok(received) => received,
             Err(e) => {
@@ -253,7 +316,7 @@ struct Received {
 
 /// Streams the body to the staging upload, the hasher and the checker.
 async fn receive<S, E>(
-    mut body: S,
+    mut body: Paced<S>,
     upload: &mut Upload,
     limit: u64,
     options: CheckOptions,
@@ -281,7 +344,15 @@ where
     let mut batch_bytes = 0;
     let mut outcome = Ok(());
     let mut claim = None;
-    while let Some(piece) = body.next().await {
+    loop {
+        let piece = match body.next().await {
+            Ok(Some(piece)) => piece,
+            Ok(None) => break,
+            Err(too_slow) => {
+                outcome = Err(too_slow);
+                break;
+            }
+        };
         let chunk = match piece {
             Ok(Piece::Bytes(chunk)) => chunk,
             Ok(Piece::Claim(text)) => {

@@ -72,6 +72,9 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
                 };
                 out.push_str(&format!("\n    {:<40} {:<14} {mark}", text(&n["node"]), short(&n["current"])));
             }
+            if let Some(at) = r["nodes_asked_at"].as_str() {
+                out.push_str(&format!("\n    (the nodes answered at {at}; answers are shared for a short while)"));
+            }
         }
         out
     });

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             shutdown_signal().await;
             releases.stop_waiting(); // followers waiting for a change answer now
         };
-        server::serve(listener, server::router(opened.state.clone()), stopping)
+        server::serve(listener, server::router(opened.state.clone()), opened.state.config.limits, stopping)
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
         opened.shutdown().await;

@@ -130,7 +130,9 @@ pub struct S3Config {
     pub secret_access_key: Option<Secret>,
 }
 
-/// Checked while an upload streams in.
+/// What one client may make the server hold or do: upload sizes (checked while an upload
+/// streams in), other bodies, connections and their timeouts, and how often the requests that
+/// make the server work hard are served fresh. README's "Limits" section states each.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -142,15 +144,50 @@ pub struct Limits {
     pub max_files: u64,
     /// Uploads received at once; more wait for a turn. Each may hold up to ~64 MiB.
     pub max_concurrent_uploads: u32,
+    /// The body of any request but an upload (forms and JSON); larger ones get 413.
+    pub max_body_bytes: ByteSize,
+    /// Connections open at once; more wait in the listen backlog until one closes.
+    pub max_connections: u32,
+    /// A request's line and headers must arrive within this, counted from the connection's
+    /// opening or the end of the previous answer on it (so it is also the keep-alive idle limit).
+    pub header_timeout: HumanDuration,
+    /// Every request but an upload: its body read and its answer begun within this.
+    pub request_timeout: HumanDuration,
+    /// A client that takes no byte of an answer for this long is disconnected (streams:
+    /// exports, artifact downloads).
+    pub send_timeout: HumanDuration,
+    /// An upload that sends no byte for this long is aborted (408), its turn freed.
+    pub upload_stall_timeout: HumanDuration,
+    /// An upload slower than this many bytes a second, averaged over `upload_rate_window`
+    /// (time spent waiting for the client only), is aborted (408). 0: no minimum.
+    pub min_upload_rate: ByteSize,
+    pub upload_rate_window: HumanDuration,
+    /// `status --nodes` asks a cell's nodes at most once in this long; answers this fresh are
+    /// shared by every caller, with the time they were asked.
+    pub node_status_max_age: HumanDuration,
+    /// `audit verify`: each token gets at most one fresh walk of the chain in this long (429
+    /// otherwise); an answer this fresh is reused while the chain's head has not moved.
+    pub verify_interval: HumanDuration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        let secs = |s| HumanDuration(Duration::from_secs(s));
         Limits {
             max_upload_bytes: ByteSize(4 << 30),
             max_unpacked_bytes: ByteSize(16 << 30),
             max_files: 500_000,
             max_concurrent_uploads: 4,
+            max_body_bytes: ByteSize(64 << 10),
+            max_connections: 1024,
+            header_timeout: secs(10),
+            request_timeout: secs(60),
+            send_timeout: secs(60),
+            upload_stall_timeout: secs(30),
+            min_upload_rate: ByteSize(64 << 10),
+            upload_rate_window: secs(60),
+            node_status_max_age: secs(30),
+            verify_interval: secs(30),
         }
     }
 }
@@ -489,9 +526,22 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         ("limits.max_unpacked_bytes", limits.max_unpacked_bytes.0),
         ("limits.max_files", limits.max_files),
         ("limits.max_concurrent_uploads", limits.max_concurrent_uploads.into()),
+        ("limits.max_body_bytes", limits.max_body_bytes.0),
+        ("limits.max_connections", limits.max_connections.into()),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than zero".into()));
+        }
+    }
+    for (key, value) in [
+        ("limits.header_timeout", limits.header_timeout),
+        ("limits.request_timeout", limits.request_timeout),
+        ("limits.send_timeout", limits.send_timeout),
+        ("limits.upload_stall_timeout", limits.upload_stall_timeout),
+        ("limits.upload_rate_window", limits.upload_rate_window),
+    ] {
+        if value.0 < Duration::from_millis(100) {
+            return Err(invalid(key, "must be at least 100ms".into()));
         }
     }
 

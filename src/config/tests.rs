@@ -34,6 +34,8 @@ fn the_example_file_parses() {
     assert_eq!(api.nodes.len(), 2);
     assert_eq!(c.limits.max_upload_bytes, ByteSize(4 << 30));
     assert_eq!(c.environments[1].approval_ttl, Duration::from_secs(86400));
+    // The example states every limit, at its default.
+    assert_eq!(c.limits, Limits::default());
 }
 
 #[test]
@@ -98,6 +100,12 @@ fn semantic_errors_name_the_key() {
         ("[[environment]]\nname = \"prod\"\npromote_from = \"staging\"\n", "environment[0].promote_from"),
         ("[[environment]]\nname = \"Prod\"\n", "environment[0].name"),
         ("[limits]\nmax_files = 0\n", "limits.max_files"),
+        ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
+        ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        ("[limits]\nheader_timeout = \"0s\"\n", "limits.header_timeout"),
+        ("[limits]\nrequest_timeout = \"10ms\"\n", "limits.request_timeout"),
+        ("[limits]\nupload_stall_timeout = \"0s\"\n", "limits.upload_stall_timeout"),
+        ("[limits]\nupload_rate_window = \"0s\"\n", "limits.upload_rate_window"),
         ("[service.api]\nkind = \"node\"\nshared = [\"../x\"]\n", "service.api.shared"),
         (
             "[service.api]\nkind = \"laravel\"\n[[service.api.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"/srv/a\"\n",
@@ -272,4 +280,19 @@ fn the_example_node_service_parses_once_uncommented() {
     let c = load_text(&format!("{EXAMPLE}\n[service.web]\n{}\n", lines.join("\n"))).unwrap();
     let web = c.service("web").unwrap();
     assert_eq!((web.kind, web.pm2_app.as_deref()), (ServiceKind::Node, Some("storefront")));
+}
+
+/// README's "Limits" section names every key of `[limits]` (the example states them all, at
+/// their defaults: see `the_example_file_parses`).
+#[test]
+fn the_readme_states_every_limit() {
+    let readme = include_str!("../../README.md");
+    let section = readme.split("\n## Limits\n").nth(1).expect("README.md has a Limits section");
+    let section = section.split("\n## ").next().unwrap();
+    let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+    let keys: Vec<&String> = example["limits"].as_table().unwrap().keys().collect();
+    assert_eq!(keys.len(), 14, "{keys:?}");
+    for key in keys {
+        assert!(section.contains(&format!("`{key}`")), "README's Limits section does not name `{key}`");
+    }
 }

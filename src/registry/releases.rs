@@ -545,6 +545,7 @@ impl Registry {
                     in_flight,
                     pending,
                     nodes: None,
+                    nodes_asked_at: None,
                     service,
                     environment,
                 });

@@ -42,6 +42,7 @@ impl Adopter for ServerAdopter {
                 build_url: None,
                 expected: Some(digest),
                 declared_size: None,
+                pace: None,
             };
             self.ingestor
                 .ingest(&principal, request, bytes.map(|chunk| chunk.map(Piece::Bytes)))

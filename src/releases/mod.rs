@@ -10,6 +10,7 @@
 mod adopt;
 mod deployer;
 mod model;
+mod observed;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -168,6 +169,8 @@ pub struct Releases {
     /// writes): how many times, and when the sweep may try again. Each try fences, asks,
     /// reloads and verifies every node, so they come further and further apart.
     resolve_again: Arc<Mutex<HashMap<i64, (u32, std::time::Instant)>>>,
+    /// What nodes said they serve, shared for `limits.node_status_max_age`.
+    node_answers: Arc<observed::NodeAnswers>,
 }
 
 impl Releases {
@@ -193,6 +196,7 @@ impl Releases {
             timing,
             running,
             resolve_again: Arc::default(),
+            node_answers: Arc::default(),
             closing: Default::default(),
         }
     }
@@ -842,8 +846,9 @@ impl Releases {
         Ok((visible, next))
     }
 
-    /// The status matrix; with `nodes`, each cell's nodes are asked what they serve and those
-    /// that differ from the registry are marked as drift.
+    /// The status matrix; with `nodes`, each cell's nodes are asked what they serve (at most
+    /// once per `limits.node_status_max_age`, see `observed`) and those that differ from the
+    /// registry are marked as drift.
     pub async fn status(
         &self,
         p: &Principal,
@@ -863,7 +868,17 @@ impl Releases {
                     .service(&row.service)
                     .map(|s| s.nodes.iter().filter(|n| n.environment == row.environment).cloned().collect())
                     .unwrap_or_default();
-                let observed = self.deployer.observe(&configured).await;
+                let (observed, asked_at) = self
+                    .node_answers
+                    .ask(
+                        self.deployer.as_ref(),
+                        (&row.service, &row.environment),
+                        (row.release, row.in_flight),
+                        &configured,
+                        self.config.limits.node_status_max_age.0,
+                    )
+                    .await;
+                row.nodes_asked_at = Some(asked_at);
                 row.nodes = Some(
                     observed
                         .into_iter()

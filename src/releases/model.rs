@@ -243,6 +243,10 @@ pub struct StatusRow {
     /// With `--nodes`: what each node says it serves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nodes: Option<Vec<NodeView>>,
+    /// With `--nodes`: when the nodes were asked (answers are shared for
+    /// `limits.node_status_max_age`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_asked_at: Option<String>,
 }
 
 /// One node of a status cell, as it answered.

@@ -17,7 +17,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::range::{self, Ranged};
 use super::{AppState, blocking};
 use crate::digest::Digest;
-use crate::ingest::{Piece, UploadRequest};
+use crate::ingest::{Pace, Piece, UploadRequest};
 use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
 use crate::token::{Action, Principal};
 
@@ -83,6 +83,7 @@ async fn upload(
         build_url: query.build_url,
         expected,
         declared_size,
+        pace: Some(Pace::of(&state.config.limits)),
     };
     // In its own task, so that a client that goes away mid-body cannot cancel the ingest
     // half-way: it sees the body end in an error and aborts the staging upload itself.

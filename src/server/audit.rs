@@ -1,6 +1,9 @@
-//! The audit endpoints: export as JSON lines (streamed page by page), and verification.
+//! The audit endpoints: export as JSON lines (streamed page by page), and verification (at a
+//! bounded rate: [`Verifier`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
@@ -15,7 +18,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiQuery;
 use crate::audit::{self, Verification};
-use crate::token::Action;
+use crate::token::{Action, Principal};
 
 /// Events per registry read while streaming an export.
 const EXPORT_PAGE: u64 = 5_000;
@@ -87,5 +90,55 @@ pub(super) fn tokio_stream_from(
 
 async fn verify(State(state): State<AppState>, Caller(p): Caller) -> Result<Json<Verification>, ApiError> {
     p.require(Action::ReadAudit)?;
-    Ok(Json(audit::verify(&state.registry, &state.store).await?))
+    Ok(Json(state.verifier.verify(&p, &state).await?))
+}
+
+/// `audit verify` walks the whole chain (seconds at millions of events), so it is served at a
+/// bounded rate: one walk at a time (callers queue for it); an answer younger than
+/// `limits.verify_interval` is given again while the chain's head has not moved; and each
+/// token gets at most one fresh walk per interval — within it, a head that moved (any refused
+/// request moves it) gets 429 with `Retry-After`.
+#[derive(Default)]
+pub struct Verifier {
+    /// The last walk's answer; the lock is the one-walk-at-a-time.
+    last: tokio::sync::Mutex<Option<(Instant, Verification)>>,
+    /// When each token last had a fresh walk (only those within the interval are kept).
+    walks: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl Verifier {
+    async fn verify(&self, p: &Principal, state: &AppState) -> Result<Verification, ApiError> {
+        let interval = state.config.limits.verify_interval.0;
+        let mut last = self.last.lock().await;
+        let reader = Arc::clone(&state.registry);
+        let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+        let head = head.map_or((0, None), |(n, hash)| (n, Some(hex::encode(hash))));
+        if let Some((at, answer)) = last.as_ref()
+            && at.elapsed() < interval
+            && (answer.events, &answer.head) == (head.0, &head.1)
+        {
+            return Ok(answer.clone());
+        }
+        let now = Instant::now();
+        {
+            let mut walks = self.walks.lock().expect("never poisoned");
+            walks.retain(|_, at| at.elapsed() < interval);
+            if let Some(at) = walks.get(&p.name) {
+                let wait = interval.saturating_sub(at.elapsed());
+                return Err(ApiError::rate_limited(
+                    format!(
+                        "this token had a fresh walk of the audit chain less than {} ago \
+                         (limits.verify_interval), and the chain has grown since: try again in {}s",
+                        state.config.limits.verify_interval,
+                        wait.as_secs().max(1)
+                    ),
+                    wait,
+                ));
+            }
+            walks.insert(p.name.clone(), now);
+        }
+        let answer = audit::verify(&state.registry, &state.store).await?;
+        *last = Some((now, answer.clone()));
+        Ok(answer)
+    }
 }

@@ -19,11 +19,30 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    retry_after: Option<u64>,
+    /// `Connection: close`: the request's body may be left unread.
+    close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after: None, close: false }
+    }
+
+    /// The connection is closed after this answer (what is left of the request's body is
+    /// not read).
+    pub fn closing(self) -> ApiError {
+        ApiError { close: true, ..self }
+    }
+
+    /// 429 `rate_limited`, with `Retry-After` (whole seconds, at least 1).
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> ApiError {
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        ApiError {
+            retry_after: Some(seconds.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -52,8 +71,15 @@ impl IntoResponse for ApiError {
         let mut response =
             (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
         response.extensions_mut().insert(Refusal { code: self.code, message: self.message });
+        let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -120,6 +146,9 @@ impl From<IngestError> for ApiError {
             IngestError::Unsafe(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsafe_archive", message),
             IngestError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message),
             IngestError::Interrupted(_) => ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", message),
+            IngestError::Stalled(_) | IngestError::TooSlow { .. } => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_too_slow", message).closing()
+            }
             IngestError::Store(e) => e.into(),
             IngestError::Registry(e) => e.into(),
         }

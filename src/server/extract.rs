@@ -34,19 +34,17 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
     }
 }
 
-/// The largest JSON request body accepted (uploads stream; nothing else is large).
-const MAX_JSON: usize = 64 << 10;
-
-/// `Json` request bodies, with JSON errors (an empty body reads as `{}`).
+/// `Json` request bodies, with JSON errors (an empty body reads as `{}`). The body is in
+/// memory already, at most `limits.max_body_bytes` (`server::limits` read it).
 pub struct ApiJson<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::to_bytes(request.into_body(), MAX_JSON)
+        let bytes = axum::body::to_bytes(request.into_body(), usize::MAX)
             .await
-            .map_err(|e| ApiError::bad_request(format!("request body (at most {MAX_JSON} bytes): {e}")))?;
+            .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
         let bytes =
             if bytes.iter().all(u8::is_ascii_whitespace) { axum::body::Bytes::from_static(b"{}") } else { bytes };
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::bad_request(format!("request body: {e}")))

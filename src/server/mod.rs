@@ -9,13 +9,14 @@ mod audit;
 mod auth;
 mod error;
 mod extract;
+mod limits;
+mod listen;
 mod pages;
 mod range;
 mod releases;
 pub mod routes;
 mod source;
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +80,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Refused requests into the audit log, bounded.
     pub refusals: Arc<RefusalLog>,
+    /// Serves `audit verify` at a bounded rate.
+    verifier: Arc<audit::Verifier>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -145,7 +148,9 @@ impl Opened {
         let chain = Arc::new(crate::audit::ChainWatch::default());
         let refusals = Arc::new(RefusalLog::new(Arc::clone(&registry), config.audit.refusal_window.0));
         let refusal_windows = tokio::spawn(Arc::clone(&refusals).run());
-        let state = AppState { config, store, registry, ingestor, releases, chain, metrics, refusals, checkpointed };
+        let verifier = Arc::default();
+        let state =
+            AppState { config, store, registry, ingestor, releases, chain, metrics, refusals, verifier, checkpointed };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
         Ok(Opened { state, webhooks: Some(webhooks), refusal_windows, _lock: lock })
@@ -244,17 +249,20 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{}/{{digest}}", crate::deploy::fetch::PATH), get(artifacts::node_fetch))
         .nest("/v1", v1)
         .merge(pages::routes())
+        // Every route: a small body and a deadline, but the upload (see `limits`).
+        .route_layer(middleware::from_fn_with_state(state.clone(), limits::guard))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
         })
-        .layer(DefaultBodyLimit::disable())
+        // The guard has read every body the extractors see; this only keeps them in step.
+        .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes.0 as usize))
         .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 409, 413, 422) is recorded in the audit log, bounded
+/// Every refused request (401, 403, 408, 409, 413, 422) is recorded in the audit log, bounded
 /// ([`crate::refusals`]): who, what, why, from where; and counted in
 /// `release_refused_requests_total`. Malformed requests (400), missing things (404) and wrong
 /// methods (405) are neither.
@@ -264,7 +272,7 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
     let slot = request.extensions().get::<auth::ActorSlot>().cloned();
     let response = next.run(request).await;
     let status = response.status();
-    if !matches!(status.as_u16(), 401 | 403 | 409 | 413 | 422) {
+    if !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 413 | 422) {
         return response;
     }
     let refusal = response.extensions().get::<error::Refusal>();
@@ -317,18 +325,7 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then finishes the requests in
-/// flight.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    // The peer's address reaches the handlers (the refusal counts are per source).
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown).await?;
-    Ok(())
-}
+pub use listen::serve;
 
 /// Binds `addr`, warning when it is not loopback (plain HTTP beyond this machine).
 pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {

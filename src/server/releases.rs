@@ -1,16 +1,17 @@
 //! The release endpoints: deploy, promote, rollback, approve, reject, cancel, show, history,
 //! status. Each handler extracts, calls one `Releases` method, answers.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::limits::Deadline;
 use crate::digest::Digest;
 use crate::releases::{Release, RequestOptions, Shown, StatusRow};
 
@@ -148,10 +149,13 @@ async fn show(
     Caller(p): Caller,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(q): ApiQuery<ShowQuery>,
+    deadline: Option<Extension<Deadline>>,
 ) -> Result<Json<Shown>, ApiError> {
     Ok(Json(match q.wait {
         Some(wait) => {
-            let wait = std::time::Duration::from_secs(wait.min(MAX_WAIT));
+            // Answered before the request's deadline (limits.request_timeout), whatever was asked.
+            let left = deadline.map_or(std::time::Duration::MAX, |Extension(d)| d.left());
+            let wait = std::time::Duration::from_secs(wait.min(MAX_WAIT)).min(left);
             state.releases.show_after(&p, id, q.seen, wait).await?
         }
         None => state.releases.show(&p, id).await?,

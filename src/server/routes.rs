@@ -108,7 +108,7 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/v1/status",
         action: Action::Read,
-        summary: "what is live where and what is in flight (?service=S)",
+        summary: "what is live where and what is in flight (?service=S; ?nodes=true: what each node serves, asked at most once per `limits.node_status_max_age`)",
     },
     Route {
         method: "GET",
@@ -120,7 +120,7 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/v1/audit/verify",
         action: Action::ReadAudit,
-        summary: "walk the hash chain and compare it with the bucket's checkpoint",
+        summary: "walk the hash chain and compare it with the bucket's checkpoint (one fresh walk per token per `limits.verify_interval`, else 429)",
     },
     Route {
         method: "GET",

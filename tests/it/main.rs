@@ -2,6 +2,7 @@
 //! and the local backend. One test binary; see `support` for the harness.
 
 mod audit;
+mod bodies;
 mod concurrency;
 mod curation;
 mod floods;
@@ -19,6 +20,8 @@ mod server;
 mod services;
 mod ssh;
 mod support;
+mod throttles;
+mod timeouts;
 mod tokens;
 mod upload;
 mod webhooks;

@@ -666,26 +666,47 @@ fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
     fleet.assert_all_on(&v1);
 }
 
+/// `status --nodes` as `who` sees it: the staging cell of `web`.
+fn staging_nodes(fleet: &Fleet, who: &str) -> Value {
+    let rows = fleet.f.cli(who).args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    rows.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone()
+}
+
+/// Also: nodes are asked at most once per `limits.node_status_max_age` (whoever asks), but at
+/// once after the cell's release changed.
 #[test]
 fn status_nodes_reports_drift() {
-    let fleet = Fleet::new(2, "");
+    // `[limits]` after the service's keys; its nodes are tables of their own, further down.
+    let fleet = Fleet::new(2, "[limits]\nnode_status_max_age = \"5s\"");
     let v1 = fleet.upload("v1", &[]);
     let v2 = fleet.upload("v2", &[]);
     fleet.deploy(&v1);
+    let on_v1 = staging_nodes(&fleet, "carol");
+    assert!(on_v1["nodes"].as_array().unwrap().iter().all(|n| n["current"] == v1.as_str()), "{on_v1}");
+    // A deploy changes the cell: the next asking does not reuse what the nodes said before it.
     fleet.deploy(&v2);
-    let clean = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
-    let staging = clean.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone();
+    let clean = staging_nodes(&fleet, "carol");
+    let asked = std::time::Instant::now();
     assert!(
-        staging["nodes"].as_array().unwrap().iter().all(|n| n["drift"] == false && n["current"] == v2.as_str()),
-        "{staging}"
+        clean["nodes"].as_array().unwrap().iter().all(|n| n["drift"] == false && n["current"] == v2.as_str()),
+        "{clean}"
     );
+    assert_ne!(clean["nodes_asked_at"], on_v1["nodes_asked_at"], "{clean}");
 
     // Someone points node 2 back at v1 by hand.
     let node2 = &fleet.bases[1];
     std::os::unix::fs::symlink(format!("releases/{}", &v1[7..]), node2.join("current.tmp")).unwrap();
     fs::rename(node2.join("current.tmp"), node2.join("current")).unwrap();
-    let drifted = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
-    let staging = drifted.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone();
+    // Within the limit, every caller (another token too) gets the answer already given: the
+    // nodes are not asked again.
+    let again = staging_nodes(&fleet, "root");
+    assert!(asked.elapsed() < std::time::Duration::from_secs(5), "the test was too slow to check the reuse");
+    assert_eq!(again["nodes"], clean["nodes"], "{again}");
+    assert_eq!(again["nodes_asked_at"], clean["nodes_asked_at"], "{again}");
+    std::thread::sleep(std::time::Duration::from_secs(5).saturating_sub(asked.elapsed()));
+
+    let staging = staging_nodes(&fleet, "carol");
+    assert_ne!(staging["nodes_asked_at"], clean["nodes_asked_at"], "{staging}");
     let nodes = staging["nodes"].as_array().unwrap();
     let node2_view = nodes.iter().find(|n| n["node"].as_str().unwrap().ends_with("node2")).unwrap();
     assert_eq!(node2_view["drift"], true);

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Backend, TestServer, archives};
 
-const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\nrefusal_window = \"1s\"\n[service.api]\nkind = \"generic\"\n\
+pub const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\nrefusal_window = \"1s\"\n[service.api]\nkind = \"generic\"\n\
     [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
     requires_approval = true\napproval_ttl = \"24h\"\n";
 
@@ -314,7 +314,7 @@ fn the_full_story_through_the_binary() {
 }
 
 /// A promotion of `digest` waiting for approval in production; its id.
-fn pending_promotion(f: &Fixture, digest: &str) -> i64 {
+pub fn pending_promotion(f: &Fixture, digest: &str) -> i64 {
     f.live_in("alice", "staging", digest);
     let promoted = f.cli("alice").args(["promote", "api", "--to", "production", "--json"]).assert_success().json();
     assert_eq!(promoted["state"], "pending_approval");
@@ -322,7 +322,7 @@ fn pending_promotion(f: &Fixture, digest: &str) -> i64 {
 }
 
 /// `GET /v1/releases/ID?seen=N&wait=S` in a thread of its own: (status, answer, seconds taken).
-fn follow(f: &Fixture, id: i64, query: &str) -> std::thread::JoinHandle<(StatusCode, Value, f64)> {
+pub fn follow(f: &Fixture, id: i64, query: &str) -> std::thread::JoinHandle<(StatusCode, Value, f64)> {
     let (http, url, token) =
         (f.server.http(), format!("{}/v1/releases/{id}?{query}", f.server.url), f.token("carol").to_owned());
     std::thread::spawn(move || {
@@ -333,7 +333,7 @@ fn follow(f: &Fixture, id: i64, query: &str) -> std::thread::JoinHandle<(StatusC
     })
 }
 
-fn changes(shown: &Value) -> usize {
+pub fn changes(shown: &Value) -> usize {
     shown["transitions"].as_array().unwrap().len() + shown["deployments"].as_array().unwrap().len()
 }
 

@@ -150,7 +150,12 @@ pub fn matrix(viewer: &Principal, rows: &[StatusRow], asked_nodes: bool) -> Mark
         h1 { "What is live where" }
         p.dim {
             "Times in UTC. "
-            @if asked_nodes { "Every node was asked what it serves just now." }
+            @if asked_nodes {
+                @if let Some(oldest) = rows.iter().filter_map(|r| r.nodes_asked_at.as_deref()).min() {
+                    "The nodes were asked what they serve at " (at(oldest)) " or since "
+                    "(their answers are shared for a short while)."
+                }
+            }
             @else { a href="/?nodes=1" { "Ask every node what it serves" } " (marks drift)." }
         }
         @if rows.is_empty() {

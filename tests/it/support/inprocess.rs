@@ -39,7 +39,8 @@ impl InProcessServer {
                 let opened = Opened::open(config, deployer).await.unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 url_tx.send(format!("http://{}", listener.local_addr().unwrap())).unwrap();
-                server::serve(listener, server::router(opened.state.clone()), async {
+                let limits = opened.state.config.limits;
+                server::serve(listener, server::router(opened.state.clone()), limits, async {
                     let _ = stop_rx.await;
                 })
                 .await

@@ -6,6 +6,7 @@ pub mod archives;
 pub mod chromium;
 pub mod garage;
 pub mod inprocess;
+pub mod raw;
 pub mod services;
 pub mod sshd;
 

@@ -1,0 +1,177 @@
+//! Serving connections: HTTP/1.1 through hyper with a timer, so that the limits a client could
+//! otherwise hold forever hold: a request's head must arrive within `limits.header_timeout`
+//! (also between requests on a kept-alive connection), a client that takes no byte of an answer
+//! for `limits.send_timeout` is disconnected, and at most `limits.max_connections` are open at
+//! once (more wait in the kernel's listen backlog until one closes). `axum::serve` sets no timer,
+//! which turns hyper's header timeout off silently.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use super::ServerError;
+use crate::config::Limits;
+
+/// Serves `router` on `listener` until `shutdown` completes, then finishes the requests in
+/// flight (connections close once their current answer is sent).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let open = Arc::new(Semaphore::new(limits.max_connections as usize));
+    // Dropping `stop_rx` tells every connection to finish; each holds a `done_rx` until it ends.
+    let (stop_tx, stop_rx) = watch::channel(());
+    let (done_tx, done_rx) = watch::channel(());
+    let mut shutdown = pin!(shutdown);
+    loop {
+        // A turn first, then the accept: over the cap, new connections wait in the backlog.
+        let turn = tokio::select! {
+            turn = Arc::clone(&open).acquire_owned() => turn.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = PerConnection { router: router.clone(), remote };
+        let (stop_tx, done_rx) = (stop_tx.clone(), done_rx.clone());
+        tokio::spawn(async move {
+            let io = TokioIo::new(SendTimeout::new(stream, limits.send_timeout.0));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout.0).keep_alive(true);
+            let mut connection = pin!(builder.serve_connection(io, service));
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = stop_tx.closed() => {
+                    // The answer in flight is finished; the connection closes after it.
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(%remote, error = %e, "connection ended");
+            }
+            drop((turn, done_rx));
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
+}
+
+/// The router for one connection's requests, which learn the peer's address
+/// (`ConnectInfo<SocketAddr>`).
+#[derive(Clone)]
+struct PerConnection {
+    router: Router,
+    remote: SocketAddr,
+}
+
+impl hyper::service::Service<axum::http::Request<Incoming>> for PerConnection {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = axum::routing::future::RouteFuture<Infallible>;
+
+    fn call(&self, mut request: axum::http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.remote));
+        // A router is always ready.
+        tower_service::Service::call(&mut self.router.clone(), request)
+    }
+}
+
+/// A TCP stream whose writes fail once the peer has taken no byte for `limit`: a client that
+/// stops reading an answer (a stream of the audit log, an artifact) cannot hold its
+/// connection, and what feeds the answer, forever. Reads are untouched: waiting for a request
+/// is the header timeout's business, and for an upload's body the upload pace's.
+struct SendTimeout {
+    stream: TcpStream,
+    limit: Duration,
+    /// Armed when a write could not proceed; disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl SendTimeout {
+    fn new(stream: TcpStream, limit: Duration) -> SendTimeout {
+        SendTimeout { stream, limit, stalled: None }
+    }
+
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took no byte of the answer for {limit:?} (limits.send_timeout)"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for SendTimeout {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendTimeout {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
