@@ -128,6 +128,13 @@ pub enum TokenError {
     NoRoles,
     #[error("token name {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'")]
     BadName(String),
+    #[error("owner {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.' (capitals are taken as lowercase)")]
+    BadOwner(String),
+    #[error(
+        "a token with the {roles} role must name its owner with --owner (the person it belongs to): four eyes \
+         compares owners, so without it a token named {name:?} would be an owner of its own"
+    )]
+    OwnerRequired { name: String, roles: String },
     #[error("not a release token (expected rls_<id>_<secret>)")]
     Malformed,
     #[error("token {name:?} may not {action}; its roles are {roles}")]
@@ -194,6 +201,27 @@ pub fn check_name(name: &str) -> Result<(), TokenError> {
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
     if ok { Ok(()) } else { Err(TokenError::BadName(name.to_owned())) }
+}
+
+/// Roles whose tokens must name their owner: they request or decide releases, and four eyes
+/// compares owners. A `ci` or `auditor` token never has a release waiting for approval
+/// (`ci` deploys only where none is needed) and decides nothing, so its owner may default to
+/// its name.
+pub const OWNER_REQUIRED: [Role; 3] = [Role::Deployer, Role::Approver, Role::Admin];
+
+/// An owner as four eyes compares it: ASCII letters lowercased (`Alice` is `alice`), then the
+/// token-name charset. The registry's four-eyes trigger compares `lower()` of both sides, which
+/// folds the same letters.
+pub fn normalize_owner(owner: &str) -> Result<String, TokenError> {
+    let normalized = owner.to_ascii_lowercase();
+    check_name(&normalized).map_err(|_| TokenError::BadOwner(owner.to_owned()))?;
+    Ok(normalized)
+}
+
+/// Whether two recorded owners are the same person. Rows written before owners were normalized
+/// may hold capitals, so the comparison folds them as [`normalize_owner`] does.
+pub fn same_owner(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
 }
 
 /// Parses `ci,deployer`.
@@ -285,7 +313,8 @@ impl Principal {
 /// What `release token create` asks for.
 pub struct TokenRequest {
     pub name: String,
-    pub owner: String,
+    /// Required for the roles in [`OWNER_REQUIRED`]; otherwise defaults to the name.
+    pub owner: Option<String>,
     pub roles: Vec<Role>,
     pub services: Option<Vec<String>>,
     pub environments: Option<Vec<String>>,
@@ -319,6 +348,16 @@ pub fn create(
     if request.roles.is_empty() {
         return Err(TokenError::NoRoles);
     }
+    let owner = match &request.owner {
+        Some(owner) => normalize_owner(owner)?,
+        None => {
+            let privileged: Vec<Role> = request.roles.iter().copied().filter(|r| OWNER_REQUIRED.contains(r)).collect();
+            if !privileged.is_empty() {
+                return Err(TokenError::OwnerRequired { name: request.name, roles: join_roles(&privileged) });
+            }
+            request.name.clone()
+        }
+    };
     for (what, list) in [("service", &request.services), ("environment", &request.environments)] {
         if let Some(bad) = list.iter().flatten().find(|n| !is_valid_name(n)) {
             return Err(TokenError::BadScope { what, name: bad.clone() });
@@ -334,7 +373,7 @@ pub fn create(
         "token.create",
         &request.name,
         serde_json::json!({
-            "owner": request.owner,
+            "owner": owner,
             "roles": join_roles(&request.roles),
             "services": request.services,
             "environments": request.environments,
@@ -345,7 +384,7 @@ pub fn create(
         &NewToken {
             id: secret.id,
             name: request.name,
-            owner: request.owner,
+            owner,
             roles: request.roles,
             services: request.services,
             environments: request.environments,
@@ -390,7 +429,8 @@ fn still_valid(record: TokenRecord) -> Result<Principal, TokenError> {
     }
     Ok(Principal {
         name: record.name,
-        owner: record.owner,
+        // Normalized also for tokens made before owners were (their rows stay as written).
+        owner: record.owner.to_ascii_lowercase(),
         roles: record.roles,
         services: record.services,
         environments: record.environments,
@@ -417,7 +457,7 @@ mod tests {
         let registry = Registry::open(&dir.path().join("r.db")).unwrap();
         let request = |name: &str| TokenRequest {
             name: name.into(),
-            owner: "alice".into(),
+            owner: Some("alice".into()),
             roles: vec![Role::Deployer],
             services: None,
             environments: Some(vec!["staging".into()]),
@@ -460,6 +500,66 @@ mod tests {
         bad = request("scoped");
         bad.services = Some(vec!["API!".into()]);
         assert!(matches!(create(&registry, bad, Manager::Local), Err(TokenError::BadScope { .. })));
+    }
+
+    #[test]
+    fn owners_are_required_for_requesters_and_deciders_and_normalized() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("r.db")).unwrap();
+        let request = |name: &str, roles: Vec<Role>, owner: Option<&str>| TokenRequest {
+            name: name.into(),
+            owner: owner.map(str::to_owned),
+            roles,
+            services: None,
+            environments: None,
+            expires_in_days: None,
+        };
+        for roles in [vec![Role::Deployer], vec![Role::Approver], vec![Role::Admin], vec![Role::Ci, Role::Approver]] {
+            let refused = create(&registry, request("alice-approver", roles.clone(), None), Manager::Local);
+            assert!(
+                matches!(&refused, Err(TokenError::OwnerRequired { .. })),
+                "{roles:?}: {:?}",
+                refused.as_ref().map(|r| &r.0)
+            );
+            assert!(refused.unwrap_err().to_string().contains("--owner"));
+        }
+        // ci and auditor tokens never request a release that waits for approval, nor decide one.
+        let (ci, _) =
+            create(&registry, request("ci-api", vec![Role::Ci, Role::Auditor], None), Manager::Local).unwrap();
+        assert_eq!(ci.owner, "ci-api");
+
+        let (alice, token) =
+            create(&registry, request("alice", vec![Role::Deployer], Some("Alice")), Manager::Local).unwrap();
+        assert_eq!(alice.owner, "alice");
+        assert_eq!(authenticate(&registry, &token).unwrap().owner, "alice");
+        for bad in ["alice smith", "", "al/ice", "ålice", &"a".repeat(65)] {
+            let refused = create(&registry, request("x", vec![Role::Deployer], Some(bad)), Manager::Local);
+            assert!(matches!(refused, Err(TokenError::BadOwner(ref o)) if o == bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_made_before_owners_were_normalized_compares_lowercase() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("r.db")).unwrap();
+        let old = NewSecret::generate();
+        registry
+            .create_token(
+                &NewToken {
+                    id: old.id.clone(),
+                    name: "bob-old".into(),
+                    owner: "Bob".into(),
+                    roles: vec![Role::Approver],
+                    services: None,
+                    environments: None,
+                    secret_sha256: old.secret_sha256,
+                    expires_at: None,
+                },
+                &NewEvent::by_local_user("token.create", "bob-old", serde_json::json!({})),
+            )
+            .unwrap();
+        assert_eq!(authenticate(&registry, &old.token).unwrap().owner, "bob");
+        assert!(same_owner("Bob", "bob") && !same_owner("bob", "bobby"));
     }
 
     #[test]

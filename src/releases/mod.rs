@@ -26,7 +26,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError, Start};
 use crate::store::Store;
-use crate::token::{Action, Principal, Role, TokenError};
+use crate::token::{Action, Principal, Role, TokenError, same_owner};
 use crate::utc;
 
 /// How long a deploy lease lasts unless renewed. It is renewed every third of that, and the
@@ -656,7 +656,7 @@ impl Releases {
             return Err(ReleaseError::Blocked { digest, reason: block.reason });
         }
         let release = self.pending(p, id, "approval").await?;
-        if release.requester_owner == p.owner {
+        if same_owner(&release.requester_owner, &p.owner) {
             return Err(ReleaseError::SelfApproval { id, owner: p.owner.clone() });
         }
         let decision =
@@ -697,7 +697,7 @@ impl Releases {
         let release = self.find(id).await?;
         p.require_service(&release.service)?;
         p.require_environment(&release.environment)?;
-        if release.requester_owner != p.owner && !p.has(Role::Admin) {
+        if !same_owner(&release.requester_owner, &p.owner) && !p.has(Role::Admin) {
             return Err(TokenError::NotRequester { id, owner: release.requester_owner }.into());
         }
         if release.state != State::PendingApproval {
@@ -810,8 +810,8 @@ impl Releases {
                 .filter(|t| t.roles.iter().any(|r| Action::Decide.allowed_roles().contains(r)))
                 .filter(|t| t.services.as_ref().is_none_or(|s| s.contains(&service)))
                 .filter(|t| t.environments.as_ref().is_none_or(|e| e.contains(&env)))
-                .filter(|t| t.owner != requester)
-                .map(|t| t.owner)
+                .filter(|t| !same_owner(&t.owner, &requester))
+                .map(|t| t.owner.to_ascii_lowercase())
                 .collect();
             owners.sort();
             owners.dedup();

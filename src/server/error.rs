@@ -104,6 +104,8 @@ impl From<TokenError> for ApiError {
             | TokenError::NoRoles
             | TokenError::BadName(_)
             | TokenError::BadScope { .. }
+            | TokenError::BadOwner(_)
+            | TokenError::OwnerRequired { .. }
             | TokenError::BadExpiry => ApiError::bad_request(e.to_string()),
         }
     }

@@ -140,7 +140,8 @@ fn flags_win_over_environment_and_file() {
     // token create opens the registry in the data dir it resolves.
     let create = |name: &str, extra: &[&str], env: Option<&std::path::Path>| {
         let mut cmd = TestCommand::new();
-        cmd.args(["token", "create", name, "--role", "admin", "--config", config.to_str().unwrap()]).args(extra);
+        cmd.args(["token", "create", name, "--role", "admin", "--owner", "ops", "--config", config.to_str().unwrap()])
+            .args(extra);
         if let Some(env) = env {
             cmd.env("RELEASE_DATA_DIR", env);
         }

@@ -49,7 +49,7 @@ fn a_token_secret_is_shown_once_and_stored_only_hashed() {
 #[test]
 fn revoke_then_names_are_never_reused() {
     let server = TestServer::start(Backend::Local);
-    let token = server.token("alice", "deployer");
+    let token = server.token_with("alice", "deployer", &["--owner", "alice"]);
     let ok = server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
     assert_eq!(ok.status(), 200);
 
@@ -76,4 +76,32 @@ fn bad_token_requests_are_usage_errors() {
     assert!(out.stderr().contains("token name"), "{out}");
     let out = server.cli().args(["token", "create", "x", "--role", "ci", "--expires", "0"]).assert_exit(2);
     assert!(out.stderr().contains("--expires"), "{out}");
+}
+
+#[test]
+fn tokens_that_request_or_decide_releases_name_their_owner() {
+    let server = TestServer::start(Backend::Local);
+    for roles in ["deployer", "approver", "admin", "ci,approver"] {
+        let out = server.cli().args(["token", "create", "alice-approver", "--role", roles]).assert_exit(2);
+        assert!(out.stderr().contains("must name its owner with --owner"), "{roles}: {out}");
+    }
+    let listed = server.cli().args(["token", "list", "--json"]).assert_success().json();
+    assert_eq!(listed, serde_json::json!([]), "a refused request makes no token (and spends no name)");
+
+    // Capitals are taken as lowercase: `Alice` is `alice`.
+    let made = server
+        .cli()
+        .args(["token", "create", "alice-approver", "--role", "approver", "--owner", "Alice", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!(made["owner"], "alice");
+    // ci and auditor tokens never have a release waiting for approval, nor decide one.
+    let ci = server.cli().args(["token", "create", "ci-api", "--role", "ci,auditor", "--json"]).assert_success().json();
+    assert_eq!(ci["owner"], "ci-api");
+
+    for bad in ["alice smith", "al/ice", "ålice"] {
+        let out =
+            server.cli().args(["token", "create", "x", "--role", "deployer", &format!("--owner={bad}")]).assert_exit(2);
+        assert!(out.stderr().contains("owner") && out.stderr().contains("must be 1-64 characters"), "{bad:?}: {out}");
+    }
 }
