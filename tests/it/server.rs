@@ -117,6 +117,58 @@ fn a_bad_config_names_the_file_and_key() {
     );
 }
 
+/// `release serve --config FILE`, which must stop by itself within 30 s (a configuration it
+/// accepts would have it serve until killed).
+fn serve_refusing(config: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_release"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RELEASE_DATA_DIR", config.with_file_name("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("release serve accepted {}", std::fs::read_to_string(config).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    err
+}
+
+#[test]
+fn a_node_host_or_user_ssh_could_read_as_an_option_stops_the_server_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("release.toml");
+    let pwned = dir.path().join("pwned");
+    let node = |host: &str, user: &str| {
+        format!(
+            "[service.web]\nkind = \"generic\"\n\n[[service.web.node]]\nenvironment = \"staging\"\n\
+             host = \"{host}\"\nuser = \"{user}\"\nbase = \"/srv/web\"\n"
+        )
+    };
+    std::fs::write(&config, node(&format!("-oProxyCommand=touch {}", pwned.display()), "deploy")).unwrap();
+    let err = serve_refusing(&config);
+    assert!(err.contains("release.toml:6: key `service.web.node[0].host`") && err.contains("is not a host"), "{err}");
+    std::fs::write(&config, node("10.0.0.5", "deploy user")).unwrap();
+    let err = serve_refusing(&config);
+    assert!(err.contains("release.toml:7: key `service.web.node[0].user`") && err.contains("is not a user"), "{err}");
+    // Every command that reads the configuration refuses it the same way.
+    let out = TestCommand::new().args(["token", "list", "--config", config.to_str().unwrap()]).assert_exit(2);
+    assert!(out.stderr().contains("service.web.node[0].user"), "{out}");
+    assert!(!pwned.exists());
+}
+
 #[test]
 fn init_writes_a_config_that_serve_accepts_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();

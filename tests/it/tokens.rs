@@ -105,3 +105,22 @@ fn tokens_that_request_or_decide_releases_name_their_owner() {
         assert!(out.stderr().contains("owner") && out.stderr().contains("must be 1-64 characters"), "{bad:?}: {out}");
     }
 }
+
+#[test]
+fn a_token_on_the_command_line_wins_over_release_token_and_is_warned_about() {
+    let server = TestServer::start(Backend::Local);
+    let good = server.token("carol", "auditor");
+    let revoked = server.token("old", "auditor");
+    server.cli().args(["token", "revoke", "old"]).assert_success();
+
+    // RELEASE_TOKEN, the way to pass it: no warning.
+    let out = server.cli().env("RELEASE_TOKEN", &good).args(["status"]).assert_success();
+    assert!(!out.stderr().contains("warning"), "{out}");
+    // --token works and wins over RELEASE_TOKEN (flags over environment), with a warning that
+    // names the way out and never the token.
+    let out = server.cli().env("RELEASE_TOKEN", &revoked).args(["status", "--token", &good]).assert_success();
+    assert!(out.stderr().contains("warning: --token") && out.stderr().contains("RELEASE_TOKEN"), "{out}");
+    assert!(!out.stderr().contains(&good[4..]), "{out}");
+    let out = server.cli().env("RELEASE_TOKEN", &good).args(["status", &format!("--token={revoked}")]).assert_exit(5);
+    assert!(out.stderr().contains("warning: --token"), "{out}");
+}
