@@ -260,21 +260,6 @@ impl Principal {
         Err(TokenError::Forbidden { name: self.name.clone(), action: action.name(), roles: join_roles(&self.roles) })
     }
 
-    /// For something that belongs to several services (an artifact uploaded for each): allowed
-    /// when any of them is in scope.
-    pub fn require_any_service<'a>(&self, services: impl IntoIterator<Item = &'a str>) -> Result<(), TokenError> {
-        let Some(allowed) = &self.services else { return Ok(()) };
-        let services: Vec<&str> = services.into_iter().collect();
-        if services.iter().any(|s| allowed.iter().any(|a| a == s)) {
-            return Ok(());
-        }
-        Err(TokenError::ServiceNotAllowed {
-            name: self.name.clone(),
-            service: services.join(","),
-            allowed: allowed.join(","),
-        })
-    }
-
     pub fn require_environment(&self, environment: &str) -> Result<(), TokenError> {
         match &self.environments {
             Some(allowed) if !allowed.iter().any(|e| e == environment) => Err(TokenError::EnvironmentNotAllowed {
@@ -288,6 +273,28 @@ impl Principal {
 
     pub fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// Whether the token is limited to some services or environments.
+    pub fn is_scoped(&self) -> bool {
+        self.services.is_some() || self.environments.is_some()
+    }
+
+    /// Whether the token may see what belongs to (service, environment).
+    pub fn sees(&self, service: &str, environment: &str) -> Result<(), TokenError> {
+        self.require_service(service)?;
+        self.require_environment(environment)
+    }
+
+    /// What this token is told when something it names is absent, or outside its scope: the
+    /// same words either way, so a scoped token cannot tell them apart (SPEC 2: scopes apply to
+    /// reads; issue 10). `missing` is what any token is told of something absent.
+    pub fn as_if_absent(&self, missing: impl fmt::Display) -> String {
+        if self.is_scoped() {
+            format!("{missing}, or not within the scope of token {:?}", self.name)
+        } else {
+            missing.to_string()
+        }
     }
 
     /// For what spans every service and environment (the audit log and its exports).
@@ -587,5 +594,23 @@ mod tests {
         assert!(p(vec![Role::Auditor]).require(Action::Read).is_ok());
         assert!(p(vec![Role::Ci]).require_service("api").is_ok());
         assert!(p(vec![Role::Ci]).require_service("play").is_err());
+    }
+
+    #[test]
+    fn a_limited_token_is_told_the_same_words_of_absent_and_unseen_things() {
+        let scoped = Principal {
+            name: "ci-api".into(),
+            owner: "gitlab".into(),
+            roles: vec![Role::Ci],
+            services: Some(vec!["api".into()]),
+            environments: None,
+        };
+        assert!(
+            scoped.is_scoped() && scoped.sees("api", "production").is_ok() && scoped.sees("web", "staging").is_err()
+        );
+        assert_eq!(scoped.as_if_absent("no release 7"), "no release 7, or not within the scope of token \"ci-api\"");
+        let everything = Principal { services: None, ..scoped };
+        assert!(!everything.is_scoped() && everything.sees("web", "staging").is_ok());
+        assert_eq!(everything.as_if_absent("no release 7"), "no release 7");
     }
 }

@@ -129,33 +129,6 @@ fn missing_unknown_and_revoked_tokens_are_401_and_recorded() {
 }
 
 #[test]
-fn a_token_scoped_to_other_environments_is_403() {
-    let f = Fixture::new();
-    let v1 = f.upload("v1");
-    let staging_only = f.server.token_with("ci-staging", "deployer", &["--owner", "dan", "--envs", "staging"]);
-    let response = f
-        .server
-        .http()
-        .post(format!("{}/v1/releases/promote", f.server.url))
-        .bearer_auth(&staging_only)
-        .json(&json!({"service": "api", "environment": "production"}))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    f.assert_refusal_recorded("ci-staging", 403, "forbidden");
-    // It still deploys where it may.
-    let response = f
-        .server
-        .http()
-        .post(format!("{}/v1/releases", f.server.url))
-        .bearer_auth(&staging_only)
-        .json(&deploy_body("staging", &v1))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-}
-
-#[test]
 fn a_pending_release_expires_and_cannot_be_approved_then() {
     let f = Fixture::with_config(
         "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n\

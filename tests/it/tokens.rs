@@ -50,12 +50,11 @@ fn a_token_secret_is_shown_once_and_stored_only_hashed() {
 fn revoke_then_names_are_never_reused() {
     let server = TestServer::start(Backend::Local);
     let token = server.token_with("alice", "deployer", &["--owner", "alice"]);
-    let ok = server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+    let ok = server.http().get(format!("{}/v1/status", server.url)).bearer_auth(&token).send().unwrap();
     assert_eq!(ok.status(), 200);
 
     server.cli().args(["token", "revoke", "alice"]).assert_success();
-    let refused =
-        server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+    let refused = server.http().get(format!("{}/v1/status", server.url)).bearer_auth(&token).send().unwrap();
     assert_eq!(refused.status(), 401);
     let again = server.cli().args(["token", "revoke", "alice"]).assert_exit(3);
     assert!(again.stderr().contains("revoked already"), "{again}");
