@@ -419,7 +419,7 @@ SERVER_PID=$!
 for _ in $(seq 200); do grep -q "listening on" "$ROOT/server/server.log" && break; sleep 0.05; done
 grep -q "listening on" "$ROOT/server/server.log" || die "release serve did not start: $(cat "$ROOT/server/server.log")"
 export RELEASE_SERVER=http://127.0.0.1:$SERVER_PORT
-RELEASE_TOKEN=$("$BIN" token create bench --role admin --data-dir "$ROOT/server/data" --json |
+RELEASE_TOKEN=$("$BIN" token create bench --role admin --owner bench --data-dir "$ROOT/server/data" --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 export RELEASE_TOKEN
 for k in $(seq "$VERSIONS"); do

@@ -222,8 +222,8 @@ def main():
         for name, paths in pages.items():
             results[name] = measure(*url, token, paths, max(200, args.requests // 10))
         started = time.time()
-        out = subprocess.run([binary, "audit", "verify", "--json", "--server", f"http://{url[0]}:{url[1]}", "--token", token],
-                             capture_output=True, env=env)
+        out = subprocess.run([binary, "audit", "verify", "--json", "--server", f"http://{url[0]}:{url[1]}"],
+                             capture_output=True, env={**env, "RELEASE_TOKEN": token})
         verify_s = time.time() - started
         verified = json.loads(out.stdout or b"{}")
     finally:

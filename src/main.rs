@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// mimalloc keeps freed memory for reuse instead of returning it to the kernel at once: an
 /// upload streams a gigabyte through short-lived buffers, and fresh pages (zeroed by the
 /// kernel, faulted in one by one) cost ~10% of the upload time on the machines we measured.
@@ -11,5 +9,5 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    release::cli::run(release::cli::Cli::parse())
+    release::cli::run(release::cli::parse())
 }

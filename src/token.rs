@@ -128,6 +128,13 @@ pub enum TokenError {
     NoRoles,
     #[error("token name {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'")]
     BadName(String),
+    #[error("owner {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.' (capitals are taken as lowercase)")]
+    BadOwner(String),
+    #[error(
+        "a token with the {roles} role must name its owner with --owner (the person it belongs to): four eyes \
+         compares owners, so without it a token named {name:?} would be an owner of its own"
+    )]
+    OwnerRequired { name: String, roles: String },
     #[error("not a release token (expected rls_<id>_<secret>)")]
     Malformed,
     #[error("token {name:?} may not {action}; its roles are {roles}")]
@@ -196,6 +203,27 @@ pub fn check_name(name: &str) -> Result<(), TokenError> {
     if ok { Ok(()) } else { Err(TokenError::BadName(name.to_owned())) }
 }
 
+/// Roles whose tokens must name their owner: they request or decide releases, and four eyes
+/// compares owners. A `ci` or `auditor` token never has a release waiting for approval
+/// (`ci` deploys only where none is needed) and decides nothing, so its owner may default to
+/// its name.
+pub const OWNER_REQUIRED: [Role; 3] = [Role::Deployer, Role::Approver, Role::Admin];
+
+/// An owner as four eyes compares it: ASCII letters lowercased (`Alice` is `alice`), then the
+/// token-name charset. The registry's four-eyes trigger compares `lower()` of both sides, which
+/// folds the same letters.
+pub fn normalize_owner(owner: &str) -> Result<String, TokenError> {
+    let normalized = owner.to_ascii_lowercase();
+    check_name(&normalized).map_err(|_| TokenError::BadOwner(owner.to_owned()))?;
+    Ok(normalized)
+}
+
+/// Whether two recorded owners are the same person. Rows written before owners were normalized
+/// may hold capitals, so the comparison folds them as [`normalize_owner`] does.
+pub fn same_owner(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
 /// Parses `ci,deployer`.
 pub fn parse_roles(list: &str) -> Result<Vec<Role>, TokenError> {
     let mut roles: Vec<Role> =
@@ -232,21 +260,6 @@ impl Principal {
         Err(TokenError::Forbidden { name: self.name.clone(), action: action.name(), roles: join_roles(&self.roles) })
     }
 
-    /// For something that belongs to several services (an artifact uploaded for each): allowed
-    /// when any of them is in scope.
-    pub fn require_any_service<'a>(&self, services: impl IntoIterator<Item = &'a str>) -> Result<(), TokenError> {
-        let Some(allowed) = &self.services else { return Ok(()) };
-        let services: Vec<&str> = services.into_iter().collect();
-        if services.iter().any(|s| allowed.iter().any(|a| a == s)) {
-            return Ok(());
-        }
-        Err(TokenError::ServiceNotAllowed {
-            name: self.name.clone(),
-            service: services.join(","),
-            allowed: allowed.join(","),
-        })
-    }
-
     pub fn require_environment(&self, environment: &str) -> Result<(), TokenError> {
         match &self.environments {
             Some(allowed) if !allowed.iter().any(|e| e == environment) => Err(TokenError::EnvironmentNotAllowed {
@@ -260,6 +273,28 @@ impl Principal {
 
     pub fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// Whether the token is limited to some services or environments.
+    pub fn is_scoped(&self) -> bool {
+        self.services.is_some() || self.environments.is_some()
+    }
+
+    /// Whether the token may see what belongs to (service, environment).
+    pub fn sees(&self, service: &str, environment: &str) -> Result<(), TokenError> {
+        self.require_service(service)?;
+        self.require_environment(environment)
+    }
+
+    /// What this token is told when something it names is absent, or outside its scope: the
+    /// same words either way, so a scoped token cannot tell them apart (SPEC 2: scopes apply to
+    /// reads; issue 10). `missing` is what any token is told of something absent.
+    pub fn as_if_absent(&self, missing: impl fmt::Display) -> String {
+        if self.is_scoped() {
+            format!("{missing}, or not within the scope of token {:?}", self.name)
+        } else {
+            missing.to_string()
+        }
     }
 
     /// For what spans every service and environment (the audit log and its exports).
@@ -285,7 +320,8 @@ impl Principal {
 /// What `release token create` asks for.
 pub struct TokenRequest {
     pub name: String,
-    pub owner: String,
+    /// Required for the roles in [`OWNER_REQUIRED`]; otherwise defaults to the name.
+    pub owner: Option<String>,
     pub roles: Vec<Role>,
     pub services: Option<Vec<String>>,
     pub environments: Option<Vec<String>>,
@@ -319,6 +355,16 @@ pub fn create(
     if request.roles.is_empty() {
         return Err(TokenError::NoRoles);
     }
+    let owner = match &request.owner {
+        Some(owner) => normalize_owner(owner)?,
+        None => {
+            let privileged: Vec<Role> = request.roles.iter().copied().filter(|r| OWNER_REQUIRED.contains(r)).collect();
+            if !privileged.is_empty() {
+                return Err(TokenError::OwnerRequired { name: request.name, roles: join_roles(&privileged) });
+            }
+            request.name.clone()
+        }
+    };
     for (what, list) in [("service", &request.services), ("environment", &request.environments)] {
         if let Some(bad) = list.iter().flatten().find(|n| !is_valid_name(n)) {
             return Err(TokenError::BadScope { what, name: bad.clone() });
@@ -334,7 +380,7 @@ pub fn create(
         "token.create",
         &request.name,
         serde_json::json!({
-            "owner": request.owner,
+            "owner": owner,
             "roles": join_roles(&request.roles),
             "services": request.services,
             "environments": request.environments,
@@ -345,7 +391,7 @@ pub fn create(
         &NewToken {
             id: secret.id,
             name: request.name,
-            owner: request.owner,
+            owner,
             roles: request.roles,
             services: request.services,
             environments: request.environments,
@@ -390,7 +436,8 @@ fn still_valid(record: TokenRecord) -> Result<Principal, TokenError> {
     }
     Ok(Principal {
         name: record.name,
-        owner: record.owner,
+        // Normalized also for tokens made before owners were (their rows stay as written).
+        owner: record.owner.to_ascii_lowercase(),
         roles: record.roles,
         services: record.services,
         environments: record.environments,
@@ -417,7 +464,7 @@ mod tests {
         let registry = Registry::open(&dir.path().join("r.db")).unwrap();
         let request = |name: &str| TokenRequest {
             name: name.into(),
-            owner: "alice".into(),
+            owner: Some("alice".into()),
             roles: vec![Role::Deployer],
             services: None,
             environments: Some(vec!["staging".into()]),
@@ -463,6 +510,66 @@ mod tests {
     }
 
     #[test]
+    fn owners_are_required_for_requesters_and_deciders_and_normalized() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("r.db")).unwrap();
+        let request = |name: &str, roles: Vec<Role>, owner: Option<&str>| TokenRequest {
+            name: name.into(),
+            owner: owner.map(str::to_owned),
+            roles,
+            services: None,
+            environments: None,
+            expires_in_days: None,
+        };
+        for roles in [vec![Role::Deployer], vec![Role::Approver], vec![Role::Admin], vec![Role::Ci, Role::Approver]] {
+            let refused = create(&registry, request("alice-approver", roles.clone(), None), Manager::Local);
+            assert!(
+                matches!(&refused, Err(TokenError::OwnerRequired { .. })),
+                "{roles:?}: {:?}",
+                refused.as_ref().map(|r| &r.0)
+            );
+            assert!(refused.unwrap_err().to_string().contains("--owner"));
+        }
+        // ci and auditor tokens never request a release that waits for approval, nor decide one.
+        let (ci, _) =
+            create(&registry, request("ci-api", vec![Role::Ci, Role::Auditor], None), Manager::Local).unwrap();
+        assert_eq!(ci.owner, "ci-api");
+
+        let (alice, token) =
+            create(&registry, request("alice", vec![Role::Deployer], Some("Alice")), Manager::Local).unwrap();
+        assert_eq!(alice.owner, "alice");
+        assert_eq!(authenticate(&registry, &token).unwrap().owner, "alice");
+        for bad in ["alice smith", "", "al/ice", "ålice", &"a".repeat(65)] {
+            let refused = create(&registry, request("x", vec![Role::Deployer], Some(bad)), Manager::Local);
+            assert!(matches!(refused, Err(TokenError::BadOwner(ref o)) if o == bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_made_before_owners_were_normalized_compares_lowercase() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("r.db")).unwrap();
+        let old = NewSecret::generate();
+        registry
+            .create_token(
+                &NewToken {
+                    id: old.id.clone(),
+                    name: "bob-old".into(),
+                    owner: "Bob".into(),
+                    roles: vec![Role::Approver],
+                    services: None,
+                    environments: None,
+                    secret_sha256: old.secret_sha256,
+                    expires_at: None,
+                },
+                &NewEvent::by_local_user("token.create", "bob-old", serde_json::json!({})),
+            )
+            .unwrap();
+        assert_eq!(authenticate(&registry, &old.token).unwrap().owner, "bob");
+        assert!(same_owner("Bob", "bob") && !same_owner("bob", "bobby"));
+    }
+
+    #[test]
     fn malformed_tokens_are_refused() {
         for bad in ["", "rls_", "rls_abc_def", "Bearer x", "rls_0123456789abcdef_short"] {
             assert!(Presented::parse(bad).is_err(), "{bad:?}");
@@ -487,5 +594,23 @@ mod tests {
         assert!(p(vec![Role::Auditor]).require(Action::Read).is_ok());
         assert!(p(vec![Role::Ci]).require_service("api").is_ok());
         assert!(p(vec![Role::Ci]).require_service("play").is_err());
+    }
+
+    #[test]
+    fn a_limited_token_is_told_the_same_words_of_absent_and_unseen_things() {
+        let scoped = Principal {
+            name: "ci-api".into(),
+            owner: "gitlab".into(),
+            roles: vec![Role::Ci],
+            services: Some(vec!["api".into()]),
+            environments: None,
+        };
+        assert!(
+            scoped.is_scoped() && scoped.sees("api", "production").is_ok() && scoped.sees("web", "staging").is_err()
+        );
+        assert_eq!(scoped.as_if_absent("no release 7"), "no release 7, or not within the scope of token \"ci-api\"");
+        let everything = Principal { services: None, ..scoped };
+        assert!(!everything.is_scoped() && everything.sees("web", "staging").is_ok());
+        assert_eq!(everything.as_if_absent("no release 7"), "no release 7");
     }
 }

@@ -81,7 +81,8 @@ pub struct ServerArgs {
     /// The release server's URL.
     #[arg(long, env = "RELEASE_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// API token (prefer the environment variable: a flag shows in `ps`).
+    /// API token. Prefer RELEASE_TOKEN: a token given here shows in the process list and lands
+    /// in shell history (a warning says so). Given both, this flag wins, as flags always do.
     #[arg(long, env = "RELEASE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -227,6 +228,28 @@ impl Output {
             println!("{}", human());
         }
     }
+}
+
+/// Parses the process's command line (exiting on bad usage, as clap does), with a warning on
+/// stderr when a token came on it: every user of the machine can read it in `ps`.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    if token_on_command_line(&matches) {
+        eprintln!(
+            "warning: --token shows the token to every user of this machine (ps) and keeps it in your shell \
+             history; set RELEASE_TOKEN instead"
+        );
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Whether `--token` was given on the command line (not through RELEASE_TOKEN), in whichever
+/// subcommand takes it.
+fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
+    let here = matches.try_contains_id("token").unwrap_or(false)
+        && matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
+    here || matches.subcommand().is_some_and(|(_, sub)| token_on_command_line(sub))
 }
 
 /// Runs a parsed command line; the process's exit code.

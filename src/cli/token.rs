@@ -11,7 +11,9 @@ pub enum Command {
         /// Roles, comma-separated: ci, deployer, approver, auditor, admin.
         #[arg(long = "role", required = true)]
         roles: String,
-        /// The person or pipeline it belongs to (four-eyes compares owners) [default: NAME].
+        /// The person or pipeline it belongs to: four eyes compares owners. Required with the
+        /// deployer, approver or admin role; for ci and auditor tokens it defaults to NAME.
+        /// Lowercased; a-z, 0-9, '-', '_', '.'.
         #[arg(long)]
         owner: Option<String>,
         /// Limit to these services (comma-separated).
@@ -53,7 +55,7 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
         Command::Create { name, roles, owner, services, envs, expires, data } => {
             let registry = data.registry()?;
             let request = TokenRequest {
-                owner: owner.unwrap_or_else(|| name.clone()),
+                owner,
                 name,
                 roles: token::parse_roles(&roles)?,
                 services,

@@ -5,6 +5,7 @@
 //! [`Secret`], whose `Debug` never shows them.
 
 mod net;
+mod node;
 mod units;
 mod webhook;
 
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use crate::digest::Digest;
 
 pub use net::{IpRange, mask};
+pub use node::{Node, check_host, check_user};
 pub use units::{ByteSize, HumanDuration};
 pub use webhook::Webhook;
 
@@ -272,28 +274,6 @@ pub struct Hooks {
     pub reload: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Node {
-    /// Defaults to `host` (or `host:port` when the port is not 22).
-    #[serde(default)]
-    pub name: Option<String>,
-    pub environment: String,
-    /// A host name or address, or `"local"` for this machine without SSH.
-    pub host: String,
-    #[serde(default = "default_ssh_port")]
-    pub port: u16,
-    #[serde(default)]
-    pub user: Option<String>,
-    pub base: PathBuf,
-    #[serde(default)]
-    pub migrate: bool,
-}
-
-fn default_ssh_port() -> u16 {
-    22
-}
-
 impl Service {
     /// Whether the health check proves the new code answers: `{digest}` in its URL or in the
     /// text it expects. A release live without that proof is *unverified* (SPEC 7).
@@ -334,23 +314,6 @@ impl Service {
             "nodes": nodes,
         });
         Digest::of(canonical.to_string().as_bytes())
-    }
-}
-
-impl Node {
-    /// How the node is named in the registry and in messages: its `name`, else its host (and
-    /// port when not 22); local nodes by their base directory.
-    pub fn display_name(&self) -> String {
-        match (&self.name, self.host.as_str(), self.port) {
-            (Some(name), _, _) => name.clone(),
-            (None, "local", _) => format!("local:{}", self.base.display()),
-            (None, host, 22) => host.to_owned(),
-            (None, host, port) => format!("{host}:{port}"),
-        }
-    }
-
-    pub fn is_local(&self) -> bool {
-        self.host == "local"
     }
 }
 
@@ -682,12 +645,6 @@ fn resolve_service(
                 &node_key("environment"),
                 format!("{:?} is not a configured environment", node.environment),
             ));
-        }
-        if node.host.is_empty() {
-            return Err(invalid(&node_key("host"), "must not be empty".into()));
-        }
-        if !node.base.is_absolute() {
-            return Err(invalid(&node_key("base"), format!("{} must be an absolute path", node.base.display())));
         }
         if node.migrate && section.kind != ServiceKind::Laravel {
             return Err(invalid(&node_key("migrate"), "only laravel services run migrations".into()));

@@ -134,6 +134,38 @@ fn semantic_errors_name_the_key() {
     }
 }
 
+/// A node of `web` in staging with these extra lines (host, user, base, port).
+fn node_config(lines: &str) -> String {
+    format!("[service.web]\nkind = \"generic\"\n\n[[service.web.node]]\nenvironment = \"staging\"\n{lines}")
+}
+
+#[test]
+fn node_ssh_inputs_are_checked_at_load_naming_file_line_and_key() {
+    // Line 6 is the first of `lines`, after the five the node's table takes.
+    let cases = [
+        ("host = \"-oProxyCommand=touch /tmp/pwned\"\nbase = \"/srv/web\"\n", ":6:", "service.web.node[0].host"),
+        ("host = \"10.0.0.5\"\nuser = \"deploy user\"\nbase = \"/srv/web\"\n", ":7:", "service.web.node[0].user"),
+        ("host = \"10.0.0.5\"\nuser = \"-oProxyCommand=x\"\nbase = \"/srv/web\"\n", ":7:", "service.web.node[0].user"),
+        ("host = \"web-1\"\nbase = \"/srv/../etc\"\n", ":7:", "service.web.node[0].base"),
+        ("host = \"web-1\"\nbase = \"srv/web\"\n", ":7:", "service.web.node[0].base"),
+        ("host = \"web-1\"\nbase = \"/\"\n", ":7:", "service.web.node[0].base"),
+        ("host = \"web-1\"\nport = 0\nbase = \"/srv/web\"\n", ":7:", "service.web.node[0].port"),
+        ("host = \"web-1\"\nport = 70000\nbase = \"/srv/web\"\n", ":7:", "service.web.node[0].port"),
+        ("host = \"\"\nbase = \"/srv/web\"\n", ":6:", "service.web.node[0].host"),
+    ];
+    for (lines, line, key) in cases {
+        let err = load_text(&node_config(lines)).unwrap_err().to_string();
+        assert!(err.contains(".tmp") && err.contains(line) && err.contains(key), "expected file{line} {key} in: {err}");
+    }
+    let err = load_text(&node_config(cases[0].0)).unwrap_err().to_string();
+    assert!(err.contains("is not a host"), "{err}");
+
+    let c = load_text(&node_config("host = \"::1\"\nuser = \"deploy\"\nport = 2222\nbase = \"/srv//web/\"\n")).unwrap();
+    let node = &c.service("web").unwrap().nodes[0];
+    assert_eq!((node.host.as_str(), node.user.as_deref(), node.port), ("::1", Some("deploy"), 2222));
+    assert_eq!(node.base, PathBuf::from("/srv/web"), "slashes normalized");
+}
+
 #[test]
 fn trusted_proxies_and_the_refusal_window() {
     let c = Config::embedded_default();

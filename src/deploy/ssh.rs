@@ -118,6 +118,12 @@ impl Ssh {
         control_dir: Option<&Path>,
     ) -> Result<Ssh, String> {
         let name = node.display_name();
+        // Checked at load already; again here because the `openssh` crate passes the host as
+        // ssh's last argument with no `--` before it, where one beginning with `-` is an option.
+        crate::config::check_host(&node.host)?;
+        if let Some(user) = &node.user {
+            crate::config::check_user(user)?;
+        }
         let mut builder = SessionBuilder::default();
         if let Some(dir) = control_dir {
             builder.control_directory(dir);
@@ -258,7 +264,7 @@ fn end_masters_left_in(dir: &Path) {
             let ended = std::process::Command::new("ssh")
                 .arg("-S")
                 .arg(&socket)
-                .args(["-O", "exit", "left-behind"])
+                .args(["-O", "exit", "--", "left-behind"])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

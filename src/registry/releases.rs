@@ -168,6 +168,26 @@ impl Registry {
         })
     }
 
+    /// Whether `name` is a service `release` knows of: configured now or before, or named by
+    /// an upload.
+    pub fn service_known(&self, name: &str) -> Result<bool, RegistryError> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM services WHERE name = ?1)
+                     OR EXISTS (SELECT 1 FROM artifact_uploads WHERE service = ?1)",
+                [name],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    /// Whether `name` is an environment configured now or before.
+    pub fn environment_known(&self, name: &str) -> Result<bool, RegistryError> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM environments WHERE name = ?1)", [name], |r| r.get(0))?)
+        })
+    }
+
     /// Records a new release. One in flight per (service, environment): an `Approved` release
     /// is refused with [`RegistryError::InFlight`] while another is approved or deploying.
     pub fn create_release(&self, new: &NewRelease, event: &NewEvent) -> Result<Release, RegistryError> {

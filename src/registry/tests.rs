@@ -204,6 +204,13 @@ mod releases {
             pending.id
         );
         assert!(conn.execute(&sql, []).unwrap_err().to_string().contains("four eyes"));
+        // Owners are compared lowercased: a row written before owners were normalized is the
+        // same person.
+        let sql = format!(
+            "INSERT INTO approvals VALUES ({}, '{digest}', 'approved', 'alice-2', 'Alice', 't', NULL)",
+            pending.id
+        );
+        assert!(conn.execute(&sql, []).unwrap_err().to_string().contains("four eyes"), "Alice approved alice's");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError, Start};
 use crate::store::Store;
-use crate::token::{Action, Principal, Role, TokenError};
+use crate::token::{Action, Principal, Role, TokenError, same_owner};
 use crate::utc;
 
 /// How long a deploy lease lasts unless renewed. It is renewed every third of that, and the
@@ -74,6 +74,13 @@ pub enum ReleaseError {
     UnknownArtifact { service: String, digest: Digest },
     #[error("no release {0}")]
     NotFound(i64),
+    /// A read names a service or environment never configured (nor, for a service, uploaded for).
+    #[error("no {what} {name:?}")]
+    Unknown { what: &'static str, name: String },
+    /// What a token limited to some services or environments is told of something absent, or
+    /// outside its scope: the same words either way. `why` says which, for the audit log.
+    #[error("{message}")]
+    Unseen { message: String, why: Option<TokenError> },
     #[error(transparent)]
     Forbidden(#[from] TokenError),
     #[error("{0}; wait for it to finish")]
@@ -393,15 +400,53 @@ impl Releases {
             .ok_or_else(|| ReleaseError::NotConfigured { what: "environment", name: name.to_owned() })
     }
 
-    fn check_scope(&self, principal: &Principal, action: Action, service: &str, env: &str) -> Result<(), ReleaseError> {
-        principal.require(action)?;
-        principal.require_service(service)?;
-        principal.require_environment(env)?;
+    /// The role, then the service and environment: each must be configured and within the
+    /// token's scope, and one outside it is answered exactly as one not configured.
+    fn check_scope(&self, p: &Principal, action: Action, service: &str, env: &str) -> Result<(), ReleaseError> {
+        p.require(action)?;
+        let absent = |what, name: &str| ReleaseError::NotConfigured { what, name: name.to_owned() };
         if self.config.service(service).is_none() {
-            return Err(ReleaseError::NotConfigured { what: "service", name: service.to_owned() });
+            return Err(unseen(p, absent("service", service), None));
         }
-        self.environment(env)?;
+        if let Err(why) = p.require_service(service) {
+            return Err(unseen(p, absent("service", service), Some(why)));
+        }
+        if self.environment(env).is_err() {
+            return Err(unseen(p, absent("environment", env), None));
+        }
+        if let Err(why) = p.require_environment(env) {
+            return Err(unseen(p, absent("environment", env), Some(why)));
+        }
         Ok(())
+    }
+
+    /// A service or environment a read names: known to the registry (configured now or before;
+    /// a service also when artifacts were uploaded for it) and within the token's scope, one
+    /// outside it answered exactly as one never known.
+    async fn require_known(&self, p: &Principal, named: Named, name: &str) -> Result<(), ReleaseError> {
+        let wanted = name.to_owned();
+        let (known, scope) = match named {
+            Named::Service => (self.blocking(move |r| r.service_known(&wanted)).await?, p.require_service(name)),
+            Named::Environment => {
+                (self.blocking(move |r| r.environment_known(&wanted)).await?, p.require_environment(name))
+            }
+        };
+        let absent = || ReleaseError::Unknown { what: named.as_str(), name: name.to_owned() };
+        if !known {
+            return Err(unseen(p, absent(), None));
+        }
+        scope.map_err(|why| unseen(p, absent(), Some(why)))
+    }
+
+    /// Release `id`, if the token may see it; else exactly what it is told of a release that
+    /// does not exist.
+    async fn visible(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
+        let Some(release) = self.blocking(move |r| r.release(id)).await? else {
+            return Err(unseen(p, ReleaseError::NotFound(id), None));
+        };
+        p.sees(&release.service, &release.environment)
+            .map_err(|why| unseen(p, ReleaseError::NotFound(id), Some(why)))?;
+        Ok(release)
     }
 
     /// `release deploy S --env E DIGEST`.
@@ -444,7 +489,7 @@ impl Releases {
                 )));
             }
         };
-        self.environment(&source)?;
+        self.environment(&source).map_err(|e| unseen(p, e, None))?;
         let (s, e) = (service.to_owned(), source.clone());
         let live = self
             .blocking(move |r| r.live_release(&s, &e))
@@ -656,7 +701,7 @@ impl Releases {
             return Err(ReleaseError::Blocked { digest, reason: block.reason });
         }
         let release = self.pending(p, id, "approval").await?;
-        if release.requester_owner == p.owner {
+        if same_owner(&release.requester_owner, &p.owner) {
             return Err(ReleaseError::SelfApproval { id, owner: p.owner.clone() });
         }
         let decision =
@@ -694,10 +739,8 @@ impl Releases {
     /// `release cancel ID`: the requester (same owner) or an admin withdraws a pending release.
     pub async fn cancel(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
         p.require(Action::Cancel)?;
-        let release = self.find(id).await?;
-        p.require_service(&release.service)?;
-        p.require_environment(&release.environment)?;
-        if release.requester_owner != p.owner && !p.has(Role::Admin) {
+        let release = self.visible(p, id).await?;
+        if !same_owner(&release.requester_owner, &p.owner) && !p.has(Role::Admin) {
             return Err(TokenError::NotRequester { id, owner: release.requester_owner }.into());
         }
         if release.state != State::PendingApproval {
@@ -728,17 +771,11 @@ impl Releases {
         }
     }
 
-    async fn find(&self, id: i64) -> Result<Release, ReleaseError> {
-        self.blocking(move |r| r.release(id)).await?.ok_or(ReleaseError::NotFound(id))
-    }
-
-    /// A release this approver may decide, whatever its state: the role and the scopes.
+    /// A release this approver may decide, whatever its state: the role, then the scopes (one
+    /// outside them answered as one that does not exist).
     async fn decidable(&self, p: &Principal, id: i64) -> Result<Release, ReleaseError> {
         p.require(Action::Decide)?;
-        let release = self.find(id).await?;
-        p.require_service(&release.service)?;
-        p.require_environment(&release.environment)?;
-        Ok(release)
+        self.visible(p, id).await
     }
 
     /// A release an approver may decide now: in scope, pending, not expired.
@@ -793,9 +830,11 @@ impl Releases {
 
     pub async fn show(&self, p: &Principal, id: i64) -> Result<Shown, ReleaseError> {
         p.require(Action::Read)?;
-        let detail = self.blocking(move |r| r.release_detail(id)).await?.ok_or(ReleaseError::NotFound(id))?;
-        p.require_service(&detail.release.service)?;
-        p.require_environment(&detail.release.environment)?;
+        let Some(detail) = self.blocking(move |r| r.release_detail(id)).await? else {
+            return Err(unseen(p, ReleaseError::NotFound(id), None));
+        };
+        p.sees(&detail.release.service, &detail.release.environment)
+            .map_err(|why| unseen(p, ReleaseError::NotFound(id), Some(why)))?;
         let approvers = if detail.release.state == State::PendingApproval {
             let (service, env, requester) = (
                 detail.release.service.clone(),
@@ -810,8 +849,8 @@ impl Releases {
                 .filter(|t| t.roles.iter().any(|r| Action::Decide.allowed_roles().contains(r)))
                 .filter(|t| t.services.as_ref().is_none_or(|s| s.contains(&service)))
                 .filter(|t| t.environments.as_ref().is_none_or(|e| e.contains(&env)))
-                .filter(|t| t.owner != requester)
-                .map(|t| t.owner)
+                .filter(|t| !same_owner(&t.owner, &requester))
+                .map(|t| t.owner.to_ascii_lowercase())
                 .collect();
             owners.sort();
             owners.dedup();
@@ -835,10 +874,10 @@ impl Releases {
     ) -> Result<(Vec<Release>, Option<i64>), ReleaseError> {
         p.require(Action::Read)?;
         if let Some(service) = &service {
-            p.require_service(service)?;
+            self.require_known(p, Named::Service, service).await?;
         }
         if let Some(env) = &env {
-            p.require_environment(env)?;
+            self.require_known(p, Named::Environment, env).await?;
         }
         let scanned = self.blocking(move |r| r.history(service.as_deref(), env.as_deref(), limit, before)).await?;
         let next = (scanned.len() == limit as usize).then(|| scanned.last().map(|r| r.id)).flatten();
@@ -857,7 +896,7 @@ impl Releases {
     ) -> Result<Vec<StatusRow>, ReleaseError> {
         p.require(Action::Read)?;
         if let Some(service) = &service {
-            p.require_service(service)?;
+            self.require_known(p, Named::Service, service).await?;
         }
         let rows = self.blocking(move |r| r.status(service.as_deref())).await?;
         let mut rows: Vec<StatusRow> = rows.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect();
@@ -1115,9 +1154,35 @@ impl Releases {
     }
 }
 
+/// What a read may name, besides a release.
+#[derive(Clone, Copy, Debug)]
+enum Named {
+    Service,
+    Environment,
+}
+
+impl Named {
+    fn as_str(self) -> &'static str {
+        match self {
+            Named::Service => "service",
+            Named::Environment => "environment",
+        }
+    }
+}
+
 /// Whether a token's scopes let it see (service, environment).
 fn visible(p: &Principal, service: &str, environment: &str) -> bool {
-    p.require_service(service).is_ok() && p.require_environment(environment).is_ok()
+    p.sees(service, environment).is_ok()
+}
+
+/// What `p` is told of something absent (`missing`), or outside its scope (`why`, the reason,
+/// for the audit log): exactly the same either way. A token without limits sees everything, so
+/// it is only ever told of what is absent, in the usual words.
+fn unseen(p: &Principal, missing: ReleaseError, why: Option<TokenError>) -> ReleaseError {
+    if !p.is_scoped() {
+        return missing;
+    }
+    ReleaseError::Unseen { message: p.as_if_absent(&missing), why }
 }
 
 /// Aborts a background task when dropped (the lease renewer ends with its deploy, whatever

@@ -19,7 +19,7 @@ use super::{AppState, blocking};
 use crate::digest::Digest;
 use crate::ingest::{Pace, Piece, UploadRequest};
 use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
-use crate::token::{Action, Principal};
+use crate::token::{Action, Principal, TokenError};
 
 use crate::digest::HTTP_HEADER as DIGEST_HEADER;
 const MAX_PAGE: u32 = 500;
@@ -129,8 +129,9 @@ pub(super) fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
 }
 
-/// The artifact, if it exists and the caller may read it: any role may, but a token scoped to
-/// services only sees artifacts uploaded for one of them.
+/// The artifact and the upload records the caller may see: any role may read, but a token
+/// scoped to services sees an artifact only through them (their upload records alone), and one
+/// uploaded for none of them is answered exactly as one that does not exist.
 async fn readable(
     state: &AppState,
     principal: &Principal,
@@ -142,11 +143,41 @@ async fn readable(
     let (artifact, uploads) =
         blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_uploads(digest)?)))
             .await?;
-    let not_found = || ApiError::not_found(format!("no artifact {digest}"));
-    let artifact = artifact.ok_or_else(not_found)?;
-    // A scoped token learns nothing about artifacts outside its scope, not even that they exist.
-    principal.require_any_service(uploads.iter().map(|u| u.service.as_str())).map_err(|_| not_found())?;
-    Ok((artifact, uploads))
+    let Some(artifact) = artifact else { return Err(no_artifact(principal, digest)) };
+    Ok((artifact, seen_uploads(principal, digest, uploads)?))
+}
+
+/// What a token is told of an artifact that does not exist.
+pub(super) fn no_artifact(principal: &Principal, digest: Digest) -> ApiError {
+    ApiError::not_found(principal.as_if_absent(format!("no artifact {digest}")))
+}
+
+/// The upload records of `digest` that a token may see. When it may see none (a token scoped
+/// to other services), the answer is exactly [`no_artifact`]'s, with the reason for the audit
+/// log.
+pub(super) fn seen_uploads(
+    principal: &Principal,
+    digest: Digest,
+    uploads: Vec<ArtifactUpload>,
+) -> Result<Vec<ArtifactUpload>, ApiError> {
+    let (seen, unseen): (Vec<_>, Vec<_>) =
+        uploads.into_iter().partition(|u| principal.require_service(&u.service).is_ok());
+    if !seen.is_empty() {
+        return Ok(seen);
+    }
+    let absent = no_artifact(principal, digest);
+    Err(match &principal.services {
+        Some(allowed) if !unseen.is_empty() => {
+            let services: Vec<&str> = unseen.iter().map(|u| u.service.as_str()).collect();
+            let why = TokenError::ServiceNotAllowed {
+                name: principal.name.clone(),
+                service: services.join(","),
+                allowed: allowed.join(","),
+            };
+            ApiError::out_of_scope(absent.message, why)
+        }
+        _ => absent,
+    })
 }
 
 async fn exists(
@@ -340,7 +371,15 @@ async fn list(
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<ListAnswer>, ApiError> {
     principal.require(Action::Read)?;
-    principal.require_service(&service)?;
+    // A service never configured nor uploaded for is 404, and so is one outside the token's
+    // scope, in the same words.
+    let (registry, wanted) = (Arc::clone(&state.ingestor.registry), service.clone());
+    let known = blocking(move || registry.service_known(&wanted)).await?;
+    let absent = || principal.as_if_absent(format!("no service {service:?}"));
+    if !known {
+        return Err(ApiError::not_found(absent()));
+    }
+    principal.require_service(&service).map_err(|why| ApiError::out_of_scope(absent(), why))?;
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let registry = Arc::clone(&state.ingestor.registry);
     let wanted = service.clone();

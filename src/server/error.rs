@@ -23,11 +23,14 @@ pub struct ApiError {
     retry_after: Option<u64>,
     /// `Connection: close`: the request's body may be left unread.
     close: bool,
+    /// Set when this 404 answers for something outside the caller's scope: why, for the audit
+    /// log only (the client is told exactly what it would be told of something absent).
+    pub out_of_scope: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), retry_after: None, close: false }
+        ApiError { status, code, message: message.into(), retry_after: None, close: false, out_of_scope: None }
     }
 
     /// The connection is closed after this answer (what is left of the request's body is
@@ -43,6 +46,12 @@ impl ApiError {
             retry_after: Some(seconds.max(1)),
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
         }
+    }
+
+    /// A 404 for something the caller may not see, worded as for something absent; `why`
+    /// reaches the audit log only.
+    pub fn out_of_scope(message: impl Into<String>, why: impl std::fmt::Display) -> ApiError {
+        ApiError { out_of_scope: Some(why.to_string()), ..ApiError::not_found(message) }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -66,11 +75,23 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// The code under which a 404 for something outside the caller's scope is recorded (audit log
+/// and metrics); the client sees `not_found`.
+pub const OUT_OF_SCOPE: &str = "out_of_scope";
+
+/// Left on a 404 that answered for something outside the caller's scope: the real reason, for
+/// the audit middleware (the answer itself says nothing of it).
+#[derive(Clone, Debug)]
+pub struct OutOfScope(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response =
             (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
         response.extensions_mut().insert(Refusal { code: self.code, message: self.message });
+        if let Some(why) = self.out_of_scope {
+            response.extensions_mut().insert(OutOfScope(why));
+        }
         let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -104,6 +125,8 @@ impl From<TokenError> for ApiError {
             | TokenError::NoRoles
             | TokenError::BadName(_)
             | TokenError::BadScope { .. }
+            | TokenError::BadOwner(_)
+            | TokenError::OwnerRequired { .. }
             | TokenError::BadExpiry => ApiError::bad_request(e.to_string()),
         }
     }
@@ -160,9 +183,12 @@ impl From<ReleaseError> for ApiError {
         let message = e.to_string();
         let conflict = |code| ApiError::new(StatusCode::CONFLICT, code, message.clone());
         match e {
-            ReleaseError::NotConfigured { .. } | ReleaseError::UnknownArtifact { .. } | ReleaseError::NotFound(_) => {
-                ApiError::not_found(message)
-            }
+            ReleaseError::NotConfigured { .. }
+            | ReleaseError::UnknownArtifact { .. }
+            | ReleaseError::NotFound(_)
+            | ReleaseError::Unknown { .. } => ApiError::not_found(message),
+            ReleaseError::Unseen { why: None, .. } => ApiError::not_found(message),
+            ReleaseError::Unseen { why: Some(why), .. } => ApiError::out_of_scope(message, why),
             ReleaseError::Forbidden(e) => e.into(),
             ReleaseError::Conflict(_) => conflict("conflict"),
             ReleaseError::SelfApproval { .. } => conflict("self_approval"),

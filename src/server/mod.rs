@@ -264,24 +264,38 @@ pub fn router(state: AppState) -> Router {
 
 /// Every refused request (401, 403, 408, 409, 413, 422) is recorded in the audit log, bounded
 /// ([`crate::refusals`]): who, what, why, from where; and counted in
-/// `release_refused_requests_total`. Malformed requests (400), missing things (404) and wrong
-/// methods (405) are neither.
+/// `release_refused_requests_total`. So is a 404 that answered for something outside the
+/// token's scope (code `out_of_scope`, with the real reason). Malformed requests (400), missing
+/// things (404) and wrong methods (405) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let what = format!("{} {}", request.method(), request.uri().path());
     let source = source::client(request.extensions(), request.headers(), &state.config.trusted_proxies);
     let slot = request.extensions().get::<auth::ActorSlot>().cloned();
     let response = next.run(request).await;
     let status = response.status();
-    if !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 413 | 422) {
+    let out_of_scope = response.extensions().get::<error::OutOfScope>().map(|o| o.0.clone());
+    if !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 413 | 422) && out_of_scope.is_none() {
         return response;
     }
     let refusal = response.extensions().get::<error::Refusal>();
-    let code = refusal.map_or("unknown", |r| r.code);
+    let (code, message) = match out_of_scope.clone() {
+        Some(why) => (error::OUT_OF_SCOPE, why),
+        None => (
+            refusal.map_or("unknown", |r| r.code),
+            refusal.map_or_else(|| status.canonical_reason().unwrap_or_default().to_owned(), |r| r.message.clone()),
+        ),
+    };
     state.metrics.record_refusal(status.as_u16(), code);
-    let message =
-        refusal.map_or_else(|| status.canonical_reason().unwrap_or_default().to_owned(), |r| r.message.clone());
     let token = slot.and_then(|s| s.who()).map(|(name, owner)| crate::refusals::Token { name, owner });
-    state.refusals.record(Refused { status: status.as_u16(), code, message, request: what, source, token }).await;
+    let refused = Refused { status: status.as_u16(), code, message, request: what, source, token };
+    if out_of_scope.is_some() {
+        // Not waited for: this 404 must come as soon as one for something absent does, or the
+        // time of an audit write would tell a scoped token what exists outside its scope.
+        let refusals = Arc::clone(&state.refusals);
+        tokio::spawn(async move { refusals.record(refused).await });
+    } else {
+        state.refusals.record(refused).await;
+    }
     response
 }
 

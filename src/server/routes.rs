@@ -30,7 +30,7 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/v1/artifacts/{digest}",
         action: Action::Read,
-        summary: "an artifact's metadata and upload records",
+        summary: "an artifact's metadata and its upload records (a token limited to services: theirs only)",
     },
     Route {
         method: "GET",

@@ -16,6 +16,7 @@ mod policies;
 mod refusals;
 mod releases;
 mod roles;
+mod scopes;
 mod server;
 mod services;
 mod ssh;

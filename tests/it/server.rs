@@ -41,16 +41,28 @@ fn every_v1_route_needs_a_token() {
 #[test]
 fn reads_are_open_to_every_role_but_scoped_by_service() {
     let server = TestServer::start(Backend::Local);
+    let ci = server.token("ci", "ci");
+    for service in ["api", "play"] {
+        let response = server
+            .http()
+            .post(format!("{}/v1/artifacts?service={service}", server.url))
+            .bearer_auth(&ci)
+            .body(archives::valid(service))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
     for role in ["ci", "deployer", "approver", "auditor", "admin"] {
-        let token = server.token(role, role);
+        let token = server.token(&format!("{role}-1"), role);
         let response =
             server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{role}");
     }
+    // Outside its scope, as if it did not exist (tests/it/scopes.rs has the whole story).
     let scoped = server.token_with("scoped", "auditor", &["--services", "api"]);
     let response =
         server.http().get(format!("{}/v1/services/play/artifacts", server.url)).bearer_auth(&scoped).send().unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
 #[test]
@@ -117,6 +129,58 @@ fn a_bad_config_names_the_file_and_key() {
     );
 }
 
+/// `release serve --config FILE`, which must stop by itself within 30 s (a configuration it
+/// accepts would have it serve until killed).
+fn serve_refusing(config: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_release"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RELEASE_DATA_DIR", config.with_file_name("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("release serve accepted {}", std::fs::read_to_string(config).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    err
+}
+
+#[test]
+fn a_node_host_or_user_ssh_could_read_as_an_option_stops_the_server_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("release.toml");
+    let pwned = dir.path().join("pwned");
+    let node = |host: &str, user: &str| {
+        format!(
+            "[service.web]\nkind = \"generic\"\n\n[[service.web.node]]\nenvironment = \"staging\"\n\
+             host = \"{host}\"\nuser = \"{user}\"\nbase = \"/srv/web\"\n"
+        )
+    };
+    std::fs::write(&config, node(&format!("-oProxyCommand=touch {}", pwned.display()), "deploy")).unwrap();
+    let err = serve_refusing(&config);
+    assert!(err.contains("release.toml:6: key `service.web.node[0].host`") && err.contains("is not a host"), "{err}");
+    std::fs::write(&config, node("10.0.0.5", "deploy user")).unwrap();
+    let err = serve_refusing(&config);
+    assert!(err.contains("release.toml:7: key `service.web.node[0].user`") && err.contains("is not a user"), "{err}");
+    // Every command that reads the configuration refuses it the same way.
+    let out = TestCommand::new().args(["token", "list", "--config", config.to_str().unwrap()]).assert_exit(2);
+    assert!(out.stderr().contains("service.web.node[0].user"), "{out}");
+    assert!(!pwned.exists());
+}
+
 #[test]
 fn init_writes_a_config_that_serve_accepts_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,7 +204,8 @@ fn flags_win_over_environment_and_file() {
     // token create opens the registry in the data dir it resolves.
     let create = |name: &str, extra: &[&str], env: Option<&std::path::Path>| {
         let mut cmd = TestCommand::new();
-        cmd.args(["token", "create", name, "--role", "admin", "--config", config.to_str().unwrap()]).args(extra);
+        cmd.args(["token", "create", name, "--role", "admin", "--owner", "ops", "--config", config.to_str().unwrap()])
+            .args(extra);
         if let Some(env) = env {
             cmd.env("RELEASE_DATA_DIR", env);
         }
@@ -159,10 +224,10 @@ fn one_log_line_per_request_without_secrets() {
     let server = TestServer::start(Backend::Local);
     let token = server.token("auditor", "auditor");
     for _ in 0..3 {
-        server.http().get(format!("{}/v1/services/api/artifacts", server.url)).bearer_auth(&token).send().unwrap();
+        server.http().get(format!("{}/v1/status", server.url)).bearer_auth(&token).send().unwrap();
     }
     let log = server.log();
-    let lines: Vec<_> = log.lines().filter(|l| l.contains("path=/v1/services/api/artifacts")).collect();
+    let lines: Vec<_> = log.lines().filter(|l| l.contains("path=/v1/status")).collect();
     assert_eq!(lines.len(), 3, "{log}");
     assert!(lines.iter().all(|l| l.contains("status=200") && l.contains("actor=auditor")), "{log}");
     assert!(!log.contains(&token[4..]), "the token's secret appears in the log");

@@ -22,7 +22,6 @@ use super::AppState;
 use super::error::ApiError;
 use crate::audit::Event;
 use crate::registry::AuditFilter;
-use crate::releases::ReleaseError;
 use crate::utc;
 use session::Viewer;
 
@@ -75,7 +74,11 @@ impl<E: Into<ApiError>> From<E> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        render::refused(self.0.status, self.0.code, &self.0.message)
+        let mut response = render::refused(self.0.status, self.0.code, &self.0.message);
+        if let Some(why) = self.0.out_of_scope {
+            response.extensions_mut().insert(super::error::OutOfScope(why));
+        }
+        response
     }
 }
 
@@ -130,13 +133,8 @@ async fn timeline(
 
 async fn release(State(state): State<AppState>, Viewer(p): Viewer, Path(id): Path<i64>) -> Result<Response, PageError> {
     // A token limited to some services learns nothing of others' releases, not even that they
-    // exist (as on the artifact page).
-    let shown = state.releases.show(&p, id).await.map_err(|e| match e {
-        crate::releases::ReleaseError::Forbidden(
-            crate::token::TokenError::ServiceNotAllowed { .. } | crate::token::TokenError::EnvironmentNotAllowed { .. },
-        ) => ReleaseError::NotFound(id),
-        e => e,
-    })?;
+    // exist: `show` answers as for a release that does not.
+    let shown = state.releases.show(&p, id).await?;
     let (registry, digest, service) =
         (Arc::clone(&state.registry), shown.detail.release.digest, shown.detail.release.service.clone());
     let (artifact, uploads) = tokio::task::spawn_blocking(move || {
@@ -167,13 +165,11 @@ async fn artifact(
     .await
     .expect("no panic")?;
     let (Some(artifact), uploads, spells, block) = found else {
-        return Err(ApiError::not_found(format!("no artifact {digest}")).into());
+        return Err(super::artifacts::no_artifact(&p, digest).into());
     };
-    // A token limited to some services sees the artifact only through them.
-    let uploads: Vec<_> = uploads.into_iter().filter(|u| p.require_service(&u.service).is_ok()).collect();
-    if uploads.is_empty() {
-        return Err(ApiError::not_found(format!("no artifact {digest}")).into());
-    }
+    // A token limited to some services sees the artifact only through them, and one uploaded
+    // for none of them as if it did not exist (as `GET /v1/artifacts/{digest}` does).
+    let uploads = super::artifacts::seen_uploads(&p, digest, uploads)?;
     Ok(html(render::artifact(&p, &artifact, &uploads, &spells, block.as_ref().map(|b| b.reason.as_str()))))
 }
 

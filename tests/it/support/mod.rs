@@ -278,9 +278,10 @@ impl TestServer {
         self.restart();
     }
 
-    /// A fresh token with these roles, made with the CLI on the server's registry.
+    /// A fresh token with these roles, made with the CLI on the server's registry, owned by a
+    /// person of the same name (`--owner`, which deployer, approver and admin tokens need).
     pub fn token(&self, name: &str, roles: &str) -> String {
-        self.token_with(name, roles, &[])
+        self.token_with(name, roles, &["--owner", name])
     }
 
     pub fn token_with(&self, name: &str, roles: &str, extra: &[&str]) -> String {
