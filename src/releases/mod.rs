@@ -490,6 +490,12 @@ impl Releases {
             }
         };
         self.environment(&source).map_err(|e| unseen(p, e, None))?;
+        // Promoting reads what is live in the source: a token must see it too, or it could
+        // learn another environment's live digest through the release it creates.
+        if let Err(why) = p.require_environment(&source) {
+            let absent = ReleaseError::NotConfigured { what: "environment", name: source.clone() };
+            return Err(unseen(p, absent, Some(why)));
+        }
         let (s, e) = (service.to_owned(), source.clone());
         let live = self
             .blocking(move |r| r.live_release(&s, &e))

@@ -231,6 +231,20 @@ fn a_token_scoped_to_staging_gets_the_answer_for_an_unknown_environment_about_pr
 }
 
 #[test]
+fn promoting_from_an_environment_outside_the_scope_is_answered_as_if_it_did_not_exist() {
+    let w = world();
+    let f = &w.f;
+    let production = f.server.token_with("prod-deployer", "deployer", &["--owner", "pat", "--envs", "production"]);
+    let releases = || f.get("root", "/v1/releases?environment=production")["releases"].as_array().unwrap().len();
+    let before = releases();
+    let envs = ("staging", "nowhere");
+    let promote = |e: &str| Some(json!({"service": "web", "environment": "production", "from": e}));
+    let message = same_as_absent(f, &production, Method::POST, envs, |_| "/v1/releases/promote".into(), promote);
+    assert!(message.contains("not within the scope of token"), "{message}");
+    assert_eq!(releases(), before, "no release was requested");
+}
+
+#[test]
 fn a_token_without_limits_is_told_of_absent_things_in_the_usual_words() {
     let w = world();
     let f = &w.f;
