@@ -84,7 +84,11 @@ impl Store {
                 let fs = LocalFileSystem::new_with_prefix(path)
                     .map_err(|source| StoreError::Open { what: path.display().to_string(), source })?
                     .with_fsync(true)
-                    .with_automatic_cleanup(true);
+                    // Never remove a directory that a delete empties: `uploads/` emptied by one
+                    // upload's clean-up was removed under another's publish, between its rename
+                    // and the fsync of `uploads/`, and a valid upload answered 404 (issue 11).
+                    // The directories are few and fixed (storage-layout.md).
+                    .with_automatic_cleanup(false);
                 Ok(Store {
                     inner: Arc::new(fs),
                     signer: None,

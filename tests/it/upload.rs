@@ -212,3 +212,71 @@ fn a_matching_digest_header_is_accepted() {
     assert_eq!(answer["service"], "api");
     assert_eq!(answer["created"], true);
 }
+
+/// Many uploads at once, some of one artifact again and again, the rest each new (issue 11:
+/// a repeated upload's clean-up once removed the staging directory under another upload's
+/// publish, and 49 of 751 new uploads answered 404). Every upload is acknowledged; every
+/// acknowledged digest is listed, readable and recorded; nothing is left in staging.
+fn concurrent_uploads_all_land(backend: Backend) {
+    const UPLOADERS: usize = 16;
+    const EACH: usize = 12;
+    let server = TestServer::start(backend);
+    let ci = server.token("ci-api", "ci");
+    let auditor = server.token("auditor", "auditor");
+    let repeated = archives::valid("the same again");
+    let acknowledged: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..UPLOADERS)
+            .map(|uploader| {
+                let (server, ci, repeated) = (&server, &ci, &repeated);
+                scope.spawn(move || {
+                    (0..EACH)
+                        .map(|n| {
+                            let body = match uploader % 4 {
+                                0 => repeated.clone(),
+                                _ => archives::valid(&format!("uploader {uploader}, upload {n}")),
+                            };
+                            let response = post(server, ci, "service=api", body);
+                            let status = response.status();
+                            let text = response.text().unwrap();
+                            assert!(status.is_success(), "uploader {uploader}, upload {n}: {status} {text}");
+                            let answer: Value = serde_json::from_str(&text).unwrap();
+                            answer["digest"].as_str().unwrap().to_owned()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut distinct = acknowledged.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 1 + (UPLOADERS - UPLOADERS / 4) * EACH);
+
+    let mut stored: Vec<String> = server.artifact_keys().iter().map(|d| d.to_string()).collect();
+    stored.sort();
+    assert_eq!(stored, distinct, "the store holds exactly what was acknowledged");
+    assert_eq!(server.count("SELECT count(*) FROM artifacts") as usize, distinct.len(), "one row per object");
+    assert_eq!(server.staging_keys(), Vec::<String>::new(), "nothing left in staging");
+    for digest in &distinct {
+        let blob = server
+            .http()
+            .get(format!("{}/v1/artifacts/{digest}/blob", server.url))
+            .bearer_auth(&auditor)
+            .send()
+            .unwrap();
+        assert_eq!(blob.status(), StatusCode::OK, "{digest}");
+        let bytes = blob.bytes().unwrap();
+        assert_eq!(release::digest::Digest::of(&bytes).to_string(), *digest);
+    }
+}
+
+#[test]
+fn concurrent_distinct_and_repeated_uploads_all_land_local() {
+    concurrent_uploads_all_land(Backend::Local);
+}
+
+#[test]
+fn concurrent_distinct_and_repeated_uploads_all_land_s3() {
+    concurrent_uploads_all_land(Backend::S3);
+}
