@@ -197,7 +197,8 @@ impl Kind {
     }
 }
 
-/// A path's 128-bit keyed hash: two SipHash-1-3 hashes under independent random keys. Paths
+/// A path's 128-bit keyed hash: two SipHash-1-3 hashes under two random keys (std's
+/// `RandomState`, seeded from the OS). Paths
 /// are known by these instead of kept whole, so the tree costs the same per entry whatever
 /// the names' length. A collision (odds ~2⁻¹²⁸ per pair, keys unknown to the archive's author)
 /// could only make a refusal of a sound archive or let a conflict through to the node's
