@@ -7,7 +7,10 @@ use std::rc::Rc;
 
 use tar::EntryType;
 
-use super::rules::{RelPath, TreeState, check_mode, check_symlink_target};
+use super::rules::{
+    Kind, MAX_MIGRATIONS, RelPath, TreeState, check_link_target_limits, check_mode, check_path_limits,
+    check_symlink_target, migration_name,
+};
 use super::{ArchiveError, ZSTD_MAGIC};
 
 /// The largest zstd window accepted, as a power of two: 32 MiB. Every level up to 19 stays
@@ -131,7 +134,7 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
     };
 
     let mut summary = Summary::default();
-    let mut tree = TreeState::default();
+    let mut tree = TreeState::new(options.max_files);
     let mut names = Extensions::default();
     let mut end_of_entries = 0u64;
     let mut buffer = vec![0u8; READ_BUFFER];
@@ -248,36 +251,43 @@ fn check_entry(
         EntryType::GNUSparse => return Err(forbidden("sparse file")),
         _ => return Err(forbidden("unsupported (not a file, directory or link)")),
     }
+    check_path_limits(&path)?;
     check_mode(&path, mode)?;
-    tree.check_not_through_symlink(&path)?;
-    if let Some(shared) = options.shared.iter().find(|s| path.is_within(s)) {
-        return Err(ArchiveError::SharedPath { path: path.as_str().to_owned(), shared: shared.clone() });
-    }
     let link = link.unwrap_or_default();
-    Ok(Some(match kind {
+    let checked = match kind {
         EntryType::Symlink => {
+            check_link_target_limits(&path, link)?;
             check_symlink_target(&path, link)?;
-            tree.add_symlink(&path);
+            tree.add(&path, Kind::Symlink)?;
             let target = String::from_utf8(link.to_vec()).expect("checked UTF-8 by check_symlink_target");
             Checked::Symlink(path, target)
         }
         EntryType::Link => {
             let target = tree.check_hardlink(&path, link)?;
+            tree.add(&path, Kind::Hardlink)?;
             Checked::Hardlink(path, target)
         }
         EntryType::Regular => {
-            tree.add_file(&path);
+            tree.add(&path, Kind::File)?;
             if options.record_migrations
-                && let Some(name) = path.as_str().strip_prefix("database/migrations/")
-                && !name.contains('/')
-                && name.ends_with(".php")
+                && let Some(name) = migration_name(&path)
             {
+                if summary.migrations.len() >= MAX_MIGRATIONS {
+                    return Err(ArchiveError::TooManyMigrations { limit: MAX_MIGRATIONS });
+                }
                 summary.migrations.push(name.to_owned());
             }
             Checked::File(path, mode & 0o111 != 0)
         }
-        _ => Checked::Directory(path),
-    }))
+        _ => {
+            tree.add(&path, Kind::Directory)?;
+            Checked::Directory(path)
+        }
+    };
+    if let Some(shared) = options.shared.iter().find(|s| checked.path().is_within(s)) {
+        return Err(ArchiveError::SharedPath { path: checked.path().as_str().to_owned(), shared: shared.clone() });
+    }
+    Ok(Some(checked))
 }
 
 /// GNU long-name and long-link entries and PAX headers, which name the entry that follows.

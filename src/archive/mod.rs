@@ -17,7 +17,10 @@ pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, walk};
 #[cfg(test)]
 use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};
-pub use rules::RelPath;
+pub use rules::{
+    MAX_DEPTH, MAX_LINK_TARGET_BYTES, MAX_MIGRATION_NAME_BYTES, MAX_MIGRATIONS, MAX_NAME_BYTES, MAX_PATH_BYTES,
+    MAX_SYMLINKS, RelPath,
+};
 
 /// The first four bytes of every zstd frame.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -53,8 +56,36 @@ pub enum ArchiveError {
     Setuid { path: String, mode: u32 },
     #[error("entry {path:?}: {shared:?} is kept in the service's shared/ directory, so it must not be in an artifact")]
     SharedPath { path: String, shared: String },
-    #[error("the archive holds more than {limit} entries (limits.max_files)")]
+    #[error(
+        "the archive holds more than {limit} entries (limits.max_files; directories implied by the entries' paths count too)"
+    )]
     TooManyFiles { limit: u64 },
+    #[error(
+        "entry {path:?}: its path of {bytes} bytes is longer than {limit} bytes (Linux's PATH_MAX): no node could create it"
+    )]
+    PathTooLong { path: String, bytes: usize, limit: usize },
+    #[error(
+        "entry {path:?}: the name {name:?} of {bytes} bytes is longer than {limit} bytes (Linux's NAME_MAX): no node could create it"
+    )]
+    NameTooLong { path: String, name: String, bytes: usize, limit: usize },
+    #[error("entry {path:?}: {depth} components deep, more than {limit}")]
+    TooDeep { path: String, depth: usize, limit: usize },
+    #[error(
+        "entry {path:?}: a link target of {bytes} bytes is longer than {limit} bytes (Linux's PATH_MAX): no node could create it"
+    )]
+    LinkTargetTooLong { path: String, bytes: usize, limit: usize },
+    #[error(
+        "entry {path:?}: a {kind} where the archive already has a {earlier} of that name: no node could unpack both (\"File exists\")"
+    )]
+    SamePath { path: String, kind: &'static str, earlier: &'static str },
+    #[error(
+        "entry {path:?}: lies under {file:?}, a {kind} earlier in the archive, not a directory: no node could unpack it"
+    )]
+    UnderFile { path: String, file: String, kind: &'static str },
+    #[error("the archive holds more than {limit} symbolic links")]
+    TooManySymlinks { limit: u64 },
+    #[error("the archive holds more than {limit} migration files (database/migrations/*.php)")]
+    TooManyMigrations { limit: usize },
     #[error("the archive unpacks to more than {limit} bytes (limits.max_unpacked_bytes)")]
     TooLarge { limit: u64 },
 }
@@ -62,6 +93,12 @@ pub enum ArchiveError {
 impl ArchiveError {
     /// True for the refusals that are about size limits rather than safety.
     pub fn is_limit(&self) -> bool {
-        matches!(self, ArchiveError::TooManyFiles { .. } | ArchiveError::TooLarge { .. })
+        matches!(
+            self,
+            ArchiveError::TooManyFiles { .. }
+                | ArchiveError::TooLarge { .. }
+                | ArchiveError::TooManySymlinks { .. }
+                | ArchiveError::TooManyMigrations { .. }
+        )
     }
 }

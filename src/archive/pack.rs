@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 use tar::{EntryType, Header};
 
-use super::rules::{RelPath, check_symlink_target};
+use super::ArchiveError;
+use super::rules::{
+    MAX_MIGRATIONS, MAX_SYMLINKS, RelPath, check_link_target_limits, check_path_limits, check_symlink_target,
+    migration_name,
+};
 use crate::digest::Digest;
 
 const LEVEL: i32 = 3;
@@ -39,6 +43,11 @@ pub enum PackError {
     OutputInsideTree { path: PathBuf },
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    /// The tree breaks a bound of the archive rules (a path too long or too deep, too many
+    /// links or migrations): the server would refuse the archive and no node could unpack it.
+    /// The message names the entry as the server would (relative, cut to a readable length).
+    #[error("cannot be packaged, since it could never be deployed: {source}")]
+    Undeployable { path: PathBuf, source: ArchiveError },
 }
 
 /// The archive written.
@@ -81,7 +90,8 @@ pub(super) fn pack_with_workers<W: Write>(
     encoder.include_checksum(true).map_err(out_err)?;
     encoder.multithread(workers.max(1)).map_err(out_err)?;
 
-    let mut packer = Packer { builder: tar::Builder::new(encoder), exclude, count: 0, progress };
+    let mut packer =
+        Packer { builder: tar::Builder::new(encoder), exclude, count: 0, symlinks: 0, migrations: 0, progress };
     packer.builder.mode(tar::HeaderMode::Deterministic);
     packer.add_dir_contents(dir, "")?;
     let count = packer.count;
@@ -127,6 +137,9 @@ struct Packer<'a, W: Write> {
     builder: tar::Builder<W>,
     exclude: &'a [String],
     count: u64,
+    /// Counted against the rules' bounds, so nothing is packed that ingest would refuse.
+    symlinks: u64,
+    migrations: usize,
     progress: &'a mut dyn FnMut(u64),
 }
 
@@ -146,20 +159,38 @@ impl<W: Write> Packer<'_, W> {
             if self.exclude.iter().any(|x| x == &rel) {
                 continue;
             }
+            // Before anything is asked of the file system: a path past the limits may be past
+            // what it answers for, too.
+            let undeployable = |source| PackError::Undeployable { path: path.clone(), source };
+            let rel_path = RelPath::parse(rel.as_bytes())
+                .ok()
+                .flatten()
+                .ok_or_else(|| PackError::NotUtf8 { path: path.clone() })?;
+            check_path_limits(&rel_path).map_err(undeployable)?;
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let file_type = meta.file_type();
             if file_type.is_dir() {
                 self.append(&rel, EntryType::Directory, 0o755, 0, io::empty(), &path)?;
                 self.add_dir_contents(&path, &rel)?;
             } else if file_type.is_file() {
+                if migration_name(&rel_path).is_some() {
+                    self.migrations += 1;
+                    if self.migrations > MAX_MIGRATIONS {
+                        return Err(undeployable(ArchiveError::TooManyMigrations { limit: MAX_MIGRATIONS }));
+                    }
+                }
                 let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
                 let file = File::open(&path).map_err(io_err(&path))?;
                 self.append(&rel, EntryType::Regular, mode, meta.len(), file, &path)?;
             } else if file_type.is_symlink() {
                 let target = fs::read_link(&path).map_err(io_err(&path))?;
                 let escapes = || PackError::LinkEscapes { path: path.clone(), target: target.display().to_string() };
-                let rel_path = RelPath::parse(rel.as_bytes()).ok().flatten().ok_or_else(escapes)?;
+                check_link_target_limits(&rel_path, target.as_os_str().as_bytes()).map_err(undeployable)?;
                 check_symlink_target(&rel_path, target.as_os_str().as_bytes()).map_err(|_| escapes())?;
+                self.symlinks += 1;
+                if self.symlinks > MAX_SYMLINKS {
+                    return Err(undeployable(ArchiveError::TooManySymlinks { limit: MAX_SYMLINKS }));
+                }
                 let mut header = self.header(EntryType::Symlink, 0o777, 0);
                 self.builder.append_link(&mut header, &rel, &target).map_err(io_err(&path))?;
                 self.bump();

@@ -1,6 +1,7 @@
 //! Per-entry safety rules: what path, link and mode an artifact entry may have.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::path::{Component, Path};
 
 use super::ArchiveError;
@@ -93,59 +94,273 @@ pub fn check_mode(path: &RelPath, mode: u32) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// What the entries seen so far imply for the ones that follow.
+/// The longest path an entry may have, in bytes: Linux's `PATH_MAX` is 4,096 with the
+/// terminating NUL. A node joins it to its release directory, so in practice a path near this
+/// deploys only under a short base (the unpacker then fails cleanly, leaving nothing).
+pub const MAX_PATH_BYTES: usize = 4095;
+
+/// The longest name (one component of a path), in bytes: Linux's `NAME_MAX`, what ext4, xfs
+/// and btrfs hold.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// The most components a path may have. Deeper than any real application tree, and it keeps
+/// the per-entry work of the ancestor check small.
+pub const MAX_DEPTH: usize = 256;
+
+/// The longest symbolic-link target, in bytes: `symlink(2)` refuses one of `PATH_MAX` or more.
+pub const MAX_LINK_TARGET_BYTES: usize = 4095;
+
+/// The most symbolic links an archive may hold: a real tree has a handful; this bounds what
+/// the check and the node's unpacker do for them.
+pub const MAX_SYMLINKS: u64 = 100_000;
+
+/// The most migration files (`database/migrations/*.php`) an archive may hold: their names
+/// are kept in the artifact's registry row and compared at every rollback.
+pub const MAX_MIGRATIONS: usize = 10_000;
+
+/// The longest migration file name, in bytes: a name is one component, so
+/// [`MAX_NAME_BYTES`] bounds it (and Laravel's `migrations` table holds 255 characters).
+/// 10,000 names of this length keep a registry row under 2.6 MB.
+pub const MAX_MIGRATION_NAME_BYTES: usize = MAX_NAME_BYTES;
+
+/// Where a path is shown in a refusal, its first [`SHOWN_CHARS`] characters and `…`.
+const SHOWN_CHARS: usize = 100;
+
+/// A path (or link target) as a refusal shows it: cut to a readable length.
+pub fn shown(path: &str) -> String {
+    match path.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}…", &path[..cut]),
+        None => path.to_owned(),
+    }
+}
+
+/// Refuses a path no Linux node could create: longer than [`MAX_PATH_BYTES`], a name longer
+/// than [`MAX_NAME_BYTES`], more than [`MAX_DEPTH`] components.
+pub fn check_path_limits(path: &RelPath) -> Result<(), ArchiveError> {
+    let text = path.as_str();
+    if text.len() > MAX_PATH_BYTES {
+        return Err(ArchiveError::PathTooLong { path: shown(text), bytes: text.len(), limit: MAX_PATH_BYTES });
+    }
+    let mut depth = 0;
+    for name in text.split('/') {
+        depth += 1;
+        if name.len() > MAX_NAME_BYTES {
+            return Err(ArchiveError::NameTooLong {
+                path: shown(text),
+                name: shown(name),
+                bytes: name.len(),
+                limit: MAX_NAME_BYTES,
+            });
+        }
+    }
+    if depth > MAX_DEPTH {
+        return Err(ArchiveError::TooDeep { path: shown(text), depth, limit: MAX_DEPTH });
+    }
+    Ok(())
+}
+
+/// Refuses a symbolic-link target `symlink(2)` would not take.
+pub fn check_link_target_limits(link: &RelPath, target: &[u8]) -> Result<(), ArchiveError> {
+    if target.len() > MAX_LINK_TARGET_BYTES {
+        return Err(ArchiveError::LinkTargetTooLong {
+            path: shown(link.as_str()),
+            bytes: target.len(),
+            limit: MAX_LINK_TARGET_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The name of a migration file, when `path` is one (`database/migrations/<name>.php`).
+pub fn migration_name(path: &RelPath) -> Option<&str> {
+    path.as_str().strip_prefix("database/migrations/").filter(|name| !name.contains('/') && name.ends_with(".php"))
+}
+
+/// What a path is in the tree the entries so far make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory entry, or a directory an entry's path implies (a node makes it).
+    Directory,
+    File,
+    Hardlink,
+    Symlink,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Directory => "directory",
+            Kind::File => "file",
+            Kind::Hardlink => "hard link",
+            Kind::Symlink => "symbolic link",
+        }
+    }
+}
+
+/// A path's 128-bit keyed hash: two SipHash-1-3 hashes under two random keys (std's
+/// `RandomState`, seeded from the OS). Paths
+/// are known by these instead of kept whole, so the tree costs the same per entry whatever
+/// the names' length. A collision (odds ~2⁻¹²⁸ per pair, keys unknown to the archive's author)
+/// could only make a refusal of a sound archive or let a conflict through to the node's
+/// unpacker, which refuses it again (it never overwrites).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key(u64, u64);
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0);
+    }
+}
+
+/// The hasher of the tree's map: a [`Key`] is a keyed hash already, so its first half is used
+/// as it is instead of being hashed again.
 #[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// What the entries seen so far imply for the ones that follow: every path an entry named or
+/// implied, with its [`Kind`], known by its [`Key`].
 pub struct TreeState {
-    symlinks: HashSet<String>,
-    /// Hashes of regular-file paths, so a hard link can be checked against an earlier file
-    /// without keeping every path in memory. A collision could only let a hard link to a
-    /// missing file through; the node's unpacker refuses that again.
-    files: HashSet<u64>,
-    hasher: std::hash::RandomState,
+    paths: HashMap<Key, Kind, BuildHasherDefault<KeyHasher>>,
+    symlinks: u64,
+    /// At most this many paths (entries and the directories they imply): `limits.max_files`.
+    max_paths: u64,
+    keys: [RandomState; 2],
+    /// The keys of the current entry's proper ancestors, shallowest first (kept between
+    /// entries to spare an allocation each).
+    ancestors: Vec<(Key, usize)>,
 }
 
 impl TreeState {
-    /// Refuses a path that lies under an earlier symbolic link.
-    pub fn check_not_through_symlink(&self, path: &RelPath) -> Result<(), ArchiveError> {
-        if self.symlinks.is_empty() {
-            return Ok(());
-        }
-        match path.ancestors().find(|a| self.symlinks.contains(*a)) {
-            Some(link) => Err(ArchiveError::ThroughSymlink { path: path.as_str().to_owned(), link: link.to_owned() }),
-            None => Ok(()),
+    pub fn new(max_paths: u64) -> TreeState {
+        TreeState {
+            paths: HashMap::default(),
+            symlinks: 0,
+            max_paths,
+            keys: [RandomState::new(), RandomState::new()],
+            ancestors: Vec::new(),
         }
     }
 
-    pub fn add_symlink(&mut self, path: &RelPath) {
-        self.symlinks.insert(path.as_str().to_owned());
+    fn key(&self, path: &str) -> Key {
+        let (mut a, mut b) = (self.keys[0].build_hasher(), self.keys[1].build_hasher());
+        a.write(path.as_bytes());
+        b.write(path.as_bytes());
+        Key(a.finish(), b.finish())
     }
 
-    pub fn add_file(&mut self, path: &RelPath) {
-        self.files.insert(std::hash::BuildHasher::hash_one(&self.hasher, path.as_str()));
+    /// Adds an entry of `kind` at `path`, refusing what a node could not make: a path under an
+    /// earlier symbolic link (it would be written through it) or under an earlier file, a path
+    /// an earlier entry (or an implied directory) already holds — except a directory named
+    /// again as a directory, which is harmless — and more than [`MAX_SYMLINKS`] links.
+    ///
+    /// Ancestors are checked in one pass over the path: its bytes are hashed once, each
+    /// ancestor's key taken from the running state, and the walk back from the parent stops
+    /// at the first known directory (its own ancestors were checked when it was added).
+    pub fn add(&mut self, path: &RelPath, kind: Kind) -> Result<(), ArchiveError> {
+        let text = path.as_str();
+        let (mut a, mut b) = (self.keys[0].build_hasher(), self.keys[1].build_hasher());
+        let mut ancestors = std::mem::take(&mut self.ancestors);
+        ancestors.clear();
+        let mut start = 0;
+        for (end, _) in text.match_indices('/') {
+            a.write(&text.as_bytes()[start..end]);
+            b.write(&text.as_bytes()[start..end]);
+            ancestors.push((Key(a.clone().finish(), b.clone().finish()), end));
+            start = end;
+        }
+        a.write(&text.as_bytes()[start..]);
+        b.write(&text.as_bytes()[start..]);
+        let key = Key(a.finish(), b.finish());
+        let checked = self.add_checked(text, key, kind, &ancestors);
+        self.ancestors = ancestors;
+        checked
+    }
+
+    fn add_checked(
+        &mut self,
+        text: &str,
+        key: Key,
+        kind: Kind,
+        ancestors: &[(Key, usize)],
+    ) -> Result<(), ArchiveError> {
+        // The deepest known ancestor; below it, every ancestor is new and becomes a directory.
+        let mut known = 0;
+        for (i, (ancestor, end)) in ancestors.iter().enumerate().rev() {
+            match self.paths.get(ancestor) {
+                None => continue,
+                Some(Kind::Directory) => {}
+                Some(Kind::Symlink) => {
+                    return Err(ArchiveError::ThroughSymlink { path: shown(text), link: shown(&text[..*end]) });
+                }
+                Some(earlier) => {
+                    return Err(ArchiveError::UnderFile {
+                        path: shown(text),
+                        file: shown(&text[..*end]),
+                        kind: earlier.name(),
+                    });
+                }
+            }
+            known = i + 1;
+            break;
+        }
+        match (self.paths.get(&key), kind) {
+            (None, _) => {}
+            (Some(Kind::Directory), Kind::Directory) => return Ok(()),
+            (Some(earlier), _) => {
+                return Err(ArchiveError::SamePath { path: shown(text), kind: kind.name(), earlier: earlier.name() });
+            }
+        }
+        if kind == Kind::Symlink {
+            self.symlinks += 1;
+            if self.symlinks > MAX_SYMLINKS {
+                return Err(ArchiveError::TooManySymlinks { limit: MAX_SYMLINKS });
+            }
+        }
+        let new = (ancestors.len() - known) as u64 + 1;
+        if self.paths.len() as u64 + new > self.max_paths {
+            return Err(ArchiveError::TooManyFiles { limit: self.max_paths });
+        }
+        for (ancestor, _) in &ancestors[known..] {
+            self.paths.insert(*ancestor, Kind::Directory);
+        }
+        self.paths.insert(key, kind);
+        Ok(())
     }
 
     /// Returns the link's (normalized) target: an earlier regular file.
     pub fn check_hardlink(&self, path: &RelPath, target: &[u8]) -> Result<RelPath, ArchiveError> {
         let refused = || ArchiveError::HardlinkTarget {
-            path: path.as_str().to_owned(),
-            target: String::from_utf8_lossy(target).into_owned(),
+            path: shown(path.as_str()),
+            target: shown(&String::from_utf8_lossy(target)),
         };
         let target = match RelPath::parse(target) {
             Ok(Some(t)) => t,
             Ok(None) => return Err(refused()),
             Err(ArchiveError::AbsolutePath { .. } | ArchiveError::ParentDir { .. }) => {
                 return Err(ArchiveError::LinkEscapes {
-                    path: path.as_str().to_owned(),
-                    target: String::from_utf8_lossy(target).into_owned(),
+                    path: shown(path.as_str()),
+                    target: shown(&String::from_utf8_lossy(target)),
                 });
             }
             Err(_) => return Err(refused()),
         };
-        if self.files.contains(&std::hash::BuildHasher::hash_one(&self.hasher, target.as_str())) {
-            Ok(target)
-        } else {
-            Err(refused())
-        }
+        if self.paths.get(&self.key(target.as_str())) == Some(&Kind::File) { Ok(target) } else { Err(refused()) }
     }
 }
 

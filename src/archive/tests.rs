@@ -275,3 +275,218 @@ fn a_window_beyond_32_mib_is_refused_with_a_hint() {
     let err = check(&compressed[..], &options()).unwrap_err();
     assert!(err.to_string().contains("compress without --long"), "{err}");
 }
+
+fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_size(0);
+    header.set_mode(0o755);
+    builder.append_data(&mut header, path, std::io::empty()).unwrap();
+}
+
+fn symlink_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    header.set_mode(0o777);
+    builder.append_link(&mut header, path, target).unwrap();
+}
+
+fn hardlink_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Link);
+    header.set_size(0);
+    header.set_mode(0o644);
+    builder.append_link(&mut header, path, target).unwrap();
+}
+
+fn checked(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Result<Summary, ArchiveError> {
+    check(&zstd_of(&tar_of(build))[..], &options())
+}
+
+#[test]
+fn paths_up_to_linux_limits_pass_and_one_byte_more_is_refused() {
+    // 16 names of 255 bytes: a path of exactly 4,095 bytes.
+    let longest = vec!["n".repeat(255); 16].join("/");
+    assert_eq!(longest.len(), MAX_PATH_BYTES);
+    checked(|b| file_entry(b, &longest, b"x")).unwrap();
+    let err = checked(|b| file_entry(b, &format!("a/{}", "n".repeat(256)), b"x")).unwrap_err();
+    assert!(matches!(err, ArchiveError::NameTooLong { bytes: 256, limit: 255, .. }), "{err}");
+    let err = checked(|b| file_entry(b, &format!("{longest}/x"), b"x")).unwrap_err();
+    assert!(matches!(err, ArchiveError::PathTooLong { bytes: 4097, limit: 4095, .. }), "{err}");
+    assert!(err.to_string().contains("longer than 4095 bytes"), "{err}");
+
+    let deepest = vec!["d"; MAX_DEPTH].join("/");
+    checked(|b| file_entry(b, &deepest, b"x")).unwrap();
+    let err = checked(|b| file_entry(b, &format!("{deepest}/d"), b"x")).unwrap_err();
+    assert!(matches!(err, ArchiveError::TooDeep { depth: 257, limit: 256, .. }), "{err}");
+}
+
+#[test]
+fn a_refusal_shows_a_long_path_cut() {
+    let deep = "a/".repeat(29_999) + "f";
+    let err = checked(|b| file_entry(b, &deep, b"x")).unwrap_err();
+    let message = err.to_string();
+    assert!(message.len() < 300, "{message}");
+    assert!(message.contains(&format!("{}…", &deep[..100])), "{message}");
+}
+
+#[test]
+fn twenty_paths_thirty_thousand_deep_under_a_link_are_refused_at_the_first() {
+    // Once every ancestor of every path was hashed against the links: quadratic in the depth.
+    let tar = tar_of(|b| {
+        symlink_entry(b, "link", "target");
+        for i in 0..20 {
+            file_entry(b, &format!("{}f{i}", "a/".repeat(29_999)), b"x");
+        }
+    });
+    let err = check(&zstd_of(&tar)[..], &options()).unwrap_err();
+    assert!(matches!(err, ArchiveError::PathTooLong { bytes: 60_000, .. }), "{err}");
+}
+
+#[test]
+fn link_targets_are_bounded_by_path_max() {
+    let longest = "t/".repeat(2047) + "t";
+    assert_eq!(longest.len(), MAX_LINK_TARGET_BYTES);
+    checked(|b| symlink_entry(b, "link", &longest)).unwrap();
+    let err = checked(|b| symlink_entry(b, "link", &format!("{longest}t"))).unwrap_err();
+    assert!(matches!(err, ArchiveError::LinkTargetTooLong { bytes: 4096, limit: 4095, .. }), "{err}");
+}
+
+#[test]
+fn symlinks_are_counted() {
+    let links = |n: u64| {
+        tar_of(|b| {
+            for i in 0..n {
+                symlink_entry(b, &format!("l{i}"), "t");
+            }
+        })
+    };
+    let many = CheckOptions { max_files: 200_000, ..options() };
+    check(&zstd_of(&links(MAX_SYMLINKS))[..], &many).unwrap();
+    let err = check(&zstd_of(&links(MAX_SYMLINKS + 1))[..], &many).unwrap_err();
+    assert_eq!(err, ArchiveError::TooManySymlinks { limit: MAX_SYMLINKS });
+    assert!(err.is_limit());
+}
+
+#[test]
+fn migrations_are_counted_when_recorded() {
+    let tar = tar_of(|b| {
+        for i in 0..=MAX_MIGRATIONS {
+            file_entry(b, &format!("database/migrations/{i:05}_m.php"), b"");
+        }
+    });
+    let many = CheckOptions { max_files: 20_000, ..options() };
+    let err = check(&zstd_of(&tar)[..], &many).unwrap_err();
+    assert_eq!(err, ArchiveError::TooManyMigrations { limit: MAX_MIGRATIONS });
+    // Not a Laravel service: the names are not kept, so not counted.
+    check(&zstd_of(&tar)[..], &CheckOptions { record_migrations: false, ..many }).unwrap();
+    // A name is one component: NAME_MAX bounds it.
+    let err = checked(|b| {
+        file_entry(b, &format!("database/migrations/{}.php", "m".repeat(MAX_MIGRATION_NAME_BYTES - 3)), b"")
+    })
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::NameTooLong { .. }), "{err}");
+}
+
+#[test]
+fn paths_no_node_could_unpack_are_refused_naming_the_path() {
+    let same = |build: fn(&mut tar::Builder<Vec<u8>>), path: &str, kind: &str, earlier: &str| {
+        let err = checked(build).unwrap_err();
+        match &err {
+            ArchiveError::SamePath { path: p, kind: k, earlier: e } => {
+                assert_eq!((p.as_str(), *k, *e), (path, kind, earlier))
+            }
+            _ => panic!("{path}: {err}"),
+        }
+        assert!(err.to_string().contains(&format!("{path:?}")), "{err}");
+    };
+    same(|b| (file_entry(b, "a.txt", b"1"), file_entry(b, "a.txt", b"2")).1, "a.txt", "file", "file");
+    same(|b| (file_entry(b, "public", b"1"), dir_entry(b, "public/")).1, "public", "directory", "file");
+    same(|b| (dir_entry(b, "public"), file_entry(b, "public", b"1")).1, "public", "file", "directory");
+    same(|b| (symlink_entry(b, "current", "a"), dir_entry(b, "current")).1, "current", "directory", "symbolic link");
+    same(|b| (file_entry(b, "a", b"1"), symlink_entry(b, "a", "b")).1, "a", "symbolic link", "file");
+    // A directory the path of an earlier entry implies (the node makes it) is one too.
+    same(|b| (file_entry(b, "a/b/c", b"1"), file_entry(b, "a/b", b"2")).1, "a/b", "file", "directory");
+    same(
+        |b| (file_entry(b, "a", b"1"), hardlink_entry(b, "b", "a"), file_entry(b, "b", b"2")).2,
+        "b",
+        "file",
+        "hard link",
+    );
+
+    let err = checked(|b| {
+        file_entry(b, "config", b"1");
+        file_entry(b, "config/app.php", b"2");
+    })
+    .unwrap_err();
+    assert_eq!(err, ArchiveError::UnderFile { path: "config/app.php".into(), file: "config".into(), kind: "file" });
+    let err = checked(|b| {
+        file_entry(b, "a", b"1");
+        hardlink_entry(b, "l", "a");
+        dir_entry(b, "l/d/e");
+    })
+    .unwrap_err();
+    assert_eq!(err, ArchiveError::UnderFile { path: "l/d/e".into(), file: "l".into(), kind: "hard link" });
+    let err = checked(|b| {
+        symlink_entry(b, "a/b/link", "../c");
+        file_entry(b, "a/b/link/x/y", b"1");
+    })
+    .unwrap_err();
+    assert_eq!(err, ArchiveError::ThroughSymlink { path: "a/b/link/x/y".into(), link: "a/b/link".into() });
+}
+
+#[test]
+fn a_directory_named_again_as_a_directory_is_accepted() {
+    // GNU tar writes a directory twice when it is named twice; a node makes it once.
+    let summary = checked(|b| {
+        dir_entry(b, "public");
+        file_entry(b, "public/css/app.css", b"x");
+        dir_entry(b, "public");
+        dir_entry(b, "public/css");
+        hardlink_entry(b, "public/copy.css", "public/css/app.css");
+    })
+    .unwrap();
+    assert_eq!(summary.file_count, 5);
+}
+
+#[test]
+fn implied_directories_count_against_max_files() {
+    let few = CheckOptions { max_files: 4, ..options() };
+    check(&zstd_of(&tar_of(|b| file_entry(b, "a/b/c", b"x")))[..], &few).unwrap();
+    let err = check(&zstd_of(&tar_of(|b| file_entry(b, "a/b/c/d/e", b"x")))[..], &few).unwrap_err();
+    assert_eq!(err, ArchiveError::TooManyFiles { limit: 4 });
+}
+
+#[test]
+fn packing_refuses_a_tree_past_the_limits() {
+    // Deeper than MAX_DEPTH: refused before it is read, naming the path.
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join(vec!["d"; MAX_DEPTH + 1].join("/"));
+    fs::create_dir_all(&deep).unwrap();
+    // The packer recurses once per level: 256 unoptimized frames need more than a test
+    // thread's 2 MiB (the CLI runs it on the main thread, 8 MiB).
+    let packing = std::thread::Builder::new().stack_size(16 << 20);
+    let root = dir.path().to_owned();
+    let packed = packing.spawn(move || pack_to_writer(&root, &[], Vec::new(), &mut |_| {}).map(|_| ())).unwrap();
+    let err = packed.join().unwrap().unwrap_err();
+    assert!(matches!(err, PackError::Undeployable { source: ArchiveError::TooDeep { .. }, .. }), "{err}");
+    assert!(err.to_string().contains("257 components deep, more than 256"), "{err}");
+
+    // A path over PATH_MAX, made relative to a directory handle (the kernel takes no longer
+    // path): refused before the packer asks the file system about it.
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join(vec!["p".repeat(250); 16].join("/"));
+    fs::create_dir_all(&parent).unwrap();
+    let handle = fs::File::open(&parent).unwrap();
+    let name = std::ffi::CString::new("f".repeat(100)).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid directory descriptor and a NUL-terminated name.
+    let fd = unsafe { libc::openat(handle.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd) };
+    let err = pack_to_writer(dir.path(), &[], Vec::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, PackError::Undeployable { source: ArchiveError::PathTooLong { .. }, .. }), "{err}");
+    assert!(err.to_string().contains("could never be deployed: entry \"pppp"), "{err}");
+    assert!(err.to_string().len() < 400, "{err}");
+}

@@ -178,7 +178,9 @@ impl From<crate::archive::PackError> for Failure {
     fn from(e: crate::archive::PackError) -> Failure {
         use crate::archive::PackError as P;
         let exit = match e {
-            P::Unsupported { .. } | P::LinkEscapes { .. } | P::NotUtf8 { .. } => exit::INTEGRITY,
+            P::Unsupported { .. } | P::LinkEscapes { .. } | P::NotUtf8 { .. } | P::Undeployable { .. } => {
+                exit::INTEGRITY
+            }
             P::OutputInsideTree { .. } | P::NotADirectory { .. } => exit::USAGE,
             P::Io { .. } | P::Changed { .. } => exit::FAILED,
         };

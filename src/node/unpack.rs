@@ -314,4 +314,37 @@ mod tests {
         assert!(unpack(&bytes[..], &target, &options(), digest, Modes::Writable).is_err());
         assert!(!target.exists());
     }
+
+    /// The unpacker walks with the ingest check's rules, so it refuses what ingest refuses,
+    /// with the same verdict, before writing the entry that breaks them.
+    #[test]
+    fn refuses_what_ingest_refuses_and_leaves_nothing() {
+        let tar = |entries: &[(&str, tar::EntryType)]| {
+            let mut builder = tar::Builder::new(Vec::new());
+            for (path, kind) in entries {
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(*kind);
+                header.set_size(1);
+                header.set_mode(0o644);
+                builder.append_data(&mut header, path, &b"x"[..]).unwrap();
+            }
+            zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap()
+        };
+        let file = tar::EntryType::Regular;
+        let long = format!("{}/f", "d".repeat(255)).repeat(16);
+        for entries in [
+            vec![("a/b", file), ("a/b", file)],
+            vec![("public", file), ("public/index.php", file)],
+            vec![("public/index.php", file), ("public", file)],
+            vec![(long.as_str(), file)],
+        ] {
+            let bytes = tar(&entries);
+            let expected = archive::check(&bytes[..], &options()).unwrap_err();
+            let dest = tempfile::tempdir().unwrap();
+            let target = dest.path().join("release");
+            let err = unpack(&bytes[..], &target, &options(), Digest::of(&bytes), Modes::Writable).unwrap_err();
+            assert!(matches!(&err, UnpackError::Unsafe(e) if *e == expected), "{err} (ingest: {expected})");
+            assert!(!target.exists());
+        }
+    }
 }

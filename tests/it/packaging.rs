@@ -138,3 +138,17 @@ fn exclude_leaves_shared_paths_out() {
     assert!(!listing.contains(".env"), "{listing}");
     assert!(listing.contains("public/index.php"), "{listing}");
 }
+
+#[test]
+fn packaging_refuses_a_tree_no_node_could_hold() {
+    // 257 directories deep: past the archive rules' depth bound, so the server would refuse it.
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    app_tree(&src, "1.0");
+    fs::create_dir_all(src.join(vec!["d"; 257].join("/"))).unwrap();
+    let archive = work.path().join("app.tar.zst");
+    let out =
+        TestCommand::new().args(["package", src.to_str().unwrap(), "-o", archive.to_str().unwrap()]).assert_exit(6);
+    assert!(out.stderr().contains("257 components deep, more than 256"), "{}", out.stderr());
+    assert!(!archive.exists());
+}

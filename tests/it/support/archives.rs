@@ -31,6 +31,32 @@ impl RawTar {
         self.entry(path, SYMLINK, 0o777, target, b"")
     }
 
+    /// An entry whose path or link target may be longer than a ustar header holds: each long
+    /// one goes first in a GNU long-name (`L`) or long-link (`K`) entry, as GNU tar writes it.
+    pub fn long(mut self, path: &str, kind: u8, link: &str, data: &[u8]) -> RawTar {
+        if link.len() > 100 {
+            self = self.gnu_long(b'K', link);
+        }
+        if path.len() > 100 {
+            self = self.gnu_long(b'L', path);
+        }
+        let cut = |s: &str| s[..s.len().min(100)].to_owned();
+        let mode = if kind == SYMLINK {
+            0o777
+        } else if kind == DIRECTORY {
+            0o755
+        } else {
+            0o644
+        };
+        self.entry(&cut(path), kind, mode, &cut(link), data)
+    }
+
+    fn gnu_long(self, kind: u8, name: &str) -> RawTar {
+        let mut data = name.as_bytes().to_vec();
+        data.push(0);
+        self.entry("././@LongLink", kind, 0o644, "", &data)
+    }
+
     pub fn entry(mut self, path: &str, kind: u8, mode: u32, link: &str, data: &[u8]) -> RawTar {
         assert!(path.len() <= 100 && link.len() <= 100);
         let mut h = [0u8; 512];

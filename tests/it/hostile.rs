@@ -1,0 +1,151 @@
+//! Hostile archives (issue 10 items 4 and 5): shapes that once cost the checker gigabytes or
+//! seconds of CPU, and shapes no node could unpack. Each is refused at ingest (`422`, CLI exit
+//! 6) with a message naming the entry, nothing stored, the server's memory bounded.
+
+use std::io::Write;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::archives::{DIRECTORY, REGULAR, RawTar, SYMLINK, zstd};
+use crate::support::{Backend, TestServer};
+
+/// A `tar`+`zstd` stream compressed as it is written, entry by entry, so a hostile archive of
+/// hundreds of megabytes unpacked never sits whole in the test's memory.
+struct Streamed(zstd::stream::write::Encoder<'static, Vec<u8>>);
+
+impl Streamed {
+    fn new() -> Streamed {
+        Streamed(zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap())
+    }
+
+    fn add(&mut self, entry: RawTar) {
+        self.0.write_all(&entry.unfinished()).unwrap();
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.0.write_all(&[0u8; 1024]).unwrap();
+        self.0.finish().unwrap()
+    }
+}
+
+/// 10,000 symbolic links, each named by a path of ~60 KB (components of 200 bytes): ~93 KB
+/// compressed. The checker once kept every name whole (~690 MB).
+fn long_symlinks() -> Vec<u8> {
+    let mut tar = Streamed::new();
+    let middle = format!("{}/", "y".repeat(200)).repeat(299);
+    for i in 0..10_000 {
+        tar.add(RawTar::new().long(&format!("s{i}/{middle}link"), SYMLINK, "target", b""));
+    }
+    tar.finish()
+}
+
+/// A symbolic link, then 20 files 30,000 directories deep: a few hundred bytes compressed. The
+/// checker once hashed every ancestor of every path (quadratic in the depth).
+fn deep_paths() -> Vec<u8> {
+    let mut tar = Streamed::new();
+    tar.add(RawTar::new().symlink("link", "target"));
+    let deep = "a/".repeat(29_999);
+    for i in 0..20 {
+        tar.add(RawTar::new().long(&format!("{deep}f{i}"), REGULAR, "", b"x"));
+    }
+    tar.finish()
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Posts `body` as service `api`; the answer's status and error document.
+fn upload(server: &TestServer, body: Vec<u8>) -> (StatusCode, Value) {
+    let ci = server.token(&format!("ci-{}", uuid::Uuid::new_v4()), "ci");
+    let response = server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&ci)
+        .body(body)
+        .send()
+        .unwrap();
+    (response.status(), response.json().unwrap())
+}
+
+/// Uploads a hostile archive; asserts the refusal (422 `unsafe_archive`, a message containing
+/// `says`, nothing stored) and that it cost the server at most `max_growth` bytes of peak
+/// resident memory. Prints what it cost.
+fn refused_cheaply(server: &TestServer, what: &str, body: Vec<u8>, says: &str, max_growth: u64) {
+    let size = body.len();
+    let peak_before = server.peak_rss();
+    let cpu_before = cpu_seconds(server.pid());
+    let (status, answer) = upload(server, body);
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    let peak = server.peak_rss();
+    eprintln!(
+        "{what}: {size} bytes uploaded; server CPU {cpu:.2} s, peak RSS {:.1} MiB (before: {:.1} MiB); {answer}",
+        peak as f64 / (1 << 20) as f64,
+        peak_before as f64 / (1 << 20) as f64,
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "unsafe_archive", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains(says), "message {message:?} should contain {says:?}");
+    assert!(message.len() < 400, "the message is cut to a readable length: {} bytes", message.len());
+    assert!(peak <= peak_before + max_growth, "peak RSS grew from {peak_before} to {peak} bytes");
+    server.assert_nothing_stored();
+}
+
+#[test]
+fn ten_thousand_symlinks_with_long_names_are_refused_in_bounded_memory() {
+    let server = TestServer::start(Backend::Local);
+    let body = long_symlinks();
+    assert!(body.len() < 200_000, "a small upload: {} bytes", body.len());
+    refused_cheaply(&server, "10,000 symlinks x 60 KB names", body, "longer than 4095 bytes", 32 << 20);
+}
+
+#[test]
+fn paths_thirty_thousand_directories_deep_are_refused() {
+    let server = TestServer::start(Backend::Local);
+    let body = deep_paths();
+    assert!(body.len() < 2_000, "a tiny upload: {} bytes", body.len());
+    refused_cheaply(&server, "20 entries x 30,000 components", body, "longer than 4095 bytes", 32 << 20);
+}
+
+#[test]
+fn the_same_path_twice_is_refused_naming_it() {
+    let server = TestServer::start(Backend::Local);
+    let twice =
+        zstd(&RawTar::new().dir("public").file("public/index.php", b"a").file("public/index.php", b"b").finish());
+    refused_cheaply(&server, "a file twice", twice, "\"public/index.php\"", 32 << 20);
+}
+
+#[test]
+fn a_file_then_a_directory_of_its_name_is_refused_and_the_cli_exits_6() {
+    let server = TestServer::start(Backend::Local);
+    let archive = zstd(&RawTar::new().file("public", b"x").entry("public/", DIRECTORY, 0o755, "", b"").finish());
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("conflict.tar.zst");
+    std::fs::write(&path, &archive).unwrap();
+    let ci = server.token("ci", "ci");
+    let out = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", path.to_str().unwrap(), "--service", "api"])
+        .assert_exit(6);
+    assert!(out.stderr().contains("\"public\""), "{}", out.stderr());
+    refused_cheaply(&server, "a file then a directory", archive, "\"public\"", 32 << 20);
+}
+
+#[test]
+fn a_directory_listed_twice_is_accepted() {
+    // GNU tar writes a directory twice when it is named twice on its command line; a node
+    // makes it once, so nothing stops a deploy.
+    let server = TestServer::start(Backend::Local);
+    let archive = zstd(&RawTar::new().dir("public").file("public/index.php", b"<?php").dir("public").finish());
+    let (status, answer) = upload(&server, archive);
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+}
