@@ -361,9 +361,7 @@ fn run_commands(
         let mut stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut out = Vec::new();
-            let _ = stdout.read_to_end(&mut out);
-            let _ = tx.send(out);
+            let _ = tx.send(read_tail(&mut stdout));
         });
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| NodeError::new("hook_failed", e.to_string()))? {
@@ -383,6 +381,7 @@ fn run_commands(
         let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
         output.extend_from_slice(format!("$ {command}\n").as_bytes());
         output.extend_from_slice(&rx.recv_timeout(wait).unwrap_or_default());
+        keep_tail(&mut output);
         let failure = match status {
             Some(status) if status.success() => continue,
             Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
@@ -399,6 +398,32 @@ fn run_commands(
         return Err(e);
     }
     Ok(tail(&output))
+}
+
+/// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
+/// without bound (300 MB once took the agent to ~700 MiB of memory), only the tail is answered.
+fn read_tail(from: &mut impl Read) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(2 * OUTPUT_TAIL);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                keep_tail(&mut kept);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    kept
+}
+
+/// Drops all but the last `OUTPUT_TAIL` bytes.
+fn keep_tail(bytes: &mut Vec<u8>) {
+    if bytes.len() > OUTPUT_TAIL {
+        bytes.drain(..bytes.len() - OUTPUT_TAIL);
+    }
 }
 
 fn tail(bytes: &[u8]) -> String {

@@ -6,6 +6,7 @@ mod bodies;
 mod concurrency;
 mod curation;
 mod floods;
+mod hostile;
 mod large;
 mod metrics;
 mod nodes;
