@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::node::{NodeError, Request};
 use crate::store::StoreError;
@@ -68,15 +68,12 @@ impl Transport for Local {
                 .spawn()
                 .map_err(|e| CallError::Transport(format!("cannot start {}: {e}", self.program.display())))?;
             let exchange = async {
-                let mut stdin = child.stdin.take().expect("piped");
-                let mut line = serde_json::to_vec(request).expect("requests serialize");
-                line.push(b'\n');
-                let sent = send(&mut stdin, line, payload).await;
-                drop(stdin);
-                let mut out = Vec::new();
-                child.stdout.take().expect("piped").read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-                let mut err = Vec::new();
-                let _ = child.stderr.take().expect("piped").read_to_end(&mut err).await;
+                let (stdin, stdout, stderr) = (
+                    child.stdin.take().expect("piped"),
+                    child.stdout.take().expect("piped"),
+                    child.stderr.take().expect("piped"),
+                );
+                let (sent, out, err) = exchange(request, payload, stdin, stdout, stderr).await?;
                 let status = child.wait().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>((sent, out, err, status))
             };
@@ -87,6 +84,82 @@ impl Transport for Local {
             parse_answer(&out, &err, status.success(), sent)
         })
     }
+}
+
+/// The most of an agent's answer (its stdout) the server reads: a node that says more is
+/// refused. The largest true answer is a chunk of an adopted package (4 MiB, 8 MiB in hex).
+pub const MAX_ANSWER: usize = 16 << 20;
+/// The most of an agent's stderr the server keeps; the rest is read and dropped.
+pub const MAX_STDERR: usize = 1 << 20;
+/// The most of a node's message (an error's text) kept.
+const MAX_MESSAGE: usize = 2000;
+/// The most of a node's output (a hook's) kept: its tail, as much as the agent sends.
+pub const MAX_OUTPUT: usize = 4000;
+/// The longest error code taken from a node.
+const MAX_CODE: usize = 64;
+
+/// One call's traffic with the agent: the request line and payload written while its stdout
+/// and stderr are read, all at once (a node that fills one pipe while the server waits on
+/// another would stall the call until its timeout). The answer is read up to [`MAX_ANSWER`]
+/// (past it, the call ends at once with an error), stderr up to [`MAX_STDERR`] kept.
+pub(super) async fn exchange(
+    request: &Request,
+    payload: Option<Payload>,
+    mut stdin: impl AsyncWriteExt + Unpin,
+    mut stdout: impl AsyncRead + Unpin,
+    mut stderr: impl AsyncRead + Unpin,
+) -> Result<(Result<(), String>, Vec<u8>, Vec<u8>), String> {
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    let writing = async {
+        let sent = send(&mut stdin, line, payload).await;
+        drop(stdin);
+        sent
+    };
+    let answer = async {
+        match read_capped(&mut stdout, MAX_ANSWER, true).await {
+            (_, true) => Err(format!(
+                "the node agent's answer is over {} MiB (the most a node may answer): refused",
+                MAX_ANSWER >> 20
+            )),
+            (out, false) => Ok(out),
+        }
+    };
+    let errors = async { Ok(read_capped(&mut stderr, MAX_STDERR, false).await.0) };
+    let reading = async { tokio::try_join!(answer, errors) };
+    tokio::pin!(writing, reading);
+    // An answer over its cap ends the call at once, whatever is still being written.
+    let (sent, (out, err)) = tokio::select! {
+        read = &mut reading => {
+            let read = read?;
+            (writing.await, read)
+        }
+        sent = &mut writing => (sent, reading.await?),
+    };
+    Ok((sent, out, err))
+}
+
+/// Reads `from` to its end (or its first error), keeping its first `cap` bytes; whether more
+/// came. With `stop`, reading ends as soon as more came.
+pub(super) async fn read_capped(from: &mut (impl AsyncRead + Unpin), cap: usize, stop: bool) -> (Vec<u8>, bool) {
+    let (mut kept, mut over) = (Vec::new(), false);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                if n > room {
+                    over = true;
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    (kept, over)
 }
 
 /// Writes the request line and the payload; a payload error (the store failed mid-stream) is

@@ -3,12 +3,89 @@
 //! wait and fails only its own cell or deploy. Hostile nodes are real sshd nodes on loopback
 //! whose agent command is replaced by a script (`ForceCommand`).
 
+use std::fs;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::support::bin;
+use crate::releases::Fixture;
+use crate::support::sshd::{self, SshNode};
+use crate::support::{Backend, TestServer, bin};
+
+/// The agent of a node that behaves except for one kind of request: `op` (e.g. `status`) is
+/// answered by `then` (shell, with the request line in `$line`), every other request goes to
+/// the real agent.
+fn agent_lying_on(op: &str, then: &str) -> String {
+    format!(
+        "IFS= read -r line\ncase \"$line\" in\n  '{{\"op\":\"{op}\"'*)\n{then}\n    ;;\n  \
+         *) {{ printf '%s\\n' \"$line\"; cat; }} | $SSH_ORIGINAL_COMMAND ;;\nesac\n"
+    )
+}
+
+/// A server for service `api` with one node per (environment, node); `server` lines (e.g.
+/// `node_url`) and `extra` configuration.
+struct Hostile {
+    f: Fixture,
+    nodes: Vec<SshNode>,
+    bases: Vec<PathBuf>,
+}
+
+impl Hostile {
+    fn start(nodes: Vec<(&str, SshNode)>, server: &str, extra: &str) -> Hostile {
+        let known_hosts = sshd::known_hosts(&nodes.iter().map(|(_, n)| n).collect::<Vec<_>>());
+        let mut config = format!(
+            "{extra}\n[ssh]\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
+             [service.api]\nkind = \"generic\"\nshared = [\"config.txt\"]\n",
+            sshd::client_key().display(),
+            known_hosts.display()
+        );
+        let mut bases = Vec::new();
+        for (env, node) in &nodes {
+            let base = node.dir.join("base");
+            fs::create_dir_all(base.join("shared")).unwrap();
+            fs::write(base.join("shared/config.txt"), "config").unwrap();
+            config.push_str(&format!(
+                "[[service.api.node]]\nenvironment = \"{env}\"\nhost = \"{}\"\nport = {}\nuser = \"root\"\nbase = \"{}\"\n",
+                node.address,
+                node.port,
+                base.display()
+            ));
+            bases.push(base);
+        }
+        config.push_str("[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n");
+        let server = TestServer::start_with_server(Backend::Local, server, &config);
+        Hostile { f: Fixture::adopt(server), nodes: nodes.into_iter().map(|(_, n)| n).collect(), bases }
+    }
+
+    fn name(&self, i: usize) -> String {
+        format!("{}:{}", self.nodes[i].address, self.nodes[i].port)
+    }
+
+    /// `GET /v1/status?nodes=true`: its status, its answer, how long it took.
+    fn status_nodes(&self) -> (u16, Value, Duration) {
+        let started = Instant::now();
+        let response = self
+            .f
+            .server
+            .http()
+            .get(format!("{}/v1/status?nodes=true", self.f.server.url))
+            .bearer_auth(self.f.token("carol"))
+            .timeout(Duration::from_secs(120))
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null), started.elapsed())
+    }
+
+    /// The node view of `env`'s cell in a status answer.
+    fn node_in<'a>(status: &'a Value, env: &str) -> &'a Value {
+        let cell = status.as_array().unwrap().iter().find(|c| c["environment"] == env).unwrap();
+        &cell["nodes"][0]
+    }
+}
 
 /// The peak RSS (KiB) of `release node` answering `request`, and its answer.
 fn node_agent_peak_rss(request: &serde_json::Value) -> (i64, serde_json::Value) {
@@ -42,4 +119,31 @@ fn a_hook_printing_hundreds_of_megabytes_keeps_the_agent_small() {
     assert!(output.ends_with("x\nthe end\n"), "the tail is kept: {:?}", &output[output.len() - 40..]);
     assert!(output.len() <= 4000, "{}", output.len());
     assert!(rss_kib < 64 * 1024, "the agent held {} MiB for a hook's output", rss_kib / 1024);
+}
+
+#[test]
+fn a_node_flooding_stderr_or_stdout_costs_a_bounded_read_not_a_stall() {
+    // Staging's node writes 8 MB on stderr before its (valid) answer: read one pipe after the
+    // other, the agent blocks on the full one and the server waits for the other until its
+    // command timeout. Production's node answers 40 MB: over the cap, refused by name.
+    let flood_stderr = agent_lying_on(
+        "status",
+        "head -c 8000000 /dev/zero >&2; echo '{\"ok\":true,\"current\":null,\"plain\":false,\"ready\":[],\"unready\":[]}'",
+    );
+    let flood_stdout = agent_lying_on("status", "head -c 40000000 /dev/zero | tr '\\0' x");
+    let fleet = Hostile::start(
+        vec![("staging", SshNode::hostile(&flood_stderr)), ("production", SshNode::hostile(&flood_stdout))],
+        "",
+        "",
+    );
+    let (status, answer, took) = fleet.status_nodes();
+    eprintln!("status --nodes with a node flooding stderr and one flooding stdout: HTTP {status} in {took:?}");
+    assert_eq!(status, 200, "{answer}");
+    let staging = Hostile::node_in(&answer, "staging");
+    assert!(staging["error"].is_null(), "its answer is read while its stderr is: {staging}");
+    let production = Hostile::node_in(&answer, "production");
+    let error = production["error"].as_str().unwrap();
+    assert!(error.contains("16 MiB") && error.contains(&fleet.name(1)), "refused by name and cap: {error}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(!fleet.bases[0].join("current").exists(), "asking changed nothing there");
 }
