@@ -24,6 +24,7 @@ use serde_json::Value;
 
 pub use hooks::Hooks;
 pub use transport::{CallError, Local, Payload, Transport};
+use transport::{Keep, MAX_OUTPUT, clean};
 
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
@@ -221,10 +222,10 @@ fn report_phase(
             if let Some(digest) = switching_to(request)
                 && digest == plan.release.digest
             {
-                shared_files = serde_json::from_value::<Vec<SharedFile>>(value["shared"].clone()).unwrap_or_default();
+                shared_files = asked_shared_files(&plan.service.shared, &value["shared"]);
                 shared_files.iter_mut().for_each(|f| f.node = target.name.clone());
             }
-            let output = value["output"].as_str().map(str::to_owned);
+            let output = value["output"].as_str().map(|o| clean(o, MAX_OUTPUT, Keep::End));
             ("ok", output, Ok(value))
         }
         Err(CallError::Node(e)) => {
@@ -246,6 +247,21 @@ fn report_phase(
         shared_files,
     });
     result
+}
+
+/// The shared files a node's switch answer names, only those the server asked about (each
+/// once, in the order asked) and of a kind the agent says: a node cannot fill the registry
+/// with entries of its own making.
+fn asked_shared_files(asked: &[String], answer: &Value) -> Vec<SharedFile> {
+    let Some(entries) = answer.as_array() else { return vec![] };
+    asked
+        .iter()
+        .filter_map(|path| {
+            let entry = entries.iter().find(|e| e["path"].as_str() == Some(path.as_str()))?;
+            let file = serde_json::from_value::<SharedFile>(entry.clone()).ok()?;
+            matches!(file.kind.as_str(), "file" | "directory" | "missing" | "unreadable").then_some(file)
+        })
+        .collect()
 }
 
 impl NodeDeployer {

@@ -184,7 +184,8 @@ pub(super) async fn send(
     Ok(())
 }
 
-/// The agent's answer: its last line of stdout, as JSON.
+/// The agent's answer: its last line of stdout, as JSON. What a failed call says is cut and
+/// cleaned here (see [`clean`]), since a node's words are stored and shown.
 pub fn parse_answer(
     out: &[u8],
     err: &[u8],
@@ -196,17 +197,19 @@ pub fn parse_answer(
     // The server could not send everything (the store failed mid-stream): that is the cause,
     // whatever the agent made of the cut-off input.
     if let Err(e) = sent {
-        return Err(CallError::Transport(format!("{e} (the node agent answered: {})", tail(last))));
+        return Err(CallError::Transport(format!(
+            "{e} (the node agent answered: {})",
+            clean(last, MAX_MESSAGE, Keep::End)
+        )));
     }
     let answer: serde_json::Value = match serde_json::from_str(last) {
         Ok(v) => v,
         Err(_) => {
             let stderr = String::from_utf8_lossy(err);
-            let stderr = stderr.trim();
             let why = if exited_ok {
-                format!("the node agent's answer is not JSON: {}", tail(&text))
+                format!("the node agent's answer is not JSON: {}", clean(&text, MAX_MESSAGE, Keep::End))
             } else {
-                format!("the node agent failed: {}", tail(stderr))
+                format!("the node agent failed: {}", clean(stderr.trim(), MAX_MESSAGE, Keep::End))
             };
             return Err(CallError::Transport(why));
         }
@@ -214,13 +217,60 @@ pub fn parse_answer(
     if answer["ok"] == true {
         return Ok(answer);
     }
-    let error: NodeError = serde_json::from_value(answer.clone())
-        .unwrap_or_else(|_| NodeError::new("unknown", format!("unexpected answer: {answer}")));
+    let error = match serde_json::from_value::<NodeError>(answer.clone()) {
+        Ok(e) => NodeError {
+            code: clean(&e.code, MAX_CODE, Keep::Start),
+            message: clean(&e.message, MAX_MESSAGE, Keep::Start),
+            output: e.output.map(|o| clean(&o, MAX_OUTPUT, Keep::End)),
+        },
+        Err(_) => NodeError::new(
+            "unknown",
+            format!("unexpected answer: {}", clean(&answer.to_string(), MAX_MESSAGE, Keep::Start)),
+        ),
+    };
     Err(CallError::Node(error))
 }
 
-fn tail(text: &str) -> &str {
-    let start = text.len().saturating_sub(2000);
-    let start = (start..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-    &text[start..]
+/// Which part of a text [`clean`] keeps when it cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Its beginning (a message).
+    Start,
+    /// Its end (output, whose last lines say what failed).
+    End,
+}
+
+/// Text a node sent, made fit to store and show: control characters other than newline and
+/// tab removed (no terminal escapes, no carriage return overwriting a line, no bell), then cut
+/// to at most `max` bytes (at a character boundary), marked with `…` where it was cut.
+pub fn clean(text: &str, max: usize, keep: Keep) -> String {
+    let cleaned: String = text.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t')).collect();
+    if cleaned.len() <= max {
+        return cleaned;
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    match keep {
+        Keep::Start => {
+            let end = (0..=room).rev().find(|i| cleaned.is_char_boundary(*i)).unwrap_or(0);
+            format!("{}…", &cleaned[..end])
+        }
+        Keep::End => {
+            let start = cleaned.len() - room;
+            let start = (start..=cleaned.len()).find(|i| cleaned.is_char_boundary(*i)).unwrap_or(cleaned.len());
+            format!("…{}", &cleaned[start..])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_removes_control_characters_and_cuts_at_a_character_boundary() {
+        assert_eq!(clean("a\u{1b}[2Jb\rc\u{7}\nd\te", 100, Keep::Start), "a[2Jbc\nd\te");
+        assert_eq!(clean("ééééé", 6, Keep::Start), "é…");
+        assert_eq!(clean("ééééé", 6, Keep::End), "…é");
+        assert_eq!(clean(&"x".repeat(5000), 2000, Keep::End).len(), 2000);
+    }
 }

@@ -87,6 +87,19 @@ impl Hostile {
     }
 }
 
+impl Hostile {
+    /// Requests `digest` in `env` (with `adopt`) and waits for its end.
+    fn deploy(&self, env: &str, digest: &str, adopt: bool) -> Value {
+        let (status, release) = self.f.post(
+            "ci",
+            "/v1/releases",
+            json!({"service": "api", "environment": env, "digest": digest, "adopt": adopt}),
+        );
+        assert!(status.is_success(), "{release}");
+        self.f.settle(release["id"].as_i64().unwrap())
+    }
+}
+
 /// The peak RSS (KiB) of `release node` answering `request`, and its answer.
 fn node_agent_peak_rss(request: &serde_json::Value) -> (i64, serde_json::Value) {
     let mut child = Command::new(bin()).arg("node").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
@@ -146,4 +159,62 @@ fn a_node_flooding_stderr_or_stdout_costs_a_bounded_read_not_a_stall() {
     assert!(error.contains("16 MiB") && error.contains(&fleet.name(1)), "refused by name and cap: {error}");
     assert!(took < Duration::from_secs(15), "{took:?}");
     assert!(!fleet.bases[0].join("current").exists(), "asking changed nothing there");
+}
+
+/// Why a failed release failed (its last transition's reason).
+fn reason_of(release: &Value) -> &str {
+    let last = release["transitions"].as_array().unwrap().last().unwrap();
+    last["reason"].as_str().unwrap_or_else(|| panic!("no reason: {release:.2000}"))
+}
+
+/// Whether `text` holds a control character other than a newline or a tab.
+fn has_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+}
+
+#[test]
+fn what_a_node_says_is_cut_cleaned_and_counted_before_it_is_recorded() {
+    // Staging's node refuses prepare with terminal escapes and megabytes of text; production's
+    // switches, then claims 20,000 shared files the server never asked about.
+    let refuses = agent_lying_on(
+        "prepare",
+        r#"cat >/dev/null
+printf '{"ok":false,"code":"evil\\u001b[31m%s","message":"\\u001b[2J\\u001b[Hrelease approved by root\\r%s","output":"\\u0007%s"}\n' "$(head -c 300 /dev/zero | tr '\0' c)" "$(head -c 100000 /dev/zero | tr '\0' m)" "$(head -c 1000000 /dev/zero | tr '\0' o)""#,
+    );
+    let claims = agent_lying_on(
+        "switch",
+        r#"answer=$({ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND)
+printf '{"ok":true,"previous":null,"output":"\\u001b]0;owned\\u0007%s","shared":[' "$(head -c 100000 /dev/zero | tr '\0' o)"
+awk 'BEGIN { for (i = 0; i < 20000; i++) { if (i) printf ","; printf "{\"path\":\"../../x%d\\u001b[2J\",\"kind\":\"file\"}", i } }'
+echo ']}'"#,
+    );
+    let fleet = Hostile::start(
+        vec![("staging", SshNode::hostile(&refuses)), ("production", SshNode::hostile(&claims))],
+        "",
+        "",
+    );
+    let v1 = fleet.f.upload("v1");
+
+    let failed = fleet.deploy("staging", &v1, false);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = reason_of(&failed);
+    assert!(!has_control(reason) && reason.len() <= 2500, "{} bytes: {:?}", reason.len(), &reason[..200]);
+    for deployment in failed["deployments"].as_array().unwrap() {
+        let output = deployment["output_tail"].as_str().unwrap_or_default();
+        assert!(!has_control(output) && output.len() <= 8100, "{} bytes: {deployment:.300}", output.len());
+    }
+    for event in fleet.f.events("release.failed") {
+        let text = event.to_string();
+        assert!(text.len() < 10_000 && !text.contains("\\u001b"), "{} bytes", text.len());
+    }
+
+    let live = fleet.deploy("production", &v1, false);
+    assert_eq!(live["state"], "live", "{live:.2000}");
+    let files = live["shared_files"].as_array().unwrap();
+    assert!(files.len() <= 1, "{} shared files taken from the node", files.len());
+    assert!(files.iter().all(|f| f["path"] == "config.txt"), "{files:?}");
+    for deployment in live["deployments"].as_array().unwrap() {
+        let output = deployment["output_tail"].as_str().unwrap_or_default();
+        assert!(!has_control(output) && output.len() <= 8100, "{} bytes: {deployment:.300}", output.len());
+    }
 }
