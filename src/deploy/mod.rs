@@ -35,6 +35,8 @@ use crate::utc;
 
 /// What a node's hooks leave of the server's wait for an answer.
 const HOOK_MARGIN: Duration = Duration::from_secs(5);
+/// How long `status --nodes` waits for one node (connecting included).
+const NODE_STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the node's health check may take to pass after a switch.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -689,12 +691,19 @@ fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
 }
 
 impl NodeDeployer {
+    /// What one node serves, asked within [`NODE_STATUS_TIMEOUT`]: a node that stalls is
+    /// shown as such in its cell, never holding up the page.
     async fn observe_one(&self, node: &Node) -> Observed {
         let name = node.display_name();
-        let answer = match self.connect(node, 0).await {
-            Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
-            Err(e) => Err(e),
+        let asking = async {
+            match self.connect(node, 0).await {
+                Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
+                Err(e) => Err(e),
+            }
         };
+        let answer = tokio::time::timeout(NODE_STATUS_TIMEOUT, asking).await.unwrap_or_else(|_| {
+            Err(format!("node {name}: no answer within {} s (timeout)", NODE_STATUS_TIMEOUT.as_secs()))
+        });
         match answer {
             Ok(status) if status["plain"] == true => Observed {
                 node: name,

@@ -218,3 +218,49 @@ echo ']}'"#,
         assert!(!has_control(output) && output.len() <= 8100, "{} bytes: {deployment:.300}", output.len());
     }
 }
+
+#[test]
+fn a_stalled_node_shows_as_a_timeout_in_its_cell_and_the_cells_are_asked_at_once() {
+    // Two "nodes" that take the connection and never say a word, one per cell; SSH would wait
+    // its whole connect timeout (60 s) for each, one cell after the other.
+    let silent: Vec<std::net::TcpListener> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    fs::write(&known_hosts, "").unwrap();
+    let mut config = format!(
+        "[limits]\nrequest_timeout = \"40s\"\n[ssh]\nknown_hosts = \"{}\"\nconnect_timeout = \"60s\"\n\
+         [service.web]\nkind = \"generic\"\n",
+        known_hosts.display()
+    );
+    for (listener, env) in silent.iter().zip(["staging", "production"]) {
+        config.push_str(&format!(
+            "[[service.web.node]]\nenvironment = \"{env}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"root\"\n\
+             base = \"/srv/web\"\n",
+            listener.local_addr().unwrap().port()
+        ));
+    }
+    config.push_str("[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n");
+    let server = TestServer::start_with(Backend::Local, &config);
+    let carol = server.token_with("carol", "auditor", &["--owner", "carol"]);
+    let started = Instant::now();
+    let response = server
+        .http()
+        .get(format!("{}/v1/status?nodes=true", server.url))
+        .bearer_auth(&carol)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    let answer: Value = response.json().unwrap();
+    eprintln!("status --nodes with two silent nodes in two cells: HTTP {status} in {took:?}");
+    assert_eq!(status, 200, "{answer}");
+    for env in ["staging", "production"] {
+        let node = Hostile::node_in(&answer, env);
+        let error = node["error"].as_str().unwrap_or_default();
+        assert!(error.contains("no answer within 15 s"), "{env}: {node}");
+    }
+    assert!(took >= Duration::from_secs(14) && took < Duration::from_secs(25), "{took:?}");
+    drop(silent);
+}
