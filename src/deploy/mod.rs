@@ -339,6 +339,7 @@ impl NodeDeployer {
             fence: target.fence,
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
+            fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
         })
     }
 

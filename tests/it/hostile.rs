@@ -4,7 +4,7 @@
 //! whose agent command is replaced by a script (`ForceCommand`).
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -263,4 +263,37 @@ fn a_stalled_node_shows_as_a_timeout_in_its_cell_and_the_cells_are_asked_at_once
     }
     assert!(took >= Duration::from_secs(14) && took < Duration::from_secs(25), "{took:?}");
     drop(silent);
+}
+
+#[test]
+fn an_artifact_fetch_that_stalls_fails_the_deploy_after_the_stall_timeout() {
+    // Where the nodes fetch artifacts (`node_url`): answers 200, sends a little, then nothing.
+    let stalling = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stalling.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in stalling.incoming() {
+            let mut stream = stream.unwrap();
+            let mut head = [0; 4096];
+            let _ = stream.read(&mut head);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n");
+            let _ = stream.write_all(&[0x28, 0xb5, 0x2f, 0xfd]);
+            held.push(stream);
+        }
+    });
+    let fleet = Hostile::start(
+        vec![("staging", SshNode::start())],
+        &format!("node_url = \"http://127.0.0.1:{port}\"\n"),
+        "[limits]\nnode_fetch_stall_timeout = \"3s\"\n",
+    );
+    let v1 = fleet.f.upload("v1");
+    let started = Instant::now();
+    let failed = fleet.deploy("staging", &v1, false);
+    let took = started.elapsed();
+    eprintln!("a deploy whose artifact fetch stalls: {} after {took:?}", failed["state"]);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = reason_of(&failed);
+    assert!(reason.contains("stalled") && reason.contains("3 s"), "{reason}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(!fleet.bases[0].join("current").exists());
 }
