@@ -548,13 +548,13 @@ impl NodeDeployer {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
             phase(plan, t, "adopt", request, None)
         });
-        let mut found: Vec<(&Target, Digest)> = Vec::new();
+        let mut found: Vec<(&Target, Digest, Option<u64>)> = Vec::new();
         let mut errors = Vec::new();
         for (target, answer) in targets.iter().zip(join_all(asking).await) {
             match answer {
                 Ok(answer) => {
                     if let Some(digest) = answer["legacy"]["digest"].as_str().and_then(|d| d.parse().ok()) {
-                        found.push((target, digest));
+                        found.push((target, digest, answer["legacy"]["size"].as_u64()));
                     }
                 }
                 Err(e) => errors.push(Err(e)),
@@ -563,9 +563,9 @@ impl NodeDeployer {
         if let Some(reason) = first_error(errors) {
             return Err(Failure::new(reason));
         }
-        let Some(&(first, digest)) = found.first() else { return Ok(()) };
-        if found.iter().any(|(_, d)| *d != digest) {
-            let trees: Vec<String> = found.iter().map(|(t, d)| format!("{} has {}", t.name, d.short())).collect();
+        let Some(&(first, digest, size)) = found.first() else { return Ok(()) };
+        if found.iter().any(|(_, d, _)| *d != digest) {
+            let trees: Vec<String> = found.iter().map(|(t, d, _)| format!("{} has {}", t.name, d.short())).collect();
             return Err(Failure::new(format!(
                 "the nodes hold different applications at current ({}): make them the same, or adopt them \
                  one release at a time with --exclude-node",
@@ -574,12 +574,12 @@ impl NodeDeployer {
         }
         adopt
             .adopter
-            .keep(digest, adopted_bytes(first))
+            .keep(digest, adopted_bytes(first, size.unwrap_or(0)))
             .await
             .map_err(|e| Failure::new(format!("node {}: {e}", first.name)))?;
-        let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
+        let nodes: Vec<String> = found.iter().map(|(t, _, _)| t.name.clone()).collect();
         adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
-        found.iter().for_each(|(t, _)| t.adopted(digest));
+        found.iter().for_each(|(t, _, _)| t.adopted(digest));
         Ok(())
     }
 
@@ -656,19 +656,32 @@ impl NodeDeployer {
     }
 }
 
-/// The adopted package on a node, read in chunks over the node's transport.
-fn adopted_bytes(target: &Target) -> LegacyBytes<'_> {
+/// The adopted package on a node (`size` bytes, as its adopt answer said), read in chunks over
+/// the node's transport. Each chunk must be whole: exactly what was asked (or the rest of the
+/// package), the end said where the package ends. A node that sends less, more or a false end
+/// is refused, and the stream's error stops ingest before anything is kept.
+fn adopted_bytes(target: &Target, size: u64) -> LegacyBytes<'_> {
     let chunks = futures::stream::unfold(Some(0u64), move |offset| async move {
         let offset = offset?;
         let request = Request::ReadAdopted { base: target.base.clone(), offset, len: ADOPTED_CHUNK };
         let chunk = phase_quiet(target, request).await.and_then(|answer| {
             let data = hex::decode(answer["data"].as_str().unwrap_or_default())
                 .map_err(|e| format!("node {}: the adopted package came garbled: {e}", target.name))?;
-            Ok((data, answer["eof"] == true))
+            let (whole, eof) = (ADOPTED_CHUNK.min(size.saturating_sub(offset)), answer["eof"] == true);
+            if data.len() as u64 != whole || eof != (offset + whole == size) {
+                return Err(format!(
+                    "node {}: sent {} bytes of the adopted package at offset {offset}{}, where its package \
+                     of {size} bytes has {whole} there: refused, nothing kept",
+                    target.name,
+                    data.len(),
+                    if eof { " as its end" } else { "" },
+                ));
+            }
+            Ok((data, eof))
         });
         match chunk {
             Ok((data, eof)) => {
-                let next = (!eof && !data.is_empty()).then(|| offset + data.len() as u64);
+                let next = (!eof).then(|| offset + data.len() as u64);
                 Some((Ok(bytes::Bytes::from(data)), next))
             }
             Err(e) => Some((Err(e), None)),

@@ -297,3 +297,26 @@ fn an_artifact_fetch_that_stalls_fails_the_deploy_after_the_stall_timeout() {
     assert!(took < Duration::from_secs(30), "{took:?}");
     assert!(!fleet.bases[0].join("current").exists());
 }
+
+#[test]
+fn an_adopted_package_sent_cut_short_is_refused_and_nothing_is_kept() {
+    // The node packages its legacy tree truly, then sends 4 bytes of it and says that is all.
+    let cuts = agent_lying_on(
+        "read_adopted",
+        r#"{ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND >/dev/null
+echo '{"ok":true,"data":"28b52ffd","eof":true}'"#,
+    );
+    let fleet = Hostile::start(vec![("staging", SshNode::hostile(&cuts))], "", "");
+    let current = fleet.bases[0].join("current");
+    fs::create_dir_all(current.join("public")).unwrap();
+    fs::write(current.join("version.txt"), "legacy").unwrap();
+    fs::write(current.join("public/index.html"), "legacy page").unwrap();
+    let v1 = fleet.f.upload("v1");
+    let failed = fleet.deploy("staging", &v1, true);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = reason_of(&failed);
+    assert!(reason.contains(&fleet.name(0)) && reason.contains("4 bytes of the adopted package"), "{reason}");
+    let artifacts = fleet.f.get("carol", "/v1/services/api/artifacts");
+    assert_eq!(artifacts["artifacts"].as_array().map(Vec::len), Some(1), "only v1 is kept: {artifacts}");
+    assert!(current.join("version.txt").exists(), "the legacy tree is untouched");
+}
