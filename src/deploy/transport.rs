@@ -93,8 +93,10 @@ pub const MAX_ANSWER: usize = 16 << 20;
 pub const MAX_STDERR: usize = 1 << 20;
 /// The most of a node's message (an error's text) kept.
 const MAX_MESSAGE: usize = 2000;
-/// The most of a node's output (a hook's) kept: its tail, as much as the agent sends.
-pub const MAX_OUTPUT: usize = 4000;
+/// The most of a node's output kept, its tail: as much as a true agent sends (the last 4,000
+/// bytes of its hooks' output, and the line prepare puts before them saying where the
+/// artifact came from).
+pub const MAX_OUTPUT: usize = 4400;
 /// The longest error code taken from a node.
 const MAX_CODE: usize = 64;
 

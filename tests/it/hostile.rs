@@ -101,6 +101,7 @@ impl Hostile {
 }
 
 /// The peak RSS (KiB) of `release node` answering `request`, and its answer.
+#[expect(clippy::zombie_processes, reason = "reaped by wait4, which also gives its usage")]
 fn node_agent_peak_rss(request: &serde_json::Value) -> (i64, serde_json::Value) {
     let mut child = Command::new(bin()).arg("node").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     writeln!(child.stdin.take().unwrap(), "{request}").unwrap();
