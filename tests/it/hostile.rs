@@ -100,21 +100,28 @@ impl Hostile {
     }
 }
 
-/// The peak RSS (KiB) of `release node` answering `request`, and its answer.
-#[expect(clippy::zombie_processes, reason = "reaped by wait4, which also gives its usage")]
-fn node_agent_peak_rss(request: &serde_json::Value) -> (i64, serde_json::Value) {
+/// The peak RSS (KiB) of `release node` answering `request`, and its answer. Read from its
+/// VmHWM while it runs: the rusage of a child spawned by vfork (or fork) starts from this test
+/// process's own peak, which other tests in it make large.
+fn node_agent_peak_rss(request: &serde_json::Value) -> (u64, serde_json::Value) {
     let mut child = Command::new(bin()).arg("node").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     writeln!(child.stdin.take().unwrap(), "{request}").unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    let mut status = 0;
-    // SAFETY: wait4 on our own child, with storage for its status and usage.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        assert_eq!(libc::wait4(child.id() as i32, &mut status, 0, &mut usage), child.id() as i32);
-        usage
-    };
-    (usage.ru_maxrss, serde_json::from_str(out.trim()).unwrap())
+    let mut stdout = child.stdout.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        out
+    });
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let hwm =
+            text.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().split(' ').next()?.parse().ok());
+        peak = peak.max(hwm.unwrap_or(0));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (peak, serde_json::from_str(reading.join().unwrap().trim()).unwrap())
 }
 
 #[test]
