@@ -167,6 +167,9 @@ pub struct Limits {
     /// `status --nodes` asks a cell's nodes at most once in this long; answers this fresh are
     /// shared by every caller, with the time they were asked.
     pub node_status_max_age: HumanDuration,
+    /// A node's fetch of an artifact (by signed or presigned URL) that brings no byte for this
+    /// long fails its prepare (and the deploy), instead of waiting for the command timeout.
+    pub node_fetch_stall_timeout: HumanDuration,
     /// `audit verify`: each token gets at most one fresh walk of the chain in this long (429
     /// otherwise); an answer this fresh is reused while the chain's head has not moved.
     pub verify_interval: HumanDuration,
@@ -189,6 +192,7 @@ impl Default for Limits {
             min_upload_rate: ByteSize(64 << 10),
             upload_rate_window: secs(60),
             node_status_max_age: secs(30),
+            node_fetch_stall_timeout: secs(60),
             verify_interval: secs(30),
         }
     }
@@ -502,6 +506,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         ("limits.send_timeout", limits.send_timeout),
         ("limits.upload_stall_timeout", limits.upload_stall_timeout),
         ("limits.upload_rate_window", limits.upload_rate_window),
+        ("limits.node_fetch_stall_timeout", limits.node_fetch_stall_timeout),
     ] {
         if value.0 < Duration::from_millis(100) {
             return Err(invalid(key, "must be at least 100ms".into()));

@@ -106,6 +106,7 @@ fn semantic_errors_name_the_key() {
         ("[limits]\nrequest_timeout = \"10ms\"\n", "limits.request_timeout"),
         ("[limits]\nupload_stall_timeout = \"0s\"\n", "limits.upload_stall_timeout"),
         ("[limits]\nupload_rate_window = \"0s\"\n", "limits.upload_rate_window"),
+        ("[limits]\nnode_fetch_stall_timeout = \"0s\"\n", "limits.node_fetch_stall_timeout"),
         ("[service.api]\nkind = \"node\"\nshared = [\"../x\"]\n", "service.api.shared"),
         (
             "[service.api]\nkind = \"laravel\"\n[[service.api.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"/srv/a\"\n",
@@ -323,7 +324,7 @@ fn the_readme_states_every_limit() {
     let section = section.split("\n## ").next().unwrap();
     let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
     let keys: Vec<&String> = example["limits"].as_table().unwrap().keys().collect();
-    assert_eq!(keys.len(), 14, "{keys:?}");
+    assert_eq!(keys.len(), 15, "{keys:?}");
     for key in keys {
         assert!(section.contains(&format!("`{key}`")), "README's Limits section does not name `{key}`");
     }

@@ -24,6 +24,7 @@ use serde_json::Value;
 
 pub use hooks::Hooks;
 pub use transport::{CallError, Local, Payload, Transport};
+use transport::{Keep, MAX_OUTPUT, clean};
 
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
@@ -34,6 +35,8 @@ use crate::utc;
 
 /// What a node's hooks leave of the server's wait for an answer.
 const HOOK_MARGIN: Duration = Duration::from_secs(5);
+/// How long `status --nodes` waits for one node (connecting included).
+const NODE_STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the node's health check may take to pass after a switch.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -221,10 +224,10 @@ fn report_phase(
             if let Some(digest) = switching_to(request)
                 && digest == plan.release.digest
             {
-                shared_files = serde_json::from_value::<Vec<SharedFile>>(value["shared"].clone()).unwrap_or_default();
+                shared_files = asked_shared_files(&plan.service.shared, &value["shared"]);
                 shared_files.iter_mut().for_each(|f| f.node = target.name.clone());
             }
-            let output = value["output"].as_str().map(str::to_owned);
+            let output = value["output"].as_str().map(|o| clean(o, MAX_OUTPUT, Keep::End));
             ("ok", output, Ok(value))
         }
         Err(CallError::Node(e)) => {
@@ -246,6 +249,21 @@ fn report_phase(
         shared_files,
     });
     result
+}
+
+/// The shared files a node's switch answer names, only those the server asked about (each
+/// once, in the order asked) and of a kind the agent says: a node cannot fill the registry
+/// with entries of its own making.
+fn asked_shared_files(asked: &[String], answer: &Value) -> Vec<SharedFile> {
+    let Some(entries) = answer.as_array() else { return vec![] };
+    asked
+        .iter()
+        .filter_map(|path| {
+            let entry = entries.iter().find(|e| e["path"].as_str() == Some(path.as_str()))?;
+            let file = serde_json::from_value::<SharedFile>(entry.clone()).ok()?;
+            matches!(file.kind.as_str(), "file" | "directory" | "missing" | "unreadable").then_some(file)
+        })
+        .collect()
 }
 
 impl NodeDeployer {
@@ -321,6 +339,7 @@ impl NodeDeployer {
             fence: target.fence,
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
+            fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
         })
     }
 
@@ -529,13 +548,13 @@ impl NodeDeployer {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
             phase(plan, t, "adopt", request, None)
         });
-        let mut found: Vec<(&Target, Digest)> = Vec::new();
+        let mut found: Vec<(&Target, Digest, Option<u64>)> = Vec::new();
         let mut errors = Vec::new();
         for (target, answer) in targets.iter().zip(join_all(asking).await) {
             match answer {
                 Ok(answer) => {
                     if let Some(digest) = answer["legacy"]["digest"].as_str().and_then(|d| d.parse().ok()) {
-                        found.push((target, digest));
+                        found.push((target, digest, answer["legacy"]["size"].as_u64()));
                     }
                 }
                 Err(e) => errors.push(Err(e)),
@@ -544,9 +563,9 @@ impl NodeDeployer {
         if let Some(reason) = first_error(errors) {
             return Err(Failure::new(reason));
         }
-        let Some(&(first, digest)) = found.first() else { return Ok(()) };
-        if found.iter().any(|(_, d)| *d != digest) {
-            let trees: Vec<String> = found.iter().map(|(t, d)| format!("{} has {}", t.name, d.short())).collect();
+        let Some(&(first, digest, size)) = found.first() else { return Ok(()) };
+        if found.iter().any(|(_, d, _)| *d != digest) {
+            let trees: Vec<String> = found.iter().map(|(t, d, _)| format!("{} has {}", t.name, d.short())).collect();
             return Err(Failure::new(format!(
                 "the nodes hold different applications at current ({}): make them the same, or adopt them \
                  one release at a time with --exclude-node",
@@ -555,12 +574,12 @@ impl NodeDeployer {
         }
         adopt
             .adopter
-            .keep(digest, adopted_bytes(first))
+            .keep(digest, adopted_bytes(first, size.unwrap_or(0)))
             .await
             .map_err(|e| Failure::new(format!("node {}: {e}", first.name)))?;
-        let nodes: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
+        let nodes: Vec<String> = found.iter().map(|(t, _, _)| t.name.clone()).collect();
         adopt.adopter.record(digest, nodes).await.map_err(Failure::new)?;
-        found.iter().for_each(|(t, _)| t.adopted(digest));
+        found.iter().for_each(|(t, _, _)| t.adopted(digest));
         Ok(())
     }
 
@@ -637,19 +656,32 @@ impl NodeDeployer {
     }
 }
 
-/// The adopted package on a node, read in chunks over the node's transport.
-fn adopted_bytes(target: &Target) -> LegacyBytes<'_> {
+/// The adopted package on a node (`size` bytes, as its adopt answer said), read in chunks over
+/// the node's transport. Each chunk must be whole: exactly what was asked (or the rest of the
+/// package), the end said where the package ends. A node that sends less, more or a false end
+/// is refused, and the stream's error stops ingest before anything is kept.
+fn adopted_bytes(target: &Target, size: u64) -> LegacyBytes<'_> {
     let chunks = futures::stream::unfold(Some(0u64), move |offset| async move {
         let offset = offset?;
         let request = Request::ReadAdopted { base: target.base.clone(), offset, len: ADOPTED_CHUNK };
         let chunk = phase_quiet(target, request).await.and_then(|answer| {
             let data = hex::decode(answer["data"].as_str().unwrap_or_default())
                 .map_err(|e| format!("node {}: the adopted package came garbled: {e}", target.name))?;
-            Ok((data, answer["eof"] == true))
+            let (whole, eof) = (ADOPTED_CHUNK.min(size.saturating_sub(offset)), answer["eof"] == true);
+            if data.len() as u64 != whole || eof != (offset + whole == size) {
+                return Err(format!(
+                    "node {}: sent {} bytes of the adopted package at offset {offset}{}, where its package \
+                     of {size} bytes has {whole} there: refused, nothing kept",
+                    target.name,
+                    data.len(),
+                    if eof { " as its end" } else { "" },
+                ));
+            }
+            Ok((data, eof))
         });
         match chunk {
             Ok((data, eof)) => {
-                let next = (!eof && !data.is_empty()).then(|| offset + data.len() as u64);
+                let next = (!eof).then(|| offset + data.len() as u64);
                 Some((Ok(bytes::Bytes::from(data)), next))
             }
             Err(e) => Some((Err(e), None)),
@@ -673,12 +705,19 @@ fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
 }
 
 impl NodeDeployer {
+    /// What one node serves, asked within [`NODE_STATUS_TIMEOUT`]: a node that stalls is
+    /// shown as such in its cell, never holding up the page.
     async fn observe_one(&self, node: &Node) -> Observed {
         let name = node.display_name();
-        let answer = match self.connect(node, 0).await {
-            Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
-            Err(e) => Err(e),
+        let asking = async {
+            match self.connect(node, 0).await {
+                Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
+                Err(e) => Err(e),
+            }
         };
+        let answer = tokio::time::timeout(NODE_STATUS_TIMEOUT, asking).await.unwrap_or_else(|_| {
+            Err(format!("node {name}: no answer within {} s (timeout)", NODE_STATUS_TIMEOUT.as_secs()))
+        });
         match answer {
             Ok(status) if status["plain"] == true => Observed {
                 node: name,

@@ -12,9 +12,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use super::transport::{CallError, Payload, Transport, parse_answer, send};
+use super::transport::{CallError, MAX_STDERR, Payload, Transport, exchange, parse_answer, read_capped};
 use crate::config::{Node, SshConfig};
 use crate::node::Request;
 
@@ -211,11 +211,7 @@ impl Ssh {
                 drop(stdin);
                 written
             };
-            let reading = async {
-                let mut err = Vec::new();
-                let _ = stderr.read_to_end(&mut err).await;
-                err
-            };
+            let reading = async { read_capped(&mut stderr, MAX_STDERR, false).await.0 };
             let (written, err) = tokio::join!(writing, reading);
             let status = child.wait().await.map_err(|e| Shell::Failed(e.to_string()))?;
             let err = String::from_utf8_lossy(&err).trim().to_owned();
@@ -306,25 +302,12 @@ impl Transport for Ssh {
                     .spawn()
                     .await
                     .map_err(|e| format!("cannot run the node agent: {e}"))?;
-                let mut stdin = child.stdin().take().expect("piped");
-                let mut line = serde_json::to_vec(request).expect("requests serialize");
-                line.push(b'\n');
-                // Read stdout while writing stdin: the agent may answer (refuse) early.
-                let mut stdout = child.stdout().take().expect("piped");
-                let mut stderr = child.stderr().take().expect("piped");
-                let reading = async {
-                    let mut out = Vec::new();
-                    let _ = stdout.read_to_end(&mut out).await;
-                    let mut err = Vec::new();
-                    let _ = stderr.read_to_end(&mut err).await;
-                    (out, err)
-                };
-                let writing = async {
-                    let sent = send(&mut stdin, line, payload).await;
-                    drop(stdin);
-                    sent
-                };
-                let (sent, (out, err)) = tokio::join!(writing, reading);
+                let (stdin, stdout, stderr) = (
+                    child.stdin().take().expect("piped"),
+                    child.stdout().take().expect("piped"),
+                    child.stderr().take().expect("piped"),
+                );
+                let (sent, out, err) = exchange(request, payload, stdin, stdout, stderr).await?;
                 let status = child.wait().await.map_err(|e| format!("lost the connection: {e}"))?;
                 Ok::<_, String>((sent, out, err, status.success()))
             };

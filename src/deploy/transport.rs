@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::node::{NodeError, Request};
 use crate::store::StoreError;
@@ -68,15 +68,12 @@ impl Transport for Local {
                 .spawn()
                 .map_err(|e| CallError::Transport(format!("cannot start {}: {e}", self.program.display())))?;
             let exchange = async {
-                let mut stdin = child.stdin.take().expect("piped");
-                let mut line = serde_json::to_vec(request).expect("requests serialize");
-                line.push(b'\n');
-                let sent = send(&mut stdin, line, payload).await;
-                drop(stdin);
-                let mut out = Vec::new();
-                child.stdout.take().expect("piped").read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-                let mut err = Vec::new();
-                let _ = child.stderr.take().expect("piped").read_to_end(&mut err).await;
+                let (stdin, stdout, stderr) = (
+                    child.stdin.take().expect("piped"),
+                    child.stdout.take().expect("piped"),
+                    child.stderr.take().expect("piped"),
+                );
+                let (sent, out, err) = exchange(request, payload, stdin, stdout, stderr).await?;
                 let status = child.wait().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>((sent, out, err, status))
             };
@@ -87,6 +84,84 @@ impl Transport for Local {
             parse_answer(&out, &err, status.success(), sent)
         })
     }
+}
+
+/// The most of an agent's answer (its stdout) the server reads: a node that says more is
+/// refused. The largest true answer is a chunk of an adopted package (4 MiB, 8 MiB in hex).
+pub const MAX_ANSWER: usize = 16 << 20;
+/// The most of an agent's stderr the server keeps; the rest is read and dropped.
+pub const MAX_STDERR: usize = 1 << 20;
+/// The most of a node's message (an error's text) kept.
+const MAX_MESSAGE: usize = 2000;
+/// The most of a node's output kept, its tail: as much as a true agent sends (the last 4,000
+/// bytes of its hooks' output, and the line prepare puts before them saying where the
+/// artifact came from).
+pub const MAX_OUTPUT: usize = 4400;
+/// The longest error code taken from a node.
+const MAX_CODE: usize = 64;
+
+/// One call's traffic with the agent: the request line and payload written while its stdout
+/// and stderr are read, all at once (a node that fills one pipe while the server waits on
+/// another would stall the call until its timeout). The answer is read up to [`MAX_ANSWER`]
+/// (past it, the call ends at once with an error), stderr up to [`MAX_STDERR`] kept.
+pub(super) async fn exchange(
+    request: &Request,
+    payload: Option<Payload>,
+    mut stdin: impl AsyncWriteExt + Unpin,
+    mut stdout: impl AsyncRead + Unpin,
+    mut stderr: impl AsyncRead + Unpin,
+) -> Result<(Result<(), String>, Vec<u8>, Vec<u8>), String> {
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    let writing = async {
+        let sent = send(&mut stdin, line, payload).await;
+        drop(stdin);
+        sent
+    };
+    let answer = async {
+        match read_capped(&mut stdout, MAX_ANSWER, true).await {
+            (_, true) => Err(format!(
+                "the node agent's answer is over {} MiB (the most a node may answer): refused",
+                MAX_ANSWER >> 20
+            )),
+            (out, false) => Ok(out),
+        }
+    };
+    let errors = async { Ok(read_capped(&mut stderr, MAX_STDERR, false).await.0) };
+    let reading = async { tokio::try_join!(answer, errors) };
+    tokio::pin!(writing, reading);
+    // An answer over its cap ends the call at once, whatever is still being written.
+    let (sent, (out, err)) = tokio::select! {
+        read = &mut reading => {
+            let read = read?;
+            (writing.await, read)
+        }
+        sent = &mut writing => (sent, reading.await?),
+    };
+    Ok((sent, out, err))
+}
+
+/// Reads `from` to its end (or its first error), keeping its first `cap` bytes; whether more
+/// came. With `stop`, reading ends as soon as more came.
+pub(super) async fn read_capped(from: &mut (impl AsyncRead + Unpin), cap: usize, stop: bool) -> (Vec<u8>, bool) {
+    let (mut kept, mut over) = (Vec::new(), false);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                if n > room {
+                    over = true;
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    (kept, over)
 }
 
 /// Writes the request line and the payload; a payload error (the store failed mid-stream) is
@@ -111,7 +186,8 @@ pub(super) async fn send(
     Ok(())
 }
 
-/// The agent's answer: its last line of stdout, as JSON.
+/// The agent's answer: its last line of stdout, as JSON. What a failed call says is cut and
+/// cleaned here (see [`clean`]), since a node's words are stored and shown.
 pub fn parse_answer(
     out: &[u8],
     err: &[u8],
@@ -123,17 +199,19 @@ pub fn parse_answer(
     // The server could not send everything (the store failed mid-stream): that is the cause,
     // whatever the agent made of the cut-off input.
     if let Err(e) = sent {
-        return Err(CallError::Transport(format!("{e} (the node agent answered: {})", tail(last))));
+        return Err(CallError::Transport(format!(
+            "{e} (the node agent answered: {})",
+            clean(last, MAX_MESSAGE, Keep::End)
+        )));
     }
     let answer: serde_json::Value = match serde_json::from_str(last) {
         Ok(v) => v,
         Err(_) => {
             let stderr = String::from_utf8_lossy(err);
-            let stderr = stderr.trim();
             let why = if exited_ok {
-                format!("the node agent's answer is not JSON: {}", tail(&text))
+                format!("the node agent's answer is not JSON: {}", clean(&text, MAX_MESSAGE, Keep::End))
             } else {
-                format!("the node agent failed: {}", tail(stderr))
+                format!("the node agent failed: {}", clean(stderr.trim(), MAX_MESSAGE, Keep::End))
             };
             return Err(CallError::Transport(why));
         }
@@ -141,13 +219,60 @@ pub fn parse_answer(
     if answer["ok"] == true {
         return Ok(answer);
     }
-    let error: NodeError = serde_json::from_value(answer.clone())
-        .unwrap_or_else(|_| NodeError::new("unknown", format!("unexpected answer: {answer}")));
+    let error = match serde_json::from_value::<NodeError>(answer.clone()) {
+        Ok(e) => NodeError {
+            code: clean(&e.code, MAX_CODE, Keep::Start),
+            message: clean(&e.message, MAX_MESSAGE, Keep::Start),
+            output: e.output.map(|o| clean(&o, MAX_OUTPUT, Keep::End)),
+        },
+        Err(_) => NodeError::new(
+            "unknown",
+            format!("unexpected answer: {}", clean(&answer.to_string(), MAX_MESSAGE, Keep::Start)),
+        ),
+    };
     Err(CallError::Node(error))
 }
 
-fn tail(text: &str) -> &str {
-    let start = text.len().saturating_sub(2000);
-    let start = (start..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-    &text[start..]
+/// Which part of a text [`clean`] keeps when it cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Its beginning (a message).
+    Start,
+    /// Its end (output, whose last lines say what failed).
+    End,
+}
+
+/// Text a node sent, made fit to store and show: control characters other than newline and
+/// tab removed (no terminal escapes, no carriage return overwriting a line, no bell), then cut
+/// to at most `max` bytes (at a character boundary), marked with `…` where it was cut.
+pub fn clean(text: &str, max: usize, keep: Keep) -> String {
+    let cleaned: String = text.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t')).collect();
+    if cleaned.len() <= max {
+        return cleaned;
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    match keep {
+        Keep::Start => {
+            let end = (0..=room).rev().find(|i| cleaned.is_char_boundary(*i)).unwrap_or(0);
+            format!("{}…", &cleaned[..end])
+        }
+        Keep::End => {
+            let start = cleaned.len() - room;
+            let start = (start..=cleaned.len()).find(|i| cleaned.is_char_boundary(*i)).unwrap_or(cleaned.len());
+            format!("…{}", &cleaned[start..])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_removes_control_characters_and_cuts_at_a_character_boundary() {
+        assert_eq!(clean("a\u{1b}[2Jb\rc\u{7}\nd\te", 100, Keep::Start), "a[2Jbc\nd\te");
+        assert_eq!(clean("ééééé", 6, Keep::Start), "é…");
+        assert_eq!(clean("ééééé", 6, Keep::End), "…é");
+        assert_eq!(clean(&"x".repeat(5000), 2000, Keep::End).len(), 2000);
+    }
 }

@@ -124,11 +124,18 @@ pub struct Prepare {
     /// The deploy run's fence (see [`Request::Fence`]); 0: none.
     #[serde(default)]
     pub fence: u64,
+    /// A fetch by URL that brings no byte for this long fails (60 s when absent).
+    #[serde(default)]
+    pub fetch_stall_ms: Option<u64>,
 }
 
 impl Prepare {
     pub fn hook_timeout(&self) -> Option<std::time::Duration> {
         self.hook_timeout_ms.map(std::time::Duration::from_millis)
+    }
+
+    pub fn fetch_stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.fetch_stall_ms.unwrap_or(60_000))
     }
 }
 

@@ -216,14 +216,23 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         // Without finalize hooks nothing runs in the tree before it is sealed, so its files
         // are written read-only at once and only its directories are sealed afterwards.
         let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
+        let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
         let unpacked = match &p.source {
             Source::Stdin => unpack(input, &tmp, &options, p.digest, modes),
             Source::Url(url) | Source::Server(url) => {
-                let response = fetch(url)?;
+                let stall = p.fetch_stall_timeout();
+                let response = Fetched { inner: fetch(url, stall)?, stall, failed: stalled.clone() };
                 unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest, modes)
             }
             Source::Present => unreachable!("answered above"),
         };
+        // A fetch that failed mid-way is the cause, whatever the unpacker made of the cut.
+        if unpacked.is_err()
+            && let Some(why) = stalled.take()
+        {
+            let _ = remove_tree(&tmp);
+            return Err(NodeError::new("fetch", why));
+        }
         let unpacked = unpacked.map_err(|e| match e {
             super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
             super::UnpackError::Unsafe(_) => NodeError::new("unsafe_archive", e.to_string()),
@@ -257,10 +266,13 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     Ok(json!({"dir": dir, "reused": false, "output": format!("artifact: {how}\n{output}")}))
 }
 
-fn fetch(url: &str) -> Result<impl Read, NodeError> {
+/// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
+/// client, each read of its body after that: a transfer that stops bringing bytes fails
+/// after `stall` instead of holding the deploy until the server's command timeout.
+fn fetch(url: &str, stall: Duration) -> Result<reqwest::blocking::Response, NodeError> {
     let response = reqwest::blocking::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .timeout(None)
+        .timeout(stall)
         .build()
         .map_err(|e| NodeError::new("fetch", e.to_string()))?
         .get(url)
@@ -271,6 +283,31 @@ fn fetch(url: &str) -> Result<impl Read, NodeError> {
         return Err(NodeError::new("fetch", format!("fetching the artifact: HTTP {}", response.status())));
     }
     Ok(response)
+}
+
+/// The body of a fetch, remembering why it failed (a read that timed out: it stalled), so that
+/// the answer names the fetch rather than what the unpacker made of the cut-off stream.
+struct Fetched {
+    inner: reqwest::blocking::Response,
+    stall: Duration,
+    failed: std::rc::Rc<std::cell::Cell<Option<String>>>,
+}
+
+impl Read for Fetched {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        self.inner.read(buf).inspect_err(|e| {
+            let why = if started.elapsed() >= self.stall {
+                format!(
+                    "the artifact fetch stalled: no byte for {} s (limits.node_fetch_stall_timeout)",
+                    self.stall.as_secs()
+                )
+            } else {
+                format!("the artifact fetch failed: {e}")
+            };
+            self.failed.set(Some(why));
+        })
+    }
 }
 
 /// Links each shared path of the release to `<base>/shared/<path>` with a relative symlink;
@@ -361,9 +398,7 @@ fn run_commands(
         let mut stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut out = Vec::new();
-            let _ = stdout.read_to_end(&mut out);
-            let _ = tx.send(out);
+            let _ = tx.send(read_tail(&mut stdout));
         });
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| NodeError::new("hook_failed", e.to_string()))? {
@@ -383,6 +418,7 @@ fn run_commands(
         let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
         output.extend_from_slice(format!("$ {command}\n").as_bytes());
         output.extend_from_slice(&rx.recv_timeout(wait).unwrap_or_default());
+        keep_tail(&mut output);
         let failure = match status {
             Some(status) if status.success() => continue,
             Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
@@ -399,6 +435,32 @@ fn run_commands(
         return Err(e);
     }
     Ok(tail(&output))
+}
+
+/// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
+/// without bound (300 MB once took the agent to ~700 MiB of memory), only the tail is answered.
+fn read_tail(from: &mut impl Read) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(2 * OUTPUT_TAIL);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                keep_tail(&mut kept);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    kept
+}
+
+/// Drops all but the last `OUTPUT_TAIL` bytes.
+fn keep_tail(bytes: &mut Vec<u8>) {
+    if bytes.len() > OUTPUT_TAIL {
+        bytes.drain(..bytes.len() - OUTPUT_TAIL);
+    }
 }
 
 fn tail(bytes: &[u8]) -> String {
@@ -879,6 +941,7 @@ mod tests {
                 adopt: false,
                 hook_timeout_ms: None,
                 fence: 0,
+                fetch_stall_ms: None,
             };
             let answer = prepare(&request, &mut &bytes[..]).unwrap();
             let dir = PathBuf::from(answer["dir"].as_str().unwrap());

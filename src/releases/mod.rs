@@ -907,22 +907,29 @@ impl Releases {
         let rows = self.blocking(move |r| r.status(service.as_deref())).await?;
         let mut rows: Vec<StatusRow> = rows.into_iter().filter(|r| visible(p, &r.service, &r.environment)).collect();
         if nodes {
-            for row in &mut rows {
+            // Every cell at once: each node is asked within a bounded time (the deployer's),
+            // so the slowest node, not their sum, is what the page waits for.
+            let asking = rows.iter().map(|row| {
                 let configured: Vec<crate::config::Node> = self
                     .config
                     .service(&row.service)
                     .map(|s| s.nodes.iter().filter(|n| n.environment == row.environment).cloned().collect())
                     .unwrap_or_default();
-                let (observed, asked_at) = self
-                    .node_answers
-                    .ask(
-                        self.deployer.as_ref(),
-                        (&row.service, &row.environment),
-                        (row.release, row.in_flight),
-                        &configured,
-                        self.config.limits.node_status_max_age.0,
-                    )
-                    .await;
+                let (cell, releases) = ((row.service.clone(), row.environment.clone()), (row.release, row.in_flight));
+                async move {
+                    self.node_answers
+                        .ask(
+                            self.deployer.as_ref(),
+                            (&cell.0, &cell.1),
+                            releases,
+                            &configured,
+                            self.config.limits.node_status_max_age.0,
+                        )
+                        .await
+                }
+            });
+            let answers = futures::future::join_all(asking).await;
+            for (row, (observed, asked_at)) in rows.iter_mut().zip(answers) {
                 row.nodes_asked_at = Some(asked_at);
                 row.nodes = Some(
                     observed

@@ -45,6 +45,30 @@ pub struct SshNode {
 
 impl SshNode {
     pub fn start() -> SshNode {
+        SshNode::start_with("")
+    }
+
+    /// A compromised node: the node agent's command (`…/release-<build> node`) runs `agent`
+    /// (a shell script) instead; every other command (shipping the binary) runs as usual. The
+    /// script reads the request from stdin; `$SSH_ORIGINAL_COMMAND` runs the real agent.
+    pub fn hostile(agent: &str) -> SshNode {
+        let dir = tempfile::Builder::new().prefix("release-hostile-").tempdir().unwrap().keep();
+        let (force, script) = (dir.join("force.sh"), dir.join("agent.sh"));
+        std::fs::write(&script, agent).unwrap();
+        std::fs::write(
+            &force,
+            format!(
+                "case \"$SSH_ORIGINAL_COMMAND\" in\n  .release/bin/release-*\" node\") exec sh {} ;;\n  \
+                 *) exec sh -c \"$SSH_ORIGINAL_COMMAND\" ;;\nesac\n",
+                script.display()
+            ),
+        )
+        .unwrap();
+        SshNode::start_with(&format!("ForceCommand sh {}\n", force.display()))
+    }
+
+    /// With `extra` lines in its sshd_config.
+    fn start_with(extra: &str) -> SshNode {
         assert!(Path::new(SSHD).exists(), "the SSH tests need {SSHD} (openssh-server): run `bash .ci/run`");
         std::fs::create_dir_all("/run/sshd").unwrap();
         let address = next_address();
@@ -64,7 +88,7 @@ impl SshNode {
                 "ListenAddress {address}:{port}\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
                  StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n\
-                 SetEnv SHLVL=5\n",
+                 SetEnv SHLVL=5\n{extra}",
                 dir = dir.display()
             ),
         )
