@@ -20,8 +20,8 @@ use super::extract::ApiQuery;
 use crate::audit::{self, Verification};
 use crate::token::{Action, Principal};
 
-/// Events per registry read while streaming an export.
-const EXPORT_PAGE: u64 = 5_000;
+/// Events per registry read while streaming an export (one page is all an export holds).
+const EXPORT_PAGE: u64 = 1_000;
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/audit/events", get(export)).route("/audit/verify", get(verify))
@@ -53,39 +53,42 @@ async fn export(
         None => None,
     };
     let registry = Arc::clone(&state.registry);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut after = q.after.unwrap_or(0);
-        let mut left = q.limit.unwrap_or(u64::MAX);
-        while left > 0 {
-            let page = match registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left)) {
-                Ok(page) => page,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                    return;
-                }
-            };
-            let Some(last) = page.last().map(|e| e.seq) else { return };
-            let mut lines = Vec::with_capacity(page.len() * 300);
-            for event in &page {
-                serde_json::to_writer(&mut lines, event).expect("events serialize");
-                lines.push(b'\n');
-            }
-            left -= page.len() as u64;
-            after = last;
-            if tx.blocking_send(Ok(lines)).is_err() {
-                return; // the client went away
-            }
+    let body = paged((q.after.unwrap_or(0), q.limit.unwrap_or(u64::MAX)), move |(after, left)| {
+        let page = registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left))?;
+        let mut lines = Vec::with_capacity(page.len() * 300);
+        for event in &page {
+            serde_json::to_writer(&mut lines, event).expect("events serialize");
+            lines.push(b'\n');
         }
+        let left = left - page.len() as u64;
+        let more = (page.len() as u64 == EXPORT_PAGE && left > 0).then(|| (page.last().map_or(after, |e| e.seq), left));
+        Ok((lines, more))
     });
-    let body = Body::from_stream(tokio_stream_from(rx));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
-pub(super) fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
-) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// A streamed answer read from the registry a page at a time, each page only once the client
+/// has taken the one before: a client that reads slowly, or not at all, holds no thread and no
+/// registry connection, and at most one page in memory (besides the socket's buffers). `next`
+/// turns a cursor into a page's bytes and the next cursor (`None`: that was the last).
+pub(super) fn paged<C, F>(first: C, next: F) -> Body
+where
+    C: Send + 'static,
+    F: Fn(C) -> Result<(Vec<u8>, Option<C>), crate::registry::RegistryError> + Send + Sync + 'static,
+{
+    let next = Arc::new(next);
+    let pages = futures::stream::unfold(Some(first), move |cursor| {
+        let next = Arc::clone(&next);
+        async move {
+            let cursor = cursor?;
+            let page = tokio::task::spawn_blocking(move || next(cursor)).await.expect("reading a page does not panic");
+            Some(match page {
+                Ok((bytes, more)) => (Ok::<_, std::io::Error>(bytes), more),
+                Err(e) => (Err(std::io::Error::other(e.to_string())), None),
+            })
+        }
+    });
+    Body::from_stream(pages)
 }
 
 async fn verify(State(state): State<AppState>, Caller(p): Caller) -> Result<Json<Verification>, ApiError> {

@@ -1,0 +1,93 @@
+//! What a client can make the server hold by asking much and taking little: an audit export
+//! that the client never reads holds no thread (each held one until `send_timeout`, so a few
+//! hundred took all 512 and every other request waited). Every load below is bounded in
+//! connections, bytes and time.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{Backend, TestServer};
+
+/// `Threads:` and `VmRSS:` (bytes) of a process.
+fn threads_and_rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Threads:"), field("VmRSS:") * 1024)
+}
+
+/// Appends `n` events to the server's audit log (another writer beside the server, as the
+/// command line is), in one transaction.
+fn grow_audit_log(server: &TestServer, n: usize) {
+    let registry = release::registry::Registry::open(&server.data_dir().join("registry.db")).unwrap();
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            release::audit::NewEvent::by_server(
+                "test.filler",
+                format!("filler/{i}"),
+                json!({"note": "an event of an ordinary size, as a release or a refusal writes", "i": i}),
+            )
+        })
+        .collect();
+    registry.append_events(&events).unwrap();
+}
+
+/// Asks for `path` and never reads the answer.
+fn unread(server: &TestServer, path: &str, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(server.url.strip_prefix("http://").unwrap()).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
+    stream
+}
+
+#[test]
+fn audit_exports_left_unread_hold_no_thread() {
+    let server = TestServer::start(Backend::Local);
+    let auditor = server.token("audrey", "auditor");
+    let bystander = server.token("bob", "deployer");
+    grow_audit_log(&server, 60_000);
+    let pid = server.pid();
+    // Warm: one export read whole, so the threads and pages a single export needs are there.
+    let whole = server.http().get(format!("{}/v1/audit/events", server.url)).bearer_auth(&auditor).send().unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert!(whole.text().unwrap().lines().count() > 60_000);
+    std::thread::sleep(Duration::from_secs(11)); // tokio ends blocking threads idle for 10 s
+    let (threads_before, rss_before) = threads_and_rss(pid);
+
+    const EXPORTS: usize = 40;
+    let held: Vec<TcpStream> = (0..EXPORTS)
+        .map(|i| {
+            let path = if i % 2 == 0 { "/v1/audit/events" } else { "/audit/export.jsonl" };
+            unread(&server, path, &auditor)
+        })
+        .collect();
+    // Each export reads pages while the socket takes them, then should hold no thread: tokio
+    // ends a blocking thread idle for 10 s. Unfixed, each held one until `send_timeout` (60 s).
+    std::thread::sleep(Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut threads, mut rss) = threads_and_rss(pid);
+    let mut most = threads;
+    while threads >= threads_before + 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        (threads, rss) = threads_and_rss(pid);
+        most = most.max(threads);
+    }
+    let started = Instant::now();
+    let answer = server.http().get(format!("{}/v1/releases", server.url)).bearer_auth(&bystander).send().unwrap();
+    let bystander_took = started.elapsed();
+    assert_eq!(answer.status(), StatusCode::OK);
+    eprintln!(
+        "{EXPORTS} unread exports: threads {threads_before} -> {most} -> {threads}, RSS {} -> {} MiB, \
+         a bystander's request {bystander_took:?}",
+        rss_before >> 20,
+        rss >> 20
+    );
+    assert!(threads < threads_before + 10, "unread exports hold threads: {threads_before} -> {threads}");
+    assert!(bystander_took < Duration::from_secs(10), "{bystander_took:?}");
+    drop(held);
+}
