@@ -1,7 +1,8 @@
 //! What a client can make the server hold by asking much and taking little: an audit export
 //! that the client never reads holds no thread (each held one until `send_timeout`, so a few
-//! hundred took all 512 and every other request waited). Every load below is bounded in
-//! connections, bytes and time.
+//! hundred took all 512 and every other request waited); a token signs in a bounded number
+//! of times (each sign-in is written). Every load below is bounded in connections, bytes and
+//! time.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -90,4 +91,29 @@ fn audit_exports_left_unread_hold_no_thread() {
     assert!(threads < threads_before + 10, "unread exports hold threads: {threads_before} -> {threads}");
     assert!(bystander_took < Duration::from_secs(10), "{bystander_took:?}");
     drop(held);
+}
+
+#[test]
+fn a_token_signs_in_a_bounded_number_of_times() {
+    let server = TestServer::start(Backend::Local);
+    let auditor = server.token("audrey", "auditor");
+    let other = server.token("olga", "auditor");
+    let client = reqwest::blocking::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let login = |token: &str| client.post(format!("{}/login", server.url)).form(&[("token", token)]).send().unwrap();
+    let events = || server.count("SELECT count(*) FROM audit_events WHERE action = 'web.login'");
+    for _ in 0..20 {
+        assert_eq!(login(&auditor).status(), StatusCode::SEE_OTHER);
+    }
+    let (sessions, logged) = (server.count("SELECT count(*) FROM web_sessions"), events());
+    for _ in 0..50 {
+        let refused = login(&auditor);
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let seconds: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&seconds), "Retry-After: {seconds}");
+        assert!(refused.text().unwrap().contains("signed in 20 times"));
+    }
+    // Nothing written for those; another token signs in as usual.
+    assert_eq!((server.count("SELECT count(*) FROM web_sessions"), events()), (sessions, logged));
+    assert_eq!(login(&other).status(), StatusCode::SEE_OTHER);
+    assert_eq!(events(), logged + 1);
 }

@@ -22,6 +22,7 @@ use super::error::ApiError;
 use crate::audit::Event;
 use crate::registry::AuditFilter;
 use crate::utc;
+pub use session::LoginPace;
 use session::Viewer;
 
 /// Releases per timeline page, events per audit page.
