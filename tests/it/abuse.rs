@@ -1,8 +1,8 @@
 //! What a client can make the server hold by asking much and taking little: an audit export
 //! that the client never reads holds no thread (each held one until `send_timeout`, so a few
 //! hundred took all 512 and every other request waited); a token signs in a bounded number
-//! of times (each sign-in is written). Every load below is bounded in connections, bytes and
-//! time.
+//! of times (each sign-in is written); idle connections up to the cap leave descriptors for
+//! the registry. Every load below is bounded in connections, bytes and time.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -116,4 +116,60 @@ fn a_token_signs_in_a_bounded_number_of_times() {
     assert_eq!((server.count("SELECT count(*) FROM web_sessions"), events()), (sessions, logged));
     assert_eq!(login(&other).status(), StatusCode::SEE_OTHER);
     assert_eq!(events(), logged + 1);
+}
+
+#[test]
+fn idle_connections_up_to_the_cap_leave_descriptors_for_the_registry() {
+    // The soft limit systemd gives a service (1,024, here 256 to be quick) is below
+    // limits.max_connections: the server raises it to the hard limit at start.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("release.toml");
+    let data = dir.path().join("data");
+    std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n", data.display()))
+        .unwrap();
+    let token = {
+        let out = crate::support::TestCommand::new()
+            .args(["token", "create", "bob", "--role", "deployer", "--owner", "bob", "--json"])
+            .env("RELEASE_DATA_DIR", &data)
+            .assert_success();
+        out.json()["token"].as_str().unwrap().to_owned()
+    };
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" serve --config \"$1\""])
+        .arg(crate::support::bin())
+        .arg(&config)
+        .env_remove("RELEASE_CONFIG")
+        .env_remove("RELEASE_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{url}/healthz")).send().is_err() {
+        assert!(Instant::now() < deadline, "the server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+
+    // A stranger opens 400 connections and sends nothing (the header timeout is 10 s).
+    let idle: Vec<TcpStream> = (0..400).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let answer = http.get(format!("{url}/v1/releases")).bearer_auth(&token).send();
+    let took = started.elapsed();
+    drop(idle);
+    let _ = child.kill();
+    let _ = child.wait();
+    let server_log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "the soft limit was not raised: {open_files}");
+    let answer = answer.unwrap_or_else(|e| panic!("the bystander got no answer in {took:?}: {e}\n{server_log}"));
+    assert_eq!(answer.status(), StatusCode::OK, "{server_log}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
