@@ -22,6 +22,12 @@ use crate::token::{Action, Principal};
 
 /// Events per registry read while streaming an export (one page is all an export holds).
 const EXPORT_PAGE: u64 = 1_000;
+/// Export pages read at once, server-wide; the other exports wait their turn without a thread,
+/// so the blocking threads (512) stay free for every other request's reads (authentication
+/// among them). Unbounded, 560 unread exports filling their sockets queued ~5,000 page reads
+/// ahead of everyone's: a bystander's request timed out, and RSS reached 2.5 GB.
+const PAGE_READS_AT_ONCE: usize = 4;
+static PAGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PAGE_READS_AT_ONCE);
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/audit/events", get(export)).route("/audit/verify", get(verify))
@@ -69,7 +75,8 @@ async fn export(
 
 /// A streamed answer read from the registry a page at a time, each page only once the client
 /// has taken the one before: a client that reads slowly, or not at all, holds no thread and no
-/// registry connection, and at most one page in memory (besides the socket's buffers). `next`
+/// registry connection, and at most one page in memory (besides the socket's buffers); at most
+/// [`PAGE_READS_AT_ONCE`] pages of all exports are read at once. `next`
 /// turns a cursor into a page's bytes and the next cursor (`None`: that was the last).
 pub(super) fn paged<C, F>(first: C, next: F) -> Body
 where
@@ -81,6 +88,7 @@ where
         let next = Arc::clone(&next);
         async move {
             let cursor = cursor?;
+            let _turn = PAGE_READS.acquire().await.expect("never closed");
             let page = tokio::task::spawn_blocking(move || next(cursor)).await.expect("reading a page does not panic");
             Some(match page {
                 Ok((bytes, more)) => (Ok::<_, std::io::Error>(bytes), more),
@@ -143,5 +151,32 @@ impl Verifier {
         let answer = audit::verify(&state.registry, &state.store).await?;
         *last = Some((now, answer.clone()));
         Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exports_read_a_bounded_number_of_pages_at_once() {
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let exports = (0..20).map(|_| {
+            let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+            let body = paged(0u32, move |page| {
+                most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok((vec![b'x'; 10], (page < 3).then_some(page + 1)))
+            });
+            async move { body.into_data_stream().map(|chunk| chunk.unwrap().len()).collect::<Vec<_>>().await }
+        });
+        let read = futures::future::join_all(exports.map(tokio::spawn)).await;
+        assert!(read.into_iter().all(|pages| pages.unwrap() == vec![10; 4]));
+        assert_eq!(most.load(Ordering::SeqCst), PAGE_READS_AT_ONCE);
     }
 }
