@@ -2,7 +2,9 @@
 //! that the client never reads holds no thread (each held one until `send_timeout`, so a few
 //! hundred took all 512 and every other request waited); a token signs in a bounded number
 //! of times (each sign-in is written); idle connections up to the cap leave descriptors for
-//! the registry. Every load below is bounded in connections, bytes and time.
+//! the registry; long-polls woken by every write share one look at their release instead of
+//! each taking a blocking thread. Every load below is bounded in connections, bytes and
+//! time.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -158,7 +160,7 @@ fn idle_connections_up_to_the_cap_leave_descriptors_for_the_registry() {
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
 
     // A stranger opens 400 connections and sends nothing (the header timeout is 10 s).
-    let idle: Vec<TcpStream> = (0..400).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..600).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let answer = http.get(format!("{url}/v1/releases")).bearer_auth(&token).send();
@@ -172,4 +174,38 @@ fn idle_connections_up_to_the_cap_leave_descriptors_for_the_registry() {
     let answer = answer.unwrap_or_else(|e| panic!("the bystander got no answer in {took:?}: {e}\n{server_log}"));
     assert_eq!(answer.status(), StatusCode::OK, "{server_log}");
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn long_polls_woken_by_every_write_share_one_look() {
+    let f = crate::releases::Fixture::new();
+    let digest = f.upload("v1");
+    let id = crate::releases::pending_promotion(&f, &digest);
+    let pid = f.server.pid();
+    // 600 long-polls that no write will satisfy (seen is beyond anything), held 30 s.
+    let polls: Vec<TcpStream> = (0..400)
+        .map(|_| unread(&f.server, &format!("/v1/releases/{id}?seen=1000&wait=30"), f.token("carol")))
+        .collect();
+    std::thread::sleep(Duration::from_secs(11)); // the threads that authenticated them end
+    let (threads_before, _) = threads_and_rss(pid);
+    // Each upload is a write, and each write wakes every long-poll to look again.
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let most = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(threads_and_rss(pid).0);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        });
+        for i in 0..20 {
+            f.upload(&format!("w{i}"));
+        }
+        sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+        sampler.join().unwrap()
+    });
+    eprintln!("600 long-polls, 20 writes: threads {threads_before} -> at most {most}");
+    assert!(most < threads_before + 40, "the long-polls' re-checks took {threads_before} -> {most} threads");
+    drop(polls);
 }
