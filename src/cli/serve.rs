@@ -24,6 +24,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     init_logging();
     let overrides = Overrides { listen: args.listen, data_dir: args.data_dir };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    raise_open_files(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen;
@@ -54,6 +55,38 @@ pub fn run(args: Args) -> Result<(), Failure> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Descriptors the server needs besides its connections: registry readers (three each: the
+/// database, its WAL and shared memory), artifacts being read or written, SSH control sockets.
+const SPARE_FILES: u64 = 1_024;
+
+/// Raises the soft limit on open files to the hard one. Every connection is a descriptor, so
+/// under systemd's default soft limit (1,024) `limits.max_connections` idle connections from a
+/// stranger left no descriptor for the registry: readers could not open (500s) and accepting
+/// failed for everyone until they closed. Warns when even the hard limit leaves too few.
+fn raise_open_files(max_connections: u32) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write or read the struct we own; no other memory is involved.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = u64::from(max_connections) + SPARE_FILES;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "too few open files allowed (ulimit -n) for limits.max_connections = {max_connections}: raise \
+             LimitNOFILE (systemd) or lower max_connections"
+        );
+    }
 }
 
 fn init_logging() {

@@ -1,8 +1,8 @@
 //! The registry: SQLite through rusqlite. The only code that holds SQL (besides `migrations/`).
 //!
 //! rusqlite is blocking: callers on async threads go through `tokio::task::spawn_blocking`.
-//! One writer connection (SQLite serializes writers anyway) and a small pool of readers, which
-//! WAL mode lets read while a write is in progress.
+//! One writer connection (SQLite serializes writers anyway) and a bounded pool of readers,
+//! which WAL mode lets read while a write is in progress.
 
 mod artifacts;
 mod audit;
@@ -14,7 +14,7 @@ mod web;
 mod webhooks;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -27,7 +27,12 @@ pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
 pub use webhooks::{Backlog, ReleaseAtEvent};
 
-const MAX_IDLE_READERS: usize = 8;
+/// Reader connections open at once; a read past them waits for one. However many requests
+/// read at once (up to tokio's 512 blocking threads), the registry holds this many connections,
+/// their page caches and descriptors. (Unbounded, 300 clients reading at once opened ~120
+/// connections, and SQLite keeps a closed connection's descriptor while others hold locks on
+/// the file, so their descriptors stayed open for the life of the process.)
+pub const MAX_READERS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -69,7 +74,9 @@ pub enum RegistryError {
 pub struct Registry {
     path: PathBuf,
     writer: Mutex<Connection>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<Readers>,
+    /// Signalled when a reader connection goes back to the pool.
+    reader_freed: Condvar,
     /// Counts this process's committed writes, so that a reader can wait for the next one.
     writes: tokio::sync::watch::Sender<u64>,
 }
@@ -87,7 +94,8 @@ impl Registry {
         Ok(Registry {
             path: path.to_owned(),
             writer: Mutex::new(writer),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(Readers::default()),
+            reader_freed: Condvar::new(),
             writes: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -108,24 +116,41 @@ impl Registry {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
-        let pooled = self.readers.lock().expect("reader pool lock").pop();
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => {
-                let conn = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-                )?;
-                configure(&conn)?;
-                conn
+        let idle = {
+            let mut readers = self.readers.lock().expect("reader pool lock");
+            loop {
+                if let Some(conn) = readers.idle.pop() {
+                    break Some(conn);
+                }
+                if readers.open < MAX_READERS {
+                    readers.open += 1;
+                    break None;
+                }
+                readers = self.reader_freed.wait(readers).expect("reader pool lock");
             }
         };
-        let result = f(&conn);
-        let mut pool = self.readers.lock().expect("reader pool lock");
-        if pool.len() < MAX_IDLE_READERS {
-            pool.push(conn);
-        }
-        result
+        let conn = match idle {
+            Some(conn) => conn,
+            None => match self.open_reader() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    self.readers.lock().expect("reader pool lock").open -= 1;
+                    self.reader_freed.notify_one();
+                    return Err(e);
+                }
+            },
+        };
+        let lent = Lent { registry: self, conn: Some(conn) };
+        f(lent.conn.as_ref().expect("lent until dropped"))
+    }
+
+    fn open_reader(&self) -> Result<Connection, RegistryError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        configure(&conn)?;
+        Ok(conn)
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
@@ -136,6 +161,29 @@ impl Registry {
             self.nudge();
         }
         written
+    }
+}
+
+#[derive(Default)]
+struct Readers {
+    idle: Vec<Connection>,
+    /// Idle and lent out.
+    open: usize,
+}
+
+/// A reader connection lent out by [`Registry::read`]; back to the pool when dropped, even if
+/// the read panicked.
+struct Lent<'a> {
+    registry: &'a Registry,
+    conn: Option<Connection>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.registry.readers.lock().unwrap_or_else(|e| e.into_inner()).idle.push(conn);
+            self.registry.reader_freed.notify_one();
+        }
     }
 }
 

@@ -523,3 +523,29 @@ fn audit_reads_past_sqlite_integers_find_nothing_instead_of_failing() {
     assert!(registry.audit_events(u64::MAX, None, u64::MAX).unwrap().is_empty());
     assert!(registry.audit_events(i64::MAX as u64 + 1, None, 10).unwrap().is_empty());
 }
+
+#[test]
+fn reads_at_once_share_a_bounded_pool_of_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (_dir, registry) = open();
+    let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..(MAX_READERS * 4) {
+            s.spawn(|| {
+                registry
+                    .read(|conn| {
+                        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(at_once, Ordering::SeqCst);
+                        conn.query_row("SELECT count(*) FROM audit_events", [], |r| r.get::<_, i64>(0))?;
+                        std::thread::sleep(Duration::from_millis(50));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .unwrap();
+            });
+        }
+    });
+    assert_eq!(most.load(Ordering::SeqCst), MAX_READERS, "connections reading at once");
+    let pool = registry.readers.lock().unwrap();
+    assert_eq!((pool.open, pool.idle.len()), (MAX_READERS, MAX_READERS));
+}

@@ -20,8 +20,14 @@ use super::extract::ApiQuery;
 use crate::audit::{self, Verification};
 use crate::token::{Action, Principal};
 
-/// Events per registry read while streaming an export.
-const EXPORT_PAGE: u64 = 5_000;
+/// Events per registry read while streaming an export (one page is all an export holds).
+const EXPORT_PAGE: u64 = 1_000;
+/// Export pages read at once, server-wide; the other exports wait their turn without a thread,
+/// so the blocking threads (512) stay free for every other request's reads (authentication
+/// among them). Unbounded, 560 unread exports filling their sockets queued ~5,000 page reads
+/// ahead of everyone's: a bystander's request timed out, and RSS reached 2.5 GB.
+const PAGE_READS_AT_ONCE: usize = 4;
+static PAGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PAGE_READS_AT_ONCE);
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/audit/events", get(export)).route("/audit/verify", get(verify))
@@ -53,39 +59,44 @@ async fn export(
         None => None,
     };
     let registry = Arc::clone(&state.registry);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut after = q.after.unwrap_or(0);
-        let mut left = q.limit.unwrap_or(u64::MAX);
-        while left > 0 {
-            let page = match registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left)) {
-                Ok(page) => page,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                    return;
-                }
-            };
-            let Some(last) = page.last().map(|e| e.seq) else { return };
-            let mut lines = Vec::with_capacity(page.len() * 300);
-            for event in &page {
-                serde_json::to_writer(&mut lines, event).expect("events serialize");
-                lines.push(b'\n');
-            }
-            left -= page.len() as u64;
-            after = last;
-            if tx.blocking_send(Ok(lines)).is_err() {
-                return; // the client went away
-            }
+    let body = paged((q.after.unwrap_or(0), q.limit.unwrap_or(u64::MAX)), move |(after, left)| {
+        let page = registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left))?;
+        let mut lines = Vec::with_capacity(page.len() * 300);
+        for event in &page {
+            serde_json::to_writer(&mut lines, event).expect("events serialize");
+            lines.push(b'\n');
         }
+        let left = left - page.len() as u64;
+        let more = (page.len() as u64 == EXPORT_PAGE && left > 0).then(|| (page.last().map_or(after, |e| e.seq), left));
+        Ok((lines, more))
     });
-    let body = Body::from_stream(tokio_stream_from(rx));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
-pub(super) fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
-) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// A streamed answer read from the registry a page at a time, each page only once the client
+/// has taken the one before: a client that reads slowly, or not at all, holds no thread and no
+/// registry connection, and at most one page in memory (besides the socket's buffers); at most
+/// [`PAGE_READS_AT_ONCE`] pages of all exports are read at once. `next`
+/// turns a cursor into a page's bytes and the next cursor (`None`: that was the last).
+pub(super) fn paged<C, F>(first: C, next: F) -> Body
+where
+    C: Send + 'static,
+    F: Fn(C) -> Result<(Vec<u8>, Option<C>), crate::registry::RegistryError> + Send + Sync + 'static,
+{
+    let next = Arc::new(next);
+    let pages = futures::stream::unfold(Some(first), move |cursor| {
+        let next = Arc::clone(&next);
+        async move {
+            let cursor = cursor?;
+            let _turn = PAGE_READS.acquire().await.expect("never closed");
+            let page = tokio::task::spawn_blocking(move || next(cursor)).await.expect("reading a page does not panic");
+            Some(match page {
+                Ok((bytes, more)) => (Ok::<_, std::io::Error>(bytes), more),
+                Err(e) => (Err(std::io::Error::other(e.to_string())), None),
+            })
+        }
+    });
+    Body::from_stream(pages)
 }
 
 async fn verify(State(state): State<AppState>, Caller(p): Caller) -> Result<Json<Verification>, ApiError> {
@@ -140,5 +151,32 @@ impl Verifier {
         let answer = audit::verify(&state.registry, &state.store).await?;
         *last = Some((now, answer.clone()));
         Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exports_read_a_bounded_number_of_pages_at_once() {
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let exports = (0..20).map(|_| {
+            let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+            let body = paged(0u32, move |page| {
+                most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok((vec![b'x'; 10], (page < 3).then_some(page + 1)))
+            });
+            async move { body.into_data_stream().map(|chunk| chunk.unwrap().len()).collect::<Vec<_>>().await }
+        });
+        let read = futures::future::join_all(exports.map(tokio::spawn)).await;
+        assert!(read.into_iter().all(|pages| pages.unwrap() == vec![10; 4]));
+        assert_eq!(most.load(Ordering::SeqCst), PAGE_READS_AT_ONCE);
     }
 }

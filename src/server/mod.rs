@@ -82,6 +82,8 @@ pub struct AppState {
     pub refusals: Arc<RefusalLog>,
     /// Serves `audit verify` at a bounded rate.
     verifier: Arc<audit::Verifier>,
+    /// Sign-ins per token, bounded.
+    logins: Arc<pages::LoginPace>,
     /// The count last checkpointed; the lock makes checkpoint writes one at a time, so the
     /// head in the bucket cannot go backwards between two writers.
     checkpointed: Arc<tokio::sync::Mutex<u64>>,
@@ -148,9 +150,20 @@ impl Opened {
         let chain = Arc::new(crate::audit::ChainWatch::default());
         let refusals = Arc::new(RefusalLog::new(Arc::clone(&registry), config.audit.refusal_window.0));
         let refusal_windows = tokio::spawn(Arc::clone(&refusals).run());
-        let verifier = Arc::default();
-        let state =
-            AppState { config, store, registry, ingestor, releases, chain, metrics, refusals, verifier, checkpointed };
+        let (verifier, logins) = (Arc::default(), Arc::default());
+        let state = AppState {
+            config,
+            store,
+            registry,
+            ingestor,
+            releases,
+            chain,
+            metrics,
+            refusals,
+            verifier,
+            logins,
+            checkpointed,
+        };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
         Ok(Opened { state, webhooks: Some(webhooks), refusal_windows, _lock: lock })

@@ -1,6 +1,7 @@
 //! Integration tests: the real `release` binary against a real S3-compatible server (Garage)
 //! and the local backend. One test binary; see `support` for the harness.
 
+mod abuse;
 mod audit;
 mod bodies;
 mod concurrency;

@@ -10,7 +10,6 @@ mod session;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -23,12 +22,13 @@ use super::error::ApiError;
 use crate::audit::Event;
 use crate::registry::AuditFilter;
 use crate::utc;
+pub use session::LoginPace;
 use session::Viewer;
 
 /// Releases per timeline page, events per audit page.
 const PAGE: u32 = 50;
 /// Events per registry read while streaming an export.
-const EXPORT_PAGE: u64 = 5_000;
+const EXPORT_PAGE: u64 = 1_000;
 /// How many stays live an artifact page lists.
 const SPELLS: u32 = 200;
 
@@ -301,40 +301,29 @@ fn csv_field(field: &str) -> String {
     if field.contains([',', '"', '\r', '\n']) { format!("\"{}\"", field.replace('"', "\"\"")) } else { field }
 }
 
-/// Streams the events `filter` selects, newest first, page by page from the registry.
+/// Streams the events `filter` selects, newest first, page by page from the registry (a page
+/// read only once the client took the one before: [`super::audit::paged`]).
 fn export(
     state: AppState,
-    mut filter: AuditFilter,
+    filter: AuditFilter,
     content_type: &'static str,
     file_name: &'static str,
     header: &'static [u8],
-    write: impl Fn(&Event, &mut Vec<u8>) + Send + 'static,
+    write: impl Fn(&Event, &mut Vec<u8>) + Send + Sync + 'static,
 ) -> Response {
     let registry = Arc::clone(&state.registry);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        if !header.is_empty() && tx.blocking_send(Ok(header.to_vec())).is_err() {
-            return;
+    let body = super::audit::paged((true, filter), move |(first, mut filter)| {
+        let page = registry.audit_page(&filter, EXPORT_PAGE)?;
+        let mut out = Vec::with_capacity(page.len() * 300 + header.len());
+        if first {
+            out.extend_from_slice(header);
         }
-        loop {
-            let page = match registry.audit_page(&filter, EXPORT_PAGE) {
-                Ok(page) => page,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                    return;
-                }
-            };
-            let mut out = Vec::with_capacity(page.len() * 300);
-            for event in &page {
-                write(event, &mut out);
-            }
-            if tx.blocking_send(Ok(out)).is_err() || (page.len() as u64) < EXPORT_PAGE {
-                return;
-            }
-            filter.before = page.last().map(|e| e.seq);
+        for event in &page {
+            write(event, &mut out);
         }
+        filter.before = page.last().map(|e| e.seq);
+        Ok((out, (page.len() as u64 == EXPORT_PAGE).then_some((false, filter))))
     });
-    let body = Body::from_stream(super::audit::tokio_stream_from(rx));
     (
         StatusCode::OK,
         [

@@ -24,6 +24,32 @@ use crate::utc;
 const COOKIE: &str = "release_session";
 /// How long a session lasts (never longer than its token).
 pub const SESSION_TTL: time::Duration = time::Duration::hours(8);
+/// Sign-ins one token may make in [`LOGIN_WINDOW`]: each writes a session row and an audit
+/// event, so a token that signs in again and again would otherwise grow the registry (and the
+/// log, which is never shortened) as fast as the disk syncs.
+pub const LOGINS_PER_WINDOW: usize = 20;
+pub const LOGIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The sign-ins of each token within the last [`LOGIN_WINDOW`].
+#[derive(Default)]
+pub struct LoginPace(std::sync::Mutex<std::collections::HashMap<String, Vec<std::time::Instant>>>);
+
+impl LoginPace {
+    /// Counts a sign-in of `token`, or says how long until it may sign in again.
+    fn admit(&self, token: &str) -> Result<(), std::time::Duration> {
+        let mut seen = self.0.lock().expect("never poisoned");
+        seen.retain(|_, at| {
+            at.retain(|t| t.elapsed() < LOGIN_WINDOW);
+            !at.is_empty()
+        });
+        let at = seen.entry(token.to_owned()).or_default();
+        if at.len() >= LOGINS_PER_WINDOW {
+            return Err(LOGIN_WINDOW.saturating_sub(at[0].elapsed()));
+        }
+        at.push(std::time::Instant::now());
+        Ok(())
+    }
+}
 
 /// The person (or script) looking at a page: authenticated, with the auditor role (or admin).
 pub struct Viewer(pub Principal);
@@ -202,6 +228,16 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
     slot.caller(&principal);
     if let Err(e) = principal.require(Action::ReadAudit) {
         return refuse(StatusCode::FORBIDDEN, "forbidden", &e);
+    }
+    if let Err(wait) = state.logins.admit(&principal.name) {
+        let message = format!(
+            "this token signed in {LOGINS_PER_WINDOW} times within the last hour; use the session you have, \
+             or try again in {} minutes",
+            wait.as_secs() / 60 + 1
+        );
+        let mut response = render::login(&next, Some(&message), StatusCode::TOO_MANY_REQUESTS);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+        return response;
     }
     let id = hex::encode(rand::rng().random::<[u8; 32]>());
     let expires = utc::format(utc::now() + SESSION_TTL);
