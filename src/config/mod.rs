@@ -405,7 +405,16 @@ impl Config {
                 parse_file(path, &text)?
             }
         };
-        resolve(file, parsed, overrides)
+        resolve(file, parsed, overrides, &|var| std::env::var(var).ok())
+    }
+
+    /// The configuration a file holding `text` gives, without overrides, reading nothing but
+    /// `text`: no file and no environment (a webhook's `secret_env` is refused as unset).
+    /// Pure, so the fuzz target can parse through it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let origin = Path::new("(TOML text)");
+        let config = resolve(Some(origin), parse_file(origin, text)?, &Overrides::default(), &|_| None)?;
+        Ok(Config { source: None, ..config })
     }
 
     /// The embedded default (SPEC 8): no file, no overrides.
@@ -441,7 +450,13 @@ fn parse_file(path: &Path, text: &str) -> Result<File, ConfigError> {
     })
 }
 
-fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<Config, ConfigError> {
+/// `env` looks up an environment variable (what a webhook's `secret_env` names).
+fn resolve(
+    file: Option<&Path>,
+    parsed: File,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
     let origin = file.map_or_else(|| "built-in default".to_owned(), |p| p.display().to_string());
     let invalid =
         |key: &str, message: String| ConfigError::Invalid { path: origin.clone(), key: key.to_owned(), message };
@@ -526,7 +541,7 @@ fn resolve(file: Option<&Path>, parsed: File, overrides: &Overrides) -> Result<C
         let service = resolve_service(name.clone(), section, &environments, &invalid)?;
         services.insert(name, service);
     }
-    let webhooks = webhook::resolve(parsed.webhook, &environments, &services, &invalid)?;
+    let webhooks = webhook::resolve(parsed.webhook, &environments, &services, env, &invalid)?;
 
     Ok(Config {
         source: file.map(Path::to_owned),

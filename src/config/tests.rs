@@ -329,3 +329,20 @@ fn the_readme_states_every_limit() {
         assert!(section.contains(&format!("`{key}`")), "README's Limits section does not name `{key}`");
     }
 }
+
+#[test]
+fn from_toml_reads_the_text_alone() {
+    // The same configuration as from a file, with no file named as its source.
+    let from_text = Config::from_toml(EXAMPLE).unwrap();
+    let from_file = load_text(EXAMPLE).unwrap();
+    assert_eq!(from_text.source, None);
+    assert_eq!(format!("{:?}", Config { source: None, ..from_file }), format!("{from_text:?}"));
+    // The environment is not read: a variable that is always set counts as unset.
+    let text = format!("{WEBHOOK}secret_env = \"PATH\"\n");
+    load_text(&text).unwrap();
+    let err = Config::from_toml(&text).unwrap_err().to_string();
+    assert!(err.contains("webhook[0].secret_env") && err.contains("PATH is not set"), "{err}");
+    // Errors name the text, and the line.
+    let err = Config::from_toml("[limits]\nmax_filez = 3\n").unwrap_err().to_string();
+    assert!(err.starts_with("(TOML text):2:"), "{err}");
+}

@@ -72,6 +72,7 @@ pub(super) fn resolve(
     sections: Vec<WebhookSection>,
     environments: &[Environment],
     services: &BTreeMap<String, Service>,
+    env: &dyn Fn(&str) -> Option<String>,
     invalid: &impl Fn(&str, String) -> ConfigError,
 ) -> Result<Vec<Webhook>, ConfigError> {
     let mut webhooks: Vec<Webhook> = Vec::new();
@@ -94,7 +95,7 @@ pub(super) fn resolve(
         }
         let secret = match (s.secret, s.secret_env) {
             (Some(secret), None) => secret,
-            (None, Some(var)) => match std::env::var(&var).ok() {
+            (None, Some(var)) => match env(&var) {
                 Some(value) if !value.is_empty() => Secret::new(value),
                 _ => return Err(invalid(&key("secret_env"), format!("the environment variable {var} is not set"))),
             },

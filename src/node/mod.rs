@@ -195,17 +195,23 @@ pub fn answer(result: Result<serde_json::Value, NodeError>) -> serde_json::Value
     }
 }
 
+/// The request on the first line of `input` (what follows the newline, an artifact's bytes,
+/// is not looked at). Pure: what `release node` makes of its stdin before acting on it.
+pub fn decode_request(input: &[u8]) -> Result<Request, NodeError> {
+    let line = input.split(|b| *b == b'\n').next().unwrap_or_default();
+    if input.is_empty() {
+        return Err(NodeError::new("bad_request", "no request on stdin"));
+    }
+    serde_json::from_slice(line).map_err(|e| NodeError::new("bad_request", format!("not a node request: {e}")))
+}
+
 /// `release node`: reads one request from stdin, answers on stdout.
 pub fn main() -> std::process::ExitCode {
     let stdin = std::io::stdin();
     let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
-    let mut line = String::new();
-    let result = match input.read_line(&mut line) {
-        Ok(0) => Err(NodeError::new("bad_request", "no request on stdin")),
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => ops::handle(request, &mut input),
-            Err(e) => Err(NodeError::new("bad_request", format!("not a node request: {e}"))),
-        },
+    let mut line = Vec::new();
+    let result = match input.read_until(b'\n', &mut line) {
+        Ok(_) => decode_request(&line).and_then(|request| ops::handle(request, &mut input)),
         Err(e) => Err(NodeError::new("bad_request", format!("cannot read stdin: {e}"))),
     };
     let mut stdout = std::io::stdout();
@@ -217,4 +223,34 @@ pub fn main() -> std::process::ExitCode {
 /// Drains stdin (bytes the server sent that were not needed).
 fn drain(input: &mut dyn BufRead) {
     let _ = std::io::copy(input, &mut std::io::sink());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn decode_request_reads_the_first_line_only() {
+        let request = Request::Status { base: "/srv/api".into() };
+        let mut input = serde_json::to_vec(&request).unwrap();
+        input.extend_from_slice(b"\n\x28\xb5\x2f\xfd artifact bytes, not JSON");
+        assert!(matches!(decode_request(&input), Ok(Request::Status { base }) if base == Path::new("/srv/api")));
+    }
+
+    #[test]
+    fn decode_request_refuses_what_is_not_a_request() {
+        for (input, says) in [
+            (&b""[..], "no request on stdin"),
+            (b"\n{\"op\":\"status\",\"base\":\"/srv\"}", "not a node request"),
+            (b"{\"op\":\"status\",\"base\":\"/srv\",\"extra\":1}", "unknown field"),
+            (b"{\"op\":\"format_disk\"}", "unknown variant"),
+            (b"{\"op\":\"status\",\"base\":\"/srv\xff\"}", "not a node request"),
+        ] {
+            let err = decode_request(input).unwrap_err();
+            assert_eq!(err.code, "bad_request");
+            assert!(err.message.contains(says), "{input:?}: {}", err.message);
+        }
+    }
 }
