@@ -2,6 +2,7 @@
 //! and the local backend. One test binary; see `support` for the harness.
 
 mod audit;
+mod backup;
 mod bodies;
 mod concurrency;
 mod curation;
