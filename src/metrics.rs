@@ -43,6 +43,8 @@ pub const FAMILIES: &[&str] = &[
     "release_artifacts_stored_bytes",
     "release_releases_in_flight",
     "release_releases_pending_approval",
+    "release_backup_last_success_timestamp_seconds",
+    "release_backup_failures_total",
 ];
 
 /// The outcomes `release_releases_total` counts (`superseded` comes later, to a release that

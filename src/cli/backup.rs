@@ -107,7 +107,11 @@ pub async fn restore(args: RestoreArgs, output: Output) -> Result<(), Failure> {
                  events are not in the registry.",
                 lost.from, lost.to, lost.count, c.at, c.events, c.head, m.events, m.head
             )),
-            _ => text.push_str("\nnothing lost: the snapshot holds every event the bucket's checkpoint counted"),
+            (_, Some(c)) => text.push_str(&format!(
+                "\nnothing lost: the snapshot holds every event the bucket's newest checkpoint ({}, {} events) counted",
+                c.at, c.events
+            )),
+            (_, None) => text.push_str("\nno audit checkpoint in the bucket to compare with"),
         }
         text.push_str(&format!("\nrecorded as audit event {} (registry.restored)", restored.event));
         text
