@@ -50,6 +50,8 @@ pub enum BackupError {
     RegistryExists(PathBuf),
     #[error("a release server is running on the data directory {0} (it holds its lock): stop it first")]
     Locked(PathBuf),
+    #[error(transparent)]
+    DataDir(crate::server::ServerError),
     #[error("backup {key} is not of this bucket's audit chain: {why}")]
     Diverged { key: String, why: String },
 }
@@ -166,7 +168,7 @@ pub async fn restore(
 ) -> Result<Restored, BackupError> {
     let _lock = crate::server::lock_data_dir(data_dir).map_err(|e| match e {
         crate::server::ServerError::Locked(_) => BackupError::Locked(data_dir.to_owned()),
-        other => BackupError::Io { what: other.to_string(), source: std::io::Error::other("data directory") },
+        other => BackupError::DataDir(other),
     })?;
     if registry_path.exists() && !force {
         return Err(BackupError::RegistryExists(registry_path.to_owned()));
@@ -218,6 +220,13 @@ pub async fn restore(
             "the snapshot's audit head is {} {}, the manifest says {} {}",
             head.events, head.head, manifest.events, manifest.head
         )));
+    }
+    if head.schema > crate::registry::known_schema() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(BackupError::Registry(RegistryError::TooNew {
+            found: head.schema as usize,
+            known: crate::registry::known_schema() as usize,
+        }));
     }
     // What the bucket knew beyond the snapshot is lost; a checkpoint within it must be its own.
     let lost = match &checkpoint {

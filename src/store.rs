@@ -82,7 +82,7 @@ impl BackupStamp {
     }
 
     /// Reads a stamp from a backup's key, its file name, or the time alone
-    /// (`backups/registry-20261203T064012.345Z.db.zst`, `registry-….json`, `20261203T064012.345Z`).
+    /// (`backups/registry-20261203T044012.345Z.db.zst`, `registry-….json`, `20261203T044012.345Z`).
     pub fn parse(text: &str) -> Option<BackupStamp> {
         let name = text.rsplit('/').next()?;
         let name = name.strip_prefix("registry-").unwrap_or(name);
@@ -538,6 +538,22 @@ mod tests {
         assert_eq!(endpoint_url(&s3), "https://edye-artifacts.us-east-1.linodeobjects.com");
         s3.virtual_hosted = false;
         assert_eq!(endpoint_url(&s3), "https://us-east-1.linodeobjects.com/");
+    }
+
+    #[test]
+    fn backup_keys_sort_by_time_and_read_back_in_every_form() {
+        let stamp = BackupStamp(1_796_272_812_345);
+        assert_eq!(stamp.text(), "20261203T044012.345Z");
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&StorageConfig::Local { path: dir.path().into() }).unwrap();
+        store.prefix = "release/".into();
+        let key = store.backup_key(stamp);
+        assert_eq!(key, "release/backups/registry-20261203T044012.345Z.db.zst");
+        for text in [key.as_str(), "registry-20261203T044012.345Z.json", "20261203T044012.345Z"] {
+            assert_eq!(BackupStamp::parse(text), Some(stamp), "{text}");
+        }
+        assert_eq!(BackupStamp::parse("latest"), None);
+        assert!(BackupStamp(stamp.0 + 1).text() > stamp.text());
     }
 
     #[test]

@@ -107,3 +107,8 @@ pub fn snapshot_event_hash(path: &Path, seq: u64) -> Result<Option<String>, Regi
         conn.query_row("SELECT hash FROM audit_events WHERE seq = ?1", [seq], |r| r.get::<_, Vec<u8>>(0)).optional()?;
     Ok(hash.map(hex::encode))
 }
+
+/// The schema version this binary knows: a snapshot newer than that cannot be restored by it.
+pub fn known_schema() -> u64 {
+    super::migrate::known_schema()
+}
