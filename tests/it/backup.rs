@@ -222,3 +222,48 @@ fn the_server_backs_up_on_schedule_keeps_the_newest_and_says_so() {
     assert!(value > 1.7e9, "{line}");
     assert!(text.contains("release_backup_failures_total 0"), "{text}");
 }
+
+#[test]
+fn a_failed_backup_is_counted_logged_and_recorded() {
+    // A file where the backups' directory would be: every write under backups/ fails.
+    let mut f = story(Backend::Local, "[backup]\ninterval = \"1s\"\n");
+    stop(&mut f);
+    let backups = f.server.data_dir().join("objects").join("backups");
+    let _ = std::fs::remove_dir_all(&backups);
+    std::fs::write(&backups, b"in the way").unwrap();
+    f.server.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while f.events("registry.backup_failed").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no failure recorded\n{}", f.server.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(f.server.log().contains("the registry backup failed"), "{}", f.server.log());
+    let text = f
+        .server
+        .http()
+        .get(format!("{}/metrics", f.server.url))
+        .bearer_auth(f.token("carol"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let failures = text.lines().find(|l| l.starts_with("release_backup_failures_total ")).unwrap();
+    assert!(failures.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() >= 1.0, "{failures}");
+    assert!(text.contains("release_backup_last_success_timestamp_seconds 0"), "{text}");
+}
+
+#[test]
+fn a_backup_of_another_chain_than_the_buckets_is_refused() {
+    let mut f = story(Backend::Local, "");
+    f.upload("v1");
+    let backup = cli(&f, &["backup", "--json"]).assert_success().json();
+    stop(&mut f);
+    // The bucket's checkpoint names another event 2 than the snapshot has.
+    let head = serde_json::json!({"events": 2, "head": "00".repeat(32), "at": "2026-01-01T00:00:00Z"});
+    std::fs::write(f.server.data_dir().join("objects/audit/head.json"), head.to_string()).unwrap();
+    let db = f.server.data_dir().join("registry.db");
+    let before = std::fs::read(&db).unwrap();
+    let out = cli(&f, &["restore", backup["key"].as_str().unwrap(), "--force"]).assert_exit(6);
+    assert!(out.stderr().contains("not of this bucket's audit chain"), "{out}");
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the registry is untouched");
+}
