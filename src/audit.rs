@@ -170,6 +170,10 @@ pub struct Verification {
     /// The checkpoint it was compared with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// Events lost by restores of older backups, each recorded by its `registry.restored`
+    /// event (the only gaps a chain may have).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<Gap>,
     /// When the walk started (the server may answer a recent walk again while the chain's
     /// head has not moved).
     pub checked_at: String,
@@ -192,6 +196,7 @@ pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verificat
         head: walked.head.map(hex::encode),
         first_bad: walked.first_bad,
         checkpoint: None,
+        gaps: walked.gaps,
         checked_at,
     };
     if verification.ok {
@@ -239,13 +244,54 @@ pub async fn against_checkpoint(
             }),
         }
     };
+    let bad = match bad {
+        Some(bad) if restored_past(registry, &checkpoint).await? => {
+            tracing::debug!(seq = bad.seq, "the bucket's checkpoint is the one a recorded restore lost events after");
+            None
+        }
+        bad => bad,
+    };
     Ok((Some(checkpoint), bad))
 }
 
+/// Whether a `registry.restored` event recorded exactly this checkpoint as the one whose
+/// events it lost: then the registry was restored past it, knowingly, and that is on record.
+async fn restored_past(registry: &Arc<Registry>, checkpoint: &Checkpoint) -> Result<bool, AuditError> {
+    let reader = Arc::clone(registry);
+    let restorations = tokio::task::spawn_blocking(move || reader.restorations()).await.expect("no panic")?;
+    Ok(restorations.iter().any(|(seq, details)| {
+        let recorded = &details["checkpoint"];
+        details["lost"]["to"].as_u64() == Some(checkpoint.events)
+            && *seq == checkpoint.events + 1
+            && recorded["events"].as_u64() == Some(checkpoint.events)
+            && recorded["head"].as_str() == Some(checkpoint.head.as_str())
+    }))
+}
+
 struct Walked {
+    /// The last good event's sequence number (the count, but for a recorded gap).
     events: u64,
     head: Option<[u8; 32]>,
     first_bad: Option<BadEvent>,
+    gaps: Vec<Gap>,
+}
+
+/// Events a restore lost, recorded by its `registry.restored` event (at `restored_at`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    pub from: u64,
+    pub to: u64,
+    pub restored_at: u64,
+}
+
+/// Whether `event` is a restore's event that names exactly the events missing before it.
+fn recorded_gap(event: &Event, expected_seq: u64) -> bool {
+    if event.action != crate::registry::RESTORED || event.seq <= expected_seq {
+        return false;
+    }
+    let Ok(details) = serde_json::from_str::<serde_json::Value>(&event.details) else { return false };
+    let lost = &details["lost"];
+    lost["from"].as_u64() == Some(expected_seq) && lost["to"].as_u64() == Some(event.seq - 1)
 }
 
 fn walk(registry: &Registry) -> Result<Walked, RegistryError> {
@@ -257,9 +303,22 @@ fn walk_after(registry: &Registry, after: u64, mut prev: [u8; 32]) -> Result<Wal
     let mut expected_seq = after + 1;
     let mut first_bad = None;
     let mut events = after;
+    let mut gaps = Vec::new();
     registry.walk_audit_events_after(after, |event| {
         events += 1;
-        let (seq, why) = if event.seq != expected_seq {
+        let (seq, why) = if event.seq != expected_seq && recorded_gap(&event, expected_seq) {
+            events = event.seq;
+            // A restore's event after the events it lost, naming exactly them: the one gap
+            // the chain may have. Its hashes are checked as any event's.
+            gaps.push(Gap { from: expected_seq, to: event.seq - 1, restored_at: event.seq });
+            if event.prev_hash != prev {
+                (event.seq, Some("its previous-hash does not match the event before the recorded gap".into()))
+            } else if event.hash != event.expected_hash(&prev) {
+                (event.seq, Some("its content does not match its hash: the event was altered".into()))
+            } else {
+                (event.seq, None)
+            }
+        } else if event.seq != expected_seq {
             (
                 expected_seq,
                 Some(format!("event {expected_seq} is missing (the next is {}): events were removed", event.seq)),
@@ -282,10 +341,10 @@ fn walk_after(registry: &Registry, after: u64, mut prev: [u8; 32]) -> Result<Wal
             return false;
         }
         prev = event.hash;
-        expected_seq += 1;
+        expected_seq = event.seq + 1;
         true
     })?;
-    Ok(Walked { events, head: (events > 0).then_some(prev), first_bad })
+    Ok(Walked { events, head: (events > 0).then_some(prev), first_bad, gaps })
 }
 
 /// The state of the chain as the web pages show it, kept up to date cheaply: the first check

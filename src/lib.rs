@@ -9,6 +9,7 @@
 //! - [`registry`] — the SQLite registry; the only code with SQL.
 //! - [`token`] — roles, token secrets, authentication and permission rules.
 //! - [`audit`] — the hash-chained audit log, its verification and bucket checkpoints.
+//! - [`backup`] — registry snapshots in the object store, pruning, and restoring one.
 //! - [`ingest`] — an upload from body stream to verified object and registry row.
 //! - [`curation`] — blocking artifacts and purging the bytes of ones never live.
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
@@ -24,6 +25,7 @@
 
 pub mod archive;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;

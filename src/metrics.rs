@@ -43,6 +43,8 @@ pub const FAMILIES: &[&str] = &[
     "release_artifacts_stored_bytes",
     "release_releases_in_flight",
     "release_releases_pending_approval",
+    "release_backup_last_success_timestamp_seconds",
+    "release_backup_failures_total",
 ];
 
 /// The outcomes `release_releases_total` counts (`superseded` comes later, to a release that
@@ -144,6 +146,8 @@ pub struct Metrics {
     artifact_bytes: Gauge,
     in_flight: Family<CellLabels, Gauge>,
     pending: Family<CellLabels, Gauge>,
+    backup_last_success: Gauge,
+    backup_failures: Counter,
     /// The configured services: the only ones that label uploads (others count as
     /// [`OTHER_SERVICE`]), so that the series stay as many as the configuration makes.
     services: RwLock<BTreeSet<String>>,
@@ -182,6 +186,8 @@ impl Metrics {
             artifact_bytes: Gauge::default(),
             in_flight: Family::default(),
             pending: Family::default(),
+            backup_last_success: Gauge::default(),
+            backup_failures: Counter::default(),
             services: RwLock::default(),
             scraping: Mutex::new(()),
         };
@@ -236,6 +242,16 @@ impl Metrics {
             "releases_pending_approval",
             "Releases waiting for approval, per service and environment, read from the registry at scrape time",
             metrics.pending.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When this process last backed up the registry to the object store (Unix time; 0: not since it started)",
+            metrics.backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_failures",
+            "Scheduled registry backups that failed since this process started",
+            metrics.backup_failures.clone(),
         );
         Metrics { registry, ..metrics }
     }
@@ -345,6 +361,16 @@ impl Metrics {
         let gauges =
             tokio::task::spawn_blocking(move || registry.gauges()).await.expect("registry calls do not panic")?;
         Ok(self.encode(&gauges))
+    }
+
+    /// A registry backup was written (at `unix_seconds`).
+    pub fn record_backup(&self, unix_seconds: i64) {
+        self.backup_last_success.set(unix_seconds);
+    }
+
+    /// A scheduled registry backup failed.
+    pub fn record_backup_failure(&self) {
+        self.backup_failures.inc();
     }
 
     /// Sets the gauges to `gauges` and encodes everything.

@@ -41,8 +41,19 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
                         ),
                         None => "; no checkpoint in the bucket yet".into(),
                     };
+                    let gaps: String = v["gaps"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|g| {
+                            format!(
+                                "\nrecorded gap: events {} to {} lost by the restore recorded as event {}",
+                                g["from"], g["to"], g["restored_at"]
+                            )
+                        })
+                        .collect();
                     format!(
-                        "audit log intact: {} events, head {}{against}",
+                        "audit log intact: {} events, head {}{against}{gaps}",
                         v["events"],
                         v["head"].as_str().unwrap_or("-")
                     )

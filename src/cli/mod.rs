@@ -5,6 +5,7 @@
 
 mod artifact;
 mod audit;
+mod backup;
 mod init;
 mod look;
 mod package;
@@ -70,6 +71,10 @@ pub enum Command {
     /// The audit log: export, verify.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Back up the registry to the object store (works while the server runs).
+    Backup(backup::BackupArgs),
+    /// Restore the registry from a backup in the object store (the server stopped).
+    Restore(backup::RestoreArgs),
     /// The node side, run over SSH (or locally) by the server: not for people.
     #[command(hide = true)]
     Node,
@@ -275,6 +280,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::History(args) => runtime().block_on(look::history(args, output)),
         Command::Show(args) => runtime().block_on(look::show(args, output)),
         Command::Audit(command) => runtime().block_on(audit::run(command, output)),
+        Command::Backup(args) => runtime().block_on(backup::backup(args, output)),
+        Command::Restore(args) => runtime().block_on(backup::restore(args, output)),
         Command::Node => return crate::node::main(),
     };
     match result {

@@ -81,6 +81,7 @@ pub struct Config {
     pub limits: Limits,
     pub ssh: SshConfig,
     pub audit: AuditConfig,
+    pub backup: BackupConfig,
     /// In lifecycle order.
     pub environments: Vec<Environment>,
     pub services: BTreeMap<String, Service>,
@@ -209,6 +210,22 @@ pub struct AuditConfig {
     pub refusal_window: HumanDuration,
 }
 
+/// The server's own registry backups to the object store (`[backup]`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// How often the server backs up the registry; `"0s"` turns it off.
+    pub interval: HumanDuration,
+    /// How many backups to keep (older ones are deleted, never the newest).
+    pub keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig { interval: HumanDuration(Duration::from_secs(24 * 3600)), keep: 30 }
+    }
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
@@ -335,6 +352,8 @@ struct File {
     ssh: SshConfig,
     #[serde(default)]
     audit: AuditConfig,
+    #[serde(default)]
+    backup: BackupConfig,
     #[serde(default)]
     environment: Vec<EnvironmentSection>,
     #[serde(default)]
@@ -535,6 +554,9 @@ fn resolve(
     if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
         return Err(invalid("audit.refusal_window", "must be from 1s to 1h".into()));
     }
+    if parsed.backup.keep == 0 {
+        return Err(invalid("backup.keep", "must be at least 1 (the newest backup is never deleted)".into()));
+    }
     let environments = resolve_environments(parsed.environment, &invalid)?;
     let mut services = BTreeMap::new();
     for (name, section) in parsed.service {
@@ -554,6 +576,7 @@ fn resolve(
         limits,
         ssh: parsed.ssh,
         audit: parsed.audit,
+        backup: parsed.backup,
         environments,
         services,
         webhooks,

@@ -346,3 +346,14 @@ fn from_toml_reads_the_text_alone() {
     let err = Config::from_toml("[limits]\nmax_filez = 3\n").unwrap_err().to_string();
     assert!(err.starts_with("(TOML text):2:"), "{err}");
 }
+
+#[test]
+fn backups_are_daily_keeping_30_unless_told_and_keep_is_at_least_one() {
+    let c = load_text("").unwrap();
+    assert_eq!(c.backup, BackupConfig { interval: HumanDuration(Duration::from_secs(24 * 3600)), keep: 30 });
+    let c = load_text("[backup]\ninterval = \"0s\"\nkeep = 3\n").unwrap();
+    assert!(c.backup.interval.0.is_zero());
+    assert_eq!(c.backup.keep, 3);
+    let e = load_text("[backup]\nkeep = 0\n").unwrap_err().to_string();
+    assert!(e.contains("backup.keep"), "{e}");
+}

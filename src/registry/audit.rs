@@ -168,15 +168,22 @@ fn with_release_cell(tx: &Transaction<'_>, event: &NewEvent) -> Result<serde_jso
 }
 
 pub(super) fn append(tx: &Transaction<'_>, event: &NewEvent) -> Result<Event, RegistryError> {
+    append_at(tx, event, None)
+}
+
+/// [`append`], at sequence number `seq` when given (larger than the last event's: a restore's
+/// event after the events a restore lost, see `src/backup.rs`).
+pub(super) fn append_at(tx: &Transaction<'_>, event: &NewEvent, seq: Option<u64>) -> Result<Event, RegistryError> {
     let last = tx
         .query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
             Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?))
         })
         .optional()?;
-    let (seq, prev_hash) = match last {
+    let (seq_next, prev_hash) = match last {
         Some((seq, hash)) => (seq + 1, to_hash(hash)?),
         None => (1, GENESIS),
     };
+    let seq = seq.map_or(seq_next, |s| s.max(seq_next));
     let at = utc::now_text();
     let details = serde_json::to_string(&with_release_cell(tx, event)?).expect("JSON values serialize");
     let hash = chain_hash(

@@ -23,6 +23,11 @@ const MIGRATIONS: &[(&str, &str)] = &[
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.
+/// The schema version this binary knows (a registry newer than that is refused).
+pub fn known_schema() -> u64 {
+    MIGRATIONS.len() as u64
+}
+
 pub fn apply(conn: &mut Connection) -> Result<(), RegistryError> {
     let current: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if current > MIGRATIONS.len() {

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod audit;
+mod backup;
 mod gauges;
 mod migrate;
 mod releases;
@@ -21,6 +22,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
+pub use backup::{RESTORED, SnapshotHead, known_schema, snapshot_event_hash, snapshot_head};
 pub use gauges::{Cell, Gauges};
 pub use releases::{Adoption, ConfiguredEnvironment, Finished, NewApproval, NewRelease, Start};
 pub use tokens::{NewToken, TokenRecord};

@@ -166,6 +166,9 @@ impl Opened {
         };
         tokio::spawn(checkpoints(state.clone()));
         tokio::spawn(watch_chain(state.clone()));
+        if !state.config.backup.interval.0.is_zero() {
+            tokio::spawn(backups(state.clone()));
+        }
         Ok(Opened { state, webhooks: Some(webhooks), refusal_windows, _lock: lock })
     }
 
@@ -224,6 +227,65 @@ async fn checkpoints(state: AppState) {
     }
 }
 
+/// Backs the registry up to the store every `backup.interval`: the first one an interval after
+/// the newest backup in the store (at once if that is overdue; an interval after the start
+/// when there is none), so restarts neither skip nor repeat one.
+async fn backups(state: AppState) {
+    let interval = state.config.backup.interval.0;
+    let newest = match state.store.list_backups().await {
+        Ok(stamps) => stamps.last().copied(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not list the registry backups");
+            None
+        }
+    };
+    let now_ms = crate::store::BackupStamp::now().0;
+    let mut wait = match newest {
+        Some(stamp) => {
+            Duration::from_millis(u64::try_from(stamp.0 + interval.as_millis() as i64 - now_ms).unwrap_or(0))
+        }
+        None => interval,
+    };
+    loop {
+        tokio::time::sleep(wait).await;
+        backup_once(&state).await;
+        wait = interval;
+    }
+}
+
+/// Takes one backup, prunes old ones, and records the outcome: the audit log, `/metrics`, the log.
+pub async fn backup_once(state: &AppState) {
+    let started = std::time::Instant::now();
+    let event = match crate::backup::take(&state.registry, &state.store).await {
+        Ok(manifest) => {
+            state.metrics.record_backup(time::OffsetDateTime::now_utc().unix_timestamp());
+            tracing::info!(key = %manifest.key, size = manifest.size, events = manifest.events,
+                elapsed_ms = started.elapsed().as_millis() as u64, "backed up the registry");
+            match crate::backup::prune(&state.store, state.config.backup.keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "deleted old registry backups"),
+                Err(e) => tracing::error!(error = %e, "could not delete old registry backups"),
+            }
+            crate::audit::NewEvent::by_server(
+                "registry.backup",
+                manifest.key.clone(),
+                serde_json::json!({"key": manifest.key, "sha256": manifest.sha256, "size": manifest.size,
+                    "events": manifest.events, "head": manifest.head}),
+            )
+        }
+        Err(e) => {
+            state.metrics.record_backup_failure();
+            let why = crate::error_chain(&e);
+            tracing::error!(error = %why, "the registry backup failed");
+            crate::audit::NewEvent::by_server("registry.backup_failed", "registry", serde_json::json!({"why": why}))
+        }
+    };
+    let writer = Arc::clone(&state.registry);
+    if let Err(e) = tokio::task::spawn_blocking(move || writer.append_event(&event)).await.expect("no panic") {
+        tracing::error!(error = %e, "could not record the registry backup in the audit log");
+    }
+}
+
 /// Checks the whole audit chain for the pages in the background at start (seconds at
 /// millions of events), then again every hour from scratch; pages check what was appended
 /// since.
@@ -239,7 +301,7 @@ async fn watch_chain(state: AppState) {
 }
 
 /// Takes `<data_dir>/lock` (flock, released when the process ends, even by a crash).
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServerError> {
+pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServerError> {
     use std::os::fd::AsRawFd;
     let err = |source| ServerError::DataDir { path: dir.display().to_string(), source };
     std::fs::create_dir_all(dir).map_err(err)?;

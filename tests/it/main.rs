@@ -3,6 +3,7 @@
 
 mod abuse;
 mod audit;
+mod backup;
 mod bodies;
 mod concurrency;
 mod curation;
