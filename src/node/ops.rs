@@ -124,9 +124,15 @@ impl Layout {
             ));
         }
         if fence > newest {
+            // Durable before anything it guards happens: a fence lost to a power cut would let
+            // the older run's late calls through again.
             let tmp = self.base.join(format!(".release/fence.tmp-{}", std::process::id()));
-            fs::write(&tmp, fence.to_string()).map_err(|e| io_error(&tmp, e))?;
+            let mut file = fs::File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+            io::Write::write_all(&mut file, fence.to_string().as_bytes()).map_err(|e| io_error(&tmp, e))?;
+            file.sync_all().map_err(|e| io_error(&tmp, e))?;
             fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
+            let dir = self.base.join(".release");
+            sync_dir(&dir).map_err(|e| io_error(&dir, e))?;
         }
         Ok(())
     }
