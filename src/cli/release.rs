@@ -29,6 +29,9 @@ pub struct DeployArgs {
     /// first deploy can be rolled back (recorded).
     #[arg(long)]
     adopt: bool,
+    /// Deploy an artifact that lacks migrations the live one has (Laravel; recorded).
+    #[arg(long)]
+    force: bool,
     /// Follow the release until it is final.
     #[arg(long)]
     wait: bool,
@@ -112,7 +115,7 @@ fn digest(text: &str) -> Result<String, Failure> {
 
 pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
     let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?,
-        "exclude_nodes": args.exclude_nodes, "adopt": args.adopt});
+        "exclude_nodes": args.exclude_nodes, "adopt": args.adopt, "force": args.force});
     let client = args.server.client();
     let release = client.post("/v1/releases", &body).await?;
     conclude(&client, release, args.wait, output).await

@@ -108,10 +108,11 @@ pub enum ReleaseError {
     #[error("the bytes of artifact {digest} were purged; upload them again to deploy it")]
     Purged { digest: Digest },
     #[error(
-        "rolling back to {digest} goes past migrations it lacks ({}): migrations are never undone, so the schema would stay ahead of the code; add --force to do it anyway (recorded)",
+        "{} {digest} goes past migrations it lacks ({}): migrations are never undone, so the schema would stay ahead of the code; add --force to do it anyway (recorded)",
+        if *kind == Kind::Rollback { "rolling back to" } else { "deploying" },
         migrations.join(", ")
     )]
-    MigrationsAhead { digest: Digest, migrations: Vec<String> },
+    MigrationsAhead { kind: Kind, digest: Digest, migrations: Vec<String> },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -473,7 +474,8 @@ impl Releases {
         if let Some(source) = &environment.promote_from {
             self.require_went_live(service, source, env, digest).await?;
         }
-        self.request(p, Kind::Deploy, service, env, digest, None, options, serde_json::json!({})).await
+        let details = self.migration_guard(Kind::Deploy, service, env, digest, options).await?;
+        self.request(p, Kind::Deploy, service, env, digest, None, options, details).await
     }
 
     /// `release promote S --to E [--from E0]`: what is live in E0 goes to E.
@@ -547,30 +549,53 @@ impl Releases {
                 })?
             }
         };
-        // Migrations are never undone: rolling a Laravel service back past migration files the
-        // target lacks leaves the schema ahead of the code, so it takes --force (on record).
-        let mut details = serde_json::json!({});
-        if self.config.service(service).is_some_and(|s| s.kind == crate::config::ServiceKind::Laravel) {
-            let (from, into) = (live.digest, target);
-            let (live_artifact, target_artifact) =
-                self.blocking(move |r| Ok((r.artifact(from)?, r.artifact(into)?))).await?;
-            let ahead: Vec<String> = match (live_artifact, target_artifact) {
-                (Some(l), Some(t)) => l.migrations.into_iter().filter(|m| !t.migrations.contains(m)).collect(),
-                _ => vec![],
-            };
-            if !ahead.is_empty() {
-                if !options.force {
-                    return Err(ReleaseError::MigrationsAhead { digest: target, migrations: ahead });
-                }
-                details = serde_json::json!({"forced": true, "migrations_ahead": ahead});
-            }
-        }
+        let details = self.migration_guard(Kind::Rollback, service, env, target, options).await?;
         self.request(p, Kind::Rollback, service, env, target, None, options, details).await
     }
 
+    /// Migrations are never undone: taking a Laravel service to an artifact that lacks
+    /// migration files the live one has (a rollback, or a plain deploy of an older build)
+    /// leaves the schema ahead of the code, so it takes `--force`, recorded in the request's
+    /// details (returned).
+    async fn migration_guard(
+        &self,
+        kind: Kind,
+        service: &str,
+        env: &str,
+        target: Digest,
+        options: &RequestOptions,
+    ) -> Result<serde_json::Value, ReleaseError> {
+        if !self.config.service(service).is_some_and(|s| s.kind == crate::config::ServiceKind::Laravel) {
+            return Ok(serde_json::json!({}));
+        }
+        let (s, e) = (service.to_owned(), env.to_owned());
+        let Some(live) = self.blocking(move |r| r.live_release(&s, &e)).await? else {
+            return Ok(serde_json::json!({}));
+        };
+        let from = live.digest;
+        let (live_artifact, target_artifact) =
+            self.blocking(move |r| Ok((r.artifact(from)?, r.artifact(target)?))).await?;
+        let ahead: Vec<String> = match (live_artifact, target_artifact) {
+            (Some(l), Some(t)) => l.migrations.into_iter().filter(|m| !t.migrations.contains(m)).collect(),
+            _ => vec![],
+        };
+        match (ahead.is_empty(), options.force) {
+            (true, _) => Ok(serde_json::json!({})),
+            (false, false) => Err(ReleaseError::MigrationsAhead { kind, digest: target, migrations: ahead }),
+            (false, true) => Ok(serde_json::json!({"forced": true, "migrations_ahead": ahead})),
+        }
+    }
+
     /// `--exclude-node` names must be nodes of the service in the environment, and at least
-    /// one node must remain.
-    fn check_exclusions(&self, service: &str, env: &str, names: &[String]) -> Result<Vec<String>, ReleaseError> {
+    /// one node must remain. A Laravel service's migrate node may be left out only of a
+    /// rollback, which runs no migration (SPEC 7: a rollback never waits on it).
+    fn check_exclusions(
+        &self,
+        kind: Kind,
+        service: &str,
+        env: &str,
+        names: &[String],
+    ) -> Result<Vec<String>, ReleaseError> {
         if names.is_empty() {
             return Ok(vec![]);
         }
@@ -588,7 +613,8 @@ impl Releases {
         if nodes.iter().all(|n| names.contains(n)) {
             return Err(ReleaseError::BadRequest(format!("every node of {service} in {env} would be left out")));
         }
-        if let Some(s) = self.config.service(service).filter(|s| s.kind == crate::config::ServiceKind::Laravel)
+        if kind != Kind::Rollback
+            && let Some(s) = self.config.service(service).filter(|s| s.kind == crate::config::ServiceKind::Laravel)
             && let Some(migrator) = s.nodes.iter().find(|n| n.environment == env && n.migrate)
             && names.contains(&migrator.display_name())
         {
@@ -643,7 +669,7 @@ impl Releases {
         extra: serde_json::Value,
     ) -> Result<Release, ReleaseError> {
         let environment = self.environment(env)?.clone();
-        let excluded = self.check_exclusions(service, env, &options.exclude_nodes)?;
+        let excluded = self.check_exclusions(kind, service, env, &options.exclude_nodes)?;
         if let Some(block) = self.blocking(move |r| r.artifact_block(digest)).await? {
             return Err(ReleaseError::Blocked { digest, reason: block.reason });
         }

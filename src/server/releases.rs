@@ -42,6 +42,9 @@ struct DeployBody {
     /// Take over an application found at `current` deployed another way.
     #[serde(default)]
     adopt: bool,
+    /// Deploy an artifact that lacks migrations the live one has.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn deploy(
@@ -49,7 +52,7 @@ async fn deploy(
     Caller(p): Caller,
     ApiJson(b): ApiJson<DeployBody>,
 ) -> Result<Created, ApiError> {
-    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: false, adopt: b.adopt };
+    let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: b.adopt };
     let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }

@@ -799,6 +799,11 @@ fn rolling_a_laravel_service_back_past_migrations_needs_force() {
     let out = fleet.f.cli("alice").args(["rollback", "web", "--env", "staging"]).assert_exit(3);
     assert!(out.stderr().contains("2026_02_01_000000_add_discounts.php") && out.stderr().contains("--force"), "{out}");
     fleet.f.assert_refusal_recorded("alice", 409, "migrations_ahead");
+    // A plain deploy of the older build is the same step back (issue 11).
+    let out = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1]).assert_exit(3);
+    assert!(out.stderr().contains("deploying") && out.stderr().contains("add_discounts.php"), "{out}");
+    fleet.f.assert_refusal_recorded("ci", 409, "migrations_ahead");
+    assert_eq!(fleet.f.get("carol", "/v1/releases?service=web")["releases"].as_array().unwrap().len(), 2);
 
     let out = fleet
         .f
@@ -818,9 +823,11 @@ fn rolling_a_laravel_service_back_past_migrations_needs_force() {
 }
 
 #[test]
-fn leaving_out_the_migrate_node_of_a_laravel_service_is_refused() {
+fn leaving_out_the_migrate_node_of_a_laravel_service_is_refused_except_from_a_rollback() {
     let root = tempfile::Builder::new().prefix("release-migrate-").tempdir().unwrap().keep();
-    let mut config = "[service.web]\nkind = \"laravel\"\nhooks.finalize = []\nhooks.reload = []\n".to_owned();
+    let mut config = "[service.web]\nkind = \"laravel\"\nhooks.finalize = []\nhooks.reload = []\n\
+                      hooks.migrate = [\"true\"]\n"
+        .to_owned();
     for (name, migrate) in [("node1", true), ("node2", false)] {
         let base = root.join(name);
         fs::create_dir_all(base.join("shared/storage")).unwrap();
@@ -836,6 +843,24 @@ fn leaving_out_the_migrate_node_of_a_laravel_service_is_refused() {
         fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--exclude-node", "node1"]).assert_exit(2);
     assert!(out.stderr().contains("migrate node") && out.stderr().contains("node1"), "{out}");
     assert!(fleet.f.get("carol", "/v1/releases?service=web")["releases"].as_array().unwrap().is_empty());
+
+    // A rollback runs no migration: with the migrate node down, it may be left out (issue 11).
+    let v2 = fleet.upload("v2", &[]);
+    for digest in [&v1, &v2] {
+        fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", digest, "--wait"]).assert_success();
+    }
+    let out = fleet
+        .f
+        .cli("alice")
+        .args(["rollback", "web", "--env", "staging", "--exclude-node", "node1", "--wait", "--json"])
+        .assert_success()
+        .json();
+    assert_eq!((out["digest"].as_str(), &out["excluded_nodes"]), (Some(v1.as_str()), &json!(["node1"])));
+    let current = |name: &str| fs::read_link(root.join(name).join("current")).unwrap();
+    assert!(current("node2").ends_with(v1.trim_start_matches("sha256:")), "{:?}", current("node2"));
+    assert!(current("node1").ends_with(v2.trim_start_matches("sha256:")), "{:?}", current("node1"));
+    let event = fleet.f.events("release.rollback").pop().unwrap();
+    assert_eq!(event["details"]["excluded_nodes"], json!(["node1"]));
 }
 
 #[test]
