@@ -5,7 +5,6 @@
 use std::io::Write;
 
 use reqwest::StatusCode;
-use serde_json::Value;
 
 use crate::support::archives::{DIRECTORY, REGULAR, RawTar, SYMLINK, zstd};
 use crate::support::{Backend, TestServer};
@@ -62,19 +61,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// Posts `body` as service `api`; the answer's status and error document.
-fn upload(server: &TestServer, body: Vec<u8>) -> (StatusCode, Value) {
-    let ci = server.token(&format!("ci-{}", uuid::Uuid::new_v4()), "ci");
-    let response = server
-        .http()
-        .post(format!("{}/v1/artifacts?service=api", server.url))
-        .bearer_auth(&ci)
-        .body(body)
-        .send()
-        .unwrap();
-    (response.status(), response.json().unwrap())
-}
-
 /// Uploads a hostile archive; asserts the refusal (422 `unsafe_archive`, a message containing
 /// `says`, nothing stored) and that it cost the server at most `max_growth` bytes of peak
 /// resident memory. Prints what it cost.
@@ -82,7 +68,7 @@ fn refused_cheaply(server: &TestServer, what: &str, body: Vec<u8>, says: &str, m
     let size = body.len();
     let peak_before = server.peak_rss();
     let cpu_before = cpu_seconds(server.pid());
-    let (status, answer) = upload(server, body);
+    let (status, answer) = server.upload_as_new_ci(body);
     let cpu = cpu_seconds(server.pid()) - cpu_before;
     let peak = server.peak_rss();
     eprintln!(
@@ -146,6 +132,6 @@ fn a_directory_listed_twice_is_accepted() {
     // makes it once, so nothing stops a deploy.
     let server = TestServer::start(Backend::Local);
     let archive = zstd(&RawTar::new().dir("public").file("public/index.php", b"<?php").dir("public").finish());
-    let (status, answer) = upload(&server, archive);
+    let (status, answer) = server.upload_as_new_ci(archive);
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }

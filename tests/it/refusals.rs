@@ -14,16 +14,8 @@ use crate::support::{Backend, TestServer};
 /// Posts `body` as service `api` with a ci token, expects `status` and `code`, a message that
 /// contains `says`, and nothing stored.
 fn refused(server: &TestServer, body: Vec<u8>, status: StatusCode, code: &str, says: &str) {
-    let ci = server.token(&format!("ci-{}", uuid::Uuid::new_v4()), "ci");
-    let response = server
-        .http()
-        .post(format!("{}/v1/artifacts?service=api", server.url))
-        .bearer_auth(&ci)
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), status);
-    let answer: Value = response.json().unwrap();
+    let (answered, answer) = server.upload_as_new_ci(body);
+    assert_eq!(answered, status, "{answer}");
     assert_eq!(answer["error"]["code"], code, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
     assert!(message.contains(says), "message {message:?} should contain {says:?}");

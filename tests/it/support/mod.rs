@@ -353,6 +353,20 @@ impl TestServer {
         reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
     }
 
+    /// Posts `body` as an upload for service `api` with a new ci token (so a test's refusals
+    /// never reach one token's budget of named refusal events); the status and the document.
+    pub fn upload_as_new_ci(&self, body: Vec<u8>) -> (reqwest::StatusCode, serde_json::Value) {
+        let ci = self.token(&format!("ci-{}", uuid::Uuid::new_v4()), "ci");
+        let response = self
+            .http()
+            .post(format!("{}/v1/artifacts?service=api", self.url))
+            .bearer_auth(&ci)
+            .body(body)
+            .send()
+            .unwrap();
+        (response.status(), response.json().unwrap())
+    }
+
     /// Peak resident memory of the server process so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
