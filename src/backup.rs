@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::audit::{Checkpoint, NewEvent};
 use crate::registry::{RESTORED, Registry, RegistryError, SnapshotHead};
@@ -86,7 +85,7 @@ pub async fn take(registry: &Arc<Registry>, store: &Store) -> Result<Manifest, B
         tokio::task::spawn_blocking(move || snapshot_compressed(&reader)).await.expect("a snapshot does not panic")?;
     let manifest = Manifest {
         key,
-        sha256: hex::encode(Sha256::digest(&compressed)),
+        sha256: crate::digest::Digest::of(&compressed).hex(),
         size: compressed.len() as u64,
         db_size,
         events: head.events,
@@ -186,7 +185,7 @@ pub async fn restore(
     let manifest: Manifest = serde_json::from_slice(&manifest)
         .map_err(|e| BackupError::BadManifest { key: key.clone(), why: e.to_string() })?;
     let mismatch = |why: String| BackupError::Mismatch { key: key.clone(), why };
-    let digest = hex::encode(Sha256::digest(&compressed));
+    let digest = crate::digest::Digest::of(&compressed).hex();
     if digest != manifest.sha256 || compressed.len() as u64 != manifest.size {
         return Err(mismatch(format!(
             "its bytes ({} bytes) hash to {digest}, the manifest says {} ({} bytes)",
@@ -207,22 +206,20 @@ pub async fn restore(
         "{}.restoring",
         registry_path.file_name().map_or("registry.db".into(), |n| n.to_string_lossy())
     ));
+    // Whatever refuses the snapshot from here on leaves no half-restored file behind (once
+    // renamed into place, there is nothing left to remove).
+    let _scratch = RemoveOnDrop(tmp.clone());
     let (tmp_w, reg) = (tmp.clone(), registry_path.to_owned());
     let head = tokio::task::spawn_blocking(move || write_snapshot(&compressed, &tmp_w))
         .await
-        .expect("writing a snapshot does not panic")
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })?;
+        .expect("writing a snapshot does not panic")?;
     if head.events != manifest.events || head.head != manifest.head {
-        let _ = std::fs::remove_file(&tmp);
         return Err(mismatch(format!(
             "the snapshot's audit head is {} {}, the manifest says {} {}",
             head.events, head.head, manifest.events, manifest.head
         )));
     }
     if head.schema > crate::registry::known_schema() {
-        let _ = std::fs::remove_file(&tmp);
         return Err(BackupError::Registry(RegistryError::TooNew {
             found: head.schema as usize,
             known: crate::registry::known_schema() as usize,
@@ -239,7 +236,6 @@ pub async fn restore(
                 .await
                 .expect("no panic")?;
             if at.as_deref() != Some(c.head.as_str()) {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(BackupError::Diverged {
                     key,
                     why: format!(
@@ -275,6 +271,15 @@ pub async fn restore(
     let appended =
         tokio::task::spawn_blocking(move || registry.append_restored(&event, seq)).await.expect("no panic")?;
     Ok(Restored { manifest, checkpoint, lost, event: appended.seq, registry: registry_path.to_owned() })
+}
+
+/// Removes a file when dropped, if it is still there.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Decompresses a snapshot into `tmp` (fsynced) and reads its audit head.
