@@ -474,7 +474,7 @@ impl Releases {
         if let Some(source) = &environment.promote_from {
             self.require_went_live(service, source, env, digest).await?;
         }
-        let details = self.migration_guard(Kind::Deploy, service, env, digest, options).await?;
+        let details = self.migration_guard(Kind::Deploy, service, env, None, digest, options).await?;
         self.request(p, Kind::Deploy, service, env, digest, None, options, details).await
     }
 
@@ -549,30 +549,36 @@ impl Releases {
                 })?
             }
         };
-        let details = self.migration_guard(Kind::Rollback, service, env, target, options).await?;
+        let details = self.migration_guard(Kind::Rollback, service, env, Some(live.digest), target, options).await?;
         self.request(p, Kind::Rollback, service, env, target, None, options, details).await
     }
 
     /// Migrations are never undone: taking a Laravel service to an artifact that lacks
     /// migration files the live one has (a rollback, or a plain deploy of an older build)
     /// leaves the schema ahead of the code, so it takes `--force`, recorded in the request's
-    /// details (returned).
+    /// details (returned). `live`: the live digest when the caller has read it already.
     async fn migration_guard(
         &self,
         kind: Kind,
         service: &str,
         env: &str,
+        live: Option<Digest>,
         target: Digest,
         options: &RequestOptions,
     ) -> Result<serde_json::Value, ReleaseError> {
         if !self.config.service(service).is_some_and(|s| s.kind == crate::config::ServiceKind::Laravel) {
             return Ok(serde_json::json!({}));
         }
-        let (s, e) = (service.to_owned(), env.to_owned());
-        let Some(live) = self.blocking(move |r| r.live_release(&s, &e)).await? else {
-            return Ok(serde_json::json!({}));
+        let from = match live {
+            Some(digest) => digest,
+            None => {
+                let (s, e) = (service.to_owned(), env.to_owned());
+                match self.blocking(move |r| r.live_release(&s, &e)).await? {
+                    Some(release) => release.digest,
+                    None => return Ok(serde_json::json!({})),
+                }
+            }
         };
-        let from = live.digest;
         let (live_artifact, target_artifact) =
             self.blocking(move |r| Ok((r.artifact(from)?, r.artifact(target)?))).await?;
         let ahead: Vec<String> = match (live_artifact, target_artifact) {
