@@ -43,6 +43,7 @@ pub const FAMILIES: &[&str] = &[
     "release_artifacts_stored_bytes",
     "release_releases_in_flight",
     "release_releases_pending_approval",
+    "release_nodes_stranded",
     "release_backup_last_success_timestamp_seconds",
     "release_backup_failures_total",
 ];
@@ -146,6 +147,7 @@ pub struct Metrics {
     artifact_bytes: Gauge,
     in_flight: Family<CellLabels, Gauge>,
     pending: Family<CellLabels, Gauge>,
+    stranded: Family<CellLabels, Gauge>,
     backup_last_success: Gauge,
     backup_failures: Counter,
     /// The configured services: the only ones that label uploads (others count as
@@ -186,6 +188,7 @@ impl Metrics {
             artifact_bytes: Gauge::default(),
             in_flight: Family::default(),
             pending: Family::default(),
+            stranded: Family::default(),
             backup_last_success: Gauge::default(),
             backup_failures: Counter::default(),
             services: RwLock::default(),
@@ -242,6 +245,12 @@ impl Metrics {
             "releases_pending_approval",
             "Releases waiting for approval, per service and environment, read from the registry at scrape time",
             metrics.pending.clone(),
+        );
+        registry.register(
+            "nodes_stranded",
+            "Nodes a failed deploy could not put back, per service and environment, until a deploy goes live on \
+             them or `status --nodes` finds them serving the live release; read from the registry at scrape time",
+            metrics.stranded.clone(),
         );
         registry.register(
             "backup_last_success_timestamp_seconds",
@@ -381,10 +390,12 @@ impl Metrics {
         // Cells no longer active disappear rather than stay at their last value.
         self.in_flight.clear();
         self.pending.clear();
+        self.stranded.clear();
         for cell in &gauges.cells {
             let labels = CellLabels { service: cell.service.clone(), environment: cell.environment.clone() };
             self.in_flight.get_or_create(&labels).set(i64::try_from(cell.in_flight).unwrap_or(i64::MAX));
             self.pending.get_or_create(&labels).set(i64::try_from(cell.pending_approval).unwrap_or(i64::MAX));
+            self.stranded.get_or_create(&labels).set(i64::try_from(cell.stranded_nodes).unwrap_or(i64::MAX));
         }
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)

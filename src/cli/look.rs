@@ -64,6 +64,15 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
                 r["release"].as_i64().map(|id| format!("#{id}")).unwrap_or_else(|| "-".into()),
                 busy.join(", ")
             ));
+            for s in r["stranded"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n    {:<40} STRANDED since {} by release #{}: {}",
+                    text(&s["node"]),
+                    text(&s["since"]),
+                    text(&s["release"]),
+                    text(&s["reason"])
+                ));
+            }
             for n in r["nodes"].as_array().into_iter().flatten() {
                 let mark = match (&n["error"], n["drift"] == true) {
                     (serde_json::Value::String(e), _) => format!("UNREACHABLE: {e}"),
@@ -146,6 +155,10 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         for t in r["transitions"].as_array().into_iter().flatten() {
             let reason = t["reason"].as_str().map(|x| format!(" — {x}")).unwrap_or_default();
             out.push_str(&format!("\n  {} {:<17} by {}{reason}", text(&t["at"]), text(&t["state"]), text(&t["actor"])));
+        }
+        let stranded: Vec<String> = r["stranded"].as_array().into_iter().flatten().map(text).collect();
+        if !stranded.is_empty() {
+            out.push_str(&format!("\nSTRANDED (could not be put back): {}", stranded.join(", ")));
         }
         let deployments = r["deployments"].as_array().cloned().unwrap_or_default();
         if !deployments.is_empty() {

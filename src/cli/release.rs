@@ -213,13 +213,9 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 if output.json {
                     println!("{shown}");
                 }
-                let stranded: Vec<String> = shown["deployments"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|d| d["phase"] == "put back" && d["outcome"] == "failed")
-                    .map(|d| text(&d["node"]))
-                    .collect();
+                // The server decides which nodes are stranded (a node unreachable while an
+                // interrupted deploy was resolved has no `put back` phase to read).
+                let stranded: Vec<String> = shown["stranded"].as_array().into_iter().flatten().map(text).collect();
                 if !stranded.is_empty() {
                     return Err(Failure::new(
                         exit::NOT_PUT_BACK,

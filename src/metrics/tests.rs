@@ -30,7 +30,13 @@ fn gauges() -> Gauges {
     Gauges {
         artifacts: 2,
         artifact_bytes: 1234,
-        cells: vec![Cell { service: "api".into(), environment: "staging".into(), in_flight: 1, pending_approval: 3 }],
+        cells: vec![Cell {
+            service: "api".into(),
+            environment: "staging".into(),
+            in_flight: 1,
+            pending_approval: 3,
+            stranded_nodes: 2,
+        }],
     }
 }
 
@@ -125,6 +131,7 @@ fn a_scrape_shows_what_was_recorded() {
         "release_artifacts_stored_bytes 1234".into(),
         r#"release_releases_in_flight{service="api",environment="staging"} 1"#.into(),
         r#"release_releases_pending_approval{service="api",environment="staging"} 3"#.into(),
+        r#"release_nodes_stranded{service="api",environment="staging"} 2"#.into(),
     ] {
         assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
     }

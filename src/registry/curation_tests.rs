@@ -265,7 +265,7 @@ fn a_blocked_artifact_is_never_the_rollback_target() {
     let live = |digest: Digest| {
         let r = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
         registry.start_deploy(r.id, "server", "2999-01-01T00:00:00Z", &event()).unwrap().deploying().unwrap();
-        registry.finish_deploy(r.id, State::Live, None, &event()).unwrap().release
+        registry.finish_deploy(r.id, &crate::registry::Ending::Live { nodes: vec![] }, &event()).unwrap().release
     };
     let (v1, v2, v3) = (upload(&registry, b"v1"), upload(&registry, b"v2"), upload(&registry, b"v3"));
     live(v1);

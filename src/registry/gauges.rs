@@ -1,5 +1,6 @@
 //! What `/metrics` reads from the registry at each scrape: the artifacts whose bytes are
-//! stored, and what waits or is in flight in each cell of the status matrix.
+//! stored, and what waits or is in flight in each cell of the status matrix, and its stranded
+//! nodes.
 //!
 //! Cheap at any history size: the artifacts are one scan of their (small) table, and each
 //! cell's counts are lookups in the partial indexes `one_in_flight` and `releases_pending`.
@@ -25,6 +26,8 @@ pub struct Cell {
     /// Approved or deploying (at most one).
     pub in_flight: u64,
     pub pending_approval: u64,
+    /// Nodes whose newest mark is `stranded`.
+    pub stranded_nodes: u64,
 }
 
 impl Registry {
@@ -44,7 +47,10 @@ impl Registry {
                    (SELECT COUNT(*) FROM releases r WHERE r.service = s.name AND r.environment = e.name
                       AND r.state IN ('approved', 'deploying')),
                    (SELECT COUNT(*) FROM releases r WHERE r.service = s.name AND r.environment = e.name
-                      AND r.state = 'pending_approval')
+                      AND r.state = 'pending_approval'),
+                   (SELECT COUNT(*) FROM node_marks m WHERE m.service = s.name AND m.environment = e.name
+                      AND m.mark = 'stranded' AND m.id = (SELECT MAX(n.id) FROM node_marks n
+                        WHERE n.service = m.service AND n.environment = m.environment AND n.node = m.node))
                  FROM services s CROSS JOIN environments e
                  WHERE s.active = 1 AND e.active = 1
                  ORDER BY s.name, e.position",
@@ -56,6 +62,7 @@ impl Registry {
                         environment: r.get(1)?,
                         in_flight: r.get(2)?,
                         pending_approval: r.get(3)?,
+                        stranded_nodes: r.get(4)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;

@@ -18,8 +18,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0007_webhooks", include_str!("../../migrations/0007_webhooks.sql")),
     ("0008_web_sessions_and_audit_filters", include_str!("../../migrations/0008_web_sessions_and_audit_filters.sql")),
     ("0009_blocks_hold_and_purges_wait", include_str!("../../migrations/0009_blocks_hold_and_purges_wait.sql")),
-    // 0010 is another branch's (issue 10); it goes before this one when merged.
     ("0010_owners_compared_lowercase", include_str!("../../migrations/0010_owners_compared_lowercase.sql")),
+    ("0011_node_marks", include_str!("../../migrations/0011_node_marks.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

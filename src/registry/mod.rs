@@ -8,6 +8,7 @@ mod artifacts;
 mod audit;
 mod backup;
 mod gauges;
+mod marks;
 mod migrate;
 mod releases;
 mod tokens;
@@ -24,7 +25,7 @@ pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact
 pub use audit::AuditFilter;
 pub use backup::{RESTORED, SnapshotHead, known_schema, snapshot_event_hash, snapshot_head};
 pub use gauges::{Cell, Gauges};
-pub use releases::{Adoption, ConfiguredEnvironment, Finished, NewApproval, NewRelease, Start};
+pub use releases::{Adoption, ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Start};
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
 pub use webhooks::{Backlog, ReleaseAtEvent};

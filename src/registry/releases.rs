@@ -63,6 +63,15 @@ pub struct Finished {
     pub cancelled: Vec<Release>,
 }
 
+/// How a deploy ended, for [`Registry::finish_deploy`].
+#[derive(Clone, Debug)]
+pub enum Ending {
+    /// Live on these nodes (those of them stranded are repaired).
+    Live { nodes: Vec<String> },
+    /// Failed, leaving these nodes stranded.
+    Failed { reason: String, stranded: Vec<String> },
+}
+
 /// What [`Registry::start_deploy`] did.
 #[derive(Clone, Debug)]
 pub enum Start {
@@ -312,42 +321,6 @@ impl Registry {
         })
     }
 
-    /// `deploying → live`: the previously live release becomes `superseded`, and releases of
-    /// the same service and environment still waiting for approval are cancelled (an
-    /// approval never lands on a stale request). Each change gets its event. Returns the live
-    /// release and the ones it cancelled.
-    pub fn go_live(&self, id: i64, event: &NewEvent) -> Result<(Release, Vec<Release>), RegistryError> {
-        self.write(|conn| {
-            let tx = immediate(conn)?;
-            let release = by_id(&tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
-            if let Some(previous) = live(&tx, &release.service, &release.environment)? {
-                let why = format!("release {id} went live");
-                change_state(&tx, previous.id, State::Superseded, "release", Some(&why))?;
-                let details = serde_json::json!({"by": id});
-                let event = NewEvent::by_server("release.superseded", format!("release/{}", previous.id), details);
-                super::audit::append(&tx, &event)?;
-            }
-            let release = change_state(&tx, id, State::Live, "release", None)?;
-            super::audit::append(&tx, event)?;
-            let pending: Vec<i64> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT id FROM releases WHERE service = ?1 AND environment = ?2 AND state = 'pending_approval'",
-                )?;
-                stmt.query_map(params![release.service, release.environment], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?
-            };
-            let mut cancelled = Vec::new();
-            for stale in pending {
-                let why = format!("release {id} went live first");
-                cancelled.push(change_state(&tx, stale, State::Cancelled, "release", Some(&why))?);
-                let details = serde_json::json!({"reason": why});
-                super::audit::append(&tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
-            }
-            tx.commit()?;
-            Ok((release, cancelled))
-        })
-    }
-
     /// Expires releases whose approval window has passed.
     pub fn expire_pending(&self) -> Result<Vec<Release>, RegistryError> {
         self.write(|conn| {
@@ -445,6 +418,7 @@ impl Registry {
                     conn.prepare_cached("SELECT node FROM release_exclusions WHERE release_id = ?1 ORDER BY node")?;
                 stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?
             };
+            let stranded = super::marks::stranded_by(conn, id)?;
             let adopted = conn
                 .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [id], |r| {
                     let nodes: Option<String> = r.get(1)?;
@@ -482,6 +456,7 @@ impl Registry {
                 approval,
                 deployments,
                 excluded_nodes,
+                stranded,
                 config_digest,
                 verified,
                 shared_files,
@@ -564,6 +539,7 @@ impl Registry {
                     verified,
                     in_flight,
                     pending,
+                    stranded: super::marks::stranded_in(conn, &service, &environment)?,
                     nodes: None,
                     nodes_asked_at: None,
                     service,
@@ -855,33 +831,40 @@ impl Registry {
         })
     }
 
-    /// Ends a deploy: its final state, its event and the end of its lease, in one transaction.
-    pub fn finish_deploy(
-        &self,
-        id: i64,
-        to: State,
-        reason: Option<&str>,
-        event: &NewEvent,
-    ) -> Result<Finished, RegistryError> {
-        let (release, cancelled) = match to {
-            State::Live => self.go_live(id, event)?,
-            _ => (self.transition(id, to, "release", reason, event)?, vec![]),
-        };
-        let deploying_since = self.write(|conn| {
-            conn.execute(
+    /// Ends a deploy in one transaction: its final state and event, the marks on its nodes
+    /// (stranded by a failure, repaired by going live on them), the end of its lease.
+    pub fn finish_deploy(&self, id: i64, ending: &Ending, event: &NewEvent) -> Result<Finished, RegistryError> {
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let (release, cancelled) = match ending {
+                Ending::Live { nodes } => {
+                    let (release, cancelled) = go_live(&tx, id, event)?;
+                    let why = format!("release {id} went live on it");
+                    super::marks::repair(&tx, (&release.service, &release.environment), nodes, Some(id), &why)?;
+                    (release, cancelled)
+                }
+                Ending::Failed { reason, stranded } => {
+                    let release = change_state(&tx, id, State::Failed, "release", Some(reason))?;
+                    super::audit::append(&tx, event)?;
+                    super::marks::strand(&tx, &release, stranded, reason)?;
+                    (release, vec![])
+                }
+            };
+            tx.execute(
                 "DELETE FROM deploy_leases WHERE service = ?1 AND environment = ?2 AND release_id = ?3",
                 params![release.service, release.environment, id],
             )?;
-            Ok(conn
+            let deploying_since = tx
                 .query_row(
                     "SELECT at FROM release_transitions WHERE release_id = ?1 AND state = 'deploying'
                      ORDER BY id DESC LIMIT 1",
                     [id],
                     |r| r.get(0),
                 )
-                .optional()?)
-        })?;
-        Ok(Finished { release, deploying_since, cancelled })
+                .optional()?;
+            tx.commit()?;
+            Ok(Finished { release, deploying_since, cancelled })
+        })
     }
 
     /// Removes every deploy lease (at start: the data directory's lock proves their owners
@@ -1057,4 +1040,35 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
         expires_at: row.get(11)?,
         state_changed_at: row.get(12)?,
     })
+}
+
+/// `deploying → live`, in the caller's transaction: the previously live release becomes
+/// `superseded`, and releases of the same service and environment still waiting for approval
+/// are cancelled (an approval never lands on a stale request). Each change gets its event.
+/// Returns the live release and the ones it cancelled.
+fn go_live(tx: &Transaction<'_>, id: i64, event: &NewEvent) -> Result<(Release, Vec<Release>), RegistryError> {
+    let release = by_id(tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))?;
+    if let Some(previous) = live(tx, &release.service, &release.environment)? {
+        let why = format!("release {id} went live");
+        change_state(tx, previous.id, State::Superseded, "release", Some(&why))?;
+        let details = serde_json::json!({"by": id});
+        let event = NewEvent::by_server("release.superseded", format!("release/{}", previous.id), details);
+        super::audit::append(tx, &event)?;
+    }
+    let release = change_state(tx, id, State::Live, "release", None)?;
+    super::audit::append(tx, event)?;
+    let pending: Vec<i64> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id FROM releases WHERE service = ?1 AND environment = ?2 AND state = 'pending_approval'",
+        )?;
+        stmt.query_map(params![release.service, release.environment], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let mut cancelled = Vec::new();
+    for stale in pending {
+        let why = format!("release {id} went live first");
+        cancelled.push(change_state(tx, stale, State::Cancelled, "release", Some(&why))?);
+        let details = serde_json::json!({"reason": why});
+        super::audit::append(tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
+    }
+    Ok((release, cancelled))
 }

@@ -115,8 +115,12 @@ fn a_registry_from_a_newer_release_is_refused() {
 
 mod releases {
     use super::*;
-    use crate::registry::{Adoption, NewApproval, NewRelease};
+    use crate::registry::{Adoption, Ending, NewApproval, NewRelease};
     use crate::releases::{Kind, State};
+
+    fn live_on_no_node() -> Ending {
+        Ending::Live { nodes: vec![] }
+    }
 
     fn with_artifact() -> (tempfile::TempDir, Registry, Digest) {
         let (dir, registry) = open();
@@ -140,6 +144,48 @@ mod releases {
             excluded: vec![],
             adopt: false,
         }
+    }
+
+    #[test]
+    fn a_node_stays_stranded_until_a_deploy_goes_live_on_it_or_it_is_found_repaired() {
+        let (_dir, registry, digest) = with_artifact();
+        let deploying = || {
+            let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+            registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap().id
+        };
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let stranded = || {
+            registry
+                .read(|c| super::super::marks::stranded_in(c, "api", "production"))
+                .unwrap()
+                .into_iter()
+                .map(|s| s.node)
+                .collect::<Vec<_>>()
+        };
+        let first = deploying();
+        let failed = Ending::Failed { reason: "reload failed".into(), stranded: names(&["web-1", "web-2"]) };
+        registry.finish_deploy(first, &failed, &event()).unwrap();
+        assert_eq!(stranded(), ["web-1", "web-2"]);
+
+        // A deploy live on web-1 (web-2 left out) repairs web-1 only.
+        let second = deploying();
+        registry.finish_deploy(second, &Ending::Live { nodes: names(&["web-1", "web-3"]) }, &event()).unwrap();
+        assert_eq!(stranded(), ["web-2"]);
+        // Found serving the live release: only a node still stranded gets a mark.
+        assert_eq!(registry.repair_nodes("api", "production", &names(&["web-2", "web-3"]), "seen").unwrap(), ["web-2"]);
+        assert!(stranded().is_empty());
+        // Stranded again later: the newest mark counts. The history stays.
+        let third = deploying();
+        let failed = Ending::Failed { reason: "again".into(), stranded: names(&["web-1"]) };
+        registry.finish_deploy(third, &failed, &event()).unwrap();
+        assert_eq!(stranded(), ["web-1"]);
+        assert_eq!(registry.release_detail(first).unwrap().unwrap().stranded, ["web-1", "web-2"]);
+        assert!(registry.release_detail(second).unwrap().unwrap().stranded.is_empty());
+        let conn = registry.writer.lock().unwrap();
+        let err = conn.execute("DELETE FROM node_marks", []).unwrap_err();
+        assert!(err.to_string().contains("never deleted"), "{err}");
+        let err = conn.execute("UPDATE node_marks SET mark = 'repaired'", []).unwrap_err();
+        assert!(err.to_string().contains("immutable"), "{err}");
     }
 
     #[test]
@@ -269,7 +315,7 @@ mod releases {
         let (_dir, registry, digest) = with_artifact();
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
         registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
-        registry.go_live(r.id, &event()).unwrap();
+        registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap();
         assert!(registry.purge_candidates("9999").unwrap().is_empty());
         assert!(!registry.record_purge(digest, "9999", "root", "root", &event()).unwrap(), "checked again");
         // And the trigger refuses it too.
@@ -295,7 +341,7 @@ mod releases {
             };
             let r = registry.create_release(&new, &event()).unwrap();
             registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
-            registry.go_live(r.id, &event()).unwrap().0.id
+            registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap().release.id
         };
         let api = live("api", "production");
         let web: Vec<i64> = (0..3).map(|_| live("web", "staging")).collect();
@@ -316,7 +362,7 @@ mod releases {
         let live = |registry: &Registry| {
             let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
             registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
-            registry.go_live(r.id, &event()).unwrap().0
+            registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap().release
         };
         let first = live(&registry);
         let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
@@ -337,7 +383,7 @@ mod releases {
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
         let deploying = registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
         let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
-        let finished = registry.finish_deploy(r.id, State::Live, None, &event()).unwrap();
+        let finished = registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap();
         assert_eq!(finished.release.state, State::Live);
         assert_eq!(finished.deploying_since.as_deref(), Some(deploying.state_changed_at.as_str()));
         let cancelled: Vec<(i64, State)> = finished.cancelled.iter().map(|c| (c.id, c.state)).collect();
@@ -345,7 +391,8 @@ mod releases {
 
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
         let deploying = registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
-        let finished = registry.finish_deploy(r.id, State::Failed, Some("no"), &event()).unwrap();
+        let finished =
+            registry.finish_deploy(r.id, &Ending::Failed { reason: "no".into(), stranded: vec![] }, &event()).unwrap();
         assert_eq!(finished.release.state, State::Failed);
         assert_eq!(finished.deploying_since, Some(deploying.state_changed_at));
         assert!(finished.cancelled.is_empty());
@@ -366,17 +413,23 @@ mod releases {
             .unwrap();
         registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
         registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
-        registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        let approved = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
 
         let gauges = registry.gauges().unwrap();
         assert_eq!((gauges.artifacts, gauges.artifact_bytes), (2, 2 + 8));
-        let cell = |environment: &str, in_flight, pending_approval| Cell {
+        let cell = |environment: &str, in_flight, pending_approval, stranded_nodes| Cell {
             service: "api".into(),
             environment: environment.into(),
             in_flight,
             pending_approval,
+            stranded_nodes,
         };
-        assert_eq!(gauges.cells, [cell("staging", 0, 0), cell("production", 1, 2)]);
+        assert_eq!(gauges.cells, [cell("staging", 0, 0, 0), cell("production", 1, 2, 0)]);
+        // Its deploy fails and strands two nodes.
+        registry.transition(approved.id, State::Deploying, "release", None, &event()).unwrap();
+        let stranded = vec!["web-1".to_owned(), "web-2".to_owned()];
+        registry.finish_deploy(approved.id, &Ending::Failed { reason: "no".into(), stranded }, &event()).unwrap();
+        assert_eq!(registry.gauges().unwrap().cells, [cell("staging", 0, 0, 0), cell("production", 0, 2, 2)]);
 
         // Purged bytes are not stored any more, until they are uploaded again.
         assert!(registry.record_purge(Digest::of(b"v2 bytes"), "9999", "root", "root", &event()).unwrap());

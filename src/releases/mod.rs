@@ -17,14 +17,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use deployer::{Adopt, Adopter, Deployer, Failure, Gate, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
-pub use model::{Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Transition};
+pub use model::{
+    Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Stranded, Transition,
+};
 
 use crate::audit::NewEvent;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
-use crate::registry::{ConfiguredEnvironment, Finished, NewApproval, NewRelease, Registry, RegistryError, Start};
+use crate::registry::{
+    ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Registry, RegistryError, Start,
+};
 use crate::store::Store;
 use crate::token::{Action, Principal, Role, TokenError, same_owner};
 use crate::utc;
@@ -336,19 +340,23 @@ impl Releases {
     /// it still cannot be recorded, the release is left `deploying`: its run ends, so its
     /// lease lapses and the sweep resolves it from the nodes (never failed blindly: the nodes
     /// may serve it). True when this call recorded it.
-    async fn finish(&self, id: i64, to: State, reason: Option<String>) -> bool {
-        let (action, details) = match &reason {
-            Some(why) => ("release.failed", serde_json::json!({"reason": why})),
-            None => ("release.live", serde_json::json!({})),
+    async fn finish(&self, id: i64, ending: Ending) -> bool {
+        let (action, details, state) = match &ending {
+            Ending::Failed { reason, stranded } => {
+                ("release.failed", serde_json::json!({"reason": reason, "stranded": stranded}), State::Failed)
+            }
+            Ending::Live { .. } => ("release.live", serde_json::json!({}), State::Live),
         };
         let event = NewEvent::by_server(action, format!("release/{id}"), details);
         for attempt in 1..=RECORD_ATTEMPTS {
-            let (event, why) = (event.clone(), reason.clone());
-            match self.blocking(move |r| r.finish_deploy(id, to, why.as_deref(), &event)).await {
+            let (event, recorded) = (event.clone(), ending.clone());
+            match self.blocking(move |r| r.finish_deploy(id, &recorded, &event)).await {
                 Ok(finished) => {
-                    match &reason {
-                        Some(why) => tracing::warn!(release = id, reason = why, "release failed"),
-                        None => tracing::info!(release = id, "release live"),
+                    match &ending {
+                        Ending::Failed { reason, stranded } => {
+                            tracing::warn!(release = id, reason, ?stranded, "release failed")
+                        }
+                        Ending::Live { .. } => tracing::info!(release = id, "release live"),
                     }
                     self.record_finished(&finished);
                     return true;
@@ -356,14 +364,14 @@ impl Releases {
                 // Already final: an earlier attempt committed, its answer was lost.
                 Err(ReleaseError::InvalidState { .. }) => return false,
                 Err(e) => {
-                    tracing::error!(release = id, attempt, state = %to, error = %e, "could not record the release's final state");
+                    tracing::error!(release = id, attempt, %state, error = %e, "could not record the release's final state");
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
             }
         }
         tracing::error!(
             release = id,
-            state = %to,
+            %state,
             "gave up recording the release's final state: it stays deploying until its lease lapses, \
              then the sweep resolves it from the nodes"
         );
@@ -996,9 +1004,40 @@ impl Releases {
                         })
                         .collect(),
                 );
+                self.repair_seen(row).await;
             }
         }
         Ok(rows)
+    }
+
+    /// Marks repaired the stranded nodes of `row` that its nodes' answers show serving the
+    /// live release again, and takes them off the row. A failure to record it is only
+    /// logged: the node stays shown as stranded, and the next asking tries again.
+    async fn repair_seen(&self, row: &mut StatusRow) {
+        let Some(nodes) = &row.nodes else { return };
+        let serving: Vec<String> = row
+            .stranded
+            .iter()
+            .filter(|s| nodes.iter().any(|n| n.node == s.node && n.error.is_none() && !n.drift && n.current.is_some()))
+            .map(|s| s.node.clone())
+            .collect();
+        if serving.is_empty() {
+            return;
+        }
+        let (service, env) = (row.service.clone(), row.environment.clone());
+        let why = "status --nodes found it serving the live release";
+        match self.blocking(move |r| r.repair_nodes(&service, &env, &serving, why)).await {
+            Ok(repaired) => {
+                tracing::info!(
+                    service = row.service,
+                    environment = row.environment,
+                    ?repaired,
+                    "stranded nodes repaired"
+                );
+                row.stranded.retain(|s| !repaired.contains(&s.node));
+            }
+            Err(e) => tracing::error!(error = %e, "could not record the repair of stranded nodes"),
+        }
     }
 
     /// Runs an approved release through the deploy seam, in the background.
@@ -1071,7 +1110,8 @@ impl Releases {
     async fn conclude(&self, id: i64, outcome: Result<(), Failure>, plan: Option<Plan>) {
         match outcome {
             Ok(()) => {
-                if self.finish(id, State::Live, None).await
+                let nodes = plan.iter().flat_map(|p| &p.nodes).map(|n| n.display_name()).collect();
+                if self.finish(id, Ending::Live { nodes }).await
                     && let Some(plan) = plan
                 {
                     self.clean_up(plan);
@@ -1083,7 +1123,7 @@ impl Releases {
                 } else {
                     format!("{}; not put back: {}", failure.reason, failure.stranded.join(", "))
                 };
-                self.finish(id, State::Failed, Some(reason)).await;
+                self.finish(id, Ending::Failed { reason, stranded: failure.stranded }).await;
             }
         }
     }

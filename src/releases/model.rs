@@ -203,6 +203,9 @@ pub struct Detail {
     /// Nodes left out of this release (`--exclude-node`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded_nodes: Vec<String>,
+    /// Nodes its failure left stranded (could not be put back, or unreachable while its
+    /// interrupted deploy was resolved): decides the client's exit 8.
+    pub stranded: Vec<String>,
     /// The digest of the service's configuration as its deploy started (hooks, shared paths,
     /// health check, nodes): what it ran with. None until the deploy starts.
     pub config_digest: Option<Digest>,
@@ -240,6 +243,9 @@ pub struct StatusRow {
     pub in_flight: Option<i64>,
     /// Releases waiting for approval.
     pub pending: Vec<i64>,
+    /// Nodes a failed deploy could not put back, until a deploy goes live on them or
+    /// `status --nodes` finds them serving the live release.
+    pub stranded: Vec<Stranded>,
     /// With `--nodes`: what each node says it serves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nodes: Option<Vec<NodeView>>,
@@ -247,6 +253,17 @@ pub struct StatusRow {
     /// `limits.node_status_max_age`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nodes_asked_at: Option<String>,
+}
+
+/// A node a failed deploy could not put back: it may serve the failed release, or be
+/// unreachable, while the registry says the cell runs its live release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Stranded {
+    pub node: String,
+    /// The release whose failure stranded it.
+    pub release: Option<i64>,
+    pub reason: String,
+    pub since: String,
 }
 
 /// One node of a status cell, as it answered.

@@ -462,3 +462,47 @@ fn a_deploy_not_recorded_whose_node_moved_elsewhere_is_put_back_and_failed_once_
     assert_eq!(events_of(&fleet, &id, "release.live"), 0);
     registry_sql(&fleet, "DROP TRIGGER test_refuses_live");
 }
+
+#[test]
+fn a_node_unreachable_while_an_interrupted_deploy_is_resolved_is_stranded_and_the_client_exits_8() {
+    let mut fleet = SshFleet::with(Backend::Local, &["staging", "staging"], RELOAD_COUNTED, &[SHORT_LEASE]);
+    let v1 = fleet.upload("v1");
+    fleet.live_in("staging", &v1);
+    let v2 = fleet.upload("v2");
+    // A client follows the deploy while the registry refuses to record it live: its run ends,
+    // and once the lease lapses the sweep resolves it from the nodes. Node 2 is gone by then:
+    // node 1 is put back, node 2 cannot be asked, so it gets no `put back` phase at all.
+    registry_sql(&fleet, REFUSE_LIVE);
+    let out = std::thread::scope(|scope| {
+        let follower =
+            scope.spawn(|| fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v2, "--wait"]).assert_exit(8));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !fleet.f.server.log().contains("gave up recording the release's final state") {
+            assert!(std::time::Instant::now() < deadline, "{}", fleet.f.server.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        fleet.nodes[1].kill();
+        follower.join().unwrap()
+    });
+    let node2 = format!("{}:{}", fleet.nodes[1].address, fleet.nodes[1].port);
+    // SPEC 4's 8, not 7: the server says which nodes are stranded.
+    assert!(out.stderr().contains("could not be put back on") && out.stderr().contains(&node2), "{out}");
+    let settled = fleet.release(&json!(2));
+    assert_eq!(settled["state"], "failed", "{settled}");
+    assert_eq!(settled["stranded"], json!([node2]), "{settled}");
+    let phases = settled["deployments"].as_array().unwrap();
+    assert!(!phases.iter().any(|d| d["node"] == node2.as_str() && d["phase"] == "put back"), "{settled}");
+    let cell = |fleet: &SshFleet| {
+        let rows = fleet.f.get("carol", "/v1/status?service=web");
+        rows.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone()
+    };
+    assert_eq!(cell(&fleet)["stranded"][0]["node"], node2.as_str());
+
+    // Node 2 is back (still on v2); the next deploy goes live on both and lifts the mark.
+    fleet.nodes[1].start_again();
+    registry_sql(&fleet, "DROP TRIGGER test_refuses_live");
+    let v3 = fleet.upload("v3");
+    fleet.live_in("staging", &v3);
+    assert_eq!(cell(&fleet)["stranded"], json!([]));
+    fleet.assert_env_on("staging", &v3, "v3");
+}

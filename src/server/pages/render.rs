@@ -199,6 +199,12 @@ fn status_cell(row: &StatusRow) -> Markup {
         }
         @if let Some(id) = row.in_flight { div.warn { "in flight: " a href={ "/releases/" (id) } { "#" (id) } } }
         @for id in &row.pending { div.warn { "pending approval: " a href={ "/releases/" (id) } { "#" (id) } } }
+        @for s in &row.stranded {
+            div.bad title=(s.reason) {
+                "stranded: " (s.node)
+                @if let Some(id) = s.release { " by " a href={ "/releases/" (id) } { "#" (id) } }
+            }
+        }
         @if !drifting.is_empty() { div.bad { "drift: " (drifting.join(", ")) } }
     }
 }
@@ -285,6 +291,7 @@ pub fn release(
             }
             @if let Some(config) = &d.config_digest { dt { "configuration" } dd { code { (config) } } }
             @if !d.excluded_nodes.is_empty() { dt { "nodes left out" } dd { (d.excluded_nodes.join(", ")) } }
+            @if !d.stranded.is_empty() { dt { "stranded (not put back)" } dd.bad { (d.stranded.join(", ")) } }
             @if let Some(adopted) = &d.adopted {
                 dt { "adopted" }
                 dd {
