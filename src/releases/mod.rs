@@ -93,6 +93,11 @@ pub enum ReleaseError {
     SelfApproval { id: i64, owner: String },
     #[error("{digest} was never live in {source_env}, so it cannot go to {environment} (promote_from)")]
     NotPromotable { digest: Digest, source_env: String, environment: String },
+    #[error(
+        "{service} has no node in {environment}: a release there would go live with nothing deployed; \
+         add a [[service.{service}.node]] with environment = {environment:?}"
+    )]
+    NoNodes { service: String, environment: String },
     #[error("nothing is live for {service} in {environment}")]
     NothingLive { service: String, environment: String },
     #[error(
@@ -683,6 +688,9 @@ impl Releases {
         extra: serde_json::Value,
     ) -> Result<Release, ReleaseError> {
         let environment = self.environment(env)?.clone();
+        if !self.config.service(service).is_some_and(|s| s.nodes.iter().any(|n| n.environment == env)) {
+            return Err(ReleaseError::NoNodes { service: service.to_owned(), environment: env.to_owned() });
+        }
         let excluded = self.check_exclusions(kind, service, env, &options.exclude_nodes)?;
         if let Some(block) = self.blocking(move |r| r.artifact_block(digest)).await? {
             return Err(ReleaseError::Blocked { digest, reason: block.reason });

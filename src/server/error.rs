@@ -194,6 +194,7 @@ impl From<ReleaseError> for ApiError {
             ReleaseError::SelfApproval { .. } => conflict("self_approval"),
             ReleaseError::NotPromotable { .. } => conflict("not_promotable"),
             ReleaseError::NothingLive { .. } => conflict("nothing_live"),
+            ReleaseError::NoNodes { .. } => conflict("no_nodes"),
             ReleaseError::NoRollbackTarget { .. } => conflict("no_rollback_target"),
             ReleaseError::NotLiveBefore { .. } => conflict("not_live_before"),
             ReleaseError::InvalidState { .. } => conflict("invalid_state"),

@@ -26,7 +26,7 @@ impl Deployer for Gate {
 #[test]
 fn exactly_one_of_many_concurrent_deploys_is_accepted() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Gate(Arc::clone(&gate))));
+    let server = InProcessServer::start(&api(), Arc::new(Gate(Arc::clone(&gate))));
     let ci = server.token("ci", "ci", "gitlab");
     let auditor = server.token("carol", "auditor", "carol");
     let http = reqwest::blocking::Client::new();
@@ -98,7 +98,7 @@ fn exactly_one_of_many_concurrent_deploys_is_accepted() {
 #[test]
 fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let config = "[service.api]\nkind = \"generic\"\n";
+    let config = &api();
     let server = InProcessServer::start(config, Arc::new(Gate(Arc::clone(&gate))));
     let ci = server.token("ci", "ci", "gitlab");
     let http = reqwest::blocking::Client::new();
@@ -187,7 +187,7 @@ fn upload_v1(server: &InProcessServer, ci: &str) -> String {
 
 #[test]
 fn a_failed_deploy_ends_the_wait_with_exit_7_and_the_reason() {
-    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Refuses));
+    let server = InProcessServer::start(&api(), Arc::new(Refuses));
     let ci = server.token("ci", "ci", "gitlab");
     let digest = upload_v1(&server, &ci);
     let out = crate::support::TestCommand::new()
@@ -209,7 +209,7 @@ fn a_failed_deploy_ends_the_wait_with_exit_7_and_the_reason() {
 
 #[test]
 fn a_panicking_deployer_fails_the_release_instead_of_leaving_it_deploying() {
-    let server = InProcessServer::start("[service.api]\nkind = \"generic\"\n", Arc::new(Panics));
+    let server = InProcessServer::start(&api(), Arc::new(Panics));
     let ci = server.token("ci", "ci", "gitlab");
     let digest = upload_v1(&server, &ci);
     let http = reqwest::blocking::Client::new();
@@ -236,4 +236,9 @@ fn a_panicking_deployer_fails_the_release_instead_of_leaving_it_deploying() {
     // Nothing stays in flight: the next deploy is accepted.
     let again = http.post(format!("{}/v1/releases", server.url)).bearer_auth(&ci).json(&body).send().unwrap();
     assert_eq!(again.status(), StatusCode::CREATED);
+}
+
+/// `api` with a local node in the default environments (the fake deployers never reach it).
+fn api() -> String {
+    format!("[service.api]\nkind = \"generic\"\n{}", crate::support::local_nodes("api", &["staging", "production"]))
 }

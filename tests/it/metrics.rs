@@ -22,8 +22,9 @@ fn fixture() -> Fixture {
          [service.web]\nkind = \"generic\"\n\
          hooks.finalize = [\"test ! -e FAIL || {{ echo 'this build fails on purpose' >&2; exit 3; }}\"]\n\
          hooks.reload = [\"true\"]\n\
-         [[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n",
-        base.display()
+         [[service.web.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n{}",
+        base.display(),
+        crate::support::local_nodes("web", &["production"])
     ))
 }
 

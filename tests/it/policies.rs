@@ -5,6 +5,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::releases::Fixture;
+use crate::support::with_local_nodes;
 
 fn deploy_body(env: &str, digest: &str) -> serde_json::Value {
     json!({"service": "api", "environment": env, "digest": digest})
@@ -130,10 +131,10 @@ fn missing_unknown_and_revoked_tokens_are_401_and_recorded() {
 
 #[test]
 fn a_pending_release_expires_and_cannot_be_approved_then() {
-    let f = Fixture::with_config(
+    let f = Fixture::with_config(&with_local_nodes(
         "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n\
          promote_from = \"staging\"\nrequires_approval = true\napproval_ttl = \"1s\"\n",
-    );
+    ));
     let v1 = f.upload("v1");
     f.live_in("ci", "staging", &v1);
     let (_, pending) = f.post("alice", "/v1/releases/promote", json!({"service": "api", "environment": "production"}));
@@ -189,14 +190,16 @@ fn rollback_targets_must_have_been_live_before() {
 #[test]
 fn a_rollback_to_an_artifact_never_approved_there_waits_for_approval() {
     // Production needed no approval when v1 and v2 went live there; now it does.
-    let mut f = Fixture::with_config("[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"production\"\n");
+    let mut f = Fixture::with_config(&with_local_nodes(
+        "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"production\"\n",
+    ));
     let v1 = f.upload("v1");
     let v2 = f.upload("v2");
     f.live_in("alice", "production", &v1);
     f.live_in("alice", "production", &v2);
-    f.server.reconfigure(
+    f.server.reconfigure(&with_local_nodes(
         "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"production\"\nrequires_approval = true\n",
-    );
+    ));
     let (status, rollback) =
         f.post("alice", "/v1/releases/rollback", json!({"service": "api", "environment": "production"}));
     assert_eq!(status, StatusCode::CREATED);
@@ -307,7 +310,7 @@ fn a_scoped_token_pages_through_the_whole_history() {
 
 #[test]
 fn a_pending_release_is_cancelled_when_another_goes_live_first() {
-    let f = Fixture::with_config(CONFIG_APPROVAL_ONLY);
+    let f = Fixture::with_config(&with_local_nodes(CONFIG_APPROVAL_ONLY));
     let v1 = f.upload("v1");
     let v2 = f.upload("v2");
     let (_, pending) = f.post("alice", "/v1/releases", deploy_body("production", &v1));
@@ -320,4 +323,27 @@ fn a_pending_release_is_cancelled_when_another_goes_live_first() {
     assert_eq!(shown["state"], "cancelled");
     let (status, body) = f.post("bob", &format!("/v1/releases/{stale}/approve"), json!({}));
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("invalid_state")));
+}
+
+#[test]
+fn a_release_to_an_environment_without_nodes_for_the_service_is_refused_and_nothing_recorded() {
+    // `api` has a node in staging only: production would go live with nothing deployed.
+    let config = "[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n";
+    let f = Fixture::with_config(&format!("{config}{}", crate::support::local_nodes("api", &["staging"])));
+    let v1 = f.upload("v1");
+    f.live_in("alice", "staging", &v1);
+    let (status, body) = f.post("alice", "/v1/releases", deploy_body("production", &v1));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "no_nodes");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("api has no node in production") && message.contains("[[service.api.node]]"), "{message}");
+    let out = f.cli("alice").args(["promote", "api", "--to", "production", "--from", "staging"]).assert_exit(3);
+    assert!(out.stderr().contains("no node in production"), "{out}");
+    // Nothing recorded: staging's release is the only one.
+    let history = f.get("carol", "/v1/releases");
+    assert_eq!(history["releases"].as_array().unwrap().len(), 1, "{history}");
+    let deploys = f.events("release.deploy");
+    assert_eq!(deploys.len(), 1, "{deploys:?}");
+    assert_eq!(deploys[0]["details"]["environment"], "staging");
+    assert!(f.events("release.promote").is_empty());
 }

@@ -8,7 +8,11 @@ use serde_json::{Value, json};
 
 use crate::support::{Backend, TestServer, archives};
 
+/// `api` has one local node in each environment (a release needs a node to go live on), under
+/// the server's own directory (`@NODES@`, see `TestServer`).
 pub const CONFIG: &str = "[audit]\ncheckpoint_interval = \"1s\"\nrefusal_window = \"1s\"\n[service.api]\nkind = \"generic\"\n\
+    [[service.api.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"@NODES@/api-staging\"\n\
+    [[service.api.node]]\nenvironment = \"production\"\nhost = \"local\"\nbase = \"@NODES@/api-production\"\n\
     [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
     requires_approval = true\napproval_ttl = \"24h\"\n";
 

@@ -9,11 +9,17 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::releases::Fixture;
-use crate::support::archives;
+use crate::support::{archives, local_nodes};
 
-const CONFIG: &str = "[service.api]\nkind = \"generic\"\n[service.web]\nkind = \"generic\"\n\
-    [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
-    requires_approval = true\n";
+fn config() -> String {
+    format!(
+        "[service.api]\nkind = \"generic\"\n[service.web]\nkind = \"generic\"\n\
+         [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
+         requires_approval = true\n{}{}",
+        local_nodes("api", &["staging", "production"]),
+        local_nodes("web", &["staging", "production"])
+    )
+}
 
 /// What a token is answered: status, and the body with `name` (an id, a digest, a service…)
 /// replaced by `<ASKED>`, so that two answers about two different things can be compared.
@@ -85,7 +91,7 @@ struct World {
 }
 
 fn world() -> World {
-    let f = Fixture::with_config(CONFIG);
+    let f = Fixture::with_config(&config());
     let upload = |service: &str, content: &str| -> String {
         let response = f
             .server

@@ -21,7 +21,9 @@ fn config(webhooks: &str) -> String {
     format!(
         "[audit]\ncheckpoint_interval = \"1s\"\n[service.api]\nkind = \"generic\"\n[service.web]\nkind = \"generic\"\n\
          [[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\npromote_from = \"staging\"\n\
-         requires_approval = true\n{webhooks}"
+         requires_approval = true\n{}{}{webhooks}",
+        crate::support::local_nodes("api", &["staging", "production"]),
+        crate::support::local_nodes("web", &["staging", "production"])
     )
 }
 

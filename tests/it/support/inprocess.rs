@@ -25,6 +25,7 @@ impl InProcessServer {
     /// Starts on an existing directory (and so the registry and store a stopped server left).
     pub fn start_in(dir: tempfile::TempDir, extra: &str, deployer: Arc<dyn Deployer>) -> InProcessServer {
         let config_path = dir.path().join("release.toml");
+        let extra = extra.replace("@NODES@", &dir.path().join("nodes").display().to_string());
         std::fs::write(
             &config_path,
             format!("[server]\ndata_dir = \"{}\"\n{extra}", dir.path().join("data").display()),

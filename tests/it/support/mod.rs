@@ -98,6 +98,33 @@ async fn incomplete_multipart_uploads(s3: &S3Config) -> Vec<String> {
         .collect()
 }
 
+/// Local nodes of `service`, one in each of `environments`, under the server's own directory
+/// (`@NODES@`): a release needs a node to go live on.
+pub fn local_nodes(service: &str, environments: &[&str]) -> String {
+    environments
+        .iter()
+        .map(|env| {
+            format!("[[service.{service}.node]]\nenvironment = \"{env}\"\nhost = \"local\"\nbase = \"@NODES@/{service}-{env}\"\n")
+        })
+        .collect()
+}
+
+/// `config` with [`local_nodes`] for every `[service.NAME]` it has, in each environment it
+/// names (`[[environment]]` then `name = "…"`).
+pub fn with_local_nodes(config: &str) -> String {
+    let lines: Vec<&str> = config.lines().collect();
+    let environments: Vec<&str> = lines
+        .windows(2)
+        .filter(|pair| pair[0] == "[[environment]]")
+        .filter_map(|pair| pair[1].strip_prefix("name = \"")?.strip_suffix('"'))
+        .collect();
+    let mut out = config.to_owned();
+    for service in lines.iter().filter_map(|l| l.strip_prefix("[service.")?.strip_suffix(']')) {
+        out.push_str(&local_nodes(service, &environments));
+    }
+    out
+}
+
 /// Separates the harness's part of a test configuration from the test's own.
 const EXTRA_MARK: &str = "# --- test configuration ---\n";
 
@@ -127,7 +154,8 @@ impl TestServer {
         TestServer::start_with(backend, "")
     }
 
-    /// Starts with `extra` appended to the configuration file (limits, services…).
+    /// Starts with `extra` appended to the configuration file (limits, services…); `@NODES@`
+    /// in it names a directory of this server's own, for local nodes' bases.
     pub fn start_with(backend: Backend, extra: &str) -> TestServer {
         TestServer::start_with_env(backend, extra, &[])
     }
@@ -169,6 +197,8 @@ impl TestServer {
                 (StorageConfig::S3(s3_config(&garage, &prefix)), toml)
             }
         };
+        // A test's nodes may live under the server's own directory: `@NODES@`.
+        let extra = extra.replace("@NODES@", &dir.path().join("nodes").display().to_string());
         let config = dir.path().join("release.toml");
         std::fs::write(
             &config,
@@ -274,6 +304,7 @@ impl TestServer {
     pub fn reconfigure(&mut self, extra: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let base = text.split(EXTRA_MARK).next().unwrap().to_owned();
+        let extra = extra.replace("@NODES@", &self.dir.path().join("nodes").display().to_string());
         std::fs::write(&self.config, format!("{base}{EXTRA_MARK}{extra}")).unwrap();
         self.restart();
     }
