@@ -229,6 +229,8 @@ impl Ingestor {
             unpacked_size: received.summary.unpacked_bytes,
             file_count: received.summary.file_count,
             migrations: received.summary.migrations,
+            // The check refused any entry at or under these (`check_options`).
+            shared_checked: self.config.service(&request.service).map(|s| s.shared.clone()).unwrap_or_default(),
             service: request.service,
             version: request.version,
             git_sha: request.git_sha,

@@ -41,6 +41,8 @@ pub struct NewArtifact {
     pub unpacked_size: u64,
     pub file_count: u64,
     pub migrations: Vec<String>,
+    /// The service's shared paths the upload was checked against (none: no check to record).
+    pub shared_checked: Vec<String>,
     pub service: String,
     pub version: Option<String>,
     pub git_sha: Option<String>,
@@ -93,6 +95,9 @@ impl Registry {
                     now
                 ],
             )? == 1;
+            if !new.shared_checked.is_empty() {
+                record_shared_check(&tx, new.digest, &new.shared_checked)?;
+            }
             // Bytes purged before are stored again: each purge not yet undone is, now.
             let restored = tx.execute(
                 "INSERT INTO artifact_restores (purge_id, restored_by, restored_at)
@@ -119,6 +124,28 @@ impl Registry {
             tx.commit()?;
             Ok(Recorded { new_artifact, new_upload, artifact, upload })
         })
+    }
+
+    /// Whether `digest` was found clean of every one of `shared` by one check (at its
+    /// upload, or at an earlier request).
+    pub fn shared_checked(&self, digest: Digest, shared: &[String]) -> Result<bool, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT shared FROM artifact_shared_checks WHERE digest = ?1")?;
+            let checks = stmt.query_map([digest.to_string()], |r| r.get::<_, String>(0))?;
+            for check in checks {
+                let paths: Vec<String> = serde_json::from_str(&check?)
+                    .map_err(|e| RegistryError::Corrupt(format!("artifact_shared_checks of {digest}: {e}")))?;
+                if shared.iter().all(|s| paths.contains(s)) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    /// Records that `digest` holds nothing at or under any of `shared`.
+    pub fn record_shared_checked(&self, digest: Digest, shared: &[String]) -> Result<(), RegistryError> {
+        self.write(|conn| record_shared_check(conn, digest, shared))
     }
 
     pub fn artifact(&self, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
@@ -355,4 +382,16 @@ pub(super) fn query_block(conn: &rusqlite::Connection, digest: Digest) -> Result
             |r| Ok(Block { reason: r.get(0)?, blocked_by: r.get(1)?, owner: r.get(2)?, blocked_at: r.get(3)? }),
         )
         .optional()?)
+}
+
+fn record_shared_check(conn: &rusqlite::Connection, digest: Digest, shared: &[String]) -> Result<(), RegistryError> {
+    let mut paths = shared.to_vec();
+    paths.sort();
+    paths.dedup();
+    conn.execute(
+        "INSERT INTO artifact_shared_checks (digest, shared, checked_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (digest, shared) DO NOTHING",
+        params![digest.to_string(), serde_json::to_string(&paths).expect("strings serialize"), utc::now_text()],
+    )?;
+    Ok(())
 }

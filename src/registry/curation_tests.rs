@@ -22,6 +22,7 @@ fn upload(registry: &Registry, content: &[u8]) -> Digest {
         unpacked_size: 1024,
         file_count: 1,
         migrations: vec![],
+        shared_checked: vec![],
         service: "api".into(),
         version: None,
         git_sha: None,

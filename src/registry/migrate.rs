@@ -20,6 +20,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0009_blocks_hold_and_purges_wait", include_str!("../../migrations/0009_blocks_hold_and_purges_wait.sql")),
     ("0010_owners_compared_lowercase", include_str!("../../migrations/0010_owners_compared_lowercase.sql")),
     ("0011_node_marks", include_str!("../../migrations/0011_node_marks.sql")),
+    ("0012_artifact_shared_checks", include_str!("../../migrations/0012_artifact_shared_checks.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

@@ -19,6 +19,7 @@ fn new_artifact(service: &str, content: &[u8]) -> NewArtifact {
         unpacked_size: 10_240,
         file_count: 3,
         migrations: vec!["2024_01_01_000000_create_users.php".into()],
+        shared_checked: vec![],
         service: service.into(),
         version: Some("1.2.3".into()),
         git_sha: Some("abc123".into()),

@@ -98,6 +98,11 @@ pub enum ReleaseError {
          add a [[service.{service}.node]] with environment = {environment:?}"
     )]
     NoNodes { service: String, environment: String },
+    #[error(
+        "artifact {digest} holds {path:?}, but {shared:?} is one of the service's shared paths (kept in shared/ on \
+         each node): its nodes would refuse it; build it without that path"
+    )]
+    SharedPathInArtifact { digest: Digest, path: String, shared: String },
     #[error("nothing is live for {service} in {environment}")]
     NothingLive { service: String, environment: String },
     #[error(
@@ -673,6 +678,47 @@ impl Releases {
         }
     }
 
+    /// Refuses an artifact holding one of the service's shared paths (uploaded before the
+    /// service, or that path, was configured): its nodes would refuse it at prepare. Known
+    /// from the upload's check, or an earlier one; otherwise the artifact is read from the
+    /// store once and checked (a scan of its tar stream), and a clean verdict recorded.
+    async fn require_clean_of_shared(&self, service: &str, digest: Digest) -> Result<(), ReleaseError> {
+        let shared = self.config.service(service).map(|s| s.shared.clone()).unwrap_or_default();
+        if shared.is_empty() {
+            return Ok(());
+        }
+        let known = shared.clone();
+        if self.blocking(move |r| r.shared_checked(digest, &known)).await? {
+            return Ok(());
+        }
+        let bytes = self.store.read_artifact(digest, None).await?;
+        let bytes = futures::TryStreamExt::map_err(bytes, std::io::Error::other);
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(bytes));
+        let options = crate::archive::CheckOptions {
+            max_unpacked_bytes: u64::MAX,
+            max_files: u64::MAX,
+            shared: shared.clone(),
+            record_migrations: false,
+        };
+        let started = std::time::Instant::now();
+        let verdict = tokio::task::spawn_blocking(move || {
+            crate::archive::check(std::io::BufReader::with_capacity(1 << 20, reader), &options)
+        })
+        .await
+        .expect("the archive check does not panic");
+        tracing::info!(%digest, service, ms = started.elapsed().as_millis() as u64, "checked an artifact for shared paths");
+        match verdict {
+            Ok(_) => {
+                self.blocking(move |r| r.record_shared_checked(digest, &shared)).await?;
+                Ok(())
+            }
+            Err(crate::archive::ArchiveError::SharedPath { path, shared }) => {
+                Err(ReleaseError::SharedPathInArtifact { digest, path, shared })
+            }
+            Err(e) => Err(ReleaseError::BadRequest(format!("artifact {digest} fails its check when read again: {e}"))),
+        }
+    }
+
     /// Records the request: pending when the environment requires approval (a rollback to an
     /// artifact approved there before does not), else approved and started at once.
     #[allow(clippy::too_many_arguments)]
@@ -698,6 +744,7 @@ impl Releases {
         if self.store.artifact_size(digest).await?.is_none() {
             return Err(ReleaseError::Purged { digest });
         }
+        self.require_clean_of_shared(service, digest).await?;
         let approved_before = if kind == Kind::Rollback && environment.requires_approval {
             let (s, e) = (service.to_owned(), env.to_owned());
             self.blocking(move |r| r.was_approved(&s, &e, digest)).await?

@@ -102,6 +102,7 @@ fn requested(registry: &Registry, content: &[u8], state: State) -> Release {
         unpacked_size: 1024,
         file_count: 1,
         migrations: vec![],
+        shared_checked: vec![],
         service: "api".into(),
         version: None,
         git_sha: None,

@@ -195,6 +195,7 @@ impl From<ReleaseError> for ApiError {
             ReleaseError::NotPromotable { .. } => conflict("not_promotable"),
             ReleaseError::NothingLive { .. } => conflict("nothing_live"),
             ReleaseError::NoNodes { .. } => conflict("no_nodes"),
+            ReleaseError::SharedPathInArtifact { .. } => conflict("shared_path_in_artifact"),
             ReleaseError::NoRollbackTarget { .. } => conflict("no_rollback_target"),
             ReleaseError::NotLiveBefore { .. } => conflict("not_live_before"),
             ReleaseError::InvalidState { .. } => conflict("invalid_state"),

@@ -1,6 +1,8 @@
 //! SPEC 9 refusals about releases, roles and policies, each its own test, each checking the
 //! audit event it leaves.
 
+use std::fs;
+
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -346,4 +348,66 @@ fn a_release_to_an_environment_without_nodes_for_the_service_is_refused_and_noth
     assert_eq!(deploys.len(), 1, "{deploys:?}");
     assert_eq!(deploys[0]["details"]["environment"], "staging");
     assert!(f.events("release.promote").is_empty());
+}
+
+/// Uploads `files` as an artifact of `service`; returns its digest.
+fn upload_for(f: &Fixture, service: &str, files: &[(&str, &[u8])]) -> String {
+    let mut tar = crate::support::archives::RawTar::new();
+    for (path, data) in files {
+        tar = tar.file(path, data);
+    }
+    let response = f
+        .server
+        .http()
+        .post(format!("{}/v1/artifacts?service={service}", f.server.url))
+        .bearer_auth(f.token("ci"))
+        .body(crate::support::archives::zstd(&tar.finish()))
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().unwrap());
+    response.json::<serde_json::Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn an_artifact_holding_a_shared_path_configured_after_its_upload_is_refused_at_request_time() {
+    // `web` is not configured yet: its uploads are checked against no shared path.
+    let mut f = Fixture::new();
+    let holds_env = upload_for(&f, "web", &[("index.php", b"<?php"), (".env", b"DB_PASSWORD=in-the-build")]);
+    let clean = upload_for(&f, "web", &[("index.php", b"<?php")]);
+    f.server.reconfigure(&with_local_nodes(
+        "[service.web]\nkind = \"generic\"\nshared = [\".env\"]\n[[environment]]\nname = \"staging\"\n",
+    ));
+    fs::create_dir_all(f.server.dir.path().join("nodes/web-staging/shared")).unwrap();
+    fs::write(f.server.dir.path().join("nodes/web-staging/shared/.env"), "DB_PASSWORD=on-the-node").unwrap();
+
+    // Refused before anything is recorded, naming the path (not at prepare on the nodes, exit 7).
+    let body = json!({"service": "web", "environment": "staging", "digest": holds_env});
+    let (status, refusal) = f.post("alice", "/v1/releases", body);
+    assert_eq!(status, StatusCode::CONFLICT, "{refusal}");
+    assert_eq!(refusal["error"]["code"], "shared_path_in_artifact");
+    assert!(refusal["error"]["message"].as_str().unwrap().contains("\".env\""), "{refusal}");
+    let out = f.cli("alice").args(["deploy", "web", "--env", "staging", &holds_env]).assert_exit(3);
+    assert!(out.stderr().contains("shared paths"), "{out}");
+    assert!(f.get("carol", "/v1/releases?service=web")["releases"].as_array().unwrap().is_empty());
+
+    // The clean one is read and checked once, then deploys; the verdict is kept.
+    let checks = |f: &Fixture| f.server.log().matches("checked an artifact for shared paths").count();
+    let live_in_staging = |f: &Fixture, digest: &str| {
+        let (status, release) =
+            f.post("alice", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": digest}));
+        assert_eq!(status, StatusCode::CREATED, "{release}");
+        assert_eq!(f.settle(release["id"].as_i64().unwrap())["state"], "live");
+    };
+    let before = checks(&f);
+    live_in_staging(&f, &clean);
+    assert_eq!(checks(&f), before + 1);
+    let env = fs::read_to_string(f.server.dir.path().join("nodes/web-staging/current/.env")).unwrap();
+    assert_eq!(env, "DB_PASSWORD=on-the-node");
+    live_in_staging(&f, &clean);
+    assert_eq!(checks(&f), before + 1, "the clean verdict is recorded: not read again");
+
+    // An upload for the configured service is checked as it arrives: no read at request time.
+    let fresh = upload_for(&f, "web", &[("index.php", b"<?php echo 2;")]);
+    live_in_staging(&f, &fresh);
+    assert_eq!(checks(&f), before + 1);
 }
