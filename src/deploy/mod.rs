@@ -360,6 +360,7 @@ impl NodeDeployer {
             commands: commands.to_vec(),
             env: plan.service.env.clone(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
+            fence: plan.fence,
         });
         phase(plan, target, name, request, None).await.map(drop)
     }

@@ -150,6 +150,9 @@ pub struct Exec {
     /// How long the commands may run, all together, before they are killed.
     #[serde(default)]
     pub hook_timeout_ms: Option<u64>,
+    /// The deploy run's fence (see `Request::Fence`); 0 asks nothing.
+    #[serde(default)]
+    pub fence: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

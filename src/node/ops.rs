@@ -137,6 +137,55 @@ impl Layout {
         Ok(())
     }
 
+    fn hook_record(&self) -> PathBuf {
+        self.base.join(".release/hook")
+    }
+
+    /// Notes the process group of a hook as it starts (`<pgid> <command>`), so that a hook
+    /// outliving its agent (the server was killed, its SSH session cut) is still seen. Best
+    /// effort: a hook runs even when the note cannot be written.
+    fn record_hook(&self, pgid: u32, command: &str) -> io::Result<()> {
+        let path = self.hook_record();
+        let command: String = command.chars().take(200).collect();
+        fs::write(&path, format!("{pgid} {command}"))
+    }
+
+    fn end_hook(&self) {
+        let _ = fs::remove_file(self.hook_record());
+    }
+
+    /// Waits (up to the lock's wait) while a hook that an earlier agent started still runs:
+    /// the lock dies with the agent, the hook's process group may not. A note whose process
+    /// group is gone is removed. (A process group id is not reused while any of its
+    /// processes lives; a daemon a hook starts in a session of its own is not waited for.)
+    fn wait_for_earlier_hook(&self) -> Result<(), NodeError> {
+        let path = self.hook_record();
+        let started = Instant::now();
+        loop {
+            let Ok(note) = fs::read_to_string(&path) else { return Ok(()) };
+            let (pgid, command) = note.split_once(' ').unwrap_or((note.as_str(), ""));
+            let alive = pgid.parse::<i32>().ok().filter(|p| *p > 1).is_some_and(|p| {
+                // SAFETY: kill(2) with signal 0 only checks that the process group exists.
+                unsafe { libc::kill(-p, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+            });
+            if !alive {
+                let _ = fs::remove_file(&path);
+                return Ok(());
+            }
+            if started.elapsed() > LOCK_WAIT {
+                return Err(NodeError::new(
+                    "locked",
+                    format!(
+                        "a hook an earlier deploy run started is still running on this node (process group {pgid}: \
+                         `{command}`; waited {} s)",
+                        LOCK_WAIT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Takes `<base>/.release/lock`, waiting a little for another deploy to finish.
     fn lock(&self) -> Result<fs::File, NodeError> {
         use std::os::fd::AsRawFd;
@@ -192,7 +241,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
-        let finalized = run_commands(&dir, &p.finalize, &env, p.hook_timeout());
+        let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout());
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
         sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
@@ -256,7 +305,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         }
     }
     let env = release_env(&layout, p.digest, &p.env);
-    let output = run_commands(&dir, &p.finalize, &env, p.hook_timeout())?;
+    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout())?;
     if !p.finalize.is_empty() {
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
     }
@@ -381,13 +430,21 @@ fn release_env(layout: &Layout, digest: Digest, extra: &BTreeMap<String, String>
 /// Runs shell commands in `dir`, one after the other; the tail of their output, or the
 /// failing command with its tail. A command still running at `deadline` is killed with its
 /// whole process group, so a hung hook never holds the base's lock past the server's wait.
+/// Runs the hook `commands` in `dir`, one after the other, each in a process group of its own
+/// (recorded in `<base>/.release/hook` while it runs: see [`Layout::wait_for_earlier_hook`]).
+/// Called under the base's lock.
 fn run_commands(
+    layout: &Layout,
     dir: &Path,
     commands: &[String],
     env: &BTreeMap<String, String>,
     deadline: Option<Duration>,
 ) -> Result<String, NodeError> {
     use std::os::unix::process::CommandExt;
+    if commands.is_empty() {
+        return Ok(String::new());
+    }
+    layout.wait_for_earlier_hook()?;
     let started = Instant::now();
     let mut output = Vec::new();
     for command in commands {
@@ -401,6 +458,7 @@ fn run_commands(
             .process_group(0)
             .spawn()
             .map_err(|e| NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")))?;
+        let record = layout.record_hook(child.id(), command);
         let mut stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -420,6 +478,9 @@ fn run_commands(
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        if record.is_ok() {
+            layout.end_hook();
+        }
         // A daemon the hook started may keep the pipe open: wait a little, not for ever.
         let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
         output.extend_from_slice(format!("$ {command}\n").as_bytes());
@@ -786,6 +847,9 @@ fn working_directories() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Runs hooks (migrate, reload) in a release or `current`, under the base's lock and fenced
+/// like every change: a migrate of a run that a newer one outranked never starts, and no
+/// hook starts while one an earlier run started (whose agent is gone) still runs.
 fn exec(e: &Exec) -> Result<Value, NodeError> {
     let layout = Layout { base: e.base.clone() };
     let (dir, digest) = match e.digest {
@@ -795,8 +859,10 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
             None => return Err(NodeError::new("not_ready", format!("{} has no current release", e.base.display()))),
         },
     };
+    let _lock = layout.lock()?;
+    layout.fence(e.fence)?;
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);
-    let output = run_commands(&dir, &e.commands, &release_env(&layout, digest, &e.env), deadline)?;
+    let output = run_commands(&layout, &dir, &e.commands, &release_env(&layout, digest, &e.env), deadline)?;
     Ok(json!({"output": output}))
 }
 
@@ -963,5 +1029,71 @@ mod tests {
         assert_eq!(mode("cache/views/x") & 0o200, 0o200, "writable path left writable");
         assert_eq!(mode("cache/views") & 0o200, 0o200);
         assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
+    }
+
+    fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Value, NodeError> {
+        exec(&Exec {
+            base: base.to_owned(),
+            digest: Some(digest),
+            commands: vec![command.to_owned()],
+            env: BTreeMap::new(),
+            hook_timeout_ms: None,
+            fence,
+        })
+    }
+
+    #[test]
+    fn hooks_are_fenced_like_every_change() {
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        layout.create().unwrap();
+        let digest = Digest::of(b"release");
+        fs::create_dir_all(layout.release(digest)).unwrap();
+        layout.fence(100).unwrap();
+        let refused = exec_in(base.path(), digest, "echo ran > ran", 50).unwrap_err();
+        assert_eq!(refused.code, "fenced", "{}", refused.message);
+        assert!(!layout.release(digest).join("ran").exists(), "a stale run's hook never starts");
+        exec_in(base.path(), digest, "echo ran > ran", 100).unwrap();
+        assert!(layout.release(digest).join("ran").exists());
+    }
+
+    /// The lock dies with the agent that held it; a hook it started may live on, in its own
+    /// process group. The next hook waits for that group, and gives up after the lock's wait.
+    #[test]
+    fn a_hook_whose_agent_died_is_waited_for_and_refused_after_the_wait() {
+        use std::os::unix::process::CommandExt;
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        layout.create().unwrap();
+        let digest = Digest::of(b"release");
+        fs::create_dir_all(layout.release(digest)).unwrap();
+        let started = |seconds: u64| {
+            let child = Command::new("sleep").arg(seconds.to_string()).process_group(0).spawn().unwrap();
+            layout.record_hook(child.id(), &format!("php artisan migrate # {seconds} s")).unwrap();
+            let pid = child.id();
+            // Reaped as soon as it ends (a zombie still counts as a member of its group).
+            let reaper = std::thread::spawn(move || {
+                let mut child = child;
+                child.wait().unwrap()
+            });
+            (pid, reaper)
+        };
+        let overlap = |pid: u32| format!("if kill -0 {pid} 2>/dev/null; then echo overlap; else echo after; fi");
+
+        let (pid, reaper) = started(1);
+        let output = exec_in(base.path(), digest, &overlap(pid), 0).unwrap();
+        assert!(output["output"].as_str().unwrap().contains("after"), "{output}");
+        reaper.join().unwrap();
+        assert!(!layout.hook_record().exists(), "the note of a hook that ended is removed");
+
+        let (pid, reaper) = started(LOCK_WAIT.as_secs() + 3);
+        let refused = exec_in(base.path(), digest, &overlap(pid), 0).unwrap_err();
+        assert_eq!(refused.code, "locked");
+        assert!(
+            refused.message.contains("php artisan migrate") && refused.message.contains(&pid.to_string()),
+            "{}",
+            refused.message
+        );
+        reaper.join().unwrap();
     }
 }

@@ -1314,3 +1314,34 @@ fn adopt_refuses_a_tree_that_cannot_be_packaged_and_touches_nothing() {
     assert_eq!(fs::read_to_string(fleet.bases[0].join("current/version.txt")).unwrap(), "legacy");
     assert!(release_dirs(&fleet.bases[0]).is_empty());
 }
+
+/// A hook outlives its agent when the server is killed: the restarted server's hooks on that
+/// node wait for it (its process group is noted in `.release/hook`) instead of running beside it.
+#[test]
+fn a_hook_still_running_from_a_killed_server_is_waited_for_before_the_next_one_starts() {
+    let reload = "hooks.reload = [\"echo start $RELEASE_DIGEST >> $RELEASE_BASE/hooks.log; \
+                  test ! -e $RELEASE_BASE/shared/slow || sleep 4; echo end $RELEASE_DIGEST >> $RELEASE_BASE/hooks.log\"]";
+    let mut fleet = Fleet::new(1, reload);
+    let v1 = fleet.upload("v1", &[]);
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+    let log = fleet.bases[0].join("hooks.log");
+    fs::write(&log, "").unwrap();
+    fs::write(fleet.bases[0].join("shared/slow"), "").unwrap();
+    let v2 = fleet.upload("v2", &[]);
+    fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    // Killed while v2's reload sleeps on the node.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fs::read_to_string(&log).unwrap().contains("start") {
+        assert!(std::time::Instant::now() < deadline, "{}", fleet.f.server.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fleet.f.server.kill();
+    fs::remove_file(fleet.bases[0].join("shared/slow")).unwrap();
+    fleet.f.server.restart();
+    // The restarted server finds the node on v2 and reloads it again: after the first ended.
+    let settled = fleet.f.settle(2);
+    assert_eq!(settled["state"], "live", "{settled}");
+    let lines: Vec<String> =
+        fs::read_to_string(&log).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_owned()).collect();
+    assert_eq!(lines, ["start", "end", "start", "end"], "the hooks ran one after the other");
+}
