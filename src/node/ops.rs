@@ -781,11 +781,13 @@ fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError>
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let trash = trash_root.join(format!("{}-{}", std::process::id(), started.as_micros()));
     let (mut removed, mut busy) = (Vec::new(), Vec::new());
+    let unseen;
     {
         let _lock = layout.lock()?;
         layout.fence(fence)?;
         let current = layout.current_digest()?;
-        let in_use = working_directories();
+        let (in_use, unreadable) = working_directories();
+        unseen = unreadable;
         for entry in fs::read_dir(layout.releases()).map_err(|e| io_error(&layout.releases(), e))?.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -816,7 +818,19 @@ fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError>
     }
     remove_tree(&trash).map_err(|e| io_error(&trash, e))?;
     removed.sort();
-    Ok(json!({"removed": removed, "in_use": busy}))
+    let mut output = format!("removed: {}", if removed.is_empty() { "nothing".to_owned() } else { removed.join(", ") });
+    if !busy.is_empty() {
+        output.push_str(&format!("; kept, a process works in it: {}", busy.join(", ")));
+    }
+    if unseen > 0 {
+        // SAFETY: geteuid(2) cannot fail.
+        let advice = if unsafe { libc::geteuid() } == 0 { "" } else { ": run the agent as root to see them" };
+        output.push_str(&format!(
+            "; {unseen} processes could not be checked (their working directories are not readable by this \
+             agent){advice}"
+        ));
+    }
+    Ok(json!({"removed": removed, "in_use": busy, "unseen_processes": unseen, "output": output}))
 }
 
 /// Moves a directory (a release, read-only; or an old trash directory) to `to`, in the same
@@ -837,14 +851,21 @@ fn move_to_trash(path: &Path, to: &Path) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// The working directories of this machine's processes that we can see.
-fn working_directories() -> Vec<PathBuf> {
-    let Ok(procs) = fs::read_dir("/proc") else { return vec![] };
-    procs
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter_map(|e| fs::read_link(e.path().join("cwd")).ok())
-        .collect()
+/// The working directories of this machine's processes that we can see, and how many
+/// processes we may not look at (another user's, when the agent is not root: Apache's or
+/// PHP-FPM's workers under `www-data`, say).
+fn working_directories() -> (Vec<PathBuf>, usize) {
+    let Ok(procs) = fs::read_dir("/proc") else { return (vec![], 0) };
+    let (mut seen, mut unseen) = (Vec::new(), 0);
+    for entry in procs.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())) {
+        match fs::read_link(entry.path().join("cwd")) {
+            Ok(cwd) => seen.push(cwd),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => unseen += 1,
+            // Gone meanwhile, or a kernel thread.
+            Err(_) => {}
+        }
+    }
+    (seen, unseen)
 }
 
 /// Runs hooks (migrate, reload) in a release or `current`, under the base's lock and fenced

@@ -1345,3 +1345,62 @@ fn a_hook_still_running_from_a_killed_server_is_waited_for_before_the_next_one_s
         fs::read_to_string(&log).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_owned()).collect();
     assert_eq!(lines, ["start", "end", "start", "end"], "the hooks ran one after the other");
 }
+
+/// Runs `release node` with one request, as user and group `id` (`None`: this test's user,
+/// root).
+fn node_agent(request: &Value, id: Option<u32>) -> Value {
+    use std::io::Write;
+    let mut command = match id {
+        Some(id) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([&format!("--reuid={id}"), &format!("--regid={id}"), "--clear-groups", crate::support::bin()]);
+            c
+        }
+        None => std::process::Command::new(crate::support::bin()),
+    };
+    let mut child =
+        command.arg("node").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    writeln!(child.stdin.take().unwrap(), "{request}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The clean-up never removes a release a process works in, when it can see the process; an
+/// agent that is not root cannot see other users' processes (Apache's `www-data`), and says
+/// how many it could not check rather than pretend it did.
+#[test]
+fn cleanup_keeps_a_release_a_process_works_in_and_says_what_it_could_not_check() {
+    let root = tempfile::Builder::new().prefix("release-cwd-").tempdir().unwrap();
+    let base = root.path().join("base");
+    let (old, live) = (release::digest::Digest::of(b"old"), release::digest::Digest::of(b"live"));
+    let hex = |d: &release::digest::Digest| d.to_string()[7..].to_owned();
+    for d in [&old, &live] {
+        fs::create_dir_all(base.join("releases").join(hex(d))).unwrap();
+    }
+    std::os::unix::fs::symlink(format!("releases/{}", hex(&live)), base.join("current")).unwrap();
+    // A root process works in the old release.
+    let mut worker = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(base.join("releases").join(hex(&old)))
+        .spawn()
+        .unwrap();
+    let request = json!({"op": "cleanup", "base": base, "keep": []});
+
+    // As root: seen, kept.
+    let answer = node_agent(&request, None);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["in_use"], json!([hex(&old)]), "{answer}");
+    assert_eq!(answer["removed"], json!([]), "{answer}");
+    let unseen_by_root = answer["unseen_processes"].as_u64().unwrap();
+
+    // As nobody (the base is theirs): root's processes cannot be checked, and the answer says so.
+    fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    std::process::Command::new("chown").args(["-R", "65534:65534"]).arg(&base).status().unwrap();
+    let answer = node_agent(&request, Some(65534));
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(answer["unseen_processes"].as_u64().unwrap() > unseen_by_root, "{answer}");
+    let output = answer["output"].as_str().unwrap();
+    assert!(output.contains("could not be checked") && output.contains("run the agent as root"), "{output}");
+}
