@@ -278,12 +278,46 @@ pub struct Service {
     pub pm2_app: Option<String>,
 }
 
+/// A service's health check, asked from each node after its reload. Answers are sorted into
+/// three: *good* (2xx, with `expect` in the body when set), *not up yet* (no connection, a
+/// timeout, 502/503/504: workers restarting), *wrong* (any other status, or a 2xx without
+/// `expect`). The release is healthy after `healthy_after` good answers in a row; it fails
+/// at once after `unhealthy_after` wrong ones in a row, and after `timeout` otherwise.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub url: String,
     #[serde(default)]
     pub expect: Option<String>,
+    #[serde(default = "health_defaults::timeout")]
+    pub timeout: HumanDuration,
+    /// The pause between two asks.
+    #[serde(default = "health_defaults::interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "health_defaults::healthy_after")]
+    pub healthy_after: u32,
+    #[serde(default = "health_defaults::unhealthy_after")]
+    pub unhealthy_after: u32,
+}
+
+/// The health check's defaults: a release answering 500 is switched back about a second
+/// after its reload (5 wrong answers 200 ms apart); one still starting has 15 s.
+pub mod health_defaults {
+    use super::HumanDuration;
+    use std::time::Duration;
+
+    pub fn timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(15))
+    }
+    pub fn interval() -> HumanDuration {
+        HumanDuration(Duration::from_millis(200))
+    }
+    pub fn healthy_after() -> u32 {
+        1
+    }
+    pub fn unhealthy_after() -> u32 {
+        5
+    }
 }
 
 /// Shell commands per phase; `None` means the kind's default.
@@ -326,7 +360,11 @@ impl Service {
             "kind": self.kind,
             "shared": self.shared,
             "keep": self.keep,
-            "health": self.health.as_ref().map(|h| serde_json::json!({"url": h.url, "expect": h.expect})),
+            "health": self.health.as_ref().map(|h| serde_json::json!({
+                "url": h.url, "expect": h.expect, "timeout_ms": h.timeout.0.as_millis() as u64,
+                "interval_ms": h.interval.0.as_millis() as u64, "healthy_after": h.healthy_after,
+                "unhealthy_after": h.unhealthy_after,
+            })),
             "hooks": {"finalize": self.hooks.finalize, "migrate": self.hooks.migrate, "reload": self.hooks.reload},
             "env": self.env,
             "pm2_app": self.pm2_app,
@@ -708,6 +746,9 @@ fn resolve_service(
             }
         }
     }
+    if let Some(health) = &section.health {
+        check_health(health).map_err(|(field, why)| invalid(&key(&format!("health.{field}")), why))?;
+    }
     Ok(Service {
         name,
         kind: section.kind,
@@ -719,6 +760,23 @@ fn resolve_service(
         nodes: section.node,
         pm2_app,
     })
+}
+
+/// Bounds on a health check's numbers: `(field, why)` for the first out of them.
+fn check_health(h: &HealthCheck) -> Result<(), (&'static str, String)> {
+    use std::time::Duration;
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&h.timeout.0) {
+        return Err(("timeout", format!("{} is not between 1s and 10m", h.timeout)));
+    }
+    if !(Duration::from_millis(50)..=h.timeout.0).contains(&h.interval.0) {
+        return Err(("interval", format!("{} is not between 50ms and the timeout ({})", h.interval, h.timeout)));
+    }
+    for (field, n) in [("healthy_after", h.healthy_after), ("unhealthy_after", h.unhealthy_after)] {
+        if !(1..=100).contains(&n) {
+            return Err((field, format!("{n} is not between 1 and 100")));
+        }
+    }
+    Ok(())
 }
 
 /// A PM2 app name the default reload command can carry without quoting.

@@ -357,3 +357,33 @@ fn backups_are_daily_keeping_30_unless_told_and_keep_is_at_least_one() {
     let e = load_text("[backup]\nkeep = 0\n").unwrap_err().to_string();
     assert!(e.contains("backup.keep"), "{e}");
 }
+
+#[test]
+fn a_health_check_has_defaults_and_bounded_numbers() {
+    let c = load_text("[service.web]\nhealth = { url = \"http://127.0.0.1/\" }\n").unwrap();
+    let h = c.service("web").unwrap().health.clone().unwrap();
+    assert_eq!((h.timeout.0, h.interval.0), (Duration::from_secs(15), Duration::from_millis(200)));
+    assert_eq!((h.healthy_after, h.unhealthy_after), (1, 5));
+    let c = load_text(
+        "[service.web]\nhealth = { url = \"http://127.0.0.1/\", timeout = \"30s\", interval = \"1s\", healthy_after = 3, \
+         unhealthy_after = 10 }\n",
+    )
+    .unwrap();
+    let h = c.service("web").unwrap().health.clone().unwrap();
+    assert_eq!(
+        (h.timeout.0, h.interval.0, h.healthy_after, h.unhealthy_after),
+        (Duration::from_secs(30), Duration::from_secs(1), 3, 10)
+    );
+    for (bad, key, why) in [
+        ("timeout = \"100ms\"", "service.web.health.timeout", "between 1s and 10m"),
+        ("timeout = \"1h\"", "service.web.health.timeout", "between 1s and 10m"),
+        ("interval = \"10ms\"", "service.web.health.interval", "between 50ms"),
+        ("timeout = \"2s\", interval = \"3s\"", "service.web.health.interval", "the timeout"),
+        ("healthy_after = 0", "service.web.health.healthy_after", "between 1 and 100"),
+        ("unhealthy_after = 1000", "service.web.health.unhealthy_after", "between 1 and 100"),
+    ] {
+        let text = format!("[service.web]\nhealth = {{ url = \"http://127.0.0.1/\", {bad} }}\n");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains(why), "{bad}: {err}");
+    }
+}

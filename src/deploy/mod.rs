@@ -37,8 +37,6 @@ use crate::utc;
 const HOOK_MARGIN: Duration = Duration::from_secs(5);
 /// How long `status --nodes` waits for one node (connecting included).
 const NODE_STATUS_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the node's health check may take to pass after a switch.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct NodeDeployer {
     store: Store,
@@ -402,7 +400,10 @@ impl NodeDeployer {
         let request = Request::Health(node::Health {
             url: health.url.replace("{digest}", &digest),
             expect: health.expect.as_ref().map(|e| e.replace("{digest}", &digest)),
-            timeout_ms: HEALTH_TIMEOUT.as_millis() as u64,
+            timeout_ms: health.timeout.0.as_millis() as u64,
+            interval_ms: health.interval.0.as_millis() as u64,
+            healthy_after: health.healthy_after,
+            unhealthy_after: health.unhealthy_after,
         });
         phase(plan, target, "verify", request, None).await.map(drop)
     }

@@ -162,6 +162,27 @@ pub struct Health {
     /// Text the answer must contain (the server has put the digest in already).
     pub expect: Option<String>,
     pub timeout_ms: u64,
+    /// The pause between two asks.
+    #[serde(default = "Health::default_interval_ms")]
+    pub interval_ms: u64,
+    /// Good answers in a row that make the release healthy.
+    #[serde(default = "Health::one")]
+    pub healthy_after: u32,
+    /// Wrong answers in a row that fail it at once (see `config::HealthCheck`).
+    #[serde(default = "Health::default_unhealthy_after")]
+    pub unhealthy_after: u32,
+}
+
+impl Health {
+    fn default_interval_ms() -> u64 {
+        200
+    }
+    fn one() -> u32 {
+        1
+    }
+    fn default_unhealthy_after() -> u32 {
+        5
+    }
 }
 
 /// A refusal or failure on the node: a code for the server, a message for people, and the

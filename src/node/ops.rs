@@ -155,19 +155,19 @@ impl Layout {
     }
 
     /// Waits (up to the lock's wait) while a hook that an earlier agent started still runs:
-    /// the lock dies with the agent, the hook's process group may not. A note whose process
-    /// group is gone is removed. (A process group id is not reused while any of its
-    /// processes lives; a daemon a hook starts in a session of its own is not waited for.)
+    /// the lock dies with the agent, the hook may not. The hook runs while its shell, the
+    /// leader of its process group, does: background processes it left (`worker &`) are not
+    /// waited for, nor daemons it started. A note whose hook is gone is removed.
     fn wait_for_earlier_hook(&self) -> Result<(), NodeError> {
         let path = self.hook_record();
         let started = Instant::now();
         loop {
             let Ok(note) = fs::read_to_string(&path) else { return Ok(()) };
             let (pgid, command) = note.split_once(' ').unwrap_or((note.as_str(), ""));
-            let alive = pgid.parse::<i32>().ok().filter(|p| *p > 1).is_some_and(|p| {
-                // SAFETY: kill(2) with signal 0 only checks that the process group exists.
-                unsafe { libc::kill(-p, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
-            });
+            // SAFETY: getpgid(2) only reads. The leader still leads its group: a pid reused
+            // since by an unrelated process is not mistaken for it (unless it leads a group
+            // of the same id, which only delays the hook by the wait).
+            let alive = pgid.parse::<i32>().ok().filter(|p| *p > 1).is_some_and(|p| unsafe { libc::getpgid(p) } == p);
             if !alive {
                 let _ = fs::remove_file(&path);
                 return Ok(());
@@ -887,33 +887,100 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
     Ok(json!({"output": output}))
 }
 
-/// GETs the URL from the node itself until it answers 2xx (with `expect` in the body), or
-/// the time is up.
+/// What one ask of the health URL said.
+enum Answer {
+    /// 2xx, with `expect` in the body when set.
+    Good(u16, String),
+    /// No connection, a timeout, 502/503/504: workers still (re)starting.
+    NotUp(String),
+    /// Up, and not what the release should answer: another status, or a 2xx without `expect`.
+    Wrong(String),
+}
+
+/// How much of a health answer's body is read: `expect` must be in it.
+const HEALTH_BODY_LIMIT: u64 = 64 << 10;
+
+fn ask_health(client: &reqwest::blocking::Client, h: &Health, ask_timeout: Duration) -> Answer {
+    let response = match client.get(&h.url).timeout(ask_timeout).send() {
+        Ok(response) => response,
+        Err(e) => return Answer::NotUp(crate::error_chain(&e)),
+    };
+    let status = response.status();
+    let mut body = Vec::new();
+    let _ = io::Read::read_to_end(&mut io::Read::take(response, HEALTH_BODY_LIMIT), &mut body);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status.is_success() && h.expect.as_ref().is_none_or(|e| body.contains(e.as_str())) {
+        return Answer::Good(status.as_u16(), tail(body.as_bytes()));
+    }
+    let said = format!("HTTP {status}: {}", tail(body.as_bytes()).trim());
+    match status.as_u16() {
+        502..=504 => Answer::NotUp(said),
+        _ if status.is_success() => {
+            let expect = h.expect.as_deref().unwrap_or_default();
+            Answer::Wrong(format!("{said} (without {expect:?})"))
+        }
+        _ => Answer::Wrong(said),
+    }
+}
+
+/// Asks the URL from the node itself, `interval_ms` apart: healthy after `healthy_after`
+/// good answers in a row; failed after `unhealthy_after` wrong ones in a row (the release is
+/// up and wrong: no need to wait), or when `timeout_ms` has passed (it never came up right).
 fn health(h: &Health) -> Result<Value, NodeError> {
     let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
         .build()
         .map_err(|e| NodeError::new("health_failed", e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_millis(h.timeout_ms);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(h.timeout_ms);
+    let interval = Duration::from_millis(h.interval_ms);
+    let (mut good, mut wrong, mut asked) = (0u32, 0u32, 0u32);
     loop {
-        let last = match client.get(&h.url).send() {
-            Ok(response) => {
-                let status = response.status();
-                let body = response.text().unwrap_or_default();
-                if status.is_success() && h.expect.as_ref().is_none_or(|e| body.contains(e.as_str())) {
-                    return Ok(json!({"status": status.as_u16(), "body": tail(body.as_bytes())}));
+        // One slow answer may not outlast the check.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        asked += 1;
+        let last = match ask_health(&client, h, left.min(Duration::from_secs(5))) {
+            Answer::Good(status, body) => {
+                (good, wrong) = (good + 1, 0);
+                if good >= h.healthy_after {
+                    return Ok(json!({
+                        "status": status, "body": body, "asked": asked,
+                        "ms": started.elapsed().as_millis() as u64,
+                    }));
                 }
-                format!("HTTP {status}: {}", tail(body.as_bytes()).trim())
+                None
             }
-            Err(e) => e.to_string(),
+            Answer::Wrong(said) => {
+                (good, wrong) = (0, wrong + 1);
+                if wrong >= h.unhealthy_after {
+                    let mut error = NodeError::new(
+                        "health_failed",
+                        format!(
+                            "{} answered wrong {wrong} times in a row ({} ms after the check began)",
+                            h.url,
+                            started.elapsed().as_millis()
+                        ),
+                    );
+                    error.output = Some(said);
+                    return Err(error);
+                }
+                Some(said)
+            }
+            Answer::NotUp(why) => {
+                (good, wrong) = (0, 0);
+                Some(why)
+            }
         };
-        if Instant::now() > deadline {
+        if Instant::now() + interval > deadline {
             let expect = h.expect.as_ref().map(|e| format!(" containing {e:?}")).unwrap_or_default();
-            let mut error = NodeError::new("health_failed", format!("{} did not answer 2xx{expect}", h.url));
-            error.output = Some(last);
+            let mut error = NodeError::new(
+                "health_failed",
+                format!("{} did not answer 2xx{expect} within {} ms", h.url, h.timeout_ms),
+            );
+            error.output = last;
             return Err(error);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(interval);
     }
 }
 

@@ -1404,3 +1404,126 @@ fn cleanup_keeps_a_release_a_process_works_in_and_says_what_it_could_not_check()
     let output = answer["output"].as_str().unwrap();
     assert!(output.contains("could not be checked") && output.contains("run the agent as root"), "{output}");
 }
+
+/// A small HTTP server on `port` standing in for a node's application: it answers with the
+/// digest `<base>/current` points at and `current/health.txt`, read at each request (so it
+/// follows the switch); status 500 when that file starts with `500`, 503 while
+/// `<base>/shared/starting` exists, else 200. Killed when dropped.
+struct HealthServer(std::process::Child);
+
+impl HealthServer {
+    fn start(port: u16, base: &Path) -> HealthServer {
+        let script = r#"
+import http.server, os, sys
+base = sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            digest = "sha256:" + os.path.basename(os.readlink(os.path.join(base, "current")))
+            text = open(os.path.join(base, "current", "health.txt"), "rb").read()
+        except OSError:
+            digest, text = "none", b""
+        starting = os.path.exists(os.path.join(base, "shared", "starting"))
+        code = 503 if starting else (500 if text.startswith(b"500") else 200)
+        body = digest.encode() + b"\n" + text
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+        let child = std::process::Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .arg(base)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the health server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        HealthServer(child)
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// When node phase `phase` of a release ended.
+fn phase_end<'a>(release: &'a Value, phase: &str) -> &'a Value {
+    let phases = release["deployments"].as_array().unwrap();
+    &phases.iter().find(|d| d["phase"] == phase).unwrap_or_else(|| panic!("no {phase} in {release}"))["finished_at"]
+}
+
+/// The time between two RFC 3339 instants, in seconds.
+fn seconds_between(from: &Value, to: &Value) -> f64 {
+    let parse = |v: &Value| {
+        time::OffsetDateTime::parse(v.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    (parse(to) - parse(from)).as_seconds_f64()
+}
+
+/// With the health check's defaults, a release that is up and answers 500 is switched back
+/// as soon as that is clear (five wrong answers 200 ms apart), not after the 15 s a release
+/// still starting gets.
+#[test]
+fn a_release_answering_500_is_switched_back_within_two_seconds_of_its_switch() {
+    let port = free_port();
+    let health = format!("health = {{ url = \"http://127.0.0.1:{port}/\", expect = \"{{digest}}\" }}");
+    let fleet = Fleet::new(1, &health);
+    let _app = HealthServer::start(port, &fleet.bases[0]);
+    let good = fleet.upload("v1", &[("health.txt", b"fine")]);
+    assert_eq!(fleet.deploy(&good)["state"], "live");
+    let broken = fleet.upload("v2", &[("health.txt", b"500 boom")]);
+    let failed = fleet.deploy(&broken);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    fleet.assert_all_on(&good);
+    let reason = failed["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap();
+    assert!(reason.contains("answered wrong 5 times in a row"), "{reason}");
+    let switch_to_back = seconds_between(phase_end(&failed, "switch"), phase_end(&failed, "switch back"));
+    println!("switch → switch back: {switch_to_back:.2} s");
+    // Far below the 15 s a release that never came up gets (the figure is printed above).
+    assert!(switch_to_back < 10.0, "{switch_to_back} s: {failed}");
+}
+
+/// A release still starting (503, or nothing listening) has the whole timeout to come up;
+/// answers that are wrong only break the streak of good ones.
+#[test]
+fn a_release_still_starting_gets_the_timeout_and_goes_live_when_it_answers() {
+    let port = free_port();
+    let health = format!(
+        "health = {{ url = \"http://127.0.0.1:{port}/\", expect = \"{{digest}}\", timeout = \"20s\", healthy_after = 3 }}"
+    );
+    let fleet = Fleet::new(1, &health);
+    let app = HealthServer::start(port, &fleet.bases[0]);
+    let v1 = fleet.upload("v1", &[("health.txt", b"fine")]);
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+
+    // Workers restarting: 503 for 3 s after the switch, and for a while nothing listens.
+    let starting = fleet.bases[0].join("shared/starting");
+    fs::write(&starting, "").unwrap();
+    drop(app);
+    let v2 = fleet.upload("v2", &[("health.txt", b"fine")]);
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _app = HealthServer::start(port, &fleet.bases[0]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    fs::remove_file(&starting).unwrap();
+    let settled = fleet.f.settle(release["id"].as_i64().unwrap());
+    assert_eq!(settled["state"], "live", "{settled}");
+    let verify = settled["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "verify").unwrap().clone();
+    assert_eq!(verify["outcome"], "ok", "{settled}");
+}
