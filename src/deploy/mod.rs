@@ -328,9 +328,11 @@ impl NodeDeployer {
             source,
             shared: plan.service.shared.clone(),
             writable: hooks.writable.clone(),
-            // A rollback to a directory already here is a check only: the switch and reload
-            // are all that happens.
-            finalize: if present && plan.release.kind == Kind::Rollback { vec![] } else { hooks.finalize.clone() },
+            // A rollback to a directory already here is a check, a switch and a reload; its
+            // finalize hooks run again only when the shared files changed since they last
+            // ran there (the node knows).
+            finalize: hooks.finalize.clone(),
+            finalize_if_shared_changed: present && plan.release.kind == Kind::Rollback,
             env: plan.service.env.clone(),
             max_unpacked_bytes: self.limits.max_unpacked_bytes.0,
             max_files: self.limits.max_files,

@@ -127,6 +127,11 @@ pub struct Prepare {
     /// A fetch by URL that brings no byte for this long fails (60 s when absent).
     #[serde(default)]
     pub fetch_stall_ms: Option<u64>,
+    /// A rollback to a release already here: run `finalize` only when the shared files
+    /// differ from those it was last finalized with (a rotated `.env` the cached
+    /// configuration would otherwise keep out), and then write only its writable paths.
+    #[serde(default)]
+    pub finalize_if_shared_changed: bool,
 }
 
 impl Prepare {

@@ -57,6 +57,10 @@ impl Layout {
     fn ready(&self, digest: Digest) -> PathBuf {
         self.base.join(".release/ready").join(digest.hex())
     }
+    /// The shared files a release's finalize hooks last ran with (JSON, as `shared_file`).
+    fn finalized_with(&self, digest: Digest) -> PathBuf {
+        self.base.join(".release/finalized").join(digest.hex())
+    }
     fn current(&self) -> PathBuf {
         self.base.join("current")
     }
@@ -237,12 +241,42 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             // Nothing to run (a rollback): prepare is only this check.
             return Ok(json!({"dir": dir, "reused": true, "output": "artifact: already here, ready"}));
         }
+        let shared_now = shared_fingerprints(&layout, &p.shared);
+        if p.finalize_if_shared_changed {
+            let recorded = fs::read(layout.finalized_with(p.digest)).ok();
+            let then: Option<Value> = recorded.and_then(|r| serde_json::from_slice(&r).ok());
+            if then.as_ref() == Some(&shared_now) {
+                let output = format!(
+                    "artifact: already here, ready; finalized with the shared files as they are: {}",
+                    describe_shared(&shared_now)
+                );
+                return Ok(json!({"dir": dir, "reused": true, "output": output}));
+            }
+            // Changed since (or never noted): finalize again, writing only where the kind
+            // writes (its writable paths, and shared/ through its links).
+            let env = release_env(&layout, p.digest, &p.env);
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout())?;
+            note_finalized(&layout, p.digest, &shared_now)?;
+            sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
+            let changed = match &then {
+                Some(then) => format!("shared files changed since it was finalized (was: {})", describe_shared(then)),
+                None => "no note of the shared files it was finalized with".to_owned(),
+            };
+            let output = format!(
+                "artifact: already here; {changed}: finalized again with {}\n{finalized}",
+                describe_shared(&shared_now)
+            );
+            return Ok(json!({"dir": dir, "reused": true, "refinalized": true, "output": output}));
+        }
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
         let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout());
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+        if finalized.is_ok() {
+            note_finalized(&layout, p.digest, &shared_now)?;
+        }
         sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
         return Ok(json!({"dir": dir, "reused": true, "output": output}));
@@ -305,7 +339,11 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         }
     }
     let env = release_env(&layout, p.digest, &p.env);
+    let shared_now = shared_fingerprints(&layout, &p.shared);
     let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout())?;
+    if !p.finalize.is_empty() {
+        note_finalized(&layout, p.digest, &shared_now)?;
+    }
     if !p.finalize.is_empty() {
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
     }
@@ -728,6 +766,35 @@ fn read_adopted(base: &Path, offset: u64, len: u64) -> Result<Value, NodeError> 
     Ok(json!({"data": hex::encode(&data), "eof": offset + data.len() as u64 >= size}))
 }
 
+/// What each shared path holds now, as [`shared_file`] says.
+fn shared_fingerprints(layout: &Layout, shared: &[String]) -> Value {
+    Value::Array(shared.iter().map(|path| shared_file(&layout.shared(), path)).collect())
+}
+
+/// `.env sha256:0123456789ab, storage (directory)`, for a phase's output.
+fn describe_shared(fingerprints: &Value) -> String {
+    let described: Vec<String> = fingerprints
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| match f["sha256"].as_str() {
+            Some(sha) => format!("{} {}", f["path"].as_str().unwrap_or("?"), &sha[..sha.len().min(19)]),
+            None => format!("{} ({})", f["path"].as_str().unwrap_or("?"), f["kind"].as_str().unwrap_or("?")),
+        })
+        .collect();
+    if described.is_empty() { "none".to_owned() } else { described.join(", ") }
+}
+
+/// Notes which shared files a release's finalize hooks ran with (temp name, rename).
+fn note_finalized(layout: &Layout, digest: Digest, fingerprints: &Value) -> Result<(), NodeError> {
+    let path = layout.finalized_with(digest);
+    let dir = path.parent().expect("under .release");
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let tmp = dir.join(format!(".tmp-{}", digest.hex()));
+    fs::write(&tmp, fingerprints.to_string()).map_err(|e| io_error(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))
+}
+
 /// What a shared path holds: a file's SHA-256 (never its contents), or only that it is a
 /// directory (data, not configuration) or missing.
 fn shared_file(shared: &Path, path: &str) -> Value {
@@ -803,6 +870,7 @@ fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError>
             }
             if let Some(d) = digest {
                 let _ = fs::remove_file(layout.ready(d));
+                let _ = fs::remove_file(layout.finalized_with(d));
             }
             move_to_trash(&path, &trash.join(&name))?;
             removed.push(name);
@@ -1102,6 +1170,7 @@ mod tests {
                 hook_timeout_ms: None,
                 fence: 0,
                 fetch_stall_ms: None,
+                finalize_if_shared_changed: false,
             };
             let answer = prepare(&request, &mut &bytes[..]).unwrap();
             let dir = PathBuf::from(answer["dir"].as_str().unwrap());

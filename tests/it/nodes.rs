@@ -208,7 +208,13 @@ fn deploy_deploy_again_and_roll_back_on_three_nodes() {
     );
     let shown = fleet.f.get("carol", &format!("/v1/releases/{}", out["id"]));
     for prepare in shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare") {
-        assert_eq!(prepare["output_tail"], "artifact: already here, ready", "a check only, no finalize: {prepare}");
+        let output = prepare["output_tail"].as_str().unwrap();
+        assert!(
+            output.starts_with(
+                "artifact: already here, ready; finalized with the shared files as they are: config.txt sha256:"
+            ),
+            "a check only, no finalize: {prepare}"
+        );
     }
     for base in &fleet.bases {
         assert_eq!(release_dirs(base), {
@@ -1526,4 +1532,54 @@ fn a_release_still_starting_gets_the_timeout_and_goes_live_when_it_answers() {
     assert_eq!(settled["state"], "live", "{settled}");
     let verify = settled["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "verify").unwrap().clone();
     assert_eq!(verify["outcome"], "ok", "{settled}");
+}
+
+/// A rollback to a release already on the node finalizes it again where the shared files
+/// changed since its finalize hooks ran (a rotated `.env` a cached configuration would keep
+/// out), and only there; the phase says which files it was finalized with.
+#[test]
+fn a_rollback_finalizes_again_where_the_shared_files_changed() {
+    let finalize = "hooks.finalize = [\"cp config.txt FINALIZED_WITH\"]";
+    let fleet = Fleet::new(2, finalize);
+    let v1 = fleet.upload("v1", &[]);
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v1);
+    fleet.deploy(&v2);
+    // Node 1's configuration is rotated while v2 runs.
+    fs::write(fleet.bases[0].join("shared/config.txt"), "rotated secret").unwrap();
+    let out =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(out["state"], "live", "{out}");
+    let v1_dir = |i: usize| fleet.bases[i].join("releases").join(&v1[7..]);
+    assert_eq!(fs::read_to_string(v1_dir(0).join("FINALIZED_WITH")).unwrap(), "rotated secret", "finalized again");
+    assert!(fs::read_to_string(v1_dir(1).join("FINALIZED_WITH")).unwrap().starts_with("config of"), "untouched");
+    let prepares: Vec<(String, String)> = out["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["phase"] == "prepare")
+        .map(|d| (d["node"].as_str().unwrap().to_owned(), d["output_tail"].as_str().unwrap().to_owned()))
+        .collect();
+    let node1 = prepares.iter().find(|(n, _)| n.ends_with("node1")).unwrap();
+    assert!(
+        node1.1.contains("shared files changed since it was finalized")
+            && node1.1.contains("finalized again with config.txt sha256:"),
+        "{prepares:?}"
+    );
+    let node2 = prepares.iter().find(|(n, _)| n.ends_with("node2")).unwrap();
+    assert!(node2.1.starts_with("artifact: already here, ready; finalized with"), "{prepares:?}");
+    // The release stays read-only outside its writable paths, and a second rollback to it
+    // with nothing changed finalizes nothing.
+    assert_eq!(fs::metadata(v1_dir(0).join("version.txt")).unwrap().permissions().mode() & 0o222, 0);
+    fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait"]).assert_success();
+    let again = fleet
+        .f
+        .cli("alice")
+        .args(["rollback", "web", "--env", "staging", "--to", &v1, "--wait", "--json"])
+        .assert_success()
+        .json();
+    for d in again["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare") {
+        let output = d["output_tail"].as_str().unwrap();
+        assert!(output.starts_with("artifact: already here, ready; finalized with"), "{again}");
+    }
 }

@@ -280,3 +280,43 @@ fn a_node_app_named_otherwise_in_pm2_is_reloaded_and_checked_by_its_pm2_app() {
     assert!(verify["output_tail"].as_str().unwrap().contains("processes of storefront run from"), "{verify}");
     assert_eq!(get(&decoy), format!("v1 {v1}"), "the app named after the service was left alone");
 }
+
+/// A rotated `.env` value reaches a release rolled back to: `php artisan optimize` cached the
+/// configuration when that release was first deployed, so the rollback finalizes it again.
+#[test]
+fn a_laravel_rollback_runs_with_the_env_as_it_is_now() {
+    let root = scratch("release-laravel-env-");
+    let base = root.join("shop");
+    services::laravel_shared(&base);
+    let env = base.join("shared/.env");
+    fs::write(&env, format!("{}APP_GREETING=first\n", fs::read_to_string(&env).unwrap())).unwrap();
+    let apache = Apache::configure(&base, 2);
+    let config = format!(
+        "[service.shop]\nkind = \"laravel\"\nhealth = {{ url = \"{}\", expect = \"{{digest}}\" }}\n\
+         hooks.finalize = [\"echo $RELEASE_DIGEST > REVISION\", \"php artisan optimize\"]\n\
+         hooks.reload = [\"{}\"]\n{}",
+        apache.url("/version"),
+        apache.graceful(),
+        node_toml("shop", &base, true)
+    );
+    let f = Fixture::with_config(&config);
+    let (src1, src2) = (root.join("v1"), root.join("v2"));
+    services::laravel_app(&src1, "v1");
+    services::laravel_app(&src2, "v2");
+    let v1 = upload_dir(&f, "shop", &src1);
+    let v2 = upload_dir(&f, "shop", &src2);
+    assert_eq!(deploy(&f, "shop", &v1)["state"], "live");
+    assert_eq!(deploy(&f, "shop", &v2)["state"], "live");
+    assert_eq!(get(&apache.url("/greeting")), "first");
+
+    // The database password is rotated: the .env changes while v2 runs.
+    let rotated = fs::read_to_string(&env).unwrap().replace("APP_GREETING=first", "APP_GREETING=rotated");
+    fs::write(&env, rotated).unwrap();
+    let back =
+        f.cli("alice").args(["rollback", "shop", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(back["digest"], v1.as_str());
+    assert_eq!(get(&apache.url("/version")), format!("v1 {v1}"));
+    assert_eq!(get(&apache.url("/greeting")), "rotated", "the rolled-back release reads the .env as it is now");
+    let prepare = back["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "prepare").unwrap().clone();
+    assert!(prepare["output_tail"].as_str().unwrap().contains("finalized again with .env sha256:"), "{prepare}");
+}

@@ -10,6 +10,7 @@ return [
     'key' => env('APP_KEY'),
     'cipher' => 'AES-256-CBC',
     'version' => 'VERSION',
+    'greeting' => env('APP_GREETING', 'none'),
     'providers' => [
         Illuminate\Bus\BusServiceProvider::class,
         Illuminate\Cache\CacheServiceProvider::class,
