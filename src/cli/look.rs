@@ -87,6 +87,19 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
         }
         out
     });
+    // Asked what the nodes serve, a script learns from the exit code that some differ.
+    let astray: Vec<String> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["nodes"].as_array().into_iter().flatten().map(move |n| (r, n)))
+        .filter(|(_, n)| n["drift"] == true || n["error"].is_string())
+        .map(|(r, n)| format!("{} ({} {})", text(&n["node"]), text(&r["service"]), text(&r["environment"])))
+        .collect();
+    if !astray.is_empty() {
+        let message = format!("{} node(s) drift or did not answer: {}", astray.len(), astray.join(", "));
+        return Err(Failure::new(super::exit::FAILED, message).printed(output.json));
+    }
     Ok(())
 }
 
@@ -171,6 +184,10 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                     text(&d["outcome"]),
                     text(&d["finished_at"])
                 ));
+                if d["outcome"] == "failed" {
+                    out.push('\n');
+                    out.push_str(super::indented_tail(&d["output_tail"]).trim_end_matches('\n'));
+                }
             }
         }
         if let Some(config) = r["config_digest"].as_str() {

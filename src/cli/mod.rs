@@ -142,6 +142,23 @@ fn text(v: &serde_json::Value) -> String {
     }
 }
 
+/// The last lines of a failed phase's output (what the hook or check said), each indented
+/// under its phase; nothing when there is none.
+fn indented_tail(output: &serde_json::Value) -> String {
+    const LINES: usize = 20;
+    let Some(output) = output.as_str().filter(|o| !o.trim().is_empty()) else { return String::new() };
+    let lines: Vec<&str> = output.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(LINES);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("      … ({start} lines above; `release show ID --json` has the output kept)\n"));
+    }
+    for line in &lines[start..] {
+        out.push_str(&format!("      | {line}\n"));
+    }
+    out
+}
+
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         let exit = match &e {

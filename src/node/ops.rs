@@ -948,6 +948,7 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
             None => return Err(NodeError::new("not_ready", format!("{} has no current release", e.base.display()))),
         },
     };
+    layout.create()?;
     let _lock = layout.lock()?;
     layout.fence(e.fence)?;
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);

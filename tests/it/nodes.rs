@@ -253,6 +253,10 @@ fn a_failing_finalize_hook_on_one_node_switches_no_node() {
     assert!(failed[0]["node"].as_str().unwrap().ends_with("node2"));
     assert!(failed[0]["output_tail"].as_str().unwrap().contains("config.txt is broken"), "{shown}");
     assert!(!shown["deployments"].as_array().unwrap().iter().any(|d| d["phase"] == "switch"), "nothing switched");
+    // What the hook said is in the terminal too: under its phase with --wait, and in show.
+    assert!(out.stdout().contains("      | config.txt is broken"), "--wait prints the failed hook's output: {out}");
+    let human = fleet.f.cli("carol").args(["show", "2"]).assert_success().stdout();
+    assert!(human.contains("      | config.txt is broken"), "{human}");
 }
 
 #[test]
@@ -395,19 +399,21 @@ fn retention_keeps_the_newest_successful_releases_and_never_counts_failed_ones()
 
 #[test]
 fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
-    // The reload waits while <base>/hold exists: the test takes the node's lock meanwhile.
-    let fleet = Fleet::new(
-        1,
-        "hooks.reload = [\"while [ -e $RELEASE_BASE/hold ]; do sleep 0.02; done; echo reloaded >> $RELEASE_BASE/reloads\"]",
-    );
+    // The health check waits while <base>/shared/starting exists (503): the test takes the
+    // node's lock meanwhile (hooks take it; the health check does not).
+    let port = free_port();
+    let health =
+        format!("health = {{ url = \"http://127.0.0.1:{port}/\", expect = \"{{digest}}\", timeout = \"30s\" }}");
+    let fleet = Fleet::new(1, &health);
     let base = fleet.bases[0].clone();
+    let _app = HealthServer::start(port, &base);
     let digests: Vec<String> = (1..=3).map(|i| fleet.upload(&format!("v{i}"), &[])).collect();
     for digest in &digests {
         assert_eq!(fleet.deploy(digest)["state"], "live");
     }
     // keep = 3: v4 going live would leave v1 out.
     let v4 = fleet.upload("v4", &[]);
-    fs::write(base.join("hold"), "").unwrap();
+    fs::write(base.join("shared/starting"), "").unwrap();
     let (_, release) =
         fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v4}));
     let id = release["id"].as_i64().unwrap();
@@ -416,10 +422,14 @@ fn cleanup_follows_live_and_a_newer_runs_fence_refuses_an_older_one() {
         assert!(std::time::Instant::now() < deadline, "v4 never switched");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // Switched, and reloading (held): the node's lock is taken here before the reload may
-    // end. Reload and verify need no lock; the clean-up does.
+    // Switched, and verifying (held): the node's lock is taken here before the check may
+    // pass. Verify needs no lock; the clean-up does.
+    while !fleet.phases(&release).iter().any(|(_, p, _)| p == "reload") {
+        assert!(std::time::Instant::now() < deadline, "v4 never reloaded");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let lock = hold_node_lock(&base);
-    fs::remove_file(base.join("hold")).unwrap();
+    fs::remove_file(base.join("shared/starting")).unwrap();
     let live = fleet.f.settle(id);
     assert_eq!(live["state"], "live", "live is recorded without waiting for the clean-up: {live}");
     assert!(!fleet.phases(&live).iter().any(|(_, p, _)| p == "cleanup"), "{live}");
@@ -674,7 +684,7 @@ fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
 
 /// `status --nodes` as `who` sees it: the staging cell of `web`.
 fn staging_nodes(fleet: &Fleet, who: &str) -> Value {
-    let rows = fleet.f.cli(who).args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    let rows = fleet.f.cli(who).args(["status", "web", "--nodes", "--json"]).run().json();
     rows.as_array().unwrap().iter().find(|c| c["environment"] == "staging").unwrap().clone()
 }
 
@@ -717,8 +727,12 @@ fn status_nodes_reports_drift() {
     let node2_view = nodes.iter().find(|n| n["node"].as_str().unwrap().ends_with("node2")).unwrap();
     assert_eq!(node2_view["drift"], true);
     assert_eq!(node2_view["current"], v1.as_str());
-    let human = fleet.f.cli("carol").args(["status", "web", "--nodes"]).assert_success().stdout();
-    assert!(human.contains("DRIFT"), "{human}");
+    let human = fleet.f.cli("carol").args(["status", "web", "--nodes"]).assert_exit(1);
+    assert!(human.stdout().contains("DRIFT"), "{human}");
+    assert!(
+        human.stderr().contains("1 node(s) drift or did not answer") && human.stderr().contains("node2"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -1019,7 +1033,7 @@ fn adopt_keeps_an_application_deployed_another_way_so_the_first_deploy_rolls_bac
         assert_eq!(fs::read_to_string(base.join("current/version.txt")).unwrap(), "legacy");
         assert!(release_dirs(base).is_empty(), "{:?}", release_dirs(base));
     }
-    let status = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_success().json();
+    let status = fleet.f.cli("carol").args(["status", "web", "--nodes", "--json"]).assert_exit(1).json();
     assert!(status.to_string().contains("plain directory"), "{status}");
 
     let out = fleet
@@ -1426,9 +1440,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         try:
             digest = "sha256:" + os.path.basename(os.readlink(os.path.join(base, "current")))
+        except OSError:
+            digest = "none"
+        try:
             text = open(os.path.join(base, "current", "health.txt"), "rb").read()
         except OSError:
-            digest, text = "none", b""
+            text = b""
         starting = os.path.exists(os.path.join(base, "shared", "starting"))
         code = 503 if starting else (500 if text.startswith(b"500") else 200)
         body = digest.encode() + b"\n" + text
