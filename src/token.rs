@@ -108,7 +108,9 @@ impl Action {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("missing token: send `Authorization: Bearer <token>`")]
+    #[error(
+        "missing token: send `Authorization: Bearer <token>` (the release command line: set RELEASE_TOKEN, or --token)"
+    )]
     Missing,
     #[error("unknown token")]
     Unknown,

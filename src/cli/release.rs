@@ -14,6 +14,8 @@ const WAIT_SECONDS: u64 = 25;
 /// The pause before asking again when an answer brought nothing new (a server that does not
 /// wait for changes answers at once).
 const POLL: Duration = Duration::from_millis(100);
+/// How often `--queue` asks again while another release is in flight.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
@@ -35,6 +37,10 @@ pub struct DeployArgs {
     /// Follow the release until it is final.
     #[arg(long)]
     wait: bool,
+    /// When another release of the service is in flight there, wait for it to end (at
+    /// most this long, e.g. "10m") and ask again, instead of being refused (exit 3).
+    #[arg(long, value_name = "DURATION", value_parser = parse_queue)]
+    queue: Option<Duration>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -58,6 +64,10 @@ pub struct PromoteArgs {
     adopt: bool,
     #[arg(long)]
     wait: bool,
+    /// When another release of the service is in flight there, wait for it to end (at
+    /// most this long, e.g. "10m") and ask again, instead of being refused (exit 3).
+    #[arg(long, value_name = "DURATION", value_parser = parse_queue)]
+    queue: Option<Duration>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -79,6 +89,10 @@ pub struct RollbackArgs {
     force: bool,
     #[arg(long)]
     wait: bool,
+    /// When another release of the service is in flight there, wait for it to end (at
+    /// most this long, e.g. "10m") and ask again, instead of being refused (exit 3).
+    #[arg(long, value_name = "DURATION", value_parser = parse_queue)]
+    queue: Option<Duration>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -109,6 +123,37 @@ pub struct CancelArgs {
     server: ServerArgs,
 }
 
+fn parse_queue(text: &str) -> Result<Duration, String> {
+    let wait =
+        humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration (e.g. \"10m\"): {e}"))?;
+    if wait > Duration::from_secs(24 * 3600) {
+        return Err(format!("{text} is longer than a day"));
+    }
+    Ok(wait)
+}
+
+/// Asks for a release; with `queue`, a refusal because another release of the cell is in
+/// flight (`conflict`) is answered by waiting for it and asking again, until `queue` has
+/// passed (then the refusal stands).
+async fn post_in_turn(client: &Client, path: &str, body: &Value, queue: Option<Duration>) -> Result<Value, Failure> {
+    let deadline = queue.map(|q| tokio::time::Instant::now() + q);
+    let mut told = false;
+    loop {
+        match client.post(path, body).await {
+            Err(crate::client::ClientError::Api { status: 409, code, message })
+                if code == "conflict" && deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
+            {
+                if !told {
+                    eprintln!("{message}: waiting for its turn (--queue)");
+                    told = true;
+                }
+                tokio::time::sleep(QUEUE_POLL).await;
+            }
+            answer => return Ok(answer?),
+        }
+    }
+}
+
 fn digest(text: &str) -> Result<String, Failure> {
     text.parse::<crate::digest::Digest>().map(|d| d.to_string()).map_err(|e| Failure::new(exit::USAGE, e))
 }
@@ -117,7 +162,7 @@ pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {
     let body = json!({"service": args.service, "environment": args.environment, "digest": digest(&args.digest)?,
         "exclude_nodes": args.exclude_nodes, "adopt": args.adopt, "force": args.force});
     let client = args.server.client();
-    let release = client.post("/v1/releases", &body).await?;
+    let release = post_in_turn(&client, "/v1/releases", &body, args.queue).await?;
     conclude(&client, release, args.wait, output).await
 }
 
@@ -125,7 +170,7 @@ pub async fn promote(args: PromoteArgs, output: Output) -> Result<(), Failure> {
     let body = json!({"service": args.service, "environment": args.environment, "from": args.from,
         "exclude_nodes": args.exclude_nodes, "adopt": args.adopt});
     let client = args.server.client();
-    let release = client.post("/v1/releases/promote", &body).await?;
+    let release = post_in_turn(&client, "/v1/releases/promote", &body, args.queue).await?;
     conclude(&client, release, args.wait, output).await
 }
 
@@ -134,7 +179,7 @@ pub async fn rollback(args: RollbackArgs, output: Output) -> Result<(), Failure>
     let body = json!({"service": args.service, "environment": args.environment, "to": to,
         "exclude_nodes": args.exclude_nodes, "force": args.force});
     let client = args.server.client();
-    let release = client.post("/v1/releases/rollback", &body).await?;
+    let release = post_in_turn(&client, "/v1/releases/rollback", &body, args.queue).await?;
     conclude(&client, release, args.wait, output).await
 }
 

@@ -730,6 +730,28 @@ fn resolve_service(
         if node.migrate && section.kind != ServiceKind::Laravel {
             return Err(invalid(&node_key("migrate"), "only laravel services run migrations".into()));
         }
+        if node.host == "local" && (node.user.is_some() || node.port != 22) {
+            let field = if node.user.is_some() { "user" } else { "port" };
+            return Err(invalid(
+                &node_key(field),
+                "a local node runs as the server's own user, without SSH: no user or port".into(),
+            ));
+        }
+        // One directory on one machine is one node: two entries for it (two environments,
+        // say) would deploy over each other.
+        if let Some(j) =
+            section.node[..i].iter().position(|n| n.host == node.host && n.port == node.port && n.base == node.base)
+        {
+            return Err(invalid(
+                &node_key("base"),
+                format!(
+                    "{} on {} is node[{j}]'s too (environment {:?}): each node needs a base of its own",
+                    node.base.display(),
+                    node.host,
+                    section.node[j].environment
+                ),
+            ));
+        }
     }
     if section.kind == ServiceKind::Laravel {
         for env in environments {

@@ -387,3 +387,28 @@ fn a_health_check_has_defaults_and_bounded_numbers() {
         assert!(err.contains(key) && err.contains(why), "{bad}: {err}");
     }
 }
+
+#[test]
+fn a_local_node_takes_no_ssh_settings_and_a_base_is_one_nodes() {
+    let envs = "[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n";
+    let node = |env: &str, extra: &str| {
+        format!("[[service.web.node]]\nenvironment = \"{env}\"\nhost = \"local\"\nbase = \"/srv/web\"\n{extra}")
+    };
+    let err = load_text(&format!("{envs}[service.web]\n{}", node("staging", "user = \"deploy\"\n"))).unwrap_err();
+    assert!(err.to_string().contains("service.web.node[0].user") && err.to_string().contains("local node"), "{err}");
+    let err = load_text(&format!("{envs}[service.web]\n{}", node("staging", "port = 2222\n"))).unwrap_err();
+    assert!(err.to_string().contains("service.web.node[0].port"), "{err}");
+    let err =
+        load_text(&format!("{envs}[service.web]\n{}{}", node("staging", ""), node("production", ""))).unwrap_err();
+    let err = err.to_string();
+    assert!(
+        err.contains("service.web.node[1].base") && err.contains("node[0]'s too") && err.contains("staging"),
+        "{err}"
+    );
+    // The same base on two hosts is two nodes.
+    let two_hosts = format!(
+        "{envs}[service.web]\n{}[[service.web.node]]\nenvironment = \"production\"\nhost = \"10.0.0.5\"\nbase = \"/srv/web\"\n",
+        node("staging", "")
+    );
+    load_text(&two_hosts).unwrap();
+}

@@ -242,3 +242,36 @@ fn a_panicking_deployer_fails_the_release_instead_of_leaving_it_deploying() {
 fn api() -> String {
     format!("[service.api]\nkind = \"generic\"\n{}", crate::support::local_nodes("api", &["staging", "production"]))
 }
+
+/// `--queue`: a deploy refused because another release of the cell is in flight waits for
+/// it and is accepted once it ended; without `--queue`, or past its time, it is refused.
+#[test]
+fn a_queued_deploy_waits_for_the_release_in_flight_and_then_goes_live() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let server = InProcessServer::start(&api(), Arc::new(Gate(Arc::clone(&gate))));
+    let ci = server.token("ci", "ci", "gitlab");
+    let digest = upload_v1(&server, &ci);
+    let cli = |args: &[&str]| {
+        let mut command = crate::support::TestCommand::new();
+        command.env("RELEASE_SERVER", &server.url).env("RELEASE_TOKEN", &ci).args(args);
+        command
+    };
+    cli(&["deploy", "api", "--env", "staging", &digest]).assert_success();
+    // Held at the gate: a plain second deploy is refused, a short queue gives up.
+    let refused = cli(&["deploy", "api", "--env", "staging", &digest]).assert_exit(3);
+    assert!(refused.stderr().contains("release 1 of api in staging is in flight"), "{refused}");
+    let gave_up = cli(&["deploy", "api", "--env", "staging", &digest, "--queue", "1s"]).assert_exit(3);
+    assert!(gave_up.stderr().contains("waiting for its turn"), "{gave_up}");
+    let out = std::thread::scope(|scope| {
+        let queued = scope.spawn(|| {
+            cli(&["deploy", "api", "--env", "staging", &digest, "--queue", "60s", "--wait"]).assert_success()
+        });
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        gate.add_permits(2);
+        queued.join().unwrap()
+    });
+    assert!(out.stderr().contains("waiting for its turn (--queue)"), "{out}");
+    assert!(out.stdout().contains("is live"), "{out}");
+    let shown = cli(&["show", "2", "--json"]).assert_success().json();
+    assert_eq!(shown["state"], "live", "{shown}");
+}

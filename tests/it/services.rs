@@ -320,3 +320,26 @@ fn a_laravel_rollback_runs_with_the_env_as_it_is_now() {
     let prepare = back["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "prepare").unwrap().clone();
     assert!(prepare["output_tail"].as_str().unwrap().contains("finalized again with .env sha256:"), "{prepare}");
 }
+
+/// PM2 restarts a fork-mode app on `pm2 reload` (refusing connections meanwhile): the verify
+/// phase says which exec mode the app runs in and warns for fork mode.
+#[test]
+fn verify_pm2_names_the_exec_mode_and_warns_for_fork_mode() {
+    let root = scratch("release-pm2-fork-");
+    let base = root.join("web");
+    fs::create_dir_all(base.join("shared")).unwrap();
+    fs::write(base.join("shared/.env"), "NODE_ENV=production\n").unwrap();
+    let pm2 = Pm2::new();
+    // Without -i: fork mode.
+    let reload = "pm2 reload web || pm2 start app.js --name web --cwd $RELEASE_BASE/current";
+    let f = Fixture::with_config(&node_service(&pm2, &base, reload, true));
+    let src = root.join("v1");
+    services::node_app(&src, "v1");
+    let v1 = upload_dir(&f, "web", &src);
+    let first = deploy(&f, "web", &v1);
+    assert_eq!(first["state"], "live", "{first}");
+    let verify = first["deployments"].as_array().unwrap().iter().find(|d| d["phase"] == "verify pm2").unwrap().clone();
+    let output = verify["output_tail"].as_str().unwrap();
+    assert!(output.contains("(exec mode: fork)"), "{output}");
+    assert!(output.contains("warning: web runs in fork mode") && output.contains("cluster mode"), "{output}");
+}
