@@ -7,6 +7,7 @@ use crate::digest::Digest;
 
 #[derive(Debug, clap::Args)]
 pub struct DownloadArgs {
+    /// The artifact's digest, `sha256:<64 hex>`.
     digest: String,
     /// Where to write the bytes [default: ./<hex>.tar.zst].
     #[arg(short, long)]
@@ -19,6 +20,7 @@ pub struct DownloadArgs {
 pub enum Command {
     /// One artifact's metadata and upload records.
     Show {
+        /// The artifact's digest, `sha256:<64 hex>`.
         digest: String,
         #[command(flatten)]
         server: ServerArgs,
@@ -27,7 +29,9 @@ pub enum Command {
     /// waiting for approval or approved and not started, and stops one deploying before its
     /// switch. What is live stays live: roll it back.
     Block {
+        /// The artifact's digest, `sha256:<64 hex>`.
         digest: String,
+        /// Why (recorded with the block, shown to whoever tries to deploy it).
         #[arg(long)]
         reason: String,
         #[command(flatten)]
@@ -47,7 +51,9 @@ pub enum Command {
     },
     /// A service's artifacts, newest first.
     List {
+        /// The service the artifacts were uploaded for.
         service: String,
+        /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[command(flatten)]

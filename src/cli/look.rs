@@ -6,6 +6,7 @@ use super::{Failure, Output, ServerArgs, text};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// Only this service [default: every one].
     service: Option<String>,
     /// Ask every node what it really serves, and mark drift.
     #[arg(long)]
@@ -16,9 +17,12 @@ pub struct StatusArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct HistoryArgs {
+    /// Only this service [default: every one].
     service: Option<String>,
+    /// Only this environment.
     #[arg(long = "env")]
     environment: Option<String>,
+    /// At most this many releases, newest first.
     #[arg(long, default_value_t = 20)]
     limit: u32,
     #[command(flatten)]
@@ -27,6 +31,7 @@ pub struct HistoryArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
+    /// The release's id.
     id: i64,
     #[command(flatten)]
     server: ServerArgs,

@@ -332,6 +332,39 @@ impl DataDirArgs {
     pub fn registry(&self) -> Result<crate::registry::Registry, Failure> {
         let overrides = crate::config::Overrides { listen: None, data_dir: self.data_dir.clone() };
         let config = crate::config::Config::load(self.config.as_deref(), &overrides)?;
-        Ok(crate::registry::Registry::open(&config.registry_path())?)
+        let path = config.registry_path();
+        if !path.exists() {
+            // A token made in a registry no server reads is the usual first-hour mistake.
+            eprintln!(
+                "no registry at {}: creating one there (a server must run with that data directory to see \
+                 it; give the server's with --data-dir, RELEASE_DATA_DIR or --config)",
+                path.display()
+            );
+        }
+        Ok(crate::registry::Registry::open(&path)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "release", &mut missing);
+        assert!(missing.is_empty(), "arguments without a description:\n{}", missing.join("\n"));
     }
 }

@@ -19,9 +19,12 @@ const QUEUE_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
+    /// The service, as configured (`[service.NAME]`).
     service: String,
+    /// The environment, as configured (`[[environment]]`).
     #[arg(long = "env")]
     environment: String,
+    /// The artifact's digest, `sha256:<64 hex>`.
     digest: String,
     /// Leave this node out of the release (repeatable; recorded).
     #[arg(long = "exclude-node")]
@@ -34,7 +37,8 @@ pub struct DeployArgs {
     /// Deploy an artifact that lacks migrations the live one has (Laravel; recorded).
     #[arg(long)]
     force: bool,
-    /// Follow the release until it is final.
+    /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
+    /// put back, 3 rejected, cancelled or expired).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -47,6 +51,7 @@ pub struct DeployArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct PromoteArgs {
+    /// The service, as configured (`[service.NAME]`).
     service: String,
     /// The environment to promote to.
     #[arg(long = "to")]
@@ -62,6 +67,8 @@ pub struct PromoteArgs {
     /// first deploy can be rolled back (recorded).
     #[arg(long)]
     adopt: bool,
+    /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
+    /// put back, 3 rejected, cancelled or expired).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -74,7 +81,9 @@ pub struct PromoteArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
+    /// The service, as configured (`[service.NAME]`).
     service: String,
+    /// The environment, as configured (`[[environment]]`).
     #[arg(long = "env")]
     environment: String,
     /// A digest that was live in the environment before [default: the last good release
@@ -87,6 +96,8 @@ pub struct RollbackArgs {
     /// Roll back past migrations the target lacks (Laravel; recorded).
     #[arg(long)]
     force: bool,
+    /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
+    /// put back, 3 rejected, cancelled or expired).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -99,7 +110,10 @@ pub struct RollbackArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DecideArgs {
+    /// The release's id (as `release status` and `history` show it).
     id: i64,
+    /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
+    /// put back, 3 rejected, cancelled or expired).
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -108,6 +122,7 @@ pub struct DecideArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RejectArgs {
+    /// The release's id.
     id: i64,
     /// Why (recorded with the decision).
     #[arg(long)]
@@ -118,6 +133,7 @@ pub struct RejectArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
+    /// The release's id.
     id: i64,
     #[command(flatten)]
     server: ServerArgs,
@@ -205,6 +221,14 @@ pub async fn cancel(args: CancelArgs, output: Output) -> Result<(), Failure> {
 async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -> Result<(), Failure> {
     if !wait {
         output.print(&release, || describe(&release));
+        if release["state"] == "pending_approval" && !output.json {
+            // Who may approve it, as --wait says: the request's answer does not name them.
+            if let Some(id) = release["id"].as_i64()
+                && let Ok(shown) = client.get(&format!("/v1/releases/{id}"), &[]).await
+            {
+                println!("{}", waits_for(id, &shown));
+            }
+        }
         return Ok(());
     }
     let id =
@@ -245,12 +269,7 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
         let state = shown["state"].as_str().unwrap_or_default().to_owned();
         if state == "pending_approval" && !told_approvers && !output.json {
             told_approvers = true;
-            let approvers: Vec<&str> =
-                shown["approvers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-            println!(
-                "release {id} waits for approval by one of: {}; approve with `release approve {id}`",
-                if approvers.is_empty() { "(no approver token exists yet)".to_owned() } else { approvers.join(", ") }
-            );
+            println!("{}", waits_for(id, &shown));
         }
         match state.as_str() {
             "live" | "superseded" => {
@@ -305,6 +324,15 @@ fn millis_between(start: &Value, end: &Value) -> String {
         (Some(Ok(a)), Some(Ok(b))) => format!("{} ms", (b - a).whole_milliseconds()),
         _ => String::new(),
     }
+}
+
+/// "release 7 waits for approval by one of: bob, dave; approve with `release approve 7`".
+fn waits_for(id: i64, shown: &Value) -> String {
+    let approvers: Vec<&str> = shown["approvers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    format!(
+        "release {id} waits for approval by one of: {}; approve with `release approve {id}`",
+        if approvers.is_empty() { "(no approver token exists yet)".to_owned() } else { approvers.join(", ") }
+    )
 }
 
 fn describe(r: &Value) -> String {

@@ -7,6 +7,7 @@ use crate::token::{self, Manager, TokenError, TokenRequest};
 pub enum Command {
     /// Create a token; its secret is printed once and stored only as a hash.
     Create {
+        /// The token's name (unique, never reused; it names the actor in the audit log).
         name: String,
         /// Roles, comma-separated: ci, deployer, approver, auditor, admin.
         #[arg(long = "role", required = true)]
@@ -35,6 +36,7 @@ pub enum Command {
     },
     /// Revoke a token; its name is never reused.
     Revoke {
+        /// The token's name.
         name: String,
         #[command(flatten)]
         data: DataDirArgs,

@@ -15,11 +15,13 @@ use crate::client::UploadLabels;
 pub struct Args {
     /// An archive made by `release package`, or a directory to package first.
     path: PathBuf,
+    /// The service it is a build of.
     #[arg(long)]
     service: String,
     /// Version label, e.g. 1.4.2.
     #[arg(long)]
     version: Option<String>,
+    /// The commit it was built from.
     #[arg(long)]
     git_sha: Option<String>,
     /// Link to the CI build.

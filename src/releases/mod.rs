@@ -74,6 +74,9 @@ impl Timing {
 pub enum ReleaseError {
     #[error("{what} {name:?} is not in the configuration")]
     NotConfigured { what: &'static str, name: String },
+    /// As `NotConfigured`, told to a token that may see every service and environment.
+    #[error("{what} {name:?} is not in the configuration (configured: {known})")]
+    NotConfiguredAmong { what: &'static str, name: String, known: String },
     #[error("no artifact {digest} was uploaded for {service}")]
     UnknownArtifact { service: String, digest: Digest },
     #[error("no release {0}")]
@@ -431,13 +434,18 @@ impl Releases {
         p.require(action)?;
         let absent = |what, name: &str| ReleaseError::NotConfigured { what, name: name.to_owned() };
         if self.config.service(service).is_none() {
-            return Err(unseen(p, absent("service", service), None));
+            let known = self.config.services.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+            let known = if known.is_empty() { "none: add a [service.NAME] table".to_owned() } else { known };
+            let missing = ReleaseError::NotConfiguredAmong { what: "service", name: service.to_owned(), known };
+            return Err(unseen(p, missing, None));
         }
         if let Err(why) = p.require_service(service) {
             return Err(unseen(p, absent("service", service), Some(why)));
         }
         if self.environment(env).is_err() {
-            return Err(unseen(p, absent("environment", env), None));
+            let known = self.config.environments.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ");
+            let missing = ReleaseError::NotConfiguredAmong { what: "environment", name: env.to_owned(), known };
+            return Err(unseen(p, missing, None));
         }
         if let Err(why) = p.require_environment(env) {
             return Err(unseen(p, absent("environment", env), Some(why)));
@@ -1344,6 +1352,12 @@ fn unseen(p: &Principal, missing: ReleaseError, why: Option<TokenError>) -> Rele
     if !p.is_scoped() {
         return missing;
     }
+    // A scoped token learns nothing of what lies outside its scope, the names configured
+    // there included.
+    let missing = match missing {
+        ReleaseError::NotConfiguredAmong { what, name, .. } => ReleaseError::NotConfigured { what, name },
+        other => other,
+    };
     ReleaseError::Unseen { message: p.as_if_absent(&missing), why }
 }
 

@@ -184,6 +184,7 @@ impl From<ReleaseError> for ApiError {
         let conflict = |code| ApiError::new(StatusCode::CONFLICT, code, message.clone());
         match e {
             ReleaseError::NotConfigured { .. }
+            | ReleaseError::NotConfiguredAmong { .. }
             | ReleaseError::UnknownArtifact { .. }
             | ReleaseError::NotFound(_)
             | ReleaseError::Unknown { .. } => ApiError::not_found(message),

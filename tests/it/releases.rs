@@ -400,3 +400,45 @@ fn a_stopping_server_answers_its_followers_instead_of_keeping_them_waiting() {
     assert_eq!((status, answer["state"].as_str()), (StatusCode::OK, Some("pending_approval")));
     assert!(started.elapsed().as_secs_f64() < 15.0, "the stop waited for the follower's 30 s");
 }
+
+/// An unknown service or environment is named with what is configured, to a token that may
+/// see everything; a token limited to some is told only what it asked about.
+#[test]
+fn an_unknown_service_or_environment_is_answered_with_the_configured_ones() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    let (status, body) =
+        f.post("alice", "/v1/releases", json!({"service": "apii", "environment": "staging", "digest": v1}));
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["message"], "service \"apii\" is not in the configuration (configured: api)");
+    let out = f.cli("alice").args(["deploy", "api", "--env", "stagin", &v1]).assert_exit(4);
+    assert!(
+        out.stderr().contains("environment \"stagin\" is not in the configuration (configured: staging, production)"),
+        "{out}"
+    );
+    let scoped = f.server.token_with("scoped", "deployer", &["--owner", "scoped", "--services", "api"]);
+    let response = f
+        .server
+        .http()
+        .post(format!("{}/v1/releases", f.server.url))
+        .bearer_auth(&scoped)
+        .json(&json!({"service": "web", "environment": "staging", "digest": v1}))
+        .send()
+        .unwrap();
+    let body: Value = response.json().unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("configured:"), "{message}");
+}
+
+/// A plain `promote` to an environment that needs approval says who may approve it, and how.
+#[test]
+fn a_promote_waiting_for_approval_names_who_may_approve_it() {
+    let f = Fixture::new();
+    let v1 = f.upload("v1");
+    f.live_in("ci", "staging", &v1);
+    let human = f.cli("alice").args(["promote", "api", "--to", "production"]).assert_success().stdout();
+    assert!(
+        human.contains("release 2 waits for approval by one of: bob, root; approve with `release approve 2`"),
+        "{human}"
+    );
+}

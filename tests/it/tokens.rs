@@ -123,3 +123,21 @@ fn a_token_on_the_command_line_wins_over_release_token_and_is_warned_about() {
     let out = server.cli().env("RELEASE_TOKEN", &good).args(["status", &format!("--token={revoked}")]).assert_exit(5);
     assert!(out.stderr().contains("warning: --token"), "{out}");
 }
+
+/// A token made where no registry is yet says it creates one, and where: a token no server
+/// will ever see is the usual first-hour mistake.
+#[test]
+fn a_token_made_where_no_registry_is_says_it_creates_one_and_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let create = |name: &str| {
+        crate::support::TestCommand::new()
+            .args(["token", "create", name, "--role", "ci", "--owner", "gitlab", "--data-dir", data.to_str().unwrap()])
+            .assert_success()
+    };
+    let first = create("ci-1");
+    let expected = format!("no registry at {}: creating one there", data.join("registry.db").display());
+    assert!(first.stderr().contains(&expected), "{first}");
+    let second = create("ci-2");
+    assert!(!second.stderr().contains("no registry"), "{second}");
+}
