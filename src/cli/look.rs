@@ -174,7 +174,26 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
             let reason = t["reason"].as_str().map(|x| format!(" — {x}")).unwrap_or_default();
             out.push_str(&format!("\n  {} {:<17} by {}{reason}", text(&t["at"]), text(&t["state"]), text(&t["actor"])));
         }
-        let stranded: Vec<String> = r["stranded"].as_array().into_iter().flatten().map(text).collect();
+        let list = |key: &str| r[key].as_array().into_iter().flatten().map(text).collect::<Vec<String>>();
+        if !list("forced_past_migrations").is_empty() {
+            out.push_str(&format!(
+                "\nFORCED past migrations it lacks (--force; the schema stays ahead): {}",
+                list("forced_past_migrations").join(", ")
+            ));
+        }
+        if !list("excluded_nodes").is_empty() {
+            out.push_str(&format!("\nnodes left out (--exclude-node): {}", list("excluded_nodes").join(", ")));
+        }
+        if let Some(adopted) = r.get("adopted").filter(|a| !a.is_null()) {
+            let nodes: Vec<String> = adopted["nodes"].as_array().into_iter().flatten().map(text).collect();
+            match adopted["digest"].as_str() {
+                Some(digest) => {
+                    out.push_str(&format!("\nadopted the tree at current as {digest} from: {}", nodes.join(", ")))
+                }
+                None => out.push_str("\nadopt asked for; nothing captured yet"),
+            }
+        }
+        let stranded = list("stranded");
         if !stranded.is_empty() {
             out.push_str(&format!("\nSTRANDED (could not be put back): {}", stranded.join(", ")));
         }

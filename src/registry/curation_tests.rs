@@ -53,6 +53,7 @@ fn request(digest: Digest, environment: &str, state: State) -> NewRelease {
         note: None,
         excluded: vec![],
         adopt: false,
+        forced_past: vec![],
     }
 }
 

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0010_owners_compared_lowercase", include_str!("../../migrations/0010_owners_compared_lowercase.sql")),
     ("0011_node_marks", include_str!("../../migrations/0011_node_marks.sql")),
     ("0012_artifact_shared_checks", include_str!("../../migrations/0012_artifact_shared_checks.sql")),
+    ("0013_release_forced_migrations", include_str!("../../migrations/0013_release_forced_migrations.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

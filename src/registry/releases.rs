@@ -32,6 +32,8 @@ pub struct NewRelease {
     pub excluded: Vec<String>,
     /// `--adopt`: take over an application found at `current` deployed another way.
     pub adopt: bool,
+    /// `--force`: the migration files the live artifact has and this one lacks.
+    pub forced_past: Vec<String>,
 }
 
 /// A release's `--adopt`: asked for, and what its deploy captured.
@@ -242,6 +244,13 @@ impl Registry {
             if new.adopt {
                 tx.execute("INSERT INTO release_adoptions (release_id) VALUES (?1)", [id])?;
             }
+            if !new.forced_past.is_empty() {
+                let files = serde_json::to_string(&new.forced_past).expect("strings serialize");
+                tx.execute(
+                    "INSERT INTO release_forced_migrations (release_id, migrations) VALUES (?1, ?2)",
+                    params![id, files],
+                )?;
+            }
             record_transition(&tx, id, new.state, &now, &new.requested_by, new.note.as_deref())?;
             let mut event = event.clone();
             event.subject = format!("release/{id}");
@@ -419,6 +428,15 @@ impl Registry {
                 stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?
             };
             let stranded = super::marks::stranded_by(conn, id)?;
+            let forced_past_migrations: Vec<String> = conn
+                .query_row("SELECT migrations FROM release_forced_migrations WHERE release_id = ?1", [id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()?
+                .map(|json| serde_json::from_str(&json))
+                .transpose()
+                .map_err(|e| RegistryError::Corrupt(format!("release_forced_migrations of {id}: {e}")))?
+                .unwrap_or_default();
             let adopted = conn
                 .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [id], |r| {
                     let nodes: Option<String> = r.get(1)?;
@@ -433,6 +451,10 @@ impl Registry {
                 })
                 .optional()?
                 .unwrap_or((None, None));
+            // Verified or not is said of a release that went live: one that failed (before its
+            // health check, or by it) was never verified, whatever its check could prove.
+            let went_live = matches!(release.state, State::Live | State::Superseded);
+            let verified = verified.filter(|_| went_live);
             let shared_files = {
                 let mut stmt = conn.prepare_cached(
                     "SELECT node, path, kind, sha256 FROM release_shared_files WHERE release_id = ?1 ORDER BY node, path",
@@ -457,6 +479,7 @@ impl Registry {
                 deployments,
                 excluded_nodes,
                 stranded,
+                forced_past_migrations,
                 config_digest,
                 verified,
                 shared_files,

@@ -144,6 +144,7 @@ mod releases {
             note: None,
             excluded: vec![],
             adopt: false,
+            forced_past: vec![],
         }
     }
 
@@ -205,6 +206,9 @@ mod releases {
 
         registry.record_config(release.id, legacy, false).unwrap();
         registry.record_config(release.id, digest, true).unwrap();
+        // (Verified or not is said once it went live.)
+        registry.transition(release.id, State::Deploying, "release", None, &event()).unwrap();
+        registry.finish_deploy(release.id, &live_on_no_node(), &event()).unwrap();
         let detail = registry.release_detail(release.id).unwrap().unwrap();
         assert_eq!((detail.config_digest, detail.verified), (Some(legacy), Some(false)), "the first record stands");
 
@@ -463,6 +467,7 @@ mod webhooks {
             note: None,
             excluded: vec![],
             adopt: false,
+            forced_past: vec![],
         };
         let event = NewEvent::by_server("release.deploy", "", serde_json::json!({}));
         registry.create_release(&new, &event).unwrap().id

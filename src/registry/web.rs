@@ -106,6 +106,24 @@ impl Registry {
         })
     }
 
+    /// When each of these releases reached its outcome (live, failed, rejected, cancelled,
+    /// expired), by release id: what the timeline's "took" measures up to.
+    pub fn outcomes_at(&self, ids: &[i64]) -> Result<HashMap<i64, String>, RegistryError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at FROM release_transitions WHERE release_id = ?1
+                   AND state IN ('live', 'failed', 'rejected', 'cancelled', 'expired') ORDER BY id LIMIT 1",
+            )?;
+            let mut out = HashMap::new();
+            for id in ids {
+                if let Some(at) = stmt.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                    out.insert(*id, at);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Who approved (or rejected) each of these releases, by release id.
     pub fn deciders(&self, ids: &[i64]) -> Result<HashMap<i64, (String, String)>, RegistryError> {
         self.read(|conn| {

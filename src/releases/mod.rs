@@ -779,6 +779,10 @@ impl Releases {
             }),
             excluded: excluded.clone(),
             adopt: options.adopt,
+            forced_past: extra["migrations_ahead"]
+                .as_array()
+                .map(|files| files.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
             note: match (needs_approval, approved_before, environment.requires_approval) {
                 (true, _, _) => Some(format!("{env} requires approval")),
                 (false, true, _) => Some("rollback to an artifact approved in this environment before".into()),

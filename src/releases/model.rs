@@ -206,11 +206,14 @@ pub struct Detail {
     /// Nodes its failure left stranded (could not be put back, or unreachable while its
     /// interrupted deploy was resolved): decides the client's exit 8.
     pub stranded: Vec<String>,
+    /// `--force`: the migrations it went past (the live artifact had them, it lacks them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forced_past_migrations: Vec<String>,
     /// The digest of the service's configuration as its deploy started (hooks, shared paths,
     /// health check, nodes): what it ran with. None until the deploy starts.
     pub config_digest: Option<Digest>,
     /// Whether its health check proves the digest; a release live without that proof is
-    /// *unverified*.
+    /// *unverified*. Only for a release that went live (`None` otherwise).
     pub verified: Option<bool>,
     /// Each node's shared paths at its switch to this release.
     pub shared_files: Vec<SharedFile>,

@@ -125,6 +125,7 @@ fn requested(registry: &Registry, content: &[u8], state: State) -> Release {
         note: None,
         excluded: vec![],
         adopt: false,
+        forced_past: vec![],
     };
     registry.create_release(&new, &NewEvent::by_server("release.deploy", "", serde_json::json!({}))).unwrap()
 }

@@ -917,6 +917,15 @@ fn rolling_a_laravel_service_back_past_migrations_needs_force() {
         2,
         "a rollback runs no migration"
     );
+    // Not only in the audit log: show, its --json and the release page say it.
+    assert_eq!(out["forced_past_migrations"], json!(["2026_02_01_000000_add_discounts.php"]), "{out}");
+    let id = out["id"].to_string();
+    let human = fleet.f.cli("carol").args(["show", &id]).assert_success().stdout();
+    assert!(human.contains("FORCED past migrations it lacks") && human.contains("add_discounts.php"), "{human}");
+    let page =
+        fleet.f.server.http().get(format!("{}/releases/{id}", fleet.f.server.url)).bearer_auth(fleet.f.token("carol"));
+    let page = page.send().unwrap().text().unwrap();
+    assert!(page.contains("forced past migrations") && page.contains("add_discounts.php"), "{page}");
 }
 
 #[test]
@@ -1515,6 +1524,11 @@ fn a_release_answering_500_is_switched_back_within_two_seconds_of_its_switch() {
     fleet.assert_all_on(&good);
     let reason = failed["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap();
     assert!(reason.contains("answered wrong 5 times in a row"), "{reason}");
+    // Its check could prove the digest, but it never passed: not "verified".
+    assert!(failed["verified"].is_null(), "{failed}");
+    let page = fleet.f.server.http().get(format!("{}/releases/{}", fleet.f.server.url, failed["id"]));
+    let page = page.bearer_auth(fleet.f.token("carol")).send().unwrap().text().unwrap();
+    assert!(!page.contains("verified"), "{page}");
     let switch_to_back = seconds_between(phase_end(&failed, "switch"), phase_end(&failed, "switch back"));
     println!("switch → switch back: {switch_to_back:.2} s");
     // Far below the 15 s a release that never came up gets (the figure is printed above).
@@ -1599,4 +1613,26 @@ fn a_rollback_finalizes_again_where_the_shared_files_changed() {
         let output = d["output_tail"].as_str().unwrap();
         assert!(output.starts_with("artifact: already here, ready; finalized with"), "{again}");
     }
+}
+
+/// The timeline's "took" runs from the request to the outcome (live), not to the release's
+/// supersession by the next one.
+#[test]
+fn the_timeline_times_a_release_to_its_outcome_not_to_its_supersession() {
+    let fleet = Fleet::new(1, "");
+    let v1 = fleet.upload("v1", &[]);
+    let first = fleet.deploy(&v1);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let v2 = fleet.upload("v2", &[]);
+    fleet.deploy(&v2);
+    let page =
+        fleet.f.server.http().get(format!("{}/services/web", fleet.f.server.url)).bearer_auth(fleet.f.token("carol"));
+    let page = page.send().unwrap().text().unwrap();
+    let row = page.split("<tr>").find(|r| r.contains(&format!("/releases/{}\"", first["id"]))).unwrap();
+    assert!(row.contains("superseded"), "{row}");
+    let took = row.rsplit("<td>").next().unwrap();
+    assert!(
+        took.contains(" ms<") || took.starts_with('0') || took.starts_with("1.") || took.starts_with("2."),
+        "took to its supersession: {row}"
+    );
 }

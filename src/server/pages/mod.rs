@@ -125,10 +125,14 @@ async fn timeline(
     let (releases, next) = state.releases.history(&p, Some(service.clone()), env.clone(), PAGE, q.before).await?;
     let ids: Vec<i64> = releases.iter().map(|r| r.id).collect();
     let registry = Arc::clone(&state.registry);
-    let deciders = tokio::task::spawn_blocking(move || registry.deciders(&ids)).await.expect("no panic")?;
+    let (deciders, ended) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::registry::RegistryError>((registry.deciders(&ids)?, registry.outcomes_at(&ids)?))
+    })
+    .await
+    .expect("no panic")?;
     let environments: Vec<String> =
         state.config.environments.iter().map(|e| e.name.clone()).filter(|e| p.require_environment(e).is_ok()).collect();
-    Ok(html(render::timeline(&p, &service, env.as_deref(), &environments, &releases, &deciders, next)))
+    Ok(html(render::timeline(&p, &service, env.as_deref(), &environments, &releases, &deciders, &ended, next)))
 }
 
 async fn release(State(state): State<AppState>, Viewer(p): Viewer, Path(id): Path<i64>) -> Result<Response, PageError> {

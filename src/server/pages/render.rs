@@ -133,6 +133,12 @@ fn is_final(state: State) -> bool {
     !matches!(state, State::PendingApproval | State::Approved | State::Deploying)
 }
 
+/// A state that ends a release's request: what "took" measures up to (superseded comes
+/// later, to a release that went live).
+fn is_outcome(state: State) -> bool {
+    is_final(state) && state != State::Superseded
+}
+
 /// `/`: what is live where.
 pub fn matrix(viewer: &Principal, rows: &[StatusRow], asked_nodes: bool) -> Markup {
     let mut services: Vec<&str> = Vec::new();
@@ -210,6 +216,7 @@ fn status_cell(row: &StatusRow) -> Markup {
 }
 
 /// `/services/{service}`: its releases, newest first, per environment or all.
+#[allow(clippy::too_many_arguments)] // one page, each argument a part of it
 pub fn timeline(
     viewer: &Principal,
     service: &str,
@@ -217,6 +224,7 @@ pub fn timeline(
     environments: &[String],
     releases: &[Release],
     deciders: &std::collections::HashMap<i64, (String, String)>,
+    ended: &std::collections::HashMap<i64, String>,
     next: Option<i64>,
 ) -> Markup {
     let env_query = environment.map(|e| format!("env={e}&")).unwrap_or_default();
@@ -252,7 +260,7 @@ pub fn timeline(
                             td {
                                 @if let Some((decision, by)) = deciders.get(&r.id) { (by) " " span.dim { "(" (decision) ")" } }
                             }
-                            td { @if is_final(r.state) { (took(&r.requested_at, &r.state_changed_at)) } }
+                            td { @if let Some(ended) = ended.get(&r.id) { (took(&r.requested_at, ended)) } }
                         }
                     }
                 }
@@ -281,7 +289,12 @@ pub fn release(
             dt { "requested" } dd { (at(&r.requested_at)) " by " (r.requested_by) " (" (r.requester_owner) ")" }
             @if let Some(source) = &r.source_environment { dt { "promoted from" } dd { (source) } }
             @if let Some(replaces) = r.replaces { dt { "replaces" } dd { a href={ "/releases/" (replaces) } { "#" (replaces) } } }
-            @if is_final(r.state) { dt { "took" } dd { (took(&r.requested_at, &r.state_changed_at)) } }
+            // To its outcome (live, failed…), not to a later supersession.
+            @if let Some(ended) = d.transitions.iter().find(|t| is_outcome(t.state)) { dt { "took" } dd { (took(&r.requested_at, &ended.at)) } }
+            @if !d.forced_past_migrations.is_empty() {
+                dt { "forced past migrations" }
+                dd.warn { (d.forced_past_migrations.join(", ")) " (the schema stays ahead of this code)" }
+            }
             @if let Some(verified) = d.verified {
                 dt { "verified" }
                 dd {
