@@ -172,6 +172,11 @@ fn every_page_loads_in_chromium_with_no_console_errors_and_the_expected_rows() {
     let banner = banner.as_str().unwrap();
     assert!(banner.contains("intact") || banner.contains("Checking"), "{banner}");
     assert!(browser.text().contains("release.live"));
+    // Details one field a line, readable: not one long line of JSON.
+    let details = browser.eval("Array.from(document.querySelectorAll('pre.details')).map(p => p.innerText)");
+    let details: Vec<&str> = details.as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert!(details.iter().any(|d| d.lines().any(|l| l == "service: shop")), "{details:?}");
+    assert!(details.iter().all(|d| !d.starts_with('{') || d == &"{}"), "{details:?}");
     assert!(browser.errors().is_empty(), "{:?}", browser.errors());
     browser.screenshot("audit");
 

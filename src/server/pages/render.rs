@@ -99,6 +99,23 @@ fn at(text: &str) -> Markup {
     html! { time datetime=(text) { (shown) } }
 }
 
+/// An event's details (JSON text) as people read them: one `key: value` line per field
+/// (strings bare, the rest as compact JSON), instead of one long line of JSON.
+fn details_lines(details: &str) -> String {
+    let parsed: serde_json::Value = serde_json::from_str(details).unwrap_or(serde_json::Value::Null);
+    match parsed.as_object() {
+        Some(fields) if !fields.is_empty() => fields
+            .iter()
+            .map(|(key, value)| match value {
+                serde_json::Value::String(text) => format!("{key}: {text}"),
+                other => format!("{key}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => details.to_owned(),
+    }
+}
+
 /// How long from one time to another, for people.
 fn took(from: &str, to: &str) -> String {
     match (utc::parse(from), utc::parse(to)) {
@@ -523,7 +540,7 @@ pub fn audit(
                             td { (e.actor) @if !e.owner.is_empty() && e.owner != e.actor { " " span.dim { "(" (e.owner) ")" } } }
                             td { code { (e.action) } }
                             td { (subject_link(&e.subject)) }
-                            td { pre { (e.details) } }
+                            td { pre.details { (details_lines(&e.details)) } }
                         }
                     }
                 }
