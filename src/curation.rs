@@ -138,6 +138,7 @@ pub async fn purge(
             tracing::info!(%digest, "not purged: needed since it was listed");
             continue;
         }
+        crate::crash_point("purge-recorded");
         store.purge_artifact(digest).await?;
         report.bytes += size.unwrap_or(0);
         report.purged.push(digest);

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0009_blocks_hold_and_purges_wait", include_str!("../../migrations/0009_blocks_hold_and_purges_wait.sql")),
     // 0010 is another branch's (issue 10); it goes before this one when merged.
     ("0010_owners_compared_lowercase", include_str!("../../migrations/0010_owners_compared_lowercase.sql")),
+    ("0011_staged_uploads", include_str!("../../migrations/0011_staged_uploads.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

@@ -693,3 +693,121 @@ fn random_sigkills_on_the_local_store_break_no_invariant() {
 fn random_sigkills_on_garage_break_no_invariant() {
     run(Backend::S3);
 }
+
+// Each violation the harness found, reproduced at its exact moment: the server dies there
+// (`RELEASE_TEST_CRASH_AT`, an abort: nothing cleaned up, as after a SIGKILL), and the next
+// start on the same data directory must leave the store as the invariants say.
+
+/// A server that dies when it reaches `point`, with the usual tokens.
+fn dying_at(backend: Backend, point: &str, env: &[(&str, &str)]) -> Fixture {
+    let mut env = env.to_vec();
+    env.push(("RELEASE_TEST_CRASH_AT", point));
+    Fixture::adopt(TestServer::start_with_env(backend, "", &env))
+}
+
+/// Posts an upload the server dies in: no answer.
+fn upload_dies(f: &Fixture, body: Vec<u8>) {
+    let answer = f
+        .server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", f.server.url))
+        .bearer_auth(f.token("ci"))
+        .body(body)
+        .send();
+    assert!(answer.is_err(), "the server answered instead of dying: {:?}", answer.map(|r| r.status()));
+}
+
+fn staged_rows(server: &TestServer) -> i64 {
+    server.count("SELECT count(*) FROM staged_uploads")
+}
+
+fn killed_after_publish(backend: Backend) {
+    let mut f = dying_at(backend, "upload-published", &[]);
+    let body = crate::support::archives::valid("v1");
+    let digest = digest_of(&body);
+    upload_dies(&f, body);
+    // The crash: verified bytes under their artifact key, no row names them.
+    let keys: Vec<String> = f.server.artifact_keys().iter().map(ToString::to_string).collect();
+    assert_eq!(keys, vec![digest.clone()]);
+    assert_eq!(f.server.count("SELECT count(*) FROM artifacts"), 0);
+    assert_eq!(staged_rows(&f.server), 1, "the upload is in the journal");
+    f.server.restart();
+    assert_eq!(f.server.artifact_keys(), vec![], "an object without its row after the restart\n{}", f.server.log());
+    assert_eq!(f.server.staging_keys(), Vec::<String>::new());
+    assert_eq!(staged_rows(&f.server), 0);
+    assert!(f.server.log().contains("removed what an upload cut short by a stop left in the store"));
+}
+
+#[test]
+fn an_upload_killed_between_its_publish_and_its_row_leaves_no_object_on_the_local_store() {
+    killed_after_publish(Backend::Local);
+}
+
+#[test]
+fn an_upload_killed_between_its_publish_and_its_row_leaves_no_object_on_s3() {
+    killed_after_publish(Backend::S3);
+}
+
+fn killed_mid_body(backend: Backend) {
+    let mut f = dying_at(backend, "upload-begun", &[]);
+    upload_dies(&f, crate::support::archives::valid("v1"));
+    // The crash: a staging upload begun (S3: a multipart upload, never listed as an object).
+    assert!(!f.server.staging_keys().is_empty(), "the crash left a staging upload");
+    f.server.restart();
+    assert_eq!(f.server.staging_keys(), Vec::<String>::new(), "staging left after the restart\n{}", f.server.log());
+    assert_eq!(staged_rows(&f.server), 0);
+    assert_eq!(f.server.artifact_keys(), vec![]);
+}
+
+#[test]
+fn an_upload_killed_mid_body_leaves_no_staging_on_the_local_store() {
+    killed_mid_body(Backend::Local);
+}
+
+#[test]
+fn an_upload_killed_mid_body_leaves_no_multipart_upload_on_s3() {
+    killed_mid_body(Backend::S3);
+}
+
+fn killed_mid_purge(backend: Backend) {
+    let mut f = dying_at(backend, "purge-recorded", &[("RELEASE_TEST_PURGE_DAY_MS", "200")]);
+    let digest = f.upload("v1");
+    std::thread::sleep(Duration::from_millis(400));
+    let answer = f
+        .server
+        .http()
+        .post(format!("{}/v1/artifacts/purge", f.server.url))
+        .bearer_auth(f.token("root"))
+        .json(&json!({"never_live": true, "older_than_days": 1}))
+        .send();
+    assert!(answer.is_err(), "the server answered instead of dying");
+    // The crash: the purge is recorded, the bytes are still there.
+    assert_eq!(f.server.count("SELECT count(*) FROM artifact_purges"), 1);
+    let keys: Vec<String> = f.server.artifact_keys().iter().map(ToString::to_string).collect();
+    assert_eq!(keys, vec![digest.clone()]);
+    f.server.restart();
+    assert_eq!(
+        f.server.artifact_keys(),
+        vec![],
+        "bytes of a recorded purge left after the restart\n{}",
+        f.server.log()
+    );
+    let blob = f
+        .server
+        .http()
+        .get(format!("{}/v1/artifacts/{digest}/blob", f.server.url))
+        .bearer_auth(f.token("carol"))
+        .send()
+        .unwrap();
+    assert_eq!(blob.status(), reqwest::StatusCode::GONE);
+}
+
+#[test]
+fn a_purge_killed_before_its_delete_leaves_no_bytes_on_the_local_store() {
+    killed_mid_purge(Backend::Local);
+}
+
+#[test]
+fn a_purge_killed_before_its_delete_leaves_no_bytes_on_s3() {
+    killed_mid_purge(Backend::S3);
+}
