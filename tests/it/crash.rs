@@ -16,7 +16,7 @@
 //!
 //! Every moment is drawn from a seeded RNG, printed at the start; `RELEASE_CRASH_SEED=<n>`
 //! replays the same kill delays and worker choices (the interleaving itself still depends on
-//! the machine). CI runs `RELEASE_CRASH_KILLS` (default 8) kills per store, local and Garage;
+//! the machine). CI runs `RELEASE_CRASH_KILLS` (default 10) kills per store, local and Garage;
 //! by hand, the long mode:
 //!
 //! ```text
@@ -419,11 +419,13 @@ struct Figures {
     kills: u32,
     during_big_uploads: u32,
     with_deploying: u32,
+    /// Restarts killed too, during their start.
+    starts_killed: u32,
     resolve_times: Vec<f64>,
 }
 
 fn run(backend: Backend) {
-    let kills = env_number("RELEASE_CRASH_KILLS", 8);
+    let kills = env_number("RELEASE_CRASH_KILLS", 10);
     let seed = std::env::var("RELEASE_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -481,7 +483,20 @@ fn run(backend: Backend) {
             figures.kills += 1;
             figures.during_big_uploads += u32::from(big_in_flight);
             figures.with_deploying += u32::from(!interrupted.is_empty());
+            // Resolution times count from the first start after the kill.
             let spawned = time::OffsetDateTime::now_utc();
+            // One kill in four also kills the next start within 400 ms, often before it
+            // listens: the start's own recovery is cut short, and the start after must
+            // finish it.
+            if rng.random_range(0..4) == 0 {
+                let after = Duration::from_millis(rng.random_range(0..400));
+                let listening = f.server.start_and_kill_after(after);
+                figures.starts_killed += 1;
+                eprintln!(
+                    "  … and its restart killed {} ms after its start (listening: {listening})",
+                    after.as_millis()
+                );
+            }
             f.server.restart();
             let restarted = Instant::now();
             *shared.url.write().unwrap() = f.server.url.clone();
@@ -521,13 +536,14 @@ fn run(backend: Backend) {
     let mean = if times.is_empty() { 0.0 } else { times.iter().sum::<f64>() / times.len() as f64 };
     let violations = shared.violations.lock().unwrap().clone();
     eprintln!(
-        "crash harness on {backend:?}, seed {seed}: {} SIGKILLs ({} during ~{} MB uploads, {} with a release deploying) \
-         in {:.0} s; {} interrupted deploys resolved, counted from the new process's start, in at most {max:.2} s (mean {mean:.2} s); \
+        "crash harness on {backend:?}, seed {seed}: {} SIGKILLs ({} during ~{} MB uploads, {} with a release deploying; \
+         {} more killing the restart during its start) in {:.0} s; {} interrupted deploys resolved, counted from the new process's start, in at most {max:.2} s (mean {mean:.2} s); \
          work done: {:?}; {} violations",
         figures.kills,
         figures.during_big_uploads,
         big >> 20,
         figures.with_deploying,
+        figures.starts_killed,
         started.elapsed().as_secs_f64(),
         times.len(),
         shared.counts.lock().unwrap(),
