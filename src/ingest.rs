@@ -264,6 +264,8 @@ impl Ingestor {
                 return Err(e.into());
             }
         };
+        // From the look at the store to the committed row, no purge deletes these bytes.
+        let _publishing = self.store.publishing().await;
         if self.store.artifact_size(received.digest).await? == Some(received.size) {
             // Stored already (published by an earlier upload, so verified): a repeated upload
             // leaves the object exactly as it was.

@@ -81,6 +81,24 @@ pub fn crash_point(point: &str) {
     }
 }
 
+/// Test hook: with `RELEASE_TEST_STALL_AT=<point>:<ms>`, waits that long at that point (a
+/// [`crash_point`]'s name), so that an integration test can act inside a window that is
+/// otherwise a few microseconds wide. Never for production.
+pub async fn stall_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let text = std::env::var("RELEASE_TEST_STALL_AT").ok()?;
+        let (name, ms) = text.rsplit_once(':')?;
+        Some((name.to_owned(), ms.parse().ok()?))
+    });
+    if let Some((name, ms)) = at
+        && name == point
+    {
+        tracing::warn!(point, ms, "RELEASE_TEST_STALL_AT: waiting here (a test's stall)");
+        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -108,9 +108,30 @@ pub struct Store {
     signer: Option<Arc<object_store::aws::AmazonS3>>,
     prefix: String,
     backend: Backend,
+    /// Orders what writes artifact keys against what deletes them (see [`Store::publishing`]).
+    keys: Arc<tokio::sync::RwLock<()>>,
 }
 
+/// Held while an upload looks for, publishes and records an artifact key (shared), or while
+/// a purge records and deletes one (exclusive).
+pub type KeyGuard<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
+pub type PurgeGuard<'a> = tokio::sync::RwLockWriteGuard<'a, ()>;
+
 impl Store {
+    /// Taken by an upload from the moment it looks whether its bytes are stored until its row
+    /// is committed. A purge ([`Store::purging`]) waits for it, and it waits for a purge: an
+    /// upload of bytes a purge is deleting used to find them still there, skip its publish,
+    /// record their restore — and the purge deleted them after (an acknowledged upload
+    /// without bytes; issue 11's crash harness).
+    pub async fn publishing(&self) -> KeyGuard<'_> {
+        self.keys.read().await
+    }
+
+    /// Taken by a purge while it records and deletes one artifact's bytes.
+    pub async fn purging(&self) -> PurgeGuard<'_> {
+        self.keys.write().await
+    }
+
     pub fn open(config: &StorageConfig) -> Result<Store, StoreError> {
         match config {
             StorageConfig::Local { path } => {
@@ -131,6 +152,7 @@ impl Store {
                     signer: None,
                     prefix: String::new(),
                     backend: Backend::Local { root: path.clone() },
+                    keys: Arc::default(),
                 })
             }
             StorageConfig::S3(s3) => Self::open_s3(s3),
@@ -164,6 +186,7 @@ impl Store {
             signer: Some(s3_store),
             prefix: s3.prefix.clone(),
             backend: Backend::S3 { endpoint: s3.endpoint.clone(), bucket: s3.bucket.clone() },
+            keys: Arc::default(),
         })
     }
 

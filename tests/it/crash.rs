@@ -827,3 +827,47 @@ fn a_purge_killed_before_its_delete_leaves_no_bytes_on_the_local_store() {
 fn a_purge_killed_before_its_delete_leaves_no_bytes_on_s3() {
     killed_mid_purge(Backend::S3);
 }
+
+fn upload_during_purge(backend: Backend) {
+    let env = [("RELEASE_TEST_PURGE_DAY_MS", "200"), ("RELEASE_TEST_STALL_AT", "purge-recorded:1500")];
+    let f = Fixture::adopt(TestServer::start_with_env(backend, "", &env));
+    let digest = f.upload("v1");
+    std::thread::sleep(Duration::from_millis(400));
+    std::thread::scope(|scope| {
+        let purge = scope.spawn(|| {
+            let body = json!({"never_live": true, "older_than_days": 1});
+            let (status, answer) = f.post("root", "/v1/artifacts/purge", body);
+            assert!(status.is_success(), "{answer}");
+            answer
+        });
+        // The purge is recorded and waits before its delete: the same bytes come again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.server.count("SELECT count(*) FROM artifact_purges") == 0 {
+            assert!(Instant::now() < deadline, "the purge was never recorded");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(f.upload("v1"), digest, "the upload is acknowledged");
+        assert_eq!(purge.join().unwrap()["purged"], json!([digest]));
+    });
+    // Acknowledged after the purge was recorded: its bytes are there, and recorded restored.
+    assert_eq!(f.server.count("SELECT count(*) FROM artifact_restores"), 1);
+    let blob = f
+        .server
+        .http()
+        .get(format!("{}/v1/artifacts/{digest}/blob", f.server.url))
+        .bearer_auth(f.token("carol"))
+        .send()
+        .unwrap();
+    assert_eq!(blob.status(), reqwest::StatusCode::OK, "an acknowledged upload lost its bytes to a purge");
+    assert_eq!(digest_of(&blob.bytes().unwrap()), digest);
+}
+
+#[test]
+fn an_upload_during_a_purge_of_the_same_bytes_keeps_them_on_the_local_store() {
+    upload_during_purge(Backend::Local);
+}
+
+#[test]
+fn an_upload_during_a_purge_of_the_same_bytes_keeps_them_on_s3() {
+    upload_during_purge(Backend::S3);
+}
