@@ -474,7 +474,13 @@ fn run(backend: Backend) {
         scope.spawn(move || purges(s, t, worker_seeds[5]));
 
         for kill in 1..=kills {
-            let delay = Duration::from_millis(rng.random_range(300..4000));
+            // Mostly within a ~200 MB upload; one kill in three later, so that big uploads
+            // also finish (and get killed in their publish: S3's CopyObject) now and then.
+            let delay = if rng.random_range(0..3) == 0 {
+                Duration::from_millis(rng.random_range(4000..9000))
+            } else {
+                Duration::from_millis(rng.random_range(300..4000))
+            };
             std::thread::sleep(delay);
             shared.close();
             let big_in_flight = shared.big_in_flight.load(Ordering::SeqCst) > 0;
