@@ -128,6 +128,9 @@ pub async fn purge(
             digest.to_string(),
             serde_json::json!({"older_than_days": older_than_days, "bytes": size}),
         );
+        // No upload of these bytes between the record and the delete (it would record their
+        // restore, then lose them to the delete).
+        let _purging = store.purging().await;
         let (writer, by, owner, cutoff) = (Arc::clone(registry), p.name.clone(), p.owner.clone(), cutoff.clone());
         let recorded = tokio::task::spawn_blocking(move || writer.record_purge(digest, &cutoff, &by, &owner, &event))
             .await
@@ -138,6 +141,8 @@ pub async fn purge(
             tracing::info!(%digest, "not purged: needed since it was listed");
             continue;
         }
+        crate::stall_point("purge-recorded").await;
+        crate::crash_point("purge-recorded");
         store.purge_artifact(digest).await?;
         report.bytes += size.unwrap_or(0);
         report.purged.push(digest);

@@ -197,12 +197,55 @@ impl Ingestor {
 
         let options = self.check_options(&request.service);
         let _turn = self.turns.acquire().await.expect("the semaphore is never closed");
-        let mut upload = self.store.begin_upload().await?;
+        // The staging key is noted in the registry before anything is written to it, and
+        // forgotten once the upload ended and its staging key is gone: a server killed in
+        // between leaves the note, and the next start removes exactly what this upload wrote
+        // (staging object, S3 multipart upload, artifact key the registry does not name).
+        let id = uuid::Uuid::new_v4();
+        self.journal(move |r| r.stage_upload(id)).await?;
+        let mut clean = true;
+        let result = self.stage(id, principal, request, body, limit, options, &mut clean).await;
+        // A failure of the store or the registry may have left something behind (a staging
+        // object, published bytes without their row): the note stays for the next start.
+        let settled = clean && !matches!(result, Err(IngestError::Store(_) | IngestError::Registry(_)));
+        if settled && let Err(e) = self.journal(move |r| r.unstage_upload(id)).await {
+            tracing::warn!(error = %e, upload = %id, "could not forget a finished upload; the next start will");
+        }
+        result
+    }
+
+    /// Runs a registry call on the blocking pool.
+    async fn journal(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<(), RegistryError> + Send + 'static,
+    ) -> Result<(), IngestError> {
+        let registry = Arc::clone(&self.registry);
+        Ok(tokio::task::spawn_blocking(move || f(&registry)).await.expect("registry call does not panic")?)
+    }
+
+    /// The upload under its noted staging key `id`. `clean` becomes false when the store
+    /// refused to remove what it staged (the journal keeps it for the next start).
+    #[allow(clippy::too_many_arguments)]
+    async fn stage<S, E>(
+        &self,
+        id: uuid::Uuid,
+        principal: &Principal,
+        request: UploadRequest,
+        body: S,
+        limit: u64,
+        options: CheckOptions,
+        clean: &mut bool,
+    ) -> Result<Recorded, IngestError>
+    where
+        S: Stream<Item = Result<Piece, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut upload = self.store.begin_upload(id).await?;
         let body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0 };
         let received = match receive(body, &mut upload, limit, options).await {
             Ok(received) => received,
             Err(e) => {
-                upload.abort().await;
+                *clean = upload.abort().await;
                 return Err(e);
             }
         };
@@ -210,17 +253,28 @@ impl Ingestor {
             if let Some(expected) = claim
                 && expected != received.digest
             {
-                upload.abort().await;
+                *clean = upload.abort().await;
                 return Err(IngestError::DigestMismatch { expected, actual: received.digest });
             }
         }
-        let staged = upload.finish().await?;
+        let staged = match upload.finish().await {
+            Ok(staged) => staged,
+            Err(e) => {
+                *clean = false;
+                return Err(e.into());
+            }
+        };
+        // From the look at the store to the committed row, no purge deletes these bytes.
+        let _publishing = self.store.publishing().await;
         if self.store.artifact_size(received.digest).await? == Some(received.size) {
             // Stored already (published by an earlier upload, so verified): a repeated upload
             // leaves the object exactly as it was.
-            self.store.discard(staged).await;
+            *clean = self.store.discard(staged).await;
         } else {
+            let digest = received.digest;
+            self.journal(move |r| r.publishing_upload(id, digest)).await?;
             self.store.publish(staged, received.digest, received.size).await?;
+            crate::crash_point("upload-published");
         }
 
         let new = NewArtifact {
@@ -380,6 +434,7 @@ where
         batch_bytes += chunk.len();
         batch.push(chunk.clone());
         upload.write(chunk).await?;
+        crate::crash_point("upload-begun");
         if batch_bytes >= BATCH_BYTES {
             hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
         }

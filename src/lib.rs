@@ -67,6 +67,38 @@ pub fn is_blank(text: &str) -> bool {
     text.chars().all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
 }
 
+/// Test hook: with `RELEASE_TEST_CRASH_AT=<point>` in its environment, the process dies on
+/// the spot when it reaches that point (`abort`: no destructor runs, nothing is flushed or
+/// cleaned up, as after a SIGKILL), so that an integration test reproduces a crash at one
+/// exact moment. Points: `upload-begun` (a staging upload begun, a body part written),
+/// `upload-published` (verified bytes under their artifact key, no registry row yet),
+/// `purge-recorded` (a purge recorded, its bytes not deleted yet). Never for production.
+pub fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("RELEASE_TEST_CRASH_AT").ok()).as_deref() == Some(point) {
+        eprintln!("RELEASE_TEST_CRASH_AT={point}: the process dies here (a test's crash)");
+        std::process::abort();
+    }
+}
+
+/// Test hook: with `RELEASE_TEST_STALL_AT=<point>:<ms>`, waits that long at that point (a
+/// [`crash_point`]'s name), so that an integration test can act inside a window that is
+/// otherwise a few microseconds wide. Never for production.
+pub async fn stall_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let text = std::env::var("RELEASE_TEST_STALL_AT").ok()?;
+        let (name, ms) = text.rsplit_once(':')?;
+        Some((name.to_owned(), ms.parse().ok()?))
+    });
+    if let Some((name, ms)) = at
+        && name == point
+    {
+        tracing::warn!(point, ms, "RELEASE_TEST_STALL_AT: waiting here (a test's stall)");
+        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

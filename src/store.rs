@@ -39,6 +39,8 @@ pub enum StoreError {
     Open { what: String, source: object_store::Error },
     #[error("artifact store, object {key}: {source}")]
     Io { key: String, source: std::io::Error },
+    #[error("artifact store ({backend}): listing the multipart uploads of {key}: {message}")]
+    Multipart { backend: String, key: String, message: String },
 }
 
 /// How much of a local object one read hands over.
@@ -106,9 +108,30 @@ pub struct Store {
     signer: Option<Arc<object_store::aws::AmazonS3>>,
     prefix: String,
     backend: Backend,
+    /// Orders what writes artifact keys against what deletes them (see [`Store::publishing`]).
+    keys: Arc<tokio::sync::RwLock<()>>,
 }
 
+/// Held while an upload looks for, publishes and records an artifact key (shared), or while
+/// a purge records and deletes one (exclusive).
+pub type KeyGuard<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
+pub type PurgeGuard<'a> = tokio::sync::RwLockWriteGuard<'a, ()>;
+
 impl Store {
+    /// Taken by an upload from the moment it looks whether its bytes are stored until its row
+    /// is committed. A purge ([`Store::purging`]) waits for it, and it waits for a purge: an
+    /// upload of bytes a purge is deleting used to find them still there, skip its publish,
+    /// record their restore — and the purge deleted them after (an acknowledged upload
+    /// without bytes; issue 11's crash harness).
+    pub async fn publishing(&self) -> KeyGuard<'_> {
+        self.keys.read().await
+    }
+
+    /// Taken by a purge while it records and deletes one artifact's bytes.
+    pub async fn purging(&self) -> PurgeGuard<'_> {
+        self.keys.write().await
+    }
+
     pub fn open(config: &StorageConfig) -> Result<Store, StoreError> {
         match config {
             StorageConfig::Local { path } => {
@@ -129,6 +152,7 @@ impl Store {
                     signer: None,
                     prefix: String::new(),
                     backend: Backend::Local { root: path.clone() },
+                    keys: Arc::default(),
                 })
             }
             StorageConfig::S3(s3) => Self::open_s3(s3),
@@ -162,6 +186,7 @@ impl Store {
             signer: Some(s3_store),
             prefix: s3.prefix.clone(),
             backend: Backend::S3 { endpoint: s3.endpoint.clone(), bucket: s3.bucket.clone() },
+            keys: Arc::default(),
         })
     }
 
@@ -192,9 +217,9 @@ impl Store {
         }
     }
 
-    /// Starts receiving an upload under a fresh staging key.
-    pub async fn begin_upload(&self) -> Result<Upload, StoreError> {
-        let id = Uuid::new_v4();
+    /// Starts receiving an upload under the staging key `uploads/<id>` (a fresh uuid, noted
+    /// in the registry's journal first: see [`Store::remove_left_upload`]).
+    pub async fn begin_upload(&self, id: Uuid) -> Result<Upload, StoreError> {
         let key = Key::Upload(id);
         let multipart = self.inner.put_multipart(&self.path(key)).await.map_err(self.error(key))?;
         Ok(Upload { id, writer: WriteMultipart::new_with_chunk_size(multipart, PART_SIZE), store: self.clone() })
@@ -246,11 +271,75 @@ impl Store {
         }
     }
 
-    /// Removes a staging object; a failure is only logged (the start-up sweep removes it).
-    pub async fn discard(&self, upload: Uuid) {
-        if let Err(e) = self.delete(Key::Upload(upload)).await {
-            tracing::warn!(error = %e, "could not remove a staging upload; the start-up sweep will");
+    /// Removes a staging object; a failure is only logged (the next start removes it) and
+    /// answered `false`.
+    pub async fn discard(&self, upload: Uuid) -> bool {
+        match self.delete(Key::Upload(upload)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove a staging upload; the next start will");
+                false
+            }
         }
+    }
+
+    /// Removes everything an upload cut short by a crash wrote to its staging key
+    /// `uploads/<id>`: the staging object; on the local backend its part files; on S3 every
+    /// multipart upload begun there, which was never completed and so is never listed as an
+    /// object (found with `ListMultipartUploads`, which object_store lacks, by a presigned
+    /// request; then aborted). Returns how many multipart uploads or part files it removed.
+    pub async fn remove_left_upload(&self, id: Uuid) -> Result<usize, StoreError> {
+        let key = Key::Upload(id);
+        let path = self.path(key);
+        let mut removed = 0;
+        match (&self.backend, &self.signer) {
+            (Backend::Local { root }, _) => {
+                let (dir, name) = (root.join("uploads"), id.to_string());
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+                    let file = entry.file_name().to_string_lossy().into_owned();
+                    if file.strip_prefix(&name).is_some_and(|rest| rest.starts_with('#'))
+                        && std::fs::remove_file(entry.path()).is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+            }
+            (Backend::S3 { .. }, Some(s3)) => {
+                use object_store::multipart::MultipartStore;
+                for upload_id in self.multipart_uploads(&path).await? {
+                    match s3.abort_multipart(&path, &upload_id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                        Err(e) => return Err(self.error(key)(e)),
+                    }
+                }
+            }
+            (Backend::S3 { .. }, None) => unreachable!("an S3 store has its signer"),
+        }
+        self.delete(key).await?;
+        Ok(removed)
+    }
+
+    /// The upload ids of the multipart uploads begun at exactly `path` and neither completed
+    /// nor aborted (S3 only).
+    async fn multipart_uploads(&self, path: &Path) -> Result<Vec<String>, StoreError> {
+        use object_store::signer::{SignedUrlOptions, Signer};
+        let failed =
+            |message: String| StoreError::Multipart { backend: self.describe(), key: path.to_string(), message };
+        let Some(s3) = &self.signer else { return Ok(Vec::new()) };
+        let options = SignedUrlOptions::new().with_query([("uploads", String::new()), ("prefix", path.to_string())]);
+        let url = s3
+            .signed_url_opts(reqwest::Method::GET, &Path::from(""), Duration::from_secs(300), &options)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let client =
+            reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(|e| failed(e.to_string()))?;
+        let response = client.get(url).send().await.map_err(|e| failed(e.to_string()))?;
+        let status = response.status();
+        let xml = response.text().await.map_err(|e| failed(e.to_string()))?;
+        if !status.is_success() {
+            return Err(failed(format!("{status}: {}", xml.chars().take(300).collect::<String>())));
+        }
+        Ok(multipart_upload_ids(&xml, path.as_ref()))
     }
 
     async fn delete(&self, key: Key) -> Result<(), StoreError> {
@@ -279,6 +368,12 @@ impl Store {
     /// Removes an artifact's bytes (a purge the registry has recorded; nothing else deletes an
     /// artifact key).
     pub async fn purge_artifact(&self, digest: Digest) -> Result<(), StoreError> {
+        self.delete(Key::Artifact(digest)).await
+    }
+
+    /// Removes bytes an upload cut short by a crash published under an artifact key that the
+    /// registry does not name (the only other delete of an artifact key besides a purge).
+    pub async fn remove_artifact(&self, digest: Digest) -> Result<(), StoreError> {
         self.delete(Key::Artifact(digest)).await
     }
 
@@ -469,6 +564,28 @@ impl Store {
     }
 }
 
+/// The `UploadId`s of the `<Upload>` entries of a `ListMultipartUploadsResult` whose `Key` is
+/// exactly `key`.
+fn multipart_upload_ids(xml: &str, key: &str) -> Vec<String> {
+    let field = |entry: &str, name: &str| -> Option<String> {
+        let start = entry.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + entry[start..].find(&format!("</{name}>"))?;
+        Some(
+            entry[start..end]
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&amp;", "&"),
+        )
+    };
+    xml.split("<Upload>")
+        .skip(1)
+        .filter(|entry| field(entry, "Key").as_deref() == Some(key))
+        .filter_map(|entry| field(entry, "UploadId"))
+        .collect()
+}
+
 /// The endpoint object_store wants: as configured for path-style addressing, with the bucket
 /// in the host name for virtual-hosted style.
 fn endpoint_url(s3: &S3Config) -> String {
@@ -511,11 +628,16 @@ impl Upload {
         Ok(self.id)
     }
 
-    /// Drops everything written; nothing stays under the staging key.
-    pub async fn abort(self) {
+    /// Drops everything written; nothing stays under the staging key. `false` (logged) when
+    /// the store refused: the next start removes it.
+    pub async fn abort(self) -> bool {
         let key = Key::Upload(self.id);
-        if let Err(e) = self.writer.abort().await {
-            tracing::warn!(key = %self.store.path(key), error = %e, "could not abort a staged upload; the start-up sweep removes it");
+        match self.writer.abort().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(key = %self.store.path(key), error = %e, "could not abort a staged upload; the next start removes it");
+                false
+            }
         }
     }
 }
@@ -554,6 +676,16 @@ mod tests {
         }
         assert_eq!(BackupStamp::parse("latest"), None);
         assert!(BackupStamp(stamp.0 + 1).text() > stamp.text());
+    }
+
+    #[test]
+    fn multipart_listing_is_read_for_one_key_exactly() {
+        let xml = "<ListMultipartUploadsResult><Bucket>b</Bucket>\
+            <Upload><Key>p/uploads/a</Key><UploadId>1&amp;x</UploadId></Upload>\
+            <Upload><Key>p/uploads/ab</Key><UploadId>2</UploadId></Upload>\
+            <Upload><Key>p/uploads/a</Key><UploadId>3</UploadId></Upload></ListMultipartUploadsResult>";
+        assert_eq!(multipart_upload_ids(xml, "p/uploads/a"), vec!["1&x".to_owned(), "3".to_owned()]);
+        assert!(multipart_upload_ids(xml, "p/uploads/c").is_empty());
     }
 
     #[test]

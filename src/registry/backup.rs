@@ -48,6 +48,10 @@ impl Registry {
                 }
             }
         }
+        // Uploads under way belong to the running server, not to the copy: a registry restored
+        // from it must not take them for uploads a crash cut short and delete the bytes they
+        // were publishing (committed after the snapshot, and perhaps deployed since).
+        out.execute("DELETE FROM staged_uploads", [])?;
         // The copy is a self-contained file: no WAL beside it.
         out.pragma_update(None, "journal_mode", "DELETE")?;
         let head = head_of(&out)?;

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0011_node_marks", include_str!("../../migrations/0011_node_marks.sql")),
     ("0012_artifact_shared_checks", include_str!("../../migrations/0012_artifact_shared_checks.sql")),
     ("0013_release_forced_migrations", include_str!("../../migrations/0013_release_forced_migrations.sql")),
+    ("0014_staged_uploads", include_str!("../../migrations/0014_staged_uploads.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

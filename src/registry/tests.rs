@@ -608,3 +608,17 @@ fn reads_at_once_share_a_bounded_pool_of_connections() {
     let pool = registry.readers.lock().unwrap();
     assert_eq!((pool.open, pool.idle.len()), (MAX_READERS, MAX_READERS));
 }
+
+#[test]
+fn a_snapshot_leaves_out_the_uploads_under_way() {
+    let (dir, registry) = open();
+    let id = uuid::Uuid::new_v4();
+    registry.stage_upload(id).unwrap();
+    registry.publishing_upload(id, Digest::of(b"bytes")).unwrap();
+    assert_eq!(registry.left_uploads().unwrap().len(), 1);
+    let copy = dir.path().join("copy.db");
+    registry.snapshot(&copy).unwrap();
+    let restored = Registry::open(&copy).unwrap();
+    assert_eq!(restored.left_uploads().unwrap(), vec![], "a restore would delete bytes committed after the copy");
+    assert!(registry.is_staged(id).unwrap(), "the running registry keeps its note");
+}

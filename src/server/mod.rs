@@ -100,6 +100,40 @@ impl AppState {
     }
 }
 
+/// Removes from the store what a server killed mid-way left there, before anything else uses
+/// it (the data directory's lock proves that server is gone): for each upload its journal
+/// still notes, the staging object and its S3 multipart upload, and the bytes it was
+/// publishing unless the registry names them; and the bytes of a purge recorded but cut short
+/// before its delete (storage-layout.md, "Crashes and interrupted uploads").
+async fn clear_what_a_crash_left(registry: &Arc<Registry>, store: &Store) -> Result<(), ServerError> {
+    let reader = Arc::clone(registry);
+    let left = tokio::task::spawn_blocking(move || reader.left_uploads()).await.expect("no panic")?;
+    for upload in left {
+        let parts = store.remove_left_upload(upload.id).await?;
+        if let Some(digest) = upload.unnamed_artifact {
+            store.remove_artifact(digest).await?;
+        }
+        let writer = Arc::clone(registry);
+        tokio::task::spawn_blocking(move || writer.unstage_upload(upload.id)).await.expect("no panic")?;
+        tracing::warn!(
+            upload = %upload.id,
+            parts,
+            unnamed_artifact = upload.unnamed_artifact.map(|d| d.to_string()),
+            "removed what an upload cut short by a stop left in the store"
+        );
+    }
+    let reader = Arc::clone(registry);
+    let purged = tokio::task::spawn_blocking(move || reader.purged_artifacts()).await.expect("no panic")?;
+    if !purged.is_empty() {
+        let stored: std::collections::HashSet<_> = store.list_artifacts().await?.into_iter().collect();
+        for digest in purged.into_iter().filter(|d| stored.contains(d)) {
+            store.purge_artifact(digest).await?;
+            tracing::warn!(%digest, "removed the bytes of a purge cut short by a stop");
+        }
+    }
+    Ok(())
+}
+
 /// What `release serve` holds while it runs: the state, the webhook tasks and the data
 /// directory's lock.
 pub struct Opened {
@@ -134,6 +168,7 @@ impl Opened {
         }
         tracing::info!(store = %store.describe(), registry = %registry.path().display(), "opened");
         let (config, registry) = (Arc::new(config), Arc::new(registry));
+        clear_what_a_crash_left(&registry, &store).await?;
         check_audit_against_bucket(&registry, &store).await?;
         let metrics = Arc::new(Metrics::new());
         let services: Vec<String> = config.services.values().map(|s| s.name.clone()).collect();

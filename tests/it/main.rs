@@ -6,6 +6,7 @@ mod audit;
 mod backup;
 mod bodies;
 mod concurrency;
+mod crash;
 mod curation;
 mod floods;
 mod hostile_archives;

@@ -374,7 +374,7 @@ fn the_s3_staging_check_sees_unfinished_multipart_uploads() {
     let server = TestServer::start(Backend::S3);
     assert!(server.staging_keys().is_empty());
     let upload = crate::support::block_on(async {
-        let mut upload = server.store().begin_upload().await.unwrap();
+        let mut upload = server.store().begin_upload(uuid::Uuid::new_v4()).await.unwrap();
         upload.write(bytes::Bytes::from(vec![1u8; 1000])).await.unwrap();
         upload
     });

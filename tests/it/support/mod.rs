@@ -225,18 +225,38 @@ impl TestServer {
 
     fn spawn(&mut self) {
         self.starts += 1;
+        self.child = Some(self.serve_command().spawn().unwrap());
+        self.url = self.wait_for_listen_line();
+    }
+
+    /// `release serve` on this configuration and data directory, its log appended to.
+    fn serve_command(&self) -> Command {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = clean_command()
+        let mut command = clean_command();
+        command
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .env("RELEASE_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.url = self.wait_for_listen_line();
+            .stderr(log);
+        command
+    }
+
+    /// Stops the server (SIGKILL), starts it again on the same data directory and
+    /// configuration, and SIGKILLs that start `after` later, listening or not: a crash during
+    /// the start, its recovery cut short. The server is stopped afterwards; `restart` it.
+    /// Returns whether it was listening already.
+    pub fn start_and_kill_after(&mut self, after: Duration) -> bool {
+        self.kill();
+        let mut child = self.serve_command().spawn().unwrap();
+        std::thread::sleep(after);
+        let _ = child.kill();
+        let _ = child.wait();
+        let listened = self.log().matches("listening on ").count() as u32;
+        let was_listening = listened > self.starts;
+        self.starts = listened;
+        was_listening
     }
 
     fn wait_for_listen_line(&mut self) -> String {
