@@ -2,7 +2,9 @@
 //! deploy/rollback loop runs on 2 local nodes. Nothing acknowledged is lost, no request fails
 //! that should not, `audit verify` passes, and the server's threads stay within the fixed
 //! registry threads plus the capped blocking pool. p99 per endpoint and peak RSS are printed,
-//! never asserted (shared machines). Short in CI; `RELEASE_LOAD_SECONDS=60` for the full minute.
+//! never asserted (shared machines). Short in CI; by hand, `RELEASE_LOAD_SECONDS=60` for the
+//! full minute, `RELEASE_LOAD_REST_SECONDS=60` for the RSS a minute after, `RELEASE_TEST_BIN`
+//! for a release build of the server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -253,6 +255,13 @@ fn uploads_reads_and_deploys_at_once_lose_nothing_and_keep_threads_bounded() {
         mib(peak_rss),
         mib(after_rss)
     );
+    // By hand: how much the server gives back once the load is gone.
+    let rest: u64 = std::env::var("RELEASE_LOAD_REST_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if rest > 0 {
+        std::thread::sleep(Duration::from_secs(rest));
+        let (rss, _, threads) = proc_status(pid);
+        eprintln!("load: {rest} s later: RSS {:.0} MiB, {threads} threads", mib(rss));
+    }
     let errors = tally.errors.lock().unwrap();
     assert!(errors.is_empty(), "{} unexpected errors, first ones: {:?}", errors.len(), &errors[..errors.len().min(10)]);
     // Async workers (one per core), the registry's fixed threads, the capped blocking pool, and
