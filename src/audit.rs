@@ -189,7 +189,7 @@ pub struct BadEvent {
 pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verification, AuditError> {
     let checked_at = utc::now_text();
     let walker = Arc::clone(registry);
-    let walked = tokio::task::spawn_blocking(move || walk(&walker)).await.expect("verification does not panic")?;
+    let walked = crate::registry::run(move || walk(&walker)).await?;
     let mut verification = Verification {
         ok: walked.first_bad.is_none(),
         events: walked.events,
@@ -232,7 +232,7 @@ pub async fn against_checkpoint(
     } else {
         let reader = Arc::clone(registry);
         let seq = checkpoint.events;
-        let event = tokio::task::spawn_blocking(move || reader.audit_event(seq)).await.expect("no panic")?;
+        let event = crate::registry::run(move || reader.audit_event(seq)).await?;
         match event {
             Some(event) if hex::encode(event.hash) == checkpoint.head => None,
             _ => Some(BadEvent {
@@ -258,7 +258,7 @@ pub async fn against_checkpoint(
 /// events it lost: then the registry was restored past it, knowingly, and that is on record.
 async fn restored_past(registry: &Arc<Registry>, checkpoint: &Checkpoint) -> Result<bool, AuditError> {
     let reader = Arc::clone(registry);
-    let restorations = tokio::task::spawn_blocking(move || reader.restorations()).await.expect("no panic")?;
+    let restorations = crate::registry::run(move || reader.restorations()).await?;
     Ok(restorations.iter().any(|(seq, details)| {
         let recorded = &details["checkpoint"];
         details["lost"]["to"].as_u64() == Some(checkpoint.events)
@@ -425,7 +425,7 @@ impl ChainWatch {
         // at once, not only at the next full walk.
         if !from_scratch && checked.events > 0 && checked.broken.is_none() {
             let (reader, seq) = (Arc::clone(registry), checked.events);
-            let tail = tokio::task::spawn_blocking(move || reader.audit_event(seq)).await.expect("no panic")?;
+            let tail = crate::registry::run(move || reader.audit_event(seq)).await?;
             let intact = tail.is_some_and(|e| Some(e.hash) == checked.head && e.expected_hash(&e.prev_hash) == e.hash);
             if !intact {
                 *checked = Checked::default();
@@ -438,9 +438,7 @@ impl ChainWatch {
         self.walking_all.store(walking_all, std::sync::atomic::Ordering::Relaxed);
         if checked.broken.is_none() {
             let (reader, after, prev) = (Arc::clone(registry), checked.events, checked.head.unwrap_or(GENESIS));
-            let walked = tokio::task::spawn_blocking(move || walk_after(&reader, after, prev))
-                .await
-                .expect("verification does not panic")?;
+            let walked = crate::registry::run(move || walk_after(&reader, after, prev)).await?;
             checked.events = walked.events;
             checked.head = walked.head.or(checked.head);
             checked.broken = walked.first_bad;
@@ -473,7 +471,7 @@ impl ChainWatch {
 /// is not checkpointed, so the evidence stays for `verify` to report.
 pub async fn checkpoint(registry: &Arc<Registry>, store: &Store, last: u64) -> Result<u64, AuditError> {
     let reader = Arc::clone(registry);
-    let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+    let head = crate::registry::run(move || reader.audit_head()).await?;
     let Some((events, hash)) = head else { return Ok(last) };
     if events == last {
         return Ok(last);

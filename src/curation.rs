@@ -80,9 +80,7 @@ pub async fn block(
     let event = NewEvent::by(p, "artifact.block", digest.to_string(), serde_json::json!({"reason": reason}));
     let registry = Arc::clone(registry);
     let (block, cancelled): (Block, Vec<Release>) =
-        tokio::task::spawn_blocking(move || registry.block_artifact(digest, &block, &event))
-            .await
-            .expect("no panic")?;
+        crate::registry::run(move || registry.block_artifact(digest, &block, &event)).await?;
     for release in &cancelled {
         tracing::warn!(release = release.id, %digest, "release cancelled: its artifact was blocked");
         metrics.record_release(release, None);
@@ -118,7 +116,7 @@ pub async fn purge(
         .map_or_else(String::new, utc::format);
     let reader = Arc::clone(registry);
     let listed = cutoff.clone();
-    let candidates = tokio::task::spawn_blocking(move || reader.purge_candidates(&listed)).await.expect("no panic")?;
+    let candidates = crate::registry::run(move || reader.purge_candidates(&listed)).await?;
     let mut report = Purged::default();
     for digest in candidates {
         let size = store.artifact_size(digest).await?;
@@ -132,9 +130,7 @@ pub async fn purge(
         // restore, then lose them to the delete).
         let _purging = store.purging().await;
         let (writer, by, owner, cutoff) = (Arc::clone(registry), p.name.clone(), p.owner.clone(), cutoff.clone());
-        let recorded = tokio::task::spawn_blocking(move || writer.record_purge(digest, &cutoff, &by, &owner, &event))
-            .await
-            .expect("no panic")?;
+        let recorded = crate::registry::run(move || writer.record_purge(digest, &cutoff, &by, &owner, &event)).await?;
         if !recorded {
             // Named by a release (or adopted, or purged by another call) since the candidates
             // were listed: kept.

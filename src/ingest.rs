@@ -305,9 +305,7 @@ impl Ingestor {
             }),
         );
         let registry = Arc::clone(&self.registry);
-        let recorded = tokio::task::spawn_blocking(move || registry.record_artifact(&new, &event))
-            .await
-            .expect("registry call does not panic")?;
+        let recorded = crate::registry::run(move || registry.record_artifact(&new, &event)).await?;
         tracing::info!(
             digest = %recorded.artifact.digest,
             service = %recorded.upload.service,

@@ -367,8 +367,7 @@ impl Metrics {
             return Err(MetricsError::Scoped { name: principal.name.clone() });
         }
         let registry = Arc::clone(registry);
-        let gauges =
-            tokio::task::spawn_blocking(move || registry.gauges()).await.expect("registry calls do not panic")?;
+        let gauges = crate::registry::run(move || registry.gauges()).await?;
         Ok(self.encode(&gauges))
     }
 

@@ -94,7 +94,7 @@ impl RefusalLog {
         let event = self.open.lock().expect("refusal window lock").add(refused, &utc::now_text());
         let Some(event) = event else { return };
         let registry = Arc::clone(&self.registry);
-        match tokio::task::spawn_blocking(move || registry.append_event(&event)).await {
+        match crate::registry::catching(move || registry.append_event(&event)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "could not record a refused request in the audit log"),
             Err(e) => tracing::error!(error = %e, "recording a refused request panicked"),
@@ -110,7 +110,7 @@ impl RefusalLog {
             return;
         }
         let registry = Arc::clone(&self.registry);
-        let appended = tokio::task::spawn_blocking(move || {
+        let appended = crate::registry::catching(move || {
             let result = registry.append_events(&events);
             (events, result)
         })

@@ -25,7 +25,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let overrides = Overrides { listen: args.listen, data_dir: args.data_dir };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     raise_open_files(config.limits.max_connections);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(config.limits.blocking_threads())
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listen = config.listen;
         let store = crate::store::Store::open(&config.storage).map_err(|e| Failure::new(exit::FAILED, e))?;

@@ -176,6 +176,20 @@ pub struct Limits {
     pub verify_interval: HumanDuration,
 }
 
+impl Limits {
+    /// Tokio's blocking pool, capped (its default, 512, let ~250 threads pile up under 64
+    /// readers, each with its own allocator heap and stack). Registry work has its own fixed
+    /// threads ([`crate::registry::run`]); this pool keeps the rest: every upload being received
+    /// holds two threads for its whole length (hasher and archive checker), and file I/O (the
+    /// local store, `tokio::fs`), DNS lookups for webhooks and the like take one for a moment.
+    /// Derived from `max_concurrent_uploads` so that uploads can never take every thread and
+    /// leave their own file writes waiting.
+    pub fn blocking_threads(&self) -> usize {
+        const SPARE: usize = 32;
+        2 * self.max_concurrent_uploads as usize + SPARE
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         let secs = |s| HumanDuration(Duration::from_secs(s));

@@ -1,6 +1,6 @@
 //! The registry: SQLite through rusqlite. The only code that holds SQL (besides `migrations/`).
 //!
-//! rusqlite is blocking: callers on async threads go through `tokio::task::spawn_blocking`.
+//! rusqlite is blocking: callers on async threads go through [`run`], a fixed set of threads.
 //! One writer connection (SQLite serializes writers anyway) and a bounded pool of readers,
 //! which WAL mode lets read while a write is in progress.
 
@@ -15,6 +15,7 @@ mod staging;
 mod tokens;
 mod web;
 mod webhooks;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -31,9 +32,10 @@ pub use staging::LeftUpload;
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
 pub use webhooks::{Backlog, ReleaseAtEvent};
+pub use workers::{Panicked, THREADS as WORKER_THREADS, catching, run};
 
 /// Reader connections open at once; a read past them waits for one. However many requests
-/// read at once (up to tokio's 512 blocking threads), the registry holds this many connections,
+/// read at once, the registry holds this many connections,
 /// their page caches and descriptors. (Unbounded, 300 clients reading at once opened ~120
 /// connections, and SQLite keeps a closed connection's descriptor while others hold locks on
 /// the file, so their descriptors stayed open for the life of the process.)

@@ -60,9 +60,8 @@ impl Adopter for ServerAdopter {
                 format!("release/{id}"),
                 serde_json::json!({"digest": digest, "nodes": nodes}),
             );
-            tokio::task::spawn_blocking(move || registry.record_adoption(id, digest, &nodes, &event))
+            crate::registry::run(move || registry.record_adoption(id, digest, &nodes, &event))
                 .await
-                .expect("registry calls do not panic")
                 .map_err(|e| format!("recording the adoption: {e}"))
         })
     }

@@ -244,7 +244,7 @@ impl Releases {
         f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
     ) -> Result<T, ReleaseError> {
         let registry = Arc::clone(&self.registry);
-        Ok(tokio::task::spawn_blocking(move || f(&registry)).await.expect("registry calls do not panic")?)
+        Ok(crate::registry::run(move || f(&registry)).await?)
     }
 
     /// Records the configured services and environments; finishes or puts back what a
@@ -1312,7 +1312,7 @@ impl Releases {
         Gate(Arc::new(move || {
             let registry = Arc::clone(&registry);
             Box::pin(async move {
-                let block = tokio::task::spawn_blocking(move || registry.artifact_block(digest))
+                let block = crate::registry::catching(move || registry.artifact_block(digest))
                     .await
                     .map_err(|e| format!("could not check whether {digest} is blocked: {e}"))?
                     .map_err(|e| format!("could not check whether {digest} is blocked: {e}"))?;

@@ -89,7 +89,7 @@ where
         async move {
             let cursor = cursor?;
             let _turn = PAGE_READS.acquire().await.expect("never closed");
-            let page = tokio::task::spawn_blocking(move || next(cursor)).await.expect("reading a page does not panic");
+            let page = crate::registry::run(move || next(cursor)).await;
             Some(match page {
                 Ok((bytes, more)) => (Ok::<_, std::io::Error>(bytes), more),
                 Err(e) => (Err(std::io::Error::other(e.to_string())), None),
@@ -122,7 +122,7 @@ impl Verifier {
         let interval = state.config.limits.verify_interval.0;
         let mut last = self.last.lock().await;
         let reader = Arc::clone(&state.registry);
-        let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+        let head = crate::registry::run(move || reader.audit_head()).await?;
         let head = head.map_or((0, None), |(n, hash)| (n, Some(hex::encode(hash))));
         if let Some((at, answer)) = last.as_ref()
             && at.elapsed() < interval

@@ -81,9 +81,7 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
 /// Checks a presented token against the registry (off the async threads).
 pub async fn authenticate(state: &AppState, token: String) -> Result<Principal, TokenError> {
     let registry = Arc::clone(&state.registry);
-    tokio::task::spawn_blocking(move || token::authenticate(&registry, &token))
-        .await
-        .expect("authentication does not panic")
+    crate::registry::run(move || token::authenticate(&registry, &token)).await
 }
 
 impl FromRequestParts<AppState> for Caller {

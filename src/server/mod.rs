@@ -154,9 +154,7 @@ impl Opened {
         }
         let lock = lock_data_dir(&config.data_dir)?;
         let registry_path = config.registry_path();
-        let registry = tokio::task::spawn_blocking(move || Registry::open(&registry_path))
-            .await
-            .expect("opening the registry does not panic")?;
+        let registry = crate::registry::run(move || Registry::open(&registry_path)).await?;
         let store = Store::open(&config.storage)?;
         let sweep_age = match config.storage {
             StorageConfig::Local { .. } => Duration::ZERO,
@@ -229,7 +227,7 @@ impl Opened {
 /// record it in the audit log (whose chain `audit verify` then reports as not matching).
 async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> Result<(), ServerError> {
     let reader = Arc::clone(registry);
-    let head = tokio::task::spawn_blocking(move || reader.audit_head()).await.expect("no panic")?;
+    let head = crate::registry::run(move || reader.audit_head()).await?;
     let events = head.map_or(0, |(n, _)| n);
     match crate::audit::against_checkpoint(registry, store, events).await {
         Ok((_, None)) => Ok(()),
@@ -241,7 +239,7 @@ async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> 
                 serde_json::json!({"why": bad.why}),
             );
             let writer = Arc::clone(registry);
-            tokio::task::spawn_blocking(move || writer.append_event(&event)).await.expect("no panic")?;
+            crate::registry::run(move || writer.append_event(&event)).await?;
             Ok(())
         }
         Err(e) => {
@@ -316,7 +314,7 @@ pub async fn backup_once(state: &AppState) {
         }
     };
     let writer = Arc::clone(&state.registry);
-    if let Err(e) = tokio::task::spawn_blocking(move || writer.append_event(&event)).await.expect("no panic") {
+    if let Err(e) = crate::registry::run(move || writer.append_event(&event)).await {
         tracing::error!(error = %e, "could not record the registry backup in the audit log");
     }
 }
@@ -465,5 +463,5 @@ where
     T: Send + 'static,
     E: Into<ApiError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f).await.expect("blocking task does not panic").map_err(Into::into)
+    crate::registry::run(f).await.map_err(Into::into)
 }

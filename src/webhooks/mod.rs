@@ -111,7 +111,7 @@ impl Workers {
     pub async fn start(webhooks: &[Webhook], registry: Arc<Registry>) -> Result<Workers, RegistryError> {
         let names: Vec<String> = webhooks.iter().map(|w| w.name.clone()).collect();
         let reg = Arc::clone(&registry);
-        tokio::task::spawn_blocking(move || reg.start_webhook_cursors(&names)).await.expect("no panic")?;
+        crate::registry::run(move || reg.start_webhook_cursors(&names)).await?;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("release/", env!("CARGO_PKG_VERSION")))
@@ -308,7 +308,7 @@ impl Worker {
         let f = Arc::new(f);
         loop {
             let (registry, call) = (Arc::clone(&self.registry), Arc::clone(&f));
-            match tokio::task::spawn_blocking(move || call(&registry)).await {
+            match crate::registry::catching(move || call(&registry)).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => tracing::error!(webhook = %self.hook.name, error = %e, "webhook: registry call failed"),
                 Err(e) => tracing::error!(webhook = %self.hook.name, error = %e, "webhook: registry call panicked"),

@@ -12,6 +12,7 @@ mod floods;
 mod hostile_archives;
 mod hostile_nodes;
 mod large;
+mod load;
 mod metrics;
 mod nodes;
 mod openapi;

@@ -125,11 +125,10 @@ async fn timeline(
     let (releases, next) = state.releases.history(&p, Some(service.clone()), env.clone(), PAGE, q.before).await?;
     let ids: Vec<i64> = releases.iter().map(|r| r.id).collect();
     let registry = Arc::clone(&state.registry);
-    let (deciders, ended) = tokio::task::spawn_blocking(move || {
+    let (deciders, ended) = crate::registry::run(move || {
         Ok::<_, crate::registry::RegistryError>((registry.deciders(&ids)?, registry.outcomes_at(&ids)?))
     })
-    .await
-    .expect("no panic")?;
+    .await?;
     let environments: Vec<String> =
         state.config.environments.iter().map(|e| e.name.clone()).filter(|e| p.require_environment(e).is_ok()).collect();
     Ok(html(render::timeline(&p, &service, env.as_deref(), &environments, &releases, &deciders, &ended, next)))
@@ -141,11 +140,10 @@ async fn release(State(state): State<AppState>, Viewer(p): Viewer, Path(id): Pat
     let shown = state.releases.show(&p, id).await?;
     let (registry, digest, service) =
         (Arc::clone(&state.registry), shown.detail.release.digest, shown.detail.release.service.clone());
-    let (artifact, uploads) = tokio::task::spawn_blocking(move || {
+    let (artifact, uploads) = crate::registry::run(move || {
         Ok::<_, crate::registry::RegistryError>((registry.artifact(digest)?, registry.artifact_uploads(digest)?))
     })
-    .await
-    .expect("no panic")?;
+    .await?;
     let upload = uploads.iter().find(|u| u.service == service);
     Ok(html(render::release(&p, &shown, artifact.as_ref(), upload)))
 }
@@ -158,7 +156,7 @@ async fn artifact(
     let digest = super::artifacts::parse_digest(&digest)?;
     let registry = Arc::clone(&state.registry);
     let (services, environments) = (p.services.clone(), p.environments.clone());
-    let found = tokio::task::spawn_blocking(move || {
+    let found = crate::registry::run(move || {
         Ok::<_, crate::registry::RegistryError>((
             registry.artifact(digest)?,
             registry.artifact_uploads(digest)?,
@@ -166,8 +164,7 @@ async fn artifact(
             registry.artifact_block(digest)?,
         ))
     })
-    .await
-    .expect("no panic")?;
+    .await?;
     let (Some(artifact), uploads, spells, block) = found else {
         return Err(super::artifacts::no_artifact(&p, digest).into());
     };
@@ -241,8 +238,7 @@ async fn audit(
     };
     let registry = Arc::clone(&state.registry);
     let f = filter.clone();
-    let events =
-        tokio::task::spawn_blocking(move || registry.audit_page(&f, PAGE as u64 + 1)).await.expect("no panic")?;
+    let events = crate::registry::run(move || registry.audit_page(&f, PAGE as u64 + 1)).await?;
     let (events, next) = page_of(events);
     Ok(html(render::audit(&p, chain.as_ref(), &filter, &query, &events, next)))
 }

@@ -71,15 +71,14 @@ impl FromRequestParts<AppState> for Viewer {
         } else {
             let Some(id) = cookie(&parts.headers) else { return Err(to_login(parts)) };
             let hash = session_hash(&id);
-            let found = tokio::task::spawn_blocking(move || {
+            let found = crate::registry::run(move || {
                 let session = registry.session(&hash)?;
                 Ok::<_, TokenError>(match session {
                     Some(s) => Some(token::authenticate_by_id(&registry, &s.token_id)),
                     None => None,
                 })
             })
-            .await
-            .expect("authentication does not panic");
+            .await;
             match found {
                 Ok(Some(Ok(p))) => p,
                 // The session ended or expired: sign in again.
@@ -206,13 +205,12 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
     let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
     let registry = Arc::clone(&state.registry);
     let token = form.token.trim().to_owned();
-    let authenticated = tokio::task::spawn_blocking(move || {
+    let authenticated = crate::registry::run(move || {
         let principal = token::authenticate(&registry, &token)?;
         let id = token::Presented::parse(&token)?.id.to_owned();
         Ok::<_, TokenError>((principal, id))
     })
-    .await
-    .expect("authentication does not panic");
+    .await;
     let refuse = |status: StatusCode, code: &'static str, e: &TokenError| {
         let mut response = render::login(&next, Some(&e.to_string()), status);
         response.extensions_mut().insert(crate::server::error::Refusal { code, message: e.to_string() });
@@ -248,12 +246,11 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
         format!("token/{}", principal.name),
         serde_json::json!({"expires_at": expires}),
     );
-    let opened = tokio::task::spawn_blocking(move || {
+    let opened = crate::registry::run(move || {
         registry.open_session(&hash, &token_id, &expires)?;
         registry.append_event(&event)
     })
-    .await
-    .expect("no panic");
+    .await;
     if let Err(e) = opened {
         return render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string());
     }
@@ -275,7 +272,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
     }
     if let Some(id) = cookie(&headers) {
         let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
-        let ended = tokio::task::spawn_blocking(move || {
+        let ended = crate::registry::run(move || {
             let Some(token_id) = registry.end_session(&hash)? else { return Ok(()) };
             if let Some(t) = registry.token_by_id(&token_id)? {
                 let subject = format!("token/{}", t.name);
@@ -291,8 +288,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
             }
             Ok::<_, crate::registry::RegistryError>(())
         })
-        .await
-        .expect("no panic");
+        .await;
         if let Err(e) = ended {
             tracing::error!(error = %e, "could not end a session");
         }

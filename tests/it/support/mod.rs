@@ -20,8 +20,11 @@ use release::store::Store;
 
 pub use garage::{Garage, garage};
 
+/// The `release` binary under test: this build's, or `RELEASE_TEST_BIN` (a release build, to
+/// measure by hand what `tests/it/load.rs` prints).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_release")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| std::env::var("RELEASE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_release").to_owned()))
 }
 
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
