@@ -65,19 +65,16 @@ fn scratch(prefix: &str) -> PathBuf {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap().keep()
 }
 
-#[test]
-fn a_laravel_app_under_apache_deploys_and_rolls_back_with_zero_downtime() {
-    let root = scratch("release-laravel-");
-    let base = root.join("shop");
-    services::laravel_shared(&base);
-    let apache = Apache::configure(&base, 4);
+/// The Laravel service `shop` on one local node at `root/shop` served by `apache`, its health
+/// check naming the digest, reloaded by `reload` (TOML strings), with builds v1 and v2 of the
+/// app uploaded: the fixture and their digests.
+fn laravel_shop(root: &Path, apache: &Apache, reload: &str) -> (Fixture, String, String) {
     let config = format!(
         "[service.shop]\nkind = \"laravel\"\nhealth = {{ url = \"{}\", expect = \"{{digest}}\" }}\n\
          hooks.finalize = [\"echo $RELEASE_DIGEST > REVISION\", \"php artisan optimize\"]\n\
-         hooks.reload = [\"{}\", \"php artisan queue:restart\"]\n{}",
+         hooks.reload = [{reload}]\n{}",
         apache.url("/version"),
-        apache.graceful(),
-        node_toml("shop", &base, true)
+        node_toml("shop", &root.join("shop"), true)
     );
     let f = Fixture::with_config(&config);
     let (src1, src2) = (root.join("v1"), root.join("v2"));
@@ -85,6 +82,16 @@ fn a_laravel_app_under_apache_deploys_and_rolls_back_with_zero_downtime() {
     services::laravel_app(&src2, "v2");
     let v1 = upload_dir(&f, "shop", &src1);
     let v2 = upload_dir(&f, "shop", &src2);
+    (f, v1, v2)
+}
+
+#[test]
+fn a_laravel_app_under_apache_deploys_and_rolls_back_with_zero_downtime() {
+    let root = scratch("release-laravel-");
+    let base = root.join("shop");
+    services::laravel_shared(&base);
+    let apache = Apache::configure(&base, 4);
+    let (f, v1, v2) = laravel_shop(&root, &apache, &format!("{:?}, \"php artisan queue:restart\"", apache.graceful()));
 
     let first = deploy(&f, "shop", &v1);
     assert_eq!(first["state"], "live", "{first}\n{}", apache.log());
@@ -120,20 +127,8 @@ fn verify_catches_mod_php_serving_the_old_release_after_a_bare_switch() {
     services::laravel_shared(&base);
     // One worker, so "the worker that served the old release" is the one that answers.
     let apache = Apache::configure(&base, 1);
-    let config = format!(
-        "[service.shop]\nkind = \"laravel\"\nhealth = {{ url = \"{}\", expect = \"{{digest}}\" }}\n\
-         hooks.finalize = [\"echo $RELEASE_DIGEST > REVISION\", \"php artisan optimize\"]\n\
-         hooks.reload = [\"{}\", \"php artisan queue:restart\"]\n{}",
-        apache.url("/version"),
-        apache.start_once(),
-        node_toml("shop", &base, true)
-    );
-    let f = Fixture::with_config(&config);
-    let (src1, src2) = (root.join("v1"), root.join("v2"));
-    services::laravel_app(&src1, "v1");
-    services::laravel_app(&src2, "v2");
-    let v1 = upload_dir(&f, "shop", &src1);
-    let v2 = upload_dir(&f, "shop", &src2);
+    let (f, v1, v2) =
+        laravel_shop(&root, &apache, &format!("{:?}, \"php artisan queue:restart\"", apache.start_once()));
     assert_eq!(deploy(&f, "shop", &v1)["state"], "live");
     assert_eq!(get(&apache.url("/version")), format!("v1 {v1}"));
 
@@ -291,20 +286,7 @@ fn a_laravel_rollback_runs_with_the_env_as_it_is_now() {
     let env = base.join("shared/.env");
     fs::write(&env, format!("{}APP_GREETING=first\n", fs::read_to_string(&env).unwrap())).unwrap();
     let apache = Apache::configure(&base, 2);
-    let config = format!(
-        "[service.shop]\nkind = \"laravel\"\nhealth = {{ url = \"{}\", expect = \"{{digest}}\" }}\n\
-         hooks.finalize = [\"echo $RELEASE_DIGEST > REVISION\", \"php artisan optimize\"]\n\
-         hooks.reload = [\"{}\"]\n{}",
-        apache.url("/version"),
-        apache.graceful(),
-        node_toml("shop", &base, true)
-    );
-    let f = Fixture::with_config(&config);
-    let (src1, src2) = (root.join("v1"), root.join("v2"));
-    services::laravel_app(&src1, "v1");
-    services::laravel_app(&src2, "v2");
-    let v1 = upload_dir(&f, "shop", &src1);
-    let v2 = upload_dir(&f, "shop", &src2);
+    let (f, v1, v2) = laravel_shop(&root, &apache, &format!("{:?}", apache.graceful()));
     assert_eq!(deploy(&f, "shop", &v1)["state"], "live");
     assert_eq!(deploy(&f, "shop", &v2)["state"], "live");
     assert_eq!(get(&apache.url("/greeting")), "first");
