@@ -65,16 +65,19 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
                 expires_in_days: expires,
             };
             let (record, secret) = token::create(&registry, request, Manager::Local)?;
+            // The secret alone on stdout, so `export RELEASE_TOKEN=$(release token create …)`
+            // works; what it is goes to stderr, where a person still reads it.
             output.print(
                 &serde_json::json!({"name": record.name, "token": secret, "owner": record.owner,
                     "roles": record.roles, "expires_at": record.expires_at}),
                 || {
-                    format!(
-                        "{secret}\n\ntoken {:?} for {} ({}) created; the secret above is shown only this once",
+                    eprintln!(
+                        "token {:?} for {} ({}) created; its secret, on stdout, is shown only this once",
                         record.name,
                         record.owner,
                         token::join_roles(&record.roles)
-                    )
+                    );
+                    secret.to_string()
                 },
             );
         }

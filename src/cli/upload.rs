@@ -54,7 +54,10 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
         {
             let answer =
                 serde_json::json!({"digest": digest, "size": packed.size, "created": false, "service": args.service});
-            output.print(&answer, || format!("{digest}\nalready stored for {}; nothing sent", args.service));
+            output.print(&answer, || {
+                eprintln!("already stored for {}; nothing sent", args.service);
+                digest.to_string()
+            });
             return Ok(());
         }
         (target, Some(digest))
@@ -73,7 +76,9 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
     let digest = answer["digest"].as_str().unwrap_or_default().to_owned();
     output.print(&answer, || {
         let what = if answer["created"] == true { "stored" } else { "already stored" };
-        format!("{digest}\n{what} for {} ({size} bytes)", labels.service)
+        // The digest alone on stdout (`DIGEST=$(release upload …)`), the rest for a person.
+        eprintln!("{what} for {} ({size} bytes)", labels.service);
+        digest
     });
     Ok(())
 }

@@ -29,9 +29,10 @@ fn embedded_default_is_spec_8() {
 fn the_example_file_parses() {
     let c = load_text(EXAMPLE).unwrap();
     let api = c.service("api").unwrap();
-    assert_eq!(api.kind, ServiceKind::Laravel);
-    assert_eq!(api.shared, [".env", "storage"]);
+    // The service `release init` makes runnable: two nodes on this machine, nothing to install.
+    assert_eq!(api.kind, ServiceKind::Generic);
     assert_eq!(api.nodes.len(), 2);
+    assert!(api.nodes.iter().all(|n| n.is_local()), "{:?}", api.nodes);
     assert_eq!(c.limits.max_upload_bytes, ByteSize(4 << 30));
     assert_eq!(c.environments[1].approval_ttl, Duration::from_secs(86400));
     // The example states every limit, at its default.
@@ -304,6 +305,22 @@ fn pm2_app_is_refused_off_node_services_and_when_the_shell_would_need_quoting() 
         let err = load_text(&format!("[service.web]\nkind = \"node\"\npm2_app = {bad:?}\n")).unwrap_err().to_string();
         assert!(err.contains("service.web.pm2_app") && err.contains("pm2 reload <app>"), "{bad:?}: {err}");
     }
+}
+
+#[test]
+fn the_example_laravel_service_parses_once_uncommented() {
+    let block = EXAMPLE.split("\n# [service.shop]\n").nth(1).expect("the example has a Laravel service");
+    let lines: Vec<&str> = block
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.strip_prefix("# ").or_else(|| l.strip_prefix('#')).unwrap())
+        .collect();
+    let c = load_text(&format!("{EXAMPLE}\n[service.shop]\n{}\n", lines.join("\n"))).unwrap();
+    let shop = c.service("shop").unwrap();
+    assert_eq!(shop.kind, ServiceKind::Laravel);
+    assert_eq!(shop.shared, [".env", "storage"]);
+    assert_eq!(shop.nodes.len(), 2);
+    assert!(!shop.nodes[1].is_local());
 }
 
 #[test]

@@ -435,7 +435,13 @@ impl Releases {
         let absent = |what, name: &str| ReleaseError::NotConfigured { what, name: name.to_owned() };
         if self.config.service(service).is_none() {
             let known = self.config.services.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
-            let known = if known.is_empty() { "none: add a [service.NAME] table".to_owned() } else { known };
+            let known = match (known.is_empty(), &self.config.source) {
+                (false, _) => known,
+                (true, Some(file)) => format!("none: add a [service.NAME] table to {}", file.display()),
+                (true, None) => "none: the server runs the embedded default, which has no services; \
+                                 start it with `release serve --config FILE` (`release init` writes one)"
+                    .to_owned(),
+            };
             let missing = ReleaseError::NotConfiguredAmong { what: "service", name: service.to_owned(), known };
             return Err(unseen(p, missing, None));
         }

@@ -30,5 +30,6 @@ mod support;
 mod throttles;
 mod timeouts;
 mod tokens;
+mod tour;
 mod upload;
 mod webhooks;

@@ -188,6 +188,11 @@ fn init_writes_a_config_that_serve_accepts_and_never_overwrites() {
     let config = dir.path().join("release.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("[limits]") && text.contains("# "));
+    // Ready to run where it was written: the data and the example's local nodes under DIR.
+    let under = dir.path().display().to_string();
+    assert!(text.contains(&format!("data_dir = \"{under}/data\"")), "{text}");
+    assert!(text.contains(&format!("base = \"{under}/nodes/staging/api\"")), "{text}");
+    assert!(!text.contains("/tmp/release-tour"), "{text}");
     let again = TestCommand::new().args(["init", dir.path().to_str().unwrap()]).assert_exit(3);
     assert!(again.stderr().contains("exists already"), "{again}");
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
