@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::support::{Backend, TestServer};
 
 /// Incompressible bytes, fast (xorshift64*), so the archive is as large as the tree.
-fn write_noise(path: &std::path::Path, size: u64) {
+pub fn write_noise(path: &std::path::Path, size: u64) {
     let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut block = vec![0u8; 1 << 20];

@@ -19,6 +19,7 @@ mod openapi;
 mod packaging;
 mod pages;
 mod policies;
+mod proxy;
 mod refusals;
 mod releases;
 mod roles;
