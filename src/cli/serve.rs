@@ -42,16 +42,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
             &control_dir,
             config.node_url.clone(),
         ));
+        // A certificate that does not load stops the start before anything else is opened.
+        let tls = config.tls.as_ref().map(server::Tls::load).transpose().map_err(|e| Failure::new(exit::FAILED, e))?;
         let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
-        let listener = server::bind(listen).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        let listener = server::bind(listen, tls.is_some()).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;
-        tracing::info!(addr = %local, "listening on http://{local}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %local, "listening on {scheme}://{local}");
+        match &tls {
+            Some(tls) => drop(std::sync::Arc::clone(tls).reload_on_sighup()?),
+            // Handled all the same: a `systemctl reload` or a stray HUP must not stop the server.
+            None => drop(ignore_sighup()?),
+        }
         let releases = opened.state.releases.clone();
         let stopping = async move {
             shutdown_signal().await;
             releases.stop_waiting(); // followers waiting for a change answer now
         };
-        server::serve(listener, server::router(opened.state.clone()), opened.state.config.limits, stopping)
+        server::serve_tls(listener, server::router(opened.state.clone()), opened.state.config.limits, tls, stopping)
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
         opened.shutdown().await;
@@ -108,4 +116,14 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// Logs each SIGHUP (there is nothing to reload without TLS) instead of dying of it.
+fn ignore_sighup() -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: nothing to reload (no tls_cert); the configuration is read at start only");
+        }
+    }))
 }

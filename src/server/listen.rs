@@ -3,7 +3,8 @@
 //! (also between requests on a kept-alive connection), a client that takes no byte of an answer
 //! for `limits.send_timeout` is disconnected, and at most `limits.max_connections` are open at
 //! once (more wait in the kernel's listen backlog until one closes). `axum::serve` sets no timer,
-//! which turns hyper's header timeout off silently.
+//! which turns hyper's header timeout off silently. With `[server] tls_cert`/`tls_key`, each
+//! connection is HTTPS (`tls.rs`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::ServerError;
+use super::tls::Tls;
 use crate::config::Limits;
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes the requests in
@@ -31,6 +33,18 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    serve_tls(listener, router, limits, None, shutdown).await
+}
+
+/// As [`serve`], with HTTPS when `tls` is given: the handshake must end within
+/// `limits.header_timeout`, as a request's head must.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let open = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -59,18 +73,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = PerConnection { router: router.clone(), remote };
         let (stop_tx, done_rx) = (stop_tx.clone(), done_rx.clone());
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            let io = TokioIo::new(SendTimeout::new(stream, limits.send_timeout.0));
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout.0).keep_alive(true);
-            let mut connection = pin!(builder.serve_connection(io, service));
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = stop_tx.closed() => {
-                    // The answer in flight is finished; the connection closes after it.
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
+            let stream = SendTimeout::new(stream, limits.send_timeout.0);
+            let ended = match acceptor {
+                None => connection(TokioIo::new(stream), service, limits, &stop_tx).await,
+                Some(acceptor) => match tokio::time::timeout(limits.header_timeout.0, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => connection(TokioIo::new(stream), service, limits, &stop_tx).await,
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no TLS handshake within limits.header_timeout".into()),
+                },
             };
             if let Err(e) = ended {
                 tracing::debug!(%remote, error = %e, "connection ended");
@@ -83,6 +95,25 @@ pub async fn serve(
     drop(done_rx);
     done_tx.closed().await;
     Ok(())
+}
+
+/// Serves one connection's requests until it closes, or until `stop_tx` closes: then the answer
+/// in flight is finished and the connection closed after it.
+async fn connection<I>(io: I, service: PerConnection, limits: Limits, stop_tx: &watch::Sender<()>) -> Result<(), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout.0).keep_alive(true);
+    let mut connection = pin!(builder.serve_connection(io, service));
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = stop_tx.closed() => {
+            connection.as_mut().graceful_shutdown();
+            connection.as_mut().await
+        }
+    };
+    ended.map_err(|e| e.to_string())
 }
 
 /// The router for one connection's requests, which learn the peer's address

@@ -16,6 +16,7 @@ mod range;
 mod releases;
 pub mod routes;
 mod source;
+mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,8 +60,8 @@ pub enum ServerError {
     Locked(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
-    #[error("server.tls_cert: serving HTTPS directly is not implemented yet; terminate TLS in a reverse proxy")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot start: {0}")]
@@ -149,9 +150,6 @@ impl Opened {
     /// checks the audit log against the bucket, starts the webhooks, resumes releases, and
     /// starts the audit checkpoints. `deployer` is the deploy seam's implementation.
     pub async fn open(config: Config, deployer: Arc<dyn Deployer>) -> Result<Opened, ServerError> {
-        if config.tls.is_some() {
-            return Err(ServerError::TlsUnsupported);
-        }
         let lock = lock_data_dir(&config.data_dir)?;
         let registry_path = config.registry_path();
         let registry = crate::registry::run(move || Registry::open(&registry_path)).await?;
@@ -447,11 +445,12 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     response
 }
 
-pub use listen::serve;
+pub use listen::{serve, serve_tls};
+pub use tls::Tls;
 
-/// Binds `addr`, warning when it is not loopback (plain HTTP beyond this machine).
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
-    if !addr.ip().is_loopback() {
+/// Binds `addr`, warning when it serves plain HTTP beyond this machine.
+pub async fn bind(addr: std::net::SocketAddr, https: bool) -> Result<TcpListener, ServerError> {
+    if !https && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain HTTP beyond loopback: put TLS in front (a reverse proxy)");
     }
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr: addr.to_string(), source })

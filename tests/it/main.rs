@@ -30,6 +30,7 @@ mod ssh;
 mod support;
 mod throttles;
 mod timeouts;
+mod tls;
 mod tokens;
 mod tour;
 mod upload;

@@ -20,21 +20,8 @@ impl Nginx {
     fn start(upstream: &str) -> Nginx {
         let dir = tempfile::Builder::new().prefix("release-nginx-").tempdir().unwrap();
         let d = dir.path();
-        let openssl = |args: &str| {
-            let out = Command::new("bash").arg("-c").arg(format!("cd {} && {args}", d.display())).output().unwrap();
-            assert!(out.status.success(), "{args}\n{}", String::from_utf8_lossy(&out.stderr));
-        };
-        openssl(
-            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
-             -subj /CN=release-test-ca -days 2 2>/dev/null",
-        );
-        openssl(
-            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -out leaf.csr \
-             -subj /CN=127.0.0.1 2>/dev/null && \
-             printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext && \
-             openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 \
-             -extfile ext 2>/dev/null",
-        );
+        let ca = crate::support::certs::ca(d, "ca");
+        let (cert, key) = crate::support::certs::leaf(d, "ca", "leaf");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let upstream = upstream.trim_start_matches("http://");
         // The example's TLS server, moved to this test's certificate and ports; its port-80
@@ -43,14 +30,11 @@ impl Nginx {
         let tls_server = site.split("\nserver {").nth(1).expect("the example has a TLS server block");
         let tls_server = format!("server {{{tls_server}")
             .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{port} ssl;"))
-            .replace(
-                "/etc/letsencrypt/live/release.example.com/fullchain.pem",
-                &d.join("leaf.pem").display().to_string(),
-            )
-            .replace("/etc/letsencrypt/live/release.example.com/privkey.pem", &d.join("leaf.key").display().to_string())
+            .replace("/etc/letsencrypt/live/release.example.com/fullchain.pem", &cert.display().to_string())
+            .replace("/etc/letsencrypt/live/release.example.com/privkey.pem", &key.display().to_string())
             .replace("127.0.0.1:8080", upstream);
         let tls_server = tls_server.split("\n}\n").next().unwrap().to_owned() + "\n}\n";
-        assert!(tls_server.contains(&d.join("leaf.pem").display().to_string()), "{tls_server}");
+        assert!(tls_server.contains(&cert.display().to_string()), "{tls_server}");
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
              events {{}}\nhttp {{\naccess_log {d}/access.log;\nclient_body_temp_path {d}/body;\n\
@@ -65,7 +49,7 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start /usr/sbin/nginx (.ci/run installs it): {e}"));
-        let nginx = Nginx { child, url: format!("https://127.0.0.1:{port}"), ca: d.join("ca.pem"), _dir: dir };
+        let nginx = Nginx { child, url: format!("https://127.0.0.1:{port}"), ca, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "nginx did not listen\n{}", nginx.error_log());

@@ -3,6 +3,7 @@
 //! print their log.
 
 pub mod archives;
+pub mod certs;
 pub mod chromium;
 pub mod garage;
 pub mod inprocess;
