@@ -20,6 +20,7 @@ mod packaging;
 mod pages;
 mod policies;
 mod proxy;
+mod recipes;
 mod refusals;
 mod releases;
 mod roles;
