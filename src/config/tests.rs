@@ -429,3 +429,12 @@ fn a_local_node_takes_no_ssh_settings_and_a_base_is_one_nodes() {
     );
     load_text(&two_hosts).unwrap();
 }
+
+#[test]
+fn the_packaged_configuration_loads() {
+    // /etc/release/release.toml as the Debian package installs it: the server starts on it.
+    let c = load_text(include_str!("../../systemd/release.toml")).unwrap();
+    assert_eq!(c.data_dir, PathBuf::from("/var/lib/release"));
+    assert!(c.listen.ip().is_loopback());
+    assert!(c.services.is_empty());
+}
