@@ -157,7 +157,8 @@ async fn post_in_turn(client: &Client, path: &str, body: &Value, queue: Option<D
     loop {
         match client.post(path, body).await {
             Err(crate::client::ClientError::Api { status: 409, code, message })
-                if code == "conflict" && deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
+                if (code == "conflict" || code == "recovering")
+                    && deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
             {
                 if !told {
                     eprintln!("{message}: waiting for its turn (--queue)");

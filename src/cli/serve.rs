@@ -44,8 +44,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         ));
         // A certificate that does not load stops the start before anything else is opened.
         let tls = config.tls.as_ref().map(server::Tls::load).transpose().map_err(|e| Failure::new(exit::FAILED, e))?;
-        let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        // Bound first: while the registry and the store are opened, clients wait in the
+        // listen backlog instead of being refused. Deploys a stopped server left are resolved
+        // in the background once it serves (Releases::start).
         let listener = server::bind(listen, tls.is_some()).await.map_err(|e| Failure::new(exit::FAILED, e))?;
+        let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(addr = %local, "listening on {scheme}://{local}");

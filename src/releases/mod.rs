@@ -92,6 +92,14 @@ pub enum ReleaseError {
     Forbidden(#[from] TokenError),
     #[error("{0}; wait for it to finish")]
     Conflict(RegistryError),
+    /// The release in flight in the cell is a deploy a stopped server left, which the
+    /// restarted server is resolving from its nodes.
+    #[error(
+        "release {} ({} in {}) is being recovered: the server restarted during its deploy and is asking \
+         its nodes whether it went live; ask again when that ends (--queue waits for it)",
+        .0.id, .0.service, .0.environment
+    )]
+    Recovering(Box<Release>),
     #[error("{owner} requested release {id}, so {owner} may not approve it: another person must (four eyes)")]
     SelfApproval { id: i64, owner: String },
     #[error("{digest} was never live in {source_env}, so it cannot go to {environment} (promote_from)")]
@@ -201,6 +209,9 @@ pub struct Releases {
     resolve_again: Arc<Mutex<HashMap<i64, (u32, std::time::Instant)>>>,
     /// What nodes said they serve, shared for `limits.node_status_max_age`.
     node_answers: Arc<observed::NodeAnswers>,
+    /// Deploys a stopped server left unfinished, being resolved from their nodes since this
+    /// server started: a request for their cell is told so (`Recovering`), not just "busy".
+    recovering: Arc<Mutex<HashSet<i64>>>,
 }
 
 impl Releases {
@@ -226,6 +237,7 @@ impl Releases {
             timing,
             running,
             resolve_again: Arc::default(),
+            recovering: Arc::default(),
             node_answers: Arc::default(),
             closing: Default::default(),
             progress: Arc::default(),
@@ -247,8 +259,8 @@ impl Releases {
         Ok(crate::registry::run(move || f(&registry)).await?)
     }
 
-    /// Records the configured services and environments; finishes or puts back what a
-    /// stopped server left in flight; starts the expiry sweep.
+    /// Records the configured services and environments; starts resolving (in the
+    /// background) what a stopped server left in flight; starts the expiry sweep.
     pub async fn start(&self) -> Result<(), ReleaseError> {
         let services: Vec<(String, String)> = self
             .config
@@ -285,20 +297,47 @@ impl Releases {
     /// A deploy left `deploying` by a stopped server is resolved, and an `approved` one not
     /// yet started is started. The server holds its data directory's lock, so every lease in
     /// the registry belonged to a server that is gone: they are cleared, none needs a human.
+    ///
+    /// Only the registry's part is done before this returns: resolving asks the nodes, which
+    /// can take as long as a deploy, so each runs in a task of its own while the server
+    /// already answers. Its cell stays busy meanwhile (the release is `deploying`), and a
+    /// request for it is told it is being recovered. Approved releases are in other cells
+    /// (one in flight per cell), so they start at once.
     async fn recover(&self) -> Result<(), ReleaseError> {
         let cleared = self.blocking(|r| r.clear_leases()).await?;
         if cleared > 0 {
             tracing::warn!(cleared, "cleared deploy leases left by a stopped server");
         }
         for release in self.blocking(|r| r.releases_in_state(State::Deploying)).await? {
-            if let Some(running) = self.claim(release.id) {
-                self.resolve(release, "the server stopped during the deploy", running).await;
-            }
+            let Some(running) = self.claim(release.id) else { continue };
+            self.recovering.lock().expect("never poisoned").insert(release.id);
+            tracing::warn!(release = release.id, "resolving a deploy the stopped server left, in the background");
+            let this = self.clone();
+            tokio::spawn(async move {
+                let id = release.id;
+                this.resolve(release, "the server stopped during the deploy", running).await;
+                this.recovering.lock().expect("never poisoned").remove(&id);
+            });
         }
         for release in self.blocking(|r| r.releases_in_state(State::Approved)).await? {
             self.launch(release);
         }
         Ok(())
+    }
+
+    /// Whether release `id` is a deploy a stopped server left, still being resolved.
+    pub fn is_recovering(&self, id: i64) -> bool {
+        self.recovering.lock().expect("never poisoned").contains(&id)
+    }
+
+    /// `e`, or, when it is a refusal because of a release still being recovered, that.
+    fn busy(&self, e: ReleaseError) -> ReleaseError {
+        match e {
+            ReleaseError::Conflict(RegistryError::InFlight(busy)) if self.is_recovering(busy.id) => {
+                ReleaseError::Recovering(busy)
+            }
+            e => e,
+        }
     }
 
     /// Resolves a deploy whose run ended without recording how (a stopped server, or a run
@@ -809,7 +848,7 @@ impl Releases {
             }
             details
         });
-        let release = self.blocking(move |r| r.create_release(&new, &event)).await?;
+        let release = self.blocking(move |r| r.create_release(&new, &event)).await.map_err(|e| self.busy(e))?;
         if release.state == State::Approved {
             self.launch(release.clone());
         }
@@ -833,7 +872,7 @@ impl Releases {
             NewApproval { approve: true, decided_by: p.name.clone(), decider_owner: p.owner.clone(), reason: None };
         let event =
             NewEvent::by(p, "release.approve", format!("release/{id}"), serde_json::json!({"digest": release.digest}));
-        let release = self.blocking(move |r| r.decide(id, &decision, &event)).await?;
+        let release = self.blocking(move |r| r.decide(id, &decision, &event)).await.map_err(|e| self.busy(e))?;
         self.launch(release.clone());
         Ok(release)
     }

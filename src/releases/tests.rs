@@ -95,6 +95,11 @@ fn approved(registry: &Registry, content: &[u8]) -> Release {
 
 /// A release of `api` in staging, recorded in `state` (pending or approved).
 fn requested(registry: &Registry, content: &[u8], state: State) -> Release {
+    try_requested(registry, content, state).unwrap()
+}
+
+/// As [`requested`], the registry's refusal kept.
+fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Release, RegistryError> {
     let digest = Digest::of(content);
     let artifact = NewArtifact {
         digest,
@@ -127,7 +132,7 @@ fn requested(registry: &Registry, content: &[u8], state: State) -> Release {
         adopt: false,
         forced_past: vec![],
     };
-    registry.create_release(&new, &NewEvent::by_server("release.deploy", "", serde_json::json!({}))).unwrap()
+    registry.create_release(&new, &NewEvent::by_server("release.deploy", "", serde_json::json!({})))
 }
 
 fn a_minute_ago() -> String {
@@ -325,4 +330,34 @@ async fn a_block_while_the_release_deploys_stops_it_before_the_switch() {
     let detail = s.registry.release_detail(release.id).unwrap().unwrap();
     let reason = detail.transitions.last().unwrap().reason.clone().unwrap();
     assert!(reason.contains("blocked by root (corrupts orders)"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_returns_while_a_deploy_a_stopped_server_left_is_resolved_and_its_cell_says_so() {
+    let s = setup();
+    let release = approved(&s.registry, b"v1");
+    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    s.registry.start_deploy(release.id, "a stopped server", &a_minute_ago(), &event).unwrap().deploying().unwrap();
+    // The nodes have not answered yet (the deployer waits for the test), and the start is over.
+    tokio::time::timeout(Duration::from_secs(10), s.releases.start())
+        .await
+        .expect("the start waits for no node")
+        .unwrap();
+    s.deployer.recovering.notified().await;
+    assert!(s.releases.is_recovering(release.id));
+    // Another release for its cell is refused as busy with the recovery, naming it.
+    let other = try_requested(&s.registry, b"v2", State::Approved).expect_err("one release in flight per cell");
+    let refused = s.releases.busy(other.into());
+    assert!(matches!(&refused, ReleaseError::Recovering(r) if r.id == release.id), "{refused}");
+    assert!(refused.to_string().contains("being recovered"), "{refused}");
+    s.deployer.finish_recover.notify_one();
+    assert_eq!(settle(&s.registry, release.id).await.state, State::Live);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.releases.is_recovering(release.id) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Once resolved, the same refusal is the plain one.
+    let plain = s.releases.busy(ReleaseError::Conflict(RegistryError::InFlight(Box::new(release))));
+    assert!(matches!(plain, ReleaseError::Conflict(_)));
 }

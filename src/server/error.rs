@@ -192,6 +192,7 @@ impl From<ReleaseError> for ApiError {
             ReleaseError::Unseen { why: Some(why), .. } => ApiError::out_of_scope(message, why),
             ReleaseError::Forbidden(e) => e.into(),
             ReleaseError::Conflict(_) => conflict("conflict"),
+            ReleaseError::Recovering(_) => conflict("recovering"),
             ReleaseError::SelfApproval { .. } => conflict("self_approval"),
             ReleaseError::NotPromotable { .. } => conflict("not_promotable"),
             ReleaseError::NothingLive { .. } => conflict("nothing_live"),

@@ -1636,3 +1636,71 @@ fn the_timeline_times_a_release_to_its_outcome_not_to_its_supersession() {
         "took to its supersession: {row}"
     );
 }
+
+/// Issue 12 item 3: a restarted server listens and answers at once while it resolves a deploy
+/// the stopped one left (its nodes slow to answer); the cell being recovered says so; other
+/// cells work; once resolved, the cell takes requests again.
+#[test]
+fn a_restarted_server_answers_at_once_while_it_resolves_an_interrupted_deploy() {
+    let extra = "hooks.reload = [\"test ! -e $RELEASE_BASE/shared/slow || sleep 6\"]\n\
+                 [service.api]\nkind = \"generic\"\n\
+                 [[service.api.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"@NODES@/api\"\n";
+    let mut fleet = Fleet::new(1, extra);
+    let v1 = fleet.upload("v1", &[]);
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+    let v2 = fleet.upload("v2", &[]);
+    fs::write(fleet.bases[0].join("shared/slow"), "").unwrap();
+    let (_, release) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+    let id = release["id"].as_i64().unwrap();
+    // Killed after the switch, in the slow reload: the restart must ask the node and reload
+    // it again, which takes seconds.
+    reach_everywhere(&fleet, id, "switch");
+    fleet.f.server.kill();
+    let started = std::time::Instant::now();
+    fleet.f.server.restart();
+    let listening = started.elapsed();
+
+    // At once: health, reads, and a refusal for the cell that names the recovery.
+    let health = fleet.f.server.http().get(format!("{}/healthz", fleet.f.server.url)).send().unwrap();
+    assert!(health.status().is_success());
+    let shown = fleet.f.get("carol", &format!("/v1/releases/{id}"));
+    assert_eq!(shown["state"], "deploying", "{shown}");
+    let (status, refused) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v1}));
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "recovering", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(&format!("release {id} (web in staging)")));
+    let answered = started.elapsed();
+    // Another cell is not held up by it.
+    let upload = fleet
+        .f
+        .server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", fleet.f.server.url))
+        .bearer_auth(fleet.f.token("ci"))
+        .body(zstd(&RawTar::new().file("index.html", b"api").finish()))
+        .send()
+        .unwrap();
+    let api = upload.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned();
+    let (status, other) =
+        fleet.f.post("ci", "/v1/releases", json!({"service": "api", "environment": "staging", "digest": api}));
+    assert!(status.is_success(), "{other}");
+    assert_eq!(fleet.f.settle(other["id"].as_i64().unwrap())["state"], "live");
+    let still = fleet.f.get("carol", &format!("/v1/releases/{id}"));
+    eprintln!(
+        "restart to listening {:.2} s, to the refusal answered {:.2} s; the interrupted deploy still {} then",
+        listening.as_secs_f64(),
+        answered.as_secs_f64(),
+        still["state"]
+    );
+
+    // The recovery ends (the node was on v2: finished, live); the cell takes requests again.
+    fs::remove_file(fleet.bases[0].join("shared/slow")).unwrap();
+    let settled = fleet.f.settle(id);
+    assert_eq!(settled["state"], "live", "{settled}");
+    let resolved = started.elapsed();
+    assert!(resolved > answered, "the recovery outlasted the first answers");
+    eprintln!("resolved {:.2} s after the restart", resolved.as_secs_f64());
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+}
