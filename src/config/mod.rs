@@ -22,7 +22,7 @@ use crate::digest::Digest;
 pub use net::{IpRange, mask};
 pub use node::{Node, check_host, check_user};
 pub use units::{ByteSize, HumanDuration};
-pub use webhook::Webhook;
+pub use webhook::{Format, Webhook};
 
 /// The commented example that `release init` writes; a test keeps it parseable.
 pub const EXAMPLE: &str = include_str!("example.toml");
@@ -74,6 +74,9 @@ pub struct Config {
     /// Where nodes reach this server (`[server] node_url`): with the local store they fetch
     /// artifacts from it by signed URL instead of through SSH.
     pub node_url: Option<String>,
+    /// Where people reach the pages (`[server] public_url`), for links in notifications;
+    /// without a trailing `/`.
+    pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-For` names the client (`[server] trusted_proxies`); empty:
     /// the client is always the peer of the connection.
     pub trusted_proxies: Vec<IpRange>,
@@ -422,6 +425,7 @@ struct ServerSection {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     node_url: Option<String>,
+    public_url: Option<String>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
 }
@@ -546,6 +550,10 @@ fn resolve(
         None => None,
         Some(url) => Some(node_url(&url).map_err(|why| invalid("server.node_url", why))?),
     };
+    let public_url = match parsed.server.public_url {
+        None => None,
+        Some(url) => Some(public_url(&url).map_err(|why| invalid("server.public_url", why))?),
+    };
     let trusted_proxies = parsed
         .server
         .trusted_proxies
@@ -622,6 +630,7 @@ fn resolve(
         listen,
         data_dir,
         node_url,
+        public_url,
         trusted_proxies,
         tls,
         storage,
@@ -850,6 +859,19 @@ fn normalize_relative_path(path: &str) -> Result<String, &'static str> {
 
 #[cfg(test)]
 mod tests;
+
+/// `[server] public_url`: an http(s) URL with a host (a path prefix allowed, as behind a
+/// proxy), without user, query or fragment; kept without a trailing `/`.
+fn public_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?}: an http:// or https:// URL with a host, please"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{text:?}: the pages' address only, without user, password, query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
 
 /// `[server] node_url`: an http(s) URL with a host and nothing after its path, kept without
 /// a trailing `/`.

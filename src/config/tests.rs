@@ -202,7 +202,7 @@ fn the_example_webhook_parses_once_uncommented() {
     let c = load_text(&text).unwrap();
     let w = &c.webhooks[0];
     assert_eq!(w.name, "monday");
-    assert_eq!(w.secret.expose(), std::env::var("PATH").unwrap());
+    assert_eq!(w.secret.as_ref().unwrap().expose(), std::env::var("PATH").unwrap());
     assert_eq!(w.events.as_deref(), Some(&["release.live".to_owned(), "release.failed".to_owned()][..]));
     assert_eq!((w.timeout, w.retry_base, w.max_attempts), (Duration::from_secs(10), Duration::from_secs(1), 8));
     assert!(w.wants("release.live", "api", "production"));

@@ -18,8 +18,11 @@ pub struct Webhook {
     pub name: String,
     /// Where events are POSTed. Held as a secret: Slack's and similar URLs carry a token.
     pub url: Secret,
-    /// The HMAC-SHA256 key of `X-Release-Signature`.
-    pub secret: Secret,
+    /// The HMAC-SHA256 key of `X-Release-Signature`: required for the `json` format (the
+    /// receiver checks it); Slack and Monday check nothing, and a URL or token is theirs.
+    pub secret: Option<Secret>,
+    /// What the body is: this server's JSON, a Slack message, a Monday item.
+    pub format: Format,
     /// Only these events (`release.live`, …); `None`: every release state change.
     pub events: Option<Vec<String>>,
     /// Only releases of these services; `None`: all.
@@ -34,6 +37,18 @@ pub struct Webhook {
     pub retry_max: Duration,
     /// Attempts per event before it is given up.
     pub max_attempts: u32,
+}
+
+/// The shape of what a webhook POSTs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The event as this server's JSON (README: Webhooks), signed.
+    Json,
+    /// A Slack incoming-webhook message: `text` and `blocks`.
+    Slack,
+    /// An item on a Monday board per event, through Monday's GraphQL API (`url` is the API's,
+    /// https://api.monday.com/v2 in production), the API token in `Authorization`.
+    Monday { board_id: u64, group_id: Option<String>, token: Secret },
 }
 
 impl Webhook {
@@ -59,6 +74,10 @@ pub(super) struct WebhookSection {
     url: Option<Secret>,
     secret: Option<Secret>,
     secret_env: Option<String>,
+    format: Option<String>,
+    board_id: Option<u64>,
+    group_id: Option<String>,
+    token_env: Option<String>,
     events: Option<Vec<String>>,
     services: Option<Vec<String>>,
     environments: Option<Vec<String>>,
@@ -93,24 +112,64 @@ pub(super) fn resolve(
             Ok(_) => return Err(invalid(&key("url"), "must be an http:// or https:// URL with a host".into())),
             Err(e) => return Err(invalid(&key("url"), format!("is not a URL ({e})"))),
         }
+        let format = match s.format.as_deref().unwrap_or("json") {
+            "json" => Format::Json,
+            "slack" => Format::Slack,
+            "monday" => {
+                let board_id = s.board_id.ok_or_else(|| {
+                    invalid(&key("board_id"), "is required with format = \"monday\": the board items go on".into())
+                })?;
+                let var = s.token_env.as_deref().ok_or_else(|| {
+                    invalid(
+                        &key("token_env"),
+                        "is required with format = \"monday\": the variable holding the API token".into(),
+                    )
+                })?;
+                let token = match env(var) {
+                    Some(value) if !value.trim().is_empty() => Secret::new(value.trim().to_owned()),
+                    _ => return Err(invalid(&key("token_env"), format!("the environment variable {var} is not set"))),
+                };
+                Format::Monday { board_id, group_id: s.group_id.clone(), token }
+            }
+            other => {
+                return Err(invalid(&key("format"), format!("{other:?} is not a format: json, slack or monday")));
+            }
+        };
+        if !matches!(format, Format::Monday { .. }) {
+            for (field, given) in [
+                ("board_id", s.board_id.is_some()),
+                ("group_id", s.group_id.is_some()),
+                ("token_env", s.token_env.is_some()),
+            ] {
+                if given {
+                    return Err(invalid(&key(field), "is for format = \"monday\" only".into()));
+                }
+            }
+        }
         let secret = match (s.secret, s.secret_env) {
-            (Some(secret), None) => secret,
+            (Some(secret), None) => Some(secret),
             (None, Some(var)) => match env(&var) {
-                Some(value) if !value.is_empty() => Secret::new(value),
+                Some(value) if !value.is_empty() => Some(Secret::new(value)),
                 _ => return Err(invalid(&key("secret_env"), format!("the environment variable {var} is not set"))),
             },
             (Some(_), Some(_)) => return Err(invalid(&key("secret"), "give secret or secret_env, not both".into())),
-            (None, None) => {
+            (None, None) if format == Format::Json => {
                 return Err(invalid(
                     &key("secret"),
                     "is required (or secret_env): events are signed with it (X-Release-Signature)".into(),
                 ));
             }
+            (None, None) => None,
         };
-        if secret.expose().len() < 16 {
+        if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             return Err(invalid(&key("secret"), "must be at least 16 characters".into()));
         }
-        if let Some(events) = &s.events {
+        // A Monday item per release that went live or failed, unless other events are named.
+        let events = match (&format, s.events) {
+            (Format::Monday { .. }, None) => Some(vec!["release.live".to_owned(), "release.failed".to_owned()]),
+            (_, events) => events,
+        };
+        if let Some(events) = &events {
             if let Some(bad) = events.iter().find(|e| !crate::webhooks::EVENTS.contains(&e.as_str())) {
                 return Err(invalid(
                     &key("events"),
@@ -124,7 +183,7 @@ pub(super) fn resolve(
         if let Some(bad) = s.environments.iter().flatten().find(|n| !environments.iter().any(|e| &e.name == *n)) {
             return Err(invalid(&key("environments"), format!("{bad:?} is not a configured environment")));
         }
-        for (field, list) in [("events", &s.events), ("services", &s.services), ("environments", &s.environments)] {
+        for (field, list) in [("events", &events), ("services", &s.services), ("environments", &s.environments)] {
             if list.as_ref().is_some_and(Vec::is_empty) {
                 return Err(invalid(
                     &key(field),
@@ -151,7 +210,8 @@ pub(super) fn resolve(
             name,
             url,
             secret,
-            events: s.events,
+            format,
+            events,
             services: s.services,
             environments: s.environments,
             timeout,

@@ -387,23 +387,7 @@ impl Registry {
                 })?
                 .collect::<Result<Vec<_>, _>>()?
             };
-            let approval = conn
-                .query_row(
-                    "SELECT decision, digest, decided_by, decider_owner, decided_at, reason FROM approvals
-                     WHERE release_id = ?1",
-                    [id],
-                    |r| {
-                        Ok(Approval {
-                            decision: r.get(0)?,
-                            digest: digest_at(r, 1)?,
-                            decided_by: r.get(2)?,
-                            decider_owner: r.get(3)?,
-                            decided_at: r.get(4)?,
-                            reason: r.get(5)?,
-                        })
-                    },
-                )
-                .optional()?;
+            let approval = approval_of(conn, id)?;
             let deployments = {
                 let mut stmt = conn.prepare_cached(
                     "SELECT node, phase, started_at, finished_at, outcome, output_tail FROM deployments
@@ -1094,4 +1078,25 @@ fn go_live(tx: &Transaction<'_>, id: i64, event: &NewEvent) -> Result<(Release, 
         super::audit::append(tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
     }
     Ok((release, cancelled))
+}
+
+/// Release `id`'s four-eyes decision, if one was made.
+pub(super) fn approval_of(conn: &rusqlite::Connection, id: i64) -> Result<Option<Approval>, RegistryError> {
+    Ok(conn
+        .query_row(
+            "SELECT decision, digest, decided_by, decider_owner, decided_at, reason FROM approvals
+             WHERE release_id = ?1",
+            [id],
+            |r| {
+                Ok(Approval {
+                    decision: r.get(0)?,
+                    digest: digest_at(r, 1)?,
+                    decided_by: r.get(2)?,
+                    decider_owner: r.get(3)?,
+                    decided_at: r.get(4)?,
+                    reason: r.get(5)?,
+                })
+            },
+        )
+        .optional()?)
 }

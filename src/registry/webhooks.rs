@@ -27,6 +27,8 @@ pub struct ReleaseAtEvent {
     pub version: Option<String>,
     /// The state it was created in (`pending_approval` or `approved`).
     pub first_state: State,
+    /// Its four-eyes decision, if one was made (a Monday item's update names it).
+    pub approval: Option<crate::releases::Approval>,
 }
 
 impl Registry {
@@ -98,7 +100,8 @@ impl Registry {
                 [id],
                 |r| state_at(r, 0),
             )?;
-            Ok(Some(ReleaseAtEvent { release, version, first_state }))
+            let approval = super::releases::approval_of(conn, id)?;
+            Ok(Some(ReleaseAtEvent { release, version, first_state, approval }))
         })
     }
 

@@ -173,7 +173,7 @@ impl Opened {
         let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
         // Before the releases start: a webhook new to the registry starts at the audit log's
         // head, and what recovery appends next is already after it.
-        let webhooks = Workers::start(&config.webhooks, Arc::clone(&registry)).await?;
+        let webhooks = Workers::start(&config.webhooks, config.public_url.as_deref(), Arc::clone(&registry)).await?;
         let releases =
             Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer, Arc::clone(&metrics));
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;

@@ -117,6 +117,111 @@ pub fn body(event: &Event, name: &str, state: Option<State>, at_event: &ReleaseA
     serde_json::to_vec(&payload).expect("the payload serializes")
 }
 
+/// What one event says to a person, for the chat and board formats.
+struct Told {
+    /// "shop 1.4.2 is live in production", "shop 1.4.2 failed in production", …
+    headline: String,
+    /// The facts, one per line: release, digest, who asked, who approved, why.
+    lines: Vec<String>,
+    /// The release's page, when the server's `public_url` is known.
+    link: Option<String>,
+}
+
+fn told(event: &Event, name: &str, at_event: &ReleaseAtEvent, public_url: Option<&str>) -> Told {
+    let r = &at_event.release;
+    let what = match &at_event.version {
+        Some(v) => format!("{} {v}", r.service),
+        None => format!("{} {}", r.service, r.digest.short()),
+    };
+    let headline = match name {
+        "release.requested" => format!("{what}: {} to {} requested", r.kind.as_str(), r.environment),
+        "release.approved" => format!("{what}: approved for {}", r.environment),
+        "release.rejected" => format!("{what}: rejected for {}", r.environment),
+        "release.cancelled" => format!("{what}: cancelled for {}", r.environment),
+        "release.expired" => format!("{what}: approval for {} expired", r.environment),
+        "release.deploying" => format!("{what} is deploying to {}", r.environment),
+        "release.live" => format!("{what} is live in {}", r.environment),
+        "release.failed" => format!("{what} failed in {}", r.environment),
+        "release.superseded" => format!("{what} was superseded in {}", r.environment),
+        other => format!("{what}: {other} in {}", r.environment),
+    };
+    let mut lines = vec![
+        format!("release #{} ({}), digest {}", r.id, r.kind.as_str(), r.digest.short()),
+        format!("requested by {} ({}) at {}", r.requested_by, r.requester_owner, r.requested_at),
+    ];
+    if let Some(a) = &at_event.approval {
+        lines.push(format!("{} by {} ({}) at {}", a.decision, a.decided_by, a.decider_owner, a.decided_at));
+    }
+    let details: serde_json::Value = serde_json::from_str(&event.details).unwrap_or_default();
+    if let Some(reason) = details["reason"].as_str() {
+        lines.push(format!("reason: {reason}"));
+    }
+    lines.push(format!("by {} at {}", event.actor, event.at));
+    Told { headline, lines, link: public_url.map(|base| format!("{base}/releases/{}", r.id)) }
+}
+
+/// A Slack incoming-webhook message (`text` for notifications, `blocks` for the channel).
+pub fn slack_body(event: &Event, name: &str, at_event: &ReleaseAtEvent, public_url: Option<&str>) -> Vec<u8> {
+    let t = told(event, name, at_event, public_url);
+    let title = match &t.link {
+        Some(link) => format!("*<{link}|{}>*", slack_escape(&t.headline)),
+        None => format!("*{}*", slack_escape(&t.headline)),
+    };
+    let facts = t.lines.iter().map(|l| slack_escape(l)).collect::<Vec<_>>().join("\n");
+    let body = serde_json::json!({
+        "text": t.headline,
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": title}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": facts}]},
+        ],
+    });
+    serde_json::to_vec(&body).expect("the message serializes")
+}
+
+/// Slack's mrkdwn control characters, escaped as Slack documents (&, <, >).
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The GraphQL request creating a Monday item for this event on `board_id` (in `group_id`).
+pub fn monday_item(
+    event: &Event,
+    name: &str,
+    at_event: &ReleaseAtEvent,
+    board_id: u64,
+    group_id: Option<&str>,
+    public_url: Option<&str>,
+) -> Vec<u8> {
+    let t = told(event, name, at_event, public_url);
+    let body = serde_json::json!({
+        "query": "mutation ($board: ID!, $group: String, $name: String!) { \
+                  create_item (board_id: $board, group_id: $group, item_name: $name) { id } }",
+        "variables": {"board": board_id.to_string(), "group": group_id, "name": t.headline},
+    });
+    serde_json::to_vec(&body).expect("the request serializes")
+}
+
+/// The GraphQL request adding the event's facts (who asked, who approved, why, the link) as
+/// an update on the item `item_id` that [`monday_item`] created.
+pub fn monday_update(
+    event: &Event,
+    name: &str,
+    at_event: &ReleaseAtEvent,
+    item_id: &str,
+    public_url: Option<&str>,
+) -> Vec<u8> {
+    let t = told(event, name, at_event, public_url);
+    let mut text = t.lines.join("\n");
+    if let Some(link) = &t.link {
+        text.push_str(&format!("\n{link}"));
+    }
+    let body = serde_json::json!({
+        "query": "mutation ($item: ID!, $body: String!) { create_update (item_id: $item, body: $body) { id } }",
+        "variables": {"item": item_id, "body": text},
+    });
+    serde_json::to_vec(&body).expect("the request serializes")
+}
+
 /// `X-Release-Signature`: `sha256=` and the hex HMAC-SHA256 of the exact body with the secret.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");

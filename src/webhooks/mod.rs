@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub use event::{EVENTS, Payload, delivery_id, event_for, signature};
 
 use crate::audit::Event;
-use crate::config::Webhook;
+use crate::config::{Format, Webhook};
 use crate::registry::{Registry, RegistryError};
 use crate::utc;
 
@@ -108,7 +108,11 @@ impl Workers {
     /// Gives each webhook that has none a cursor at the head of the audit log (call this
     /// before anything appends events at start, so that none is missed), then starts one
     /// task per webhook.
-    pub async fn start(webhooks: &[Webhook], registry: Arc<Registry>) -> Result<Workers, RegistryError> {
+    pub async fn start(
+        webhooks: &[Webhook],
+        public_url: Option<&str>,
+        registry: Arc<Registry>,
+    ) -> Result<Workers, RegistryError> {
         let names: Vec<String> = webhooks.iter().map(|w| w.name.clone()).collect();
         let reg = Arc::clone(&registry);
         crate::registry::run(move || reg.start_webhook_cursors(&names)).await?;
@@ -131,6 +135,7 @@ impl Workers {
             .map(|hook| {
                 let worker = Worker {
                     hook: hook.clone(),
+                    public_url: public_url.map(str::to_owned),
                     registry: Arc::clone(&registry),
                     client: client.clone(),
                     cancel: cancel.clone(),
@@ -160,6 +165,8 @@ impl Drop for Workers {
 /// The task of one webhook.
 struct Worker {
     hook: Webhook,
+    /// The pages' address (`[server] public_url`), for links in messages.
+    public_url: Option<String>,
     registry: Arc<Registry>,
     client: reqwest::Client,
     cancel: CancellationToken,
@@ -216,32 +223,82 @@ impl Worker {
         if !self.hook.wants(name, &r.service, &r.environment) {
             return Ok(false);
         }
-        let body = event::body(event, name, state, &release);
-        self.deliver(event, name, id, body).await?;
+        self.deliver(event, name, state, &release).await?;
         Ok(true)
     }
 
-    /// Attempts until the receiver accepts or the attempts run out; records each attempt.
-    async fn deliver(&self, event: &Event, name: &str, release_id: i64, body: Vec<u8>) -> Result<(), Stopped> {
+    /// One attempt in the webhook's format: `(status, None)` when the receiver took it, else
+    /// what went wrong. A Monday item created by an earlier attempt of this delivery is kept
+    /// in `monday_item`, so a retry adds its update instead of a second item.
+    async fn attempt(
+        &self,
+        event: &Event,
+        name: &str,
+        state: Option<crate::releases::State>,
+        release: &crate::registry::ReleaseAtEvent,
+        delivery: &str,
+        monday_item: &mut Option<String>,
+    ) -> (Option<u16>, Option<String>) {
         let hook = &self.hook;
-        let delivery = delivery_id(&hook.name, &event.hash);
-        let signature = signature(hook.secret.expose().as_bytes(), &body);
-        let (webhook, seq) = (hook.name.clone(), event.seq);
-        let mut attempt = self.until_ok(move |r| r.webhook_attempts(&webhook, seq)).await? + 1;
-        loop {
-            let at = utc::now_text();
-            let started = Instant::now();
-            let request = self
+        let public_url = self.public_url.as_deref();
+        let post = |body: Vec<u8>| {
+            let mut request = self
                 .client
                 .post(hook.url.expose())
                 .timeout(hook.timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header("X-Release-Event", name)
-                .header("X-Release-Delivery", &delivery)
-                .header("X-Release-Signature", &signature)
-                .body(body.clone());
+                .header("X-Release-Delivery", delivery);
+            if let Some(secret) = &hook.secret {
+                request = request.header("X-Release-Signature", signature(secret.expose().as_bytes(), &body));
+            }
+            request.body(body)
+        };
+        match &hook.format {
+            Format::Json => done(send(post(event::body(event, name, state, release)), hook.timeout).await),
+            Format::Slack => done(send(post(event::slack_body(event, name, release, public_url)), hook.timeout).await),
+            Format::Monday { board_id, group_id, token } => {
+                let monday = |body: Vec<u8>| post(body).header(reqwest::header::AUTHORIZATION, token.expose());
+                if monday_item.is_none() {
+                    let body = event::monday_item(event, name, release, *board_id, group_id.as_deref(), public_url);
+                    match graphql(send(monday(body), hook.timeout).await) {
+                        Ok((_, answer)) => match answer["data"]["create_item"]["id"].as_str() {
+                            Some(id) => *monday_item = Some(id.to_owned()),
+                            None => return (None, Some("monday: create_item answered no item id".into())),
+                        },
+                        Err(failed) => return failed,
+                    }
+                }
+                let item = monday_item.as_deref().expect("created above");
+                match graphql(
+                    send(monday(event::monday_update(event, name, release, item, public_url)), hook.timeout).await,
+                ) {
+                    Ok((status, _)) => (status, None),
+                    Err(failed) => failed,
+                }
+            }
+        }
+    }
+
+    /// Attempts until the receiver accepts or the attempts run out; records each attempt.
+    async fn deliver(
+        &self,
+        event: &Event,
+        name: &str,
+        state: Option<crate::releases::State>,
+        release: &crate::registry::ReleaseAtEvent,
+    ) -> Result<(), Stopped> {
+        let hook = &self.hook;
+        let release_id = release.release.id;
+        let delivery = delivery_id(&hook.name, &event.hash);
+        let (webhook, seq) = (hook.name.clone(), event.seq);
+        let mut attempt = self.until_ok(move |r| r.webhook_attempts(&webhook, seq)).await? + 1;
+        let mut monday_item = None;
+        loop {
+            let at = utc::now_text();
+            let started = Instant::now();
             let (status_code, error) = tokio::select! {
-                answer = send(request, hook.timeout) => answer,
+                answer = self.attempt(event, name, state, release, &delivery, &mut monday_item) => answer,
                 _ = self.cancel.cancelled() => return Err(Stopped),
             };
             let outcome = match (&error, attempt >= hook.max_attempts) {
@@ -325,19 +382,55 @@ impl Worker {
     }
 }
 
-/// Sends one attempt: `(status, None)` on a 2xx answer, else what went wrong. The URL never
-/// appears in the error (it may carry a token).
-async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u16>, Option<String>) {
+/// An answer as an attempt's outcome: `(status, None)` when it was a 2xx.
+fn done(answer: (Option<u16>, Result<Vec<u8>, String>)) -> (Option<u16>, Option<String>) {
+    (answer.0, answer.1.err())
+}
+
+/// A GraphQL answer (Monday's): its JSON on a 2xx without `errors`, else the attempt's
+/// failure. Monday answers 200 to a refused query, naming why in `errors`.
+#[allow(clippy::type_complexity)]
+fn graphql(
+    answer: (Option<u16>, Result<Vec<u8>, String>),
+) -> Result<(Option<u16>, serde_json::Value), (Option<u16>, Option<String>)> {
+    let (status, body) = answer;
+    let body = body.map_err(|e| (status, Some(e)))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| (status, Some(format!("monday: the answer is not JSON ({e})"))))?;
+    if let Some(errors) = json.get("errors").or_else(|| json.get("error_message")) {
+        let first = errors[0]["message"].as_str().map_or_else(|| errors.to_string(), str::to_owned);
+        let first: String = first.chars().take(ANSWER_TAIL).collect();
+        return Err((status, Some(format!("monday: {first}"))));
+    }
+    Ok((status, json))
+}
+
+/// The most of a 2xx answer's body kept (a Monday answer is a few hundred bytes).
+const MAX_ANSWER: usize = 64 << 10;
+
+/// Sends one attempt: `(status, Ok(body))` on a 2xx answer (the body's first `MAX_ANSWER`
+/// bytes), else what went wrong. The URL never appears in the error (it may carry a token).
+async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u16>, Result<Vec<u8>, String>) {
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) if e.is_timeout() => {
-            return (None, Some(format!("no answer within {}", humantime::format_duration(timeout))));
+            return (None, Err(format!("no answer within {}", humantime::format_duration(timeout))));
         }
-        Err(e) => return (None, Some(crate::error_chain(&e.without_url()))),
+        Err(e) => return (None, Err(crate::error_chain(&e.without_url()))),
     };
     let status = response.status();
     if status.is_success() {
-        return (Some(status.as_u16()), None);
+        let mut body = Vec::new();
+        let mut response = response;
+        while body.len() < MAX_ANSWER {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => return (Some(status.as_u16()), Err(crate::error_chain(&e.without_url()))),
+            }
+        }
+        body.truncate(MAX_ANSWER);
+        return (Some(status.as_u16()), Ok(body));
     }
     let mut answer = Vec::new();
     let mut response = response;
@@ -352,7 +445,7 @@ async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> (Option<u1
         String::from_utf8_lossy(&answer).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let answer = answer.trim();
     let error = if answer.is_empty() { format!("answered {status}") } else { format!("answered {status}: {answer}") };
-    (Some(status.as_u16()), Some(error))
+    (Some(status.as_u16()), Err(error))
 }
 
 fn is_loopback(host: &str) -> bool {
