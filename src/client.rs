@@ -129,7 +129,7 @@ impl Client {
     }
 
     /// An artifact's metadata, or `None` if the server does not have it.
-    pub async fn artifact(&self, digest: Digest) -> Result<Option<Value>, ClientError> {
+    pub async fn artifact(&self, digest: &impl std::fmt::Display) -> Result<Option<Value>, ClientError> {
         match self.json(self.request(reqwest::Method::GET, &format!("/v1/artifacts/{digest}"))).await {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::Api { status: 404, .. }) => Ok(None),

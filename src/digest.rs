@@ -1,4 +1,5 @@
-//! The `Digest` newtype: the SHA-256 that names an artifact, parsed and printed as `sha256:<64 hex>`.
+//! The `Digest` newtype: the SHA-256 that names an artifact, parsed and printed as `sha256:<64 hex>`;
+//! and `DigestRef`, a digest as people give it (whole, or its first 12 or more hex digits).
 //!
 //! No I/O here: hashing streams is done where the bytes flow (`archive::pack`, `ingest`,
 //! the upload client); this module only knows the name's syntax and how to finish a hasher.
@@ -99,6 +100,57 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// The fewest hex digits a prefix may have: the short digest that tables print.
+pub const MIN_PREFIX: usize = 12;
+
+/// A digest as a person gives it: whole, or an unambiguous prefix of at least
+/// [`MIN_PREFIX`] hex digits (with or without `sha256:`), as `artifact list` prints them.
+/// The registry turns a prefix into the one digest it names, or refuses (none, several).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DigestRef {
+    Full(Digest),
+    /// 12 to 63 lowercase hex digits.
+    Prefix(String),
+}
+
+/// Why a string names no digest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid digest {input:?}: expected sha256:<64 lowercase hex digits>, or its first {MIN_PREFIX} or more")]
+pub struct ParseDigestRefError {
+    input: String,
+}
+
+impl FromStr for DigestRef {
+    type Err = ParseDigestRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex_part = s.strip_prefix(Digest::PREFIX).unwrap_or(s);
+        let valid = (MIN_PREFIX..=64).contains(&hex_part.len())
+            && hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match (valid, hex_part.len()) {
+            (false, _) => Err(ParseDigestRefError { input: s.to_owned() }),
+            (true, 64) => Ok(DigestRef::Full(hex_part.parse().expect("64 lowercase hex digits are a digest"))),
+            (true, _) => Ok(DigestRef::Prefix(hex_part.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for DigestRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DigestRef::Full(d) => d.fmt(f),
+            DigestRef::Prefix(hex) => write!(f, "{}{hex}", Digest::PREFIX),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DigestRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +182,22 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/../x",
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_reference_is_a_whole_digest_or_a_prefix_of_twelve_or_more() {
+        let d = Digest::of(b"x");
+        assert_eq!(d.to_string().parse::<DigestRef>(), Ok(DigestRef::Full(d)));
+        assert_eq!(d.hex().parse::<DigestRef>(), Ok(DigestRef::Full(d)));
+        assert_eq!(d.short().parse::<DigestRef>(), Ok(DigestRef::Prefix(d.short())));
+        assert_eq!(
+            format!("sha256:{}", &d.hex()[..40]).parse::<DigestRef>(),
+            Ok(DigestRef::Prefix(d.hex()[..40].into()))
+        );
+        for bad in [&d.hex()[..11], "", "sha256:", "ABCDEF0123456", "0123456789abz", &format!("{}0", d.hex())] {
+            let err = bad.parse::<DigestRef>().unwrap_err().to_string();
+            assert!(err.contains("its first 12 or more"), "{bad:?}: {err}");
         }
     }
 }

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use super::{Failure, Output, ServerArgs, exit};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRef};
 
 #[derive(Debug, clap::Args)]
 pub struct DownloadArgs {
-    /// The artifact's digest, `sha256:<64 hex>`.
+    /// The artifact's digest, `sha256:<64 hex>`, or its first 12 or more hex digits.
     digest: String,
     /// Where to write the bytes [default: ./<hex>.tar.zst].
     #[arg(short, long)]
@@ -20,7 +20,7 @@ pub struct DownloadArgs {
 pub enum Command {
     /// One artifact's metadata and upload records.
     Show {
-        /// The artifact's digest, `sha256:<64 hex>`.
+        /// The artifact's digest, `sha256:<64 hex>`, or its first 12 or more hex digits.
         digest: String,
         #[command(flatten)]
         server: ServerArgs,
@@ -29,7 +29,7 @@ pub enum Command {
     /// waiting for approval or approved and not started, and stops one deploying before its
     /// switch. What is live stays live: roll it back.
     Block {
-        /// The artifact's digest, `sha256:<64 hex>`.
+        /// The artifact's digest, `sha256:<64 hex>`, or its first 12 or more hex digits.
         digest: String,
         /// Why (recorded with the block, shown to whoever tries to deploy it).
         #[arg(long)]
@@ -61,12 +61,22 @@ pub enum Command {
     },
 }
 
-fn parse(digest: &str) -> Result<Digest, Failure> {
+fn parse(digest: &str) -> Result<DigestRef, Failure> {
     digest.parse().map_err(|e| Failure::new(exit::USAGE, e))
 }
 
 pub async fn download(args: DownloadArgs, output: Output) -> Result<(), Failure> {
-    let digest = parse(&args.digest)?;
+    let digest = match parse(&args.digest)? {
+        DigestRef::Full(digest) => digest,
+        // The whole digest first: the bytes are checked against it.
+        prefix => {
+            let found = args.server.client().artifact(&prefix).await?;
+            let found = found.ok_or_else(|| Failure::new(exit::NOT_FOUND, format!("no artifact {prefix}")))?;
+            found["digest"].as_str().and_then(|d| d.parse().ok()).ok_or_else(|| {
+                Failure::new(exit::FAILED, format!("the server named no digest for {prefix}: {found}"))
+            })?
+        }
+    };
     let target = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.zst", digest.hex())));
     let bar = output.progress(None, "downloading");
     let progress_bar = bar.clone();
@@ -94,7 +104,7 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
             let digest = parse(&digest)?;
             let artifact = server
                 .client()
-                .artifact(digest)
+                .artifact(&digest)
                 .await?
                 .ok_or_else(|| Failure::new(exit::NOT_FOUND, format!("no artifact {digest}")))?;
             output.print(&artifact, || serde_json::to_string_pretty(&artifact).expect("JSON prints"));
@@ -129,19 +139,23 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
         Command::List { service, limit, server } => {
             let list = server.client().service_artifacts(&service, limit).await?;
             output.print(&list, || {
-                let mut text = format!("{:<20} {:<16} {:>12}  {}", "DIGEST", "VERSION", "SIZE", "UPLOADED");
-                for a in list["artifacts"].as_array().into_iter().flatten() {
-                    let digest = a["digest"].as_str().unwrap_or_default();
-                    text.push_str(&format!(
-                        "\n{:<20} {:<16} {:>12}  {} by {}",
-                        &digest[..digest.len().min(19)],
-                        a["version"].as_str().unwrap_or("-"),
-                        a["size"],
-                        a["uploaded_at"].as_str().unwrap_or_default(),
-                        a["uploaded_by"].as_str().unwrap_or_default()
-                    ));
-                }
-                text
+                // The short digest is what every command takes back (12 hex digits or more).
+                let rows = list["artifacts"].as_array().into_iter().flatten().map(|a| {
+                    vec![
+                        a["digest"]
+                            .as_str()
+                            .and_then(|d| d.parse::<Digest>().ok())
+                            .map_or_else(|| "-".into(), |d| d.short()),
+                        a["version"].as_str().unwrap_or("-").to_owned(),
+                        a["size"].to_string(),
+                        format!(
+                            "{} by {}",
+                            a["uploaded_at"].as_str().unwrap_or_default(),
+                            a["uploaded_by"].as_str().unwrap_or_default()
+                        ),
+                    ]
+                });
+                super::table(&["DIGEST", "VERSION", "SIZE", "UPLOADED"], rows, &[2])
             });
         }
     }

@@ -48,46 +48,56 @@ pub async fn status(args: StatusArgs, output: Output) -> Result<(), Failure> {
     }
     let rows = args.server.client().get("/v1/status", &query).await?;
     output.print(&rows, || {
-        let mut out = format!(
-            "{:<16} {:<12} {:<14} {:<10} {:<8} {}",
-            "SERVICE", "ENV", "LIVE", "VERSION", "RELEASE", "IN FLIGHT"
+        let cells = rows.as_array().into_iter().flatten();
+        let table = super::table(
+            &["SERVICE", "ENV", "LIVE", "VERSION", "RELEASE", "IN FLIGHT"],
+            cells.clone().map(|r| {
+                let pending: Vec<String> =
+                    r["pending"].as_array().into_iter().flatten().map(|p| format!("#{p} pending")).collect();
+                let mut busy: Vec<String> = r["in_flight"].as_i64().map(|id| format!("#{id}")).into_iter().collect();
+                busy.extend(pending);
+                if r["verified"] == false {
+                    busy.insert(0, "UNVERIFIED (no health check proves the digest)".into());
+                }
+                vec![
+                    text(&r["service"]),
+                    text(&r["environment"]),
+                    short(&r["digest"]),
+                    text(&r["version"]),
+                    r["release"].as_i64().map(|id| format!("#{id}")).unwrap_or_else(|| "-".into()),
+                    busy.join(", "),
+                ]
+            }),
+            &[],
         );
-        for r in rows.as_array().into_iter().flatten() {
-            let pending: Vec<String> =
-                r["pending"].as_array().into_iter().flatten().map(|p| format!("#{p} pending")).collect();
-            let mut busy: Vec<String> = r["in_flight"].as_i64().map(|id| format!("#{id}")).into_iter().collect();
-            busy.extend(pending);
-            if r["verified"] == false {
-                busy.insert(0, "UNVERIFIED (no health check proves the digest)".into());
-            }
-            out.push_str(&format!(
-                "\n{:<16} {:<12} {:<14} {:<10} {:<8} {}",
-                text(&r["service"]),
-                text(&r["environment"]),
-                short(&r["digest"]),
-                text(&r["version"]),
-                r["release"].as_i64().map(|id| format!("#{id}")).unwrap_or_else(|| "-".into()),
-                busy.join(", ")
-            ));
-            for s in r["stranded"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "\n    {:<40} STRANDED since {} by release #{}: {}",
-                    text(&s["node"]),
+        let mut out = table;
+        // Each cell's nodes, under the table: stranded ones, and what each said it serves.
+        for r in cells {
+            let stranded = r["stranded"].as_array().into_iter().flatten().map(|s| {
+                let what = format!(
+                    "STRANDED since {} by release #{}: {}",
                     text(&s["since"]),
                     text(&s["release"]),
                     text(&s["reason"])
-                ));
-            }
-            for n in r["nodes"].as_array().into_iter().flatten() {
+                );
+                vec![text(&s["node"]), String::new(), what]
+            });
+            let nodes = r["nodes"].as_array().into_iter().flatten().map(|n| {
                 let mark = match (&n["error"], n["drift"] == true) {
                     (serde_json::Value::String(e), _) => format!("UNREACHABLE: {e}"),
                     (_, true) => "DRIFT: not what the registry says is live".into(),
                     _ => "ok".into(),
                 };
-                out.push_str(&format!("\n    {:<40} {:<14} {mark}", text(&n["node"]), short(&n["current"])));
+                vec![text(&n["node"]), short(&n["current"]), mark]
+            });
+            let lines: Vec<Vec<String>> = stranded.chain(nodes).collect();
+            if lines.is_empty() {
+                continue;
             }
+            out.push_str(&format!("\n\n{} in {}:\n", text(&r["service"]), text(&r["environment"])));
+            out.push_str(&super::table(&["NODE", "SERVES", ""], lines, &[]));
             if let Some(at) = r["nodes_asked_at"].as_str() {
-                out.push_str(&format!("\n    (the nodes answered at {at}; answers are shared for a short while)"));
+                out.push_str(&format!("\n(the nodes answered at {at}; answers are shared for a short while)"));
             }
         }
         out
@@ -115,24 +125,18 @@ pub async fn history(args: HistoryArgs, output: Output) -> Result<(), Failure> {
     let page = args.server.client().get("/v1/releases", &query).await?;
     let releases = page["releases"].clone();
     output.print(&releases, || {
-        let mut out = format!(
-            "{:<6} {:<16} {:<12} {:<9} {:<17} {:<14} {}",
-            "ID", "SERVICE", "ENV", "KIND", "STATE", "DIGEST", "REQUESTED"
-        );
-        for r in releases.as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "\n{:<6} {:<16} {:<12} {:<9} {:<17} {:<14} {} by {}",
+        let rows = releases.as_array().into_iter().flatten().map(|r| {
+            vec![
                 text(&r["id"]),
                 text(&r["service"]),
                 text(&r["environment"]),
                 text(&r["kind"]),
                 text(&r["state"]),
                 short(&r["digest"]),
-                text(&r["requested_at"]),
-                text(&r["requested_by"])
-            ));
-        }
-        out
+                format!("{} by {}", text(&r["requested_at"]), text(&r["requested_by"])),
+            ]
+        });
+        super::table(&["ID", "SERVICE", "ENV", "KIND", "STATE", "DIGEST", "REQUESTED"], rows, &[0])
     });
     Ok(())
 }

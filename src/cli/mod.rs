@@ -133,6 +133,25 @@ impl Failure {
     }
 }
 
+/// Rows under a header, each column as wide as its widest cell, two spaces apart, no borders
+/// (a terminal and `awk` read it alike); the columns in `right` aligned right (sizes).
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>, right: &[usize]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row);
+    }
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if right.contains(&i) {
+            column.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t.lines().map(|l| l.trim_end().to_owned()).collect::<Vec<_>>().join("\n")
+}
+
 /// A JSON value as people read it: strings bare, null as `-`.
 fn text(v: &serde_json::Value) -> String {
     match v {

@@ -24,7 +24,7 @@ pub struct DeployArgs {
     /// The environment, as configured (`[[environment]]`).
     #[arg(long = "env")]
     environment: String,
-    /// The artifact's digest, `sha256:<64 hex>`.
+    /// The artifact's digest, `sha256:<64 hex>`, or its first 12 or more hex digits.
     digest: String,
     /// Leave this node out of the release (repeatable; recorded).
     #[arg(long = "exclude-node")]
@@ -171,8 +171,10 @@ async fn post_in_turn(client: &Client, path: &str, body: &Value, queue: Option<D
     }
 }
 
+/// A digest as given (whole, or 12 or more of its hex digits), checked here, resolved by
+/// the server.
 fn digest(text: &str) -> Result<String, Failure> {
-    text.parse::<crate::digest::Digest>().map(|d| d.to_string()).map_err(|e| Failure::new(exit::USAGE, e))
+    text.parse::<crate::digest::DigestRef>().map(|d| d.to_string()).map_err(|e| Failure::new(exit::USAGE, e))
 }
 
 pub async fn deploy(args: DeployArgs, output: Output) -> Result<(), Failure> {

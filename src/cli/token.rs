@@ -84,8 +84,7 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
         Command::List { data } => {
             let tokens = data.registry()?.tokens()?;
             output.print(&serde_json::to_value(&tokens).expect("tokens serialize"), || {
-                let mut text = format!("{:<24} {:<16} {:<28} {:<10} {}", "NAME", "OWNER", "ROLES", "STATE", "SCOPE");
-                for t in &tokens {
+                let rows = tokens.iter().map(|t| {
                     let state = if t.revoked_at.is_some() {
                         "revoked"
                     } else if t.expires_at.as_deref().is_some_and(|at| at <= crate::utc::now_text().as_str()) {
@@ -98,16 +97,15 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
                         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", v.join(","))))
                         .collect::<Vec<_>>()
                         .join(" ");
-                    text.push_str(&format!(
-                        "\n{:<24} {:<16} {:<28} {:<10} {}",
-                        t.name,
-                        t.owner,
+                    vec![
+                        t.name.clone(),
+                        t.owner.clone(),
                         token::join_roles(&t.roles),
-                        state,
-                        if scope.is_empty() { "all".into() } else { scope }
-                    ));
-                }
-                text
+                        state.to_owned(),
+                        if scope.is_empty() { "all".into() } else { scope },
+                    ]
+                });
+                super::table(&["NAME", "OWNER", "ROLES", "STATE", "SCOPE"], rows, &[])
             });
         }
         Command::Revoke { name, data } => {

@@ -71,7 +71,7 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
         (args.path.clone(), Some(digest))
     };
     if let Some(digest) = known
-        && let Some(existing) = client.artifact(digest).await?
+        && let Some(existing) = client.artifact(&digest).await?
         && existing["uploads"].as_array().is_some_and(|u| u.iter().any(|u| u["service"] == args.service.as_str()))
     {
         let answer = serde_json::json!({"digest": digest, "size": std::fs::metadata(&file)?.len(),

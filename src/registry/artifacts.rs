@@ -6,8 +6,12 @@ use serde::Serialize;
 
 use super::{Registry, RegistryError};
 use crate::audit::NewEvent;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRef};
 use crate::utc;
+
+/// How many matches an ambiguous prefix's refusal names (one more is looked for, to say
+/// there are more).
+pub const AMBIGUOUS_SHOWN: usize = 10;
 
 /// The facts of stored bytes, measured at ingest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -150,6 +154,39 @@ impl Registry {
 
     pub fn artifact(&self, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
         self.read(|conn| query_artifact(conn, digest))
+    }
+
+    /// The one artifact a digest or a prefix of one names, among those uploaded for
+    /// `services` (`None`: every artifact): a token limited to services resolves, and hears
+    /// of, its own artifacts only. A whole digest is its own answer (whether it exists is the
+    /// caller's next question); a prefix that names none or several is refused, naming them
+    /// (at most [`AMBIGUOUS_SHOWN`]).
+    pub fn resolve_digest(&self, reference: &DigestRef, services: Option<&[String]>) -> Result<Digest, RegistryError> {
+        let prefix = match reference {
+            DigestRef::Full(digest) => return Ok(*digest),
+            DigestRef::Prefix(hex) => hex,
+        };
+        let scope = services.map(|s| serde_json::to_string(s).expect("names serialize"));
+        let found: Vec<Digest> = self.read(|conn| {
+            // GLOB on a literal prefix uses the primary key's index; the prefix is hex only.
+            let mut stmt = conn.prepare_cached(
+                "SELECT a.digest FROM artifacts a
+                 WHERE a.digest GLOB ?1
+                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM artifact_uploads u WHERE u.digest = a.digest
+                                              AND u.service IN (SELECT value FROM json_each(?2))))
+                 ORDER BY a.digest LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![format!("{}{prefix}*", Digest::PREFIX), scope, AMBIGUOUS_SHOWN as i64 + 1], |r| {
+                    super::releases::digest_at(r, 0)
+                })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })?;
+        match found.as_slice() {
+            [] => Err(RegistryError::NoDigest(reference.clone())),
+            [one] => Ok(*one),
+            several => Err(RegistryError::AmbiguousDigest { reference: reference.clone(), matches: several.to_vec() }),
+        }
     }
 
     /// Every service's upload record of a digest, oldest first.

@@ -72,6 +72,14 @@ pub enum RegistryError {
     ApprovalExpired { id: i64, at: String },
     #[error("no artifact {0}")]
     ArtifactNotFound(crate::digest::Digest),
+    #[error("no artifact's digest starts with {0}")]
+    NoDigest(crate::digest::DigestRef),
+    #[error(
+        "{reference} names more than one artifact: {}{}; give more of the digest",
+        .matches.iter().take(artifacts::AMBIGUOUS_SHOWN).map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        if .matches.len() > artifacts::AMBIGUOUS_SHOWN { ", …" } else { "" }
+    )]
+    AmbiguousDigest { reference: crate::digest::DigestRef, matches: Vec<crate::digest::Digest> },
     #[error("artifact {digest} is blocked: {reason}")]
     ArtifactBlocked { digest: crate::digest::Digest, reason: String },
     #[error("the bytes of artifact {0} were purged")]

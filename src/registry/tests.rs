@@ -622,3 +622,36 @@ fn a_snapshot_leaves_out_the_uploads_under_way() {
     assert_eq!(restored.left_uploads().unwrap(), vec![], "a restore would delete bytes committed after the copy");
     assert!(registry.is_staged(id).unwrap(), "the running registry keeps its note");
 }
+
+#[test]
+fn a_digest_prefix_resolves_to_its_one_artifact_or_is_refused_naming_the_matches() {
+    use crate::digest::DigestRef;
+    let (_dir, registry) = open();
+    // Three artifacts, two of them sharing their first 20 hex digits.
+    let twin = |last: char, service: &str| {
+        let digest: Digest = format!("sha256:{}{}{last}", "ab".repeat(10), "0".repeat(43)).parse().unwrap();
+        registry.record_artifact(&NewArtifact { digest, ..new_artifact(service, b"x") }, &event()).unwrap();
+        digest
+    };
+    let (one, two) = (twin('1', "api"), twin('2', "web"));
+    let other = Digest::of(b"other");
+    registry.record_artifact(&NewArtifact { digest: other, ..new_artifact("api", b"x") }, &event()).unwrap();
+    let prefix = |hex: &str| hex.parse::<DigestRef>().unwrap();
+
+    assert_eq!(registry.resolve_digest(&prefix(&other.short()), None).unwrap(), other);
+    assert_eq!(registry.resolve_digest(&prefix(&one.hex()[..64]), None).unwrap(), one);
+    assert_eq!(registry.resolve_digest(&prefix(&two.to_string()), None).unwrap(), two);
+    assert!(registry.resolve_digest(&prefix(&two.hex()[..63]), None).is_err(), "63 digits name both twins");
+    match registry.resolve_digest(&prefix(&one.short()), None) {
+        Err(RegistryError::AmbiguousDigest { matches, .. }) => assert_eq!(matches, [one, two]),
+        other => panic!("not refused as ambiguous: {other:?}"),
+    }
+    let err = registry.resolve_digest(&prefix(&one.short()), None).unwrap_err().to_string();
+    assert!(err.contains(&one.to_string()) && err.contains(&two.to_string()) && err.contains("give more"), "{err}");
+    // A token limited to services resolves among its own artifacts, and hears of no other.
+    assert_eq!(registry.resolve_digest(&prefix(&one.short()), Some(&["web".to_owned()])).unwrap(), two);
+    let unseen = registry.resolve_digest(&prefix(&other.short()), Some(&["web".to_owned()])).unwrap_err();
+    assert!(matches!(unseen, RegistryError::NoDigest(_)), "{unseen}");
+    let none = registry.resolve_digest(&prefix("0123456789ab"), None).unwrap_err().to_string();
+    assert_eq!(none, "no artifact's digest starts with sha256:0123456789ab");
+}

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::range::{self, Ranged};
 use super::{AppState, blocking};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRef};
 use crate::ingest::{Pace, Piece, UploadRequest};
 use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
 use crate::token::{Action, Principal, TokenError};
@@ -129,6 +129,24 @@ pub(super) fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
 }
 
+/// The digest a path names: whole, or a prefix of 12 or more hex digits resolved among the
+/// artifacts the caller may see (404 when none, 409 `ambiguous_digest` naming several).
+pub(super) async fn resolve_path(state: &AppState, principal: &Principal, text: &str) -> Result<Digest, ApiError> {
+    let reference: DigestRef =
+        text.parse().map_err(|e: crate::digest::ParseDigestRefError| ApiError::bad_request(e.to_string()))?;
+    resolve(state, principal, reference).await
+}
+
+/// As [`resolve_path`], for a digest a request's body names.
+pub(super) async fn resolve(state: &AppState, principal: &Principal, reference: DigestRef) -> Result<Digest, ApiError> {
+    if let DigestRef::Full(digest) = reference {
+        return Ok(digest);
+    }
+    let registry = Arc::clone(&state.registry);
+    let services = principal.services.clone();
+    blocking(move || registry.resolve_digest(&reference, services.as_deref())).await
+}
+
 /// The artifact and the upload records the caller may see: any role may read, but a token
 /// scoped to services sees an artifact only through them (their upload records alone), and one
 /// uploaded for none of them is answered exactly as one that does not exist.
@@ -138,7 +156,7 @@ async fn readable(
     digest: &str,
 ) -> Result<(Artifact, Vec<ArtifactUpload>), ApiError> {
     principal.require(Action::Read)?;
-    let digest = parse_digest(digest)?;
+    let digest = resolve_path(state, principal, digest).await?;
     let registry = Arc::clone(&state.ingestor.registry);
     let (artifact, uploads) =
         blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_uploads(digest)?)))
@@ -229,7 +247,7 @@ async fn block(
     ApiPath(digest): ApiPath<String>,
     ApiJson(body): ApiJson<BlockBody>,
 ) -> Result<Json<crate::curation::Blocked>, ApiError> {
-    let digest = parse_digest(&digest)?;
+    let digest = resolve_path(&state, &principal, &digest).await?;
     Ok(Json(crate::curation::block(&state.registry, &state.metrics, &principal, digest, &body.reason).await?))
 }
 

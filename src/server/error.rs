@@ -134,7 +134,13 @@ impl From<TokenError> for ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> ApiError {
-        ApiError::internal("registry error", &e)
+        match e {
+            RegistryError::NoDigest(_) => ApiError::not_found(e.to_string()),
+            RegistryError::AmbiguousDigest { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "ambiguous_digest", e.to_string())
+            }
+            e => ApiError::internal("registry error", &e),
+        }
     }
 }
 

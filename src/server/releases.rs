@@ -12,7 +12,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::limits::Deadline;
-use crate::digest::Digest;
+use crate::digest::DigestRef;
 use crate::releases::{Release, RequestOptions, Shown, StatusRow};
 
 const MAX_PAGE: u32 = 500;
@@ -36,7 +36,7 @@ type Created = (StatusCode, Json<Release>);
 struct DeployBody {
     service: String,
     environment: String,
-    digest: Digest,
+    digest: DigestRef,
     #[serde(default)]
     exclude_nodes: Vec<String>,
     /// Take over an application found at `current` deployed another way.
@@ -53,7 +53,10 @@ async fn deploy(
     ApiJson(b): ApiJson<DeployBody>,
 ) -> Result<Created, ApiError> {
     let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: b.adopt };
-    let release = state.releases.deploy(&p, &b.service, &b.environment, b.digest, &options).await?;
+    // The role first: a prefix is resolved only for a caller who may deploy.
+    p.require(crate::token::Action::Deploy)?;
+    let digest = super::artifacts::resolve(&state, &p, b.digest).await?;
+    let release = state.releases.deploy(&p, &b.service, &b.environment, digest, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
 
@@ -84,7 +87,7 @@ async fn promote(
 struct RollbackBody {
     service: String,
     environment: String,
-    to: Option<Digest>,
+    to: Option<DigestRef>,
     #[serde(default)]
     exclude_nodes: Vec<String>,
     /// Roll back past migrations the target lacks.
@@ -98,7 +101,12 @@ async fn rollback(
     ApiJson(b): ApiJson<RollbackBody>,
 ) -> Result<Created, ApiError> {
     let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: false };
-    let release = state.releases.rollback(&p, &b.service, &b.environment, b.to, &options).await?;
+    p.require(crate::token::Action::Rollback)?;
+    let to = match b.to {
+        Some(reference) => Some(super::artifacts::resolve(&state, &p, reference).await?),
+        None => None,
+    };
+    let release = state.releases.rollback(&p, &b.service, &b.environment, to, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
 

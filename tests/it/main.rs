@@ -8,6 +8,7 @@ mod bodies;
 mod concurrency;
 mod crash;
 mod curation;
+mod digests;
 mod floods;
 mod hostile_archives;
 mod hostile_nodes;

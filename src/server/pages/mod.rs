@@ -153,7 +153,7 @@ async fn artifact(
     Viewer(p): Viewer,
     Path(digest): Path<String>,
 ) -> Result<Response, PageError> {
-    let digest = super::artifacts::parse_digest(&digest)?;
+    let digest = super::artifacts::resolve_path(&state, &p, &digest).await?;
     let registry = Arc::clone(&state.registry);
     let (services, environments) = (p.services.clone(), p.environments.clone());
     let found = crate::registry::run(move || {
