@@ -293,6 +293,12 @@ pub struct Service {
     /// `node` services: the PM2 app the default reload reloads and verify checks (`pm2_app`,
     /// default the service's name). `None` for other kinds.
     pub pm2_app: Option<String>,
+    /// The user the application's hooks run as, through `sudo -n -u` (`hook_user`, e.g.
+    /// `www-data`): finalize, migrate, and the reload commands that start with `php `.
+    pub hook_user: Option<String>,
+    /// The umask of every hook (`umask = "0002"`): files and directories they make in
+    /// `shared/` stay writable by the group (the web server's).
+    pub umask: Option<u32>,
 }
 
 /// A service's health check, asked from each node after its reload. Answers are sorted into
@@ -385,6 +391,8 @@ impl Service {
             "hooks": {"finalize": self.hooks.finalize, "migrate": self.hooks.migrate, "reload": self.hooks.reload},
             "env": self.env,
             "pm2_app": self.pm2_app,
+            "hook_user": self.hook_user,
+            "umask": self.umask,
             "environment": environment.name,
             "parallel": environment.parallel,
             "nodes": nodes,
@@ -461,6 +469,8 @@ struct ServiceSection {
     #[serde(default)]
     env: BTreeMap<String, String>,
     pm2_app: Option<String>,
+    hook_user: Option<String>,
+    umask: Option<String>,
     #[serde(default)]
     node: Vec<Node>,
 }
@@ -794,6 +804,17 @@ fn resolve_service(
     if let Some(health) = &section.health {
         check_health(health).map_err(|(field, why)| invalid(&key(&format!("health.{field}")), why))?;
     }
+    if let Some(user) = &section.hook_user {
+        node::check_user(user).map_err(|why| invalid(&key("hook_user"), why))?;
+    }
+    let umask = match &section.umask {
+        None => None,
+        Some(text) => Some(
+            u32::from_str_radix(text, 8).ok().filter(|m| (3..=4).contains(&text.len()) && *m <= 0o777).ok_or_else(
+                || invalid(&key("umask"), format!("{text:?} is not a umask: 3 or 4 octal digits, e.g. \"0002\"")),
+            )?,
+        ),
+    };
     Ok(Service {
         name,
         kind: section.kind,
@@ -804,6 +825,8 @@ fn resolve_service(
         env: section.env,
         nodes: section.node,
         pm2_app,
+        hook_user: section.hook_user,
+        umask,
     })
 }
 

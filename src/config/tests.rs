@@ -438,3 +438,21 @@ fn the_packaged_configuration_loads() {
     assert!(c.listen.ip().is_loopback());
     assert!(c.services.is_empty());
 }
+
+#[test]
+fn hook_user_and_umask_are_checked() {
+    let c = load_text("[service.shop]\nkind = \"laravel\"\nhook_user = \"www-data\"\numask = \"0002\"\n").unwrap();
+    let shop = c.service("shop").unwrap();
+    assert_eq!((shop.hook_user.as_deref(), shop.umask), (Some("www-data"), Some(0o002)));
+    assert_eq!(load_text("[service.shop]\numask = \"027\"\n").unwrap().service("shop").unwrap().umask, Some(0o027));
+    for (text, key) in [
+        ("hook_user = \"root; rm -rf /\"", "service.shop.hook_user"),
+        ("hook_user = \"WWW\"", "service.shop.hook_user"),
+        ("umask = \"8\"", "service.shop.umask"),
+        ("umask = \"0o22\"", "service.shop.umask"),
+        ("umask = \"1777\"", "service.shop.umask"),
+    ] {
+        let err = load_text(&format!("[service.shop]\n{text}\n")).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Exec, Health, Modes, NodeError, Prepare, Request, Source, drain, is_writable, remove_tree, unpack};
+use super::{Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Source, drain, is_writable, remove_tree, unpack};
 use crate::archive::CheckOptions;
 use crate::digest::Digest;
 
@@ -255,7 +255,8 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             // Changed since (or never noted): finalize again, writing only where the kind
             // writes (its writable paths, and shared/ through its links).
             let env = release_env(&layout, p.digest, &p.env);
-            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout())?;
+            share_writable(&dir, &p.writable, &p.run_as)?;
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
             note_finalized(&layout, p.digest, &shared_now)?;
             sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
             let changed = match &then {
@@ -272,7 +273,8 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
-        let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout());
+        let finalized = share_writable(&dir, &p.writable, &p.run_as)
+            .and_then(|()| run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as));
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
         if finalized.is_ok() {
             note_finalized(&layout, p.digest, &shared_now)?;
@@ -340,7 +342,10 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
     }
     let env = release_env(&layout, p.digest, &p.env);
     let shared_now = shared_fingerprints(&layout, &p.shared);
-    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout())?;
+    if !p.finalize.is_empty() {
+        share_writable(&dir, &p.writable, &p.run_as)?;
+    }
+    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
     if !p.finalize.is_empty() {
         note_finalized(&layout, p.digest, &shared_now)?;
     }
@@ -477,6 +482,7 @@ fn run_commands(
     commands: &[String],
     env: &BTreeMap<String, String>,
     deadline: Option<Duration>,
+    run_as: &RunAs,
 ) -> Result<String, NodeError> {
     use std::os::unix::process::CommandExt;
     if commands.is_empty() {
@@ -486,11 +492,27 @@ fn run_commands(
     let started = Instant::now();
     let mut output = Vec::new();
     for command in commands {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("exec 2>&1; {command}"))
+        let script = match run_as.umask {
+            Some(mask) => format!("umask {mask:04o}; exec 2>&1; {command}"),
+            None => format!("exec 2>&1; {command}"),
+        };
+        let user = run_as.user.as_deref().filter(|_| !run_as.php_only || command.trim_start().starts_with("php "));
+        let mut shell = match user {
+            // sudo resets the environment: the hook's variables go through env(1).
+            Some(user) => {
+                let mut c = Command::new("sudo");
+                c.args(["-n", "-u", user, "--", "env"]).args(env.iter().map(|(k, v)| format!("{k}={v}")));
+                c.args(["sh", "-c", &script]);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(&script).envs(env);
+                c
+            }
+        };
+        let mut child = shell
             .current_dir(dir)
-            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .process_group(0)
@@ -526,6 +548,16 @@ fn run_commands(
         keep_tail(&mut output);
         let failure = match status {
             Some(status) if status.success() => continue,
+            Some(status) if user.is_some() && String::from_utf8_lossy(&output).contains("sudo:") => {
+                let user = user.unwrap_or_default();
+                NodeError::new(
+                    "hook_failed",
+                    format!(
+                        "`{command}` failed ({status}) as hook_user {user}: sudo refused; the SSH user needs a \
+                         sudoers line such as `deploy ALL=({user}) NOPASSWD: ALL` (visudo -f /etc/sudoers.d/release)"
+                    ),
+                )
+            }
             Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
             None => NodeError::new(
                 "hook_timeout",
@@ -540,6 +572,49 @@ fn run_commands(
         return Err(e);
     }
     Ok(tail(&output))
+}
+
+/// With a hook user, gives the release's writable paths (Laravel's `bootstrap/cache`) to that
+/// user's group, group-writable and set-group-ID, so that finalize run as that user can write
+/// there. The SSH user must be in that group (or root); the refusal says so.
+fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(), NodeError> {
+    let Some(user) = run_as.user.as_deref().filter(|_| !run_as.php_only) else { return Ok(()) };
+    let Some(gid) = primary_group(user) else {
+        return Err(NodeError::new("hook_user", format!("hook_user {user} is not a user on this node")));
+    };
+    for path in writable.iter().map(|w| dir.join(w)).filter(|p| p.exists()) {
+        walk_modes(&path, &mut |path, meta| {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+            if meta.is_dir() || meta.is_file() {
+                let extra = if meta.is_dir() { 0o2070 } else { 0o060 };
+                fs::set_permissions(path, fs::Permissions::from_mode(meta.permissions().mode() | extra))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            NodeError::new(
+                "hook_user",
+                format!(
+                    "cannot give {} to the group of hook_user {user} (gid {gid}): {e}; make the SSH user a member \
+                     of that group (usermod -aG <group> <ssh user>)",
+                    path.display()
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The primary group of `user`, from the password database.
+fn primary_group(user: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(user).ok()?;
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes only into `entry` and `buf`, which outlive the call; `found`
+    // is null or points at `entry`.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some(entry.pw_gid)
 }
 
 /// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
@@ -952,7 +1027,8 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
     let _lock = layout.lock()?;
     layout.fence(e.fence)?;
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);
-    let output = run_commands(&layout, &dir, &e.commands, &release_env(&layout, digest, &e.env), deadline)?;
+    let env = release_env(&layout, digest, &e.env);
+    let output = run_commands(&layout, &dir, &e.commands, &env, deadline, &e.run_as)?;
     Ok(json!({"output": output}))
 }
 
@@ -1187,6 +1263,7 @@ mod tests {
                 fence: 0,
                 fetch_stall_ms: None,
                 finalize_if_shared_changed: false,
+                run_as: RunAs::default(),
             };
             let answer = prepare(&request, &mut &bytes[..]).unwrap();
             let dir = PathBuf::from(answer["dir"].as_str().unwrap());
@@ -1204,6 +1281,36 @@ mod tests {
         assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
     }
 
+    #[test]
+    fn a_hook_users_group_gets_the_writable_paths_or_the_refusal_says_how() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("cache/views")).unwrap();
+        fs::write(dir.path().join("cache/views/x"), "x").unwrap();
+        fs::create_dir_all(dir.path().join("app")).unwrap();
+        let nogroup = primary_group("nobody").expect("Debian has nobody");
+        let run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
+        let shared = share_writable(dir.path(), &["cache".into()], &run_as);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            shared.unwrap();
+            for path in ["cache", "cache/views", "cache/views/x"] {
+                let meta = fs::metadata(dir.path().join(path)).unwrap();
+                assert_eq!(meta.gid(), nogroup, "{path}");
+                let want = if meta.is_dir() { 0o2070 } else { 0o060 };
+                assert_eq!(meta.permissions().mode() & want, want, "{path}: {:o}", meta.permissions().mode());
+            }
+            assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup, "only writable paths");
+        } else {
+            let err = shared.unwrap_err().to_string();
+            assert!(err.contains("make the SSH user a member"), "{err}");
+        }
+        // Without a user (or for a reload's php commands only), nothing is touched.
+        let plain = RunAs { user: Some("nobody".into()), umask: None, php_only: true };
+        share_writable(dir.path(), &["app".into()], &plain).unwrap();
+        assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup);
+    }
+
     fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Value, NodeError> {
         exec(&Exec {
             base: base.to_owned(),
@@ -1212,6 +1319,7 @@ mod tests {
             env: BTreeMap::new(),
             hook_timeout_ms: None,
             fence,
+            run_as: RunAs::default(),
         })
     }
 
