@@ -16,6 +16,17 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The service whose nodes are checked.
+    service: String,
+    /// The environment whose nodes are checked.
+    #[arg(long = "env")]
+    environment: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct HistoryArgs {
     /// Only this service [default: every one].
     service: Option<String>,
@@ -255,4 +266,32 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         out
     });
     Ok(())
+}
+
+/// `release check S --env E`: a row per finding per node; exit 1 when any check fails.
+pub async fn check(args: CheckArgs, output: Output) -> Result<(), Failure> {
+    let path = format!("/v1/services/{}/check", args.service);
+    let answer = args.server.client().get(&path, &[("environment", args.environment.clone())]).await?;
+    output.print(&answer, || {
+        let rows = answer["nodes"].as_array().into_iter().flatten().flat_map(|n| {
+            n["checks"].as_array().into_iter().flatten().map(move |c| {
+                let status = text(&c["status"]);
+                let shown = if status == "pass" { "ok".to_owned() } else { status.to_uppercase() };
+                vec![text(&n["node"]), text(&c["name"]), shown, text(&c["message"])]
+            })
+        });
+        super::table(&["NODE", "CHECK", "", "FOUND"], rows, &[])
+    });
+    if answer["ok"] == true {
+        return Ok(());
+    }
+    let failed: Vec<String> = answer["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["checks"].as_array().into_iter().flatten().any(|c| c["status"] == "fail"))
+        .map(|n| text(&n["node"]))
+        .collect();
+    let message = format!("{} node(s) would fail a deploy: {}", failed.len(), failed.join(", "));
+    Err(Failure::new(super::exit::FAILED, message).printed(output.json))
 }

@@ -64,6 +64,9 @@ pub enum Command {
     Rollback(release::RollbackArgs),
     /// What is live where, and what is in flight.
     Status(look::StatusArgs),
+    /// Before the first deploy and after any change to a node: what a deploy of SERVICE to
+    /// ENV will need, looked at on each node, nothing changed (exit 1 if a check fails).
+    Check(look::CheckArgs),
     /// Releases, newest first.
     History(look::HistoryArgs),
     /// One release with its transitions, approval and per-node deployments.
@@ -313,6 +316,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Cancel(args) => runtime().block_on(release::cancel(args, output)),
         Command::Rollback(args) => runtime().block_on(release::rollback(args, output)),
         Command::Status(args) => runtime().block_on(look::status(args, output)),
+        Command::Check(args) => runtime().block_on(look::check(args, output)),
         Command::History(args) => runtime().block_on(look::history(args, output)),
         Command::Show(args) => runtime().block_on(look::show(args, output)),
         Command::Audit(command) => runtime().block_on(audit::run(command, output)),

@@ -29,7 +29,9 @@ use transport::{Keep, MAX_OUTPUT, clean};
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::{self, Request, Source};
-use crate::releases::{Deployer, Deployment, Failure, Kind, LegacyBytes, Observed, Plan, SharedFile};
+use crate::releases::{
+    CheckRow, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Plan, SharedFile,
+};
 use crate::store::Store;
 use crate::utc;
 
@@ -739,7 +741,62 @@ impl NodeDeployer {
     }
 }
 
+impl NodeDeployer {
+    /// `release check` on one node: reached (host key checked), then what its agent finds.
+    async fn check_one(&self, service: &crate::config::Service, node: &Node, needed_bytes: u64) -> NodeCheck {
+        let name = node.display_name();
+        let row =
+            |name: &str, status: &str, message: String| CheckRow { name: name.into(), status: status.into(), message };
+        let target = match tokio::time::timeout(NODE_CHECK_TIMEOUT, self.connect(node, 0)).await {
+            Ok(Ok(target)) => target,
+            Ok(Err(e)) => return NodeCheck { node: name, checks: vec![row("reach", "fail", e)] },
+            Err(_) => {
+                let e = format!("no connection within {} s", NODE_CHECK_TIMEOUT.as_secs());
+                return NodeCheck { node: name, checks: vec![row("reach", "fail", e)] };
+            }
+        };
+        let how = if node.is_local() { "this machine, no SSH".to_owned() } else { "SSH, host key known".to_owned() };
+        let mut checks = vec![row("reach", "pass", how)];
+        let hooks = Hooks::of(service);
+        let request = Request::Check(node::Check {
+            base: target.base.clone(),
+            shared: service.shared.clone(),
+            laravel: service.kind == crate::config::ServiceKind::Laravel,
+            pm2_app: service.pm2_app.clone(),
+            reload: hooks.reload.clone(),
+            health_url: service.health.as_ref().map(|h| h.url.clone()),
+            web_user: service
+                .hook_user
+                .clone()
+                .or_else(|| (service.kind == crate::config::ServiceKind::Laravel).then(|| "www-data".to_owned())),
+            env: service.env.clone(),
+            needed_bytes,
+        });
+        match tokio::time::timeout(NODE_CHECK_TIMEOUT, phase_quiet(&target, request)).await {
+            Ok(Ok(answer)) => {
+                let found: Vec<CheckRow> = serde_json::from_value(answer["checks"].clone()).unwrap_or_default();
+                checks.extend(found);
+            }
+            Ok(Err(e)) => checks.push(row("agent", "fail", e)),
+            Err(_) => checks.push(row("agent", "fail", format!("no answer within {} s", NODE_CHECK_TIMEOUT.as_secs()))),
+        }
+        NodeCheck { node: name, checks }
+    }
+}
+
+/// How long `release check` waits for one node.
+const NODE_CHECK_TIMEOUT: Duration = Duration::from_secs(25);
+
 impl Deployer for NodeDeployer {
+    fn check<'a>(
+        &'a self,
+        service: &'a crate::config::Service,
+        nodes: &'a [Node],
+        needed_bytes: u64,
+    ) -> BoxFuture<'a, Vec<NodeCheck>> {
+        Box::pin(join_all(nodes.iter().map(|n| self.check_one(service, n, needed_bytes))))
+    }
+
     /// The server holds its data directory now: SSH masters a killed server left in it end.
     fn start(&self) {
         self.pool.end_masters_left_behind();

@@ -14,6 +14,7 @@
 //! Architecture invariant: the node trusts nothing it receives. It checks the archive by the
 //! same rules as ingest and its digest while unpacking, and never writes outside `<base>`.
 
+mod check;
 mod ops;
 mod unpack;
 
@@ -77,6 +78,8 @@ pub enum Request {
     },
     Exec(Exec),
     Health(Health),
+    /// `release check`: what a deploy will need, looked at without changing anything.
+    Check(Check),
     /// Every PM2 process of `app` runs from the release (its working directory is inside it).
     Pm2Cwd {
         base: PathBuf,
@@ -84,6 +87,35 @@ pub enum Request {
         app: String,
         env: BTreeMap<String, String>,
     },
+}
+
+/// What `release check` asks a node to look at (see `check.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub base: PathBuf,
+    /// The service's shared paths: each must be in `<base>/shared`.
+    pub shared: Vec<String>,
+    /// A Laravel service: `php artisan` runs, the web server's DocumentRoot.
+    #[serde(default)]
+    pub laravel: bool,
+    /// A Node service: its PM2 app, running from `<base>/current`.
+    #[serde(default)]
+    pub pm2_app: Option<String>,
+    /// The reload commands: those run with `sudo` must be allowed without a password.
+    #[serde(default)]
+    pub reload: Vec<String>,
+    /// The health check's URL (the digest placeholder left in).
+    #[serde(default)]
+    pub health_url: Option<String>,
+    /// The user the web server (or the hooks) write as: `shared/` must be writable by it.
+    #[serde(default)]
+    pub web_user: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Room one more release needs (the largest one unpacked so far), in bytes.
+    #[serde(default)]
+    pub needed_bytes: u64,
 }
 
 /// Where prepare gets the artifact's bytes.

@@ -39,6 +39,7 @@ pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeEr
         Request::Exec(e) => exec(&e),
         Request::Health(h) => health(&h),
         Request::Pm2Cwd { base, digest, app, env } => pm2_cwd(&base, digest, &app, &env),
+        Request::Check(c) => Ok(super::check::check(&c)),
     }
 }
 

@@ -189,6 +189,19 @@ impl Registry {
         }
     }
 
+    /// The largest unpacked size of the artifacts uploaded for `service` (0: none yet): the
+    /// room one more release of it takes on a node.
+    pub fn largest_unpacked(&self, service: &str) -> Result<u64, RegistryError> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT coalesce(max(a.unpacked_size), 0) FROM artifacts a
+                 JOIN artifact_uploads u ON u.digest = a.digest WHERE u.service = ?1",
+                [service],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        })
+    }
+
     /// Every service's upload record of a digest, oldest first.
     pub fn artifact_uploads(&self, digest: Digest) -> Result<Vec<ArtifactUpload>, RegistryError> {
         self.read(|conn| {

@@ -142,6 +142,21 @@ pub struct Observed {
     pub error: Option<String>,
 }
 
+/// What `release check` found on one node.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeCheck {
+    pub node: String,
+    pub checks: Vec<CheckRow>,
+}
+
+/// One finding: `pass`, `warn` or `fail`, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckRow {
+    pub name: String,
+    pub status: String,
+    pub message: String,
+}
+
 pub trait Deployer: Send + Sync + 'static {
     /// Called once the server holds its data directory, before anything is resolved or
     /// deployed (blocking work is fine: it runs off the async threads).
@@ -156,6 +171,29 @@ pub trait Deployer: Send + Sync + 'static {
                     node: n.display_name(),
                     current: None,
                     error: Some("this deployer cannot ask nodes".into()),
+                })
+                .collect()
+        })
+    }
+
+    /// Looks at each of `nodes` for what a deploy of `service` will need, changing nothing
+    /// (`release check`); `needed_bytes`: room one more release takes.
+    fn check<'a>(
+        &'a self,
+        _service: &'a crate::config::Service,
+        nodes: &'a [Node],
+        _needed_bytes: u64,
+    ) -> BoxFuture<'a, Vec<NodeCheck>> {
+        Box::pin(async move {
+            nodes
+                .iter()
+                .map(|n| NodeCheck {
+                    node: n.display_name(),
+                    checks: vec![CheckRow {
+                        name: "reach".into(),
+                        status: "fail".into(),
+                        message: "this deployer cannot ask nodes".into(),
+                    }],
                 })
                 .collect()
         })

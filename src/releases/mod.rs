@@ -16,13 +16,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use deployer::{Adopt, Adopter, Deployer, Failure, Gate, LegacyBytes, Observed, Plan, RecordOnly, Reporter};
+pub use deployer::{
+    Adopt, Adopter, CheckRow, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly, Reporter,
+};
 pub use model::{
     Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Stranded, Transition,
 };
 
 use crate::audit::NewEvent;
-use crate::config::Config;
+use crate::config::{Config, Node};
 use crate::digest::Digest;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
@@ -853,6 +855,21 @@ impl Releases {
             self.launch(release.clone());
         }
         Ok(release)
+    }
+
+    /// `release check S --env E`: each node of the cell looked at for what a deploy will need,
+    /// nothing changed. Needs the deploy role (it runs commands on the nodes).
+    pub async fn check(&self, p: &Principal, service: &str, env: &str) -> Result<Vec<NodeCheck>, ReleaseError> {
+        self.check_scope(p, Action::Deploy, service, env)?;
+        let config = self.config.service(service).expect("checked in scope").clone();
+        let nodes: Vec<Node> = config.nodes.iter().filter(|n| n.environment == env).cloned().collect();
+        if nodes.is_empty() {
+            return Err(ReleaseError::NoNodes { service: service.to_owned(), environment: env.to_owned() });
+        }
+        // Room for one more: the largest artifact of the service unpacked so far.
+        let s = service.to_owned();
+        let needed = self.blocking(move |r| r.largest_unpacked(&s)).await?;
+        Ok(self.deployer.check(&config, &nodes, needed).await)
     }
 
     /// `release approve ID`: by an approver who is not the requester (owners compared), of a

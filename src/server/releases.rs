@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::limits::Deadline;
 use crate::digest::DigestRef;
-use crate::releases::{Release, RequestOptions, Shown, StatusRow};
+use crate::releases::{NodeCheck, Release, RequestOptions, Shown, StatusRow};
 
 const MAX_PAGE: u32 = 500;
 
@@ -27,6 +27,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/releases/{id}/reject", post(reject))
         .route("/releases/{id}/cancel", post(cancel))
         .route("/status", get(status))
+        .route("/services/{service}/check", get(check))
 }
 
 type Created = (StatusCode, Json<Release>);
@@ -215,4 +216,33 @@ async fn status(
     ApiQuery(q): ApiQuery<StatusQuery>,
 ) -> Result<Json<Vec<StatusRow>>, ApiError> {
     Ok(Json(state.releases.status(&p, q.service, q.nodes).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckQuery {
+    /// Required; optional here so that the role is checked before a missing one is named.
+    environment: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CheckAnswer {
+    service: String,
+    environment: String,
+    /// No node failed a check (warnings allowed).
+    ok: bool,
+    nodes: Vec<NodeCheck>,
+}
+
+async fn check(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(service): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CheckQuery>,
+) -> Result<Json<CheckAnswer>, ApiError> {
+    p.require(crate::token::Action::Deploy)?;
+    let environment = q.environment.ok_or_else(|| ApiError::bad_request("name the environment: ?environment=E"))?;
+    let nodes = state.releases.check(&p, &service, &environment).await?;
+    let ok = nodes.iter().all(|n| n.checks.iter().all(|c| c.status != "fail"));
+    Ok(Json(CheckAnswer { service, environment, ok, nodes }))
 }

@@ -112,6 +112,12 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/v1/services/{service}/check",
+        action: Action::Deploy,
+        summary: "release check: each node of the service in ?environment=E looked at for what a deploy needs, nothing changed (ok: no check failed)",
+    },
+    Route {
+        method: "GET",
         path: "/v1/audit/events",
         action: Action::ReadAudit,
         summary: "the audit log as JSON lines (?after=SEQ&since=TIME&limit=N)",

@@ -1767,3 +1767,36 @@ fn primary_gid(user: &str) -> u32 {
     let out = std::process::Command::new("id").args(["-g", user]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+/// `release check` warns, before it bites, on what the web user could not write in shared/
+/// (issue 12 items 4 and 11), and passes once the operator gave it the group.
+#[test]
+fn release_check_warns_on_shared_entries_the_web_user_cannot_write() {
+    let (user, _) = web_user();
+    let root = tempfile::Builder::new().prefix("release-check-").tempdir().unwrap();
+    let base = root.path().join("shop");
+    fs::create_dir_all(base.join("shared/storage/framework/cache")).unwrap();
+    let config = format!(
+        "[service.shop]\nkind = \"generic\"\nshared = [\"storage\"]\nhook_user = \"{user}\"\n\
+         [[service.shop.node]]\nenvironment = \"staging\"\nhost = \"local\"\nbase = \"{}\"\n",
+        base.display()
+    );
+    let f = crate::releases::Fixture::with_config(&config);
+    let check = || f.cli("alice").args(["check", "shop", "--env", "staging", "--json"]).assert_success().json();
+    let ownership = |answer: &Value| {
+        answer["nodes"][0]["checks"].as_array().unwrap().iter().find(|c| c["name"] == "ownership").unwrap().clone()
+    };
+    let answer = check();
+    assert_eq!(answer["ok"], true, "a warning does not fail the check: {answer}");
+    let row = ownership(&answer);
+    assert_eq!(row["status"], "warn", "{row}");
+    let message = row["message"].as_str().unwrap();
+    assert!(message.contains(&format!("{user} cannot write 3 entries")) && message.contains("hook_user"), "{message}");
+
+    let gid = primary_gid(&user);
+    for dir in ["shared/storage", "shared/storage/framework", "shared/storage/framework/cache"] {
+        std::os::unix::fs::chown(base.join(dir), None, Some(gid)).unwrap();
+        fs::set_permissions(base.join(dir), fs::Permissions::from_mode(0o2775)).unwrap();
+    }
+    assert_eq!(ownership(&check())["status"], "pass");
+}

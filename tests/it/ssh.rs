@@ -506,3 +506,80 @@ fn a_node_unreachable_while_an_interrupted_deploy_is_resolved_is_stranded_and_th
     assert_eq!(cell(&fleet)["stranded"], json!([]));
     fleet.assert_env_on("staging", &v3, "v3");
 }
+
+/// Issue 12 item 11: `release check` on real sshd nodes, before the first deploy and after a
+/// change breaks a node: a row per finding, exit 0 only if no node fails a check, nothing
+/// changed on any node.
+#[test]
+fn release_check_finds_what_a_deploy_would_trip_on_and_changes_nothing() {
+    let health = "health = { url = \"http://127.0.0.1:9/health\", expect = \"{digest}\" }\nhook_user = \"root\"";
+    let mut fleet = SshFleet::with(Backend::Local, &["staging", "staging", "staging"], health, &[]);
+    let check = |fleet: &SshFleet| fleet.f.cli("alice").args(["check", "web", "--env", "staging", "--json"]).run();
+    let rows = |answer: &Value, node: usize| -> Vec<(String, String)> {
+        answer["nodes"][node]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().to_owned(), c["status"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let before: Vec<_> = fleet.bases.iter().map(|(_, b)| tree(b)).collect();
+
+    // Before the first deploy: nothing fails (the health URL may not answer yet: a warning).
+    let first = check(&fleet);
+    assert_eq!(first.output.status.code(), Some(0), "{first}");
+    let answer = first.json();
+    assert_eq!(answer["ok"], true);
+    for node in 0..3 {
+        let found = rows(&answer, node);
+        for (name, status) in
+            [("reach", "pass"), ("base", "pass"), ("shared", "pass"), ("room", "pass"), ("health", "warn")]
+        {
+            assert!(found.contains(&(name.into(), status.into())), "node {node}: {found:?}");
+        }
+    }
+    let after: Vec<_> = fleet.bases.iter().map(|(_, b)| tree(b)).collect();
+    assert_eq!(before, after, "check changes nothing on a node");
+
+    // Then broken: one node's shared file gone, one node's sshd down.
+    fs::remove_file(fleet.bases[1].1.join("shared/config.txt")).unwrap();
+    fleet.nodes[2].kill();
+    let second = check(&fleet);
+    assert_eq!(second.output.status.code(), Some(1), "{second}");
+    let answer = second.json();
+    assert_eq!(answer["ok"], false);
+    assert!(rows(&answer, 1).contains(&("shared".into(), "fail".into())), "{answer}");
+    let message =
+        answer["nodes"][1]["checks"].as_array().unwrap().iter().find(|c| c["name"] == "shared").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert!(message.contains("config.txt does not exist: create it"), "{message}");
+    assert_eq!(rows(&answer, 2), [("reach".to_owned(), "fail".to_owned())], "{answer}");
+    assert!(!rows(&answer, 0).iter().any(|(_, status)| status == "fail"), "the good node stays good: {answer}");
+
+    // The table, for a person: one row per finding, the failing ones named on stderr.
+    let human = fleet.f.cli("alice").args(["check", "web", "--env", "staging"]).assert_exit(1);
+    assert!(human.stdout().contains("FAIL") && human.stdout().contains("reach"), "{human}");
+    assert!(human.stderr().contains("would fail a deploy"), "{human}");
+    // Auditors may not make the server run commands on nodes.
+    fleet.f.cli("carol").args(["check", "web", "--env", "staging"]).assert_exit(5);
+}
+
+/// Every path under `base` with its size and mode: what a check must leave as it was.
+fn tree(base: &Path) -> Vec<(PathBuf, u64, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![base.to_owned()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        out.push((path.clone(), meta.len(), meta.mode()));
+        if meta.is_dir() {
+            for e in fs::read_dir(&path).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
