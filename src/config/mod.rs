@@ -293,6 +293,13 @@ pub struct Service {
     /// `node` services: the PM2 app the default reload reloads and verify checks (`pm2_app`,
     /// default the service's name). `None` for other kinds.
     pub pm2_app: Option<String>,
+    /// The user the application's own hooks run as on its nodes (`hook_user`), through
+    /// `sudo -n -u`: finalize, migrate, and the reload commands that are the application's
+    /// (`php …`). `None`: as the SSH user, like the other reload commands always.
+    pub hook_user: Option<String>,
+    /// The umask of the node agent's writes and of the hooks (`umask = "002"`), so that a
+    /// deploy user in the web server's group leaves group-writable directories.
+    pub umask: Option<u32>,
 }
 
 /// A service's health check, asked from each node after its reload. Answers are sorted into
@@ -371,7 +378,7 @@ impl Service {
                 })
             })
             .collect();
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "release": env!("CARGO_PKG_VERSION"),
             "service": self.name,
             "kind": self.kind,
@@ -389,6 +396,13 @@ impl Service {
             "parallel": environment.parallel,
             "nodes": nodes,
         });
+        // Only when set: the digests of services without them stay as they were.
+        if let Some(user) = &self.hook_user {
+            canonical["hook_user"] = user.clone().into();
+        }
+        if let Some(umask) = self.umask {
+            canonical["umask"] = format!("{umask:03o}").into();
+        }
         Digest::of(canonical.to_string().as_bytes())
     }
 }
@@ -461,6 +475,8 @@ struct ServiceSection {
     #[serde(default)]
     env: BTreeMap<String, String>,
     pm2_app: Option<String>,
+    hook_user: Option<String>,
+    umask: Option<String>,
     #[serde(default)]
     node: Vec<Node>,
 }
@@ -742,6 +758,23 @@ fn resolve_service(
         (_, Some(_)) => return Err(invalid(&key("pm2_app"), "only node services run under PM2".into())),
         (_, None) => None,
     };
+    if let Some(user) = &section.hook_user
+        && !is_valid_user_name(user)
+    {
+        return Err(invalid(
+            &key("hook_user"),
+            format!(
+                "{user:?} is not a user name (1 to 32 of a-z 0-9 _ - and not starting with - or a digit; \
+                 it goes into `sudo -n -u <hook_user>`)"
+            ),
+        ));
+    }
+    let umask = match &section.umask {
+        None => None,
+        Some(text) => Some(parse_umask(text).ok_or_else(|| {
+            invalid(&key("umask"), format!("{text:?} is not an octal umask from \"000\" to \"777\" (e.g. \"002\")"))
+        })?),
+    };
     for (i, node) in section.node.iter().enumerate() {
         let node_key = |field: &str| format!("service.{name}.node[{i}].{field}");
         if !environments.iter().any(|e| e.name == node.environment) {
@@ -804,7 +837,24 @@ fn resolve_service(
         env: section.env,
         nodes: section.node,
         pm2_app,
+        hook_user: section.hook_user,
+        umask,
     })
+}
+
+/// A POSIX user name `sudo -u` takes as a name (not `#uid`), without quoting.
+fn is_valid_user_name(user: &str) -> bool {
+    (1..=32).contains(&user.len())
+        && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// An umask written in octal ("002", "0022"): at most 4 digits, at most 0o777.
+fn parse_umask(text: &str) -> Option<u32> {
+    if text.is_empty() || text.len() > 4 || !text.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(text, 8).ok().filter(|m| *m <= 0o777)
 }
 
 /// Bounds on a health check's numbers: `(field, why)` for the first out of them.

@@ -438,3 +438,29 @@ fn the_packaged_configuration_loads() {
     assert!(c.listen.ip().is_loopback());
     assert!(c.services.is_empty());
 }
+
+#[test]
+fn hook_user_and_umask_are_checked_at_load_naming_the_service_and_the_value() {
+    let service = |lines: &str| format!("[service.shop]\nkind = \"laravel\"\n{lines}");
+    let c = load_text(&service("hook_user = \"www-data\"\numask = \"002\"\n")).unwrap();
+    let shop = c.service("shop").unwrap();
+    assert_eq!((shop.hook_user.as_deref(), shop.umask), (Some("www-data"), Some(0o002)));
+    let plain = load_text(&service("")).unwrap();
+    assert_eq!(
+        (plain.service("shop").unwrap().hook_user.as_deref(), plain.service("shop").unwrap().umask),
+        (None, None)
+    );
+    for (lines, key, value) in [
+        ("hook_user = \"www data\"\n", "service.shop.hook_user", "\"www data\""),
+        ("hook_user = \"-oRoot\"\n", "service.shop.hook_user", "\"-oRoot\""),
+        ("hook_user = \"#0\"\n", "service.shop.hook_user", "\"#0\""),
+        ("hook_user = \"\"\n", "service.shop.hook_user", "\"\""),
+        ("umask = \"999\"\n", "service.shop.umask", "\"999\""),
+        ("umask = 2\n", "umask", "string"),
+        ("umask = \"01777\"\n", "service.shop.umask", "\"01777\""),
+        ("umask = \"u=rwx\"\n", "service.shop.umask", "\"u=rwx\""),
+    ] {
+        let err = load_text(&service(lines)).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains(value), "expected {key} and {value} in: {err}");
+    }
+}

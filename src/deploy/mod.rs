@@ -340,6 +340,8 @@ impl NodeDeployer {
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
+            hook_user: plan.service.hook_user.clone(),
+            umask: plan.service.umask,
         })
     }
 
@@ -354,6 +356,13 @@ impl NodeDeployer {
         if commands.is_empty() {
             return Ok(());
         }
+        // The application's commands run as the service's hook_user: every migrate command,
+        // and the reload commands that are the application's (not the web server's reload).
+        let run_as = commands
+            .iter()
+            .map(|c| (name == "migrate" || hooks::reload_runs_as_hook_user(c)).then(|| plan.service.hook_user.clone()))
+            .map(Option::flatten)
+            .collect();
         let request = Request::Exec(node::Exec {
             base: target.base.clone(),
             digest,
@@ -361,6 +370,8 @@ impl NodeDeployer {
             env: plan.service.env.clone(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fence: plan.fence,
+            run_as,
+            umask: plan.service.umask,
         });
         phase(plan, target, name, request, None).await.map(drop)
     }

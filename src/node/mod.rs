@@ -132,6 +132,13 @@ pub struct Prepare {
     /// configuration would otherwise keep out), and then write only its writable paths.
     #[serde(default)]
     pub finalize_if_shared_changed: bool,
+    /// The user the finalize commands run as, through `sudo -n -u` (the service's
+    /// `hook_user`); the writable paths are given to its group. `None`: the agent's own user.
+    #[serde(default)]
+    pub hook_user: Option<String>,
+    /// The umask of the agent's writes and of the hooks (the service's `umask`).
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
 impl Prepare {
@@ -158,6 +165,13 @@ pub struct Exec {
     /// The deploy run's fence (see `Request::Fence`); 0 asks nothing.
     #[serde(default)]
     pub fence: u64,
+    /// Per command (same order), the user it runs as through `sudo -n -u`; missing or
+    /// `None`: the agent's own user (the SSH user).
+    #[serde(default)]
+    pub run_as: Vec<Option<String>>,
+    /// The umask of the hooks (the service's `umask`).
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
