@@ -627,7 +627,8 @@ impl super::Prepare {
 /// when it did not refuse (the hook ran and failed on its own).
 fn sudo_refusal(said: &str, user: &str) -> Option<String> {
     let me = agent_user();
-    let rule = format!("`{me} ALL=({user}) NOPASSWD: ALL` (or narrower: the hook commands only)");
+    // The hook runs as `env K=V … sh -c …`: a narrower rule than ALL still has to allow env.
+    let rule = format!("`{me} ALL=({user}) NOPASSWD: ALL` (narrowest: `{me} ALL=({user}) NOPASSWD: /usr/bin/env`)");
     if said.contains("password is required")
         || said.contains("is not allowed to")
         || said.contains("not in the sudoers")
