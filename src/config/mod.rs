@@ -293,12 +293,11 @@ pub struct Service {
     /// `node` services: the PM2 app the default reload reloads and verify checks (`pm2_app`,
     /// default the service's name). `None` for other kinds.
     pub pm2_app: Option<String>,
-    /// The user the application's own hooks run as on its nodes (`hook_user`), through
-    /// `sudo -n -u`: finalize, migrate, and the reload commands that are the application's
-    /// (`php …`). `None`: as the SSH user, like the other reload commands always.
+    /// The user the application's hooks run as, through `sudo -n -u` (`hook_user`, e.g.
+    /// `www-data`): finalize, migrate, and the reload commands that start with `php `.
     pub hook_user: Option<String>,
-    /// The umask of the node agent's writes and of the hooks (`umask = "002"`), so that a
-    /// deploy user in the web server's group leaves group-writable directories.
+    /// The umask of every hook (`umask = "0002"`): files and directories they make in
+    /// `shared/` stay writable by the group (the web server's).
     pub umask: Option<u32>,
 }
 
@@ -378,7 +377,7 @@ impl Service {
                 })
             })
             .collect();
-        let mut canonical = serde_json::json!({
+        let canonical = serde_json::json!({
             "release": env!("CARGO_PKG_VERSION"),
             "service": self.name,
             "kind": self.kind,
@@ -392,17 +391,12 @@ impl Service {
             "hooks": {"finalize": self.hooks.finalize, "migrate": self.hooks.migrate, "reload": self.hooks.reload},
             "env": self.env,
             "pm2_app": self.pm2_app,
+            "hook_user": self.hook_user,
+            "umask": self.umask,
             "environment": environment.name,
             "parallel": environment.parallel,
             "nodes": nodes,
         });
-        // Only when set: the digests of services without them stay as they were.
-        if let Some(user) = &self.hook_user {
-            canonical["hook_user"] = user.clone().into();
-        }
-        if let Some(umask) = self.umask {
-            canonical["umask"] = format!("{umask:03o}").into();
-        }
         Digest::of(canonical.to_string().as_bytes())
     }
 }
@@ -758,23 +752,6 @@ fn resolve_service(
         (_, Some(_)) => return Err(invalid(&key("pm2_app"), "only node services run under PM2".into())),
         (_, None) => None,
     };
-    if let Some(user) = &section.hook_user
-        && !is_valid_user_name(user)
-    {
-        return Err(invalid(
-            &key("hook_user"),
-            format!(
-                "{user:?} is not a user name (1 to 32 of a-z 0-9 _ - and not starting with - or a digit; \
-                 it goes into `sudo -n -u <hook_user>`)"
-            ),
-        ));
-    }
-    let umask = match &section.umask {
-        None => None,
-        Some(text) => Some(parse_umask(text).ok_or_else(|| {
-            invalid(&key("umask"), format!("{text:?} is not an octal umask from \"000\" to \"777\" (e.g. \"002\")"))
-        })?),
-    };
     for (i, node) in section.node.iter().enumerate() {
         let node_key = |field: &str| format!("service.{name}.node[{i}].{field}");
         if !environments.iter().any(|e| e.name == node.environment) {
@@ -827,6 +804,17 @@ fn resolve_service(
     if let Some(health) = &section.health {
         check_health(health).map_err(|(field, why)| invalid(&key(&format!("health.{field}")), why))?;
     }
+    if let Some(user) = &section.hook_user {
+        node::check_user(user).map_err(|why| invalid(&key("hook_user"), why))?;
+    }
+    let umask = match &section.umask {
+        None => None,
+        Some(text) => Some(
+            u32::from_str_radix(text, 8).ok().filter(|m| (3..=4).contains(&text.len()) && *m <= 0o777).ok_or_else(
+                || invalid(&key("umask"), format!("{text:?} is not a umask: 3 or 4 octal digits, e.g. \"0002\"")),
+            )?,
+        ),
+    };
     Ok(Service {
         name,
         kind: section.kind,
@@ -840,21 +828,6 @@ fn resolve_service(
         hook_user: section.hook_user,
         umask,
     })
-}
-
-/// A POSIX user name `sudo -u` takes as a name (not `#uid`), without quoting.
-fn is_valid_user_name(user: &str) -> bool {
-    (1..=32).contains(&user.len())
-        && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// An umask written in octal ("002", "0022"): at most 4 digits, at most 0o777.
-fn parse_umask(text: &str) -> Option<u32> {
-    if text.is_empty() || text.len() > 4 || !text.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return None;
-    }
-    u32::from_str_radix(text, 8).ok().filter(|m| *m <= 0o777)
 }
 
 /// Bounds on a health check's numbers: `(field, why)` for the first out of them.

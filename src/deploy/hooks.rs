@@ -42,26 +42,3 @@ impl Hooks {
         }
     }
 }
-
-/// Whether a reload command is the application's own (`php artisan queue:restart`), run as
-/// the service's `hook_user`, rather than one that reloads the web server or the process
-/// manager (`apachectl -k graceful`, `pm2 reload`, `systemctl …`), which stays the SSH user's:
-/// those act on processes the SSH user owns or may signal.
-pub fn reload_runs_as_hook_user(command: &str) -> bool {
-    let program = command.split_whitespace().next().unwrap_or_default();
-    program == "php" || program.starts_with("php8") || program.starts_with("php7")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::reload_runs_as_hook_user;
-
-    #[test]
-    fn only_the_applications_reload_commands_run_as_the_hook_user() {
-        assert!(reload_runs_as_hook_user("php artisan queue:restart"));
-        assert!(reload_runs_as_hook_user("php8.2 artisan horizon:terminate"));
-        for command in ["apachectl -k graceful", "pm2 reload web", "sudo systemctl reload php8.2-fpm", "phpunit"] {
-            assert!(!reload_runs_as_hook_user(command), "{command}");
-        }
-    }
-}

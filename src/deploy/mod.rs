@@ -340,8 +340,7 @@ impl NodeDeployer {
             adopt: target.adopting(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
-            hook_user: plan.service.hook_user.clone(),
-            umask: plan.service.umask,
+            run_as: run_as(plan, false),
         })
     }
 
@@ -356,13 +355,6 @@ impl NodeDeployer {
         if commands.is_empty() {
             return Ok(());
         }
-        // The application's commands run as the service's hook_user: every migrate command,
-        // and the reload commands that are the application's (not the web server's reload).
-        let run_as = commands
-            .iter()
-            .map(|c| (name == "migrate" || hooks::reload_runs_as_hook_user(c)).then(|| plan.service.hook_user.clone()))
-            .map(Option::flatten)
-            .collect();
         let request = Request::Exec(node::Exec {
             base: target.base.clone(),
             digest,
@@ -370,8 +362,8 @@ impl NodeDeployer {
             env: plan.service.env.clone(),
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fence: plan.fence,
-            run_as,
-            umask: plan.service.umask,
+            // A reload's service commands (apachectl, pm2) stay the SSH user's.
+            run_as: run_as(plan, name == "reload"),
         });
         phase(plan, target, name, request, None).await.map(drop)
     }
@@ -768,4 +760,10 @@ impl Deployer for NodeDeployer {
     fn clean_up<'a>(&'a self, plan: &'a Plan, keep: &'a [Digest]) -> BoxFuture<'a, ()> {
         Box::pin(self.clean_up_nodes(plan, keep))
     }
+}
+
+/// Who runs the service's hooks on its nodes: `hook_user` (in a reload, for `php …` commands
+/// only) with the service's `umask`.
+fn run_as(plan: &Plan, php_only: bool) -> node::RunAs {
+    node::RunAs { user: plan.service.hook_user.clone(), umask: plan.service.umask, php_only }
 }

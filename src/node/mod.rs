@@ -132,13 +132,24 @@ pub struct Prepare {
     /// configuration would otherwise keep out), and then write only its writable paths.
     #[serde(default)]
     pub finalize_if_shared_changed: bool,
-    /// The user the finalize commands run as, through `sudo -n -u` (the service's
-    /// `hook_user`); the writable paths are given to its group. `None`: the agent's own user.
+    /// Who runs the finalize commands, and with which umask.
     #[serde(default)]
-    pub hook_user: Option<String>,
-    /// The umask of the agent's writes and of the hooks (the service's `umask`).
+    pub run_as: RunAs,
+}
+
+/// The user application hooks run as (`sudo -n -u`), and the umask of every hook. With a
+/// user, the release's writable paths are given to that user's group first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunAs {
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub umask: Option<u32>,
+    /// Only commands that start with `php ` run as `user` (a reload: `apachectl` stays the
+    /// SSH user's, `php artisan queue:restart` is the application's).
+    #[serde(default)]
+    pub php_only: bool,
 }
 
 impl Prepare {
@@ -165,13 +176,9 @@ pub struct Exec {
     /// The deploy run's fence (see `Request::Fence`); 0 asks nothing.
     #[serde(default)]
     pub fence: u64,
-    /// Per command (same order), the user it runs as through `sudo -n -u`; missing or
-    /// `None`: the agent's own user (the SSH user).
+    /// Who runs the commands, and with which umask.
     #[serde(default)]
-    pub run_as: Vec<Option<String>>,
-    /// The umask of the hooks (the service's `umask`).
-    #[serde(default)]
-    pub umask: Option<u32>,
+    pub run_as: RunAs,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

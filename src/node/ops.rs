@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Exec, Health, Modes, NodeError, Prepare, Request, Source, drain, is_writable, remove_tree, unpack};
+use super::{Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Source, drain, is_writable, remove_tree, unpack};
 use crate::archive::CheckOptions;
 use crate::digest::Digest;
 
@@ -22,19 +22,6 @@ const SHARED_HASH_LIMIT: u64 = 64 << 20;
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
-    // The agent is a process of its own per request: its umask is the service's for what
-    // it writes (a release's directories, shared links' parents) and what its hooks write.
-    let umask = match &request {
-        Request::Prepare(p) => p.umask,
-        Request::Exec(e) => e.umask,
-        _ => None,
-    };
-    if let Some(mask) = umask {
-        // SAFETY: umask(2) only sets this process's mask.
-        unsafe {
-            libc::umask(mask as libc::mode_t);
-        }
-    }
     match request {
         Request::Prepare(p) => prepare(&p, input),
         Request::Switch { base, digest, shared, adopt, fence } => switch(&base, digest, &shared, adopt, fence),
@@ -268,8 +255,8 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             // Changed since (or never noted): finalize again, writing only where the kind
             // writes (its writable paths, and shared/ through its links).
             let env = release_env(&layout, p.digest, &p.env);
-            give_writable(&dir, &p.writable, p.hook_user.as_deref())?;
-            let finalized = run_commands(&layout, &dir, &p.finalize, &p.hooks(), &env, p.hook_timeout())?;
+            share_writable(&dir, &p.writable, &p.run_as)?;
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
             note_finalized(&layout, p.digest, &shared_now)?;
             sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
             let changed = match &then {
@@ -283,11 +270,11 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             return Ok(json!({"dir": dir, "reused": true, "refinalized": true, "output": output}));
         }
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
-        give_writable(&dir, &p.writable, p.hook_user.as_deref())?;
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
-        let finalized = run_commands(&layout, &dir, &p.finalize, &p.hooks(), &env, p.hook_timeout());
+        let finalized = share_writable(&dir, &p.writable, &p.run_as)
+            .and_then(|()| run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as));
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
         if finalized.is_ok() {
             note_finalized(&layout, p.digest, &shared_now)?;
@@ -349,14 +336,16 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
         let mut dirs = unpacked.dirs;
         link_shared(&layout, &dir, &p.shared, &mut dirs)?;
-        give_writable(&dir, &p.writable, p.hook_user.as_deref())?;
         if let Modes::Sealed(writable) = modes {
             seal_dirs(&dir, &dirs, writable).map_err(|e| io_error(&dir, e))?;
         }
     }
     let env = release_env(&layout, p.digest, &p.env);
     let shared_now = shared_fingerprints(&layout, &p.shared);
-    let output = run_commands(&layout, &dir, &p.finalize, &p.hooks(), &env, p.hook_timeout())?;
+    if !p.finalize.is_empty() {
+        share_writable(&dir, &p.writable, &p.run_as)?;
+    }
+    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
     if !p.finalize.is_empty() {
         note_finalized(&layout, p.digest, &shared_now)?;
     }
@@ -491,9 +480,9 @@ fn run_commands(
     layout: &Layout,
     dir: &Path,
     commands: &[String],
-    hooks: &Hooks,
     env: &BTreeMap<String, String>,
     deadline: Option<Duration>,
+    run_as: &RunAs,
 ) -> Result<String, NodeError> {
     use std::os::unix::process::CommandExt;
     if commands.is_empty() {
@@ -502,54 +491,33 @@ fn run_commands(
     layout.wait_for_earlier_hook()?;
     let started = Instant::now();
     let mut output = Vec::new();
-    for (i, command) in commands.iter().enumerate() {
-        let user = hooks.run_as.get(i).and_then(Option::as_deref);
-        // The umask is set in the shell itself: sudo would otherwise widen it to its own
-        // (the union with 022), and group-writable directories would not be.
-        let umask = hooks.umask.map(|m| format!("umask {m:03o}; ")).unwrap_or_default();
-        let script = format!("{umask}exec 2>&1; {command}");
-        let mut run = match user {
-            None => {
-                let mut run = Command::new("sh");
-                run.arg("-c").arg(&script);
-                run
-            }
+    for command in commands {
+        let script = match run_as.umask {
+            Some(mask) => format!("umask {mask:04o}; exec 2>&1; {command}"),
+            None => format!("exec 2>&1; {command}"),
+        };
+        let user = run_as.user.as_deref().filter(|_| !run_as.php_only || command.trim_start().starts_with("php "));
+        let mut shell = match user {
+            // sudo resets the environment: the hook's variables go through env(1).
             Some(user) => {
-                // sudo resets the environment: the hook's goes through `env` (RELEASE_*, the
-                // service's env). -n: never ask for a password, fail instead.
-                let mut run = Command::new("sudo");
-                run.args(["-n", "-u", user, "--", "env"]);
-                run.args(env.iter().map(|(k, v)| format!("{k}={v}")));
-                run.args(["sh", "-c", &script]);
-                run
+                let mut c = Command::new("sudo");
+                c.args(["-n", "-u", user, "--", "env"]).args(env.iter().map(|(k, v)| format!("{k}={v}")));
+                c.args(["sh", "-c", &script]);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(&script).envs(env);
+                c
             }
         };
-        let mut child = run
+        let mut child = shell
             .current_dir(dir)
-            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(if user.is_some() { Stdio::piped() } else { Stdio::inherit() })
             .process_group(0)
             .spawn()
-            .map_err(|e| match user {
-                Some(user) if e.kind() == io::ErrorKind::NotFound => NodeError::new(
-                    "hook_failed",
-                    format!(
-                        "cannot run `{command}` as {user}: sudo is not installed on this node (hook_user = {user:?} \
-                         runs the hooks through `sudo -n -u {user}`)"
-                    ),
-                ),
-                _ => NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")),
-            })?;
-        // sudo's own complaints come on its stderr, before the hook's `exec 2>&1`.
-        let sudo_said = child.stderr.take().map(|mut stderr| {
-            std::thread::spawn(move || {
-                let mut said = Vec::new();
-                let _ = io::Read::take(&mut stderr, OUTPUT_TAIL as u64).read_to_end(&mut said);
-                said
-            })
-        });
+            .map_err(|e| NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")))?;
         let record = layout.record_hook(child.id(), command);
         let mut stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -575,22 +543,20 @@ fn run_commands(
         }
         // A daemon the hook started may keep the pipe open: wait a little, not for ever.
         let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
-        let shown = match user {
-            Some(user) => format!("$ (as {user}) {command}\n"),
-            None => format!("$ {command}\n"),
-        };
-        output.extend_from_slice(shown.as_bytes());
-        let said = sudo_said.and_then(|t| t.join().ok()).unwrap_or_default();
-        output.extend_from_slice(&said);
+        output.extend_from_slice(format!("$ {command}\n").as_bytes());
         output.extend_from_slice(&rx.recv_timeout(wait).unwrap_or_default());
         keep_tail(&mut output);
         let failure = match status {
             Some(status) if status.success() => continue,
-            Some(_)
-                if let Some(user) = user
-                    && let Some(why) = sudo_refusal(&String::from_utf8_lossy(&said), user) =>
-            {
-                NodeError::new("hook_failed", format!("`{command}` did not run as {user}: {why}"))
+            Some(status) if user.is_some() && String::from_utf8_lossy(&output).contains("sudo:") => {
+                let user = user.unwrap_or_default();
+                NodeError::new(
+                    "hook_failed",
+                    format!(
+                        "`{command}` failed ({status}) as hook_user {user}: sudo refused; the SSH user needs a \
+                         sudoers line such as `deploy ALL=({user}) NOPASSWD: ALL` (visudo -f /etc/sudoers.d/release)"
+                    ),
+                )
             }
             Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
             None => NodeError::new(
@@ -608,100 +574,47 @@ fn run_commands(
     Ok(tail(&output))
 }
 
-/// How the hooks of one request run: as whom (per command, through `sudo -n -u`; `None` or
-/// missing: the agent's own user) and with which umask.
-#[derive(Default)]
-struct Hooks {
-    run_as: Vec<Option<String>>,
-    umask: Option<u32>,
-}
-
-impl super::Prepare {
-    /// The finalize commands all run as the service's `hook_user`.
-    fn hooks(&self) -> Hooks {
-        Hooks { run_as: vec![self.hook_user.clone(); self.finalize.len()], umask: self.umask }
-    }
-}
-
-/// What sudo's stderr means when it refused to run a hook as `user`, with the fix; `None`
-/// when it did not refuse (the hook ran and failed on its own).
-fn sudo_refusal(said: &str, user: &str) -> Option<String> {
-    let me = agent_user();
-    // The hook runs as `env K=V … sh -c …`: a narrower rule than ALL still has to allow env.
-    let rule = format!("`{me} ALL=({user}) NOPASSWD: ALL` (narrowest: `{me} ALL=({user}) NOPASSWD: /usr/bin/env`)");
-    if said.contains("password is required")
-        || said.contains("is not allowed to")
-        || said.contains("not in the sudoers")
-    {
-        return Some(format!(
-            "sudo refused ({}); hook_user = {user:?} needs a sudoers rule on this node letting {me} run commands as {user} \
-             without a password, e.g. in /etc/sudoers.d/release: {rule}",
-            said.lines().find(|l| l.starts_with("sudo:")).unwrap_or(said.trim())
-        ));
-    }
-    if said.contains("unknown user") {
-        return Some(format!("sudo: there is no user {user:?} on this node (hook_user)"));
-    }
-    None
-}
-
-/// The name of the user this agent runs as (the SSH user), or its uid.
-fn agent_user() -> String {
-    // SAFETY: getuid/getpwuid read this process's user; the entry is copied out at once.
-    unsafe {
-        let uid = libc::getuid();
-        let pw = libc::getpwuid(uid);
-        if pw.is_null() {
-            return uid.to_string();
-        }
-        std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned()
-    }
-}
-
-/// The primary group of `user`, or `None` when there is no such user here.
-fn primary_group(user: &str) -> Option<libc::gid_t> {
-    let name = std::ffi::CString::new(user).ok()?;
-    // SAFETY: getpwnam with a NUL-terminated name; the gid is copied out at once.
-    unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        (!pw.is_null()).then(|| (*pw).pw_gid)
-    }
-}
-
-/// With a `hook_user`, the release's writable paths (bootstrap/cache…) become its group's,
-/// group-writable and setgid (2775), so the hooks it runs can write there while the rest of
-/// the release stays the SSH user's and is sealed read-only. A missing one is created. The
-/// agent must be root or in that group (the "deploy user in the web server's group" shape).
-fn give_writable(dir: &Path, writable: &[String], hook_user: Option<&str>) -> Result<(), NodeError> {
-    let Some(user) = hook_user else { return Ok(()) };
-    if writable.is_empty() {
-        return Ok(());
-    }
-    let gid = primary_group(user).ok_or_else(|| {
-        NodeError::new("hook_user", format!("there is no user {user:?} on this node (the service's hook_user)"))
-    })?;
-    for path in writable {
-        let path = dir.join(path);
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            continue; // into shared/: its owner sets it up
-        }
-        fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?;
-        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| {
+/// With a hook user, gives the release's writable paths (Laravel's `bootstrap/cache`) to that
+/// user's group, group-writable and set-group-ID, so that finalize run as that user can write
+/// there. The SSH user must be in that group (or root); the refusal says so.
+fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(), NodeError> {
+    let Some(user) = run_as.user.as_deref().filter(|_| !run_as.php_only) else { return Ok(()) };
+    let Some(gid) = primary_group(user) else {
+        return Err(NodeError::new("hook_user", format!("hook_user {user} is not a user on this node")));
+    };
+    for path in writable.iter().map(|w| dir.join(w)).filter(|p| p.exists()) {
+        walk_modes(&path, &mut |path, meta| {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+            if meta.is_dir() || meta.is_file() {
+                let extra = if meta.is_dir() { 0o2070 } else { 0o060 };
+                fs::set_permissions(path, fs::Permissions::from_mode(meta.permissions().mode() | extra))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| {
             NodeError::new(
                 "hook_user",
                 format!(
-                    "cannot give {} to {user}'s group (gid {gid}) for its hooks: {e}; make the SSH user {} a member \
-                     of that group (usermod -aG <group> {})",
-                    path.display(),
-                    agent_user(),
-                    agent_user()
+                    "cannot give {} to the group of hook_user {user} (gid {gid}): {e}; make the SSH user a member \
+                     of that group (usermod -aG <group> <ssh user>)",
+                    path.display()
                 ),
             )
         })?;
-        let mode = fs::metadata(&path).map_err(|e| io_error(&path, e))?.permissions().mode();
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o2770)).map_err(|e| io_error(&path, e))?;
     }
     Ok(())
+}
+
+/// The primary group of `user`, from the password database.
+fn primary_group(user: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(user).ok()?;
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes only into `entry` and `buf`, which outlive the call; `found`
+    // is null or points at `entry`.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some(entry.pw_gid)
 }
 
 /// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
@@ -1114,8 +1027,8 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
     let _lock = layout.lock()?;
     layout.fence(e.fence)?;
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);
-    let hooks = Hooks { run_as: e.run_as.clone(), umask: e.umask };
-    let output = run_commands(&layout, &dir, &e.commands, &hooks, &release_env(&layout, digest, &e.env), deadline)?;
+    let env = release_env(&layout, digest, &e.env);
+    let output = run_commands(&layout, &dir, &e.commands, &env, deadline, &e.run_as)?;
     Ok(json!({"output": output}))
 }
 
@@ -1350,8 +1263,7 @@ mod tests {
                 fence: 0,
                 fetch_stall_ms: None,
                 finalize_if_shared_changed: false,
-                hook_user: None,
-                umask: None,
+                run_as: RunAs::default(),
             };
             let answer = prepare(&request, &mut &bytes[..]).unwrap();
             let dir = PathBuf::from(answer["dir"].as_str().unwrap());
@@ -1369,6 +1281,36 @@ mod tests {
         assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
     }
 
+    #[test]
+    fn a_hook_users_group_gets_the_writable_paths_or_the_refusal_says_how() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("cache/views")).unwrap();
+        fs::write(dir.path().join("cache/views/x"), "x").unwrap();
+        fs::create_dir_all(dir.path().join("app")).unwrap();
+        let nogroup = primary_group("nobody").expect("Debian has nobody");
+        let run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
+        let shared = share_writable(dir.path(), &["cache".into()], &run_as);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            shared.unwrap();
+            for path in ["cache", "cache/views", "cache/views/x"] {
+                let meta = fs::metadata(dir.path().join(path)).unwrap();
+                assert_eq!(meta.gid(), nogroup, "{path}");
+                let want = if meta.is_dir() { 0o2070 } else { 0o060 };
+                assert_eq!(meta.permissions().mode() & want, want, "{path}: {:o}", meta.permissions().mode());
+            }
+            assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup, "only writable paths");
+        } else {
+            let err = shared.unwrap_err().to_string();
+            assert!(err.contains("make the SSH user a member"), "{err}");
+        }
+        // Without a user (or for a reload's php commands only), nothing is touched.
+        let plain = RunAs { user: Some("nobody".into()), umask: None, php_only: true };
+        share_writable(dir.path(), &["app".into()], &plain).unwrap();
+        assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup);
+    }
+
     fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Value, NodeError> {
         exec(&Exec {
             base: base.to_owned(),
@@ -1377,8 +1319,7 @@ mod tests {
             env: BTreeMap::new(),
             hook_timeout_ms: None,
             fence,
-            run_as: vec![],
-            umask: None,
+            run_as: RunAs::default(),
         })
     }
 
@@ -1435,174 +1376,5 @@ mod tests {
             refused.message
         );
         reaper.join().unwrap();
-    }
-
-    /// The user the hook tests run hooks as, made once (useradd) when missing; `None` (the
-    /// test skips, saying so) when not root: only root can make it, and sudo to it.
-    fn hook_user() -> Option<(&'static str, u32)> {
-        static MADE: std::sync::Once = std::sync::Once::new();
-        const USER: &str = "release-hook";
-        // SAFETY: getuid reads this process's user.
-        if unsafe { libc::getuid() } != 0 {
-            eprintln!("skipped: not root, cannot add the user {USER} nor sudo to it");
-            return None;
-        }
-        MADE.call_once(|| {
-            if primary_group(USER).is_none() {
-                let made = Command::new("useradd")
-                    .args(["--system", "--no-create-home", "--shell", "/bin/sh", USER])
-                    .status()
-                    .unwrap();
-                assert!(made.success(), "useradd {USER}");
-            }
-        });
-        let name = std::ffi::CString::new(USER).unwrap();
-        // SAFETY: getpwnam with a NUL-terminated name; the uid is copied out at once.
-        let uid = unsafe { (*libc::getpwnam(name.as_ptr())).pw_uid };
-        Some((USER, uid))
-    }
-
-    /// A base others can enter (a temporary directory is the creator's only).
-    fn open_base() -> (tempfile::TempDir, Layout, Digest) {
-        let base = tempfile::tempdir().unwrap();
-        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let layout = Layout { base: base.path().to_owned() };
-        layout.create().unwrap();
-        let digest = Digest::of(b"release");
-        fs::create_dir_all(layout.release(digest)).unwrap();
-        (base, layout, digest)
-    }
-
-    /// `php artisan queue:restart` as root left root's directories in shared/storage: run as
-    /// the hook user, what a hook makes is that user's, and with umask 002 group-writable.
-    #[test]
-    fn a_hook_run_as_the_hook_user_writes_as_that_user_with_the_services_umask() {
-        let Some((user, uid)) = hook_user() else { return };
-        let (base, layout, digest) = open_base();
-        let storage = layout.shared().join("storage");
-        fs::create_dir_all(&storage).unwrap();
-        std::os::unix::fs::chown(&storage, Some(uid), None).unwrap();
-        let answer = exec(&Exec {
-            base: base.path().to_owned(),
-            digest: Some(digest),
-            commands: vec![
-                "mkdir -p \"$RELEASE_BASE/shared/storage/framework/cache\" && echo \"$RELEASE_DIGEST\" > \"$RELEASE_BASE/shared/storage/framework/cache/x\"".into(),
-                "id -un".into(),
-                "id -un".into(),
-            ],
-            env: BTreeMap::from([("APP_ENV".into(), "production".into())]),
-            hook_timeout_ms: None,
-            fence: 0,
-            run_as: vec![Some(user.into()), Some(user.into()), None],
-            umask: Some(0o002),
-        })
-        .unwrap();
-        let output = answer["output"].as_str().unwrap();
-        assert!(output.contains(&format!("$ (as {user}) id -un\n{user}\n$ id -un\nroot\n")), "{output}");
-        let made = storage.join("framework/cache");
-        use std::os::unix::fs::MetadataExt;
-        for path in [storage.join("framework"), made.clone(), made.join("x")] {
-            assert_eq!(fs::metadata(&path).unwrap().uid(), uid, "{} is the hook user's", path.display());
-        }
-        assert_eq!(fs::metadata(&made).unwrap().mode() & 0o777, 0o775, "umask 002: group-writable");
-        assert_eq!(fs::metadata(made.join("x")).unwrap().mode() & 0o777, 0o664);
-        assert_eq!(
-            fs::read_to_string(made.join("x")).unwrap().trim(),
-            digest.to_string(),
-            "the hook's env went through sudo"
-        );
-    }
-
-    /// Finalize runs as the hook user too, and the release's writable paths are given to
-    /// its group (2775) so that `php artisan optimize` can write bootstrap/cache; the rest
-    /// of the release stays the agent's, and is sealed.
-    #[test]
-    fn finalize_as_the_hook_user_writes_the_writable_paths_given_to_its_group() {
-        let Some((user, uid)) = hook_user() else { return };
-        let base = tempfile::tempdir().unwrap();
-        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let mut tar = tar::Builder::new(Vec::new());
-        for (path, body) in [("artisan", "#!"), ("bootstrap/app.php", "<?php")] {
-            let mut header = tar::Header::new_ustar();
-            header.set_size(body.len() as u64);
-            header.set_mode(0o644);
-            tar.append_data(&mut header, path, body.as_bytes()).unwrap();
-        }
-        let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 0).unwrap();
-        let request = Prepare {
-            base: base.path().to_owned(),
-            digest: Digest::of(&bytes),
-            source: Source::Stdin,
-            shared: vec![],
-            writable: vec!["bootstrap/cache".into()],
-            finalize: vec!["echo cached > bootstrap/cache/config.php".into()],
-            env: BTreeMap::new(),
-            max_unpacked_bytes: 1 << 20,
-            max_files: 100,
-            adopt: false,
-            hook_timeout_ms: None,
-            fence: 0,
-            fetch_stall_ms: None,
-            finalize_if_shared_changed: false,
-            hook_user: Some(user.into()),
-            umask: None,
-        };
-        let answer = prepare(&request, &mut &bytes[..]).unwrap();
-        let dir = PathBuf::from(answer["dir"].as_str().unwrap());
-        use std::os::unix::fs::MetadataExt;
-        let cache = fs::metadata(dir.join("bootstrap/cache")).unwrap();
-        assert_eq!(cache.gid(), primary_group(user).unwrap());
-        assert_eq!(cache.mode() & 0o7777, 0o2775);
-        assert_eq!(fs::metadata(dir.join("bootstrap/cache/config.php")).unwrap().uid(), uid);
-        assert_eq!(fs::metadata(dir.join("artisan")).unwrap().uid(), 0, "the rest stays the agent's");
-        assert_eq!(fs::metadata(dir.join("bootstrap")).unwrap().mode() & 0o222, 0, "and sealed");
-        set_writable(&dir).unwrap();
-    }
-
-    /// sudo asking for a password (no sudoers rule), or missing: the hook fails saying so,
-    /// with the sudoers line it needs.
-    #[test]
-    fn a_hook_sudo_refuses_fails_naming_the_sudoers_rule_it_needs() {
-        let (base, _layout, digest) = open_base();
-        let bin = tempfile::tempdir().unwrap();
-        let sudo = bin.path().join("sudo");
-        fs::write(&sudo, "#!/bin/sh\necho 'sudo: a password is required' >&2\nexit 1\n").unwrap();
-        fs::set_permissions(&sudo, fs::Permissions::from_mode(0o755)).unwrap();
-        let run = |path: &Path| {
-            exec(&Exec {
-                base: base.path().to_owned(),
-                digest: Some(digest),
-                commands: vec!["php artisan queue:restart".into()],
-                env: BTreeMap::from([("PATH".into(), format!("{}:/usr/bin:/bin", path.display()))]),
-                hook_timeout_ms: None,
-                fence: 0,
-                run_as: vec![Some("www-data".into())],
-                umask: None,
-            })
-            .unwrap_err()
-        };
-        let refused = run(bin.path());
-        assert_eq!(refused.code, "hook_failed");
-        let me = agent_user();
-        for said in
-            ["did not run as www-data", "sudo: a password is required", &format!("{me} ALL=(www-data) NOPASSWD: ALL")]
-        {
-            assert!(refused.message.contains(said), "expected {said:?} in: {}", refused.message);
-        }
-        assert!(refused.output.as_deref().unwrap_or_default().contains("a password is required"));
-
-        let empty = tempfile::tempdir().unwrap();
-        let refused = exec(&Exec {
-            base: base.path().to_owned(),
-            digest: Some(digest),
-            commands: vec!["php artisan queue:restart".into()],
-            env: BTreeMap::from([("PATH".into(), empty.path().display().to_string())]),
-            hook_timeout_ms: None,
-            fence: 0,
-            run_as: vec![Some("www-data".into())],
-            umask: None,
-        })
-        .unwrap_err();
-        assert!(refused.message.contains("sudo is not installed"), "{}", refused.message);
     }
 }

@@ -1704,3 +1704,66 @@ fn a_restarted_server_answers_at_once_while_it_resolves_an_interrupted_deploy() 
     eprintln!("resolved {:.2} s after the restart", resolved.as_secs_f64());
     assert_eq!(fleet.deploy(&v1)["state"], "live");
 }
+
+/// A system user for the hook_user tests (tests run as root, as in CI).
+fn web_user() -> (String, u32) {
+    let name = "release-web";
+    let exists = std::process::Command::new("id").arg(name).output().unwrap().status.success();
+    if !exists {
+        let made = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .output()
+            .unwrap();
+        assert!(made.status.success() || String::from_utf8_lossy(&made.stderr).contains("exists"), "{made:?}");
+    }
+    let uid = std::process::Command::new("id").args(["-u", name]).output().unwrap();
+    (name.to_owned(), String::from_utf8_lossy(&uid.stdout).trim().parse().unwrap())
+}
+
+/// Issue 12 item 4: the application's hooks run as `hook_user` through `sudo -n -u`, with the
+/// service's umask, so what they make in shared/ belongs to the web user and stays writable
+/// by its group; a reload's service commands stay the SSH user's, its `php …` commands don't.
+#[test]
+fn hooks_run_as_the_hook_user_with_the_umask_and_reload_commands_split() {
+    let (user, uid) = web_user();
+    let out = "$RELEASE_BASE/shared/out";
+    let extra = format!(
+        "hook_user = \"{user}\"\numask = \"0002\"\n\
+         hooks.finalize = [\"id -un > {out}/finalize-user; mkdir -p {out}/framework/cache; echo $RELEASE_DIGEST > {out}/digest\"]\n\
+         hooks.reload = [\"id -un > {out}/reload-sh\", \"php -r 'echo exec(\\\"id -un\\\");' > {out}/reload-php\"]\n"
+    );
+    let fleet = Fleet::new(1, &extra);
+    // The operator's part: shared/out belongs to the web user's group, set-group-ID.
+    let shared_out = fleet.bases[0].join("shared/out");
+    fs::create_dir_all(&shared_out).unwrap();
+    std::os::unix::fs::chown(&shared_out, None, Some(primary_gid(&user))).unwrap();
+    fs::set_permissions(&shared_out, fs::Permissions::from_mode(0o2775)).unwrap();
+
+    let v1 = fleet.upload("v1", &[]);
+    let live = fleet.deploy(&v1);
+    assert_eq!(live["state"], "live", "{live}");
+    let read = |name: &str| fs::read_to_string(shared_out.join(name)).unwrap().trim().to_owned();
+    assert_eq!(read("finalize-user"), user);
+    assert_eq!(read("digest"), v1, "the hook's variables reach it through sudo");
+    assert_eq!(read("reload-php"), user, "a reload's php command is the application's");
+    assert_eq!(read("reload-sh"), "root", "other reload commands stay the SSH user's");
+    let made = fs::metadata(shared_out.join("framework/cache")).unwrap();
+    assert_eq!(made.uid(), uid, "made by the web user");
+    assert_eq!(made.mode() & 0o070, 0o070, "umask 0002: its group may write: {:o}", made.mode());
+}
+
+#[test]
+fn a_hook_user_the_node_does_not_know_fails_the_prepare_naming_it() {
+    let extra = "hook_user = \"release-no-such-user\"\nhooks.finalize = [\"true\"]\n";
+    let fleet = Fleet::new(1, extra);
+    let v1 = fleet.upload("v1", &[]);
+    let failed = fleet.deploy(&v1);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = failed["transitions"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("hook_user release-no-such-user is not a user on this node"), "{reason}");
+}
+
+fn primary_gid(user: &str) -> u32 {
+    let out = std::process::Command::new("id").args(["-g", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
