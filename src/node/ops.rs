@@ -516,9 +516,28 @@ fn run_commands(
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            // sudo's own complaints ("a password is required") come on its stderr, before the
+            // hook's `exec 2>&1`: kept, to be shown and told apart from the hook's failures.
+            .stderr(if user.is_some() { Stdio::piped() } else { Stdio::inherit() })
             .process_group(0)
             .spawn()
-            .map_err(|e| NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")))?;
+            .map_err(|e| match user {
+                Some(user) if e.kind() == io::ErrorKind::NotFound => NodeError::new(
+                    "hook_failed",
+                    format!(
+                        "cannot run `{command}` as hook_user {user}: sudo is not installed on this node \
+                         (hooks run as hook_user through `sudo -n -u {user}`)"
+                    ),
+                ),
+                _ => NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")),
+            })?;
+        let sudo_said = child.stderr.take().map(|mut stderr| {
+            std::thread::spawn(move || {
+                let mut said = Vec::new();
+                let _ = io::Read::take(&mut stderr, OUTPUT_TAIL as u64).read_to_end(&mut said);
+                said
+            })
+        });
         let record = layout.record_hook(child.id(), command);
         let mut stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -545,19 +564,17 @@ fn run_commands(
         // A daemon the hook started may keep the pipe open: wait a little, not for ever.
         let wait = if status.is_some() { Duration::from_secs(30) } else { Duration::from_secs(1) };
         output.extend_from_slice(format!("$ {command}\n").as_bytes());
+        let said = sudo_said.and_then(|t| t.join().ok()).unwrap_or_default();
+        output.extend_from_slice(&said);
         output.extend_from_slice(&rx.recv_timeout(wait).unwrap_or_default());
         keep_tail(&mut output);
         let failure = match status {
             Some(status) if status.success() => continue,
-            Some(status) if user.is_some() && String::from_utf8_lossy(&output).contains("sudo:") => {
-                let user = user.unwrap_or_default();
-                NodeError::new(
-                    "hook_failed",
-                    format!(
-                        "`{command}` failed ({status}) as hook_user {user}: sudo refused; the SSH user needs a \
-                         sudoers line such as `deploy ALL=({user}) NOPASSWD: ALL` (visudo -f /etc/sudoers.d/release)"
-                    ),
-                )
+            Some(status)
+                if let Some(user) = user
+                    && let Some(why) = sudo_refusal(&String::from_utf8_lossy(&said), user) =>
+            {
+                NodeError::new("hook_failed", format!("`{command}` failed ({status}) as hook_user {user}: {why}"))
             }
             Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
             None => NodeError::new(
@@ -573,6 +590,37 @@ fn run_commands(
         return Err(e);
     }
     Ok(tail(&output))
+}
+
+/// What sudo's own stderr means when it refused to run a hook as `user`, with the fix; `None`
+/// when it said nothing of the kind (the hook ran, and failed on its own).
+fn sudo_refusal(said: &str, user: &str) -> Option<String> {
+    let line = said.lines().find(|l| l.starts_with("sudo:"))?.trim();
+    if line.contains("unknown user") {
+        return Some(format!("{line}: hook_user {user} is not a user on this node"));
+    }
+    let me = agent_user();
+    Some(format!(
+        "sudo refused ({line}); the SSH user {me} needs a sudoers line such as `{me} ALL=({user}) NOPASSWD: ALL` \
+         (visudo -f /etc/sudoers.d/release)"
+    ))
+}
+
+/// The name of the user this agent runs as (the SSH user), or its uid when it has none.
+fn agent_user() -> String {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes only into `entry` and `buf`, which outlive the call; `found`
+    // is null or points at `entry`, whose name points into `buf`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        return uid.to_string();
+    }
+    // SAFETY: pw_name is a NUL-terminated string in `buf`, alive here.
+    unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_string_lossy().into_owned()
 }
 
 /// With a hook user, gives the release's writable paths (Laravel's `bootstrap/cache`) to that
@@ -1377,5 +1425,19 @@ mod tests {
             refused.message
         );
         reaper.join().unwrap();
+    }
+
+    /// sudo's complaints on its stderr are told apart from a hook's own failure, and say what
+    /// to do: the sudoers line for the SSH user, or that the user does not exist.
+    #[test]
+    fn sudos_refusals_are_told_apart_and_name_the_fix() {
+        let me = agent_user();
+        let refused = sudo_refusal("sudo: a password is required\n", "www-data").unwrap();
+        assert!(refused.contains("sudo refused (sudo: a password is required)"), "{refused}");
+        assert!(refused.contains(&format!("`{me} ALL=(www-data) NOPASSWD: ALL`")), "{refused}");
+        let unknown =
+            sudo_refusal("sudo: unknown user wwwdata\nsudo: error initializing audit plugin\n", "wwwdata").unwrap();
+        assert!(unknown.contains("not a user on this node") && !unknown.contains("NOPASSWD"), "{unknown}");
+        assert_eq!(sudo_refusal("", "www-data"), None, "the hook ran: its failure is its own");
     }
 }

@@ -180,3 +180,42 @@ pub fn known_hosts(nodes: &[&SshNode]) -> PathBuf {
     std::fs::write(&path, nodes.iter().map(|n| n.known_hosts_line()).collect::<String>()).unwrap();
     path
 }
+
+/// Makes `dir` and its `authorized_keys` readable by every user, so that a node can log in a
+/// user other than root (sshd reads the keys as that user).
+pub fn open_to_all(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let keys = dir.join("authorized_keys");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+/// A system user for the hook-user tests (with a home directory when `home`: an SSH user's
+/// agent lives there), added once with useradd when missing; its uid. `None` when the tests
+/// are not root (they say so and skip): only root adds users and sudoes to any of them.
+pub fn system_user(name: &str, home: bool) -> Option<u32> {
+    static ADDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if !Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n") {
+        eprintln!("skipped: not root, cannot add the user {name}");
+        return None;
+    }
+    let _adding = ADDING.lock().unwrap_or_else(|e| e.into_inner());
+    let uid = || Command::new("id").args(["-u", name]).output().ok().filter(|o| o.status.success());
+    if uid().is_none() {
+        let mut add = Command::new("useradd");
+        add.args(["--system", "--shell", "/bin/sh"]);
+        if home {
+            add.arg("--create-home");
+        } else {
+            add.arg("--no-create-home");
+        }
+        assert!(add.arg(name).status().unwrap().success(), "useradd {name}");
+    }
+    if home {
+        // Not locked (useradd's `!`): sshd without PAM refuses a locked account's keys. `*`:
+        // no password either.
+        assert!(Command::new("usermod").args(["-p", "*", name]).status().unwrap().success(), "usermod {name}");
+    }
+    let out = uid().expect("the user just added");
+    Some(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap())
+}
