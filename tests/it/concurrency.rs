@@ -127,10 +127,18 @@ fn a_deploy_cut_short_by_a_stop_is_resolved_at_the_next_start() {
     }
     let dir = server.crash();
 
-    // The next start resolves it: failed with the reason, no lease left, a new deploy accepted.
+    // The next start resolves it (in the background, once it listens): failed with the
+    // reason, no lease left, a new deploy accepted.
     let server = InProcessServer::start_in(dir, config, Arc::new(release::releases::RecordOnly));
-    let shown: Value =
-        http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&ci).send().unwrap().json().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let shown = loop {
+        let shown: Value =
+            http.get(format!("{}/v1/releases/{id}", server.url)).bearer_auth(&ci).send().unwrap().json().unwrap();
+        if shown["state"] != "deploying" || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(shown["state"], "failed", "{shown}");
     assert_eq!(
         shown["transitions"].as_array().unwrap().last().unwrap()["reason"],
