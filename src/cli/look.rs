@@ -214,19 +214,15 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         }
         let deployments = r["deployments"].as_array().cloned().unwrap_or_default();
         if !deployments.is_empty() {
-            out.push_str("\nnodes:");
-            for d in deployments {
-                out.push_str(&format!(
-                    "\n  {:<20} {:<10} {:<7} {}",
-                    text(&d["node"]),
-                    text(&d["phase"]),
-                    text(&d["outcome"]),
-                    text(&d["finished_at"])
-                ));
-                if d["outcome"] == "failed" {
-                    out.push('\n');
-                    out.push_str(super::indented_tail(&d["output_tail"]).trim_end_matches('\n'));
-                }
+            out.push_str("\nnodes:\n");
+            let rows = deployments
+                .iter()
+                .map(|d| vec![text(&d["node"]), text(&d["phase"]), text(&d["outcome"]), text(&d["finished_at"])]);
+            out.push_str(&super::indent(&super::table(&["NODE", "PHASE", "OUTCOME", "FINISHED"], rows, &[])));
+            // The failures' output under the table, so its columns stay together.
+            for d in deployments.iter().filter(|d| d["outcome"] == "failed") {
+                out.push_str(&format!("\n  {} failed ({}):\n", text(&d["node"]), text(&d["phase"])));
+                out.push_str(super::indented_tail(&d["output_tail"]).trim_end_matches('\n'));
             }
         }
         if let Some(config) = r["config_digest"].as_str() {
@@ -237,16 +233,17 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         }
         let shared = r["shared_files"].as_array().cloned().unwrap_or_default();
         if !shared.is_empty() {
-            out.push_str("\nshared files at the switch:");
-            for f in shared {
+            out.push_str("\nshared files at the switch:\n");
+            let rows = shared.iter().map(|f| {
                 let what = f["sha256"].as_str().unwrap_or_else(|| f["kind"].as_str().unwrap_or("?"));
-                out.push_str(&format!("\n  {:<20} {:<24} {what}", text(&f["node"]), text(&f["path"])));
-            }
+                vec![text(&f["node"]), text(&f["path"]), what.to_owned()]
+            });
+            out.push_str(&super::indent(&super::table(&["NODE", "PATH", "SHA256"], rows, &[])));
         }
         let deliveries = r["webhook_deliveries"].as_array().cloned().unwrap_or_default();
         if !deliveries.is_empty() {
-            out.push_str("\nwebhooks:");
-            for d in deliveries {
+            out.push_str("\nwebhooks:\n");
+            let rows = deliveries.iter().map(|d| {
                 let how = match d["outcome"].as_str() {
                     Some("accepted") => format!("accepted ({})", text(&d["last_status"])),
                     Some("retrying") => {
@@ -254,14 +251,10 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                     }
                     _ => format!("GAVE UP: {}", text(&d["last_error"])),
                 };
-                out.push_str(&format!(
-                    "\n  {:<16} {:<20} {} attempt(s), last {} — {how}",
-                    text(&d["webhook"]),
-                    text(&d["event"]),
-                    text(&d["attempts"]),
-                    text(&d["last_attempt_at"])
-                ));
-            }
+                vec![text(&d["webhook"]), text(&d["event"]), text(&d["attempts"]), text(&d["last_attempt_at"]), how]
+            });
+            let header = ["WEBHOOK", "EVENT", "ATTEMPTS", "LAST ATTEMPT", "OUTCOME"];
+            out.push_str(&super::indent(&super::table(&header, rows, &[2])));
         }
         out
     });

@@ -155,6 +155,11 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>, right: &[
     t.lines().map(|l| l.trim_end().to_owned()).collect::<Vec<_>>().join("\n")
 }
 
+/// A table (or any lines) set two spaces in, as a list under a heading.
+fn indent(lines: &str) -> String {
+    lines.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
 /// A JSON value as people read it: strings bare, null as `-`.
 fn text(v: &serde_json::Value) -> String {
     match v {
@@ -371,6 +376,25 @@ impl DataDirArgs {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    /// Columns line up under a heading whatever the widths: a long node name pushes the
+    /// next column right on every row, not just its own.
+    #[test]
+    fn indented_tables_align_whatever_the_widths() {
+        let long = "a-node-whose-hostname-is-much-longer-than-twenty.example.org";
+        let rows = vec![
+            vec![long.to_owned(), "switch".to_owned(), "ok".to_owned()],
+            vec!["n1".to_owned(), "fetch".to_owned(), "failed".to_owned()],
+        ];
+        let out = super::indent(&super::table(&["NODE", "PHASE", "OUTCOME"], rows, &[]));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines.iter().all(|l| l.starts_with("  ") && !l.starts_with("   ")), "{out}");
+        let column = lines[0].find("PHASE").unwrap();
+        assert!(column > long.len() + 2, "{out}");
+        assert_eq!(lines[1].find("switch"), Some(column), "{out}");
+        assert_eq!(lines[2].find("fetch"), Some(column), "{out}");
+    }
 
     /// Every argument of every command says what it is for in `--help`.
     #[test]

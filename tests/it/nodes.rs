@@ -257,6 +257,13 @@ fn a_failing_finalize_hook_on_one_node_switches_no_node() {
     assert!(out.stdout().contains("      | config.txt is broken"), "--wait prints the failed hook's output: {out}");
     let human = fleet.f.cli("carol").args(["show", "2"]).assert_success().stdout();
     assert!(human.contains("      | config.txt is broken"), "{human}");
+    // The nodes are one aligned table; the failure's output comes under it, headed by its node.
+    let header = human.lines().find(|l| l.trim_start().starts_with("NODE")).expect("a nodes table");
+    let phase_column = header.find("PHASE").unwrap();
+    let rows: Vec<&str> =
+        human.lines().filter(|l| l.trim_start().contains("node") && l.contains(" prepare ")).collect();
+    assert!(rows.len() >= 2 && rows.iter().all(|r| r.find("prepare") == Some(phase_column)), "{human}");
+    assert!(human.lines().any(|l| l.contains("node2 failed (") && l.ends_with("):")), "{human}");
 }
 
 #[test]
