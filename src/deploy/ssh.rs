@@ -143,7 +143,8 @@ impl Ssh {
         if let Some(known_hosts) = &config.known_hosts {
             builder.user_known_hosts_file(known_hosts);
         }
-        let session = builder.connect_mux(&node.host).await.map_err(|e| format!("cannot connect: {e}"))?;
+        let session =
+            builder.connect_mux(&node.host).await.map_err(|e| format!("cannot connect: {}", crate::error_chain(&e)))?;
         let (path, sum) = this_binary()?;
         let ssh = Ssh {
             session: Arc::new(session),

@@ -18,6 +18,8 @@ struct SshFleet {
     nodes: Vec<SshNode>,
     /// (environment, base) per node, in the order of `nodes`.
     bases: Vec<(String, PathBuf)>,
+    /// The server's known_hosts file.
+    known_hosts: PathBuf,
 }
 
 impl SshFleet {
@@ -69,7 +71,7 @@ impl SshFleet {
         );
         let server = start(&config);
         let f = Fixture::adopt(server);
-        SshFleet { f, nodes, bases }
+        SshFleet { f, nodes, bases, known_hosts }
     }
 
     fn upload(&self, version: &str) -> String {
@@ -574,6 +576,44 @@ fn release_check_finds_what_a_deploy_would_trip_on_and_changes_nothing() {
     assert!(human.stderr().contains("would fail a deploy"), "{human}");
     // Auditors may not make the server run commands on nodes.
     fleet.f.cli("carol").args(["check", "web", "--env", "staging"]).assert_exit(5);
+}
+
+/// `release check` on the failures a deploy would meet first: a node whose host key changed is
+/// a failed `reach` row (the check goes on to the other nodes), a base that is not a directory
+/// a failed `base` row; the server's answer names both and the exit status is 1.
+#[test]
+fn release_check_fails_a_changed_host_key_and_a_base_that_is_not_a_directory() {
+    let fleet = SshFleet::with(Backend::Local, &["staging", "staging"], "", &[]);
+    // Node 1 now shows a key other than the one known for it (node 0's).
+    let lines = fs::read_to_string(&fleet.known_hosts).unwrap();
+    let first: Vec<&str> = lines.lines().next().unwrap().split_whitespace().collect();
+    let second: Vec<&str> = lines.lines().nth(1).unwrap().split_whitespace().collect();
+    fs::write(
+        &fleet.known_hosts,
+        format!("{}\n{} {} {}\n", lines.lines().next().unwrap(), second[0], first[1], first[2]),
+    )
+    .unwrap();
+    // Node 0's base is a file.
+    fs::remove_dir_all(&fleet.bases[0].1).unwrap();
+    fs::write(&fleet.bases[0].1, "not a directory").unwrap();
+
+    let out = fleet.f.cli("alice").args(["check", "web", "--env", "staging", "--json"]).run();
+    assert_eq!(out.output.status.code(), Some(1), "{out}");
+    let answer = out.json();
+    let find = |node: usize, name: &str| {
+        answer["nodes"][node]["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned()
+    };
+    let base = find(0, "base").expect("a base row");
+    assert_eq!(base["status"], "fail", "{answer}");
+    assert!(base["message"].as_str().unwrap().contains("is not a directory"), "{base}");
+    assert_eq!(find(0, "reach").unwrap()["status"], "pass", "{answer}");
+    let reach = find(1, "reach").expect("a reach row");
+    assert_eq!(reach["status"], "fail", "{answer}");
+    let message = reach["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("host key") || message.contains("host identification"), "{reach}");
+    assert_eq!(answer["nodes"][1]["checks"].as_array().unwrap().len(), 1, "nothing asked of an unverified host");
+    // Nothing was made in place of the file.
+    assert_eq!(fs::read_to_string(&fleet.bases[0].1).unwrap(), "not a directory");
 }
 
 /// Every path under `base` with its size and mode: what a check must leave as it was.
