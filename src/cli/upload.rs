@@ -70,19 +70,18 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
         bar.finish_and_clear();
         (args.path.clone(), Some(digest))
     };
+    let size = std::fs::metadata(&file)?.len();
     if let Some(digest) = known
         && let Some(existing) = client.artifact(&digest).await?
         && existing["uploads"].as_array().is_some_and(|u| u.iter().any(|u| u["service"] == args.service.as_str()))
     {
-        let answer = serde_json::json!({"digest": digest, "size": std::fs::metadata(&file)?.len(),
-            "created": false, "service": args.service});
+        let answer = serde_json::json!({"digest": digest, "size": size, "created": false, "service": args.service});
         output.print(&answer, || {
             eprintln!("already stored for {}; nothing sent", args.service);
             digest.to_string()
         });
         return Ok(());
     }
-    let size = std::fs::metadata(&file)?.len();
 
     let labels =
         UploadLabels { service: args.service, version: args.version, git_sha: args.git_sha, build_url: args.build_url };

@@ -252,7 +252,7 @@ fn health(url: &str, deployed: bool) -> Row {
 /// Entries under the shared paths the web user could not write (owner and group both
 /// another's, or no write bit for it): the classic Laravel trap. Looks at up to 10,000.
 fn ownership(base: &Path, shared: &[String], user: &str) -> Row {
-    let Some((uid, gid)) = ids(user) else {
+    let Some((uid, gid)) = super::ops::user_ids(user) else {
         return warn("ownership", format!("{user} is not a user on this node"));
     };
     let mut bad = Vec::new();
@@ -293,67 +293,5 @@ fn ownership(base: &Path, shared: &[String], user: &str) -> Row {
                 shown.join(", ")
             ),
         )
-    }
-}
-
-/// The uid and primary gid of `user`.
-fn ids(user: &str) -> Option<(u32, u32)> {
-    let out = Command::new("id").args(["-u", user]).output().ok()?;
-    let uid = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-    let out = Command::new("id").args(["-g", user]).output().ok()?;
-    let gid = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-    Some((uid, gid))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_base_that_is_a_file_fails_and_one_that_can_be_made_warns() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("base");
-        std::fs::write(&file, "x").unwrap();
-        assert_eq!(base(&file).status, "fail");
-        assert_eq!(base(&dir.path().join("later")).status, "warn");
-        assert_eq!(base(&dir.path().join("no/such/parent")).status, "fail");
-        assert_eq!(base(dir.path()).status, "pass");
-    }
-
-    #[test]
-    fn no_room_for_one_more_release_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let row = room(dir.path(), u64::MAX / 4);
-        assert_eq!(row.status, "fail", "{}", row.message);
-        assert!(row.message.contains("one more release needs"), "{}", row.message);
-        assert_eq!(room(dir.path(), 1).status, "pass");
-    }
-
-    #[test]
-    fn a_missing_shared_entry_fails_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("shared")).unwrap();
-        let row = shared(dir.path(), ".env");
-        assert_eq!(row.status, "fail");
-        assert!(row.message.contains("shared/.env does not exist: create it"), "{}", row.message);
-        std::fs::write(dir.path().join("shared/.env"), "").unwrap();
-        assert_eq!(shared(dir.path(), ".env").status, "pass");
-    }
-
-    /// `nobody` may not write a directory only its owner (another user) may: a warning naming it.
-    #[test]
-    fn shared_directories_the_web_user_cannot_write_are_a_warning() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = dir.path().join("shared/storage");
-        std::fs::create_dir_all(&storage).unwrap();
-        std::fs::set_permissions(&storage, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        if ids("nobody").is_none_or(|(uid, _)| uid == std::fs::metadata(&storage).unwrap().uid()) {
-            return; // no such user here, or it owns the directory
-        }
-        let row = ownership(dir.path(), &["storage".into()], "nobody");
-        assert_eq!(row.status, "warn", "{}", row.message);
-        assert!(row.message.contains("nobody cannot write 1 entry"), "{}", row.message);
-        std::fs::set_permissions(&storage, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        assert_eq!(ownership(dir.path(), &["storage".into()], "nobody").status, "pass");
     }
 }

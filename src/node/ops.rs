@@ -628,7 +628,7 @@ fn agent_user() -> String {
 /// there. The SSH user must be in that group (or root); the refusal says so.
 fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(), NodeError> {
     let Some(user) = run_as.user.as_deref().filter(|_| !run_as.php_only) else { return Ok(()) };
-    let Some(gid) = primary_group(user) else {
+    let Some((_, gid)) = user_ids(user) else {
         return Err(NodeError::new("hook_user", format!("hook_user {user} is not a user on this node")));
     };
     for path in writable.iter().map(|w| dir.join(w)).filter(|p| p.exists()) {
@@ -654,8 +654,8 @@ fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(),
     Ok(())
 }
 
-/// The primary group of `user`, from the password database.
-fn primary_group(user: &str) -> Option<u32> {
+/// The uid and primary gid of `user`, from the password database.
+pub(super) fn user_ids(user: &str) -> Option<(u32, u32)> {
     let name = std::ffi::CString::new(user).ok()?;
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 << 10];
@@ -663,7 +663,7 @@ fn primary_group(user: &str) -> Option<u32> {
     // SAFETY: getpwnam_r writes only into `entry` and `buf`, which outlive the call; `found`
     // is null or points at `entry`.
     let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-    (rc == 0 && !found.is_null()).then_some(entry.pw_gid)
+    (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid))
 }
 
 /// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
@@ -1337,7 +1337,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("cache/views")).unwrap();
         fs::write(dir.path().join("cache/views/x"), "x").unwrap();
         fs::create_dir_all(dir.path().join("app")).unwrap();
-        let nogroup = primary_group("nobody").expect("Debian has nobody");
+        let (_, nogroup) = user_ids("nobody").expect("Debian has nobody");
         let run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
         let shared = share_writable(dir.path(), &["cache".into()], &run_as);
         // SAFETY: geteuid has no preconditions.

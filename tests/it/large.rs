@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::support::{Backend, TestServer};
 
 /// Incompressible bytes, fast (xorshift64*), so the archive is as large as the tree.
-pub fn write_noise(path: &std::path::Path, size: u64) {
+fn write_noise(path: &std::path::Path, size: u64) {
     let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut block = vec![0u8; 1 << 20];
@@ -22,19 +22,26 @@ pub fn write_noise(path: &std::path::Path, size: u64) {
     file.flush().unwrap();
 }
 
+/// A release archive in `work` of one file of `size` incompressible bytes, made by
+/// `release package` (the tree is removed once packed).
+pub fn noise_archive(work: &std::path::Path, size: u64) -> std::path::PathBuf {
+    let tree = work.join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    write_noise(&tree.join("blob.bin"), size);
+    let archive = work.join("big.tar.zst");
+    crate::support::TestCommand::new()
+        .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
+        .assert_success();
+    std::fs::remove_dir_all(&tree).unwrap();
+    archive
+}
+
 #[test]
 fn a_one_gib_upload_keeps_server_memory_bounded() {
     let server = TestServer::start(Backend::Local);
     let ci = server.token("ci", "ci");
     let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    std::fs::create_dir(&tree).unwrap();
-    write_noise(&tree.join("blob.bin"), 1 << 30);
-    let archive = work.path().join("big.tar.zst");
-    crate::support::TestCommand::new()
-        .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
-        .assert_success();
-    std::fs::remove_dir_all(&tree).unwrap();
+    let archive = noise_archive(work.path(), 1 << 30);
     let size = std::fs::metadata(&archive).unwrap().len();
     assert!(size > 1 << 30, "the archive is at least 1 GiB: {size}");
 

@@ -80,17 +80,6 @@ impl Drop for Nginx {
     }
 }
 
-/// A release archive of about `mb` MB of incompressible bytes.
-fn big_archive(work: &Path, mb: u64) -> PathBuf {
-    let tree = work.join("tree");
-    std::fs::create_dir(&tree).unwrap();
-    crate::large::write_noise(&tree.join("blob.bin"), mb << 20);
-    let archive = work.join("big.tar.zst");
-    TestCommand::new().args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()]).assert_success();
-    std::fs::remove_dir_all(&tree).unwrap();
-    archive
-}
-
 #[test]
 fn a_large_upload_through_nginx_with_tls_is_stored_and_its_digest_checked() {
     let server = TestServer::start(Backend::Local);
@@ -98,7 +87,7 @@ fn a_large_upload_through_nginx_with_tls_is_stored_and_its_digest_checked() {
     let ci = server.token("ci", "ci");
     let work = tempfile::tempdir().unwrap();
     let mb = std::env::var("RELEASE_PROXY_UPLOAD_MB").map_or(500, |v| v.parse().unwrap());
-    let archive = big_archive(work.path(), mb);
+    let archive = crate::large::noise_archive(work.path(), mb << 20);
     let size = std::fs::metadata(&archive).unwrap().len();
     let digest = format!("sha256:{}", sha256_hex(&archive));
 
