@@ -18,6 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Checkpoint, NewEvent};
+use crate::datadir::LockError;
 use crate::registry::{RESTORED, Registry, RegistryError, SnapshotHead};
 use crate::store::{BackupStamp, Store, StoreError};
 use crate::utc;
@@ -50,7 +51,7 @@ pub enum BackupError {
     #[error("a release server is running on the data directory {0} (it holds its lock): stop it first")]
     Locked(PathBuf),
     #[error(transparent)]
-    DataDir(crate::server::ServerError),
+    DataDir(LockError),
     #[error("backup {key} is not of this bucket's audit chain: {why}")]
     Diverged { key: String, why: String },
 }
@@ -165,8 +166,8 @@ pub async fn restore(
     which: Which,
     force: bool,
 ) -> Result<Restored, BackupError> {
-    let _lock = crate::server::lock_data_dir(data_dir).map_err(|e| match e {
-        crate::server::ServerError::Locked(_) => BackupError::Locked(data_dir.to_owned()),
+    let _lock = crate::datadir::lock(data_dir).map_err(|e| match e {
+        LockError::Held(_) => BackupError::Locked(data_dir.to_owned()),
         other => BackupError::DataDir(other),
     })?;
     if registry_path.exists() && !force {

@@ -13,19 +13,19 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
+use crate::model::access::{Action, Denied, Principal};
+use crate::model::audit::NewEvent;
+use crate::model::release::Release;
 use crate::registry::{Block, Registry, RegistryError};
-use crate::releases::Release;
 use crate::store::{Store, StoreError};
-use crate::token::{Action, Principal, TokenError};
 use crate::utc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CurationError {
     #[error(transparent)]
-    Forbidden(#[from] TokenError),
+    Forbidden(#[from] Denied),
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]

@@ -20,9 +20,9 @@ use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
 use crate::metrics::{Metrics, UploadOutcome};
+use crate::model::access::{Action, Denied, Principal};
 use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
 use crate::store::{Store, StoreError, Upload};
-use crate::token::{Action, Principal, TokenError};
 
 /// Body chunks are handed to the hashing and checking threads in batches of about this many
 /// bytes (fewer thread wake-ups), with this many batches in flight to each.
@@ -36,7 +36,7 @@ pub enum IngestError {
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]
-    Forbidden(TokenError),
+    Forbidden(Denied),
     #[error("the upload's digest is {actual}, not {expected} as the client said; nothing was stored")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("unsafe archive, nothing was stored: {0}")]

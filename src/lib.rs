@@ -2,7 +2,10 @@
 //!
 //! Code map (see `ARCHITECTURE.md` for the invariants):
 //!
+//! - [`model`] — the shared nouns: releases and their states, audit events, roles and callers,
+//!   webhook events; below everything but `digest` and `utc`.
 //! - [`config`] — typed configuration: defaults, TOML file, `RELEASE_*` variables, flags.
+//! - [`datadir`] — the data directory's lock: one process owns the registry.
 //! - [`digest`] — the `sha256:<hex>` name of an artifact.
 //! - [`archive`] — deterministic packing and the streaming safety check of `tar`+`zstd`.
 //! - [`store`] — artifact bytes in a local directory or S3, behind typed keys.
@@ -30,10 +33,12 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod curation;
+pub mod datadir;
 pub mod deploy;
 pub mod digest;
 pub mod ingest;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod refusals;
 pub mod registry;

@@ -21,9 +21,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 
+use crate::model::access::{Action, Denied, Principal};
+use crate::model::release::{Deployment, Kind, Release, State};
 use crate::registry::{Gauges, Registry, RegistryError};
-use crate::releases::{Deployment, Kind, Release, State};
-use crate::token::{Action, Principal, TokenError};
 use crate::utc;
 
 /// The `Content-Type` of what [`Metrics::scrape`] returns.
@@ -60,7 +60,7 @@ const PHASE_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error(transparent)]
-    Forbidden(#[from] TokenError),
+    Forbidden(#[from] Denied),
     #[error(
         "token {name:?} is limited to some services or environments, and the metrics cover all of them: scrape with a token without --services/--envs"
     )]

@@ -5,106 +5,15 @@
 //! time. A plain SHA-256 is enough for a 256-bit random secret (no dictionary to attack); the
 //! secret itself is shown once and never stored.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rand::RngExt;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::audit::NewEvent;
 use crate::config::is_valid_name;
+pub use crate::model::access::{Action, Denied, Principal, Role, UnknownRole, join_roles};
+use crate::model::audit::NewEvent;
 use crate::registry::{NewToken, Registry, RegistryError, TokenRecord};
 use crate::utc;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Ci,
-    Deployer,
-    Approver,
-    Auditor,
-    Admin,
-}
-
-impl Role {
-    pub const ALL: [Role; 5] = [Role::Ci, Role::Deployer, Role::Approver, Role::Auditor, Role::Admin];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Ci => "ci",
-            Role::Deployer => "deployer",
-            Role::Approver => "approver",
-            Role::Auditor => "auditor",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = TokenError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| TokenError::UnknownRole(s.to_owned()))
-    }
-}
-
-/// What a request wants to do; each maps to the roles allowed to (SPEC 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Read artifacts, status, history, releases.
-    Read,
-    UploadArtifact,
-    ManageTokens,
-    /// Ask for an artifact to go live (`ci` only where no approval is needed: a policy).
-    Deploy,
-    Promote,
-    Rollback,
-    /// Approve or reject a pending release.
-    Decide,
-    /// Export and verify the audit log.
-    ReadAudit,
-    /// Withdraw a pending release (its requester, or an admin: a policy on top).
-    Cancel,
-    /// Block an artifact, purge the bytes of ones never live.
-    ManageArtifacts,
-}
-
-impl Action {
-    pub fn allowed_roles(self) -> &'static [Role] {
-        match self {
-            Action::Read => &Role::ALL,
-            Action::UploadArtifact => &[Role::Ci, Role::Admin],
-            Action::ManageTokens => &[Role::Admin],
-            Action::Deploy => &[Role::Ci, Role::Deployer, Role::Admin],
-            Action::Promote | Action::Rollback => &[Role::Deployer, Role::Admin],
-            Action::Decide => &[Role::Approver, Role::Admin],
-            Action::ReadAudit => &[Role::Auditor, Role::Admin],
-            Action::Cancel => &[Role::Ci, Role::Deployer, Role::Admin],
-            Action::ManageArtifacts => &[Role::Admin],
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Read => "read",
-            Action::UploadArtifact => "upload artifacts",
-            Action::ManageTokens => "manage tokens",
-            Action::Deploy => "deploy",
-            Action::Promote => "promote",
-            Action::Rollback => "roll back",
-            Action::Decide => "approve or reject releases",
-            Action::ReadAudit => "read the audit log",
-            Action::Cancel => "cancel releases",
-            Action::ManageArtifacts => "block or purge artifacts",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -124,8 +33,6 @@ pub enum TokenError {
     BadExpiry,
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("unknown role {0:?} (roles: ci, deployer, approver, auditor, admin)")]
-    UnknownRole(String),
     #[error("a token needs at least one role")]
     NoRoles,
     #[error("token name {0:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'")]
@@ -139,22 +46,10 @@ pub enum TokenError {
     OwnerRequired { name: String, roles: String },
     #[error("not a release token (expected rls_<id>_<secret>)")]
     Malformed,
-    #[error("token {name:?} may not {action}; its roles are {roles}")]
-    Forbidden { name: String, action: &'static str, roles: String },
-    #[error("token {name:?} is limited to services {allowed}; {service:?} is not one of them")]
-    ServiceNotAllowed { name: String, service: String, allowed: String },
-    #[error("token {name:?} is limited to environments {allowed}; {environment:?} is not one of them")]
-    EnvironmentNotAllowed { name: String, environment: String, allowed: String },
-    #[error(
-        "token {name:?} has only the ci role, which deploys only to environments without approval; {environment:?} requires approval"
-    )]
-    CiNeedsNoApproval { name: String, environment: String },
-    #[error("only the requester ({owner}) or an admin may cancel release {id}")]
-    NotRequester { id: i64, owner: String },
-    #[error(
-        "token {name:?} is limited to some services or environments; {what} covers all of them, so it needs a token without limits"
-    )]
-    Scoped { name: String, what: &'static str },
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error(transparent)]
+    UnknownRole(#[from] UnknownRole),
 }
 
 /// A freshly generated token: the string to show once, and what to store.
@@ -236,87 +131,6 @@ pub fn parse_roles(list: &str) -> Result<Vec<Role>, TokenError> {
         return Err(TokenError::NoRoles);
     }
     Ok(roles)
-}
-
-pub fn join_roles(roles: &[Role]) -> String {
-    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
-}
-
-/// The authenticated caller of a request: a valid, unexpired, unrevoked token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    pub name: String,
-    pub owner: String,
-    pub roles: Vec<Role>,
-    /// `None`: every service.
-    pub services: Option<Vec<String>>,
-    /// `None`: every environment.
-    pub environments: Option<Vec<String>>,
-}
-
-impl Principal {
-    pub fn require(&self, action: Action) -> Result<(), TokenError> {
-        if self.roles.iter().any(|r| action.allowed_roles().contains(r)) {
-            return Ok(());
-        }
-        Err(TokenError::Forbidden { name: self.name.clone(), action: action.name(), roles: join_roles(&self.roles) })
-    }
-
-    pub fn require_environment(&self, environment: &str) -> Result<(), TokenError> {
-        match &self.environments {
-            Some(allowed) if !allowed.iter().any(|e| e == environment) => Err(TokenError::EnvironmentNotAllowed {
-                name: self.name.clone(),
-                environment: environment.to_owned(),
-                allowed: allowed.join(","),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn has(&self, role: Role) -> bool {
-        self.roles.contains(&role)
-    }
-
-    /// Whether the token is limited to some services or environments.
-    pub fn is_scoped(&self) -> bool {
-        self.services.is_some() || self.environments.is_some()
-    }
-
-    /// Whether the token may see what belongs to (service, environment).
-    pub fn sees(&self, service: &str, environment: &str) -> Result<(), TokenError> {
-        self.require_service(service)?;
-        self.require_environment(environment)
-    }
-
-    /// What this token is told when something it names is absent, or outside its scope: the
-    /// same words either way, so a scoped token cannot tell them apart (SPEC 2: scopes apply to
-    /// reads; issue 10). `missing` is what any token is told of something absent.
-    pub fn as_if_absent(&self, missing: impl fmt::Display) -> String {
-        if self.is_scoped() {
-            format!("{missing}, or not within the scope of token {:?}", self.name)
-        } else {
-            missing.to_string()
-        }
-    }
-
-    /// For what spans every service and environment (the audit log and its exports).
-    pub fn require_unscoped(&self, what: &'static str) -> Result<(), TokenError> {
-        if self.services.is_some() || self.environments.is_some() {
-            return Err(TokenError::Scoped { name: self.name.clone(), what });
-        }
-        Ok(())
-    }
-
-    pub fn require_service(&self, service: &str) -> Result<(), TokenError> {
-        match &self.services {
-            Some(allowed) if !allowed.iter().any(|s| s == service) => Err(TokenError::ServiceNotAllowed {
-                name: self.name.clone(),
-                service: service.to_owned(),
-                allowed: allowed.join(","),
-            }),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// What `release token create` asks for.
@@ -581,7 +395,7 @@ mod tests {
     #[test]
     fn roles_parse_and_gate_actions() {
         assert_eq!(parse_roles("deployer, ci,ci").unwrap(), [Role::Ci, Role::Deployer]);
-        assert!(matches!(parse_roles("root"), Err(TokenError::UnknownRole(r)) if r == "root"));
+        assert!(matches!(parse_roles("root"), Err(TokenError::UnknownRole(r)) if r.0 == "root"));
         assert!(matches!(parse_roles(""), Err(TokenError::NoRoles)));
         let p = |roles: Vec<Role>| Principal {
             name: "t".into(),

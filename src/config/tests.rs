@@ -280,9 +280,6 @@ fn a_node_service_names_its_pm2_app_or_defaults_to_its_own_name() {
     let (web, shop) = (c.service("web").unwrap(), c.service("shop").unwrap());
     assert_eq!(web.pm2_app.as_deref(), Some("web"));
     assert_eq!(shop.pm2_app.as_deref(), Some("shop-frontend.v2"));
-    // The default reload reloads that app; the explicit hook stays as written.
-    assert_eq!(crate::deploy::Hooks::of(web).reload, ["pm2 reload web"]);
-    assert_eq!(crate::deploy::Hooks::of(shop).reload, ["pm2 reload shop-frontend.v2"]);
     // It is part of what a release runs with.
     let renamed = load_text("[service.web]\nkind = \"node\"\npm2_app = \"other\"\n").unwrap();
     let staging = &c.environments[0];

@@ -170,10 +170,10 @@ pub(super) fn resolve(
             (_, events) => events,
         };
         if let Some(events) = &events {
-            if let Some(bad) = events.iter().find(|e| !crate::webhooks::EVENTS.contains(&e.as_str())) {
+            if let Some(bad) = events.iter().find(|e| !crate::model::webhook::EVENTS.contains(&e.as_str())) {
                 return Err(invalid(
                     &key("events"),
-                    format!("{bad:?} is not an event; the events are {}", crate::webhooks::EVENTS.join(", ")),
+                    format!("{bad:?} is not an event; the events are {}", crate::model::webhook::EVENTS.join(", ")),
                 ));
             }
         }

@@ -42,3 +42,25 @@ impl Hooks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use crate::config::{Config, Overrides};
+
+    fn load_text(text: &str) -> Config {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        Config::load(Some(file.path()), &Overrides::default()).unwrap()
+    }
+
+    #[test]
+    fn the_default_reload_of_a_node_service_reloads_its_pm2_app() {
+        let config = load_text(
+            "[service.web]\nkind = \"node\"\n[service.shop]\nkind = \"node\"\npm2_app = \"shop-frontend.v2\"\n",
+        );
+        assert_eq!(super::Hooks::of(config.service("web").unwrap()).reload, ["pm2 reload web"]);
+        assert_eq!(super::Hooks::of(config.service("shop").unwrap()).reload, ["pm2 reload shop-frontend.v2"]);
+    }
+}

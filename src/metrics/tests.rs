@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use super::*;
 use crate::digest::Digest;
+use crate::model::release::{Kind, State};
 use crate::registry::Cell;
-use crate::releases::{Kind, State};
 
 fn release(state: State, changed_at: &str) -> Release {
     Release {

@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Registry, RegistryError};
-use crate::audit::NewEvent;
 use crate::digest::{Digest, DigestRef};
+use crate::model::audit::NewEvent;
 use crate::utc;
 
 /// How many matches an ambiguous prefix's refusal names (one more is looked for, to say
@@ -317,7 +317,7 @@ impl Registry {
         digest: Digest,
         block: &Block,
         event: &NewEvent,
-    ) -> Result<(Block, Vec<crate::releases::Release>), RegistryError> {
+    ) -> Result<(Block, Vec<crate::model::release::Release>), RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
             if query_artifact(&tx, digest)?.is_none() {

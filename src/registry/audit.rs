@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Registry, RegistryError};
-use crate::audit::{Event, GENESIS, Hashed, NewEvent, chain_hash};
+use crate::model::audit::{Event, GENESIS, Hashed, NewEvent, chain_hash};
 use crate::utc;
 
 const COLUMNS: &str = "seq, at, actor, owner, action, subject, details, prev_hash, hash";

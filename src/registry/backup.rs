@@ -8,7 +8,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::{Registry, RegistryError};
-use crate::audit::{Event, NewEvent};
+use crate::model::audit::{Event, NewEvent};
 
 /// The action of the event a restore appends.
 pub const RESTORED: &str = "registry.restored";

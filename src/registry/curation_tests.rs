@@ -4,10 +4,10 @@
 //! release is never recorded for purged bytes.
 
 use super::*;
-use crate::audit::NewEvent;
 use crate::digest::Digest;
+use crate::model::audit::NewEvent;
+use crate::model::release::{Kind, State};
 use crate::registry::{NewApproval, NewArtifact, NewRelease, Start};
-use crate::releases::{Kind, State};
 
 fn open() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 use rusqlite::{Connection, Transaction, params};
 
 use super::{Registry, RegistryError, immediate};
-use crate::releases::{Release, Stranded};
+use crate::model::release::{Release, Stranded};
 use crate::utc;
 
 impl Registry {

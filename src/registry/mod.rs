@@ -65,9 +65,9 @@ pub enum RegistryError {
     ReleaseNotFound(i64),
     #[error("release {id} of {service} in {environment} is in flight ({state})", id = .0.id, service = .0.service,
         environment = .0.environment, state = .0.state)]
-    InFlight(Box<crate::releases::Release>),
+    InFlight(Box<crate::model::release::Release>),
     #[error("release {id} is {state}, which does not allow that")]
-    WrongState { id: i64, state: crate::releases::State },
+    WrongState { id: i64, state: crate::model::release::State },
     #[error("release {id} expired at {at} without a decision")]
     ApprovalExpired { id: i64, at: String },
     #[error("no artifact {0}")]

@@ -4,9 +4,9 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Registry, RegistryError, immediate};
-use crate::audit::NewEvent;
 use crate::digest::Digest;
-use crate::releases::{Approval, Deployment, Detail, Kind, Release, SharedFile, State, StatusRow, Transition};
+use crate::model::audit::NewEvent;
+use crate::model::release::{Approval, Deployment, Detail, Kind, Release, SharedFile, State, StatusRow, Transition};
 use crate::utc;
 
 const COLUMNS: &str = "id, service, environment, digest, kind, state, requested_by, requester_owner, requested_at, \

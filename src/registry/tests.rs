@@ -2,9 +2,9 @@
 //! scopes in queries, migrations.
 
 use super::*;
-use crate::audit::NewEvent;
 use crate::digest::Digest;
-use crate::token::Role;
+use crate::model::access::Role;
+use crate::model::audit::NewEvent;
 
 fn open() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
@@ -116,8 +116,8 @@ fn a_registry_from_a_newer_release_is_refused() {
 
 mod releases {
     use super::*;
+    use crate::model::release::{Kind, State};
     use crate::registry::{Adoption, Ending, NewApproval, NewRelease};
-    use crate::releases::{Kind, State};
 
     fn live_on_no_node() -> Ending {
         Ending::Live { nodes: vec![] }
@@ -447,9 +447,9 @@ mod releases {
 
 mod webhooks {
     use super::*;
+    use crate::model::release::{Kind, State};
+    use crate::model::webhook::{Attempt, Outcome};
     use crate::registry::NewRelease;
-    use crate::releases::{Kind, State};
-    use crate::webhooks::{Attempt, Outcome};
 
     fn release(registry: &Registry) -> i64 {
         registry.record_artifact(&new_artifact("api", b"v1"), &event()).unwrap();
@@ -558,7 +558,7 @@ mod audit_chain {
         registry.create_token(&new_token("t1"), &event()).unwrap();
         registry.append_event(&event()).unwrap();
         let mut seqs = vec![];
-        let mut prev = crate::audit::GENESIS;
+        let mut prev = crate::model::audit::GENESIS;
         registry
             .walk_audit_events(|e| {
                 assert_eq!(e.prev_hash, prev);

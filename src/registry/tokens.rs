@@ -4,8 +4,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Registry, RegistryError, join_list, split_list};
-use crate::audit::NewEvent;
-use crate::token::{Role, join_roles};
+use crate::model::access::{Role, join_roles};
+use crate::model::audit::NewEvent;
 use crate::utc;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -4,10 +4,10 @@ use rusqlite::{OptionalExtension, params};
 
 use super::releases::{by_id, state_at, upload_version};
 use super::{Registry, RegistryError, immediate};
-use crate::audit::Event;
-use crate::releases::{Release, State};
+use crate::model::audit::Event;
+use crate::model::release::{Release, State};
+use crate::model::webhook::{Attempt, Delivery};
 use crate::utc;
-use crate::webhooks::{Attempt, Delivery};
 
 /// `release.*` audit events after a cursor.
 #[derive(Clone, Debug)]
@@ -28,7 +28,7 @@ pub struct ReleaseAtEvent {
     /// The state it was created in (`pending_approval` or `approved`).
     pub first_state: State,
     /// Its four-eyes decision, if one was made (a Monday item's update names it).
-    pub approval: Option<crate::releases::Approval>,
+    pub approval: Option<crate::model::release::Approval>,
 }
 
 impl Registry {

@@ -8,10 +8,10 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::deployer::{Adopter, LegacyBytes};
-use super::model::Release;
 use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::ingest::{Ingestor, Piece, UploadRequest};
+use crate::model::release::Release;
 use crate::registry::Registry;
 use crate::token::{Principal, Role};
 

@@ -9,18 +9,17 @@
 
 mod adopt;
 mod deployer;
-mod model;
 mod observed;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use crate::model::release::{
+    Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Stranded, Transition,
+};
 pub use deployer::{
     Adopt, Adopter, CheckRow, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly, Reporter,
-};
-pub use model::{
-    Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Stranded, Transition,
 };
 
 use crate::audit::NewEvent;
@@ -28,11 +27,12 @@ use crate::config::{Config, Node};
 use crate::digest::Digest;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
+use crate::model::access::{Action, Denied, Principal, Role};
 use crate::registry::{
     ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Registry, RegistryError, Start,
 };
 use crate::store::Store;
-use crate::token::{Action, Principal, Role, TokenError, same_owner};
+use crate::token::same_owner;
 use crate::utc;
 
 /// How long a deploy lease lasts unless renewed. It is renewed every third of that, and the
@@ -89,9 +89,9 @@ pub enum ReleaseError {
     /// What a token limited to some services or environments is told of something absent, or
     /// outside its scope: the same words either way. `why` says which, for the audit log.
     #[error("{message}")]
-    Unseen { message: String, why: Option<TokenError> },
+    Unseen { message: String, why: Option<Denied> },
     #[error(transparent)]
-    Forbidden(#[from] TokenError),
+    Forbidden(#[from] Denied),
     #[error("{0}; wait for it to finish")]
     Conflict(RegistryError),
     /// The release in flight in the cell is a deploy a stopped server left, which the
@@ -541,7 +541,7 @@ impl Releases {
         self.check_scope(p, Action::Deploy, service, env)?;
         let environment = self.environment(env)?;
         if environment.requires_approval && !p.has(Role::Deployer) && !p.has(Role::Admin) {
-            return Err(TokenError::CiNeedsNoApproval { name: p.name.clone(), environment: env.to_owned() }.into());
+            return Err(Denied::CiNeedsNoApproval { name: p.name.clone(), environment: env.to_owned() }.into());
         }
         self.require_uploaded(service, digest).await?;
         if let Some(source) = &environment.promote_from {
@@ -922,7 +922,7 @@ impl Releases {
         p.require(Action::Cancel)?;
         let release = self.visible(p, id).await?;
         if !same_owner(&release.requester_owner, &p.owner) && !p.has(Role::Admin) {
-            return Err(TokenError::NotRequester { id, owner: release.requester_owner }.into());
+            return Err(Denied::NotRequester { id, owner: release.requester_owner }.into());
         }
         if release.state != State::PendingApproval {
             return Err(ReleaseError::InvalidState { id, state: release.state, what: "cancelling" });
@@ -1414,7 +1414,7 @@ fn visible(p: &Principal, service: &str, environment: &str) -> bool {
 /// What `p` is told of something absent (`missing`), or outside its scope (`why`, the reason,
 /// for the audit log): exactly the same either way. A token without limits sees everything, so
 /// it is only ever told of what is absent, in the usual words.
-fn unseen(p: &Principal, missing: ReleaseError, why: Option<TokenError>) -> ReleaseError {
+fn unseen(p: &Principal, missing: ReleaseError, why: Option<Denied>) -> ReleaseError {
     if !p.is_scoped() {
         return missing;
     }

@@ -18,8 +18,8 @@ use super::range::{self, Ranged};
 use super::{AppState, blocking};
 use crate::digest::{Digest, DigestRef};
 use crate::ingest::{Pace, Piece, UploadRequest};
+use crate::model::access::{Action, Denied, Principal};
 use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
-use crate::token::{Action, Principal, TokenError};
 
 use crate::digest::HTTP_HEADER as DIGEST_HEADER;
 const MAX_PAGE: u32 = 500;
@@ -187,7 +187,7 @@ pub(super) fn seen_uploads(
     Err(match &principal.services {
         Some(allowed) if !unseen.is_empty() => {
             let services: Vec<&str> = unseen.iter().map(|u| u.service.as_str()).collect();
-            let why = TokenError::ServiceNotAllowed {
+            let why = Denied::ServiceNotAllowed {
                 name: principal.name.clone(),
                 service: services.join(","),
                 allowed: allowed.join(","),

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::audit::AuditError;
 use crate::ingest::IngestError;
+use crate::model::access::Denied;
 use crate::registry::RegistryError;
 use crate::releases::ReleaseError;
 use crate::store::StoreError;
@@ -114,12 +115,7 @@ impl From<TokenError> for ApiError {
             | TokenError::Malformed
             | TokenError::Revoked { .. }
             | TokenError::Expired { .. } => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
-            TokenError::Forbidden { .. }
-            | TokenError::ServiceNotAllowed { .. }
-            | TokenError::EnvironmentNotAllowed { .. }
-            | TokenError::CiNeedsNoApproval { .. }
-            | TokenError::NotRequester { .. }
-            | TokenError::Scoped { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            TokenError::Denied(e) => e.into(),
             TokenError::Registry(e) => e.into(),
             TokenError::UnknownRole(_)
             | TokenError::NoRoles
@@ -129,6 +125,12 @@ impl From<TokenError> for ApiError {
             | TokenError::OwnerRequired { .. }
             | TokenError::BadExpiry => ApiError::bad_request(e.to_string()),
         }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
     }
 }
 

@@ -18,7 +18,6 @@ pub mod routes;
 mod source;
 mod tls;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,10 +53,8 @@ pub enum ServerError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot use data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
-    #[error("another release server is using the data directory {0} (it holds {0}/lock)")]
-    Locked(String),
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
@@ -150,7 +147,7 @@ impl Opened {
     /// checks the audit log against the bucket, starts the webhooks, resumes releases, and
     /// starts the audit checkpoints. `deployer` is the deploy seam's implementation.
     pub async fn open(config: Config, deployer: Arc<dyn Deployer>) -> Result<Opened, ServerError> {
-        let lock = lock_data_dir(&config.data_dir)?;
+        let lock = crate::datadir::lock(&config.data_dir)?;
         let registry_path = config.registry_path();
         let registry = crate::registry::run(move || Registry::open(&registry_path)).await?;
         let store = Store::open(&config.storage)?;
@@ -329,20 +326,6 @@ async fn watch_chain(state: AppState) {
             tracing::error!(error = %e, "checking the audit chain");
         }
     }
-}
-
-/// Takes `<data_dir>/lock` (flock, released when the process ends, even by a crash).
-pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServerError> {
-    use std::os::fd::AsRawFd;
-    let err = |source| ServerError::DataDir { path: dir.display().to_string(), source };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let file =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).map_err(err)?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(ServerError::Locked(dir.display().to_string()));
-    }
-    Ok(file)
 }
 
 /// Every route of the server.

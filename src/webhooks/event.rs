@@ -5,23 +5,10 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::audit::Event;
 use crate::digest::Digest;
+use crate::model::audit::Event;
+use crate::model::release::{Kind, State};
 use crate::registry::ReleaseAtEvent;
-use crate::releases::{Kind, State};
-
-/// Every event a webhook may receive: one per change of a release's state.
-pub const EVENTS: &[&str] = &[
-    "release.requested",
-    "release.approved",
-    "release.rejected",
-    "release.cancelled",
-    "release.expired",
-    "release.deploying",
-    "release.live",
-    "release.failed",
-    "release.superseded",
-];
 
 /// The event an audit action stands for, and the state the release entered with it (`None`
 /// for a request, whose state is its first transition's: `pending_approval` or `approved`).
@@ -271,7 +258,7 @@ mod tests {
             .chain(["release.expire", "release.deploying", "release.live", "release.failed", "release.superseded"])
             .map(|a| event_for(a).unwrap().0)
             .collect();
-        assert_eq!(named, EVENTS);
+        assert_eq!(named, crate::model::webhook::EVENTS);
         assert_eq!(event_for("release.adopted"), None);
         assert_eq!(event_for("request.refused"), None);
         assert_eq!(event_for("request.refused.aggregate"), None);

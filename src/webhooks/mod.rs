@@ -14,14 +14,14 @@ mod event;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use event::{EVENTS, Payload, delivery_id, event_for, signature};
+pub use crate::model::webhook::{Attempt, Delivery, EVENTS, Outcome};
+pub use event::{Payload, delivery_id, event_for, signature};
 
-use crate::audit::Event;
 use crate::config::{Format, Webhook};
+use crate::model::audit::Event;
 use crate::registry::{Registry, RegistryError};
 use crate::utc;
 
@@ -33,70 +33,6 @@ const BATCH: u64 = 100;
 const REGISTRY_RETRY: Duration = Duration::from_secs(2);
 /// How much of a refusing receiver's answer is kept with the attempt.
 const ANSWER_TAIL: usize = 200;
-
-/// How one attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A 2xx answer: delivered.
-    Accepted,
-    /// Failed; another attempt follows.
-    Retrying,
-    /// The last attempt failed: the event is given up for this webhook.
-    GaveUp,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Accepted => "accepted",
-            Outcome::Retrying => "retrying",
-            Outcome::GaveUp => "gave_up",
-        }
-    }
-
-    /// Ends the delivery (the cursor moves past the event).
-    pub fn is_final(self) -> bool {
-        self != Outcome::Retrying
-    }
-}
-
-/// One attempt to deliver one event to one webhook, as recorded.
-#[derive(Clone, Debug)]
-pub struct Attempt {
-    pub webhook: String,
-    pub event_seq: u64,
-    pub release_id: i64,
-    pub event: String,
-    pub delivery: String,
-    pub attempt: u32,
-    pub at: String,
-    pub duration_ms: u64,
-    pub status_code: Option<u16>,
-    pub error: Option<String>,
-    pub outcome: Outcome,
-    pub next_attempt_at: Option<String>,
-}
-
-/// One event's delivery to one webhook, as `release show` tells it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Delivery {
-    pub webhook: String,
-    pub event: String,
-    /// The audit event's sequence number (the body's `id`).
-    pub event_id: u64,
-    /// The `X-Release-Delivery` header.
-    pub delivery: String,
-    pub attempts: u32,
-    /// `accepted`, `retrying` or `gave_up`.
-    pub outcome: String,
-    pub delivered: bool,
-    pub last_status: Option<u16>,
-    pub last_error: Option<String>,
-    pub first_attempt_at: String,
-    pub last_attempt_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<String>,
-}
 
 /// The running webhook tasks; stopped by [`Workers::stop`] or when dropped.
 pub struct Workers {
@@ -234,7 +170,7 @@ impl Worker {
         &self,
         event: &Event,
         name: &str,
-        state: Option<crate::releases::State>,
+        state: Option<crate::model::release::State>,
         release: &crate::registry::ReleaseAtEvent,
         delivery: &str,
         monday_item: &mut Option<String>,
@@ -285,7 +221,7 @@ impl Worker {
         &self,
         event: &Event,
         name: &str,
-        state: Option<crate::releases::State>,
+        state: Option<crate::model::release::State>,
         release: &crate::registry::ReleaseAtEvent,
     ) -> Result<(), Stopped> {
         let hook = &self.hook;

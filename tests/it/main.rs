@@ -31,6 +31,7 @@ mod services;
 mod ssh;
 mod support;
 mod throttles;
+mod tidy;
 mod timeouts;
 mod tls;
 mod tokens;

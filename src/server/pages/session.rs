@@ -211,7 +211,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
         Ok::<_, TokenError>((principal, id))
     })
     .await;
-    let refuse = |status: StatusCode, code: &'static str, e: &TokenError| {
+    let refuse = |status: StatusCode, code: &'static str, e: &dyn std::fmt::Display| {
         let mut response = render::login(&next, Some(&e.to_string()), status);
         response.extensions_mut().insert(crate::server::error::Refusal { code, message: e.to_string() });
         response

@@ -1,4 +1,4 @@
-//! What a release is: its kind, its state machine (SPEC 3), and the rows that tell its story.
+//! Releases as the registry stores them: kinds, the state machine of SPEC 3, and the rows `show`, `status` and the pages read.
 
 use std::fmt;
 use std::str::FromStr;
@@ -222,7 +222,7 @@ pub struct Detail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adopted: Option<serde_json::Value>,
     /// Each of its events' delivery to each webhook, as the last attempt left it.
-    pub webhook_deliveries: Vec<crate::webhooks::Delivery>,
+    pub webhook_deliveries: Vec<crate::model::webhook::Delivery>,
 }
 
 /// One cell of the status matrix.
