@@ -257,7 +257,7 @@ pub async fn restore(
     placed?;
     let registry = {
         let path = registry_path.to_owned();
-        tokio::task::spawn_blocking(move || Registry::open(&path)).await.expect("no panic")?
+        crate::registry::run(move || Registry::open(&path)).await?
     };
     let details = serde_json::json!({
         "key": manifest.key,
@@ -269,8 +269,7 @@ pub async fn restore(
     });
     let event = NewEvent::by_local_user(RESTORED, format!("registry/{}", stamp.text()), details);
     let seq = lost.as_ref().map(|l| l.to + 1);
-    let appended =
-        tokio::task::spawn_blocking(move || registry.append_restored(&event, seq)).await.expect("no panic")?;
+    let appended = crate::registry::run(move || registry.append_restored(&event, seq)).await?;
     Ok(Restored { manifest, checkpoint, lost, event: appended.seq, registry: registry_path.to_owned() })
 }
 

@@ -155,6 +155,11 @@ impl Ingestor {
         Ingestor { config, store, registry, metrics, turns }
     }
 
+    /// How many uploads (adoptions included) hold one of the turns now.
+    pub fn uploads_running(&self) -> usize {
+        self.config.limits.max_concurrent_uploads as usize - self.turns.available_permits()
+    }
+
     /// Takes one upload from its body stream to a registry row, or to nothing at all; counts
     /// how it ended (under its service only once the token may upload for it, so that a
     /// refused token cannot make up metric series).
@@ -220,7 +225,7 @@ impl Ingestor {
         f: impl FnOnce(&Registry) -> Result<(), RegistryError> + Send + 'static,
     ) -> Result<(), IngestError> {
         let registry = Arc::clone(&self.registry);
-        Ok(tokio::task::spawn_blocking(move || f(&registry)).await.expect("registry call does not panic")?)
+        Ok(crate::registry::run(move || f(&registry)).await?)
     }
 
     /// The upload under its noted staging key `id`. `clean` becomes false when the store

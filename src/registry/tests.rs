@@ -4,7 +4,8 @@
 use super::*;
 use crate::digest::Digest;
 use crate::model::access::Role;
-use crate::model::audit::NewEvent;
+use crate::model::audit::{Event, NewEvent};
+use crate::utc;
 
 fn open() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
@@ -100,6 +101,51 @@ fn tokens_are_revoked_once_and_names_never_reused() {
     for sql in ["DELETE FROM tokens", "UPDATE tokens SET revoked_at = NULL", "UPDATE tokens SET roles = 'admin'"] {
         assert!(conn.execute(sql, []).is_err(), "{sql} was allowed");
     }
+}
+
+/// A sign-in's session and its audit event are one transaction, as are a sign-out's end and
+/// its event: a session nobody's audit log shows is never opened.
+#[test]
+fn a_session_opens_and_ends_with_its_audit_event_or_not_at_all() {
+    let (_dir, registry) = open();
+    let token = registry.create_token(&new_token("auditor-1"), &event()).unwrap();
+    let login = |action: &str| NewEvent::by_server(action, "token/auditor-1", serde_json::json!({}));
+    let count =
+        |action: &str| registry.audit_events(0, None, 1000).unwrap().iter().filter(|e| e.action == action).count();
+    let expires = utc::format(utc::now() + time::Duration::hours(1));
+
+    // The event cannot be appended: no session either.
+    registry
+        .writer
+        .lock()
+        .unwrap()
+        .execute_batch(
+            "CREATE TEMP TRIGGER no_login BEFORE INSERT ON audit_events WHEN NEW.action = 'web.login'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .unwrap();
+    assert!(registry.open_session(&[1; 32], &token.id, &expires, &login("web.login")).is_err());
+    assert_eq!(registry.session(&[1; 32]).unwrap(), None, "no session without its event");
+    registry.writer.lock().unwrap().execute_batch("DROP TRIGGER temp.no_login").unwrap();
+
+    registry.open_session(&[2; 32], &token.id, &expires, &login("web.login")).unwrap();
+    assert!(registry.session(&[2; 32]).unwrap().is_some());
+    assert_eq!(count("web.login"), 1);
+    let logout = |name: &str, owner: &str| NewEvent {
+        actor: name.into(),
+        owner: owner.into(),
+        action: "web.logout".into(),
+        subject: format!("token/{name}"),
+        details: serde_json::json!({}),
+    };
+    assert!(registry.end_session(&[2; 32], logout).unwrap());
+    assert_eq!(registry.session(&[2; 32]).unwrap(), None);
+    let ended: Vec<Event> =
+        registry.audit_events(0, None, 1000).unwrap().into_iter().filter(|e| e.action == "web.logout").collect();
+    assert_eq!((ended.len(), ended[0].actor.as_str(), ended[0].owner.as_str()), (1, "auditor-1", "alice"));
+    // Ending it again ends nothing and says nothing.
+    assert!(!registry.end_session(&[2; 32], logout).unwrap());
+    assert_eq!(count("web.logout"), 1);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Registry, RegistryError};
 use crate::digest::Digest;
+use crate::model::audit::NewEvent;
 use crate::utc;
 
 /// A signed-in session, as found by its id.
@@ -28,19 +29,29 @@ pub struct LiveSpell {
 }
 
 impl Registry {
-    /// Opens a session for the token (by id); `id_sha256` is the SHA-256 of the cookie's id.
-    pub fn open_session(&self, id_sha256: &[u8; 32], token_id: &str, expires_at: &str) -> Result<(), RegistryError> {
+    /// Opens a session for the token (by id) and appends `event` (the sign-in) in the same
+    /// transaction; `id_sha256` is the SHA-256 of the cookie's id.
+    pub fn open_session(
+        &self,
+        id_sha256: &[u8; 32],
+        token_id: &str,
+        expires_at: &str,
+        event: &NewEvent,
+    ) -> Result<(), RegistryError> {
         self.write(|conn| {
+            let tx = super::immediate(conn)?;
             let now = utc::now_text();
             // Sessions long over are of no use to anyone: dropped as new ones open.
-            conn.execute(
+            tx.execute(
                 "DELETE FROM web_sessions WHERE expires_at < ?1",
                 [utc::format(utc::now() - time::Duration::days(30))],
             )?;
-            conn.execute(
+            tx.execute(
                 "INSERT INTO web_sessions (id_sha256, token_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
                 params![id_sha256.as_slice(), token_id, now, expires_at],
             )?;
+            super::audit::append(&tx, event)?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -59,16 +70,29 @@ impl Registry {
         })
     }
 
-    /// Signs a session out; the id of the token it was opened with, if it was open.
-    pub fn end_session(&self, id_sha256: &[u8; 32]) -> Result<Option<String>, RegistryError> {
+    /// Signs a session out and appends the event `event` makes of its token's name and owner
+    /// (the sign-out) in the same transaction; whether a session was open.
+    pub fn end_session(
+        &self,
+        id_sha256: &[u8; 32],
+        event: impl FnOnce(&str, &str) -> NewEvent,
+    ) -> Result<bool, RegistryError> {
         self.write(|conn| {
-            Ok(conn
+            let tx = super::immediate(conn)?;
+            let token: Option<(String, String)> = tx
                 .query_row(
-                    "UPDATE web_sessions SET ended_at = ?2 WHERE id_sha256 = ?1 AND ended_at IS NULL RETURNING token_id",
+                    "UPDATE web_sessions SET ended_at = ?2 WHERE id_sha256 = ?1 AND ended_at IS NULL
+                     RETURNING (SELECT name FROM tokens WHERE id = token_id),
+                               (SELECT owner FROM tokens WHERE id = token_id)",
                     params![id_sha256.as_slice(), utc::now_text()],
-                    |r| r.get(0),
+                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)),
                 )
-                .optional()?)
+                .optional()?
+                .map(|(name, owner)| (name.unwrap_or_default(), owner.unwrap_or_default()));
+            let Some((name, owner)) = token else { return Ok(false) };
+            super::audit::append(&tx, &event(&name, &owner))?;
+            tx.commit()?;
+            Ok(true)
         })
     }
 

@@ -220,13 +220,13 @@ impl Releases {
     pub fn new(
         config: Arc<Config>,
         registry: Arc<Registry>,
-        store: Store,
         deployer: Arc<dyn Deployer>,
+        ingestor: Ingestor,
         metrics: Arc<Metrics>,
     ) -> Releases {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance = format!("{}:{}:{}", host.trim(), std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]);
-        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
+        let store = ingestor.store.clone();
         let (timing, running) = (Timing::from_env(), Arc::default());
         Releases {
             config,

@@ -66,15 +66,22 @@ struct Setup {
     registry: Arc<Registry>,
     releases: Releases,
     deployer: Arc<Scripted>,
+    /// The server's ingestor, shared with `releases`.
+    ingestor: Ingestor,
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+/// [`setup`] with more configuration (`[limits]` …) after the service and environment.
+fn setup_with(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("release.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\ndata_dir = \"{}\"\n[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n",
+            "[server]\ndata_dir = \"{}\"\n[service.api]\nkind = \"generic\"\n[[environment]]\nname = \"staging\"\n{extra}",
             dir.path().join("data").display()
         ),
     )
@@ -84,8 +91,10 @@ fn setup() -> Setup {
     let store = Store::open(&StorageConfig::Local { path: dir.path().join("objects") }).unwrap();
     let deployer = Arc::new(Scripted::default());
     let seam: Arc<dyn Deployer> = deployer.clone();
-    let releases = Releases::new(config, Arc::clone(&registry), store, seam, Arc::new(Metrics::new()));
-    Setup { _dir: dir, registry, releases, deployer }
+    let metrics = Arc::new(Metrics::new());
+    let ingestor = Ingestor::new(Arc::clone(&config), store, Arc::clone(&registry), Arc::clone(&metrics));
+    let releases = Releases::new(config, Arc::clone(&registry), seam, ingestor.clone(), metrics);
+    Setup { _dir: dir, registry, releases, deployer, ingestor }
 }
 
 /// An approved release of `api` in staging.
@@ -360,4 +369,54 @@ async fn the_start_returns_while_a_deploy_a_stopped_server_left_is_resolved_and_
     // Once resolved, the same refusal is the plain one.
     let plain = s.releases.busy(ReleaseError::Conflict(RegistryError::InFlight(Box::new(release))));
     assert!(matches!(plain, ReleaseError::Conflict(_)));
+}
+
+/// Issue 13: `Releases` built an ingestor of its own, so a node's adopted tree was kept
+/// outside `max_concurrent_uploads`, the limit that bounds what uploads hold in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_waits_for_a_turn_of_the_same_upload_limit_as_uploads() {
+    use futures::StreamExt;
+
+    use crate::ingest::{Piece, UploadRequest};
+    use crate::model::access::Role;
+
+    let s = setup_with("[limits]\nmax_concurrent_uploads = 1\n");
+    let ci =
+        Principal { name: "ci".into(), owner: "ci".into(), roles: vec![Role::Ci], services: None, environments: None };
+    // An upload whose body has not ended holds the one turn.
+    let (body, held) = futures::channel::mpsc::unbounded::<Result<Piece, std::io::Error>>();
+    let upload = {
+        let (ingestor, ci) = (s.ingestor.clone(), ci.clone());
+        let request = UploadRequest { service: "api".into(), ..UploadRequest::default() };
+        tokio::spawn(async move { ingestor.ingest(&ci, request, held).await })
+    };
+    body.unbounded_send(Ok(Piece::Bytes(bytes::Bytes::from_static(b"not finished")))).unwrap();
+    for _ in 0..500 {
+        if s.ingestor.uploads_running() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.ingestor.uploads_running(), 1, "the upload holds the turn");
+
+    // A node's legacy tree, packaged, to be kept as an artifact by the adoption.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("index.html"), "legacy").unwrap();
+    let (packed, package) = crate::archive::pack_to_writer(tree.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    let release = approved(&s.registry, b"v1");
+    let adopter =
+        adopt::ServerAdopter { ingestor: s.releases.ingestor.clone(), registry: Arc::clone(&s.registry), release };
+    let kept = tokio::spawn(async move {
+        let bytes = futures::stream::iter([Ok(bytes::Bytes::from(package))]).boxed();
+        adopter.keep(packed.digest, bytes).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!kept.is_finished(), "the adoption waits while the upload holds the only turn");
+
+    // The upload ends (refused: not an archive); its turn goes to the adoption.
+    drop(body);
+    assert!(upload.await.unwrap().is_err());
+    kept.await.unwrap().expect("kept once it had the turn");
+    assert!(s.registry.artifact(packed.digest).unwrap().is_some(), "the adopted tree is an artifact");
+    assert_eq!(s.ingestor.uploads_running(), 0);
 }

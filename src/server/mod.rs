@@ -105,14 +105,14 @@ impl AppState {
 /// before its delete (storage-layout.md, "Crashes and interrupted uploads").
 async fn clear_what_a_crash_left(registry: &Arc<Registry>, store: &Store) -> Result<(), ServerError> {
     let reader = Arc::clone(registry);
-    let left = tokio::task::spawn_blocking(move || reader.left_uploads()).await.expect("no panic")?;
+    let left = crate::registry::run(move || reader.left_uploads()).await?;
     for upload in left {
         let parts = store.remove_left_upload(upload.id).await?;
         if let Some(digest) = upload.unnamed_artifact {
             store.remove_artifact(digest).await?;
         }
         let writer = Arc::clone(registry);
-        tokio::task::spawn_blocking(move || writer.unstage_upload(upload.id)).await.expect("no panic")?;
+        crate::registry::run(move || writer.unstage_upload(upload.id)).await?;
         tracing::warn!(
             upload = %upload.id,
             parts,
@@ -121,7 +121,7 @@ async fn clear_what_a_crash_left(registry: &Arc<Registry>, store: &Store) -> Res
         );
     }
     let reader = Arc::clone(registry);
-    let purged = tokio::task::spawn_blocking(move || reader.purged_artifacts()).await.expect("no panic")?;
+    let purged = crate::registry::run(move || reader.purged_artifacts()).await?;
     if !purged.is_empty() {
         let stored: std::collections::HashSet<_> = store.list_artifacts().await?.into_iter().collect();
         for digest in purged.into_iter().filter(|d| stored.contains(d)) {
@@ -145,8 +145,12 @@ pub struct Opened {
 impl Opened {
     /// Locks the data directory, opens the registry and the store, sweeps stale uploads,
     /// checks the audit log against the bucket, starts the webhooks, resumes releases, and
-    /// starts the audit checkpoints. `deployer` is the deploy seam's implementation.
-    pub async fn open(config: Config, deployer: Arc<dyn Deployer>) -> Result<Opened, ServerError> {
+    /// starts the audit checkpoints. `deployer` makes the deploy seam's implementation over
+    /// the one store everything shares.
+    pub async fn open(
+        config: Config,
+        deployer: impl FnOnce(Store) -> Arc<dyn Deployer>,
+    ) -> Result<Opened, ServerError> {
         let lock = crate::datadir::lock(&config.data_dir)?;
         let registry_path = config.registry_path();
         let registry = crate::registry::run(move || Registry::open(&registry_path)).await?;
@@ -171,8 +175,15 @@ impl Opened {
         // Before the releases start: a webhook new to the registry starts at the audit log's
         // head, and what recovery appends next is already after it.
         let webhooks = Workers::start(&config.webhooks, config.public_url.as_deref(), Arc::clone(&registry)).await?;
-        let releases =
-            Releases::new(Arc::clone(&config), Arc::clone(&registry), store.clone(), deployer, Arc::clone(&metrics));
+        // One ingestor for uploads and adoptions alike: both take turns of the same
+        // `max_concurrent_uploads`, the limit that bounds upload memory.
+        let releases = Releases::new(
+            Arc::clone(&config),
+            Arc::clone(&registry),
+            deployer(store.clone()),
+            ingestor.clone(),
+            Arc::clone(&metrics),
+        );
         releases.start().await.map_err(|e| ServerError::Start(e.to_string()))?;
         let checkpointed = Arc::new(tokio::sync::Mutex::new(0));
         let chain = Arc::new(crate::audit::ChainWatch::default());

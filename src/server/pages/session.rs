@@ -246,11 +246,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
         format!("token/{}", principal.name),
         serde_json::json!({"expires_at": expires}),
     );
-    let opened = crate::registry::run(move || {
-        registry.open_session(&hash, &token_id, &expires)?;
-        registry.append_event(&event)
-    })
-    .await;
+    let opened = crate::registry::run(move || registry.open_session(&hash, &token_id, &expires, &event)).await;
     if let Err(e) = opened {
         return render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string());
     }
@@ -273,20 +269,13 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
     if let Some(id) = cookie(&headers) {
         let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
         let ended = crate::registry::run(move || {
-            let Some(token_id) = registry.end_session(&hash)? else { return Ok(()) };
-            if let Some(t) = registry.token_by_id(&token_id)? {
-                let subject = format!("token/{}", t.name);
-                let (actor, owner) = (t.name, t.owner);
-                let event = crate::audit::NewEvent {
-                    actor,
-                    owner,
-                    action: "web.logout".into(),
-                    subject,
-                    details: serde_json::json!({}),
-                };
-                registry.append_event(&event)?;
-            }
-            Ok::<_, crate::registry::RegistryError>(())
+            registry.end_session(&hash, |name, owner| crate::audit::NewEvent {
+                actor: name.to_owned(),
+                owner: owner.to_owned(),
+                action: "web.logout".into(),
+                subject: format!("token/{name}"),
+                details: serde_json::json!({}),
+            })
         })
         .await;
         if let Err(e) = ended {
