@@ -15,13 +15,11 @@ pub enum LockError {
 /// Takes `<dir>/lock` (flock, released when the process ends, even by a crash), creating the
 /// directory if needed; the lock lasts as long as the returned file is open.
 pub fn lock(dir: &Path) -> Result<File, LockError> {
-    use std::os::fd::AsRawFd;
     let err = |source| LockError::Io { path: dir.to_owned(), source };
     std::fs::create_dir_all(dir).map_err(err)?;
     let file =
         std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).map_err(err)?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(LockError::Held(dir.to_owned()));
     }
     Ok(file)

@@ -109,8 +109,8 @@ fn packing_refuses_what_cannot_be_deployed() {
 
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("pipe");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0)
+        .unwrap();
     let err = pack_to_writer(dir.path(), &[], Vec::new(), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("a fifo cannot be deployed"), "{err}");
 
@@ -479,12 +479,9 @@ fn packing_refuses_a_tree_past_the_limits() {
     let parent = dir.path().join(vec!["p".repeat(250); 16].join("/"));
     fs::create_dir_all(&parent).unwrap();
     let handle = fs::File::open(&parent).unwrap();
-    let name = std::ffi::CString::new("f".repeat(100)).unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid directory descriptor and a NUL-terminated name.
-    let fd = unsafe { libc::openat(handle.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    unsafe { libc::close(fd) };
+    // Relative to the directory's descriptor: the whole path is longer than PATH_MAX.
+    let flags = rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY;
+    drop(rustix::fs::openat(&handle, "f".repeat(100), flags, rustix::fs::Mode::from_raw_mode(0o644)).unwrap());
     let err = pack_to_writer(dir.path(), &[], Vec::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, PackError::Undeployable { source: ArchiveError::PathTooLong { .. }, .. }), "{err}");
     assert!(err.to_string().contains("could never be deployed: entry \"pppp"), "{err}");

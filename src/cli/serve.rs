@@ -75,22 +75,20 @@ const SPARE_FILES: u64 = 1_024;
 /// stranger left no descriptor for the registry: readers could not open (500s) and accepting
 /// failed for everyone until they closed. Warns when even the hard limit leaves too few.
 fn raise_open_files(max_connections: u32) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit write or read the struct we own; no other memory is involved.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None`: unlimited.
+    let mut open_files = limit.current.unwrap_or(u64::MAX);
+    if limit.current < limit.maximum || (limit.maximum.is_none() && limit.current.is_some()) {
+        let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            open_files = limit.maximum.unwrap_or(u64::MAX);
         }
     }
     let needed = u64::from(max_connections) + SPARE_FILES;
-    if limit.rlim_cur < needed {
+    if open_files < needed {
         tracing::warn!(
-            open_files = limit.rlim_cur,
+            open_files,
             needed,
             "too few open files allowed (ulimit -n) for limits.max_connections = {max_connections}: raise \
              LimitNOFILE (systemd) or lower max_connections"

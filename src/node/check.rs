@@ -56,9 +56,7 @@ pub fn check(c: &Check) -> Value {
 }
 
 fn writable(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: access(2) reads the NUL-terminated path we own.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    rustix::fs::access(path, rustix::fs::Access::WRITE_OK).is_ok()
 }
 
 fn base(base: &Path) -> Row {
@@ -94,15 +92,10 @@ fn shared(base: &Path, path: &str) -> Row {
 
 fn room(base: &Path, needed: u64) -> Row {
     let probe = std::iter::successors(Some(base), |p| p.parent()).find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) else {
-        return warn("room", "cannot tell the free space");
-    };
-    // SAFETY: statvfs(3) fills the struct we own from the NUL-terminated path we own.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+    let Ok(st) = rustix::fs::statvfs(probe) else {
         return warn("room", format!("cannot tell the free space of {}", probe.display()));
-    }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    };
+    let free = st.f_bavail * st.f_frsize;
     let gib = |b: u64| b as f64 / f64::from(1 << 30);
     if needed > 0 && free < needed + needed / 10 {
         fail("room", format!("{:.2} GiB free, one more release needs about {:.2} GiB", gib(free), gib(needed)))

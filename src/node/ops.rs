@@ -169,10 +169,11 @@ impl Layout {
         loop {
             let Ok(note) = fs::read_to_string(&path) else { return Ok(()) };
             let (pgid, command) = note.split_once(' ').unwrap_or((note.as_str(), ""));
-            // SAFETY: getpgid(2) only reads. The leader still leads its group: a pid reused
-            // since by an unrelated process is not mistaken for it (unless it leads a group
-            // of the same id, which only delays the hook by the wait).
-            let alive = pgid.parse::<i32>().ok().filter(|p| *p > 1).is_some_and(|p| unsafe { libc::getpgid(p) } == p);
+            // The leader still leads its group: a pid reused since by an unrelated process is
+            // not mistaken for it (unless it leads a group of the same id, which only delays
+            // the hook by the wait).
+            let leader = pgid.parse::<i32>().ok().filter(|p| *p > 1).and_then(rustix::process::Pid::from_raw);
+            let alive = leader.is_some_and(|p| rustix::process::getpgid(Some(p)).is_ok_and(|group| group == p));
             if !alive {
                 let _ = fs::remove_file(&path);
                 return Ok(());
@@ -193,7 +194,6 @@ impl Layout {
 
     /// Takes `<base>/.release/lock`, waiting a little for another deploy to finish.
     fn lock(&self) -> Result<fs::File, NodeError> {
-        use std::os::fd::AsRawFd;
         let path = self.base.join(".release/lock");
         let file = fs::OpenOptions::new()
             .create(true)
@@ -202,8 +202,7 @@ impl Layout {
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
         let started = Instant::now();
-        // SAFETY: flock on a descriptor we own.
-        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        while rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             if started.elapsed() > LOCK_WAIT {
                 return Err(NodeError::new(
                     "locked",
@@ -217,7 +216,7 @@ impl Layout {
 }
 
 fn io_error(path: &Path, e: io::Error) -> NodeError {
-    let code = if e.raw_os_error() == Some(libc::ENOSPC) { "disk_full" } else { "io" };
+    let code = if e.kind() == io::ErrorKind::StorageFull { "disk_full" } else { "io" };
     NodeError::new(code, format!("{}: {e}", path.display()))
 }
 
@@ -328,7 +327,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         let unpacked = unpacked.map_err(|e| match e {
             super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
             super::UnpackError::Unsafe(_) => NodeError::new("unsafe_archive", e.to_string()),
-            super::UnpackError::Write { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            super::UnpackError::Write { ref source, .. } if source.kind() == io::ErrorKind::StorageFull => {
                 NodeError::new("disk_full", e.to_string())
             }
             super::UnpackError::Write { .. } => NodeError::new("io", e.to_string()),
@@ -549,9 +548,9 @@ fn run_commands(
                 break Some(status);
             }
             if deadline.is_some_and(|d| started.elapsed() > d) {
-                // SAFETY: kill(2) on the process group of the hook we started.
-                unsafe {
-                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                // The hook's whole process group (it leads one of its own).
+                if let Some(group) = rustix::process::Pid::from_raw(child.id() as i32) {
+                    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
                 }
                 let _ = child.wait();
                 break None;
@@ -608,19 +607,11 @@ fn sudo_refusal(said: &str, user: &str) -> Option<String> {
 
 /// The name of the user this agent runs as (the SSH user), or its uid when it has none.
 fn agent_user() -> String {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes only into `entry` and `buf`, which outlive the call; `found`
-    // is null or points at `entry`, whose name points into `buf`.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if rc != 0 || found.is_null() {
-        return uid.to_string();
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
     }
-    // SAFETY: pw_name is a NUL-terminated string in `buf`, alive here.
-    unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_string_lossy().into_owned()
 }
 
 /// With a hook user, gives the release's writable paths (Laravel's `bootstrap/cache`) to that
@@ -656,14 +647,8 @@ fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(),
 
 /// The uid and primary gid of `user`, from the password database.
 pub(super) fn user_ids(user: &str) -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(user).ok()?;
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r writes only into `entry` and `buf`, which outlive the call; `found`
-    // is null or points at `entry`.
-    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-    (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid))
+    let found = nix::unistd::User::from_name(user).ok().flatten()?;
+    Some((found.uid.as_raw(), found.gid.as_raw()))
 }
 
 /// Reads `from` to its end, keeping only its last `OUTPUT_TAIL` bytes: a hook may print
@@ -765,13 +750,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Flushes the whole filesystem holding `path` (syncfs(2)): a release's many files at once.
 fn sync_fs(path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let dir = fs::File::open(path)?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::fs::syncfs(fs::File::open(path)?)?)
 }
 
 /// Points `current` at the release with one rename(2) of a fresh relative symlink, then
@@ -813,21 +792,12 @@ fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool, f
 /// (RENAME_EXCHANGE): there is no moment without `current`. The old tree ends up at
 /// `<base>/.release/adopted-<time>`, where the symlink was made; that path is returned.
 fn exchange_for_symlink(layout: &Layout, target: &str) -> Result<PathBuf, NodeError> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
     let kept = layout.base.join(format!(".release/adopted-{}", crate::utc::now_text().replace([':', '.'], "")));
     std::os::unix::fs::symlink(target, &kept).map_err(|e| io_error(&kept, e))?;
-    let (from, to) = (
-        CString::new(kept.as_os_str().as_bytes()).expect("no NUL in a path"),
-        CString::new(layout.current().as_os_str().as_bytes()).expect("no NUL in a path"),
-    );
-    // SAFETY: two NUL-terminated paths that outlive the call.
-    let swapped =
-        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE) };
-    if swapped != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = renameat_with(CWD, &kept, CWD, layout.current(), RenameFlags::EXCHANGE) {
         let _ = fs::remove_file(&kept);
-        return Err(io_error(&layout.current(), e));
+        return Err(io_error(&layout.current(), e.into()));
     }
     sync_dir(&layout.base).map_err(|e| io_error(&layout.base, e))?;
     let dot = layout.base.join(".release");
@@ -1015,8 +985,7 @@ fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError>
         output.push_str(&format!("; kept, a process works in it: {}", busy.join(", ")));
     }
     if unseen > 0 {
-        // SAFETY: geteuid(2) cannot fail.
-        let advice = if unsafe { libc::geteuid() } == 0 { "" } else { ": run the agent as root to see them" };
+        let advice = if rustix::process::geteuid().is_root() { "" } else { ": run the agent as root to see them" };
         output.push_str(&format!(
             "; {unseen} processes could not be checked (their working directories are not readable by this \
              agent){advice}"
@@ -1340,8 +1309,7 @@ mod tests {
         let (_, nogroup) = user_ids("nobody").expect("Debian has nobody");
         let run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
         let shared = share_writable(dir.path(), &["cache".into()], &run_as);
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             shared.unwrap();
             for path in ["cache", "cache/views", "cache/views/x"] {
                 let meta = fs::metadata(dir.path().join(path)).unwrap();

@@ -124,13 +124,7 @@ fn make_writable_dirs(dir: &Path) -> io::Result<()> {
 
 /// One `syncfs` for the whole tree instead of an fsync per file.
 fn sync_filesystem(dir: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let handle = fs::File::open(dir)?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::fs::syncfs(fs::File::open(dir)?)?)
 }
 
 struct Unpacker<'a> {

@@ -22,6 +22,8 @@ pub use deployer::{
     Adopt, Adopter, CheckRow, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly, Reporter,
 };
 
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::audit::NewEvent;
 use crate::config::{Config, Node};
 use crate::digest::Digest;
@@ -359,7 +361,8 @@ impl Releases {
             }
             Err(e) => tracing::error!(release = id, error = %e, "could not take the deploy lease to resolve"),
         }
-        let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
+        // Aborted when dropped: the lease renewer ends with its deploy, whatever way it ends.
+        let _renewer = AbortOnDropHandle::new(self.renew_lease_while_running(release.clone()));
         let (plan, outcome) = match self.plan(&release).await {
             Ok(plan) => {
                 let (deployer, resolving) = (Arc::clone(&self.deployer), plan.clone());
@@ -1211,7 +1214,8 @@ impl Releases {
         // From here on every path ends the release: live, or failed with the reason; or, when
         // that cannot be recorded, left to lapse and be resolved from the nodes. The lease is
         // renewed until this function returns, and no longer.
-        let _renewer = AbortOnDrop(self.renew_lease_while_running(release.clone()));
+        // Aborted when dropped: the lease renewer ends with its deploy, whatever way it ends.
+        let _renewer = AbortOnDropHandle::new(self.renew_lease_while_running(release.clone()));
         let (plan, outcome) = match self.plan(&release).await {
             Ok(plan) => {
                 let config_digest = plan.service.config_digest(&plan.environment);
@@ -1425,16 +1429,6 @@ fn unseen(p: &Principal, missing: ReleaseError, why: Option<Denied>) -> ReleaseE
         other => other,
     };
     ReleaseError::Unseen { message: p.as_if_absent(&missing), why }
-}
-
-/// Aborts a background task when dropped (the lease renewer ends with its deploy, whatever
-/// way the deploy ends).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Removes its release from the set of those a task of this process runs, when dropped.
