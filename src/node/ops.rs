@@ -607,7 +607,7 @@ fn sudo_refusal(said: &str, user: &str) -> Option<String> {
 }
 
 /// The name of the user this agent runs as (the SSH user), or its uid when it has none.
-fn agent_user() -> String {
+pub(super) fn agent_user() -> String {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
