@@ -15,10 +15,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args, output: Output) -> Result<(), Failure> {
-    std::fs::create_dir_all(&args.dir)?;
     let dir = std::path::absolute(&args.dir)?;
     let path = dir.join("release.toml");
+    // Checked before anything is made: a refused name leaves no directory behind.
     let text = example_in(&dir)?;
+    std::fs::create_dir_all(&dir)?;
     let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

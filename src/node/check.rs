@@ -40,7 +40,7 @@ pub fn check(c: &Check) -> Value {
         rows.push(artisan(&current, deployed, &c.env));
         rows.push(document_root(&c.base));
     }
-    rows.extend(c.reload.iter().filter(|r| r.trim_start().starts_with("sudo ")).map(|r| sudo_allowed(r)));
+    rows.extend(c.reload.iter().filter(|r| r.trim_start().starts_with("sudo ")).map(|r| sudo_allowed(r, &c.env)));
     if let Some(app) = &c.pm2_app {
         rows.push(pm2(app, &c.base, deployed, &c.env));
     }
@@ -104,43 +104,74 @@ fn room(base: &Path, needed: u64) -> Row {
     }
 }
 
-/// Runs a command with a time limit; its status and output (stdout and stderr, trimmed).
+/// Runs a command with a time limit; its status and output (stdout and stderr, trimmed, the
+/// first 2,000 characters: what a message shows).
 fn run(
     program: &str,
     args: &[&str],
     dir: Option<&Path>,
     env: &std::collections::BTreeMap<String, String>,
 ) -> Option<(bool, String)> {
+    let (ok, stdout, stderr) = run_whole(program, args, dir, env)?;
+    let text = format!("{stdout}{stderr}");
+    Some((ok, text.trim().chars().take(2_000).collect()))
+}
+
+/// Runs a command with a time limit; its status, whole stdout and stderr. The pipes are read
+/// while it runs: one that fills a pipe (`pm2 jlist` of a few apps) would never end otherwise.
+fn run_whole(
+    program: &str,
+    args: &[&str],
+    dir: Option<&Path>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Option<(bool, String, String)> {
     let mut command = Command::new(program);
     command.args(args).envs(env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(dir) = dir {
         command.current_dir(dir);
     }
     let mut child = command.spawn().ok()?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = std::io::Read::read_to_end(&mut pipe, &mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Some((false, format!("`{program}` gave no answer within 20 s")));
+            return Some((false, String::new(), format!("`{program}` gave no answer within 20 s")));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().ok()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    let text: String = text.trim().chars().take(2_000).collect();
-    Some((out.status.success(), text))
+    };
+    Some((status.success(), stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default()))
 }
 
 fn artisan(current: &Path, deployed: bool, env: &std::collections::BTreeMap<String, String>) -> Row {
     if !deployed {
         return warn("artisan", "no release here yet: php artisan is tried once one is");
     }
-    match run("php", &["artisan", "--version"], Some(current), env) {
+    // Booting writes the package and service manifests into bootstrap/cache when the release
+    // has none (one never optimized, or after optimize:clear), as the SSH user: a check writes
+    // nothing there, so they go to a scratch directory removed after.
+    let scratch = tempfile::Builder::new().prefix("release-check-").tempdir().ok();
+    let mut env = env.clone();
+    if let Some(dir) = &scratch {
+        for (key, file) in [("APP_PACKAGES_CACHE", "packages.php"), ("APP_SERVICES_CACHE", "services.php")] {
+            env.insert(key.to_owned(), dir.path().join(file).display().to_string());
+        }
+    }
+    match run("php", &["artisan", "--version"], Some(current), &env) {
         Some((true, out)) => pass("artisan", out.lines().next().unwrap_or_default().to_owned()),
         Some((false, out)) => fail("artisan", format!("php artisan --version failed in {}: {out}", current.display())),
         None => fail("artisan", "php is not on the PATH of the SSH user (set the service's env PATH)"),
@@ -178,39 +209,135 @@ fn document_root(base: &Path) -> Row {
     }
 }
 
-fn sudo_allowed(command: &str) -> Row {
+fn sudo_allowed(command: &str, env: &std::collections::BTreeMap<String, String>) -> Row {
     let words: Vec<&str> = command.split_whitespace().skip(1).collect();
     let mut args = vec!["-n", "-l"];
     args.extend(&words);
     match run("sudo", &args, None, &Default::default()) {
         Some((true, _)) => pass("reload_sudo", format!("sudo allows `{}` without a password", words.join(" "))),
-        Some((false, out)) => fail(
-            "reload_sudo",
-            format!("sudo does not allow `{}` without a password ({out}): add it to sudoers", words.join(" ")),
-        ),
+        Some((false, out)) => {
+            let fix = match sudoers_line(&words, env) {
+                Some(line) => format!("add the sudoers line `{line}` (visudo -f /etc/sudoers.d/release)"),
+                None => "add it to sudoers".to_owned(),
+            };
+            let said = if out.is_empty() { "sudo -n -l lists no rule for it".to_owned() } else { out };
+            fail("reload_sudo", format!("sudo does not allow `{}` without a password ({said}): {fix}", words.join(" ")))
+        }
         None => fail("reload_sudo", "sudo is not installed, and a reload command needs it"),
     }
 }
 
+/// The sudoers line that lets the SSH user run `sudo WORDS` without a password: sudoers
+/// names commands by their full path (looked up as sudo does: the PATH, then the usual sbin
+/// directories of `secure_path`). `None` for sudo options other than `-u USER`.
+fn sudoers_line(words: &[&str], env: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    let (runas, command) = match words {
+        ["-u", user, rest @ ..] => (*user, rest),
+        rest => ("root", rest),
+    };
+    let (program, args) = command.split_first()?;
+    if program.starts_with('-') {
+        return None;
+    }
+    let path = find_program(program, env, true).map_or_else(|| (*program).to_owned(), |p| p.display().to_string());
+    let me = super::ops::agent_user();
+    Some(format!(
+        "{me} ALL=({runas}) NOPASSWD: {}",
+        [path.as_str()].iter().chain(args).copied().collect::<Vec<_>>().join(" ")
+    ))
+}
+
+/// Where `program` is: itself when it names a path, else the first executable of that name
+/// on the PATH (the service's, else this process's), then in the usual sbin and bin
+/// directories when `secure_path` (as sudo looks).
+fn find_program(
+    program: &str,
+    env: &std::collections::BTreeMap<String, String>,
+    secure_path: bool,
+) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    let path = env.get("PATH").cloned().or_else(|| std::env::var("PATH").ok()).unwrap_or_default();
+    let usual: &[&str] = if secure_path {
+        &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    } else {
+        &[]
+    };
+    path.split(':')
+        .chain(usual.iter().copied())
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+}
+
+/// Whether a PM2 daemon runs for the PM2_HOME the service's commands use (its pid file names
+/// a live process): any `pm2` command would start one otherwise, and a check starts nothing.
+fn pm2_daemon(env: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    let home = env
+        .get("PM2_HOME")
+        .cloned()
+        .or_else(|| std::env::var("PM2_HOME").ok())
+        .or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.pm2")))
+        .unwrap_or_else(|| "~/.pm2".to_owned());
+    let pid = std::fs::read_to_string(Path::new(&home).join("pm2.pid")).unwrap_or_default();
+    match pid.trim().parse::<u32>() {
+        Ok(pid) if Path::new(&format!("/proc/{pid}")).exists() => Ok(()),
+        _ => Err(home),
+    }
+}
+
 fn pm2(app: &str, base: &Path, deployed: bool, env: &std::collections::BTreeMap<String, String>) -> Row {
-    let Some((ok, out)) = run("pm2", &["jlist"], None, env) else {
+    if find_program("pm2", env, false).is_none() {
+        return fail("pm2", "pm2 is not on the PATH of the SSH user (set the service's env PATH and PM2_HOME)");
+    }
+    let hint =
+        format!("pm2 start {}/current/<script> --name {app} -i 2 --cwd {}/current", base.display(), base.display());
+    if let Err(home) = pm2_daemon(env) {
+        let said = format!("no PM2 daemon runs for PM2_HOME {home} (the check starts none)");
+        return if deployed {
+            fail(
+                "pm2",
+                format!("{said}: start {app} there ({hint}, or pm2 resurrect), or set the service's env PM2_HOME"),
+            )
+        } else {
+            warn("pm2", format!("{said}: after the first deploy, {hint}"))
+        };
+    }
+    // The whole list: one app's entry alone is longer than a message shows.
+    let Some((ok, out, err)) = run_whole("pm2", &["jlist"], None, env) else {
         return fail("pm2", "pm2 is not on the PATH of the SSH user (set the service's env PATH and PM2_HOME)");
     };
     if !ok {
-        return fail("pm2", format!("pm2 jlist failed: {out}"));
+        let said: String = format!("{out}{err}").trim().chars().take(2_000).collect();
+        return fail("pm2", format!("pm2 jlist failed: {said}"));
     }
     let json_start = out.find('[').unwrap_or(0);
-    let list: Vec<Value> = serde_json::from_str(&out[json_start..]).unwrap_or_default();
+    let Ok(list) = serde_json::from_str::<Vec<Value>>(&out[json_start..]) else {
+        let said: String = out.trim().chars().take(500).collect();
+        return fail("pm2", format!("pm2 jlist printed no process list: {said}"));
+    };
     let procs: Vec<&Value> = list.iter().filter(|p| p["name"] == app).collect();
     let Some(first) = procs.first() else {
-        let hint =
-            format!("pm2 start {}/current/<script> --name {app} -i 2 --cwd {}/current", base.display(), base.display());
         return if deployed {
             fail("pm2", format!("PM2 runs no app named {app}: start it once ({hint}), then pm2 save"))
         } else {
             warn("pm2", format!("PM2 runs no app named {app} yet: after the first deploy, {hint}"))
         };
     };
+    let down: Vec<&str> =
+        procs.iter().map(|p| p["pm2_env"]["status"].as_str().unwrap_or("unknown")).filter(|s| *s != "online").collect();
+    if !down.is_empty() {
+        return fail(
+            "pm2",
+            format!(
+                "{} of {} process(es) of {app} are not online ({}): pm2 restart {app}",
+                down.len(),
+                procs.len(),
+                down.join(", ")
+            ),
+        );
+    }
     let cwd = first["pm2_env"]["pm_cwd"].as_str().unwrap_or_default();
     let current = base.join("current");
     if !Path::new(cwd).starts_with(&current) {
@@ -236,6 +363,10 @@ fn health(url: &str, deployed: bool) -> Row {
     };
     match client.get(&url).send() {
         Ok(answer) if answer.status().is_success() => pass("health", format!("{url} answers {}", answer.status())),
+        // A deployed release that answers 5xx is down; a 4xx may be the placeholder digest.
+        Ok(answer) if deployed && answer.status().is_server_error() => {
+            fail("health", format!("{url} answers {}: the running release is not healthy", answer.status()))
+        }
         Ok(answer) => warn("health", format!("{url} answers {}", answer.status())),
         Err(_) if !deployed => warn("health", format!("{url} does not answer yet (nothing deployed here)")),
         Err(e) => fail("health", format!("{url} does not answer: {}", crate::error_chain(&e.without_url()))),

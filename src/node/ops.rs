@@ -606,7 +606,7 @@ fn sudo_refusal(said: &str, user: &str) -> Option<String> {
 }
 
 /// The name of the user this agent runs as (the SSH user), or its uid when it has none.
-fn agent_user() -> String {
+pub(super) fn agent_user() -> String {
     let uid = nix::unistd::getuid();
     match nix::unistd::User::from_uid(uid) {
         Ok(Some(user)) => user.name,

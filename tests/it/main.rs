@@ -5,6 +5,7 @@ mod abuse;
 mod audit;
 mod backup;
 mod bodies;
+mod check;
 mod concurrency;
 mod crash;
 mod curation;

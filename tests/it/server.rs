@@ -131,7 +131,7 @@ fn a_bad_config_names_the_file_and_key() {
 
 /// `release serve --config FILE`, which must stop by itself within 30 s (a configuration it
 /// accepts would have it serve until killed).
-fn serve_refusing(config: &std::path::Path) -> String {
+pub(crate) fn serve_refusing(config: &std::path::Path) -> String {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_release"))
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)

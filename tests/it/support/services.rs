@@ -130,6 +130,14 @@ impl Apache {
         format!("[ -f {}/apache.pid ] || /usr/sbin/apache2 -f {} -k start", self.dir.display(), self.conf.display())
     }
 
+    /// Reads `site` too (`IncludeOptional`, at the end): a `<VirtualHost>` there overrides the
+    /// DocumentRoot, as a file in sites-enabled does for the system's Apache.
+    pub fn include(&self, site: &Path) {
+        let mut text = std::fs::read_to_string(&self.conf).unwrap();
+        text.push_str(&format!("IncludeOptional {}\n", site.display()));
+        std::fs::write(&self.conf, text).unwrap();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
