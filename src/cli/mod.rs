@@ -80,7 +80,14 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// The node side, run over SSH (or locally) by the server: not for people.
     #[command(hide = true)]
-    Node,
+    Node(NodeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The node protocol the server speaks; refused unless it is this agent's.
+    #[arg(long)]
+    protocol: Option<u32>,
 }
 
 /// Where the server is and who we are, for client commands.
@@ -327,7 +334,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit(command) => runtime().block_on(audit::run(command, output)),
         Command::Backup(args) => runtime().block_on(backup::backup(args, output)),
         Command::Restore(args) => runtime().block_on(backup::restore(args, output)),
-        Command::Node => return crate::node::main(),
+        Command::Node(args) => return crate::node::main(args.protocol),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

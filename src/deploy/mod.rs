@@ -20,14 +20,17 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::{BoxFuture, join_all};
-use serde_json::Value;
 
 pub use hooks::Hooks;
 pub use transport::{CallError, Local, Payload, Transport};
-use transport::{Keep, MAX_OUTPUT, clean};
+use transport::{Keep, MAX_OUTPUT, clean, typed};
 
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
+use crate::node::protocol::{
+    Adopted, Answer, Checked, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Pm2Checked, Prepared, Ran, SharedEntry,
+    Status, Switched,
+};
 use crate::node::{self, Request, Source};
 use crate::releases::{
     CheckRow, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Plan, SharedFile,
@@ -182,9 +185,6 @@ impl SwitchError {
     }
 }
 
-/// Node error codes of a switch refused before `current` was touched.
-const REFUSED_BEFORE_SWITCH: [&str; 5] = ["not_ready", "locked", "not_adopted", "drift", "fenced"];
-
 /// How much of an adopted package one call reads.
 const ADOPTED_CHUNK: u64 = 4 << 20;
 
@@ -197,38 +197,43 @@ fn switching_to(request: &Request) -> Option<Digest> {
 }
 
 /// Runs one phase on one node, reports it, and returns the answer or the reason.
-async fn phase(
+async fn phase<A: Answer>(
     plan: &Plan,
     target: &Target,
     name: &str,
     request: Request,
     payload: Option<Payload>,
-) -> Result<Value, String> {
+) -> Result<A, String> {
     let started = utc::now_text();
-    let answer = target.transport.call(&request, payload).await;
+    let answer = call::<A>(target, &request, payload).await;
     report_phase(plan, target, name, &request, started, answer)
 }
 
+/// One call to the node's agent, its answer read as `A`.
+async fn call<A: Answer>(target: &Target, request: &Request, payload: Option<Payload>) -> Result<A, CallError> {
+    target.transport.call(request, payload).await.and_then(typed::<A>)
+}
+
 /// Reports one node's phase from the agent's answer; the answer, or the reason.
-fn report_phase(
+fn report_phase<A: Answer>(
     plan: &Plan,
     target: &Target,
     name: &str,
     request: &Request,
     started: String,
-    answer: Result<Value, CallError>,
-) -> Result<Value, String> {
+    answer: Result<A, CallError>,
+) -> Result<A, String> {
     let mut shared_files = vec![];
     let (outcome, output, result) = match answer {
-        Ok(value) => {
+        Ok(answer) => {
             if let Some(digest) = switching_to(request)
                 && digest == plan.release.digest
             {
-                shared_files = asked_shared_files(&plan.service.shared, &value["shared"]);
+                shared_files = asked_shared_files(&plan.service.shared, answer.shared());
                 shared_files.iter_mut().for_each(|f| f.node = target.name.clone());
             }
-            let output = value["output"].as_str().map(|o| clean(o, MAX_OUTPUT, Keep::End));
-            ("ok", output, Ok(value))
+            let output = answer.output().map(|o| clean(o, MAX_OUTPUT, Keep::End));
+            ("ok", output, Ok(answer))
         }
         Err(CallError::Node(e)) => {
             let output = Some(match &e.output {
@@ -252,16 +257,19 @@ fn report_phase(
 }
 
 /// The shared files a node's switch answer names, only those the server asked about (each
-/// once, in the order asked) and of a kind the agent says: a node cannot fill the registry
+/// once, in the order asked; the kinds are the protocol's): a node cannot fill the registry
 /// with entries of its own making.
-fn asked_shared_files(asked: &[String], answer: &Value) -> Vec<SharedFile> {
-    let Some(entries) = answer.as_array() else { return vec![] };
+fn asked_shared_files(asked: &[String], entries: &[SharedEntry]) -> Vec<SharedFile> {
     asked
         .iter()
         .filter_map(|path| {
-            let entry = entries.iter().find(|e| e["path"].as_str() == Some(path.as_str()))?;
-            let file = serde_json::from_value::<SharedFile>(entry.clone()).ok()?;
-            matches!(file.kind.as_str(), "file" | "directory" | "missing" | "unreadable").then_some(file)
+            let entry = entries.iter().find(|e| &e.path == path)?;
+            Some(SharedFile {
+                node: String::new(),
+                path: entry.path.clone(),
+                kind: entry.kind.as_str().to_owned(),
+                sha256: entry.sha256,
+            })
         })
         .collect()
 }
@@ -277,26 +285,26 @@ impl NodeDeployer {
         {
             self.prepare(plan, target, hooks, legacy).await?;
         } else {
-            let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
-            if status["plain"] != true {
-                target.set_back_to(status["current"].as_str().and_then(|d| d.parse().ok()));
+            let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
+            if !status.plain {
+                target.set_back_to(status.current);
             }
         }
         self.prepare(plan, target, hooks, plan.release.digest).await
     }
 
     async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
-        let status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
-        let present = status["ready"].as_array().is_some_and(|r| r.iter().any(|d| d == &digest.to_string()));
+        let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
+        let present = status.ready.contains(&digest);
         let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
         let started = utc::now_text();
         if present {
             let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
-            let answer = target.transport.call(&request, None).await;
+            let answer = call::<Prepared>(target, &request, None).await;
             // The status was read without the node's lock: the clean-up of an earlier run may
             // have removed the release since (it follows `live` in the background). Then it is
             // fetched after all.
-            if !matches!(&answer, Err(CallError::Node(e)) if e.code == "missing") {
+            if !matches!(&answer, Err(CallError::Node(e)) if e.code == ErrorCode::Missing) {
                 return report_phase(plan, target, name, &request, started, answer).map(drop);
             }
             tracing::warn!(node = %target.name, %digest, "the release left the node between its status and prepare; fetching it");
@@ -311,7 +319,7 @@ impl NodeDeployer {
             (Source::Stdin, Some(self.artifact(digest).await?))
         };
         let request = self.prepare_request(plan, target, hooks, digest, source, false);
-        let answer = target.transport.call(&request, payload).await;
+        let answer = call::<Prepared>(target, &request, payload).await;
         report_phase(plan, target, name, &request, started, answer).map(drop)
     }
 
@@ -367,7 +375,7 @@ impl NodeDeployer {
             // A reload's service commands (apachectl, pm2) stay the SSH user's.
             run_as: run_as(plan, name == "reload"),
         });
-        phase(plan, target, name, request, None).await.map(drop)
+        phase::<Ran>(plan, target, name, request, None).await.map(drop)
     }
 
     async fn switch(
@@ -385,8 +393,8 @@ impl NodeDeployer {
             fence: target.fence,
         };
         let started = utc::now_text();
-        let answer = target.transport.call(&request, None).await;
-        let refused = matches!(&answer, Err(CallError::Node(e)) if REFUSED_BEFORE_SWITCH.contains(&e.code.as_str()));
+        let answer = call::<Switched>(target, &request, None).await;
+        let refused = matches!(&answer, Err(CallError::Node(e)) if e.code.refused_before_switch());
         report_phase(plan, target, name, &request, started, answer)
             .map(drop)
             .map_err(|reason| if refused { SwitchError::Refused(reason) } else { SwitchError::Unclear(reason) })
@@ -400,7 +408,7 @@ impl NodeDeployer {
                 app: plan.service.pm2_app.clone().unwrap_or_else(|| plan.service.name.clone()),
                 env: plan.service.env.clone(),
             };
-            phase(plan, target, "verify pm2", request, None).await?;
+            phase::<Pm2Checked>(plan, target, "verify pm2", request, None).await?;
         }
         let Some(health) = &plan.service.health else { return Ok(()) };
         let digest = plan.release.digest.to_string();
@@ -412,7 +420,7 @@ impl NodeDeployer {
             healthy_after: health.healthy_after,
             unhealthy_after: health.unhealthy_after,
         });
-        phase(plan, target, "verify", request, None).await.map(drop)
+        phase::<Healthy>(plan, target, "verify", request, None).await.map(drop)
     }
 
     /// Switches the given nodes back to where each was (or removes `current` when there was
@@ -528,7 +536,7 @@ impl NodeDeployer {
                 Ok(target) => {
                     let request =
                         Request::Cleanup { base: target.base.clone(), keep: keep.to_vec(), fence: plan.fence };
-                    let _ = phase(plan, &target, "cleanup", request, None).await;
+                    let _ = phase::<Cleaned>(plan, &target, "cleanup", request, None).await;
                 }
                 Err(e) => plan.report.report(Deployment {
                     node: node.display_name(),
@@ -555,15 +563,15 @@ impl NodeDeployer {
         }
         let asking = targets.iter().map(|t| {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
-            phase(plan, t, "adopt", request, None)
+            phase::<Adopted>(plan, t, "adopt", request, None)
         });
         let mut found: Vec<(&Target, Digest, Option<u64>)> = Vec::new();
         let mut errors = Vec::new();
         for (target, answer) in targets.iter().zip(join_all(asking).await) {
             match answer {
                 Ok(answer) => {
-                    if let Some(digest) = answer["legacy"]["digest"].as_str().and_then(|d| d.parse().ok()) {
-                        found.push((target, digest, answer["legacy"]["size"].as_u64()));
+                    if let Some(legacy) = answer.legacy {
+                        found.push((target, legacy.digest, Some(legacy.size)));
                     }
                 }
                 Err(e) => errors.push(Err(e)),
@@ -622,17 +630,17 @@ impl NodeDeployer {
         for target in &targets {
             // First take the node for this run: an agent of the run that ended, still waiting
             // for the lock, either finishes before (and status sees what it did) or is refused.
-            let fenced = phase_quiet(target, Request::Fence { base: target.base.clone(), fence }).await;
+            let fenced = phase_quiet::<Fenced>(target, Request::Fence { base: target.base.clone(), fence }).await;
             let status = match fenced {
-                Ok(_) => phase_quiet(target, Request::Status { base: target.base.clone() }).await,
+                Ok(_) => phase_quiet::<Status>(target, Request::Status { base: target.base.clone() }).await,
                 Err(e) => Err(e),
             };
             match status {
-                Ok(status) if status["current"] == digest.to_string() => on_new.push(target),
+                Ok(status) if status.current == Some(digest) => on_new.push(target),
                 Ok(status) => {
-                    let serves = match status["current"].as_str() {
-                        Some(current) => current.parse::<Digest>().map_or(current.to_owned(), |d| d.short()),
-                        None if status["plain"] == true => "a plain directory".to_owned(),
+                    let serves = match status.current {
+                        Some(current) => current.short(),
+                        None if status.plain => "a plain directory".to_owned(),
                         None => "nothing".to_owned(),
                     };
                     elsewhere.push((target, serves));
@@ -673,10 +681,10 @@ fn adopted_bytes(target: &Target, size: u64) -> LegacyBytes<'_> {
     let chunks = futures::stream::unfold(Some(0u64), move |offset| async move {
         let offset = offset?;
         let request = Request::ReadAdopted { base: target.base.clone(), offset, len: ADOPTED_CHUNK };
-        let chunk = phase_quiet(target, request).await.and_then(|answer| {
-            let data = hex::decode(answer["data"].as_str().unwrap_or_default())
+        let chunk = phase_quiet::<Chunk>(target, request).await.and_then(|answer| {
+            let data = hex::decode(&answer.data)
                 .map_err(|e| format!("node {}: the adopted package came garbled: {e}", target.name))?;
-            let (whole, eof) = (ADOPTED_CHUNK.min(size.saturating_sub(offset)), answer["eof"] == true);
+            let (whole, eof) = (ADOPTED_CHUNK.min(size.saturating_sub(offset)), answer.eof);
             if data.len() as u64 != whole || eof != (offset + whole == size) {
                 return Err(format!(
                     "node {}: sent {} bytes of the adopted package at offset {offset}{}, where its package \
@@ -700,8 +708,8 @@ fn adopted_bytes(target: &Target, size: u64) -> LegacyBytes<'_> {
 }
 
 /// A call whose outcome is not a phase of its own (status).
-async fn phase_quiet(target: &Target, request: Request) -> Result<Value, String> {
-    target.transport.call(&request, None).await.map_err(|e| format!("node {}: {e}", target.name))
+async fn phase_quiet<A: Answer>(target: &Target, request: Request) -> Result<A, String> {
+    call::<A>(target, &request, None).await.map_err(|e| format!("node {}: {e}", target.name))
 }
 
 fn first_error(results: Vec<Result<(), String>>) -> Option<String> {
@@ -720,7 +728,7 @@ impl NodeDeployer {
         let name = node.display_name();
         let asking = async {
             match self.connect(node, 0).await {
-                Ok(target) => phase_quiet(&target, Request::Status { base: target.base.clone() }).await,
+                Ok(target) => phase_quiet::<Status>(&target, Request::Status { base: target.base.clone() }).await,
                 Err(e) => Err(e),
             }
         };
@@ -728,14 +736,12 @@ impl NodeDeployer {
             Err(format!("node {name}: no answer within {} s (timeout)", NODE_STATUS_TIMEOUT.as_secs()))
         });
         match answer {
-            Ok(status) if status["plain"] == true => Observed {
+            Ok(status) if status.plain => Observed {
                 node: name,
                 current: None,
                 error: Some("current is a plain directory (deployed another way): deploy with --adopt".into()),
             },
-            Ok(status) => {
-                Observed { node: name, current: status["current"].as_str().and_then(|d| d.parse().ok()), error: None }
-            }
+            Ok(status) => Observed { node: name, current: status.current, error: None },
             Err(e) => Observed { node: name, current: None, error: Some(e) },
         }
     }
@@ -772,11 +778,8 @@ impl NodeDeployer {
             env: service.env.clone(),
             needed_bytes,
         });
-        match tokio::time::timeout(NODE_CHECK_TIMEOUT, phase_quiet(&target, request)).await {
-            Ok(Ok(answer)) => {
-                let found: Vec<CheckRow> = serde_json::from_value(answer["checks"].clone()).unwrap_or_default();
-                checks.extend(found);
-            }
+        match tokio::time::timeout(NODE_CHECK_TIMEOUT, phase_quiet::<Checked>(&target, request)).await {
+            Ok(Ok(answer)) => checks.extend(answer.checks),
             Ok(Err(e)) => checks.push(row("agent", "fail", e)),
             Err(_) => checks.push(row("agent", "fail", format!("no answer within {} s", NODE_CHECK_TIMEOUT.as_secs()))),
         }

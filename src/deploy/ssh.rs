@@ -296,7 +296,7 @@ impl Transport for Ssh {
             let exchange = async {
                 let mut child = self
                     .session
-                    .raw_command(format!("{} node", self.program))
+                    .raw_command(format!("{} node --protocol {}", self.program, crate::node::VERSION))
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())

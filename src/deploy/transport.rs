@@ -12,7 +12,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::node::{NodeError, Request};
+use crate::node::protocol::{Answer, ErrorCode};
+use crate::node::{NodeError, Request, VERSION};
 use crate::store::StoreError;
 
 /// Bytes to send after the request (an artifact).
@@ -60,7 +61,7 @@ impl Transport for Local {
     ) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
         Box::pin(async move {
             let mut child = tokio::process::Command::new(&self.program)
-                .arg("node")
+                .args(["node", "--protocol", &crate::node::VERSION.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -216,21 +217,39 @@ pub fn parse_answer(
             return Err(CallError::Transport(why));
         }
     };
+    // An agent of another protocol (or none: an old agent) is not read any further.
+    if answer.get("protocol") != Some(&VERSION.into()) {
+        let theirs = answer.get("protocol").map_or("none".to_owned(), |p| clean(&p.to_string(), MAX_CODE, Keep::Start));
+        return Err(CallError::Transport(format!(
+            "the node agent speaks protocol {theirs}, this server {VERSION}: it is not this server's binary"
+        )));
+    }
     if answer["ok"] == true {
         return Ok(answer);
     }
     let error = match serde_json::from_value::<NodeError>(answer.clone()) {
         Ok(e) => NodeError {
-            code: clean(&e.code, MAX_CODE, Keep::Start),
+            code: e.code,
             message: clean(&e.message, MAX_MESSAGE, Keep::Start),
             output: e.output.map(|o| clean(&o, MAX_OUTPUT, Keep::End)),
         },
         Err(_) => NodeError::new(
-            "unknown",
+            ErrorCode::Unknown,
             format!("unexpected answer: {}", clean(&answer.to_string(), MAX_MESSAGE, Keep::Start)),
         ),
     };
     Err(CallError::Node(error))
+}
+
+/// An agent's answer as the type the request expects: an answer of another shape (an agent
+/// of another build) is a failed call, not a field that reads as absent.
+pub fn typed<A: Answer>(answer: serde_json::Value) -> Result<A, CallError> {
+    serde_json::from_value(answer).map_err(|e| {
+        CallError::Transport(format!(
+            "the node agent's answer is not of the shape this server reads: {}",
+            clean(&e.to_string(), MAX_MESSAGE, Keep::Start)
+        ))
+    })
 }
 
 /// Which part of a text [`clean`] keeps when it cuts.
@@ -274,5 +293,43 @@ mod tests {
         assert_eq!(clean("ééééé", 6, Keep::Start), "é…");
         assert_eq!(clean("ééééé", 6, Keep::End), "…é");
         assert_eq!(clean(&"x".repeat(5000), 2000, Keep::End).len(), 2000);
+    }
+
+    fn parsed(line: &str) -> Result<serde_json::Value, CallError> {
+        parse_answer(format!("{line}\n").as_bytes(), b"", true, Ok(()))
+    }
+
+    #[test]
+    fn an_answer_of_another_protocol_or_none_is_not_read() {
+        for (line, theirs) in [
+            (r#"{"ok":true,"current":null,"ready":[],"unready":[]}"#, "none"),
+            (r#"{"ok":true,"protocol":2,"current":null,"ready":[],"unready":[]}"#, "2"),
+            (r#"{"ok":false,"protocol":"1","code":"locked","message":"x"}"#, "\"1\""),
+        ] {
+            let Err(CallError::Transport(why)) = parsed(line) else { panic!("{line} was read") };
+            assert!(why.contains(&format!("speaks protocol {theirs}, this server {VERSION}")), "{why}");
+        }
+        let status: crate::node::protocol::Status =
+            typed(parsed(r#"{"ok":true,"protocol":1,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
+        assert_eq!((status.current, status.plain), (None, false));
+    }
+
+    #[test]
+    fn an_answer_of_another_shape_is_a_failed_call_and_an_unknown_code_is_unknown() {
+        // A status whose `current` is not a digest reads as nothing, never as "no release".
+        let answer = parsed(r#"{"ok":true,"protocol":1,"current":"yesterday","ready":[],"unready":[]}"#).unwrap();
+        let Err(CallError::Transport(why)) = typed::<crate::node::protocol::Status>(answer) else {
+            panic!("a wrong shape was read")
+        };
+        assert!(why.contains("not of the shape this server reads"), "{why}");
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"format_disk","message":"no"}"#) else {
+            panic!("a refusal was read as an answer")
+        };
+        assert_eq!((e.code, e.message.as_str()), (ErrorCode::Unknown, "no"));
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"fenced","message":"newer run"}"#)
+        else {
+            panic!("a refusal was read as an answer")
+        };
+        assert!(e.code.refused_before_switch());
     }
 }

@@ -6,9 +6,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Check;
+use super::protocol::{CheckRow, Checked};
 
 /// One finding.
 struct Row {
@@ -30,7 +31,7 @@ fn fail(name: &'static str, message: impl Into<String>) -> Row {
 }
 
 /// The node's findings, as `{"checks": [{name, status, message}]}`.
-pub fn check(c: &Check) -> Value {
+pub fn check(c: &Check) -> Checked {
     let mut rows = vec![base(&c.base)];
     let current = c.base.join("current");
     let deployed = current.exists();
@@ -50,9 +51,11 @@ pub fn check(c: &Check) -> Value {
     if let Some(user) = &c.web_user {
         rows.push(ownership(&c.base, &c.shared, user));
     }
-    let checks: Vec<Value> =
-        rows.into_iter().map(|r| json!({"name": r.name, "status": r.status, "message": r.message})).collect();
-    json!({"checks": checks})
+    let checks = rows
+        .into_iter()
+        .map(|r| CheckRow { name: r.name.to_owned(), status: r.status.to_owned(), message: r.message })
+        .collect();
+    Checked { checks }
 }
 
 fn writable(path: &Path) -> bool {

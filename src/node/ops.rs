@@ -8,8 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::protocol::{
+    Adopted, Answer, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Legacy, Pm2Checked, Prepared, Ran, SharedEntry,
+    SharedKind, Status, Switched,
+};
 use super::{Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Source, drain, is_writable, remove_tree, unpack};
 use crate::archive::CheckOptions;
 use crate::digest::Digest;
@@ -21,25 +25,29 @@ const SHARED_HASH_LIMIT: u64 = 64 << 20;
 /// How long a deploy waits for another one holding the base's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// Does what `request` asks; its answer as it goes on the wire.
 pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
+    fn wire(answer: Result<impl Answer, NodeError>) -> Result<Value, NodeError> {
+        answer.map(|a| serde_json::to_value(a).expect("answers serialize"))
+    }
     match request {
-        Request::Prepare(p) => prepare(&p, input),
-        Request::Switch { base, digest, shared, adopt, fence } => switch(&base, digest, &shared, adopt, fence),
+        Request::Prepare(p) => wire(prepare(&p, input)),
+        Request::Switch { base, digest, shared, adopt, fence } => wire(switch(&base, digest, &shared, adopt, fence)),
         Request::Fence { base, fence } => {
             let layout = Layout { base };
             layout.create()?;
             let _lock = layout.lock()?;
             layout.fence(fence)?;
-            Ok(json!({"fence": fence}))
+            wire(Ok(Fenced { fence }))
         }
-        Request::Adopt { base, shared } => adopt(&base, &shared),
-        Request::ReadAdopted { base, offset, len } => read_adopted(&base, offset, len),
-        Request::Status { base } => status(&base),
-        Request::Cleanup { base, keep, fence } => cleanup(&base, &keep, fence),
-        Request::Exec(e) => exec(&e),
-        Request::Health(h) => health(&h),
-        Request::Pm2Cwd { base, digest, app, env } => pm2_cwd(&base, digest, &app, &env),
-        Request::Check(c) => Ok(super::check::check(&c)),
+        Request::Adopt { base, shared } => wire(adopt(&base, &shared)),
+        Request::ReadAdopted { base, offset, len } => wire(read_adopted(&base, offset, len)),
+        Request::Status { base } => wire(status(&base)),
+        Request::Cleanup { base, keep, fence } => wire(cleanup(&base, &keep, fence)),
+        Request::Exec(e) => wire(exec(&e)),
+        Request::Health(h) => wire(health(&h)),
+        Request::Pm2Cwd { base, digest, app, env } => wire(pm2_cwd(&base, digest, &app, &env)),
+        Request::Check(c) => wire(Ok(super::check::check(&c))),
     }
 }
 
@@ -91,7 +99,7 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error(&current, e)),
             Ok(meta) if !meta.file_type().is_symlink() => Err(NodeError::new(
-                "not_adopted",
+                ErrorCode::NotAdopted,
                 format!(
                     "{} is a plain directory, not a release (an application deployed another way?): \
                      deploy with --adopt to keep it as the release to roll back to",
@@ -103,7 +111,7 @@ impl Layout {
                 let hex = target.strip_prefix("releases").ok().and_then(|t| t.to_str()).unwrap_or_default();
                 hex.parse::<Digest>().map(Some).map_err(|_| {
                     NodeError::new(
-                        "drift",
+                        ErrorCode::Drift,
                         format!("{} points at {}, not a release", current.display(), target.display()),
                     )
                 })
@@ -121,7 +129,7 @@ impl Layout {
         let newest: u64 = fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         if fence < newest {
             return Err(NodeError::new(
-                "fenced",
+                ErrorCode::Fenced,
                 format!(
                     "a newer deploy run (fence {newest}) has taken {}; this one ({fence}) is stale",
                     self.base.display()
@@ -180,7 +188,7 @@ impl Layout {
             }
             if started.elapsed() > LOCK_WAIT {
                 return Err(NodeError::new(
-                    "locked",
+                    ErrorCode::Locked,
                     format!(
                         "a hook an earlier deploy run started is still running on this node (process group {pgid}: \
                          `{command}`; waited {} s)",
@@ -205,7 +213,7 @@ impl Layout {
         while rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             if started.elapsed() > LOCK_WAIT {
                 return Err(NodeError::new(
-                    "locked",
+                    ErrorCode::Locked,
                     format!("another deploy holds {} (waited {} s)", path.display(), LOCK_WAIT.as_secs()),
                 ));
             }
@@ -216,11 +224,11 @@ impl Layout {
 }
 
 fn io_error(path: &Path, e: io::Error) -> NodeError {
-    let code = if e.kind() == io::ErrorKind::StorageFull { "disk_full" } else { "io" };
+    let code = if e.kind() == io::ErrorKind::StorageFull { ErrorCode::DiskFull } else { ErrorCode::Io };
     NodeError::new(code, format!("{}: {e}", path.display()))
 }
 
-fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
+fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, NodeError> {
     let layout = Layout { base: p.base.clone() };
     layout.create()?;
     let _lock = layout.lock()?;
@@ -239,18 +247,23 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         }
         if p.finalize.is_empty() {
             // Nothing to run (a rollback): prepare is only this check.
-            return Ok(json!({"dir": dir, "reused": true, "output": "artifact: already here, ready"}));
+            return Ok(Prepared {
+                dir,
+                reused: true,
+                refinalized: false,
+                output: "artifact: already here, ready".into(),
+            });
         }
         let shared_now = shared_fingerprints(&layout, &p.shared);
         if p.finalize_if_shared_changed {
             let recorded = fs::read(layout.finalized_with(p.digest)).ok();
-            let then: Option<Value> = recorded.and_then(|r| serde_json::from_slice(&r).ok());
+            let then: Option<Vec<SharedEntry>> = recorded.and_then(|r| serde_json::from_slice(&r).ok());
             if then.as_ref() == Some(&shared_now) {
                 let output = format!(
                     "artifact: already here, ready; finalized with the shared files as they are: {}",
                     describe_shared(&shared_now)
                 );
-                return Ok(json!({"dir": dir, "reused": true, "output": output}));
+                return Ok(Prepared { dir, reused: true, refinalized: false, output });
             }
             // Changed since (or never noted): finalize again, writing only where the kind
             // writes (its writable paths, and shared/ through its links).
@@ -267,7 +280,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
                 "artifact: already here; {changed}: finalized again with {}\n{finalized}",
                 describe_shared(&shared_now)
             );
-            return Ok(json!({"dir": dir, "reused": true, "refinalized": true, "output": output}));
+            return Ok(Prepared { dir, reused: true, refinalized: true, output });
         }
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
@@ -281,14 +294,14 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         }
         sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
-        return Ok(json!({"dir": dir, "reused": true, "output": output}));
+        return Ok(Prepared { dir, reused: true, refinalized: false, output });
     } else {
         if p.source == Source::Present {
-            return Err(NodeError::new("missing", format!("{} is not on this node", p.digest)));
+            return Err(NodeError::new(ErrorCode::Missing, format!("{} is not on this node", p.digest)));
         }
         if live == Some(p.digest) {
             return Err(NodeError::new(
-                "live_unready",
+                ErrorCode::LiveUnready,
                 format!("{} is what current points at, but it is not marked ready: not touched", dir.display()),
             ));
         }
@@ -322,15 +335,15 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
             && let Some(why) = stalled.take()
         {
             let _ = remove_tree(&tmp);
-            return Err(NodeError::new("fetch", why));
+            return Err(NodeError::new(ErrorCode::Fetch, why));
         }
         let unpacked = unpacked.map_err(|e| match e {
-            super::UnpackError::DigestMismatch { .. } => NodeError::new("digest_mismatch", e.to_string()),
-            super::UnpackError::Unsafe(_) => NodeError::new("unsafe_archive", e.to_string()),
+            super::UnpackError::DigestMismatch { .. } => NodeError::new(ErrorCode::DigestMismatch, e.to_string()),
+            super::UnpackError::Unsafe(_) => NodeError::new(ErrorCode::UnsafeArchive, e.to_string()),
             super::UnpackError::Write { ref source, .. } if source.kind() == io::ErrorKind::StorageFull => {
-                NodeError::new("disk_full", e.to_string())
+                NodeError::new(ErrorCode::DiskFull, e.to_string())
             }
-            super::UnpackError::Write { .. } => NodeError::new("io", e.to_string()),
+            super::UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
         })?;
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
@@ -361,7 +374,7 @@ fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Value, NodeError> {
         Source::Server(_) => "fetched from the release server (signed URL)",
         _ => "streamed from the server",
     };
-    Ok(json!({"dir": dir, "reused": false, "output": format!("artifact: {how}\n{output}")}))
+    Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}\n{output}") })
 }
 
 /// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
@@ -372,13 +385,13 @@ fn fetch(url: &str, stall: Duration) -> Result<reqwest::blocking::Response, Node
         .connect_timeout(Duration::from_secs(10))
         .timeout(stall)
         .build()
-        .map_err(|e| NodeError::new("fetch", e.to_string()))?
+        .map_err(|e| NodeError::new(ErrorCode::Fetch, e.to_string()))?
         .get(url)
         .send()
         // Without the URL: it carries the signature, and this text is stored with the phase.
-        .map_err(|e| NodeError::new("fetch", format!("cannot fetch the artifact: {}", e.without_url())))?;
+        .map_err(|e| NodeError::new(ErrorCode::Fetch, format!("cannot fetch the artifact: {}", e.without_url())))?;
     if !response.status().is_success() {
-        return Err(NodeError::new("fetch", format!("fetching the artifact: HTTP {}", response.status())));
+        return Err(NodeError::new(ErrorCode::Fetch, format!("fetching the artifact: HTTP {}", response.status())));
     }
     Ok(response)
 }
@@ -415,7 +428,7 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String], dirs: &mut Vec<Pa
         let target = layout.shared().join(path);
         if fs::symlink_metadata(&target).is_err() {
             return Err(NodeError::new(
-                "shared_missing",
+                ErrorCode::SharedMissing,
                 format!(
                     "{} does not exist: create it (file or directory) on this node before deploying",
                     target.display()
@@ -429,7 +442,7 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String], dirs: &mut Vec<Pa
             parent.push(component);
             if fs::symlink_metadata(&parent).is_ok_and(|m| m.file_type().is_symlink()) {
                 return Err(NodeError::new(
-                    "shared_through_link",
+                    ErrorCode::SharedThroughLink,
                     format!(
                         "the artifact makes {} a symbolic link, so shared {path} cannot be linked there",
                         parent.display()
@@ -439,7 +452,7 @@ fn link_shared(layout: &Layout, dir: &Path, shared: &[String], dirs: &mut Vec<Pa
         }
         if fs::symlink_metadata(&link).is_ok() {
             return Err(NodeError::new(
-                "shared_in_artifact",
+                ErrorCode::SharedInArtifact,
                 format!(
                     "the artifact contains {path}, which the service keeps in shared/: leave it out of the package"
                 ),
@@ -522,13 +535,13 @@ fn run_commands(
             .spawn()
             .map_err(|e| match user {
                 Some(user) if e.kind() == io::ErrorKind::NotFound => NodeError::new(
-                    "hook_failed",
+                    ErrorCode::HookFailed,
                     format!(
                         "cannot run `{command}` as hook_user {user}: sudo is not installed on this node \
                          (hooks run as hook_user through `sudo -n -u {user}`)"
                     ),
                 ),
-                _ => NodeError::new("hook_failed", format!("cannot run `{command}`: {e}")),
+                _ => NodeError::new(ErrorCode::HookFailed, format!("cannot run `{command}`: {e}")),
             })?;
         let sudo_said = child.stderr.take().map(|mut stderr| {
             std::thread::spawn(move || {
@@ -544,7 +557,7 @@ fn run_commands(
             let _ = tx.send(read_tail(&mut stdout));
         });
         let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| NodeError::new("hook_failed", e.to_string()))? {
+            if let Some(status) = child.try_wait().map_err(|e| NodeError::new(ErrorCode::HookFailed, e.to_string()))? {
                 break Some(status);
             }
             if deadline.is_some_and(|d| started.elapsed() > d) {
@@ -573,11 +586,14 @@ fn run_commands(
                 if let Some(user) = user
                     && let Some(why) = sudo_refusal(&String::from_utf8_lossy(&said), user) =>
             {
-                NodeError::new("hook_failed", format!("`{command}` failed ({status}) as hook_user {user}: {why}"))
+                NodeError::new(
+                    ErrorCode::HookFailed,
+                    format!("`{command}` failed ({status}) as hook_user {user}: {why}"),
+                )
             }
-            Some(status) => NodeError::new("hook_failed", format!("`{command}` failed ({status})")),
+            Some(status) => NodeError::new(ErrorCode::HookFailed, format!("`{command}` failed ({status})")),
             None => NodeError::new(
-                "hook_timeout",
+                ErrorCode::HookTimeout,
                 format!(
                     "`{command}` was still running after {} s and was killed (with its process group)",
                     deadline.unwrap_or_default().as_secs()
@@ -620,7 +636,7 @@ pub(super) fn agent_user() -> String {
 fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(), NodeError> {
     let Some(user) = run_as.user.as_deref().filter(|_| !run_as.php_only) else { return Ok(()) };
     let Some((_, gid)) = user_ids(user) else {
-        return Err(NodeError::new("hook_user", format!("hook_user {user} is not a user on this node")));
+        return Err(NodeError::new(ErrorCode::HookUser, format!("hook_user {user} is not a user on this node")));
     };
     for path in writable.iter().map(|w| dir.join(w)).filter(|p| p.exists()) {
         walk_modes(&path, &mut |path, meta| {
@@ -633,7 +649,7 @@ fn share_writable(dir: &Path, writable: &[String], run_as: &RunAs) -> Result<(),
         })
         .map_err(|e| {
             NodeError::new(
-                "hook_user",
+                ErrorCode::HookUser,
                 format!(
                     "cannot give {} to the group of hook_user {user} (gid {gid}): {e}; make the SSH user a member \
                      of that group (usermod -aG <group> <ssh user>)",
@@ -756,7 +772,13 @@ fn sync_fs(path: &Path) -> io::Result<()> {
 /// Points `current` at the release with one rename(2) of a fresh relative symlink, then
 /// makes the directory entry durable. Without a digest, removes `current`. The shared files
 /// are hashed after the rename, so that hashing never widens the gap between nodes.
-fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool, fence: u64) -> Result<Value, NodeError> {
+fn switch(
+    base: &Path,
+    digest: Option<Digest>,
+    shared: &[String],
+    adopt: bool,
+    fence: u64,
+) -> Result<Switched, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let _lock = layout.lock()?;
@@ -767,16 +789,16 @@ fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool, f
             fs::remove_file(layout.current()).map_err(|e| io_error(&layout.current(), e))?;
             sync_dir(base).map_err(|e| io_error(base, e))?;
         }
-        return Ok(json!({"previous": previous}));
+        return Ok(Switched { previous, adopted: None, shared: vec![] });
     };
     if !layout.ready(digest).exists() || !layout.release(digest).is_dir() {
-        return Err(NodeError::new("not_ready", format!("{digest} is not prepared on this node")));
+        return Err(NodeError::new(ErrorCode::NotReady, format!("{digest} is not prepared on this node")));
     }
     let target = format!("releases/{}", digest.hex());
     if adopt && layout.current_is_plain_dir() {
         let kept = exchange_for_symlink(&layout, &target)?;
-        let shared: Vec<Value> = shared.iter().map(|path| shared_file(&layout.shared(), path)).collect();
-        return Ok(json!({"previous": null, "adopted": kept, "shared": shared}));
+        let shared = shared_fingerprints(&layout, shared);
+        return Ok(Switched { previous: None, adopted: Some(kept), shared });
     }
     let previous = layout.current_digest()?;
     let tmp = layout.base.join(format!(".release/current-{}", std::process::id()));
@@ -784,8 +806,8 @@ fn switch(base: &Path, digest: Option<Digest>, shared: &[String], adopt: bool, f
     std::os::unix::fs::symlink(&target, &tmp).map_err(|e| io_error(&tmp, e))?;
     fs::rename(&tmp, layout.current()).map_err(|e| io_error(&layout.current(), e))?;
     sync_dir(base).map_err(|e| io_error(base, e))?;
-    let shared: Vec<Value> = shared.iter().map(|path| shared_file(&layout.shared(), path)).collect();
-    Ok(json!({"previous": previous, "shared": shared}))
+    let shared = shared_fingerprints(&layout, shared);
+    Ok(Switched { previous, adopted: None, shared })
 }
 
 /// Swaps the plain directory at `current` for a symlink to `target` in one renameat2(2)
@@ -807,12 +829,12 @@ fn exchange_for_symlink(layout: &Layout, target: &str) -> Result<PathBuf, NodeEr
 
 /// Packages the plain directory at `current` (shared paths left out) for the server to keep
 /// as an artifact, after copying the shared paths `shared/` lacks from it.
-fn adopt(base: &Path, shared: &[String]) -> Result<Value, NodeError> {
+fn adopt(base: &Path, shared: &[String]) -> Result<Adopted, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let _lock = layout.lock()?;
     if !layout.current_is_plain_dir() {
-        return Ok(json!({"legacy": null}));
+        return Ok(Adopted { legacy: None, seeded: vec![] });
     }
     let current = layout.current();
     let mut seeded = Vec::new();
@@ -829,7 +851,7 @@ fn adopt(base: &Path, shared: &[String]) -> Result<Value, NodeError> {
             Ok(out) if out.status.success() => seeded.push(path.clone()),
             Ok(out) => {
                 return Err(NodeError::new(
-                    "adopt",
+                    ErrorCode::Adopt,
                     format!(
                         "copying {} to {}: {}",
                         from.display(),
@@ -838,18 +860,21 @@ fn adopt(base: &Path, shared: &[String]) -> Result<Value, NodeError> {
                     ),
                 ));
             }
-            Err(e) => return Err(NodeError::new("adopt", format!("cannot run cp: {e}"))),
+            Err(e) => return Err(NodeError::new(ErrorCode::Adopt, format!("cannot run cp: {e}"))),
         }
     }
     let package = layout.adopted_package();
     let packed = crate::archive::pack_to_file(&current, shared, &package, &mut |_| {}).map_err(|e| {
-        NodeError::new("unadoptable", format!("{} cannot be kept as a release as it is: {e}", current.display()))
+        NodeError::new(
+            ErrorCode::Unadoptable,
+            format!("{} cannot be kept as a release as it is: {e}", current.display()),
+        )
     })?;
-    Ok(json!({"legacy": {"digest": packed.digest, "size": packed.size, "files": packed.file_count}, "seeded": seeded}))
+    Ok(Adopted { legacy: Some(Legacy { digest: packed.digest, size: packed.size, files: packed.file_count }), seeded })
 }
 
 /// A chunk of the adopted package, hex-encoded; `eof` once the end is reached.
-fn read_adopted(base: &Path, offset: u64, len: u64) -> Result<Value, NodeError> {
+fn read_adopted(base: &Path, offset: u64, len: u64) -> Result<Chunk, NodeError> {
     use std::io::{Seek, SeekFrom};
     let path = Layout { base: base.to_owned() }.adopted_package();
     let mut file = fs::File::open(&path).map_err(|e| io_error(&path, e))?;
@@ -857,60 +882,59 @@ fn read_adopted(base: &Path, offset: u64, len: u64) -> Result<Value, NodeError> 
     file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(&path, e))?;
     let mut data = Vec::new();
     file.take(len).read_to_end(&mut data).map_err(|e| io_error(&path, e))?;
-    Ok(json!({"data": hex::encode(&data), "eof": offset + data.len() as u64 >= size}))
+    Ok(Chunk { data: hex::encode(&data), eof: offset + data.len() as u64 >= size })
 }
 
 /// What each shared path holds now, as [`shared_file`] says.
-fn shared_fingerprints(layout: &Layout, shared: &[String]) -> Value {
-    Value::Array(shared.iter().map(|path| shared_file(&layout.shared(), path)).collect())
+fn shared_fingerprints(layout: &Layout, shared: &[String]) -> Vec<SharedEntry> {
+    shared.iter().map(|path| shared_file(&layout.shared(), path)).collect()
 }
 
 /// `.env sha256:0123456789ab, storage (directory)`, for a phase's output.
-fn describe_shared(fingerprints: &Value) -> String {
+fn describe_shared(fingerprints: &[SharedEntry]) -> String {
     let described: Vec<String> = fingerprints
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| match f["sha256"].as_str() {
-            Some(sha) => format!("{} {}", f["path"].as_str().unwrap_or("?"), &sha[..sha.len().min(19)]),
-            None => format!("{} ({})", f["path"].as_str().unwrap_or("?"), f["kind"].as_str().unwrap_or("?")),
+        .iter()
+        .map(|f| match f.sha256 {
+            Some(sha) => format!("{} {}", f.path, &sha.to_string()[..19]),
+            None => format!("{} ({})", f.path, f.kind.as_str()),
         })
         .collect();
     if described.is_empty() { "none".to_owned() } else { described.join(", ") }
 }
 
 /// Notes which shared files a release's finalize hooks ran with (temp name, rename).
-fn note_finalized(layout: &Layout, digest: Digest, fingerprints: &Value) -> Result<(), NodeError> {
+fn note_finalized(layout: &Layout, digest: Digest, fingerprints: &[SharedEntry]) -> Result<(), NodeError> {
     let path = layout.finalized_with(digest);
     let dir = path.parent().expect("under .release");
     fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
     let tmp = dir.join(format!(".tmp-{}", digest.hex()));
-    fs::write(&tmp, fingerprints.to_string()).map_err(|e| io_error(&tmp, e))?;
+    fs::write(&tmp, serde_json::to_vec(fingerprints).expect("serializes")).map_err(|e| io_error(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))
 }
 
 /// What a shared path holds: a file's SHA-256 (never its contents), or only that it is a
 /// directory (data, not configuration) or missing.
-fn shared_file(shared: &Path, path: &str) -> Value {
+fn shared_file(shared: &Path, path: &str) -> SharedEntry {
     let full = shared.join(path);
+    let entry = |kind, sha256| SharedEntry { path: path.to_owned(), kind, sha256 };
     match fs::metadata(&full) {
-        Ok(meta) if meta.is_dir() => json!({"path": path, "kind": "directory"}),
+        Ok(meta) if meta.is_dir() => entry(SharedKind::Directory, None),
         Ok(meta) if meta.is_file() && meta.len() <= SHARED_HASH_LIMIT => {
             match fs::File::open(&full).and_then(Digest::of_reader) {
-                Ok(digest) => json!({"path": path, "kind": "file", "sha256": digest}),
-                Err(_) => json!({"path": path, "kind": "unreadable"}),
+                Ok(digest) => entry(SharedKind::File, Some(digest)),
+                Err(_) => entry(SharedKind::Unreadable, None),
             }
         }
         // A FIFO or a device would block the switch; a huge file would slow it.
-        Ok(_) => json!({"path": path, "kind": "unreadable"}),
-        Err(_) => json!({"path": path, "kind": "missing"}),
+        Ok(_) => entry(SharedKind::Unreadable, None),
+        Err(_) => entry(SharedKind::Missing, None),
     }
 }
 
-fn status(base: &Path) -> Result<Value, NodeError> {
+fn status(base: &Path) -> Result<Status, NodeError> {
     let layout = Layout { base: base.to_owned() };
     if !base.exists() {
-        return Ok(json!({"current": null, "ready": [], "unready": []}));
+        return Ok(Status::default());
     }
     // A plain directory at `current` is an application deployed another way (see Adopt).
     let plain = layout.current_is_plain_dir();
@@ -927,7 +951,7 @@ fn status(base: &Path) -> Result<Value, NodeError> {
     }
     ready.sort();
     unready.sort();
-    Ok(json!({"current": current, "plain": plain, "ready": ready, "unready": unready}))
+    Ok(Status { current, plain, ready, unready })
 }
 
 /// Removes releases not in `keep`, never the current one, never one a running process has as
@@ -935,7 +959,7 @@ fn status(base: &Path) -> Result<Value, NodeError> {
 /// into `.release/trash/<pid>-<µs>/`; the trees are deleted after the lock is released, so
 /// deleting a big tree on a slow disk never holds up the next deploy's prepare or switch.
 /// Trash a clean-up left behind (its process is gone) is deleted too.
-fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError> {
+fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Cleaned, NodeError> {
     let layout = Layout { base: base.to_owned() };
     layout.create()?;
     let trash_root = base.join(".release/trash");
@@ -991,7 +1015,7 @@ fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Value, NodeError>
              agent){advice}"
         ));
     }
-    Ok(json!({"removed": removed, "in_use": busy, "unseen_processes": unseen, "output": output}))
+    Ok(Cleaned { removed, in_use: busy, unseen_processes: unseen as u64, output })
 }
 
 /// Moves a directory (a release, read-only; or an old trash directory) to `to`, in the same
@@ -1032,13 +1056,15 @@ fn working_directories() -> (Vec<PathBuf>, usize) {
 /// Runs hooks (migrate, reload) in a release or `current`, under the base's lock and fenced
 /// like every change: a migrate of a run that a newer one outranked never starts, and no
 /// hook starts while one an earlier run started (whose agent is gone) still runs.
-fn exec(e: &Exec) -> Result<Value, NodeError> {
+fn exec(e: &Exec) -> Result<Ran, NodeError> {
     let layout = Layout { base: e.base.clone() };
     let (dir, digest) = match e.digest {
         Some(d) => (layout.release(d), d),
         None => match layout.current_digest()? {
             Some(d) => (layout.current(), d),
-            None => return Err(NodeError::new("not_ready", format!("{} has no current release", e.base.display()))),
+            None => {
+                return Err(NodeError::new(ErrorCode::NotReady, format!("{} has no current release", e.base.display())));
+            }
         },
     };
     layout.create()?;
@@ -1047,11 +1073,11 @@ fn exec(e: &Exec) -> Result<Value, NodeError> {
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);
     let env = release_env(&layout, digest, &e.env);
     let output = run_commands(&layout, &dir, &e.commands, &env, deadline, &e.run_as)?;
-    Ok(json!({"output": output}))
+    Ok(Ran { output })
 }
 
 /// What one ask of the health URL said.
-enum Answer {
+enum Said {
     /// 2xx, with `expect` in the body when set.
     Good(u16, String),
     /// No connection, a timeout, 502/503/504: workers still (re)starting.
@@ -1063,37 +1089,37 @@ enum Answer {
 /// How much of a health answer's body is read: `expect` must be in it.
 const HEALTH_BODY_LIMIT: u64 = 64 << 10;
 
-fn ask_health(client: &reqwest::blocking::Client, h: &Health, ask_timeout: Duration) -> Answer {
+fn ask_health(client: &reqwest::blocking::Client, h: &Health, ask_timeout: Duration) -> Said {
     let response = match client.get(&h.url).timeout(ask_timeout).send() {
         Ok(response) => response,
-        Err(e) => return Answer::NotUp(crate::error_chain(&e)),
+        Err(e) => return Said::NotUp(crate::error_chain(&e)),
     };
     let status = response.status();
     let mut body = Vec::new();
     let _ = io::Read::read_to_end(&mut io::Read::take(response, HEALTH_BODY_LIMIT), &mut body);
     let body = String::from_utf8_lossy(&body).into_owned();
     if status.is_success() && h.expect.as_ref().is_none_or(|e| body.contains(e.as_str())) {
-        return Answer::Good(status.as_u16(), tail(body.as_bytes()));
+        return Said::Good(status.as_u16(), tail(body.as_bytes()));
     }
     let said = format!("HTTP {status}: {}", tail(body.as_bytes()).trim());
     match status.as_u16() {
-        502..=504 => Answer::NotUp(said),
+        502..=504 => Said::NotUp(said),
         _ if status.is_success() => {
             let expect = h.expect.as_deref().unwrap_or_default();
-            Answer::Wrong(format!("{said} (without {expect:?})"))
+            Said::Wrong(format!("{said} (without {expect:?})"))
         }
-        _ => Answer::Wrong(said),
+        _ => Said::Wrong(said),
     }
 }
 
 /// Asks the URL from the node itself, `interval_ms` apart: healthy after `healthy_after`
 /// good answers in a row; failed after `unhealthy_after` wrong ones in a row (the release is
 /// up and wrong: no need to wait), or when `timeout_ms` has passed (it never came up right).
-fn health(h: &Health) -> Result<Value, NodeError> {
+fn health(h: &Health) -> Result<Healthy, NodeError> {
     let client = reqwest::blocking::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .build()
-        .map_err(|e| NodeError::new("health_failed", e.to_string()))?;
+        .map_err(|e| NodeError::new(ErrorCode::HealthFailed, e.to_string()))?;
     let started = Instant::now();
     let deadline = started + Duration::from_millis(h.timeout_ms);
     let interval = Duration::from_millis(h.interval_ms);
@@ -1103,21 +1129,18 @@ fn health(h: &Health) -> Result<Value, NodeError> {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
         asked += 1;
         let last = match ask_health(&client, h, left.min(Duration::from_secs(5))) {
-            Answer::Good(status, body) => {
+            Said::Good(status, body) => {
                 (good, wrong) = (good + 1, 0);
                 if good >= h.healthy_after {
-                    return Ok(json!({
-                        "status": status, "body": body, "asked": asked,
-                        "ms": started.elapsed().as_millis() as u64,
-                    }));
+                    return Ok(Healthy { status, body, asked, ms: started.elapsed().as_millis() as u64 });
                 }
                 None
             }
-            Answer::Wrong(said) => {
+            Said::Wrong(said) => {
                 (good, wrong) = (0, wrong + 1);
                 if wrong >= h.unhealthy_after {
                     let mut error = NodeError::new(
-                        "health_failed",
+                        ErrorCode::HealthFailed,
                         format!(
                             "{} answered wrong {wrong} times in a row ({} ms after the check began)",
                             h.url,
@@ -1129,7 +1152,7 @@ fn health(h: &Health) -> Result<Value, NodeError> {
                 }
                 Some(said)
             }
-            Answer::NotUp(why) => {
+            Said::NotUp(why) => {
                 (good, wrong) = (0, 0);
                 Some(why)
             }
@@ -1137,7 +1160,7 @@ fn health(h: &Health) -> Result<Value, NodeError> {
         if Instant::now() + interval > deadline {
             let expect = h.expect.as_ref().map(|e| format!(" containing {e:?}")).unwrap_or_default();
             let mut error = NodeError::new(
-                "health_failed",
+                ErrorCode::HealthFailed,
                 format!("{} did not answer 2xx{expect} within {} ms", h.url, h.timeout_ms),
             );
             error.output = last;
@@ -1150,7 +1173,7 @@ fn health(h: &Health) -> Result<Value, NodeError> {
 /// Asks PM2 for the app's processes and checks each one's working directory (from /proc, so
 /// resolved) lies inside the release: a process started from a resolved release path keeps
 /// its old directory across `pm2 reload`, and this is how that trap is caught.
-fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String>) -> Result<Value, NodeError> {
+fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String>) -> Result<Pm2Checked, NodeError> {
     let layout = Layout { base: base.to_owned() };
     let release = fs::canonicalize(layout.release(digest)).map_err(|e| io_error(&layout.release(digest), e))?;
     let run = Command::new("sh")
@@ -1158,23 +1181,23 @@ fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String
         .envs(env)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| NodeError::new("pm2", format!("cannot run pm2: {e}")))?;
+        .map_err(|e| NodeError::new(ErrorCode::Pm2, format!("cannot run pm2: {e}")))?;
     if !run.status.success() {
-        let mut e = NodeError::new("pm2", format!("`pm2 jlist` failed ({})", run.status));
+        let mut e = NodeError::new(ErrorCode::Pm2, format!("`pm2 jlist` failed ({})", run.status));
         e.output = Some(tail(&run.stderr));
         return Err(e);
     }
     let text = String::from_utf8_lossy(&run.stdout);
     // pm2 may print notices before the JSON: take from the first '['.
     let list: Vec<Value> = serde_json::from_str(text.get(text.find('[').unwrap_or(0)..).unwrap_or("[]"))
-        .map_err(|e| NodeError::new("pm2", format!("`pm2 jlist` is not JSON: {e}")))?;
+        .map_err(|e| NodeError::new(ErrorCode::Pm2, format!("`pm2 jlist` is not JSON: {e}")))?;
     let (mut checked, mut modes) = (Vec::new(), Vec::new());
     for process in list.iter().filter(|p| p["name"] == app) {
         let pid = process["pid"].as_u64().unwrap_or(0);
         let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
         if pid == 0 || !cwd.starts_with(&release) {
             return Err(NodeError::new(
-                "pm2_cwd",
+                ErrorCode::Pm2Cwd,
                 format!(
                     "PM2 process {pid} of {app} runs from {}, not from the new release {}",
                     cwd.display(),
@@ -1186,7 +1209,7 @@ fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String
         modes.push(process["pm2_env"]["exec_mode"].as_str().unwrap_or("unknown").trim_end_matches("_mode").to_owned());
     }
     if checked.is_empty() {
-        return Err(NodeError::new("pm2_cwd", format!("PM2 runs no process named {app}")));
+        return Err(NodeError::new(ErrorCode::Pm2Cwd, format!("PM2 runs no process named {app}")));
     }
     modes.sort();
     modes.dedup();
@@ -1204,7 +1227,7 @@ fn pm2_cwd(base: &Path, digest: Digest, app: &str, env: &BTreeMap<String, String
              start it in cluster mode (`pm2 start … -i 2`, with NODE_CLUSTER_SCHED_POLICY=none) for reloads without a gap"
         ));
     }
-    Ok(json!({"processes": checked, "exec_mode": modes, "output": output}))
+    Ok(Pm2Checked { processes: checked, exec_mode: modes, output })
 }
 
 #[cfg(test)]
@@ -1284,7 +1307,7 @@ mod tests {
                 run_as: RunAs::default(),
             };
             let answer = prepare(&request, &mut &bytes[..]).unwrap();
-            let dir = PathBuf::from(answer["dir"].as_str().unwrap());
+            let dir = answer.dir;
             trees.push(modes_of(&dir));
             set_writable(&dir).unwrap(); // so that the temporary directory can be removed
         }
@@ -1328,7 +1351,7 @@ mod tests {
         assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup);
     }
 
-    fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Value, NodeError> {
+    fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Ran, NodeError> {
         exec(&Exec {
             base: base.to_owned(),
             digest: Some(digest),
@@ -1349,7 +1372,7 @@ mod tests {
         fs::create_dir_all(layout.release(digest)).unwrap();
         layout.fence(100).unwrap();
         let refused = exec_in(base.path(), digest, "echo ran > ran", 50).unwrap_err();
-        assert_eq!(refused.code, "fenced", "{}", refused.message);
+        assert_eq!(refused.code, ErrorCode::Fenced, "{}", refused.message);
         assert!(!layout.release(digest).join("ran").exists(), "a stale run's hook never starts");
         exec_in(base.path(), digest, "echo ran > ran", 100).unwrap();
         assert!(layout.release(digest).join("ran").exists());
@@ -1380,13 +1403,13 @@ mod tests {
 
         let (pid, reaper) = started(1);
         let output = exec_in(base.path(), digest, &overlap(pid), 0).unwrap();
-        assert!(output["output"].as_str().unwrap().contains("after"), "{output}");
+        assert!(output.output.contains("after"), "{}", output.output);
         reaper.join().unwrap();
         assert!(!layout.hook_record().exists(), "the note of a hook that ended is removed");
 
         let (pid, reaper) = started(LOCK_WAIT.as_secs() + 3);
         let refused = exec_in(base.path(), digest, &overlap(pid), 0).unwrap_err();
-        assert_eq!(refused.code, "locked");
+        assert_eq!(refused.code, ErrorCode::Locked);
         assert!(
             refused.message.contains("php artisan migrate") && refused.message.contains(&pid.to_string()),
             "{}",

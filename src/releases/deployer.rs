@@ -13,6 +13,9 @@ use futures::future::BoxFuture;
 use super::{Deployment, Release};
 use crate::config::{Environment, Node, Service};
 use crate::digest::Digest;
+/// One finding of `release check`: `pass`, `warn` or `fail`, and what to do about it; the
+/// node protocol's own row, as the agent answers it.
+pub use crate::node::protocol::CheckRow;
 use crate::utc;
 
 /// Where a deploy's per-node phases go as they end.
@@ -147,14 +150,6 @@ pub struct Observed {
 pub struct NodeCheck {
     pub node: String,
     pub checks: Vec<CheckRow>,
-}
-
-/// One finding: `pass`, `warn` or `fail`, and what to do about it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CheckRow {
-    pub name: String,
-    pub status: String,
-    pub message: String,
 }
 
 pub trait Deployer: Send + Sync + 'static {

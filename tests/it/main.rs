@@ -21,6 +21,7 @@ mod openapi;
 mod packaging;
 mod pages;
 mod policies;
+mod protocol;
 mod proxy;
 mod recipes;
 mod refusals;

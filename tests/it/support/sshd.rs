@@ -58,7 +58,7 @@ impl SshNode {
         std::fs::write(
             &force,
             format!(
-                "case \"$SSH_ORIGINAL_COMMAND\" in\n  .release/bin/release-*\" node\") exec sh {} ;;\n  \
+                "case \"$SSH_ORIGINAL_COMMAND\" in\n  .release/bin/release-*\" node --protocol \"*) exec sh {} ;;\n  \
                  *) exec sh -c \"$SSH_ORIGINAL_COMMAND\" ;;\nesac\n",
                 script.display()
             ),
