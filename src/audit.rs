@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use crate::model::audit::{Event, GENESIS, Hashed, NewEvent, chain_hash};
+pub use crate::model::audit::{AuditAction, Event, GENESIS, Hashed, NewEvent, chain_hash};
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Store, StoreError};
 use crate::utc;
@@ -167,7 +167,7 @@ pub struct Gap {
 
 /// Whether `event` is a restore's event that names exactly the events missing before it.
 fn recorded_gap(event: &Event, expected_seq: u64) -> bool {
-    if event.action != crate::registry::RESTORED || event.seq <= expected_seq {
+    if event.action != crate::registry::RESTORED.as_str() || event.seq <= expected_seq {
         return false;
     }
     let Ok(details) = serde_json::from_str::<serde_json::Value>(&event.details) else { return false };

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::model::access::{Action, Denied, Principal};
+use crate::model::audit::AuditAction;
 use crate::model::audit::NewEvent;
 use crate::model::release::Release;
 use crate::registry::{Block, Registry, RegistryError};
@@ -77,7 +78,7 @@ pub async fn block(
         owner: p.owner.clone(),
         blocked_at: String::new(),
     };
-    let event = NewEvent::by(p, "artifact.block", digest.to_string(), serde_json::json!({"reason": reason}));
+    let event = NewEvent::by(p, AuditAction::ArtifactBlock, digest.to_string(), serde_json::json!({"reason": reason}));
     let registry = Arc::clone(registry);
     let (block, cancelled): (Block, Vec<Release>) =
         crate::registry::run(move || registry.block_artifact(digest, &block, &event)).await?;
@@ -122,7 +123,7 @@ pub async fn purge(
         let size = store.artifact_size(digest).await?;
         let event = NewEvent::by(
             p,
-            "artifact.purge",
+            AuditAction::ArtifactPurge,
             digest.to_string(),
             serde_json::json!({"older_than_days": older_than_days, "bytes": size}),
         );

@@ -21,6 +21,7 @@ use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_val
 use crate::digest::Digest;
 use crate::metrics::{Metrics, UploadOutcome};
 use crate::model::access::{Action, Denied, Principal};
+use crate::model::audit::AuditAction;
 use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
 use crate::store::{Store, StoreError, Upload};
 
@@ -299,7 +300,7 @@ impl Ingestor {
         };
         let event = NewEvent::by(
             principal,
-            "artifact.upload",
+            AuditAction::ArtifactUpload,
             new.digest.to_string(),
             serde_json::json!({
                 "service": new.service,

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::audit::NewEvent;
+use crate::model::audit::AuditAction;
 use crate::registry::Registry;
 use crate::utc;
 
@@ -42,9 +43,9 @@ pub const MAX_TOKENS: usize = 100;
 pub const TOKEN_BUDGET: u32 = 20;
 
 /// The action of one refusal's event.
-pub const REFUSED: &str = "request.refused";
+pub const REFUSED: AuditAction = AuditAction::RequestRefused;
 /// The action of a window's count of refusals, per source or per token.
-pub const AGGREGATE: &str = "request.refused.aggregate";
+pub const AGGREGATE: AuditAction = AuditAction::RequestRefusedAggregate;
 /// The actor of refusals without a real token.
 pub const UNAUTHENTICATED: &str = "(unauthenticated)";
 /// The name of the bucket that sources (or tokens) past the cap share.
@@ -267,7 +268,7 @@ impl Window {
         Some(NewEvent {
             actor: token.name.clone(),
             owner: token.owner.clone(),
-            action: REFUSED.into(),
+            action: REFUSED,
             subject: truncate(&refused.request, MAX_TEXT).into_owned(),
             details: json!({
                 "status": refused.status,
@@ -283,7 +284,7 @@ impl Window {
         let aggregate = |actor: &str, owner: &str, subject: String, details: serde_json::Map<String, Value>| NewEvent {
             actor: actor.to_owned(),
             owner: owner.to_owned(),
-            action: AGGREGATE.into(),
+            action: AGGREGATE,
             subject,
             details: Value::Object(details),
         };

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::is_valid_name;
 pub use crate::model::access::{Action, Denied, Principal, Role, UnknownRole, join_roles};
-use crate::model::audit::NewEvent;
+use crate::model::audit::{AuditAction, NewEvent};
 use crate::registry::{NewToken, Registry, RegistryError, TokenRecord};
 use crate::utc;
 
@@ -153,7 +153,7 @@ pub enum Manager<'a> {
 }
 
 impl Manager<'_> {
-    fn event(self, action: &str, subject: &str, details: serde_json::Value) -> NewEvent {
+    fn event(self, action: AuditAction, subject: &str, details: serde_json::Value) -> NewEvent {
         match self {
             Manager::Local => NewEvent::by_local_user(action, subject, details),
             Manager::Caller(principal) => NewEvent::by(principal, action, subject, details),
@@ -193,7 +193,7 @@ pub fn create(
     };
     let secret = NewSecret::generate();
     let event = manager.event(
-        "token.create",
+        AuditAction::TokenCreate,
         &request.name,
         serde_json::json!({
             "owner": owner,
@@ -221,7 +221,7 @@ pub fn create(
 
 /// Revokes a token for good; its name is never reused.
 pub fn revoke(registry: &Registry, name: &str, manager: Manager<'_>) -> Result<TokenRecord, TokenError> {
-    Ok(registry.revoke_token(name, &manager.event("token.revoke", name, serde_json::json!({})))?)
+    Ok(registry.revoke_token(name, &manager.event(AuditAction::TokenRevoke, name, serde_json::json!({})))?)
 }
 
 /// Checks a presented token against the registry: known, secret matches, not revoked, not
@@ -310,7 +310,7 @@ mod tests {
                     secret_sha256: old.secret_sha256,
                     expires_at: Some("2020-01-01T00:00:00.000000Z".into()),
                 },
-                &NewEvent::by_local_user("token.create", "old", serde_json::json!({})),
+                &NewEvent::by_local_user(AuditAction::TokenCreate, "old", serde_json::json!({})),
             )
             .unwrap();
         assert!(matches!(authenticate(&registry, &old.token), Err(TokenError::Expired { .. })));
@@ -378,7 +378,7 @@ mod tests {
                     secret_sha256: old.secret_sha256,
                     expires_at: None,
                 },
-                &NewEvent::by_local_user("token.create", "bob-old", serde_json::json!({})),
+                &NewEvent::by_local_user(AuditAction::TokenCreate, "bob-old", serde_json::json!({})),
             )
             .unwrap();
         assert_eq!(authenticate(&registry, &old.token).unwrap().owner, "bob");

@@ -9,50 +9,165 @@ use crate::model::access::Principal;
 /// The hash before the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// What an audit event records: each writer names one of these, so a typo is a compile error
+/// (and the webhook mapper's `match` is exhaustive); the log stores and exports the name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuditAction {
+    /// A release asked for: deploy, promote, rollback.
+    ReleaseDeploy,
+    ReleasePromote,
+    ReleaseRollback,
+    ReleaseApprove,
+    ReleaseReject,
+    ReleaseCancel,
+    ReleaseExpire,
+    ReleaseDeploying,
+    ReleaseLive,
+    ReleaseFailed,
+    ReleaseSuperseded,
+    /// A node's legacy tree kept as an artifact by `--adopt`.
+    ReleaseAdopted,
+    ArtifactUpload,
+    ArtifactBlock,
+    ArtifactPurge,
+    TokenCreate,
+    TokenRevoke,
+    WebLogin,
+    WebLogout,
+    /// A service's or an environment's configuration as the server first saw it, or changed.
+    ConfigService,
+    ConfigEnvironment,
+    /// A service or an environment no longer in the configuration.
+    ConfigServiceRetired,
+    ConfigEnvironmentRetired,
+    /// One refused request.
+    RequestRefused,
+    /// A window's count of refusals, per source or token (past the per-window cut).
+    RequestRefusedAggregate,
+    RegistryBackup,
+    RegistryBackupFailed,
+    /// A registry restored from a backup, naming the events lost.
+    RegistryRestored,
+    AuditCheckpointMismatch,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 29] = [
+        AuditAction::ReleaseDeploy,
+        AuditAction::ReleasePromote,
+        AuditAction::ReleaseRollback,
+        AuditAction::ReleaseApprove,
+        AuditAction::ReleaseReject,
+        AuditAction::ReleaseCancel,
+        AuditAction::ReleaseExpire,
+        AuditAction::ReleaseDeploying,
+        AuditAction::ReleaseLive,
+        AuditAction::ReleaseFailed,
+        AuditAction::ReleaseSuperseded,
+        AuditAction::ReleaseAdopted,
+        AuditAction::ArtifactUpload,
+        AuditAction::ArtifactBlock,
+        AuditAction::ArtifactPurge,
+        AuditAction::TokenCreate,
+        AuditAction::TokenRevoke,
+        AuditAction::WebLogin,
+        AuditAction::WebLogout,
+        AuditAction::ConfigService,
+        AuditAction::ConfigEnvironment,
+        AuditAction::ConfigServiceRetired,
+        AuditAction::ConfigEnvironmentRetired,
+        AuditAction::RequestRefused,
+        AuditAction::RequestRefusedAggregate,
+        AuditAction::RegistryBackup,
+        AuditAction::RegistryBackupFailed,
+        AuditAction::RegistryRestored,
+        AuditAction::AuditCheckpointMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::ReleaseDeploy => "release.deploy",
+            AuditAction::ReleasePromote => "release.promote",
+            AuditAction::ReleaseRollback => "release.rollback",
+            AuditAction::ReleaseApprove => "release.approve",
+            AuditAction::ReleaseReject => "release.reject",
+            AuditAction::ReleaseCancel => "release.cancel",
+            AuditAction::ReleaseExpire => "release.expire",
+            AuditAction::ReleaseDeploying => "release.deploying",
+            AuditAction::ReleaseLive => "release.live",
+            AuditAction::ReleaseFailed => "release.failed",
+            AuditAction::ReleaseSuperseded => "release.superseded",
+            AuditAction::ReleaseAdopted => "release.adopted",
+            AuditAction::ArtifactUpload => "artifact.upload",
+            AuditAction::ArtifactBlock => "artifact.block",
+            AuditAction::ArtifactPurge => "artifact.purge",
+            AuditAction::TokenCreate => "token.create",
+            AuditAction::TokenRevoke => "token.revoke",
+            AuditAction::WebLogin => "web.login",
+            AuditAction::WebLogout => "web.logout",
+            AuditAction::ConfigService => "config.service",
+            AuditAction::ConfigEnvironment => "config.environment",
+            AuditAction::ConfigServiceRetired => "config.service_retired",
+            AuditAction::ConfigEnvironmentRetired => "config.environment_retired",
+            AuditAction::RequestRefused => "request.refused",
+            AuditAction::RequestRefusedAggregate => "request.refused.aggregate",
+            AuditAction::RegistryBackup => "registry.backup",
+            AuditAction::RegistryBackupFailed => "registry.backup_failed",
+            AuditAction::RegistryRestored => "registry.restored",
+            AuditAction::AuditCheckpointMismatch => "audit.checkpoint_mismatch",
+        }
+    }
+
+    /// The action a stored event's name stands for; `None` for a name this build does not
+    /// write (an event of an older or newer release).
+    pub fn parse(name: &str) -> Option<AuditAction> {
+        AuditAction::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An event about to be appended.
 #[derive(Clone, Debug)]
 pub struct NewEvent {
     pub actor: String,
     pub owner: String,
-    pub action: String,
+    pub action: AuditAction,
     pub subject: String,
     pub details: serde_json::Value,
 }
 
 impl NewEvent {
     /// An event caused by an authenticated caller.
-    pub fn by(principal: &Principal, action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+    pub fn by(
+        principal: &Principal,
+        action: AuditAction,
+        subject: impl Into<String>,
+        details: serde_json::Value,
+    ) -> NewEvent {
         NewEvent {
             actor: principal.name.clone(),
             owner: principal.owner.clone(),
-            action: action.to_owned(),
+            action,
             subject: subject.into(),
             details,
         }
     }
 
     /// An event caused by the server itself (expiry, a deploy's progress, start-up checks).
-    pub fn by_server(action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
-        NewEvent {
-            actor: "release".into(),
-            owner: "release".into(),
-            action: action.to_owned(),
-            subject: subject.into(),
-            details,
-        }
+    pub fn by_server(action: AuditAction, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+        NewEvent { actor: "release".into(), owner: "release".into(), action, subject: subject.into(), details }
     }
 
     /// An event caused on this machine by the command line (e.g. `release token create`,
     /// which works without a server): the actor is the operating-system user.
-    pub fn by_local_user(action: &str, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
+    pub fn by_local_user(action: AuditAction, subject: impl Into<String>, details: serde_json::Value) -> NewEvent {
         let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-        NewEvent {
-            actor: format!("local:{user}"),
-            owner: user,
-            action: action.to_owned(),
-            subject: subject.into(),
-            details,
-        }
+        NewEvent { actor: format!("local:{user}"), owner: user, action, subject: subject.into(), details }
     }
 }
 

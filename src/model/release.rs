@@ -97,6 +97,16 @@ impl FromStr for State {
 }
 
 impl Kind {
+    /// The audit action of a request of this kind.
+    pub fn audit_action(self) -> crate::model::audit::AuditAction {
+        use crate::model::audit::AuditAction;
+        match self {
+            Kind::Deploy => AuditAction::ReleaseDeploy,
+            Kind::Promote => AuditAction::ReleasePromote,
+            Kind::Rollback => AuditAction::ReleaseRollback,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Deploy => "deploy",

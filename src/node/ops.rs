@@ -1063,7 +1063,10 @@ fn exec(e: &Exec) -> Result<Ran, NodeError> {
         None => match layout.current_digest()? {
             Some(d) => (layout.current(), d),
             None => {
-                return Err(NodeError::new(ErrorCode::NotReady, format!("{} has no current release", e.base.display())));
+                return Err(NodeError::new(
+                    ErrorCode::NotReady,
+                    format!("{} has no current release", e.base.display()),
+                ));
             }
         },
     };

@@ -128,7 +128,7 @@ async fn a_flush_appends_the_window_in_one_go() {
     log.flush().await; // a second flush has nothing left to write
     let events = registry.audit_events(0, None, 100).unwrap();
     assert_eq!(events.len(), 2);
-    assert_eq!(events[1].action, AGGREGATE);
+    assert_eq!(events[1].action, AGGREGATE.as_str());
     let details: Value = serde_json::from_str(&events[1].details).unwrap();
     assert_eq!(details["count"], 300);
     assert_eq!(details["source"], "198.51.100.1");

@@ -193,21 +193,31 @@ pub(super) fn append_at(tx: &Transaction<'_>, event: &NewEvent, seq: Option<u64>
             at: &at,
             actor: &event.actor,
             owner: &event.owner,
-            action: &event.action,
+            action: event.action.as_str(),
             subject: &event.subject,
             details: &details,
         },
     );
     tx.execute(
         &format!("INSERT INTO audit_events ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-        params![seq, at, event.actor, event.owner, event.action, event.subject, details, &prev_hash[..], &hash[..]],
+        params![
+            seq,
+            at,
+            event.actor,
+            event.owner,
+            event.action.as_str(),
+            event.subject,
+            details,
+            &prev_hash[..],
+            &hash[..]
+        ],
     )?;
     Ok(Event {
         seq,
         at,
         actor: event.actor.clone(),
         owner: event.owner.clone(),
-        action: event.action.clone(),
+        action: event.action.as_str().to_owned(),
         subject: event.subject.clone(),
         details,
         prev_hash,

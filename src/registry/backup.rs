@@ -8,10 +8,11 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::{Registry, RegistryError};
+use crate::model::audit::AuditAction;
 use crate::model::audit::{Event, NewEvent};
 
 /// The action of the event a restore appends.
-pub const RESTORED: &str = "registry.restored";
+pub const RESTORED: AuditAction = AuditAction::RegistryRestored;
 
 /// What a snapshot file holds: its audit chain's head and its schema version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,7 +77,7 @@ impl Registry {
         self.read(|conn| {
             let mut stmt =
                 conn.prepare_cached("SELECT seq, details FROM audit_events WHERE action = ?1 ORDER BY seq")?;
-            let rows = stmt.query_map([RESTORED], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = stmt.query_map([RESTORED.as_str()], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
                 let (seq, details) = row?;

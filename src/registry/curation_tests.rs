@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::digest::Digest;
-use crate::model::audit::NewEvent;
+use crate::model::audit::{AuditAction, NewEvent};
 use crate::model::release::{Kind, State};
 use crate::registry::{NewApproval, NewArtifact, NewRelease, Start};
 
@@ -35,7 +35,7 @@ fn upload(registry: &Registry, content: &[u8]) -> Digest {
 }
 
 fn event() -> NewEvent {
-    NewEvent::by_server("test", "subject", serde_json::json!({}))
+    NewEvent::by_server(AuditAction::ArtifactUpload, "subject", serde_json::json!({}))
 }
 
 fn request(digest: Digest, environment: &str, state: State) -> NewRelease {

@@ -5,6 +5,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Registry, RegistryError, immediate};
 use crate::digest::Digest;
+use crate::model::audit::AuditAction;
 use crate::model::audit::NewEvent;
 use crate::model::release::{Approval, Deployment, Detail, Kind, Release, SharedFile, State, StatusRow, Transition};
 use crate::utc;
@@ -127,7 +128,8 @@ impl Registry {
                            recorded_at = excluded.recorded_at",
                         params![name, kind, now],
                     )?;
-                    let event = NewEvent::by_server("config.service", name, serde_json::json!({"kind": kind}));
+                    let event =
+                        NewEvent::by_server(AuditAction::ConfigService, name, serde_json::json!({"kind": kind}));
                     super::audit::append(&tx, &event)?;
                 }
             }
@@ -153,7 +155,10 @@ impl Registry {
                         "position": position, "promote_from": env.promote_from,
                         "requires_approval": env.requires_approval,
                     });
-                    super::audit::append(&tx, &NewEvent::by_server("config.environment", &env.name, details))?;
+                    super::audit::append(
+                        &tx,
+                        &NewEvent::by_server(AuditAction::ConfigEnvironment, &env.name, details),
+                    )?;
                 }
             }
             for (table, configured) in [
@@ -169,8 +174,11 @@ impl Registry {
                         &format!("UPDATE {table} SET active = 0, recorded_at = ?1 WHERE name = ?2"),
                         params![now, gone],
                     )?;
-                    let action =
-                        if table == "services" { "config.service_retired" } else { "config.environment_retired" };
+                    let action = if table == "services" {
+                        AuditAction::ConfigServiceRetired
+                    } else {
+                        AuditAction::ConfigEnvironmentRetired
+                    };
                     super::audit::append(&tx, &NewEvent::by_server(action, gone, serde_json::json!({})))?;
                 }
             }
@@ -345,7 +353,10 @@ impl Registry {
             for id in due {
                 let release = change_state(&tx, id, State::Expired, "release", Some("not approved in time"))?;
                 let details = serde_json::json!({"expires_at": release.expires_at});
-                super::audit::append(&tx, &NewEvent::by_server("release.expire", format!("release/{id}"), details))?;
+                super::audit::append(
+                    &tx,
+                    &NewEvent::by_server(AuditAction::ReleaseExpire, format!("release/{id}"), details),
+                )?;
                 expired.push(release);
             }
             tx.commit()?;
@@ -916,7 +927,7 @@ pub(super) fn cancel_blocked(
         let event = NewEvent {
             actor: actor.to_owned(),
             owner: owner.to_owned(),
-            action: "release.cancel".into(),
+            action: AuditAction::ReleaseCancel,
             subject: format!("release/{id}"),
             details: serde_json::json!({"reason": why, "blocked": digest}),
         };
@@ -1059,7 +1070,7 @@ fn go_live(tx: &Transaction<'_>, id: i64, event: &NewEvent) -> Result<(Release, 
         let why = format!("release {id} went live");
         change_state(tx, previous.id, State::Superseded, "release", Some(&why))?;
         let details = serde_json::json!({"by": id});
-        let event = NewEvent::by_server("release.superseded", format!("release/{}", previous.id), details);
+        let event = NewEvent::by_server(AuditAction::ReleaseSuperseded, format!("release/{}", previous.id), details);
         super::audit::append(tx, &event)?;
     }
     let release = change_state(tx, id, State::Live, "release", None)?;
@@ -1075,7 +1086,10 @@ fn go_live(tx: &Transaction<'_>, id: i64, event: &NewEvent) -> Result<(Release, 
         let why = format!("release {id} went live first");
         cancelled.push(change_state(tx, stale, State::Cancelled, "release", Some(&why))?);
         let details = serde_json::json!({"reason": why});
-        super::audit::append(tx, &NewEvent::by_server("release.cancel", format!("release/{stale}"), details))?;
+        super::audit::append(
+            tx,
+            &NewEvent::by_server(AuditAction::ReleaseCancel, format!("release/{stale}"), details),
+        )?;
     }
     Ok((release, cancelled))
 }

@@ -4,7 +4,7 @@
 use super::*;
 use crate::digest::Digest;
 use crate::model::access::Role;
-use crate::model::audit::{Event, NewEvent};
+use crate::model::audit::{AuditAction, Event, NewEvent};
 use crate::utc;
 
 fn open() -> (tempfile::TempDir, Registry) {
@@ -31,7 +31,7 @@ fn new_artifact(service: &str, content: &[u8]) -> NewArtifact {
 }
 
 fn event() -> NewEvent {
-    NewEvent::by_server("test", "subject", serde_json::json!({}))
+    NewEvent::by_server(AuditAction::ArtifactUpload, "subject", serde_json::json!({}))
 }
 
 fn new_token(name: &str) -> NewToken {
@@ -109,7 +109,7 @@ fn tokens_are_revoked_once_and_names_never_reused() {
 fn a_session_opens_and_ends_with_its_audit_event_or_not_at_all() {
     let (_dir, registry) = open();
     let token = registry.create_token(&new_token("auditor-1"), &event()).unwrap();
-    let login = |action: &str| NewEvent::by_server(action, "token/auditor-1", serde_json::json!({}));
+    let login = |action: AuditAction| NewEvent::by_server(action, "token/auditor-1", serde_json::json!({}));
     let count =
         |action: &str| registry.audit_events(0, None, 1000).unwrap().iter().filter(|e| e.action == action).count();
     let expires = utc::format(utc::now() + time::Duration::hours(1));
@@ -124,17 +124,17 @@ fn a_session_opens_and_ends_with_its_audit_event_or_not_at_all() {
              BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
         )
         .unwrap();
-    assert!(registry.open_session(&[1; 32], &token.id, &expires, &login("web.login")).is_err());
+    assert!(registry.open_session(&[1; 32], &token.id, &expires, &login(AuditAction::WebLogin)).is_err());
     assert_eq!(registry.session(&[1; 32]).unwrap(), None, "no session without its event");
     registry.writer.lock().unwrap().execute_batch("DROP TRIGGER temp.no_login").unwrap();
 
-    registry.open_session(&[2; 32], &token.id, &expires, &login("web.login")).unwrap();
+    registry.open_session(&[2; 32], &token.id, &expires, &login(AuditAction::WebLogin)).unwrap();
     assert!(registry.session(&[2; 32]).unwrap().is_some());
     assert_eq!(count("web.login"), 1);
     let logout = |name: &str, owner: &str| NewEvent {
         actor: name.into(),
         owner: owner.into(),
-        action: "web.logout".into(),
+        action: AuditAction::WebLogout,
         subject: format!("token/{name}"),
         details: serde_json::json!({}),
     };
@@ -515,7 +515,7 @@ mod webhooks {
             adopt: false,
             forced_past: vec![],
         };
-        let event = NewEvent::by_server("release.deploy", "", serde_json::json!({}));
+        let event = NewEvent::by_server(AuditAction::ReleaseDeploy, "", serde_json::json!({}));
         registry.create_release(&new, &event).unwrap().id
     }
 

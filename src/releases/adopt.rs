@@ -11,6 +11,7 @@ use super::deployer::{Adopter, LegacyBytes};
 use crate::audit::NewEvent;
 use crate::digest::Digest;
 use crate::ingest::{Ingestor, Piece, UploadRequest};
+use crate::model::audit::AuditAction;
 use crate::model::release::Release;
 use crate::registry::Registry;
 use crate::token::{Principal, Role};
@@ -56,7 +57,7 @@ impl Adopter for ServerAdopter {
         Box::pin(async move {
             let (registry, id) = (Arc::clone(&self.registry), self.release.id);
             let event = NewEvent::by_server(
-                "release.adopted",
+                AuditAction::ReleaseAdopted,
                 format!("release/{id}"),
                 serde_json::json!({"digest": digest, "nodes": nodes}),
             );

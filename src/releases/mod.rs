@@ -30,6 +30,7 @@ use crate::digest::Digest;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::model::access::{Action, Denied, Principal, Role};
+use crate::model::audit::AuditAction;
 use crate::registry::{
     ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Registry, RegistryError, Start,
 };
@@ -400,9 +401,9 @@ impl Releases {
     async fn finish(&self, id: i64, ending: Ending) -> bool {
         let (action, details, state) = match &ending {
             Ending::Failed { reason, stranded } => {
-                ("release.failed", serde_json::json!({"reason": reason, "stranded": stranded}), State::Failed)
+                (AuditAction::ReleaseFailed, serde_json::json!({"reason": reason, "stranded": stranded}), State::Failed)
             }
-            Ending::Live { .. } => ("release.live", serde_json::json!({}), State::Live),
+            Ending::Live { .. } => (AuditAction::ReleaseLive, serde_json::json!({}), State::Live),
         };
         let event = NewEvent::by_server(action, format!("release/{id}"), details);
         for attempt in 1..=RECORD_ATTEMPTS {
@@ -839,7 +840,7 @@ impl Releases {
                 _ => None,
             },
         };
-        let event = NewEvent::by(p, &format!("release.{}", kind.as_str()), String::new(), {
+        let event = NewEvent::by(p, kind.audit_action(), String::new(), {
             let mut details = serde_json::json!({
                 "service": service, "environment": env, "digest": digest,
                 "state": new.state, "replaces": replaces, "source_environment": new.source_environment,
@@ -890,8 +891,12 @@ impl Releases {
         }
         let decision =
             NewApproval { approve: true, decided_by: p.name.clone(), decider_owner: p.owner.clone(), reason: None };
-        let event =
-            NewEvent::by(p, "release.approve", format!("release/{id}"), serde_json::json!({"digest": release.digest}));
+        let event = NewEvent::by(
+            p,
+            AuditAction::ReleaseApprove,
+            format!("release/{id}"),
+            serde_json::json!({"digest": release.digest}),
+        );
         let release = self.blocking(move |r| r.decide(id, &decision, &event)).await.map_err(|e| self.busy(e))?;
         self.launch(release.clone());
         Ok(release)
@@ -911,7 +916,7 @@ impl Releases {
         };
         let event = NewEvent::by(
             p,
-            "release.reject",
+            AuditAction::ReleaseReject,
             format!("release/{id}"),
             serde_json::json!({"digest": release.digest, "reason": reason}),
         );
@@ -930,7 +935,7 @@ impl Releases {
         if release.state != State::PendingApproval {
             return Err(ReleaseError::InvalidState { id, state: release.state, what: "cancelling" });
         }
-        let event = NewEvent::by(p, "release.cancel", format!("release/{id}"), serde_json::json!({}));
+        let event = NewEvent::by(p, AuditAction::ReleaseCancel, format!("release/{id}"), serde_json::json!({}));
         let actor = p.name.clone();
         let cancelled =
             self.blocking(move |r| r.transition(id, State::Cancelled, &actor, Some("withdrawn"), &event)).await?;
@@ -1192,7 +1197,7 @@ impl Releases {
             return Ok(());
         };
         let (owner, until) = (self.instance.clone(), self.lease_expiry());
-        let event = NewEvent::by_server("release.deploying", format!("release/{id}"), serde_json::json!({}));
+        let event = NewEvent::by_server(AuditAction::ReleaseDeploying, format!("release/{id}"), serde_json::json!({}));
         let release = match self.blocking(move |r| r.start_deploy(id, &owner, &until, &event)).await {
             Ok(Start::Deploying(release)) => release,
             Ok(Start::Leased) => {

@@ -124,7 +124,9 @@ fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Re
         uploaded_by: "ci".into(),
         uploader_owner: "gitlab".into(),
     };
-    registry.record_artifact(&artifact, &NewEvent::by_server("artifact.upload", "", serde_json::json!({}))).unwrap();
+    registry
+        .record_artifact(&artifact, &NewEvent::by_server(AuditAction::ArtifactUpload, "", serde_json::json!({})))
+        .unwrap();
     let new = NewRelease {
         service: "api".into(),
         environment: "staging".into(),
@@ -141,7 +143,7 @@ fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Re
         adopt: false,
         forced_past: vec![],
     };
-    registry.create_release(&new, &NewEvent::by_server("release.deploy", "", serde_json::json!({})))
+    registry.create_release(&new, &NewEvent::by_server(AuditAction::ReleaseDeploy, "", serde_json::json!({})))
 }
 
 fn a_minute_ago() -> String {
@@ -187,7 +189,8 @@ async fn a_lapsed_deploy_no_task_runs_is_resolved_from_its_nodes_once() {
     let s = setup();
     let release = approved(&s.registry, b"v1");
     // Its run ended without recording an outcome (here: no run of this process ever had it).
-    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    let event =
+        NewEvent::by_server(AuditAction::ReleaseDeploying, format!("release/{}", release.id), serde_json::json!({}));
     s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     s.releases.sweep().await;
     s.deployer.recovering.notified().await;
@@ -206,7 +209,8 @@ async fn a_lapsed_deploy_no_task_runs_is_resolved_from_its_nodes_once() {
 async fn a_lapsed_deploy_whose_nodes_are_elsewhere_fails_with_what_was_found() {
     let s = setup();
     let release = approved(&s.registry, b"v1");
-    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    let event =
+        NewEvent::by_server(AuditAction::ReleaseDeploying, format!("release/{}", release.id), serde_json::json!({}));
     s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     *s.deployer.recover_fails.lock().unwrap() = Some("node web-1 serves 0123456789ab, not the new release".into());
     s.deployer.finish_recover.notify_one();
@@ -256,7 +260,8 @@ async fn retention_follows_live_with_what_the_registry_keeps_and_never_a_failed_
 async fn a_deploy_whose_outcome_cannot_be_recorded_is_resolved_again_later_not_at_every_sweep() {
     let s = setup();
     let release = approved(&s.registry, b"v1");
-    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    let event =
+        NewEvent::by_server(AuditAction::ReleaseDeploying, format!("release/{}", release.id), serde_json::json!({}));
     s.registry.start_deploy(release.id, "a run that ended", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     // The registry refuses to record any release live, as a failing disk would.
     let sql = rusqlite::Connection::open(s.registry.path()).unwrap();
@@ -304,7 +309,7 @@ fn block(registry: &Registry, digest: Digest) -> Vec<Release> {
         owner: "root".into(),
         blocked_at: String::new(),
     };
-    let event = NewEvent::by_server("artifact.block", digest.to_string(), serde_json::json!({}));
+    let event = NewEvent::by_server(AuditAction::ArtifactBlock, digest.to_string(), serde_json::json!({}));
     registry.block_artifact(digest, &block, &event).unwrap().1
 }
 
@@ -313,7 +318,8 @@ async fn a_block_between_the_approval_and_the_launch_cancels_the_release_before_
     let s = setup();
     let pending = requested(&s.registry, b"v1", State::PendingApproval);
     let decision = NewApproval { approve: true, decided_by: "bob".into(), decider_owner: "bob".into(), reason: None };
-    let event = NewEvent::by_server("release.approve", format!("release/{}", pending.id), serde_json::json!({}));
+    let event =
+        NewEvent::by_server(AuditAction::ReleaseApprove, format!("release/{}", pending.id), serde_json::json!({}));
     let approved = s.registry.decide(pending.id, &decision, &event).unwrap();
     // The block commits after the approval and before the launch's first step.
     let cancelled = block(&s.registry, approved.digest);
@@ -345,7 +351,8 @@ async fn a_block_while_the_release_deploys_stops_it_before_the_switch() {
 async fn the_start_returns_while_a_deploy_a_stopped_server_left_is_resolved_and_its_cell_says_so() {
     let s = setup();
     let release = approved(&s.registry, b"v1");
-    let event = NewEvent::by_server("release.deploying", format!("release/{}", release.id), serde_json::json!({}));
+    let event =
+        NewEvent::by_server(AuditAction::ReleaseDeploying, format!("release/{}", release.id), serde_json::json!({}));
     s.registry.start_deploy(release.id, "a stopped server", &a_minute_ago(), &event).unwrap().deploying().unwrap();
     // The nodes have not answered yet (the deployer waits for the test), and the start is over.
     tokio::time::timeout(Duration::from_secs(10), s.releases.start())

@@ -35,6 +35,7 @@ use auth::Caller;
 use crate::config::{Config, StorageConfig};
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
+use crate::model::audit::AuditAction;
 use crate::refusals::{RefusalLog, Refused};
 use crate::registry::{Registry, RegistryError};
 use crate::releases::{Deployer, Releases};
@@ -240,7 +241,7 @@ async fn check_audit_against_bucket(registry: &Arc<Registry>, store: &Store) -> 
         Ok((_, Some(bad))) => {
             tracing::error!(event = bad.seq, "audit log does not match the bucket's checkpoint: {}", bad.why);
             let event = crate::audit::NewEvent::by_server(
-                "audit.checkpoint_mismatch",
+                AuditAction::AuditCheckpointMismatch,
                 format!("audit/{}", bad.seq),
                 serde_json::json!({"why": bad.why}),
             );
@@ -306,7 +307,7 @@ pub async fn backup_once(state: &AppState) {
                 Err(e) => tracing::error!(error = %e, "could not delete old registry backups"),
             }
             crate::audit::NewEvent::by_server(
-                "registry.backup",
+                AuditAction::RegistryBackup,
                 manifest.key.clone(),
                 serde_json::json!({"key": manifest.key, "sha256": manifest.sha256, "size": manifest.size,
                     "events": manifest.events, "head": manifest.head}),
@@ -316,7 +317,11 @@ pub async fn backup_once(state: &AppState) {
             state.metrics.record_backup_failure();
             let why = crate::error_chain(&e);
             tracing::error!(error = %why, "the registry backup failed");
-            crate::audit::NewEvent::by_server("registry.backup_failed", "registry", serde_json::json!({"why": why}))
+            crate::audit::NewEvent::by_server(
+                AuditAction::RegistryBackupFailed,
+                "registry",
+                serde_json::json!({"why": why}),
+            )
         }
     };
     let writer = Arc::clone(&state.registry);

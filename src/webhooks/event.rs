@@ -6,25 +6,45 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
+use crate::model::audit::AuditAction;
 use crate::model::audit::Event;
 use crate::model::release::{Kind, State};
 use crate::registry::ReleaseAtEvent;
 
 /// The event an audit action stands for, and the state the release entered with it (`None`
 /// for a request, whose state is its first transition's: `pending_approval` or `approved`).
-/// Audit actions that change no state (`release.adopted`) are no event.
-pub fn event_for(action: &str) -> Option<(&'static str, Option<State>)> {
+/// Audit actions that change no state (`release.adopted`) are no event. Every action is named
+/// here (no catch-all): a new one must be decided on.
+pub fn event_for(action: AuditAction) -> Option<(&'static str, Option<State>)> {
+    use AuditAction::*;
     Some(match action {
-        "release.deploy" | "release.promote" | "release.rollback" => ("release.requested", None),
-        "release.approve" => ("release.approved", Some(State::Approved)),
-        "release.reject" => ("release.rejected", Some(State::Rejected)),
-        "release.cancel" => ("release.cancelled", Some(State::Cancelled)),
-        "release.expire" => ("release.expired", Some(State::Expired)),
-        "release.deploying" => ("release.deploying", Some(State::Deploying)),
-        "release.live" => ("release.live", Some(State::Live)),
-        "release.failed" => ("release.failed", Some(State::Failed)),
-        "release.superseded" => ("release.superseded", Some(State::Superseded)),
-        _ => return None,
+        ReleaseDeploy | ReleasePromote | ReleaseRollback => ("release.requested", None),
+        ReleaseApprove => ("release.approved", Some(State::Approved)),
+        ReleaseReject => ("release.rejected", Some(State::Rejected)),
+        ReleaseCancel => ("release.cancelled", Some(State::Cancelled)),
+        ReleaseExpire => ("release.expired", Some(State::Expired)),
+        ReleaseDeploying => ("release.deploying", Some(State::Deploying)),
+        ReleaseLive => ("release.live", Some(State::Live)),
+        ReleaseFailed => ("release.failed", Some(State::Failed)),
+        ReleaseSuperseded => ("release.superseded", Some(State::Superseded)),
+        ReleaseAdopted
+        | ArtifactUpload
+        | ArtifactBlock
+        | ArtifactPurge
+        | TokenCreate
+        | TokenRevoke
+        | WebLogin
+        | WebLogout
+        | ConfigService
+        | ConfigEnvironment
+        | ConfigServiceRetired
+        | ConfigEnvironmentRetired
+        | RequestRefused
+        | RequestRefusedAggregate
+        | RegistryBackup
+        | RegistryBackupFailed
+        | RegistryRestored
+        | AuditCheckpointMismatch => return None,
     })
 }
 
@@ -244,24 +264,29 @@ mod tests {
 
     #[test]
     fn every_state_has_an_event_and_every_event_an_action() {
-        let entered: Vec<State> = ["release.approve", "release.reject", "release.cancel", "release.expire"]
+        use AuditAction::*;
+        let entered: Vec<State> = [ReleaseApprove, ReleaseReject, ReleaseCancel, ReleaseExpire]
             .into_iter()
-            .chain(["release.deploying", "release.live", "release.failed", "release.superseded"])
+            .chain([ReleaseDeploying, ReleaseLive, ReleaseFailed, ReleaseSuperseded])
             .map(|a| event_for(a).unwrap().1.unwrap())
             .collect();
         for state in State::ALL {
             // pending_approval and approved are also entered by a request (release.requested).
             assert!(entered.contains(&state) || state == State::PendingApproval, "no event enters {state}");
         }
-        let named: Vec<&str> = ["release.deploy", "release.approve", "release.reject", "release.cancel"]
+        let named: Vec<&str> = [ReleaseDeploy, ReleaseApprove, ReleaseReject, ReleaseCancel]
             .into_iter()
-            .chain(["release.expire", "release.deploying", "release.live", "release.failed", "release.superseded"])
+            .chain([ReleaseExpire, ReleaseDeploying, ReleaseLive, ReleaseFailed, ReleaseSuperseded])
             .map(|a| event_for(a).unwrap().0)
             .collect();
         assert_eq!(named, crate::model::webhook::EVENTS);
-        assert_eq!(event_for("release.adopted"), None);
-        assert_eq!(event_for("request.refused"), None);
-        assert_eq!(event_for("request.refused.aggregate"), None);
+        assert_eq!(event_for(ReleaseAdopted), None);
+        assert_eq!(event_for(RequestRefused), None);
+        assert_eq!(event_for(RequestRefusedAggregate), None);
+        // Every action's name reads back as itself.
+        for action in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(action.as_str()), Some(action));
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub use crate::model::webhook::{Attempt, Delivery, EVENTS, Outcome};
 pub use event::{Payload, delivery_id, event_for, signature};
 
 use crate::config::{Format, Webhook};
+use crate::model::audit::AuditAction;
 use crate::model::audit::Event;
 use crate::registry::{Registry, RegistryError};
 use crate::utc;
@@ -149,7 +150,7 @@ impl Worker {
     /// Delivers `event` if this webhook wants it; `Ok(true)` when it was delivered or given up
     /// (the cursor moved past it), `Ok(false)` when it is not one for this webhook.
     async fn handle(&self, event: &Event) -> Result<bool, Stopped> {
-        let Some((name, state)) = event_for(&event.action) else { return Ok(false) };
+        let Some((name, state)) = AuditAction::parse(&event.action).and_then(event_for) else { return Ok(false) };
         let Some(id) = event::release_id(&event.subject) else { return Ok(false) };
         let Some(release) = self.until_ok(move |r| r.release_at_event(id)).await? else {
             tracing::error!(webhook = %self.hook.name, event = event.seq, release = id, "an event names no release");

@@ -32,7 +32,7 @@ fn grow_audit_log(server: &TestServer, n: usize) {
     let events: Vec<_> = (0..n)
         .map(|i| {
             release::audit::NewEvent::by_server(
-                "test.filler",
+                release::audit::AuditAction::ArtifactUpload,
                 format!("filler/{i}"),
                 json!({"note": "an event of an ordinary size, as a release or a refusal writes", "i": i}),
             )

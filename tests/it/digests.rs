@@ -96,7 +96,12 @@ fn a_prefix_naming_several_artifacts_is_refused_naming_them() {
             uploaded_by: "ci".into(),
             uploader_owner: "gitlab".into(),
         };
-        registry.record_artifact(&new, &NewEvent::by_server("artifact.upload", "", serde_json::json!({}))).unwrap();
+        registry
+            .record_artifact(
+                &new,
+                &NewEvent::by_server(release::audit::AuditAction::ArtifactUpload, "", serde_json::json!({})),
+            )
+            .unwrap();
     }
     let out = server.cli().env("RELEASE_TOKEN", &ci).args(["artifact", "show", "cdcdcdcdcdcd"]).assert_exit(3);
     for twin in &twins {

@@ -615,7 +615,11 @@ fn a_deploy_a_killed_server_left_switched_is_put_back_if_its_artifact_was_blocke
         owner: "root".into(),
         blocked_at: String::new(),
     };
-    let event = release::audit::NewEvent::by_server("artifact.block", v2.clone(), json!({"reason": "corrupts orders"}));
+    let event = release::audit::NewEvent::by_server(
+        release::audit::AuditAction::ArtifactBlock,
+        v2.clone(),
+        json!({"reason": "corrupts orders"}),
+    );
     let (_, cancelled) = registry.block_artifact(v2.parse().unwrap(), &block, &event).unwrap();
     assert!(cancelled.is_empty(), "a deploying release is not cancelled: {cancelled:?}");
     drop(registry);

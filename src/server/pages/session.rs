@@ -13,6 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::render;
+use crate::model::audit::AuditAction;
 use crate::refusals::{Refused, Token};
 use crate::server::AppState;
 use crate::server::auth::{self, ActorSlot};
@@ -242,7 +243,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
     let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
     let event = crate::audit::NewEvent::by(
         &principal,
-        "web.login",
+        AuditAction::WebLogin,
         format!("token/{}", principal.name),
         serde_json::json!({"expires_at": expires}),
     );
@@ -272,7 +273,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
             registry.end_session(&hash, |name, owner| crate::audit::NewEvent {
                 actor: name.to_owned(),
                 owner: owner.to_owned(),
-                action: "web.logout".into(),
+                action: AuditAction::WebLogout,
                 subject: format!("token/{name}"),
                 details: serde_json::json!({}),
             })
