@@ -1,0 +1,341 @@
+//! Prepare: fetch or take the artifact, unpack it, link the shared paths, finalize, seal,
+//! mark it ready; and the shared files' fingerprints a finalize ran with.
+
+use super::*;
+
+pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, NodeError> {
+    let layout = Layout { base: p.base.clone() };
+    layout.create()?;
+    let _lock = layout.lock()?;
+    layout.fence(p.fence)?;
+    let live = if p.adopt && layout.current_is_plain_dir() {
+        None
+    } else {
+        layout.current_digest()? // refuses a base that holds an application deployed another way
+    };
+    let dir = layout.release(p.digest);
+    let ready = layout.ready(p.digest);
+    let reused = dir.is_dir() && ready.exists();
+    if reused {
+        if p.source == Source::Stdin {
+            drain(input);
+        }
+        if p.finalize.is_empty() {
+            // Nothing to run (a rollback): prepare is only this check.
+            return Ok(Prepared {
+                dir,
+                reused: true,
+                refinalized: false,
+                output: "artifact: already here, ready".into(),
+            });
+        }
+        let shared_now = shared_fingerprints(&layout, &p.shared);
+        if p.finalize_if_shared_changed {
+            let recorded = fs::read(layout.finalized_with(p.digest)).ok();
+            let then: Option<Vec<SharedEntry>> = recorded.and_then(|r| serde_json::from_slice(&r).ok());
+            if then.as_ref() == Some(&shared_now) {
+                let output = format!(
+                    "artifact: already here, ready; finalized with the shared files as they are: {}",
+                    describe_shared(&shared_now)
+                );
+                return Ok(Prepared { dir, reused: true, refinalized: false, output });
+            }
+            // Changed since (or never noted): finalize again, writing only where the kind
+            // writes (its writable paths, and shared/ through its links).
+            let env = release_env(&layout, p.digest, &p.env);
+            share_writable(&dir, &p.writable, &p.run_as)?;
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
+            note_finalized(&layout, p.digest, &shared_now)?;
+            sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
+            let changed = match &then {
+                Some(then) => format!("shared files changed since it was finalized (was: {})", describe_shared(then)),
+                None => "no note of the shared files it was finalized with".to_owned(),
+            };
+            let output = format!(
+                "artifact: already here; {changed}: finalized again with {}\n{finalized}",
+                describe_shared(&shared_now)
+            );
+            return Ok(Prepared { dir, reused: true, refinalized: true, output });
+        }
+        set_writable(&dir).map_err(|e| io_error(&dir, e))?;
+        // Finalize runs again (a changed shared/.env is picked up); the release stays ready
+        // whatever it does, so a failure never strands a node that can switch back to it.
+        let env = release_env(&layout, p.digest, &p.env);
+        let finalized = share_writable(&dir, &p.writable, &p.run_as)
+            .and_then(|()| run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as));
+        set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+        if finalized.is_ok() {
+            note_finalized(&layout, p.digest, &shared_now)?;
+        }
+        sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
+        let output = format!("artifact: already here, finalized again\n{}", finalized?);
+        return Ok(Prepared { dir, reused: true, refinalized: false, output });
+    } else {
+        if p.source == Source::Present {
+            return Err(NodeError::new(ErrorCode::Missing, format!("{} is not on this node", p.digest)));
+        }
+        if live == Some(p.digest) {
+            return Err(NodeError::new(
+                ErrorCode::LiveUnready,
+                format!("{} is what current points at, but it is not marked ready: not touched", dir.display()),
+            ));
+        }
+        if dir.exists() {
+            // Left unready by a crash: redone.
+            remove_tree(&dir).map_err(|e| io_error(&dir, e))?;
+        }
+        let tmp = layout.releases().join(format!(".tmp-{}", p.digest.hex()));
+        remove_tree(&tmp).map_err(|e| io_error(&tmp, e))?;
+        let options = CheckOptions {
+            max_unpacked_bytes: p.max_unpacked_bytes,
+            max_files: p.max_files,
+            shared: p.shared.clone(),
+            record_migrations: false,
+        };
+        // Without finalize hooks nothing runs in the tree before it is sealed, so its files
+        // are written read-only at once and only its directories are sealed afterwards.
+        let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
+        let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
+        let unpacked = match &p.source {
+            Source::Stdin => unpack(input, &tmp, &options, p.digest, modes),
+            Source::Url(url) | Source::Server(url) => {
+                let stall = p.fetch_stall_timeout();
+                let response = Fetched { inner: fetch(url, stall)?, stall, failed: stalled.clone() };
+                unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest, modes)
+            }
+            Source::Present => unreachable!("answered above"),
+        };
+        // A fetch that failed mid-way is the cause, whatever the unpacker made of the cut.
+        if unpacked.is_err()
+            && let Some(why) = stalled.take()
+        {
+            let _ = remove_tree(&tmp);
+            return Err(NodeError::new(ErrorCode::Fetch, why));
+        }
+        let unpacked = unpacked.map_err(|e| match e {
+            crate::node::UnpackError::DigestMismatch { .. } => NodeError::new(ErrorCode::DigestMismatch, e.to_string()),
+            crate::node::UnpackError::Unsafe(_) => NodeError::new(ErrorCode::UnsafeArchive, e.to_string()),
+            crate::node::UnpackError::Write { ref source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+                NodeError::new(ErrorCode::DiskFull, e.to_string())
+            }
+            crate::node::UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
+        })?;
+        fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
+        sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
+        let mut dirs = unpacked.dirs;
+        link_shared(&layout, &dir, &p.shared, &mut dirs)?;
+        if let Modes::Sealed(writable) = modes {
+            seal_dirs(&dir, &dirs, writable).map_err(|e| io_error(&dir, e))?;
+        }
+    }
+    let env = release_env(&layout, p.digest, &p.env);
+    let shared_now = shared_fingerprints(&layout, &p.shared);
+    if !p.finalize.is_empty() {
+        share_writable(&dir, &p.writable, &p.run_as)?;
+    }
+    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
+    if !p.finalize.is_empty() {
+        note_finalized(&layout, p.digest, &shared_now)?;
+    }
+    if !p.finalize.is_empty() {
+        set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    }
+    // What finalize wrote, the links and the modes are on disk before the marker says ready.
+    sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
+    fs::write(&ready, b"").map_err(|e| io_error(&ready, e))?;
+    sync_dir(ready.parent().expect("ready has a parent")).map_err(|e| io_error(&ready, e))?;
+    let how = match p.source {
+        Source::Url(_) => "fetched from the object store (presigned URL)",
+        Source::Server(_) => "fetched from the release server (signed URL)",
+        _ => "streamed from the server",
+    };
+    Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}\n{output}") })
+}
+
+/// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
+/// client, each read of its body after that: a transfer that stops bringing bytes fails
+/// after `stall` instead of holding the deploy until the server's command timeout.
+pub(super) fn fetch(url: &str, stall: Duration) -> Result<reqwest::blocking::Response, NodeError> {
+    let response = reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(stall)
+        .build()
+        .map_err(|e| NodeError::new(ErrorCode::Fetch, e.to_string()))?
+        .get(url)
+        .send()
+        // Without the URL: it carries the signature, and this text is stored with the phase.
+        .map_err(|e| NodeError::new(ErrorCode::Fetch, format!("cannot fetch the artifact: {}", e.without_url())))?;
+    if !response.status().is_success() {
+        return Err(NodeError::new(ErrorCode::Fetch, format!("fetching the artifact: HTTP {}", response.status())));
+    }
+    Ok(response)
+}
+
+/// The body of a fetch, remembering why it failed (a read that timed out: it stalled), so that
+/// the answer names the fetch rather than what the unpacker made of the cut-off stream.
+pub(super) struct Fetched {
+    inner: reqwest::blocking::Response,
+    stall: Duration,
+    failed: std::rc::Rc<std::cell::Cell<Option<String>>>,
+}
+
+impl Read for Fetched {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        self.inner.read(buf).inspect_err(|e| {
+            let why = if started.elapsed() >= self.stall {
+                format!(
+                    "the artifact fetch stalled: no byte for {} s (limits.node_fetch_stall_timeout)",
+                    self.stall.as_secs()
+                )
+            } else {
+                format!("the artifact fetch failed: {e}")
+            };
+            self.failed.set(Some(why));
+        })
+    }
+}
+
+/// Links each shared path of the release to `<base>/shared/<path>` with a relative symlink;
+/// the directories it has to make for them are added to `dirs` (relative to `dir`).
+pub(super) fn link_shared(
+    layout: &Layout,
+    dir: &Path,
+    shared: &[String],
+    dirs: &mut Vec<PathBuf>,
+) -> Result<(), NodeError> {
+    for path in shared {
+        let target = layout.shared().join(path);
+        if fs::symlink_metadata(&target).is_err() {
+            return Err(NodeError::new(
+                ErrorCode::SharedMissing,
+                format!(
+                    "{} does not exist: create it (file or directory) on this node before deploying",
+                    target.display()
+                ),
+            ));
+        }
+        let link = dir.join(path);
+        // A link placed through a symlinked parent would land somewhere else.
+        let mut parent = dir.to_path_buf();
+        for component in Path::new(path).parent().into_iter().flat_map(Path::components) {
+            parent.push(component);
+            if fs::symlink_metadata(&parent).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(NodeError::new(
+                    ErrorCode::SharedThroughLink,
+                    format!(
+                        "the artifact makes {} a symbolic link, so shared {path} cannot be linked there",
+                        parent.display()
+                    ),
+                ));
+            }
+        }
+        if fs::symlink_metadata(&link).is_ok() {
+            return Err(NodeError::new(
+                ErrorCode::SharedInArtifact,
+                format!(
+                    "the artifact contains {path}, which the service keeps in shared/: leave it out of the package"
+                ),
+            ));
+        }
+        for parent in Path::new(path).ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+            let absolute = dir.join(parent);
+            if fs::symlink_metadata(&absolute).is_err() {
+                dirs.push(parent.to_owned());
+            }
+        }
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        // From <base>/releases/<hex>/<parents of path> up to <base>, then down to shared/.
+        let depth = 2 + Path::new(path).components().count() - 1;
+        let relative = format!("{}shared/{path}", "../".repeat(depth));
+        std::os::unix::fs::symlink(&relative, &link).map_err(|e| io_error(&link, e))?;
+    }
+    Ok(())
+}
+
+/// Removes every write bit in the release, except under `writable` paths.
+pub(super) fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
+    walk_modes(dir, &mut |path, meta| {
+        if is_writable(path.strip_prefix(dir).expect("walked under dir"), writable) {
+            return Ok(());
+        }
+        let mode = meta.permissions().mode();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o222))
+    })
+}
+
+/// Seals the directories of a release whose files were written read-only already: the same
+/// modes as [`set_read_only`] gives, without walking every file.
+pub(super) fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()> {
+    for relative in dirs {
+        if is_writable(relative, writable) {
+            continue;
+        }
+        let path = dir.join(relative);
+        let meta = fs::symlink_metadata(&path)?;
+        // A directory entry at the path of an earlier symlink made nothing of its own: as the
+        // walk does, never seal through a link.
+        if !meta.is_dir() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        fs::set_permissions(&path, fs::Permissions::from_mode((mode | 0o500) & !0o222))?;
+    }
+    Ok(())
+}
+
+/// Gives the owner write permission back (before finalize runs again on a reused release).
+pub(super) fn set_writable(dir: &Path) -> io::Result<()> {
+    walk_modes(dir, &mut |path, meta| {
+        let mode = meta.permissions().mode();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))
+    })
+}
+
+/// What each shared path holds now, as [`shared_file`] says.
+pub(super) fn shared_fingerprints(layout: &Layout, shared: &[String]) -> Vec<SharedEntry> {
+    shared.iter().map(|path| shared_file(&layout.shared(), path)).collect()
+}
+
+/// `.env sha256:0123456789ab, storage (directory)`, for a phase's output.
+pub(super) fn describe_shared(fingerprints: &[SharedEntry]) -> String {
+    let described: Vec<String> = fingerprints
+        .iter()
+        .map(|f| match f.sha256 {
+            Some(sha) => format!("{} {}", f.path, &sha.to_string()[..19]),
+            None => format!("{} ({})", f.path, f.kind.as_str()),
+        })
+        .collect();
+    if described.is_empty() { "none".to_owned() } else { described.join(", ") }
+}
+
+/// Notes which shared files a release's finalize hooks ran with (temp name, rename).
+pub(super) fn note_finalized(layout: &Layout, digest: Digest, fingerprints: &[SharedEntry]) -> Result<(), NodeError> {
+    let path = layout.finalized_with(digest);
+    let dir = path.parent().expect("under .release");
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let tmp = dir.join(format!(".tmp-{}", digest.hex()));
+    fs::write(&tmp, serde_json::to_vec(fingerprints).expect("serializes")).map_err(|e| io_error(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))
+}
+
+/// What a shared path holds: a file's SHA-256 (never its contents), or only that it is a
+/// directory (data, not configuration) or missing.
+pub(super) fn shared_file(shared: &Path, path: &str) -> SharedEntry {
+    let full = shared.join(path);
+    let entry = |kind, sha256| SharedEntry { path: path.to_owned(), kind, sha256 };
+    match fs::metadata(&full) {
+        Ok(meta) if meta.is_dir() => entry(SharedKind::Directory, None),
+        Ok(meta) if meta.is_file() && meta.len() <= SHARED_HASH_LIMIT => {
+            match fs::File::open(&full).and_then(Digest::of_reader) {
+                Ok(digest) => entry(SharedKind::File, Some(digest)),
+                Err(_) => entry(SharedKind::Unreadable, None),
+            }
+        }
+        // A FIFO or a device would block the switch; a huge file would slow it.
+        Ok(_) => entry(SharedKind::Unreadable, None),
+        Err(_) => entry(SharedKind::Missing, None),
+    }
+}

@@ -1,0 +1,203 @@
+//! Unit tests of the node agent's operations on real directories.
+
+use super::hooks::sudo_refusal;
+use super::prepare::set_writable;
+use super::*;
+
+fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        found.push((
+            dir.strip_prefix(root).unwrap().to_owned(),
+            fs::symlink_metadata(&dir).unwrap().permissions().mode(),
+        ));
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if !meta.file_type().is_symlink() {
+                found.push((path.strip_prefix(root).unwrap().to_owned(), meta.permissions().mode()));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Files written read-only at once (no finalize hook) end with exactly the modes that the
+/// walk after a finalize hook gives: writable paths left alone, shared links' new parents
+/// sealed too.
+#[test]
+fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
+    // Built by hand: the packer never writes hard links, other tools do.
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, body, mode) in [
+        ("public/index.php", "<?php", 0o644),
+        ("vendor/a/b/C.php", "<?php", 0o644),
+        ("cache/views/x", "x", 0o644),
+        ("cache/data/y", "y", 0o644),
+        ("artisan", "#!", 0o755),
+    ] {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(body.len() as u64);
+        header.set_mode(mode);
+        tar.append_data(&mut header, path, body.as_bytes()).unwrap();
+    }
+    // One inode at a writable and at a sealed path: read-only, by either way.
+    let mut link = tar::Header::new_ustar();
+    link.set_entry_type(tar::EntryType::Link);
+    link.set_size(0);
+    link.set_mode(0o644);
+    tar.append_link(&mut link, "public/y", "cache/data/y").unwrap();
+    let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let digest = Digest::of(&bytes);
+
+    let mut trees = Vec::new();
+    for finalize in [vec!["true".to_owned()], vec![]] {
+        let base = tempfile::tempdir().unwrap();
+        fs::create_dir_all(base.path().join("shared/data/uploads")).unwrap();
+        fs::write(base.path().join("shared/.env"), "A=1").unwrap();
+        let request = Prepare {
+            base: base.path().to_owned(),
+            digest,
+            source: Source::Stdin,
+            shared: vec![".env".into(), "data/uploads".into()],
+            writable: vec!["cache".into()],
+            finalize,
+            env: BTreeMap::new(),
+            max_unpacked_bytes: 1 << 20,
+            max_files: 100,
+            adopt: false,
+            hook_timeout_ms: None,
+            fence: 0,
+            fetch_stall_ms: None,
+            finalize_if_shared_changed: false,
+            run_as: RunAs::default(),
+        };
+        let answer = prepare(&request, &mut &bytes[..]).unwrap();
+        let dir = answer.dir;
+        trees.push(modes_of(&dir));
+        set_writable(&dir).unwrap(); // so that the temporary directory can be removed
+    }
+    assert_eq!(trees[0], trees[1]);
+    let mode = |path: &str| trees[1].iter().find(|(p, _)| p == Path::new(path)).unwrap().1 & 0o777;
+    assert_eq!(mode(""), 0o555);
+    assert_eq!(mode("data"), 0o555, "made for a shared link, sealed too");
+    assert_eq!(mode("public/index.php"), 0o444);
+    assert_eq!(mode("artisan"), 0o555);
+    assert_eq!(mode("cache/views/x") & 0o200, 0o200, "writable path left writable");
+    assert_eq!(mode("cache/views") & 0o200, 0o200);
+    assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
+}
+
+#[test]
+fn a_hook_users_group_gets_the_writable_paths_or_the_refusal_says_how() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("cache/views")).unwrap();
+    fs::write(dir.path().join("cache/views/x"), "x").unwrap();
+    fs::create_dir_all(dir.path().join("app")).unwrap();
+    let (_, nogroup) = user_ids("nobody").expect("Debian has nobody");
+    let run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
+    let shared = share_writable(dir.path(), &["cache".into()], &run_as);
+    if rustix::process::geteuid().is_root() {
+        shared.unwrap();
+        for path in ["cache", "cache/views", "cache/views/x"] {
+            let meta = fs::metadata(dir.path().join(path)).unwrap();
+            assert_eq!(meta.gid(), nogroup, "{path}");
+            let want = if meta.is_dir() { 0o2070 } else { 0o060 };
+            assert_eq!(meta.permissions().mode() & want, want, "{path}: {:o}", meta.permissions().mode());
+        }
+        assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup, "only writable paths");
+    } else {
+        let err = shared.unwrap_err().to_string();
+        assert!(err.contains("make the SSH user a member"), "{err}");
+    }
+    // Without a user (or for a reload's php commands only), nothing is touched.
+    let plain = RunAs { user: Some("nobody".into()), umask: None, php_only: true };
+    share_writable(dir.path(), &["app".into()], &plain).unwrap();
+    assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup);
+}
+
+fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Ran, NodeError> {
+    exec(&Exec {
+        base: base.to_owned(),
+        digest: Some(digest),
+        commands: vec![command.to_owned()],
+        env: BTreeMap::new(),
+        hook_timeout_ms: None,
+        fence,
+        run_as: RunAs::default(),
+    })
+}
+
+#[test]
+fn hooks_are_fenced_like_every_change() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    layout.create().unwrap();
+    let digest = Digest::of(b"release");
+    fs::create_dir_all(layout.release(digest)).unwrap();
+    layout.fence(100).unwrap();
+    let refused = exec_in(base.path(), digest, "echo ran > ran", 50).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Fenced, "{}", refused.message);
+    assert!(!layout.release(digest).join("ran").exists(), "a stale run's hook never starts");
+    exec_in(base.path(), digest, "echo ran > ran", 100).unwrap();
+    assert!(layout.release(digest).join("ran").exists());
+}
+
+/// The lock dies with the agent that held it; a hook it started may live on, in its own
+/// process group. The next hook waits for that group, and gives up after the lock's wait.
+#[test]
+fn a_hook_whose_agent_died_is_waited_for_and_refused_after_the_wait() {
+    use std::os::unix::process::CommandExt;
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    layout.create().unwrap();
+    let digest = Digest::of(b"release");
+    fs::create_dir_all(layout.release(digest)).unwrap();
+    let started = |seconds: u64| {
+        let child = Command::new("sleep").arg(seconds.to_string()).process_group(0).spawn().unwrap();
+        layout.record_hook(child.id(), &format!("php artisan migrate # {seconds} s")).unwrap();
+        let pid = child.id();
+        // Reaped as soon as it ends (a zombie still counts as a member of its group).
+        let reaper = std::thread::spawn(move || {
+            let mut child = child;
+            child.wait().unwrap()
+        });
+        (pid, reaper)
+    };
+    let overlap = |pid: u32| format!("if kill -0 {pid} 2>/dev/null; then echo overlap; else echo after; fi");
+
+    let (pid, reaper) = started(1);
+    let output = exec_in(base.path(), digest, &overlap(pid), 0).unwrap();
+    assert!(output.output.contains("after"), "{}", output.output);
+    reaper.join().unwrap();
+    assert!(!layout.hook_record().exists(), "the note of a hook that ended is removed");
+
+    let (pid, reaper) = started(LOCK_WAIT.as_secs() + 3);
+    let refused = exec_in(base.path(), digest, &overlap(pid), 0).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Locked);
+    assert!(
+        refused.message.contains("php artisan migrate") && refused.message.contains(&pid.to_string()),
+        "{}",
+        refused.message
+    );
+    reaper.join().unwrap();
+}
+
+/// sudo's complaints on its stderr are told apart from a hook's own failure, and say what
+/// to do: the sudoers line for the SSH user, or that the user does not exist.
+#[test]
+fn sudos_refusals_are_told_apart_and_name_the_fix() {
+    let me = agent_user();
+    let refused = sudo_refusal("sudo: a password is required\n", "www-data").unwrap();
+    assert!(refused.contains("sudo refused (sudo: a password is required)"), "{refused}");
+    assert!(refused.contains(&format!("`{me} ALL=(www-data) NOPASSWD: ALL`")), "{refused}");
+    let unknown =
+        sudo_refusal("sudo: unknown user wwwdata\nsudo: error initializing audit plugin\n", "wwwdata").unwrap();
+    assert!(unknown.contains("not a user on this node") && !unknown.contains("NOPASSWD"), "{unknown}");
+    assert_eq!(sudo_refusal("", "www-data"), None, "the hook ran: its failure is its own");
+}
