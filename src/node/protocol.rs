@@ -3,6 +3,9 @@
 //! refuses with, and the protocol's version. The server writes requests and reads answers
 //! through these same types, so a renamed field is a compile error, not a check that
 //! silently became true.
+//!
+//! Long on purpose (~640 lines with its tests): the whole contract between server and agent
+//! in one file, so that a change to it is seen whole.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

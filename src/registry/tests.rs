@@ -1,5 +1,7 @@
 //! The registry against a real SQLite file: append-only history, tokens, releases, leases,
 //! scopes in queries, migrations.
+//!
+//! Long on purpose: one fixture (a real SQLite file) for every table family's rules.
 
 use super::*;
 use crate::digest::Digest;

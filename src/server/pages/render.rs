@@ -1,5 +1,7 @@
 //! The pages' HTML, checked at compile time (maud): every value is escaped; nothing inline
 //! that the Content-Security-Policy would have to allow (no script, no style attribute).
+//!
+//! Long on purpose: every page's template, flat maud markup that reads top to bottom.
 
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
