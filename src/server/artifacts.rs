@@ -284,12 +284,7 @@ async fn blob(
         Ranged::Whole => (StatusCode::OK, None),
         Ranged::Part(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
         Ranged::Unsatisfiable => {
-            let mut response = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("the artifact has {size} bytes"),
-            )
-            .into_response();
+            let mut response = ApiError::range_not_satisfiable(size).into_response();
             response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
             return Ok(response);
         }
@@ -306,7 +301,7 @@ pub async fn node_fetch(
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&digest)?;
     crate::deploy::fetch::verify(digest, q.expires, &q.sig, crate::utc::now().unix_timestamp())
-        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+        .map_err(|e| ApiError::forbidden(e.to_string()))?;
     let registry = Arc::clone(&state.ingestor.registry);
     let (artifact, block) =
         blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_block(digest)?)))
@@ -314,11 +309,7 @@ pub async fn node_fetch(
     let artifact = artifact.ok_or_else(|| ApiError::not_found(format!("no artifact {digest}")))?;
     // A URL handed out before the artifact was blocked opens nothing after.
     if let Some(block) = block {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "blocked",
-            format!("artifact {digest} is blocked: {}", block.reason),
-        ));
+        return Err(ApiError::blocked(format!("artifact {digest} is blocked: {}", block.reason)));
     }
     bytes_of(&state, &artifact, StatusCode::OK, None).await
 }
@@ -340,11 +331,10 @@ async fn bytes_of(
     let size = artifact.size;
     let stream = match state.store.read_artifact(artifact.digest, range.clone()).await {
         Err(crate::store::StoreError::NotFound { .. }) => {
-            return Err(ApiError::new(
-                StatusCode::GONE,
-                "purged",
-                format!("the bytes of {} were purged; upload them again to restore them", artifact.digest),
-            ));
+            return Err(ApiError::purged(format!(
+                "the bytes of {} were purged; upload them again to restore them",
+                artifact.digest
+            )));
         }
         other => other?,
     };

@@ -30,7 +30,9 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// Every refusal's status is chosen in this file: handlers and middleware use the named
+    /// constructors below, or a domain error's `From`.
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into(), retry_after: None, close: false, out_of_scope: None }
     }
 
@@ -61,6 +63,53 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 416: a `Range` outside the artifact's `size` bytes (the handler adds `Content-Range`).
+    pub fn range_not_satisfiable(size: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            format!("the artifact has {size} bytes"),
+        )
+    }
+
+    /// 409: the artifact is blocked; nothing opens it.
+    pub fn blocked(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "blocked", message)
+    }
+
+    /// 410: the artifact's bytes were purged (its record stays).
+    pub fn purged(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::GONE, "purged", message)
+    }
+
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+    }
+
+    /// 408: the request's body did not come in time (the connection is closed).
+    pub fn request_timeout(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).closing()
+    }
+
+    /// 503: the answer did not come within `limits.request_timeout`.
+    pub fn timeout(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+    }
+
+    /// 503: the server is stopping.
+    pub fn stopping() -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the server is stopping")
+    }
+
+    /// 413: a body over its limit (the connection is closed: the rest is not read).
+    pub fn payload_too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message).closing()
     }
 
     fn internal(what: &str, error: &dyn std::error::Error) -> ApiError {

@@ -10,7 +10,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -55,7 +55,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         Err(_) => {
             let message =
                 format!("the request's body did not arrive within {} (limits.request_timeout)", limits.request_timeout);
-            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).closing().into_response();
+            return ApiError::request_timeout(message).into_response();
         }
     };
     parts.extensions.insert(Deadline(deadline));
@@ -63,9 +63,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     match tokio::time::timeout_at(deadline, handler).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Ok(Err(_)) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the server is stopping").into_response()
-        }
+        Ok(Err(_)) => ApiError::stopping().into_response(),
         Err(_) => {
             tracing::warn!("a request was not answered within limits.request_timeout; it finishes in the background");
             let message = format!(
@@ -73,7 +71,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
                  background: look before trying it again",
                 limits.request_timeout
             );
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message).into_response()
+            ApiError::timeout(message).into_response()
         }
     }
 }
@@ -83,7 +81,7 @@ fn too_large(limit: u64) -> Response {
         "the request body is larger than {} (limits.max_body_bytes); only uploads may be larger",
         crate::config::ByteSize(limit)
     );
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message).closing().into_response()
+    ApiError::payload_too_large(message).into_response()
 }
 
 enum Unread {

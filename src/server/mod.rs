@@ -357,9 +357,7 @@ pub fn router(state: AppState) -> Router {
         // Every route: a small body and a deadline, but the upload (see `limits`).
         .route_layer(middleware::from_fn_with_state(state.clone(), limits::guard))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
-        })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         // The guard has read every body the extractors see; this only keeps them in step.
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes.0 as usize))
         .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
