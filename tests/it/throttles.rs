@@ -1,7 +1,7 @@
 //! The requests that make the server work hard are served fresh at a bounded rate:
 //! `GET /v1/audit/verify` walks the whole chain, so an answer is reused while the chain's head
 //! has not moved, and each token gets one fresh walk per `limits.verify_interval` (429 with
-//! `Retry-After` otherwise). (`status --nodes`: see `nodes::status_nodes_reports_drift`.)
+//! `Retry-After` otherwise). (`status --nodes`: see `nodes::status::status_nodes_reports_drift`.)
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
