@@ -111,36 +111,61 @@ fn room(base: &Path, needed: u64) -> Row {
     }
 }
 
-/// Runs a command with a time limit; its status and output (stdout and stderr, trimmed).
+/// Runs a command with a time limit; its status and output (stdout and stderr, trimmed, cut
+/// to 2,000 characters for a row).
 fn run(
     program: &str,
     args: &[&str],
     dir: Option<&Path>,
     env: &std::collections::BTreeMap<String, String>,
 ) -> Option<(bool, String)> {
+    let (ok, stdout, stderr) = run_whole(program, args, dir, env)?;
+    let text = format!("{stdout}{stderr}");
+    Some((ok, text.trim().chars().take(2_000).collect()))
+}
+
+/// Runs a command with a time limit; its status, its whole stdout and its stderr. Both pipes
+/// are read while it runs (a command writing more than a pipe holds would otherwise wait
+/// for a reader until the time limit: `pm2 jlist` holds every process's environment).
+fn run_whole(
+    program: &str,
+    args: &[&str],
+    dir: Option<&Path>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Option<(bool, String, String)> {
+    use std::io::Read;
     let mut command = Command::new(program);
     command.args(args).envs(env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(dir) = dir {
         command.current_dir(dir);
     }
     let mut child = command.spawn().ok()?;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take()?));
+    let stderr = drain(Box::new(child.stderr.take()?));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Some((false, format!("`{program}` gave no answer within 20 s")));
+            break None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    match status {
+        Some(status) => Some((status.success(), stdout, stderr)),
+        None => Some((false, String::new(), format!("`{program}` gave no answer within 20 s"))),
     }
-    let out = child.wait_with_output().ok()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    let text: String = text.trim().chars().take(2_000).collect();
-    Some((out.status.success(), text))
 }
 
 fn artisan(current: &Path, deployed: bool, env: &std::collections::BTreeMap<String, String>) -> Row {
@@ -200,11 +225,13 @@ fn sudo_allowed(command: &str) -> Row {
 }
 
 fn pm2(app: &str, base: &Path, deployed: bool, env: &std::collections::BTreeMap<String, String>) -> Row {
-    let Some((ok, out)) = run("pm2", &["jlist"], None, env) else {
+    // The whole list: every process carries its environment, kilobytes each.
+    let Some((ok, out, err)) = run_whole("pm2", &["jlist"], None, env) else {
         return fail("pm2", "pm2 is not on the PATH of the SSH user (set the service's env PATH and PM2_HOME)");
     };
     if !ok {
-        return fail("pm2", format!("pm2 jlist failed: {out}"));
+        let said: String = format!("{out}{err}").trim().chars().take(2_000).collect();
+        return fail("pm2", format!("pm2 jlist failed: {said}"));
     }
     let json_start = out.find('[').unwrap_or(0);
     let list: Vec<Value> = serde_json::from_str(&out[json_start..]).unwrap_or_default();
@@ -293,5 +320,49 @@ fn ownership(base: &Path, shared: &[String], user: &str) -> Row {
                 shown.join(", ")
             ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `pm2` on PATH that answers `jlist` with `list`.
+    fn fake_pm2(list: &Value) -> (tempfile::TempDir, std::collections::BTreeMap<String, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("list.json"), list.to_string()).unwrap();
+        let script = format!("#!/bin/sh\ncat {}\n", dir.path().join("list.json").display());
+        let pm2 = dir.path().join("pm2");
+        std::fs::write(&pm2, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pm2, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("{}:/usr/bin:/bin", dir.path().display());
+        (dir, [("PATH".to_owned(), path)].into())
+    }
+
+    #[test]
+    fn the_pm2_row_reads_a_list_longer_than_a_row_and_than_a_pipe_holds() {
+        // Each PM2 process carries its whole environment: real lists run to kilobytes per
+        // process. This one is ~200 KB: past the 2,000 characters a row keeps, and past the
+        // 64 KiB a pipe holds before its writer waits for a reader.
+        let base = Path::new("/srv/storefront");
+        let env: serde_json::Map<String, Value> =
+            (0..1000).map(|i| (format!("VAR_{i}"), json!("x".repeat(90)))).collect();
+        let process = |name: &str, mode: &str| json!({"name": name, "pid": 1, "pm2_env": {"pm_cwd": "/srv/storefront/current", "exec_mode": mode, "env": env}});
+        let list = json!([
+            process("server", "fork_mode"),
+            process("storefront", "cluster_mode"),
+            process("storefront", "cluster_mode")
+        ]);
+        assert!(list.to_string().len() > 150_000);
+        let (_dir, path) = fake_pm2(&list);
+        let row = pm2("storefront", base, true, &path);
+        assert_eq!(row.status, "pass", "{}", row.message);
+        assert!(row.message.contains("2 process(es) in cluster mode"), "{}", row.message);
+
+        let (_dir, path) = fake_pm2(&json!([process("server", "fork_mode")]));
+        let row = pm2("storefront", base, true, &path);
+        assert_eq!(row.status, "fail", "{}", row.message);
+        assert!(row.message.contains("PM2 runs no app named storefront"), "{}", row.message);
     }
 }
