@@ -16,6 +16,7 @@ mod hostile_nodes;
 mod large;
 mod load;
 mod metrics;
+mod migrating;
 mod nodes;
 mod openapi;
 mod packaging;

@@ -81,14 +81,15 @@ impl SshNode {
         // (SHLVL >= 2). Root's .bashrc on these machines runs `pyenv init`, whose rehash takes
         // a lock: a session killed mid-rehash (the fault tests kill sshd) left the lock behind
         // and every later command of every node waited 60 s for it. The nodes' own user, not
-        // root's Python set-up, is what the tests are about.
+        // root's Python set-up, is what the tests are about. SFTP, as Debian's sshd offers it:
+        // scp speaks it (docs/migrating.md copies a .env with scp).
         std::fs::write(
             dir.join("sshd_config"),
             format!(
                 "ListenAddress {address}:{port}\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
                  StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n\
-                 SetEnv SHLVL=5\n{extra}",
+                 SetEnv SHLVL=5\nSubsystem sftp internal-sftp\n{extra}",
                 dir = dir.display()
             ),
         )
