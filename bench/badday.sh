@@ -28,7 +28,8 @@
 #      Measured from the exec of the new server (bash's $EPOCHREALTIME, written by the shell
 #      that then execs it): to a TCP connect to the port succeeding (a probe every 1 ms), to
 #      /healthz answering 200, and to the interrupted release's final transition (its
-#      record); API requests refused (connection refused) after the exec, and in the gap
+#      record); API requests refused (connection refused) once the port accepted (0 is the
+#      goal), between the exec and that (the process starting: a few ms), and in the gap
 #      between the kill and the exec (nothing listens there: expected); the slowest API
 #      answer after the exec (requests waiting in the listen backlog); and the answer to a
 #      deploy of the same cell asked once /healthz answers (409 `recovering` expected).
@@ -294,7 +295,7 @@ def report(root):
     cold = [m for m in marks if m["kind"] == "cold"]
 
     def figures(ms):
-        out = {k: [] for k in ("accept", "healthz", "resolved", "refused_after", "refused_gap", "other", "slowest", "app")}
+        out = {k: [] for k in ("accept", "healthz", "resolved", "refused_bind", "refused_after", "refused_gap", "other", "slowest", "app")}
         for m in ms:
             p = json.load(open(m["probe"]))
             ex = p["exec"]
@@ -303,7 +304,9 @@ def report(root):
             if m.get("id") is not None:
                 out["resolved"].append(ts(show(m["id"])["transitions"][-1]["at"]) - ex)
             t1 = m["t1"]
-            out["refused_after"].append(seen(api, ex, t1, lambda o: o == "refused"))
+            bound = p["accept"] or t1
+            out["refused_bind"].append(seen(api, ex, bound, lambda o: o == "refused"))
+            out["refused_after"].append(seen(api, bound, t1, lambda o: o == "refused"))
             out["refused_gap"].append(seen(api, m["kill"], ex, lambda o: o == "refused"))
             out["other"].append(seen(api, m["kill"], t1, lambda o: o not in ("200", "refused")))
             out["slowest"].append(max([(b - a) * 1000 for a, b, o in api if ex <= a <= t1 and o == "200"], default=None))
@@ -321,7 +324,8 @@ def report(root):
     brow("exec -> port accepts a connection", "accept", "ms", 1)
     brow("exec -> /healthz answers 200", "healthz", "ms", 1)
     brow("exec -> interrupted deploy resolved", "resolved", "s", 2)
-    brow("API requests refused after the exec", "refused_after", "", 0)
+    brow("API refused once the port accepted", "refused_after", "", 0)
+    brow("API refused, exec -> port accepted", "refused_bind", "", 0)
     brow("API refused, kill -> exec (nothing runs)", "refused_gap", "", 0)
     brow("API answers other than 200/refused", "other", "", 0)
     brow("slowest API 200 after the exec", "slowest", "ms", 1)
