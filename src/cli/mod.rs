@@ -279,12 +279,12 @@ impl Output {
         bar.with_message(message.to_owned())
     }
 
+    /// Prints the answer on stdout. A reader that went away (`| head -n 1`) is not an error
+    /// of ours: what it did not read is dropped, no panic.
     pub fn print(&self, json: &serde_json::Value, human: impl FnOnce() -> String) {
-        if self.json {
-            println!("{json}");
-        } else {
-            println!("{}", human());
-        }
+        use std::io::Write;
+        let text = if self.json { json.to_string() } else { human() };
+        let _ = writeln!(std::io::stdout(), "{text}");
     }
 }
 

@@ -23,9 +23,13 @@ pub fn run(args: Args, output: Output) -> Result<(), Failure> {
         None => default_output(&args.dir)?,
     };
     let packed = pack_with_progress(&args.dir, &args.exclude, &target, output)?;
+    // The digest alone on stdout (`D=$(release package …)`), what was written on stderr.
+    if !output.json {
+        eprintln!("{} ({} bytes, {} entries)", target.display(), packed.size, packed.file_count);
+    }
     output.print(
         &serde_json::json!({"digest": packed.digest, "size": packed.size, "file_count": packed.file_count, "path": target}),
-        || format!("{}\n{} ({} bytes, {} entries)", packed.digest, target.display(), packed.size, packed.file_count),
+        || packed.digest.to_string(),
     );
     Ok(())
 }

@@ -152,3 +152,33 @@ fn packaging_refuses_a_tree_no_node_could_hold() {
     assert!(out.stderr().contains("257 components deep, more than 256"), "{}", out.stderr());
     assert!(!archive.exists());
 }
+
+#[test]
+fn package_prints_the_digest_alone_and_a_reader_that_leaves_is_no_panic() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("app");
+    app_tree(&src, "v1");
+    let archive = work.path().join("app.tar.zst");
+    let out =
+        TestCommand::new().args(["package", src.to_str().unwrap(), "-o", archive.to_str().unwrap()]).assert_success();
+    // `D=$(release package …)`: stdout is the digest, what was written goes to stderr.
+    assert_eq!(out.stdout(), format!("sha256:{}\n", sha256sum(&archive)));
+    assert!(out.stderr().contains("app.tar.zst") && out.stderr().contains("entries"), "{}", out.stderr());
+
+    // A pipe whose reader is gone (`| true`): the write fails with EPIPE, the command does not
+    // panic ("failed printing to stdout: Broken pipe", exit 101 before).
+    let piped = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; {} package {} -o {} | true",
+                crate::support::bin(),
+                src.display(),
+                archive.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", piped.status);
+}
