@@ -4,6 +4,8 @@
 //! app stopped, in fork mode, from outside `current`), a base the SSH user cannot write, a
 //! health URL failing after a deploy; and the refusals around it. Every check leaves the
 //! node's tree as it was.
+//!
+//! Long on purpose: each row's story (fail for real, fix, pass) reads best whole.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

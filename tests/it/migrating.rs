@@ -10,6 +10,9 @@
 //! system paths (under a directory of the test's own), the ports, the node's address and
 //! SSH user (root), and the configuration file of the test's own Apache, Nginx, supervisor
 //! and ssh (`APACHE_CONFDIR`, `-c FILE`, `-F FILE`).
+//!
+//! Long on purpose: it stands up the whole before-picture (Apache, supervisor, cron, PM2, Nginx)
+//! the guide starts from.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -1,6 +1,8 @@
 //! Test support: a real `release` server process, the CLI, a real S3 server, hostile archives.
 //! Failures explain themselves: commands print their arguments, stdout and stderr; servers
 //! print their log.
+//!
+//! Long on purpose: the server, the CLI and their output checks are one harness every test uses.
 
 pub mod archives;
 pub mod certs;
