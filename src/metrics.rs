@@ -335,7 +335,7 @@ impl Metrics {
     /// One node's phase ended.
     pub fn record_phase(&self, deployment: &Deployment) {
         if let Some(seconds) = seconds_between(&deployment.started_at, &deployment.finished_at) {
-            let labels = PhaseLabels { phase: deployment.phase.clone(), outcome: deployment.outcome.clone() };
+            let labels = PhaseLabels { phase: deployment.phase.to_string(), outcome: deployment.outcome.to_string() };
             self.phase_duration.get_or_create(&labels).observe(seconds);
         }
     }

@@ -19,7 +19,7 @@ impl NodeDeployer {
         }
         let asking = targets.iter().map(|t| {
             let request = Request::Adopt { base: t.base.clone(), shared: plan.service.shared.clone() };
-            phase::<Adopted>(plan, t, "adopt", request, None)
+            phase::<Adopted>(plan, t, Phase::Adopt, request, None)
         });
         let mut found: Vec<(&Target, Digest, Option<u64>)> = Vec::new();
         let mut errors = Vec::new();

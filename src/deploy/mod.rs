@@ -38,7 +38,8 @@ use crate::node::protocol::{
 };
 use crate::node::{self, Request, Source};
 use crate::releases::{
-    CheckRow, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Plan, SharedFile,
+    CheckRow, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Phase, PhaseOutcome, Plan,
+    SharedFile,
 };
 use crate::store::Store;
 use crate::utc;
@@ -118,10 +119,10 @@ impl NodeDeployer {
                     let now = utc::now_text();
                     plan.report.report(Deployment {
                         node: node.display_name(),
-                        phase: "connect".into(),
+                        phase: Phase::Connect,
                         started_at: now.clone(),
                         finished_at: now,
-                        outcome: "failed".into(),
+                        outcome: PhaseOutcome::Failed,
                         output_tail: Some(e.clone()),
                         shared_files: vec![],
                     });
@@ -212,7 +213,7 @@ impl NodeDeployer {
     async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
         let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status.ready.contains(&digest);
-        let name = if digest == plan.release.digest { "prepare" } else { "prepare adopted" };
+        let name = if digest == plan.release.digest { Phase::Prepare } else { Phase::PrepareAdopted };
         let started = utc::now_text();
         if present {
             let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
@@ -274,7 +275,7 @@ impl NodeDeployer {
         &self,
         plan: &Plan,
         target: &Target,
-        name: &str,
+        name: Phase,
         digest: Option<Digest>,
         commands: &[String],
     ) -> Result<(), String> {
@@ -289,7 +290,7 @@ impl NodeDeployer {
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fence: plan.fence,
             // A reload's service commands (apachectl, pm2) stay the SSH user's.
-            run_as: run_as(plan, name == "reload"),
+            run_as: run_as(plan, name == Phase::Reload),
         });
         phase::<Ran>(plan, target, name, request, None).await.map(drop)
     }
@@ -298,7 +299,7 @@ impl NodeDeployer {
         &self,
         plan: &Plan,
         target: &Target,
-        name: &str,
+        name: Phase,
         digest: Option<Digest>,
     ) -> Result<(), SwitchError> {
         let request = Request::Switch {
@@ -324,7 +325,7 @@ impl NodeDeployer {
                 app: plan.service.pm2_app.clone().unwrap_or_else(|| plan.service.name.clone()),
                 env: plan.service.env.clone(),
             };
-            phase::<Pm2Checked>(plan, target, "verify pm2", request, None).await?;
+            phase::<Pm2Checked>(plan, target, Phase::VerifyPm2, request, None).await?;
         }
         let Some(health) = &plan.service.health else { return Ok(()) };
         let digest = plan.release.digest.to_string();
@@ -336,7 +337,7 @@ impl NodeDeployer {
             healthy_after: health.healthy_after,
             unhealthy_after: health.unhealthy_after,
         });
-        phase::<Healthy>(plan, target, "verify", request, None).await.map(drop)
+        phase::<Healthy>(plan, target, Phase::Verify, request, None).await.map(drop)
     }
 
     /// Switches the given nodes back to where each was (or removes `current` when there was
@@ -352,19 +353,19 @@ impl NodeDeployer {
         let started = utc::now_text();
         let to = target.back_to();
         let result = async {
-            self.switch(plan, target, "switch back", to).await.map_err(|e| e.reason().to_owned())?;
+            self.switch(plan, target, Phase::SwitchBack, to).await.map_err(|e| e.reason().to_owned())?;
             if to.is_some() {
-                self.exec(plan, target, "reload", None, &hooks.reload).await?;
+                self.exec(plan, target, Phase::Reload, None, &hooks.reload).await?;
             }
             Ok::<_, String>(())
         }
         .await;
         plan.report.report(Deployment {
             node: target.name.clone(),
-            phase: "put back".into(),
+            phase: Phase::PutBack,
             started_at: started,
             finished_at: utc::now_text(),
-            outcome: if result.is_ok() { "ok" } else { "failed" }.into(),
+            outcome: if result.is_ok() { PhaseOutcome::Ok } else { PhaseOutcome::Failed },
             output_tail: result.as_ref().err().cloned(),
             shared_files: vec![],
         });
@@ -373,7 +374,7 @@ impl NodeDeployer {
 
     /// Reload, then verify, on one node.
     async fn reload_and_verify(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
-        self.exec(plan, target, "reload", None, &hooks.reload).await?;
+        self.exec(plan, target, Phase::Reload, None, &hooks.reload).await?;
         self.verify(plan, target).await
     }
 
@@ -403,7 +404,7 @@ impl NodeDeployer {
             let Some(migrator) = targets.iter().find(|t| t.migrate) else {
                 return Err(Failure::new("no migrate node among the nodes of this release: migrations would not run"));
             };
-            self.exec(plan, migrator, "migrate", Some(plan.release.digest), &hooks.migrate)
+            self.exec(plan, migrator, Phase::Migrate, Some(plan.release.digest), &hooks.migrate)
                 .await
                 .map_err(Failure::new)?;
         }
@@ -413,7 +414,7 @@ impl NodeDeployer {
         //    switched, a block does not undo it (a rollback does).
         plan.gate.check().await.map_err(Failure::new)?;
         let digest = plan.release.digest;
-        let switched = join_all(targets.iter().map(|t| self.switch(plan, t, "switch", Some(digest)))).await;
+        let switched = join_all(targets.iter().map(|t| self.switch(plan, t, Phase::Switch, Some(digest)))).await;
         let mut back = Vec::new();
         let mut failure = None;
         for (target, result) in targets.iter().zip(switched) {
@@ -452,14 +453,14 @@ impl NodeDeployer {
                 Ok(target) => {
                     let request =
                         Request::Cleanup { base: target.base.clone(), keep: keep.to_vec(), fence: plan.fence };
-                    let _ = phase::<Cleaned>(plan, &target, "cleanup", request, None).await;
+                    let _ = phase::<Cleaned>(plan, &target, Phase::Cleanup, request, None).await;
                 }
                 Err(e) => plan.report.report(Deployment {
                     node: node.display_name(),
-                    phase: "cleanup".into(),
+                    phase: Phase::Cleanup,
                     started_at: started,
                     finished_at: utc::now_text(),
-                    outcome: "failed".into(),
+                    outcome: PhaseOutcome::Failed,
                     output_tail: Some(e),
                     shared_files: vec![],
                 }),

@@ -15,7 +15,7 @@ pub(super) fn switching_to(request: &Request) -> Option<Digest> {
 pub(super) async fn phase<A: Answer>(
     plan: &Plan,
     target: &Target,
-    name: &str,
+    name: Phase,
     request: Request,
     payload: Option<Payload>,
 ) -> Result<A, String> {
@@ -37,7 +37,7 @@ pub(super) async fn call<A: Answer>(
 pub(super) fn report_phase<A: Answer>(
     plan: &Plan,
     target: &Target,
-    name: &str,
+    name: Phase,
     request: &Request,
     started: String,
     answer: Result<A, CallError>,
@@ -52,23 +52,25 @@ pub(super) fn report_phase<A: Answer>(
                 shared_files.iter_mut().for_each(|f| f.node = target.name.clone());
             }
             let output = answer.output().map(|o| clean(o, MAX_OUTPUT, Keep::End));
-            ("ok", output, Ok(answer))
+            (PhaseOutcome::Ok, output, Ok(answer))
         }
         Err(CallError::Node(e)) => {
             let output = Some(match &e.output {
                 Some(out) => format!("{}\n{out}", e.message),
                 None => e.message.clone(),
             });
-            ("failed", output, Err(format!("node {}: {name}: {} ({})", target.name, e.message, e.code)))
+            (PhaseOutcome::Failed, output, Err(format!("node {}: {name}: {} ({})", target.name, e.message, e.code)))
         }
-        Err(CallError::Transport(e)) => ("failed", Some(e.clone()), Err(format!("node {}: {name}: {e}", target.name))),
+        Err(CallError::Transport(e)) => {
+            (PhaseOutcome::Failed, Some(e.clone()), Err(format!("node {}: {name}: {e}", target.name)))
+        }
     };
     plan.report.report(Deployment {
         node: target.name.clone(),
-        phase: name.to_owned(),
+        phase: name,
         started_at: started,
         finished_at: utc::now_text(),
-        outcome: outcome.to_owned(),
+        outcome,
         output_tail: output.filter(|o| !o.is_empty()),
         shared_files,
     });

@@ -70,7 +70,7 @@ impl NodeDeployer {
             }
         };
         let mut stranded = self.put_back(plan, &on_new, &hooks).await;
-        let _ = join_all(elsewhere.iter().map(|(t, _)| self.exec(plan, t, "reload", None, &hooks.reload))).await;
+        let _ = join_all(elsewhere.iter().map(|(t, _)| self.exec(plan, t, Phase::Reload, None, &hooks.reload))).await;
         stranded.extend(unknown.into_iter().map(|(name, _)| name));
         let put_back = if stranded.is_empty() { "the nodes were put back" } else { "the other nodes were put back" };
         Err(Failure { reason: format!("{found}; {put_back}"), stranded })

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::*;
 use crate::digest::Digest;
-use crate::model::release::{Kind, State};
+use crate::model::release::{Kind, Phase, PhaseOutcome, State};
 use crate::registry::Cell;
 
 fn release(state: State, changed_at: &str) -> Release {
@@ -47,10 +47,10 @@ fn everything() -> String {
     metrics.start_at_zero(&["api".into()], &["staging".into()]);
     metrics.record_phase(&Deployment {
         node: "web1".into(),
-        phase: "prepare".into(),
+        phase: Phase::Prepare,
         started_at: "2026-11-27T10:00:00.000000Z".into(),
         finished_at: "2026-11-27T10:00:01.000000Z".into(),
-        outcome: "ok".into(),
+        outcome: PhaseOutcome::Ok,
         output_tail: None,
         shared_files: vec![],
     });
@@ -98,10 +98,10 @@ fn a_scrape_shows_what_was_recorded() {
     metrics.record_release(&release(State::Rejected, "2026-11-27T10:00:01.000000Z"), None);
     metrics.record_phase(&Deployment {
         node: "web1".into(),
-        phase: "put back".into(),
+        phase: Phase::PutBack,
         started_at: "2026-11-27T10:00:00.000000Z".into(),
         finished_at: "2026-11-27T10:00:00.200000Z".into(),
-        outcome: "ok".into(),
+        outcome: PhaseOutcome::Ok,
         output_tail: None,
         shared_files: vec![],
     });

@@ -174,16 +174,119 @@ pub struct Approval {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Deployment {
     pub node: String,
-    pub phase: String,
+    pub phase: Phase,
     pub started_at: String,
     pub finished_at: String,
-    pub outcome: String,
+    pub outcome: PhaseOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
     /// What the node found at its shared paths when it switched to this release (switch
     /// phases only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shared_files: Vec<SharedFile>,
+}
+
+/// A step of a deploy on one node (SPEC 7), as `show`, the pages and `/metrics` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Reaching the node (SSH, the agent shipped).
+    Connect,
+    /// `--adopt`: the node packages the plain directory at `current`.
+    Adopt,
+    Prepare,
+    /// The adopted tree, prepared as a release to go back to.
+    PrepareAdopted,
+    Migrate,
+    Switch,
+    /// Back to the release before, after a failure past the switch.
+    SwitchBack,
+    Reload,
+    Verify,
+    VerifyPm2,
+    /// A node put back (switch back and reload) by the resolution of an interrupted deploy.
+    PutBack,
+    Cleanup,
+    /// A deploy the record-only deployer "ran".
+    Record,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 13] = [
+        Phase::Connect,
+        Phase::Adopt,
+        Phase::Prepare,
+        Phase::PrepareAdopted,
+        Phase::Migrate,
+        Phase::Switch,
+        Phase::SwitchBack,
+        Phase::Reload,
+        Phase::Verify,
+        Phase::VerifyPm2,
+        Phase::PutBack,
+        Phase::Cleanup,
+        Phase::Record,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::Adopt => "adopt",
+            Phase::Prepare => "prepare",
+            Phase::PrepareAdopted => "prepare adopted",
+            Phase::Migrate => "migrate",
+            Phase::Switch => "switch",
+            Phase::SwitchBack => "switch back",
+            Phase::Reload => "reload",
+            Phase::Verify => "verify",
+            Phase::VerifyPm2 => "verify pm2",
+            Phase::PutBack => "put back",
+            Phase::Cleanup => "cleanup",
+            Phase::Record => "record",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// How a phase ended on its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhaseOutcome {
+    Ok,
+    Failed,
+}
+
+impl PhaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseOutcome::Ok => "ok",
+            PhaseOutcome::Failed => "failed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<PhaseOutcome> {
+        [PhaseOutcome::Ok, PhaseOutcome::Failed].into_iter().find(|o| o.as_str() == name)
+    }
+}
+
+impl fmt::Display for PhaseOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A shared path on one node as it was at the switch: a file's SHA-256, never its contents.
@@ -310,5 +413,19 @@ mod tests {
             assert!(!s.may_become(s), "{s} to itself");
         }
         assert!(Approved.in_flight() && Deploying.in_flight() && !Live.in_flight());
+    }
+
+    #[test]
+    fn phases_and_outcomes_go_out_and_come_back_by_their_names() {
+        for phase in Phase::ALL {
+            assert_eq!(Phase::parse(phase.as_str()), Some(phase));
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str());
+        }
+        assert_eq!(Phase::parse("verify pm2"), Some(Phase::VerifyPm2));
+        assert_eq!(Phase::parse("deploy"), None);
+        for outcome in [PhaseOutcome::Ok, PhaseOutcome::Failed] {
+            assert_eq!(PhaseOutcome::parse(outcome.as_str()), Some(outcome));
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
+        }
     }
 }

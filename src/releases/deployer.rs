@@ -226,10 +226,10 @@ impl Deployer for RecordOnly {
             for node in &plan.nodes {
                 plan.report.report(Deployment {
                     node: node.name.clone().unwrap_or_else(|| node.host.clone()),
-                    phase: "record".into(),
+                    phase: super::Phase::Record,
                     started_at: now.clone(),
                     finished_at: now.clone(),
-                    outcome: "ok".into(),
+                    outcome: super::PhaseOutcome::Ok,
                     output_tail: Some("recorded only".into()),
                     shared_files: vec![],
                 });

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::model::release::{
-    Approval, Deployment, Detail, Kind, NodeView, Release, SharedFile, State, StatusRow, Stranded, Transition,
+    Approval, Deployment, Detail, Kind, NodeView, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow, Stranded,
+    Transition,
 };
 pub use deployer::{
     Adopt, Adopter, CheckRow, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly, Reporter,

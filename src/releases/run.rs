@@ -110,10 +110,10 @@ impl Releases {
                     for node in &plan.nodes {
                         plan.report.report(Deployment {
                             node: node.display_name(),
-                            phase: "cleanup".into(),
+                            phase: Phase::Cleanup,
                             started_at: now.clone(),
                             finished_at: now.clone(),
-                            outcome: "failed".into(),
+                            outcome: PhaseOutcome::Failed,
                             output_tail: Some(format!("not cleaned up: what to keep could not be read ({e})")),
                             shared_files: vec![],
                         });

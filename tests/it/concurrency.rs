@@ -160,10 +160,10 @@ impl Deployer for Refuses {
         Box::pin(async move {
             plan.report.report(Deployment {
                 node: "web-1".into(),
-                phase: "prepare".into(),
+                phase: release::releases::Phase::Prepare,
                 started_at: "2026-11-27T00:00:00.000000Z".into(),
                 finished_at: "2026-11-27T00:00:01.000000Z".into(),
-                outcome: "failed".into(),
+                outcome: release::releases::PhaseOutcome::Failed,
                 output_tail: Some("php artisan optimize: exit 2".into()),
                 shared_files: vec![],
             });

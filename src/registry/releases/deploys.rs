@@ -29,10 +29,10 @@ impl Registry {
                 params![
                     release_id,
                     deployment.node,
-                    deployment.phase,
+                    deployment.phase.as_str(),
                     deployment.started_at,
                     deployment.finished_at,
-                    deployment.outcome,
+                    deployment.outcome.as_str(),
                     deployment.output_tail
                 ],
             )?;

@@ -15,7 +15,9 @@ use super::{Registry, RegistryError, immediate};
 use crate::digest::Digest;
 use crate::model::audit::AuditAction;
 use crate::model::audit::NewEvent;
-use crate::model::release::{Approval, Deployment, Detail, Kind, Release, SharedFile, State, StatusRow, Transition};
+use crate::model::release::{
+    Approval, Deployment, Detail, Kind, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow, Transition,
+};
 use crate::utc;
 
 const COLUMNS: &str = "id, service, environment, digest, kind, state, requested_by, requester_owner, requested_at, \

@@ -47,10 +47,10 @@ impl Registry {
                 stmt.query_map([id], |r| {
                     Ok(Deployment {
                         node: r.get(0)?,
-                        phase: r.get(1)?,
+                        phase: phase_at(r, 1)?,
                         started_at: r.get(2)?,
                         finished_at: r.get(3)?,
-                        outcome: r.get(4)?,
+                        outcome: outcome_at(r, 4)?,
                         output_tail: r.get(5)?,
                         shared_files: vec![],
                     })

@@ -140,6 +140,18 @@ pub(in crate::registry) fn conversion(i: usize, e: impl std::error::Error + Send
 #[error("{0}")]
 pub(super) struct BadText(String);
 
+/// A deployment's phase, as stored.
+pub(super) fn phase_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Phase> {
+    let text: String = row.get(i)?;
+    Phase::parse(&text).ok_or_else(|| conversion(i, BadText(text)))
+}
+
+/// A deployment's outcome, as stored.
+pub(super) fn outcome_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<PhaseOutcome> {
+    let text: String = row.get(i)?;
+    PhaseOutcome::parse(&text).ok_or_else(|| conversion(i, BadText(text)))
+}
+
 pub(in crate::registry) fn state_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<State> {
     row.get::<_, String>(i)?.parse().map_err(|e| conversion(i, BadText(e)))
 }

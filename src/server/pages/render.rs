@@ -378,7 +378,7 @@ pub fn release(
                         tr {
                             td { (p.node) }
                             td { (p.phase) }
-                            td { @if p.outcome == "ok" { span.ok { "ok" } } @else { span.bad { (p.outcome) } } }
+                            td { @if p.outcome == crate::model::release::PhaseOutcome::Ok { span.ok { "ok" } } @else { span.bad { (p.outcome) } } }
                             td { (at(&p.started_at)) }
                             td { (took(&p.started_at, &p.finished_at)) }
                             td { @if let Some(tail) = &p.output_tail { pre { (tail) } } }
