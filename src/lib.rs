@@ -13,6 +13,7 @@
 //! - [`token`] — roles, token secrets, authentication and permission rules.
 //! - [`audit`] — the hash-chained audit log, its verification and bucket checkpoints.
 //! - [`backup`] — registry snapshots in the object store, pruning, and restoring one.
+//! - [`artifacts`] — artifacts as a token may read them: the scope rule, for API and pages.
 //! - [`ingest`] — an upload from body stream to verified object and registry row.
 //! - [`curation`] — blocking artifacts and purging the bytes of ones never live.
 //! - [`releases`] — deploy, promote, approve, rollback: policies, state machine, the deploy seam.
@@ -27,6 +28,7 @@
 //! - [`utc`] — time stamps.
 
 pub mod archive;
+pub mod artifacts;
 pub mod audit;
 pub mod backup;
 pub mod cli;

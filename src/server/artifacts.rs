@@ -18,7 +18,7 @@ use super::range::{self, Ranged};
 use super::{AppState, blocking};
 use crate::digest::{Digest, DigestRef};
 use crate::ingest::{Pace, Piece, UploadRequest};
-use crate::model::access::{Action, Denied, Principal};
+use crate::model::access::{Action, Principal};
 use crate::registry::{Artifact, ArtifactUpload, Block, ListedArtifact, RegistryError};
 
 use crate::digest::HTTP_HEADER as DIGEST_HEADER;
@@ -147,9 +147,7 @@ pub(super) async fn resolve(state: &AppState, principal: &Principal, reference: 
     blocking(move || registry.resolve_digest(&reference, services.as_deref())).await
 }
 
-/// The artifact and the upload records the caller may see: any role may read, but a token
-/// scoped to services sees an artifact only through them (their upload records alone), and one
-/// uploaded for none of them is answered exactly as one that does not exist.
+/// The artifact and the upload records the caller may see ([`crate::artifacts::readable`]).
 async fn readable(
     state: &AppState,
     principal: &Principal,
@@ -157,45 +155,8 @@ async fn readable(
 ) -> Result<(Artifact, Vec<ArtifactUpload>), ApiError> {
     principal.require(Action::Read)?;
     let digest = resolve_path(state, principal, digest).await?;
-    let registry = Arc::clone(&state.ingestor.registry);
-    let (artifact, uploads) =
-        blocking(move || Ok::<_, RegistryError>((registry.artifact(digest)?, registry.artifact_uploads(digest)?)))
-            .await?;
-    let Some(artifact) = artifact else { return Err(no_artifact(principal, digest)) };
-    Ok((artifact, seen_uploads(principal, digest, uploads)?))
-}
-
-/// What a token is told of an artifact that does not exist.
-pub(super) fn no_artifact(principal: &Principal, digest: Digest) -> ApiError {
-    ApiError::not_found(principal.as_if_absent(format!("no artifact {digest}")))
-}
-
-/// The upload records of `digest` that a token may see. When it may see none (a token scoped
-/// to other services), the answer is exactly [`no_artifact`]'s, with the reason for the audit
-/// log.
-pub(super) fn seen_uploads(
-    principal: &Principal,
-    digest: Digest,
-    uploads: Vec<ArtifactUpload>,
-) -> Result<Vec<ArtifactUpload>, ApiError> {
-    let (seen, unseen): (Vec<_>, Vec<_>) =
-        uploads.into_iter().partition(|u| principal.require_service(&u.service).is_ok());
-    if !seen.is_empty() {
-        return Ok(seen);
-    }
-    let absent = no_artifact(principal, digest);
-    Err(match &principal.services {
-        Some(allowed) if !unseen.is_empty() => {
-            let services: Vec<&str> = unseen.iter().map(|u| u.service.as_str()).collect();
-            let why = Denied::ServiceNotAllowed {
-                name: principal.name.clone(),
-                service: services.join(","),
-                allowed: allowed.join(","),
-            };
-            ApiError::out_of_scope(absent.message, why)
-        }
-        _ => absent,
-    })
+    let seen = crate::artifacts::readable(&state.registry, principal, digest).await?;
+    Ok((seen.artifact, seen.uploads))
 }
 
 async fn exists(
@@ -378,20 +339,8 @@ async fn list(
     ApiPath(service): ApiPath<String>,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<ListAnswer>, ApiError> {
-    principal.require(Action::Read)?;
-    // A service never configured nor uploaded for is 404, and so is one outside the token's
-    // scope, in the same words.
-    let (registry, wanted) = (Arc::clone(&state.ingestor.registry), service.clone());
-    let known = blocking(move || registry.service_known(&wanted)).await?;
-    let absent = || principal.as_if_absent(format!("no service {service:?}"));
-    if !known {
-        return Err(ApiError::not_found(absent()));
-    }
-    principal.require_service(&service).map_err(|why| ApiError::out_of_scope(absent(), why))?;
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let registry = Arc::clone(&state.ingestor.registry);
-    let wanted = service.clone();
-    let artifacts = blocking(move || registry.service_artifacts(&wanted, limit, query.before)).await?;
+    let artifacts = crate::artifacts::of_service(&state.registry, &principal, &service, limit, query.before).await?;
     let next = (artifacts.len() == limit as usize).then(|| artifacts.last().map(|a| a.cursor)).flatten();
     Ok(Json(ListAnswer { service, artifacts, next }))
 }

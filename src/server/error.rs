@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::artifacts::ArtifactError;
 use crate::audit::AuditError;
 use crate::ingest::IngestError;
 use crate::model::access::Denied;
@@ -173,6 +174,17 @@ impl From<TokenError> for ApiError {
             | TokenError::BadOwner(_)
             | TokenError::OwnerRequired { .. }
             | TokenError::BadExpiry => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<ArtifactError> for ApiError {
+    fn from(e: ArtifactError) -> ApiError {
+        match e {
+            ArtifactError::Absent(message) => ApiError::not_found(message),
+            ArtifactError::OutOfScope { message, why } => ApiError::out_of_scope(message, why),
+            ArtifactError::Denied(e) => e.into(),
+            ArtifactError::Registry(e) => e.into(),
         }
     }
 }

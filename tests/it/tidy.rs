@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["node", "registry"],
     &["token", "audit"],
     &["metrics", "webhooks", "backup", "refusals"],
-    &["curation", "ingest"],
+    &["artifacts", "curation", "ingest"],
     &["releases"],
     &["deploy"],
     &["server", "client"],

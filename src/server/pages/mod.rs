@@ -166,11 +166,10 @@ async fn artifact(
     })
     .await?;
     let (Some(artifact), uploads, spells, block) = found else {
-        return Err(super::artifacts::no_artifact(&p, digest).into());
+        return Err(crate::artifacts::absent(&p, digest).into());
     };
-    // A token limited to some services sees the artifact only through them, and one uploaded
-    // for none of them as if it did not exist (as `GET /v1/artifacts/{digest}` does).
-    let uploads = super::artifacts::seen_uploads(&p, digest, uploads)?;
+    // The API's scope rule: through the token's services only, else as if absent.
+    let uploads = crate::artifacts::seen_uploads(&p, digest, uploads)?;
     Ok(html(render::artifact(&p, &artifact, &uploads, &spells, block.as_ref().map(|b| b.reason.as_str()))))
 }
 
