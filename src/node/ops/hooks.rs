@@ -15,6 +15,15 @@ pub(super) fn release_env(
     env
 }
 
+/// Whether a reload command is the application's PHP (`php artisan queue:restart`, also as
+/// `php8.2 …` or `/usr/bin/php …`), which runs as the hook user; the web server's own
+/// commands (`apachectl`, `systemctl reload php8.2-fpm`) stay the SSH user's.
+pub(super) fn runs_php(command: &str) -> bool {
+    let program = command.split_whitespace().next().unwrap_or("");
+    let name = program.rsplit('/').next().unwrap_or(program);
+    name.strip_prefix("php").is_some_and(|version| version.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
 /// Runs shell commands in `dir`, one after the other; the tail of their output, or the
 /// failing command with its tail. A command still running at `deadline` is killed with its
 /// whole process group, so a hung hook never holds the base's lock past the server's wait.
@@ -41,7 +50,7 @@ pub(super) fn run_commands(
             Some(mask) => format!("umask {mask:04o}; exec 2>&1; {command}"),
             None => format!("exec 2>&1; {command}"),
         };
-        let user = run_as.user.as_deref().filter(|_| !run_as.php_only || command.trim_start().starts_with("php "));
+        let user = run_as.user.as_deref().filter(|_| !run_as.php_only || runs_php(command));
         let mut shell = match user {
             // sudo resets the environment: the hook's variables go through env(1).
             Some(user) => {

@@ -1,6 +1,6 @@
 //! Unit tests of the node agent's operations on real directories.
 
-use super::hooks::sudo_refusal;
+use super::hooks::{runs_php, sudo_refusal};
 use super::prepare::set_writable;
 use super::*;
 
@@ -200,4 +200,16 @@ fn sudos_refusals_are_told_apart_and_name_the_fix() {
         sudo_refusal("sudo: unknown user wwwdata\nsudo: error initializing audit plugin\n", "wwwdata").unwrap();
     assert!(unknown.contains("not a user on this node") && !unknown.contains("NOPASSWD"), "{unknown}");
     assert_eq!(sudo_refusal("", "www-data"), None, "the hook ran: its failure is its own");
+}
+
+#[test]
+fn the_applications_php_is_told_from_the_web_servers_commands() {
+    for php in ["php artisan queue:restart", "  php8.2 artisan horizon:terminate", "/usr/bin/php7.4 artisan x", "php"] {
+        assert!(runs_php(php), "{php}");
+    }
+    for other in
+        ["apachectl -k graceful", "systemctl reload php8.2-fpm", "phpunit", "sudo php artisan x", "php-fpm8.2 -t"]
+    {
+        assert!(!runs_php(other), "{other}");
+    }
 }
