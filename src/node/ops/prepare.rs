@@ -130,9 +130,9 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     }
     let env = release_env(&layout, p.digest, &p.env);
     let shared_now = shared_fingerprints(&layout, &p.shared);
-    if !p.finalize.is_empty() {
-        share_writable(&dir, &p.writable, &p.run_as)?;
-    }
+    // Before any hook: finalize here, and migrate or reload later, may write there as the
+    // hook user even when the kind has no finalize hooks.
+    share_writable(&dir, &p.writable, &p.run_as)?;
     let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
     if !p.finalize.is_empty() {
         note_finalized(&layout, p.digest, &shared_now)?;

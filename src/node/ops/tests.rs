@@ -121,6 +121,50 @@ fn a_hook_users_group_gets_the_writable_paths_or_the_refusal_says_how() {
     assert_ne!(fs::metadata(dir.path().join("app")).unwrap().gid(), nogroup);
 }
 
+/// Without finalize hooks the release is sealed while unpacking; its writable paths still go
+/// to the hook user's group, for the migrate and reload commands that run as that user.
+#[test]
+fn a_release_without_finalize_hooks_still_gives_its_writable_paths_to_the_hook_user() {
+    use std::os::unix::fs::MetadataExt;
+    let mut tar = tar::Builder::new(Vec::new());
+    for path in ["bootstrap/cache/x", "public/index.php"] {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(1);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, path, &b"x"[..]).unwrap();
+    }
+    let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let request = Prepare {
+        base: base.path().to_owned(),
+        digest: Digest::of(&bytes),
+        source: Source::Stdin,
+        shared: vec![],
+        writable: vec!["bootstrap/cache".into()],
+        finalize: vec![],
+        env: BTreeMap::new(),
+        max_unpacked_bytes: 1 << 20,
+        max_files: 100,
+        adopt: false,
+        hook_timeout_ms: None,
+        fence: 0,
+        fetch_stall_ms: None,
+        finalize_if_shared_changed: false,
+        run_as: RunAs { user: Some("nobody".into()), umask: None, php_only: false },
+    };
+    let prepared = prepare(&request, &mut &bytes[..]);
+    if !rustix::process::geteuid().is_root() {
+        assert!(prepared.unwrap_err().to_string().contains("make the SSH user a member"));
+        return;
+    }
+    let dir = prepared.unwrap().dir;
+    let (_, nogroup) = user_ids("nobody").unwrap();
+    let cache = fs::metadata(dir.join("bootstrap/cache")).unwrap();
+    assert_eq!((cache.gid(), cache.mode() & 0o2070), (nogroup, 0o2070));
+    assert_ne!(fs::metadata(dir.join("public")).unwrap().gid(), nogroup, "only writable paths");
+    set_writable(&dir).unwrap();
+}
+
 fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Ran, NodeError> {
     exec(&Exec {
         base: base.to_owned(),
