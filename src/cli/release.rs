@@ -264,7 +264,7 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                     let ms = millis_between(&d["started_at"], &d["finished_at"]);
                     println!("  {:<28} {:<12} {:<7} {ms}", text(&d["node"]), text(&d["phase"]), text(&d["outcome"]));
                     if d["outcome"] == "failed" {
-                        print!("{}", super::indented_tail(&d["output_tail"]));
+                        print!("{}", super::indented_tail(d["output_tail"].as_str()));
                     }
                 }
             }
