@@ -19,6 +19,7 @@ mod source;
 mod tls;
 
 /// Answers the CLI reads back through the types they were written from.
+pub use artifacts::{ArtifactAnswer, ListAnswer, Uploaded};
 pub use releases::{CheckAnswer, HistoryAnswer};
 
 use std::sync::Arc;
