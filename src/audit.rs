@@ -37,7 +37,7 @@ pub struct Checkpoint {
 }
 
 /// The outcome of `verify`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Verification {
     pub ok: bool,
     pub events: u64,
@@ -53,14 +53,14 @@ pub struct Verification {
     pub checkpoint: Option<Checkpoint>,
     /// Events lost by restores of older backups, each recorded by its `registry.restored`
     /// event (the only gaps a chain may have).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gaps: Vec<Gap>,
     /// When the walk started (the server may answer a recent walk again while the chain's
     /// head has not moved).
     pub checked_at: String,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BadEvent {
     pub seq: u64,
     pub why: String,
@@ -158,7 +158,7 @@ struct Walked {
 }
 
 /// Events a restore lost, recorded by its `registry.restored` event (at `restored_at`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Gap {
     pub from: u64,
     pub to: u64,

@@ -41,7 +41,7 @@ pub enum CurationError {
 const TEST_DAY_VARIABLE: &str = "RELEASE_TEST_PURGE_DAY_MS";
 
 /// What a block did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Blocked {
     #[serde(flatten)]
     pub block: Block,
@@ -51,7 +51,7 @@ pub struct Blocked {
 }
 
 /// What a purge did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Purged {
     /// Artifacts whose bytes were removed.
     pub purged: Vec<Digest>,

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use super::{Failure, Output, ServerArgs, exit};
-use crate::digest::{Digest, DigestRef};
+use crate::curation::{Blocked, Purged};
+use crate::digest::DigestRef;
+use crate::server::{ArtifactAnswer, ListAnswer};
 
 #[derive(Debug, clap::Args)]
 pub struct DownloadArgs {
@@ -72,9 +74,7 @@ pub async fn download(args: DownloadArgs, output: Output) -> Result<(), Failure>
         prefix => {
             let found = args.server.client().artifact(&prefix).await?;
             let found = found.ok_or_else(|| Failure::new(exit::NOT_FOUND, format!("no artifact {prefix}")))?;
-            found["digest"].as_str().and_then(|d| d.parse().ok()).ok_or_else(|| {
-                Failure::new(exit::FAILED, format!("the server named no digest for {prefix}: {found}"))
-            })?
+            super::read::<ArtifactAnswer>(&found)?.artifact.digest
         }
     };
     let target = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.zst", digest.hex())));
@@ -115,9 +115,9 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
                 .client()
                 .post(&format!("/v1/artifacts/{digest}/block"), &serde_json::json!({"reason": reason}))
                 .await?;
+            let blocked: Blocked = super::read(&block)?;
             output.print(&block, || {
-                let cancelled: Vec<String> =
-                    block["cancelled"].as_array().into_iter().flatten().map(|id| id.to_string()).collect();
+                let cancelled: Vec<String> = blocked.cancelled.iter().map(i64::to_string).collect();
                 if cancelled.is_empty() {
                     format!("{digest} is blocked: {reason}")
                 } else {
@@ -131,28 +131,24 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
         Command::Purge { never_live, older_than, server } => {
             let body = serde_json::json!({"never_live": never_live, "older_than_days": older_than});
             let report = server.client().post("/v1/artifacts/purge", &body).await?;
+            let purged: Purged = super::read(&report)?;
             output.print(&report, || {
-                let purged = report["purged"].as_array().map_or(0, Vec::len);
-                format!("purged the bytes of {purged} artifacts never live ({} bytes freed)", report["bytes"])
+                let count = purged.purged.len();
+                format!("purged the bytes of {count} artifacts never live ({} bytes freed)", purged.bytes)
             });
         }
         Command::List { service, limit, server } => {
             let list = server.client().service_artifacts(&service, limit).await?;
+            let page: ListAnswer = super::read(&list)?;
             output.print(&list, || {
                 // The short digest is what every command takes back (12 hex digits or more).
-                let rows = list["artifacts"].as_array().into_iter().flatten().map(|a| {
+                let rows = page.artifacts.iter().map(|a| {
+                    let u = &a.upload;
                     vec![
-                        a["digest"]
-                            .as_str()
-                            .and_then(|d| d.parse::<Digest>().ok())
-                            .map_or_else(|| "-".into(), |d| d.short()),
-                        a["version"].as_str().unwrap_or("-").to_owned(),
-                        a["size"].to_string(),
-                        format!(
-                            "{} by {}",
-                            a["uploaded_at"].as_str().unwrap_or_default(),
-                            a["uploaded_by"].as_str().unwrap_or_default()
-                        ),
+                        u.digest.short(),
+                        u.version.as_deref().unwrap_or("-").to_owned(),
+                        a.size.to_string(),
+                        format!("{} by {}", u.uploaded_at, u.uploaded_by),
                     ]
                 });
                 super::table(&["DIGEST", "VERSION", "SIZE", "UPLOADED"], rows, &[2])

@@ -2,6 +2,7 @@
 //! end and against the bucket's checkpoint (exit 6 when anything was altered).
 
 use super::{Failure, Output, ServerArgs, exit};
+use crate::audit::Verification;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -29,45 +30,42 @@ pub async fn run(command: Command, output: Output) -> Result<(), Failure> {
             Ok(())
         }
         Command::Verify { server } => {
-            let v = server.client().get("/v1/audit/verify", &[]).await?;
-            let ok = v["ok"] == true;
-            if ok {
-                output.print(&v, || {
-                    let against = match v.get("checkpoint").filter(|c| !c.is_null()) {
-                        Some(c) => format!(
-                            "; matches the bucket's checkpoint of {} ({} events)",
-                            c["at"].as_str().unwrap_or("?"),
-                            c["events"]
-                        ),
+            let answer = server.client().get("/v1/audit/verify", &[]).await?;
+            let v: Verification = super::read(&answer)?;
+            if v.ok {
+                output.print(&answer, || {
+                    let against = match &v.checkpoint {
+                        Some(c) => {
+                            format!("; matches the bucket's checkpoint of {} ({} events)", c.at, c.events)
+                        }
                         None => "; no checkpoint in the bucket yet".into(),
                     };
-                    let gaps: String = v["gaps"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    let gaps: String = v
+                        .gaps
+                        .iter()
                         .map(|g| {
                             format!(
                                 "\nrecorded gap: events {} to {} lost by the restore recorded as event {}",
-                                g["from"], g["to"], g["restored_at"]
+                                g.from, g.to, g.restored_at
                             )
                         })
                         .collect();
                     format!(
                         "audit log intact: {} events, head {}{against}{gaps}",
-                        v["events"],
-                        v["head"].as_str().unwrap_or("-")
+                        v.events,
+                        v.head.as_deref().unwrap_or("-")
                     )
                 });
                 Ok(())
             } else {
                 if output.json {
-                    println!("{v}");
+                    println!("{answer}");
                 }
-                let bad = &v["first_bad"];
-                Err(Failure::new(
-                    exit::INTEGRITY,
-                    format!("audit log broken at event {}: {}", bad["seq"], bad["why"].as_str().unwrap_or("?")),
-                ))
+                let (seq, why) = match &v.first_bad {
+                    Some(bad) => (bad.seq.to_string(), bad.why.as_str()),
+                    None => ("null".into(), "?"),
+                };
+                Err(Failure::new(exit::INTEGRITY, format!("audit log broken at event {seq}: {why}")))
             }
         }
     }

@@ -176,11 +176,22 @@ fn text(v: &serde_json::Value) -> String {
     }
 }
 
+/// An answer read into the type the server wrote it from (`--json` still prints the answer
+/// as it came).
+fn read<T: serde::de::DeserializeOwned>(answer: &serde_json::Value) -> Result<T, Failure> {
+    T::deserialize(answer).map_err(|e| Failure::new(exit::FAILED, format!("the server's answer does not read: {e}")))
+}
+
+/// `-` for nothing, as [`text`] shows a null.
+fn or_dash(value: Option<impl std::fmt::Display>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
 /// The last lines of a failed phase's output (what the hook or check said), each indented
 /// under its phase; nothing when there is none.
-fn indented_tail(output: &serde_json::Value) -> String {
+fn indented_tail(output: Option<&str>) -> String {
     const LINES: usize = 20;
-    let Some(output) = output.as_str().filter(|o| !o.trim().is_empty()) else { return String::new() };
+    let Some(output) = output.filter(|o| !o.trim().is_empty()) else { return String::new() };
     let lines: Vec<&str> = output.trim_end().lines().collect();
     let start = lines.len().saturating_sub(LINES);
     let mut out = String::new();

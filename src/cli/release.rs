@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Failure, Output, ServerArgs, exit, text};
+use super::{Failure, Output, ServerArgs, exit};
 use crate::client::Client;
+use crate::model::release::{PhaseOutcome, Release, State};
+use crate::releases::Shown;
 
 /// How long one follow request may wait on the server for the release to change.
 const WAIT_SECONDS: u64 = 25;
@@ -221,85 +223,80 @@ pub async fn cancel(args: CancelArgs, output: Output) -> Result<(), Failure> {
 }
 
 /// Prints the release as accepted; with `wait`, follows it to a final state and exits by it.
-async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -> Result<(), Failure> {
+async fn conclude(client: &Client, answer: Value, wait: bool, output: Output) -> Result<(), Failure> {
+    let release: Release = super::read(&answer)?;
+    let id = release.id;
     if !wait {
-        output.print(&release, || describe(&release));
-        if release["state"] == "pending_approval" && !output.json {
+        output.print(&answer, || describe(&release));
+        if release.state == State::PendingApproval && !output.json {
             // Who may approve it, as --wait says: the request's answer does not name them.
-            if let Some(id) = release["id"].as_i64()
-                && let Ok(shown) = client.get(&format!("/v1/releases/{id}"), &[]).await
+            if let Ok(shown) = client.get(&format!("/v1/releases/{id}"), &[]).await
+                && let Ok(shown) = super::read::<Shown>(&shown)
             {
                 println!("{}", waits_for(id, &shown));
             }
         }
         return Ok(());
     }
-    let id =
-        release["id"].as_i64().ok_or_else(|| Failure::new(exit::FAILED, "the server's answer has no release id"))?;
-    let mut seen = HashSet::new();
+    let mut seen_transitions = HashSet::new();
+    let mut seen_phases = HashSet::new();
     let mut told_approvers = false;
     // Transitions and node phases seen so far: the server answers as soon as there are more.
     let mut known: usize = 0;
     loop {
         let query = [("seen", known.to_string()), ("wait", WAIT_SECONDS.to_string())];
-        let shown = client.get(&format!("/v1/releases/{id}"), &query).await?;
-        let changes = ["transitions", "deployments"].iter().map(|k| shown[k].as_array().map_or(0, Vec::len)).sum();
+        let answer = client.get(&format!("/v1/releases/{id}"), &query).await?;
+        let shown: Shown = super::read(&answer)?;
+        let detail = &shown.detail;
+        let changes = detail.transitions.len() + detail.deployments.len();
         if !output.json {
-            for t in shown["transitions"].as_array().into_iter().flatten() {
-                let key = ("state".to_owned(), t["state"].to_string(), t["at"].to_string());
-                if seen.insert(key) {
-                    let reason = t["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
-                    println!(
-                        "release {id}: {} at {} by {}{reason}",
-                        text(&t["state"]),
-                        text(&t["at"]),
-                        text(&t["actor"])
-                    );
+            for t in &detail.transitions {
+                if seen_transitions.insert((t.state, t.at.clone())) {
+                    let reason = t.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    println!("release {id}: {} at {} by {}{reason}", t.state, t.at, t.actor);
                 }
             }
             // Each node's phases, as they end.
-            for d in shown["deployments"].as_array().into_iter().flatten() {
-                let key = (text(&d["node"]), text(&d["phase"]), text(&d["finished_at"]));
-                if seen.insert(key) {
-                    let ms = millis_between(&d["started_at"], &d["finished_at"]);
-                    println!("  {:<28} {:<12} {:<7} {ms}", text(&d["node"]), text(&d["phase"]), text(&d["outcome"]));
-                    if d["outcome"] == "failed" {
-                        print!("{}", super::indented_tail(&d["output_tail"]));
+            for d in &detail.deployments {
+                if seen_phases.insert((d.node.clone(), d.phase, d.finished_at.clone())) {
+                    let ms = millis_between(&d.started_at, &d.finished_at);
+                    println!("  {:<28} {:<12} {:<7} {ms}", d.node, d.phase.as_str(), d.outcome.as_str());
+                    if d.outcome == PhaseOutcome::Failed {
+                        print!("{}", super::indented_tail(d.output_tail.as_deref()));
                     }
                 }
             }
         }
-        let state = shown["state"].as_str().unwrap_or_default().to_owned();
-        if state == "pending_approval" && !told_approvers && !output.json {
+        let state = detail.release.state;
+        if state == State::PendingApproval && !told_approvers && !output.json {
             told_approvers = true;
             println!("{}", waits_for(id, &shown));
         }
-        match state.as_str() {
-            "live" | "superseded" => {
-                output.print(&shown, || format!("release {id} is live: {}", text(&shown["digest"])));
+        match state {
+            State::Live | State::Superseded => {
+                output.print(&answer, || format!("release {id} is live: {}", detail.release.digest));
                 return Ok(());
             }
-            "failed" => {
+            State::Failed => {
                 if output.json {
-                    println!("{shown}");
+                    println!("{answer}");
                 }
                 // The server decides which nodes are stranded (a node unreachable while an
                 // interrupted deploy was resolved has no `put back` phase to read).
-                let stranded: Vec<String> = shown["stranded"].as_array().into_iter().flatten().map(text).collect();
-                if !stranded.is_empty() {
+                if !detail.stranded.is_empty() {
                     return Err(Failure::new(
                         exit::NOT_PUT_BACK,
                         format!(
                             "release {id} failed and could not be put back on: {} (shown as drift)",
-                            stranded.join(", ")
+                            detail.stranded.join(", ")
                         ),
                     )
                     .printed(output.json));
                 }
-                let reason = shown["transitions"]
-                    .as_array()
-                    .and_then(|t| t.last())
-                    .and_then(|t| t["reason"].as_str())
+                let reason = detail
+                    .transitions
+                    .last()
+                    .and_then(|t| t.reason.as_deref())
                     .unwrap_or("no reason recorded")
                     .to_owned();
                 return Err(Failure::new(
@@ -308,9 +305,9 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
                 )
                 .printed(output.json));
             }
-            "rejected" | "cancelled" | "expired" => {
+            State::Rejected | State::Cancelled | State::Expired => {
                 if output.json {
-                    println!("{shown}");
+                    println!("{answer}");
                 }
                 return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")).printed(output.json));
             }
@@ -322,30 +319,30 @@ async fn conclude(client: &Client, release: Value, wait: bool, output: Output) -
 }
 
 /// "12 ms" between two RFC 3339 times, or nothing.
-fn millis_between(start: &Value, end: &Value) -> String {
-    match (start.as_str().map(crate::utc::parse), end.as_str().map(crate::utc::parse)) {
-        (Some(Ok(a)), Some(Ok(b))) => format!("{} ms", (b - a).whole_milliseconds()),
+fn millis_between(start: &str, end: &str) -> String {
+    match (crate::utc::parse(start), crate::utc::parse(end)) {
+        (Ok(a), Ok(b)) => format!("{} ms", (b - a).whole_milliseconds()),
         _ => String::new(),
     }
 }
 
 /// "release 7 waits for approval by one of: bob, dave; approve with `release approve 7`".
-fn waits_for(id: i64, shown: &Value) -> String {
-    let approvers: Vec<&str> = shown["approvers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+fn waits_for(id: i64, shown: &Shown) -> String {
+    let approvers = shown.approvers.as_deref().unwrap_or_default();
     format!(
         "release {id} waits for approval by one of: {}; approve with `release approve {id}`",
         if approvers.is_empty() { "(no approver token exists yet)".to_owned() } else { approvers.join(", ") }
     )
 }
 
-fn describe(r: &Value) -> String {
+fn describe(r: &Release) -> String {
     format!(
         "release {} ({} of {} to {}): {}\n{}",
-        r["id"],
-        text(&r["kind"]),
-        text(&r["service"]),
-        text(&r["environment"]),
-        text(&r["state"]),
-        text(&r["digest"])
+        r.id,
+        r.kind.as_str(),
+        r.service,
+        r.environment,
+        r.state.as_str(),
+        r.digest
     )
 }

@@ -13,6 +13,7 @@ use super::package::pack_with_progress;
 use super::{Failure, Output, ServerArgs, exit};
 use crate::client::UploadLabels;
 use crate::digest::Digest;
+use crate::server::{ArtifactAnswer, Uploaded};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -73,7 +74,7 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
     let size = std::fs::metadata(&file)?.len();
     if let Some(digest) = known
         && let Some(existing) = client.artifact(&digest).await?
-        && existing["uploads"].as_array().is_some_and(|u| u.iter().any(|u| u["service"] == args.service.as_str()))
+        && super::read::<ArtifactAnswer>(&existing)?.uploads.iter().any(|u| u.service == args.service)
     {
         let answer = serde_json::json!({"digest": digest, "size": size, "created": false, "service": args.service});
         output.print(&answer, || {
@@ -90,9 +91,10 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
     let answer = client.upload(&file, known, &labels, move |sent| progress_bar.set_position(sent)).await;
     bar.finish_and_clear();
     let answer = answer?;
-    let digest = answer["digest"].as_str().unwrap_or_default().to_owned();
+    let uploaded: Uploaded = super::read(&answer)?;
+    let digest = uploaded.artifact.digest.to_string();
     output.print(&answer, || {
-        let what = if answer["created"] == true { "stored" } else { "already stored" };
+        let what = if uploaded.created { "stored" } else { "already stored" };
         // The digest alone on stdout (`DIGEST=$(release upload …)`), the rest for a person.
         eprintln!("{what} for {} ({size} bytes)", labels.service);
         digest

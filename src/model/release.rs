@@ -3,11 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Deploy,
@@ -17,7 +17,7 @@ pub enum Kind {
 
 /// `pending_approval → approved → deploying → live`, or `rejected`, `failed`, `cancelled`,
 /// `expired`, and `superseded` once a later release goes live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     PendingApproval,
@@ -127,7 +127,7 @@ impl FromStr for Kind {
 }
 
 /// A release row.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
     pub id: i64,
     pub service: String,
@@ -149,7 +149,7 @@ pub struct Release {
 }
 
 /// One change of a release's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub state: State,
     pub at: String,
@@ -159,7 +159,7 @@ pub struct Transition {
 }
 
 /// The four-eyes decision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
     pub decision: String,
     pub digest: Digest,
@@ -171,7 +171,7 @@ pub struct Approval {
 }
 
 /// One node's phase of one release.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
     pub node: String,
     pub phase: Phase,
@@ -182,7 +182,7 @@ pub struct Deployment {
     pub output_tail: Option<String>,
     /// What the node found at its shared paths when it switched to this release (switch
     /// phases only).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_files: Vec<SharedFile>,
 }
 
@@ -262,8 +262,16 @@ impl Serialize for Phase {
     }
 }
 
+/// Reads back what [`Serialize`] wrote: the same names, spaces and all (`switch back`).
+impl<'de> Deserialize<'de> for Phase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Phase::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown phase {name:?}")))
+    }
+}
+
 /// How a phase ended on its node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseOutcome {
     Ok,
@@ -303,7 +311,7 @@ pub struct SharedFile {
 }
 
 /// A release with its whole story, as `show` tells it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Detail {
     #[serde(flatten)]
     pub release: Release,
@@ -314,13 +322,13 @@ pub struct Detail {
     pub approval: Option<Approval>,
     pub deployments: Vec<Deployment>,
     /// Nodes left out of this release (`--exclude-node`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_nodes: Vec<String>,
     /// Nodes its failure left stranded (could not be put back, or unreachable while its
     /// interrupted deploy was resolved): decides the client's exit 8.
     pub stranded: Vec<String>,
     /// `--force`: the migrations it went past (the live artifact had them, it lacks them).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forced_past_migrations: Vec<String>,
     /// The digest of the service's configuration as its deploy started (hooks, shared paths,
     /// health check, nodes): what it ran with. None until the deploy starts.
@@ -339,7 +347,7 @@ pub struct Detail {
 }
 
 /// One cell of the status matrix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRow {
     pub service: String,
     pub environment: String,
@@ -373,7 +381,7 @@ pub struct StatusRow {
 
 /// A node a failed deploy could not put back: it may serve the failed release, or be
 /// unreachable, while the registry says the cell runs its live release.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stranded {
     pub node: String,
     /// The release whose failure stranded it.
@@ -383,7 +391,7 @@ pub struct Stranded {
 }
 
 /// One node of a status cell, as it answered.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeView {
     pub node: String,
     pub current: Option<Digest>,
@@ -396,6 +404,30 @@ pub struct NodeView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CLI reads answers back through these types: each name reads as what wrote it.
+    #[test]
+    fn wire_names_read_back_as_written() {
+        for phase in Phase::ALL {
+            let wire = serde_json::to_value(phase).unwrap();
+            assert_eq!(wire, phase.as_str());
+            assert_eq!(serde_json::from_value::<Phase>(wire).unwrap(), phase);
+        }
+        for state in State::ALL {
+            let wire = serde_json::to_value(state).unwrap();
+            assert_eq!(wire, state.as_str());
+            assert_eq!(serde_json::from_value::<State>(wire).unwrap(), state);
+        }
+        for kind in [Kind::Deploy, Kind::Promote, Kind::Rollback] {
+            assert_eq!(serde_json::from_value::<Kind>(serde_json::to_value(kind).unwrap()).unwrap(), kind);
+        }
+        for outcome in [PhaseOutcome::Ok, PhaseOutcome::Failed] {
+            let wire = serde_json::to_value(outcome).unwrap();
+            assert_eq!(wire, outcome.as_str());
+            assert_eq!(serde_json::from_value::<PhaseOutcome>(wire).unwrap(), outcome);
+        }
+        assert!(serde_json::from_value::<Phase>("switch_back".into()).is_err(), "an unknown phase is refused");
+    }
 
     #[test]
     fn the_state_machine_of_spec_3() {

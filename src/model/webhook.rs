@@ -60,7 +60,7 @@ pub struct Attempt {
 }
 
 /// One event's delivery to one webhook, as `release show` tells it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Delivery {
     pub webhook: String,
     pub event: String,

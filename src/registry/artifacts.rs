@@ -14,7 +14,7 @@ use crate::utc;
 pub const AMBIGUOUS_SHOWN: usize = 10;
 
 /// The facts of stored bytes, measured at ingest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Artifact {
     pub digest: Digest,
     pub size: u64,
@@ -25,7 +25,7 @@ pub struct Artifact {
 }
 
 /// One service's record of an artifact: the labels CI gave and who uploaded it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ArtifactUpload {
     pub service: String,
     pub digest: Digest,
@@ -236,7 +236,7 @@ impl Registry {
 }
 
 /// One row of a service's artifact list.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ListedArtifact {
     #[serde(skip)]
     pub cursor: i64,
@@ -297,7 +297,7 @@ fn upload_from_row_at(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Ar
 }
 
 /// An admin's block on an artifact: it is never deployable again.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Block {
     pub reason: String,
     pub blocked_by: String,

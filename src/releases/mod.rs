@@ -180,7 +180,7 @@ pub struct RequestOptions {
 }
 
 /// A release as `show` answers it: its story, and who may still decide it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Shown {
     #[serde(flatten)]
     pub detail: Detail,

@@ -43,18 +43,18 @@ struct UploadQuery {
 }
 
 /// The answer to an upload: the artifact's facts and this service's record of it.
-#[derive(Serialize)]
-struct Uploaded {
+#[derive(Serialize, Deserialize)]
+pub struct Uploaded {
     #[serde(flatten)]
-    artifact: Artifact,
-    service: String,
-    version: Option<String>,
-    git_sha: Option<String>,
-    build_url: Option<String>,
-    uploaded_by: String,
-    uploaded_at: String,
+    pub artifact: Artifact,
+    pub service: String,
+    pub version: Option<String>,
+    pub git_sha: Option<String>,
+    pub build_url: Option<String>,
+    pub uploaded_by: String,
+    pub uploaded_at: String,
     /// False when the bytes were stored already (the first upload's labels stay).
-    created: bool,
+    pub created: bool,
 }
 
 async fn upload(
@@ -168,17 +168,18 @@ async fn exists(
     Ok(([(header::CONTENT_LENGTH, artifact.size.to_string())], StatusCode::OK).into_response())
 }
 
-#[derive(Serialize)]
-struct ArtifactAnswer {
+/// `GET /v1/artifacts/{digest}` (the CLI reads it back through this type).
+#[derive(Serialize, Deserialize)]
+pub struct ArtifactAnswer {
     #[serde(flatten)]
-    artifact: Artifact,
-    uploads: Vec<ArtifactUpload>,
+    pub artifact: Artifact,
+    pub uploads: Vec<ArtifactUpload>,
     /// Whether the bytes are in the store (false after a purge, until uploaded again).
-    stored: bool,
+    pub stored: bool,
     /// An admin's block: never deployable again.
-    blocked: Option<Block>,
+    pub blocked: Option<Block>,
     /// The last purge of its bytes.
-    purged_at: Option<String>,
+    pub purged_at: Option<String>,
 }
 
 async fn show(
@@ -324,13 +325,14 @@ struct ListQuery {
     before: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct ListAnswer {
-    service: String,
-    artifacts: Vec<ListedArtifact>,
+/// A page of `GET /v1/services/{service}/artifacts` (the CLI reads it back through this type).
+#[derive(Serialize, Deserialize)]
+pub struct ListAnswer {
+    pub service: String,
+    pub artifacts: Vec<ListedArtifact>,
     /// Pass as `before` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<i64>,
+    pub next: Option<i64>,
 }
 
 async fn list(

@@ -18,6 +18,10 @@ pub mod routes;
 mod source;
 mod tls;
 
+/// Answers the CLI reads back through the types they were written from.
+pub use artifacts::{ArtifactAnswer, ListAnswer, Uploaded};
+pub use releases::{CheckAnswer, HistoryAnswer};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

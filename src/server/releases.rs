@@ -183,12 +183,13 @@ struct HistoryQuery {
     before: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct HistoryAnswer {
-    releases: Vec<Release>,
+/// A page of `GET /v1/releases`, newest first (the CLI reads it back through this type).
+#[derive(Serialize, Deserialize)]
+pub struct HistoryAnswer {
+    pub releases: Vec<Release>,
     /// Pass as `before` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<i64>,
+    pub next: Option<i64>,
 }
 
 async fn history(
@@ -225,13 +226,14 @@ struct CheckQuery {
     environment: Option<String>,
 }
 
-#[derive(Serialize)]
-struct CheckAnswer {
-    service: String,
-    environment: String,
+/// `GET /v1/services/{service}/check` (the CLI reads it back through this type).
+#[derive(Serialize, Deserialize)]
+pub struct CheckAnswer {
+    pub service: String,
+    pub environment: String,
     /// No node failed a check (warnings allowed).
-    ok: bool,
-    nodes: Vec<NodeCheck>,
+    pub ok: bool,
+    pub nodes: Vec<NodeCheck>,
 }
 
 async fn check(
