@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use release::node::{answer, decode_request};
+use release::node::{ErrorCode, answer, decode_request};
 
 fuzz_target!(|data: &[u8]| {
     match decode_request(data) {
@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(serde_json::to_vec(&again).expect("serializes"), sent);
         }
         Err(e) => {
-            assert_eq!(e.code, "bad_request");
+            assert_eq!(e.code, ErrorCode::BadRequest);
             // The refusal goes back as one JSON line.
             assert!(!answer(Err(e)).to_string().contains('\n'));
         }
