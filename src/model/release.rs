@@ -326,6 +326,7 @@ pub struct Detail {
     pub excluded_nodes: Vec<String>,
     /// Nodes its failure left stranded (could not be put back, or unreachable while its
     /// interrupted deploy was resolved): decides the client's exit 8.
+    #[serde(default)]
     pub stranded: Vec<String>,
     /// `--force`: the migrations it went past (the live artifact had them, it lacks them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -337,12 +338,14 @@ pub struct Detail {
     /// *unverified*. Only for a release that went live (`None` otherwise).
     pub verified: Option<bool>,
     /// Each node's shared paths at its switch to this release.
+    #[serde(default)]
     pub shared_files: Vec<SharedFile>,
     /// `--adopt`: the legacy tree it took over (kept as an artifact) and the nodes that held
     /// it; `{"digest": null}` while asked for but not captured yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adopted: Option<serde_json::Value>,
     /// Each of its events' delivery to each webhook, as the last attempt left it.
+    #[serde(default)]
     pub webhook_deliveries: Vec<crate::model::webhook::Delivery>,
 }
 
@@ -369,6 +372,7 @@ pub struct StatusRow {
     pub pending: Vec<i64>,
     /// Nodes a failed deploy could not put back, until a deploy goes live on them or
     /// `status --nodes` finds them serving the live release.
+    #[serde(default)]
     pub stranded: Vec<Stranded>,
     /// With `--nodes`: what each node says it serves.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -495,7 +495,7 @@ pub struct Healthy {
 /// The answer to [`Request::Pm2Cwd`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pm2Checked {
-    /// The PM2 ids of the app's processes, each running from the release.
+    /// The OS pids of the app's processes, each running from the release.
     pub processes: Vec<u64>,
     /// `cluster`, `fork`, … (each once).
     pub exec_mode: Vec<String>,

@@ -79,7 +79,7 @@ impl Registry {
     ) -> Result<bool, RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
-            let token: Option<(String, String)> = tx
+            let token: Option<(Option<String>, Option<String>)> = tx
                 .query_row(
                     "UPDATE web_sessions SET ended_at = ?2 WHERE id_sha256 = ?1 AND ended_at IS NULL
                      RETURNING (SELECT name FROM tokens WHERE id = token_id),
@@ -87,10 +87,13 @@ impl Registry {
                     params![id_sha256.as_slice(), utc::now_text()],
                     |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)),
                 )
-                .optional()?
-                .map(|(name, owner)| (name.unwrap_or_default(), owner.unwrap_or_default()));
+                .optional()?;
             let Some((name, owner)) = token else { return Ok(false) };
-            super::audit::append(&tx, &event(&name, &owner))?;
+            // A session outlives no token (tokens are never deleted); were its row gone, the
+            // sign-out would still end the session, with no event naming nobody.
+            if let (Some(name), Some(owner)) = (name, owner) {
+                super::audit::append(&tx, &event(&name, &owner))?;
+            }
             tx.commit()?;
             Ok(true)
         })
