@@ -44,7 +44,11 @@ pub async fn readable(registry: &Arc<Registry>, principal: &Principal, digest: D
 
 /// What a token is told of an artifact that does not exist.
 pub fn absent(principal: &Principal, digest: Digest) -> ArtifactError {
-    ArtifactError::Absent(principal.as_if_absent(format!("no artifact {digest}")))
+    ArtifactError::Absent(absent_words(principal, digest))
+}
+
+fn absent_words(principal: &Principal, digest: Digest) -> String {
+    principal.as_if_absent(format!("no artifact {digest}"))
 }
 
 /// The upload records of `digest` that a token may see. When it may see none (a token scoped
@@ -59,7 +63,7 @@ pub fn seen_uploads(
     if !seen.is_empty() {
         return Ok(seen);
     }
-    let ArtifactError::Absent(message) = absent(principal, digest) else { unreachable!("absent is Absent") };
+    let message = absent_words(principal, digest);
     Err(match &principal.services {
         Some(allowed) if !unseen.is_empty() => {
             let services: Vec<&str> = unseen.iter().map(|u| u.service.as_str()).collect();
