@@ -53,10 +53,12 @@ pub enum Entry<'a> {
     Directory {
         path: &'a RelPath,
     },
-    /// A regular file; `executable` when any execute bit is set.
+    /// A regular file; `executable` when any execute bit is set; its data starts at `offset`
+    /// in the decompressed tar stream.
     File {
         path: &'a RelPath,
         executable: bool,
+        offset: u64,
     },
     Symlink {
         path: &'a RelPath,
@@ -102,6 +104,20 @@ pub fn check(input: impl BufRead, options: &CheckOptions) -> Result<Summary, Arc
         WalkError::Archive(e) => e,
         WalkError::Visitor { .. } => unreachable!("the check's visitor does nothing"),
     })
+}
+
+/// [`check`], also listing every regular file with the SHA-256 of its data (the artifact's
+/// [`FileIndex`](super::FileIndex), less the artifact's own digest, which the caller knows).
+pub fn index(input: impl BufRead, options: &CheckOptions) -> Result<(Summary, Vec<super::IndexedFile>), ArchiveError> {
+    let mut nothing = Nothing;
+    let mut indexing = super::index::Indexing::new(&mut nothing);
+    let summary = walk(input, options, &mut indexing).map_err(|e| match e {
+        WalkError::Archive(e) => e,
+        // Hashing reads only what the walk hands it; a read error there is the archive's and
+        // comes back as `Archive`.
+        WalkError::Visitor { path, source } => ArchiveError::Tar(format!("entry {path:?}: {source}")),
+    })?;
+    Ok((summary, indexing.files))
 }
 
 /// [`check`], handing every entry that passed the rules to `visitor` as it goes.
@@ -154,7 +170,7 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
         let header = entry.header().clone();
         if let Some(checked) = check_entry(&header, &path, link.as_deref(), options, &mut tree, &mut summary)? {
             let shown = checked.path().as_str().to_owned();
-            let visited = visitor.entry(checked.as_entry(), &mut entry);
+            let visited = visitor.entry(checked.as_entry(entry.raw_file_position()), &mut entry);
             if let Err(source) = visited {
                 // A read error inside the visitor is the archive's; anything else is the visitor's.
                 return Err(match trouble.take() {
@@ -212,10 +228,11 @@ impl Checked {
         }
     }
 
-    fn as_entry(&self) -> Entry<'_> {
+    /// The entry whose data starts at `offset` in the tar stream.
+    fn as_entry(&self, offset: u64) -> Entry<'_> {
         match self {
             Checked::Directory(path) => Entry::Directory { path },
-            Checked::File(path, executable) => Entry::File { path, executable: *executable },
+            Checked::File(path, executable) => Entry::File { path, executable: *executable, offset },
             Checked::Symlink(path, target) => Entry::Symlink { path, target },
             Checked::Hardlink(path, target) => Entry::Hardlink { path, target: target.clone() },
         }

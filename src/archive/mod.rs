@@ -1,19 +1,21 @@
 //! Artifact archives: deterministic `tar`+`zstd` packing and streaming safety checks.
 //!
 //! [`pack`] writes the archive CI uploads; [`check`] reads one as it streams in and refuses
-//! what could never be deployed safely; [`rules`] holds the per-entry rules both share (and that
+//! what could never be deployed safely ([`index`] also lists its files with their hashes); [`rules`] holds the per-entry rules both share (and that
 //! the node's unpacker applies again, never trusting the server's check alone).
 //!
 //! Architecture invariant: this module does no network or database I/O; it works on
 //! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
 
 mod check;
+mod index;
 mod pack;
 mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, walk};
+pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, index, walk};
+pub use index::{FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES};
 #[cfg(test)]
 use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};

@@ -487,3 +487,57 @@ fn packing_refuses_a_tree_past_the_limits() {
     assert!(err.to_string().contains("could never be deployed: entry \"pppp"), "{err}");
     assert!(err.to_string().len() < 400, "{err}");
 }
+
+#[test]
+fn the_index_lists_every_regular_file_with_its_hash_mode_and_place_in_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    sample_tree(dir.path(), false);
+    let (packed, bytes) = pack_bytes(dir.path());
+    let (summary, files) = index(&bytes[..], &options()).unwrap();
+    assert_eq!(summary, check(&bytes[..], &options()).unwrap(), "indexing checks exactly as the check does");
+    let tar = zstd::decode_all(&bytes[..]).unwrap();
+    let mut listed: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    listed.sort();
+    // Directories and the symbolic link are not listed.
+    assert_eq!(
+        listed,
+        [
+            "app/Http/Kernel.php",
+            "artisan",
+            "database/migrations/2024_01_01_000000_create_users.php",
+            "database/migrations/2024_02_01_000000_create_posts.php",
+            "public/index.php",
+        ]
+    );
+    for file in &files {
+        let content = fs::read(dir.path().join(&file.path)).unwrap();
+        assert_eq!(file.size, content.len() as u64, "{}", file.path);
+        assert_eq!(file.sha256, crate::digest::Digest::of(&content), "{}", file.path);
+        let at = file.offset as usize;
+        assert_eq!(&tar[at..at + content.len()], &content[..], "{}: its data is at its offset", file.path);
+        assert_eq!(file.executable, file.path == "artisan", "{}", file.path);
+    }
+
+    let stored = FileIndex::new(packed.digest, files.clone());
+    let encoded = stored.encode();
+    assert_eq!(encoded, FileIndex::new(packed.digest, files).encode(), "the same index, the same bytes");
+    assert_eq!(FileIndex::decode(&encoded, packed.digest).unwrap(), stored);
+}
+
+#[test]
+fn a_stored_index_of_another_artifact_format_or_shape_is_refused() {
+    let (a, b) = (crate::digest::Digest::of(b"a"), crate::digest::Digest::of(b"b"));
+    let index = FileIndex::new(a, vec![]);
+    let refusal = FileIndex::decode(&index.encode(), b).unwrap_err().to_string();
+    assert!(refusal.contains(&format!("describes {a}, not {b}")), "{refusal}");
+
+    let mut later = index.clone();
+    later.version = INDEX_VERSION + 1;
+    let refusal = FileIndex::decode(&later.encode(), a).unwrap_err().to_string();
+    assert!(refusal.contains(&format!("of format {}; this build reads format {INDEX_VERSION}", INDEX_VERSION + 1)));
+
+    let refusal = FileIndex::decode(b"not zstd", a).unwrap_err().to_string();
+    assert!(refusal.starts_with("the stored index does not decompress"), "{refusal}");
+    let refusal = FileIndex::decode(&zstd_of(br#"{"version":1}"#), a).unwrap_err().to_string();
+    assert!(refusal.starts_with("the stored index does not read"), "{refusal}");
+}

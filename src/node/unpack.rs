@@ -176,7 +176,7 @@ impl Visitor for Unpacker<'_> {
     fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {
         match entry {
             Entry::Directory { path } => self.make_dir(Path::new(path.as_str())),
-            Entry::File { path, executable } => {
+            Entry::File { path, executable, .. } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
                 // create_new: a second entry for the same path is refused, never overwrites.
