@@ -140,11 +140,23 @@ pub async fn purge(
         }
         crate::stall_point("purge-recorded").await;
         crate::crash_point("purge-recorded");
-        store.purge_artifact(digest).await?;
+        remove_bytes(store, registry, digest).await?;
         report.bytes += size.unwrap_or(0);
         report.purged.push(digest);
     }
     Ok(report)
+}
+
+/// Deletes a purged artifact's bytes and its index: the index first, so a stop in between
+/// leaves bytes the start-up sweep finds (and removes with their index) rather than an index
+/// no sweep would look for.
+pub async fn remove_bytes(store: &Store, registry: &Arc<Registry>, digest: Digest) -> Result<(), CurationError> {
+    let reader = Arc::clone(registry);
+    if let Some(index) = crate::registry::run(move || reader.artifact_index(digest)).await? {
+        store.purge_index(index.sha256).await?;
+    }
+    store.purge_artifact(digest).await?;
+    Ok(())
 }
 
 /// A day, unless the test variable says otherwise (warned about once).

@@ -15,14 +15,14 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::archive::{self, ArchiveError, CheckOptions, Summary};
+use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, IndexedFile, Summary};
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
 use crate::metrics::{Metrics, UploadOutcome};
 use crate::model::access::{Action, Denied, Principal};
 use crate::model::audit::AuditAction;
-use crate::registry::{NewArtifact, Recorded, Registry, RegistryError};
+use crate::registry::{ArtifactIndex, NewArtifact, Recorded, Registry, RegistryError};
 use crate::store::{Store, StoreError, Upload};
 
 /// Body chunks are handed to the hashing and checking threads in batches of about this many
@@ -283,7 +283,19 @@ impl Ingestor {
             crate::crash_point("upload-published");
         }
 
+        // The index goes to the store before the row that names it (the row is the upload's
+        // commit point); a crash in between leaves an object of a few hundred KiB that the
+        // same upload, repeated, writes again to the same key.
+        let files = received.files.len() as u64;
+        let digest = received.digest;
+        let index = tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).encode())
+            .await
+            .expect("encoding an index does not panic");
+        let size = index.len() as u64;
+        let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
+
         let new = NewArtifact {
+            index: Some(index),
             digest: received.digest,
             size: received.size,
             unpacked_size: received.summary.unpacked_bytes,
@@ -372,6 +384,8 @@ struct Received {
     claim: Option<Digest>,
     size: u64,
     summary: Summary,
+    /// Every regular file with its hash (the artifact's index, less its digest).
+    files: Vec<IndexedFile>,
 }
 
 /// Streams the body to the staging upload, the hasher and the checker.
@@ -395,7 +409,7 @@ where
     });
     let (check_tx, check_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let checker = tokio::task::spawn_blocking(move || {
-        archive::check(ChannelReader { rx: check_rx, batch: Vec::new().into_iter(), current: Bytes::new() }, &options)
+        archive::index(ChannelReader { rx: check_rx, batch: Vec::new().into_iter(), current: Bytes::new() }, &options)
     });
 
     let mut size = 0u64;
@@ -453,8 +467,8 @@ where
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.
-    let summary = checked.map_err(IngestError::Unsafe)?;
-    Ok(Received { digest, claim, size, summary })
+    let (summary, files) = checked.map_err(IngestError::Unsafe)?;
+    Ok(Received { digest, claim, size, summary, files })
 }
 
 type Batch = Vec<Bytes>;

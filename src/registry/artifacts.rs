@@ -53,6 +53,19 @@ pub struct NewArtifact {
     pub build_url: Option<String>,
     pub uploaded_by: String,
     pub uploader_owner: String,
+    /// Its per-file index, stored already (none: not computed, as for adopted trees' tests).
+    pub index: Option<ArtifactIndex>,
+}
+
+/// Where an artifact's per-file index is stored, and how large it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArtifactIndex {
+    /// The SHA-256 of the stored index (its object key's name).
+    pub sha256: Digest,
+    /// Regular files listed.
+    pub files: u64,
+    /// Stored bytes.
+    pub size: u64,
 }
 
 /// The outcome of recording an upload.
@@ -102,6 +115,13 @@ impl Registry {
             if !new.shared_checked.is_empty() {
                 record_shared_check(&tx, new.digest, &new.shared_checked)?;
             }
+            if let Some(index) = &new.index {
+                tx.execute(
+                    "INSERT INTO artifact_indexes (digest, index_sha256, files, size, indexed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (digest) DO NOTHING",
+                    params![new.digest.to_string(), index.sha256.to_string(), index.files, index.size, now],
+                )?;
+            }
             // Bytes purged before are stored again: each purge not yet undone is, now.
             let restored = tx.execute(
                 "INSERT INTO artifact_restores (purge_id, restored_by, restored_at)
@@ -127,6 +147,23 @@ impl Registry {
             super::audit::append(&tx, &event)?;
             tx.commit()?;
             Ok(Recorded { new_artifact, new_upload, artifact, upload })
+        })
+    }
+
+    /// Where `digest`'s per-file index is stored, if one was recorded.
+    pub fn artifact_index(&self, digest: Digest) -> Result<Option<ArtifactIndex>, RegistryError> {
+        self.read(|conn| {
+            let row = conn
+                .prepare_cached("SELECT index_sha256, files, size FROM artifact_indexes WHERE digest = ?1")?
+                .query_row(params![digest.to_string()], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, u64>(1)?, row.get::<_, u64>(2)?))
+                })
+                .optional()?;
+            row.map(|(sha256, files, size)| {
+                let sha256 = sha256.parse().map_err(|e| RegistryError::Corrupt(format!("artifact_indexes: {e}")))?;
+                Ok(ArtifactIndex { sha256, files, size })
+            })
+            .transpose()
         })
     }
 

@@ -29,6 +29,7 @@ fn upload(registry: &Registry, content: &[u8]) -> Digest {
         build_url: None,
         uploaded_by: "ci".into(),
         uploader_owner: "gitlab".into(),
+        index: None,
     };
     registry.record_artifact(&artifact, &event()).unwrap();
     artifact.digest

@@ -23,6 +23,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0012_artifact_shared_checks", include_str!("../../migrations/0012_artifact_shared_checks.sql")),
     ("0013_release_forced_migrations", include_str!("../../migrations/0013_release_forced_migrations.sql")),
     ("0014_staged_uploads", include_str!("../../migrations/0014_staged_uploads.sql")),
+    ("0015_artifact_indexes", include_str!("../../migrations/0015_artifact_indexes.sql")),
 ];
 
 /// Brings the schema up to date; refuses a registry written by a newer `release`.

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
+pub use artifacts::{Artifact, ArtifactIndex, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
 pub use backup::{RESTORED, SnapshotHead, known_schema, snapshot_event_hash, snapshot_head};
 pub use gauges::{Cell, Gauges};

@@ -29,6 +29,7 @@ fn new_artifact(service: &str, content: &[u8]) -> NewArtifact {
         build_url: None,
         uploaded_by: "ci-api".into(),
         uploader_owner: "gitlab".into(),
+        index: None,
     }
 }
 

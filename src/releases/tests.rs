@@ -123,6 +123,7 @@ fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Re
         build_url: None,
         uploaded_by: "ci".into(),
         uploader_owner: "gitlab".into(),
+        index: None,
     };
     registry
         .record_artifact(&artifact, &NewEvent::by_server(AuditAction::ArtifactUpload, "", serde_json::json!({})))

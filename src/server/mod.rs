@@ -60,6 +60,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     DataDir(#[from] crate::datadir::LockError),
+    #[error(transparent)]
+    Curation(#[from] crate::curation::CurationError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
@@ -130,7 +132,7 @@ async fn clear_what_a_crash_left(registry: &Arc<Registry>, store: &Store) -> Res
     if !purged.is_empty() {
         let stored: std::collections::HashSet<_> = store.list_artifacts().await?.into_iter().collect();
         for digest in purged.into_iter().filter(|d| stored.contains(d)) {
-            store.purge_artifact(digest).await?;
+            crate::curation::remove_bytes(store, registry, digest).await?;
             tracing::warn!(%digest, "removed the bytes of a purge cut short by a stop");
         }
     }

@@ -47,6 +47,8 @@ pub enum StoreError {
     Open { what: String, source: object_store::Error },
     #[error("artifact store, object {key}: {source}")]
     Io { key: String, source: std::io::Error },
+    #[error("artifact store, object {key}: its bytes hash to {actual}, not to the name they are stored under")]
+    Corrupt { key: String, actual: Digest },
     #[error("artifact store ({backend}): listing the multipart uploads of {key}: {message}")]
     Multipart { backend: String, key: String, message: String },
 }
@@ -61,6 +63,8 @@ pub enum Key {
     Artifact(Digest),
     /// An upload being received; never read by anything but its own ingest.
     Upload(Uuid),
+    /// An artifact's per-file index (`archive::FileIndex`, stored form), by its own SHA-256.
+    Index(Digest),
     /// A checkpoint of the audit chain after this many events (immutable).
     Checkpoint(u64),
     /// The latest checkpoint (overwritten each time).
@@ -179,6 +183,7 @@ impl Store {
         let relative = match key {
             Key::Artifact(digest) => format!("artifacts/sha256/{}", digest.hex()),
             Key::Upload(id) => format!("uploads/{id}"),
+            Key::Index(digest) => format!("indexes/sha256/{}", digest.hex()),
             Key::Checkpoint(events) => format!("audit/checkpoints/{events:020}.json"),
             Key::CheckpointHead => "audit/head.json".to_owned(),
             Key::Backup(stamp) => format!("backups/registry-{}.db.zst", stamp.text()),
@@ -227,6 +232,31 @@ impl Store {
     /// registry does not name (the only other delete of an artifact key besides a purge).
     pub async fn remove_artifact(&self, digest: Digest) -> Result<(), StoreError> {
         self.delete(Key::Artifact(digest)).await
+    }
+
+    /// Stores an artifact's index (its stored form) under its content address, which it
+    /// returns. Written again by every upload of the artifact: the same bytes to the same key.
+    pub async fn put_index(&self, stored: Vec<u8>) -> Result<Digest, StoreError> {
+        let digest = Digest::of(&stored);
+        let key = Key::Index(digest);
+        self.inner.put(&self.path(key), Bytes::from(stored).into()).await.map_err(self.error(key))?;
+        Ok(digest)
+    }
+
+    /// An index's stored bytes, checked against the name they are stored under.
+    pub async fn get_index(&self, digest: Digest) -> Result<Bytes, StoreError> {
+        let key = Key::Index(digest);
+        let bytes = self.inner.get(&self.path(key)).await.map_err(self.error(key))?;
+        let bytes = bytes.bytes().await.map_err(self.error(key))?;
+        if Digest::of(&bytes) != digest {
+            return Err(StoreError::Corrupt { key: self.path(key).to_string(), actual: Digest::of(&bytes) });
+        }
+        Ok(bytes)
+    }
+
+    /// Removes an index (with the purge of its artifact's bytes).
+    pub async fn purge_index(&self, digest: Digest) -> Result<(), StoreError> {
+        self.delete(Key::Index(digest)).await
     }
 
     /// The stored size of an artifact, or `None` when its key is absent.

@@ -122,10 +122,13 @@ fn purge_frees_only_the_bytes_of_artifacts_never_live() {
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("purged")));
     assert_eq!(f.events("artifact.purge").len(), 1);
     assert_eq!(f.server.artifact_keys().len(), 1);
+    assert!(matches!(f.server.stored_index(&never), Some(None)), "its file index went with its bytes");
+    assert!(matches!(f.server.stored_index(&live), Some(Some(_))), "the live one's stays");
 
-    // Uploading the same bytes again brings them back.
+    // Uploading the same bytes again brings them back, with their index.
     f.upload("never-deployed");
     assert_eq!(f.get("carol", &format!("/v1/artifacts/{never}"))["stored"], true);
+    assert!(matches!(f.server.stored_index(&never), Some(Some(_))));
     f.live_in("ci", "staging", &never);
 
     // A purge needs an admin, and says what it purges.

@@ -95,6 +95,7 @@ fn a_prefix_naming_several_artifacts_is_refused_naming_them() {
             build_url: None,
             uploaded_by: "ci".into(),
             uploader_owner: "gitlab".into(),
+            index: None,
         };
         registry
             .record_artifact(

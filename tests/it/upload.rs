@@ -280,3 +280,77 @@ fn concurrent_distinct_and_repeated_uploads_all_land_local() {
 fn concurrent_distinct_and_repeated_uploads_all_land_s3() {
     concurrent_uploads_all_land(Backend::S3);
 }
+
+/// Every upload stores the index of its regular files (path, mode, size, SHA-256) beside the
+/// artifact, named in the registry: what a node compares with the releases it holds.
+fn the_index_of_every_file_is_stored_and_named(backend: Backend) {
+    let server = TestServer::start(backend);
+    let ci = server.token("ci", "ci");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("app");
+    app_tree(&src, "2.0.0");
+    fs::write(src.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::os::unix::fs::symlink("run.sh", src.join("start")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    let (packed, body) = release::archive::pack_to_writer(&src, &[], Vec::new(), &mut |_| {}).unwrap();
+
+    assert_eq!(post(&server, &ci, "service=api&version=2", body.clone()).status(), StatusCode::CREATED);
+    let conn = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("registry.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let (named, files, size): (String, u64, u64) = conn
+        .query_row(
+            "SELECT index_sha256, files, size FROM artifact_indexes WHERE digest = ?1",
+            [packed.digest.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let named: release::digest::Digest = named.parse().unwrap();
+    let stored = crate::support::block_on(server.store().get_index(named)).unwrap();
+    assert_eq!(stored.len() as u64, size);
+    let index = release::archive::FileIndex::decode(&stored, packed.digest).unwrap();
+    assert_eq!(index.files.len() as u64, files);
+
+    // Exactly the tree's regular files, each with its content's hash and its mode.
+    let mut expected = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() {
+                let relative = path.strip_prefix(&src).unwrap().to_str().unwrap().to_owned();
+                let executable = meta.permissions().mode() & 0o111 != 0;
+                expected.push((relative, executable, release::digest::Digest::of(&fs::read(&path).unwrap())));
+            }
+        }
+    }
+    expected.sort();
+    let mut listed: Vec<_> = index.files.iter().map(|f| (f.path.clone(), f.executable, f.sha256)).collect();
+    listed.sort();
+    assert_eq!(listed, expected);
+    assert!(listed.iter().any(|(p, x, _)| p == "run.sh" && *x), "the executable file is listed as such");
+
+    // The same bytes again: the same index, the same name, nothing added.
+    assert_eq!(post(&server, &ci, "service=web&version=2", body).status(), StatusCode::OK, "stored already");
+    assert_eq!(server.count("SELECT count(*) FROM artifact_indexes"), 1);
+    if backend == Backend::Local {
+        let objects = fs::read_dir(server.data_dir().join("objects/indexes/sha256")).unwrap().count();
+        assert_eq!(objects, 1, "one index object");
+    }
+}
+
+#[test]
+fn the_index_of_every_file_is_stored_and_named_local() {
+    the_index_of_every_file_is_stored_and_named(Backend::Local);
+}
+
+#[test]
+fn the_index_of_every_file_is_stored_and_named_s3() {
+    the_index_of_every_file_is_stored_and_named(Backend::S3);
+}

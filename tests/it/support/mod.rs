@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use release::config::{S3Config, Secret, StorageConfig};
 use release::store::Store;
+use rusqlite::OptionalExtension as _;
 
 pub use garage::{Garage, garage};
 
@@ -371,6 +372,26 @@ impl TestServer {
             keys.extend(block_on(incomplete_multipart_uploads(s3)));
         }
         keys
+    }
+
+    /// The stored index of `digest` as the registry names it: `None` without a row, `Some(None)`
+    /// when the row names an object the store does not hold.
+    pub fn stored_index(&self, digest: &str) -> Option<Option<release::archive::FileIndex>> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data_dir().join("registry.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let named: String = conn
+            .query_row("SELECT index_sha256 FROM artifact_indexes WHERE digest = ?1", [digest], |r| r.get(0))
+            .optional()
+            .unwrap()?;
+        let artifact: release::digest::Digest = digest.parse().unwrap();
+        match block_on(self.store().get_index(named.parse().unwrap())) {
+            Ok(bytes) => Some(Some(release::archive::FileIndex::decode(&bytes, artifact).unwrap())),
+            Err(release::store::StoreError::NotFound { .. }) => Some(None),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// Runs one query against the registry (read-only) and returns the first column as i64.
