@@ -14,13 +14,16 @@ use std::fmt;
 /// boundary and shown with `…`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OtherName {
+    /// The length in bytes; the high bit says the name was cut.
     len: u8,
-    cut: bool,
     bytes: [u8; OtherName::MAX],
 }
 
 impl OtherName {
-    pub const MAX: usize = 40;
+    /// Longer than any name of these vocabularies (`pending_approval`, `prepare adopted`),
+    /// short enough that a `Release`, which holds two, stays small (24 bytes a field).
+    pub const MAX: usize = 22;
+    const CUT: u8 = 0x80;
 
     pub fn new(name: &str) -> OtherName {
         let mut end = name.len().min(Self::MAX);
@@ -29,19 +32,21 @@ impl OtherName {
         }
         let mut bytes = [0; Self::MAX];
         bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
-        OtherName { len: end as u8, cut: end < name.len(), bytes }
+        let cut = if end < name.len() { Self::CUT } else { 0 };
+        OtherName { len: end as u8 | cut, bytes }
     }
 
     /// The name as read (its first [`OtherName::MAX`] bytes when it was longer).
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..self.len as usize]).expect("cut at a char boundary")
+        let len = usize::from(self.len & !Self::CUT);
+        std::str::from_utf8(&self.bytes[..len]).expect("cut at a char boundary")
     }
 }
 
 impl fmt::Display for OtherName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())?;
-        if self.cut { f.write_str("…") } else { Ok(()) }
+        if self.len & Self::CUT != 0 { f.write_str("…") } else { Ok(()) }
     }
 }
 
@@ -210,5 +215,8 @@ mod tests {
         assert_eq!(name.as_str(), "x".repeat(OtherName::MAX - 1));
         assert_eq!(name.to_string(), format!("{}…", "x".repeat(OtherName::MAX - 1)));
         assert_eq!(OtherName::new("short").to_string(), "short");
+        let whole = "y".repeat(OtherName::MAX);
+        assert_eq!(OtherName::new(&whole).to_string(), whole, "a name of MAX bytes is whole");
+        assert_eq!(std::mem::size_of::<crate::model::release::State>(), OtherName::MAX + 2);
     }
 }
