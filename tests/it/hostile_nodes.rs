@@ -339,8 +339,7 @@ fn an_agent_older_than_the_protocol_at_this_builds_path_is_named_and_replaced() 
     let fleet = Hostile::start(vec![("staging", SshNode::hostile(old))], "", "");
     // This build's agent path, made present first (atomically, as the server ships it) so that
     // a change of its inode can only be the replacement.
-    let home = Command::new("sh").args(["-c", "getent passwd root | cut -d: -f6"]).output().unwrap();
-    let dir = PathBuf::from(String::from_utf8(home.stdout).unwrap().trim()).join(".release/bin");
+    let dir = sshd::agent_dir();
     let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fs::read(bin()).unwrap()));
     let agent = dir.join(format!("release-{}", &sum[..16]));
     if !agent.exists() {

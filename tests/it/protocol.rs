@@ -6,15 +6,20 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-/// Runs `release node` with these arguments and one request; its answer.
-fn agent(args: &[&str], request: Value) -> Value {
-    let mut child = Command::new(crate::support::bin())
+/// `release node` with these arguments, its stdin and stdout piped.
+fn spawn_agent(args: &[&str]) -> std::process::Child {
+    Command::new(crate::support::bin())
         .arg("node")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `release node` with these arguments and one request; its answer.
+fn agent(args: &[&str], request: Value) -> Value {
+    let mut child = spawn_agent(args);
     // The agent may answer (and exit) before reading: a refused protocol reads nothing.
     let _ = child.stdin.take().unwrap().write_all(format!("{request}\n").as_bytes());
     let out = child.wait_with_output().unwrap();
@@ -42,12 +47,7 @@ fn the_agent_refuses_a_server_of_another_protocol_and_names_its_own_in_every_ans
 /// at once and the agent exits, so the server's writes meet a closed pipe, never a full one.
 #[test]
 fn a_refused_protocol_is_answered_before_stdin_is_read() {
-    let mut child = Command::new(crate::support::bin())
-        .args(["node", "--protocol", "999"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&["--protocol", "999"]);
     let stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -65,12 +65,7 @@ fn a_refused_protocol_is_answered_before_stdin_is_read() {
     assert!(child.wait().unwrap().success());
     // And after a refusal, writing an artifact's worth of bytes fails (closed pipe) rather
     // than blocking.
-    let mut child = Command::new(crate::support::bin())
-        .args(["node", "--protocol", "999"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_agent(&["--protocol", "999"]);
     let mut stdin = child.stdin.take().unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("the server 999"));
