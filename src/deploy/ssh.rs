@@ -1,8 +1,9 @@
 //! The SSH transport: one multiplexed session per node (the `openssh` crate driving the system
 //! `ssh`), key authentication, host keys always checked against the configured known_hosts,
 //! timeouts on connecting and on every command. The node agent is this very binary, shipped
-//! to `~/.release/bin/release-<sha256 prefix>` when the node lacks it (checksum compared), so a
-//! node needs nothing but sshd and a user.
+//! to `~/.release/bin/release-<sha256 prefix>` when the node lacks it (checksum compared), or
+//! over what is there when that answers as another build, so a node needs nothing but sshd
+//! and a user.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
