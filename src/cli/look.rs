@@ -3,6 +3,7 @@
 use super::{Failure, Output, ServerArgs, or_dash, text};
 use crate::digest::Digest;
 use crate::model::release::{PhaseOutcome, StatusRow};
+use crate::node::protocol::CheckStatus;
 use crate::releases::Shown;
 use crate::server::{CheckAnswer, HistoryAnswer};
 
@@ -259,7 +260,8 @@ pub async fn check(args: CheckArgs, output: Output) -> Result<(), Failure> {
     output.print(&answer, || {
         let rows = checked.nodes.iter().flat_map(|n| {
             n.checks.iter().map(move |c| {
-                let shown = if c.status == "pass" { "ok".to_owned() } else { c.status.to_uppercase() };
+                let shown =
+                    if c.status == CheckStatus::Pass { "ok".to_owned() } else { c.status.as_str().to_uppercase() };
                 vec![n.node.clone(), c.name.clone(), shown, c.message.clone()]
             })
         });
@@ -268,8 +270,12 @@ pub async fn check(args: CheckArgs, output: Output) -> Result<(), Failure> {
     if checked.ok {
         return Ok(());
     }
-    let failed: Vec<String> =
-        checked.nodes.iter().filter(|n| n.checks.iter().any(|c| c.status == "fail")).map(|n| n.node.clone()).collect();
+    let failed: Vec<String> = checked
+        .nodes
+        .iter()
+        .filter(|n| n.checks.iter().any(|c| c.status == CheckStatus::Fail))
+        .map(|n| n.node.clone())
+        .collect();
     let message = format!("{} node(s) would fail a deploy: {}", failed.len(), failed.join(", "));
     Err(Failure::new(super::exit::FAILED, message).printed(output.json))
 }

@@ -40,7 +40,7 @@ pub struct DeployArgs {
     #[arg(long)]
     force: bool,
     /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
-    /// put back, 3 rejected, cancelled or expired).
+    /// put back, 3 rejected, cancelled or expired; 1 a state this command does not know).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -70,7 +70,7 @@ pub struct PromoteArgs {
     #[arg(long)]
     adopt: bool,
     /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
-    /// put back, 3 rejected, cancelled or expired).
+    /// put back, 3 rejected, cancelled or expired; 1 a state this command does not know).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -99,7 +99,7 @@ pub struct RollbackArgs {
     #[arg(long)]
     force: bool,
     /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
-    /// put back, 3 rejected, cancelled or expired).
+    /// put back, 3 rejected, cancelled or expired; 1 a state this command does not know).
     #[arg(long)]
     wait: bool,
     /// When another release of the service is in flight there, wait for it to end (at
@@ -115,7 +115,7 @@ pub struct DecideArgs {
     /// The release's id (as `release status` and `history` show it).
     id: i64,
     /// Follow the release until it is final (exit 0 live, 7 failed and put back, 8 a node not
-    /// put back, 3 rejected, cancelled or expired).
+    /// put back, 3 rejected, cancelled or expired; 1 a state this command does not know).
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -222,7 +222,8 @@ pub async fn cancel(args: CancelArgs, output: Output) -> Result<(), Failure> {
     conclude(&client, release, false, output).await
 }
 
-/// Prints the release as accepted; with `wait`, follows it to a final state and exits by it.
+/// Prints the release as accepted; with `wait`, follows it to a final state and exits by it
+/// (or to a state this build does not know, where it stops with exit 1).
 async fn conclude(client: &Client, answer: Value, wait: bool, output: Output) -> Result<(), Failure> {
     let release: Release = super::read(&answer)?;
     let id = release.id;
@@ -310,6 +311,22 @@ async fn conclude(client: &Client, answer: Value, wait: bool, output: Output) ->
                     println!("{answer}");
                 }
                 return Err(Failure::new(exit::CONFLICT, format!("release {id} ended {state}")).printed(output.json));
+            }
+            // A newer server's state: whether it is final this CLI cannot tell, and waiting
+            // for a known one could hang for ever. Stop, say so, exit 1 (not a deploy's
+            // failure: the release goes on at the server).
+            State::Unknown(name) => {
+                if output.json {
+                    println!("{answer}");
+                }
+                return Err(Failure::new(
+                    exit::FAILED,
+                    format!(
+                        "release {id} is {name}, a state this release command does not know (the server is \
+                         newer): no longer waiting; follow it with `release show {id}`"
+                    ),
+                )
+                .printed(output.json));
             }
             _ if changes <= known => tokio::time::sleep(POLL).await,
             _ => {}

@@ -41,18 +41,17 @@ impl NodeDeployer {
         needed_bytes: u64,
     ) -> NodeCheck {
         let name = node.display_name();
-        let row =
-            |name: &str, status: &str, message: String| CheckRow { name: name.into(), status: status.into(), message };
+        let row = |name: &str, status: CheckStatus, message: String| CheckRow { name: name.into(), status, message };
         let target = match tokio::time::timeout(NODE_CHECK_TIMEOUT, self.connect(node, 0)).await {
             Ok(Ok(target)) => target,
-            Ok(Err(e)) => return NodeCheck { node: name, checks: vec![row("reach", "fail", e)] },
+            Ok(Err(e)) => return NodeCheck { node: name, checks: vec![row("reach", CheckStatus::Fail, e)] },
             Err(_) => {
                 let e = format!("no connection within {} s", NODE_CHECK_TIMEOUT.as_secs());
-                return NodeCheck { node: name, checks: vec![row("reach", "fail", e)] };
+                return NodeCheck { node: name, checks: vec![row("reach", CheckStatus::Fail, e)] };
             }
         };
         let how = if node.is_local() { "this machine, no SSH".to_owned() } else { "SSH, host key known".to_owned() };
-        let mut checks = vec![row("reach", "pass", how)];
+        let mut checks = vec![row("reach", CheckStatus::Pass, how)];
         let hooks = Hooks::of(service);
         let request = Request::Check(node::Check {
             base: target.base.clone(),
@@ -70,8 +69,12 @@ impl NodeDeployer {
         });
         match tokio::time::timeout(NODE_CHECK_TIMEOUT, phase_quiet::<Checked>(&target, request)).await {
             Ok(Ok(answer)) => checks.extend(answer.checks),
-            Ok(Err(e)) => checks.push(row("agent", "fail", e)),
-            Err(_) => checks.push(row("agent", "fail", format!("no answer within {} s", NODE_CHECK_TIMEOUT.as_secs()))),
+            Ok(Err(e)) => checks.push(row("agent", CheckStatus::Fail, e)),
+            Err(_) => checks.push(row(
+                "agent",
+                CheckStatus::Fail,
+                format!("no answer within {} s", NODE_CHECK_TIMEOUT.as_secs()),
+            )),
         }
         NodeCheck { node: name, checks }
     }

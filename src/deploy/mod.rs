@@ -38,8 +38,8 @@ use crate::node::protocol::{
 };
 use crate::node::{self, Request, Source};
 use crate::releases::{
-    CheckRow, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Phase, PhaseOutcome, Plan,
-    SharedFile,
+    CheckRow, CheckStatus, Deployer, Deployment, Failure, Kind, LegacyBytes, NodeCheck, Observed, Phase, PhaseOutcome,
+    Plan, SharedFile,
 };
 use crate::store::Store;
 use crate::utc;

@@ -61,7 +61,8 @@ pub(super) fn report_phase<A: Answer>(
             });
             (PhaseOutcome::Failed, output, Err(format!("node {}: {name}: {} ({})", target.name, e.message, e.code)))
         }
-        Err(CallError::Transport(e)) => {
+        Err(e @ (CallError::Transport(_) | CallError::Foreign(_))) => {
+            let e = e.to_string();
             (PhaseOutcome::Failed, Some(e.clone()), Err(format!("node {}: {name}: {e}", target.name)))
         }
     };

@@ -1,8 +1,9 @@
 //! The SSH transport: one multiplexed session per node (the `openssh` crate driving the system
 //! `ssh`), key authentication, host keys always checked against the configured known_hosts,
 //! timeouts on connecting and on every command. The node agent is this very binary, shipped
-//! to `~/.release/bin/release-<sha256 prefix>` when the node lacks it (checksum compared), so a
-//! node needs nothing but sshd and a user.
+//! to `~/.release/bin/release-<sha256 prefix>` when the node lacks it (checksum compared), or
+//! over what is there when that answers as another build, so a node needs nothing but sshd
+//! and a user.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -152,7 +153,7 @@ impl Ssh {
             timeout,
             node: name,
         };
-        ssh.ship(path, sum).await?;
+        ssh.ship(path, sum, false).await?;
         Ok(ssh)
     }
 
@@ -162,23 +163,32 @@ impl Ssh {
     /// lock (`flock`, where the node has it) and look again before copying: one copy crosses,
     /// the others stop after the first window of bytes. In the same round trip, binaries of
     /// other builds are pruned: the newest `KEEP_BINARIES` stay (this one is touched first,
-    /// so it is always among them).
-    async fn ship(&self, path: &Path, sum: &str) -> Result<(), String> {
+    /// so it is always among them). With `replace`, the binary at this build's path is
+    /// replaced even though it is there (it answered as another build: see [`Ssh::call`]);
+    /// the rename keeps the path runnable throughout.
+    async fn ship(&self, path: &Path, sum: &str, replace: bool) -> Result<(), String> {
         let prune = format!(
             "(cd .release/bin && ls -t | grep -E '^release-[0-9a-f]{{16}}$' | tail -n +{} | xargs -r rm -f --)",
             KEEP_BINARIES + 1
         );
         let present = format!("test -x {program} || exit 1; touch {program}; {prune}", program = self.program);
-        if self.shell(&present, None).await.is_ok() {
+        if !replace && self.shell(&present, None).await.is_ok() {
             return Ok(());
         }
+        let already_there = if replace {
+            String::new()
+        } else {
+            format!(
+                "if test -x {program}; then touch {program}; {prune}; exit {ALREADY_THERE}; fi; ",
+                program = self.program
+            )
+        };
         let bytes = tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let tmp = format!("{}.tmp-$$", self.program);
         let script = format!(
             "set -e; mkdir -p .release/bin; \
              if command -v flock >/dev/null; then exec 9>.release/bin/.ship-lock; flock 9 || true; fi; \
-             if test -x {program}; then touch {program}; {prune}; exit {ALREADY_THERE}; fi; \
-             cat > {tmp}; \
+             {already_there}cat > {tmp}; \
              test \"$(sha256sum {tmp} | cut -d' ' -f1)\" = {sum} || {{ rm -f {tmp}; echo 'checksum mismatch' >&2; exit 3; }}; \
              chmod 755 {tmp}; mv {tmp} {program}; {prune}",
             program = self.program
@@ -316,7 +326,23 @@ impl Transport for Ssh {
                 .await
                 .map_err(|_| CallError::Transport(format!("{}: no answer within {:?}", self.node, self.timeout)))?
                 .map_err(CallError::Transport)?;
-            parse_answer(&out, &err, ok, sent)
+            match parse_answer(&out, &err, ok, sent) {
+                // The path names this build's checksum, yet what runs there is another build
+                // (put there by hand, or an old agent copied over it): replaced by this
+                // server's binary, so the next call finds the right agent.
+                Err(e @ CallError::Foreign(_)) => {
+                    let replaced = match this_binary() {
+                        Ok((path, sum)) => self.ship(path, sum, true).await,
+                        Err(e) => Err(e),
+                    };
+                    let done = match replaced {
+                        Ok(()) => "it was replaced by this server's binary: deploy again".to_owned(),
+                        Err(why) => format!("replacing it failed: {why}"),
+                    };
+                    Err(CallError::Transport(format!("{e} (at ~/{} on {}); {done}", self.program, self.node)))
+                }
+                answer => answer,
+            }
         })
     }
 }

@@ -27,7 +27,16 @@ pub enum CallError {
     Node(NodeError),
     #[error("{0}")]
     Transport(String),
+    /// The agent that answered is not of this server's build: what it is (`speaks protocol
+    /// 2`, `is older than protocol 1 …`). Each transport says where it is and what it did
+    /// about it (SSH replaces it).
+    #[error("the node agent {0}, this server speaks protocol {VERSION}: it is not this server's binary")]
+    Foreign(String),
 }
+
+/// What clap prints when an agent of a build before protocol 1 (one without `--protocol`)
+/// is asked with it: such an agent answers nothing on stdout.
+const BEFORE_PROTOCOL: &str = "unexpected argument '--protocol'";
 
 pub trait Transport: Send + Sync {
     /// Sends `request` (then `payload`, if any) to the node's agent; its answer.
@@ -82,7 +91,11 @@ impl Transport for Local {
                 .await
                 .map_err(|_| CallError::Transport(format!("the node agent did not answer within {:?}", self.timeout)))?
                 .map_err(CallError::Transport)?;
-            parse_answer(&out, &err, status.success(), sent)
+            // (The agent here is this very process's binary: another cannot answer.)
+            parse_answer(&out, &err, status.success(), sent).map_err(|e| match e {
+                CallError::Foreign(_) => CallError::Transport(format!("{e} ({})", self.program.display())),
+                e => e,
+            })
         })
     }
 }
@@ -209,6 +222,12 @@ pub fn parse_answer(
         Ok(v) => v,
         Err(_) => {
             let stderr = String::from_utf8_lossy(err);
+            if !exited_ok && stderr.contains(BEFORE_PROTOCOL) {
+                return Err(CallError::Foreign(format!(
+                    "is older than protocol {VERSION} (it refused `--protocol`: {})",
+                    clean(stderr.lines().next().unwrap_or_default(), MAX_MESSAGE, Keep::Start)
+                )));
+            }
             let why = if exited_ok {
                 format!("the node agent's answer is not JSON: {}", clean(&text, MAX_MESSAGE, Keep::End))
             } else {
@@ -220,9 +239,7 @@ pub fn parse_answer(
     // An agent of another protocol (or none: an old agent) is not read any further.
     if answer.get("protocol") != Some(&VERSION.into()) {
         let theirs = answer.get("protocol").map_or("none".to_owned(), |p| clean(&p.to_string(), MAX_CODE, Keep::Start));
-        return Err(CallError::Transport(format!(
-            "the node agent speaks protocol {theirs}, this server {VERSION}: it is not this server's binary"
-        )));
+        return Err(CallError::Foreign(format!("speaks protocol {theirs}")));
     }
     if answer["ok"] == true {
         return Ok(answer);
@@ -306,9 +323,19 @@ mod tests {
             (r#"{"ok":true,"protocol":2,"current":null,"ready":[],"unready":[]}"#, "2"),
             (r#"{"ok":false,"protocol":"1","code":"locked","message":"x"}"#, "\"1\""),
         ] {
-            let Err(CallError::Transport(why)) = parsed(line) else { panic!("{line} was read") };
-            assert!(why.contains(&format!("speaks protocol {theirs}, this server {VERSION}")), "{why}");
+            let Err(e @ CallError::Foreign(_)) = parsed(line) else { panic!("{line} was read") };
+            let why = e.to_string();
+            assert!(why.contains(&format!("speaks protocol {theirs}, this server speaks protocol {VERSION}")), "{why}");
         }
+        // An agent of a build before protocol 1: clap refuses the flag, nothing on stdout.
+        let clap = b"error: unexpected argument '--protocol' found\n\nUsage: release node\n";
+        let Err(e @ CallError::Foreign(_)) = parse_answer(b"", clap, false, Ok(())) else { panic!("not told apart") };
+        assert!(e.to_string().starts_with("the node agent is older than protocol 1 (it refused `--protocol`: error: unexpected argument '--protocol' found), this server"), "{e}");
+        // Any other failure to start stays what it was.
+        let Err(CallError::Transport(why)) = parse_answer(b"", b"sh: 1: release: not found", false, Ok(())) else {
+            panic!("a missing agent read as a foreign one")
+        };
+        assert!(why.starts_with("the node agent failed: sh: 1: release: not found"), "{why}");
         let status: crate::node::protocol::Status =
             typed(parsed(r#"{"ok":true,"protocol":1,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
         assert_eq!((status.current, status.plain), (None, false));

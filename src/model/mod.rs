@@ -6,4 +6,5 @@
 pub mod access;
 pub mod audit;
 pub mod release;
+pub mod vocabulary;
 pub mod webhook;

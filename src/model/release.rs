@@ -1,69 +1,49 @@
 //! Releases as the registry stores them: kinds, the state machine of SPEC 3, and the rows `show`, `status` and the pages read.
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::model::vocabulary::vocabulary;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Deploy,
-    Promote,
-    Rollback,
+vocabulary! {
+    /// What a release asks for. Reads keep a kind this build does not know (a newer server's)
+    /// as `Unknown`; the registry's column takes only these three.
+    pub enum Kind(other Unknown) {
+        Deploy = "deploy",
+        Promote = "promote",
+        Rollback = "rollback",
+    }
 }
 
-/// `pending_approval → approved → deploying → live`, or `rejected`, `failed`, `cancelled`,
-/// `expired`, and `superseded` once a later release goes live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    PendingApproval,
-    Approved,
-    Deploying,
-    Live,
-    Rejected,
-    Failed,
-    Cancelled,
-    Expired,
-    Superseded,
+vocabulary! {
+    /// `pending_approval → approved → deploying → live`, or `rejected`, `failed`, `cancelled`,
+    /// `expired`, and `superseded` once a later release goes live. A state this build does
+    /// not know (an answer of a newer server) reads as `Unknown` with its name: no
+    /// transition leads to or from it, and the CLI's `--wait` stops at it (it cannot tell
+    /// whether it is final).
+    pub enum State(other Unknown) {
+        PendingApproval = "pending_approval",
+        Approved = "approved",
+        Deploying = "deploying",
+        Live = "live",
+        Rejected = "rejected",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        Expired = "expired",
+        Superseded = "superseded",
+    }
 }
 
 impl State {
-    pub const ALL: [State; 9] = [
-        State::PendingApproval,
-        State::Approved,
-        State::Deploying,
-        State::Live,
-        State::Rejected,
-        State::Failed,
-        State::Cancelled,
-        State::Expired,
-        State::Superseded,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::PendingApproval => "pending_approval",
-            State::Approved => "approved",
-            State::Deploying => "deploying",
-            State::Live => "live",
-            State::Rejected => "rejected",
-            State::Failed => "failed",
-            State::Cancelled => "cancelled",
-            State::Expired => "expired",
-            State::Superseded => "superseded",
-        }
-    }
-
     /// `approved` or `deploying`: at most one per (service, environment).
     pub fn in_flight(self) -> bool {
         matches!(self, State::Approved | State::Deploying)
     }
 
-    /// No further change but `live → superseded`.
+    /// No further change but `live → superseded`; true of a state this build does not know
+    /// (no transition leads from it here, and nothing should wait on it).
     pub fn is_final(self) -> bool {
         !matches!(self, State::PendingApproval | State::Approved | State::Deploying)
     }
@@ -83,35 +63,23 @@ impl State {
     }
 }
 
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl FromStr for State {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        State::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown release state {s:?}"))
+        State::parse(s).ok_or_else(|| format!("unknown release state {s:?}"))
     }
 }
 
 impl Kind {
-    /// The audit action of a request of this kind.
-    pub fn audit_action(self) -> crate::model::audit::AuditAction {
+    /// The audit action of a request of this kind; `None` for a kind this build does not
+    /// know (it asks for none such).
+    pub fn audit_action(self) -> Option<crate::model::audit::AuditAction> {
         use crate::model::audit::AuditAction;
         match self {
-            Kind::Deploy => AuditAction::ReleaseDeploy,
-            Kind::Promote => AuditAction::ReleasePromote,
-            Kind::Rollback => AuditAction::ReleaseRollback,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Deploy => "deploy",
-            Kind::Promote => "promote",
-            Kind::Rollback => "rollback",
+            Kind::Deploy => Some(AuditAction::ReleaseDeploy),
+            Kind::Promote => Some(AuditAction::ReleasePromote),
+            Kind::Rollback => Some(AuditAction::ReleaseRollback),
+            Kind::Unknown(_) => None,
         }
     }
 }
@@ -119,10 +87,7 @@ impl Kind {
 impl FromStr for Kind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Kind::Deploy, Kind::Promote, Kind::Rollback]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown release kind {s:?}"))
+        Kind::parse(s).ok_or_else(|| format!("unknown release kind {s:?}"))
     }
 }
 
@@ -186,114 +151,40 @@ pub struct Deployment {
     pub shared_files: Vec<SharedFile>,
 }
 
-/// A step of a deploy on one node (SPEC 7), as `show`, the pages and `/metrics` name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// Reaching the node (SSH, the agent shipped).
-    Connect,
-    /// `--adopt`: the node packages the plain directory at `current`.
-    Adopt,
-    Prepare,
-    /// The adopted tree, prepared as a release to go back to.
-    PrepareAdopted,
-    Migrate,
-    Switch,
-    /// Back to the release before, after a failure past the switch.
-    SwitchBack,
-    Reload,
-    Verify,
-    VerifyPm2,
-    /// A node put back (switch back and reload) by the resolution of an interrupted deploy.
-    PutBack,
-    Cleanup,
-    /// A deploy the record-only deployer "ran".
-    Record,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 13] = [
-        Phase::Connect,
-        Phase::Adopt,
-        Phase::Prepare,
-        Phase::PrepareAdopted,
-        Phase::Migrate,
-        Phase::Switch,
-        Phase::SwitchBack,
-        Phase::Reload,
-        Phase::Verify,
-        Phase::VerifyPm2,
-        Phase::PutBack,
-        Phase::Cleanup,
-        Phase::Record,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Connect => "connect",
-            Phase::Adopt => "adopt",
-            Phase::Prepare => "prepare",
-            Phase::PrepareAdopted => "prepare adopted",
-            Phase::Migrate => "migrate",
-            Phase::Switch => "switch",
-            Phase::SwitchBack => "switch back",
-            Phase::Reload => "reload",
-            Phase::Verify => "verify",
-            Phase::VerifyPm2 => "verify pm2",
-            Phase::PutBack => "put back",
-            Phase::Cleanup => "cleanup",
-            Phase::Record => "record",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Phase> {
-        Phase::ALL.into_iter().find(|p| p.as_str() == name)
+vocabulary! {
+    /// A step of a deploy on one node (SPEC 7), as `show`, the pages and `/metrics` name it
+    /// (spaces and all: `switch back`). A phase this build does not know (stored or answered
+    /// by a newer server) reads as `Unknown` with its name; only the deployer writes phases,
+    /// and only these.
+    pub enum Phase(other Unknown) {
+        /// Reaching the node (SSH, the agent shipped).
+        Connect = "connect",
+        /// `--adopt`: the node packages the plain directory at `current`.
+        Adopt = "adopt",
+        Prepare = "prepare",
+        /// The adopted tree, prepared as a release to go back to.
+        PrepareAdopted = "prepare adopted",
+        Migrate = "migrate",
+        Switch = "switch",
+        /// Back to the release before, after a failure past the switch.
+        SwitchBack = "switch back",
+        Reload = "reload",
+        Verify = "verify",
+        VerifyPm2 = "verify pm2",
+        /// A node put back (switch back and reload) by the resolution of an interrupted deploy.
+        PutBack = "put back",
+        Cleanup = "cleanup",
+        /// A deploy the record-only deployer "ran".
+        Record = "record",
     }
 }
 
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Phase {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// Reads back what [`Serialize`] wrote: the same names, spaces and all (`switch back`).
-impl<'de> Deserialize<'de> for Phase {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        Phase::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown phase {name:?}")))
-    }
-}
-
-/// How a phase ended on its node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PhaseOutcome {
-    Ok,
-    Failed,
-}
-
-impl PhaseOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PhaseOutcome::Ok => "ok",
-            PhaseOutcome::Failed => "failed",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<PhaseOutcome> {
-        [PhaseOutcome::Ok, PhaseOutcome::Failed].into_iter().find(|o| o.as_str() == name)
-    }
-}
-
-impl fmt::Display for PhaseOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+vocabulary! {
+    /// How a phase ended on its node; another build's outcome (the schema also allows
+    /// `skipped`, which nothing writes yet) reads as `Unknown` with its name.
+    pub enum PhaseOutcome(other Unknown) {
+        Ok = "ok",
+        Failed = "failed",
     }
 }
 
@@ -408,6 +299,7 @@ pub struct NodeView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::vocabulary::OtherName;
 
     /// The CLI reads answers back through these types: each name reads as what wrote it.
     #[test]
@@ -422,15 +314,50 @@ mod tests {
             assert_eq!(wire, state.as_str());
             assert_eq!(serde_json::from_value::<State>(wire).unwrap(), state);
         }
-        for kind in [Kind::Deploy, Kind::Promote, Kind::Rollback] {
+        for kind in Kind::ALL {
             assert_eq!(serde_json::from_value::<Kind>(serde_json::to_value(kind).unwrap()).unwrap(), kind);
         }
-        for outcome in [PhaseOutcome::Ok, PhaseOutcome::Failed] {
+        for outcome in PhaseOutcome::ALL {
             let wire = serde_json::to_value(outcome).unwrap();
             assert_eq!(wire, outcome.as_str());
             assert_eq!(serde_json::from_value::<PhaseOutcome>(wire).unwrap(), outcome);
         }
-        assert!(serde_json::from_value::<Phase>("switch_back".into()).is_err(), "an unknown phase is refused");
+    }
+
+    /// A newer server's names (a state, a kind, a phase, an outcome this build lacks) read
+    /// as `Unknown` with the name, show as written, and go back out unchanged; the strict
+    /// parses every write path uses refuse them.
+    #[test]
+    fn an_answer_of_a_newer_server_reads_with_the_names_it_does_not_know() {
+        let answer = serde_json::json!({
+            "id": 7, "service": "api", "environment": "prod", "digest": format!("sha256:{}", "a".repeat(64)),
+            "kind": "restart", "state": "paused", "requested_by": "ci", "requester_owner": "alice",
+            "requested_at": "2026-12-04T09:00:00Z", "state_changed_at": "2026-12-04T09:01:00Z",
+            "version": null, "approval": null, "config_digest": null, "verified": null,
+            "transitions": [{"state": "paused", "at": "2026-12-04T09:01:00Z", "actor": "release"}],
+            "deployments": [{"node": "web-1", "phase": "switch_back", "started_at": "2026-12-04T09:00:30Z",
+                             "finished_at": "2026-12-04T09:00:31Z", "outcome": "skipped"}],
+        });
+        let detail: Detail = serde_json::from_value(answer.clone()).expect("reads");
+        assert_eq!(detail.release.state, State::Unknown(OtherName::new("paused")));
+        assert_eq!(detail.release.state.to_string(), "paused");
+        assert_eq!(detail.release.kind.as_str(), "restart");
+        assert!(!detail.release.kind.is_known() && detail.release.kind.audit_action().is_none());
+        assert_eq!(detail.transitions[0].state.as_str(), "paused");
+        let d = &detail.deployments[0];
+        assert_eq!((d.phase.to_string(), d.outcome.to_string()), ("switch_back".into(), "skipped".into()));
+        assert!(d.phase != Phase::SwitchBack && d.outcome != PhaseOutcome::Failed);
+        // Written back as read: `--json` and a re-serialized answer keep the names.
+        let again = serde_json::to_value(&detail).unwrap();
+        for key in ["kind", "state"] {
+            assert_eq!(again[key], answer[key]);
+        }
+        assert_eq!(again["deployments"][0]["phase"], "switch_back");
+        // What a write parses stays strict, and no transition leads to or from the unknown.
+        assert!("paused".parse::<State>().is_err() && "restart".parse::<Kind>().is_err());
+        assert_eq!((Phase::parse("switch_back"), PhaseOutcome::parse("skipped")), (None, None));
+        let paused = detail.release.state;
+        assert!(!paused.in_flight() && State::ALL.iter().all(|s| !s.may_become(paused) && !paused.may_become(*s)));
     }
 
     #[test]
@@ -459,7 +386,7 @@ mod tests {
         }
         assert_eq!(Phase::parse("verify pm2"), Some(Phase::VerifyPm2));
         assert_eq!(Phase::parse("deploy"), None);
-        for outcome in [PhaseOutcome::Ok, PhaseOutcome::Failed] {
+        for outcome in PhaseOutcome::ALL {
             assert_eq!(PhaseOutcome::parse(outcome.as_str()), Some(outcome));
             assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }

@@ -9,25 +9,25 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::Check;
-use super::protocol::{CheckRow, Checked};
+use super::protocol::{CheckRow, CheckStatus, Checked};
 
 /// One finding.
 struct Row {
     name: &'static str,
-    status: &'static str,
+    status: CheckStatus,
     message: String,
 }
 
 fn pass(name: &'static str, message: impl Into<String>) -> Row {
-    Row { name, status: "pass", message: message.into() }
+    Row { name, status: CheckStatus::Pass, message: message.into() }
 }
 
 fn warn(name: &'static str, message: impl Into<String>) -> Row {
-    Row { name, status: "warn", message: message.into() }
+    Row { name, status: CheckStatus::Warn, message: message.into() }
 }
 
 fn fail(name: &'static str, message: impl Into<String>) -> Row {
-    Row { name, status: "fail", message: message.into() }
+    Row { name, status: CheckStatus::Fail, message: message.into() }
 }
 
 /// The node's findings, as `{"checks": [{name, status, message}]}`.
@@ -51,10 +51,8 @@ pub fn check(c: &Check) -> Checked {
     if let Some(user) = &c.web_user {
         rows.push(ownership(&c.base, &c.shared, user));
     }
-    let checks = rows
-        .into_iter()
-        .map(|r| CheckRow { name: r.name.to_owned(), status: r.status.to_owned(), message: r.message })
-        .collect();
+    let checks =
+        rows.into_iter().map(|r| CheckRow { name: r.name.to_owned(), status: r.status, message: r.message }).collect();
     Checked { checks }
 }
 

@@ -28,18 +28,23 @@ pub use unpack::{Modes, UnpackError, Unpacked, is_writable, remove_tree, unpack}
 
 /// `release node [--protocol N]`: reads one request from stdin, answers on stdout. The
 /// server always names its protocol version; another than this agent's is refused before
-/// the request is read (a person trying the agent by hand may leave it out).
+/// stdin is read at all (a person trying the agent by hand may leave it out): the server's
+/// writes then meet a closed pipe, which it takes as "read the answer", never a full one.
 pub fn main(protocol: Option<u32>) -> std::process::ExitCode {
-    let stdin = std::io::stdin();
-    let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
-    let mut line = Vec::new();
-    let result = match (protocol, input.read_until(b'\n', &mut line)) {
-        (Some(asked), _) if asked != VERSION => Err(NodeError::new(
+    let result = match protocol {
+        Some(asked) if asked != VERSION => Err(NodeError::new(
             ErrorCode::BadRequest,
             format!("this node agent speaks protocol {VERSION}, the server {asked}: ship the server's own binary"),
         )),
-        (_, Ok(_)) => decode_request(&line).and_then(|request| ops::handle(request, &mut input)),
-        (_, Err(e)) => Err(NodeError::new(ErrorCode::BadRequest, format!("cannot read stdin: {e}"))),
+        _ => {
+            let stdin = std::io::stdin();
+            let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line) {
+                Ok(_) => decode_request(&line).and_then(|request| ops::handle(request, &mut input)),
+                Err(e) => Err(NodeError::new(ErrorCode::BadRequest, format!("cannot read stdin: {e}"))),
+            }
+        }
     };
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "{}", answer(result));

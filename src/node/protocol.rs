@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::model::vocabulary::vocabulary;
 
 /// A request to the node agent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -502,12 +503,23 @@ pub struct Pm2Checked {
     pub output: String,
 }
 
+vocabulary! {
+    /// How one check of `release check` came out. A status of another build (a newer
+    /// server's, read by an older CLI) reads as `Unknown` and is shown as written.
+    pub enum CheckStatus(other Unknown) {
+        Pass = "pass",
+        /// A deploy may still work; worth a look.
+        Warn = "warn",
+        /// A deploy would fail: `release check` exits 1.
+        Fail = "fail",
+    }
+}
+
 /// One row of `release check` on a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckRow {
     pub name: String,
-    /// `pass`, `warn` or `fail`.
-    pub status: String,
+    pub status: CheckStatus,
     pub message: String,
 }
 
@@ -629,6 +641,22 @@ mod tests {
         }
         let refused: Vec<&str> = all.iter().filter(|c| c.refused_before_switch()).map(|c| c.as_str()).collect();
         assert_eq!(refused, ["locked", "fenced", "not_ready", "not_adopted", "drift"]);
+    }
+
+    /// `release check`'s rows keep their wire names (`pass`, `warn`, `fail`); a status of
+    /// another build reads, shown as written, and does not count as a failure.
+    #[test]
+    fn check_rows_go_on_the_wire_by_their_status_names() {
+        for (status, wire) in [(CheckStatus::Pass, "pass"), (CheckStatus::Warn, "warn"), (CheckStatus::Fail, "fail")] {
+            let row = CheckRow { name: "base".into(), status, message: "m".into() };
+            let value = serde_json::to_value(&row).unwrap();
+            assert_eq!(value, serde_json::json!({"name": "base", "status": wire, "message": "m"}));
+            assert_eq!(serde_json::from_value::<CheckRow>(value).unwrap(), row);
+        }
+        let newer: CheckRow =
+            serde_json::from_value(serde_json::json!({"name": "cpu", "status": "skip", "message": "m"})).unwrap();
+        assert_eq!((newer.status.as_str(), newer.status.is_known()), ("skip", false));
+        assert_ne!(newer.status, CheckStatus::Fail);
     }
 
     #[test]

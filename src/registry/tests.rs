@@ -239,6 +239,30 @@ mod releases {
         assert!(err.to_string().contains("immutable"), "{err}");
     }
 
+    /// A newer `release` may store a phase (and the schema allows an outcome) this build does
+    /// not write: after a downgrade, the release's story still reads, naming them as stored.
+    #[test]
+    fn a_phase_a_newer_build_stored_reads_back_by_its_name() {
+        use crate::model::release::{Phase, PhaseOutcome};
+        let (_dir, registry, digest) = with_artifact();
+        let release = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
+        registry
+            .writer
+            .lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO deployments (release_id, node, phase, started_at, finished_at, outcome)
+                 VALUES (?1, 'web-1', 'warm cache', '2026-12-04T09:00:00Z', '2026-12-04T09:00:01Z', 'skipped')",
+                [release.id],
+            )
+            .unwrap();
+        let detail = registry.release_detail(release.id).unwrap().expect("the story reads");
+        let d = &detail.deployments[0];
+        assert_eq!((d.phase.as_str(), d.outcome.as_str()), ("warm cache", "skipped"));
+        assert!(!d.phase.is_known() && !d.outcome.is_known());
+        assert!(Phase::ALL.iter().all(|p| *p != d.phase) && d.outcome != PhaseOutcome::Failed);
+    }
+
     #[test]
     fn what_a_release_ran_with_and_what_it_adopted_are_written_once() {
         let (_dir, registry, digest) = with_artifact();

@@ -15,7 +15,7 @@ use crate::config::{Environment, Node, Service};
 use crate::digest::Digest;
 /// One finding of `release check`: `pass`, `warn` or `fail`, and what to do about it; the
 /// node protocol's own row, as the agent answers it.
-pub use crate::node::protocol::CheckRow;
+pub use crate::node::protocol::{CheckRow, CheckStatus};
 use crate::utc;
 
 /// Where a deploy's per-node phases go as they end.
@@ -186,7 +186,7 @@ pub trait Deployer: Send + Sync + 'static {
                     node: n.display_name(),
                     checks: vec![CheckRow {
                         name: "reach".into(),
-                        status: "fail".into(),
+                        status: CheckStatus::Fail,
                         message: "this deployer cannot ask nodes".into(),
                     }],
                 })

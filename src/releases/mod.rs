@@ -25,7 +25,8 @@ pub use crate::model::release::{
     Transition,
 };
 pub use deployer::{
-    Adopt, Adopter, CheckRow, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly, Reporter,
+    Adopt, Adopter, CheckRow, CheckStatus, Deployer, Failure, Gate, LegacyBytes, NodeCheck, Observed, Plan, RecordOnly,
+    Reporter,
 };
 
 use tokio_util::task::AbortOnDropHandle;

@@ -263,6 +263,9 @@ impl Releases {
         options: &RequestOptions,
         extra: serde_json::Value,
     ) -> Result<Release, ReleaseError> {
+        let Some(action) = kind.audit_action() else {
+            return Err(ReleaseError::BadRequest(format!("{kind} is no kind of release this server records")));
+        };
         let environment = self.environment(env)?.clone();
         if !self.config.service(service).is_some_and(|s| s.nodes.iter().any(|n| n.environment == env)) {
             return Err(ReleaseError::NoNodes { service: service.to_owned(), environment: env.to_owned() });
@@ -311,7 +314,7 @@ impl Releases {
                 _ => None,
             },
         };
-        let event = NewEvent::by(p, kind.audit_action(), String::new(), {
+        let event = NewEvent::by(p, action, String::new(), {
             let mut details = serde_json::json!({
                 "service": service, "environment": env, "digest": digest,
                 "state": new.state, "replaces": replaces, "source_environment": new.source_environment,

@@ -245,6 +245,6 @@ async fn check(
     p.require(crate::token::Action::Deploy)?;
     let environment = q.environment.ok_or_else(|| ApiError::bad_request("name the environment: ?environment=E"))?;
     let nodes = state.releases.check(&p, &service, &environment).await?;
-    let ok = nodes.iter().all(|n| n.checks.iter().all(|c| c.status != "fail"));
+    let ok = nodes.iter().all(|n| n.checks.iter().all(|c| c.status != crate::releases::CheckStatus::Fail));
     Ok(Json(CheckAnswer { service, environment, ok, nodes }))
 }

@@ -69,16 +69,16 @@ impl Fleet {
         self.dir.join(service)
     }
 
-    /// `release check SERVICE --env staging --json` as Alice: its exit status and answer,
-    /// with the node's tree (every service's base) the same before and after.
-    fn check(&self, service: &str) -> (i32, Value) {
+    /// `release check SERVICE --env staging --json` as Alice, asserted to exit `code` and to
+    /// leave the node's tree (every service's base) as it was; its answer.
+    fn check(&self, service: &str, code: i32) -> Value {
         let before = tree(&self.dir);
         let out = self.f.cli("alice").args(["check", service, "--env", "staging", "--json"]).run();
         assert_eq!(tree(&self.dir), before, "check changed the node: {out}");
-        let code = out.output.status.code().unwrap();
         let answer = out.json();
+        assert_eq!(out.output.status.code(), Some(code), "{answer}");
         assert_eq!(answer["ok"], code == 0, "exit 0 exactly when ok: {answer}");
-        (code, answer)
+        answer
     }
 }
 
@@ -149,8 +149,7 @@ fn php_artisan_that_does_not_run_fails_the_artisan_row_saying_why_and_the_check_
     services::laravel_shared(&base);
 
     // Nothing deployed yet: artisan is tried once something is; no Apache site names the base.
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("shop", 0);
     assert_row(&answer, "artisan", "warn", &["no release here yet"]);
     assert_row(&answer, "document_root", "warn", &[&format!("no Apache site names {}", base.display())]);
     assert_row(&answer, "ownership", "pass", &["www-data can write"]);
@@ -159,8 +158,7 @@ fn php_artisan_that_does_not_run_fails_the_artisan_row_saying_why_and_the_check_
     let release = current_by_hand(&base, "r1");
     services::laravel_app(&release, "v1");
     fs::rename(release.join("artisan"), base.join("artisan.aside")).unwrap();
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("shop", 1);
     let current = base.join("current");
     assert_row(
         &answer,
@@ -172,15 +170,13 @@ fn php_artisan_that_does_not_run_fails_the_artisan_row_saying_why_and_the_check_
     // Artisan there, its dependencies not (composer install never ran).
     fs::rename(base.join("artisan.aside"), release.join("artisan")).unwrap();
     fs::rename(release.join("vendor/autoload.php"), base.join("autoload.aside")).unwrap();
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("shop", 1);
     assert_row(&answer, "artisan", "fail", &["php artisan --version failed", "vendor/autoload.php"]);
 
     // Fixed: Laravel answers. The release was never optimized, so booting it writes the package
     // and service manifests into bootstrap/cache: `check` (tree compared) writes none there.
     fs::rename(base.join("autoload.aside"), release.join("vendor/autoload.php")).unwrap();
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("shop", 0);
     assert_row(&answer, "artisan", "pass", &["Laravel Framework 8."]);
     assert_eq!(fs::read_dir(release.join("bootstrap/cache")).unwrap().count(), 0, "no cache written");
 }
@@ -240,8 +236,7 @@ fn an_apache_site_serving_current_instead_of_current_public_fails_the_document_r
     let v1 = out.json()["digest"].as_str().unwrap().to_owned();
     let deployed = fleet.f.cli("ci").args(["deploy", "shop", "--env", "staging", &v1, "--wait", "--json"]).run().json();
     assert_eq!(deployed["state"], "live", "{deployed}\n{}", apache.log());
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("shop", 0);
     assert_row(&answer, "document_root", "pass", &[&format!("Apache serves {}", public.display())]);
     assert_row(&answer, "artisan", "pass", &["Laravel Framework"]);
     assert_row(&answer, "health", "pass", &["200"]);
@@ -250,8 +245,7 @@ fn an_apache_site_serving_current_instead_of_current_public_fails_the_document_r
     write_site(&base.join("current"));
     sh(&apache.graceful());
     get_until(&apache.url("/version"), 404);
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("shop", 1);
     assert_row(
         &answer,
         "document_root",
@@ -272,8 +266,7 @@ fn an_apache_site_serving_current_instead_of_current_public_fails_the_document_r
     write_site(&public);
     sh(&apache.graceful());
     assert_eq!(get_until(&apache.url("/version"), 200), format!("v1 {v1}"));
-    let (code, answer) = fleet.check("shop");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("shop", 0);
     assert_row(&answer, "document_root", "pass", &[]);
 }
 
@@ -283,8 +276,7 @@ fn a_reload_through_sudo_the_ssh_user_may_not_run_fails_naming_the_sudoers_line_
     let fleet = Fleet::start("release-deploy", &["web"], "", |_, _| {
         "kind = \"generic\"\nhooks.reload = [\"sudo apachectl -k graceful\", \"true\"]".into()
     });
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     let line = "release-deploy ALL=(root) NOPASSWD: /usr/sbin/apachectl -k graceful";
     assert_row(
         &answer,
@@ -306,14 +298,12 @@ fn a_reload_through_sudo_the_ssh_user_may_not_run_fails_naming_the_sudoers_line_
         assert!(checked.status.success(), "{rule}: {}", String::from_utf8_lossy(&checked.stdout));
     };
     allow("release-deploy ALL=(root) NOPASSWD: /usr/sbin/apachectl -k stop");
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(&answer, "reload_sudo", "fail", &[&format!("add the sudoers line `{line}`")]);
 
     // The line the check named, in a drop-in: allowed.
     allow(line);
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(&answer, "reload_sudo", "pass", &["sudo allows `apachectl -k graceful` without a password"]);
 }
 
@@ -322,28 +312,24 @@ fn a_base_the_ssh_user_cannot_write_fails_the_base_row() {
     let Some(_) = sshd::system_user("release-deploy", true) else { return };
     let fleet = Fleet::start("release-deploy", &["web"], "", |_, _| "kind = \"generic\"".into());
     let base = fleet.base("web");
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(&answer, "base", "pass", &[&format!("{} is a writable directory", base.display())]);
 
     // Root's, as after a `sudo mkdir`: the SSH user cannot make releases in it.
     chown(&base, "root");
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(&answer, "base", "fail", &[&format!("{} is not writable by this user: chown it", base.display())]);
 
     // Not there, in a directory the SSH user cannot write either: the first deploy could not
     // make it.
     fs::remove_dir_all(&base).unwrap();
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(&answer, "base", "fail", &["does not exist and cannot be made here: mkdir -p it and chown it"]);
     assert!(!base.exists(), "the check made nothing");
 
     fs::create_dir_all(base.join("shared")).unwrap();
     chown(&base, "release-deploy");
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(&answer, "base", "pass", &[]);
 }
 
@@ -386,8 +372,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     let daemon = pm2.home.join("pm2.pid");
 
     // Before the first deploy: no daemon, nothing answers; warnings, and no daemon started.
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(
         &answer,
         "pm2",
@@ -397,8 +382,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     assert_row(&answer, "health", "warn", &["does not answer yet"]);
     assert!(!daemon.exists(), "the check started a PM2 daemon");
 
-    let (code, answer) = fleet.check("bare");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("bare", 1);
     assert_row(&answer, "pm2", "fail", &["pm2 is not on the PATH of the SSH user"]);
 
     // Deployed (the reload starts it in cluster mode from current): every row passes.
@@ -409,15 +393,13 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     let deployed = fleet.f.cli("ci").args(["deploy", "web", "--env", "staging", &v1, "--wait", "--json"]).run().json();
     assert_eq!(deployed["state"], "live", "{deployed}");
     let current = base.join("current");
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(&answer, "pm2", "pass", &[&format!("web: 2 process(es) in cluster mode from {}", current.display())]);
     assert_row(&answer, "health", "pass", &["200"]);
 
     // The app answers 500 (its database is down): the health row fails.
     fs::write(base.join("shared/.env"), "DATABASE=down\n").unwrap();
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(&answer, "health", "fail", &[&pm2.url(), "answers 500", "not healthy"]);
     fs::write(base.join("shared/.env"), "DATABASE=up\n").unwrap();
 
@@ -427,8 +409,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
         assert!(out.status.success(), "pm2 {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     pm2_run(&["stop", "web"], &base);
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(
         &answer,
         "pm2",
@@ -442,8 +423,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     let script = current.join("app.js");
     pm2_run(&["start", script.to_str().unwrap(), "--name", "web", "--cwd", current.to_str().unwrap()], &base);
     get_until(&pm2.url(), 200);
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 0, "{answer}");
+    let answer = fleet.check("web", 0);
     assert_row(&answer, "pm2", "warn", &["web runs in fork_mode: pm2 reload restarts it", "use cluster mode (-i N)"]);
     assert_row(&answer, "health", "pass", &[]);
 
@@ -452,8 +432,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     pm2_run(&["delete", "web"], &base);
     pm2_run(&["start", "app.js", "-i", "2", "--name", "web"], &current);
     let release = fs::canonicalize(&current).unwrap();
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(
         &answer,
         "pm2",
@@ -464,8 +443,7 @@ fn pm2_rows_and_a_health_url_failing_after_a_deploy() {
     // No daemon at all once something is deployed: a failure, and the check starts none.
     pm2_run(&["kill"], &base);
     assert!(!daemon.exists());
-    let (code, answer) = fleet.check("web");
-    assert_eq!(code, 1, "{answer}");
+    let answer = fleet.check("web", 1);
     assert_row(&answer, "pm2", "fail", &["no PM2 daemon runs for PM2_HOME", "(the check starts none)", "pm2 start"]);
     assert!(!daemon.exists(), "the check started a PM2 daemon");
 }

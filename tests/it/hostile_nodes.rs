@@ -328,3 +328,41 @@ echo '{"ok":true,"protocol":1,"data":"28b52ffd","eof":true}'"#,
     assert_eq!(artifacts["artifacts"].as_array().map(Vec::len), Some(1), "only v1 is kept: {artifacts}");
     assert!(current.join("version.txt").exists(), "the legacy tree is untouched");
 }
+
+/// A build before protocol 1 asked with `--protocol` (clap refuses the flag: nothing on
+/// stdout, exit 2), found at this build's own path: the server names it and what it is, and
+/// replaces it with its own binary (a new file renamed over it), instead of "the node agent
+/// failed".
+#[test]
+fn an_agent_older_than_the_protocol_at_this_builds_path_is_named_and_replaced() {
+    let old = "echo \"error: unexpected argument '--protocol' found\" >&2\necho 'Usage: release node' >&2\nexit 2\n";
+    let fleet = Hostile::start(vec![("staging", SshNode::hostile(old))], "", "");
+    // This build's agent path, made present first (atomically, as the server ships it) so that
+    // a change of its inode can only be the replacement.
+    let dir = sshd::agent_dir();
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fs::read(bin()).unwrap()));
+    let agent = dir.join(format!("release-{}", &sum[..16]));
+    if !agent.exists() {
+        fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!("release-{}.tmp-test-{}", &sum[..16], std::process::id()));
+        fs::copy(bin(), &tmp).unwrap();
+        fs::rename(&tmp, &agent).unwrap();
+    }
+    let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&agent).unwrap());
+    let before = inode();
+
+    let v1 = fleet.f.upload("v1");
+    let failed = fleet.deploy("staging", &v1, false);
+    assert_eq!(failed["state"], "failed", "{failed:.2000}");
+    let reason = reason_of(&failed);
+    for says in [
+        "the node agent is older than protocol 1 (it refused `--protocol`",
+        &format!("at ~/.release/bin/release-{} on {}", &sum[..16], fleet.name(0)),
+        "it was replaced by this server's binary",
+    ] {
+        assert!(reason.contains(says), "{says:?} not in {reason}");
+    }
+    assert_ne!(inode(), before, "the agent at this build's path was not replaced");
+    let shipped = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fs::read(&agent).unwrap()));
+    assert_eq!(shipped, sum, "what replaced it is this build");
+}

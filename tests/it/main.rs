@@ -17,6 +17,7 @@ mod large;
 mod load;
 mod metrics;
 mod migrating;
+mod newer_server;
 mod nodes;
 mod openapi;
 mod packaging;

@@ -6,15 +6,20 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-/// Runs `release node` with these arguments and one request; its answer.
-fn agent(args: &[&str], request: Value) -> Value {
-    let mut child = Command::new(crate::support::bin())
+/// `release node` with these arguments, its stdin and stdout piped.
+fn spawn_agent(args: &[&str]) -> std::process::Child {
+    Command::new(crate::support::bin())
         .arg("node")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `release node` with these arguments and one request; its answer.
+fn agent(args: &[&str], request: Value) -> Value {
+    let mut child = spawn_agent(args);
     // The agent may answer (and exit) before reading: a refused protocol reads nothing.
     let _ = child.stdin.take().unwrap().write_all(format!("{request}\n").as_bytes());
     let out = child.wait_with_output().unwrap();
@@ -35,4 +40,34 @@ fn the_agent_refuses_a_server_of_another_protocol_and_names_its_own_in_every_ans
     let answered = agent(&["--protocol", "1"], status);
     assert_eq!((answered["ok"].clone(), answered["protocol"].clone()), (json!(true), json!(1)), "{answered}");
     assert!(answered["current"].is_null() && answered["ready"] == json!([]), "{answered}");
+}
+
+/// A server of another protocol is refused before the agent reads anything: with stdin left
+/// open and empty (a server still writing, or about to write an artifact), the refusal comes
+/// at once and the agent exits, so the server's writes meet a closed pipe, never a full one.
+#[test]
+fn a_refused_protocol_is_answered_before_stdin_is_read() {
+    let mut child = spawn_agent(&["--protocol", "999"]);
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = tx.send(out);
+    });
+    // Not a measure of speed: a bound that turns "waits for input for ever" into a failure.
+    let out = rx.recv_timeout(std::time::Duration::from_secs(120));
+    drop(stdin);
+    let out = out.expect("the agent waited for its input before refusing the protocol");
+    let refused: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((refused["ok"].clone(), refused["code"].clone()), (json!(false), json!("bad_request")), "{refused}");
+    assert!(child.wait().unwrap().success());
+    // And after a refusal, writing an artifact's worth of bytes fails (closed pipe) rather
+    // than blocking.
+    let mut child = spawn_agent(&["--protocol", "999"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the server 999"));
+    assert!(stdin.write_all(&vec![0; 8 << 20]).is_err(), "a refused agent's stdin is closed");
 }

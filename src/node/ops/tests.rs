@@ -29,6 +29,28 @@ fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
 /// Files written read-only at once (no finalize hook) end with exactly the modes that the
 /// walk after a finalize hook gives: writable paths left alone, shared links' new parents
 /// sealed too.
+/// A prepare of `digest` into `base`, its bytes on stdin, with nothing shared, writable or
+/// run and small limits: each test sets what it is about.
+fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
+    Prepare {
+        base: base.to_owned(),
+        digest,
+        source: Source::Stdin,
+        shared: vec![],
+        writable: vec![],
+        finalize: vec![],
+        env: BTreeMap::new(),
+        max_unpacked_bytes: 1 << 20,
+        max_files: 100,
+        adopt: false,
+        hook_timeout_ms: None,
+        fence: 0,
+        fetch_stall_ms: None,
+        finalize_if_shared_changed: false,
+        run_as: RunAs::default(),
+    }
+}
+
 #[test]
 fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
     // Built by hand: the packer never writes hard links, other tools do.
@@ -60,21 +82,10 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
         fs::create_dir_all(base.path().join("shared/data/uploads")).unwrap();
         fs::write(base.path().join("shared/.env"), "A=1").unwrap();
         let request = Prepare {
-            base: base.path().to_owned(),
-            digest,
-            source: Source::Stdin,
             shared: vec![".env".into(), "data/uploads".into()],
             writable: vec!["cache".into()],
             finalize,
-            env: BTreeMap::new(),
-            max_unpacked_bytes: 1 << 20,
-            max_files: 100,
-            adopt: false,
-            hook_timeout_ms: None,
-            fence: 0,
-            fetch_stall_ms: None,
-            finalize_if_shared_changed: false,
-            run_as: RunAs::default(),
+            ..prepare_stdin(base.path(), digest)
         };
         let answer = prepare(&request, &mut &bytes[..]).unwrap();
         let dir = answer.dir;
@@ -136,21 +147,9 @@ fn a_release_without_finalize_hooks_still_gives_its_writable_paths_to_the_hook_u
     let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
     let base = tempfile::tempdir().unwrap();
     let request = Prepare {
-        base: base.path().to_owned(),
-        digest: Digest::of(&bytes),
-        source: Source::Stdin,
-        shared: vec![],
         writable: vec!["bootstrap/cache".into()],
-        finalize: vec![],
-        env: BTreeMap::new(),
-        max_unpacked_bytes: 1 << 20,
-        max_files: 100,
-        adopt: false,
-        hook_timeout_ms: None,
-        fence: 0,
-        fetch_stall_ms: None,
-        finalize_if_shared_changed: false,
         run_as: RunAs { user: Some("nobody".into()), umask: None, php_only: false },
+        ..prepare_stdin(base.path(), Digest::of(&bytes))
     };
     let prepared = prepare(&request, &mut &bytes[..]);
     if !rustix::process::geteuid().is_root() {

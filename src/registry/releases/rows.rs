@@ -140,16 +140,18 @@ pub(in crate::registry) fn conversion(i: usize, e: impl std::error::Error + Send
 #[error("{0}")]
 pub(super) struct BadText(String);
 
-/// A deployment's phase, as stored.
+/// A deployment's phase, as stored; one this build does not write (stored by a newer
+/// `release`, read after a downgrade) is kept by name: the column has no CHECK, so the
+/// schema version does not stop a newer build's phase, and a release's story must still
+/// show. States and kinds are read strictly: their columns' CHECKs hold them.
 pub(super) fn phase_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Phase> {
-    let text: String = row.get(i)?;
-    Phase::parse(&text).ok_or_else(|| conversion(i, BadText(text)))
+    Ok(Phase::read(&row.get::<_, String>(i)?))
 }
 
-/// A deployment's outcome, as stored.
+/// A deployment's outcome, as stored; kept by name when this build does not write it (the
+/// column's CHECK allows `skipped`, which no build writes yet).
 pub(super) fn outcome_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<PhaseOutcome> {
-    let text: String = row.get(i)?;
-    PhaseOutcome::parse(&text).ok_or_else(|| conversion(i, BadText(text)))
+    Ok(PhaseOutcome::read(&row.get::<_, String>(i)?))
 }
 
 pub(in crate::registry) fn state_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<State> {

@@ -86,11 +86,16 @@ impl Fleet {
     /// Deploys and waits until it is final and, when live, until every node's clean-up (which
     /// follows `live`, in the background) is recorded: what `release_dirs` then shows is
     /// retention's doing.
-    fn deploy(&self, digest: &str) -> Value {
+    /// Asks for `digest` in staging (as CI) without waiting for it; the release's id.
+    fn ask(&self, digest: &str) -> i64 {
         let (status, release) =
             self.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": digest}));
         assert!(status.is_success(), "{release}");
-        let settled = self.f.settle(release["id"].as_i64().unwrap());
+        release["id"].as_i64().unwrap()
+    }
+
+    fn deploy(&self, digest: &str) -> Value {
+        let settled = self.f.settle(self.ask(digest));
         if settled["state"] == "live" { self.cleaned(&settled["id"]) } else { settled }
     }
 

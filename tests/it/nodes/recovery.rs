@@ -19,6 +19,15 @@ fn kill_during(fleet: &mut Fleet, id: i64, phase: &str) -> Value {
     fleet.f.settle(id)
 }
 
+/// Two nodes (`extra`: their hooks) with v1 live and v2 uploaded: the fleet, v1, v2.
+fn v1_live_and_v2_uploaded(extra: &str) -> (Fleet, String, String) {
+    let fleet = Fleet::new(2, extra);
+    let v1 = fleet.upload("v1", &[]);
+    fleet.deploy(&v1);
+    let v2 = fleet.upload("v2", &[]);
+    (fleet, v1, v2)
+}
+
 /// Waits until release `id` has done `phase` on every node.
 fn reach_everywhere(fleet: &Fleet, id: i64, phase: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -40,13 +49,9 @@ fn reach_everywhere(fleet: &Fleet, id: i64, phase: &str) {
 
 #[test]
 fn a_server_killed_after_the_switch_finishes_the_deploy_at_restart() {
-    let mut fleet = Fleet::new(2, "hooks.reload = [\"sleep 2\"]");
-    let v1 = fleet.upload("v1", &[]);
-    fleet.deploy(&v1);
-    let v2 = fleet.upload("v2", &[]);
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let settled = kill_during(&mut fleet, release["id"].as_i64().unwrap(), "switch");
+    let (mut fleet, _v1, v2) = v1_live_and_v2_uploaded("hooks.reload = [\"sleep 2\"]");
+    let id = fleet.ask(&v2);
+    let settled = kill_during(&mut fleet, id, "switch");
     // Every node had switched: the restarted server reloads, verifies and records it live.
     assert_eq!(settled["state"], "live", "{settled}");
     fleet.assert_all_on(&v2);
@@ -54,13 +59,8 @@ fn a_server_killed_after_the_switch_finishes_the_deploy_at_restart() {
 
 #[test]
 fn a_deploy_a_killed_server_left_switched_is_put_back_if_its_artifact_was_blocked_meanwhile() {
-    let mut fleet = Fleet::new(2, "hooks.reload = [\"sleep 2\"]");
-    let v1 = fleet.upload("v1", &[]);
-    fleet.deploy(&v1);
-    let v2 = fleet.upload("v2", &[]);
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let id = release["id"].as_i64().unwrap();
+    let (mut fleet, v1, v2) = v1_live_and_v2_uploaded("hooks.reload = [\"sleep 2\"]");
+    let id = fleet.ask(&v2);
     reach_everywhere(&fleet, id, "switch");
     fleet.f.server.kill();
     // While the server is down, v2 is blocked straight in its registry.
@@ -91,16 +91,11 @@ fn a_deploy_a_killed_server_left_switched_is_put_back_if_its_artifact_was_blocke
 #[test]
 fn a_block_while_the_nodes_prepare_stops_the_deploy_before_anything_switches() {
     let waits = "hooks.finalize = [\"i=0; while [ -e $RELEASE_BASE/shared/hold ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"]";
-    let fleet = Fleet::new(2, waits);
-    let v1 = fleet.upload("v1", &[]);
-    fleet.deploy(&v1);
-    let v2 = fleet.upload("v2", &[]);
+    let (fleet, v1, v2) = v1_live_and_v2_uploaded(waits);
     for base in &fleet.bases {
         fs::write(base.join("shared/hold"), "").unwrap();
     }
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let id = release["id"].as_i64().unwrap();
+    let id = fleet.ask(&v2);
     // Both nodes are in prepare's finalize (the hook waits) when the block comes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !fleet.bases.iter().all(|b| b.join("releases").join(&v2[7..]).exists()) {
@@ -127,13 +122,8 @@ fn a_block_while_the_nodes_prepare_stops_the_deploy_before_anything_switches() {
 
 #[test]
 fn a_server_killed_before_the_switch_puts_the_release_back_at_restart() {
-    let mut fleet = Fleet::new(2, "hooks.finalize = [\"sleep 2\"]");
-    let v1 = fleet.upload("v1", &[]);
-    fleet.deploy(&v1);
-    let v2 = fleet.upload("v2", &[]);
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let id = release["id"].as_i64().unwrap();
+    let (mut fleet, v1, v2) = v1_live_and_v2_uploaded("hooks.finalize = [\"sleep 2\"]");
+    let id = fleet.ask(&v2);
     // Wait until the deploy is under way (deploying), then kill the server mid-prepare.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while fleet.f.get("carol", &format!("/v1/releases/{id}"))["state"] != "deploying" {
@@ -158,9 +148,7 @@ fn a_server_killed_when_only_some_nodes_switched_puts_those_back_at_restart() {
     // here, so node 1 switches while node 2 waits: the server is killed right then.
     fs::write(fleet.bases[0].join("shared/slow"), "").unwrap();
     let v2 = fleet.upload("v2", &[]);
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let id = release["id"].as_i64().unwrap();
+    let id = fleet.ask(&v2);
     let node = |i: usize| format!("local:{}", fleet.bases[i].display());
     let reached = |fleet: &Fleet, node: &str, phase: &str| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -207,9 +195,7 @@ fn a_restarted_server_answers_at_once_while_it_resolves_an_interrupted_deploy() 
     assert_eq!(fleet.deploy(&v1)["state"], "live");
     let v2 = fleet.upload("v2", &[]);
     fs::write(fleet.bases[0].join("shared/slow"), "").unwrap();
-    let (_, release) =
-        fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
-    let id = release["id"].as_i64().unwrap();
+    let id = fleet.ask(&v2);
     // Killed after the switch, in the slow reload: the restart must ask the node and reload
     // it again, which takes seconds.
     reach_everywhere(&fleet, id, "switch");

@@ -152,8 +152,7 @@ fn adopt_over_ssh_reads_the_legacy_tree_in_chunks_into_the_bucket_and_rolls_back
 #[test]
 fn agent_binaries_of_other_builds_are_pruned_on_the_node() {
     let fleet = SshFleet::new(Backend::Local, &["staging"], "true");
-    let home = std::process::Command::new("sh").args(["-c", "getent passwd root | cut -d: -f6"]).output().unwrap();
-    let bin = Path::new(String::from_utf8(home.stdout).unwrap().trim()).join(".release/bin");
+    let bin = crate::support::sshd::agent_dir();
     fs::create_dir_all(&bin).unwrap();
     // Four binaries of old builds, from 2020: the newest three binaries stay, ours among them.
     let old: Vec<PathBuf> = (1..=4).map(|i| bin.join(format!("release-{i:016x}"))).collect();

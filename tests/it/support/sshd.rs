@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
+/// Where the test nodes keep the agent binaries the server ships: they all log in as root,
+/// so this one directory (root's `~/.release/bin`) is shared by every node of every test.
+pub fn agent_dir() -> PathBuf {
+    let home = Command::new("sh").args(["-c", "getent passwd root | cut -d: -f6"]).output().unwrap();
+    PathBuf::from(String::from_utf8(home.stdout).unwrap().trim()).join(".release/bin")
+}
+
 /// The tests' client key pair (made once per test process).
 pub fn client_key() -> &'static Path {
     static KEY: OnceLock<PathBuf> = OnceLock::new();
