@@ -74,11 +74,7 @@ impl<E: Into<ApiError>> From<E> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let mut response = render::refused(self.0.status, self.0.code, &self.0.message);
-        if let Some(why) = self.0.out_of_scope {
-            response.extensions_mut().insert(super::error::OutOfScope(why));
-        }
-        response
+        render::refused(self.0)
     }
 }
 

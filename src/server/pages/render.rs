@@ -3,7 +3,6 @@
 //!
 //! Long on purpose: every page's template, flat maud markup that reads top to bottom.
 
-use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
@@ -11,6 +10,7 @@ use crate::audit::{ChainView, Event};
 use crate::digest::Digest;
 use crate::registry::{Artifact, ArtifactUpload, AuditFilter, LiveSpell};
 use crate::releases::{Release, Shown, State, StatusRow};
+use crate::server::error::ApiError;
 use crate::token::Principal;
 use crate::utc;
 
@@ -45,43 +45,45 @@ fn page(title: &str, viewer: Option<&Principal>, body: Markup) -> Markup {
     }
 }
 
-/// An HTML answer with its status.
-fn answer(status: StatusCode, markup: Markup) -> Response {
-    (status, Html(markup.into_string())).into_response()
+/// A refusal or failure as a page: the status and words `server/error.rs` chose for it.
+pub fn refused(error: ApiError) -> Response {
+    error.into_page(|e| {
+        let body = html! {
+            h1 { (e.status.canonical_reason().unwrap_or("Refused")) }
+            p.bad { (e.message) }
+            p { a href="/login" { "Sign in" } " · " a href="/" { "Live" } }
+        };
+        page(e.status.as_str(), None, body).into_string()
+    })
 }
 
-/// A refusal or failure as a page (the audit middleware records 401/403 by the extension).
-pub fn refused(status: StatusCode, code: &'static str, message: &str) -> Response {
-    let body = html! {
-        h1 { (status.canonical_reason().unwrap_or("Refused")) }
-        p.bad { (message) }
-        p { a href="/login" { "Sign in" } " · " a href="/" { "Live" } }
-    };
-    let mut response = answer(status, page(status.as_str(), None, body));
-    response.extensions_mut().insert(crate::server::error::Refusal { code, message: message.to_owned() });
-    response
-}
-
-pub fn login(next: &str, error: Option<&str>, status: StatusCode) -> Response {
-    let body = html! {
-        div.login {
-            h1 { "Sign in" }
-            p.dim { "With a token that has the auditor role. The session lasts 8 hours, never longer than the token." }
-            @if let Some(error) = error {
-                p.bad { "Refused: " (error) }
-            }
-            form method="post" action="/login" {
-                input type="hidden" name="next" value=(next);
-                p {
-                    label for="token" { "Token" }
-                    br;
-                    input #token type="password" name="token" autocomplete="off" required placeholder="rls_…";
+/// The sign-in form; after a refused sign-in, with why (and the refusal's status).
+pub fn login(next: &str, refusal: Option<ApiError>) -> Response {
+    let form = |error: Option<&str>| {
+        let body = html! {
+            div.login {
+                h1 { "Sign in" }
+                p.dim { "With a token that has the auditor role. The session lasts 8 hours, never longer than the token." }
+                @if let Some(error) = error {
+                    p.bad { "Refused: " (error) }
                 }
-                button type="submit" { "Sign in" }
+                form method="post" action="/login" {
+                    input type="hidden" name="next" value=(next);
+                    p {
+                        label for="token" { "Token" }
+                        br;
+                        input #token type="password" name="token" autocomplete="off" required placeholder="rls_…";
+                    }
+                    button type="submit" { "Sign in" }
+                }
             }
-        }
+        };
+        page("Sign in", None, body).into_string()
     };
-    answer(status, page("Sign in", None, body))
+    match refusal {
+        None => Html(form(None)).into_response(),
+        Some(refusal) => refusal.into_page(|e| form(Some(&e.message))),
+    }
 }
 
 /// A time as people read it (UTC, to the second), with the exact value for machines.
