@@ -1,6 +1,6 @@
 //! `release status|history|show`: what is live where, what happened, one release's story.
 
-use super::{Failure, Output, ServerArgs, or_dash, text};
+use super::{Failure, Output, ServerArgs, or_dash};
 use crate::digest::Digest;
 use crate::model::release::{PhaseOutcome, StatusRow};
 use crate::releases::Shown;
@@ -190,13 +190,10 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         if !d.excluded_nodes.is_empty() {
             out.push_str(&format!("\nnodes left out (--exclude-node): {}", d.excluded_nodes.join(", ")));
         }
-        // `adopted` is stored and written as free JSON (`{"digest": …, "nodes": […]}`).
-        if let Some(adopted) = d.adopted.as_ref().filter(|a| !a.is_null()) {
-            let nodes: Vec<String> = adopted["nodes"].as_array().into_iter().flatten().map(text).collect();
-            match adopted["digest"].as_str() {
-                Some(digest) => {
-                    out.push_str(&format!("\nadopted the tree at current as {digest} from: {}", nodes.join(", ")))
-                }
+        if let Some(adopted) = &d.adopted {
+            match adopted.digest {
+                Some(digest) => out
+                    .push_str(&format!("\nadopted the tree at current as {digest} from: {}", adopted.nodes.join(", "))),
                 None => out.push_str("\nadopt asked for; nothing captured yet"),
             }
         }

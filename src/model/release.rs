@@ -341,12 +341,22 @@ pub struct Detail {
     #[serde(default)]
     pub shared_files: Vec<SharedFile>,
     /// `--adopt`: the legacy tree it took over (kept as an artifact) and the nodes that held
-    /// it; `{"digest": null}` while asked for but not captured yet.
+    /// it; `{"digest": null, "nodes": []}` while asked for but not captured yet.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub adopted: Option<serde_json::Value>,
+    pub adopted: Option<Adoption>,
     /// Each of its events' delivery to each webhook, as the last attempt left it.
     #[serde(default)]
     pub webhook_deliveries: Vec<crate::model::webhook::Delivery>,
+}
+
+/// A release's `--adopt`: asked for, and what its deploy captured ([`Detail::adopted`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The legacy tree's package, kept as an artifact; `None` until captured.
+    pub digest: Option<Digest>,
+    /// The nodes whose `current` held that tree (none until captured).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// One cell of the status matrix.
@@ -463,5 +473,19 @@ mod tests {
             assert_eq!(PhaseOutcome::parse(outcome.as_str()), Some(outcome));
             assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }
+    }
+
+    /// `adopted` goes out as it went out when it was free JSON: `{"digest": …, "nodes": […]}`,
+    /// `digest` null (and `nodes` empty) while nothing is captured yet.
+    #[test]
+    fn an_adoption_goes_out_as_the_free_json_it_was() {
+        let asked = Adoption { digest: None, nodes: vec![] };
+        assert_eq!(serde_json::to_string(&asked).unwrap(), r#"{"digest":null,"nodes":[]}"#);
+        let digest = Digest::of(b"legacy");
+        let captured = Adoption { digest: Some(digest), nodes: vec!["web-1".into(), "web-2".into()] };
+        let wire = serde_json::to_string(&captured).unwrap();
+        assert_eq!(wire, format!(r#"{{"digest":"{digest}","nodes":["web-1","web-2"]}}"#));
+        assert_eq!(serde_json::from_str::<Adoption>(&wire).unwrap(), captured);
+        assert!(serde_json::from_str::<Adoption>(r#"{"digest":"sha256:00","nodes":[]}"#).is_err());
     }
 }

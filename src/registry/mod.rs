@@ -23,11 +23,12 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use crate::model::release::Adoption;
 pub use artifacts::{Artifact, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
 pub use backup::{RESTORED, SnapshotHead, known_schema, snapshot_event_hash, snapshot_head};
 pub use gauges::{Cell, Gauges};
-pub use releases::{Adoption, ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Start};
+pub use releases::{ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Start};
 pub use staging::LeftUpload;
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};

@@ -16,7 +16,8 @@ use crate::digest::Digest;
 use crate::model::audit::AuditAction;
 use crate::model::audit::NewEvent;
 use crate::model::release::{
-    Approval, Deployment, Detail, Kind, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow, Transition,
+    Adoption, Approval, Deployment, Detail, Kind, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow,
+    Transition,
 };
 use crate::utc;
 
@@ -45,15 +46,6 @@ pub struct NewRelease {
     pub adopt: bool,
     /// `--force`: the migration files the live artifact has and this one lacks.
     pub forced_past: Vec<String>,
-}
-
-/// A release's `--adopt`: asked for, and what its deploy captured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Adoption {
-    /// The legacy tree's package, kept as an artifact; `None` until captured.
-    pub digest: Option<Digest>,
-    /// The nodes whose `current` held that tree.
-    pub nodes: Vec<String>,
 }
 
 /// A decision on a pending release.

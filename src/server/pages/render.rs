@@ -329,8 +329,8 @@ pub fn release(
             @if let Some(adopted) = &d.adopted {
                 dt { "adopted" }
                 dd {
-                    @if let Some(digest) = adopted["digest"].as_str().and_then(|t| t.parse::<Digest>().ok()) {
-                        (digest_link(&digest)) " from " (adopted["nodes"].as_array().map(|n| n.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default())
+                    @if let Some(digest) = &adopted.digest {
+                        (digest_link(digest)) " from " (adopted.nodes.join(", "))
                     } @else { "asked for, not captured" }
                 }
             }
