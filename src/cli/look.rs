@@ -203,7 +203,12 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         if !d.deployments.is_empty() {
             out.push_str("\nnodes:\n");
             let rows = d.deployments.iter().map(|p| {
-                vec![p.node.clone(), p.phase.as_str().to_owned(), p.outcome.as_str().to_owned(), p.finished_at.clone()]
+                vec![
+                    p.node.clone(),
+                    p.phase.as_str().to_owned(),
+                    p.outcome.as_str().to_owned(),
+                    p.finished_at.to_string(),
+                ]
             });
             out.push_str(&super::indent(&super::table(&["NODE", "PHASE", "OUTCOME", "FINISHED"], rows, &[])));
             // The failures' output under the table, so its columns stay together.

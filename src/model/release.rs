@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::utc::Timestamp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -137,22 +138,22 @@ pub struct Release {
     pub state: State,
     pub requested_by: String,
     pub requester_owner: String,
-    pub requested_at: String,
+    pub requested_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_environment: Option<String>,
     /// The release that was live when this one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-    pub state_changed_at: String,
+    pub expires_at: Option<Timestamp>,
+    pub state_changed_at: Timestamp,
 }
 
 /// One change of a release's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub state: State,
-    pub at: String,
+    pub at: Timestamp,
     pub actor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -165,7 +166,7 @@ pub struct Approval {
     pub digest: Digest,
     pub decided_by: String,
     pub decider_owner: String,
-    pub decided_at: String,
+    pub decided_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -175,8 +176,8 @@ pub struct Approval {
 pub struct Deployment {
     pub node: String,
     pub phase: Phase,
-    pub started_at: String,
-    pub finished_at: String,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
     pub outcome: PhaseOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
@@ -369,7 +370,7 @@ pub struct StatusRow {
     /// The live release's id.
     pub release: Option<i64>,
     pub version: Option<String>,
-    pub since: Option<String>,
+    pub since: Option<Timestamp>,
     /// Who asked for the live release (token name).
     pub live_by: Option<String>,
     /// Whether the live release's health check proved its digest (`false`: live but
@@ -390,7 +391,7 @@ pub struct StatusRow {
     /// With `--nodes`: when the nodes were asked (answers are shared for
     /// `limits.node_status_max_age`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nodes_asked_at: Option<String>,
+    pub nodes_asked_at: Option<Timestamp>,
 }
 
 /// A node a failed deploy could not put back: it may serve the failed release, or be
@@ -401,7 +402,7 @@ pub struct Stranded {
     /// The release whose failure stranded it.
     pub release: Option<i64>,
     pub reason: String,
-    pub since: String,
+    pub since: Timestamp,
 }
 
 /// One node of a status cell, as it answered.

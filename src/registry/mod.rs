@@ -70,7 +70,7 @@ pub enum RegistryError {
     #[error("release {id} is {state}, which does not allow that")]
     WrongState { id: i64, state: crate::model::release::State },
     #[error("release {id} expired at {at} without a decision")]
-    ApprovalExpired { id: i64, at: String },
+    ApprovalExpired { id: i64, at: crate::utc::Timestamp },
     #[error("no artifact {0}")]
     ArtifactNotFound(crate::digest::Digest),
     #[error("no artifact's digest starts with {0}")]

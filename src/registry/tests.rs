@@ -438,7 +438,7 @@ mod releases {
         let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
         let finished = registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap();
         assert_eq!(finished.release.state, State::Live);
-        assert_eq!(finished.deploying_since.as_deref(), Some(deploying.state_changed_at.as_str()));
+        assert_eq!(finished.deploying_since.as_ref(), Some(&deploying.state_changed_at));
         let cancelled: Vec<(i64, State)> = finished.cancelled.iter().map(|c| (c.id, c.state)).collect();
         assert_eq!(cancelled, [(stale.id, State::Cancelled)]);
 

@@ -106,7 +106,7 @@ impl Releases {
             let mut retain = match this.blocking(move |r| r.retained_digests(&s, &e, keep)).await {
                 Ok(retain) => retain,
                 Err(e) => {
-                    let now = utc::now_text();
+                    let now = Timestamp::now();
                     for node in &plan.nodes {
                         plan.report.report(Deployment {
                             node: node.display_name(),

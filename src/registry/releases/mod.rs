@@ -37,7 +37,7 @@ pub struct NewRelease {
     pub requester_owner: String,
     pub source_environment: Option<String>,
     pub replaces: Option<i64>,
-    pub expires_at: Option<String>,
+    pub expires_at: Option<utc::Timestamp>,
     /// Why it needs no approval, or waits for one (recorded with the first transition).
     pub note: Option<String>,
     /// Nodes left out of this release.
@@ -63,7 +63,7 @@ pub struct Finished {
     /// The release in its final state (`live` or `failed`).
     pub release: Release,
     /// When it became `deploying` (`None` if it never did).
-    pub deploying_since: Option<String>,
+    pub deploying_since: Option<utc::Timestamp>,
     /// Releases waiting for approval that its going live cancelled.
     pub cancelled: Vec<Release>,
 }

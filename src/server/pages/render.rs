@@ -87,7 +87,8 @@ pub fn login(next: &str, refusal: Option<ApiError>) -> Response {
 }
 
 /// A time as people read it (UTC, to the second), with the exact value for machines.
-fn at(text: &str) -> Markup {
+fn at(text: impl AsRef<str>) -> Markup {
+    let text = text.as_ref();
     let shown = match utc::parse(text) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -121,8 +122,8 @@ fn details_lines(details: &str) -> String {
 }
 
 /// How long from one time to another, for people.
-fn took(from: &str, to: &str) -> String {
-    match (utc::parse(from), utc::parse(to)) {
+fn took(from: impl AsRef<str>, to: impl AsRef<str>) -> String {
+    match (utc::parse(from.as_ref()), utc::parse(to.as_ref())) {
         (Ok(a), Ok(b)) => {
             let ms = (b - a).whole_milliseconds().max(0);
             match ms {
@@ -178,7 +179,7 @@ pub fn matrix(viewer: &Principal, rows: &[StatusRow], asked_nodes: bool) -> Mark
         p.dim {
             "Times in UTC. "
             @if asked_nodes {
-                @if let Some(oldest) = rows.iter().filter_map(|r| r.nodes_asked_at.as_deref()).min() {
+                @if let Some(oldest) = rows.iter().filter_map(|r| r.nodes_asked_at.as_ref()).min() {
                     "The nodes were asked what they serve at " (at(oldest)) " or since "
                     "(their answers are shared for a short while)."
                 }
