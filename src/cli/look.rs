@@ -243,7 +243,7 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                     ),
                     _ => format!("GAVE UP: {}", or_dash(w.last_error.as_ref())),
                 };
-                vec![w.webhook.clone(), w.event.clone(), w.attempts.to_string(), w.last_attempt_at.clone(), how]
+                vec![w.webhook.clone(), w.event.clone(), w.attempts.to_string(), w.last_attempt_at.to_string(), how]
             });
             let header = ["WEBHOOK", "EVENT", "ATTEMPTS", "LAST ATTEMPT", "OUTCOME"];
             out.push_str(&super::indent(&super::table(&header, rows, &[2])));

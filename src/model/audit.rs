@@ -5,6 +5,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::model::access::Principal;
+use crate::utc::Timestamp;
 
 /// The hash before the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -175,7 +176,7 @@ impl NewEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Event {
     pub seq: u64,
-    pub at: String,
+    pub at: Timestamp,
     pub actor: String,
     pub owner: String,
     pub action: String,
@@ -228,7 +229,7 @@ impl Event {
             prev,
             &Hashed {
                 seq: self.seq,
-                at: &self.at,
+                at: self.at.as_str(),
                 actor: &self.actor,
                 owner: &self.owner,
                 action: &self.action,

@@ -184,13 +184,13 @@ pub(super) fn append_at(tx: &Transaction<'_>, event: &NewEvent, seq: Option<u64>
         None => (1, GENESIS),
     };
     let seq = seq.map_or(seq_next, |s| s.max(seq_next));
-    let at = utc::now_text();
+    let at = utc::Timestamp::now();
     let details = serde_json::to_string(&with_release_cell(tx, event)?).expect("JSON values serialize");
     let hash = chain_hash(
         &prev_hash,
         &Hashed {
             seq,
-            at: &at,
+            at: at.as_str(),
             actor: &event.actor,
             owner: &event.owner,
             action: event.action.as_str(),

@@ -114,7 +114,7 @@ fn a_session_opens_and_ends_with_its_audit_event_or_not_at_all() {
     let login = |action: AuditAction| NewEvent::by_server(action, "token/auditor-1", serde_json::json!({}));
     let count =
         |action: &str| registry.audit_events(0, None, 1000).unwrap().iter().filter(|e| e.action == action).count();
-    let expires = utc::format(utc::now() + time::Duration::hours(1));
+    let expires = utc::Timestamp::at(utc::now() + time::Duration::hours(1));
 
     // The event cannot be appended: no session either.
     registry
@@ -342,7 +342,8 @@ mod releases {
     fn a_lapsed_lease_is_taken_and_a_held_one_refused() {
         let (_dir, registry, digest) = with_artifact();
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
-        let (past, future) = ("2000-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z");
+        let at = |text| utc::Timestamp::parse(text).unwrap();
+        let (past, future) = (&at("2000-01-01T00:00:00.000000Z"), &at("2999-01-01T00:00:00.000000Z"));
         let r = registry.start_deploy(r.id, "server-a", future, &event()).unwrap().deploying().unwrap();
         assert!(registry.lapsed_deploys().unwrap().is_empty());
         // Held, unexpired, by another owner: refused, and left as it was.
@@ -529,12 +530,12 @@ mod webhooks {
             event: "release.requested".into(),
             delivery: "d".into(),
             attempt: n,
-            at: crate::utc::now_text(),
+            at: crate::utc::Timestamp::now(),
             duration_ms: 3,
             status_code: Some(if outcome == Outcome::Accepted { 200 } else { 500 }),
             error: (outcome != Outcome::Accepted).then(|| "answered 500".into()),
             outcome,
-            next_attempt_at: (outcome == Outcome::Retrying).then(crate::utc::now_text),
+            next_attempt_at: (outcome == Outcome::Retrying).then(crate::utc::Timestamp::now),
         }
     }
 

@@ -145,8 +145,8 @@ impl Releases {
     }
 
     /// When a lease taken or renewed now lapses.
-    pub(super) fn lease_expiry(&self) -> String {
-        utc::format(utc::now() + time::Duration::try_from(self.timing.lease).expect("small"))
+    pub(super) fn lease_expiry(&self) -> Timestamp {
+        Timestamp::at(utc::now() + time::Duration::try_from(self.timing.lease).expect("small"))
     }
 
     pub(super) fn renew_lease_while_running(&self, release: Release) -> tokio::task::JoinHandle<()> {

@@ -103,7 +103,7 @@ pub fn body(event: &Event, name: &str, state: Option<State>, at_event: &ReleaseA
     let payload = Payload {
         id: event.seq,
         event: name,
-        at: &event.at,
+        at: event.at.as_str(),
         release: ReleaseView {
             id: r.id,
             service: &r.service,

@@ -273,7 +273,7 @@ async fn export_csv(
     Ok(export(state, filter, "text/csv; charset=utf-8", "audit.csv", header, |event, out| {
         let fields = [
             event.seq.to_string(),
-            event.at.clone(),
+            event.at.to_string(),
             event.actor.clone(),
             event.owner.clone(),
             event.action.clone(),

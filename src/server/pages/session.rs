@@ -233,7 +233,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
         return render::login(&next, Some(ApiError::rate_limited(message, wait)));
     }
     let id = hex::encode(rand::rng().random::<[u8; 32]>());
-    let expires = utc::format(utc::now() + SESSION_TTL);
+    let expires = utc::Timestamp::at(utc::now() + SESSION_TTL);
     let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
     let event = crate::audit::NewEvent::by(
         &principal,
