@@ -21,9 +21,9 @@ pub struct AuditFilter {
     /// The service named in the event's details.
     pub service: Option<String>,
     /// At or after this time (stored form: RFC 3339, UTC, microseconds).
-    pub from: Option<String>,
+    pub from: Option<utc::Timestamp>,
     /// Before this time.
-    pub until: Option<String>,
+    pub until: Option<utc::Timestamp>,
     /// Older than this sequence number (the next page).
     pub before: Option<u64>,
 }
@@ -48,10 +48,10 @@ impl Registry {
             add("json_extract(details, '$.service') = ?", service.clone().into());
         }
         if let Some(from) = &filter.from {
-            add("at >= ?", from.clone().into());
+            add("at >= ?", from.to_string().into());
         }
         if let Some(until) = &filter.until {
-            add("at < ?", until.clone().into());
+            add("at < ?", until.to_string().into());
         }
         if let Some(before) = filter.before {
             add("seq < ?", (before as i64).into());

@@ -184,11 +184,11 @@ impl AuditQuery {
     /// selects the same events (for the next page and the export links).
     fn filter(&self) -> Result<(AuditFilter, String), ApiError> {
         let given = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-        let time = |name: &str, v: &Option<String>| -> Result<Option<String>, ApiError> {
+        let time = |name: &str, v: &Option<String>| -> Result<Option<utc::Timestamp>, ApiError> {
             given(v)
                 .map(|t| {
                     utc::parse(&t)
-                        .map(utc::format)
+                        .map(utc::Timestamp::at)
                         .map_err(|e| ApiError::bad_request(format!("{name}: {t:?} is not an RFC 3339 time ({e})")))
                 })
                 .transpose()

@@ -522,8 +522,8 @@ pub fn audit(
             label { "actor (token)" input type="text" name="actor" value=(value(&filter.actor)); }
             label { "action" input type="text" name="action" value=(value(&filter.action)) placeholder="release.live"; }
             label { "service" input type="text" name="service" value=(value(&filter.service)); }
-            label { "from (UTC)" input type="text" name="from" value=(value(&filter.from)) placeholder="2026-11-01T00:00:00Z"; }
-            label { "until (UTC)" input type="text" name="until" value=(value(&filter.until)); }
+            label { "from (UTC)" input type="text" name="from" value=(filter.from.as_ref().map(ToString::to_string).unwrap_or_default()) placeholder="2026-11-01T00:00:00Z"; }
+            label { "until (UTC)" input type="text" name="until" value=(filter.until.as_ref().map(ToString::to_string).unwrap_or_default()); }
             button type="submit" { "Filter" }
             a href="/audit" { "clear" }
         }
