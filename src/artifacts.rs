@@ -1,11 +1,11 @@
 //! Artifacts as a token may read them, for the API and the pages alike: any role may read,
 //! but a token limited to some services sees an artifact only through its upload records for
 //! them, and one uploaded for none of them exactly as one that does not exist (SPEC 2: scopes
-//! apply to reads).
+//! apply to reads). A digest prefix resolves among those artifacts only.
 
 use std::sync::Arc;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRef};
 use crate::model::access::{Action, Denied, Principal};
 use crate::registry::{Artifact, ArtifactUpload, ListedArtifact, Registry, RegistryError};
 
@@ -40,6 +40,25 @@ pub async fn readable(registry: &Arc<Registry>, principal: &Principal, digest: D
     .await?;
     let Some(artifact) = artifact else { return Err(absent(principal, digest)) };
     Ok(Seen { artifact, uploads: seen_uploads(principal, digest, uploads)? })
+}
+
+/// The one artifact a digest or a prefix of 12 or more hex digits names, among those
+/// `principal` may see (uploaded for its services, or any when it has no service scope). A
+/// whole digest is its own answer (whether it exists is the caller's next question); a prefix
+/// that names none is absent ([`RegistryError::NoDigest`]), one that names several is
+/// ambiguous ([`RegistryError::AmbiguousDigest`], naming them) — and a scoped token neither
+/// resolves nor hears of another service's artifact.
+pub async fn resolve(
+    registry: &Arc<Registry>,
+    principal: &Principal,
+    reference: DigestRef,
+) -> Result<Digest, ArtifactError> {
+    if let DigestRef::Full(digest) = reference {
+        return Ok(digest);
+    }
+    let registry = Arc::clone(registry);
+    let services = principal.services.clone();
+    Ok(crate::registry::run(move || registry.resolve_digest(&reference, services.as_deref())).await?)
 }
 
 /// What a token is told of an artifact that does not exist.

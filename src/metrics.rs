@@ -24,7 +24,7 @@ use prometheus_client::metrics::info::Info;
 use crate::model::access::{Action, Denied, Principal};
 use crate::model::release::{Deployment, Kind, Release, State};
 use crate::registry::{Gauges, Registry, RegistryError};
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 /// The `Content-Type` of what [`Metrics::scrape`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -315,7 +315,7 @@ impl Metrics {
 
     /// A release reached a final state (live, failed, rejected, cancelled, expired).
     /// `deploying_since`: when its deploy began, for a deploy that ended live or failed.
-    pub fn record_release(&self, release: &Release, deploying_since: Option<&str>) {
+    pub fn record_release(&self, release: &Release, deploying_since: Option<&Timestamp>) {
         let outcome = release.state.as_str().to_owned();
         self.releases
             .get_or_create(&ReleaseLabels {
@@ -404,8 +404,8 @@ impl Metrics {
 }
 
 /// Seconds from one time stamp to another (`None` if either does not parse).
-fn seconds_between(from: &str, to: &str) -> Option<f64> {
-    let (from, to) = (utc::parse(from).ok()?, utc::parse(to).ok()?);
+fn seconds_between(from: impl AsRef<str>, to: impl AsRef<str>) -> Option<f64> {
+    let (from, to) = (utc::parse(from.as_ref()).ok()?, utc::parse(to.as_ref()).ok()?);
     Some((to - from).as_seconds_f64().max(0.0))
 }
 

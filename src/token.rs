@@ -13,7 +13,7 @@ use crate::config::is_valid_name;
 pub use crate::model::access::{Action, Denied, Principal, Role, UnknownRole, join_roles};
 use crate::model::audit::{AuditAction, NewEvent};
 use crate::registry::{NewToken, Registry, RegistryError, TokenRecord};
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -26,7 +26,7 @@ pub enum TokenError {
     #[error("token {name:?} is revoked")]
     Revoked { name: String, owner: String },
     #[error("token {name:?} expired at {at}")]
-    Expired { name: String, owner: String, at: String },
+    Expired { name: String, owner: String, at: Timestamp },
     #[error("{what} {name:?} must match [a-z0-9][a-z0-9-]*")]
     BadScope { what: &'static str, name: String },
     #[error("--expires must be at least 1 day")]
@@ -189,7 +189,7 @@ pub fn create(
     let expires_at = match request.expires_in_days {
         None => None,
         Some(0) => return Err(TokenError::BadExpiry),
-        Some(days) => Some(utc::format(utc::now() + time::Duration::days(days.into()))),
+        Some(days) => Some(Timestamp::at(utc::now() + time::Duration::days(days.into()))),
     };
     let secret = NewSecret::generate();
     let event = manager.event(
@@ -246,7 +246,7 @@ fn still_valid(record: TokenRecord) -> Result<Principal, TokenError> {
         return Err(TokenError::Revoked { name: record.name, owner: record.owner });
     }
     if let Some(at) = &record.expires_at
-        && at.as_str() <= utc::now_text().as_str()
+        && *at <= Timestamp::now()
     {
         return Err(TokenError::Expired { name: record.name, owner: record.owner, at: at.clone() });
     }
@@ -308,7 +308,7 @@ mod tests {
                     services: None,
                     environments: None,
                     secret_sha256: old.secret_sha256,
-                    expires_at: Some("2020-01-01T00:00:00.000000Z".into()),
+                    expires_at: Some(Timestamp::parse("2020-01-01T00:00:00.000000Z").unwrap()),
                 },
                 &NewEvent::by_local_user(AuditAction::TokenCreate, "old", serde_json::json!({})),
             )

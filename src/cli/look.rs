@@ -1,6 +1,6 @@
 //! `release status|history|show`: what is live where, what happened, one release's story.
 
-use super::{Failure, Output, ServerArgs, or_dash, text};
+use super::{Failure, Output, ServerArgs, or_dash};
 use crate::digest::Digest;
 use crate::model::release::{PhaseOutcome, StatusRow};
 use crate::node::protocol::CheckStatus;
@@ -191,13 +191,10 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         if !d.excluded_nodes.is_empty() {
             out.push_str(&format!("\nnodes left out (--exclude-node): {}", d.excluded_nodes.join(", ")));
         }
-        // `adopted` is stored and written as free JSON (`{"digest": …, "nodes": […]}`).
-        if let Some(adopted) = d.adopted.as_ref().filter(|a| !a.is_null()) {
-            let nodes: Vec<String> = adopted["nodes"].as_array().into_iter().flatten().map(text).collect();
-            match adopted["digest"].as_str() {
-                Some(digest) => {
-                    out.push_str(&format!("\nadopted the tree at current as {digest} from: {}", nodes.join(", ")))
-                }
+        if let Some(adopted) = &d.adopted {
+            match adopted.digest {
+                Some(digest) => out
+                    .push_str(&format!("\nadopted the tree at current as {digest} from: {}", adopted.nodes.join(", "))),
                 None => out.push_str("\nadopt asked for; nothing captured yet"),
             }
         }
@@ -207,7 +204,12 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
         if !d.deployments.is_empty() {
             out.push_str("\nnodes:\n");
             let rows = d.deployments.iter().map(|p| {
-                vec![p.node.clone(), p.phase.as_str().to_owned(), p.outcome.as_str().to_owned(), p.finished_at.clone()]
+                vec![
+                    p.node.clone(),
+                    p.phase.as_str().to_owned(),
+                    p.outcome.as_str().to_owned(),
+                    p.finished_at.to_string(),
+                ]
             });
             out.push_str(&super::indent(&super::table(&["NODE", "PHASE", "OUTCOME", "FINISHED"], rows, &[])));
             // The failures' output under the table, so its columns stay together.
@@ -242,7 +244,7 @@ pub async fn show(args: ShowArgs, output: Output) -> Result<(), Failure> {
                     ),
                     _ => format!("GAVE UP: {}", or_dash(w.last_error.as_ref())),
                 };
-                vec![w.webhook.clone(), w.event.clone(), w.attempts.to_string(), w.last_attempt_at.clone(), how]
+                vec![w.webhook.clone(), w.event.clone(), w.attempts.to_string(), w.last_attempt_at.to_string(), how]
             });
             let header = ["WEBHOOK", "EVENT", "ATTEMPTS", "LAST ATTEMPT", "OUTCOME"];
             out.push_str(&super::indent(&super::table(&header, rows, &[2])));

@@ -167,15 +167,6 @@ fn indent(lines: &str) -> String {
     lines.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
 }
 
-/// A JSON value as people read it: strings bare, null as `-`.
-fn text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// An answer read into the type the server wrote it from (`--json` still prints the answer
 /// as it came).
 fn read<T: serde::de::DeserializeOwned>(answer: &serde_json::Value) -> Result<T, Failure> {

@@ -336,8 +336,8 @@ async fn conclude(client: &Client, answer: Value, wait: bool, output: Output) ->
 }
 
 /// "12 ms" between two RFC 3339 times, or nothing.
-fn millis_between(start: &str, end: &str) -> String {
-    match (crate::utc::parse(start), crate::utc::parse(end)) {
+fn millis_between(start: impl AsRef<str>, end: impl AsRef<str>) -> String {
+    match (crate::utc::parse(start.as_ref()), crate::utc::parse(end.as_ref())) {
         (Ok(a), Ok(b)) => format!("{} ms", (b - a).whole_milliseconds()),
         _ => String::new(),
     }

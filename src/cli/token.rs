@@ -87,7 +87,7 @@ pub fn run(command: Command, output: Output) -> Result<(), Failure> {
                 let rows = tokens.iter().map(|t| {
                     let state = if t.revoked_at.is_some() {
                         "revoked"
-                    } else if t.expires_at.as_deref().is_some_and(|at| at <= crate::utc::now_text().as_str()) {
+                    } else if t.expires_at.as_ref().is_some_and(|at| *at <= crate::utc::Timestamp::now()) {
                         "expired"
                     } else {
                         "active"

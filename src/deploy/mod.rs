@@ -42,7 +42,7 @@ use crate::releases::{
     Plan, SharedFile,
 };
 use crate::store::Store;
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 /// What a node's hooks leave of the server's wait for an answer.
 const HOOK_MARGIN: Duration = Duration::from_secs(5);
@@ -116,7 +116,7 @@ impl NodeDeployer {
                     targets.push(target)
                 }
                 Err(e) => {
-                    let now = utc::now_text();
+                    let now = Timestamp::now();
                     plan.report.report(Deployment {
                         node: node.display_name(),
                         phase: Phase::Connect,
@@ -214,7 +214,7 @@ impl NodeDeployer {
         let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status.ready.contains(&digest);
         let name = if digest == plan.release.digest { Phase::Prepare } else { Phase::PrepareAdopted };
-        let started = utc::now_text();
+        let started = Timestamp::now();
         if present {
             let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
             let answer = call::<Prepared>(target, &request, None).await;
@@ -309,7 +309,7 @@ impl NodeDeployer {
             adopt: target.adopting(),
             fence: target.fence,
         };
-        let started = utc::now_text();
+        let started = Timestamp::now();
         let answer = call::<Switched>(target, &request, None).await;
         let refused = matches!(&answer, Err(CallError::Node(e)) if e.code.refused_before_switch());
         report_phase(plan, target, name, &request, started, answer)
@@ -350,7 +350,7 @@ impl NodeDeployer {
     /// Switches one node back and reloads it; reports the whole as a "put back" phase, whose
     /// failure means the node is left on the new release (or in an unknown state): drift.
     async fn put_back_one(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
-        let started = utc::now_text();
+        let started = Timestamp::now();
         let to = target.back_to();
         let result = async {
             self.switch(plan, target, Phase::SwitchBack, to).await.map_err(|e| e.reason().to_owned())?;
@@ -364,7 +364,7 @@ impl NodeDeployer {
             node: target.name.clone(),
             phase: Phase::PutBack,
             started_at: started,
-            finished_at: utc::now_text(),
+            finished_at: Timestamp::now(),
             outcome: if result.is_ok() { PhaseOutcome::Ok } else { PhaseOutcome::Failed },
             output_tail: result.as_ref().err().cloned(),
             shared_files: vec![],
@@ -448,7 +448,7 @@ impl NodeDeployer {
     /// anything.
     async fn clean_up_nodes(&self, plan: &Plan, keep: &[Digest]) {
         join_all(plan.nodes.iter().map(|node| async move {
-            let started = utc::now_text();
+            let started = Timestamp::now();
             match self.connect(node, plan.fence).await {
                 Ok(target) => {
                     let request =
@@ -459,7 +459,7 @@ impl NodeDeployer {
                     node: node.display_name(),
                     phase: Phase::Cleanup,
                     started_at: started,
-                    finished_at: utc::now_text(),
+                    finished_at: Timestamp::now(),
                     outcome: PhaseOutcome::Failed,
                     output_tail: Some(e),
                     shared_files: vec![],

@@ -19,7 +19,7 @@ pub(super) async fn phase<A: Answer>(
     request: Request,
     payload: Option<Payload>,
 ) -> Result<A, String> {
-    let started = utc::now_text();
+    let started = Timestamp::now();
     let answer = call::<A>(target, &request, payload).await;
     report_phase(plan, target, name, &request, started, answer)
 }
@@ -39,7 +39,7 @@ pub(super) fn report_phase<A: Answer>(
     target: &Target,
     name: Phase,
     request: &Request,
-    started: String,
+    started: Timestamp,
     answer: Result<A, CallError>,
 ) -> Result<A, String> {
     let mut shared_files = vec![];
@@ -70,7 +70,7 @@ pub(super) fn report_phase<A: Answer>(
         node: target.name.clone(),
         phase: name,
         started_at: started,
-        finished_at: utc::now_text(),
+        finished_at: Timestamp::now(),
         outcome,
         output_tail: output.filter(|o| !o.is_empty()),
         shared_files,

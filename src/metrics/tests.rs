@@ -7,6 +7,11 @@ use super::*;
 use crate::digest::Digest;
 use crate::model::release::{Kind, Phase, PhaseOutcome, State};
 use crate::registry::Cell;
+use crate::utc::Timestamp;
+
+fn ts(text: &str) -> Timestamp {
+    Timestamp::parse(text).unwrap()
+}
 
 fn release(state: State, changed_at: &str) -> Release {
     Release {
@@ -18,11 +23,11 @@ fn release(state: State, changed_at: &str) -> Release {
         state,
         requested_by: "ci".into(),
         requester_owner: "gitlab".into(),
-        requested_at: "2026-11-27T10:00:00.000000Z".into(),
+        requested_at: ts("2026-11-27T10:00:00.000000Z"),
         source_environment: None,
         replaces: None,
         expires_at: None,
-        state_changed_at: changed_at.into(),
+        state_changed_at: ts(changed_at),
     }
 }
 
@@ -48,8 +53,8 @@ fn everything() -> String {
     metrics.record_phase(&Deployment {
         node: "web1".into(),
         phase: Phase::Prepare,
-        started_at: "2026-11-27T10:00:00.000000Z".into(),
-        finished_at: "2026-11-27T10:00:01.000000Z".into(),
+        started_at: ts("2026-11-27T10:00:00.000000Z"),
+        finished_at: ts("2026-11-27T10:00:01.000000Z"),
         outcome: PhaseOutcome::Ok,
         output_tail: None,
         shared_files: vec![],
@@ -94,13 +99,13 @@ fn metric_names(text: &str) -> Vec<String> {
 fn a_scrape_shows_what_was_recorded() {
     let metrics = Metrics::new();
     let live = release(State::Live, "2026-11-27T10:00:42.500000Z");
-    metrics.record_release(&live, Some("2026-11-27T10:00:00.000000Z"));
+    metrics.record_release(&live, Some(&ts("2026-11-27T10:00:00.000000Z")));
     metrics.record_release(&release(State::Rejected, "2026-11-27T10:00:01.000000Z"), None);
     metrics.record_phase(&Deployment {
         node: "web1".into(),
         phase: Phase::PutBack,
-        started_at: "2026-11-27T10:00:00.000000Z".into(),
-        finished_at: "2026-11-27T10:00:00.200000Z".into(),
+        started_at: ts("2026-11-27T10:00:00.000000Z"),
+        finished_at: ts("2026-11-27T10:00:00.200000Z"),
         outcome: PhaseOutcome::Ok,
         output_tail: None,
         shared_files: vec![],

@@ -6,6 +6,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::model::access::Principal;
 use crate::model::vocabulary::vocabulary;
+use crate::utc::Timestamp;
 
 /// The hash before the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -99,7 +100,7 @@ impl NewEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Event {
     pub seq: u64,
-    pub at: String,
+    pub at: Timestamp,
     pub actor: String,
     pub owner: String,
     pub action: String,
@@ -152,7 +153,7 @@ impl Event {
             prev,
             &Hashed {
                 seq: self.seq,
-                at: &self.at,
+                at: self.at.as_str(),
                 actor: &self.actor,
                 owner: &self.owner,
                 action: &self.action,

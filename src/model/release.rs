@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::model::vocabulary::vocabulary;
+use crate::utc::Timestamp;
 
 vocabulary! {
     /// What a release asks for. Reads keep a kind this build does not know (a newer server's)
@@ -102,22 +103,22 @@ pub struct Release {
     pub state: State,
     pub requested_by: String,
     pub requester_owner: String,
-    pub requested_at: String,
+    pub requested_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_environment: Option<String>,
     /// The release that was live when this one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-    pub state_changed_at: String,
+    pub expires_at: Option<Timestamp>,
+    pub state_changed_at: Timestamp,
 }
 
 /// One change of a release's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub state: State,
-    pub at: String,
+    pub at: Timestamp,
     pub actor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -130,7 +131,7 @@ pub struct Approval {
     pub digest: Digest,
     pub decided_by: String,
     pub decider_owner: String,
-    pub decided_at: String,
+    pub decided_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -140,8 +141,8 @@ pub struct Approval {
 pub struct Deployment {
     pub node: String,
     pub phase: Phase,
-    pub started_at: String,
-    pub finished_at: String,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
     pub outcome: PhaseOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
@@ -232,12 +233,22 @@ pub struct Detail {
     #[serde(default)]
     pub shared_files: Vec<SharedFile>,
     /// `--adopt`: the legacy tree it took over (kept as an artifact) and the nodes that held
-    /// it; `{"digest": null}` while asked for but not captured yet.
+    /// it; `{"digest": null, "nodes": []}` while asked for but not captured yet.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub adopted: Option<serde_json::Value>,
+    pub adopted: Option<Adoption>,
     /// Each of its events' delivery to each webhook, as the last attempt left it.
     #[serde(default)]
     pub webhook_deliveries: Vec<crate::model::webhook::Delivery>,
+}
+
+/// A release's `--adopt`: asked for, and what its deploy captured ([`Detail::adopted`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The legacy tree's package, kept as an artifact; `None` until captured.
+    pub digest: Option<Digest>,
+    /// The nodes whose `current` held that tree (none until captured).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// One cell of the status matrix.
@@ -250,7 +261,7 @@ pub struct StatusRow {
     /// The live release's id.
     pub release: Option<i64>,
     pub version: Option<String>,
-    pub since: Option<String>,
+    pub since: Option<Timestamp>,
     /// Who asked for the live release (token name).
     pub live_by: Option<String>,
     /// Whether the live release's health check proved its digest (`false`: live but
@@ -271,7 +282,7 @@ pub struct StatusRow {
     /// With `--nodes`: when the nodes were asked (answers are shared for
     /// `limits.node_status_max_age`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nodes_asked_at: Option<String>,
+    pub nodes_asked_at: Option<Timestamp>,
 }
 
 /// A node a failed deploy could not put back: it may serve the failed release, or be
@@ -282,7 +293,7 @@ pub struct Stranded {
     /// The release whose failure stranded it.
     pub release: Option<i64>,
     pub reason: String,
-    pub since: String,
+    pub since: Timestamp,
 }
 
 /// One node of a status cell, as it answered.
@@ -390,5 +401,19 @@ mod tests {
             assert_eq!(PhaseOutcome::parse(outcome.as_str()), Some(outcome));
             assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }
+    }
+
+    /// `adopted` goes out as it went out when it was free JSON: `{"digest": …, "nodes": […]}`,
+    /// `digest` null (and `nodes` empty) while nothing is captured yet.
+    #[test]
+    fn an_adoption_goes_out_as_the_free_json_it_was() {
+        let asked = Adoption { digest: None, nodes: vec![] };
+        assert_eq!(serde_json::to_string(&asked).unwrap(), r#"{"digest":null,"nodes":[]}"#);
+        let digest = Digest::of(b"legacy");
+        let captured = Adoption { digest: Some(digest), nodes: vec!["web-1".into(), "web-2".into()] };
+        let wire = serde_json::to_string(&captured).unwrap();
+        assert_eq!(wire, format!(r#"{{"digest":"{digest}","nodes":["web-1","web-2"]}}"#));
+        assert_eq!(serde_json::from_str::<Adoption>(&wire).unwrap(), captured);
+        assert!(serde_json::from_str::<Adoption>(r#"{"digest":"sha256:00","nodes":[]}"#).is_err());
     }
 }

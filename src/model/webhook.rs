@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::utc::Timestamp;
+
 /// Every event a webhook may receive: one per change of a release's state.
 pub const EVENTS: &[&str] = &[
     "release.requested",
@@ -51,12 +53,12 @@ pub struct Attempt {
     pub event: String,
     pub delivery: String,
     pub attempt: u32,
-    pub at: String,
+    pub at: Timestamp,
     pub duration_ms: u64,
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub outcome: Outcome,
-    pub next_attempt_at: Option<String>,
+    pub next_attempt_at: Option<Timestamp>,
 }
 
 /// One event's delivery to one webhook, as `release show` tells it.
@@ -74,8 +76,8 @@ pub struct Delivery {
     pub delivered: bool,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
-    pub first_attempt_at: String,
-    pub last_attempt_at: String,
+    pub first_attempt_at: Timestamp,
+    pub last_attempt_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<String>,
+    pub next_attempt_at: Option<Timestamp>,
 }

@@ -21,9 +21,9 @@ pub struct AuditFilter {
     /// The service named in the event's details.
     pub service: Option<String>,
     /// At or after this time (stored form: RFC 3339, UTC, microseconds).
-    pub from: Option<String>,
+    pub from: Option<utc::Timestamp>,
     /// Before this time.
-    pub until: Option<String>,
+    pub until: Option<utc::Timestamp>,
     /// Older than this sequence number (the next page).
     pub before: Option<u64>,
 }
@@ -48,10 +48,10 @@ impl Registry {
             add("json_extract(details, '$.service') = ?", service.clone().into());
         }
         if let Some(from) = &filter.from {
-            add("at >= ?", from.clone().into());
+            add("at >= ?", from.to_string().into());
         }
         if let Some(until) = &filter.until {
-            add("at < ?", until.clone().into());
+            add("at < ?", until.to_string().into());
         }
         if let Some(before) = filter.before {
             add("seq < ?", (before as i64).into());
@@ -184,13 +184,13 @@ pub(super) fn append_at(tx: &Transaction<'_>, event: &NewEvent, seq: Option<u64>
         None => (1, GENESIS),
     };
     let seq = seq.map_or(seq_next, |s| s.max(seq_next));
-    let at = utc::now_text();
+    let at = utc::Timestamp::now();
     let details = serde_json::to_string(&with_release_cell(tx, event)?).expect("JSON values serialize");
     let hash = chain_hash(
         &prev_hash,
         &Hashed {
             seq,
-            at: &at,
+            at: at.as_str(),
             actor: &event.actor,
             owner: &event.owner,
             action: event.action.as_str(),

@@ -88,7 +88,7 @@ fn a_block_cancels_what_waits_and_what_is_approved_in_its_own_transaction() {
     let pending = registry.create_release(&request(digest, "production", State::PendingApproval), &event()).unwrap();
     let approved = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
     let deploying = registry.create_release(&request(digest, "qa", State::Approved), &event()).unwrap();
-    registry.start_deploy(deploying.id, "server", "2999-01-01T00:00:00Z", &event()).unwrap().deploying().unwrap();
+    registry.start_deploy(deploying.id, "server", &far_off(), &event()).unwrap().deploying().unwrap();
 
     let (stored, cancelled) = registry.block_artifact(digest, &block("corrupts orders"), &event()).unwrap();
     assert_eq!(stored.reason, "corrupts orders");
@@ -135,7 +135,7 @@ fn an_approved_release_whose_artifact_was_blocked_is_cancelled_instead_of_starte
     let approved = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
     let pending = registry.create_release(&request(digest, "production", State::PendingApproval), &event()).unwrap();
     block_behind_the_registrys_back(&registry, digest);
-    match registry.start_deploy(approved.id, "server", "2999-01-01T00:00:00Z", &event()).unwrap() {
+    match registry.start_deploy(approved.id, "server", &far_off(), &event()).unwrap() {
         Start::Blocked { block, cancelled } => {
             assert_eq!(block.reason, "by hand");
             assert_eq!(cancelled.iter().map(|r| r.id).collect::<Vec<_>>(), [approved.id, pending.id]);
@@ -267,7 +267,7 @@ fn a_blocked_artifact_is_never_the_rollback_target() {
     let (_dir, registry) = open();
     let live = |digest: Digest| {
         let r = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
-        registry.start_deploy(r.id, "server", "2999-01-01T00:00:00Z", &event()).unwrap().deploying().unwrap();
+        registry.start_deploy(r.id, "server", &far_off(), &event()).unwrap().deploying().unwrap();
         registry.finish_deploy(r.id, &crate::registry::Ending::Live { nodes: vec![] }, &event()).unwrap().release
     };
     let (v1, v2, v3) = (upload(&registry, b"v1"), upload(&registry, b"v2"), upload(&registry, b"v3"));
@@ -277,4 +277,9 @@ fn a_blocked_artifact_is_never_the_rollback_target() {
     assert_eq!(registry.rollback_target(&now).unwrap(), Some(v2));
     registry.block_artifact(v2, &block("corrupts orders"), &event()).unwrap();
     assert_eq!(registry.rollback_target(&now).unwrap(), Some(v1), "the last good one before it");
+}
+
+/// A lease that never lapses within a test.
+fn far_off() -> crate::utc::Timestamp {
+    crate::utc::Timestamp::parse("2999-01-01T00:00:00.000000Z").unwrap()
 }

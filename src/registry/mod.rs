@@ -23,11 +23,12 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use crate::model::release::Adoption;
 pub use artifacts::{Artifact, ArtifactIndex, ArtifactUpload, Block, ListedArtifact, NewArtifact, Recorded};
 pub use audit::AuditFilter;
 pub use backup::{RESTORED, SnapshotHead, known_schema, snapshot_event_hash, snapshot_head};
 pub use gauges::{Cell, Gauges};
-pub use releases::{Adoption, ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Start};
+pub use releases::{ConfiguredEnvironment, Ending, Finished, NewApproval, NewRelease, Start};
 pub use staging::LeftUpload;
 pub use tokens::{NewToken, TokenRecord};
 pub use web::{LiveSpell, Session};
@@ -69,7 +70,7 @@ pub enum RegistryError {
     #[error("release {id} is {state}, which does not allow that")]
     WrongState { id: i64, state: crate::model::release::State },
     #[error("release {id} expired at {at} without a decision")]
-    ApprovalExpired { id: i64, at: String },
+    ApprovalExpired { id: i64, at: crate::utc::Timestamp },
     #[error("no artifact {0}")]
     ArtifactNotFound(crate::digest::Digest),
     #[error("no artifact's digest starts with {0}")]

@@ -115,7 +115,7 @@ fn a_session_opens_and_ends_with_its_audit_event_or_not_at_all() {
     let login = |action: AuditAction| NewEvent::by_server(action, "token/auditor-1", serde_json::json!({}));
     let count =
         |action: &str| registry.audit_events(0, None, 1000).unwrap().iter().filter(|e| e.action == action).count();
-    let expires = utc::format(utc::now() + time::Duration::hours(1));
+    let expires = utc::Timestamp::at(utc::now() + time::Duration::hours(1));
 
     // The event cannot be appended: no session either.
     registry
@@ -367,7 +367,8 @@ mod releases {
     fn a_lapsed_lease_is_taken_and_a_held_one_refused() {
         let (_dir, registry, digest) = with_artifact();
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
-        let (past, future) = ("2000-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z");
+        let at = |text| utc::Timestamp::parse(text).unwrap();
+        let (past, future) = (&at("2000-01-01T00:00:00.000000Z"), &at("2999-01-01T00:00:00.000000Z"));
         let r = registry.start_deploy(r.id, "server-a", future, &event()).unwrap().deploying().unwrap();
         assert!(registry.lapsed_deploys().unwrap().is_empty());
         // Held, unexpired, by another owner: refused, and left as it was.
@@ -463,7 +464,7 @@ mod releases {
         let stale = registry.create_release(&request(digest, State::PendingApproval), &event()).unwrap();
         let finished = registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap();
         assert_eq!(finished.release.state, State::Live);
-        assert_eq!(finished.deploying_since.as_deref(), Some(deploying.state_changed_at.as_str()));
+        assert_eq!(finished.deploying_since.as_ref(), Some(&deploying.state_changed_at));
         let cancelled: Vec<(i64, State)> = finished.cancelled.iter().map(|c| (c.id, c.state)).collect();
         assert_eq!(cancelled, [(stale.id, State::Cancelled)]);
 
@@ -554,12 +555,12 @@ mod webhooks {
             event: "release.requested".into(),
             delivery: "d".into(),
             attempt: n,
-            at: crate::utc::now_text(),
+            at: crate::utc::Timestamp::now(),
             duration_ms: 3,
             status_code: Some(if outcome == Outcome::Accepted { 200 } else { 500 }),
             error: (outcome != Outcome::Accepted).then(|| "answered 500".into()),
             outcome,
-            next_attempt_at: (outcome == Outcome::Retrying).then(crate::utc::now_text),
+            next_attempt_at: (outcome == Outcome::Retrying).then(crate::utc::Timestamp::now),
         }
     }
 

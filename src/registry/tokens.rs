@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::{Registry, RegistryError, join_list, split_list};
 use crate::model::access::{Role, join_roles};
 use crate::model::audit::NewEvent;
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TokenRecord {
@@ -19,9 +19,9 @@ pub struct TokenRecord {
     pub environments: Option<Vec<String>>,
     #[serde(skip)]
     pub secret_sha256: Vec<u8>,
-    pub created_at: String,
-    pub expires_at: Option<String>,
-    pub revoked_at: Option<String>,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
 }
 
 pub struct NewToken {
@@ -32,7 +32,7 @@ pub struct NewToken {
     pub services: Option<Vec<String>>,
     pub environments: Option<Vec<String>>,
     pub secret_sha256: [u8; 32],
-    pub expires_at: Option<String>,
+    pub expires_at: Option<Timestamp>,
 }
 
 const COLUMNS: &str =

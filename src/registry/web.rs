@@ -8,13 +8,13 @@ use rusqlite::{OptionalExtension, params};
 use super::{Registry, RegistryError};
 use crate::digest::Digest;
 use crate::model::audit::NewEvent;
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 /// A signed-in session, as found by its id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     pub token_id: String,
-    pub expires_at: String,
+    pub expires_at: Timestamp,
 }
 
 /// One stay of an artifact live in a (service, environment).
@@ -23,9 +23,9 @@ pub struct LiveSpell {
     pub release: i64,
     pub service: String,
     pub environment: String,
-    pub live_at: String,
+    pub live_at: Timestamp,
     /// When another release replaced it; `None` while it is live.
-    pub until: Option<String>,
+    pub until: Option<Timestamp>,
 }
 
 impl Registry {
@@ -35,7 +35,7 @@ impl Registry {
         &self,
         id_sha256: &[u8; 32],
         token_id: &str,
-        expires_at: &str,
+        expires_at: &Timestamp,
         event: &NewEvent,
     ) -> Result<(), RegistryError> {
         self.write(|conn| {

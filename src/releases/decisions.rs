@@ -81,7 +81,7 @@ impl Releases {
     /// Counts a deploy that ended (and times it), and the pending releases its going live
     /// cancelled.
     pub(super) fn record_finished(&self, finished: &Finished) {
-        self.metrics.record_release(&finished.release, finished.deploying_since.as_deref());
+        self.metrics.record_release(&finished.release, finished.deploying_since.as_ref());
         for cancelled in &finished.cancelled {
             self.metrics.record_release(cancelled, None);
         }
@@ -101,7 +101,7 @@ impl Releases {
             return Err(ReleaseError::InvalidState { id, state: release.state, what });
         }
         if let Some(at) = &release.expires_at
-            && at.as_str() <= utc::now_text().as_str()
+            && *at <= Timestamp::now()
         {
             self.expire_pending().await?;
             return Err(ReleaseError::Expired { id, at: at.clone() });

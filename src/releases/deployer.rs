@@ -16,7 +16,7 @@ use crate::digest::Digest;
 /// One finding of `release check`: `pass`, `warn` or `fail`, and what to do about it; the
 /// node protocol's own row, as the agent answers it.
 pub use crate::node::protocol::{CheckRow, CheckStatus};
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 /// Where a deploy's per-node phases go as they end.
 #[derive(Clone)]
@@ -222,7 +222,7 @@ impl Deployer for RecordOnly {
     fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             plan.gate.check().await.map_err(Failure::new)?;
-            let now = utc::now_text();
+            let now = Timestamp::now();
             for node in &plan.nodes {
                 plan.report.report(Deployment {
                     node: node.name.clone().unwrap_or_else(|| node.host.clone()),

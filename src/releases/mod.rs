@@ -43,7 +43,7 @@ use crate::registry::{
 };
 use crate::store::Store;
 use crate::token::same_owner;
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 /// How long a deploy lease lasts unless renewed. It is renewed every third of that, and the
 /// sweep (pending releases past their approval window, deploys whose lease lapsed) runs every
@@ -137,7 +137,7 @@ pub enum ReleaseError {
     #[error("release {id} is {state}: {what} needs a release waiting for approval")]
     InvalidState { id: i64, state: State, what: &'static str },
     #[error("release {id} expired at {at} without a decision")]
-    Expired { id: i64, at: String },
+    Expired { id: i64, at: Timestamp },
     #[error("{0}")]
     BadRequest(String),
     #[error("artifact {digest} is blocked ({reason}): it never goes live again")]

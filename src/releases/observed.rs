@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::deployer::{Deployer, Observed};
 use crate::config::Node;
+use crate::utc::Timestamp;
 
 /// One cell's last answer, and the lock its next asking takes.
 type Slot = Arc<tokio::sync::Mutex<Option<Asked>>>;
@@ -26,7 +27,7 @@ pub(super) struct NodeAnswers {
 struct Asked {
     at: Instant,
     /// RFC 3339, for the answer.
-    at_text: String,
+    at_text: Timestamp,
     /// The cell's (live release, release in flight) when asked.
     releases: (Option<i64>, Option<i64>),
     observed: Vec<Observed>,
@@ -42,7 +43,7 @@ impl NodeAnswers {
         releases: (Option<i64>, Option<i64>),
         nodes: &[Node],
         max_age: Duration,
-    ) -> (Vec<Observed>, String) {
+    ) -> (Vec<Observed>, Timestamp) {
         let slot = Arc::clone(
             self.cells.lock().expect("never poisoned").entry((cell.0.to_owned(), cell.1.to_owned())).or_default(),
         );
@@ -50,7 +51,7 @@ impl NodeAnswers {
         if let Some(asked) = last.as_ref().filter(|a| a.releases == releases && a.at.elapsed() < max_age) {
             return (asked.observed.clone(), asked.at_text.clone());
         }
-        let (at, at_text) = (Instant::now(), crate::utc::now_text());
+        let (at, at_text) = (Instant::now(), Timestamp::now());
         let observed = deployer.observe(nodes).await;
         *last = Some(Asked { at, at_text: at_text.clone(), releases, observed: observed.clone() });
         (observed, at_text)

@@ -73,7 +73,7 @@ impl Releases {
                 detail.release.requester_owner.clone(),
             );
             let tokens = self.blocking(|r| r.tokens()).await?;
-            let now = utc::now_text();
+            let now = utc::Timestamp::now();
             let mut owners: Vec<String> = tokens
                 .into_iter()
                 .filter(|t| t.revoked_at.is_none() && t.expires_at.as_ref().is_none_or(|at| *at > now))

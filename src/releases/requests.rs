@@ -298,7 +298,7 @@ impl Releases {
             source_environment,
             replaces,
             expires_at: needs_approval.then(|| {
-                utc::format(
+                utc::Timestamp::at(
                     utc::now() + time::Duration::try_from(environment.approval_ttl).unwrap_or(time::Duration::DAY),
                 )
             }),

@@ -106,7 +106,7 @@ impl Releases {
             let mut retain = match this.blocking(move |r| r.retained_digests(&s, &e, keep)).await {
                 Ok(retain) => retain,
                 Err(e) => {
-                    let now = utc::now_text();
+                    let now = Timestamp::now();
                     for node in &plan.nodes {
                         plan.report.report(Deployment {
                             node: node.display_name(),
@@ -145,8 +145,8 @@ impl Releases {
     }
 
     /// When a lease taken or renewed now lapses.
-    pub(super) fn lease_expiry(&self) -> String {
-        utc::format(utc::now() + time::Duration::try_from(self.timing.lease).expect("small"))
+    pub(super) fn lease_expiry(&self) -> Timestamp {
+        Timestamp::at(utc::now() + time::Duration::try_from(self.timing.lease).expect("small"))
     }
 
     pub(super) fn renew_lease_while_running(&self, release: Release) -> tokio::task::JoinHandle<()> {

@@ -147,8 +147,8 @@ fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Re
     registry.create_release(&new, &NewEvent::by_server(AuditAction::ReleaseDeploy, "", serde_json::json!({})))
 }
 
-fn a_minute_ago() -> String {
-    utc::format(utc::now() - time::Duration::minutes(1))
+fn a_minute_ago() -> utc::Timestamp {
+    utc::Timestamp::at(utc::now() - time::Duration::minutes(1))
 }
 
 fn state(registry: &Registry, id: i64) -> State {

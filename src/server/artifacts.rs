@@ -129,22 +129,12 @@ pub(super) fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     text.parse().map_err(|e: crate::digest::ParseDigestError| ApiError::bad_request(e.to_string()))
 }
 
-/// The digest a path names: whole, or a prefix of 12 or more hex digits resolved among the
-/// artifacts the caller may see (404 when none, 409 `ambiguous_digest` naming several).
+/// The digest a path names: whole, or a prefix resolved among the artifacts the caller may
+/// see ([`crate::artifacts::resolve`]).
 pub(super) async fn resolve_path(state: &AppState, principal: &Principal, text: &str) -> Result<Digest, ApiError> {
     let reference: DigestRef =
         text.parse().map_err(|e: crate::digest::ParseDigestRefError| ApiError::bad_request(e.to_string()))?;
-    resolve(state, principal, reference).await
-}
-
-/// As [`resolve_path`], for a digest a request's body names.
-pub(super) async fn resolve(state: &AppState, principal: &Principal, reference: DigestRef) -> Result<Digest, ApiError> {
-    if let DigestRef::Full(digest) = reference {
-        return Ok(digest);
-    }
-    let registry = Arc::clone(&state.registry);
-    let services = principal.services.clone();
-    blocking(move || registry.resolve_digest(&reference, services.as_deref())).await
+    Ok(crate::artifacts::resolve(&state.registry, principal, reference).await?)
 }
 
 /// The artifact and the upload records the caller may see ([`crate::artifacts::readable`]).

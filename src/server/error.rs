@@ -1,8 +1,10 @@
 //! The one place that turns domain errors into HTTP: status, error code and the message the
-//! client may see. Internal details are logged, not sent.
+//! client may see, for the API (a JSON body) and the web pages alike (an HTML body the pages
+//! render, [`ApiError::into_page`]). Internal details are logged, not sent.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Html;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -70,6 +72,11 @@ impl ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
+    /// 403: a sign-in or sign-out form posted by another site (login CSRF).
+    pub fn cross_site(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "cross_site", message)
+    }
+
     /// 416: a `Range` outside the artifact's `size` bytes (the handler adds `Content-Range`).
     pub fn range_not_satisfiable(size: u64) -> ApiError {
         ApiError::new(
@@ -135,22 +142,39 @@ pub const OUT_OF_SCOPE: &str = "out_of_scope";
 #[derive(Clone, Debug)]
 pub struct OutOfScope(pub String);
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response =
-            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
+impl ApiError {
+    /// This refusal as a web page: its status, the HTML `body` renders of it, and the marks
+    /// the API's answer carries for the audit middleware (and `Retry-After`).
+    pub fn into_page(self, body: impl FnOnce(&ApiError) -> String) -> Response {
+        let mut response = (self.status, Html(body(&self))).into_response();
+        self.mark(&mut response);
+        response
+    }
+
+    /// What the audit middleware reads off a refusal ([`Refusal`], [`OutOfScope`]), and
+    /// `Retry-After`.
+    fn mark(self, response: &mut Response) {
         response.extensions_mut().insert(Refusal { code: self.code, message: self.message });
         if let Some(why) = self.out_of_scope {
             response.extensions_mut().insert(OutOfScope(why));
         }
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, close) = (self.status, self.close);
+        let mut response =
+            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
+        self.mark(&mut response);
         let headers = response.headers_mut();
-        if self.status == StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if self.close {
+        if close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -56,7 +56,7 @@ async fn deploy(
     let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: b.adopt };
     // The role first: a prefix is resolved only for a caller who may deploy.
     p.require(crate::token::Action::Deploy)?;
-    let digest = super::artifacts::resolve(&state, &p, b.digest).await?;
+    let digest = crate::artifacts::resolve(&state.registry, &p, b.digest).await?;
     let release = state.releases.deploy(&p, &b.service, &b.environment, digest, &options).await?;
     Ok((StatusCode::CREATED, Json(release)))
 }
@@ -104,7 +104,7 @@ async fn rollback(
     let options = RequestOptions { exclude_nodes: b.exclude_nodes, force: b.force, adopt: false };
     p.require(crate::token::Action::Rollback)?;
     let to = match b.to {
-        Some(reference) => Some(super::artifacts::resolve(&state, &p, reference).await?),
+        Some(reference) => Some(crate::artifacts::resolve(&state.registry, &p, reference).await?),
         None => None,
     };
     let release = state.releases.rollback(&p, &b.service, &b.environment, to, &options).await?;

@@ -103,7 +103,7 @@ pub fn body(event: &Event, name: &str, state: Option<State>, at_event: &ReleaseA
     let payload = Payload {
         id: event.seq,
         event: name,
-        at: &event.at,
+        at: event.at.as_str(),
         release: ReleaseView {
             id: r.id,
             service: &r.service,
@@ -114,7 +114,7 @@ pub fn body(event: &Event, name: &str, state: Option<State>, at_event: &ReleaseA
             state: state.unwrap_or(at_event.first_state),
             requested_by: &r.requested_by,
             requester_owner: &r.requester_owner,
-            requested_at: &r.requested_at,
+            requested_at: r.requested_at.as_str(),
             source_environment: r.source_environment.as_deref(),
             replaces: r.replaces,
         },

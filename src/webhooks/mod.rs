@@ -232,7 +232,7 @@ impl Worker {
         let mut attempt = self.until_ok(move |r| r.webhook_attempts(&webhook, seq)).await? + 1;
         let mut monday_item = None;
         loop {
-            let at = utc::now_text();
+            let at = utc::Timestamp::now();
             let started = Instant::now();
             let (status_code, error) = tokio::select! {
                 answer = self.attempt(event, name, state, release, &delivery, &mut monday_item) => answer,
@@ -256,8 +256,9 @@ impl Worker {
                 status_code,
                 error: error.clone(),
                 outcome,
-                next_attempt_at: (outcome == Outcome::Retrying)
-                    .then(|| utc::format(utc::now() + time::Duration::try_from(wait).unwrap_or(time::Duration::MAX))),
+                next_attempt_at: (outcome == Outcome::Retrying).then(|| {
+                    utc::Timestamp::at(utc::now() + time::Duration::try_from(wait).unwrap_or(time::Duration::MAX))
+                }),
             };
             let (webhook, delivery_id) = (hook.name.as_str(), delivery.as_str());
             match outcome {

@@ -161,8 +161,8 @@ impl Deployer for Refuses {
             plan.report.report(Deployment {
                 node: "web-1".into(),
                 phase: release::releases::Phase::Prepare,
-                started_at: "2026-11-27T00:00:00.000000Z".into(),
-                finished_at: "2026-11-27T00:00:01.000000Z".into(),
+                started_at: release::utc::Timestamp::parse("2026-11-27T00:00:00.000000Z").unwrap(),
+                finished_at: release::utc::Timestamp::parse("2026-11-27T00:00:01.000000Z").unwrap(),
                 outcome: release::releases::PhaseOutcome::Failed,
                 output_tail: Some("php artisan optimize: exit 2".into()),
                 shared_files: vec![],

@@ -101,7 +101,7 @@ impl Registry {
                 return Err(RegistryError::WrongState { id, state: release.state });
             }
             if let Some(at) = &release.expires_at
-                && *at <= utc::now_text()
+                && *at <= utc::Timestamp::now()
             {
                 return Err(RegistryError::ApprovalExpired { id, at: at.clone() });
             }

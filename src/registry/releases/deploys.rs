@@ -63,7 +63,7 @@ impl Registry {
         &self,
         id: i64,
         owner: &str,
-        expires_at: &str,
+        expires_at: &utc::Timestamp,
         event: &NewEvent,
     ) -> Result<Start, RegistryError> {
         self.write(|conn| {
@@ -103,7 +103,12 @@ impl Registry {
     }
 
     /// Extends a lease this owner holds; false if it is no longer theirs.
-    pub fn renew_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+    pub fn renew_lease(
+        &self,
+        release: &Release,
+        owner: &str,
+        expires_at: &utc::Timestamp,
+    ) -> Result<bool, RegistryError> {
         self.write(|conn| {
             Ok(conn.execute(
                 "UPDATE deploy_leases SET expires_at = ?1
@@ -115,7 +120,12 @@ impl Registry {
 
     /// Takes the lease of a deploying release to resolve it: only when it lapsed, is gone, or
     /// is this owner's already; false when another owner holds it unexpired.
-    pub fn take_lease(&self, release: &Release, owner: &str, expires_at: &str) -> Result<bool, RegistryError> {
+    pub fn take_lease(
+        &self,
+        release: &Release,
+        owner: &str,
+        expires_at: &utc::Timestamp,
+    ) -> Result<bool, RegistryError> {
         self.write(|conn| {
             Ok(conn.execute(
                 "INSERT INTO deploy_leases (service, environment, release_id, owner, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)

@@ -16,7 +16,8 @@ use crate::digest::Digest;
 use crate::model::audit::AuditAction;
 use crate::model::audit::NewEvent;
 use crate::model::release::{
-    Approval, Deployment, Detail, Kind, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow, Transition,
+    Adoption, Approval, Deployment, Detail, Kind, Phase, PhaseOutcome, Release, SharedFile, State, StatusRow,
+    Transition,
 };
 use crate::utc;
 
@@ -36,7 +37,7 @@ pub struct NewRelease {
     pub requester_owner: String,
     pub source_environment: Option<String>,
     pub replaces: Option<i64>,
-    pub expires_at: Option<String>,
+    pub expires_at: Option<utc::Timestamp>,
     /// Why it needs no approval, or waits for one (recorded with the first transition).
     pub note: Option<String>,
     /// Nodes left out of this release.
@@ -45,15 +46,6 @@ pub struct NewRelease {
     pub adopt: bool,
     /// `--force`: the migration files the live artifact has and this one lacks.
     pub forced_past: Vec<String>,
-}
-
-/// A release's `--adopt`: asked for, and what its deploy captured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Adoption {
-    /// The legacy tree's package, kept as an artifact; `None` until captured.
-    pub digest: Option<Digest>,
-    /// The nodes whose `current` held that tree.
-    pub nodes: Vec<String>,
 }
 
 /// A decision on a pending release.
@@ -71,7 +63,7 @@ pub struct Finished {
     /// The release in its final state (`live` or `failed`).
     pub release: Release,
     /// When it became `deploying` (`None` if it never did).
-    pub deploying_since: Option<String>,
+    pub deploying_since: Option<utc::Timestamp>,
     /// Releases waiting for approval that its going live cancelled.
     pub cancelled: Vec<Release>,
 }

@@ -72,14 +72,7 @@ impl Registry {
                 .transpose()
                 .map_err(|e| RegistryError::Corrupt(format!("release_forced_migrations of {id}: {e}")))?
                 .unwrap_or_default();
-            let adopted = conn
-                .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [id], |r| {
-                    let nodes: Option<String> = r.get(1)?;
-                    let nodes: serde_json::Value =
-                        nodes.and_then(|n| serde_json::from_str(&n).ok()).unwrap_or_else(|| serde_json::json!([]));
-                    Ok(serde_json::json!({"digest": r.get::<_, Option<String>>(0)?, "nodes": nodes}))
-                })
-                .optional()?;
+            let adopted = adoption_of(conn, id)?;
             let (config_digest, verified) = conn
                 .query_row("SELECT config_digest, verifies FROM release_configs WHERE release_id = ?1", [id], |r| {
                     Ok((Some(digest_at(r, 0)?), Some(r.get::<_, bool>(1)?)))
@@ -278,20 +271,7 @@ impl Registry {
 
     /// A release's `--adopt`, if it asked for one.
     pub fn adoption(&self, release_id: i64) -> Result<Option<Adoption>, RegistryError> {
-        self.read(|conn| {
-            let row: Option<(Option<String>, Option<String>)> = conn
-                .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [release_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?;
-            let Some((digest, nodes)) = row else { return Ok(None) };
-            let digest = digest.map(|d| d.parse().map_err(|e| conversion(0, e))).transpose()?;
-            let nodes = match nodes {
-                Some(text) => serde_json::from_str(&text).map_err(|e| conversion(1, e))?,
-                None => vec![],
-            };
-            Ok(Some(Adoption { digest, nodes }))
-        })
+        self.read(|conn| adoption_of(conn, release_id))
     }
 
     /// What nodes of (service, environment) must keep: every digest live for the service in
@@ -335,4 +315,21 @@ impl Registry {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+}
+
+/// A release's `--adopt`, if it asked for one: what its deploy captured (nothing yet: no
+/// digest, no nodes).
+fn adoption_of(conn: &rusqlite::Connection, release_id: i64) -> Result<Option<Adoption>, RegistryError> {
+    let row: Option<(Option<String>, Option<String>)> = conn
+        .query_row("SELECT digest, nodes FROM release_adoptions WHERE release_id = ?1", [release_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((digest, nodes)) = row else { return Ok(None) };
+    let digest = digest.map(|d| d.parse().map_err(|e| conversion(0, e))).transpose()?;
+    let nodes = match nodes {
+        Some(text) => serde_json::from_str(&text).map_err(|e| conversion(1, e))?,
+        None => vec![],
+    };
+    Ok(Some(Adoption { digest, nodes }))
 }

@@ -74,11 +74,7 @@ impl<E: Into<ApiError>> From<E> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let mut response = render::refused(self.0.status, self.0.code, &self.0.message);
-        if let Some(why) = self.0.out_of_scope {
-            response.extensions_mut().insert(super::error::OutOfScope(why));
-        }
-        response
+        render::refused(self.0)
     }
 }
 
@@ -188,11 +184,11 @@ impl AuditQuery {
     /// selects the same events (for the next page and the export links).
     fn filter(&self) -> Result<(AuditFilter, String), ApiError> {
         let given = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-        let time = |name: &str, v: &Option<String>| -> Result<Option<String>, ApiError> {
+        let time = |name: &str, v: &Option<String>| -> Result<Option<utc::Timestamp>, ApiError> {
             given(v)
                 .map(|t| {
                     utc::parse(&t)
-                        .map(utc::format)
+                        .map(utc::Timestamp::at)
                         .map_err(|e| ApiError::bad_request(format!("{name}: {t:?} is not an RFC 3339 time ({e})")))
                 })
                 .transpose()
@@ -277,7 +273,7 @@ async fn export_csv(
     Ok(export(state, filter, "text/csv; charset=utf-8", "audit.csv", header, |event, out| {
         let fields = [
             event.seq.to_string(),
-            event.at.clone(),
+            event.at.to_string(),
             event.actor.clone(),
             event.owner.clone(),
             event.action.clone(),

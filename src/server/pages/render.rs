@@ -3,7 +3,6 @@
 //!
 //! Long on purpose: every page's template, flat maud markup that reads top to bottom.
 
-use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
@@ -11,6 +10,7 @@ use crate::audit::{ChainView, Event};
 use crate::digest::Digest;
 use crate::registry::{Artifact, ArtifactUpload, AuditFilter, LiveSpell};
 use crate::releases::{Release, Shown, State, StatusRow};
+use crate::server::error::ApiError;
 use crate::token::Principal;
 use crate::utc;
 
@@ -45,47 +45,50 @@ fn page(title: &str, viewer: Option<&Principal>, body: Markup) -> Markup {
     }
 }
 
-/// An HTML answer with its status.
-fn answer(status: StatusCode, markup: Markup) -> Response {
-    (status, Html(markup.into_string())).into_response()
+/// A refusal or failure as a page: the status and words `server/error.rs` chose for it.
+pub fn refused(error: ApiError) -> Response {
+    error.into_page(|e| {
+        let body = html! {
+            h1 { (e.status.canonical_reason().unwrap_or("Refused")) }
+            p.bad { (e.message) }
+            p { a href="/login" { "Sign in" } " · " a href="/" { "Live" } }
+        };
+        page(e.status.as_str(), None, body).into_string()
+    })
 }
 
-/// A refusal or failure as a page (the audit middleware records 401/403 by the extension).
-pub fn refused(status: StatusCode, code: &'static str, message: &str) -> Response {
-    let body = html! {
-        h1 { (status.canonical_reason().unwrap_or("Refused")) }
-        p.bad { (message) }
-        p { a href="/login" { "Sign in" } " · " a href="/" { "Live" } }
-    };
-    let mut response = answer(status, page(status.as_str(), None, body));
-    response.extensions_mut().insert(crate::server::error::Refusal { code, message: message.to_owned() });
-    response
-}
-
-pub fn login(next: &str, error: Option<&str>, status: StatusCode) -> Response {
-    let body = html! {
-        div.login {
-            h1 { "Sign in" }
-            p.dim { "With a token that has the auditor role. The session lasts 8 hours, never longer than the token." }
-            @if let Some(error) = error {
-                p.bad { "Refused: " (error) }
-            }
-            form method="post" action="/login" {
-                input type="hidden" name="next" value=(next);
-                p {
-                    label for="token" { "Token" }
-                    br;
-                    input #token type="password" name="token" autocomplete="off" required placeholder="rls_…";
+/// The sign-in form; after a refused sign-in, with why (and the refusal's status).
+pub fn login(next: &str, refusal: Option<ApiError>) -> Response {
+    let form = |error: Option<&str>| {
+        let body = html! {
+            div.login {
+                h1 { "Sign in" }
+                p.dim { "With a token that has the auditor role. The session lasts 8 hours, never longer than the token." }
+                @if let Some(error) = error {
+                    p.bad { "Refused: " (error) }
                 }
-                button type="submit" { "Sign in" }
+                form method="post" action="/login" {
+                    input type="hidden" name="next" value=(next);
+                    p {
+                        label for="token" { "Token" }
+                        br;
+                        input #token type="password" name="token" autocomplete="off" required placeholder="rls_…";
+                    }
+                    button type="submit" { "Sign in" }
+                }
             }
-        }
+        };
+        page("Sign in", None, body).into_string()
     };
-    answer(status, page("Sign in", None, body))
+    match refusal {
+        None => Html(form(None)).into_response(),
+        Some(refusal) => refusal.into_page(|e| form(Some(&e.message))),
+    }
 }
 
 /// A time as people read it (UTC, to the second), with the exact value for machines.
-fn at(text: &str) -> Markup {
+fn at(text: impl AsRef<str>) -> Markup {
+    let text = text.as_ref();
     let shown = match utc::parse(text) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -119,8 +122,8 @@ fn details_lines(details: &str) -> String {
 }
 
 /// How long from one time to another, for people.
-fn took(from: &str, to: &str) -> String {
-    match (utc::parse(from), utc::parse(to)) {
+fn took(from: impl AsRef<str>, to: impl AsRef<str>) -> String {
+    match (utc::parse(from.as_ref()), utc::parse(to.as_ref())) {
         (Ok(a), Ok(b)) => {
             let ms = (b - a).whole_milliseconds().max(0);
             match ms {
@@ -176,7 +179,7 @@ pub fn matrix(viewer: &Principal, rows: &[StatusRow], asked_nodes: bool) -> Mark
         p.dim {
             "Times in UTC. "
             @if asked_nodes {
-                @if let Some(oldest) = rows.iter().filter_map(|r| r.nodes_asked_at.as_deref()).min() {
+                @if let Some(oldest) = rows.iter().filter_map(|r| r.nodes_asked_at.as_ref()).min() {
                     "The nodes were asked what they serve at " (at(oldest)) " or since "
                     "(their answers are shared for a short while)."
                 }
@@ -327,8 +330,8 @@ pub fn release(
             @if let Some(adopted) = &d.adopted {
                 dt { "adopted" }
                 dd {
-                    @if let Some(digest) = adopted["digest"].as_str().and_then(|t| t.parse::<Digest>().ok()) {
-                        (digest_link(&digest)) " from " (adopted["nodes"].as_array().map(|n| n.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default())
+                    @if let Some(digest) = &adopted.digest {
+                        (digest_link(digest)) " from " (adopted.nodes.join(", "))
                     } @else { "asked for, not captured" }
                 }
             }
@@ -519,8 +522,8 @@ pub fn audit(
             label { "actor (token)" input type="text" name="actor" value=(value(&filter.actor)); }
             label { "action" input type="text" name="action" value=(value(&filter.action)) placeholder="release.live"; }
             label { "service" input type="text" name="service" value=(value(&filter.service)); }
-            label { "from (UTC)" input type="text" name="from" value=(value(&filter.from)) placeholder="2026-11-01T00:00:00Z"; }
-            label { "until (UTC)" input type="text" name="until" value=(value(&filter.until)); }
+            label { "from (UTC)" input type="text" name="from" value=(filter.from.as_ref().map(ToString::to_string).unwrap_or_default()) placeholder="2026-11-01T00:00:00Z"; }
+            label { "until (UTC)" input type="text" name="until" value=(filter.until.as_ref().map(ToString::to_string).unwrap_or_default()); }
             button type="submit" { "Filter" }
             a href="/audit" { "clear" }
         }

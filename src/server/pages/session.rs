@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Form;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use rand::RngExt as _;
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use crate::model::audit::AuditAction;
 use crate::refusals::{Refused, Token};
 use crate::server::AppState;
 use crate::server::auth::{self, ActorSlot};
+use crate::server::error::ApiError;
 use crate::server::source;
 use crate::token::{self, Action, Principal, TokenError};
 use crate::utc;
@@ -66,7 +67,7 @@ impl FromRequestParts<AppState> for Viewer {
                 Ok(p) => p,
                 Err(e) => {
                     slot.refused(&e);
-                    return Err(render::refused(StatusCode::UNAUTHORIZED, "unauthenticated", &e.to_string()));
+                    return Err(render::refused(e.into()));
                 }
             }
         } else {
@@ -103,12 +104,12 @@ impl FromRequestParts<AppState> for Viewer {
                     state.refusals.record(refused).await;
                     return Err(to_login(parts));
                 }
-                Err(e) => return Err(render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),
+                Err(e) => return Err(render::refused(e.into())),
             }
         };
         slot.caller(&principal);
         if let Err(e) = principal.require(Action::ReadAudit) {
-            return Err(render::refused(StatusCode::FORBIDDEN, "forbidden", &e.to_string()));
+            return Err(render::refused(e.into()));
         }
         Ok(Viewer(principal))
     }
@@ -187,7 +188,7 @@ pub struct LoginQuery {
 }
 
 pub async fn login_page(Query(q): Query<LoginQuery>) -> Response {
-    render::login(&safe_next(q.next.as_deref()), None, StatusCode::OK)
+    render::login(&safe_next(q.next.as_deref()), None)
 }
 
 #[derive(Deserialize)]
@@ -201,7 +202,7 @@ pub struct LoginForm {
 pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form<LoginForm>) -> Response {
     let next = safe_next(form.next.as_deref());
     if cross_site(&parts.headers) {
-        return render::refused(StatusCode::FORBIDDEN, "cross_site", "a sign-in posted by another site is refused");
+        return render::refused(ApiError::cross_site("a sign-in posted by another site is refused"));
     }
     let slot = parts.extensions.get::<ActorSlot>().cloned().unwrap_or_default();
     let registry = Arc::clone(&state.registry);
@@ -212,21 +213,16 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
         Ok::<_, TokenError>((principal, id))
     })
     .await;
-    let refuse = |status: StatusCode, code: &'static str, e: &dyn std::fmt::Display| {
-        let mut response = render::login(&next, Some(&e.to_string()), status);
-        response.extensions_mut().insert(crate::server::error::Refusal { code, message: e.to_string() });
-        response
-    };
     let (principal, token_id) = match authenticated {
         Ok(found) => found,
         Err(e) => {
             slot.refused(&e);
-            return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", &e);
+            return render::login(&next, Some(e.into()));
         }
     };
     slot.caller(&principal);
     if let Err(e) = principal.require(Action::ReadAudit) {
-        return refuse(StatusCode::FORBIDDEN, "forbidden", &e);
+        return render::login(&next, Some(e.into()));
     }
     if let Err(wait) = state.logins.admit(&principal.name) {
         let message = format!(
@@ -234,12 +230,10 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
              or try again in {} minutes",
             wait.as_secs() / 60 + 1
         );
-        let mut response = render::login(&next, Some(&message), StatusCode::TOO_MANY_REQUESTS);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
-        return response;
+        return render::login(&next, Some(ApiError::rate_limited(message, wait)));
     }
     let id = hex::encode(rand::rng().random::<[u8; 32]>());
-    let expires = utc::format(utc::now() + SESSION_TTL);
+    let expires = utc::Timestamp::at(utc::now() + SESSION_TTL);
     let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
     let event = crate::audit::NewEvent::by(
         &principal,
@@ -249,7 +243,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
     );
     let opened = crate::registry::run(move || registry.open_session(&hash, &token_id, &expires, &event)).await;
     if let Err(e) = opened {
-        return render::refused(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string());
+        return render::refused(e.into());
     }
     let secure = https(&parts.headers);
     let cookie = format!(
@@ -265,7 +259,7 @@ pub async fn login(State(state): State<AppState>, parts: Parts, Form(form): Form
 /// Ends the session (if any) and clears the cookie.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if cross_site(&headers) {
-        return render::refused(StatusCode::FORBIDDEN, "cross_site", "a sign-out posted by another site is refused");
+        return render::refused(ApiError::cross_site("a sign-out posted by another site is refused"));
     }
     if let Some(id) = cookie(&headers) {
         let (registry, hash) = (Arc::clone(&state.registry), session_hash(&id));
