@@ -75,6 +75,7 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
             fetch_stall_ms: None,
             finalize_if_shared_changed: false,
             run_as: RunAs::default(),
+            index: None,
         };
         let answer = prepare(&request, &mut &bytes[..]).unwrap();
         let dir = answer.dir;
@@ -151,6 +152,7 @@ fn a_release_without_finalize_hooks_still_gives_its_writable_paths_to_the_hook_u
         fetch_stall_ms: None,
         finalize_if_shared_changed: false,
         run_as: RunAs { user: Some("nobody".into()), umask: None, php_only: false },
+        index: None,
     };
     let prepared = prepare(&request, &mut &bytes[..]);
     if !rustix::process::geteuid().is_root() {
