@@ -126,10 +126,10 @@ pub(super) fn after_finalize(
     let files = index
         .files
         .iter()
+        // A linked file's ctime is its link's, before the hooks (and it was not written: above).
         .filter(|file| {
             fs::symlink_metadata(dir.join(&file.path))
                 .is_ok_and(|m| m.is_file() && m.size() == file.size && ctime_ns(&m) < hooks_started)
-                || linked.iter().any(|l| l.path == file.path)
         })
         .cloned()
         .collect();
