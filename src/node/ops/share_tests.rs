@@ -230,6 +230,8 @@ fn a_finalize_hook_run_as_the_hook_user_cannot_write_into_a_shared_file() {
     assert!(said.contains("Permission denied") && said.contains("app/same.php"), "{said}");
     assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same");
     assert!(layout.ready(one).exists() && layout.index(one).exists(), "the older release is as it was");
+    let linked = layout.release(two).join("app/same.php");
+    assert_eq!(ino(&linked), ino(&old.join("app/same.php")), "the hook met a shared file");
     unseal(base.path());
 }
 
@@ -243,6 +245,7 @@ fn finalize_run_again_leaves_shared_files_read_only() {
     let (bytes, two, index) = package(&second());
     let asked = request(base.path(), two, Some(index), &["true"]);
     prepare(&asked, &mut &bytes[..]).unwrap();
+    assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().nlink(), 2, "shared");
     let again = prepare(&asked, &mut &b""[..]).unwrap();
     assert!(again.reused);
     assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().mode() & 0o777, 0o444);
