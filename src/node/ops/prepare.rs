@@ -47,7 +47,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             forget_index(&layout, p.digest);
             let env = release_env(&layout, p.digest, &p.env);
             share_writable(&dir, &p.writable, &p.run_as)?;
-            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
+            let shared = files_of_several_links(&dir);
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as);
+            check_links(&layout, p.digest, None, &shared)?;
+            let finalized = finalized?;
             note_finalized(&layout, p.digest, &shared_now)?;
             sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
             let changed = match &then {
@@ -62,13 +65,18 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         }
         // Its hooks may rewrite its files: it no longer offers them to newer releases.
         forget_index(&layout, p.digest);
+        let shared = files_of_several_links(&dir);
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
         let finalized = share_writable(&dir, &p.writable, &p.run_as)
             .and_then(|()| run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as));
+        // Compared before the modes are sealed again (a chmod through a link shows), refused
+        // after (the release stays read-only whatever the hooks did).
+        let written_through = check_links(&layout, p.digest, None, &shared);
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+        written_through?;
         if finalized.is_ok() {
             note_finalized(&layout, p.digest, &shared_now)?;
         }

@@ -117,12 +117,7 @@ pub(super) fn after_finalize(
     linked: &[Linked],
     hooks_started: i128,
 ) -> Result<FileIndex, NodeError> {
-    for link in linked {
-        let Ok(meta) = fs::symlink_metadata(&link.source) else { continue };
-        if link.changed(&meta) {
-            return Err(written_through(layout, digest, index, link));
-        }
-    }
+    check_links(layout, digest, Some(index), linked)?;
     let files = index
         .files
         .iter()
@@ -136,11 +131,53 @@ pub(super) fn after_finalize(
     Ok(FileIndex::new(index.artifact, files))
 }
 
+/// Refuses when a hook wrote into one of `linked` (through any of its paths).
+pub(super) fn check_links(
+    layout: &Layout,
+    digest: Digest,
+    index: Option<&FileIndex>,
+    linked: &[Linked],
+) -> Result<(), NodeError> {
+    for link in linked {
+        let Ok(meta) = fs::symlink_metadata(&link.source) else { continue };
+        if link.changed(&meta) {
+            return Err(written_through(layout, digest, index, link));
+        }
+    }
+    Ok(())
+}
+
+/// The files of a release that have other links (shared with other releases, or hard links
+/// of its own archive), as they are now: finalize run again on it must not change them.
+pub(super) fn files_of_several_links(dir: &Path) -> Vec<Linked> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(next) = stack.pop() {
+        for entry in fs::read_dir(&next).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() && meta.nlink() > 1 {
+                let path = entry.path();
+                found.push(Linked {
+                    path: path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().into_owned(),
+                    source: path,
+                    ino: meta.ino(),
+                    size: meta.size(),
+                    mtime_ns: mtime_ns(&meta),
+                    mode: meta.mode(),
+                });
+            }
+        }
+    }
+    found
+}
+
 /// The refusal of a release whose finalize changed a file it shares with older releases: those
 /// releases are unmarked (unpacked again from their artifact when next needed), except the
 /// live one, which is named; none of them offers its files again.
-fn written_through(layout: &Layout, digest: Digest, index: &FileIndex, link: &Linked) -> NodeError {
-    let said: Option<&IndexedFile> = index.files.iter().find(|f| f.path == link.path);
+fn written_through(layout: &Layout, digest: Digest, index: Option<&FileIndex>, link: &Linked) -> NodeError {
+    let said: Option<&IndexedFile> = index.and_then(|index| index.files.iter().find(|f| f.path == link.path));
     let current = layout.current_digest().ok().flatten();
     let mut sharing = Vec::new();
     for release in indexed_releases(layout, digest) {

@@ -327,3 +327,34 @@ fn a_file_finalize_rewrote_is_not_offered_to_newer_releases() {
     assert_eq!(ino(&old.join("app/same.php")), ino(&new.join("app/same.php")));
     unseal(base.path());
 }
+
+/// Finalize run again on a release (as root) that writes through a file it shares with an
+/// older release is found too; the older release is no longer ready.
+#[test]
+fn finalize_run_again_writing_into_a_shared_file_as_root_is_found_and_refused() {
+    if !rustix::process::geteuid().is_root() {
+        return; // the file is read-only: only root writes through
+    }
+    for only_if_changed in [false, true] {
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        let (one, _) = prepared(base.path(), &first(), &[]);
+        let (bytes, two, index) = package(&second());
+        let mut asked = request(base.path(), two, Some(index), &["true"]);
+        prepare(&asked, &mut &bytes[..]).unwrap();
+        asked.finalize = vec!["echo more >> app/same.php".into()];
+        asked.finalize_if_shared_changed = only_if_changed;
+        // No note of the shared files it was finalized with: it is finalized again.
+        fs::remove_file(layout.finalized_with(two)).unwrap();
+        let refused = prepare(&asked, &mut &b""[..]).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
+        assert!(
+            refused.message.contains("app/same.php") && refused.message.contains(&one.hex()[..12]),
+            "{}",
+            refused.message
+        );
+        assert!(!layout.ready(one).exists() && !layout.index(one).exists(), "{}", refused.message);
+        assert_eq!(fs::metadata(layout.release(two).join("app/same.php")).unwrap().mode() & 0o222, 0);
+        unseal(base.path());
+    }
+}
