@@ -268,6 +268,9 @@ impl NodeDeployer {
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
             run_as: run_as(plan, false),
+            // The artifact's stored file index goes here (issue 15): with it, the node links
+            // the files a release already there holds instead of writing them.
+            index: None,
         })
     }
 

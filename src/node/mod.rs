@@ -9,6 +9,8 @@
 //! <base>/.release/lock          flock: one deploy at a time on this base
 //! <base>/.release/ready/<hex>   marker: that release is unpacked, linked and finalized
 //! <base>/.release/fence         the newest deploy run's fence: older runs are refused
+//! <base>/.release/index/<hex>   the file index a release was prepared with: its files are
+//!                               offered to newer releases (hard links, shared inodes)
 //! ```
 //!
 //! Architecture invariant: the node trusts nothing it receives. It checks the archive by the
@@ -24,7 +26,9 @@ use std::io::{BufRead, Write};
 pub use protocol::{
     Check, ErrorCode, Exec, Health, NodeError, Prepare, Request, RunAs, Source, VERSION, answer, decode_request,
 };
-pub use unpack::{Modes, UnpackError, Unpacked, is_writable, remove_tree, unpack};
+pub use unpack::{
+    Candidate, Linked, Modes, Sharing, UnpackError, Unpacked, is_writable, remove_tree, unpack, unpack_sharing,
+};
 
 /// `release node [--protocol N]`: reads one request from stdin, answers on stdout. The
 /// server always names its protocol version; another than this agent's is refused before

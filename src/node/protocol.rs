@@ -154,6 +154,11 @@ pub struct Prepare {
     /// Who runs the finalize commands, and with which umask.
     #[serde(default)]
     pub run_as: RunAs,
+    /// The artifact's file index (issue 15): with it, a file a ready release on the node holds
+    /// already is hard-linked instead of written. Absent from the wire when `None`, so a
+    /// request without one reads as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<crate::archive::FileIndex>,
 }
 
 /// The user application hooks run as (`sudo -n -u`), and the umask of every hook. With a
@@ -260,6 +265,8 @@ pub enum ErrorCode {
     DiskFull,
     Fetch,
     DigestMismatch,
+    /// The file index sent with a prepare does not describe the artifact.
+    IndexMismatch,
     UnsafeArchive,
     SharedMissing,
     SharedInArtifact,
@@ -292,6 +299,7 @@ impl ErrorCode {
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::Fetch => "fetch",
             ErrorCode::DigestMismatch => "digest_mismatch",
+            ErrorCode::IndexMismatch => "index_mismatch",
             ErrorCode::UnsafeArchive => "unsafe_archive",
             ErrorCode::SharedMissing => "shared_missing",
             ErrorCode::SharedInArtifact => "shared_in_artifact",
@@ -621,6 +629,7 @@ mod tests {
             DiskFull,
             Fetch,
             DigestMismatch,
+            IndexMismatch,
             UnsafeArchive,
             SharedMissing,
             SharedInArtifact,

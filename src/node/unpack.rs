@@ -2,8 +2,13 @@
 //! ingest (never trusting the server's check alone) while they are written into a fresh
 //! directory. A digest that does not match, a rule broken, a full disk: the directory is
 //! removed and nothing is left.
+//!
+//! Given the artifact's [`FileIndex`] and the files this node already holds ([`Sharing`]), a
+//! file whose content and mode a ready release has is hard-linked to it instead of written;
+//! its bytes are still read from the stream, hashed, and compared with the index, like every
+//! other file's: an index that does not describe the artifact is refused.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::archive::{self, ArchiveError, CheckOptions, Entry, Summary, Visitor, WalkError};
+use crate::archive::{
+    self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Summary, Visitor, WalkError,
+};
 use crate::digest::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +29,62 @@ pub enum UnpackError {
     Unsafe(#[from] ArchiveError),
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: io::Error },
+    #[error("the artifact's file index does not describe it: {0}")]
+    IndexMismatch(String),
+}
+
+/// What a node already holds, for [`unpack_sharing`].
+pub struct Sharing<'a> {
+    /// The artifact's index, as the server sent it (checked here, never trusted).
+    pub index: &'a FileIndex,
+    /// A file of a ready release for each (SHA-256, executable) those releases hold.
+    pub candidates: &'a HashMap<(Digest, bool), Candidate>,
+    /// The kind's writable paths: never linked (a hook may write there).
+    pub writable: &'a [String],
+}
+
+/// A file an older release holds, as its index says.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub path: PathBuf,
+    pub size: u64,
+    /// When that release's index was stored (ns since the epoch): a file modified since (an
+    /// exec hook run as root, say) no longer holds what the index says, and is not linked.
+    pub indexed_at_ns: i128,
+}
+
+/// [`Sharing`] while unpacking: the index by path.
+struct Linking<'a> {
+    candidates: &'a HashMap<(Digest, bool), Candidate>,
+    index: &'a HashMap<&'a str, &'a IndexedFile>,
+    writable: &'a [String],
+}
+
+/// A file of the new release hard-linked to one of an older release, as it was when linked.
+#[derive(Clone, Debug)]
+pub struct Linked {
+    /// Relative to the release.
+    pub path: String,
+    /// The older release's file.
+    pub source: PathBuf,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub mode: u32,
+}
+
+impl Linked {
+    /// Whether `meta` (of the same inode, later) shows the file written, truncated or chmodded.
+    pub fn changed(&self, meta: &fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        meta.ino() == self.ino
+            && (meta.size() != self.size || mtime_ns(meta) != self.mtime_ns || meta.mode() != self.mode)
+    }
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
 /// Whether files are written with their final, read-only modes.
@@ -47,6 +110,8 @@ pub struct Unpacked {
     pub summary: Summary,
     /// Every directory of the tree, relative to its root (the root itself is `""`).
     pub dirs: Vec<PathBuf>,
+    /// The files hard-linked to an older release's (with [`unpack_sharing`]).
+    pub linked: Vec<Linked>,
 }
 
 /// Unpacks `input` (a whole `tar`+`zstd` stream) into `dest`, which must not exist yet.
@@ -57,15 +122,52 @@ pub fn unpack(
     expected: Digest,
     modes: Modes<'_>,
 ) -> Result<Unpacked, UnpackError> {
+    unpack_sharing(input, dest, options, expected, modes, None)
+}
+
+/// [`unpack`], hard-linking the files `sharing` says this node holds already. Every file's
+/// data is hashed and compared with the index (linked or written), and the index must list
+/// exactly the archive's files: else nothing is left and the answer names the file.
+pub fn unpack_sharing(
+    input: impl BufRead,
+    dest: &Path,
+    options: &CheckOptions,
+    expected: Digest,
+    modes: Modes<'_>,
+    sharing: Option<Sharing<'_>>,
+) -> Result<Unpacked, UnpackError> {
     let write_error = |path: &Path| {
         let path = path.display().to_string();
         move |source| UnpackError::Write { path, source }
     };
+    let by_path = match &sharing {
+        Some(sharing) => Some(index_by_path(sharing.index)?),
+        None => None,
+    };
     fs::create_dir(dest).map_err(write_error(dest))?;
     let mut hashing = HashingReader { inner: input, hasher: Sha256::new() };
-    let mut unpacker =
-        Unpacker { root: dest.to_owned(), buffer: vec![0; 256 << 10], dirs: HashSet::from([PathBuf::new()]), modes };
-    let walked = archive::walk(&mut hashing, options, &mut unpacker);
+    let mut unpacker = Unpacker {
+        root: dest.to_owned(),
+        buffer: vec![0; 256 << 10],
+        dirs: HashSet::from([PathBuf::new()]),
+        modes,
+        sharing: sharing.as_ref().zip(by_path.as_ref()).map(|(s, index)| Linking {
+            candidates: s.candidates,
+            index,
+            writable: s.writable,
+        }),
+        linked: Vec::new(),
+    };
+    let mut listed = Vec::new();
+    let walked = match &sharing {
+        None => archive::walk(&mut hashing, options, &mut unpacker),
+        Some(_) => {
+            let mut indexing = Indexing::new(&mut unpacker);
+            let walked = archive::walk(&mut hashing, options, &mut indexing);
+            listed = std::mem::take(&mut indexing.files);
+            walked
+        }
+    };
     let outcome = match walked {
         Err(WalkError::Archive(e)) => Err(UnpackError::Unsafe(e)),
         Err(WalkError::Visitor { path, source }) => Err(UnpackError::Write { path, source }),
@@ -74,19 +176,67 @@ pub fn unpack(
             // every byte that was sent.
             io::copy(&mut hashing, &mut io::sink()).map_err(write_error(dest))?;
             let actual = Digest::from_hasher(hashing.hasher.clone());
-            if actual == expected { Ok(summary) } else { Err(UnpackError::DigestMismatch { expected, actual }) }
+            if actual != expected {
+                Err(UnpackError::DigestMismatch { expected, actual })
+            } else if let Some(by_path) = &by_path {
+                matches_index(&listed, by_path).map(|()| summary)
+            } else {
+                Ok(summary)
+            }
         }
     };
     match outcome {
         Ok(summary) => {
             sync_filesystem(dest).map_err(write_error(dest))?;
-            Ok(Unpacked { summary, dirs: unpacker.dirs.into_iter().collect() })
+            Ok(Unpacked { summary, dirs: unpacker.dirs.into_iter().collect(), linked: unpacker.linked })
         }
         Err(e) => {
             let _ = remove_tree(dest);
             Err(e)
         }
     }
+}
+
+/// The index's files by path; an index naming one path twice is refused.
+fn index_by_path(index: &FileIndex) -> Result<HashMap<&str, &IndexedFile>, UnpackError> {
+    let mut by_path = HashMap::with_capacity(index.files.len());
+    for file in &index.files {
+        if by_path.insert(file.path.as_str(), file).is_some() {
+            return Err(UnpackError::IndexMismatch(format!("it lists {:?} twice", file.path)));
+        }
+    }
+    Ok(by_path)
+}
+
+/// Compares what the archive held (hashed while unpacking) with its index, file by file.
+fn matches_index(listed: &[IndexedFile], index: &HashMap<&str, &IndexedFile>) -> Result<(), UnpackError> {
+    for file in listed {
+        let Some(said) = index.get(file.path.as_str()) else {
+            return Err(UnpackError::IndexMismatch(format!(
+                "the archive holds {:?}, which it does not list",
+                file.path
+            )));
+        };
+        if (said.sha256, said.size, said.executable) != (file.sha256, file.size, file.executable) {
+            let mode = |x: bool| if x { "executable" } else { "not executable" };
+            return Err(UnpackError::IndexMismatch(format!(
+                "{:?} is {} ({} bytes, {}) in the archive, {} ({} bytes, {}) in the index",
+                file.path,
+                file.sha256,
+                file.size,
+                mode(file.executable),
+                said.sha256,
+                said.size,
+                mode(said.executable)
+            )));
+        }
+    }
+    if listed.len() != index.len() {
+        let held: HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+        let missing = index.keys().find(|p| !held.contains(*p)).expect("more listed than held");
+        return Err(UnpackError::IndexMismatch(format!("it lists {missing:?}, which the archive does not hold")));
+    }
+    Ok(())
 }
 
 /// Removes a tree whose directories may have been made read-only.
@@ -136,6 +286,9 @@ struct Unpacker<'a> {
     /// again for every file in it (that lookup was 8% of an unpack).
     dirs: HashSet<PathBuf>,
     modes: Modes<'a>,
+    /// The files to link to, and the index by path.
+    sharing: Option<Linking<'a>>,
+    linked: Vec<Linked>,
 }
 
 impl Unpacker<'_> {
@@ -161,6 +314,46 @@ impl Unpacker<'_> {
         }
     }
 
+    /// Hard-links `relative` to the file of an older release holding what the index says it
+    /// holds, when there is one that still looks like it (a regular file of that size and
+    /// mode, read-only: never a writable path's). False (write it) when there is none, or the
+    /// link fails (another filesystem, too many links): sharing never fails an unpack.
+    fn link_to_older(&mut self, relative: &Path, path: &str, executable: bool) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(sharing) = &self.sharing else { return false };
+        let Some(said) = sharing.index.get(path) else { return false };
+        // An empty file has no data to share (and thousands of them would reach the links'
+        // limit of one inode).
+        if said.executable != executable || said.size == 0 || is_writable(relative, sharing.writable) {
+            return false;
+        }
+        let Some(candidate) = sharing.candidates.get(&(said.sha256, executable)) else { return false };
+        let source = &candidate.path;
+        let Ok(meta) = fs::symlink_metadata(source) else { return false };
+        let looks_same = meta.is_file()
+            && meta.size() == candidate.size
+            && meta.size() == said.size
+            && mtime_ns(&meta) <= candidate.indexed_at_ns
+            && meta.mode() & 0o222 == 0
+            && (meta.mode() & 0o111 != 0) == executable;
+        if !looks_same {
+            return false;
+        }
+        let link = self.root.join(relative);
+        if fs::hard_link(source, &link).is_err() {
+            return false;
+        }
+        self.linked.push(Linked {
+            path: path.to_owned(),
+            source: source.clone(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: mtime_ns(&meta),
+            mode: meta.mode(),
+        });
+        true
+    }
+
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
         let mode = if executable { 0o755 } else { 0o644 };
         match self.modes {
@@ -179,6 +372,10 @@ impl Visitor for Unpacker<'_> {
             Entry::File { path, executable, .. } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
+                // Linked: its data is left to the caller's hashing (compared with the index).
+                if self.link_to_older(relative, path.as_str(), executable) {
+                    return Ok(());
+                }
                 // create_new: a second entry for the same path is refused, never overwrites.
                 // A read-only mode does not stop writing through the descriptor it opens.
                 let file = OpenOptions::new()

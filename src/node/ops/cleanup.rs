@@ -60,6 +60,7 @@ pub(super) fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Cleane
             if let Some(d) = digest {
                 let _ = fs::remove_file(layout.ready(d));
                 let _ = fs::remove_file(layout.finalized_with(d));
+                forget_index(&layout, d);
             }
             move_to_trash(&path, &trash.join(&name))?;
             removed.push(name);

@@ -21,6 +21,10 @@ impl Layout {
     pub(super) fn finalized_with(&self, digest: Digest) -> PathBuf {
         self.base.join(".release/finalized").join(digest.hex())
     }
+    /// The file index a release was prepared with (encoded), minus what its finalize wrote.
+    pub(super) fn index(&self, digest: Digest) -> PathBuf {
+        self.base.join(".release/index").join(digest.hex())
+    }
     pub(super) fn current(&self) -> PathBuf {
         self.base.join("current")
     }

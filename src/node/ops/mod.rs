@@ -6,6 +6,7 @@ mod cleanup;
 mod hooks;
 mod layout;
 mod prepare;
+mod share;
 mod switch;
 #[cfg(test)]
 mod tests;
@@ -24,8 +25,11 @@ use super::protocol::{
     Adopted, Answer, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Legacy, Pm2Checked, Prepared, Ran, SharedEntry,
     SharedKind, Status, Switched,
 };
-use super::{Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Source, drain, is_writable, remove_tree, unpack};
-use crate::archive::CheckOptions;
+use super::{
+    Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Sharing, Source, drain, is_writable, remove_tree,
+    unpack_sharing,
+};
+use crate::archive::{CheckOptions, INDEX_VERSION};
 use crate::digest::Digest;
 
 use cleanup::{cleanup, status};
@@ -33,6 +37,7 @@ pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
 use prepare::{prepare, shared_fingerprints};
+use share::{after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index};
 use switch::{adopt, read_adopted, switch};
 
 /// The last bytes of a hook's output kept in the answer (and in the registry).

@@ -16,6 +16,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     let dir = layout.release(p.digest);
     let ready = layout.ready(p.digest);
     let reused = dir.is_dir() && ready.exists();
+    let linked;
     if reused {
         if p.source == Source::Stdin {
             drain(input);
@@ -41,10 +42,15 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
                 return Ok(Prepared { dir, reused: true, refinalized: false, output });
             }
             // Changed since (or never noted): finalize again, writing only where the kind
-            // writes (its writable paths, and shared/ through its links).
+            // writes (its writable paths, and shared/ through its links). What it writes is
+            // not known: the release no longer offers its files to newer ones.
+            forget_index(&layout, p.digest);
             let env = release_env(&layout, p.digest, &p.env);
             share_writable(&dir, &p.writable, &p.run_as)?;
-            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
+            let shared = files_of_several_links(&dir);
+            let finalized = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as);
+            check_links(&layout, p.digest, None, &shared)?;
+            let finalized = finalized?;
             note_finalized(&layout, p.digest, &shared_now)?;
             sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
             let changed = match &then {
@@ -57,13 +63,20 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             );
             return Ok(Prepared { dir, reused: true, refinalized: true, output });
         }
+        // Its hooks may rewrite its files: it no longer offers them to newer releases.
+        forget_index(&layout, p.digest);
+        let shared = files_of_several_links(&dir);
         set_writable(&dir).map_err(|e| io_error(&dir, e))?;
         // Finalize runs again (a changed shared/.env is picked up); the release stays ready
         // whatever it does, so a failure never strands a node that can switch back to it.
         let env = release_env(&layout, p.digest, &p.env);
         let finalized = share_writable(&dir, &p.writable, &p.run_as)
             .and_then(|()| run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as));
+        // Compared before the modes are sealed again (a chmod through a link shows), refused
+        // after (the release stays read-only whatever the hooks did).
+        let written_through = check_links(&layout, p.digest, None, &shared);
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+        written_through?;
         if finalized.is_ok() {
             note_finalized(&layout, p.digest, &shared_now)?;
         }
@@ -80,6 +93,8 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
                 format!("{} is what current points at, but it is not marked ready: not touched", dir.display()),
             ));
         }
+        // An index is kept only for a release prepared (again) with one, below.
+        forget_index(&layout, p.digest);
         if dir.exists() {
             // Left unready by a crash: redone.
             remove_tree(&dir).map_err(|e| io_error(&dir, e))?;
@@ -95,13 +110,29 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         // Without finalize hooks nothing runs in the tree before it is sealed, so its files
         // are written read-only at once and only its directories are sealed afterwards.
         let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
+        let candidates = match &p.index {
+            Some(index) if index.artifact != p.digest || index.version != INDEX_VERSION => {
+                return Err(NodeError::new(
+                    ErrorCode::IndexMismatch,
+                    format!(
+                        "the file index sent is of {} (format {}), not of {} (format {INDEX_VERSION})",
+                        index.artifact, index.version, p.digest
+                    ),
+                ));
+            }
+            Some(_) => candidates(&layout, p.digest, &p.writable),
+            None => Default::default(),
+        };
+        let sharing =
+            || p.index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
         let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
         let unpacked = match &p.source {
-            Source::Stdin => unpack(input, &tmp, &options, p.digest, modes),
+            Source::Stdin => unpack_sharing(input, &tmp, &options, p.digest, modes, sharing()),
             Source::Url(url) | Source::Server(url) => {
                 let stall = p.fetch_stall_timeout();
                 let response = Fetched { inner: fetch(url, stall)?, stall, failed: stalled.clone() };
-                unpack(io::BufReader::with_capacity(1 << 20, response), &tmp, &options, p.digest, modes)
+                let response = io::BufReader::with_capacity(1 << 20, response);
+                unpack_sharing(response, &tmp, &options, p.digest, modes, sharing())
             }
             Source::Present => unreachable!("answered above"),
         };
@@ -119,7 +150,9 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
                 NodeError::new(ErrorCode::DiskFull, e.to_string())
             }
             crate::node::UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
+            crate::node::UnpackError::IndexMismatch(_) => NodeError::new(ErrorCode::IndexMismatch, e.to_string()),
         })?;
+        linked = unpacked.linked;
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
         let mut dirs = unpacked.dirs;
@@ -133,12 +166,25 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     // Before any hook: finalize here, and migrate or reload later, may write there as the
     // hook user even when the kind has no finalize hooks.
     share_writable(&dir, &p.writable, &p.run_as)?;
-    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as)?;
+    let hooks_started = match (&p.index, p.finalize.is_empty()) {
+        (Some(_), false) => Some(fs_clock(&layout, p.digest)?),
+        _ => None,
+    };
+    let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as);
+    // Even after a failed hook: what it wrote through a link is in older releases now.
+    let keep_index = match (&p.index, hooks_started) {
+        (Some(index), Some(started)) => Some(after_finalize(&layout, p.digest, &dir, index, &linked, started)?),
+        (index, _) => index.clone(),
+    };
+    let output = output?;
     if !p.finalize.is_empty() {
         note_finalized(&layout, p.digest, &shared_now)?;
     }
     if !p.finalize.is_empty() {
         set_read_only(&dir, &p.writable).map_err(|e| io_error(&dir, e))?;
+    }
+    if let Some(index) = &keep_index {
+        store_index(&layout, p.digest, index)?;
     }
     // What finalize wrote, the links and the modes are on disk before the marker says ready.
     sync_fs(&dir).map_err(|e| io_error(&dir, e))?;
@@ -149,7 +195,11 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         Source::Server(_) => "fetched from the release server (signed URL)",
         _ => "streamed from the server",
     };
-    Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}\n{output}") })
+    let shared = match (&p.index, linked.len()) {
+        (None, _) => String::new(),
+        (Some(index), n) => format!(" ({n} of its {} files linked to a release already here)", index.files.len()),
+    };
+    Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}{shared}\n{output}") })
 }
 
 /// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
@@ -255,13 +305,17 @@ pub(super) fn link_shared(
     Ok(())
 }
 
-/// Removes every write bit in the release, except under `writable` paths.
+/// Removes every write bit in the release, except under `writable` paths. A file read-only
+/// already (one hard-linked to an older release's) is left alone.
 pub(super) fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
     walk_modes(dir, &mut |path, meta| {
         if is_writable(path.strip_prefix(dir).expect("walked under dir"), writable) {
             return Ok(());
         }
         let mode = meta.permissions().mode();
+        if mode & 0o222 == 0 {
+            return Ok(());
+        }
         fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o222))
     })
 }
@@ -286,9 +340,15 @@ pub(super) fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io
     Ok(())
 }
 
-/// Gives the owner write permission back (before finalize runs again on a reused release).
+/// Gives the owner write permission back (before finalize runs again on a reused release),
+/// except to a file of several links: it may be another release's file too (hard-linked,
+/// shared), whose mode would change with it, and which a hook must not rewrite.
 pub(super) fn set_writable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     walk_modes(dir, &mut |path, meta| {
+        if !meta.is_dir() && meta.nlink() > 1 {
+            return Ok(());
+        }
         let mode = meta.permissions().mode();
         fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))
     })

@@ -48,6 +48,7 @@ fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
         fetch_stall_ms: None,
         finalize_if_shared_changed: false,
         run_as: RunAs::default(),
+        index: None,
     }
 }
 

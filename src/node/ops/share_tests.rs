@@ -1,0 +1,360 @@
+//! Shared files on real directories: what is linked, what never is, a lying index, hooks
+//! writing through links, retention, and the disk a small change costs.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+
+use super::*;
+use crate::archive::{self, CheckOptions};
+
+/// A change to an index, and the file its refusal must name.
+type Lie = (&'static str, Box<dyn Fn(&mut FileIndex)>);
+
+/// A tree to package: relative path → (content, executable).
+type Tree = BTreeMap<String, (Vec<u8>, bool)>;
+
+/// Packs `tree`; the artifact's bytes, digest and index (as ingest computes it).
+fn package(tree: &Tree) -> (Vec<u8>, Digest, FileIndex) {
+    let src = tempfile::tempdir().unwrap();
+    for (path, (content, executable)) in tree {
+        let full = src.path().join(path);
+        fs::create_dir_all(full.parent().unwrap()).unwrap();
+        fs::write(&full, content).unwrap();
+        let mode = if *executable { 0o755 } else { 0o644 };
+        fs::set_permissions(&full, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    let options =
+        CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 100_000, shared: vec![], record_migrations: false };
+    let (_, files) = archive::index(&bytes[..], &options).unwrap();
+    (bytes, packed.digest, FileIndex::new(packed.digest, files))
+}
+
+fn request(base: &Path, digest: Digest, index: Option<FileIndex>, finalize: &[&str]) -> Prepare {
+    Prepare {
+        base: base.to_owned(),
+        digest,
+        source: Source::Stdin,
+        shared: vec![],
+        writable: vec!["cache".into()],
+        finalize: finalize.iter().map(|c| c.to_string()).collect(),
+        env: BTreeMap::new(),
+        max_unpacked_bytes: 1 << 30,
+        max_files: 100_000,
+        adopt: false,
+        hook_timeout_ms: None,
+        fence: 0,
+        fetch_stall_ms: None,
+        finalize_if_shared_changed: false,
+        run_as: RunAs::default(),
+        index,
+    }
+}
+
+fn prepared(base: &Path, tree: &Tree, finalize: &[&str]) -> (Digest, PathBuf) {
+    let (bytes, digest, index) = package(tree);
+    let answer = prepare(&request(base, digest, Some(index), finalize), &mut &bytes[..]).unwrap();
+    (digest, answer.dir)
+}
+
+fn tree(files: &[(&str, &str, bool)]) -> Tree {
+    files.iter().map(|(p, c, x)| (p.to_string(), (c.as_bytes().to_vec(), *x))).collect()
+}
+
+fn ino(path: &Path) -> u64 {
+    fs::symlink_metadata(path).unwrap().ino()
+}
+
+/// Gives write bits back to every directory, so the temporary directory can be removed.
+fn unseal(base: &Path) {
+    let _ = super::super::prepare::set_writable(base);
+}
+
+fn first() -> Tree {
+    tree(&[
+        ("app/same.php", "<?php same", false),
+        ("app/changed.php", "<?php one", false),
+        ("bin/run", "#!/bin/sh\necho run", true),
+        ("bin/tool", "#!/bin/sh\necho tool", true),
+        ("cache/config.php", "<?php cached", false),
+    ])
+}
+
+fn second() -> Tree {
+    let mut second = first();
+    second.insert("app/changed.php".into(), (b"<?php two".to_vec(), false));
+    // The same bytes, no longer executable.
+    second.insert("bin/tool".into(), (b"#!/bin/sh\necho tool".to_vec(), false));
+    second
+}
+
+#[test]
+fn unchanged_files_share_an_inode_with_the_older_release_and_nothing_else_does() {
+    for finalize in [&[][..], &["true"][..]] {
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        let (one, old) = prepared(base.path(), &first(), finalize);
+        let (two, new) = prepared(base.path(), &second(), finalize);
+        assert_eq!(ino(&old.join("app/same.php")), ino(&new.join("app/same.php")), "{finalize:?}");
+        assert_eq!(ino(&old.join("bin/run")), ino(&new.join("bin/run")));
+        assert_ne!(ino(&old.join("app/changed.php")), ino(&new.join("app/changed.php")));
+        assert_ne!(ino(&old.join("bin/tool")), ino(&new.join("bin/tool")), "an executable bit changed");
+        assert_ne!(ino(&old.join("cache/config.php")), ino(&new.join("cache/config.php")), "a writable path");
+        assert_eq!(fs::read_to_string(new.join("app/changed.php")).unwrap(), "<?php two");
+        assert_eq!(fs::metadata(new.join("bin/tool")).unwrap().mode() & 0o777, 0o444);
+        assert_eq!(fs::metadata(new.join("bin/run")).unwrap().mode() & 0o777, 0o555);
+        for digest in [one, two] {
+            let stored = fs::read(layout.index(digest)).unwrap();
+            assert_eq!(FileIndex::decode(&stored, digest).unwrap().files.len(), 5);
+        }
+        unseal(base.path());
+    }
+}
+
+/// Without an index a release is unpacked as before: nothing linked, no index kept.
+#[test]
+fn a_release_prepared_without_an_index_shares_nothing_and_keeps_none() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (_, old) = prepared(base.path(), &first(), &[]);
+    let (bytes, digest, _) = package(&second());
+    let new = prepare(&request(base.path(), digest, None, &[]), &mut &bytes[..]).unwrap().dir;
+    assert_ne!(ino(&old.join("app/same.php")), ino(&new.join("app/same.php")));
+    assert!(!layout.index(digest).exists());
+    unseal(base.path());
+}
+
+#[test]
+fn an_index_that_lies_is_refused_and_leaves_nothing() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (_, old) = prepared(base.path(), &first(), &[]);
+    let (bytes, digest, index) = package(&second());
+    let same = index.files.iter().find(|f| f.path == "app/same.php").unwrap().clone();
+    let lies: Vec<Lie> = vec![
+        // Says changed.php holds what the older release's same.php holds: it is linked, and
+        // the bytes that stream past tell the lie.
+        (
+            "app/changed.php",
+            Box::new(move |i: &mut FileIndex| {
+                let f = i.files.iter_mut().find(|f| f.path == "app/changed.php").unwrap();
+                (f.sha256, f.size) = (same.sha256, same.size);
+            }),
+        ),
+        ("bin/run", Box::new(|i: &mut FileIndex| i.files.retain(|f| f.path != "bin/run"))),
+        (
+            "app/ghost.php",
+            Box::new(|i: &mut FileIndex| {
+                let mut ghost = i.files[0].clone();
+                ghost.path = "app/ghost.php".into();
+                i.files.push(ghost);
+            }),
+        ),
+    ];
+    for (file, lie) in lies {
+        let mut lying = index.clone();
+        lie(&mut lying);
+        let refused = prepare(&request(base.path(), digest, Some(lying), &[]), &mut &bytes[..]).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::IndexMismatch, "{}", refused.message);
+        assert!(refused.message.contains(file), "{file}: {}", refused.message);
+        assert!(!layout.release(digest).exists() && !layout.ready(digest).exists() && !layout.index(digest).exists());
+        let left: Vec<_> = fs::read_dir(layout.releases()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "only the older release: {left:?}");
+    }
+    assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same", "untouched");
+    let mut other = index.clone();
+    other.artifact = Digest::of(b"another");
+    let refused = prepare(&request(base.path(), digest, Some(other), &[]), &mut &bytes[..]).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::IndexMismatch, "{}", refused.message);
+    unseal(base.path());
+}
+
+/// As root, modes do not stop a hook: the write through a link is found after finalize, the
+/// prepare fails naming the file, and the older release is no longer ready (it will be
+/// unpacked again) — or, when it is live, the error says so and it stays ready.
+#[test]
+fn a_finalize_hook_writing_into_a_shared_file_as_root_is_found_and_refused() {
+    let hook = "echo more >> app/same.php";
+    for live in [false, true] {
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        let (one, old) = prepared(base.path(), &first(), &[]);
+        if live {
+            switch::switch(base.path(), Some(one), &[], false, 0).unwrap();
+        }
+        let (bytes, two, index) = package(&second());
+        let answer = prepare(&request(base.path(), two, Some(index), &[hook]), &mut &bytes[..]);
+        if !rustix::process::geteuid().is_root() {
+            // The linked file is read-only and not root's to write: the hook fails, the older
+            // release is untouched.
+            assert_eq!(answer.unwrap_err().code, ErrorCode::HookFailed);
+            assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same");
+            unseal(base.path());
+            return;
+        }
+        let refused = answer.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::HookFailed);
+        assert!(
+            refused.message.contains("app/same.php") && refused.message.contains(&one.hex()[..12]),
+            "{}",
+            refused.message
+        );
+        assert!(!layout.ready(two).exists() && !layout.index(two).exists());
+        assert!(!layout.index(one).exists(), "the changed release offers its files no more");
+        if live {
+            assert!(refused.message.contains("live release"), "{}", refused.message);
+            assert!(layout.ready(one).exists(), "current is never unmarked");
+        } else {
+            assert!(!layout.ready(one).exists(), "redone from its artifact when next needed");
+        }
+        unseal(base.path());
+    }
+}
+
+/// A hook run as another user gets EACCES on a shared file: the older release is unchanged.
+#[test]
+fn a_finalize_hook_run_as_the_hook_user_cannot_write_into_a_shared_file() {
+    if !rustix::process::geteuid().is_root() || user_ids("nobody").is_none() {
+        return; // sudo -u needs root (or a sudoers line) here
+    }
+    let base = tempfile::tempdir().unwrap();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &[]);
+    let (bytes, two, index) = package(&second());
+    let mut asked = request(base.path(), two, Some(index), &["echo more >> app/same.php"]);
+    asked.run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
+    let refused = prepare(&asked, &mut &bytes[..]).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
+    let said = format!("{} {}", refused.message, refused.output.unwrap_or_default());
+    assert!(said.contains("Permission denied") && said.contains("app/same.php"), "{said}");
+    assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same");
+    assert!(layout.ready(one).exists() && layout.index(one).exists(), "the older release is as it was");
+    let linked = layout.release(two).join("app/same.php");
+    assert_eq!(ino(&linked), ino(&old.join("app/same.php")), "the hook met a shared file");
+    unseal(base.path());
+}
+
+/// Finalize run again on a release (a rollback) gives write bits back, but never to a file it
+/// shares: that would change the other release's modes.
+#[test]
+fn finalize_run_again_leaves_shared_files_read_only() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (_, old) = prepared(base.path(), &first(), &["true"]);
+    let (bytes, two, index) = package(&second());
+    let asked = request(base.path(), two, Some(index), &["true"]);
+    prepare(&asked, &mut &bytes[..]).unwrap();
+    assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().nlink(), 2, "shared");
+    let again = prepare(&asked, &mut &b""[..]).unwrap();
+    assert!(again.reused);
+    assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().mode() & 0o777, 0o444);
+    assert!(!layout.index(two).exists(), "its hooks may have rewritten its files: it offers none");
+    unseal(base.path());
+}
+
+#[test]
+fn retention_removes_an_older_release_and_leaves_what_a_newer_one_shares() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &[]);
+    let (two, new) = prepared(base.path(), &second(), &[]);
+    assert_eq!(fs::metadata(new.join("app/same.php")).unwrap().nlink(), 2);
+    switch::switch(base.path(), Some(two), &[], false, 0).unwrap();
+    let cleaned = cleanup(base.path(), &[two], 0).unwrap();
+    assert_eq!(cleaned.removed, [one.hex()]);
+    assert!(!old.exists() && !layout.index(one).exists() && !layout.ready(one).exists());
+    assert_eq!(fs::read_to_string(new.join("app/same.php")).unwrap(), "<?php same");
+    assert_eq!(fs::metadata(new.join("app/same.php")).unwrap().nlink(), 1);
+    assert!(layout.index(two).exists());
+    unseal(base.path());
+}
+
+/// Blocks of the regular files under `dir` whose inodes are not in `seen` (added to it).
+fn new_blocks(dir: &Path, seen: &mut HashSet<u64>) -> u64 {
+    let mut blocks = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap().flatten() {
+            let meta = fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() && seen.insert(meta.ino()) {
+                blocks += meta.blocks();
+            }
+        }
+    }
+    blocks
+}
+
+/// A release that changes 1% of a 2,000-file tree adds about 1% of the disk blocks.
+#[test]
+fn a_release_changing_one_percent_of_its_files_adds_few_blocks() {
+    let mut first = Tree::new();
+    for i in 0..2000 {
+        let content = format!("file {i}\n").repeat(200 + i % 300);
+        first.insert(format!("src/d{}/f{i}.php", i % 40), (content.into_bytes(), i % 50 == 0));
+    }
+    let mut second = first.clone();
+    for i in (0..2000).step_by(100) {
+        second.get_mut(&format!("src/d{}/f{i}.php", i % 40)).unwrap().0.extend_from_slice(b"changed\n");
+    }
+    let base = tempfile::tempdir().unwrap();
+    let (_, old) = prepared(base.path(), &first, &[]);
+    let (_, new) = prepared(base.path(), &second, &[]);
+    let mut seen = HashSet::new();
+    let (first_blocks, added) = (new_blocks(&old, &mut seen), new_blocks(&new, &mut seen));
+    assert!(first_blocks > 2000 * 8, "{first_blocks}");
+    assert!(added * 10 <= first_blocks, "the second release added {added} blocks to the first's {first_blocks}");
+    unseal(base.path());
+}
+
+/// A file the release's own finalize rewrote no longer holds what the index says: it is left
+/// out of the index kept, and never linked into a newer release.
+#[test]
+fn a_file_finalize_rewrote_is_not_offered_to_newer_releases() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &["echo rewritten > app/changed.php"]);
+    let kept = FileIndex::decode(&fs::read(layout.index(one)).unwrap(), one).unwrap();
+    let paths: Vec<&str> = kept.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(!paths.contains(&"app/changed.php") && paths.contains(&"app/same.php"), "{paths:?}");
+    let mut again = first();
+    again.insert("README".into(), (b"a new file".to_vec(), false));
+    let (_, new) = prepared(base.path(), &again, &[]);
+    assert_ne!(ino(&old.join("app/changed.php")), ino(&new.join("app/changed.php")));
+    assert_eq!(fs::read_to_string(new.join("app/changed.php")).unwrap(), "<?php one");
+    assert_eq!(ino(&old.join("app/same.php")), ino(&new.join("app/same.php")));
+    unseal(base.path());
+}
+
+/// Finalize run again on a release (as root) that writes through a file it shares with an
+/// older release is found too; the older release is no longer ready.
+#[test]
+fn finalize_run_again_writing_into_a_shared_file_as_root_is_found_and_refused() {
+    if !rustix::process::geteuid().is_root() {
+        return; // the file is read-only: only root writes through
+    }
+    for only_if_changed in [false, true] {
+        let base = tempfile::tempdir().unwrap();
+        let layout = Layout { base: base.path().to_owned() };
+        let (one, _) = prepared(base.path(), &first(), &[]);
+        let (bytes, two, index) = package(&second());
+        let mut asked = request(base.path(), two, Some(index), &["true"]);
+        prepare(&asked, &mut &bytes[..]).unwrap();
+        asked.finalize = vec!["echo more >> app/same.php".into()];
+        asked.finalize_if_shared_changed = only_if_changed;
+        // No note of the shared files it was finalized with: it is finalized again.
+        fs::remove_file(layout.finalized_with(two)).unwrap();
+        let refused = prepare(&asked, &mut &b""[..]).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
+        assert!(
+            refused.message.contains("app/same.php") && refused.message.contains(&one.hex()[..12]),
+            "{}",
+            refused.message
+        );
+        assert!(!layout.ready(one).exists() && !layout.index(one).exists(), "{}", refused.message);
+        assert_eq!(fs::metadata(layout.release(two).join("app/same.php")).unwrap().mode() & 0o222, 0);
+        unseal(base.path());
+    }
+}
