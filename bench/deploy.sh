@@ -71,6 +71,7 @@
 #
 # Env:   RELEASE_BIN=path (else cargo build --release), RUNS=5, BENCH_FS=tmpfs|ext4, BENCH_NODES=4,
 #        BENCH_CONTENDERS="release cap plain", BENCH_TREE=DIR, BENCH_JSON=FILE, BENCH_KEEP=N,
+#        BENCH_ROOT_SIZE=8g (the bench root: tmpfs or ext4 loop file; 32 nodes keep ~4 GB per version),
 #        BENCH_STORE=local|fetch|s3 (s3 needs garage: GARAGE_BIN, else ~/.cargo/bin/garage, see .ci/run),
 #        SSH_PORT=2222, SERVER_PORT=18480, BENCH_ROOT=/tmp/release-bench-root, BENCH_QUIET_WAIT=0,
 #        BENCH_DEADLINE=900 (the whole run is ended after that many seconds)
@@ -195,13 +196,13 @@ fi
 mkdir -p "$ROOT"
 if [ "$BENCH_FS" = ext4 ]; then
   LOOP_IMG=/var/tmp/release-bench-$$.img
-  truncate -s 8G "$LOOP_IMG"
+  truncate -s "${BENCH_ROOT_SIZE:-8g}" "$LOOP_IMG"
   mkfs.ext4 -q -F -O has_journal "$LOOP_IMG"
   mount -o loop "$LOOP_IMG" "$ROOT"
-  FS_DESC="journaled ext4 loop file ($LOOP_IMG, 8 GiB)"
+  FS_DESC="journaled ext4 loop file ($LOOP_IMG, ${BENCH_ROOT_SIZE:-8g})"
 else
-  mount -t tmpfs -o size=8g,mode=755 release-bench "$ROOT"
-  FS_DESC="tmpfs (8 GiB)"
+  mount -t tmpfs -o "size=${BENCH_ROOT_SIZE:-8g},mode=755" release-bench "$ROOT"
+  FS_DESC="tmpfs (${BENCH_ROOT_SIZE:-8g})"
 fi
 chmod 755 "$ROOT"
 if [ ! -d "$MNT" ]; then mkdir -p "$MNT"; CREATED_MNT=1; fi
