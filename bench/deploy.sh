@@ -50,7 +50,7 @@
 #     release's first transition to `live`, `release show --json`). Goals are judged on the
 #     CLI's wall time, the figure a person sees.
 #
-# With BENCH_NODES=1 (default 4, up to 8) the same is measured on one node: every contender then
+# With BENCH_NODES=1 (default 4, up to 32) the same is measured on one node: every contender then
 # has a core for the node's work and one for its own side, so the figures are the latency of one
 # node, as on a fleet whose nodes have CPUs of their own. With 4 nodes on this 2-core machine
 # the nodes take turns on the cores, and a deploy takes about the CPU time of all of them.
@@ -63,7 +63,15 @@
 # from the server by signed URL over plain HTTP (loopback).
 #
 # Usage: sudo bash bench/deploy.sh     (root: useradd, mount, unshare, sshd)
+# With BENCH_CONTENDERS=release only release is measured (no Capistrano, no plain, no git repo):
+# bench/run uses it for the server's CPU per node at 1, 16 and 32 nodes. BENCH_TREE=DIR deploys a
+# copy of that tree (bench/run generates one for all its parts) instead of generating it here
+# (bench/gen/laravel.py); BENCH_JSON=FILE also writes every figure there; BENCH_KEEP=N sets the
+# service's `keep`.
+#
 # Env:   RELEASE_BIN=path (else cargo build --release), RUNS=5, BENCH_FS=tmpfs|ext4, BENCH_NODES=4,
+#        BENCH_CONTENDERS="release cap plain", BENCH_TREE=DIR, BENCH_JSON=FILE, BENCH_KEEP=N,
+#        BENCH_ROOT_SIZE=8g (the bench root: tmpfs or ext4 loop file; 32 nodes keep ~4 GB per version),
 #        BENCH_STORE=local|fetch|s3 (s3 needs garage: GARAGE_BIN, else ~/.cargo/bin/garage, see .ci/run),
 #        SSH_PORT=2222, SERVER_PORT=18480, BENCH_ROOT=/tmp/release-bench-root, BENCH_QUIET_WAIT=0,
 #        BENCH_DEADLINE=900 (the whole run is ended after that many seconds)
@@ -83,7 +91,13 @@ case $BENCH_STORE in
       [ -x "$GARAGE" ] || { echo "BENCH_STORE=s3 needs garage at $GARAGE (GARAGE_BIN=...)" >&2; exit 2; } ;;
   *) echo "BENCH_STORE must be local, fetch or s3" >&2; exit 2 ;;
 esac
-[[ $BENCH_NODES =~ ^[1-8]$ ]] || { echo "BENCH_NODES must be 1-8" >&2; exit 2; }
+[[ $BENCH_NODES =~ ^[1-9]$|^[12][0-9]$|^3[0-2]$ ]] || { echo "BENCH_NODES must be 1-32" >&2; exit 2; }
+BENCH_CONTENDERS=${BENCH_CONTENDERS:-release cap plain}
+has() { [[ " $BENCH_CONTENDERS " == *" $1 "* ]]; }
+case " $BENCH_CONTENDERS " in
+  " release cap plain " | " release ") ;;
+  *) echo "BENCH_CONTENDERS must be \"release cap plain\" or \"release\"" >&2; exit 2 ;;
+esac
 NODES=()
 for i in $(seq 2 $((BENCH_NODES + 1))); do NODES+=("127.0.0.$i"); done
 USER_NAME=relbench
@@ -96,9 +110,11 @@ die() { say "FAILED: $*"; exit 1; }
 
 # --- what the bench needs -------------------------------------------------------------------
 need_pkgs=()
-command -v cap >/dev/null || need_pkgs+=(capistrano)
-dpkg -s ruby-ed25519 >/dev/null 2>&1 || need_pkgs+=(ruby-ed25519)        # net-ssh: ed25519 keys
-dpkg -s ruby-bcrypt-pbkdf >/dev/null 2>&1 || need_pkgs+=(ruby-bcrypt-pbkdf) # net-ssh: OpenSSH key format
+if has cap; then
+  command -v cap >/dev/null || need_pkgs+=(capistrano)
+  dpkg -s ruby-ed25519 >/dev/null 2>&1 || need_pkgs+=(ruby-ed25519)        # net-ssh: ed25519 keys
+  dpkg -s ruby-bcrypt-pbkdf >/dev/null 2>&1 || need_pkgs+=(ruby-bcrypt-pbkdf) # net-ssh: OpenSSH key format
+fi
 [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
 command -v ssh >/dev/null || need_pkgs+=(openssh-client)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
@@ -180,13 +196,13 @@ fi
 mkdir -p "$ROOT"
 if [ "$BENCH_FS" = ext4 ]; then
   LOOP_IMG=/var/tmp/release-bench-$$.img
-  truncate -s 8G "$LOOP_IMG"
+  truncate -s "${BENCH_ROOT_SIZE:-8g}" "$LOOP_IMG"
   mkfs.ext4 -q -F -O has_journal "$LOOP_IMG"
   mount -o loop "$LOOP_IMG" "$ROOT"
-  FS_DESC="journaled ext4 loop file ($LOOP_IMG, 8 GiB)"
+  FS_DESC="journaled ext4 loop file ($LOOP_IMG, ${BENCH_ROOT_SIZE:-8g})"
 else
-  mount -t tmpfs -o size=8g,mode=755 release-bench "$ROOT"
-  FS_DESC="tmpfs (8 GiB)"
+  mount -t tmpfs -o "size=${BENCH_ROOT_SIZE:-8g},mode=755" release-bench "$ROOT"
+  FS_DESC="tmpfs (${BENCH_ROOT_SIZE:-8g})"
 fi
 chmod 755 "$ROOT"
 if [ ! -d "$MNT" ]; then mkdir -p "$MNT"; CREATED_MNT=1; fi
@@ -250,64 +266,13 @@ say "${#NODES[@]} sshd nodes up on ${NODES[*]}:$SSH_PORT, bench root on $FS_DESC
 
 # --- the Laravel-like tree, one archive and one git tag per version ----------------------
 mkdir -p "$ROOT/src" "$ROOT/art" "$ROOT/git"
-python3 - "$ROOT/src/tree" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rng = random.Random(20261101)
-vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 12))) for _ in range(4000)]
-kw = ["function", "return", "public", "private", "static", "$this->", "namespace", "use", "class", "array(", "=>", "if (", "foreach (", "new", "null", "true", "false", "throw", "self::"]
-def php(n_words, ns):
-    body = rng.choices(vocab + kw * 40, k=n_words)
-    lines = [" ".join(body[i:i + 12]) + ";" for i in range(0, len(body), 12)]
-    return f"<?php\n\nnamespace {ns};\n\n" + "\n    ".join(lines) + "\n"
-def write(path, data):
-    p = os.path.join(root, path)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-# vendor/: ~9,400 PHP sources in 320 packages
-for i in range(9400):
-    vendor, pkg = f"vendor{i % 60}", f"pkg{i % 320}"
-    sub = ["src", "src/Contracts", "src/Support", "src/Console", "src/Http/Middleware"][i % 5]
-    write(f"vendor/{vendor}/{pkg}/{sub}/C{i}.php", php(int(rng.lognormvariate(6.3, 0.8)) + 40, f"V{i % 60}\\P{i % 320}"))
-for p in range(320):
-    write(f"vendor/vendor{p % 60}/pkg{p}/composer.json", '{"name": "vendor%d/pkg%d", "type": "library"}\n' % (p % 60, p))
-write("vendor/autoload.php", "<?php\nrequire __DIR__ . '/composer/autoload_real.php';\n")
-write("vendor/composer/autoload_real.php", php(3000, "Composer\\Autoload"))
-# app/, config/, database/, resources/, routes/, tests/, bootstrap/
-for i in range(150):
-    sub = ["Http/Controllers", "Models", "Providers", "Jobs", "Services", "Console/Commands"][i % 6]
-    write(f"app/{sub}/Class{i}.php", php(rng.randint(100, 900), "App\\" + sub.replace("/", "\\")))
-for name in ["app", "auth", "broadcasting", "cache", "cors", "database", "filesystems", "hashing", "logging",
-             "mail", "queue", "sanctum", "services", "session", "view", "octane"]:
-    write(f"config/{name}.php", php(rng.randint(150, 600), "Config"))
-for i in range(40):
-    write(f"database/migrations/2024_01_{i:02d}_000000_create_table_{i}.php", php(rng.randint(80, 300), "Database"))
-for i in range(120):
-    write(f"resources/views/page{i // 10}/view{i}.blade.php", "<div>\n" + " ".join(rng.choices(vocab, k=rng.randint(100, 700))) + "\n</div>\n")
-for name in ["auth", "pagination", "passwords", "validation"]:
-    write(f"resources/lang/en/{name}.php", php(400, "Lang"))
-for name in ["web", "api", "console", "channels"]:
-    write(f"routes/{name}.php", php(200, "Routes"))
-for i in range(60):
-    write(f"tests/Feature/Test{i}.php", php(rng.randint(100, 400), "Tests\\Feature"))
-write("bootstrap/app.php", php(200, "Bootstrap"))
-write("bootstrap/cache/.gitignore", "*\n!.gitignore\n")
-write("artisan", "#!/usr/bin/env php\n<?php\nrequire __DIR__.'/vendor/autoload.php';\n")
-os.chmod(os.path.join(root, "artisan"), 0o755)
-write("composer.json", '{"name": "acme/app", "require": {"php": "^8.2", "laravel/framework": "^10.0"}}\n')
-write("composer.lock", php(20000, "Lock"))
-write("package.json", '{"private": true, "scripts": {"build": "vite build"}}\n')
-# public/: index, built assets (text), images and fonts (incompressible)
-write("public/index.php", "<?php\nrequire __DIR__.'/../vendor/autoload.php';\n")
-write("public/.htaccess", "RewriteEngine On\nRewriteRule ^ index.php [L]\n")
-write("public/robots.txt", "User-agent: *\n")
-for i in range(40):
-    write(f"public/build/assets/chunk{i}.js", " ".join(rng.choices(vocab + kw, k=rng.randint(5000, 25000))) + "\n")
-for i in range(64):
-    ext = ["png", "jpg", "woff2", "webp"][i % 4]
-    write(f"public/images/asset{i}.{ext}", rng.randbytes(rng.randint(200_000, 1_150_000)))
-PY
+# BENCH_TREE: a tree generated beforehand (bench/run makes one for all its parts), copied here
+if [ -n "${BENCH_TREE:-}" ]; then
+  [ -d "$BENCH_TREE" ] || die "BENCH_TREE=$BENCH_TREE is not a directory"
+  cp -a "$BENCH_TREE" "$ROOT/src/tree"
+else
+  python3 "$REPO/bench/gen/laravel.py" "$ROOT/src/tree"
+fi
 FILES=$(find "$ROOT/src/tree" -type f | wc -l)
 TREE_MB=$(( $(du -sb "$ROOT/src/tree" | cut -f1) / 1000000 ))
 # version K: VERSION, a controller, config/app.php and a few classes differ
@@ -319,16 +284,20 @@ set_version() {
   for f in config/app.php app/Http/Controllers/Class{0,6,12,18,24}.php; do sed -i "1a // build v$k" "$t/$f"; done
 }
 G=(git --git-dir="$ROOT/git/app.git" --work-tree="$ROOT/src/tree" -c user.name=bench -c user.email=bench@localhost)
-git init -q --bare "$ROOT/git/app.git"
-"${G[@]}" symbolic-ref HEAD refs/heads/main
+if has cap; then
+  git init -q --bare "$ROOT/git/app.git"
+  "${G[@]}" symbolic-ref HEAD refs/heads/main
+fi
 declare -a DIG
 for k in $(seq "$VERSIONS"); do
   set_version "$k"
   "$BIN" package "$ROOT/src/tree" -o "$ROOT/art/v$k.tar.zst" >/dev/null
-  "${G[@]}" add -A && "${G[@]}" commit -q -m "v$k" && "${G[@]}" tag "v$k"
+  if has cap; then "${G[@]}" add -A && "${G[@]}" commit -q -m "v$k" && "${G[@]}" tag "v$k"; fi
 done
-git --git-dir="$ROOT/git/app.git" repack -q -a -d
-chown -R "$USER_NAME:" "$ROOT/git"
+if has cap; then
+  git --git-dir="$ROOT/git/app.git" repack -q -a -d
+  chown -R "$USER_NAME:" "$ROOT/git"
+fi
 ARCHIVE_MB=$(( $(stat -c %s "$ROOT/art/v1.tar.zst") / 1000000 ))
 say "tree: $FILES files, $TREE_MB MB; archive $ARCHIVE_MB MB; $VERSIONS versions"
 
@@ -407,6 +376,7 @@ fi
   printf '[ssh]\nidentity = "%s"\nknown_hosts = "%s"\nconnect_timeout = "10s"\ncommand_timeout = "120s"\n' \
     "$ROOT/ssh/id_ed25519" "$ROOT/ssh/known_hosts"
   printf '[service.app]\nkind = "generic"\nshared = [".env", "storage"]\n'
+  [ -n "${BENCH_KEEP:-}" ] && printf 'keep = %s\n' "$BENCH_KEEP"
   for ip in "${NODES[@]}"; do
     printf '[[service.app.node]]\nenvironment = "staging"\nhost = "%s"\nport = %s\nuser = "%s"\nbase = "%s/release"\n' \
       "$ip" "$SSH_PORT" "$USER_NAME" "$MNT"
@@ -465,6 +435,40 @@ for r in $(seq "$RUNS"); do
 done
 say "release: first $R_FIRST s, deploys ${R_DEP[*]}, rollbacks ${R_RB[*]}"
 rm -rf "$ROOT"/node*/release/releases
+
+# --- JSON (BENCH_JSON): every figure, for bench/run -------------------------------------------
+jlist() { local -n a=$1; local IFS=,; printf '[%s]' "${a[*]}"; }   # a bash array of numbers
+write_json() {
+  [ -n "${BENCH_JSON:-}" ] || return 0
+  {
+    printf '{"nodes": %s, "fs": "%s", "store": "%s", "runs": %s, "files": %s, "tree_mb": %s, "archive_mb": %s,\n' \
+      "${#NODES[@]}" "$FS_DESC" "$STORE_DESC" "$RUNS" "$FILES" "$TREE_MB" "$ARCHIVE_MB"
+    printf ' "load_start": "%s", "load_end": "%s", "cpu": "%s",\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)" "$CPU_DESC"
+    printf ' "release": {"first": %s, "first_cpu": %s, "deploy": %s, "deploy_server_record": %s, "deploy_cpu": %s,\n' \
+      "$R_FIRST" "$R_FIRST_C" "$(jlist R_DEP)" "$(jlist R_DEP_S)" "$(jlist R_DEP_C)"
+    printf '   "deploy_server_cpu": %s, "rollback": %s, "rollback_server_record": %s, "rollback_cpu": %s,\n' \
+      "$(jlist R_DEP_SRV)" "$(jlist R_RB)" "$(jlist R_RB_S)" "$(jlist R_RB_C)"
+    printf '   "rollback_server_cpu": %s, "skew_deploy_ms": %s, "skew_rollback_ms": %s}' \
+      "$(jlist R_RB_SRV)" "$(jlist R_SK_D)" "$(jlist R_SK_R)"
+    if has cap; then
+      printf ',\n "capistrano": {"version": "%s", "first": %s, "deploy": %s, "deploy_cpu": %s, "rollback": %s, "rollback_cpu": %s, "skew_deploy_ms": %s, "skew_rollback_ms": %s}' \
+        "$(cap --version 2>/dev/null | awk '{print $3}')" "$C_FIRST" "$(jlist C_DEP)" "$(jlist C_DEP_C)" "$(jlist C_RB)" "$(jlist C_RB_C)" "$(jlist C_SK_D)" "$(jlist C_SK_R)"
+      printf ',\n "plain": {"first": %s, "deploy": %s, "deploy_cpu": %s, "rollback": %s, "rollback_cpu": %s, "skew_deploy_ms": %s, "skew_rollback_ms": %s}' \
+        "$P_FIRST" "$(jlist P_DEP)" "$(jlist P_DEP_C)" "$(jlist P_RB)" "$(jlist P_RB_C)" "$(jlist P_SK_D)" "$(jlist P_SK_R)"
+    fi
+    printf '}\n'
+  } >"$BENCH_JSON"
+  python3 -m json.tool "$BENCH_JSON" >/dev/null || die "wrote invalid JSON to $BENCH_JSON"
+}
+if ! has cap; then
+  write_json
+  printf '\nrelease deploy bench (release only), %s; %s nodes; node work on %s; %s runs\n' \
+    "$(date -u +%FT%TZ)" "${#NODES[@]}" "$FS_DESC" "$RUNS"
+  printf 'first %s s; deploys %s; rollbacks %s\n' "$R_FIRST" "${R_DEP[*]}" "${R_RB[*]}"
+  printf 'server process CPU-s per deploy %s (per node: /%s); per rollback %s\n' "${R_DEP_SRV[*]}" "${#NODES[@]}" "${R_RB_SRV[*]}"
+  printf 'bench wall time: %s s\n' "$(( $(date +%s) - STARTED ))"
+  exit 0
+fi
 
 # --- contender 2: Capistrano 3 -------------------------------------------------------------
 CAP=$ROOT/cap-project
@@ -648,3 +652,4 @@ printf '\nruns (s)  release deploys %s; rollbacks %s\n' "${R_DEP[*]}" "${R_RB[*]
 printf '          capistrano deploys %s; rollbacks %s\n' "${C_DEP[*]}" "${C_RB[*]}"
 printf '          plain deploys %s; rollbacks %s\n' "${P_DEP[*]}" "${P_RB[*]}"
 printf 'bench wall time: %s s\n' "$(( $(date +%s) - STARTED ))"
+write_json

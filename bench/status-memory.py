@@ -5,7 +5,7 @@
 server; prints VmRSS before, VmHWM (peak) and the most threads seen during the run, VmRSS and
 threads 60 s after, beside the figures the issue measured before the fix.
 
-Usage: bench/status-memory.py [--binary target/release/release] [--requests N] [--concurrency C]
+Usage: bench/status-memory.py [--binary PATH (default: $RELEASE_BIN, else target/release/release)] [--requests N] [--concurrency C]
        [--after SECONDS]
 """
 import argparse
@@ -33,7 +33,7 @@ def status(pid):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--binary", default="target/release/release")
+    p.add_argument("--binary", default=os.environ.get("RELEASE_BIN", "target/release/release"))
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--after", type=int, default=60)

@@ -9,18 +9,31 @@
 #
 # Usage: bench/upload.sh [TOTAL_MB]    (default 1024: ~100 MB of source-like text files
 #                                       plus incompressible assets up to the total)
+# Env:   RELEASE_BIN=path (else cargo build --release), RUNS=5, BENCH_TREE=DIR (package and
+#        upload a copy of that tree instead of generating one; bench/run passes its workloads),
+#        BENCH_JSON=FILE (every figure also written there, for bench/run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL_MB=${1:-1024}
 RUNS=${RUNS:-5}
 
-cargo build --release --locked --quiet
-BIN=$PWD/target/release/release
+if [ -z "${RELEASE_BIN:-}" ]; then
+  cargo build --release --locked --quiet
+  RELEASE_BIN=$PWD/target/release/release
+fi
+BIN=$(realpath "$RELEASE_BIN")
+[ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
+[ -z "${BENCH_TREE:-}" ] || [ -d "$BENCH_TREE" ] || { echo "BENCH_TREE=$BENCH_TREE is not a directory" >&2; exit 1; }
 WORK=$(mktemp -d /dev/shm/release-bench.XXXXXX)
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 cd "$WORK"
+
+if [ -n "${BENCH_TREE:-}" ]; then
+  cp -a "$BENCH_TREE" tree
+else
 
 python3 - "$TOTAL_MB" <<'PY'
 import os, random, sys
@@ -44,11 +57,12 @@ while size < total:                        # built assets: incompressible
     size += n
     i += 1
 PY
+fi
 
 now() { date +%s.%N; }
 # median SECONDS... -> the median
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-timed() { local s e; s=$(now); "$@" >/dev/null 2>&1; e=$(now); echo "$e - $s" | bc -l; }
+timed() { local s e; s=$(now); "$@" >/dev/null 2>&1; e=$(now); awk -v a="$s" -v b="$e" 'BEGIN {printf "%.4f\n", b - a}'; }
 
 files=$(find tree -type f | wc -l)
 tree_bytes=$(du -sb tree | cut -f1)
@@ -104,3 +118,10 @@ printf '%-34s %8.2f GB/s\n' "sha256sum FILE" "$(gbps "$m_sums")"
 printf '%-34s %8.2f GB/s  runs (s): %s\n' "release upload FILE (local server)" "$(gbps "$m_up")" "${up[*]}"
 printf '%-34s %8.2f     (goal: >= 0.50)\n' "  upload / openssl" "$(echo "$m_ossl / $m_up" | bc -l)"
 printf '%-34s %8.1f MiB\n' "server peak RSS" "$(echo "$peak_kib / 1024" | bc -l)"
+
+if [ -n "${BENCH_JSON:-}" ]; then
+  jl() { local IFS=,; printf '[%s]' "$*"; }
+  printf '{"files": %s, "tree_bytes": %s, "archive_bytes": %s, "tarzstd_bytes": %s, "runs": %s,\n "package": %s, "tar_zstd": %s, "openssl": %s, "sha256sum": %s, "upload": %s, "server_peak_kib": %s}\n' \
+    "$files" "$tree_bytes" "$archive_bytes" "$(stat -c %s tarzstd.tar.zst)" "$RUNS" \
+    "$(jl "${pack[@]}")" "$(jl "${tarz[@]}")" "$(jl "${ossl[@]}")" "$(jl "${sums[@]}")" "$(jl "${up[@]}")" "$peak_kib" >"$BENCH_JSON"
+fi
