@@ -30,6 +30,7 @@ use phase::{call, first_error, phase, phase_quiet, report_phase};
 pub use transport::{CallError, Local, Payload, Transport};
 use transport::{Keep, MAX_OUTPUT, clean, typed};
 
+use crate::archive::FileIndex;
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::protocol::{
@@ -136,6 +137,28 @@ impl NodeDeployer {
         }
     }
 
+    /// The release's file index, read once per deploy for every node. An index that cannot
+    /// be read or does not describe the artifact costs the sharing, never the deploy: every
+    /// node then writes every file (and checks each against the artifact's digest as always).
+    async fn file_index(&self, plan: &Plan) -> Option<FileIndex> {
+        let stored = plan.index?;
+        let artifact = plan.release.digest;
+        let read = async {
+            let bytes = self.store.get_index(stored).await.map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || FileIndex::decode(&bytes, artifact))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        };
+        match read.await {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!(%artifact, index = %stored, error = %e, "deploying without the file index: nodes write every file");
+                None
+            }
+        }
+    }
+
     async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
         self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
     }
@@ -194,29 +217,44 @@ impl SwitchError {
 impl NodeDeployer {
     /// Prepares the release (and first the adopted legacy tree, on a node adopting one); notes
     /// what the node's `current` points at, to put it back there.
-    async fn prepare_node(&self, plan: &Plan, target: &Target, hooks: &Hooks) -> Result<(), String> {
+    async fn prepare_node(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        hooks: &Hooks,
+        index: Option<&FileIndex>,
+    ) -> Result<(), String> {
         // A blocked artifact is not even fetched (a presigned URL would bypass the server).
         plan.gate.check().await?;
         if target.adopting()
             && let Some(legacy) = target.back_to()
         {
-            self.prepare(plan, target, hooks, legacy).await?;
+            self.prepare(plan, target, hooks, legacy, None).await?;
         } else {
             let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
             if !status.plain {
                 target.set_back_to(status.current);
             }
         }
-        self.prepare(plan, target, hooks, plan.release.digest).await
+        self.prepare(plan, target, hooks, plan.release.digest, index).await
     }
 
-    async fn prepare(&self, plan: &Plan, target: &Target, hooks: &Hooks, digest: Digest) -> Result<(), String> {
+    /// Prepares `digest` on one node: a check when it is already there, else a fetch (the
+    /// files `index` names that a release on the node holds are linked, not written).
+    async fn prepare(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        hooks: &Hooks,
+        digest: Digest,
+        index: Option<&FileIndex>,
+    ) -> Result<(), String> {
         let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status.ready.contains(&digest);
         let name = if digest == plan.release.digest { Phase::Prepare } else { Phase::PrepareAdopted };
         let started = Timestamp::now();
         if present {
-            let request = self.prepare_request(plan, target, hooks, digest, Source::Present, true);
+            let request = self.prepare_request(plan, target, hooks, digest, Source::Present, None);
             let answer = call::<Prepared>(target, &request, None).await;
             // The status was read without the node's lock: the clean-up of an earlier run may
             // have removed the release since (it follows `live` in the background). Then it is
@@ -235,7 +273,7 @@ impl NodeDeployer {
         } else {
             (Source::Stdin, Some(self.artifact(digest).await?))
         };
-        let request = self.prepare_request(plan, target, hooks, digest, source, false);
+        let request = self.prepare_request(plan, target, hooks, digest, source, index);
         let answer = call::<Prepared>(target, &request, payload).await;
         report_phase(plan, target, name, &request, started, answer).map(drop)
     }
@@ -247,8 +285,9 @@ impl NodeDeployer {
         hooks: &Hooks,
         digest: Digest,
         source: Source,
-        present: bool,
+        index: Option<&FileIndex>,
     ) -> Request {
+        let present = matches!(source, Source::Present);
         Request::Prepare(node::Prepare {
             base: target.base.clone(),
             digest,
@@ -268,9 +307,7 @@ impl NodeDeployer {
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
             run_as: run_as(plan, false),
-            // The artifact's stored file index goes here (issue 15): with it, the node links
-            // the files a release already there holds instead of writing them.
-            index: None,
+            index: index.cloned(),
         })
     }
 
@@ -388,11 +425,14 @@ impl NodeDeployer {
             return Ok(());
         }
         self.adopt(plan, &targets).await?;
+        let index = self.file_index(plan).await;
 
         // 1. Prepare everywhere; nothing that serves traffic changes yet.
         let parallel = plan.environment.parallel.max(1) as usize;
-        let preparing: Vec<BoxFuture<'_, Result<(), String>>> =
-            targets.iter().map(|t| Box::pin(self.prepare_node(plan, t, &hooks)) as BoxFuture<'_, _>).collect();
+        let preparing: Vec<BoxFuture<'_, Result<(), String>>> = targets
+            .iter()
+            .map(|t| Box::pin(self.prepare_node(plan, t, &hooks, index.as_ref())) as BoxFuture<'_, _>)
+            .collect();
         let prepared: Vec<Result<(), String>> = futures::stream::iter(preparing).buffered(parallel).collect().await;
         if let Some(reason) = first_error(prepared) {
             return Err(Failure::new(reason));

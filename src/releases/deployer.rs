@@ -61,6 +61,9 @@ pub struct Plan {
     /// Whether the release may still go on: asked before each node prepares, before the
     /// migration and before the switch, and before a resolution finishes a deploy.
     pub gate: Gate,
+    /// The digest of the artifact's stored file index (issue 15), when ingest kept one: the
+    /// nodes link the files a release already there holds instead of writing them.
+    pub index: Option<Digest>,
 }
 
 /// Asks the registry whether a release may still go live: `Err(reason)` once its artifact is

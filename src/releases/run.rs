@@ -183,6 +183,8 @@ impl Releases {
             None => None,
         };
         let environment = self.environment(&release.environment)?.clone();
+        let digest = release.digest;
+        let index = self.blocking(move |r| r.artifact_index(digest)).await?.map(|i| i.sha256);
         let adopt = self.blocking(move |r| r.adoption(id)).await?.map(|adoption| deployer::Adopt {
             adopter: Arc::new(adopt::ServerAdopter {
                 ingestor: self.ingestor.clone(),
@@ -201,6 +203,7 @@ impl Releases {
             report: self.reporter(release.id),
             adopt,
             gate: self.gate(release.digest),
+            index,
         })
     }
 

@@ -6,8 +6,15 @@ use std::process::Command;
 
 use crate::releases::Fixture;
 
+/// Runs `sql` with the CLI; it waits for the running server's write lock (without a busy
+/// timeout it fails at once with "database is locked" when a write of the server is under way).
 fn sqlite(db: &std::path::Path, sql: &str) {
-    let out = Command::new("sqlite3").arg(db).arg(sql).output().expect("the sqlite3 CLI (installed by .ci/run)");
+    let out = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 CLI (installed by .ci/run)");
     assert!(out.status.success(), "sqlite3 {sql}: {}", String::from_utf8_lossy(&out.stderr));
 }
 

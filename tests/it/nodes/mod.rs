@@ -10,6 +10,7 @@ mod health;
 mod hooks;
 mod recovery;
 mod rollback;
+mod share;
 mod status;
 
 use std::fs;

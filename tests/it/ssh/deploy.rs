@@ -46,7 +46,10 @@ fn three_staging_nodes_promote_to_two_production_nodes_and_roll_back() {
     assert_eq!(prepares.len(), 2, "{shown}");
     for prepare in prepares {
         assert_eq!(prepare["outcome"], "ok");
-        assert!(prepare["output_tail"].as_str().unwrap().contains("presigned URL"), "{prepare}");
+        let output = prepare["output_tail"].as_str().unwrap();
+        assert!(output.contains("presigned URL"), "{prepare}");
+        // The index travelled over SSH with the prepare: lib.txt is v1's, linked.
+        assert!(output.contains("(1 of its 2 files linked to a release already here)"), "{prepare}");
     }
 }
 

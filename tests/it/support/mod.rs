@@ -377,21 +377,34 @@ impl TestServer {
     /// The stored index of `digest` as the registry names it: `None` without a row, `Some(None)`
     /// when the row names an object the store does not hold.
     pub fn stored_index(&self, digest: &str) -> Option<Option<release::archive::FileIndex>> {
+        let named = self.index_named(digest)?;
+        let artifact: release::digest::Digest = digest.parse().unwrap();
+        match block_on(self.store().get_index(named)) {
+            Ok(bytes) => Some(Some(release::archive::FileIndex::decode(&bytes, artifact).unwrap())),
+            Err(release::store::StoreError::NotFound { .. }) => Some(None),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The digest of the index the registry names for artifact `digest`, if any.
+    fn index_named(&self, digest: &str) -> Option<release::digest::Digest> {
         let conn = rusqlite::Connection::open_with_flags(
             self.data_dir().join("registry.db"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
         .unwrap();
-        let named: String = conn
+        let named: Option<String> = conn
             .query_row("SELECT index_sha256 FROM artifact_indexes WHERE digest = ?1", [digest], |r| r.get(0))
             .optional()
-            .unwrap()?;
-        let artifact: release::digest::Digest = digest.parse().unwrap();
-        match block_on(self.store().get_index(named.parse().unwrap())) {
-            Ok(bytes) => Some(Some(release::archive::FileIndex::decode(&bytes, artifact).unwrap())),
-            Err(release::store::StoreError::NotFound { .. }) => Some(None),
-            Err(e) => panic!("{e}"),
-        }
+            .unwrap();
+        named.map(|n| n.parse().unwrap())
+    }
+
+    /// Deletes the stored index of artifact `digest` behind the server's back (the row that
+    /// names it stays): a store that lost an object.
+    pub fn lose_index(&self, digest: &str) {
+        let named = self.index_named(digest).expect("the artifact has an index");
+        block_on(self.store().purge_index(named)).unwrap();
     }
 
     /// Runs one query against the registry (read-only) and returns the first column as i64.
