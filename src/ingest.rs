@@ -6,6 +6,9 @@
 //! written only after digest and archive checked out, and the registry row — the commit point —
 //! only after that. Whatever fails, the staging object is aborted, so nothing is left under an
 //! artifact key.
+//!
+//! Long on purpose: the pipeline's stages and the refusal at each of its joints (what is
+//! aborted, what is kept) read best in one place.
 
 use std::io::{self, BufRead, Read};
 use std::sync::Arc;

@@ -1,5 +1,8 @@
 //! Packing and checking archives: determinism, every refusal of the ingest rules, and the
 //! streaming walk.
+//!
+//! Long on purpose: one set of hand-made tars serves every rule of the pack, the check and
+//! the index.
 
 use std::fs;
 use std::io::Write;

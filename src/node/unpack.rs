@@ -7,6 +7,9 @@
 //! file whose content and mode a ready release has is hard-linked to it instead of written;
 //! its bytes are still read from the stream, hashed, and compared with the index, like every
 //! other file's: an index that does not describe the artifact is refused.
+//!
+//! Long on purpose: writing, hashing, checking and linking are one pass over one stream, and
+//! each refusal on the way must leave nothing: they read best as one walk.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};

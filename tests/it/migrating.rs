@@ -13,6 +13,9 @@
 //!
 //! Long on purpose: it stands up the whole before-picture (Apache, supervisor, cron, PM2, Nginx)
 //! the guide starts from.
+//!
+//! Long on purpose: one test follows the guide from its first step to its last, as a reader
+//! would, with the setup each step starts from beside it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -1,7 +1,8 @@
 //! The house rules that the compiler does not check, checked over `src/` (as rust-analyzer's
 //! tidy test does): every module file opens with a `//!` line saying what it is for, and a
 //! module imports only modules of lower layers (ARCHITECTURE.md, "Layers"), so that no
-//! import circle can come back.
+//! import circle can come back; and no file of `src/` or `tests/` grows past [`LONG`] lines
+//! without saying at its top why it is long.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -23,6 +24,9 @@ const LAYERS: &[&[&str]] = &[
     &["server", "client"],
     &["cli"],
 ];
+
+/// Past this many lines a file says "Long on purpose: …" in its opening `//!` lines.
+const LONG: usize = 500;
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|layer| layer.contains(&module))
@@ -115,6 +119,26 @@ fn every_module_says_what_it_is_for_and_imports_only_lower_layers() {
         }
     }
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+#[test]
+fn a_file_past_the_length_limit_says_why_at_its_top() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests"), &mut files);
+    files.sort();
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|file| {
+            let text = fs::read_to_string(file).unwrap();
+            let lines = text.lines().count();
+            let header: String = text.lines().take_while(|l| l.starts_with("//!")).collect();
+            (lines > LONG && !header.contains("Long on purpose"))
+                .then(|| format!("{}: {lines} lines", file.strip_prefix(root).unwrap().display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "split these, or say at the top why they are long:\n{}", long.join("\n"));
 }
 
 #[test]
