@@ -34,6 +34,11 @@ pub enum UnpackError {
     Write { path: String, source: io::Error },
     #[error("the artifact's file index does not describe it: {0}")]
     IndexMismatch(String),
+    #[error(
+        "{0}, a file of an older release on this node, does not hold what that release's kept index says (changed \
+         here since): not shared; that release offers its files no more, deploy again"
+    )]
+    OlderChanged(String),
 }
 
 /// What a node already holds, for [`unpack_sharing`].
@@ -54,6 +59,9 @@ pub struct Candidate {
     /// When that release's index was stored (ns since the epoch): a file modified since (an
     /// exec hook run as root, say) no longer holds what the index says, and is not linked.
     pub indexed_at_ns: i128,
+    /// That release's stored index: removed when the file turns out not to hold what it says
+    /// (edited on the node, or the file changed with its mtime put back).
+    pub index: PathBuf,
 }
 
 /// [`Sharing`] while unpacking: the index by path.
@@ -152,6 +160,7 @@ pub fn unpack_sharing(
     let mut unpacker = Unpacker {
         root: dest.to_owned(),
         buffer: vec![0; 256 << 10],
+        theirs: vec![0; 256 << 10],
         dirs: HashSet::from([PathBuf::new()]),
         modes,
         sharing: sharing.as_ref().zip(by_path.as_ref()).map(|(s, index)| Linking {
@@ -160,6 +169,8 @@ pub fn unpack_sharing(
             writable: s.writable,
         }),
         linked: Vec::new(),
+        linked_paths: HashSet::new(),
+        not_as_said: Vec::new(),
     };
     let mut listed = Vec::new();
     let walked = match &sharing {
@@ -182,7 +193,7 @@ pub fn unpack_sharing(
             if actual != expected {
                 Err(UnpackError::DigestMismatch { expected, actual })
             } else if let Some(by_path) = &by_path {
-                matches_index(&listed, by_path).map(|()| summary)
+                matches_index(&listed, by_path).and_then(|()| older_as_said(&unpacker.not_as_said)).map(|()| summary)
             } else {
                 Ok(summary)
             }
@@ -242,6 +253,17 @@ fn matches_index(listed: &[IndexedFile], index: &HashMap<&str, &IndexedFile>) ->
     Ok(())
 }
 
+/// Refuses an unpack that linked files of older releases not holding what their stored index
+/// says (it was edited on this node, or they were changed with their mtime put back): those
+/// releases offer their files no more, and the next prepare writes them from the artifact.
+fn older_as_said(not_as_said: &[Candidate]) -> Result<(), UnpackError> {
+    let Some(first) = not_as_said.first() else { return Ok(()) };
+    for candidate in not_as_said {
+        let _ = fs::remove_file(&candidate.index);
+    }
+    Err(UnpackError::OlderChanged(first.path.display().to_string()))
+}
+
 /// Removes a tree whose directories may have been made read-only.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     let meta = match fs::symlink_metadata(path) {
@@ -285,6 +307,8 @@ struct Unpacker<'a> {
     /// One copy buffer for every file (a fresh one per file cost ~8% of an unpack in
     /// allocating and clearing pages).
     buffer: Vec<u8>,
+    /// What a linked file holds, read to compare with the stream's bytes.
+    theirs: Vec<u8>,
     /// The directories made so far, relative: a file's parent is made once, not looked up
     /// again for every file in it (that lookup was 8% of an unpack).
     dirs: HashSet<PathBuf>,
@@ -292,6 +316,10 @@ struct Unpacker<'a> {
     /// The files to link to, and the index by path.
     sharing: Option<Linking<'a>>,
     linked: Vec<Linked>,
+    /// The paths of `linked`, relative.
+    linked_paths: HashSet<String>,
+    /// Older files linked that do not hold what their release's index says.
+    not_as_said: Vec<Candidate>,
 }
 
 impl Unpacker<'_> {
@@ -319,20 +347,21 @@ impl Unpacker<'_> {
 
     /// Hard-links `relative` to the file of an older release holding what the index says it
     /// holds, when there is one that still looks like it (a regular file of that size and
-    /// mode, read-only: never a writable path's). False (write it) when there is none, or the
-    /// link fails (another filesystem, too many links): sharing never fails an unpack.
-    fn link_to_older(&mut self, relative: &Path, path: &str, executable: bool) -> bool {
+    /// mode, read-only: never a writable path's). None (write it) when there is none, or the
+    /// link fails (another filesystem, too many links): sharing never fails an unpack. Some:
+    /// the older file, open, and its candidate, for [`same_as_linked`] to read.
+    fn link_to_older(&mut self, relative: &Path, path: &str, executable: bool) -> Option<(fs::File, Candidate)> {
         use std::os::unix::fs::MetadataExt;
-        let Some(sharing) = &self.sharing else { return false };
-        let Some(said) = sharing.index.get(path) else { return false };
+        let sharing = self.sharing.as_ref()?;
+        let said = sharing.index.get(path)?;
         // An empty file has no data to share (and thousands of them would reach the links'
         // limit of one inode).
         if said.executable != executable || said.size == 0 || is_writable(relative, sharing.writable) {
-            return false;
+            return None;
         }
-        let Some(candidate) = sharing.candidates.get(&(said.sha256, executable)) else { return false };
+        let candidate = sharing.candidates.get(&(said.sha256, executable))?;
         let source = &candidate.path;
-        let Ok(meta) = fs::symlink_metadata(source) else { return false };
+        let meta = fs::symlink_metadata(source).ok()?;
         let looks_same = meta.is_file()
             && meta.size() == candidate.size
             && meta.size() == said.size
@@ -340,12 +369,15 @@ impl Unpacker<'_> {
             && meta.mode() & 0o222 == 0
             && (meta.mode() & 0o111 != 0) == executable;
         if !looks_same {
-            return false;
+            return None;
         }
+        // Opened before linking, and the same inode: its bytes are what the link holds.
+        let opened = fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == meta.ino()))?;
         let link = self.root.join(relative);
         if fs::hard_link(source, &link).is_err() {
-            return false;
+            return None;
         }
+        self.linked_paths.insert(path.to_owned());
         self.linked.push(Linked {
             path: path.to_owned(),
             source: source.clone(),
@@ -354,7 +386,7 @@ impl Unpacker<'_> {
             mtime_ns: mtime_ns(&meta),
             mode: meta.mode(),
         });
-        true
+        Some((opened, candidate.clone()))
     }
 
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
@@ -375,8 +407,15 @@ impl Visitor for Unpacker<'_> {
             Entry::File { path, executable, .. } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
-                // Linked: its data is left to the caller's hashing (compared with the index).
-                if self.link_to_older(relative, path.as_str(), executable) {
+                // Linked: its data (hashed by the caller, compared with the index) is compared
+                // with the older file's bytes too: an older release's index is the node's word,
+                // which someone there may have changed, and so may its file be.
+                // Which one lied (the index sent, or the older release's) is known once the
+                // stream's bytes are compared with the index sent: the unpack fails after the walk.
+                if let Some((older, candidate)) = self.link_to_older(relative, path.as_str(), executable) {
+                    if !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)? {
+                        self.not_as_said.push(candidate);
+                    }
                     return Ok(());
                 }
                 // create_new: a second entry for the same path is refused, never overwrites.
@@ -397,6 +436,19 @@ impl Visitor for Unpacker<'_> {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
                 let link = self.root.join(relative);
+                // A writable path never shares an inode with an older release (the hook user's
+                // group is given write there): a link to a linked file is a copy of it instead.
+                if self.linked_paths.contains(target.as_str())
+                    && let Some(sharing) = &self.sharing
+                    && is_writable(relative, sharing.writable)
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let from = self.root.join(target.as_str());
+                    let executable = fs::metadata(&from)?.permissions().mode() & 0o111 != 0;
+                    fs::copy(&from, &link)?;
+                    let mode = self.file_mode(relative, executable);
+                    return fs::set_permissions(&link, fs::Permissions::from_mode(mode));
+                }
                 fs::hard_link(self.root.join(target.as_str()), &link)?;
                 // One inode, two paths: read-only when either is (as the walk would leave it).
                 if let Modes::Sealed(writable) = self.modes
@@ -410,6 +462,26 @@ impl Visitor for Unpacker<'_> {
             }
         }
     }
+}
+
+/// Whether `data` (a file's bytes in the stream) is exactly what `older` holds, read through
+/// `buffer` and `theirs` (of one length): a file linked to it holds what the artifact says.
+/// Reads `data` to its end either way.
+fn same_as_linked(data: &mut dyn Read, mut older: fs::File, buffer: &mut [u8], theirs: &mut [u8]) -> io::Result<bool> {
+    let mut same = true;
+    loop {
+        let n = match data.read(buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if same {
+            same = older.read_exact(&mut theirs[..n]).is_ok() && buffer[..n] == theirs[..n];
+        }
+    }
+    // Nothing more in the older file either.
+    Ok(same && matches!(older.read(&mut theirs[..1]), Ok(0)))
 }
 
 /// Copies `data` into `file` through `buffer`, in as few writes as it takes.

@@ -56,6 +56,7 @@ pub(super) fn candidates(layout: &Layout, digest: Digest, writable: &[String]) -
                 path: dir.join(&file.path),
                 size: file.size,
                 indexed_at_ns,
+                index: path.clone(),
             });
         }
     }

@@ -128,7 +128,7 @@ fn a_release_prepared_without_an_index_shares_nothing_and_keeps_none() {
 fn an_index_that_lies_is_refused_and_leaves_nothing() {
     let base = tempfile::tempdir().unwrap();
     let layout = Layout { base: base.path().to_owned() };
-    let (_, old) = prepared(base.path(), &first(), &[]);
+    let (one, old) = prepared(base.path(), &first(), &[]);
     let (bytes, digest, index) = package(&second());
     let same = index.files.iter().find(|f| f.path == "app/same.php").unwrap().clone();
     let lies: Vec<Lie> = vec![
@@ -160,6 +160,7 @@ fn an_index_that_lies_is_refused_and_leaves_nothing() {
         assert!(!layout.release(digest).exists() && !layout.ready(digest).exists() && !layout.index(digest).exists());
         let left: Vec<_> = fs::read_dir(layout.releases()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left.len(), 1, "only the older release: {left:?}");
+        assert!(layout.index(one).exists(), "the index sent lied, not the older release's");
     }
     assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same", "untouched");
     let mut other = index.clone();
@@ -355,6 +356,111 @@ fn finalize_run_again_writing_into_a_shared_file_as_root_is_found_and_refused() 
         );
         assert!(!layout.ready(one).exists() && !layout.index(one).exists(), "{}", refused.message);
         assert_eq!(fs::metadata(layout.release(two).join("app/same.php")).unwrap().mode() & 0o222, 0);
+        unseal(base.path());
+    }
+}
+
+/// Stores `index` as release `digest`'s kept index, as someone on the node might (a lying
+/// `.release/index/<hex>`).
+fn keep_lying_index(layout: &Layout, digest: Digest, lie: impl Fn(&mut FileIndex)) {
+    let mut index = FileIndex::decode(&fs::read(layout.index(digest)).unwrap(), digest).unwrap();
+    lie(&mut index);
+    fs::write(layout.index(digest), index.encode()).unwrap();
+}
+
+/// A kept index edited on the node (it says the older release's `changed.php` holds what the
+/// new one's holds, same size) must not put the older content in the new release: a linked
+/// file's bytes are compared with the stream's, not only its claimed hash.
+#[test]
+fn a_kept_index_edited_on_the_node_never_links_other_content() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &[]);
+    let (bytes, two, index) = package(&second());
+    let theirs = index.files.iter().find(|f| f.path == "app/changed.php").unwrap().clone();
+    keep_lying_index(&layout, one, |i| {
+        let f = i.files.iter_mut().find(|f| f.path == "app/changed.php").unwrap();
+        (f.sha256, f.size) = (theirs.sha256, theirs.size);
+    });
+    let refused = prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..]).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Io, "{}", refused.message);
+    assert!(refused.message.contains("app/changed.php"), "{}", refused.message);
+    assert!(!layout.release(two).exists() && !layout.ready(two).exists() && !layout.index(two).exists());
+    assert!(!layout.index(one).exists(), "the lying index is forgotten");
+    // Deployed again, it is written from the artifact.
+    let again = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap();
+    assert_eq!(fs::read_to_string(again.dir.join("app/changed.php")).unwrap(), "<?php two");
+    assert_eq!(fs::read_to_string(again.dir.join("app/same.php")).unwrap(), "<?php same");
+    assert_eq!(fs::read_to_string(old.join("app/changed.php")).unwrap(), "<?php one", "untouched");
+    unseal(base.path());
+}
+
+/// A file of an older release changed in place after its index was kept, its mtime put back
+/// (`touch -r`), the same size: a newer release holding what the index says must not get it.
+#[test]
+fn a_file_changed_in_place_with_its_mtime_put_back_is_never_linked() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &[]);
+    let path = old.join("app/same.php");
+    let before = fs::metadata(&path).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, "<?php evil").unwrap();
+    let times = fs::FileTimes::new().set_modified(before.modified().unwrap()).set_accessed(before.accessed().unwrap());
+    fs::File::options().write(true).open(&path).unwrap().set_times(times).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), before.modified().unwrap());
+    let (bytes, two, index) = package(&second());
+    let refused = prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..]).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Io, "{}", refused.message);
+    assert!(refused.message.contains("app/same.php"), "{}", refused.message);
+    assert!(!layout.release(two).exists() && !layout.index(one).exists());
+    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap().dir;
+    assert_eq!(fs::read_to_string(dir.join("app/same.php")).unwrap(), "<?php same");
+    assert_ne!(ino(&dir.join("app/same.php")), ino(&path));
+    unseal(base.path());
+}
+
+/// An artifact whose tar holds a hard link in a writable path to a file shared with an older
+/// release: the writable path must not be that inode (the hook user's group gets write on
+/// writable paths, and hooks and the service write there).
+#[test]
+fn a_tar_hard_link_in_a_writable_path_never_shares_an_older_inode() {
+    if user_ids("nobody").is_none() {
+        return;
+    }
+    let tar_with_hard_link = || {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(10);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, "app/same.php", &b"<?php same"[..]).unwrap();
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Link);
+        header.set_size(0);
+        header.set_mode(0o644);
+        builder.append_link(&mut header, "cache/same.php", "app/same.php").unwrap();
+        zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap()
+    };
+    for finalize in [&[][..], &["true"][..]] {
+        let base = tempfile::tempdir().unwrap();
+        let (_, old) = prepared(base.path(), &first(), &[]);
+        let shared = old.join("app/same.php");
+        let mode = fs::metadata(&shared).unwrap().mode();
+        let bytes = tar_with_hard_link();
+        let digest = Digest::of(&bytes);
+        let options =
+            CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 100, shared: vec![], record_migrations: false };
+        let (_, files) = archive::index(&bytes[..], &options).unwrap();
+        let mut asked = request(base.path(), digest, Some(FileIndex::new(digest, files)), finalize);
+        asked.run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
+        let dir = prepare(&asked, &mut &bytes[..]).unwrap().dir;
+        assert_eq!(fs::read_to_string(dir.join("cache/same.php")).unwrap(), "<?php same");
+        assert_ne!(ino(&dir.join("cache/same.php")), ino(&shared), "{finalize:?}");
+        let after = fs::metadata(&shared).unwrap();
+        assert_eq!(after.mode(), mode, "the older release's file keeps its mode ({finalize:?})");
+        assert_eq!(after.gid(), fs::metadata(old.join("app/changed.php")).unwrap().gid(), "and its group");
         unseal(base.path());
     }
 }
