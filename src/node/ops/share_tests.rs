@@ -464,3 +464,28 @@ fn a_tar_hard_link_in_a_writable_path_never_shares_an_older_inode() {
         unseal(base.path());
     }
 }
+
+/// A finalize hook run as root rewriting a linked file in place with the same size and putting
+/// its mtime back (`touch -r`): its ctime shows it, and its bytes are compared with the index.
+#[test]
+fn a_finalize_hook_rewriting_a_shared_file_with_its_mtime_put_back_is_found() {
+    if !rustix::process::geteuid().is_root() {
+        return; // not root: EACCES, as above
+    }
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (one, old) = prepared(base.path(), &first(), &[]);
+    let (bytes, two, index) = package(&second());
+    let ref_file = base.path().join("ref");
+    let hook = format!(
+        "cp -p app/same.php {r} && printf '<?php evil' > app/same.php && touch -r {r} app/same.php",
+        r = ref_file.display()
+    );
+    let refused = prepare(&request(base.path(), two, Some(index), &[hook.as_str()]), &mut &bytes[..]).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
+    assert!(refused.message.contains("app/same.php"), "{}", refused.message);
+    assert!(!layout.ready(two).exists() && !layout.index(two).exists());
+    assert!(!layout.index(one).exists() && !layout.ready(one).exists(), "the changed release is unmarked");
+    assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php evil", "root did write through");
+    unseal(base.path());
+}
