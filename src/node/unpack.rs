@@ -35,10 +35,10 @@ pub enum UnpackError {
     #[error("the artifact's file index does not describe it: {0}")]
     IndexMismatch(String),
     #[error(
-        "{0}, a file of an older release on this node, does not hold what that release's kept index says (changed \
-         here since): not shared; that release offers its files no more, deploy again"
+        "{path}, a file of an older release on this node, does not hold what that release's kept index says \
+         (changed here since its index was kept)"
     )]
-    OlderChanged(String),
+    OlderChanged { path: String, releases: Vec<Digest> },
 }
 
 /// What a node already holds, for [`unpack_sharing`].
@@ -59,9 +59,10 @@ pub struct Candidate {
     /// When that release's index was stored (ns since the epoch): a file modified since (an
     /// exec hook run as root, say) no longer holds what the index says, and is not linked.
     pub indexed_at_ns: i128,
-    /// That release's stored index: removed when the file turns out not to hold what it says
-    /// (edited on the node, or the file changed with its mtime put back).
-    pub index: PathBuf,
+    /// The release it is of: it offers its files no more, and is unpacked again, when the file
+    /// turns out not to hold what its index says (edited on the node, or the file changed with
+    /// its mtime put back).
+    pub release: Digest,
 }
 
 /// [`Sharing`] while unpacking: the index by path.
@@ -254,14 +255,14 @@ fn matches_index(listed: &[IndexedFile], index: &HashMap<&str, &IndexedFile>) ->
 }
 
 /// Refuses an unpack that linked files of older releases not holding what their stored index
-/// says (it was edited on this node, or they were changed with their mtime put back): those
-/// releases offer their files no more, and the next prepare writes them from the artifact.
+/// says (it was edited on this node, or they were changed with their mtime put back), naming
+/// those releases (the caller unmarks them).
 fn older_as_said(not_as_said: &[Candidate]) -> Result<(), UnpackError> {
     let Some(first) = not_as_said.first() else { return Ok(()) };
-    for candidate in not_as_said {
-        let _ = fs::remove_file(&candidate.index);
-    }
-    Err(UnpackError::OlderChanged(first.path.display().to_string()))
+    let mut releases: Vec<Digest> = not_as_said.iter().map(|c| c.release).collect();
+    releases.sort();
+    releases.dedup();
+    Err(UnpackError::OlderChanged { path: first.path.display().to_string(), releases })
 }
 
 /// Removes a tree whose directories may have been made read-only.

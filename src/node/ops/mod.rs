@@ -37,7 +37,10 @@ pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
 use prepare::{prepare, shared_fingerprints};
-use share::{after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index};
+use share::{
+    after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index,
+    unmark_changed,
+};
 use switch::{adopt, read_adopted, switch};
 
 /// The last bytes of a hook's output kept in the answer (and in the registry).

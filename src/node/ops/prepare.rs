@@ -151,7 +151,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             }
             crate::node::UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
             crate::node::UnpackError::IndexMismatch(_) => NodeError::new(ErrorCode::IndexMismatch, e.to_string()),
-            crate::node::UnpackError::OlderChanged(_) => NodeError::new(ErrorCode::Io, e.to_string()),
+            crate::node::UnpackError::OlderChanged { ref releases, .. } => {
+                let unmarked = unmark_changed(&layout, releases);
+                NodeError::new(ErrorCode::Io, format!("{e}: not shared{unmarked}; deploy again"))
+            }
         })?;
         linked = unpacked.linked;
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;

@@ -56,7 +56,7 @@ pub(super) fn candidates(layout: &Layout, digest: Digest, writable: &[String]) -
                 path: dir.join(&file.path),
                 size: file.size,
                 indexed_at_ns,
-                index: path.clone(),
+                release,
             });
         }
     }
@@ -187,12 +187,40 @@ pub(super) fn files_of_several_links(dir: &Path) -> Vec<Linked> {
     found
 }
 
+/// Releases whose files no longer hold what their artifact does offer them no more, and are
+/// unmarked (unpacked again from their artifact when next needed), except the live one,
+/// which is named: what to add to the refusal that found them.
+pub(super) fn unmark_changed(layout: &Layout, releases: &[Digest]) -> String {
+    let current = layout.current_digest().ok().flatten();
+    let mut message = String::new();
+    let mut unmarked = Vec::new();
+    for release in releases {
+        forget_index(layout, *release);
+        if current == Some(*release) {
+            message.push_str(&format!(
+                "; the live release {} (current) has the changed file: deploy it again to restore it",
+                &release.hex()[..12]
+            ));
+        } else {
+            let _ = fs::remove_file(layout.ready(*release));
+            let _ = fs::remove_file(layout.finalized_with(*release));
+            unmarked.push(release.hex()[..12].to_owned());
+        }
+    }
+    if !unmarked.is_empty() {
+        message.push_str(&format!(
+            "; no longer ready, unpacked again from their artifact when next needed: {}",
+            unmarked.join(", ")
+        ));
+    }
+    message
+}
+
 /// The refusal of a release whose finalize changed a file it shares with older releases: those
 /// releases are unmarked (unpacked again from their artifact when next needed), except the
 /// live one, which is named; none of them offers its files again.
 fn written_through(layout: &Layout, digest: Digest, index: Option<&FileIndex>, link: &Linked) -> NodeError {
     let said: Option<&IndexedFile> = index.and_then(|index| index.files.iter().find(|f| f.path == link.path));
-    let current = layout.current_digest().ok().flatten();
     let mut sharing = Vec::new();
     for release in indexed_releases(layout, digest) {
         let Ok(stored) = fs::read(layout.index(release)) else { continue };
@@ -214,26 +242,7 @@ fn written_through(layout: &Layout, digest: Digest, index: Option<&FileIndex>, l
             sharing.iter().map(|d| d.hex()[..12].to_owned()).collect::<Vec<_>>().join(", ")
         }
     );
-    let mut unmarked = Vec::new();
-    for release in &sharing {
-        forget_index(layout, *release);
-        if current == Some(*release) {
-            message.push_str(&format!(
-                "; the live release {} (current) has the changed file: deploy it again to restore it",
-                &release.hex()[..12]
-            ));
-        } else {
-            let _ = fs::remove_file(layout.ready(*release));
-            let _ = fs::remove_file(layout.finalized_with(*release));
-            unmarked.push(release.hex()[..12].to_owned());
-        }
-    }
-    if !unmarked.is_empty() {
-        message.push_str(&format!(
-            "; no longer ready, unpacked again from their artifact when next needed: {}",
-            unmarked.join(", ")
-        ));
-    }
+    message.push_str(&unmark_changed(layout, &sharing));
     message.push_str(
         "; a finalize hook must write only in the kind's writable paths (or replace files, never rewrite them in place)",
     );

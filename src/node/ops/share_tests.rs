@@ -387,6 +387,7 @@ fn a_kept_index_edited_on_the_node_never_links_other_content() {
     assert!(refused.message.contains("app/changed.php"), "{}", refused.message);
     assert!(!layout.release(two).exists() && !layout.ready(two).exists() && !layout.index(two).exists());
     assert!(!layout.index(one).exists(), "the lying index is forgotten");
+    assert!(!layout.ready(one).exists(), "and the release unmarked (not current): unpacked again when needed");
     // Deployed again, it is written from the artifact.
     let again = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap();
     assert_eq!(fs::read_to_string(again.dir.join("app/changed.php")).unwrap(), "<?php two");
@@ -415,6 +416,7 @@ fn a_file_changed_in_place_with_its_mtime_put_back_is_never_linked() {
     assert_eq!(refused.code, ErrorCode::Io, "{}", refused.message);
     assert!(refused.message.contains("app/same.php"), "{}", refused.message);
     assert!(!layout.release(two).exists() && !layout.index(one).exists());
+    assert!(!layout.ready(one).exists(), "its file is not its artifact's: no longer ready");
     let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap().dir;
     assert_eq!(fs::read_to_string(dir.join("app/same.php")).unwrap(), "<?php same");
     assert_ne!(ino(&dir.join("app/same.php")), ino(&path));
