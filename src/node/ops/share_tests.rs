@@ -491,3 +491,51 @@ fn a_finalize_hook_rewriting_a_shared_file_with_its_mtime_put_back_is_found() {
     assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php evil", "root did write through");
     unseal(base.path());
 }
+
+/// An agent killed mid-prepare (-9: nothing cleaned) left a half-linked temporary tree, or a
+/// renamed tree whose index was kept but no ready marker: neither is offered to a newer
+/// release, the redo removes them without touching the older release's files, and the older
+/// files keep their content, mode and links.
+#[test]
+fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() {
+    let base = tempfile::tempdir().unwrap();
+    let layout = Layout { base: base.path().to_owned() };
+    let (_, old) = prepared(base.path(), &first(), &[]);
+    let same = old.join("app/same.php");
+    let before = fs::metadata(&same).unwrap();
+    let (bytes, two, index) = package(&second());
+    // Killed while linking: .tmp-<hex> holds a link to the older file.
+    let tmp = layout.releases().join(format!(".tmp-{}", two.hex()));
+    fs::create_dir_all(tmp.join("app")).unwrap();
+    fs::hard_link(&same, tmp.join("app/same.php")).unwrap();
+    // A third release killed between keeping its index and its ready marker.
+    let mut third = second();
+    third.insert("app/third.php".into(), (b"<?php third".to_vec(), false));
+    let (third_bytes, three, third_index) = package(&third);
+    let answer = prepare(&request(base.path(), three, Some(third_index.clone()), &[]), &mut &third_bytes[..]).unwrap();
+    fs::remove_file(layout.ready(three)).unwrap();
+    assert!(layout.index(three).exists());
+    let unready = answer.dir;
+    let unready_third = fs::metadata(unready.join("app/third.php")).unwrap().ino();
+
+    // The second release with a file only the unready one holds: never linked to it.
+    let mut second_tree = second();
+    second_tree.insert("app/third.php".into(), (b"<?php third".to_vec(), false));
+    let (bytes_b, two_b, index_b) = package(&second_tree);
+    let dir = prepare(&request(base.path(), two_b, Some(index_b), &[]), &mut &bytes_b[..]).unwrap().dir;
+    assert_ne!(ino(&dir.join("app/third.php")), unready_third, "an unready release offers nothing");
+    assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
+
+    // Redone: the half-linked tree is gone, the older file as it was.
+    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap().dir;
+    assert!(!tmp.exists());
+    assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
+    let after = fs::metadata(&same).unwrap();
+    assert_eq!((after.mode(), after.len(), after.mtime()), (before.mode(), before.len(), before.mtime()));
+    assert_eq!(after.nlink(), 3, "the older release, the second, and the second's sibling: not the killed tree");
+    assert_eq!(fs::read_to_string(&same).unwrap(), "<?php same");
+    // The unready third is redone too: its kept index is forgotten first, then kept again.
+    prepare(&request(base.path(), three, Some(third_index), &[]), &mut &third_bytes[..]).unwrap();
+    assert!(layout.ready(three).exists() && layout.index(three).exists());
+    unseal(base.path());
+}
