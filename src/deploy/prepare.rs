@@ -5,6 +5,29 @@
 
 use super::*;
 
+/// The most an index may take on a prepare's request line, as JSON: a node reads that line
+/// whole, and the server writes it for every node at once (`parallel`). An artifact of
+/// 500,000 files of 60-byte paths (`limits.max_files`) makes about 101 MiB; one of longer
+/// paths, up to the 256 MiB an index may decompress to. A larger index costs the sharing.
+pub(super) const MAX_SENT_INDEX_BYTES: u64 = 64 << 20;
+
+/// How many bytes `index` takes as JSON (counted, not written out).
+pub(super) fn sent_bytes(index: &FileIndex) -> u64 {
+    struct Counting(u64);
+    impl std::io::Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counted = Counting(0);
+    serde_json::to_writer(&mut counted, index).expect("an index serializes");
+    counted.0
+}
+
 impl NodeDeployer {
     /// Prepares the release (and first the adopted legacy tree, on a node adopting one); notes
     /// what the node's `current` points at, to put it back there.
@@ -116,6 +139,10 @@ impl NodeDeployer {
                 .map_err(|e| e.to_string())
         };
         match read.await {
+            Ok(index) if sent_bytes(&index) > MAX_SENT_INDEX_BYTES => {
+                tracing::warn!(%artifact, index = %stored, files = index.files.len(), "deploying without the file index: too large to send with every prepare");
+                None
+            }
             Ok(index) => Some(index),
             Err(e) => {
                 tracing::warn!(%artifact, index = %stored, error = %e, "deploying without the file index: nodes write every file");
@@ -126,5 +153,27 @@ impl NodeDeployer {
 
     async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
         self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::IndexedFile;
+
+    #[test]
+    fn an_index_is_measured_as_the_json_a_node_reads() {
+        let file = |i: u64| IndexedFile {
+            path: format!("vendor/package/src/file{i}.php"),
+            executable: false,
+            size: 1000,
+            offset: i * 1536,
+            sha256: Digest::of(&i.to_le_bytes()),
+        };
+        let index = FileIndex::new(Digest::of(b"a"), (0..1000).map(file).collect());
+        assert_eq!(sent_bytes(&index), serde_json::to_vec(&index).unwrap().len() as u64);
+        // 500,000 files of 60-byte paths (limits.max_files): over the bound, sent without.
+        let per_file = sent_bytes(&index) / 1000;
+        assert!(per_file * 500_000 > MAX_SENT_INDEX_BYTES, "{per_file} bytes a file");
     }
 }
