@@ -521,9 +521,12 @@ fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() 
     // The second release with a file only the unready one holds: never linked to it.
     let mut second_tree = second();
     second_tree.insert("app/third.php".into(), (b"<?php third".to_vec(), false));
+    second_tree.insert("app/other.php".into(), (b"<?php other".to_vec(), false));
     let (bytes_b, two_b, index_b) = package(&second_tree);
     let dir = prepare(&request(base.path(), two_b, Some(index_b), &[]), &mut &bytes_b[..]).unwrap().dir;
+    assert_ne!(two_b, three);
     assert_ne!(ino(&dir.join("app/third.php")), unready_third, "an unready release offers nothing");
+    assert_eq!(fs::metadata(unready.join("app/third.php")).unwrap().ino(), unready_third, "still there");
     assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
 
     // Redone: the half-linked tree is gone, the older file as it was.
@@ -532,7 +535,11 @@ fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() 
     assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
     let after = fs::metadata(&same).unwrap();
     assert_eq!((after.mode(), after.len(), after.mtime()), (before.mode(), before.len(), before.mtime()));
-    assert_eq!(after.nlink(), 3, "the older release, the second, and the second's sibling: not the killed tree");
+    assert_eq!(
+        after.nlink(),
+        4,
+        "the older release, the unready third, the second and its sibling: not the killed tree"
+    );
     assert_eq!(fs::read_to_string(&same).unwrap(), "<?php same");
     // The unready third is redone too: its kept index is forgotten first, then kept again.
     prepare(&request(base.path(), three, Some(third_index), &[]), &mut &third_bytes[..]).unwrap();
