@@ -734,3 +734,16 @@ fn a_digest_prefix_resolves_to_its_one_artifact_or_is_refused_naming_the_matches
 fn all_before() -> utc::Timestamp {
     utc::Timestamp::parse("9999-01-01T00:00:00.000000Z").unwrap()
 }
+
+#[test]
+fn the_audit_export_since_a_time_starts_at_the_first_event_at_or_after_it() {
+    let (_dir, registry) = open();
+    let first = registry.append_event(&event()).unwrap();
+    let second = registry.append_event(&event()).unwrap();
+    let seqs = |since: &utc::Timestamp| -> Vec<u64> {
+        registry.audit_events(0, Some(since), 10).unwrap().iter().map(|e| e.seq).collect()
+    };
+    assert_eq!(seqs(&first.at), [first.seq, second.seq]);
+    assert_eq!(seqs(&second.at).last(), Some(&second.seq));
+    assert!(seqs(&all_before()).is_empty(), "nothing after the end of time");
+}
