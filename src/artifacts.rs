@@ -142,7 +142,7 @@ mod tests {
             build_url: None,
             uploaded_by: "ci".into(),
             uploader_owner: "ci".into(),
-            uploaded_at: String::new(),
+            uploaded_at: crate::utc::Timestamp::now(),
         }
     }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 pub use crate::model::audit::{AuditAction, Event, GENESIS, Hashed, NewEvent, chain_hash};
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Store, StoreError};
-use crate::utc;
+use crate::utc::Timestamp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -33,7 +33,7 @@ pub struct Checkpoint {
     pub events: u64,
     /// Hex SHA-256 of event `events`.
     pub head: String,
-    pub at: String,
+    pub at: Timestamp,
 }
 
 /// The outcome of `verify`.
@@ -57,7 +57,7 @@ pub struct Verification {
     pub gaps: Vec<Gap>,
     /// When the walk started (the server may answer a recent walk again while the chain's
     /// head has not moved).
-    pub checked_at: String,
+    pub checked_at: Timestamp,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub struct BadEvent {
 
 /// Walks the chain end to end, then compares it with the latest checkpoint in the store.
 pub async fn verify(registry: &Arc<Registry>, store: &Store) -> Result<Verification, AuditError> {
-    let checked_at = utc::now_text();
+    let checked_at = Timestamp::now();
     let walker = Arc::clone(registry);
     let walked = crate::registry::run(move || walk(&walker)).await?;
     let mut verification = Verification {
@@ -258,7 +258,7 @@ pub struct ChainView {
     pub first_bad: Option<BadEvent>,
     /// The bucket's checkpoint compared with, if any.
     pub checkpoint: Option<Checkpoint>,
-    pub checked_at: String,
+    pub checked_at: Timestamp,
     /// Another check is still running (the first full walk): this is the one before it.
     pub in_progress: bool,
 }
@@ -280,7 +280,7 @@ impl ChainWatch {
                     events: 0,
                     first_bad: None,
                     checkpoint: None,
-                    checked_at: utc::now_text(),
+                    checked_at: Timestamp::now(),
                     in_progress: true,
                 },
                 |v| ChainView { in_progress: true, ..v },
@@ -330,7 +330,7 @@ impl ChainWatch {
             events: checked.events,
             first_bad: checked.broken.clone(),
             checkpoint: None,
-            checked_at: utc::now_text(),
+            checked_at: Timestamp::now(),
             in_progress: false,
         };
         if view.ok {
@@ -362,7 +362,7 @@ pub async fn checkpoint(registry: &Arc<Registry>, store: &Store, last: u64) -> R
         (Some(latest), None) if latest.events >= events => return Ok(events),
         _ => {}
     }
-    let checkpoint = Checkpoint { events, head: hex::encode(hash), at: utc::now_text() };
+    let checkpoint = Checkpoint { events, head: hex::encode(hash), at: Timestamp::now() };
     store.put_checkpoint(events, serde_json::to_vec(&checkpoint).expect("serializes")).await?;
     Ok(events)
 }

@@ -21,7 +21,7 @@ use crate::audit::{Checkpoint, NewEvent};
 use crate::datadir::LockError;
 use crate::registry::{RESTORED, Registry, RegistryError, SnapshotHead};
 use crate::store::{BackupStamp, Store, StoreError};
-use crate::utc;
+use crate::utc::Timestamp;
 
 /// zstd level of snapshots: a registry compresses about 5:1 at this level, quickly.
 const LEVEL: i32 = 9;
@@ -72,7 +72,7 @@ pub struct Manifest {
     pub head: String,
     /// The registry's schema version (`PRAGMA user_version`).
     pub schema: u64,
-    pub created_at: String,
+    pub created_at: Timestamp,
     /// The release binary that took it.
     pub release_version: String,
 }
@@ -92,7 +92,7 @@ pub async fn take(registry: &Arc<Registry>, store: &Store) -> Result<Manifest, B
         events: head.events,
         head: head.head,
         schema: head.schema,
-        created_at: utc::now_text(),
+        created_at: Timestamp::now(),
         release_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("serializes");

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::Frame;
 
 use futures::StreamExt;
+use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -119,11 +120,12 @@ impl Client {
         let sent = known
             .or_else(|| computed.get().copied())
             .ok_or_else(|| ClientError::Protocol("the upload ended before its digest was sent".into()))?;
-        if answer["digest"] != sent.to_string() {
-            return Err(ClientError::Protocol(format!(
-                "the server stored {} but this file is {sent}",
-                answer["digest"]
-            )));
+        // The answer is the artifact's facts (flattened into `server::artifacts::Uploaded`).
+        let stored = crate::registry::Artifact::deserialize(&answer)
+            .map_err(|e| ClientError::Protocol(format!("the upload's answer is not an artifact: {e}")))?
+            .digest;
+        if stored != sent {
+            return Err(ClientError::Protocol(format!("the server stored {stored} but this file is {sent}")));
         }
         Ok(answer)
     }

@@ -21,7 +21,7 @@ use crate::model::audit::NewEvent;
 use crate::model::release::Release;
 use crate::registry::{Block, Registry, RegistryError};
 use crate::store::{Store, StoreError};
-use crate::utc;
+use crate::utc::{self, Timestamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CurationError {
@@ -76,7 +76,7 @@ pub async fn block(
         reason: reason.to_owned(),
         blocked_by: p.name.clone(),
         owner: p.owner.clone(),
-        blocked_at: String::new(),
+        blocked_at: Timestamp::now(),
     };
     let event = NewEvent::by(p, AuditAction::ArtifactBlock, digest.to_string(), serde_json::json!({"reason": reason}));
     let registry = Arc::clone(registry);
@@ -108,13 +108,13 @@ pub async fn purge(
                 .into(),
         ));
     }
-    // Past the calendar's start (a huge number of days), nothing is that old: the empty cutoff
-    // sorts before every time stamp.
+    // Past the calendar's start (a huge number of days), nothing is that old.
     let age = day().saturating_mul(older_than_days);
-    let cutoff = time::Duration::try_from(age)
-        .ok()
-        .and_then(|age| utc::now().checked_sub(age))
-        .map_or_else(String::new, utc::format);
+    let Some(cutoff) =
+        time::Duration::try_from(age).ok().and_then(|age| utc::now().checked_sub(age)).map(Timestamp::at)
+    else {
+        return Ok(Purged::default());
+    };
     let reader = Arc::clone(registry);
     let listed = cutoff.clone();
     let candidates = crate::registry::run(move || reader.purge_candidates(&listed)).await?;

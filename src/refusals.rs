@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use crate::audit::NewEvent;
 use crate::model::audit::AuditAction;
 use crate::registry::Registry;
-use crate::utc;
+use crate::utc::Timestamp;
 
 /// Bytes kept of a refused request's method and path, and of its message.
 pub const MAX_TEXT: usize = 256;
@@ -92,7 +92,7 @@ impl RefusalLog {
     /// Counts `refused` in the open window, or (a real token within its budget) appends its
     /// own event before returning.
     pub async fn record(&self, refused: Refused) {
-        let event = self.open.lock().expect("refusal window lock").add(refused, &utc::now_text());
+        let event = self.open.lock().expect("refusal window lock").add(refused, &Timestamp::now());
         let Some(event) = event else { return };
         let registry = Arc::clone(&self.registry);
         match crate::registry::catching(move || registry.append_event(&event)).await {
@@ -182,18 +182,18 @@ struct TokenTally {
 /// A count of refusals in one window.
 struct Tally {
     count: u64,
-    first_at: String,
-    last_at: String,
+    first_at: Timestamp,
+    last_at: Timestamp,
     statuses: BTreeMap<(u16, &'static str), u64>,
     samples: Vec<Value>,
 }
 
 impl Tally {
-    fn new(at: &str) -> Tally {
+    fn new(at: &Timestamp) -> Tally {
         Tally { count: 0, first_at: at.to_owned(), last_at: at.to_owned(), statuses: BTreeMap::new(), samples: vec![] }
     }
 
-    fn add(&mut self, refused: &Refused, at: &str) {
+    fn add(&mut self, refused: &Refused, at: &Timestamp) {
         self.count += 1;
         at.clone_into(&mut self.last_at);
         *self.statuses.entry((refused.status, refused.code)).or_default() += 1;
@@ -239,7 +239,7 @@ fn bucket<'a, K: std::hash::Hash + Eq>(
     other: &'a mut Option<Tally>,
     key: K,
     cap: usize,
-    at: &str,
+    at: &Timestamp,
 ) -> &'a mut Tally {
     if map.len() >= cap && !map.contains_key(&key) {
         return other.get_or_insert_with(|| Tally::new(at));
@@ -249,7 +249,7 @@ fn bucket<'a, K: std::hash::Hash + Eq>(
 
 impl Window {
     /// Counts `refused`; returns the event to append at once, if it gets one of its own.
-    fn add(&mut self, refused: Refused, at: &str) -> Option<NewEvent> {
+    fn add(&mut self, refused: Refused, at: &Timestamp) -> Option<NewEvent> {
         let Some(token) = &refused.token else {
             let source = source_name(refused.source);
             bucket(&mut self.sources, &mut self.other_sources, source, MAX_SOURCES, at).add(&refused, at);

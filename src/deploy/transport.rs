@@ -352,7 +352,7 @@ mod tests {
         let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"format_disk","message":"no"}"#) else {
             panic!("a refusal was read as an answer")
         };
-        assert_eq!((e.code, e.message.as_str()), (ErrorCode::Unknown, "no"));
+        assert_eq!((e.code.as_str(), e.code.is_known(), e.message.as_str()), ("format_disk", false, "no"));
         let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"fenced","message":"newer run"}"#)
         else {
             panic!("a refusal was read as an answer")

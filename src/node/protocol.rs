@@ -241,93 +241,56 @@ impl Health {
 /// by mistake (a binary put on the node by hand, an old agent left on a path).
 pub const VERSION: u32 = 1;
 
-/// Why a node refused or failed, as the server tells the cases apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// Not a request this agent understands (or of another protocol version).
-    BadRequest,
-    /// Another deploy holds the base's lock, or a hook an earlier run started still runs.
-    Locked,
-    /// A newer deploy run took the base: this one's change is refused.
-    Fenced,
-    /// The release to switch to or run in is not prepared here.
-    NotReady,
-    /// `current` holds an application deployed another way (deploy with `--adopt`).
-    NotAdopted,
-    /// `current` points at something other than the server believes.
-    Drift,
-    /// A rollback's release is no longer on the node (removed since the status was read).
-    Missing,
-    /// The live release is here without its ready marker.
-    LiveUnready,
-    Io,
-    DiskFull,
-    Fetch,
-    DigestMismatch,
-    /// The file index sent with a prepare does not describe the artifact.
-    IndexMismatch,
-    UnsafeArchive,
-    SharedMissing,
-    SharedInArtifact,
-    SharedThroughLink,
-    HookFailed,
-    HookTimeout,
-    HookUser,
-    HealthFailed,
-    Pm2,
-    Pm2Cwd,
-    Adopt,
-    Unadoptable,
-    /// A code this server does not know (an agent of another build).
-    #[serde(other)]
-    Unknown,
+vocabulary! {
+    /// Why a node refused or failed, as the server tells the cases apart. A code a newer
+    /// agent sends and this server does not know reads as `Other`, keeping its name.
+    pub enum ErrorCode(other Other) {
+        /// Not a request this agent understands (or of another protocol version).
+        BadRequest = "bad_request",
+        /// Another deploy holds the base's lock, or a hook an earlier run started still runs.
+        Locked = "locked",
+        /// A newer deploy run took the base: this one's change is refused.
+        Fenced = "fenced",
+        /// The release to switch to or run in is not prepared here.
+        NotReady = "not_ready",
+        /// `current` holds an application deployed another way (deploy with `--adopt`).
+        NotAdopted = "not_adopted",
+        /// `current` points at something other than the server believes.
+        Drift = "drift",
+        /// A rollback's release is no longer on the node (removed since the status was read).
+        Missing = "missing",
+        /// The live release is here without its ready marker.
+        LiveUnready = "live_unready",
+        Io = "io",
+        DiskFull = "disk_full",
+        Fetch = "fetch",
+        DigestMismatch = "digest_mismatch",
+        /// The file index sent with a prepare does not describe the artifact.
+        IndexMismatch = "index_mismatch",
+        UnsafeArchive = "unsafe_archive",
+        SharedMissing = "shared_missing",
+        SharedInArtifact = "shared_in_artifact",
+        SharedThroughLink = "shared_through_link",
+        HookFailed = "hook_failed",
+        HookTimeout = "hook_timeout",
+        HookUser = "hook_user",
+        HealthFailed = "health_failed",
+        Pm2 = "pm2",
+        Pm2Cwd = "pm2_cwd",
+        Adopt = "adopt",
+        Unadoptable = "unadoptable",
+        /// An answer the server could not read as a refusal (of no known shape).
+        Unknown = "unknown",
+    }
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Locked => "locked",
-            ErrorCode::Fenced => "fenced",
-            ErrorCode::NotReady => "not_ready",
-            ErrorCode::NotAdopted => "not_adopted",
-            ErrorCode::Drift => "drift",
-            ErrorCode::Missing => "missing",
-            ErrorCode::LiveUnready => "live_unready",
-            ErrorCode::Io => "io",
-            ErrorCode::DiskFull => "disk_full",
-            ErrorCode::Fetch => "fetch",
-            ErrorCode::DigestMismatch => "digest_mismatch",
-            ErrorCode::IndexMismatch => "index_mismatch",
-            ErrorCode::UnsafeArchive => "unsafe_archive",
-            ErrorCode::SharedMissing => "shared_missing",
-            ErrorCode::SharedInArtifact => "shared_in_artifact",
-            ErrorCode::SharedThroughLink => "shared_through_link",
-            ErrorCode::HookFailed => "hook_failed",
-            ErrorCode::HookTimeout => "hook_timeout",
-            ErrorCode::HookUser => "hook_user",
-            ErrorCode::HealthFailed => "health_failed",
-            ErrorCode::Pm2 => "pm2",
-            ErrorCode::Pm2Cwd => "pm2_cwd",
-            ErrorCode::Adopt => "adopt",
-            ErrorCode::Unadoptable => "unadoptable",
-            ErrorCode::Unknown => "unknown",
-        }
-    }
-
     /// A switch refused with this code changed nothing: the node still serves what it did.
     pub fn refused_before_switch(self) -> bool {
         matches!(
             self,
             ErrorCode::NotReady | ErrorCode::Locked | ErrorCode::NotAdopted | ErrorCode::Drift | ErrorCode::Fenced
         )
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -644,6 +607,9 @@ mod tests {
             Unadoptable,
             Unknown,
         ];
+        assert_eq!(all, ErrorCode::ALL, "every code, in order");
+        let newer: ErrorCode = serde_json::from_value("format_disk".into()).unwrap();
+        assert_eq!((newer.is_known(), serde_json::to_value(newer).unwrap()), (false, "format_disk".into()));
         for code in all {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str(), "{code:?}");
             assert_eq!(serde_json::from_value::<ErrorCode>(code.as_str().into()).unwrap(), code);

@@ -25,7 +25,9 @@ fn of_token(name: &str, status: u16, code: &'static str) -> Refused {
     }
 }
 
-const AT: &str = "2026-11-27T10:00:00.000000Z";
+fn at() -> crate::utc::Timestamp {
+    crate::utc::Timestamp::parse("2026-11-27T10:00:00.000000Z").unwrap()
+}
 const WINDOW: Duration = Duration::from_secs(60);
 
 #[test]
@@ -43,11 +45,11 @@ fn refusals_without_a_token_are_one_event_per_source() {
     let mut window = Window::default();
     for i in 0..1000 {
         let ip = if i % 2 == 0 { "203.0.113.7" } else { "2001:db8:1:2::99" };
-        assert!(window.add(anonymous(ip, 65_000), AT).is_none(), "nothing written at once");
+        assert!(window.add(anonymous(ip, 65_000), &at()).is_none(), "nothing written at once");
     }
     let mut forbidden = anonymous("203.0.113.7", 10);
     (forbidden.status, forbidden.code) = (403, "forbidden");
-    window.add(forbidden, AT);
+    window.add(forbidden, &at());
     let events = window.into_events(WINDOW);
     assert_eq!(events.len(), 2, "{events:#?}");
     let v4 = events.iter().find(|e| e.subject == "source/203.0.113.7").unwrap();
@@ -76,8 +78,8 @@ fn sources_past_the_cap_share_one_bucket() {
     let mut window = Window::default();
     for i in 0..(MAX_SOURCES as u32 + 50) {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
-        window.add(anonymous(&ip, 10), AT);
-        window.add(anonymous(&ip, 10), AT);
+        window.add(anonymous(&ip, 10), &at());
+        window.add(anonymous(&ip, 10), &at());
     }
     assert_eq!(window.sources.len(), MAX_SOURCES);
     let events = window.into_events(WINDOW);
@@ -94,9 +96,9 @@ fn a_real_token_gets_events_of_its_own_up_to_its_budget() {
     let mut window = Window::default();
     let mut own = Vec::new();
     for _ in 0..(TOKEN_BUDGET + 7) {
-        own.extend(window.add(of_token("deployer", 403, "forbidden"), AT));
+        own.extend(window.add(of_token("deployer", 403, "forbidden"), &at()));
     }
-    own.extend(window.add(of_token("other", 409, "conflict"), AT));
+    own.extend(window.add(of_token("other", 409, "conflict"), &at()));
     assert_eq!(own.len(), TOKEN_BUDGET as usize + 1);
     assert!(own.iter().all(|e| e.action == REFUSED && e.owner == "alice"));
     assert_eq!(own[0].subject, "POST /v1/releases/7/approve");

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{Registry, RegistryError};
 use crate::digest::{Digest, DigestRef};
 use crate::model::audit::NewEvent;
-use crate::utc;
+use crate::utc::Timestamp;
 
 /// How many matches an ambiguous prefix's refusal names (one more is looked for, to say
 /// there are more).
@@ -21,7 +21,7 @@ pub struct Artifact {
     pub unpacked_size: u64,
     pub file_count: u64,
     pub migrations: Vec<String>,
-    pub stored_at: String,
+    pub stored_at: Timestamp,
 }
 
 /// One service's record of an artifact: the labels CI gave and who uploaded it.
@@ -34,7 +34,7 @@ pub struct ArtifactUpload {
     pub build_url: Option<String>,
     pub uploaded_by: String,
     pub uploader_owner: String,
-    pub uploaded_at: String,
+    pub uploaded_at: Timestamp,
 }
 
 /// What ingest hands over once bytes are verified and published.
@@ -90,7 +90,7 @@ impl Registry {
     pub fn record_artifact(&self, new: &NewArtifact, event: &NewEvent) -> Result<Recorded, RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
-            let now = utc::now_text();
+            let now = Timestamp::now();
             let migrations = serde_json::to_string(&new.migrations).expect("strings serialize");
             let new_artifact = tx.execute(
                 "INSERT INTO artifacts (digest, size, unpacked_size, file_count, migrations, stored_at)
@@ -294,7 +294,7 @@ fn query_artifact(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<
                     row.get::<_, u64>(2)?,
                     row.get::<_, u64>(3)?,
                     row.get::<_, String>(4)?,
-                    row.get::<_, String>(5)?,
+                    row.get::<_, Timestamp>(5)?,
                 ))
             },
         )
@@ -339,7 +339,7 @@ pub struct Block {
     pub reason: String,
     pub blocked_by: String,
     pub owner: String,
-    pub blocked_at: String,
+    pub blocked_at: Timestamp,
 }
 
 impl Registry {
@@ -365,7 +365,7 @@ impl Registry {
             }
             tx.execute(
                 "INSERT INTO artifact_blocks (digest, reason, blocked_by, owner, blocked_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![digest.to_string(), block.reason, block.blocked_by, block.owner, utc::now_text()],
+                params![digest.to_string(), block.reason, block.blocked_by, block.owner, Timestamp::now()],
             )?;
             super::audit::append(&tx, event)?;
             let stored = query_block(&tx, digest)?.ok_or_else(|| RegistryError::Corrupt("block row vanished".into()))?;
@@ -380,7 +380,7 @@ impl Registry {
     }
 
     /// When the artifact's bytes were last purged, if ever.
-    pub fn last_purge(&self, digest: Digest) -> Result<Option<String>, RegistryError> {
+    pub fn last_purge(&self, digest: Digest) -> Result<Option<Timestamp>, RegistryError> {
         self.read(|conn| {
             Ok(conn
                 .query_row(
@@ -395,7 +395,7 @@ impl Registry {
     /// Artifacts whose bytes may be purged: stored (or stored again) before `cutoff`, never
     /// live anywhere, named by no release waiting or in flight, not an adopted legacy tree,
     /// and not purged now.
-    pub fn purge_candidates(&self, cutoff: &str) -> Result<Vec<Digest>, RegistryError> {
+    pub fn purge_candidates(&self, cutoff: &Timestamp) -> Result<Vec<Digest>, RegistryError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT a.digest FROM artifacts a WHERE {PURGEABLE} ORDER BY a.stored_at, a.digest"
@@ -412,7 +412,7 @@ impl Registry {
     pub fn record_purge(
         &self,
         digest: Digest,
-        cutoff: &str,
+        cutoff: &Timestamp,
         by: &str,
         owner: &str,
         event: &NewEvent,
@@ -429,7 +429,7 @@ impl Registry {
             }
             tx.execute(
                 "INSERT INTO artifact_purges (digest, purged_by, owner, purged_at) VALUES (?1, ?2, ?3, ?4)",
-                params![digest.to_string(), by, owner, utc::now_text()],
+                params![digest.to_string(), by, owner, Timestamp::now()],
             )?;
             super::audit::append(&tx, event)?;
             tx.commit()?;
@@ -478,7 +478,7 @@ fn record_shared_check(conn: &rusqlite::Connection, digest: Digest, shared: &[St
     conn.execute(
         "INSERT INTO artifact_shared_checks (digest, shared, checked_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (digest, shared) DO NOTHING",
-        params![digest.to_string(), serde_json::to_string(&paths).expect("strings serialize"), utc::now_text()],
+        params![digest.to_string(), serde_json::to_string(&paths).expect("strings serialize"), Timestamp::now()],
     )?;
     Ok(())
 }

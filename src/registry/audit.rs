@@ -110,14 +110,19 @@ impl Registry {
     }
 
     /// Events after `after_seq` (and at or after `since`, an RFC 3339 time), oldest first.
-    pub fn audit_events(&self, after_seq: u64, since: Option<&str>, limit: u64) -> Result<Vec<Event>, RegistryError> {
+    pub fn audit_events(
+        &self,
+        after_seq: u64,
+        since: Option<&utc::Timestamp>,
+        limit: u64,
+    ) -> Result<Vec<Event>, RegistryError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM audit_events WHERE seq > ?1 AND at >= ?2 ORDER BY seq LIMIT ?3"
             ))?;
             // SQLite integers are i64: beyond that there are no events, and no limit is lower.
             let (after_seq, limit) = (after_seq.min(i64::MAX as u64), limit.min(i64::MAX as u64));
-            let rows = stmt.query_map(params![after_seq, since.unwrap_or(""), limit], from_row)?;
+            let rows = stmt.query_map(params![after_seq, since.map_or("", utc::Timestamp::as_str), limit], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

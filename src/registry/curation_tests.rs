@@ -59,7 +59,12 @@ fn request(digest: Digest, environment: &str, state: State) -> NewRelease {
 }
 
 fn block(reason: &str) -> Block {
-    Block { reason: reason.into(), blocked_by: "root".into(), owner: "root-owner".into(), blocked_at: String::new() }
+    Block {
+        reason: reason.into(),
+        blocked_by: "root".into(),
+        owner: "root-owner".into(),
+        blocked_at: crate::utc::Timestamp::now(),
+    }
 }
 
 fn approval() -> NewApproval {
@@ -181,23 +186,23 @@ fn the_database_itself_never_lets_a_blocked_artifact_go_on() {
 fn a_release_requested_after_the_candidates_were_listed_keeps_its_bytes() {
     let (_dir, registry) = open();
     let digest = upload(&registry, b"v1");
-    assert_eq!(registry.purge_candidates("9999").unwrap(), [digest]);
+    assert_eq!(registry.purge_candidates(&far_off()).unwrap(), [digest]);
     // Between the listing and the record, someone asks for it.
     let pending = registry.create_release(&request(digest, "production", State::PendingApproval), &event()).unwrap();
-    assert!(!registry.record_purge(digest, "9999", "root", "root", &event()).unwrap(), "checked again");
+    assert!(!registry.record_purge(digest, &far_off(), "root", "root", &event()).unwrap(), "checked again");
     assert_eq!(registry.last_purge(digest).unwrap(), None);
     // A release that ended without going live no longer keeps it.
     registry.transition(pending.id, State::Cancelled, "alice", None, &event()).unwrap();
-    assert!(registry.record_purge(digest, "9999", "root", "root", &event()).unwrap());
+    assert!(registry.record_purge(digest, &far_off(), "root", "root", &event()).unwrap());
 }
 
 #[test]
 fn a_purge_recorded_first_refuses_the_release_until_the_bytes_come_back() {
     let (_dir, registry) = open();
     let digest = upload(&registry, b"v1");
-    assert!(registry.record_purge(digest, "9999", "root", "root", &event()).unwrap());
-    assert!(registry.purge_candidates("9999").unwrap().is_empty(), "purged already");
-    assert!(!registry.record_purge(digest, "9999", "root", "root", &event()).unwrap(), "not twice");
+    assert!(registry.record_purge(digest, &far_off(), "root", "root", &event()).unwrap());
+    assert!(registry.purge_candidates(&far_off()).unwrap().is_empty(), "purged already");
+    assert!(!registry.record_purge(digest, &far_off(), "root", "root", &event()).unwrap(), "not twice");
     let err = registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap_err();
     assert!(matches!(err, RegistryError::ArtifactPurged(d) if d == digest), "{err}");
     {
@@ -218,9 +223,12 @@ fn a_purge_recorded_first_refuses_the_release_until_the_bytes_come_back() {
     // again later, counting their age from the new upload.
     upload(&registry, b"v1");
     assert!(
-        registry.purge_candidates(&crate::utc::format(crate::utc::now() - time::Duration::DAY)).unwrap().is_empty()
+        registry
+            .purge_candidates(&crate::utc::Timestamp::at(crate::utc::now() - time::Duration::DAY))
+            .unwrap()
+            .is_empty()
     );
-    assert_eq!(registry.purge_candidates("9999").unwrap(), [digest]);
+    assert_eq!(registry.purge_candidates(&far_off()).unwrap(), [digest]);
     registry.create_release(&request(digest, "staging", State::Approved), &event()).unwrap();
 }
 
@@ -235,8 +243,8 @@ fn an_adopted_legacy_tree_is_never_purged() {
     registry.record_adoption(adopting.id, legacy, &["web-1".to_owned()], &event()).unwrap();
     // The adopting release failed: nothing names the legacy tree but the adoption.
     registry.transition(adopting.id, State::Failed, "release", Some("hook failed"), &event()).unwrap();
-    assert_eq!(registry.purge_candidates("9999").unwrap(), [v1], "only v1");
-    assert!(!registry.record_purge(legacy, "9999", "root", "root", &event()).unwrap());
+    assert_eq!(registry.purge_candidates(&far_off()).unwrap(), [v1], "only v1");
+    assert!(!registry.record_purge(legacy, &far_off(), "root", "root", &event()).unwrap());
     let conn = registry.writer.lock().unwrap();
     let err = conn
         .execute(
@@ -254,7 +262,7 @@ fn an_adoption_never_records_purged_bytes() {
     let (_dir, registry) = open();
     let v1 = upload(&registry, b"v1");
     let legacy = upload(&registry, b"legacy tree");
-    assert!(registry.record_purge(legacy, "9999", "root", "root", &event()).unwrap());
+    assert!(registry.record_purge(legacy, &far_off(), "root", "root", &event()).unwrap());
     let adopting = registry
         .create_release(&NewRelease { adopt: true, ..request(v1, "staging", State::Approved) }, &event())
         .unwrap();

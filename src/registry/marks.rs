@@ -36,7 +36,7 @@ pub(super) fn strand(
     nodes: &[String],
     reason: &str,
 ) -> Result<(), RegistryError> {
-    let now = utc::now_text();
+    let now = utc::Timestamp::now();
     let mut insert = tx.prepare_cached(
         "INSERT INTO node_marks (service, environment, node, mark, release_id, reason, at)
          VALUES (?1, ?2, ?3, 'stranded', ?4, ?5, ?6)",
@@ -58,7 +58,7 @@ pub(super) fn repair(
 ) -> Result<Vec<String>, RegistryError> {
     let stranded: Vec<String> =
         stranded_in(tx, service, environment)?.into_iter().map(|s| s.node).filter(|n| nodes.contains(n)).collect();
-    let now = utc::now_text();
+    let now = utc::Timestamp::now();
     let mut insert = tx.prepare_cached(
         "INSERT INTO node_marks (service, environment, node, mark, release_id, reason, at)
          VALUES (?1, ?2, ?3, 'repaired', ?4, ?5, ?6)",

@@ -26,7 +26,7 @@ impl Registry {
         self.write(|conn| {
             conn.execute(
                 "INSERT INTO staged_uploads (id, started_at) VALUES (?1, ?2)",
-                params![id.to_string(), utc::now_text()],
+                params![id.to_string(), utc::Timestamp::now()],
             )?;
             Ok(())
         })

@@ -395,8 +395,8 @@ mod releases {
         let r = registry.create_release(&request(digest, State::Approved), &event()).unwrap();
         registry.transition(r.id, State::Deploying, "release", None, &event()).unwrap();
         registry.finish_deploy(r.id, &live_on_no_node(), &event()).unwrap();
-        assert!(registry.purge_candidates("9999").unwrap().is_empty());
-        assert!(!registry.record_purge(digest, "9999", "root", "root", &event()).unwrap(), "checked again");
+        assert!(registry.purge_candidates(&all_before()).unwrap().is_empty());
+        assert!(!registry.record_purge(digest, &all_before(), "root", "root", &event()).unwrap(), "checked again");
         // And the trigger refuses it too.
         let conn = registry.writer.lock().unwrap();
         let err = conn
@@ -511,7 +511,7 @@ mod releases {
         assert_eq!(registry.gauges().unwrap().cells, [cell("staging", 0, 0, 0), cell("production", 0, 2, 2)]);
 
         // Purged bytes are not stored any more, until they are uploaded again.
-        assert!(registry.record_purge(Digest::of(b"v2 bytes"), "9999", "root", "root", &event()).unwrap());
+        assert!(registry.record_purge(Digest::of(b"v2 bytes"), &all_before(), "root", "root", &event()).unwrap());
         let gauges = registry.gauges().unwrap();
         assert_eq!((gauges.artifacts, gauges.artifact_bytes), (1, 2));
         registry.record_artifact(&new_artifact("api", b"v2 bytes"), &event()).unwrap();
@@ -728,4 +728,22 @@ fn a_digest_prefix_resolves_to_its_one_artifact_or_is_refused_naming_the_matches
     assert!(matches!(unseen, RegistryError::NoDigest(_)), "{unseen}");
     let none = registry.resolve_digest(&prefix("0123456789ab"), None).unwrap_err().to_string();
     assert_eq!(none, "no artifact's digest starts with sha256:0123456789ab");
+}
+
+/// A purge cutoff after every time stamp a test writes.
+fn all_before() -> utc::Timestamp {
+    utc::Timestamp::parse("9999-01-01T00:00:00.000000Z").unwrap()
+}
+
+#[test]
+fn the_audit_export_since_a_time_starts_at_the_first_event_at_or_after_it() {
+    let (_dir, registry) = open();
+    let first = registry.append_event(&event()).unwrap();
+    let second = registry.append_event(&event()).unwrap();
+    let seqs = |since: &utc::Timestamp| -> Vec<u64> {
+        registry.audit_events(0, Some(since), 10).unwrap().iter().map(|e| e.seq).collect()
+    };
+    assert_eq!(seqs(&first.at), [first.seq, second.seq]);
+    assert_eq!(seqs(&second.at).last(), Some(&second.seq));
+    assert!(seqs(&all_before()).is_empty(), "nothing after the end of time");
 }

@@ -58,7 +58,7 @@ impl Registry {
                     join_list(&new.services),
                     join_list(&new.environments),
                     &new.secret_sha256[..],
-                    utc::now_text(),
+                    utc::Timestamp::now(),
                     new.expires_at,
                 ],
             )?;
@@ -90,7 +90,7 @@ impl Registry {
             if token.revoked_at.is_some() {
                 return Err(RegistryError::TokenAlreadyRevoked(name.to_owned()));
             }
-            tx.execute("UPDATE tokens SET revoked_at = ?1 WHERE name = ?2", params![utc::now_text(), name])?;
+            tx.execute("UPDATE tokens SET revoked_at = ?1 WHERE name = ?2", params![utc::Timestamp::now(), name])?;
             let token =
                 query_one(&tx, "name", name)?.ok_or_else(|| RegistryError::Corrupt("token row vanished".into()))?;
             super::audit::append(&tx, event)?;

@@ -40,11 +40,11 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         self.write(|conn| {
             let tx = super::immediate(conn)?;
-            let now = utc::now_text();
+            let now = utc::Timestamp::now();
             // Sessions long over are of no use to anyone: dropped as new ones open.
             tx.execute(
                 "DELETE FROM web_sessions WHERE expires_at < ?1",
-                [utc::format(utc::now() - time::Duration::days(30))],
+                [utc::Timestamp::at(utc::now() - time::Duration::days(30))],
             )?;
             tx.execute(
                 "INSERT INTO web_sessions (id_sha256, token_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
@@ -63,7 +63,7 @@ impl Registry {
                 .query_row(
                     "SELECT token_id, expires_at FROM web_sessions
                      WHERE id_sha256 = ?1 AND ended_at IS NULL AND expires_at > ?2",
-                    params![id_sha256.as_slice(), utc::now_text()],
+                    params![id_sha256.as_slice(), utc::Timestamp::now()],
                     |r| Ok(Session { token_id: r.get(0)?, expires_at: r.get(1)? }),
                 )
                 .optional()?)
@@ -84,7 +84,7 @@ impl Registry {
                     "UPDATE web_sessions SET ended_at = ?2 WHERE id_sha256 = ?1 AND ended_at IS NULL
                      RETURNING (SELECT name FROM tokens WHERE id = token_id),
                                (SELECT owner FROM tokens WHERE id = token_id)",
-                    params![id_sha256.as_slice(), utc::now_text()],
+                    params![id_sha256.as_slice(), utc::Timestamp::now()],
                     |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)),
                 )
                 .optional()?;

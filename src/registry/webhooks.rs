@@ -41,7 +41,7 @@ impl Registry {
             for name in webhooks {
                 tx.execute(
                     "INSERT OR IGNORE INTO webhook_cursors (webhook, after_seq, updated_at) VALUES (?1, ?2, ?3)",
-                    params![name, head, utc::now_text()],
+                    params![name, head, utc::Timestamp::now()],
                 )?;
             }
             tx.commit()?;
@@ -63,7 +63,7 @@ impl Registry {
         self.write(|conn| {
             conn.execute(
                 "UPDATE webhook_cursors SET after_seq = ?2, updated_at = ?3 WHERE webhook = ?1 AND after_seq < ?2",
-                params![webhook, to, utc::now_text()],
+                params![webhook, to, utc::Timestamp::now()],
             )?;
             Ok(())
         })

@@ -308,7 +308,7 @@ fn block(registry: &Registry, digest: Digest) -> Vec<Release> {
         reason: "corrupts orders".into(),
         blocked_by: "root".into(),
         owner: "root".into(),
-        blocked_at: String::new(),
+        blocked_at: crate::utc::Timestamp::now(),
     };
     let event = NewEvent::by_server(AuditAction::ArtifactBlock, digest.to_string(), serde_json::json!({}));
     registry.block_artifact(digest, &block, &event).unwrap().1

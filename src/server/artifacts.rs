@@ -52,7 +52,7 @@ pub struct Uploaded {
     pub git_sha: Option<String>,
     pub build_url: Option<String>,
     pub uploaded_by: String,
-    pub uploaded_at: String,
+    pub uploaded_at: crate::utc::Timestamp,
     /// False when the bytes were stored already (the first upload's labels stay).
     pub created: bool,
 }
@@ -169,7 +169,7 @@ pub struct ArtifactAnswer {
     /// An admin's block: never deployable again.
     pub blocked: Option<Block>,
     /// The last purge of its bytes.
-    pub purged_at: Option<String>,
+    pub purged_at: Option<crate::utc::Timestamp>,
 }
 
 async fn show(

@@ -52,7 +52,7 @@ async fn export(
     p.require_unscoped("the audit log")?;
     // Normalized to the stored form (UTC, microseconds), so that text order is time order.
     let since = match &q.since {
-        Some(since) => Some(crate::utc::format(
+        Some(since) => Some(crate::utc::Timestamp::at(
             crate::utc::parse(since)
                 .map_err(|e| ApiError::bad_request(format!("since: {since:?} is not an RFC 3339 time: {e}")))?,
         )),
@@ -60,7 +60,7 @@ async fn export(
     };
     let registry = Arc::clone(&state.registry);
     let body = paged((q.after.unwrap_or(0), q.limit.unwrap_or(u64::MAX)), move |(after, left)| {
-        let page = registry.audit_events(after, since.as_deref(), EXPORT_PAGE.min(left))?;
+        let page = registry.audit_events(after, since.as_ref(), EXPORT_PAGE.min(left))?;
         let mut lines = Vec::with_capacity(page.len() * 300);
         for event in &page {
             serde_json::to_writer(&mut lines, event).expect("events serialize");

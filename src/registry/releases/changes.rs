@@ -22,7 +22,7 @@ impl Registry {
             {
                 return Err(RegistryError::InFlight(Box::new(busy)));
             }
-            let now = utc::now_text();
+            let now = utc::Timestamp::now();
             tx.execute(
                 "INSERT INTO releases (service, environment, digest, kind, state, requested_by, requester_owner,
                    requested_at, source_environment, replaces, expires_at, state_changed_at)
@@ -119,7 +119,7 @@ impl Registry {
                     if decision.approve { "approved" } else { "rejected" },
                     decision.decided_by,
                     decision.decider_owner,
-                    utc::now_text(),
+                    utc::Timestamp::now(),
                     decision.reason
                 ],
             )?;
@@ -139,7 +139,7 @@ impl Registry {
     pub fn expire_pending(&self) -> Result<Vec<Release>, RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
-            let now = utc::now_text();
+            let now = utc::Timestamp::now();
             let due: Vec<i64> = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT id FROM releases WHERE state = 'pending_approval' AND expires_at <= ?1 ORDER BY id",
@@ -179,7 +179,7 @@ impl Registry {
                     release_id,
                     digest.to_string(),
                     serde_json::to_string(nodes).expect("names serialize"),
-                    utc::now_text()
+                    utc::Timestamp::now()
                 ],
             )?;
             if changed == 1 {

@@ -48,7 +48,7 @@ impl Registry {
             conn.execute(
                 "INSERT OR IGNORE INTO release_configs (release_id, config_digest, verifies, recorded_at)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![release_id, config_digest.to_string(), verifies, utc::now_text()],
+                params![release_id, config_digest.to_string(), verifies, utc::Timestamp::now()],
             )?;
             Ok(())
         })
@@ -76,7 +76,7 @@ impl Registry {
                 tx.commit()?;
                 return Ok(Start::Blocked { block, cancelled });
             }
-            let held: Option<(String, String)> = tx
+            let held: Option<(String, utc::Timestamp)> = tx
                 .query_row(
                     "SELECT owner, expires_at FROM deploy_leases WHERE service = ?1 AND environment = ?2",
                     params![release.service, release.environment],
@@ -85,7 +85,7 @@ impl Registry {
                 .optional()?;
             if let Some((holder, until)) = held
                 && holder != owner
-                && until > utc::now_text()
+                && until > utc::Timestamp::now()
             {
                 return Ok(Start::Leased);
             }
@@ -133,7 +133,7 @@ impl Registry {
                    owner = excluded.owner, expires_at = excluded.expires_at
                  WHERE deploy_leases.expires_at <= ?6
                    OR (deploy_leases.owner = excluded.owner AND deploy_leases.release_id = excluded.release_id)",
-                params![release.service, release.environment, release.id, owner, expires_at, utc::now_text()],
+                params![release.service, release.environment, release.id, owner, expires_at, utc::Timestamp::now()],
             )? == 1)
         })
     }
@@ -194,7 +194,7 @@ impl Registry {
                    SELECT 1 FROM deploy_leases l WHERE l.service = r.service AND l.environment = r.environment
                    AND l.release_id = r.id AND l.expires_at > ?1) ORDER BY id"
             ))?;
-            let rows = stmt.query_map([utc::now_text()], from_row)?;
+            let rows = stmt.query_map([utc::Timestamp::now()], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -116,7 +116,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         self.write(|conn| {
             let tx = immediate(conn)?;
-            let now = utc::now_text();
+            let now = utc::Timestamp::now();
             for (name, kind) in services {
                 let known: Option<(String, bool)> = tx
                     .query_row("SELECT kind, active FROM services WHERE name = ?1", [name], |r| {

@@ -45,7 +45,7 @@ pub(super) fn change_state(
     if !release.state.may_become(to) {
         return Err(RegistryError::WrongState { id, state: release.state });
     }
-    let now = utc::now_text();
+    let now = utc::Timestamp::now();
     tx.execute("UPDATE releases SET state = ?1, state_changed_at = ?2 WHERE id = ?3", params![to.as_str(), now, id])?;
     record_transition(tx, id, to, &now, actor, reason)?;
     by_id(tx, id)?.ok_or(RegistryError::ReleaseNotFound(id))
@@ -55,7 +55,7 @@ pub(super) fn record_transition(
     tx: &Transaction<'_>,
     id: i64,
     state: State,
-    at: &str,
+    at: &utc::Timestamp,
     actor: &str,
     reason: Option<&str>,
 ) -> Result<(), RegistryError> {

@@ -69,7 +69,7 @@ fn a_deploy_a_killed_server_left_switched_is_put_back_if_its_artifact_was_blocke
         reason: "corrupts orders".into(),
         blocked_by: "root".into(),
         owner: "root".into(),
-        blocked_at: String::new(),
+        blocked_at: release::utc::Timestamp::now(),
     };
     let event = release::audit::NewEvent::by_server(
         release::audit::AuditAction::ArtifactBlock,
