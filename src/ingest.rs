@@ -18,7 +18,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, IndexedFile, Summary};
+use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, Summary};
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
@@ -291,9 +291,11 @@ impl Ingestor {
         // same upload, repeated, writes again to the same key.
         let files = received.files.len() as u64;
         let digest = received.digest;
-        let index = tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).encode())
-            .await
-            .expect("encoding an index does not panic");
+        let frames = received.frames;
+        let index =
+            tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).with_frames(frames).encode())
+                .await
+                .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
 
@@ -389,6 +391,8 @@ struct Received {
     summary: Summary,
     /// Every regular file with its hash (the artifact's index, less its digest).
     files: Vec<IndexedFile>,
+    /// The artifact's independent zstd frames (one when it cannot be laid out in frames).
+    frames: Vec<Frame>,
 }
 
 /// Streams the body to the staging upload, the hasher and the checker.
@@ -403,12 +407,17 @@ where
     E: std::fmt::Display,
 {
     let (hash_tx, mut hash_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    // The frame table is read from the frame and block headers as the bytes are hashed.
     let hasher = tokio::task::spawn_blocking(move || {
         let mut hasher = Sha256::new();
+        let mut frames = FrameScanner::new();
         while let Some(batch) = hash_rx.blocking_recv() {
-            batch.iter().for_each(|chunk| hasher.update(chunk));
+            for chunk in &batch {
+                hasher.update(chunk);
+                frames.feed(chunk);
+            }
         }
-        Digest::from_hasher(hasher)
+        (Digest::from_hasher(hasher), frames)
     });
     let (check_tx, check_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let checker = tokio::task::spawn_blocking(move || {
@@ -466,12 +475,13 @@ where
     drop(check_tx);
     drop(hash_tx);
     let checked = checker.await.expect("the archive check does not panic");
-    let digest = hasher.await.expect("hashing does not panic");
+    let (digest, frames) = hasher.await.expect("hashing does not panic");
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.
     let (summary, files) = checked.map_err(IngestError::Unsafe)?;
-    Ok(Received { digest, claim, size, summary, files })
+    let frames = frames.finish(size, summary.unpacked_bytes, digest);
+    Ok(Received { digest, claim, size, summary, files, frames })
 }
 
 type Batch = Vec<Bytes>;
