@@ -197,7 +197,7 @@ impl Pool {
         for _ in 0..workers {
             let rx = Arc::clone(&rx);
             let mut compressor = compressor()?;
-            pool.threads.push(std::thread::spawn(move || {
+            pool.threads.push(std::thread::Builder::new().name("zstd-frames".into()).spawn(move || {
                 loop {
                     let job = rx.lock().expect("a compression thread does not panic").recv();
                     let Ok(Job { raw, answer }) = job else { return };
@@ -205,7 +205,7 @@ impl Pool {
                     // The writer may be gone (its pack failed): nothing to answer then.
                     let _ = answer.send(compressed);
                 }
-            }));
+            })?);
         }
         pool.jobs = Some(tx);
         Ok(pool)

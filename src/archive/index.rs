@@ -85,8 +85,8 @@ impl FileIndex {
     /// The frames that hold `file`'s data (its header lies in the first of them, or before);
     /// an empty file's, the frame its data would start in. Empty without a frame table.
     pub fn frames_of(&self, file: &IndexedFile) -> std::ops::Range<usize> {
-        let first = self.frames.partition_point(|f| f.raw_offset + f.raw_length <= file.offset);
-        let end = file.offset + file.size.max(1);
+        let first = self.frames.partition_point(|f| f.raw_offset.saturating_add(f.raw_length) <= file.offset);
+        let end = file.offset.saturating_add(file.size.max(1));
         let last = self.frames.partition_point(|f| f.raw_offset < end);
         first..last.max(first)
     }

@@ -73,7 +73,8 @@ pub fn pack_to_writer<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(Packed, W), PackError> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // Past 16 threads, compression outruns what a tree is read at; each thread holds a few MiB.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(16) as u32);
     pack_with_workers(dir, exclude, out, progress, workers)
 }
 
