@@ -395,7 +395,7 @@ struct Received {
     frames: Vec<Frame>,
 }
 
-/// Streams the body to the staging upload, the hasher and the checker.
+/// Streams the body to the staging upload, the hasher, the frame scanner and the checker.
 async fn receive<S, E>(
     mut body: Paced<S>,
     upload: &mut Upload,
@@ -407,17 +407,22 @@ where
     E: std::fmt::Display,
 {
     let (hash_tx, mut hash_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
-    // The frame table is read from the frame and block headers as the bytes are hashed.
     let hasher = tokio::task::spawn_blocking(move || {
         let mut hasher = Sha256::new();
-        let mut frames = FrameScanner::new();
         while let Some(batch) = hash_rx.blocking_recv() {
-            for chunk in &batch {
-                hasher.update(chunk);
-                frames.feed(chunk);
-            }
+            batch.iter().for_each(|chunk| hasher.update(chunk));
         }
-        (Digest::from_hasher(hasher), frames)
+        Digest::from_hasher(hasher)
+    });
+    // The frame table, from the frame and block headers, each frame hashed: a thread of its
+    // own beside the hasher, so the upload is not hashed twice on one core.
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    let framer = tokio::task::spawn_blocking(move || {
+        let mut frames = FrameScanner::new();
+        while let Some(batch) = frame_rx.blocking_recv() {
+            batch.iter().for_each(|chunk| frames.feed(chunk));
+        }
+        frames
     });
     let (check_tx, check_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let checker = tokio::task::spawn_blocking(move || {
@@ -466,16 +471,18 @@ where
         upload.write(chunk).await?;
         crate::crash_point("upload-begun");
         if batch_bytes >= BATCH_BYTES {
-            hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+            hand_over(&mut batch, &mut batch_bytes, [&hash_tx, &frame_tx], &mut check_tx).await;
         }
     }
     if outcome.is_ok() && !batch.is_empty() {
-        hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+        hand_over(&mut batch, &mut batch_bytes, [&hash_tx, &frame_tx], &mut check_tx).await;
     }
     drop(check_tx);
     drop(hash_tx);
+    drop(frame_tx);
     let checked = checker.await.expect("the archive check does not panic");
-    let (digest, frames) = hasher.await.expect("hashing does not panic");
+    let digest = hasher.await.expect("hashing does not panic");
+    let frames = framer.await.expect("scanning frames does not panic");
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.
@@ -486,12 +493,12 @@ where
 
 type Batch = Vec<Bytes>;
 
-/// Sends the batch to the checker and the hasher. When the checker has stopped (it refused
-/// the archive), `check_tx` becomes `None` and nothing more is handed over.
+/// Sends the batch to the checker, the hasher and the frame scanner. When the checker has
+/// stopped (it refused the archive), `check_tx` becomes `None` and nothing more is handed over.
 async fn hand_over(
     batch: &mut Batch,
     batch_bytes: &mut usize,
-    hash_tx: &mpsc::Sender<Batch>,
+    hash_txs: [&mpsc::Sender<Batch>; 2],
     check_tx: &mut Option<mpsc::Sender<Batch>>,
 ) {
     let full = std::mem::take(batch);
@@ -501,7 +508,9 @@ async fn hand_over(
         *check_tx = None;
         return;
     }
-    hash_tx.send(full).await.expect("the hasher only stops when its channel closes");
+    for tx in hash_txs {
+        tx.send(full.clone()).await.expect("the hasher and the scanner only stop when their channel closes");
+    }
 }
 
 /// Reads batches of chunks from a channel on a blocking thread, in place; end of channel is
