@@ -18,7 +18,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, IndexedFile, Summary};
+use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, Summary};
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
@@ -291,9 +291,11 @@ impl Ingestor {
         // same upload, repeated, writes again to the same key.
         let files = received.files.len() as u64;
         let digest = received.digest;
-        let index = tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).encode())
-            .await
-            .expect("encoding an index does not panic");
+        let frames = received.frames;
+        let index =
+            tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).with_frames(frames).encode())
+                .await
+                .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
 
@@ -389,9 +391,11 @@ struct Received {
     summary: Summary,
     /// Every regular file with its hash (the artifact's index, less its digest).
     files: Vec<IndexedFile>,
+    /// The artifact's independent zstd frames (one when it cannot be laid out in frames).
+    frames: Vec<Frame>,
 }
 
-/// Streams the body to the staging upload, the hasher and the checker.
+/// Streams the body to the staging upload, the hasher, the frame scanner and the checker.
 async fn receive<S, E>(
     mut body: Paced<S>,
     upload: &mut Upload,
@@ -409,6 +413,16 @@ where
             batch.iter().for_each(|chunk| hasher.update(chunk));
         }
         Digest::from_hasher(hasher)
+    });
+    // The frame table, from the frame and block headers, each frame hashed: a thread of its
+    // own beside the hasher, so the upload is not hashed twice on one core.
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    let framer = tokio::task::spawn_blocking(move || {
+        let mut frames = FrameScanner::new();
+        while let Some(batch) = frame_rx.blocking_recv() {
+            batch.iter().for_each(|chunk| frames.feed(chunk));
+        }
+        frames
     });
     let (check_tx, check_rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let checker = tokio::task::spawn_blocking(move || {
@@ -457,31 +471,34 @@ where
         upload.write(chunk).await?;
         crate::crash_point("upload-begun");
         if batch_bytes >= BATCH_BYTES {
-            hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+            hand_over(&mut batch, &mut batch_bytes, [&hash_tx, &frame_tx], &mut check_tx).await;
         }
     }
     if outcome.is_ok() && !batch.is_empty() {
-        hand_over(&mut batch, &mut batch_bytes, &hash_tx, &mut check_tx).await;
+        hand_over(&mut batch, &mut batch_bytes, [&hash_tx, &frame_tx], &mut check_tx).await;
     }
     drop(check_tx);
     drop(hash_tx);
+    drop(frame_tx);
     let checked = checker.await.expect("the archive check does not panic");
     let digest = hasher.await.expect("hashing does not panic");
+    let frames = framer.await.expect("scanning frames does not panic");
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.
     let (summary, files) = checked.map_err(IngestError::Unsafe)?;
-    Ok(Received { digest, claim, size, summary, files })
+    let frames = frames.finish(size, summary.unpacked_bytes, digest);
+    Ok(Received { digest, claim, size, summary, files, frames })
 }
 
 type Batch = Vec<Bytes>;
 
-/// Sends the batch to the checker and the hasher. When the checker has stopped (it refused
-/// the archive), `check_tx` becomes `None` and nothing more is handed over.
+/// Sends the batch to the checker, the hasher and the frame scanner. When the checker has
+/// stopped (it refused the archive), `check_tx` becomes `None` and nothing more is handed over.
 async fn hand_over(
     batch: &mut Batch,
     batch_bytes: &mut usize,
-    hash_tx: &mpsc::Sender<Batch>,
+    hash_txs: [&mpsc::Sender<Batch>; 2],
     check_tx: &mut Option<mpsc::Sender<Batch>>,
 ) {
     let full = std::mem::take(batch);
@@ -491,7 +508,9 @@ async fn hand_over(
         *check_tx = None;
         return;
     }
-    hash_tx.send(full).await.expect("the hasher only stops when its channel closes");
+    for tx in hash_txs {
+        tx.send(full.clone()).await.expect("the hasher and the scanner only stop when their channel closes");
+    }
 }
 
 /// Reads batches of chunks from a channel on a blocking thread, in place; end of channel is

@@ -5,6 +5,11 @@
 //!
 //! The stored form is `zstd`-compressed JSON; the index is named by the SHA-256 of those bytes
 //! (content-addressed, like the artifact it describes, which it names).
+//!
+//! Format 2 adds the artifact's frame table ([`Frame`], found by [`FrameScanner`](super::FrameScanner)
+//! at ingest): where each independent zstd frame lies in the artifact and in the tar stream, and
+//! the SHA-256 of its bytes, so that a node may fetch and check frames alone. A file's frames are
+//! not stored but derived from the offsets ([`FileIndex::frames_of`]).
 
 use std::io::{self, Read};
 
@@ -12,10 +17,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::check::{Entry, Visitor};
+use super::frames::Frame;
 use crate::digest::Digest;
 
-/// The format written today. A reader refuses any other.
-pub const INDEX_VERSION: u32 = 1;
+/// The format written today. A reader refuses any other. 1: files only; 2: with the frame table.
+pub const INDEX_VERSION: u32 = 2;
 
 /// The largest decompressed index read back (an index of the largest archive `limits.max_files`
 /// allows is far below it): bounds what a corrupt or hostile stored index can make a reader
@@ -28,6 +34,11 @@ pub struct FileIndex {
     pub version: u32,
     /// The artifact it describes.
     pub artifact: Digest,
+    /// The artifact's frames, in order, end to end from its first byte to its last (and so
+    /// over its whole tar stream): at least one in an index made at ingest (one for the whole
+    /// artifact when it could not be laid out in frames, as a plain `tar --zstd` archive);
+    /// none in the index a node keeps for a release (only its files matter there).
+    pub frames: Vec<Frame>,
     pub files: Vec<IndexedFile>,
 }
 
@@ -56,11 +67,48 @@ pub enum IndexError {
     Version { found: u32 },
     #[error("the stored index describes {found}, not {expected}")]
     OtherArtifact { expected: Digest, found: Digest },
+    #[error("the stored index's frame table does not hold together: {0}")]
+    Frames(String),
 }
 
 impl FileIndex {
+    /// An index without a frame table (see [`with_frames`](Self::with_frames)).
     pub fn new(artifact: Digest, files: Vec<IndexedFile>) -> FileIndex {
-        FileIndex { version: INDEX_VERSION, artifact, files }
+        FileIndex { version: INDEX_VERSION, artifact, frames: Vec::new(), files }
+    }
+
+    pub fn with_frames(mut self, frames: Vec<Frame>) -> FileIndex {
+        self.frames = frames;
+        self
+    }
+
+    /// The frames that hold `file`'s data (its header lies in the first of them, or before);
+    /// an empty file's, the frame its data would start in. Empty without a frame table.
+    pub fn frames_of(&self, file: &IndexedFile) -> std::ops::Range<usize> {
+        let first = self.frames.partition_point(|f| f.raw_offset.saturating_add(f.raw_length) <= file.offset);
+        let end = file.offset.saturating_add(file.size.max(1));
+        let last = self.frames.partition_point(|f| f.raw_offset < end);
+        first..last.max(first)
+    }
+
+    /// Frames end to end from the start, in the artifact and in the tar stream, none empty;
+    /// every file's data within the tar stream they cover.
+    fn check_frames(&self) -> Result<(), IndexError> {
+        if self.frames.is_empty() {
+            return Ok(());
+        }
+        let (mut offset, mut raw) = (0u64, 0u64);
+        for (n, frame) in self.frames.iter().enumerate() {
+            if frame.offset != offset || frame.raw_offset != raw || frame.length == 0 {
+                return Err(IndexError::Frames(format!("frame {n} does not follow the one before it")));
+            }
+            let next = frame.offset.checked_add(frame.length).zip(frame.raw_offset.checked_add(frame.raw_length));
+            (offset, raw) = next.ok_or_else(|| IndexError::Frames(format!("frame {n} ends past 2^64")))?;
+        }
+        if let Some(file) = self.files.iter().find(|f| f.offset.checked_add(f.size).is_none_or(|end| end > raw)) {
+            return Err(IndexError::Frames(format!("{:?} lies past the last frame", file.path)));
+        }
+        Ok(())
     }
 
     /// The stored form: deterministic (the same index, the same bytes, the same name).
@@ -92,6 +140,7 @@ impl FileIndex {
         if index.artifact != artifact {
             return Err(IndexError::OtherArtifact { expected: artifact, found: index.artifact });
         }
+        index.check_frames()?;
         Ok(index)
     }
 }

@@ -1,20 +1,27 @@
 //! Artifact archives: deterministic `tar`+`zstd` packing and streaming safety checks.
 //!
-//! [`pack`] writes the archive CI uploads; [`check`] reads one as it streams in and refuses
-//! what could never be deployed safely ([`index`] also lists its files with their hashes); [`rules`] holds the per-entry rules both share (and that
-//! the node's unpacker applies again, never trusting the server's check alone).
+//! [`pack`] writes the archive CI uploads, as independent zstd frames ([`frames`]; [`scan`]
+//! finds them again in an upload); [`check`] reads one as it streams in and refuses what could
+//! never be deployed safely ([`index`] also lists its files with their hashes); [`rules`] holds
+//! the per-entry rules both share (and that the node's unpacker applies again, never trusting
+//! the server's check alone).
 //!
 //! Architecture invariant: this module does no network or database I/O; it works on
 //! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
 
 mod check;
+mod frames;
+#[cfg(test)]
+mod frames_tests;
 mod index;
 mod pack;
 mod rules;
+mod scan;
 #[cfg(test)]
 mod tests;
 
 pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, index, walk};
+pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES};
 pub use index::{FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES};
 #[cfg(test)]
 use pack::pack_with_workers;
@@ -23,6 +30,7 @@ pub use rules::{
     MAX_DEPTH, MAX_LINK_TARGET_BYTES, MAX_MIGRATION_NAME_BYTES, MAX_MIGRATIONS, MAX_NAME_BYTES, MAX_PATH_BYTES,
     MAX_SYMLINKS, RelPath,
 };
+pub use scan::FrameScanner;
 
 /// The first four bytes of every zstd frame.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];

@@ -4,27 +4,31 @@
 //! Entries are written depth-first with each directory's names sorted bytewise; every header
 //! has mtime 0, uid/gid 0, no user or group names, and mode 0755 (directories, executables),
 //! 0644 (other files) or 0777 (links). Hard-linked files are stored as regular files.
-//! Compression is zstd level 3 on all cores with a content checksum; zstd's multi-threaded
-//! output does not depend on the number of workers, so the digest is the same on any machine
-//! running the same `release` build.
+//! The tar stream is compressed as independent zstd frames (level 3, content size and checksum
+//! in each; [`super::frames`]): a frame ends at the first entry boundary after
+//! [`FRAME_TARGET`](super::FRAME_TARGET) uncompressed bytes, and a file's data longer than that
+//! is cut at each multiple of it. Frames are compressed alone, on all cores, and written in
+//! order, so the bytes (and the digest) are the same on any machine running the same `release`
+//! build, whatever its number of cores.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest as _, Sha256};
 use tar::{EntryType, Header};
 
 use super::ArchiveError;
+use super::frames::{FRAME_TARGET, FrameWriter};
 use super::rules::{
     MAX_MIGRATIONS, MAX_SYMLINKS, RelPath, check_link_target_limits, check_path_limits, check_symlink_target,
     migration_name,
 };
 use crate::digest::Digest;
-
-const LEVEL: i32 = 3;
 
 /// Why a tree could not be packaged.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,8 @@ pub struct Packed {
     pub size: u64,
     /// Entries: files, directories and links.
     pub file_count: u64,
+    /// Independent zstd frames.
+    pub frames: u64,
 }
 
 /// Packs `dir` into `out`, skipping the relative paths in `exclude` (and what lies under them).
@@ -67,12 +73,13 @@ pub fn pack_to_writer<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(Packed, W), PackError> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // Past 16 threads, compression outruns what a tree is read at; each thread holds a few MiB.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(16) as u32);
     pack_with_workers(dir, exclude, out, progress, workers)
 }
 
-/// [`pack_to_writer`] with a given number of zstd workers (at least one: zstd's output then
-/// does not depend on the number).
+/// [`pack_to_writer`] with a given number of compression threads (the output does not depend
+/// on the number).
 pub(super) fn pack_with_workers<W: Write>(
     dir: &Path,
     exclude: &[String],
@@ -86,18 +93,17 @@ pub(super) fn pack_with_workers<W: Write>(
     }
     let out_err = |source| PackError::Io { path: PathBuf::from("<output>"), source };
     let hashing = HashingWriter { inner: out, hasher: Sha256::new(), written: 0 };
-    let mut encoder = zstd::stream::write::Encoder::new(hashing, LEVEL).map_err(out_err)?;
-    encoder.include_checksum(true).map_err(out_err)?;
-    encoder.multithread(workers.max(1)).map_err(out_err)?;
+    let frames = FrameWriter::new(hashing, workers).map_err(out_err)?;
 
     let mut packer =
-        Packer { builder: tar::Builder::new(encoder), exclude, count: 0, symlinks: 0, migrations: 0, progress };
+        Packer { builder: tar::Builder::new(frames), exclude, count: 0, symlinks: 0, migrations: 0, progress };
     packer.builder.mode(tar::HeaderMode::Deterministic);
     packer.add_dir_contents(dir, "")?;
     let count = packer.count;
-    let encoder = packer.builder.into_inner().map_err(out_err)?;
-    let hashing = encoder.finish().map_err(out_err)?;
-    let packed = Packed { digest: Digest::from_hasher(hashing.hasher), size: hashing.written, file_count: count };
+    let frames = packer.builder.into_inner().map_err(out_err)?;
+    let (hashing, frames) = frames.finish().map_err(out_err)?;
+    let packed =
+        Packed { digest: Digest::from_hasher(hashing.hasher), size: hashing.written, file_count: count, frames };
     Ok((packed, hashing.inner))
 }
 
@@ -134,7 +140,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PackError + use<> {
 }
 
 struct Packer<'a, W: Write> {
-    builder: tar::Builder<W>,
+    builder: tar::Builder<FrameWriter<W>>,
     exclude: &'a [String],
     count: u64,
     /// Counted against the rules' bounds, so nothing is packed that ingest would refuse.
@@ -169,6 +175,7 @@ impl<W: Write> Packer<'_, W> {
             check_path_limits(&rel_path).map_err(undeployable)?;
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let file_type = meta.file_type();
+            self.builder.get_mut().boundary().map_err(io_err(&path))?;
             if file_type.is_dir() {
                 self.append(&rel, EntryType::Directory, 0o755, 0, io::empty(), &path)?;
                 self.add_dir_contents(&path, &rel)?;
@@ -229,7 +236,8 @@ impl<W: Write> Packer<'_, W> {
         path: &Path,
     ) -> Result<(), PackError> {
         let mut header = self.header(kind, mode, size);
-        let mut exact = ExactReader { inner: data.take(size), remaining: size, shrank: false };
+        let started = (size > FRAME_TARGET).then(|| self.builder.get_mut().large_file(size));
+        let mut exact = ExactReader { inner: data.take(size), remaining: size, shrank: false, started };
         let appended = self.builder.append_data(&mut header, rel, &mut exact);
         let mut one_more = [0u8; 1];
         let grew = exact.inner.into_inner().read(&mut one_more).is_ok_and(|n| n > 0);
@@ -253,10 +261,16 @@ struct ExactReader<R> {
     inner: io::Take<R>,
     remaining: u64,
     shrank: bool,
+    /// Set at the first read: the entry's header is written, its data starts (where the frame
+    /// writer cuts a large file's data from).
+    started: Option<Arc<AtomicBool>>,
 }
 
 impl<R: Read> Read for ExactReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(started) = self.started.take() {
+            started.store(true, Ordering::Relaxed);
+        }
         let n = self.inner.read(buf)?;
         if n == 0 && self.remaining > 0 && !buf.is_empty() {
             self.shrank = true;

@@ -354,3 +354,111 @@ fn the_index_of_every_file_is_stored_and_named_local() {
 fn the_index_of_every_file_is_stored_and_named_s3() {
     the_index_of_every_file_is_stored_and_named(Backend::S3);
 }
+
+/// Text that compresses like source code, the same for the same seed.
+fn source_text(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 24);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(
+            ["public ", "function ", "return ", "$this->", "array("][(state % 5) as usize].as_bytes(),
+        );
+        out.extend_from_slice(format!("{};\n", state % 977).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An archive `release package` wrote is laid out in frames at ingest: the stored index's
+/// frame table covers the artifact end to end, each frame's bytes hash to its SHA-256 and
+/// decompress alone, and every file's data is in the frames the index gives it (what a node
+/// fetching ranges relies on). A plain `tar --zstd` archive is one frame: the whole artifact.
+fn the_index_lays_out_the_artifact_in_frames(backend: Backend) {
+    let server = TestServer::start(backend);
+    let ci = server.token("ci", "ci");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("app");
+    app_tree(&src, "3.0.0");
+    for i in 0..300u64 {
+        let path = src.join(format!("vendor/pkg{}/C{i}.php", i % 13));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, source_text(i, 1_000 + (i as usize * 53) % 20_000)).unwrap();
+    }
+    fs::write(src.join("public/app.js"), source_text(99, 2 * (1 << 20) + 12_345)).unwrap();
+    let archive = work.path().join("app.tar.zst");
+    TestCommand::new().args(["package", src.to_str().unwrap(), "-o", archive.to_str().unwrap()]).assert_success();
+    let uploaded = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", archive.to_str().unwrap(), "--service", "api", "--json"])
+        .assert_success()
+        .json();
+    let digest = uploaded["digest"].as_str().unwrap();
+    let index = server.stored_index(digest).expect("a row").expect("an object");
+    let bytes = fs::read(&archive).unwrap();
+    let tar = zstd::decode_all(&bytes[..]).unwrap();
+
+    let frames = &index.frames;
+    assert!(frames.len() >= 4, "{} frames for {} bytes of tar stream", frames.len(), tar.len());
+    let (mut offset, mut raw) = (0u64, 0u64);
+    for frame in frames {
+        assert_eq!((frame.offset, frame.raw_offset), (offset, raw), "{frame:?}");
+        let compressed = &bytes[frame.offset as usize..(frame.offset + frame.length) as usize];
+        assert_eq!(release::digest::Digest::of(compressed), frame.sha256, "{frame:?}");
+        (offset, raw) = (offset + frame.length, raw + frame.raw_length);
+    }
+    assert_eq!((offset, raw), (bytes.len() as u64, tar.len() as u64), "the frames cover the artifact");
+    assert!(frames.iter().all(|f| f.raw_length <= 2 * release::archive::FRAME_TARGET + 4096), "{frames:?}");
+
+    for file in &index.files {
+        let held = index.frames_of(file);
+        let (first, last) = (&frames[held.start], &frames[held.end - 1]);
+        // Those frames alone, decompressed, hold the file's data.
+        let compressed = &bytes[first.offset as usize..(last.offset + last.length) as usize];
+        let alone = zstd::decode_all(compressed).unwrap();
+        let at = (file.offset - first.raw_offset) as usize;
+        let data = &alone[at..at + file.size as usize];
+        assert_eq!(release::digest::Digest::of(data), file.sha256, "{}", file.path);
+        if file.size <= release::archive::FRAME_TARGET {
+            assert_eq!(held.len(), 1, "{} lies in one frame", file.path);
+        }
+    }
+    let large = index.files.iter().find(|f| f.path == "public/app.js").unwrap();
+    assert_eq!(index.frames_of(large).len(), 3, "2 MiB and more: cut twice inside its data");
+
+    // `tar --zstd` (streamed: no content size in its frame) is one frame, the artifact itself.
+    let plain = work.path().join("plain.tar.zst");
+    let status = std::process::Command::new("tar")
+        .args(["--zstd", "-C", src.to_str().unwrap(), "-cf", plain.to_str().unwrap(), "."])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let uploaded = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", plain.to_str().unwrap(), "--service", "api", "--json"])
+        .assert_success()
+        .json();
+    let digest = uploaded["digest"].as_str().unwrap();
+    let index = server.stored_index(digest).expect("a row").expect("an object");
+    let size = fs::metadata(&plain).unwrap().len();
+    assert_eq!(index.frames.len(), 1, "{:?}", index.frames);
+    let whole = &index.frames[0];
+    assert_eq!((whole.offset, whole.length, whole.raw_offset), (0, size, 0));
+    assert_eq!(whole.sha256.to_string(), digest);
+    assert_eq!(whole.raw_length, zstd::decode_all(&fs::read(&plain).unwrap()[..]).unwrap().len() as u64);
+    assert!(index.files.iter().all(|f| index.frames_of(f) == (0..1)));
+}
+
+#[test]
+fn the_index_lays_out_the_artifact_in_frames_local() {
+    the_index_lays_out_the_artifact_in_frames(Backend::Local);
+}
+
+#[test]
+fn the_index_lays_out_the_artifact_in_frames_s3() {
+    the_index_lays_out_the_artifact_in_frames(Backend::S3);
+}
