@@ -1,5 +1,8 @@
 //! Shared files on real directories: what is linked, what never is, a lying index, hooks
 //! writing through links, retention, and the disk a small change costs.
+//!
+//! Long on purpose: every way a link could carry the wrong bytes into a release (or out of
+//! one) is a scenario on the same real release tree, and they read best side by side.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
