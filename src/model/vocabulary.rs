@@ -11,7 +11,8 @@ use std::fmt;
 /// A name this build does not know, as a peer wrote it, kept inline so that the
 /// vocabularies holding one stay `Copy` (the server passes states and phases by value in
 /// some 200 places). A name longer than [`OtherName::MAX`] bytes is cut at a character
-/// boundary and shown with `…`.
+/// boundary and shown with `…`; control characters (a terminal escape a hostile peer sends)
+/// are kept as `?`, since the name reaches logs, the registry and terminals.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OtherName {
     /// The length in bytes; the high bit says the name was cut.
@@ -26,6 +27,13 @@ impl OtherName {
     const CUT: u8 = 0x80;
 
     pub fn new(name: &str) -> OtherName {
+        let cleaned: String;
+        let name = if name.chars().any(char::is_control) {
+            cleaned = name.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+            cleaned.as_str()
+        } else {
+            name
+        };
         let mut end = name.len().min(Self::MAX);
         while !name.is_char_boundary(end) {
             end -= 1;
@@ -215,6 +223,7 @@ mod tests {
         assert_eq!(name.as_str(), "x".repeat(OtherName::MAX - 1));
         assert_eq!(name.to_string(), format!("{}…", "x".repeat(OtherName::MAX - 1)));
         assert_eq!(OtherName::new("short").to_string(), "short");
+        assert_eq!(OtherName::new("evil\u{1b}[31m\r").as_str(), "evil?[31m?");
         let whole = "y".repeat(OtherName::MAX);
         assert_eq!(OtherName::new(&whole).to_string(), whole, "a name of MAX bytes is whole");
         assert_eq!(std::mem::size_of::<crate::model::release::State>(), OtherName::MAX + 2);
