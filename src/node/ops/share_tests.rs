@@ -35,22 +35,12 @@ fn package(tree: &Tree) -> (Vec<u8>, Digest, FileIndex) {
 
 fn request(base: &Path, digest: Digest, index: Option<FileIndex>, finalize: &[&str]) -> Prepare {
     Prepare {
-        base: base.to_owned(),
-        digest,
-        source: Source::Stdin,
-        shared: vec![],
         writable: vec!["cache".into()],
         finalize: finalize.iter().map(|c| c.to_string()).collect(),
-        env: BTreeMap::new(),
         max_unpacked_bytes: 1 << 30,
         max_files: 100_000,
-        adopt: false,
-        hook_timeout_ms: None,
-        fence: 0,
-        fetch_stall_ms: None,
-        finalize_if_shared_changed: false,
-        run_as: RunAs::default(),
         index,
+        ..super::super::tests::prepare_stdin(base, digest)
     }
 }
 

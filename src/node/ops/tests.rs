@@ -31,7 +31,7 @@ fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
 /// sealed too.
 /// A prepare of `digest` into `base`, its bytes on stdin, with nothing shared, writable or
 /// run and small limits: each test sets what it is about.
-fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
+pub(super) fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
     Prepare {
         base: base.to_owned(),
         digest,
