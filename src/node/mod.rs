@@ -18,6 +18,7 @@
 
 mod check;
 mod ops;
+pub mod sparse;
 pub mod protocol;
 mod unpack;
 
