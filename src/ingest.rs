@@ -291,11 +291,12 @@ impl Ingestor {
         // same upload, repeated, writes again to the same key.
         let files = received.files.len() as u64;
         let digest = received.digest;
-        let frames = received.frames;
-        let index =
-            tokio::task::spawn_blocking(move || FileIndex::new(digest, received.files).with_frames(frames).encode())
-                .await
-                .expect("encoding an index does not panic");
+        let (frames, skeleton) = (received.frames, received.skeleton);
+        let index = tokio::task::spawn_blocking(move || {
+            FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton).encode()
+        })
+        .await
+        .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
 
@@ -393,6 +394,8 @@ struct Received {
     files: Vec<IndexedFile>,
     /// The artifact's independent zstd frames (one when it cannot be laid out in frames).
     frames: Vec<Frame>,
+    /// The tar stream but the files' data (zstd), for nodes that fetch only some frames.
+    skeleton: Option<Vec<u8>>,
 }
 
 /// Streams the body to the staging upload, the hasher, the frame scanner and the checker.
@@ -486,9 +489,9 @@ where
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.
-    let (summary, files) = checked.map_err(IngestError::Unsafe)?;
+    let archive::Listing { summary, files, skeleton } = checked.map_err(IngestError::Unsafe)?;
     let frames = frames.finish(size, summary.unpacked_bytes, digest);
-    Ok(Received { digest, claim, size, summary, files, frames })
+    Ok(Received { digest, claim, size, summary, files, frames, skeleton })
 }
 
 type Batch = Vec<Bytes>;

@@ -11,6 +11,7 @@ use super::rules::{
     Kind, MAX_MIGRATIONS, RelPath, TreeState, check_link_target_limits, check_mode, check_path_limits,
     check_symlink_target, migration_name,
 };
+use super::skeleton::{SharedBuilder, SkeletonBuilder, Tapped};
 use super::{ArchiveError, ZSTD_MAGIC};
 
 /// The largest zstd window accepted, as a power of two: 32 MiB. Every level up to 19 stays
@@ -106,22 +107,48 @@ pub fn check(input: impl BufRead, options: &CheckOptions) -> Result<Summary, Arc
     })
 }
 
-/// [`check`], also listing every regular file with the SHA-256 of its data (the artifact's
-/// [`FileIndex`](super::FileIndex), less the artifact's own digest, which the caller knows).
-pub fn index(input: impl BufRead, options: &CheckOptions) -> Result<(Summary, Vec<super::IndexedFile>), ArchiveError> {
+/// What [`index`] found: the check's summary, every regular file with the SHA-256 of its data
+/// (the artifact's [`FileIndex`](super::FileIndex), less the artifact's own digest, which the
+/// caller knows), and the tar stream's skeleton (zstd; see [`Skeleton`](super::Skeleton)).
+#[derive(Debug)]
+pub struct Listing {
+    pub summary: Summary,
+    pub files: Vec<super::IndexedFile>,
+    pub skeleton: Option<Vec<u8>>,
+}
+
+/// [`check`], also listing every regular file and keeping the skeleton of the tar stream.
+pub fn index(input: impl BufRead, options: &CheckOptions) -> Result<Listing, ArchiveError> {
     let mut nothing = Nothing;
     let mut indexing = super::index::Indexing::new(&mut nothing);
-    let summary = walk(input, options, &mut indexing).map_err(|e| match e {
+    let skeleton = SkeletonBuilder::shared();
+    let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton))).map_err(|e| match e {
         WalkError::Archive(e) => e,
         // Hashing reads only what the walk hands it; a read error there is the archive's and
         // comes back as `Archive`.
         WalkError::Visitor { path, source } => ArchiveError::Tar(format!("entry {path:?}: {source}")),
     })?;
-    Ok((summary, indexing.files))
+    let skeleton = skeleton.borrow_mut().finish();
+    Ok(Listing { summary, files: indexing.files, skeleton })
 }
 
 /// [`check`], handing every entry that passed the rules to `visitor` as it goes.
-pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
+pub fn walk(input: impl BufRead, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
+    walk_zstd(input, options, visitor, None)
+}
+
+/// [`walk`] over a tar stream that is not compressed (the node's sparse unpack makes it from
+/// the frames it fetched and the index's skeleton). Read errors are the caller's to explain.
+pub fn walk_tar(input: impl Read, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
+    walk_stream(input, options, visitor, None)
+}
+
+fn walk_zstd(
+    mut input: impl BufRead,
+    options: &CheckOptions,
+    visitor: &mut dyn Visitor,
+    skeleton: Option<SharedBuilder>,
+) -> Result<Summary, WalkError> {
     let mut magic = [0u8; 4];
     input.read_exact(&mut magic).map_err(|_| ArchiveError::NotZstd)?;
     if magic != ZSTD_MAGIC {
@@ -130,9 +157,19 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
     let mut decoder = zstd::stream::read::Decoder::with_buffer(io::Cursor::new(magic).chain(input))
         .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
     decoder.window_log_max(MAX_WINDOW_LOG).map_err(|e| ArchiveError::Zstd(e.to_string()))?;
+    walk_stream(decoder, options, visitor, skeleton)
+}
 
+/// The walk of a tar stream (`decoded`), feeding `skeleton` every byte but the files' data.
+fn walk_stream(
+    decoded: impl Read,
+    options: &CheckOptions,
+    visitor: &mut dyn Visitor,
+    skeleton: Option<SharedBuilder>,
+) -> Result<Summary, WalkError> {
     let trouble = Rc::new(Cell::new(None));
-    let counted = Counted { inner: decoder, pos: 0, limit: options.max_unpacked_bytes, trouble: Rc::clone(&trouble) };
+    let tapped = Tapped { inner: decoded, skeleton: skeleton.clone() };
+    let counted = Counted { inner: tapped, pos: 0, limit: options.max_unpacked_bytes, trouble: Rc::clone(&trouble) };
     let mut archive = tar::Archive::new(counted);
     let read_error = |e: io::Error| match trouble.take() {
         Some(Trouble::Limit) => ArchiveError::TooLarge { limit: options.max_unpacked_bytes },
@@ -169,6 +206,9 @@ pub fn walk(mut input: impl BufRead, options: &CheckOptions, visitor: &mut dyn V
         let (path, link) = names.take(&entry)?;
         let header = entry.header().clone();
         if let Some(checked) = check_entry(&header, &path, link.as_deref(), options, &mut tree, &mut summary)? {
+            if let (Checked::File(..), Some(skeleton)) = (&checked, &skeleton) {
+                skeleton.borrow_mut().cut(entry.raw_file_position(), entry.size());
+            }
             let shown = checked.path().as_str().to_owned();
             let visited = visitor.entry(checked.as_entry(entry.raw_file_position()), &mut entry);
             if let Err(source) = visited {

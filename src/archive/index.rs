@@ -10,6 +10,9 @@
 //! at ingest): where each independent zstd frame lies in the artifact and in the tar stream, and
 //! the SHA-256 of its bytes, so that a node may fetch and check frames alone. A file's frames are
 //! not stored but derived from the offsets ([`FileIndex::frames_of`]).
+//!
+//! Format 3 adds the tar stream's skeleton ([`Skeleton`](super::Skeleton)): with it, a node
+//! makes the tar stream of a frame it did not fetch.
 
 use std::io::{self, Read};
 
@@ -20,8 +23,12 @@ use super::check::{Entry, Visitor};
 use super::frames::Frame;
 use crate::digest::Digest;
 
-/// The format written today. A reader refuses any other. 1: files only; 2: with the frame table.
-pub const INDEX_VERSION: u32 = 2;
+/// The format written today. 1: files only; 2: with the frame table; 3: with the skeleton.
+pub const INDEX_VERSION: u32 = 3;
+
+/// The oldest format read: a format-2 index is a format-3 one without a skeleton (its artifact
+/// is shared on the nodes, but fetched whole). Format 1 is refused.
+pub const OLDEST_INDEX_VERSION: u32 = 2;
 
 /// The largest decompressed index read back (an index of the largest archive `limits.max_files`
 /// allows is far below it): bounds what a corrupt or hostile stored index can make a reader
@@ -40,6 +47,10 @@ pub struct FileIndex {
     /// none in the index a node keeps for a release (only its files matter there).
     pub frames: Vec<Frame>,
     pub files: Vec<IndexedFile>,
+    /// The tar stream but the files' data, zstd-compressed (base64 in the JSON): absent when
+    /// it could not be made, and from the index a node keeps for a release.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_bytes")]
+    pub skeleton: Option<Vec<u8>>,
 }
 
 /// One regular file of an artifact. Directories, symbolic links and hard links are not listed:
@@ -63,7 +74,9 @@ pub enum IndexError {
     TooLarge,
     #[error("the stored index does not read: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("the stored index is of format {found}; this build reads format {INDEX_VERSION}")]
+    #[error(
+        "the stored index is of format {found}; this build reads formats {OLDEST_INDEX_VERSION} to {INDEX_VERSION}"
+    )]
     Version { found: u32 },
     #[error("the stored index describes {found}, not {expected}")]
     OtherArtifact { expected: Digest, found: Digest },
@@ -74,11 +87,16 @@ pub enum IndexError {
 impl FileIndex {
     /// An index without a frame table (see [`with_frames`](Self::with_frames)).
     pub fn new(artifact: Digest, files: Vec<IndexedFile>) -> FileIndex {
-        FileIndex { version: INDEX_VERSION, artifact, frames: Vec::new(), files }
+        FileIndex { version: INDEX_VERSION, artifact, frames: Vec::new(), files, skeleton: None }
     }
 
     pub fn with_frames(mut self, frames: Vec<Frame>) -> FileIndex {
         self.frames = frames;
+        self
+    }
+
+    pub fn with_skeleton(mut self, skeleton: Option<Vec<u8>>) -> FileIndex {
+        self.skeleton = skeleton;
         self
     }
 
@@ -133,7 +151,7 @@ impl FileIndex {
             version: u32,
         }
         let Version { version } = serde_json::from_slice(&json)?;
-        if version != INDEX_VERSION {
+        if !(OLDEST_INDEX_VERSION..=INDEX_VERSION).contains(&version) {
             return Err(IndexError::Version { found: version });
         }
         let index: FileIndex = serde_json::from_slice(&json)?;
@@ -192,5 +210,24 @@ impl Read for Hashing<'_> {
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
+    }
+}
+
+/// `Option<Vec<u8>>` as base64 text in JSON.
+pub mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => serializer.serialize_str(&STANDARD.encode(bytes)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text: Option<String> = Option::deserialize(deserializer)?;
+        text.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
     }
 }

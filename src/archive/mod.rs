@@ -17,12 +17,17 @@ mod index;
 mod pack;
 mod rules;
 mod scan;
+mod skeleton;
+#[cfg(test)]
+mod skeleton_tests;
 #[cfg(test)]
 mod tests;
 
-pub use check::{CheckOptions, Entry, Summary, Visitor, WalkError, check, index, walk};
+pub use check::{CheckOptions, Entry, Listing, Summary, Visitor, WalkError, check, index, walk, walk_tar};
 pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES};
-pub use index::{FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES};
+pub use index::{
+    FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES, OLDEST_INDEX_VERSION, base64_bytes,
+};
 #[cfg(test)]
 use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};
@@ -31,6 +36,7 @@ pub use rules::{
     MAX_SYMLINKS, RelPath,
 };
 pub use scan::FrameScanner;
+pub use skeleton::Skeleton;
 
 /// The first four bytes of every zstd frame.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];

@@ -496,7 +496,7 @@ fn the_index_lists_every_regular_file_with_its_hash_mode_and_place_in_the_stream
     let dir = tempfile::tempdir().unwrap();
     sample_tree(dir.path(), false);
     let (packed, bytes) = pack_bytes(dir.path());
-    let (summary, files) = index(&bytes[..], &options()).unwrap();
+    let crate::archive::Listing { summary, files, .. } = index(&bytes[..], &options()).unwrap();
     assert_eq!(summary, check(&bytes[..], &options()).unwrap(), "indexing checks exactly as the check does");
     let tar = zstd::decode_all(&bytes[..]).unwrap();
     let mut listed: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
@@ -537,10 +537,21 @@ fn a_stored_index_of_another_artifact_format_or_shape_is_refused() {
     let mut later = index.clone();
     later.version = INDEX_VERSION + 1;
     let refusal = FileIndex::decode(&later.encode(), a).unwrap_err().to_string();
-    assert!(refusal.contains(&format!("of format {}; this build reads format {INDEX_VERSION}", INDEX_VERSION + 1)));
+    assert!(
+        refusal.contains(&format!("of format {}; this build reads formats 2 to {INDEX_VERSION}", INDEX_VERSION + 1))
+    );
+    let mut first = index.clone();
+    first.version = 1;
+    let refusal = FileIndex::decode(&first.encode(), a).unwrap_err().to_string();
+    assert!(refusal.contains("of format 1; this build reads formats 2 to"), "{refusal}");
+    // Format 2: the same without a skeleton.
+    let mut second = index.clone();
+    second.version = 2;
+    assert_eq!(FileIndex::decode(&second.encode(), a).unwrap(), second);
 
     let refusal = FileIndex::decode(b"not zstd", a).unwrap_err().to_string();
     assert!(refusal.starts_with("the stored index does not decompress"), "{refusal}");
-    let refusal = FileIndex::decode(&zstd_of(br#"{"version":2}"#), a).unwrap_err().to_string();
+    let refusal =
+        FileIndex::decode(&zstd_of(format!(r#"{{"version":{INDEX_VERSION}}}"#).as_bytes()), a).unwrap_err().to_string();
     assert!(refusal.starts_with("the stored index does not read"), "{refusal}");
 }

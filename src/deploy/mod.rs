@@ -35,8 +35,8 @@ use crate::archive::FileIndex;
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::protocol::{
-    Adopted, Answer, Checked, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Pm2Checked, Prepared, Ran, SharedEntry,
-    Status, Switched,
+    Adopted, Answer, Checked, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Lacking, Pm2Checked, Prepared, Ran,
+    SharedEntry, Status, Switched,
 };
 use crate::node::{self, Request, Source};
 use crate::releases::{

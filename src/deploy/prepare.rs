@@ -1,31 +1,39 @@
 //! The prepare phase on one node: the artifact fetched (presigned URL, signed URL of this
 //! server, or streamed), or checked when the node has it already; the adopted legacy tree
 //! first on a node adopting one; the artifact's file index read once per deploy and sent
-//! along, so that a node links the files it already holds.
+//! along, so that a node links the files it already holds; and when the artifact rides the
+//! node's stdin, the node asked first which frames it lacks, and only those sent.
 
 use super::*;
 
-/// The most an index may take on a prepare's request line, as JSON: a node reads that line
-/// whole, and the server writes it for every node at once (`parallel`). An artifact of
-/// 500,000 files of 60-byte paths (`limits.max_files`) makes about 101 MiB; one of longer
-/// paths, up to the 256 MiB an index may decompress to. A larger index costs the sharing.
+/// The most an index may take on a prepare's request line (base64 of its stored form): a node
+/// reads that line whole, and the server writes it for every node at once (`parallel`). A
+/// larger index costs the sharing (and the sparse fetch).
 pub(super) const MAX_SENT_INDEX_BYTES: u64 = 64 << 20;
 
-/// How many bytes `index` takes as JSON (counted, not written out).
-pub(super) fn sent_bytes(index: &FileIndex) -> u64 {
-    struct Counting(u64);
-    impl std::io::Write for Counting {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
+/// The artifact's index, read once per deploy: as stored (what is sent) and decoded (where
+/// its frames lie).
+pub(super) struct SentIndex {
+    pub(super) stored: Vec<u8>,
+    pub(super) index: FileIndex,
+}
+
+/// How many bytes `stored` takes on the request line (base64).
+pub(super) fn sent_bytes(stored: &[u8]) -> u64 {
+    (stored.len() as u64).div_ceil(3) * 4
+}
+
+/// The byte ranges of the artifact holding `frames` (numbers in order), consecutive frames in
+/// one range.
+pub(super) fn runs(index: &FileIndex, frames: &[usize]) -> Vec<std::ops::Range<u64>> {
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for frame in frames.iter().filter_map(|n| index.frames.get(*n)) {
+        match runs.last_mut() {
+            Some(run) if run.end == frame.offset => run.end += frame.length,
+            _ => runs.push(frame.offset..frame.offset + frame.length),
         }
     }
-    let mut counted = Counting(0);
-    serde_json::to_writer(&mut counted, index).expect("an index serializes");
-    counted.0
+    runs
 }
 
 impl NodeDeployer {
@@ -36,7 +44,7 @@ impl NodeDeployer {
         plan: &Plan,
         target: &Target,
         hooks: &Hooks,
-        index: Option<&FileIndex>,
+        index: Option<&SentIndex>,
     ) -> Result<(), String> {
         // A blocked artifact is not even fetched (a presigned URL would bypass the server).
         plan.gate.check().await?;
@@ -61,7 +69,7 @@ impl NodeDeployer {
         target: &Target,
         hooks: &Hooks,
         digest: Digest,
-        index: Option<&FileIndex>,
+        index: Option<&SentIndex>,
     ) -> Result<(), String> {
         let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status.ready.contains(&digest);
@@ -85,9 +93,32 @@ impl NodeDeployer {
             // From this server, by a signed URL: plain HTTP(S) costs less than the SSH stream.
             (Source::Server(fetch::url(base, digest, utc::now().unix_timestamp())), None)
         } else {
-            (Source::Stdin, Some(self.artifact(digest).await?))
+            (Source::Stdin, None)
         };
-        let request = self.prepare_request(plan, target, hooks, digest, source, index);
+        // On stdin: only the frames the node lacks, when it can tell.
+        let mut frames = None;
+        let payload = match (&source, index) {
+            (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() => {
+                let asked = Request::Lacks {
+                    base: target.base.clone(),
+                    digest,
+                    index: Some(sent.stored.clone()),
+                    writable: hooks.writable.clone(),
+                };
+                let lacking: Lacking = phase_quiet(target, asked).await?;
+                frames = lacking.frames;
+                match &frames {
+                    Some(frames) => Some(self.frames_of(digest, &sent.index, frames).await?),
+                    None => Some(self.artifact(digest).await?),
+                }
+            }
+            (Source::Stdin, _) => Some(self.artifact(digest).await?),
+            _ => payload,
+        };
+        let mut request = self.prepare_request(plan, target, hooks, digest, source, index);
+        if let Request::Prepare(prepare) = &mut request {
+            prepare.frames = frames;
+        }
         let answer = call::<Prepared>(target, &request, payload).await;
         report_phase(plan, target, name, &request, started, answer).map(drop)
     }
@@ -99,7 +130,7 @@ impl NodeDeployer {
         hooks: &Hooks,
         digest: Digest,
         source: Source,
-        index: Option<&FileIndex>,
+        index: Option<&SentIndex>,
     ) -> Request {
         let present = matches!(source, Source::Present);
         Request::Prepare(node::Prepare {
@@ -121,29 +152,32 @@ impl NodeDeployer {
             hook_timeout_ms: Some(self.hook_timeout().as_millis() as u64),
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
             run_as: run_as(plan, false),
-            index: index.cloned(),
+            index: index.map(|sent| sent.stored.clone()),
+            frames: None,
         })
     }
 
     /// The release's file index, read once per deploy for every node. An index that cannot
     /// be read or does not describe the artifact costs the sharing, never the deploy: every
     /// node then writes every file (and checks each against the artifact's digest as always).
-    pub(super) async fn file_index(&self, plan: &Plan) -> Option<FileIndex> {
+    pub(super) async fn file_index(&self, plan: &Plan) -> Option<SentIndex> {
         let stored = plan.index?;
         let artifact = plan.release.digest;
         let read = async {
             let bytes = self.store.get_index(stored).await.map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || FileIndex::decode(&bytes, artifact))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || {
+                FileIndex::decode(&bytes, artifact).map(|index| SentIndex { stored: bytes.to_vec(), index })
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
         };
         match read.await {
-            Ok(index) if sent_bytes(&index) > MAX_SENT_INDEX_BYTES => {
-                tracing::warn!(%artifact, index = %stored, files = index.files.len(), "deploying without the file index: too large to send with every prepare");
+            Ok(sent) if sent_bytes(&sent.stored) > MAX_SENT_INDEX_BYTES => {
+                tracing::warn!(%artifact, index = %stored, files = sent.index.files.len(), "deploying without the file index: too large to send with every prepare");
                 None
             }
-            Ok(index) => Some(index),
+            Ok(sent) => Some(sent),
             Err(e) => {
                 tracing::warn!(%artifact, index = %stored, error = %e, "deploying without the file index: nodes write every file");
                 None
@@ -154,26 +188,46 @@ impl NodeDeployer {
     async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
         self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
     }
+
+    /// The bytes of `frames` of the artifact, in order, one ranged read per run of them.
+    async fn frames_of(&self, digest: Digest, index: &FileIndex, frames: &[usize]) -> Result<Payload, String> {
+        use futures::TryStreamExt;
+        let store = self.store.clone();
+        let reads = futures::stream::iter(runs(index, frames)).then(move |range| {
+            let store = store.clone();
+            async move { store.read_artifact(digest, Some(range)).await }
+        });
+        Ok(reads.try_flatten().boxed())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::IndexedFile;
 
     #[test]
-    fn an_index_is_measured_as_the_json_a_node_reads() {
-        let file = |i: u64| IndexedFile {
-            path: format!("vendor/package/src/file{i}.php"),
-            executable: false,
-            size: 1000,
-            offset: i * 1536,
-            sha256: Digest::of(&i.to_le_bytes()),
+    fn an_index_is_measured_as_the_base64_a_node_reads_and_frames_are_sent_in_runs() {
+        for len in [0usize, 1, 2, 3, 4, 1000] {
+            let stored = vec![7u8; len];
+            let line = serde_json::to_string(&node::Request::Lacks {
+                base: "/b".into(),
+                digest: Digest::of(b"a"),
+                index: Some(stored.clone()),
+                writable: vec![],
+            })
+            .unwrap();
+            let b64 = line.split("\"index\":\"").nth(1).unwrap().split('"').next().unwrap();
+            assert_eq!(sent_bytes(&stored), b64.len() as u64);
+        }
+        let frame = |n: u64| crate::archive::Frame {
+            offset: n * 100,
+            length: 100,
+            raw_offset: n * 1000,
+            raw_length: 1000,
+            sha256: Digest::of(&n.to_le_bytes()),
         };
-        let index = FileIndex::new(Digest::of(b"a"), (0..1000).map(file).collect());
-        assert_eq!(sent_bytes(&index), serde_json::to_vec(&index).unwrap().len() as u64);
-        // 500,000 files of 60-byte paths (limits.max_files): over the bound, sent without.
-        let per_file = sent_bytes(&index) / 1000;
-        assert!(per_file * 500_000 > MAX_SENT_INDEX_BYTES, "{per_file} bytes a file");
+        let index = FileIndex::new(Digest::of(b"a"), vec![]).with_frames((0..10).map(frame).collect());
+        assert_eq!(runs(&index, &[1, 2, 3, 5, 9]), vec![100..400, 500..600, 900..1000]);
+        assert_eq!(runs(&index, &[]), Vec::<std::ops::Range<u64>>::new());
     }
 }

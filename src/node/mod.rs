@@ -18,8 +18,8 @@
 
 mod check;
 mod ops;
-pub mod sparse;
 pub mod protocol;
+pub mod sparse;
 mod unpack;
 
 use std::io::{BufRead, Write};
@@ -28,7 +28,8 @@ pub use protocol::{
     Check, ErrorCode, Exec, Health, NodeError, Prepare, Request, RunAs, Source, VERSION, answer, decode_request,
 };
 pub use unpack::{
-    Candidate, Linked, Modes, Sharing, UnpackError, Unpacked, is_writable, remove_tree, unpack, unpack_sharing,
+    Candidate, Linked, Modes, Sharing, Sparse, UnpackError, Unpacked, frames_to_fetch, is_writable, remove_tree,
+    unpack, unpack_sharing, unpack_sparse,
 };
 
 /// `release node [--protocol N]`: reads one request from stdin, answers on stdout. The

@@ -20,6 +20,17 @@ use crate::model::vocabulary::vocabulary;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Prepare(Prepare),
+    /// Which frames of an artifact this node lacks (issue 15 part 2): those holding data of a
+    /// file no ready release here holds. Asked before a prepare whose artifact rides stdin, so
+    /// that only those frames are sent. Changes nothing.
+    Lacks {
+        base: PathBuf,
+        digest: Digest,
+        /// The artifact's index, as stored.
+        #[serde(with = "crate::archive::base64_bytes")]
+        index: Option<Vec<u8>>,
+        writable: Vec<String>,
+    },
     /// Points `current` at the release; `None` removes `current` (putting back a first deploy).
     /// The answer names the SHA-256 of each `shared` file as the release found it. With
     /// `adopt`, a plain directory at `current` is swapped for the symlink in one
@@ -154,11 +165,16 @@ pub struct Prepare {
     /// Who runs the finalize commands, and with which umask.
     #[serde(default)]
     pub run_as: RunAs,
-    /// The artifact's file index (issue 15): with it, a file a ready release on the node holds
-    /// already is hard-linked instead of written. Absent from the wire when `None`, so a
-    /// request without one reads as before.
+    /// The artifact's file index as stored (zstd JSON; base64 on the wire), issue 15: with it,
+    /// a file a ready release on the node holds already is hard-linked instead of written, and
+    /// only the frames holding the others are fetched. Absent from the wire when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::archive::base64_bytes")]
+    pub index: Option<Vec<u8>>,
+    /// With [`Source::Stdin`]: stdin holds only these frames of the artifact (by number, in
+    /// order; what [`Request::Lacks`] answered), the rest made from the index's skeleton and
+    /// the releases here. `None`: the whole artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub index: Option<crate::archive::FileIndex>,
+    pub frames: Option<Vec<usize>>,
 }
 
 /// The user application hooks run as (`sudo -n -u`), and the umask of every hook. With a
@@ -239,7 +255,7 @@ impl Health {
 /// refuses another; the agent puts it in every answer and the server refuses an answer
 /// without it. The agent is the server's own binary, shipped by checksum, so they differ only
 /// by mistake (a binary put on the node by hand, an old agent left on a path).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 vocabulary! {
     /// Why a node refused or failed, as the server tells the cases apart. A code a newer
@@ -311,8 +327,8 @@ impl NodeError {
     }
 }
 
-/// The answer on the wire: `{"ok": true, "protocol": 1, ...}` (the answer's own fields) or
-/// `{"ok": false, "protocol": 1, "code", "message", "output"}`.
+/// The answer on the wire: `{"ok": true, "protocol": 2, ...}` (the answer's own fields) or
+/// `{"ok": false, "protocol": 2, "code", "message", "output"}`.
 pub fn answer(result: Result<serde_json::Value, NodeError>) -> serde_json::Value {
     let (mut value, ok) = match result {
         Ok(value) => (value, true),
@@ -353,6 +369,16 @@ pub struct Prepared {
     #[serde(default)]
     pub refinalized: bool,
     pub output: String,
+}
+
+/// The answer to [`Request::Lacks`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lacking {
+    /// The frames to send, in order; `None`: the whole artifact (the index has no skeleton or
+    /// frames too large, or the node holds no release with an index).
+    pub frames: Option<Vec<usize>>,
+    /// The artifact's frames.
+    pub of: usize,
 }
 
 /// What a shared path holds, as a switch found it.
@@ -501,6 +527,7 @@ pub struct Checked {
 }
 
 impl Answer for Fenced {}
+impl Answer for Lacking {}
 impl Answer for Adopted {}
 impl Answer for Chunk {}
 impl Answer for Status {}

@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::{
-    self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Summary, Visitor, WalkError,
+    self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Skeleton, Summary, Visitor, WalkError,
 };
 use crate::digest::Digest;
+use crate::node::sparse::{FrameSource, SparseTar};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -39,6 +40,10 @@ pub enum UnpackError {
          (changed here since its index was kept)"
     )]
     OlderChanged { path: String, releases: Vec<Digest> },
+    #[error("frame {frame} of the artifact is not what its index says ({why}): corrupted in the store or on the way")]
+    FrameMismatch { frame: usize, why: String },
+    #[error("fetching the artifact's frames: {0}")]
+    Frames(String),
 }
 
 /// What a node already holds, for [`unpack_sharing`].
@@ -70,6 +75,30 @@ struct Linking<'a> {
     candidates: &'a HashMap<(Digest, bool), Candidate>,
     index: &'a HashMap<&'a str, &'a IndexedFile>,
     writable: &'a [String],
+}
+
+impl<'a> Linking<'a> {
+    /// The file of an older release `relative` may be linked to: one holding what the index
+    /// says it holds, that still looks like it (a regular file of that size and mode, not
+    /// modified since its index was kept, read-only: never a writable path's), with its
+    /// metadata now. An empty file has no data to share (and thousands of them would reach
+    /// the links' limit of one inode).
+    fn usable(&self, relative: &Path, path: &str, executable: bool) -> Option<(&'a Candidate, fs::Metadata)> {
+        use std::os::unix::fs::MetadataExt;
+        let said = self.index.get(path)?;
+        if said.executable != executable || said.size == 0 || is_writable(relative, self.writable) {
+            return None;
+        }
+        let candidate = self.candidates.get(&(said.sha256, executable))?;
+        let meta = fs::symlink_metadata(&candidate.path).ok()?;
+        let looks_same = meta.is_file()
+            && meta.size() == candidate.size
+            && meta.size() == said.size
+            && mtime_ns(&meta) <= candidate.indexed_at_ns
+            && meta.mode() & 0o222 == 0
+            && (meta.mode() & 0o111 != 0) == executable;
+        looks_same.then_some((candidate, meta))
+    }
 }
 
 /// A file of the new release hard-linked to one of an older release, as it was when linked.
@@ -148,6 +177,118 @@ pub fn unpack_sharing(
     modes: Modes<'_>,
     sharing: Option<Sharing<'_>>,
 ) -> Result<Unpacked, UnpackError> {
+    let mut hashing = HashingReader { inner: input, hasher: Sha256::new() };
+    let walk = |visitor: &mut dyn Visitor| {
+        let summary = archive::walk(&mut hashing, options, visitor).map_err(walk_error)?;
+        // Drain whatever follows (nothing, for a well-formed stream) so the digest covers
+        // every byte that was sent.
+        io::copy(&mut hashing, &mut io::sink())
+            .map_err(|source| UnpackError::Write { path: dest.display().to_string(), source })?;
+        let actual = Digest::from_hasher(hashing.hasher.clone());
+        if actual != expected {
+            return Err(UnpackError::DigestMismatch { expected, actual });
+        }
+        Ok(summary)
+    };
+    unpack_into(dest, modes, sharing, HashSet::new(), walk)
+}
+
+/// [`unpack_sharing`] from only the frames `sparse` fetches: the others are made from the
+/// index's skeleton, and every file with data in them must be linked (it was found linkable
+/// by [`frames_to_fetch`]; one that no longer is fails the unpack, naming it). Each frame
+/// fetched is checked against the index's SHA-256 before a byte of it is used; the files in
+/// them are hashed and compared with the index as in a whole fetch.
+pub fn unpack_sparse(
+    dest: &Path,
+    options: &CheckOptions,
+    modes: Modes<'_>,
+    sharing: Sharing<'_>,
+    sparse: Sparse<'_>,
+) -> Result<(Unpacked, u64), UnpackError> {
+    let Sparse { skeleton, needed, source } = sparse;
+    let index = sharing.index;
+    let mut wanted = vec![false; index.frames.len()];
+    for n in needed {
+        *wanted.get_mut(*n).ok_or_else(|| UnpackError::Frames(format!("no frame {n} in the index")))? = true;
+    }
+    let made: HashSet<String> = index
+        .files
+        .iter()
+        .filter(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n]))
+        .map(|f| f.path.clone())
+        .collect();
+    let mut reader = SparseTar::new(index, skeleton, wanted, source);
+    let walk = |visitor: &mut dyn Visitor| {
+        let walked = archive::walk_tar(&mut reader, options, visitor);
+        if let Some(trouble) = reader.trouble.take() {
+            return Err(trouble);
+        }
+        let summary = walked.map_err(walk_error)?;
+        if reader.next != index.frames.len() {
+            return Err(UnpackError::Frames(format!(
+                "the tar stream ended in frame {} of {}",
+                reader.next,
+                index.frames.len()
+            )));
+        }
+        Ok(summary)
+    };
+    let unpacked = unpack_into(dest, modes, Some(sharing), made, walk)?;
+    Ok((unpacked, reader.fetched))
+}
+
+/// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
+/// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path).
+/// `None` when the index cannot be unpacked from frames (no skeleton, or a frame too large to
+/// make in memory): then the whole artifact is fetched.
+pub fn frames_to_fetch(
+    sharing: &Sharing<'_>,
+    skeleton: Option<&Skeleton<'_>>,
+) -> Result<Option<Vec<usize>>, UnpackError> {
+    let index = sharing.index;
+    if skeleton.is_none() || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
+        return Ok(None);
+    }
+    let by_path = index_by_path(index)?;
+    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable };
+    let mut wanted = vec![false; index.frames.len()];
+    for file in &index.files {
+        if file.size > 0 && linking.usable(Path::new(&file.path), &file.path, file.executable).is_none() {
+            index.frames_of(file).for_each(|n| wanted[n] = true);
+        }
+    }
+    Ok(Some(wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect()))
+}
+
+/// The largest frame a sparse unpack makes or decompresses in memory (`release package` writes
+/// frames of at most about twice [`archive::FRAME_TARGET`]; a larger one is fetched whole).
+const MAX_MADE_FRAME: u64 = 8 << 20;
+
+/// What [`unpack_sparse`] reads: the skeleton, which frames to fetch (their numbers, in
+/// order) and where from.
+pub struct Sparse<'a> {
+    pub skeleton: &'a Skeleton<'a>,
+    pub needed: &'a [usize],
+    pub source: &'a mut dyn FrameSource,
+}
+
+fn walk_error(e: WalkError) -> UnpackError {
+    match e {
+        WalkError::Archive(e) => UnpackError::Unsafe(e),
+        WalkError::Visitor { path, source } => UnpackError::Write { path, source },
+    }
+}
+
+/// Makes `dest` and unpacks into it what `walk` hands the visitor; `made`: the paths of files
+/// whose data was made, not fetched (linked, never read or compared). Nothing is left when it
+/// fails.
+fn unpack_into(
+    dest: &Path,
+    modes: Modes<'_>,
+    sharing: Option<Sharing<'_>>,
+    made: HashSet<String>,
+    walk: impl FnOnce(&mut dyn Visitor) -> Result<Summary, UnpackError>,
+) -> Result<Unpacked, UnpackError> {
     let write_error = |path: &Path| {
         let path = path.display().to_string();
         move |source| UnpackError::Write { path, source }
@@ -157,7 +298,6 @@ pub fn unpack_sharing(
         None => None,
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
-    let mut hashing = HashingReader { inner: input, hasher: Sha256::new() };
     let mut unpacker = Unpacker {
         root: dest.to_owned(),
         buffer: vec![0; 256 << 10],
@@ -172,34 +312,24 @@ pub fn unpack_sharing(
         linked: Vec::new(),
         linked_paths: HashSet::new(),
         not_as_said: Vec::new(),
+        made,
     };
     let mut listed = Vec::new();
     let walked = match &sharing {
-        None => archive::walk(&mut hashing, options, &mut unpacker),
+        None => walk(&mut unpacker),
         Some(_) => {
             let mut indexing = Indexing::new(&mut unpacker);
-            let walked = archive::walk(&mut hashing, options, &mut indexing);
+            let walked = walk(&mut indexing);
             listed = std::mem::take(&mut indexing.files);
             walked
         }
     };
-    let outcome = match walked {
-        Err(WalkError::Archive(e)) => Err(UnpackError::Unsafe(e)),
-        Err(WalkError::Visitor { path, source }) => Err(UnpackError::Write { path, source }),
-        Ok(summary) => {
-            // Drain whatever follows (nothing, for a well-formed stream) so the digest covers
-            // every byte that was sent.
-            io::copy(&mut hashing, &mut io::sink()).map_err(write_error(dest))?;
-            let actual = Digest::from_hasher(hashing.hasher.clone());
-            if actual != expected {
-                Err(UnpackError::DigestMismatch { expected, actual })
-            } else if let Some(by_path) = &by_path {
-                matches_index(&listed, by_path).and_then(|()| older_as_said(&unpacker.not_as_said)).map(|()| summary)
-            } else {
-                Ok(summary)
-            }
-        }
-    };
+    let outcome = walked.and_then(|summary| match &by_path {
+        Some(by_path) => matches_index(&listed, by_path, &unpacker.made)
+            .and_then(|()| older_as_said(&unpacker.not_as_said))
+            .map(|()| summary),
+        None => Ok(summary),
+    });
     match outcome {
         Ok(summary) => {
             sync_filesystem(dest).map_err(write_error(dest))?;
@@ -223,8 +353,13 @@ fn index_by_path(index: &FileIndex) -> Result<HashMap<&str, &IndexedFile>, Unpac
     Ok(by_path)
 }
 
-/// Compares what the archive held (hashed while unpacking) with its index, file by file.
-fn matches_index(listed: &[IndexedFile], index: &HashMap<&str, &IndexedFile>) -> Result<(), UnpackError> {
+/// Compares what the archive held (hashed while unpacking) with its index, file by file; of a
+/// file whose data was `made` (zeros: not fetched), its size and mode only.
+fn matches_index(
+    listed: &[IndexedFile],
+    index: &HashMap<&str, &IndexedFile>,
+    made: &HashSet<String>,
+) -> Result<(), UnpackError> {
     for file in listed {
         let Some(said) = index.get(file.path.as_str()) else {
             return Err(UnpackError::IndexMismatch(format!(
@@ -232,12 +367,13 @@ fn matches_index(listed: &[IndexedFile], index: &HashMap<&str, &IndexedFile>) ->
                 file.path
             )));
         };
-        if (said.sha256, said.size, said.executable) != (file.sha256, file.size, file.executable) {
+        let sha256 = if made.contains(&file.path) { said.sha256 } else { file.sha256 };
+        if (said.sha256, said.size, said.executable) != (sha256, file.size, file.executable) {
             let mode = |x: bool| if x { "executable" } else { "not executable" };
             return Err(UnpackError::IndexMismatch(format!(
                 "{:?} is {} ({} bytes, {}) in the archive, {} ({} bytes, {}) in the index",
                 file.path,
-                file.sha256,
+                sha256,
                 file.size,
                 mode(file.executable),
                 said.sha256,
@@ -321,6 +457,8 @@ struct Unpacker<'a> {
     linked_paths: HashSet<String>,
     /// Older files linked that do not hold what their release's index says.
     not_as_said: Vec<Candidate>,
+    /// Files whose data was made, not fetched: linked, never read.
+    made: HashSet<String>,
 }
 
 impl Unpacker<'_> {
@@ -347,33 +485,27 @@ impl Unpacker<'_> {
     }
 
     /// Hard-links `relative` to the file of an older release holding what the index says it
-    /// holds, when there is one that still looks like it (a regular file of that size and
-    /// mode, read-only: never a writable path's). None (write it) when there is none, or the
-    /// link fails (another filesystem, too many links): sharing never fails an unpack. Some:
-    /// the older file, open, and its candidate, for [`same_as_linked`] to read.
-    fn link_to_older(&mut self, relative: &Path, path: &str, executable: bool) -> Option<(fs::File, Candidate)> {
+    /// holds, when there is one that still looks like it ([`Linking::usable`]). None (write it)
+    /// when there is none, or the link fails (another filesystem, too many links): sharing
+    /// never fails an unpack that has the file's bytes. Some: the older file, open, and its
+    /// candidate, for [`same_as_linked`] to read.
+    /// `open`: whether to open the older file (to compare; not when the bytes were not fetched).
+    fn link_to_older(
+        &mut self,
+        relative: &Path,
+        path: &str,
+        executable: bool,
+        open: bool,
+    ) -> Option<(Option<fs::File>, Candidate)> {
         use std::os::unix::fs::MetadataExt;
-        let sharing = self.sharing.as_ref()?;
-        let said = sharing.index.get(path)?;
-        // An empty file has no data to share (and thousands of them would reach the links'
-        // limit of one inode).
-        if said.executable != executable || said.size == 0 || is_writable(relative, sharing.writable) {
-            return None;
-        }
-        let candidate = sharing.candidates.get(&(said.sha256, executable))?;
+        let (candidate, meta) = self.sharing.as_ref()?.usable(relative, path, executable)?;
+        let candidate = candidate.clone();
         let source = &candidate.path;
-        let meta = fs::symlink_metadata(source).ok()?;
-        let looks_same = meta.is_file()
-            && meta.size() == candidate.size
-            && meta.size() == said.size
-            && mtime_ns(&meta) <= candidate.indexed_at_ns
-            && meta.mode() & 0o222 == 0
-            && (meta.mode() & 0o111 != 0) == executable;
-        if !looks_same {
-            return None;
-        }
         // Opened before linking, and the same inode: its bytes are what the link holds.
-        let opened = fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == meta.ino()))?;
+        let opened = match open {
+            true => Some(fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == meta.ino()))?),
+            false => None,
+        };
         let link = self.root.join(relative);
         if fs::hard_link(source, &link).is_err() {
             return None;
@@ -387,7 +519,7 @@ impl Unpacker<'_> {
             mtime_ns: mtime_ns(&meta),
             mode: meta.mode(),
         });
-        Some((opened, candidate.clone()))
+        Some((opened, candidate))
     }
 
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
@@ -413,11 +545,22 @@ impl Visitor for Unpacker<'_> {
                 // which someone there may have changed, and so may its file be.
                 // Which one lied (the index sent, or the older release's) is known once the
                 // stream's bytes are compared with the index sent: the unpack fails after the walk.
-                if let Some((older, candidate)) = self.link_to_older(relative, path.as_str(), executable) {
-                    if !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)? {
+                let made = self.made.contains(path.as_str());
+                if let Some((older, candidate)) = self.link_to_older(relative, path.as_str(), executable, !made) {
+                    // Made, not fetched: zeros, nothing to compare.
+                    if let Some(older) = older
+                        && !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)?
+                    {
                         self.not_as_said.push(candidate);
                     }
                     return Ok(());
+                }
+                if made {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "its bytes were not fetched, to be linked from a release already here, which no longer \
+                         holds it as its index says (changed or removed since the prepare began): deploy again",
+                    ));
                 }
                 // create_new: a second entry for the same path is refused, never overwrites.
                 // A read-only mode does not stop writing through the descriptor it opens.

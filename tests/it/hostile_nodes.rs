@@ -149,7 +149,7 @@ fn a_node_flooding_stderr_or_stdout_costs_a_bounded_read_not_a_stall() {
     // command timeout. Production's node answers 40 MB: over the cap, refused by name.
     let flood_stderr = agent_lying_on(
         "status",
-        "head -c 8000000 /dev/zero >&2; echo '{\"ok\":true,\"protocol\":1,\"current\":null,\"plain\":false,\"ready\":[],\"unready\":[]}'",
+        "head -c 8000000 /dev/zero >&2; echo '{\"ok\":true,\"protocol\":2,\"current\":null,\"plain\":false,\"ready\":[],\"unready\":[]}'",
     );
     let flood_stdout = agent_lying_on("status", "head -c 40000000 /dev/zero | tr '\\0' x");
     let fleet = Hostile::start(
@@ -187,12 +187,12 @@ fn what_a_node_says_is_cut_cleaned_and_counted_before_it_is_recorded() {
     let refuses = agent_lying_on(
         "prepare",
         r#"cat >/dev/null
-printf '{"ok":false,"protocol":1,"code":"evil\\u001b[31m%s","message":"\\u001b[2J\\u001b[Hrelease approved by root\\r%s","output":"\\u0007%s"}\n' "$(head -c 300 /dev/zero | tr '\0' c)" "$(head -c 100000 /dev/zero | tr '\0' m)" "$(head -c 1000000 /dev/zero | tr '\0' o)""#,
+printf '{"ok":false,"protocol":2,"code":"evil\\u001b[31m%s","message":"\\u001b[2J\\u001b[Hrelease approved by root\\r%s","output":"\\u0007%s"}\n' "$(head -c 300 /dev/zero | tr '\0' c)" "$(head -c 100000 /dev/zero | tr '\0' m)" "$(head -c 1000000 /dev/zero | tr '\0' o)""#,
     );
     let claims = agent_lying_on(
         "switch",
         r#"answer=$({ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND)
-printf '{"ok":true,"protocol":1,"previous":null,"output":"\\u001b]0;owned\\u0007%s","shared":[' "$(head -c 100000 /dev/zero | tr '\0' o)"
+printf '{"ok":true,"protocol":2,"previous":null,"output":"\\u001b]0;owned\\u0007%s","shared":[' "$(head -c 100000 /dev/zero | tr '\0' o)"
 awk 'BEGIN { for (i = 0; i < 20000; i++) { if (i) printf ","; printf "{\"path\":\"../../x%d\\u001b[2J\",\"kind\":\"file\"}", i } }'
 echo ']}'"#,
     );
@@ -312,7 +312,7 @@ fn an_adopted_package_sent_cut_short_is_refused_and_nothing_is_kept() {
     let cuts = agent_lying_on(
         "read_adopted",
         r#"{ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND >/dev/null
-echo '{"ok":true,"protocol":1,"data":"28b52ffd","eof":true}'"#,
+echo '{"ok":true,"protocol":2,"data":"28b52ffd","eof":true}'"#,
     );
     let fleet = Hostile::start(vec![("staging", SshNode::hostile(&cuts))], "", "");
     let current = fleet.bases[0].join("current");
@@ -355,8 +355,9 @@ fn an_agent_older_than_the_protocol_at_this_builds_path_is_named_and_replaced() 
     let failed = fleet.deploy("staging", &v1, false);
     assert_eq!(failed["state"], "failed", "{failed:.2000}");
     let reason = reason_of(&failed);
+    let older = format!("the node agent is older than protocol {} (it refused `--protocol`", release::node::VERSION);
     for says in [
-        "the node agent is older than protocol 1 (it refused `--protocol`",
+        older.as_str(),
         &format!("at ~/.release/bin/release-{} on {}", &sum[..16], fleet.name(0)),
         "it was replaced by this server's binary",
     ] {

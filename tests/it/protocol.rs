@@ -34,11 +34,15 @@ fn the_agent_refuses_a_server_of_another_protocol_and_names_its_own_in_every_ans
     let refused = agent(&["--protocol", "999"], status.clone());
     assert_eq!((refused["ok"].clone(), refused["code"].clone()), (json!(false), json!("bad_request")), "{refused}");
     let message = refused["message"].as_str().unwrap();
-    assert!(message.contains("speaks protocol 1, the server 999"), "{message}");
-    assert_eq!(refused["protocol"], 1);
+    assert!(message.contains(&format!("speaks protocol {}, the server 999", release::node::VERSION)), "{message}");
+    assert_eq!(refused["protocol"], release::node::VERSION);
 
-    let answered = agent(&["--protocol", "1"], status);
-    assert_eq!((answered["ok"].clone(), answered["protocol"].clone()), (json!(true), json!(1)), "{answered}");
+    let answered = agent(&["--protocol", &release::node::VERSION.to_string()], status);
+    assert_eq!(
+        (answered["ok"].clone(), answered["protocol"].clone()),
+        (json!(true), json!(release::node::VERSION)),
+        "{answered}"
+    );
     assert!(answered["current"].is_null() && answered["ready"] == json!([]), "{answered}");
 }
 

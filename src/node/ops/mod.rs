@@ -7,6 +7,8 @@ mod hooks;
 mod layout;
 mod prepare;
 mod share;
+#[cfg(test)]
+mod sparse_tests;
 mod switch;
 #[cfg(test)]
 mod tests;
@@ -22,21 +24,22 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::protocol::{
-    Adopted, Answer, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Legacy, Pm2Checked, Prepared, Ran, SharedEntry,
-    SharedKind, Status, Switched,
+    Adopted, Answer, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Lacking, Legacy, Pm2Checked, Prepared, Ran,
+    SharedEntry, SharedKind, Status, Switched,
 };
 use super::{
-    Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Sharing, Source, drain, is_writable, remove_tree,
-    unpack_sharing,
+    Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Sharing, Source, Sparse, UnpackError, drain,
+    frames_to_fetch, is_writable, remove_tree, unpack_sharing, unpack_sparse,
 };
-use crate::archive::{CheckOptions, INDEX_VERSION};
+use crate::archive::{CheckOptions, FileIndex, Frame, Skeleton};
 use crate::digest::Digest;
+use crate::node::sparse::FrameSource;
 
 use cleanup::{cleanup, status};
 pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
-use prepare::{prepare, shared_fingerprints};
+use prepare::{lacks, prepare, shared_fingerprints};
 use share::{
     after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index,
     unmark_changed,
@@ -59,6 +62,7 @@ pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeEr
     }
     match request {
         Request::Prepare(p) => wire(prepare(&p, input)),
+        Request::Lacks { base, digest, index, writable } => wire(lacks(&base, digest, index.as_deref(), &writable)),
         Request::Switch { base, digest, shared, adopt, fence } => wire(switch(&base, digest, &shared, adopt, fence)),
         Request::Fence { base, fence } => {
             let layout = Layout { base };

@@ -16,7 +16,8 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     let dir = layout.release(p.digest);
     let ready = layout.ready(p.digest);
     let reused = dir.is_dir() && ready.exists();
-    let linked;
+    let (linked, index);
+    let mut fetched = None;
     if reused {
         if p.source == Source::Stdin {
             drain(input);
@@ -110,31 +111,51 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         // Without finalize hooks nothing runs in the tree before it is sealed, so its files
         // are written read-only at once and only its directories are sealed afterwards.
         let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
-        let candidates = match &p.index {
-            Some(index) if index.artifact != p.digest || index.version != INDEX_VERSION => {
-                return Err(NodeError::new(
-                    ErrorCode::IndexMismatch,
-                    format!(
-                        "the file index sent is of {} (format {}), not of {} (format {INDEX_VERSION})",
-                        index.artifact, index.version, p.digest
-                    ),
-                ));
-            }
+        index = sent_index(p)?;
+        let candidates = match &index {
             Some(_) => candidates(&layout, p.digest, &p.writable),
             None => Default::default(),
         };
-        let sharing =
-            || p.index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
+        let skeleton = match &index {
+            Some(index) => Skeleton::of(index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?,
+            None => None,
+        };
+        let sharing = || index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
+        // Which frames to fetch: those the server sends (it asked first), or, fetching by URL,
+        // those holding a file no release here holds. None: the whole artifact.
+        let frames = match (&p.source, &p.frames, sharing()) {
+            (Source::Stdin, Some(frames), _) if skeleton.is_some() => Some(frames.clone()),
+            (Source::Stdin, Some(_), _) => {
+                return Err(NodeError::new(
+                    ErrorCode::BadRequest,
+                    "frames of the artifact were sent without an index that lays them out",
+                ));
+            }
+            // By URL: the node fetches whole artifacts until ranged fetches land.
+            _ => None,
+        }
+        .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len() || p.frames.is_some()));
         let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
-        let unpacked = match &p.source {
-            Source::Stdin => unpack_sharing(input, &tmp, &options, p.digest, modes, sharing()),
-            Source::Url(url) | Source::Server(url) => {
+        let unpacked = match (&p.source, frames, sharing(), &skeleton) {
+            (source, Some(needed), Some(sharing), Some(skeleton)) => {
+                let mut source: Box<dyn FrameSource + '_> = match source {
+                    Source::Stdin => Box::new(StdinFrames { input: &mut *input }),
+                    _ => unreachable!("only frames sent on stdin, so far"),
+                };
+                let sparse = Sparse { skeleton, needed: &needed, source: source.as_mut() };
+                unpack_sparse(&tmp, &options, modes, sharing, sparse).map(|(unpacked, bytes)| {
+                    fetched = Some((needed.len(), bytes));
+                    unpacked
+                })
+            }
+            (Source::Stdin, ..) => unpack_sharing(input, &tmp, &options, p.digest, modes, sharing()),
+            (Source::Url(url) | Source::Server(url), ..) => {
                 let stall = p.fetch_stall_timeout();
                 let response = Fetched { inner: fetch(url, stall)?, stall, failed: stalled.clone() };
                 let response = io::BufReader::with_capacity(1 << 20, response);
                 unpack_sharing(response, &tmp, &options, p.digest, modes, sharing())
             }
-            Source::Present => unreachable!("answered above"),
+            (Source::Present, ..) => unreachable!("answered above"),
         };
         // A fetch that failed mid-way is the cause, whatever the unpacker made of the cut.
         if unpacked.is_err()
@@ -143,19 +164,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             let _ = remove_tree(&tmp);
             return Err(NodeError::new(ErrorCode::Fetch, why));
         }
-        let unpacked = unpacked.map_err(|e| match e {
-            crate::node::UnpackError::DigestMismatch { .. } => NodeError::new(ErrorCode::DigestMismatch, e.to_string()),
-            crate::node::UnpackError::Unsafe(_) => NodeError::new(ErrorCode::UnsafeArchive, e.to_string()),
-            crate::node::UnpackError::Write { ref source, .. } if source.kind() == io::ErrorKind::StorageFull => {
-                NodeError::new(ErrorCode::DiskFull, e.to_string())
-            }
-            crate::node::UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
-            crate::node::UnpackError::IndexMismatch(_) => NodeError::new(ErrorCode::IndexMismatch, e.to_string()),
-            crate::node::UnpackError::OlderChanged { ref releases, .. } => {
-                let unmarked = unmark_changed(&layout, releases);
-                NodeError::new(ErrorCode::Io, format!("{e}: not shared{unmarked}; deploy again"))
-            }
-        })?;
+        let unpacked = unpacked.map_err(unpack_refusal(&layout))?;
         linked = unpacked.linked;
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
         sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
@@ -170,13 +179,13 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     // Before any hook: finalize here, and migrate or reload later, may write there as the
     // hook user even when the kind has no finalize hooks.
     share_writable(&dir, &p.writable, &p.run_as)?;
-    let hooks_started = match (&p.index, p.finalize.is_empty()) {
+    let hooks_started = match (&index, p.finalize.is_empty()) {
         (Some(_), false) => Some(fs_clock(&layout, p.digest)?),
         _ => None,
     };
     let output = run_commands(&layout, &dir, &p.finalize, &env, p.hook_timeout(), &p.run_as);
     // Even after a failed hook: what it wrote through a link is in older releases now.
-    let keep_index = match (&p.index, hooks_started) {
+    let keep_index = match (&index, hooks_started) {
         (Some(index), Some(started)) => Some(after_finalize(&layout, p.digest, &dir, index, &linked, started)?),
         (index, _) => index.clone(),
     };
@@ -199,10 +208,14 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         Source::Server(_) => "fetched from the release server (signed URL)",
         _ => "streamed from the server",
     };
-    let shared = match (&p.index, linked.len()) {
+    let mut shared = match (&index, linked.len()) {
         (None, _) => String::new(),
         (Some(index), n) => format!(" ({n} of its {} files linked to a release already here)", index.files.len()),
     };
+    if let (Some((frames, bytes)), Some(index)) = (fetched, &index) {
+        let size = index.frames.last().map_or(0, |f| f.offset + f.length);
+        shared.push_str(&format!("; fetched {frames} of its {} frames, {bytes} of {size} bytes", index.frames.len()));
+    }
     Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}{shared}\n{output}") })
 }
 
@@ -401,5 +414,72 @@ pub(super) fn shared_file(shared: &Path, path: &str) -> SharedEntry {
         // A FIFO or a device would block the switch; a huge file would slow it.
         Ok(_) => entry(SharedKind::Unreadable, None),
         Err(_) => entry(SharedKind::Missing, None),
+    }
+}
+
+/// The index the prepare was sent, read (`None` when none was).
+fn sent_index(p: &Prepare) -> Result<Option<FileIndex>, NodeError> {
+    let Some(stored) = &p.index else { return Ok(None) };
+    FileIndex::decode(stored, p.digest)
+        .map(Some)
+        .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))
+}
+
+/// `Request::Lacks`: the frames of the artifact this node would fetch (see `frames_to_fetch`).
+pub(super) fn lacks(
+    base: &Path,
+    digest: Digest,
+    index: Option<&[u8]>,
+    writable: &[String],
+) -> Result<Lacking, NodeError> {
+    let layout = Layout { base: base.to_owned() };
+    let Some(stored) = index else {
+        return Err(NodeError::new(ErrorCode::BadRequest, "which frames are lacking cannot be told without an index"));
+    };
+    let index = FileIndex::decode(stored, digest)
+        .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))?;
+    let skeleton = Skeleton::of(&index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?;
+    let candidates = candidates(&layout, digest, writable);
+    let sharing = Sharing { index: &index, candidates: &candidates, writable };
+    let frames = frames_to_fetch(&sharing, skeleton.as_ref()).map_err(unpack_refusal(&layout))?;
+    Ok(Lacking { frames: frames.filter(|f| f.len() < index.frames.len()), of: index.frames.len() })
+}
+
+/// What the prepare answers for an unpack that failed.
+fn unpack_refusal(layout: &Layout) -> impl Fn(UnpackError) -> NodeError + '_ {
+    move |e| match e {
+        UnpackError::DigestMismatch { .. } | UnpackError::FrameMismatch { .. } => {
+            NodeError::new(ErrorCode::DigestMismatch, e.to_string())
+        }
+        UnpackError::Unsafe(_) => NodeError::new(ErrorCode::UnsafeArchive, e.to_string()),
+        UnpackError::Write { ref source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+            NodeError::new(ErrorCode::DiskFull, e.to_string())
+        }
+        UnpackError::Write { .. } => NodeError::new(ErrorCode::Io, e.to_string()),
+        UnpackError::IndexMismatch(_) => NodeError::new(ErrorCode::IndexMismatch, e.to_string()),
+        UnpackError::Frames(_) => NodeError::new(ErrorCode::Fetch, e.to_string()),
+        UnpackError::OlderChanged { ref releases, .. } => {
+            let unmarked = unmark_changed(layout, releases);
+            NodeError::new(ErrorCode::Io, format!("{e}: not shared{unmarked}; deploy again"))
+        }
+    }
+}
+
+/// The frames the server sends on stdin, each `length` bytes, in order.
+struct StdinFrames<'a> {
+    input: &'a mut dyn BufRead,
+}
+
+impl FrameSource for StdinFrames<'_> {
+    fn frame(&mut self, _: usize, frame: &Frame) -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(frame.length as usize);
+        (&mut self.input).take(frame.length).read_to_end(&mut bytes)?;
+        if (bytes.len() as u64) < frame.length {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stdin ended {} bytes into it, of {}", bytes.len(), frame.length),
+            ));
+        }
+        Ok(bytes)
     }
 }

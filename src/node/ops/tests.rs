@@ -49,6 +49,7 @@ pub(super) fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
         finalize_if_shared_changed: false,
         run_as: RunAs::default(),
         index: None,
+        frames: None,
     }
 }
 

@@ -1,0 +1,151 @@
+//! The skeleton of an artifact's tar stream: every byte of it but the regular files' data
+//! (headers, long names, PAX records, padding, the end-of-archive marker), kept zstd-compressed
+//! in the artifact's index, so that a node can make the tar stream of a frame it did not fetch:
+//! the skeleton's bytes, and zeros where files' data lies (files it never reads: it links them
+//! from releases it holds). The node's unpacker then walks the whole tar stream, fetched and
+//! made alike, by the same rules as ingest.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use super::frames::Frame;
+use super::index::{FileIndex, IndexError, IndexedFile, MAX_INDEX_BYTES};
+
+/// Built as the ingest walk reads the tar stream: every byte it reads but the data of the
+/// regular files (cut out by [`cut`](Self::cut) before the walk reads them).
+pub(super) struct SkeletonBuilder {
+    encoder: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    /// Tar stream bytes fed so far.
+    pos: u64,
+    /// The data being cut out: bytes fed before this are dropped.
+    cut_until: u64,
+}
+
+pub(super) type SharedBuilder = Rc<RefCell<SkeletonBuilder>>;
+
+impl SkeletonBuilder {
+    pub(super) fn shared() -> SharedBuilder {
+        let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).ok();
+        Rc::new(RefCell::new(SkeletonBuilder { encoder, pos: 0, cut_until: 0 }))
+    }
+
+    /// The next bytes of the tar stream.
+    pub(super) fn feed(&mut self, data: &[u8]) {
+        let start = self.pos;
+        self.pos += data.len() as u64;
+        let skip = self.cut_until.saturating_sub(start).min(data.len() as u64) as usize;
+        if skip < data.len()
+            && let Some(encoder) = &mut self.encoder
+            && encoder.write_all(&data[skip..]).is_err()
+        {
+            self.encoder = None;
+        }
+    }
+
+    /// A regular file's data, at `offset` for `size` bytes: not kept. The walk cuts before it
+    /// reads the data; a cut behind what was fed already (never, with the tar reader, which
+    /// reads a header exactly) leaves the artifact without a skeleton.
+    pub(super) fn cut(&mut self, offset: u64, size: u64) {
+        if offset < self.pos {
+            self.encoder = None;
+        }
+        self.cut_until = offset.saturating_add(size);
+    }
+
+    /// The compressed skeleton; `None` when it could not be made (the artifact is then
+    /// fetched whole by every node).
+    pub(super) fn finish(&mut self) -> Option<Vec<u8>> {
+        self.encoder.take()?.finish().ok()
+    }
+}
+
+/// An index's skeleton, decompressed and checked against its frames and files, ready to make
+/// the tar stream of any frame.
+pub struct Skeleton<'a> {
+    raw: Vec<u8>,
+    /// The index's files, in stream order.
+    files: &'a [IndexedFile],
+    /// `data_before[i]`: the data bytes of `files[..i]`.
+    data_before: Vec<u64>,
+}
+
+impl<'a> Skeleton<'a> {
+    /// The skeleton of `index`; `None` when it has none (or no frame table).
+    pub fn of(index: &'a FileIndex) -> Result<Option<Skeleton<'a>>, IndexError> {
+        let (Some(stored), Some(last)) = (&index.skeleton, index.frames.last()) else { return Ok(None) };
+        let bad = |why: String| IndexError::Frames(format!("the skeleton {why}"));
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(&stored[..])
+            .map_err(IndexError::Zstd)?
+            .take(MAX_INDEX_BYTES + 1)
+            .read_to_end(&mut raw)
+            .map_err(IndexError::Zstd)?;
+        if raw.len() as u64 > MAX_INDEX_BYTES {
+            return Err(IndexError::TooLarge);
+        }
+        let mut data_before = Vec::with_capacity(index.files.len() + 1);
+        let (mut total, mut end) = (0u64, 0u64);
+        for file in &index.files {
+            if file.offset < end {
+                return Err(bad(format!("cannot be laid out: {:?} overlaps the file before it", file.path)));
+            }
+            data_before.push(total);
+            total += file.size;
+            end = file.offset + file.size; // within the frames: checked by decode
+        }
+        data_before.push(total);
+        let stream = last.raw_offset + last.raw_length;
+        if raw.len() as u64 + total != stream {
+            return Err(bad(format!(
+                "holds {} bytes, and the files {total}, of a tar stream of {stream} bytes",
+                raw.len()
+            )));
+        }
+        Ok(Some(Skeleton { raw, files: &index.files, data_before }))
+    }
+
+    /// The tar stream `frame` decompresses to, but zeros for every file's data, into `out`.
+    pub fn frame(&self, frame: &Frame, out: &mut Vec<u8>) {
+        out.clear();
+        let (mut p, end) = (frame.raw_offset, frame.raw_offset + frame.raw_length);
+        let mut i = self.files.partition_point(|f| f.offset + f.size <= p);
+        while p < end {
+            match self.files.get(i) {
+                Some(file) if file.size == 0 => i += 1,
+                Some(file) if file.offset <= p => {
+                    let until = (file.offset + file.size).min(end);
+                    out.resize(out.len() + (until - p) as usize, 0);
+                    p = until;
+                    if until == file.offset + file.size {
+                        i += 1;
+                    }
+                }
+                next => {
+                    let until = next.map_or(end, |f| f.offset.min(end));
+                    // Every file before `i` ends at or before `p` (and the lengths were checked
+                    // against the stream's in `of`): the skeleton holds these bytes.
+                    let at = (p - self.data_before[i]) as usize;
+                    out.extend_from_slice(&self.raw[at..at + (until - p) as usize]);
+                    p = until;
+                }
+            }
+        }
+    }
+}
+
+/// Reads through, feeding what passes to a skeleton being built.
+pub(super) struct Tapped<R> {
+    pub(super) inner: R,
+    pub(super) skeleton: Option<SharedBuilder>,
+}
+
+impl<R: Read> Read for Tapped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(skeleton) = &self.skeleton {
+            skeleton.borrow_mut().feed(&buf[..n]);
+        }
+        Ok(n)
+    }
+}

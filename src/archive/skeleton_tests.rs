@@ -1,0 +1,116 @@
+//! The skeleton: what ingest keeps of the tar stream, and that a frame made from it is the
+//! frame's real tar stream with every file's data zeroed (long names, links and a file cut
+//! over several frames included), and a skeleton that does not fit its index is refused.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::digest::Digest;
+
+fn options() -> CheckOptions {
+    CheckOptions { max_unpacked_bytes: 1 << 32, max_files: 100_000, shared: vec![], record_migrations: false }
+}
+
+/// A tree of every kind of entry: small files, one over several frames, empty ones, a long
+/// path (a PAX or GNU long-name header), a symlink, an executable.
+fn packed() -> (Vec<u8>, FileIndex) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for i in 0..300u64 {
+        let path = root.join(format!("vendor/pkg{}/src/C{i}.php", i % 13));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let body: Vec<u8> =
+            (0..(500 + i * 53 % 9000)).map(|n| b"abcdefgh <?php\n"[((n * 7 + i) % 15) as usize]).collect();
+        fs::write(path, body).unwrap();
+    }
+    fs::create_dir_all(root.join("public")).unwrap();
+    fs::write(root.join("public/app.js"), vec![b'x'; 3 * FRAME_TARGET as usize + 777]).unwrap();
+    fs::write(root.join("public/empty"), b"").unwrap();
+    let long = format!("deep/{}/{}.txt", "d".repeat(120), "n".repeat(90));
+    fs::create_dir_all(root.join(&long).parent().unwrap()).unwrap();
+    fs::write(root.join(&long), b"long").unwrap();
+    std::os::unix::fs::symlink("public/app.js", root.join("entry")).unwrap();
+    fs::write(root.join("artisan"), b"#!/usr/bin/env php").unwrap();
+    fs::set_permissions(root.join("artisan"), fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, bytes) = pack_to_writer(root, &[], Vec::new(), &mut |_| {}).unwrap();
+    let listing = index(&bytes[..], &options()).unwrap();
+    let mut scanner = FrameScanner::new();
+    scanner.feed(&bytes);
+    let digest = Digest::of(&bytes);
+    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    (bytes, index)
+}
+
+/// The tar stream with every indexed file's data zeroed.
+fn zeroed(bytes: &[u8], index: &FileIndex) -> Vec<u8> {
+    let mut tar = zstd::decode_all(bytes).unwrap();
+    for file in &index.files {
+        tar[file.offset as usize..(file.offset + file.size) as usize].fill(0);
+    }
+    tar
+}
+
+#[test]
+fn each_frame_made_from_the_skeleton_is_the_tar_stream_less_the_files_data() {
+    let (bytes, index) = packed();
+    assert!(index.frames.len() > 5, "{} frames", index.frames.len());
+    let index = FileIndex::decode(&index.encode(), index.artifact).unwrap();
+    let skeleton = Skeleton::of(&index).unwrap().expect("ingest keeps a skeleton");
+    let tar = zeroed(&bytes, &index);
+    let mut made = Vec::new();
+    for (n, frame) in index.frames.iter().enumerate() {
+        skeleton.frame(frame, &mut made);
+        let want = &tar[frame.raw_offset as usize..(frame.raw_offset + frame.raw_length) as usize];
+        assert!(made == want, "frame {n} ({frame:?}) differs from the real one");
+    }
+    // Made end to end, the stream walks like the artifact: same entries, same summary.
+    let whole: Vec<u8> = index
+        .frames
+        .iter()
+        .flat_map(|f| {
+            skeleton.frame(f, &mut made);
+            made.clone()
+        })
+        .collect();
+    assert_eq!(
+        walk_tar(&whole[..], &options(), &mut Listed(Vec::new())).unwrap(),
+        check(&bytes[..], &options()).unwrap()
+    );
+    // Headers, not data: what the files hold is not in it.
+    let raw = zstd::decode_all(&index.skeleton.clone().unwrap()[..]).unwrap();
+    let data: u64 = index.files.iter().map(|f| f.size).sum();
+    assert_eq!(raw.len() as u64 + data, tar.len() as u64);
+}
+
+struct Listed(Vec<String>);
+
+impl Visitor for Listed {
+    fn entry(&mut self, entry: Entry<'_>, _: &mut dyn std::io::Read) -> std::io::Result<()> {
+        self.0.push(format!("{entry:?}"));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_skeleton_that_does_not_fit_its_index_is_refused() {
+    let (_, index) = packed();
+    // Bytes missing (or added): it cannot be the stream but its files' data.
+    let raw = zstd::decode_all(&index.skeleton.clone().unwrap()[..]).unwrap();
+    for changed in [raw[..raw.len() - 512].to_vec(), [raw.clone(), vec![0; 512]].concat()] {
+        let broken = index.clone().with_skeleton(Some(zstd::encode_all(&changed[..], 3).unwrap()));
+        let err = Skeleton::of(&broken).err().expect("refused");
+        assert!(err.to_string().contains("the skeleton holds"), "{err}");
+    }
+    // Not zstd at all.
+    let broken = index.clone().with_skeleton(Some(b"not zstd".to_vec()));
+    assert!(matches!(Skeleton::of(&broken), Err(IndexError::Zstd(_))));
+    // Two files overlapping.
+    let mut overlapping = index.clone();
+    overlapping.files[3].offset = overlapping.files[2].offset + 1;
+    let err = Skeleton::of(&overlapping).err().expect("refused");
+    assert!(err.to_string().contains("overlaps"), "{err}");
+    // No skeleton (an index made before format 3, or none could be made): no sparse fetch.
+    assert!(Skeleton::of(&index.clone().with_skeleton(None)).unwrap().is_none());
+}
