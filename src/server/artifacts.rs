@@ -230,26 +230,17 @@ async fn blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (artifact, _) = readable(&state, &principal, &digest).await?;
-    let size = artifact.size;
-    let requested = range::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
-    let (status, range) = match requested {
-        Ranged::Whole => (StatusCode::OK, None),
-        Ranged::Part(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
-        Ranged::Unsatisfiable => {
-            let mut response = ApiError::range_not_satisfiable(size).into_response();
-            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
-            return Ok(response);
-        }
-    };
-    bytes_of(&state, &artifact, status, range).await
+    ranged_bytes(&state, &artifact, &headers).await
 }
 
 /// `GET /node/artifacts/{digest}?expires=&sig=`: a node fetching an artifact by the signed
-/// URL its deploy gave it (no token: the signature names the digest and an expiry).
+/// URL its deploy gave it (no token: the signature names the digest and an expiry). Ranges
+/// as for the blob: a node that holds most files fetches only the frames it lacks.
 pub async fn node_fetch(
     State(state): State<AppState>,
     ApiPath(digest): ApiPath<String>,
     ApiQuery(q): ApiQuery<FetchQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&digest)?;
     crate::deploy::fetch::verify(digest, q.expires, &q.sig, crate::utc::now().unix_timestamp())
@@ -263,7 +254,7 @@ pub async fn node_fetch(
     if let Some(block) = block {
         return Err(ApiError::blocked(format!("artifact {digest} is blocked: {}", block.reason)));
     }
-    bytes_of(&state, &artifact, StatusCode::OK, None).await
+    ranged_bytes(&state, &artifact, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -271,6 +262,24 @@ pub async fn node_fetch(
 pub struct FetchQuery {
     expires: i64,
     sig: String,
+}
+
+/// The artifact's bytes, or the one range its `Range` header asks (206 with its
+/// Content-Range; 416 with `Content-Range: bytes */size` when it lies past the end), for
+/// every route that serves them.
+async fn ranged_bytes(state: &AppState, artifact: &Artifact, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let size = artifact.size;
+    let requested = range::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+    let (status, range) = match requested {
+        Ranged::Whole => (StatusCode::OK, None),
+        Ranged::Part(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        Ranged::Unsatisfiable => {
+            let mut response = ApiError::range_not_satisfiable(size).into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return Ok(response);
+        }
+    };
+    bytes_of(state, artifact, status, range).await
 }
 
 /// The artifact's bytes (or a range of them) as a streamed response.

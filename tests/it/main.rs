@@ -25,6 +25,7 @@ mod pages;
 mod policies;
 mod protocol;
 mod proxy;
+mod ranges;
 mod recipes;
 mod refusals;
 mod releases;
