@@ -58,6 +58,20 @@ pub fn main(protocol: Option<u32>) -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }
 
+/// Reads the frames `needed` (strictly increasing numbers in `frames`, the artifact's index)
+/// from `url` as a sparse prepare does, one ranged GET per run of frames back to back; their
+/// bytes and the bytes fetched. Not an API: the integration tests reach the ranged fetch
+/// against the real S3 server and this server's signed route through it.
+#[doc(hidden)]
+pub fn fetch_frames(
+    url: &str,
+    frames: &[crate::archive::Frame],
+    needed: &[usize],
+    stall: std::time::Duration,
+) -> Result<(Vec<Vec<u8>>, u64), NodeError> {
+    ops::fetch_frames(url, frames, needed, stall)
+}
+
 /// Drains stdin (bytes the server sent that were not needed).
 fn drain(input: &mut dyn BufRead) {
     let _ = std::io::copy(input, &mut std::io::sink());

@@ -1,14 +1,18 @@
 //! Fewer bytes on the wire (issue 15 part 2): the server's signed node URL answers ranges as
-//! the blob route does.
+//! the blob route does, and a node reads only the frames it lacks, one ranged GET per run of
+//! frames, from that URL and from a real S3 server (Garage) by a presigned URL.
 
+use std::fs;
 use std::sync::Arc;
+use std::time::Duration;
 
+use release::archive::{Frame, FrameScanner};
 use release::digest::Digest;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::archives;
 use crate::support::inprocess::InProcessServer;
+use crate::support::{Backend, TestCommand, TestServer, app_tree, archives, block_on};
 
 fn api() -> String {
     format!("[service.api]\nkind = \"generic\"\n{}", crate::support::local_nodes("api", &["staging"]))
@@ -84,4 +88,86 @@ fn the_signed_node_url_answers_ranges_as_the_blob_route_does() {
     assert_eq!(refused.status(), StatusCode::CONFLICT);
     let text = refused.text().unwrap();
     assert!(text.contains("is blocked: leaks a key"), "{text}");
+}
+
+/// A packaged artifact of several frames: its bytes and its frame table (as ingest lays it).
+fn multi_frame_artifact(work: &std::path::Path) -> (std::path::PathBuf, Vec<u8>, Vec<Frame>) {
+    let src = work.join("app");
+    app_tree(&src, "2.0.0");
+    // About 9 MiB of tar stream: frames of 1 MiB (`archive::FRAME_TARGET`).
+    for i in 0..32u64 {
+        let path = src.join(format!("vendor/pkg{}/C{i}.php", i % 5));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let text: String = (0..25_000u64).map(|n| format!("$v{} = {};\n", (n * 7 + i) % 101, (n * i) % 977)).collect();
+        fs::write(path, text).unwrap();
+    }
+    let archive = work.join("app.tar.zst");
+    TestCommand::new().args(["package", src.to_str().unwrap(), "-o", archive.to_str().unwrap()]).assert_success();
+    let bytes = fs::read(&archive).unwrap();
+    let raw = zstd::decode_all(&bytes[..]).unwrap().len() as u64;
+    let mut scanner = FrameScanner::new();
+    scanner.feed(&bytes);
+    let frames = scanner.finish(bytes.len() as u64, raw, Digest::of(&bytes));
+    assert!(frames.len() >= 7, "{} frames for {raw} bytes of tar stream", frames.len());
+    (archive, bytes, frames)
+}
+
+/// Frames 1, 2 and 4 and the last two, through `url`: each frame's bytes hash as the index
+/// says, and only those frames' bytes were fetched.
+fn fetch_some_frames(url: &str, bytes: &[u8], frames: &[Frame]) {
+    let last = frames.len() - 1;
+    let needed = [1, 2, 4, last - 1, last];
+    let (got, fetched) = release::node::fetch_frames(url, frames, &needed, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert_eq!(got.len(), needed.len());
+    for (data, &n) in got.iter().zip(&needed) {
+        let frame = &frames[n];
+        assert_eq!(Digest::of(data), frame.sha256, "frame {n}: {frame:?}");
+        assert_eq!(data.as_slice(), &bytes[frame.offset as usize..(frame.offset + frame.length) as usize]);
+    }
+    let asked: u64 = needed.iter().map(|&n| frames[n].length).sum();
+    assert_eq!(fetched, asked);
+    assert!(fetched < bytes.len() as u64, "{fetched} of {} bytes", bytes.len());
+}
+
+#[test]
+fn a_node_fetches_only_the_frames_it_lacks_by_the_signed_node_url() {
+    let server = InProcessServer::start(&api(), Arc::new(release::releases::RecordOnly));
+    let ci = server.token("ci", "ci", "gitlab");
+    let work = tempfile::tempdir().unwrap();
+    let (_, bytes, frames) = multi_frame_artifact(work.path());
+    let digest = upload(&server, &ci, bytes.clone());
+    fetch_some_frames(&release::deploy::fetch::url(&server.url, digest, now()), &bytes, &frames);
+
+    // Refused: the fetch says so, and never shows the signature.
+    let url = release::deploy::fetch::url(&server.url, digest, now());
+    let sig = url.split("&sig=").nth(1).unwrap().to_owned();
+    let forged = url.replace(&sig, &"00".repeat(32));
+    let e = release::node::fetch_frames(&forged, &frames, &[1], Duration::from_secs(60)).unwrap_err();
+    assert_eq!(e.code, release::node::ErrorCode::Fetch);
+    assert!(e.message.contains("HTTP 403"), "{}", e.message);
+    assert!(!e.message.contains(&sig) && !e.message.contains("sig="), "{}", e.message);
+}
+
+#[test]
+fn a_node_fetches_only_the_frames_it_lacks_from_s3_by_a_presigned_url() {
+    let server = TestServer::start(Backend::S3);
+    let ci = server.token("ci", "ci");
+    let work = tempfile::tempdir().unwrap();
+    let (archive, bytes, frames) = multi_frame_artifact(work.path());
+    let uploaded = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", archive.to_str().unwrap(), "--service", "api", "--json"])
+        .assert_success()
+        .json();
+    let digest: Digest = uploaded["digest"].as_str().unwrap().parse().unwrap();
+    // The URL a deploy hands the node.
+    let url = block_on(server.store().presigned_get(digest)).unwrap().expect("an S3 store presigns");
+    fetch_some_frames(&url, &bytes, &frames);
+
+    let forged = url.replace("X-Amz-Signature=", "X-Amz-Signature=0");
+    let e = release::node::fetch_frames(&forged, &frames, &[1], Duration::from_secs(60)).unwrap_err();
+    assert!(e.message.contains("HTTP 403"), "{}", e.message);
+    assert!(!e.message.contains("X-Amz"), "{}", e.message);
 }

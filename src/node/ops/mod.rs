@@ -6,6 +6,7 @@ mod cleanup;
 mod hooks;
 mod layout;
 mod prepare;
+mod ranges;
 mod share;
 #[cfg(test)]
 mod sparse_tests;
@@ -40,6 +41,7 @@ pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
 use prepare::{lacks, prepare, shared_fingerprints};
+pub(super) use ranges::fetch_frames;
 use share::{
     after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index,
     unmark_changed,
