@@ -94,11 +94,12 @@ fn the_signed_node_url_answers_ranges_as_the_blob_route_does() {
 fn multi_frame_artifact(work: &std::path::Path) -> (std::path::PathBuf, Vec<u8>, Vec<Frame>) {
     let src = work.join("app");
     app_tree(&src, "2.0.0");
-    // About 9 MiB of tar stream: frames of 1 MiB (`archive::FRAME_TARGET`).
-    for i in 0..32u64 {
+    // Files of about half `archive::FRAME_TARGET` (lines of ~12 bytes): a frame of two or three.
+    let lines = release::archive::FRAME_TARGET / 24;
+    for i in 0..24u64 {
         let path = src.join(format!("vendor/pkg{}/C{i}.php", i % 5));
         fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let text: String = (0..25_000u64).map(|n| format!("$v{} = {};\n", (n * 7 + i) % 101, (n * i) % 977)).collect();
+        let text: String = (0..lines).map(|n| format!("$v{} = {};\n", (n * 7 + i) % 101, (n * i) % 977)).collect();
         fs::write(path, text).unwrap();
     }
     let archive = work.join("app.tar.zst");
