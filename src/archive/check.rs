@@ -54,12 +54,13 @@ pub enum Entry<'a> {
     Directory {
         path: &'a RelPath,
     },
-    /// A regular file; `executable` when any execute bit is set; its data starts at `offset`
-    /// in the decompressed tar stream.
+    /// A regular file; `executable` when any execute bit is set; its `size` bytes of data start
+    /// at `offset` in the decompressed tar stream.
     File {
         path: &'a RelPath,
         executable: bool,
         offset: u64,
+        size: u64,
     },
     Symlink {
         path: &'a RelPath,
@@ -210,7 +211,7 @@ fn walk_stream(
                 skeleton.borrow_mut().cut(entry.raw_file_position(), entry.size());
             }
             let shown = checked.path().as_str().to_owned();
-            let visited = visitor.entry(checked.as_entry(entry.raw_file_position()), &mut entry);
+            let visited = visitor.entry(checked.as_entry(entry.raw_file_position(), entry.size()), &mut entry);
             if let Err(source) = visited {
                 // A read error inside the visitor is the archive's; anything else is the visitor's.
                 return Err(match trouble.take() {
@@ -268,11 +269,11 @@ impl Checked {
         }
     }
 
-    /// The entry whose data starts at `offset` in the tar stream.
-    fn as_entry(&self, offset: u64) -> Entry<'_> {
+    /// The entry whose `size` bytes of data start at `offset` in the tar stream.
+    fn as_entry(&self, offset: u64, size: u64) -> Entry<'_> {
         match self {
             Checked::Directory(path) => Entry::Directory { path },
-            Checked::File(path, executable) => Entry::File { path, executable: *executable, offset },
+            Checked::File(path, executable) => Entry::File { path, executable: *executable, offset, size },
             Checked::Symlink(path, target) => Entry::Symlink { path, target },
             Checked::Hardlink(path, target) => Entry::Hardlink { path, target: target.clone() },
         }

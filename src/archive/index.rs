@@ -168,21 +168,29 @@ impl FileIndex {
 pub struct Indexing<'a> {
     pub inner: &'a mut dyn Visitor,
     pub files: Vec<IndexedFile>,
+    /// Files whose data is not hashed (nor read here): listed with their size and the hash
+    /// of nothing. A node's sparse unpack made their data (zeros), never fetched it.
+    pub unhashed: std::collections::HashSet<String>,
     buffer: Vec<u8>,
 }
 
 impl<'a> Indexing<'a> {
     pub fn new(inner: &'a mut dyn Visitor) -> Indexing<'a> {
-        Indexing { inner, files: Vec::new(), buffer: vec![0; 256 << 10] }
+        Indexing { inner, files: Vec::new(), unhashed: Default::default(), buffer: vec![0; 256 << 10] }
     }
 }
 
 impl Visitor for Indexing<'_> {
     fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {
-        let Entry::File { path, executable, offset } = entry else {
+        let Entry::File { path, executable, offset, size } = entry else {
             return self.inner.entry(entry, data);
         };
         let path = path.as_str().to_owned();
+        if self.unhashed.contains(&path) {
+            self.inner.entry(entry, data)?;
+            self.files.push(IndexedFile { path, executable, size, offset, sha256: Digest::of(b"") });
+            return Ok(());
+        }
         let mut hashing = Hashing { inner: data, hasher: Sha256::new(), size: 0 };
         self.inner.entry(entry, &mut hashing)?;
         loop {

@@ -98,7 +98,8 @@ impl NodeDeployer {
         // On stdin: only the frames the node lacks, when it can tell.
         let mut frames = None;
         let payload = match (&source, index) {
-            (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() => {
+            // A node holding no release has nothing to link: the whole artifact, unasked.
+            (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() && !status.ready.is_empty() => {
                 let asked = Request::Lacks {
                     base: target.base.clone(),
                     digest,

@@ -320,7 +320,7 @@ mod tests {
     fn an_answer_of_another_protocol_or_none_is_not_read() {
         for (line, theirs) in [
             (r#"{"ok":true,"current":null,"ready":[],"unready":[]}"#, "none"),
-            (r#"{"ok":true,"protocol":2,"current":null,"ready":[],"unready":[]}"#, "2"),
+            (r#"{"ok":true,"protocol":999,"current":null,"ready":[],"unready":[]}"#, "999"),
             (r#"{"ok":false,"protocol":"1","code":"locked","message":"x"}"#, "\"1\""),
         ] {
             let Err(e @ CallError::Foreign(_)) = parsed(line) else { panic!("{line} was read") };
@@ -330,30 +330,30 @@ mod tests {
         // An agent of a build before protocol 1: clap refuses the flag, nothing on stdout.
         let clap = b"error: unexpected argument '--protocol' found\n\nUsage: release node\n";
         let Err(e @ CallError::Foreign(_)) = parse_answer(b"", clap, false, Ok(())) else { panic!("not told apart") };
-        assert!(e.to_string().starts_with("the node agent is older than protocol 1 (it refused `--protocol`: error: unexpected argument '--protocol' found), this server"), "{e}");
+        assert!(e.to_string().starts_with(&format!("the node agent is older than protocol {VERSION} (it refused `--protocol`: error: unexpected argument '--protocol' found), this server")), "{e}");
         // Any other failure to start stays what it was.
         let Err(CallError::Transport(why)) = parse_answer(b"", b"sh: 1: release: not found", false, Ok(())) else {
             panic!("a missing agent read as a foreign one")
         };
         assert!(why.starts_with("the node agent failed: sh: 1: release: not found"), "{why}");
         let status: crate::node::protocol::Status =
-            typed(parsed(r#"{"ok":true,"protocol":1,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
+            typed(parsed(r#"{"ok":true,"protocol":2,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
         assert_eq!((status.current, status.plain), (None, false));
     }
 
     #[test]
     fn an_answer_of_another_shape_is_a_failed_call_and_an_unknown_code_is_unknown() {
         // A status whose `current` is not a digest reads as nothing, never as "no release".
-        let answer = parsed(r#"{"ok":true,"protocol":1,"current":"yesterday","ready":[],"unready":[]}"#).unwrap();
+        let answer = parsed(r#"{"ok":true,"protocol":2,"current":"yesterday","ready":[],"unready":[]}"#).unwrap();
         let Err(CallError::Transport(why)) = typed::<crate::node::protocol::Status>(answer) else {
             panic!("a wrong shape was read")
         };
         assert!(why.contains("not of the shape this server reads"), "{why}");
-        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"format_disk","message":"no"}"#) else {
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":2,"code":"format_disk","message":"no"}"#) else {
             panic!("a refusal was read as an answer")
         };
         assert_eq!((e.code.as_str(), e.code.is_known(), e.message.as_str()), ("format_disk", false, "no"));
-        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":1,"code":"fenced","message":"newer run"}"#)
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":2,"code":"fenced","message":"newer run"}"#)
         else {
             panic!("a refusal was read as an answer")
         };

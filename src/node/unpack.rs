@@ -315,10 +315,12 @@ fn unpack_into(
         made,
     };
     let mut listed = Vec::new();
+    let unhashed = unpacker.made.clone();
     let walked = match &sharing {
         None => walk(&mut unpacker),
         Some(_) => {
             let mut indexing = Indexing::new(&mut unpacker);
+            indexing.unhashed = unhashed;
             let walked = walk(&mut indexing);
             listed = std::mem::take(&mut indexing.files);
             walked

@@ -1,6 +1,7 @@
 //! Prepare: fetch or take the artifact, unpack it, link the shared paths, finalize, seal,
 //! mark it ready; and the shared files' fingerprints a finalize ran with.
 
+use super::ranges::HttpFrames;
 use super::*;
 
 pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, NodeError> {
@@ -131,7 +132,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
                     "frames of the artifact were sent without an index that lays them out",
                 ));
             }
-            // By URL: the node fetches whole artifacts until ranged fetches land.
+            // By URL: those holding a file no release here holds, fetched by ranged GETs.
+            (Source::Url(_) | Source::Server(_), _, Some(sharing)) => {
+                frames_to_fetch(&sharing, skeleton.as_ref()).map_err(unpack_refusal(&layout))?
+            }
             _ => None,
         }
         .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len() || p.frames.is_some()));
@@ -140,7 +144,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             (source, Some(needed), Some(sharing), Some(skeleton)) => {
                 let mut source: Box<dyn FrameSource + '_> = match source {
                     Source::Stdin => Box::new(StdinFrames { input: &mut *input }),
-                    _ => unreachable!("only frames sent on stdin, so far"),
+                    Source::Url(url) | Source::Server(url) => {
+                        Box::new(HttpFrames::new(url, &sharing.index.frames, &needed, p.fetch_stall_timeout())?)
+                    }
+                    Source::Present => unreachable!("answered above"),
                 };
                 let sparse = Sparse { skeleton, needed: &needed, source: source.as_mut() };
                 unpack_sparse(&tmp, &options, modes, sharing, sparse).map(|(unpacked, bytes)| {
