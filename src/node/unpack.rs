@@ -8,6 +8,9 @@
 //! its bytes are still read from the stream, hashed, and compared with the index, like every
 //! other file's: an index that does not describe the artifact is refused.
 //!
+//! [`unpack_sparse`] walks the same way a tar stream made of the frames the node fetched and
+//! of the index's skeleton ([`crate::node::sparse`]); [`frames_to_fetch`] says which frames.
+//!
 //! Long on purpose: writing, hashing, checking and linking are one pass over one stream, and
 //! each refusal on the way must leave nothing: they read best as one walk.
 

@@ -270,6 +270,43 @@ fn with_a_node_url_nodes_fetch_the_artifact_from_the_server_by_signed_url() {
     fleet.f.assert_refusal_recorded("(unauthenticated)", 403, "forbidden");
 }
 
+/// Issue 15 part 2 by URL: a node that holds the release before fetches only the frames with
+/// what changed, by ranged GETs of the bucket's presigned URL or of this server's signed URL,
+/// and the release it makes is the artifact's.
+#[test]
+fn a_node_fetches_only_the_frames_it_lacks_by_presigned_or_signed_url() {
+    let by_bucket = SshFleet::new(Backend::S3, &["staging", "staging"], "true");
+    let by_server = SshFleet::build(&["staging"], "hooks.finalize = [\"true\"]", |config| {
+        TestServer::start_serving_nodes(Backend::Local, config)
+    });
+    for (fleet, how) in [(&by_bucket, "presigned URL"), (&by_server, "signed URL")] {
+        let v1 = fleet.upload_packaged("v1", &[]);
+        let v2 = fleet.upload_packaged("v2", &[5, 150]);
+        fleet.live_in("staging", &v1);
+        let (status, release) =
+            fleet.f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": v2}));
+        assert!(status.is_success(), "{release}");
+        assert_eq!(fleet.f.settle(release["id"].as_i64().unwrap())["state"], "live");
+        fleet.assert_env_on("staging", &v2, "v2");
+        let shown = fleet.release(&release["id"]);
+        for prepare in shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare") {
+            let output = prepare["output_tail"].as_str().unwrap();
+            assert!(output.contains(how), "{prepare}");
+            let said = output.split("; fetched ").nth(1).unwrap_or_else(|| panic!("fetched whole: {output}"));
+            let numbers: Vec<u64> = said
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .take(4)
+                .map(|n| n.parse().unwrap())
+                .collect();
+            let [frames, of, bytes, size] = numbers[..] else { panic!("{said}") };
+            // Two changed files and version.txt: at most three frames of about 28.
+            assert!(of > 20 && (1..=3).contains(&frames), "{output}");
+            assert!(bytes * 5 <= size, "{output}");
+        }
+    }
+}
+
 fn time_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

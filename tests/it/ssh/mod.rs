@@ -80,6 +80,44 @@ impl SshFleet {
         SshFleet { f, nodes, bases, known_hosts }
     }
 
+    /// A tree of 300 files of ~12 KiB (about 28 frames) packed by `release package`, `changed`
+    /// of them holding other bytes, and `version.txt`; uploaded, its digest.
+    fn upload_packaged(&self, version: &str, changed: &[usize]) -> String {
+        let work = tempfile::tempdir().unwrap();
+        let tree = work.path().join("tree");
+        for i in 0..300usize {
+            let path = tree.join(format!("vendor/p{}/f{i}.php", i % 10));
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let seed = if changed.contains(&i) { 1_000_000 + i } else { i } as u64;
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let bytes: Vec<u8> = (0..12_000)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    b'a' + (state % 26) as u8
+                })
+                .collect();
+            fs::write(path, bytes).unwrap();
+        }
+        fs::write(tree.join("version.txt"), version).unwrap();
+        let archive = work.path().join("a.tar.zst");
+        crate::support::TestCommand::new()
+            .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
+            .assert_success();
+        let response = self
+            .f
+            .server
+            .http()
+            .post(format!("{}/v1/artifacts?service=web", self.f.server.url))
+            .bearer_auth(self.f.token("ci"))
+            .body(fs::read(&archive).unwrap())
+            .send()
+            .unwrap();
+        assert!(response.status().is_success());
+        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+    }
+
     fn upload(&self, version: &str) -> String {
         // lib.txt is the same in every version: a node links it from the release before.
         let tar = RawTar::new().file("version.txt", version.as_bytes()).file("lib.txt", b"the same library").finish();
