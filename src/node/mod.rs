@@ -27,9 +27,9 @@ use std::io::{BufRead, Write};
 pub use protocol::{
     Check, ErrorCode, Exec, Health, NodeError, Prepare, Request, RunAs, Source, VERSION, answer, decode_request,
 };
+pub use sparse::{Sparse, frames_to_fetch, unpack_sparse};
 pub use unpack::{
-    Candidate, Linked, Modes, Sharing, Sparse, UnpackError, Unpacked, frames_to_fetch, is_writable, remove_tree,
-    unpack, unpack_sharing, unpack_sparse,
+    Candidate, Linked, Modes, Sharing, UnpackError, Unpacked, is_writable, remove_tree, unpack, unpack_sharing,
 };
 
 /// `release node [--protocol N]`: reads one request from stdin, answers on stdout. The

@@ -2,11 +2,14 @@
 //! fetched, each checked against the artifact's index, and for the rest the tar headers the
 //! index keeps, the files' data linked from the releases already here.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
+use std::path::Path;
 
-use crate::archive::{FileIndex, Frame, Skeleton};
+use super::unpack::{Linking, index_by_path, unpack_into, walk_error};
+use super::{Modes, Sharing, UnpackError, Unpacked};
+use crate::archive::{self, CheckOptions, FileIndex, Frame, Skeleton, Visitor};
 use crate::digest::Digest;
-use crate::node::UnpackError;
 
 /// Where a sparse unpack gets the compressed bytes of the frames it needs: asked for each in
 /// artifact order, once.
@@ -16,26 +19,105 @@ pub trait FrameSource {
     fn frame(&mut self, number: usize, frame: &Frame) -> io::Result<Vec<u8>>;
 }
 
+/// [`unpack_sharing`](super::unpack_sharing) from only the frames `sparse` fetches: the others are made from the
+/// index's skeleton, and every file with data in them must be linked (it was found linkable
+/// by [`frames_to_fetch`]; one that no longer is fails the unpack, naming it). Each frame
+/// fetched is checked against the index's SHA-256 before a byte of it is used; the files in
+/// them are hashed and compared with the index as in a whole fetch.
+pub fn unpack_sparse(
+    dest: &Path,
+    options: &CheckOptions,
+    modes: Modes<'_>,
+    sharing: Sharing<'_>,
+    sparse: Sparse<'_>,
+) -> Result<(Unpacked, u64), UnpackError> {
+    let Sparse { skeleton, needed, source } = sparse;
+    let index = sharing.index;
+    let mut wanted = vec![false; index.frames.len()];
+    for n in needed {
+        *wanted.get_mut(*n).ok_or_else(|| UnpackError::Frames(format!("no frame {n} in the index")))? = true;
+    }
+    let made: HashSet<String> = index
+        .files
+        .iter()
+        .filter(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n]))
+        .map(|f| f.path.clone())
+        .collect();
+    let mut reader = SparseTar::new(index, skeleton, wanted, source);
+    let walk = |visitor: &mut dyn Visitor| {
+        let walked = archive::walk_tar(&mut reader, options, visitor);
+        if let Some(trouble) = reader.trouble.take() {
+            return Err(trouble);
+        }
+        let summary = walked.map_err(walk_error)?;
+        if reader.next != index.frames.len() {
+            return Err(UnpackError::Frames(format!(
+                "the tar stream ended in frame {} of {}",
+                reader.next,
+                index.frames.len()
+            )));
+        }
+        Ok(summary)
+    };
+    let unpacked = unpack_into(dest, modes, Some(sharing), made, walk)?;
+    Ok((unpacked, reader.fetched))
+}
+
+/// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
+/// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path).
+/// `None` when the index cannot be unpacked from frames (no skeleton, or a frame too large to
+/// make in memory): then the whole artifact is fetched.
+pub fn frames_to_fetch(
+    sharing: &Sharing<'_>,
+    skeleton: Option<&Skeleton<'_>>,
+) -> Result<Option<Vec<usize>>, UnpackError> {
+    let index = sharing.index;
+    if skeleton.is_none() || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
+        return Ok(None);
+    }
+    let by_path = index_by_path(index)?;
+    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable };
+    let mut wanted = vec![false; index.frames.len()];
+    for file in &index.files {
+        if file.size > 0 && linking.usable(Path::new(&file.path), &file.path, file.executable).is_none() {
+            index.frames_of(file).for_each(|n| wanted[n] = true);
+        }
+    }
+    Ok(Some(wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect()))
+}
+
+/// The largest frame a sparse unpack makes or decompresses in memory (`release package` writes
+/// frames of at most about twice [`archive::FRAME_TARGET`]; a larger one is fetched whole).
+const MAX_MADE_FRAME: u64 = 8 << 20;
+
+/// What [`unpack_sparse`] reads: the skeleton, which frames to fetch (their numbers, in
+/// order) and where from.
+pub struct Sparse<'a> {
+    pub skeleton: &'a Skeleton<'a>,
+    pub needed: &'a [usize],
+    pub source: &'a mut dyn FrameSource,
+}
+
 /// The tar stream of the whole artifact, frame by frame: a frame to fetch from its source,
 /// checked against the index and decompressed; any other made from the skeleton. A failure
 /// is kept in `trouble` (the walk sees only that the stream broke).
-pub(crate) struct SparseTar<'a> {
+struct SparseTar<'a> {
     frames: &'a [Frame],
     skeleton: &'a Skeleton<'a>,
     wanted: Vec<bool>,
     source: &'a mut dyn FrameSource,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     /// The frame to read next.
-    pub(crate) next: usize,
+    next: usize,
     buf: Vec<u8>,
     at: usize,
     /// Compressed bytes fetched.
-    pub(crate) fetched: u64,
-    pub(crate) trouble: Option<UnpackError>,
+    fetched: u64,
+    trouble: Option<UnpackError>,
 }
 
 impl<'a> SparseTar<'a> {
-    pub(crate) fn new(
+    fn new(
         index: &'a FileIndex,
         skeleton: &'a Skeleton<'a>,
         wanted: Vec<bool>,

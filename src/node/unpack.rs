@@ -8,8 +8,8 @@
 //! its bytes are still read from the stream, hashed, and compared with the index, like every
 //! other file's: an index that does not describe the artifact is refused.
 //!
-//! [`unpack_sparse`] walks the same way a tar stream made of the frames the node fetched and
-//! of the index's skeleton ([`crate::node::sparse`]); [`frames_to_fetch`] says which frames.
+//! `sparse.rs` walks the same way a tar stream made of the frames the node fetched and of the
+//! index's skeleton, through [`unpack_into`].
 //!
 //! Long on purpose: writing, hashing, checking and linking are one pass over one stream, and
 //! each refusal on the way must leave nothing: they read best as one walk.
@@ -23,10 +23,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::{
-    self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Skeleton, Summary, Visitor, WalkError,
+    self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Summary, Visitor, WalkError,
 };
 use crate::digest::Digest;
-use crate::node::sparse::{FrameSource, SparseTar};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -74,10 +73,10 @@ pub struct Candidate {
 }
 
 /// [`Sharing`] while unpacking: the index by path.
-struct Linking<'a> {
-    candidates: &'a HashMap<(Digest, bool), Candidate>,
-    index: &'a HashMap<&'a str, &'a IndexedFile>,
-    writable: &'a [String],
+pub(super) struct Linking<'a> {
+    pub(super) candidates: &'a HashMap<(Digest, bool), Candidate>,
+    pub(super) index: &'a HashMap<&'a str, &'a IndexedFile>,
+    pub(super) writable: &'a [String],
 }
 
 impl<'a> Linking<'a> {
@@ -86,7 +85,12 @@ impl<'a> Linking<'a> {
     /// modified since its index was kept, read-only: never a writable path's), with its
     /// metadata now. An empty file has no data to share (and thousands of them would reach
     /// the links' limit of one inode).
-    fn usable(&self, relative: &Path, path: &str, executable: bool) -> Option<(&'a Candidate, fs::Metadata)> {
+    pub(super) fn usable(
+        &self,
+        relative: &Path,
+        path: &str,
+        executable: bool,
+    ) -> Option<(&'a Candidate, fs::Metadata)> {
         use std::os::unix::fs::MetadataExt;
         let said = self.index.get(path)?;
         if said.executable != executable || said.size == 0 || is_writable(relative, self.writable) {
@@ -196,86 +200,7 @@ pub fn unpack_sharing(
     unpack_into(dest, modes, sharing, HashSet::new(), walk)
 }
 
-/// [`unpack_sharing`] from only the frames `sparse` fetches: the others are made from the
-/// index's skeleton, and every file with data in them must be linked (it was found linkable
-/// by [`frames_to_fetch`]; one that no longer is fails the unpack, naming it). Each frame
-/// fetched is checked against the index's SHA-256 before a byte of it is used; the files in
-/// them are hashed and compared with the index as in a whole fetch.
-pub fn unpack_sparse(
-    dest: &Path,
-    options: &CheckOptions,
-    modes: Modes<'_>,
-    sharing: Sharing<'_>,
-    sparse: Sparse<'_>,
-) -> Result<(Unpacked, u64), UnpackError> {
-    let Sparse { skeleton, needed, source } = sparse;
-    let index = sharing.index;
-    let mut wanted = vec![false; index.frames.len()];
-    for n in needed {
-        *wanted.get_mut(*n).ok_or_else(|| UnpackError::Frames(format!("no frame {n} in the index")))? = true;
-    }
-    let made: HashSet<String> = index
-        .files
-        .iter()
-        .filter(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n]))
-        .map(|f| f.path.clone())
-        .collect();
-    let mut reader = SparseTar::new(index, skeleton, wanted, source);
-    let walk = |visitor: &mut dyn Visitor| {
-        let walked = archive::walk_tar(&mut reader, options, visitor);
-        if let Some(trouble) = reader.trouble.take() {
-            return Err(trouble);
-        }
-        let summary = walked.map_err(walk_error)?;
-        if reader.next != index.frames.len() {
-            return Err(UnpackError::Frames(format!(
-                "the tar stream ended in frame {} of {}",
-                reader.next,
-                index.frames.len()
-            )));
-        }
-        Ok(summary)
-    };
-    let unpacked = unpack_into(dest, modes, Some(sharing), made, walk)?;
-    Ok((unpacked, reader.fetched))
-}
-
-/// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
-/// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path).
-/// `None` when the index cannot be unpacked from frames (no skeleton, or a frame too large to
-/// make in memory): then the whole artifact is fetched.
-pub fn frames_to_fetch(
-    sharing: &Sharing<'_>,
-    skeleton: Option<&Skeleton<'_>>,
-) -> Result<Option<Vec<usize>>, UnpackError> {
-    let index = sharing.index;
-    if skeleton.is_none() || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
-        return Ok(None);
-    }
-    let by_path = index_by_path(index)?;
-    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable };
-    let mut wanted = vec![false; index.frames.len()];
-    for file in &index.files {
-        if file.size > 0 && linking.usable(Path::new(&file.path), &file.path, file.executable).is_none() {
-            index.frames_of(file).for_each(|n| wanted[n] = true);
-        }
-    }
-    Ok(Some(wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect()))
-}
-
-/// The largest frame a sparse unpack makes or decompresses in memory (`release package` writes
-/// frames of at most about twice [`archive::FRAME_TARGET`]; a larger one is fetched whole).
-const MAX_MADE_FRAME: u64 = 8 << 20;
-
-/// What [`unpack_sparse`] reads: the skeleton, which frames to fetch (their numbers, in
-/// order) and where from.
-pub struct Sparse<'a> {
-    pub skeleton: &'a Skeleton<'a>,
-    pub needed: &'a [usize],
-    pub source: &'a mut dyn FrameSource,
-}
-
-fn walk_error(e: WalkError) -> UnpackError {
+pub(super) fn walk_error(e: WalkError) -> UnpackError {
     match e {
         WalkError::Archive(e) => UnpackError::Unsafe(e),
         WalkError::Visitor { path, source } => UnpackError::Write { path, source },
@@ -285,7 +210,7 @@ fn walk_error(e: WalkError) -> UnpackError {
 /// Makes `dest` and unpacks into it what `walk` hands the visitor; `made`: the paths of files
 /// whose data was made, not fetched (linked, never read or compared). Nothing is left when it
 /// fails.
-fn unpack_into(
+pub(super) fn unpack_into(
     dest: &Path,
     modes: Modes<'_>,
     sharing: Option<Sharing<'_>>,
@@ -348,7 +273,7 @@ fn unpack_into(
 }
 
 /// The index's files by path; an index naming one path twice is refused.
-fn index_by_path(index: &FileIndex) -> Result<HashMap<&str, &IndexedFile>, UnpackError> {
+pub(super) fn index_by_path(index: &FileIndex) -> Result<HashMap<&str, &IndexedFile>, UnpackError> {
     let mut by_path = HashMap::with_capacity(index.files.len());
     for file in &index.files {
         if by_path.insert(file.path.as_str(), file).is_some() {

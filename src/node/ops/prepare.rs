@@ -194,7 +194,8 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     // Even after a failed hook: what it wrote through a link is in older releases now.
     let keep_index = match (&index, hooks_started) {
         (Some(index), Some(started)) => Some(after_finalize(&layout, p.digest, &dir, index, &linked, started)?),
-        (index, _) => index.clone(),
+        // Kept without the frame table and skeleton: only its files are offered.
+        (index, _) => index.as_ref().map(|index| FileIndex::new(index.artifact, index.files.clone())),
     };
     let output = output?;
     if !p.finalize.is_empty() {
