@@ -48,6 +48,15 @@ impl Digest {
         }
     }
 
+    /// The 32 bytes of a digest (a binary index).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Digest(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The 64 lowercase hex digits, without the `sha256:` prefix (used in object keys).
     pub fn hex(&self) -> String {
         hex::encode(self.0)

@@ -35,6 +35,9 @@ pub const OLDEST_INDEX_VERSION: u32 = 2;
 /// allocate.
 pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
+/// The first bytes of a kept index's compact form ([`FileIndex::encode_kept`]).
+const KEPT_MAGIC: &[u8; 4] = b"RLI1";
+
 /// Every regular file of one artifact, in archive order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIndex {
@@ -133,6 +136,56 @@ impl FileIndex {
     pub fn encode(&self) -> Vec<u8> {
         let json = serde_json::to_vec(self).expect("an index serializes");
         zstd::bulk::compress(&json, 3).expect("compressing into memory does not fail")
+    }
+
+    /// The compact form a node keeps for a release (`.release/index/<hex>`; files only): read
+    /// at every prepare, several at a time, so binary rather than JSON (a tenth of the time
+    /// to read). `RLI1`, the artifact's 32 bytes, then per file: executable (1 byte), size and
+    /// offset (8 each, little-endian), SHA-256 (32), the path's length (4) and the path.
+    pub fn encode_kept(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(36 + self.files.iter().map(|f| 53 + f.path.len()).sum::<usize>());
+        out.extend_from_slice(KEPT_MAGIC);
+        out.extend_from_slice(self.artifact.as_bytes());
+        for file in &self.files {
+            out.push(u8::from(file.executable));
+            out.extend_from_slice(&file.size.to_le_bytes());
+            out.extend_from_slice(&file.offset.to_le_bytes());
+            out.extend_from_slice(file.sha256.as_bytes());
+            out.extend_from_slice(&(file.path.len() as u32).to_le_bytes());
+            out.extend_from_slice(file.path.as_bytes());
+        }
+        out
+    }
+
+    /// Reads [`encode_kept`](Self::encode_kept)'s form back, refusing one of another artifact
+    /// or one cut short.
+    pub fn decode_kept(bytes: &[u8], artifact: Digest) -> Result<FileIndex, IndexError> {
+        let cut = || IndexError::Frames("the kept index is cut short or not one".into());
+        let rest = bytes.strip_prefix(KEPT_MAGIC).ok_or_else(cut)?;
+        let (of, mut rest) = rest.split_first_chunk::<32>().ok_or_else(cut)?;
+        let found = Digest::from_bytes(*of);
+        if found != artifact {
+            return Err(IndexError::OtherArtifact { expected: artifact, found });
+        }
+        let mut files = Vec::new();
+        while let Some((&executable, after)) = rest.split_first() {
+            let (size, after) = after.split_first_chunk::<8>().ok_or_else(cut)?;
+            let (offset, after) = after.split_first_chunk::<8>().ok_or_else(cut)?;
+            let (sha256, after) = after.split_first_chunk::<32>().ok_or_else(cut)?;
+            let (len, after) = after.split_first_chunk::<4>().ok_or_else(cut)?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let path = after.get(..len).ok_or_else(cut)?;
+            let path = std::str::from_utf8(path).map_err(|_| cut())?.to_owned();
+            files.push(IndexedFile {
+                path,
+                executable: executable != 0,
+                size: u64::from_le_bytes(*size),
+                offset: u64::from_le_bytes(*offset),
+                sha256: Digest::from_bytes(*sha256),
+            });
+            rest = &after[len..];
+        }
+        Ok(FileIndex::new(artifact, files))
     }
 
     /// Reads a stored index back, refusing one of another format or of another artifact.

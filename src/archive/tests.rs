@@ -555,3 +555,26 @@ fn a_stored_index_of_another_artifact_format_or_shape_is_refused() {
         FileIndex::decode(&zstd_of(format!(r#"{{"version":{INDEX_VERSION}}}"#).as_bytes()), a).unwrap_err().to_string();
     assert!(refusal.starts_with("the stored index does not read"), "{refusal}");
 }
+
+#[test]
+fn a_kept_index_reads_back_in_its_compact_form_and_a_cut_or_foreign_one_is_refused() {
+    let (a, b) = (crate::digest::Digest::of(b"a"), crate::digest::Digest::of(b"b"));
+    let file = |i: u64| IndexedFile {
+        path: format!("vendor/ünïcode/p{i}.php"),
+        executable: i % 3 == 0,
+        size: i * 1000,
+        offset: i * 1536 + 512,
+        sha256: crate::digest::Digest::of(&i.to_le_bytes()),
+    };
+    let index = FileIndex::new(a, (0..50).map(file).collect());
+    let kept = index.encode_kept();
+    assert_eq!(FileIndex::decode_kept(&kept, a).unwrap(), index);
+    assert!(kept.len() < index.files.iter().map(|f| f.path.len() + 60).sum::<usize>());
+    assert!(matches!(FileIndex::decode_kept(&kept, b), Err(IndexError::OtherArtifact { .. })));
+    for cut in [0, 3, 20, 36 + 10, kept.len() - 1] {
+        assert!(FileIndex::decode_kept(&kept[..cut], a).is_err(), "cut at {cut}");
+    }
+    // The zstd JSON form is not the compact one (a node reads both: share.rs).
+    assert!(FileIndex::decode_kept(&index.encode(), a).is_err());
+    assert!(FileIndex::decode_kept(&FileIndex::new(a, vec![]).encode_kept(), a).unwrap().files.is_empty());
+}

@@ -44,8 +44,7 @@ pub(super) fn candidates(layout: &Layout, digest: Digest, writable: &[String]) -
     let mut candidates = Candidates::new();
     for release in indexed_releases(layout, digest).into_iter().take(SOURCES) {
         let path = layout.index(release);
-        let Ok(stored) = fs::read(&path) else { continue };
-        let Ok(index) = FileIndex::decode(&stored, release) else { continue };
+        let Some(index) = read_kept(&path, release) else { continue };
         let Ok(indexed_at_ns) = fs::metadata(&path).map(|m| mtime_ns(&m)) else { continue };
         let dir = layout.release(release);
         for file in index.files {
@@ -69,8 +68,15 @@ pub(super) fn store_index(layout: &Layout, digest: Digest, index: &FileIndex) ->
     let dir = path.parent().expect("under .release");
     fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
     let tmp = dir.join(format!(".tmp-{}", digest.hex()));
-    fs::write(&tmp, index.encode()).map_err(|e| io_error(&tmp, e))?;
+    fs::write(&tmp, index.encode_kept()).map_err(|e| io_error(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))
+}
+
+/// The index kept for `release` (compact, or the zstd JSON kept before 2026-12-04's second
+/// build); `None` when there is none or it does not read.
+pub(super) fn read_kept(path: &Path, release: Digest) -> Option<FileIndex> {
+    let stored = fs::read(path).ok()?;
+    FileIndex::decode_kept(&stored, release).or_else(|_| FileIndex::decode(&stored, release)).ok()
 }
 
 /// Forgets the index of a release (removed, redone, or about to be written by its hooks).
@@ -223,8 +229,7 @@ fn written_through(layout: &Layout, digest: Digest, index: Option<&FileIndex>, l
     let said: Option<&IndexedFile> = index.and_then(|index| index.files.iter().find(|f| f.path == link.path));
     let mut sharing = Vec::new();
     for release in indexed_releases(layout, digest) {
-        let Ok(stored) = fs::read(layout.index(release)) else { continue };
-        let Ok(older) = FileIndex::decode(&stored, release) else { continue };
+        let Some(older) = read_kept(&layout.index(release), release) else { continue };
         let holds = older.files.iter().any(|f| {
             said.is_none_or(|s| (s.sha256, s.executable) == (f.sha256, f.executable))
                 && fs::symlink_metadata(layout.release(release).join(&f.path)).is_ok_and(|m| m.ino() == link.ino)

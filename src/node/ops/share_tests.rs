@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 
+use super::share::read_kept;
 use super::*;
 use crate::archive::{self, CheckOptions};
 
@@ -98,7 +99,7 @@ fn unchanged_files_share_an_inode_with_the_older_release_and_nothing_else_does()
         assert_eq!(fs::metadata(new.join("bin/run")).unwrap().mode() & 0o777, 0o555);
         for digest in [one, two] {
             let stored = fs::read(layout.index(digest)).unwrap();
-            assert_eq!(FileIndex::decode(&stored, digest).unwrap().files.len(), 5);
+            assert_eq!(FileIndex::decode_kept(&stored, digest).unwrap().files.len(), 5);
         }
         unseal(base.path());
     }
@@ -310,7 +311,7 @@ fn a_file_finalize_rewrote_is_not_offered_to_newer_releases() {
     let base = tempfile::tempdir().unwrap();
     let layout = Layout { base: base.path().to_owned() };
     let (one, old) = prepared(base.path(), &first(), &["echo rewritten > app/changed.php"]);
-    let kept = FileIndex::decode(&fs::read(layout.index(one)).unwrap(), one).unwrap();
+    let kept = read_kept(&layout.index(one), one).unwrap();
     let paths: Vec<&str> = kept.files.iter().map(|f| f.path.as_str()).collect();
     assert!(!paths.contains(&"app/changed.php") && paths.contains(&"app/same.php"), "{paths:?}");
     let mut again = first();
@@ -356,9 +357,9 @@ fn finalize_run_again_writing_into_a_shared_file_as_root_is_found_and_refused() 
 /// Stores `index` as release `digest`'s kept index, as someone on the node might (a lying
 /// `.release/index/<hex>`).
 fn keep_lying_index(layout: &Layout, digest: Digest, lie: impl Fn(&mut FileIndex)) {
-    let mut index = FileIndex::decode(&fs::read(layout.index(digest)).unwrap(), digest).unwrap();
+    let mut index = read_kept(&layout.index(digest), digest).unwrap();
     lie(&mut index);
-    fs::write(layout.index(digest), index.encode()).unwrap();
+    fs::write(layout.index(digest), index.encode_kept()).unwrap();
 }
 
 /// A kept index edited on the node (it says the older release's `changed.php` holds what the

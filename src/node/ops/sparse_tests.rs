@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use super::share::read_kept;
 use super::*;
 use crate::archive::{self, CheckOptions, FrameScanner};
 
@@ -150,8 +151,7 @@ fn a_node_asked_what_it_lacks_makes_the_same_release_from_those_frames_alone() {
     assert_eq!(fs::metadata(answer.dir.join("vendor/p3/f10.php")).unwrap().nlink(), 1);
     assert!(base.path().join(".release/ready").join(digest.hex()).exists());
     // It keeps the index's files only: the frame table and skeleton are the artifact's.
-    let kept =
-        FileIndex::decode(&fs::read(base.path().join(".release/index").join(digest.hex())).unwrap(), digest).unwrap();
+    let kept = read_kept(&base.path().join(".release/index").join(digest.hex()), digest).unwrap();
     assert_eq!((kept.files, kept.frames.len(), kept.skeleton), (index.files.clone(), 0, None));
     super::prepare::set_writable(base.path()).ok();
     super::prepare::set_writable(other.path()).ok();
