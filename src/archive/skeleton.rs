@@ -108,29 +108,50 @@ impl<'a> Skeleton<'a> {
     /// The tar stream `frame` decompresses to, but zeros for every file's data, into `out`.
     pub fn frame(&self, frame: &Frame, out: &mut Vec<u8>) {
         out.clear();
-        let (mut p, end) = (frame.raw_offset, frame.raw_offset + frame.raw_length);
-        let mut i = self.files.partition_point(|f| f.offset + f.size <= p);
-        while p < end {
-            match self.files.get(i) {
-                Some(file) if file.size == 0 => i += 1,
+        out.resize(frame.raw_length as usize, 0);
+        let mut next = self.file_at(frame.raw_offset);
+        self.read_at(frame.raw_offset, frame.raw_offset + frame.raw_length, &mut next, out);
+    }
+
+    /// The first file whose data ends after `pos`: where [`read_at`](Self::read_at) starts.
+    pub fn file_at(&self, pos: u64) -> usize {
+        self.files.partition_point(|f| f.offset + f.size <= pos)
+    }
+
+    /// Fills `out` with the tar stream from `pos` (to `end` at most), zeros for every file's
+    /// data; how many bytes. `next`: [`file_at`](Self::file_at)`(pos)`, kept between calls.
+    pub fn read_at(&self, pos: u64, end: u64, next: &mut usize, out: &mut [u8]) -> usize {
+        let stop = end.min(pos + out.len() as u64);
+        let (mut p, mut written) = (pos, 0);
+        while p < stop {
+            let n = match self.files.get(*next) {
+                Some(file) if file.size == 0 => {
+                    *next += 1;
+                    continue;
+                }
                 Some(file) if file.offset <= p => {
-                    let until = (file.offset + file.size).min(end);
-                    out.resize(out.len() + (until - p) as usize, 0);
-                    p = until;
+                    let until = (file.offset + file.size).min(stop);
+                    let n = (until - p) as usize;
+                    out[written..written + n].fill(0);
                     if until == file.offset + file.size {
-                        i += 1;
+                        *next += 1;
                     }
+                    n
                 }
-                next => {
-                    let until = next.map_or(end, |f| f.offset.min(end));
-                    // Every file before `i` ends at or before `p` (and the lengths were checked
-                    // against the stream's in `of`): the skeleton holds these bytes.
-                    let at = (p - self.data_before[i]) as usize;
-                    out.extend_from_slice(&self.raw[at..at + (until - p) as usize]);
-                    p = until;
+                following => {
+                    let until = following.map_or(stop, |f| f.offset.min(stop));
+                    let n = (until - p) as usize;
+                    // Every file before `next` ends at or before `p` (and the lengths were
+                    // checked against the stream's in `of`): the skeleton holds these bytes.
+                    let at = (p - self.data_before[*next]) as usize;
+                    out[written..written + n].copy_from_slice(&self.raw[at..at + n]);
+                    n
                 }
-            }
+            };
+            p += n as u64;
+            written += n;
         }
+        written
     }
 }
 

@@ -65,6 +65,20 @@ fn each_frame_made_from_the_skeleton_is_the_tar_stream_less_the_files_data() {
         let want = &tar[frame.raw_offset as usize..(frame.raw_offset + frame.raw_length) as usize];
         assert!(made == want, "frame {n} ({frame:?}) differs from the real one");
     }
+    // Read in pieces of any size from anywhere, it is the same stream.
+    for piece in [1usize, 7, 512, 4093, 1 << 20] {
+        let mut read = Vec::new();
+        let end = tar.len() as u64;
+        let (mut pos, mut next) = (0u64, skeleton.file_at(0));
+        let mut buf = vec![0xAAu8; piece];
+        while pos < end {
+            let n = skeleton.read_at(pos, end, &mut next, &mut buf);
+            assert!(n > 0 && n <= piece);
+            read.extend_from_slice(&buf[..n]);
+            pos += n as u64;
+        }
+        assert!(read == tar, "read in pieces of {piece}");
+    }
     // Made end to end, the stream walks like the artifact: same entries, same summary.
     let whole: Vec<u8> = index
         .frames

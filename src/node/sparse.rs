@@ -67,12 +67,9 @@ pub fn unpack_sparse(
 /// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path).
 /// `None` when the index cannot be unpacked from frames (no skeleton, or a frame too large to
 /// make in memory): then the whole artifact is fetched.
-pub fn frames_to_fetch(
-    sharing: &Sharing<'_>,
-    skeleton: Option<&Skeleton<'_>>,
-) -> Result<Option<Vec<usize>>, UnpackError> {
+pub fn frames_to_fetch(sharing: &Sharing<'_>, has_skeleton: bool) -> Result<Option<Vec<usize>>, UnpackError> {
     let index = sharing.index;
-    if skeleton.is_none() || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
+    if !has_skeleton || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
         return Ok(None);
     }
     let by_path = index_by_path(index)?;
@@ -111,6 +108,9 @@ struct SparseTar<'a> {
     next: usize,
     buf: Vec<u8>,
     at: usize,
+    /// A frame being made from the skeleton, straight into the reader's buffer: where in the
+    /// tar stream, where the frame ends, and the next file (`Skeleton::read_at`).
+    made: Option<(u64, u64, usize)>,
     /// Compressed bytes fetched.
     fetched: u64,
     trouble: Option<UnpackError>,
@@ -132,6 +132,7 @@ impl<'a> SparseTar<'a> {
             next: 0,
             buf: Vec::new(),
             at: 0,
+            made: None,
             fetched: 0,
             trouble: None,
         }
@@ -144,7 +145,9 @@ impl<'a> SparseTar<'a> {
         self.next += 1;
         self.at = 0;
         if !self.wanted[n] {
-            self.skeleton.frame(frame, &mut self.buf);
+            self.buf.clear();
+            let start = frame.raw_offset;
+            self.made = Some((start, start + frame.raw_length, self.skeleton.file_at(start)));
             return Ok(true);
         }
         let bytes = self.source.frame(n, frame).map_err(|e| UnpackError::Frames(format!("frame {n}: {e}")))?;
@@ -176,7 +179,17 @@ impl<'a> SparseTar<'a> {
 
 impl Read for SparseTar<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.buf.len() {
+        loop {
+            match &mut self.made {
+                Some((pos, end, _)) if *pos == *end => self.made = None,
+                Some((pos, end, next)) => {
+                    let n = self.skeleton.read_at(*pos, *end, next, out);
+                    *pos += n as u64;
+                    return Ok(n);
+                }
+                None if self.at < self.buf.len() => break,
+                None => {}
+            }
             match self.advance() {
                 Ok(true) => {}
                 Ok(false) => return Ok(0),

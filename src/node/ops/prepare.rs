@@ -134,7 +134,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             }
             // By URL: those holding a file no release here holds, fetched by ranged GETs.
             (Source::Url(_) | Source::Server(_), _, Some(sharing)) => {
-                frames_to_fetch(&sharing, skeleton.as_ref()).map_err(unpack_refusal(&layout))?
+                frames_to_fetch(&sharing, skeleton.is_some()).map_err(unpack_refusal(&layout))?
             }
             _ => None,
         }
@@ -446,10 +446,11 @@ pub(super) fn lacks(
     };
     let index = FileIndex::decode(stored, digest)
         .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))?;
-    let skeleton = Skeleton::of(&index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?;
+    // Whether it has one: the prepare reads it (and refuses one that does not fit).
+    let has_skeleton = index.skeleton.is_some();
     let candidates = candidates(&layout, digest, writable);
     let sharing = Sharing { index: &index, candidates: &candidates, writable };
-    let frames = frames_to_fetch(&sharing, skeleton.as_ref()).map_err(unpack_refusal(&layout))?;
+    let frames = frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?;
     Ok(Lacking { frames: frames.filter(|f| f.len() < index.frames.len()), of: index.frames.len() })
 }
 
