@@ -26,7 +26,12 @@ BIN=$(realpath "$RELEASE_BIN")
 [ -z "${BENCH_TREE:-}" ] || [ -d "$BENCH_TREE" ] || { echo "BENCH_TREE=$BENCH_TREE is not a directory" >&2; exit 1; }
 WORK=$(mktemp -d /dev/shm/release-bench.XXXXXX)
 SERVER_PID=
-cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"; }
+# The server is waited for before its data directory goes: still shutting down, it writes
+# there, and `rm -rf` failed with "Directory not empty" (a full run lost its Node-tree row).
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; fi
+  rm -rf "$WORK" || { sleep 1; rm -rf "$WORK"; }
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 cd "$WORK"
