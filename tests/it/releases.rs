@@ -72,6 +72,32 @@ impl Fixture {
         response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
     }
 
+    /// Packs a tree of `files` (path, bytes) with `release package` (frames and all, as CI
+    /// would) and uploads it for `web`; returns its digest.
+    pub fn upload_packaged(&self, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> String {
+        let work = tempfile::tempdir().unwrap();
+        let tree = work.path().join("tree");
+        for (path, bytes) in files {
+            let path = tree.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        let archive = work.path().join("a.tar.zst");
+        crate::support::TestCommand::new()
+            .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
+            .assert_success();
+        let response = self
+            .server
+            .http()
+            .post(format!("{}/v1/artifacts?service=web", self.server.url))
+            .bearer_auth(self.token("ci"))
+            .body(std::fs::read(&archive).unwrap())
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.text().unwrap());
+        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+    }
+
     pub fn post(&self, who: &str, path: &str, body: Value) -> (StatusCode, Value) {
         let response = self
             .server

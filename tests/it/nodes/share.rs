@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{Fleet, release_dirs};
+use crate::support::archives::{fetched, letters};
 
 /// Twenty files that stay the same from release to release, and one that changes.
 fn tree(changed: &str) -> Vec<(String, Vec<u8>)> {
@@ -107,46 +108,18 @@ fn an_index_the_store_lost_costs_the_sharing_never_the_deploy_and_retention_spar
     }
 }
 
-/// Text-like bytes that compress poorly, the same for the same seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b'a' + (state % 26) as u8
-        })
-        .collect()
+/// 1,000 files of ~12 KiB (about 95 frames once packed), those of `changed` holding other
+/// bytes, and `version.txt`.
+fn thousand_files(changed: &[usize]) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> =
+        (0..1000usize).map(|i| (format!("vendor/p{}/f{i}.php", i % 20), content(i, changed))).collect();
+    files.push(("version.txt".into(), format!("{changed:?}").into_bytes()));
+    files
 }
 
-/// Packs 1,000 files of ~12 KiB with `release package` (about 95 frames); those of `changed`
-/// hold other bytes. Uploads it; its digest.
-fn upload_packaged(fleet: &Fleet, changed: &[usize]) -> String {
-    let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    for i in 0..1000usize {
-        let path = tree.join(format!("vendor/p{}/f{i}.php", i % 20));
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let seed = if changed.contains(&i) { 1_000_000 + i } else { i } as u64;
-        fs::write(path, noise(seed, 11_000 + i % 3000)).unwrap();
-    }
-    fs::write(tree.join("version.txt"), format!("{changed:?}")).unwrap();
-    let archive = work.path().join("a.tar.zst");
-    crate::support::TestCommand::new()
-        .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
-        .assert_success();
-    let response = fleet
-        .f
-        .server
-        .http()
-        .post(format!("{}/v1/artifacts?service=web", fleet.f.server.url))
-        .bearer_auth(fleet.f.token("ci"))
-        .body(fs::read(&archive).unwrap())
-        .send()
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.text().unwrap());
-    response.json::<serde_json::Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+fn content(i: usize, changed: &[usize]) -> Vec<u8> {
+    let seed = if changed.contains(&i) { 1_000_000 + i } else { i } as u64;
+    letters(seed, 11_000 + i % 3000)
 }
 
 /// Part 2: the artifact rides the local node's stdin, and the server sends only the frames the
@@ -157,30 +130,22 @@ fn upload_packaged(fleet: &Fleet, changed: &[usize]) -> String {
 fn a_release_changing_one_percent_of_the_files_fetches_at_most_a_fifth_of_its_bytes() {
     let fleet = Fleet::new(2, "");
     let changed: Vec<usize> = (0..10).map(|k| (k * 97 + 7) % 1000).collect();
-    let v1 = upload_packaged(&fleet, &[]);
-    let v2 = upload_packaged(&fleet, &changed);
+    let v1 = fleet.f.upload_packaged(thousand_files(&[]));
+    let v2 = fleet.f.upload_packaged(thousand_files(&changed));
     assert_eq!(fleet.deploy(&v1)["state"], "live");
     let second = fleet.deploy(&v2);
     assert_eq!(second["state"], "live", "{second}");
     fleet.assert_all_on(&v2);
 
     for output in prepare_outputs(&fleet, &second) {
-        let said = output.split("; fetched ").nth(1).unwrap_or_else(|| panic!("no fetch figures in {output}"));
-        let numbers: Vec<u64> = said
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|n| !n.is_empty())
-            .take(4)
-            .map(|n| n.parse().unwrap())
-            .collect();
-        let [frames, of, bytes, size] = numbers[..] else { panic!("{said}") };
+        let [frames, of, bytes, size] = fetched(&output);
         assert!(of > 80 && (1..=11).contains(&frames), "{frames} of {of} frames: {output}");
         assert!(bytes * 5 <= size, "fetched {bytes} of {size} bytes: more than a fifth ({output})");
     }
     for base in &fleet.bases {
         for i in [0usize, 7, 104, 500, 999] {
             let path = format!("vendor/p{}/f{i}.php", i % 20);
-            let seed = if changed.contains(&i) { 1_000_000 + i } else { i } as u64;
-            assert_eq!(fs::read(file(base, &v2, &path)).unwrap(), noise(seed, 11_000 + i % 3000), "{path}");
+            assert_eq!(fs::read(file(base, &v2, &path)).unwrap(), content(i, &changed), "{path}");
             if !changed.contains(&i) {
                 assert_eq!(ino(&file(base, &v1, &path)), ino(&file(base, &v2, &path)), "{path} linked");
             }

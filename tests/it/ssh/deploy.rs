@@ -292,14 +292,7 @@ fn a_node_fetches_only_the_frames_it_lacks_by_presigned_or_signed_url() {
         for prepare in shown["deployments"].as_array().unwrap().iter().filter(|d| d["phase"] == "prepare") {
             let output = prepare["output_tail"].as_str().unwrap();
             assert!(output.contains(how), "{prepare}");
-            let said = output.split("; fetched ").nth(1).unwrap_or_else(|| panic!("fetched whole: {output}"));
-            let numbers: Vec<u64> = said
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|n| !n.is_empty())
-                .take(4)
-                .map(|n| n.parse().unwrap())
-                .collect();
-            let [frames, of, bytes, size] = numbers[..] else { panic!("{said}") };
+            let [frames, of, bytes, size] = crate::support::archives::fetched(output);
             // Two changed files and version.txt: at most three frames of about 28.
             assert!(of > 20 && (1..=3).contains(&frames), "{output}");
             assert!(bytes * 5 <= size, "{output}");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::releases::Fixture;
-use crate::support::archives::{RawTar, zstd};
+use crate::support::archives::{self, RawTar, zstd};
 use crate::support::sshd::{self, SshNode};
 use crate::support::{Backend, TestServer};
 
@@ -83,39 +83,11 @@ impl SshFleet {
     /// A tree of 300 files of ~12 KiB (about 28 frames) packed by `release package`, `changed`
     /// of them holding other bytes, and `version.txt`; uploaded, its digest.
     fn upload_packaged(&self, version: &str, changed: &[usize]) -> String {
-        let work = tempfile::tempdir().unwrap();
-        let tree = work.path().join("tree");
-        for i in 0..300usize {
-            let path = tree.join(format!("vendor/p{}/f{i}.php", i % 10));
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let files = (0..300usize).map(|i| {
             let seed = if changed.contains(&i) { 1_000_000 + i } else { i } as u64;
-            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let bytes: Vec<u8> = (0..12_000)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    b'a' + (state % 26) as u8
-                })
-                .collect();
-            fs::write(path, bytes).unwrap();
-        }
-        fs::write(tree.join("version.txt"), version).unwrap();
-        let archive = work.path().join("a.tar.zst");
-        crate::support::TestCommand::new()
-            .args(["package", tree.to_str().unwrap(), "-o", archive.to_str().unwrap()])
-            .assert_success();
-        let response = self
-            .f
-            .server
-            .http()
-            .post(format!("{}/v1/artifacts?service=web", self.f.server.url))
-            .bearer_auth(self.f.token("ci"))
-            .body(fs::read(&archive).unwrap())
-            .send()
-            .unwrap();
-        assert!(response.status().is_success());
-        response.json::<Value>().unwrap()["digest"].as_str().unwrap().to_owned()
+            (format!("vendor/p{}/f{i}.php", i % 10), archives::letters(seed, 12_000))
+        });
+        self.f.upload_packaged(files.chain([("version.txt".to_owned(), version.as_bytes().to_vec())]))
     }
 
     fn upload(&self, version: &str) -> String {

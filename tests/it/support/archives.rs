@@ -106,3 +106,29 @@ pub fn zstd(bytes: &[u8]) -> Vec<u8> {
 pub fn valid(content: &str) -> Vec<u8> {
     zstd(&RawTar::new().dir("public").file("public/index.php", content.as_bytes()).finish())
 }
+
+/// Lowercase letters that compress poorly (a file's content that changes with `seed`).
+pub fn letters(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b'a' + (state % 26) as u8
+        })
+        .collect()
+}
+
+/// What a prepare's output says it fetched: "fetched K of its N frames, X of Y bytes" as
+/// `[K, N, X, Y]`; panics (naming the output) when it fetched the whole artifact.
+pub fn fetched(output: &str) -> [u64; 4] {
+    let said = output.split("; fetched ").nth(1).unwrap_or_else(|| panic!("fetched whole: {output}"));
+    let numbers: Vec<u64> = said
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .take(4)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    numbers.try_into().unwrap_or_else(|_| panic!("{said}"))
+}
