@@ -120,9 +120,17 @@ pub struct Listing {
 
 /// [`check`], also listing every regular file and keeping the skeleton of the tar stream.
 pub fn index(input: impl BufRead, options: &CheckOptions) -> Result<Listing, ArchiveError> {
+    index_keeping(input, options, SkeletonBuilder::shared())
+}
+
+/// [`index`], keeping the skeleton in `skeleton` (a test's, with a small limit).
+pub(super) fn index_keeping(
+    input: impl BufRead,
+    options: &CheckOptions,
+    skeleton: SharedBuilder,
+) -> Result<Listing, ArchiveError> {
     let mut nothing = Nothing;
     let mut indexing = super::index::Indexing::new(&mut nothing);
-    let skeleton = SkeletonBuilder::shared();
     let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton))).map_err(|e| match e {
         WalkError::Archive(e) => e,
         // Hashing reads only what the walk hands it; a read error there is the archive's and

@@ -20,14 +20,22 @@ pub(super) struct SkeletonBuilder {
     pos: u64,
     /// The data being cut out: bytes fed before this are dropped.
     cut_until: u64,
+    /// Bytes kept so far, and the most kept: a skeleton larger than a node reads
+    /// ([`MAX_INDEX_BYTES`], hundreds of thousands of long-named entries) is not kept at all.
+    kept: u64,
+    limit: u64,
 }
 
 pub(super) type SharedBuilder = Rc<RefCell<SkeletonBuilder>>;
 
 impl SkeletonBuilder {
     pub(super) fn shared() -> SharedBuilder {
+        SkeletonBuilder::shared_with_limit(MAX_INDEX_BYTES)
+    }
+
+    pub(super) fn shared_with_limit(limit: u64) -> SharedBuilder {
         let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).ok();
-        Rc::new(RefCell::new(SkeletonBuilder { encoder, pos: 0, cut_until: 0 }))
+        Rc::new(RefCell::new(SkeletonBuilder { encoder, pos: 0, cut_until: 0, kept: 0, limit }))
     }
 
     /// The next bytes of the tar stream.
@@ -35,6 +43,10 @@ impl SkeletonBuilder {
         let start = self.pos;
         self.pos += data.len() as u64;
         let skip = self.cut_until.saturating_sub(start).min(data.len() as u64) as usize;
+        self.kept += (data.len() - skip) as u64;
+        if self.kept > self.limit {
+            self.encoder = None;
+        }
         if skip < data.len()
             && let Some(encoder) = &mut self.encoder
             && encoder.write_all(&data[skip..]).is_err()

@@ -128,3 +128,17 @@ fn a_skeleton_that_does_not_fit_its_index_is_refused() {
     // No skeleton (an index made before format 3, or none could be made): no sparse fetch.
     assert!(Skeleton::of(&index.clone().with_skeleton(None)).unwrap().is_none());
 }
+
+#[test]
+fn a_skeleton_larger_than_a_node_reads_is_not_kept_and_the_artifact_is_fetched_whole() {
+    let (bytes, index) = packed();
+    let raw = zstd::decode_all(&index.skeleton.clone().unwrap()[..]).unwrap().len() as u64;
+    let keeping = |limit| {
+        let builder = super::skeleton::SkeletonBuilder::shared_with_limit(limit);
+        super::check::index_keeping(&bytes[..], &options(), builder).unwrap()
+    };
+    assert!(keeping(raw).skeleton.is_some(), "{raw} bytes: at the limit");
+    let over = keeping(raw - 1);
+    assert_eq!(over.skeleton, None, "one byte over: none (the check and the files are as before)");
+    assert_eq!(over.files, index.files);
+}

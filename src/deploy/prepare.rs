@@ -18,6 +18,19 @@ pub(super) struct SentIndex {
     pub(super) index: FileIndex,
 }
 
+/// The stored index `bytes` of `artifact`, read and made ready to send. A skeleton that does
+/// not fit its index would fail every sparse prepare: it is sent without one (nodes share
+/// files and fetch the artifact whole).
+pub(super) fn sendable(bytes: &[u8], artifact: Digest) -> Result<SentIndex, crate::archive::IndexError> {
+    let mut index = FileIndex::decode(bytes, artifact)?;
+    if let Err(e) = crate::archive::Skeleton::of(&index) {
+        tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
+        index.skeleton = None;
+        return Ok(SentIndex { stored: index.encode(), index });
+    }
+    Ok(SentIndex { stored: bytes.to_vec(), index })
+}
+
 /// How many bytes `stored` takes on the request line (base64).
 pub(super) fn sent_bytes(stored: &[u8]) -> u64 {
     (stored.len() as u64).div_ceil(3) * 4
@@ -166,12 +179,10 @@ impl NodeDeployer {
         let artifact = plan.release.digest;
         let read = async {
             let bytes = self.store.get_index(stored).await.map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || {
-                FileIndex::decode(&bytes, artifact).map(|index| SentIndex { stored: bytes.to_vec(), index })
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || sendable(&bytes, artifact))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
         };
         match read.await {
             Ok(sent) if sent_bytes(&sent.stored) > MAX_SENT_INDEX_BYTES => {
@@ -230,5 +241,16 @@ mod tests {
         let index = FileIndex::new(Digest::of(b"a"), vec![]).with_frames((0..10).map(frame).collect());
         assert_eq!(runs(&index, &[1, 2, 3, 5, 9]), vec![100..400, 500..600, 900..1000]);
         assert_eq!(runs(&index, &[]), Vec::<std::ops::Range<u64>>::new());
+
+        // A skeleton that does not fit (here: no bytes for ten frames' worth of stream) is
+        // dropped before sending; one that fits is sent as stored.
+        let broken = index.clone().with_skeleton(Some(zstd::bulk::compress(b"short", 3).unwrap()));
+        let sent = sendable(&broken.encode(), Digest::of(b"a")).unwrap();
+        assert_eq!(sent.index.skeleton, None);
+        assert_eq!(FileIndex::decode(&sent.stored, Digest::of(b"a")).unwrap().skeleton, None);
+        let whole = zstd::bulk::compress(&[0u8; 10_000], 3).unwrap();
+        let fits = index.clone().with_skeleton(Some(whole));
+        let sent = sendable(&fits.encode(), Digest::of(b"a")).unwrap();
+        assert_eq!(sent.stored, fits.encode());
     }
 }

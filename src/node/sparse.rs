@@ -36,6 +36,13 @@ pub fn unpack_sparse(
     let mut wanted = vec![false; index.frames.len()];
     for n in needed {
         *wanted.get_mut(*n).ok_or_else(|| UnpackError::Frames(format!("no frame {n} in the index")))? = true;
+        let frame = &index.frames[*n];
+        if frame.length > MAX_MADE_FRAME || frame.raw_length > MAX_MADE_FRAME {
+            return Err(UnpackError::Frames(format!(
+                "frame {n} is too large to fetch alone ({} bytes, {} unpacked; at most {MAX_MADE_FRAME})",
+                frame.length, frame.raw_length
+            )));
+        }
     }
     let made: HashSet<String> = index
         .files
