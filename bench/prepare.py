@@ -17,7 +17,9 @@ work disk of the dev machines is ext4 without a journal, where unpacking after d
   2. then v0 with 1% of its files changed: prepare time (goal <= 0.2x the full one), the disk
      blocks it added (`du -s -B1` of the node's base before and after: st_blocks, a hard-linked
      inode counted once; goal <= 10% of the first release's) and the bytes the node was sent;
-  3. then 10% and 50% changed (each against v0): bytes sent and prepare time.
+  3. then 10% and 50% changed (each against v0): bytes sent and prepare time;
+  4. then 1% changed again, clustered (adjacent files in path order: a few directories, as a
+     change to app code or one package is): bytes sent and prepare time.
 
 Bytes sent to the node: the `wchar` (bytes passed to write(2)) of the server's threads over the
 deploy (/proc/PID/task/TID/io, summed; not /proc/PID/io, which adds the reaped agent's own writes
@@ -46,7 +48,8 @@ import time
 from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHANGES = [1, 10, 50]
+# Percent of the files changed: at random over the tree, or ("1c") clustered in path order.
+CHANGES = ["1", "10", "50", "1c"]
 
 
 def say(msg):
@@ -168,7 +171,7 @@ class Bench:
             subprocess.run([self.binary, "package", tree, "-o", arts[name]], check=True, capture_output=True)
         for pct in CHANGES:
             tree = os.path.join(self.root, f"changed{pct}")
-            out = subprocess.run([sys.executable, os.path.join(HERE, "gen", "change.py"), a.tree, tree, str(pct), str(pct), f"changed-{pct}"],
+            out = subprocess.run([sys.executable, os.path.join(HERE, "gen", "change.py"), a.tree, tree, pct, pct.rstrip("c"), f"changed-{pct}"],
                                  check=True, capture_output=True, text=True).stdout.split()
             changed[pct] = {"files": int(out[0]), "bytes": int(out[1])}
             arts[f"c{pct}"] = os.path.join(art, f"c{pct}.tar.zst")
