@@ -241,3 +241,44 @@ fn a_node_without_releases_or_an_index_without_skeleton_lacks_everything() {
     assert_eq!(lacking(base.path(), digest, &index).frames, Some(vec![]), "every file is held");
     super::prepare::set_writable(base.path()).ok();
 }
+
+/// Frames cut anywhere (another tool's layout): inside tar headers, long-name records and file
+/// data. A frame made from the skeleton is the real one with zeros for data, wherever it is cut,
+/// so the sparse release is still exactly the artifact's.
+#[test]
+fn frames_cut_inside_headers_and_data_still_make_the_same_release() {
+    /// Re-frames `bytes` (a `release package` artifact) into frames of `every` tar bytes.
+    fn reframed(tree: &Tree, every: usize) -> (Vec<u8>, Digest, FileIndex) {
+        let (bytes, _, _) = package(tree);
+        let tar = zstd::decode_all(&bytes[..]).unwrap();
+        let bytes: Vec<u8> = tar.chunks(every).flat_map(|chunk| zstd::bulk::compress(chunk, 3).unwrap()).collect();
+        let digest = Digest::of(&bytes);
+        let listing = archive::index(&bytes[..], &options()).unwrap();
+        let mut scanner = FrameScanner::new();
+        scanner.feed(&bytes);
+        let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+        assert!(frames.len() >= 10, "{} frames", frames.len());
+        (bytes, digest, FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton))
+    }
+    let mut one = first();
+    let long = format!("deep/{}/{}.php", "d".repeat(150), "n".repeat(120));
+    one.insert(long.clone(), noise(5, 700));
+    for every in [7_777usize, 512 * 3 + 100, 100_003] {
+        let base = tempfile::tempdir().unwrap();
+        let (bytes, digest, index) = reframed(&one, every);
+        prepare(&request(base.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+        let mut two = one.clone();
+        two.insert("vendor/p3/f10.php".into(), noise(996, 9000));
+        two.insert(long.clone(), noise(6, 700));
+        let (bytes, digest, index) = reframed(&two, every);
+        let frames = lacking(base.path(), digest, &index).frames.expect("some frames not needed");
+        assert!(frames.len() < index.frames.len() / 2, "{} of {}", frames.len(), index.frames.len());
+        let sent = frames_of(&bytes, &index, &frames);
+        let sparse = prepare(&request(base.path(), digest, &index, Some(frames)), &mut &sent[..]).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let whole = prepare(&request(other.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+        assert_eq!(listing(&sparse.dir), listing(&whole.dir), "frames of {every} tar bytes");
+        super::prepare::set_writable(base.path()).ok();
+        super::prepare::set_writable(other.path()).ok();
+    }
+}
