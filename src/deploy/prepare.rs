@@ -31,6 +31,18 @@ pub(super) fn sendable(bytes: &[u8], artifact: Digest) -> Result<SentIndex, crat
     Ok(SentIndex { stored: bytes.to_vec(), index })
 }
 
+/// A node's answer to which frames it lacks, taken only as numbers of the artifact's `of`
+/// frames in strictly increasing order (what the node then expects on its stdin, in order).
+pub(super) fn frames_in_order(frames: &[usize], of: usize) -> Result<(), String> {
+    if let Some(w) = frames.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(format!("it said it lacks frame {} after frame {}: not in increasing order", w[1], w[0]));
+    }
+    match frames.last() {
+        Some(last) if *last >= of => Err(format!("it said it lacks frame {last} of an artifact of {of} frames")),
+        _ => Ok(()),
+    }
+}
+
 /// How many bytes `stored` takes on the request line (base64).
 pub(super) fn sent_bytes(stored: &[u8]) -> u64 {
     (stored.len() as u64).div_ceil(3) * 4
@@ -120,6 +132,10 @@ impl NodeDeployer {
                     writable: hooks.writable.clone(),
                 };
                 let lacking: Lacking = phase_quiet(target, asked).await?;
+                if let Some(lacks) = &lacking.frames {
+                    frames_in_order(lacks, sent.index.frames.len())
+                        .map_err(|e| format!("node {}: {e}", target.name))?;
+                }
                 frames = lacking.frames;
                 match &frames {
                     Some(frames) => Some(self.frames_of(digest, &sent.index, frames).await?),
@@ -241,6 +257,13 @@ mod tests {
         let index = FileIndex::new(Digest::of(b"a"), vec![]).with_frames((0..10).map(frame).collect());
         assert_eq!(runs(&index, &[1, 2, 3, 5, 9]), vec![100..400, 500..600, 900..1000]);
         assert_eq!(runs(&index, &[]), Vec::<std::ops::Range<u64>>::new());
+
+        // What a node says it lacks is taken only in order and in range.
+        assert_eq!(frames_in_order(&[0, 3, 9], 10), Ok(()));
+        assert_eq!(frames_in_order(&[], 10), Ok(()));
+        assert!(frames_in_order(&[3, 3], 10).unwrap_err().contains("frame 3 after frame 3"));
+        assert!(frames_in_order(&[5, 2], 10).unwrap_err().contains("not in increasing order"));
+        assert!(frames_in_order(&[2, 10], 10).unwrap_err().contains("frame 10 of an artifact of 10 frames"));
 
         // A skeleton that does not fit (here: no bytes for ten frames' worth of stream) is
         // dropped before sending; one that fits is sent as stored.
