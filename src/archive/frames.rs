@@ -52,6 +52,56 @@ pub struct Frame {
     pub sha256: Digest,
 }
 
+/// Needed frames that follow each other in the index and in the artifact's bytes: read by one
+/// ranged read (the server's store read, a node's ranged GET).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Their numbers in the index.
+    pub frames: std::ops::Range<usize>,
+    /// Where their compressed bytes lie in the artifact.
+    pub bytes: std::ops::Range<u64>,
+}
+
+/// Why a list of needed frames has no runs.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunsError {
+    #[error("frame {frame} is needed, but the index has {of} frames")]
+    OutOfRange { frame: usize, of: usize },
+    #[error("frame {frame} is needed after frame {after}: not in artifact order")]
+    OutOfOrder { frame: usize, after: usize },
+    #[error("frame {frame} of the index is {shown}: no bytes of an artifact")]
+    NoBytes { frame: usize, shown: String },
+}
+
+/// The runs of `needed`, frame numbers of `frames` in strictly increasing order: a frame joins
+/// the run before it when it is the next frame of the index and starts where that run ends (an
+/// index that leaves a gap between two frames gets two reads, never bytes read as the wrong
+/// frame). Refuses a number not in `frames`, out of order, and a frame of no byte or one that
+/// ends past 2^64.
+pub fn runs(frames: &[Frame], needed: &[usize]) -> Result<Vec<Run>, RunsError> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut previous: Option<usize> = None;
+    for &number in needed {
+        let frame = frames.get(number).ok_or(RunsError::OutOfRange { frame: number, of: frames.len() })?;
+        if let Some(after) = previous.filter(|&p| number <= p) {
+            return Err(RunsError::OutOfOrder { frame: number, after });
+        }
+        let end = frame
+            .offset
+            .checked_add(frame.length)
+            .filter(|_| frame.length > 0)
+            .ok_or_else(|| RunsError::NoBytes { frame: number, shown: format!("{frame:?}") })?;
+        match runs.last_mut() {
+            Some(run) if run.frames.end == number && run.bytes.end == frame.offset => {
+                (run.frames.end, run.bytes.end) = (number + 1, end);
+            }
+            _ => runs.push(Run { frames: number..number + 1, bytes: frame.offset..end }),
+        }
+        previous = Some(number);
+    }
+    Ok(runs)
+}
+
 /// A `Write` of the tar stream that compresses it as independent frames, on `workers` threads
 /// (each frame alone, so the bytes do not depend on how many), written in order.
 ///

@@ -24,7 +24,7 @@ mod skeleton_tests;
 mod tests;
 
 pub use check::{CheckOptions, Entry, Listing, Summary, Visitor, WalkError, check, index, walk, walk_tar};
-pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES};
+pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES, Run, RunsError, runs};
 pub use index::{
     FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES, OLDEST_INDEX_VERSION, base64_bytes,
 };

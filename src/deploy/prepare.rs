@@ -5,6 +5,7 @@
 //! node's stdin, the node asked first which frames it lacks, and only those sent.
 
 use super::*;
+use crate::archive::RunsError;
 
 /// The most an index may take on a prepare's request line (base64 of its stored form): a node
 /// reads that line whole, and the server writes it for every node at once (`parallel`). A
@@ -31,34 +32,25 @@ pub(super) fn sendable(bytes: &[u8], artifact: Digest) -> Result<SentIndex, crat
     Ok(SentIndex { stored: bytes.to_vec(), index })
 }
 
-/// A node's answer to which frames it lacks, taken only as numbers of the artifact's `of`
-/// frames in strictly increasing order (what the node then expects on its stdin, in order).
-pub(super) fn frames_in_order(frames: &[usize], of: usize) -> Result<(), String> {
-    if let Some(w) = frames.windows(2).find(|w| w[0] >= w[1]) {
-        return Err(format!("it said it lacks frame {} after frame {}: not in increasing order", w[1], w[0]));
-    }
-    match frames.last() {
-        Some(last) if *last >= of => Err(format!("it said it lacks frame {last} of an artifact of {of} frames")),
-        _ => Ok(()),
-    }
-}
-
 /// How many bytes `stored` takes on the request line (base64).
 pub(super) fn sent_bytes(stored: &[u8]) -> u64 {
     (stored.len() as u64).div_ceil(3) * 4
 }
 
-/// The byte ranges of the artifact holding `frames` (numbers in order), consecutive frames in
-/// one range.
-pub(super) fn runs(index: &FileIndex, frames: &[usize]) -> Vec<std::ops::Range<u64>> {
-    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
-    for frame in frames.iter().filter_map(|n| index.frames.get(*n)) {
-        match runs.last_mut() {
-            Some(run) if run.end == frame.offset => run.end += frame.length,
-            _ => runs.push(frame.offset..frame.offset + frame.length),
+/// The byte ranges of the artifact holding `frames`, a node's answer to which frames it lacks:
+/// taken only as numbers of the index's frames in strictly increasing order (what the node
+/// then expects on its stdin, in order); consecutive frames in one range.
+pub(super) fn lacked_ranges(index: &FileIndex, frames: &[usize]) -> Result<Vec<std::ops::Range<u64>>, String> {
+    match crate::archive::runs(&index.frames, frames) {
+        Ok(runs) => Ok(runs.into_iter().map(|run| run.bytes).collect()),
+        Err(RunsError::OutOfOrder { frame, after }) => {
+            Err(format!("it said it lacks frame {frame} after frame {after}: not in increasing order"))
         }
+        Err(RunsError::OutOfRange { frame, of }) => {
+            Err(format!("it said it lacks frame {frame} of an artifact of {of} frames"))
+        }
+        Err(e) => Err(e.to_string()),
     }
-    runs
 }
 
 impl NodeDeployer {
@@ -111,14 +103,14 @@ impl NodeDeployer {
             }
             tracing::warn!(node = %target.name, %digest, "the release left the node between its status and prepare; fetching it");
         }
-        let (source, payload) = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
+        let source = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
             // The node fetches from the bucket itself: the bytes do not pass through the server.
-            (Source::Url(url), None)
+            Source::Url(url)
         } else if let Some(base) = self.node_url.as_ref().filter(|_| target.remote) {
             // From this server, by a signed URL: plain HTTP(S) costs less than the SSH stream.
-            (Source::Server(fetch::url(base, digest, utc::now().unix_timestamp())), None)
+            Source::Server(fetch::url(base, digest, utc::now().unix_timestamp()))
         } else {
-            (Source::Stdin, None)
+            Source::Stdin
         };
         // On stdin: only the frames the node lacks, when it can tell.
         let mut frames = None;
@@ -132,18 +124,19 @@ impl NodeDeployer {
                     writable: hooks.writable.clone(),
                 };
                 let lacking: Lacking = phase_quiet(target, asked).await?;
-                if let Some(lacks) = &lacking.frames {
-                    frames_in_order(lacks, sent.index.frames.len())
-                        .map_err(|e| format!("node {}: {e}", target.name))?;
-                }
+                let payload = match &lacking.frames {
+                    Some(lacks) => {
+                        let ranges =
+                            lacked_ranges(&sent.index, lacks).map_err(|e| format!("node {}: {e}", target.name))?;
+                        self.frames_of(digest, ranges)
+                    }
+                    None => self.artifact(digest).await?,
+                };
                 frames = lacking.frames;
-                match &frames {
-                    Some(frames) => Some(self.frames_of(digest, &sent.index, frames).await?),
-                    None => Some(self.artifact(digest).await?),
-                }
+                Some(payload)
             }
             (Source::Stdin, _) => Some(self.artifact(digest).await?),
-            _ => payload,
+            _ => None,
         };
         let mut request = self.prepare_request(plan, target, hooks, digest, source, index);
         if let Request::Prepare(prepare) = &mut request {
@@ -217,15 +210,15 @@ impl NodeDeployer {
         self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
     }
 
-    /// The bytes of `frames` of the artifact, in order, one ranged read per run of them.
-    async fn frames_of(&self, digest: Digest, index: &FileIndex, frames: &[usize]) -> Result<Payload, String> {
+    /// The bytes of the artifact in `ranges`, in order, one ranged read each.
+    fn frames_of(&self, digest: Digest, ranges: Vec<std::ops::Range<u64>>) -> Payload {
         use futures::TryStreamExt;
         let store = self.store.clone();
-        let reads = futures::stream::iter(runs(index, frames)).then(move |range| {
+        let reads = futures::stream::iter(ranges).then(move |range| {
             let store = store.clone();
             async move { store.read_artifact(digest, Some(range)).await }
         });
-        Ok(reads.try_flatten().boxed())
+        reads.try_flatten().boxed()
     }
 }
 
@@ -255,15 +248,14 @@ mod tests {
             sha256: Digest::of(&n.to_le_bytes()),
         };
         let index = FileIndex::new(Digest::of(b"a"), vec![]).with_frames((0..10).map(frame).collect());
-        assert_eq!(runs(&index, &[1, 2, 3, 5, 9]), vec![100..400, 500..600, 900..1000]);
-        assert_eq!(runs(&index, &[]), Vec::<std::ops::Range<u64>>::new());
+        assert_eq!(lacked_ranges(&index, &[1, 2, 3, 5, 9]), Ok(vec![100..400, 500..600, 900..1000]));
+        assert_eq!(lacked_ranges(&index, &[]), Ok(Vec::<std::ops::Range<u64>>::new()));
 
         // What a node says it lacks is taken only in order and in range.
-        assert_eq!(frames_in_order(&[0, 3, 9], 10), Ok(()));
-        assert_eq!(frames_in_order(&[], 10), Ok(()));
-        assert!(frames_in_order(&[3, 3], 10).unwrap_err().contains("frame 3 after frame 3"));
-        assert!(frames_in_order(&[5, 2], 10).unwrap_err().contains("not in increasing order"));
-        assert!(frames_in_order(&[2, 10], 10).unwrap_err().contains("frame 10 of an artifact of 10 frames"));
+        assert!(lacked_ranges(&index, &[0, 3, 9]).is_ok());
+        assert!(lacked_ranges(&index, &[3, 3]).unwrap_err().contains("frame 3 after frame 3"));
+        assert!(lacked_ranges(&index, &[5, 2]).unwrap_err().contains("not in increasing order"));
+        assert!(lacked_ranges(&index, &[2, 10]).unwrap_err().contains("frame 10 of an artifact of 10 frames"));
 
         // A skeleton that does not fit (here: no bytes for ten frames' worth of stream) is
         // dropped before sending; one that fits is sent as stored.

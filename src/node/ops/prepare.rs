@@ -427,9 +427,12 @@ pub(super) fn shared_file(shared: &Path, path: &str) -> SharedEntry {
 
 /// The index the prepare was sent, read (`None` when none was).
 fn sent_index(p: &Prepare) -> Result<Option<FileIndex>, NodeError> {
-    let Some(stored) = &p.index else { return Ok(None) };
-    FileIndex::decode(stored, p.digest)
-        .map(Some)
+    p.index.as_deref().map(|stored| decode_sent(stored, p.digest)).transpose()
+}
+
+/// An index sent with a request, read; refused when it does not read or is of another artifact.
+fn decode_sent(stored: &[u8], digest: Digest) -> Result<FileIndex, NodeError> {
+    FileIndex::decode(stored, digest)
         .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))
 }
 
@@ -444,8 +447,7 @@ pub(super) fn lacks(
     let Some(stored) = index else {
         return Err(NodeError::new(ErrorCode::BadRequest, "which frames are lacking cannot be told without an index"));
     };
-    let index = FileIndex::decode(stored, digest)
-        .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))?;
+    let index = decode_sent(stored, digest)?;
     // Whether it has one: the prepare reads it (and refuses one that does not fit).
     let has_skeleton = index.skeleton.is_some();
     let candidates = candidates(&layout, digest, writable);

@@ -11,48 +11,12 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 
 use super::{ErrorCode, NodeError};
 use crate::archive::Frame;
+pub(super) use crate::archive::Run;
 use crate::node::sparse::FrameSource;
 
-/// Needed frames that follow each other in the index and in the artifact's bytes: fetched by
-/// one ranged GET.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Run {
-    /// Their numbers in the index.
-    pub(super) frames: Range<usize>,
-    /// Where their compressed bytes lie in the artifact.
-    pub(super) bytes: Range<u64>,
-}
-
-/// The runs of `needed`, frame numbers of `frames` in strictly increasing order: a frame joins
-/// the run before it when it is the next frame of the index and starts where that run ends (an
-/// index that leaves a gap between two frames gets two GETs, never bytes read as the wrong
-/// frame). Refuses a number not in `frames`, out of order, and a frame of no byte or one that
-/// ends past 2^64.
+/// [`archive::runs`](crate::archive::runs), refused as an index that does not hold together.
 pub(super) fn runs(frames: &[Frame], needed: &[usize]) -> Result<Vec<Run>, NodeError> {
-    let refuse = |why: String| NodeError::new(ErrorCode::IndexMismatch, why);
-    let mut runs: Vec<Run> = Vec::new();
-    let mut previous: Option<usize> = None;
-    for &number in needed {
-        let frame = frames
-            .get(number)
-            .ok_or_else(|| refuse(format!("frame {number} is needed, but the index has {} frames", frames.len())))?;
-        if let Some(previous) = previous.filter(|&p| number <= p) {
-            return Err(refuse(format!("frame {number} is needed after frame {previous}: not in artifact order")));
-        }
-        let end = frame
-            .offset
-            .checked_add(frame.length)
-            .filter(|_| frame.length > 0)
-            .ok_or_else(|| refuse(format!("frame {number} of the index is {frame:?}: no bytes of an artifact")))?;
-        match runs.last_mut() {
-            Some(run) if run.frames.end == number && run.bytes.end == frame.offset => {
-                (run.frames.end, run.bytes.end) = (number + 1, end);
-            }
-            _ => runs.push(Run { frames: number..number + 1, bytes: frame.offset..end }),
-        }
-        previous = Some(number);
-    }
-    Ok(runs)
+    crate::archive::runs(frames, needed).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))
 }
 
 /// The frames a node needs, read from the artifact's URL: each run's GET is sent when its
