@@ -117,15 +117,12 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             Some(_) => candidates(&layout, p.digest, &p.writable),
             None => Default::default(),
         };
-        let skeleton = match &index {
-            Some(index) => Skeleton::of(index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?,
-            None => None,
-        };
+        let has_skeleton = index.as_ref().is_some_and(|index| index.skeleton.is_some());
         let sharing = || index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
         // Which frames to fetch: those the server sends (it asked first), or, fetching by URL,
         // those holding a file no release here holds. None: the whole artifact.
         let frames = match (&p.source, &p.frames, sharing()) {
-            (Source::Stdin, Some(frames), _) if skeleton.is_some() => Some(frames.clone()),
+            (Source::Stdin, Some(frames), _) if has_skeleton => Some(frames.clone()),
             (Source::Stdin, Some(_), _) => {
                 return Err(NodeError::new(
                     ErrorCode::BadRequest,
@@ -134,11 +131,18 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
             }
             // By URL: those holding a file no release here holds, fetched by ranged GETs.
             (Source::Url(_) | Source::Server(_), _, Some(sharing)) => {
-                frames_to_fetch(&sharing, skeleton.is_some()).map_err(unpack_refusal(&layout))?
+                frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
             _ => None,
         }
         .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len() || p.frames.is_some()));
+        // Read (decompressed, checked against the index) only for an unpack from frames.
+        let skeleton = match (&frames, &index) {
+            (Some(_), Some(index)) => {
+                Skeleton::of(index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?
+            }
+            _ => None,
+        };
         let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
         let unpacked = match (&p.source, frames, sharing(), &skeleton) {
             (source, Some(needed), Some(sharing), Some(skeleton)) => {
