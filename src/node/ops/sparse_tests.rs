@@ -282,3 +282,46 @@ fn frames_cut_inside_headers_and_data_still_make_the_same_release() {
         super::prepare::set_writable(other.path()).ok();
     }
 }
+
+/// What a node refuses to be asked or sent, each naming what was wrong, leaving nothing: a
+/// Lacks question without an index or with another artifact's, a frame number the index does
+/// not have, a frame too large to fetch alone (a plain `zstd` stream is one frame).
+#[test]
+fn a_question_or_frames_a_node_cannot_take_are_refused_naming_why() {
+    let (base, first_digest) = base_with_first();
+    let err = lacks(base.path(), first_digest, None, &[]).unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
+    assert!(err.message.contains("without an index"), "{}", err.message);
+    let (_, digest, index) = package(&first());
+    let other = Digest::of(b"another artifact");
+    let err = lacks(base.path(), other, Some(&index.encode()), &[]).unwrap_err();
+    assert_eq!(err.code, ErrorCode::IndexMismatch, "{}", err.message);
+    assert!(err.message.contains(&format!("describes {digest}, not {other}")), "{}", err.message);
+
+    let mut second = first();
+    second.insert("vendor/p3/f10.php".into(), noise(995, 9000));
+    let (bytes, digest, index) = package(&second);
+    let beyond = index.frames.len();
+    let err = prepare(&request(base.path(), digest, &index, Some(vec![beyond])), &mut &bytes[..]).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Fetch, "{}", err.message);
+    assert!(err.message.contains(&format!("no frame {beyond} in the index")), "{}", err.message);
+
+    // One frame of 9 MiB of tar stream: never fetched alone.
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("big.bin"), noise(7, 9 << 20)).unwrap();
+    let (_, packed) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    let bytes = zstd::stream::encode_all(&zstd::decode_all(&packed[..]).unwrap()[..], 3).unwrap();
+    let digest = Digest::of(&bytes);
+    let listing = archive::index(&bytes[..], &options()).unwrap();
+    let mut scanner = FrameScanner::new();
+    scanner.feed(&bytes);
+    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+    assert_eq!(frames.len(), 1, "a plain zstd stream is one frame");
+    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    let err = prepare(&request(base.path(), digest, &index, Some(vec![0])), &mut &bytes[..]).unwrap_err();
+    assert!(err.message.contains("frame 0 is too large to fetch alone"), "{}", err.message);
+    for digest in [digest, other] {
+        assert!(!base.path().join("releases").join(digest.hex()).exists());
+    }
+    super::prepare::set_writable(base.path()).ok();
+}
