@@ -115,11 +115,13 @@ fn a_skeleton_that_does_not_fit_its_index_is_refused() {
     for changed in [raw[..raw.len() - 512].to_vec(), [raw.clone(), vec![0; 512]].concat()] {
         let broken = index.clone().with_skeleton(Some(zstd::encode_all(&changed[..], 3).unwrap()));
         let err = Skeleton::of(&broken).err().expect("refused");
-        assert!(err.to_string().contains("the skeleton holds"), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("the skeleton holds") || shown.contains("the skeleton does not decompress"), "{err}");
     }
     // Not zstd at all.
     let broken = index.clone().with_skeleton(Some(b"not zstd".to_vec()));
-    assert!(matches!(Skeleton::of(&broken), Err(IndexError::Zstd(_))));
+    let err = Skeleton::of(&broken).err().expect("refused");
+    assert!(err.to_string().contains("the skeleton does not decompress"), "{err}");
     // Two files overlapping.
     let mut overlapping = index.clone();
     overlapping.files[3].offset = overlapping.files[2].offset + 1;

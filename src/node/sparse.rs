@@ -173,10 +173,13 @@ impl<'a> SparseTar<'a> {
                 self.decompressor.insert(zstd::bulk::Decompressor::new().map_err(|e| mismatch(format!("zstd: {e}")))?)
             }
         };
-        // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way.
-        self.buf = decompressor
-            .decompress(&bytes, frame.raw_length as usize)
-            .map_err(|e| mismatch(format!("it does not decompress: {e}")))?;
+        // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way. One
+        // buffer for every frame: a fresh one each time cost its pages' zeroing again.
+        self.buf.clear();
+        self.buf.reserve(frame.raw_length as usize);
+        decompressor
+            .decompress_to_buffer(&bytes, &mut self.buf)
+            .map_err(|e| mismatch(format!("it does not decompress to {} bytes: {e}", frame.raw_length)))?;
         if self.buf.len() as u64 != frame.raw_length {
             return Err(mismatch(format!("it decompresses to {} bytes, not {}", self.buf.len(), frame.raw_length)));
         }
