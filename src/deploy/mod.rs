@@ -28,14 +28,14 @@ use futures::future::{BoxFuture, join_all};
 
 pub use hooks::Hooks;
 use phase::{call, first_error, phase, phase_quiet, report_phase};
-pub use transport::{CallError, Local, Payload, Transport};
+pub use transport::{Ask, CallError, Input, Local, Payload, Transport};
 use transport::{Keep, MAX_OUTPUT, clean, typed};
 
 use crate::archive::FileIndex;
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::protocol::{
-    Adopted, Answer, Checked, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Lacking, Pm2Checked, Prepared, Ran,
+    Adopted, Answer, Asking, Checked, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Pm2Checked, Prepared, Ran,
     SharedEntry, Status, Switched,
 };
 use crate::node::{self, Request, Source};
@@ -229,7 +229,7 @@ impl NodeDeployer {
             fence: target.fence,
         };
         let started = Timestamp::now();
-        let answer = call::<Switched>(target, &request, None).await;
+        let answer = call::<Switched>(target, &request, Input::Nothing).await;
         let refused = matches!(&answer, Err(CallError::Node(e)) if e.code.refused_before_switch());
         report_phase(plan, target, name, &request, started, answer)
             .map(drop)

@@ -20,17 +20,13 @@ pub(super) async fn phase<A: Answer>(
     payload: Option<Payload>,
 ) -> Result<A, String> {
     let started = Timestamp::now();
-    let answer = call::<A>(target, &request, payload).await;
+    let answer = call::<A>(target, &request, payload.into()).await;
     report_phase(plan, target, name, &request, started, answer)
 }
 
 /// One call to the node's agent, its answer read as `A`.
-pub(super) async fn call<A: Answer>(
-    target: &Target,
-    request: &Request,
-    payload: Option<Payload>,
-) -> Result<A, CallError> {
-    target.transport.call(request, payload).await.and_then(typed::<A>)
+pub(super) async fn call<A: Answer>(target: &Target, request: &Request, input: Input) -> Result<A, CallError> {
+    target.transport.call(request, input).await.and_then(typed::<A>)
 }
 
 /// Reports one node's phase from the agent's answer; the answer, or the reason.
@@ -98,7 +94,7 @@ pub(super) fn asked_shared_files(asked: &[String], entries: &[SharedEntry]) -> V
 
 /// A call whose outcome is not a phase of its own (status).
 pub(super) async fn phase_quiet<A: Answer>(target: &Target, request: Request) -> Result<A, String> {
-    call::<A>(target, &request, None).await.map_err(|e| format!("node {}: {e}", target.name))
+    call::<A>(target, &request, Input::Nothing).await.map_err(|e| format!("node {}: {e}", target.name))
 }
 
 pub(super) fn first_error(results: Vec<Result<(), String>>) -> Option<String> {

@@ -2,7 +2,8 @@
 //! server, or streamed), or checked when the node has it already; the adopted legacy tree
 //! first on a node adopting one; the artifact's file index read once per deploy and sent
 //! along, so that a node links the files it already holds; and when the artifact rides the
-//! node's stdin, the node asked first which frames it lacks, and only those sent.
+//! node's stdin, the node says first (in the same call) which frames it lacks, and only those
+//! are sent.
 
 use super::*;
 use crate::archive::RunsError;
@@ -40,8 +41,11 @@ pub(super) fn sent_bytes(stored: &[u8]) -> u64 {
 /// The byte ranges of the artifact holding `frames`, a node's answer to which frames it lacks:
 /// taken only as numbers of the index's frames in strictly increasing order (what the node
 /// then expects on its stdin, in order); consecutive frames in one range.
-pub(super) fn lacked_ranges(index: &FileIndex, frames: &[usize]) -> Result<Vec<std::ops::Range<u64>>, String> {
-    match crate::archive::runs(&index.frames, frames) {
+pub(super) fn lacked_ranges(
+    frames: &[crate::archive::Frame],
+    lacks: &[usize],
+) -> Result<Vec<std::ops::Range<u64>>, String> {
+    match crate::archive::runs(frames, lacks) {
         Ok(runs) => Ok(runs.into_iter().map(|run| run.bytes).collect()),
         Err(RunsError::OutOfOrder { frame, after }) => {
             Err(format!("it said it lacks frame {frame} after frame {after}: not in increasing order"))
@@ -94,7 +98,7 @@ impl NodeDeployer {
         let started = Timestamp::now();
         if present {
             let request = self.prepare_request(plan, target, hooks, digest, Source::Present, None);
-            let answer = call::<Prepared>(target, &request, None).await;
+            let answer = call::<Prepared>(target, &request, Input::Nothing).await;
             // The status was read without the node's lock: the clean-up of an earlier run may
             // have removed the release since (it follows `live` in the background). Then it is
             // fetched after all.
@@ -112,38 +116,46 @@ impl NodeDeployer {
         } else {
             Source::Stdin
         };
-        // On stdin: only the frames the node lacks, when it can tell.
-        let mut frames = None;
-        let payload = match (&source, index) {
+        // On stdin: only the frames the node says it lacks, when it can tell.
+        let mut ask_frames = false;
+        let input = match (&source, index) {
             // A node holding no release has nothing to link: the whole artifact, unasked.
             (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() && !status.ready.is_empty() => {
-                let asked = Request::Lacks {
-                    base: target.base.clone(),
-                    digest,
-                    index: Some(sent.stored.clone()),
-                    writable: hooks.writable.clone(),
-                };
-                let lacking: Lacking = phase_quiet(target, asked).await?;
-                let payload = match &lacking.frames {
-                    Some(lacks) => {
-                        let ranges =
-                            lacked_ranges(&sent.index, lacks).map_err(|e| format!("node {}: {e}", target.name))?;
-                        self.frames_of(digest, ranges)
-                    }
-                    None => self.artifact(digest).await?,
-                };
-                frames = lacking.frames;
-                Some(payload)
+                ask_frames = true;
+                Input::Asked(self.answer_lacking(target, digest, sent))
             }
-            (Source::Stdin, _) => Some(self.artifact(digest).await?),
-            _ => None,
+            (Source::Stdin, _) => Input::Bytes(self.artifact(digest).await?),
+            _ => Input::Nothing,
         };
         let mut request = self.prepare_request(plan, target, hooks, digest, source, index);
         if let Request::Prepare(prepare) = &mut request {
-            prepare.frames = frames;
+            prepare.ask_frames = ask_frames;
         }
-        let answer = call::<Prepared>(target, &request, payload).await;
+        let answer = call::<Prepared>(target, &request, input).await;
         report_phase(plan, target, name, &request, started, answer).map(drop)
+    }
+
+    /// What to send a node that says which frames it lacks (its first line, [`node::Asking`]):
+    /// those frames, one ranged store read per run, or the whole artifact. A list out of order
+    /// or naming a frame the artifact does not have is refused, naming the node.
+    fn answer_lacking(&self, target: &Target, digest: Digest, sent: &SentIndex) -> Ask {
+        let (store, node, frames) = (self.store.clone(), target.name.clone(), sent.index.frames.clone());
+        Box::new(move |line: Vec<u8>| {
+            Box::pin(async move {
+                let Ok(asking) = serde_json::from_slice::<Asking>(&line) else {
+                    // Not the question: the agent answered at once (a refusal).
+                    return Ok(None);
+                };
+                let payload = match asking.lacking.frames {
+                    Some(lacks) => {
+                        let ranges = lacked_ranges(&frames, &lacks).map_err(|e| format!("node {node}: {e}"))?;
+                        frames_of(store, digest, ranges)
+                    }
+                    None => store.read_artifact(digest, None).await.map_err(|e| e.to_string())?,
+                };
+                Ok(Some(payload))
+            })
+        })
     }
 
     fn prepare_request(
@@ -176,7 +188,7 @@ impl NodeDeployer {
             fetch_stall_ms: Some(self.limits.node_fetch_stall_timeout.0.as_millis() as u64),
             run_as: run_as(plan, false),
             index: index.map(|sent| sent.stored.clone()),
-            frames: None,
+            ask_frames: false,
         })
     }
 
@@ -209,17 +221,16 @@ impl NodeDeployer {
     async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
         self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
     }
+}
 
-    /// The bytes of the artifact in `ranges`, in order, one ranged read each.
-    fn frames_of(&self, digest: Digest, ranges: Vec<std::ops::Range<u64>>) -> Payload {
-        use futures::TryStreamExt;
-        let store = self.store.clone();
-        let reads = futures::stream::iter(ranges).then(move |range| {
-            let store = store.clone();
-            async move { store.read_artifact(digest, Some(range)).await }
-        });
-        reads.try_flatten().boxed()
-    }
+/// The bytes of the artifact in `ranges`, in order, one ranged read each.
+fn frames_of(store: Store, digest: Digest, ranges: Vec<std::ops::Range<u64>>) -> Payload {
+    use futures::TryStreamExt;
+    let reads = futures::stream::iter(ranges).then(move |range| {
+        let store = store.clone();
+        async move { store.read_artifact(digest, Some(range)).await }
+    });
+    reads.try_flatten().boxed()
 }
 
 #[cfg(test)]
@@ -230,13 +241,12 @@ mod tests {
     fn an_index_is_measured_as_the_base64_a_node_reads_and_frames_are_sent_in_runs() {
         for len in [0usize, 1, 2, 3, 4, 1000] {
             let stored = vec![7u8; len];
-            let line = serde_json::to_string(&node::Request::Lacks {
-                base: "/b".into(),
-                digest: Digest::of(b"a"),
-                index: Some(stored.clone()),
-                writable: vec![],
-            })
-            .unwrap();
+            #[derive(serde::Serialize)]
+            struct Line {
+                #[serde(with = "crate::archive::base64_bytes")]
+                index: Option<Vec<u8>>,
+            }
+            let line = serde_json::to_string(&Line { index: Some(stored.clone()) }).unwrap();
             let b64 = line.split("\"index\":\"").nth(1).unwrap().split('"').next().unwrap();
             assert_eq!(sent_bytes(&stored), b64.len() as u64);
         }
@@ -248,14 +258,14 @@ mod tests {
             sha256: Digest::of(&n.to_le_bytes()),
         };
         let index = FileIndex::new(Digest::of(b"a"), vec![]).with_frames((0..10).map(frame).collect());
-        assert_eq!(lacked_ranges(&index, &[1, 2, 3, 5, 9]), Ok(vec![100..400, 500..600, 900..1000]));
-        assert_eq!(lacked_ranges(&index, &[]), Ok(Vec::<std::ops::Range<u64>>::new()));
+        assert_eq!(lacked_ranges(&index.frames, &[1, 2, 3, 5, 9]), Ok(vec![100..400, 500..600, 900..1000]));
+        assert_eq!(lacked_ranges(&index.frames, &[]), Ok(Vec::<std::ops::Range<u64>>::new()));
 
         // What a node says it lacks is taken only in order and in range.
-        assert!(lacked_ranges(&index, &[0, 3, 9]).is_ok());
-        assert!(lacked_ranges(&index, &[3, 3]).unwrap_err().contains("frame 3 after frame 3"));
-        assert!(lacked_ranges(&index, &[5, 2]).unwrap_err().contains("not in increasing order"));
-        assert!(lacked_ranges(&index, &[2, 10]).unwrap_err().contains("frame 10 of an artifact of 10 frames"));
+        assert!(lacked_ranges(&index.frames, &[0, 3, 9]).is_ok());
+        assert!(lacked_ranges(&index.frames, &[3, 3]).unwrap_err().contains("frame 3 after frame 3"));
+        assert!(lacked_ranges(&index.frames, &[5, 2]).unwrap_err().contains("not in increasing order"));
+        assert!(lacked_ranges(&index.frames, &[2, 10]).unwrap_err().contains("frame 10 of an artifact of 10 frames"));
 
         // A skeleton that does not fit (here: no bytes for ten frames' worth of stream) is
         // dropped before sending; one that fits is sent as stored.

@@ -15,7 +15,7 @@ use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::transport::{CallError, MAX_STDERR, Payload, Transport, exchange, parse_answer, read_capped};
+use super::transport::{CallError, Input, MAX_STDERR, Transport, exchange, parse_answer, read_capped};
 use crate::config::{Node, SshConfig};
 use crate::node::Request;
 
@@ -297,11 +297,7 @@ fn wait_briefly(child: &mut std::process::Child) -> std::io::Result<bool> {
 }
 
 impl Transport for Ssh {
-    fn call<'a>(
-        &'a self,
-        request: &'a Request,
-        payload: Option<Payload>,
-    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
+    fn call<'a>(&'a self, request: &'a Request, input: Input) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
         Box::pin(async move {
             let exchange = async {
                 let mut child = self
@@ -318,7 +314,7 @@ impl Transport for Ssh {
                     child.stdout().take().expect("piped"),
                     child.stderr().take().expect("piped"),
                 );
-                let (sent, out, err) = exchange(request, payload, stdin, stdout, stderr).await?;
+                let (sent, out, err) = exchange(request, input, stdin, stdout, stderr).await?;
                 let status = child.wait().await.map_err(|e| format!("lost the connection: {e}"))?;
                 Ok::<_, String>((sent, out, err, status.success()))
             };

@@ -19,6 +19,29 @@ use crate::store::StoreError;
 /// Bytes to send after the request (an artifact).
 pub type Payload = BoxStream<'static, Result<Bytes, StoreError>>;
 
+/// What the server sends a node's agent after the request line.
+pub enum Input {
+    /// Nothing: stdin is closed after the request.
+    Nothing,
+    /// These bytes (an artifact).
+    Bytes(Payload),
+    /// What the agent asks for on its first line of stdout, before it reads stdin (a prepare
+    /// saying which frames it lacks, `Prepare::ask_frames`).
+    Asked(Ask),
+}
+
+/// Given the agent's first line of stdout, what to send: `Some`, the line was the question and
+/// these bytes answer it (the line is not part of the answer); `None`, it was not a question
+/// (the agent answered at once: a refusal), nothing is sent and the line is the answer; an
+/// error ends the call with it (a question the server cannot answer: stdin is closed).
+pub type Ask = Box<dyn FnOnce(Vec<u8>) -> BoxFuture<'static, Result<Option<Payload>, String>> + Send>;
+
+impl From<Option<Payload>> for Input {
+    fn from(payload: Option<Payload>) -> Input {
+        payload.map_or(Input::Nothing, Input::Bytes)
+    }
+}
+
 /// Why a call did not get an answer from the node's agent.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -39,12 +62,8 @@ pub enum CallError {
 const BEFORE_PROTOCOL: &str = "unexpected argument '--protocol'";
 
 pub trait Transport: Send + Sync {
-    /// Sends `request` (then `payload`, if any) to the node's agent; its answer.
-    fn call<'a>(
-        &'a self,
-        request: &'a Request,
-        payload: Option<Payload>,
-    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>>;
+    /// Sends `request` (then `input`) to the node's agent; its answer.
+    fn call<'a>(&'a self, request: &'a Request, input: Input) -> BoxFuture<'a, Result<serde_json::Value, CallError>>;
 }
 
 /// This machine: the agent runs as a child process of the server (the same binary).
@@ -63,11 +82,7 @@ impl Local {
 }
 
 impl Transport for Local {
-    fn call<'a>(
-        &'a self,
-        request: &'a Request,
-        payload: Option<Payload>,
-    ) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
+    fn call<'a>(&'a self, request: &'a Request, input: Input) -> BoxFuture<'a, Result<serde_json::Value, CallError>> {
         Box::pin(async move {
             let mut child = tokio::process::Command::new(&self.program)
                 .args(["node", "--protocol", &crate::node::VERSION.to_string()])
@@ -83,7 +98,7 @@ impl Transport for Local {
                     child.stdout.take().expect("piped"),
                     child.stderr.take().expect("piped"),
                 );
-                let (sent, out, err) = exchange(request, payload, stdin, stdout, stderr).await?;
+                let (sent, out, err) = exchange(request, input, stdin, stdout, stderr).await?;
                 let status = child.wait().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>((sent, out, err, status))
             };
@@ -114,26 +129,64 @@ pub const MAX_OUTPUT: usize = 4400;
 /// The longest error code taken from a node.
 const MAX_CODE: usize = 64;
 
-/// One call's traffic with the agent: the request line and payload written while its stdout
+/// One call's traffic with the agent: the request line and `input` written while its stdout
 /// and stderr are read, all at once (a node that fills one pipe while the server waits on
 /// another would stall the call until its timeout). The answer is read up to [`MAX_ANSWER`]
-/// (past it, the call ends at once with an error), stderr up to [`MAX_STDERR`] kept.
+/// (past it, the call ends at once with an error), stderr up to [`MAX_STDERR`] kept. With
+/// [`Input::Asked`], the first line of stdout is handed to the question's answer as soon as it
+/// comes, and taken out of the answer when it was the question.
 pub(super) async fn exchange(
     request: &Request,
-    payload: Option<Payload>,
+    input: Input,
     mut stdin: impl AsyncWriteExt + Unpin,
     mut stdout: impl AsyncRead + Unpin,
     mut stderr: impl AsyncRead + Unpin,
 ) -> Result<(Result<(), String>, Vec<u8>, Vec<u8>), String> {
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
+    let (first_line, asked) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let mut first_line = matches!(input, Input::Asked(_)).then_some(first_line);
+    let questioned = std::sync::atomic::AtomicBool::new(false);
     let writing = async {
-        let sent = send(&mut stdin, line, payload).await;
+        let sent = match input {
+            Input::Nothing => send(&mut stdin, line, None).await,
+            Input::Bytes(payload) => send(&mut stdin, line, Some(payload)).await,
+            Input::Asked(ask) => {
+                let wrote = async {
+                    stdin.write_all(&line).await?;
+                    stdin.flush().await
+                }
+                .await;
+                match (wrote, asked.await) {
+                    // The agent ended without a line, or stopped reading: its answer (or its
+                    // silence) says why.
+                    (Err(_), _) | (_, Err(_)) => Ok(()),
+                    (Ok(()), Ok(question)) => match ask(question).await {
+                        Ok(Some(payload)) => {
+                            questioned.store(true, std::sync::atomic::Ordering::Relaxed);
+                            send(&mut stdin, Vec::new(), Some(payload)).await
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                }
+            }
+        };
         drop(stdin);
         sent
     };
-    let answer = async {
-        match read_capped(&mut stdout, MAX_ANSWER, true).await {
+    let stdout = &mut stdout;
+    // Moved in: the sender is dropped when stdout ends, whether a line came or not.
+    let answer = async move {
+        let mut first = |kept: &[u8]| {
+            if first_line.is_some()
+                && let Some(end) = kept.iter().position(|b| *b == b'\n')
+                && let Some(tx) = first_line.take()
+            {
+                let _ = tx.send(kept[..=end].to_vec());
+            }
+        };
+        match read_capped_with(stdout, MAX_ANSWER, true, &mut first).await {
             (_, true) => Err(format!(
                 "the node agent's answer is over {} MiB (the most a node may answer): refused",
                 MAX_ANSWER >> 20
@@ -145,19 +198,33 @@ pub(super) async fn exchange(
     let reading = async { tokio::try_join!(answer, errors) };
     tokio::pin!(writing, reading);
     // An answer over its cap ends the call at once, whatever is still being written.
-    let (sent, (out, err)) = tokio::select! {
+    let (sent, (mut out, err)) = tokio::select! {
         read = &mut reading => {
             let read = read?;
             (writing.await, read)
         }
         sent = &mut writing => (sent, reading.await?),
     };
+    if questioned.load(std::sync::atomic::Ordering::Relaxed) {
+        let end = out.iter().position(|b| *b == b'\n').map_or(out.len(), |end| end + 1);
+        out.drain(..end);
+    }
     Ok((sent, out, err))
 }
 
 /// Reads `from` to its end (or its first error), keeping its first `cap` bytes; whether more
 /// came. With `stop`, reading ends as soon as more came.
 pub(super) async fn read_capped(from: &mut (impl AsyncRead + Unpin), cap: usize, stop: bool) -> (Vec<u8>, bool) {
+    read_capped_with(from, cap, stop, &mut |_| {}).await
+}
+
+/// [`read_capped`], showing `seen` what was kept so far after each read.
+async fn read_capped_with(
+    from: &mut (impl AsyncRead + Unpin),
+    cap: usize,
+    stop: bool,
+    seen: &mut (dyn FnMut(&[u8]) + Send),
+) -> (Vec<u8>, bool) {
     let (mut kept, mut over) = (Vec::new(), false);
     let mut buf = vec![0; 64 << 10];
     loop {
@@ -166,6 +233,7 @@ pub(super) async fn read_capped(from: &mut (impl AsyncRead + Unpin), cap: usize,
             Ok(n) => {
                 let room = cap.saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
+                seen(&kept);
                 if n > room {
                     over = true;
                     if stop {
@@ -185,7 +253,7 @@ pub(super) async fn send(
     line: Vec<u8>,
     payload: Option<Payload>,
 ) -> Result<(), String> {
-    if stdin.write_all(&line).await.is_err() {
+    if !line.is_empty() && stdin.write_all(&line).await.is_err() {
         return Ok(());
     }
     if let Some(mut payload) = payload {
@@ -302,6 +370,8 @@ pub fn clean(text: &str, max: usize, keep: Keep) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
@@ -310,6 +380,86 @@ mod tests {
         assert_eq!(clean("ééééé", 6, Keep::Start), "é…");
         assert_eq!(clean("ééééé", 6, Keep::End), "…é");
         assert_eq!(clean(&"x".repeat(5000), 2000, Keep::End).len(), 2000);
+    }
+
+    /// An agent on the other end of pipes: reads the request line, says `first` (if any), reads
+    /// stdin to its end (unless `first` is its answer), then answers `last` with the bytes it read.
+    async fn exchanged(
+        input: Input,
+        first: Option<&'static str>,
+        then_read: bool,
+    ) -> (Result<(), String>, String, Vec<u8>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (stdin, agent_in) = tokio::io::duplex(1 << 16);
+        let (mut agent_out, stdout) = tokio::io::duplex(1 << 16);
+        let (agent_err, stderr) = tokio::io::duplex(1 << 10);
+        let agent = tokio::spawn(async move {
+            let _stderr = agent_err; // closed when the agent ends
+            let mut agent_in = tokio::io::BufReader::new(agent_in);
+            let mut line = String::new();
+            agent_in.read_line(&mut line).await.unwrap();
+            if let Some(first) = first {
+                agent_out.write_all(format!("{first}\n").as_bytes()).await.unwrap();
+                agent_out.flush().await.unwrap();
+            }
+            let mut read = Vec::new();
+            if then_read {
+                agent_in.read_to_end(&mut read).await.unwrap();
+                agent_out.write_all(br#"{"ok":true,"protocol":3,"last":true}"#).await.unwrap();
+                agent_out.write_all(b"\n").await.unwrap();
+            }
+            read
+        });
+        let request = Request::Status { base: "/b".into() };
+        let (sent, out, _) = exchange(&request, input, stdin, stdout, stderr).await.unwrap();
+        (sent, String::from_utf8(out).unwrap(), agent.await.unwrap())
+    }
+
+    fn answering(reply: Result<Option<&'static [u8]>, &'static str>) -> (Input, Arc<Mutex<Vec<String>>>) {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let told = heard.clone();
+        let ask: Ask = Box::new(move |line| {
+            told.lock().unwrap().push(String::from_utf8(line).unwrap());
+            Box::pin(async move {
+                match reply {
+                    Ok(Some(bytes)) => Ok(Some(futures::stream::iter([Ok(Bytes::from_static(bytes))]).boxed())),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e.to_owned()),
+                }
+            })
+        });
+        (Input::Asked(ask), heard)
+    }
+
+    /// A question on the agent's first line is handed over as soon as it comes and answered on
+    /// its stdin, and is no part of its answer; a first line that is no question (a refusal) is
+    /// the answer, nothing sent; an agent that ends without a line does not hold the call; a
+    /// question the server cannot answer ends the call with why, stdin closed.
+    #[tokio::test]
+    async fn an_agent_asks_on_its_first_line_and_the_server_answers_on_its_stdin() {
+        let question = r#"{"protocol":3,"lacking":{"frames":[1],"of":2}}"#;
+        let (input, heard) = answering(Ok(Some(b"frame one")));
+        let (sent, out, read) = exchanged(input, Some(question), true).await;
+        assert_eq!(sent, Ok(()));
+        assert_eq!(heard.lock().unwrap().as_slice(), [format!("{question}\n")]);
+        assert_eq!(read, b"frame one");
+        assert_eq!(out, "{\"ok\":true,\"protocol\":3,\"last\":true}\n", "the question is not the answer");
+
+        let refusal = r#"{"ok":false,"protocol":3,"code":"locked","message":"busy"}"#;
+        let (input, heard) = answering(Ok(None));
+        let (sent, out, read) = exchanged(input, Some(refusal), false).await;
+        assert_eq!((sent, out, read), (Ok(()), format!("{refusal}\n"), Vec::new()));
+        assert_eq!(heard.lock().unwrap().len(), 1);
+
+        let (input, heard) = answering(Ok(Some(b"never")));
+        let (sent, out, _) = exchanged(input, None, false).await;
+        assert_eq!((sent, out), (Ok(()), String::new()));
+        assert!(heard.lock().unwrap().is_empty(), "no line, no question");
+
+        let (input, _) = answering(Err("node n1: it said it lacks frame 9 of an artifact of 2 frames"));
+        let (sent, _, read) = exchanged(input, Some(question), true).await;
+        assert_eq!(sent, Err("node n1: it said it lacks frame 9 of an artifact of 2 frames".to_owned()));
+        assert!(read.is_empty(), "nothing sent, stdin closed");
     }
 
     fn parsed(line: &str) -> Result<serde_json::Value, CallError> {
@@ -337,23 +487,23 @@ mod tests {
         };
         assert!(why.starts_with("the node agent failed: sh: 1: release: not found"), "{why}");
         let status: crate::node::protocol::Status =
-            typed(parsed(r#"{"ok":true,"protocol":2,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
+            typed(parsed(r#"{"ok":true,"protocol":3,"current":null,"ready":[],"unready":[]}"#).unwrap()).unwrap();
         assert_eq!((status.current, status.plain), (None, false));
     }
 
     #[test]
     fn an_answer_of_another_shape_is_a_failed_call_and_an_unknown_code_is_unknown() {
         // A status whose `current` is not a digest reads as nothing, never as "no release".
-        let answer = parsed(r#"{"ok":true,"protocol":2,"current":"yesterday","ready":[],"unready":[]}"#).unwrap();
+        let answer = parsed(r#"{"ok":true,"protocol":3,"current":"yesterday","ready":[],"unready":[]}"#).unwrap();
         let Err(CallError::Transport(why)) = typed::<crate::node::protocol::Status>(answer) else {
             panic!("a wrong shape was read")
         };
         assert!(why.contains("not of the shape this server reads"), "{why}");
-        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":2,"code":"format_disk","message":"no"}"#) else {
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":3,"code":"format_disk","message":"no"}"#) else {
             panic!("a refusal was read as an answer")
         };
         assert_eq!((e.code.as_str(), e.code.is_known(), e.message.as_str()), ("format_disk", false, "no"));
-        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":2,"code":"fenced","message":"newer run"}"#)
+        let Err(CallError::Node(e)) = parsed(r#"{"ok":false,"protocol":3,"code":"fenced","message":"newer run"}"#)
         else {
             panic!("a refusal was read as an answer")
         };

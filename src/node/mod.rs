@@ -47,7 +47,8 @@ pub fn main(protocol: Option<u32>) -> std::process::ExitCode {
             let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
             let mut line = Vec::new();
             match input.read_until(b'\n', &mut line) {
-                Ok(_) => decode_request(&line).and_then(|request| ops::handle(request, &mut input)),
+                Ok(_) => decode_request(&line)
+                    .and_then(|request| ops::handle(request, &mut input, &mut std::io::stdout().lock())),
                 Err(e) => Err(NodeError::new(ErrorCode::BadRequest, format!("cannot read stdin: {e}"))),
             }
         }

@@ -20,17 +20,6 @@ use crate::model::vocabulary::vocabulary;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Prepare(Prepare),
-    /// Which frames of an artifact this node lacks (issue 15 part 2): those holding data of a
-    /// file no ready release here holds. Asked before a prepare whose artifact rides stdin, so
-    /// that only those frames are sent. Changes nothing.
-    Lacks {
-        base: PathBuf,
-        digest: Digest,
-        /// The artifact's index, as stored.
-        #[serde(with = "crate::archive::base64_bytes")]
-        index: Option<Vec<u8>>,
-        writable: Vec<String>,
-    },
     /// Points `current` at the release; `None` removes `current` (putting back a first deploy).
     /// The answer names the SHA-256 of each `shared` file as the release found it. With
     /// `adopt`, a plain directory at `current` is swapped for the symlink in one
@@ -170,11 +159,13 @@ pub struct Prepare {
     /// only the frames holding the others are fetched. Absent from the wire when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::archive::base64_bytes")]
     pub index: Option<Vec<u8>>,
-    /// With [`Source::Stdin`]: stdin holds only these frames of the artifact (by number, in
-    /// order; what [`Request::Lacks`] answered), the rest made from the index's skeleton and
-    /// the releases here. `None`: the whole artifact.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frames: Option<Vec<usize>>,
+    /// With [`Source::Stdin`] and an index: before reading stdin, the agent says on a line of
+    /// its own which frames it lacks ([`Asking`]: those holding data of a file no ready
+    /// release here holds), and reads only those from stdin (the whole artifact when it says
+    /// `None`); the rest it makes from the index's skeleton and the releases here. One call,
+    /// where asking first was another (an agent started, the index read twice).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ask_frames: bool,
 }
 
 /// The user application hooks run as (`sudo -n -u`), and the umask of every hook. With a
@@ -255,7 +246,7 @@ impl Health {
 /// refuses another; the agent puts it in every answer and the server refuses an answer
 /// without it. The agent is the server's own binary, shipped by checksum, so they differ only
 /// by mistake (a binary put on the node by hand, an old agent left on a path).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 vocabulary! {
     /// Why a node refused or failed, as the server tells the cases apart. A code a newer
@@ -327,8 +318,8 @@ impl NodeError {
     }
 }
 
-/// The answer on the wire: `{"ok": true, "protocol": 2, ...}` (the answer's own fields) or
-/// `{"ok": false, "protocol": 2, "code", "message", "output"}`.
+/// The answer on the wire: `{"ok": true, "protocol": 3, ...}` (the answer's own fields) or
+/// `{"ok": false, "protocol": 3, "code", "message", "output"}`.
 pub fn answer(result: Result<serde_json::Value, NodeError>) -> serde_json::Value {
     let (mut value, ok) = match result {
         Ok(value) => (value, true),
@@ -371,7 +362,16 @@ pub struct Prepared {
     pub output: String,
 }
 
-/// The answer to [`Request::Lacks`].
+/// The line a prepare asked for frames ([`Prepare::ask_frames`]) writes before it reads stdin:
+/// `{"protocol": 3, "lacking": {"frames": [..], "of": N}}`. Not an answer: the prepare's
+/// answer follows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Asking {
+    pub protocol: u32,
+    pub lacking: Lacking,
+}
+
+/// Which frames of the artifact a node lacks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lacking {
     /// The frames to send, in order; `None`: the whole artifact (the index has no skeleton or
@@ -527,7 +527,6 @@ pub struct Checked {
 }
 
 impl Answer for Fenced {}
-impl Answer for Lacking {}
 impl Answer for Adopted {}
 impl Answer for Chunk {}
 impl Answer for Status {}

@@ -149,7 +149,7 @@ fn a_node_flooding_stderr_or_stdout_costs_a_bounded_read_not_a_stall() {
     // command timeout. Production's node answers 40 MB: over the cap, refused by name.
     let flood_stderr = agent_lying_on(
         "status",
-        "head -c 8000000 /dev/zero >&2; echo '{\"ok\":true,\"protocol\":2,\"current\":null,\"plain\":false,\"ready\":[],\"unready\":[]}'",
+        "head -c 8000000 /dev/zero >&2; echo '{\"ok\":true,\"protocol\":3,\"current\":null,\"plain\":false,\"ready\":[],\"unready\":[]}'",
     );
     let flood_stdout = agent_lying_on("status", "head -c 40000000 /dev/zero | tr '\\0' x");
     let fleet = Hostile::start(
@@ -187,12 +187,12 @@ fn what_a_node_says_is_cut_cleaned_and_counted_before_it_is_recorded() {
     let refuses = agent_lying_on(
         "prepare",
         r#"cat >/dev/null
-printf '{"ok":false,"protocol":2,"code":"evil\\u001b[31m%s","message":"\\u001b[2J\\u001b[Hrelease approved by root\\r%s","output":"\\u0007%s"}\n' "$(head -c 300 /dev/zero | tr '\0' c)" "$(head -c 100000 /dev/zero | tr '\0' m)" "$(head -c 1000000 /dev/zero | tr '\0' o)""#,
+printf '{"ok":false,"protocol":3,"code":"evil\\u001b[31m%s","message":"\\u001b[2J\\u001b[Hrelease approved by root\\r%s","output":"\\u0007%s"}\n' "$(head -c 300 /dev/zero | tr '\0' c)" "$(head -c 100000 /dev/zero | tr '\0' m)" "$(head -c 1000000 /dev/zero | tr '\0' o)""#,
     );
     let claims = agent_lying_on(
         "switch",
         r#"answer=$({ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND)
-printf '{"ok":true,"protocol":2,"previous":null,"output":"\\u001b]0;owned\\u0007%s","shared":[' "$(head -c 100000 /dev/zero | tr '\0' o)"
+printf '{"ok":true,"protocol":3,"previous":null,"output":"\\u001b]0;owned\\u0007%s","shared":[' "$(head -c 100000 /dev/zero | tr '\0' o)"
 awk 'BEGIN { for (i = 0; i < 20000; i++) { if (i) printf ","; printf "{\"path\":\"../../x%d\\u001b[2J\",\"kind\":\"file\"}", i } }'
 echo ']}'"#,
     );
@@ -312,7 +312,7 @@ fn an_adopted_package_sent_cut_short_is_refused_and_nothing_is_kept() {
     let cuts = agent_lying_on(
         "read_adopted",
         r#"{ printf '%s\n' "$line"; cat; } | $SSH_ORIGINAL_COMMAND >/dev/null
-echo '{"ok":true,"protocol":2,"data":"28b52ffd","eof":true}'"#,
+echo '{"ok":true,"protocol":3,"data":"28b52ffd","eof":true}'"#,
     );
     let fleet = Hostile::start(vec![("staging", SshNode::hostile(&cuts))], "", "");
     let current = fleet.bases[0].join("current");
@@ -327,6 +327,49 @@ echo '{"ok":true,"protocol":2,"data":"28b52ffd","eof":true}'"#,
     let artifacts = fleet.f.get("carol", "/v1/services/api/artifacts");
     assert_eq!(artifacts["artifacts"].as_array().map(Vec::len), Some(1), "only v1 is kept: {artifacts}");
     assert!(current.join("version.txt").exists(), "the legacy tree is untouched");
+}
+
+/// A node asked which frames of the artifact it lacks (it holds an older release, and the
+/// artifact rides its stdin) that answers with a list out of order, or naming a frame past the
+/// artifact's, is refused naming the node and what it said; nothing is sent to it (its stdin
+/// is closed at once) and the deploy fails with nothing switched. A first line that is no
+/// question at all is taken for the answer (the prepare fails, naming the node).
+#[test]
+fn a_node_lying_about_the_frames_it_lacks_is_refused_and_sent_nothing() {
+    for (said, why) in [
+        (r#"{"protocol":3,"lacking":{"frames":[5,2],"of":9}}"#, "it said it lacks frame 2 after frame 5"),
+        (
+            r#"{"protocol":3,"lacking":{"frames":[0,99999],"of":99999}}"#,
+            "it said it lacks frame 99999 of an artifact of",
+        ),
+        ("not a question", "not JSON"),
+    ] {
+        // The prepare asked for frames says `said`, then notes how many bytes it was sent.
+        let noted = tempfile::tempdir().unwrap().keep().join("sent-bytes");
+        let lies = format!(
+            "IFS= read -r line\ncase \"$line\" in\n  *'\"ask_frames\":true'*)\n    echo '{said}'\n    \
+             wc -c > {}\n    ;;\n  *) {{ printf '%s\\n' \"$line\"; cat; }} | $SSH_ORIGINAL_COMMAND ;;\nesac\n",
+            noted.display()
+        );
+        let fleet = Hostile::start(vec![("staging", SshNode::hostile(&lies))], "", "");
+        let files = |changed: usize| {
+            (0..300usize).map(move |i| {
+                let seed = if i == changed { 1_000_000 } else { i } as u64;
+                (format!("vendor/p{}/f{i}.php", i % 10), crate::support::archives::letters(seed, 12_000))
+            })
+        };
+        let v1 = fleet.f.upload_packaged_for("api", files(usize::MAX));
+        let v2 = fleet.f.upload_packaged_for("api", files(7));
+        assert_eq!(fleet.deploy("staging", &v1, false)["state"], "live");
+        let failed = fleet.deploy("staging", &v2, false);
+        assert_eq!(failed["state"], "failed", "{failed}");
+        let reason = reason_of(&failed);
+        assert!(reason.contains(&fleet.name(0)) && reason.contains(why), "{said}: {reason}");
+        let sent = fs::read_to_string(&noted).unwrap();
+        assert_eq!(sent.trim(), "0", "{said}: nothing is sent after a lie");
+        let current = fs::read_link(fleet.bases[0].join("current")).unwrap();
+        assert!(current.ends_with(v1.trim_start_matches("sha256:")), "still on v1: {current:?}");
+    }
 }
 
 /// A build before protocol 1 asked with `--protocol` (clap refuses the flag: nothing on

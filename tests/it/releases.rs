@@ -75,6 +75,11 @@ impl Fixture {
     /// Packs a tree of `files` (path, bytes) with `release package` (frames and all, as CI
     /// would) and uploads it for `web`; returns its digest.
     pub fn upload_packaged(&self, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> String {
+        self.upload_packaged_for("web", files)
+    }
+
+    /// [`upload_packaged`](Self::upload_packaged) for `service`.
+    pub fn upload_packaged_for(&self, service: &str, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> String {
         let work = tempfile::tempdir().unwrap();
         let tree = work.path().join("tree");
         for (path, bytes) in files {
@@ -89,7 +94,7 @@ impl Fixture {
         let response = self
             .server
             .http()
-            .post(format!("{}/v1/artifacts?service=web", self.server.url))
+            .post(format!("{}/v1/artifacts?service={service}", self.server.url))
             .bearer_auth(self.token("ci"))
             .body(std::fs::read(&archive).unwrap())
             .send()

@@ -16,7 +16,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::protocol::{
-    Adopted, Answer, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Lacking, Legacy, Pm2Checked, Prepared, Ran,
+    Adopted, Answer, Asking, Chunk, Cleaned, ErrorCode, Fenced, Healthy, Lacking, Legacy, Pm2Checked, Prepared, Ran,
     SharedEntry, SharedKind, Status, Switched,
 };
 use super::{
@@ -40,7 +40,7 @@ use cleanup::{cleanup, status};
 pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
-use prepare::{lacks, prepare, shared_fingerprints};
+use prepare::{prepare, shared_fingerprints};
 pub(super) use ranges::fetch_frames;
 use share::{
     after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index,
@@ -58,13 +58,14 @@ const SHARED_HASH_LIMIT: u64 = 64 << 20;
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Does what `request` asks; its answer as it goes on the wire.
-pub fn handle(request: Request, input: &mut dyn BufRead) -> Result<Value, NodeError> {
+/// `output`: where a prepare asks for frames before it reads `input` (see
+/// [`Prepare::ask_frames`]); the answer is the caller's to write.
+pub fn handle(request: Request, input: &mut dyn BufRead, output: &mut dyn Write) -> Result<Value, NodeError> {
     fn wire(answer: Result<impl Answer, NodeError>) -> Result<Value, NodeError> {
         answer.map(|a| serde_json::to_value(a).expect("answers serialize"))
     }
     match request {
-        Request::Prepare(p) => wire(prepare(&p, input)),
-        Request::Lacks { base, digest, index, writable } => wire(lacks(&base, digest, index.as_deref(), &writable)),
+        Request::Prepare(p) => wire(prepare(&p, input, output)),
         Request::Switch { base, digest, shared, adopt, fence } => wire(switch(&base, digest, &shared, adopt, fence)),
         Request::Fence { base, fence } => {
             let layout = Layout { base };

@@ -4,7 +4,7 @@
 use super::ranges::HttpFrames;
 use super::*;
 
-pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, NodeError> {
+pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Write) -> Result<Prepared, NodeError> {
     let layout = Layout { base: p.base.clone() };
     layout.create()?;
     let _lock = layout.lock()?;
@@ -21,6 +21,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
     let mut fetched = None;
     if reused {
         if p.source == Source::Stdin {
+            if p.ask_frames {
+                // Asked which frames it lacks: none (the release was made since the server looked).
+                ask(output, Lacking { frames: Some(Vec::new()), of: 0 })?;
+            }
             drain(input);
         }
         if p.finalize.is_empty() {
@@ -119,23 +123,24 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead) -> Result<Prepared, 
         };
         let has_skeleton = index.as_ref().is_some_and(|index| index.skeleton.is_some());
         let sharing = || index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
-        // Which frames to fetch: those the server sends (it asked first), or, fetching by URL,
-        // those holding a file no release here holds. None: the whole artifact.
-        let frames = match (&p.source, &p.frames, sharing()) {
-            (Source::Stdin, Some(frames), _) if has_skeleton => Some(frames.clone()),
-            (Source::Stdin, Some(_), _) => {
-                return Err(NodeError::new(
-                    ErrorCode::BadRequest,
-                    "frames of the artifact were sent without an index that lays them out",
-                ));
+        // Which frames to fetch: those holding a file no release here holds; None: the whole
+        // artifact (also when that is every frame: one stream, fewer steps). On stdin, asked
+        // by the server, which then sends those; by URL, fetched by ranged GETs.
+        let asked = p.ask_frames && p.source == Source::Stdin;
+        let frames = match (&p.source, sharing()) {
+            (Source::Url(_) | Source::Server(_), Some(sharing)) => {
+                frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
-            // By URL: those holding a file no release here holds, fetched by ranged GETs.
-            (Source::Url(_) | Source::Server(_), _, Some(sharing)) => {
+            (Source::Stdin, Some(sharing)) if asked => {
                 frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
             _ => None,
         }
-        .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len() || p.frames.is_some()));
+        .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
+        if asked {
+            let of = index.as_ref().map_or(0, |i| i.frames.len());
+            ask(output, Lacking { frames: frames.clone(), of })?;
+        }
         // Read (decompressed, checked against the index) only for an unpack from frames.
         let skeleton = match (&frames, &index) {
             (Some(_), Some(index)) => {
@@ -440,24 +445,13 @@ fn decode_sent(stored: &[u8], digest: Digest) -> Result<FileIndex, NodeError> {
         .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))
 }
 
-/// `Request::Lacks`: the frames of the artifact this node would fetch (see `frames_to_fetch`).
-pub(super) fn lacks(
-    base: &Path,
-    digest: Digest,
-    index: Option<&[u8]>,
-    writable: &[String],
-) -> Result<Lacking, NodeError> {
-    let layout = Layout { base: base.to_owned() };
-    let Some(stored) = index else {
-        return Err(NodeError::new(ErrorCode::BadRequest, "which frames are lacking cannot be told without an index"));
-    };
-    let index = decode_sent(stored, digest)?;
-    // Whether it has one: the prepare reads it (and refuses one that does not fit).
-    let has_skeleton = index.skeleton.is_some();
-    let candidates = candidates(&layout, digest, writable);
-    let sharing = Sharing { index: &index, candidates: &candidates, writable };
-    let frames = frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?;
-    Ok(Lacking { frames: frames.filter(|f| f.len() < index.frames.len()), of: index.frames.len() })
+/// Says which frames it lacks, on a line of its own before it reads stdin
+/// ([`Prepare::ask_frames`]): the server sends those.
+fn ask(output: &mut dyn Write, lacking: Lacking) -> Result<(), NodeError> {
+    let line = serde_json::to_string(&Asking { protocol: super::super::VERSION, lacking }).expect("serializes");
+    writeln!(output, "{line}")
+        .and_then(|()| output.flush())
+        .map_err(|e| NodeError::new(ErrorCode::Io, format!("cannot say which frames it lacks on stdout: {e}")))
 }
 
 /// What the prepare answers for an unpack that failed.

@@ -47,7 +47,7 @@ fn request(base: &Path, digest: Digest, index: Option<FileIndex>, finalize: &[&s
 
 fn prepared(base: &Path, tree: &Tree, finalize: &[&str]) -> (Digest, PathBuf) {
     let (bytes, digest, index) = package(tree);
-    let answer = prepare(&request(base, digest, Some(index), finalize), &mut &bytes[..]).unwrap();
+    let answer = prepare(&request(base, digest, Some(index), finalize), &mut &bytes[..], &mut io::sink()).unwrap();
     (digest, answer.dir)
 }
 
@@ -112,7 +112,7 @@ fn a_release_prepared_without_an_index_shares_nothing_and_keeps_none() {
     let layout = Layout { base: base.path().to_owned() };
     let (_, old) = prepared(base.path(), &first(), &[]);
     let (bytes, digest, _) = package(&second());
-    let new = prepare(&request(base.path(), digest, None, &[]), &mut &bytes[..]).unwrap().dir;
+    let new = prepare(&request(base.path(), digest, None, &[]), &mut &bytes[..], &mut io::sink()).unwrap().dir;
     assert_ne!(ino(&old.join("app/same.php")), ino(&new.join("app/same.php")));
     assert!(!layout.index(digest).exists());
     unseal(base.path());
@@ -148,7 +148,8 @@ fn an_index_that_lies_is_refused_and_leaves_nothing() {
     for (file, lie) in lies {
         let mut lying = index.clone();
         lie(&mut lying);
-        let refused = prepare(&request(base.path(), digest, Some(lying), &[]), &mut &bytes[..]).unwrap_err();
+        let refused =
+            prepare(&request(base.path(), digest, Some(lying), &[]), &mut &bytes[..], &mut io::sink()).unwrap_err();
         assert_eq!(refused.code, ErrorCode::IndexMismatch, "{}", refused.message);
         assert!(refused.message.contains(file), "{file}: {}", refused.message);
         assert!(!layout.release(digest).exists() && !layout.ready(digest).exists() && !layout.index(digest).exists());
@@ -159,7 +160,8 @@ fn an_index_that_lies_is_refused_and_leaves_nothing() {
     assert_eq!(fs::read_to_string(old.join("app/same.php")).unwrap(), "<?php same", "untouched");
     let mut other = index.clone();
     other.artifact = Digest::of(b"another");
-    let refused = prepare(&request(base.path(), digest, Some(other), &[]), &mut &bytes[..]).unwrap_err();
+    let refused =
+        prepare(&request(base.path(), digest, Some(other), &[]), &mut &bytes[..], &mut io::sink()).unwrap_err();
     assert_eq!(refused.code, ErrorCode::IndexMismatch, "{}", refused.message);
     unseal(base.path());
 }
@@ -178,7 +180,7 @@ fn a_finalize_hook_writing_into_a_shared_file_as_root_is_found_and_refused() {
             switch::switch(base.path(), Some(one), &[], false, 0).unwrap();
         }
         let (bytes, two, index) = package(&second());
-        let answer = prepare(&request(base.path(), two, Some(index), &[hook]), &mut &bytes[..]);
+        let answer = prepare(&request(base.path(), two, Some(index), &[hook]), &mut &bytes[..], &mut io::sink());
         if !rustix::process::geteuid().is_root() {
             // The linked file is read-only and not root's to write: the hook fails, the older
             // release is untouched.
@@ -219,7 +221,7 @@ fn a_finalize_hook_run_as_the_hook_user_cannot_write_into_a_shared_file() {
     let (bytes, two, index) = package(&second());
     let mut asked = request(base.path(), two, Some(index), &["echo more >> app/same.php"]);
     asked.run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
-    let refused = prepare(&asked, &mut &bytes[..]).unwrap_err();
+    let refused = prepare(&asked, &mut &bytes[..], &mut io::sink()).unwrap_err();
     assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
     let said = format!("{} {}", refused.message, refused.output.unwrap_or_default());
     assert!(said.contains("Permission denied") && said.contains("app/same.php"), "{said}");
@@ -239,9 +241,9 @@ fn finalize_run_again_leaves_shared_files_read_only() {
     let (_, old) = prepared(base.path(), &first(), &["true"]);
     let (bytes, two, index) = package(&second());
     let asked = request(base.path(), two, Some(index), &["true"]);
-    prepare(&asked, &mut &bytes[..]).unwrap();
+    prepare(&asked, &mut &bytes[..], &mut io::sink()).unwrap();
     assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().nlink(), 2, "shared");
-    let again = prepare(&asked, &mut &b""[..]).unwrap();
+    let again = prepare(&asked, &mut &b""[..], &mut io::sink()).unwrap();
     assert!(again.reused);
     assert_eq!(fs::metadata(old.join("app/same.php")).unwrap().mode() & 0o777, 0o444);
     assert!(!layout.index(two).exists(), "its hooks may have rewritten its files: it offers none");
@@ -336,12 +338,12 @@ fn finalize_run_again_writing_into_a_shared_file_as_root_is_found_and_refused() 
         let (one, _) = prepared(base.path(), &first(), &[]);
         let (bytes, two, index) = package(&second());
         let mut asked = request(base.path(), two, Some(index), &["true"]);
-        prepare(&asked, &mut &bytes[..]).unwrap();
+        prepare(&asked, &mut &bytes[..], &mut io::sink()).unwrap();
         asked.finalize = vec!["echo more >> app/same.php".into()];
         asked.finalize_if_shared_changed = only_if_changed;
         // No note of the shared files it was finalized with: it is finalized again.
         fs::remove_file(layout.finalized_with(two)).unwrap();
-        let refused = prepare(&asked, &mut &b""[..]).unwrap_err();
+        let refused = prepare(&asked, &mut &b""[..], &mut io::sink()).unwrap_err();
         assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
         assert!(
             refused.message.contains("app/same.php") && refused.message.contains(&one.hex()[..12]),
@@ -376,14 +378,15 @@ fn a_kept_index_edited_on_the_node_never_links_other_content() {
         let f = i.files.iter_mut().find(|f| f.path == "app/changed.php").unwrap();
         (f.sha256, f.size) = (theirs.sha256, theirs.size);
     });
-    let refused = prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..]).unwrap_err();
+    let refused =
+        prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..], &mut io::sink()).unwrap_err();
     assert_eq!(refused.code, ErrorCode::Io, "{}", refused.message);
     assert!(refused.message.contains("app/changed.php"), "{}", refused.message);
     assert!(!layout.release(two).exists() && !layout.ready(two).exists() && !layout.index(two).exists());
     assert!(!layout.index(one).exists(), "the lying index is forgotten");
     assert!(!layout.ready(one).exists(), "and the release unmarked (not current): unpacked again when needed");
     // Deployed again, it is written from the artifact.
-    let again = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap();
+    let again = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..], &mut io::sink()).unwrap();
     assert_eq!(fs::read_to_string(again.dir.join("app/changed.php")).unwrap(), "<?php two");
     assert_eq!(fs::read_to_string(again.dir.join("app/same.php")).unwrap(), "<?php same");
     assert_eq!(fs::read_to_string(old.join("app/changed.php")).unwrap(), "<?php one", "untouched");
@@ -406,12 +409,13 @@ fn a_file_changed_in_place_with_its_mtime_put_back_is_never_linked() {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
     assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), before.modified().unwrap());
     let (bytes, two, index) = package(&second());
-    let refused = prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..]).unwrap_err();
+    let refused =
+        prepare(&request(base.path(), two, Some(index.clone()), &[]), &mut &bytes[..], &mut io::sink()).unwrap_err();
     assert_eq!(refused.code, ErrorCode::Io, "{}", refused.message);
     assert!(refused.message.contains("app/same.php"), "{}", refused.message);
     assert!(!layout.release(two).exists() && !layout.index(one).exists());
     assert!(!layout.ready(one).exists(), "its file is not its artifact's: no longer ready");
-    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap().dir;
+    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..], &mut io::sink()).unwrap().dir;
     assert_eq!(fs::read_to_string(dir.join("app/same.php")).unwrap(), "<?php same");
     assert_ne!(ino(&dir.join("app/same.php")), ino(&path));
     unseal(base.path());
@@ -451,7 +455,7 @@ fn a_tar_hard_link_in_a_writable_path_never_shares_an_older_inode() {
         let files = archive::index(&bytes[..], &options).unwrap().files;
         let mut asked = request(base.path(), digest, Some(FileIndex::new(digest, files)), finalize);
         asked.run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
-        let dir = prepare(&asked, &mut &bytes[..]).unwrap().dir;
+        let dir = prepare(&asked, &mut &bytes[..], &mut io::sink()).unwrap().dir;
         assert_eq!(fs::read_to_string(dir.join("cache/same.php")).unwrap(), "<?php same");
         assert_ne!(ino(&dir.join("cache/same.php")), ino(&shared), "{finalize:?}");
         let after = fs::metadata(&shared).unwrap();
@@ -477,7 +481,8 @@ fn a_finalize_hook_rewriting_a_shared_file_with_its_mtime_put_back_is_found() {
         "cp -p app/same.php {r} && printf '<?php evil' > app/same.php && touch -r {r} app/same.php",
         r = ref_file.display()
     );
-    let refused = prepare(&request(base.path(), two, Some(index), &[hook.as_str()]), &mut &bytes[..]).unwrap_err();
+    let refused = prepare(&request(base.path(), two, Some(index), &[hook.as_str()]), &mut &bytes[..], &mut io::sink())
+        .unwrap_err();
     assert_eq!(refused.code, ErrorCode::HookFailed, "{}", refused.message);
     assert!(refused.message.contains("app/same.php"), "{}", refused.message);
     assert!(!layout.ready(two).exists() && !layout.index(two).exists());
@@ -506,7 +511,9 @@ fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() 
     let mut third = second();
     third.insert("app/third.php".into(), (b"<?php third".to_vec(), false));
     let (third_bytes, three, third_index) = package(&third);
-    let answer = prepare(&request(base.path(), three, Some(third_index.clone()), &[]), &mut &third_bytes[..]).unwrap();
+    let answer =
+        prepare(&request(base.path(), three, Some(third_index.clone()), &[]), &mut &third_bytes[..], &mut io::sink())
+            .unwrap();
     fs::remove_file(layout.ready(three)).unwrap();
     assert!(layout.index(three).exists());
     let unready = answer.dir;
@@ -517,14 +524,15 @@ fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() 
     second_tree.insert("app/third.php".into(), (b"<?php third".to_vec(), false));
     second_tree.insert("app/other.php".into(), (b"<?php other".to_vec(), false));
     let (bytes_b, two_b, index_b) = package(&second_tree);
-    let dir = prepare(&request(base.path(), two_b, Some(index_b), &[]), &mut &bytes_b[..]).unwrap().dir;
+    let dir =
+        prepare(&request(base.path(), two_b, Some(index_b), &[]), &mut &bytes_b[..], &mut io::sink()).unwrap().dir;
     assert_ne!(two_b, three);
     assert_ne!(ino(&dir.join("app/third.php")), unready_third, "an unready release offers nothing");
     assert_eq!(fs::metadata(unready.join("app/third.php")).unwrap().ino(), unready_third, "still there");
     assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
 
     // Redone: the half-linked tree is gone, the older file as it was.
-    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..]).unwrap().dir;
+    let dir = prepare(&request(base.path(), two, Some(index), &[]), &mut &bytes[..], &mut io::sink()).unwrap().dir;
     assert!(!tmp.exists());
     assert_eq!(ino(&dir.join("app/same.php")), ino(&same));
     let after = fs::metadata(&same).unwrap();
@@ -536,7 +544,7 @@ fn a_prepare_killed_half_linked_is_redone_and_leaves_older_files_as_they_were() 
     );
     assert_eq!(fs::read_to_string(&same).unwrap(), "<?php same");
     // The unready third is redone too: its kept index is forgotten first, then kept again.
-    prepare(&request(base.path(), three, Some(third_index), &[]), &mut &third_bytes[..]).unwrap();
+    prepare(&request(base.path(), three, Some(third_index), &[]), &mut &third_bytes[..], &mut io::sink()).unwrap();
     assert!(layout.ready(three).exists() && layout.index(three).exists());
     unseal(base.path());
 }

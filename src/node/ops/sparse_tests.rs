@@ -1,8 +1,11 @@
-//! Sparse prepares on real directories: a node asked which frames it lacks gets only those on
-//! stdin and makes the same release a whole fetch makes; a frame that is not what the index
-//! says, frames cut short, or a file to link gone since the question: refused, nothing left.
+//! Sparse prepares on real directories: a node asked which frames it lacks says so on stdout,
+//! gets only those on stdin and makes the same release a whole fetch makes; a frame that is
+//! not what the index says, frames cut short, or a file to link gone since the question:
+//! refused, nothing left.
 
+use std::cell::RefCell;
 use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
 
 use super::share::read_kept;
 use super::*;
@@ -56,13 +59,77 @@ fn options() -> CheckOptions {
     CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 100_000, shared: vec![], record_migrations: false }
 }
 
-fn request(base: &Path, digest: Digest, index: &FileIndex, frames: Option<Vec<usize>>) -> Prepare {
+fn request(base: &Path, digest: Digest, index: &FileIndex, ask_frames: bool) -> Prepare {
     Prepare {
         max_unpacked_bytes: 1 << 30,
         max_files: 100_000,
         index: Some(index.encode()),
-        frames,
+        ask_frames,
         ..super::tests::prepare_stdin(base, digest)
+    }
+}
+
+/// A prepare asked which frames it lacks, answered as the server answers in the same call: the
+/// node's first line of stdout read, and what `send` makes of the frames it names (`None`: it
+/// asks for the whole artifact) put on its stdin. What it asked (`None`: it answered without
+/// asking, a refusal), and its answer.
+fn ask(p: &Prepare, send: impl FnOnce(Option<&[usize]>) -> Vec<u8>) -> (Option<Lacking>, Result<Prepared, NodeError>) {
+    let said = Rc::new(RefCell::new(Vec::new()));
+    let mut input = Answering { said: said.clone(), send: Some(Box::new(send)), sent: io::Cursor::new(Vec::new()) };
+    let answer = prepare(p, &mut input, &mut Said(said.clone()));
+    let said = said.borrow();
+    let first = said.split(|b| *b == b'\n').next().unwrap_or_default();
+    let asked = serde_json::from_slice::<Asking>(first).ok().map(|asking| asking.lacking);
+    (asked, answer)
+}
+
+/// The node's stdout.
+struct Said(Rc<RefCell<Vec<u8>>>);
+
+impl Write for Said {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the server sends for the frames a node asks for (`None`: the whole artifact).
+type Sending<'a> = Box<dyn FnOnce(Option<&[usize]>) -> Vec<u8> + 'a>;
+
+/// The node's stdin: what the server sends once the node has asked (it panics when read
+/// before: a node that reads stdin before it asks would wait for ever).
+struct Answering<'a> {
+    said: Rc<RefCell<Vec<u8>>>,
+    send: Option<Sending<'a>>,
+    sent: io::Cursor<Vec<u8>>,
+}
+
+impl Read for Answering<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.fill_buf()?.read(buf)?;
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Answering<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if let Some(send) = self.send.take() {
+            let said = self.said.borrow();
+            let first = said.split(|b| *b == b'\n').next().unwrap_or_default();
+            let asking: Asking = serde_json::from_slice(first).expect("the node asks before it reads stdin");
+            assert_eq!(asking.protocol, crate::node::VERSION);
+            self.sent = io::Cursor::new(send(asking.lacking.frames.as_deref()));
+        }
+        self.sent.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.sent.consume(amount);
     }
 }
 
@@ -103,12 +170,16 @@ fn listing(dir: &Path) -> BTreeMap<String, (char, Vec<u8>, bool)> {
 fn base_with_first() -> (tempfile::TempDir, Digest) {
     let base = tempfile::tempdir().unwrap();
     let (bytes, digest, index) = package(&first());
-    prepare(&request(base.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+    prepare(&request(base.path(), digest, &index, false), &mut &bytes[..], &mut io::sink()).unwrap();
     (base, digest)
 }
 
+/// What the prepare asks (nothing is sent: it then fails, leaving nothing).
 fn lacking(base: &Path, digest: Digest, index: &FileIndex) -> Lacking {
-    lacks(base, digest, Some(&index.encode()), &[]).unwrap()
+    let (asked, answer) = ask(&request(base, digest, index, true), |_| Vec::new());
+    let asked = asked.expect("it asks");
+    assert!(answer.is_err() || asked.frames.as_ref().is_some_and(|f| f.is_empty()));
+    asked
 }
 
 #[test]
@@ -120,12 +191,15 @@ fn a_node_asked_what_it_lacks_makes_the_same_release_from_those_frames_alone() {
     let (bytes, digest, index) = package(&second);
     assert!(index.frames.len() >= 8, "{} frames", index.frames.len());
 
-    let asked = lacking(base.path(), digest, &index);
+    let mut sent = Vec::new();
+    let (asked, answer) = ask(&request(base.path(), digest, &index, true), |frames| {
+        sent = frames_of(&bytes, &index, frames.expect("some frames are not needed"));
+        sent.clone()
+    });
+    let (asked, answer) = (asked.expect("it asks"), answer.unwrap());
     let frames = asked.frames.expect("some frames are not needed");
     assert_eq!(asked.of, index.frames.len());
     assert!(!frames.is_empty() && frames.len() <= 3, "the frames of two changed files: {frames:?}");
-    let sent = frames_of(&bytes, &index, &frames);
-    let answer = prepare(&request(base.path(), digest, &index, Some(frames.clone())), &mut &sent[..]).unwrap();
     assert!(
         answer.output.contains(&format!(
             "fetched {} of its {} frames, {} of {} bytes",
@@ -140,7 +214,7 @@ fn a_node_asked_what_it_lacks_makes_the_same_release_from_those_frames_alone() {
 
     // The same tree a whole fetch makes, on another node.
     let other = tempfile::tempdir().unwrap();
-    let whole = prepare(&request(other.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+    let whole = prepare(&request(other.path(), digest, &index, false), &mut &bytes[..], &mut io::sink()).unwrap();
     assert_eq!(listing(&answer.dir), listing(&whole.dir));
     // Unchanged files are the older release's inodes; the changed one is not.
     let older = base.path().join("releases").join(base_with_first().1.hex());
@@ -163,13 +237,15 @@ fn a_frame_not_as_the_index_says_or_cut_short_leaves_nothing() {
     let mut second = first();
     second.insert("vendor/p3/f10.php".into(), noise(998, 9000));
     let (bytes, digest, index) = package(&second);
-    let frames = lacking(base.path(), digest, &index).frames.unwrap();
-    let sent = frames_of(&bytes, &index, &frames);
+    let asked = request(base.path(), digest, &index, true);
 
-    let mut flipped = sent.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 1;
-    let err = prepare(&request(base.path(), digest, &index, Some(frames.clone())), &mut &flipped[..]).unwrap_err();
+    let (frames, answer) = ask(&asked, |frames| {
+        let mut flipped = frames_of(&bytes, &index, frames.unwrap());
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 1;
+        flipped
+    });
+    let (frames, err) = (frames.unwrap().frames.unwrap(), answer.unwrap_err());
     assert_eq!(err.code, ErrorCode::DigestMismatch, "{}", err.message);
     assert!(
         err.message.contains(&format!("frame {} of the artifact is not what its index says", frames[0])),
@@ -177,16 +253,13 @@ fn a_frame_not_as_the_index_says_or_cut_short_leaves_nothing() {
         err.message
     );
 
-    let err = prepare(&request(base.path(), digest, &index, Some(frames.clone())), &mut &sent[..sent.len() - 10][..])
-        .unwrap_err();
+    let (_, answer) = ask(&asked, |frames| {
+        let sent = frames_of(&bytes, &index, frames.unwrap());
+        sent[..sent.len() - 10].to_vec()
+    });
+    let err = answer.unwrap_err();
     assert_eq!(err.code, ErrorCode::Fetch, "{}", err.message);
     assert!(err.message.contains("stdin ended"), "{}", err.message);
-
-    // Frames sent without an index that lays them out.
-    let mut bare = request(base.path(), digest, &index, Some(frames.clone()));
-    bare.index = Some(index.clone().with_skeleton(None).encode());
-    let err = prepare(&bare, &mut &sent[..]).unwrap_err();
-    assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
 
     // Nothing of it was left: no directory, no marker, no temporary tree.
     let releases: Vec<_> =
@@ -202,26 +275,31 @@ fn a_file_to_link_gone_since_the_question_fails_the_prepare_naming_it() {
     let mut second = first();
     second.insert("vendor/p3/f10.php".into(), noise(997, 9000));
     let (bytes, digest, index) = package(&second);
-    let frames = lacking(base.path(), digest, &index).frames.unwrap();
-    // The older release's copy of a file in a frame not sent changes (its index kept).
+    let asked = request(base.path(), digest, &index, true);
+    // Once the node reads its stdin (after the question), the older release's copy of a file in
+    // a frame not asked for, past the first frame asked for, is removed (its index kept).
     let older = base.path().join("releases").join(first_digest.hex());
-    let victim = index
-        .files
-        .iter()
-        .find(|f| f.size > 0 && index.frames_of(f).all(|n| !frames.contains(&n)))
-        .expect("a file in a frame not sent");
-    let parent = older.join(&victim.path).parent().unwrap().to_owned();
-    fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::remove_file(older.join(&victim.path)).unwrap();
-    let sent = frames_of(&bytes, &index, &frames);
-    let err = prepare(&request(base.path(), digest, &index, Some(frames)), &mut &sent[..]).unwrap_err();
+    let mut victim = None;
+    let (_, answer) = ask(&asked, |frames| {
+        let frames = frames.unwrap();
+        let file = index
+            .files
+            .iter()
+            .find(|f| f.size > 0 && index.frames_of(f).all(|n| n > frames[0] && !frames.contains(&n)));
+        let file = file.expect("a file in a frame not asked for");
+        let parent = older.join(&file.path).parent().unwrap().to_owned();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::remove_file(older.join(&file.path)).unwrap();
+        victim = Some(file.clone());
+        frames_of(&bytes, &index, frames)
+    });
+    let (victim, err) = (victim.unwrap(), answer.unwrap_err());
     assert!(err.message.contains(&victim.path) && err.message.contains("deploy again"), "{}", err.message);
     assert!(!base.path().join("releases").join(digest.hex()).exists());
     // Asked again, the node now lacks that file's frame too, and the prepare goes through.
-    let frames = lacking(base.path(), digest, &index).frames.unwrap();
-    assert!(index.frames_of(victim).all(|n| frames.contains(&n)));
-    let sent = frames_of(&bytes, &index, &frames);
-    prepare(&request(base.path(), digest, &index, Some(frames)), &mut &sent[..]).unwrap();
+    let (frames, answer) = ask(&asked, |frames| frames_of(&bytes, &index, frames.unwrap()));
+    assert!(index.frames_of(&victim).all(|n| frames.as_ref().unwrap().frames.as_ref().unwrap().contains(&n)));
+    answer.unwrap();
     super::prepare::set_writable(base.path()).ok();
 }
 
@@ -232,8 +310,12 @@ fn a_node_without_releases_or_an_index_without_skeleton_lacks_everything() {
     let asked = lacking(empty.path(), digest, &index);
     assert_eq!(asked.frames, None, "nothing to link: the whole artifact");
     let (base, _) = base_with_first();
+    assert_eq!(lacking(base.path(), digest, &index).frames, Some(vec![]), "the release is here already");
+    let mut second = first();
+    second.insert("vendor/p3/f10.php".into(), noise(994, 9000));
+    let (_, digest, index) = package(&second);
     let without = index.clone().with_skeleton(None);
-    assert_eq!(lacks(base.path(), digest, Some(&without.encode()), &[]).unwrap().frames, None);
+    assert_eq!(lacking(base.path(), digest, &without).frames, None, "no skeleton: the whole artifact");
     // Another artifact holding the same files (a rebuild): nothing lacking at all.
     let mut rebuilt = first();
     rebuilt.insert("vendor/p0/f0.php".into(), rebuilt["vendor/p1/f1.php"].clone());
@@ -266,62 +348,67 @@ fn frames_cut_inside_headers_and_data_still_make_the_same_release() {
     for every in [7_777usize, 512 * 3 + 100, 100_003] {
         let base = tempfile::tempdir().unwrap();
         let (bytes, digest, index) = reframed(&one, every);
-        prepare(&request(base.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+        prepare(&request(base.path(), digest, &index, false), &mut &bytes[..], &mut io::sink()).unwrap();
         let mut two = one.clone();
         two.insert("vendor/p3/f10.php".into(), noise(996, 9000));
         two.insert(long.clone(), noise(6, 700));
         let (bytes, digest, index) = reframed(&two, every);
-        let frames = lacking(base.path(), digest, &index).frames.expect("some frames not needed");
+        let (asked, sparse) = ask(&request(base.path(), digest, &index, true), |frames| {
+            frames_of(&bytes, &index, frames.expect("some frames not needed"))
+        });
+        let frames = asked.unwrap().frames.unwrap();
         assert!(frames.len() < index.frames.len() / 2, "{} of {}", frames.len(), index.frames.len());
-        let sent = frames_of(&bytes, &index, &frames);
-        let sparse = prepare(&request(base.path(), digest, &index, Some(frames)), &mut &sent[..]).unwrap();
+        let sparse = sparse.unwrap();
         let other = tempfile::tempdir().unwrap();
-        let whole = prepare(&request(other.path(), digest, &index, None), &mut &bytes[..]).unwrap();
+        let whole = prepare(&request(other.path(), digest, &index, false), &mut &bytes[..], &mut io::sink()).unwrap();
         assert_eq!(listing(&sparse.dir), listing(&whole.dir), "frames of {every} tar bytes");
         super::prepare::set_writable(base.path()).ok();
         super::prepare::set_writable(other.path()).ok();
     }
 }
 
-/// What a node refuses to be asked or sent, each naming what was wrong, leaving nothing: a
-/// Lacks question without an index or with another artifact's, a frame number the index does
-/// not have, a frame too large to fetch alone (a plain `zstd` stream is one frame).
+/// A node asked which frames it lacks: without an index it asks for the whole artifact; with
+/// another artifact's index it refuses before asking (nothing is read, nothing left); an
+/// artifact with a frame too large to make alone (a plain `zstd` stream is one frame) is
+/// asked for whole.
 #[test]
-fn a_question_or_frames_a_node_cannot_take_are_refused_naming_why() {
+fn a_node_asks_for_the_whole_artifact_or_refuses_when_frames_cannot_be_told() {
     let (base, first_digest) = base_with_first();
-    let err = lacks(base.path(), first_digest, None, &[]).unwrap_err();
-    assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
-    assert!(err.message.contains("without an index"), "{}", err.message);
-    let (_, digest, index) = package(&first());
-    let other = Digest::of(b"another artifact");
-    let err = lacks(base.path(), other, Some(&index.encode()), &[]).unwrap_err();
-    assert_eq!(err.code, ErrorCode::IndexMismatch, "{}", err.message);
-    assert!(err.message.contains(&format!("describes {digest}, not {other}")), "{}", err.message);
-
     let mut second = first();
     second.insert("vendor/p3/f10.php".into(), noise(995, 9000));
     let (bytes, digest, index) = package(&second);
-    let beyond = index.frames.len();
-    let err = prepare(&request(base.path(), digest, &index, Some(vec![beyond])), &mut &bytes[..]).unwrap_err();
-    assert_eq!(err.code, ErrorCode::Fetch, "{}", err.message);
-    assert!(err.message.contains(&format!("no frame {beyond} in the index")), "{}", err.message);
+    let mut bare = request(base.path(), digest, &index, true);
+    bare.index = None;
+    let (asked, answer) = ask(&bare, |frames| {
+        assert_eq!(frames, None);
+        bytes.clone()
+    });
+    assert_eq!(asked.unwrap().frames, None, "without an index: the whole artifact");
+    answer.unwrap();
+
+    let other = Digest::of(b"another artifact");
+    let (asked, answer) = ask(&request(base.path(), other, &index, true), |_| unreachable!("it does not ask"));
+    assert_eq!(asked, None);
+    let err = answer.unwrap_err();
+    assert_eq!(err.code, ErrorCode::IndexMismatch, "{}", err.message);
+    assert!(err.message.contains(&format!("describes {digest}, not {other}")), "{}", err.message);
 
     // One frame of 9 MiB of tar stream: never fetched alone.
     let src = tempfile::tempdir().unwrap();
     fs::write(src.path().join("big.bin"), noise(7, 9 << 20)).unwrap();
     let (_, packed) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
     let bytes = zstd::stream::encode_all(&zstd::decode_all(&packed[..]).unwrap()[..], 3).unwrap();
-    let digest = Digest::of(&bytes);
+    let big = Digest::of(&bytes);
     let listing = archive::index(&bytes[..], &options()).unwrap();
     let mut scanner = FrameScanner::new();
     scanner.feed(&bytes);
-    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, big);
     assert_eq!(frames.len(), 1, "a plain zstd stream is one frame");
-    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
-    let err = prepare(&request(base.path(), digest, &index, Some(vec![0])), &mut &bytes[..]).unwrap_err();
-    assert!(err.message.contains("frame 0 is too large to fetch alone"), "{}", err.message);
-    for digest in [digest, other] {
+    let index = FileIndex::new(big, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    assert_eq!(lacking(base.path(), big, &index).frames, None, "too large to make alone: fetched whole");
+    for digest in [big, other] {
         assert!(!base.path().join("releases").join(digest.hex()).exists());
     }
+    assert!(base.path().join("releases").join(first_digest.hex()).exists());
     super::prepare::set_writable(base.path()).ok();
 }

@@ -49,7 +49,7 @@ pub(super) fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
         finalize_if_shared_changed: false,
         run_as: RunAs::default(),
         index: None,
-        frames: None,
+        ask_frames: false,
     }
 }
 
@@ -89,7 +89,7 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
             finalize,
             ..prepare_stdin(base.path(), digest)
         };
-        let answer = prepare(&request, &mut &bytes[..]).unwrap();
+        let answer = prepare(&request, &mut &bytes[..], &mut io::sink()).unwrap();
         let dir = answer.dir;
         trees.push(modes_of(&dir));
         set_writable(&dir).unwrap(); // so that the temporary directory can be removed
@@ -153,7 +153,7 @@ fn a_release_without_finalize_hooks_still_gives_its_writable_paths_to_the_hook_u
         run_as: RunAs { user: Some("nobody".into()), umask: None, php_only: false },
         ..prepare_stdin(base.path(), Digest::of(&bytes))
     };
-    let prepared = prepare(&request, &mut &bytes[..]);
+    let prepared = prepare(&request, &mut &bytes[..], &mut io::sink());
     if !rustix::process::geteuid().is_root() {
         assert!(prepared.unwrap_err().to_string().contains("make the SSH user a member"));
         return;

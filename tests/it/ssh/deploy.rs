@@ -270,16 +270,20 @@ fn with_a_node_url_nodes_fetch_the_artifact_from_the_server_by_signed_url() {
     fleet.f.assert_refusal_recorded("(unauthenticated)", 403, "forbidden");
 }
 
-/// Issue 15 part 2 by URL: a node that holds the release before fetches only the frames with
-/// what changed, by ranged GETs of the bucket's presigned URL or of this server's signed URL,
-/// and the release it makes is the artifact's.
+/// Issue 15 part 2: a node that holds the release before fetches only the frames with what
+/// changed — over SSH, the frames it says it lacks on its first line of the same call (the
+/// server then streams only those), or by ranged GETs of the bucket's presigned URL or of this
+/// server's signed URL — and the release it makes is the artifact's.
 #[test]
-fn a_node_fetches_only_the_frames_it_lacks_by_presigned_or_signed_url() {
+fn a_node_fetches_only_the_frames_it_lacks_over_ssh_or_by_url() {
+    let by_pipe = SshFleet::new(Backend::Local, &["staging", "staging"], "true");
     let by_bucket = SshFleet::new(Backend::S3, &["staging", "staging"], "true");
     let by_server = SshFleet::build(&["staging"], "hooks.finalize = [\"true\"]", |config| {
         TestServer::start_serving_nodes(Backend::Local, config)
     });
-    for (fleet, how) in [(&by_bucket, "presigned URL"), (&by_server, "signed URL")] {
+    for (fleet, how) in
+        [(&by_pipe, "streamed from the server"), (&by_bucket, "presigned URL"), (&by_server, "signed URL")]
+    {
         let v1 = fleet.upload_packaged("v1", &[]);
         let v2 = fleet.upload_packaged("v2", &[5, 150]);
         fleet.live_in("staging", &v1);
