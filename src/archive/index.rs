@@ -90,7 +90,7 @@ pub struct IndexedFile {
 pub enum IndexError {
     #[error("the stored index does not decompress: {0}")]
     Zstd(io::Error),
-    #[error("the stored index is larger than {MAX_INDEX_BYTES} bytes decompressed")]
+    #[error("the index is larger than {MAX_INDEX_BYTES} bytes decompressed")]
     TooLarge,
     #[error("the stored index does not read: {0}")]
     Json(#[from] serde_json::Error),
@@ -326,11 +326,12 @@ fn decompress_wire(bytes: &[u8]) -> Result<Vec<u8>, IndexError> {
     let claimed = zstd::zstd_safe::get_frame_content_size(bytes).ok().flatten().unwrap_or(0);
     let room = claimed.min(MAX_INDEX_BYTES + 1).min(64 * bytes.len() as u64 + 4096);
     let mut raw = Vec::with_capacity(room as usize);
+    let unreadable = |e: io::Error| IndexError::Wire(format!("it does not decompress: {e}"));
     zstd::stream::read::Decoder::with_buffer(bytes)
-        .map_err(IndexError::Zstd)?
+        .map_err(unreadable)?
         .take(MAX_INDEX_BYTES + 1)
         .read_to_end(&mut raw)
-        .map_err(IndexError::Zstd)?;
+        .map_err(unreadable)?;
     if raw.len() as u64 > MAX_INDEX_BYTES {
         return Err(IndexError::TooLarge);
     }

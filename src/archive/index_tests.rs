@@ -117,7 +117,7 @@ fn a_sent_index_cut_short_with_bytes_after_its_end_or_not_one_is_refused_naming_
     let wire = index.encode_wire();
     for cut in 0..wire.len() {
         let refusal = FileIndex::decode_wire(&wire[..cut], a).unwrap_err().to_string();
-        assert!(refusal.starts_with("the stored index does not decompress"), "cut at {cut}: {refusal}");
+        assert!(refusal.starts_with("the sent index does not read: it does not decompress"), "cut at {cut}: {refusal}");
     }
     // Cut in its decompressed bytes (a zstd frame that is whole): each cut named.
     let raw = raw(&index);
@@ -138,7 +138,7 @@ fn a_sent_index_cut_short_with_bytes_after_its_end_or_not_one_is_refused_naming_
     let mut after = index.encode_wire();
     after.extend_from_slice(b"garbage");
     let refusal = FileIndex::decode_wire(&after, a).unwrap_err().to_string();
-    assert!(refusal.starts_with("the stored index does not decompress"), "{refusal}");
+    assert!(refusal.starts_with("the sent index does not read: it does not decompress"), "{refusal}");
 
     let mut latin1 = raw.clone();
     let at = raw.windows(3).position(|w| w == "/ä".as_bytes()).unwrap() + 1;
@@ -166,7 +166,7 @@ fn a_sent_index_cut_short_with_bytes_after_its_end_or_not_one_is_refused_naming_
     let refusal = FileIndex::decode_wire(&sent(&index.encode_kept()), a).unwrap_err().to_string();
     assert!(refusal.ends_with("it does not start with RLW1"), "{refusal}");
     let refusal = FileIndex::decode_wire(b"RLW1", a).unwrap_err().to_string();
-    assert!(refusal.starts_with("the stored index does not decompress"), "{refusal}");
+    assert!(refusal.starts_with("the sent index does not read: it does not decompress"), "{refusal}");
 }
 
 #[test]
