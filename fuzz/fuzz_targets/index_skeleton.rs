@@ -2,13 +2,16 @@
 //! bent by the input (file offsets and sizes, frame offsets and lengths, the skeleton's bytes),
 //! is refused by `FileIndex::decode` or `Skeleton::of`, or makes every frame's tar stream
 //! without a panic, with no more bytes than the frame says, and walks by the archive rules
-//! without a panic.
+//! without a panic. The index goes over the wire form (`encode_wire`/`decode_wire`), which must
+//! refuse what `decode` refuses and read the same index otherwise; the input itself is also read
+//! as a sent index, as it is and as the decompressed form.
 #![no_main]
 
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use release::archive::{self, FileIndex, FrameScanner, Skeleton, walk_tar};
+use release::digest::Digest;
 use release_fuzz::options;
 
 /// A real index: a packed tree of a few frames (files, a long name, a symlink).
@@ -36,7 +39,21 @@ static INDEX: LazyLock<FileIndex> = LazyLock::new(|| {
 /// The most tar stream made per input: a bent size may say terabytes.
 const MAX_MADE: u64 = 32 << 20;
 
+/// The input as a sent index: as it is (the zstd decoder and the size bound fuzzed), and as
+/// the decompressed form, compressed here (so that mutations reach the parser), of the
+/// artifact it names (so that they pass that check). One read back is the only form of its
+/// index: encoded again, the same bytes.
+fn sent_as_is(data: &[u8]) {
+    let _ = FileIndex::decode_wire(data, INDEX.artifact);
+    let artifact = data.get(8..40).map_or(INDEX.artifact, |b| Digest::from_bytes(b.try_into().unwrap()));
+    let Ok(index) = FileIndex::decode_wire(&zstd::bulk::compress(data, 1).unwrap(), artifact) else { return };
+    let again = index.encode_wire();
+    assert!(zstd::decode_all(&again[..]).unwrap() == data, "read back and encoded again, other bytes");
+    assert!(FileIndex::decode_wire(&again, artifact).unwrap() == index, "read back twice, another index");
+}
+
 fuzz_target!(|data: &[u8]| {
+    sent_as_is(data);
     let mut index = INDEX.clone();
     // Each 11 bytes: what to bend (1), which one (2), the value (8).
     let mut rest = data;
@@ -65,7 +82,14 @@ fuzz_target!(|data: &[u8]| {
             }
         };
     }
-    let Ok(index) = FileIndex::decode(&index.encode(), index.artifact) else { return };
+    let stored = FileIndex::decode(&index.encode(), index.artifact);
+    let sent = FileIndex::decode_wire(&index.encode_wire(), index.artifact);
+    match (&stored, &sent) {
+        (Ok(stored), Ok(sent)) => assert!(stored == sent, "the sent form read another index"),
+        (Err(stored), Err(sent)) => assert_eq!(stored.to_string(), sent.to_string(), "refused for another reason"),
+        _ => panic!("the stored form: {:?}; the sent form: {:?}", stored.map(|_| ()), sent.map(|_| ())),
+    }
+    let Ok(index) = sent else { return };
     let Ok(Some(skeleton)) = Skeleton::of(&index) else { return };
     let mut stream = Vec::new();
     let mut buf = vec![0u8; 4093];

@@ -320,6 +320,17 @@ fn garbage_still_gets_the_checks_refusals_and_one_frame() {
     }
 }
 
+pub(super) type Break = fn(&mut FileIndex);
+
+/// Ways to break an index's frame table (of two frames or more, and a file), each named.
+pub(super) fn broken_frame_tables() -> [(&'static str, Break); 3] {
+    [
+        ("a gap", |i| i.frames[1].offset += 1),
+        ("an empty frame", |i| i.frames[0].length = 0),
+        ("a file past the end", |i| i.files[0].offset = i.frames.iter().map(|f| f.raw_length).sum()),
+    ]
+}
+
 #[test]
 fn the_index_keeps_its_frame_table_and_refuses_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -338,13 +349,7 @@ fn the_index_keeps_its_frame_table_and_refuses_a_broken_one() {
         assert!(frame.get(field).is_some(), "{field} in {frame}");
     }
 
-    type Break = fn(&mut FileIndex);
-    let broken: [(&str, Break); 3] = [
-        ("a gap", |i| i.frames[1].offset += 1),
-        ("an empty frame", |i| i.frames[0].length = 0),
-        ("a file past the end", |i| i.files[0].offset = i.frames.iter().map(|f| f.raw_length).sum()),
-    ];
-    for (what, breaking) in broken {
+    for (what, breaking) in broken_frame_tables() {
         let mut index = stored.clone();
         breaking(&mut index);
         let refusal = FileIndex::decode(&index.encode(), packed.digest).unwrap_err().to_string();

@@ -14,6 +14,8 @@ mod frames;
 #[cfg(test)]
 mod frames_tests;
 mod index;
+#[cfg(test)]
+mod index_tests;
 mod pack;
 mod rules;
 mod scan;
