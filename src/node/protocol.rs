@@ -154,7 +154,8 @@ pub struct Prepare {
     /// Who runs the finalize commands, and with which umask.
     #[serde(default)]
     pub run_as: RunAs,
-    /// The artifact's file index as stored (zstd JSON; base64 on the wire), issue 15: with it,
+    /// The artifact's file index in its wire form (`FileIndex::encode_wire`: binary, zstd;
+    /// base64 on the line), issue 15: with it,
     /// a file a ready release on the node holds already is hard-linked instead of written, and
     /// only the frames holding the others are fetched. Absent from the wire when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::archive::base64_bytes")]

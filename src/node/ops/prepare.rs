@@ -434,15 +434,14 @@ pub(super) fn shared_file(shared: &Path, path: &str) -> SharedEntry {
     }
 }
 
-/// The index the prepare was sent, read (`None` when none was).
+/// The index the prepare was sent, read (`None` when none was); refused when it does not read
+/// or is of another artifact.
 fn sent_index(p: &Prepare) -> Result<Option<FileIndex>, NodeError> {
-    p.index.as_deref().map(|stored| decode_sent(stored, p.digest)).transpose()
-}
-
-/// An index sent with a request, read; refused when it does not read or is of another artifact.
-fn decode_sent(stored: &[u8], digest: Digest) -> Result<FileIndex, NodeError> {
-    FileIndex::decode(stored, digest)
-        .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))
+    let read = |wire: &[u8]| {
+        FileIndex::decode_wire(wire, p.digest)
+            .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, format!("the file index sent: {e}")))
+    };
+    p.index.as_deref().map(read).transpose()
 }
 
 /// Says which frames it lacks, on a line of its own before it reads stdin

@@ -40,7 +40,7 @@ fn request(base: &Path, digest: Digest, index: Option<FileIndex>, finalize: &[&s
         finalize: finalize.iter().map(|c| c.to_string()).collect(),
         max_unpacked_bytes: 1 << 30,
         max_files: 100_000,
-        index: index.map(|index| index.encode()),
+        index: index.map(|index| index.encode_wire()),
         ..super::super::tests::prepare_stdin(base, digest)
     }
 }

@@ -63,7 +63,7 @@ fn request(base: &Path, digest: Digest, index: &FileIndex, ask_frames: bool) -> 
     Prepare {
         max_unpacked_bytes: 1 << 30,
         max_files: 100_000,
-        index: Some(index.encode()),
+        index: Some(index.encode_wire()),
         ask_frames,
         ..super::tests::prepare_stdin(base, digest)
     }
