@@ -29,7 +29,7 @@ pub use protocol::{
 };
 pub use sparse::{Sparse, frames_to_fetch, unpack_sparse};
 pub use unpack::{
-    Candidate, Linked, Modes, Sharing, UnpackError, Unpacked, is_writable, remove_tree, unpack, unpack_sharing,
+    Candidate, Linked, Looked, Modes, Sharing, UnpackError, Unpacked, is_writable, remove_tree, unpack, unpack_sharing,
 };
 
 /// `release node [--protocol N]`: reads one request from stdin, answers on stdout. The

@@ -7,7 +7,7 @@ use std::io::{self, Read};
 use std::path::Path;
 
 use super::unpack::{Linking, index_by_path, unpack_into, walk_error};
-use super::{Modes, Sharing, UnpackError, Unpacked};
+use super::{Looked, Modes, Sharing, UnpackError, Unpacked};
 use crate::archive::{self, CheckOptions, FileIndex, Frame, Skeleton, Visitor};
 use crate::digest::Digest;
 
@@ -71,23 +71,29 @@ pub fn unpack_sparse(
 }
 
 /// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
-/// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path).
-/// `None` when the index cannot be unpacked from frames (no skeleton, or a frame too large to
-/// make in memory): then the whole artifact is fetched.
-pub fn frames_to_fetch(sharing: &Sharing<'_>, has_skeleton: bool) -> Result<Option<Vec<usize>>, UnpackError> {
+/// it cannot link (none of its ready releases holds it, or it is empty, or in a writable path);
+/// and the files it found linkable, for the unpack ([`Sharing::looked`]). `None` when the
+/// index cannot be unpacked from frames (no skeleton, or a frame too large to make in memory):
+/// then the whole artifact is fetched.
+pub fn frames_to_fetch(sharing: &Sharing<'_>, has_skeleton: bool) -> Result<Option<(Vec<usize>, Looked)>, UnpackError> {
     let index = sharing.index;
     if !has_skeleton || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
         return Ok(None);
     }
     let by_path = index_by_path(index)?;
-    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable };
+    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable, looked: None };
     let mut wanted = vec![false; index.frames.len()];
-    for file in &index.files {
-        if file.size > 0 && linking.usable(Path::new(&file.path), &file.path, file.executable).is_none() {
-            index.frames_of(file).for_each(|n| wanted[n] = true);
+    let mut looked = Looked::with_capacity(index.files.len());
+    for file in index.files.iter().filter(|f| f.size > 0) {
+        match linking.usable(Path::new(&file.path), &file.path, file.executable) {
+            Some((candidate, meta)) => {
+                looked.insert(file.path.clone(), (candidate.clone(), meta));
+            }
+            None => index.frames_of(file).for_each(|n| wanted[n] = true),
         }
     }
-    Ok(Some(wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect()))
+    let frames = wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect();
+    Ok(Some((frames, looked)))
 }
 
 /// The largest frame a sparse unpack makes or decompresses in memory (`release package` writes

@@ -122,12 +122,15 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
             None => Default::default(),
         };
         let has_skeleton = index.as_ref().is_some_and(|index| index.skeleton.is_some());
-        let sharing = || index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable });
+        let sharing = |looked| {
+            index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable, looked })
+        };
         // Which frames to fetch: those holding a file no release here holds; None: the whole
         // artifact (also when that is every frame: one stream, fewer steps). On stdin, asked
-        // by the server, which then sends those; by URL, fetched by ranged GETs.
+        // by the server, which then sends those; by URL, fetched by ranged GETs. The files
+        // found linkable then are linked as found (not looked at again).
         let asked = p.ask_frames && p.source == Source::Stdin;
-        let frames = match (&p.source, sharing()) {
+        let told = match (&p.source, sharing(None)) {
             (Source::Url(_) | Source::Server(_), Some(sharing)) => {
                 frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
@@ -135,8 +138,9 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
                 frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
             _ => None,
-        }
-        .filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
+        };
+        let (frames, looked) = told.map_or((None, None), |(frames, looked)| (Some(frames), Some(looked)));
+        let frames = frames.filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
         if asked {
             let of = index.as_ref().map_or(0, |i| i.frames.len());
             ask(output, Lacking { frames: frames.clone(), of })?;
@@ -149,7 +153,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
             _ => None,
         };
         let stalled = std::rc::Rc::new(std::cell::Cell::new(None));
-        let unpacked = match (&p.source, frames, sharing(), &skeleton) {
+        let unpacked = match (&p.source, frames, sharing(looked.as_ref()), &skeleton) {
             (source, Some(needed), Some(sharing), Some(skeleton)) => {
                 let mut source: Box<dyn FrameSource + '_> = match source {
                     Source::Stdin => Box::new(StdinFrames { input: &mut *input }),
@@ -164,12 +168,12 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
                     unpacked
                 })
             }
-            (Source::Stdin, ..) => unpack_sharing(input, &tmp, &options, p.digest, modes, sharing()),
+            (Source::Stdin, ..) => unpack_sharing(input, &tmp, &options, p.digest, modes, sharing(looked.as_ref())),
             (Source::Url(url) | Source::Server(url), ..) => {
                 let stall = p.fetch_stall_timeout();
                 let response = Fetched { inner: fetch(url, stall)?, stall, failed: stalled.clone() };
                 let response = io::BufReader::with_capacity(1 << 20, response);
-                unpack_sharing(response, &tmp, &options, p.digest, modes, sharing())
+                unpack_sharing(response, &tmp, &options, p.digest, modes, sharing(looked.as_ref()))
             }
             (Source::Present, ..) => unreachable!("answered above"),
         };
