@@ -146,6 +146,16 @@ class Bench:
         seconds = ts(prep[0]["finished_at"]) - ts(prep[0]["started_at"]) if prep else None
         return seconds, sent
 
+    def link_floor(self, release):
+        """Wall time of `cp -al` of a prepared release (mkdir of every directory, a hard link of
+        every file): what linking every file costs on this file system, whatever the unpacker."""
+        dest = os.path.join(self.root, "link-floor")
+        start = time.perf_counter()
+        subprocess.run(["cp", "-al", release, dest], check=True)
+        seconds = time.perf_counter() - start
+        subprocess.run(["rm", "-rf", dest], check=True)
+        return seconds
+
     def untar(self, artifact):
         dest = os.path.join(self.root, "baseline")
         os.makedirs(dest)
@@ -215,7 +225,7 @@ class Bench:
         say(f"server up at {url}; {len(services)} services; artifacts uploaded")
 
         res = {"full": [], "full_untar": [], "node_full": [], "node_untar": [], "blocks_full": [],
-               "rollback_wchar": []}
+               "rollback_wchar": [], "link_floor": []}
         for p in CHANGES:
             res[f"c{p}"], res[f"c{p}_wchar"], res[f"c{p}_blocks"] = [], [], []
         res["full_wchar"] = []
@@ -227,6 +237,7 @@ class Bench:
             res["full_wchar"].append(sent)
             res["blocks_full"].append(self.blocks(base) - b0)
             res["full_untar"].append(self.untar(arts["laravel"]))
+            res["link_floor"].append(self.link_floor(os.path.join(base, "releases", digests["laravel"].split(":")[1])))
             for p in CHANGES:
                 b0 = self.blocks(base)
                 t, sent = self.deploy(s, digests[f"c{p}"])
@@ -253,6 +264,8 @@ def report(r):
     print(f"laravel-like tree: {r['files']['laravel']} files, artifact {r['artifact_bytes']['laravel'] / 1e6:.1f} MB")
     print(f"{'full prepare (release show)':<40} {med(r['full']):8.3f} s   runs {['%.3f' % x for x in r['full']]}")
     print(f"{'zstd -dc | tar -x (same artifact)':<40} {med(r['full_untar']):8.3f} s")
+    print(f"{'cp -al of the first release (link floor)':<40} {med(r['link_floor']):8.3f} s   "
+          f"{med(r['link_floor']) / med(r['full']):.2f}x full")
     for p in CHANGES:
         print(f"{f'{p}% changed prepare':<40} {med(r[f'c{p}']):8.3f} s   {med(r[f'c{p}']) / med(r['full']):.2f}x full; "
               f"added {med(r[f'c{p}_blocks']) / 1e6:.1f} MB of blocks ({med(r[f'c{p}_blocks']) / med(r['blocks_full']):.0%} of the first's "
