@@ -178,9 +178,16 @@ pub(super) async fn exchange(
     let stdout = &mut stdout;
     // Moved in: the sender is dropped when stdout ends, whether a line came or not.
     let answer = async move {
+        // Each byte looked at once: an agent writing megabytes without a newline costs a scan
+        // of them, not one per read.
+        let mut scanned = 0;
         let mut first = |kept: &[u8]| {
-            if first_line.is_some()
-                && let Some(end) = kept.iter().position(|b| *b == b'\n')
+            if first_line.is_none() {
+                return;
+            }
+            let end = kept[scanned..].iter().position(|b| *b == b'\n').map(|at| scanned + at);
+            scanned = kept.len();
+            if let Some(end) = end
                 && let Some(tx) = first_line.take()
             {
                 let _ = tx.send(kept[..=end].to_vec());

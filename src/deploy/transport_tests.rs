@@ -13,8 +13,9 @@ fn clean_removes_control_characters_and_cuts_at_a_character_boundary() {
     assert_eq!(clean(&"x".repeat(5000), 2000, Keep::End).len(), 2000);
 }
 
-/// An agent on the other end of pipes: reads the request line, says `first` (if any), reads
-/// stdin to its end (unless `first` is its answer), then answers `last` with the bytes it read.
+/// An agent on the other end of pipes: reads the request line, says `first` (if any, in two
+/// pieces), reads stdin to its end (unless `first` is its answer), then answers `last` with
+/// the bytes it read.
 async fn exchanged(
     input: Input,
     first: Option<&'static str>,
@@ -30,7 +31,12 @@ async fn exchanged(
         let mut line = String::new();
         agent_in.read_line(&mut line).await.unwrap();
         if let Some(first) = first {
-            agent_out.write_all(format!("{first}\n").as_bytes()).await.unwrap();
+            // In two writes, apart: the line may come in pieces.
+            let (head, tail) = first.split_at(first.len() / 2);
+            agent_out.write_all(head.as_bytes()).await.unwrap();
+            agent_out.flush().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            agent_out.write_all(format!("{tail}\n").as_bytes()).await.unwrap();
             agent_out.flush().await.unwrap();
         }
         let mut read = Vec::new();
