@@ -116,19 +116,17 @@ impl NodeDeployer {
             Source::Stdin
         };
         // On stdin: only the frames the node says it lacks, when it can tell.
-        let mut ask_frames = false;
         let input = match (&source, index) {
             // A node holding no release has nothing to link: the whole artifact, unasked.
             (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() && !status.ready.is_empty() => {
-                ask_frames = true;
                 Input::Asked(self.answer_lacking(target, digest, sent))
             }
-            (Source::Stdin, _) => Input::Bytes(self.artifact(digest).await?),
+            (Source::Stdin, _) => Input::Bytes(artifact(&self.store, digest).await?),
             _ => Input::Nothing,
         };
         let mut request = self.prepare_request(plan, target, hooks, digest, source, index);
         if let Request::Prepare(prepare) = &mut request {
-            prepare.ask_frames = ask_frames;
+            prepare.ask_frames = matches!(input, Input::Asked(_));
         }
         let answer = call::<Prepared>(target, &request, input).await;
         report_phase(plan, target, name, &request, started, answer).map(drop)
@@ -150,7 +148,7 @@ impl NodeDeployer {
                         let ranges = lacked_ranges(&frames, &lacks).map_err(|e| format!("node {node}: {e}"))?;
                         frames_of(store, digest, ranges)
                     }
-                    None => store.read_artifact(digest, None).await.map_err(|e| e.to_string())?,
+                    None => artifact(&store, digest).await?,
                 };
                 Ok(Some(payload))
             })
@@ -216,10 +214,11 @@ impl NodeDeployer {
             }
         }
     }
+}
 
-    async fn artifact(&self, digest: Digest) -> Result<Payload, String> {
-        self.store.read_artifact(digest, None).await.map_err(|e| e.to_string())
-    }
+/// The whole artifact.
+async fn artifact(store: &Store, digest: Digest) -> Result<Payload, String> {
+    store.read_artifact(digest, None).await.map_err(|e| e.to_string())
 }
 
 /// The bytes of the artifact in `ranges`, in order, one ranged read each.

@@ -130,11 +130,9 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
         // by the server, which then sends those; by URL, fetched by ranged GETs. The files
         // found linkable then are linked as found (not looked at again).
         let asked = p.ask_frames && p.source == Source::Stdin;
-        let told = match (&p.source, sharing(None)) {
-            (Source::Url(_) | Source::Server(_), Some(sharing)) => {
-                frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
-            }
-            (Source::Stdin, Some(sharing)) if asked => {
+        let by_url = matches!(p.source, Source::Url(_) | Source::Server(_));
+        let told = match sharing(None) {
+            Some(sharing) if asked || by_url => {
                 frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
             }
             _ => None,
