@@ -143,6 +143,13 @@ impl NodeDeployer {
                     // Not the question: the agent answered at once (a refusal).
                     return Ok(None);
                 };
+                if asking.protocol != node::VERSION {
+                    return Err(format!(
+                        "node {node} asks for frames in node protocol {}, not {}: its agent is another build",
+                        asking.protocol,
+                        node::VERSION
+                    ));
+                }
                 let payload = match asking.lacking.frames {
                     Some(lacks) => {
                         let ranges = lacked_ranges(&frames, &lacks).map_err(|e| format!("node {node}: {e}"))?;

@@ -331,7 +331,8 @@ echo '{"ok":true,"protocol":3,"data":"28b52ffd","eof":true}'"#,
 
 /// A node asked which frames of the artifact it lacks (it holds an older release, and the
 /// artifact rides its stdin) that answers with a list out of order, or naming a frame past the
-/// artifact's, is refused naming the node and what it said; nothing is sent to it (its stdin
+/// artifact's, or asking in another protocol version than this build's, is refused naming the
+/// node and what it said; nothing is sent to it (its stdin
 /// is closed at once) and the deploy fails with nothing switched. A first line that is no
 /// question at all is taken for the answer (the prepare fails, naming the node).
 #[test]
@@ -341,6 +342,10 @@ fn a_node_lying_about_the_frames_it_lacks_is_refused_and_sent_nothing() {
         (
             r#"{"protocol":3,"lacking":{"frames":[0,99999],"of":99999}}"#,
             "it said it lacks frame 99999 of an artifact of",
+        ),
+        (
+            r#"{"protocol":4,"lacking":{"frames":[0],"of":9}}"#,
+            "asks for frames in node protocol 4, not 3: its agent is another build",
         ),
         ("not a question", "not JSON"),
     ] {
