@@ -181,7 +181,9 @@ impl FileIndex {
         if found != artifact {
             return Err(IndexError::OtherArtifact { expected: artifact, found });
         }
-        let mut files = Vec::new();
+        // At most one file per FILE_FIXED bytes: room for all at once (growing by doubling
+        // copies the list into fresh pages, which a node pays for by the megabyte).
+        let mut files = Vec::with_capacity(rest.0.len() / FILE_FIXED);
         while !rest.0.is_empty() {
             files.push(rest.file().map_err(|_| cut())?);
         }
@@ -392,15 +394,15 @@ impl<'a> Reader<'a> {
 pub struct Indexing<'a> {
     pub inner: &'a mut dyn Visitor,
     pub files: Vec<IndexedFile>,
-    /// Files whose data is not hashed (nor read here): listed with their size and the hash
-    /// of nothing. A node's sparse unpack made their data (zeros), never fetched it.
-    pub unhashed: std::collections::HashSet<String>,
+    /// Which files' data is not hashed (nor read here), by path: listed with their size and
+    /// the hash of nothing. A node's sparse unpack made their data (zeros), never fetched it.
+    pub unhashed: Option<&'a dyn Fn(&str) -> bool>,
     buffer: Vec<u8>,
 }
 
 impl<'a> Indexing<'a> {
     pub fn new(inner: &'a mut dyn Visitor) -> Indexing<'a> {
-        Indexing { inner, files: Vec::new(), unhashed: Default::default(), buffer: vec![0; 256 << 10] }
+        Indexing { inner, files: Vec::new(), unhashed: None, buffer: vec![0; 256 << 10] }
     }
 }
 
@@ -410,7 +412,7 @@ impl Visitor for Indexing<'_> {
             return self.inner.entry(entry, data);
         };
         let path = path.as_str().to_owned();
-        if self.unhashed.contains(&path) {
+        if self.unhashed.is_some_and(|unhashed| unhashed(&path)) {
             self.inner.entry(entry, data)?;
             self.files.push(IndexedFile { path, executable, size, offset, sha256: Digest::of(b"") });
             return Ok(());

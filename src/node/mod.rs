@@ -17,6 +17,7 @@
 //! same rules as ingest and its digest while unpacking, and never writes outside `<base>`.
 
 mod check;
+mod dirfd;
 mod ops;
 pub mod protocol;
 pub mod sparse;

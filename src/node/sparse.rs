@@ -2,7 +2,6 @@
 //! fetched, each checked against the artifact's index, and for the rest the tar headers the
 //! index keeps, the files' data linked from the releases already here.
 
-use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -44,12 +43,7 @@ pub fn unpack_sparse(
             )));
         }
     }
-    let made: HashSet<String> = index
-        .files
-        .iter()
-        .filter(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n]))
-        .map(|f| f.path.clone())
-        .collect();
+    let made: Vec<bool> = index.files.iter().map(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n])).collect();
     let mut reader = SparseTar::new(index, skeleton, wanted, source);
     let walk = |visitor: &mut dyn Visitor| {
         let walked = archive::walk_tar(&mut reader, options, visitor);
@@ -66,7 +60,7 @@ pub fn unpack_sparse(
         }
         Ok(summary)
     };
-    let unpacked = unpack_into(dest, modes, Some(sharing), made, walk)?;
+    let unpacked = unpack_into(dest, modes, Some(sharing), &made, walk)?;
     Ok((unpacked, reader.fetched))
 }
 
@@ -75,25 +69,33 @@ pub fn unpack_sparse(
 /// and the files it found linkable, for the unpack ([`Sharing::looked`]). `None` when the
 /// index cannot be unpacked from frames (no skeleton, or a frame too large to make in memory):
 /// then the whole artifact is fetched.
-pub fn frames_to_fetch(sharing: &Sharing<'_>, has_skeleton: bool) -> Result<Option<(Vec<usize>, Looked)>, UnpackError> {
+pub fn frames_to_fetch<'a>(
+    sharing: &Sharing<'a>,
+    has_skeleton: bool,
+) -> Result<Option<(Vec<usize>, Looked<'a>)>, UnpackError> {
     let index = sharing.index;
     if !has_skeleton || index.frames.iter().any(|f| f.raw_length > MAX_MADE_FRAME || f.length > MAX_MADE_FRAME) {
         return Ok(None);
     }
     let by_path = index_by_path(index)?;
-    let linking = Linking { candidates: sharing.candidates, index: &by_path, writable: sharing.writable, looked: None };
+    let linking = Linking {
+        candidates: sharing.candidates,
+        files: &index.files,
+        by_path: &by_path,
+        writable: sharing.writable,
+        looked: None,
+        sources: Default::default(),
+    };
     let mut wanted = vec![false; index.frames.len()];
-    let mut looked = Looked::with_capacity(index.files.len());
-    for file in index.files.iter().filter(|f| f.size > 0) {
-        match linking.usable(Path::new(&file.path), &file.path, file.executable) {
-            Some((candidate, meta)) => {
-                looked.insert(file.path.clone(), (candidate.clone(), meta));
-            }
+    let mut seen = vec![None; index.files.len()];
+    for (at, file) in index.files.iter().enumerate().filter(|(_, f)| f.size > 0) {
+        match linking.usable(Path::new(&file.path), at, file.executable) {
+            Some(found) => seen[at] = Some(found),
             None => index.frames_of(file).for_each(|n| wanted[n] = true),
         }
     }
     let frames = wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect();
-    Ok(Some((frames, looked)))
+    Ok(Some((frames, Looked { by_path, seen })))
 }
 
 /// The largest frame a sparse unpack makes or decompresses in memory (`release package` writes

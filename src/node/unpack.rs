@@ -14,14 +14,17 @@
 //! Long on purpose: writing, hashing, checking and linking are one pass over one stream, and
 //! each refusal on the way must leave nothing: they read best as one walk.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use foldhash::HashMapExt as _;
 use sha2::{Digest as _, Sha256};
 
+use super::dirfd::{self, OpenDir, Stat};
 use crate::archive::{
     self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Summary, Visitor, WalkError,
 };
@@ -60,12 +63,29 @@ pub struct Sharing<'a> {
     /// each is linked as it was found then, not looked at again (a stat of 10,000 files is a
     /// tenth of a sparse prepare); a file not in it is not linked. `None`: looked at as the walk
     /// meets them.
-    pub looked: Option<&'a Looked>,
+    pub looked: Option<&'a Looked<'a>>,
 }
 
-/// Files of older releases found linkable, by the new release's path: the candidate and its
-/// metadata then.
-pub type Looked = HashMap<String, (Candidate, fs::Metadata)>;
+/// The index's files by path: their place in `files`.
+pub type ByPath<'a> = foldhash::HashMap<&'a str, usize>;
+
+/// Files of older releases found linkable: the index by path, and for each of its files (by
+/// place) the older file and what it was then, if one was found. Borrowed, not copied: a
+/// sparse prepare's time goes as much to the memory it touches first as to its syscalls.
+pub struct Looked<'a> {
+    pub by_path: ByPath<'a>,
+    pub seen: Vec<Option<Seen<'a>>>,
+}
+
+/// A file of an older release found linkable, as it was then.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    pub candidate: &'a Candidate,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub mode: u32,
+}
 
 /// A file an older release holds, as its index says.
 #[derive(Clone, Debug)]
@@ -82,42 +102,40 @@ pub struct Candidate {
 }
 
 /// [`Sharing`] while unpacking: the index by path.
-pub(super) struct Linking<'a> {
+pub(super) struct Linking<'a, 'm> {
     pub(super) candidates: &'a HashMap<(Digest, bool), Candidate>,
-    pub(super) index: &'a HashMap<&'a str, &'a IndexedFile>,
+    pub(super) files: &'a [IndexedFile],
+    pub(super) by_path: &'m ByPath<'a>,
     pub(super) writable: &'a [String],
-    pub(super) looked: Option<&'a Looked>,
+    pub(super) looked: Option<&'m [Option<Seen<'a>>]>,
+    /// The directory of the last older file looked at or linked.
+    pub(super) sources: RefCell<OpenDir>,
 }
 
-impl<'a> Linking<'a> {
-    /// The file of an older release `relative` may be linked to: one holding what the index
-    /// says it holds, that still looks like it (a regular file of that size and mode, not
-    /// modified since its index was kept, read-only: never a writable path's), with its
-    /// metadata now. An empty file has no data to share (and thousands of them would reach
-    /// the links' limit of one inode).
-    pub(super) fn usable(
-        &self,
-        relative: &Path,
-        path: &str,
-        executable: bool,
-    ) -> Option<(&'a Candidate, fs::Metadata)> {
-        use std::os::unix::fs::MetadataExt;
-        let said = self.index.get(path)?;
+impl<'a> Linking<'a, '_> {
+    /// The file of an older release the index's file `at` (`relative` in the release) may be
+    /// linked to: one holding what the index says it holds, that still looks like it (a
+    /// regular file of that size and mode, not modified since its index was kept, read-only:
+    /// never a writable path's), as it is now. An empty file has no data to share (and
+    /// thousands of them would reach the links' limit of one inode).
+    pub(super) fn usable(&self, relative: &Path, at: usize, executable: bool) -> Option<Seen<'a>> {
+        let said = &self.files[at];
         if said.executable != executable || said.size == 0 || is_writable(relative, self.writable) {
             return None;
         }
         if let Some(looked) = self.looked {
-            return looked.get(path).map(|(candidate, meta)| (candidate, meta.clone()));
+            return looked.get(at).copied().flatten();
         }
         let candidate = self.candidates.get(&(said.sha256, executable))?;
-        let meta = fs::symlink_metadata(&candidate.path).ok()?;
-        let looks_same = meta.is_file()
-            && meta.size() == candidate.size
-            && meta.size() == said.size
-            && mtime_ns(&meta) <= candidate.indexed_at_ns
-            && meta.mode() & 0o222 == 0
-            && (meta.mode() & 0o111 != 0) == executable;
-        looks_same.then_some((candidate, meta))
+        let stat = self.sources.borrow_mut().stat(&candidate.path).ok()?;
+        let looks_same = stat.is_file
+            && stat.size == candidate.size
+            && stat.size == said.size
+            && stat.mtime_ns <= candidate.indexed_at_ns
+            && stat.mode & 0o222 == 0
+            && (stat.mode & 0o111 != 0) == executable;
+        let Stat { ino, size, mtime_ns, mode, .. } = stat;
+        looks_same.then_some(Seen { candidate, ino, size, mtime_ns, mode })
     }
 }
 
@@ -210,7 +228,7 @@ pub fn unpack_sharing(
         }
         Ok(summary)
     };
-    unpack_into(dest, modes, sharing, HashSet::new(), walk)
+    unpack_into(dest, modes, sharing, &[], walk)
 }
 
 pub(super) fn walk_error(e: WalkError) -> UnpackError {
@@ -220,59 +238,69 @@ pub(super) fn walk_error(e: WalkError) -> UnpackError {
     }
 }
 
-/// Makes `dest` and unpacks into it what `walk` hands the visitor; `made`: the paths of files
-/// whose data was made, not fetched (linked, never read or compared). Nothing is left when it
-/// fails.
+/// Makes `dest` and unpacks into it what `walk` hands the visitor; `made`: by their place in
+/// the index, the files whose data was made, not fetched (linked, never read or compared).
+/// Nothing is left when it fails.
 pub(super) fn unpack_into(
     dest: &Path,
     modes: Modes<'_>,
     sharing: Option<Sharing<'_>>,
-    made: HashSet<String>,
+    made: &[bool],
     walk: impl FnOnce(&mut dyn Visitor) -> Result<Summary, UnpackError>,
 ) -> Result<Unpacked, UnpackError> {
     let write_error = |path: &Path| {
         let path = path.display().to_string();
         move |source| UnpackError::Write { path, source }
     };
+    let built;
     let by_path = match &sharing {
-        Some(sharing) => Some(index_by_path(sharing.index)?),
+        Some(Sharing { looked: Some(looked), .. }) => Some(&looked.by_path),
+        Some(sharing) => {
+            built = index_by_path(sharing.index)?;
+            Some(&built)
+        }
         None => None,
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
     let mut unpacker = Unpacker {
         root: dest.to_owned(),
         buffer: vec![0; 256 << 10],
-        theirs: vec![0; 256 << 10],
-        dirs: HashSet::from([PathBuf::new()]),
+        theirs: Vec::new(),
+        dirs: foldhash::HashSet::from_iter([PathBuf::new()]),
+        last_dir: PathBuf::new(),
         modes,
-        sharing: sharing.as_ref().zip(by_path.as_ref()).map(|(s, index)| Linking {
+        sharing: sharing.as_ref().zip(by_path).map(|(s, by_path)| Linking {
             candidates: s.candidates,
-            index,
+            files: &s.index.files,
+            by_path,
             writable: s.writable,
-            looked: s.looked,
+            looked: s.looked.map(|looked| &looked.seen[..]),
+            sources: RefCell::default(),
         }),
+        links: OpenDir::default(),
         linked: Vec::new(),
-        linked_paths: HashSet::new(),
+        linked_at: vec![false; sharing.as_ref().map_or(0, |s| s.index.files.len())],
         not_as_said: Vec::new(),
         made,
     };
     let mut listed = Vec::new();
-    let unhashed = unpacker.made.clone();
+    let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| made.get(at) == Some(&true));
     let walked = match &sharing {
         None => walk(&mut unpacker),
         Some(_) => {
             let mut indexing = Indexing::new(&mut unpacker);
-            indexing.unhashed = unhashed;
+            indexing.unhashed = Some(&unhashed);
+            indexing.files.reserve(by_path.map_or(0, |b| b.len()));
             let walked = walk(&mut indexing);
             listed = std::mem::take(&mut indexing.files);
             walked
         }
     };
-    let outcome = walked.and_then(|summary| match &by_path {
-        Some(by_path) => matches_index(&listed, by_path, &unpacker.made)
+    let outcome = walked.and_then(|summary| match (&sharing, by_path) {
+        (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, made)
             .and_then(|()| older_as_said(&unpacker.not_as_said))
             .map(|()| summary),
-        None => Ok(summary),
+        _ => Ok(summary),
     });
     match outcome {
         Ok(summary) => {
@@ -287,31 +315,33 @@ pub(super) fn unpack_into(
 }
 
 /// The index's files by path; an index naming one path twice is refused.
-pub(super) fn index_by_path(index: &FileIndex) -> Result<HashMap<&str, &IndexedFile>, UnpackError> {
-    let mut by_path = HashMap::with_capacity(index.files.len());
-    for file in &index.files {
-        if by_path.insert(file.path.as_str(), file).is_some() {
+pub(super) fn index_by_path(index: &FileIndex) -> Result<ByPath<'_>, UnpackError> {
+    let mut by_path = ByPath::with_capacity(index.files.len());
+    for (at, file) in index.files.iter().enumerate() {
+        if by_path.insert(file.path.as_str(), at).is_some() {
             return Err(UnpackError::IndexMismatch(format!("it lists {:?} twice", file.path)));
         }
     }
     Ok(by_path)
 }
 
-/// Compares what the archive held (hashed while unpacking) with its index, file by file; of a
-/// file whose data was `made` (zeros: not fetched), its size and mode only.
+/// Compares what the archive held (hashed while unpacking) with its index (`files`, by path),
+/// file by file; of a file whose data was `made` (zeros: not fetched), its size and mode only.
 fn matches_index(
     listed: &[IndexedFile],
-    index: &HashMap<&str, &IndexedFile>,
-    made: &HashSet<String>,
+    files: &[IndexedFile],
+    by_path: &ByPath,
+    made: &[bool],
 ) -> Result<(), UnpackError> {
     for file in listed {
-        let Some(said) = index.get(file.path.as_str()) else {
+        let Some(&at) = by_path.get(file.path.as_str()) else {
             return Err(UnpackError::IndexMismatch(format!(
                 "the archive holds {:?}, which it does not list",
                 file.path
             )));
         };
-        let sha256 = if made.contains(&file.path) { said.sha256 } else { file.sha256 };
+        let said = &files[at];
+        let sha256 = if made.get(at) == Some(&true) { said.sha256 } else { file.sha256 };
         if (said.sha256, said.size, said.executable) != (sha256, file.size, file.executable) {
             let mode = |x: bool| if x { "executable" } else { "not executable" };
             return Err(UnpackError::IndexMismatch(format!(
@@ -326,9 +356,9 @@ fn matches_index(
             )));
         }
     }
-    if listed.len() != index.len() {
-        let held: HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
-        let missing = index.keys().find(|p| !held.contains(*p)).expect("more listed than held");
+    if listed.len() != by_path.len() {
+        let held: foldhash::HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+        let missing = by_path.keys().find(|p| !held.contains(*p)).expect("more listed than held");
         return Err(UnpackError::IndexMismatch(format!("it lists {missing:?}, which the archive does not hold")));
     }
     Ok(())
@@ -388,36 +418,47 @@ struct Unpacker<'a> {
     /// One copy buffer for every file (a fresh one per file cost ~8% of an unpack in
     /// allocating and clearing pages).
     buffer: Vec<u8>,
-    /// What a linked file holds, read to compare with the stream's bytes.
+    /// What a linked file holds, read to compare with the stream's bytes (as long as `buffer`
+    /// once a file is compared; a sparse unpack may compare none).
     theirs: Vec<u8>,
     /// The directories made so far, relative: a file's parent is made once, not looked up
     /// again for every file in it (that lookup was 8% of an unpack).
-    dirs: HashSet<PathBuf>,
+    dirs: foldhash::HashSet<PathBuf>,
+    /// The directory `make_dir` was last asked for (made).
+    last_dir: PathBuf,
     modes: Modes<'a>,
     /// The files to link to, and the index by path.
-    sharing: Option<Linking<'a>>,
+    sharing: Option<Linking<'a, 'a>>,
     linked: Vec<Linked>,
-    /// The paths of `linked`, relative.
-    linked_paths: HashSet<String>,
+    /// By place in the index: the files in `linked`.
+    linked_at: Vec<bool>,
     /// Older files linked that do not hold what their release's index says.
     not_as_said: Vec<Candidate>,
-    /// Files whose data was made, not fetched: linked, never read.
-    made: HashSet<String>,
+    /// By place in the index: the files whose data was made, not fetched (linked, never read).
+    made: &'a [bool],
+    /// The directory of the last file linked.
+    links: OpenDir,
 }
 
-impl Unpacker<'_> {
+impl<'a> Unpacker<'a> {
     /// Makes the directory `relative` (and its parents) unless it was made already.
     fn make_dir(&mut self, relative: &Path) -> io::Result<()> {
-        if self.dirs.contains(relative) {
+        // A directory's files come one after another: the last one asked for is the likeliest
+        // (compared as bytes; a Path is hashed component by component).
+        if self.last_dir.as_os_str() == relative.as_os_str() {
             return Ok(());
         }
-        fs::create_dir_all(self.root.join(relative))?;
-        // The root is fresh, so everything between it and this directory was made here too.
-        for dir in relative.ancestors() {
-            if !self.dirs.insert(dir.to_owned()) {
-                break;
+        if !self.dirs.contains(relative) {
+            fs::create_dir_all(self.root.join(relative))?;
+            // The root is fresh, so everything between it and this directory was made here too.
+            for dir in relative.ancestors() {
+                if !self.dirs.insert(dir.to_owned()) {
+                    break;
+                }
             }
         }
+        self.last_dir.clear();
+        self.last_dir.push(relative);
         Ok(())
     }
 
@@ -428,42 +469,42 @@ impl Unpacker<'_> {
         }
     }
 
-    /// Hard-links `relative` to the file of an older release holding what the index says it
-    /// holds, when there is one that still looks like it ([`Linking::usable`]). None (write it)
-    /// when there is none, or the link fails (another filesystem, too many links): sharing
-    /// never fails an unpack that has the file's bytes. Some: the older file, open, and its
-    /// candidate, for [`same_as_linked`] to read.
+    /// Hard-links `relative` (the index's file `at`) to the file of an older release holding
+    /// what the index says it holds, when there is one that still looks like it
+    /// ([`Linking::usable`]). None (write it) when there is none, or the link fails (another
+    /// filesystem, too many links): sharing never fails an unpack that has the file's bytes.
+    /// Some: the older file, open, and its candidate, for [`same_as_linked`] to read.
     /// `open`: whether to open the older file (to compare; not when the bytes were not fetched).
     fn link_to_older(
         &mut self,
         relative: &Path,
-        path: &str,
+        at: usize,
         executable: bool,
         open: bool,
-    ) -> Option<(Option<fs::File>, Candidate)> {
+    ) -> Option<(Option<fs::File>, &'a Candidate)> {
         use std::os::unix::fs::MetadataExt;
-        let (candidate, meta) = self.sharing.as_ref()?.usable(relative, path, executable)?;
-        let candidate = candidate.clone();
-        let source = &candidate.path;
+        let linking = self.sharing.as_ref()?;
+        let seen = linking.usable(relative, at, executable)?;
+        let source = &seen.candidate.path;
         // Opened before linking, and the same inode: its bytes are what the link holds.
         let opened = match open {
-            true => Some(fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == meta.ino()))?),
+            true => Some(fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == seen.ino))?),
             false => None,
         };
         let link = self.root.join(relative);
-        if fs::hard_link(source, &link).is_err() {
+        if dirfd::hard_link(&mut linking.sources.borrow_mut(), source, &mut self.links, &link).is_err() {
             return None;
         }
-        self.linked_paths.insert(path.to_owned());
+        self.linked_at[at] = true;
         self.linked.push(Linked {
-            path: path.to_owned(),
+            path: linking.files[at].path.clone(),
             source: source.clone(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: mtime_ns(&meta),
-            mode: meta.mode(),
+            ino: seen.ino,
+            size: seen.size,
+            mtime_ns: seen.mtime_ns,
+            mode: seen.mode,
         });
-        Some((opened, candidate))
+        Some((opened, seen.candidate))
     }
 
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
@@ -489,13 +530,16 @@ impl Visitor for Unpacker<'_> {
                 // which someone there may have changed, and so may its file be.
                 // Which one lied (the index sent, or the older release's) is known once the
                 // stream's bytes are compared with the index sent: the unpack fails after the walk.
-                let made = self.made.contains(path.as_str());
-                if let Some((older, candidate)) = self.link_to_older(relative, path.as_str(), executable, !made) {
+                let at = self.sharing.as_ref().and_then(|s| s.by_path.get(path.as_str()).copied());
+                let made = at.is_some_and(|at| self.made.get(at) == Some(&true));
+                if let Some((older, candidate)) = at.and_then(|at| self.link_to_older(relative, at, executable, !made))
+                {
                     // Made, not fetched: zeros, nothing to compare.
-                    if let Some(older) = older
-                        && !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)?
-                    {
-                        self.not_as_said.push(candidate);
+                    if let Some(older) = older {
+                        self.theirs.resize(self.buffer.len(), 0);
+                        if !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)? {
+                            self.not_as_said.push(candidate.clone());
+                        }
                     }
                     return Ok(());
                 }
@@ -526,8 +570,8 @@ impl Visitor for Unpacker<'_> {
                 let link = self.root.join(relative);
                 // A writable path never shares an inode with an older release (the hook user's
                 // group is given write there): a link to a linked file is a copy of it instead.
-                if self.linked_paths.contains(target.as_str())
-                    && let Some(sharing) = &self.sharing
+                if let Some(sharing) = &self.sharing
+                    && sharing.by_path.get(target.as_str()).is_some_and(|&at| self.linked_at[at])
                     && is_writable(relative, sharing.writable)
                 {
                     use std::os::unix::fs::PermissionsExt;

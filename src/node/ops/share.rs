@@ -47,6 +47,7 @@ pub(super) fn candidates(layout: &Layout, digest: Digest, writable: &[String]) -
         let Some(index) = read_kept(&path, release) else { continue };
         let Ok(indexed_at_ns) = fs::metadata(&path).map(|m| mtime_ns(&m)) else { continue };
         let dir = layout.release(release);
+        candidates.reserve(index.files.len());
         for file in index.files {
             if file.size == 0 || is_writable(Path::new(&file.path), writable) {
                 continue;
