@@ -73,8 +73,8 @@ pub type ByPath<'a> = foldhash::HashMap<&'a str, usize>;
 /// place) the older file and what it was then, if one was found. Borrowed, not copied: a
 /// sparse prepare's time goes as much to the memory it touches first as to its syscalls.
 pub struct Looked<'a> {
-    pub by_path: ByPath<'a>,
-    pub seen: Vec<Option<Seen<'a>>>,
+    pub(super) by_path: ByPath<'a>,
+    pub(super) seen: Vec<Option<Seen<'a>>>,
 }
 
 /// A file of an older release found linkable, as it was then.
@@ -488,7 +488,10 @@ impl<'a> Unpacker<'a> {
         let source = &seen.candidate.path;
         // Opened before linking, and the same inode: its bytes are what the link holds.
         let opened = match open {
-            true => Some(fs::File::open(source).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == seen.ino))?),
+            true => {
+                let opened = linking.sources.borrow_mut().open(source).ok();
+                Some(opened.filter(|f| f.metadata().is_ok_and(|m| m.ino() == seen.ino))?)
+            }
             false => None,
         };
         let link = self.root.join(relative);
