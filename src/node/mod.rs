@@ -16,6 +16,7 @@
 //! Architecture invariant: the node trusts nothing it receives. It checks the archive by the
 //! same rules as ingest and its digest while unpacking, and never writes outside `<base>`.
 
+mod ahead;
 mod check;
 mod dirfd;
 mod ops;

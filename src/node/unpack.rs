@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use foldhash::HashMapExt as _;
 use sha2::{Digest as _, Sha256};
 
+use super::ahead::Ahead;
 use super::dirfd::{self, OpenDir, Stat};
 use crate::archive::{
     self, ArchiveError, CheckOptions, Entry, FileIndex, IndexedFile, Indexing, Summary, Visitor, WalkError,
@@ -262,50 +263,66 @@ pub(super) fn unpack_into(
         None => None,
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
-    let mut unpacker = Unpacker {
-        root: dest.to_owned(),
-        buffer: vec![0; 256 << 10],
-        theirs: Vec::new(),
-        dirs: foldhash::HashSet::from_iter([PathBuf::new()]),
-        last_dir: PathBuf::new(),
-        modes,
-        sharing: sharing.as_ref().zip(by_path).map(|(s, by_path)| Linking {
-            candidates: s.candidates,
-            files: &s.index.files,
-            by_path,
-            writable: s.writable,
-            looked: s.looked.map(|looked| &looked.seen[..]),
-            sources: RefCell::default(),
-        }),
-        links: OpenDir::default(),
-        linked: Vec::new(),
-        linked_at: vec![false; sharing.as_ref().map_or(0, |s| s.index.files.len())],
-        not_as_said: Vec::new(),
-        made,
+    // Files whose data was made are linked by a thread of their own while the walk goes on.
+    let seen = match &sharing {
+        Some(Sharing { looked: Some(looked), .. }) if made.contains(&true) => Some(&looked.seen[..]),
+        _ => None,
     };
-    let mut listed = Vec::new();
-    let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| made.get(at) == Some(&true));
-    let walked = match &sharing {
-        None => walk(&mut unpacker),
-        Some(_) => {
-            let mut indexing = Indexing::new(&mut unpacker);
-            indexing.unhashed = Some(&unhashed);
-            indexing.files.reserve(by_path.map_or(0, |b| b.len()));
-            let walked = walk(&mut indexing);
-            listed = std::mem::take(&mut indexing.files);
-            walked
-        }
-    };
-    let outcome = walked.and_then(|summary| match (&sharing, by_path) {
-        (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, made)
-            .and_then(|()| older_as_said(&unpacker.not_as_said))
-            .map(|()| summary),
-        _ => Ok(summary),
+    let (dirs, linked, outcome) = std::thread::scope(|scope| {
+        let ahead = seen.zip(sharing.as_ref()).map(|(seen, s)| Ahead::start(scope, dest, &s.index.files, seen));
+        let mut unpacker = Unpacker {
+            root: dest.to_owned(),
+            buffer: vec![0; 256 << 10],
+            theirs: Vec::new(),
+            dirs: foldhash::HashSet::from_iter([PathBuf::new()]),
+            last_dir: PathBuf::new(),
+            modes,
+            sharing: sharing.as_ref().zip(by_path).map(|(s, by_path)| Linking {
+                candidates: s.candidates,
+                files: &s.index.files,
+                by_path,
+                writable: s.writable,
+                looked: s.looked.map(|looked| &looked.seen[..]),
+                sources: RefCell::default(),
+            }),
+            links: OpenDir::default(),
+            linked: Vec::new(),
+            linked_at: vec![false; sharing.as_ref().map_or(0, |s| s.index.files.len())],
+            not_as_said: Vec::new(),
+            made,
+            ahead,
+        };
+        let mut listed = Vec::new();
+        let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| made.get(at) == Some(&true));
+        let walked = match &sharing {
+            None => walk(&mut unpacker),
+            Some(_) => {
+                let mut indexing = Indexing::new(&mut unpacker);
+                indexing.unhashed = Some(&unhashed);
+                indexing.files.reserve(by_path.map_or(0, |b| b.len()));
+                let walked = walk(&mut indexing);
+                listed = std::mem::take(&mut indexing.files);
+                walked
+            }
+        };
+        let outcome = walked.and_then(|summary| match (&sharing, by_path) {
+            (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, made)
+                .and_then(|()| older_as_said(&unpacker.not_as_said))
+                .map(|()| summary),
+            _ => Ok(summary),
+        });
+        // Stopped (and its failure known) before anything is removed or synced.
+        let ahead = unpacker.ahead.take().map(Ahead::finish);
+        let outcome = match ahead {
+            Some(Err((path, source))) => Err(UnpackError::Write { path, source }),
+            _ => outcome,
+        };
+        (unpacker.dirs, unpacker.linked, outcome)
     });
     match outcome {
         Ok(summary) => {
             sync_filesystem(dest).map_err(write_error(dest))?;
-            Ok(Unpacked { summary, dirs: unpacker.dirs.into_iter().collect(), linked: unpacker.linked })
+            Ok(Unpacked { summary, dirs: dirs.into_iter().collect(), linked })
         }
         Err(e) => {
             let _ = remove_tree(dest);
@@ -438,6 +455,8 @@ struct Unpacker<'a> {
     made: &'a [bool],
     /// The directory of the last file linked.
     links: OpenDir,
+    /// The thread making directories and the links of `made` files, when there are some.
+    ahead: Option<Ahead<'a>>,
 }
 
 impl<'a> Unpacker<'a> {
@@ -510,6 +529,29 @@ impl<'a> Unpacker<'a> {
         Some((opened, seen.candidate))
     }
 
+    /// [`link_to_older`](Self::link_to_older) of a file whose bytes were made, by the linking
+    /// thread: an error when there is no older file to link it to.
+    fn link_ahead(&mut self, relative: &Path, at: usize, executable: bool) -> io::Result<()> {
+        let linking = self.sharing.as_ref().expect("made files are linked only with sharing");
+        let seen = linking.usable(relative, at, executable).ok_or_else(not_linkable)?;
+        self.linked_at[at] = true;
+        self.linked.push(Linked {
+            path: linking.files[at].path.clone(),
+            source: seen.candidate.path.clone(),
+            ino: seen.ino,
+            size: seen.size,
+            mtime_ns: seen.mtime_ns,
+            mode: seen.mode,
+        });
+        self.ahead.as_mut().expect("checked by the caller").link(at);
+        Ok(())
+    }
+
+    /// Waits for the linking thread, if any, to do all it was handed.
+    fn settle(&mut self) -> io::Result<()> {
+        self.ahead.as_mut().map_or(Ok(()), Ahead::settle)
+    }
+
     fn file_mode(&self, relative: &Path, executable: bool) -> u32 {
         let mode = if executable { 0o755 } else { 0o644 };
         match self.modes {
@@ -527,14 +569,17 @@ impl Visitor for Unpacker<'_> {
             Entry::Directory { path } => self.make_dir(Path::new(path.as_str())),
             Entry::File { path, executable, .. } => {
                 let relative = Path::new(path.as_str());
+                let at = self.sharing.as_ref().and_then(|s| s.by_path.get(path.as_str()).copied());
+                let made = at.is_some_and(|at| self.made.get(at) == Some(&true));
                 self.parent_of(relative)?;
+                if let (true, Some(at)) = (made && self.ahead.is_some(), at) {
+                    return self.link_ahead(relative, at, executable);
+                }
                 // Linked: its data (hashed by the caller, compared with the index) is compared
                 // with the older file's bytes too: an older release's index is the node's word,
                 // which someone there may have changed, and so may its file be.
                 // Which one lied (the index sent, or the older release's) is known once the
                 // stream's bytes are compared with the index sent: the unpack fails after the walk.
-                let at = self.sharing.as_ref().and_then(|s| s.by_path.get(path.as_str()).copied());
-                let made = at.is_some_and(|at| self.made.get(at) == Some(&true));
                 if let Some((older, candidate)) = at.and_then(|at| self.link_to_older(relative, at, executable, !made))
                 {
                     // Made, not fetched: zeros, nothing to compare.
@@ -547,11 +592,7 @@ impl Visitor for Unpacker<'_> {
                     return Ok(());
                 }
                 if made {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        "its bytes were not fetched, to be linked from a release already here, which no longer \
-                         holds it as its index says (changed or removed since the prepare began): deploy again",
-                    ));
+                    return Err(not_linkable());
                 }
                 // create_new: a second entry for the same path is refused, never overwrites.
                 // A read-only mode does not stop writing through the descriptor it opens.
@@ -570,6 +611,8 @@ impl Visitor for Unpacker<'_> {
             Entry::Hardlink { path, target } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
+                // Its target may be a file the linking thread was handed.
+                self.settle()?;
                 let link = self.root.join(relative);
                 // A writable path never shares an inode with an older release (the hook user's
                 // group is given write there): a link to a linked file is a copy of it instead.
@@ -597,6 +640,15 @@ impl Visitor for Unpacker<'_> {
             }
         }
     }
+}
+
+/// Why a file whose bytes were made (not fetched) was not linked.
+pub(super) fn not_linkable() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        "its bytes were not fetched, to be linked from a release already here, which no longer holds it as its \
+         index says (changed or removed since the prepare began): deploy again",
+    )
 }
 
 /// Whether `data` (a file's bytes in the stream) is exactly what `older` holds, read through

@@ -412,3 +412,56 @@ fn a_node_asks_for_the_whole_artifact_or_refuses_when_frames_cannot_be_told() {
     assert!(base.path().join("releases").join(first_digest.hex()).exists());
     super::prepare::set_writable(base.path()).ok();
 }
+
+/// A tar hard link whose target is a file of a frame not fetched: that file is linked from the
+/// older release by the sparse unpack's linking thread while the walk reads on, and the hard
+/// link entry after it is made only once it exists (the walk waits for the thread).
+#[test]
+fn a_tar_hard_link_to_a_file_linked_from_an_older_release_is_made_after_it() {
+    /// A tar of `tree` with `link` a hard link to `target` after every file, in frames of
+    /// about 20 KiB of tar stream.
+    fn framed(tree: &Tree, link: &str, target: &str) -> (Vec<u8>, Digest, FileIndex) {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, content) in tree {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, path, &content[..]).unwrap();
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Link);
+        header.set_size(0);
+        header.set_mode(0o644);
+        builder.append_link(&mut header, link, target).unwrap();
+        let tar = builder.into_inner().unwrap();
+        let bytes: Vec<u8> = tar.chunks(20_000).flat_map(|chunk| zstd::bulk::compress(chunk, 3).unwrap()).collect();
+        let digest = Digest::of(&bytes);
+        let listing = archive::index(&bytes[..], &options()).unwrap();
+        let mut scanner = FrameScanner::new();
+        scanner.feed(&bytes);
+        let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+        (bytes, digest, FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton))
+    }
+    let one: Tree = (0..40u64).map(|i| (format!("vendor/p{}/f{i}.php", i % 3), noise(i, 9000))).collect();
+    let (link, target) = ("public/same.php", "vendor/p0/f0.php");
+    let base = tempfile::tempdir().unwrap();
+    let (bytes, first_digest, index) = framed(&one, link, target);
+    prepare(&request(base.path(), first_digest, &index, false), &mut &bytes[..], &mut io::sink()).unwrap();
+    let mut two = one.clone();
+    two.insert("vendor/p2/f38.php".into(), noise(1000, 9000));
+    let (bytes, digest, index) = framed(&two, link, target);
+    let (asked, answer) = ask(&request(base.path(), digest, &index, true), |frames| {
+        frames_of(&bytes, &index, frames.expect("some frames not needed"))
+    });
+    let frames = asked.unwrap().frames.unwrap();
+    let at = index.files.iter().position(|f| f.path == target).unwrap();
+    assert!(index.frames_of(&index.files[at]).all(|n| !frames.contains(&n)), "{target} is linked, not fetched");
+    let dir = answer.unwrap().dir;
+    let ino = |path: &Path| fs::symlink_metadata(path).unwrap().ino();
+    assert_eq!(fs::read(dir.join(link)).unwrap(), one[target]);
+    assert_eq!(ino(&dir.join(link)), ino(&dir.join(target)));
+    let older = base.path().join("releases").join(first_digest.hex());
+    assert_eq!(ino(&dir.join(target)), ino(&older.join(target)), "shared with the older release");
+    super::prepare::set_writable(base.path()).ok();
+}
