@@ -2,7 +2,7 @@
 //! in one pass over a `Read`, without keeping the archive in memory.
 
 use std::cell::Cell;
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, Read, Seek};
 use std::rc::Rc;
 
 use tar::EntryType;
@@ -149,7 +149,30 @@ pub fn walk(input: impl BufRead, options: &CheckOptions, visitor: &mut dyn Visit
 /// [`walk`] over a tar stream that is not compressed (the node's sparse unpack makes it from
 /// the frames it fetched and the index's skeleton). Read errors are the caller's to explain.
 pub fn walk_tar(input: impl Read, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
-    walk_stream(input, options, visitor, None)
+    walk_stream(input, options, visitor, None, Skip::Read)
+}
+
+/// [`walk_tar`] of a stream that can pass over bytes: the data the visitor leaves unread is
+/// skipped by seeking forward (`SeekFrom::Current`, the only seek asked for) instead of read.
+/// A sparse unpack's stream is mostly files' data it links, never reads.
+pub fn walk_tar_seeking(
+    input: impl Read + Seek,
+    options: &CheckOptions,
+    visitor: &mut dyn Visitor,
+) -> Result<Summary, WalkError> {
+    walk_stream(input, options, visitor, None, Skip::Seek(seeking))
+}
+
+/// How the walk passes over the data a visitor leaves unread.
+enum Skip<R: Read> {
+    /// Reads it.
+    Read,
+    /// Seeks past it: the tar reader's seeking entries.
+    Seek(fn(&mut tar::Archive<R>) -> io::Result<tar::Entries<'_, R>>),
+}
+
+fn seeking<R: Read + Seek>(archive: &mut tar::Archive<R>) -> io::Result<tar::Entries<'_, R>> {
+    archive.entries_with_seek()
 }
 
 fn walk_zstd(
@@ -166,15 +189,16 @@ fn walk_zstd(
     let mut decoder = zstd::stream::read::Decoder::with_buffer(io::Cursor::new(magic).chain(input))
         .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
     decoder.window_log_max(MAX_WINDOW_LOG).map_err(|e| ArchiveError::Zstd(e.to_string()))?;
-    walk_stream(decoder, options, visitor, skeleton)
+    walk_stream(decoder, options, visitor, skeleton, Skip::Read)
 }
 
 /// The walk of a tar stream (`decoded`), feeding `skeleton` every byte but the files' data.
-fn walk_stream(
-    decoded: impl Read,
+fn walk_stream<R: Read>(
+    decoded: R,
     options: &CheckOptions,
     visitor: &mut dyn Visitor,
     skeleton: Option<SharedBuilder>,
+    skip: Skip<Counted<Tapped<R>>>,
 ) -> Result<Summary, WalkError> {
     let trouble = Rc::new(Cell::new(None));
     let tapped = Tapped { inner: decoded, skeleton: skeleton.clone() };
@@ -202,7 +226,12 @@ fn walk_stream(
     let mut buffer = vec![0u8; READ_BUFFER];
     // Raw entries: GNU long names and PAX headers are read here, capped, instead of by the tar
     // reader, which would read one of any size into memory.
-    for entry in archive.entries().map_err(read_error)?.raw(true) {
+    let entries = match skip {
+        Skip::Read => archive.entries(),
+        Skip::Seek(seeking) => seeking(&mut archive),
+    };
+    let reads = matches!(skip, Skip::Read);
+    for entry in entries.map_err(read_error)?.raw(true) {
         let mut entry = entry.map_err(read_error)?;
         end_of_entries = entry.raw_file_position() + entry.size().next_multiple_of(BLOCK);
         if names.absorb(&mut entry).map_err(|e| e.or_else(read_error))? {
@@ -231,7 +260,9 @@ fn walk_stream(
                 });
             }
         }
-        while entry.read(&mut buffer).map_err(read_error)? > 0 {}
+        // What the visitor left: read here (counted, checked), or passed over by the tar
+        // reader's seek (counted too) before the next header.
+        while reads && entry.read(&mut buffer).map_err(read_error)? > 0 {}
     }
     if names.pending() {
         return Err(WalkError::Archive(ArchiveError::Tar(
@@ -476,6 +507,21 @@ struct Counted<R> {
     pos: u64,
     limit: u64,
     trouble: Rc<Cell<Option<Trouble>>>,
+}
+
+/// Forward from where it is (the tar reader's seeking entries skip data so), to the position
+/// `inner` says it reached: counted against the limit as if read.
+impl<R: Read + Seek> Seek for Counted<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.pos = self.inner.seek(pos).inspect_err(|e| {
+            self.trouble.set(Some(Trouble::Zstd(e.kind(), e.to_string())));
+        })?;
+        if self.pos > self.limit {
+            self.trouble.set(Some(Trouble::Limit));
+            return Err(io::Error::other("unpacked size limit reached"));
+        }
+        Ok(self.pos)
+    }
 }
 
 impl<R: Read> Read for Counted<R> {

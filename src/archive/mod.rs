@@ -25,7 +25,9 @@ mod skeleton_tests;
 #[cfg(test)]
 mod tests;
 
-pub use check::{CheckOptions, Entry, Listing, Summary, Visitor, WalkError, check, index, walk, walk_tar};
+pub use check::{
+    CheckOptions, Entry, Listing, Summary, Visitor, WalkError, check, index, walk, walk_tar, walk_tar_seeking,
+};
 pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES, Run, RunsError, runs};
 pub use index::{
     FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES, OLDEST_INDEX_VERSION, base64_bytes,

@@ -136,6 +136,13 @@ impl<'a> Skeleton<'a> {
         self.files.partition_point(|f| f.offset + f.size <= pos)
     }
 
+    /// `next` ([`file_at`](Self::file_at) of a position before `pos`) moved on to `file_at(pos)`.
+    pub fn catch_up(&self, pos: u64, next: &mut usize) {
+        while self.files.get(*next).is_some_and(|f| f.offset + f.size <= pos) {
+            *next += 1;
+        }
+    }
+
     /// Fills `out` with the tar stream from `pos` (to `end` at most), zeros for every file's
     /// data; how many bytes. `next`: [`file_at`](Self::file_at)`(pos)`, kept between calls.
     pub fn read_at(&self, pos: u64, end: u64, next: &mut usize, out: &mut [u8]) -> usize {
@@ -177,6 +184,16 @@ impl<'a> Skeleton<'a> {
 pub(super) struct Tapped<R> {
     pub(super) inner: R,
     pub(super) skeleton: Option<SharedBuilder>,
+}
+
+/// Only without a skeleton to build: what is passed over would be missing from it.
+impl<R: Read + io::Seek> io::Seek for Tapped<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        match self.skeleton {
+            Some(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "a skeleton is being built: no seeking")),
+            None => self.inner.seek(pos),
+        }
+    }
 }
 
 impl<R: Read> Read for Tapped<R> {

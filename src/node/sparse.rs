@@ -2,7 +2,7 @@
 //! fetched, each checked against the artifact's index, and for the rest the tar headers the
 //! index keeps, the files' data linked from the releases already here.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::unpack::{Linking, index_by_path, unpack_into, walk_error};
@@ -46,7 +46,7 @@ pub fn unpack_sparse(
     let made: Vec<bool> = index.files.iter().map(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n])).collect();
     let mut reader = SparseTar::new(index, skeleton, wanted, source);
     let walk = |visitor: &mut dyn Visitor| {
-        let walked = archive::walk_tar(&mut reader, options, visitor);
+        let walked = archive::walk_tar_seeking(&mut reader, options, visitor);
         if let Some(trouble) = reader.trouble.take() {
             return Err(trouble);
         }
@@ -128,6 +128,8 @@ struct SparseTar<'a> {
     made: Option<(u64, u64, usize)>,
     /// Compressed bytes fetched.
     fetched: u64,
+    /// Where in the tar stream the next byte read is.
+    position: u64,
     trouble: Option<UnpackError>,
 }
 
@@ -149,6 +151,7 @@ impl<'a> SparseTar<'a> {
             at: 0,
             made: None,
             fetched: 0,
+            position: 0,
             trouble: None,
         }
     }
@@ -195,6 +198,53 @@ impl<'a> SparseTar<'a> {
     }
 }
 
+impl SparseTar<'_> {
+    /// The next frame, or why not (kept in `trouble`).
+    fn next_frame(&mut self) -> io::Result<bool> {
+        self.advance().map_err(|e| {
+            let shown = e.to_string();
+            self.trouble = Some(e);
+            io::Error::other(shown)
+        })
+    }
+}
+
+/// Forward only, from where it is (`SeekFrom::Current`): the walk passes over the data of the
+/// files it links. A frame passed over wholly is still fetched and checked (they come in
+/// order); one made is not made. Stops at the end of the stream.
+impl Seek for SparseTar<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let SeekFrom::Current(mut left @ 0..) = to else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "the sparse tar stream only seeks forward"));
+        };
+        while left > 0 {
+            match &mut self.made {
+                Some((pos, end, next)) if *pos < *end => {
+                    let step = (left as u64).min(*end - *pos);
+                    *pos += step;
+                    self.position += step;
+                    self.skeleton.catch_up(*pos, next);
+                    left -= step as i64;
+                    continue;
+                }
+                Some(_) => self.made = None,
+                None if self.at < self.buf.len() => {
+                    let step = (left as usize).min(self.buf.len() - self.at);
+                    self.at += step;
+                    self.position += step as u64;
+                    left -= step as i64;
+                    continue;
+                }
+                None => {}
+            }
+            if !self.next_frame()? {
+                break;
+            }
+        }
+        Ok(self.position)
+    }
+}
+
 impl Read for SparseTar<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -203,24 +253,20 @@ impl Read for SparseTar<'_> {
                 Some((pos, end, next)) => {
                     let n = self.skeleton.read_at(*pos, *end, next, out);
                     *pos += n as u64;
+                    self.position += n as u64;
                     return Ok(n);
                 }
                 None if self.at < self.buf.len() => break,
                 None => {}
             }
-            match self.advance() {
-                Ok(true) => {}
-                Ok(false) => return Ok(0),
-                Err(e) => {
-                    let shown = e.to_string();
-                    self.trouble = Some(e);
-                    return Err(io::Error::other(shown));
-                }
+            if !self.next_frame()? {
+                return Ok(0);
             }
         }
         let n = out.len().min(self.buf.len() - self.at);
         out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
         self.at += n;
+        self.position += n as u64;
         Ok(n)
     }
 }

@@ -465,3 +465,26 @@ fn a_tar_hard_link_to_a_file_linked_from_an_older_release_is_made_after_it() {
     assert_eq!(ino(&dir.join(target)), ino(&older.join(target)), "shared with the older release");
     super::prepare::set_writable(base.path()).ok();
 }
+
+/// The size limit holds for the data a sparse unpack passes over (links, never reads) as for
+/// the bytes it reads: a tar stream past `max_unpacked_bytes` inside a file linked, not
+/// fetched, is refused, naming the limit, and nothing is left.
+#[test]
+fn the_size_limit_counts_the_data_passed_over() {
+    let (base, _) = base_with_first();
+    let mut second = first();
+    second.insert("vendor/p3/f10.php".into(), noise(995, 9000));
+    let (bytes, digest, index) = package(&second);
+    let frames = lacking(base.path(), digest, &index).frames.expect("some frames not needed");
+    let last = index.files.iter().rfind(|f| f.size > 0 && index.frames_of(f).all(|n| !frames.contains(&n)));
+    let last = last.expect("a file linked, not fetched");
+    // Every byte before that file's data is read within the limit; its data passes it.
+    let limit = last.offset + last.size / 2;
+    let asked = Prepare { max_unpacked_bytes: limit, ..request(base.path(), digest, &index, true) };
+    let (_, answer) = ask(&asked, |frames| frames_of(&bytes, &index, frames.expect("some frames not needed")));
+    let err = answer.unwrap_err();
+    assert!(err.message.contains(&limit.to_string()), "{}", err.message);
+    assert!(!base.path().join("releases").join(digest.hex()).exists());
+    assert!(!base.path().join("releases").join(format!(".tmp-{}", digest.hex())).exists());
+    super::prepare::set_writable(base.path()).ok();
+}
