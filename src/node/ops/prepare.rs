@@ -357,8 +357,19 @@ pub(super) fn set_read_only(dir: &Path, writable: &[String]) -> io::Result<()> {
 }
 
 /// Seals the directories of a release whose files were written read-only already: the same
-/// modes as [`set_read_only`] gives, without walking every file.
+/// modes as [`set_read_only`] gives, without walking every file. In two halves at once: a
+/// directory's mode does not depend on another's (each keeps its owner's search bit), and
+/// their lookups and chmods were 6% of a 1%-changed prepare.
 pub(super) fn seal_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()> {
+    let (first, second) = dirs.split_at(dirs.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| seal_some_dirs(dir, second, writable));
+        let this = seal_some_dirs(dir, first, writable);
+        this.and(other.join().unwrap_or_else(|_| Err(io::Error::other("sealing directories panicked"))))
+    })
+}
+
+fn seal_some_dirs(dir: &Path, dirs: &[PathBuf], writable: &[String]) -> io::Result<()> {
     for relative in dirs {
         if is_writable(relative, writable) {
             continue;
