@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::mpsc;
 
 use super::unpack::{Linking, index_by_path, unpack_into, walk_error};
 use super::{Looked, Modes, Sharing, UnpackError, Unpacked};
@@ -33,6 +34,9 @@ pub fn unpack_sparse(
     let Sparse { skeleton, needed, source } = sparse;
     let index = sharing.index;
     let mut wanted = vec![false; index.frames.len()];
+    if needed.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(UnpackError::Frames("the frames to fetch are not in artifact order".into()));
+    }
     for n in needed {
         *wanted.get_mut(*n).ok_or_else(|| UnpackError::Frames(format!("no frame {n} in the index")))? = true;
         let frame = &index.frames[*n];
@@ -44,24 +48,93 @@ pub fn unpack_sparse(
         }
     }
     let made: Vec<bool> = index.files.iter().map(|f| f.size > 0 && index.frames_of(f).any(|n| !wanted[n])).collect();
-    let mut reader = SparseTar::new(index, skeleton, wanted, source);
-    let walk = |visitor: &mut dyn Visitor| {
-        let walked = archive::walk_tar_seeking(&mut reader, options, visitor);
-        if let Some(trouble) = reader.trouble.take() {
-            return Err(trouble);
+    // The frames fetched are checked and decompressed by a thread of their own, each while the
+    // walk goes through the frames before it.
+    std::thread::scope(|scope| {
+        let (requests, asked) = mpsc::channel();
+        let (answer, results) = mpsc::channel();
+        scope.spawn(move || check_frames(&index.frames, asked, answer));
+        let checking = Checking { requests, results, asked: None, spare: Vec::new() };
+        let mut reader = SparseTar::new(index, skeleton, wanted, needed, source, checking);
+        let walk = |visitor: &mut dyn Visitor| {
+            let walked = archive::walk_tar_seeking(&mut reader, options, visitor);
+            if let Some(trouble) = reader.trouble.take() {
+                return Err(trouble);
+            }
+            let summary = walked.map_err(walk_error)?;
+            if reader.next != index.frames.len() {
+                return Err(UnpackError::Frames(format!(
+                    "the tar stream ended in frame {} of {}",
+                    reader.next,
+                    index.frames.len()
+                )));
+            }
+            Ok(summary)
+        };
+        let unpacked = unpack_into(dest, modes, Some(sharing), &made, walk)?;
+        Ok((unpacked, reader.fetched))
+    })
+}
+
+/// The checking thread: each frame's compressed bytes (and a buffer to reuse) in, its tar
+/// stream out, in the order asked, until the walk hangs up.
+fn check_frames(
+    frames: &[Frame],
+    asked: mpsc::Receiver<(usize, Vec<u8>, Vec<u8>)>,
+    answer: mpsc::Sender<Result<Vec<u8>, UnpackError>>,
+) {
+    let mut decompressor = None;
+    for (n, bytes, mut buf) in asked {
+        let checked = check_frame(n, &frames[n], &bytes, &mut buf, &mut decompressor).map(|()| buf);
+        if answer.send(checked).is_err() {
+            return;
         }
-        let summary = walked.map_err(walk_error)?;
-        if reader.next != index.frames.len() {
-            return Err(UnpackError::Frames(format!(
-                "the tar stream ended in frame {} of {}",
-                reader.next,
-                index.frames.len()
-            )));
-        }
-        Ok(summary)
+    }
+}
+
+/// Frame `n`'s compressed `bytes` checked against the index (`frame`: length, SHA-256) before a
+/// byte of them is used, and decompressed into `buf` (to exactly its raw length).
+fn check_frame(
+    n: usize,
+    frame: &Frame,
+    bytes: &[u8],
+    buf: &mut Vec<u8>,
+    decompressor: &mut Option<zstd::bulk::Decompressor<'static>>,
+) -> Result<(), UnpackError> {
+    let mismatch = |why: String| UnpackError::FrameMismatch { frame: n, why };
+    if bytes.len() as u64 != frame.length {
+        return Err(mismatch(format!("{} bytes, not {}", bytes.len(), frame.length)));
+    }
+    let actual = Digest::of(bytes);
+    if actual != frame.sha256 {
+        return Err(mismatch(format!("its SHA-256 is {actual}, not {}", frame.sha256)));
+    }
+    let decompressor = match decompressor {
+        Some(d) => d,
+        None => decompressor.insert(zstd::bulk::Decompressor::new().map_err(|e| mismatch(format!("zstd: {e}")))?),
     };
-    let unpacked = unpack_into(dest, modes, Some(sharing), &made, walk)?;
-    Ok((unpacked, reader.fetched))
+    // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way. The
+    // buffers go round (a fresh one each time cost its pages' zeroing again).
+    buf.clear();
+    buf.reserve(frame.raw_length as usize);
+    decompressor
+        .decompress_to_buffer(bytes, buf)
+        .map_err(|e| mismatch(format!("it does not decompress to {} bytes: {e}", frame.raw_length)))?;
+    if buf.len() as u64 != frame.raw_length {
+        return Err(mismatch(format!("it decompresses to {} bytes, not {}", buf.len(), frame.raw_length)));
+    }
+    Ok(())
+}
+
+/// The walk's side of the checking thread.
+struct Checking {
+    requests: mpsc::Sender<(usize, Vec<u8>, Vec<u8>)>,
+    results: mpsc::Receiver<Result<Vec<u8>, UnpackError>>,
+    /// The frame fetched and handed over last, whose answer is awaited; or the frame that could
+    /// not be fetched, and why (told when the walk reaches it).
+    asked: Option<Result<usize, (usize, UnpackError)>>,
+    /// A buffer to hand over with the next frame.
+    spare: Vec<u8>,
 }
 
 /// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
@@ -118,7 +191,10 @@ struct SparseTar<'a> {
     skeleton: &'a Skeleton<'a>,
     wanted: Vec<bool>,
     source: &'a mut dyn FrameSource,
-    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// The frames to fetch, in order, and how many were handed to the checking thread.
+    needed: &'a [usize],
+    handed: usize,
+    checking: Checking,
     /// The frame to read next.
     next: usize,
     buf: Vec<u8>,
@@ -138,14 +214,18 @@ impl<'a> SparseTar<'a> {
         index: &'a FileIndex,
         skeleton: &'a Skeleton<'a>,
         wanted: Vec<bool>,
+        needed: &'a [usize],
         source: &'a mut dyn FrameSource,
+        checking: Checking,
     ) -> SparseTar<'a> {
         SparseTar {
             frames: &index.frames,
             skeleton,
             wanted,
             source,
-            decompressor: None,
+            needed,
+            handed: 0,
+            checking,
             next: 0,
             buf: Vec::new(),
             at: 0,
@@ -159,6 +239,10 @@ impl<'a> SparseTar<'a> {
     /// The next frame's tar stream into `buf`; false after the last.
     fn advance(&mut self) -> Result<bool, UnpackError> {
         let Some(frame) = self.frames.get(self.next) else { return Ok(false) };
+        // The first frame to fetch is fetched and checked while the walk goes to it.
+        if self.handed == 0 {
+            self.hand_over();
+        }
         let n = self.next;
         self.next += 1;
         self.at = 0;
@@ -168,33 +252,41 @@ impl<'a> SparseTar<'a> {
             self.made = Some((start, start + frame.raw_length, self.skeleton.file_at(start)));
             return Ok(true);
         }
-        let bytes = self.source.frame(n, frame).map_err(|e| UnpackError::Frames(format!("frame {n}: {e}")))?;
-        self.fetched += bytes.len() as u64;
-        let mismatch = |why: String| UnpackError::FrameMismatch { frame: n, why };
-        if bytes.len() as u64 != frame.length {
-            return Err(mismatch(format!("{} bytes, not {}", bytes.len(), frame.length)));
+        match self.checking.asked.take() {
+            Some(Ok(asked)) if asked == n => {}
+            Some(Err((asked, e))) if asked == n => return Err(e),
+            _ => return Err(UnpackError::Frames(format!("frame {n} was not fetched in its turn"))),
         }
-        let actual = Digest::of(&bytes);
-        if actual != frame.sha256 {
-            return Err(mismatch(format!("its SHA-256 is {actual}, not {}", frame.sha256)));
-        }
-        let decompressor = match &mut self.decompressor {
-            Some(d) => d,
-            None => {
-                self.decompressor.insert(zstd::bulk::Decompressor::new().map_err(|e| mismatch(format!("zstd: {e}")))?)
-            }
-        };
-        // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way. One
-        // buffer for every frame: a fresh one each time cost its pages' zeroing again.
-        self.buf.clear();
-        self.buf.reserve(frame.raw_length as usize);
-        decompressor
-            .decompress_to_buffer(&bytes, &mut self.buf)
-            .map_err(|e| mismatch(format!("it does not decompress to {} bytes: {e}", frame.raw_length)))?;
-        if self.buf.len() as u64 != frame.raw_length {
-            return Err(mismatch(format!("it decompresses to {} bytes, not {}", self.buf.len(), frame.raw_length)));
+        let checked = self.checking.results.recv().unwrap_or_else(|_| {
+            Err(UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped")))
+        })?;
+        self.checking.spare = std::mem::replace(&mut self.buf, checked);
+        // The next one is fetched now and checked while the walk goes on to it.
+        if self.handed < self.needed.len() {
+            self.hand_over();
         }
         Ok(true)
+    }
+
+    /// Fetches the next frame to fetch and hands it to the checking thread; a fetch that fails
+    /// is kept, told when the walk reaches that frame.
+    fn hand_over(&mut self) {
+        let Some(&n) = self.needed.get(self.handed) else { return };
+        self.handed += 1;
+        let spare = std::mem::take(&mut self.checking.spare);
+        let asked = match self.source.frame(n, &self.frames[n]) {
+            Ok(bytes) => {
+                self.fetched += bytes.len() as u64;
+                match self.checking.requests.send((n, bytes, spare)) {
+                    Ok(()) => Ok(n),
+                    Err(_) => {
+                        Err((n, UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped"))))
+                    }
+                }
+            }
+            Err(e) => Err((n, UnpackError::Frames(format!("frame {n}: {e}")))),
+        };
+        self.checking.asked = Some(asked);
     }
 }
 
