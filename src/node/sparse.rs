@@ -6,7 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::mpsc;
 
-use super::unpack::{Linking, index_by_path, unpack_into, walk_error};
+use super::unpack::{Linking, Seen, index_by_path, unpack_into, walk_error};
 use super::{Looked, Modes, Sharing, UnpackError, Unpacked};
 use crate::archive::{self, CheckOptions, FileIndex, Frame, Skeleton, Visitor};
 use crate::digest::Digest;
@@ -151,20 +151,41 @@ pub fn frames_to_fetch<'a>(
         return Ok(None);
     }
     let by_path = index_by_path(index)?;
-    let linking = Linking {
-        candidates: sharing.candidates,
-        files: &index.files,
-        by_path: &by_path,
-        writable: sharing.writable,
-        looked: None,
-        sources: Default::default(),
-    };
     let mut wanted = vec![false; index.frames.len()];
     let mut seen = vec![None; index.files.len()];
-    for (at, file) in index.files.iter().enumerate().filter(|(_, f)| f.size > 0) {
-        match linking.usable(Path::new(&file.path), at, file.executable) {
-            Some(found) => seen[at] = Some(found),
-            None => index.frames_of(file).for_each(|n| wanted[n] = true),
+    // In two halves at once, each with its directory kept open: 10,000 stats are a sixth of
+    // a 1%-changed prepare.
+    let half = index.files.len().div_ceil(2).max(1);
+    let look = |first: usize, seen: &mut [Option<Seen<'a>>]| {
+        let linking = Linking {
+            candidates: sharing.candidates,
+            files: &index.files,
+            by_path: &by_path,
+            writable: sharing.writable,
+            looked: None,
+            sources: Default::default(),
+        };
+        for (at, slot) in (first..).zip(seen.iter_mut()) {
+            let file = &index.files[at];
+            if file.size > 0 {
+                *slot = linking.usable(Path::new(&file.path), at, file.executable);
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        let mut halves = seen.chunks_mut(half);
+        let (first, second) = (halves.next(), halves.next());
+        let other = second.map(|second| scope.spawn(|| look(half, second)));
+        if let Some(first) = first {
+            look(0, first);
+        }
+        if let Some(other) = other {
+            other.join().expect("looking at the older files panicked");
+        }
+    });
+    for (file, found) in index.files.iter().zip(&seen) {
+        if file.size > 0 && found.is_none() {
+            index.frames_of(file).for_each(|n| wanted[n] = true);
         }
     }
     let frames = wanted.iter().enumerate().filter(|(_, w)| **w).map(|(n, _)| n).collect();
