@@ -10,6 +10,7 @@
 //! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
 
 mod check;
+mod extensions;
 mod frames;
 #[cfg(test)]
 mod frames_tests;

@@ -3,6 +3,7 @@
 //! status and clean-up), and the small helpers they share.
 
 mod cleanup;
+mod finalized;
 mod hooks;
 mod layout;
 mod prepare;
@@ -37,10 +38,11 @@ use crate::digest::Digest;
 use crate::node::sparse::FrameSource;
 
 use cleanup::{cleanup, status};
+use finalized::shared_fingerprints;
 pub(super) use hooks::{agent_user, user_ids};
 use hooks::{exec, health, pm2_cwd, release_env, run_commands, share_writable};
 use layout::Layout;
-use prepare::{prepare, shared_fingerprints};
+use prepare::prepare;
 pub(super) use ranges::fetch_frames;
 use share::{
     after_finalize, candidates, check_links, files_of_several_links, forget_index, fs_clock, store_index,
