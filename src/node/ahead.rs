@@ -9,7 +9,8 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::{Scope, ScopedJoinHandle};
 
 use super::dirfd::{self, OpenDir};
@@ -32,6 +33,9 @@ pub(super) struct Ahead<'scope> {
     batch: Vec<Op>,
     /// Ops handed over and not yet settled.
     unsettled: bool,
+    /// Set by the thread when a link failed: the walk stops at its next hand-over instead of
+    /// fetching and reading the rest of the artifact for a prepare that fails anyway.
+    failed: Arc<AtomicBool>,
     ops: mpsc::Sender<Vec<Op>>,
     answers: mpsc::Receiver<bool>,
     thread: ScopedJoinHandle<'scope, Result<(), Failure>>,
@@ -51,16 +55,23 @@ impl<'scope> Ahead<'scope> {
     ) -> Ahead<'scope> {
         let (ops, received) = mpsc::channel::<Vec<Op>>();
         let (answer, answers) = mpsc::channel();
-        let thread = scope.spawn(move || work(root, files, seen, received, answer));
-        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, ops, answers, thread }
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&failed);
+        let thread = scope.spawn(move || work(root, files, seen, received, answer, &flag));
+        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, ops, answers, thread }
     }
 
-    /// Links the index's file `at` (its directory exists) to the older file seen for it.
-    pub(super) fn link(&mut self, at: usize) {
+    /// Links the index's file `at` (its directory exists) to the older file seen for it; an
+    /// error once a link handed over before has failed ([`finish`](Self::finish) says which).
+    pub(super) fn link(&mut self, at: usize) -> io::Result<()> {
         self.batch.push(Op::Link(at));
         if self.batch.len() == BATCH {
+            if self.failed.load(Ordering::Relaxed) {
+                return Err(gave_up());
+            }
             self.hand_over();
         }
+        Ok(())
     }
 
     fn hand_over(&mut self) {
@@ -81,7 +92,7 @@ impl<'scope> Ahead<'scope> {
         self.unsettled = false;
         match self.answers.recv() {
             Ok(true) => Ok(()),
-            _ => Err(io::Error::other("a directory or link made ahead of the walk failed")),
+            _ => Err(gave_up()),
         }
     }
 
@@ -102,6 +113,7 @@ fn work(
     seen: &[Option<Seen>],
     ops: mpsc::Receiver<Vec<Op>>,
     answer: mpsc::Sender<bool>,
+    gave_up: &AtomicBool,
 ) -> Result<(), Failure> {
     let (mut sources, mut links) = (OpenDir::default(), OpenDir::default());
     let mut failed: Option<Failure> = None;
@@ -121,10 +133,16 @@ fn work(
                     if let Err(e) = linked {
                         let why = not_linkable();
                         failed = Some((files[at].path.clone(), io::Error::new(e.kind(), format!("{why} ({e})"))));
+                        gave_up.store(true, Ordering::Relaxed);
                     }
                 }
             }
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// What the walk is told when a link handed over failed.
+fn gave_up() -> io::Error {
+    io::Error::other("a link made beside the walk failed")
 }

@@ -313,9 +313,12 @@ pub(super) fn unpack_into(
         });
         // Stopped (and its failure known) before anything is removed or synced.
         let ahead = unpacker.ahead.take().map(Ahead::finish);
-        let outcome = match ahead {
-            Some(Err((path, source))) => Err(UnpackError::Write { path, source }),
-            _ => outcome,
+        // The link that failed is the cause, unless an older release was found changed:
+        // that one is named, so that it is unmarked (and the link failed maybe because of it).
+        let outcome = match (ahead, outcome) {
+            (_, Err(e @ UnpackError::OlderChanged { .. })) => Err(e),
+            (Some(Err((path, source))), _) => Err(UnpackError::Write { path, source }),
+            (_, outcome) => outcome,
         };
         (unpacker.dirs, unpacker.linked, outcome)
     });
@@ -543,8 +546,7 @@ impl<'a> Unpacker<'a> {
             mtime_ns: seen.mtime_ns,
             mode: seen.mode,
         });
-        self.ahead.as_mut().expect("checked by the caller").link(at);
-        Ok(())
+        self.ahead.as_mut().expect("checked by the caller").link(at)
     }
 
     /// Waits for the linking thread, if any, to do all it was handed.
