@@ -126,6 +126,11 @@ fn check_frame(
     Ok(())
 }
 
+/// Why frame `n` was not checked: the checking thread is gone (it panicked).
+fn checker_stopped(n: usize) -> UnpackError {
+    UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped"))
+}
+
 /// The walk's side of the checking thread.
 struct Checking {
     requests: mpsc::Sender<(usize, Vec<u8>, Vec<u8>)>,
@@ -278,15 +283,22 @@ impl<'a> SparseTar<'a> {
             Some(Err((asked, e))) if asked == n => return Err(e),
             _ => return Err(UnpackError::Frames(format!("frame {n} was not fetched in its turn"))),
         }
-        let checked = self.checking.results.recv().unwrap_or_else(|_| {
-            Err(UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped")))
-        })?;
+        let checked = self.checking.results.recv().unwrap_or_else(|_| Err(checker_stopped(n)))?;
         self.checking.spare = std::mem::replace(&mut self.buf, checked);
         // The next one is fetched now and checked while the walk goes on to it.
         if self.handed < self.needed.len() {
             self.hand_over();
         }
         Ok(true)
+    }
+
+    /// The next frame, or why not (kept in `trouble`).
+    fn next_frame(&mut self) -> io::Result<bool> {
+        self.advance().map_err(|e| {
+            let shown = e.to_string();
+            self.trouble = Some(e);
+            io::Error::other(shown)
+        })
     }
 
     /// Fetches the next frame to fetch and hands it to the checking thread; a fetch that fails
@@ -298,27 +310,11 @@ impl<'a> SparseTar<'a> {
         let asked = match self.source.frame(n, &self.frames[n]) {
             Ok(bytes) => {
                 self.fetched += bytes.len() as u64;
-                match self.checking.requests.send((n, bytes, spare)) {
-                    Ok(()) => Ok(n),
-                    Err(_) => {
-                        Err((n, UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped"))))
-                    }
-                }
+                self.checking.requests.send((n, bytes, spare)).map(|()| n).map_err(|_| (n, checker_stopped(n)))
             }
             Err(e) => Err((n, UnpackError::Frames(format!("frame {n}: {e}")))),
         };
         self.checking.asked = Some(asked);
-    }
-}
-
-impl SparseTar<'_> {
-    /// The next frame, or why not (kept in `trouble`).
-    fn next_frame(&mut self) -> io::Result<bool> {
-        self.advance().map_err(|e| {
-            let shown = e.to_string();
-            self.trouble = Some(e);
-            io::Error::other(shown)
-        })
     }
 }
 

@@ -46,13 +46,19 @@ fn package(tree: &Tree) -> (Vec<u8>, Digest, FileIndex) {
         fs::set_permissions(&full, fs::Permissions::from_mode(mode)).unwrap();
     }
     std::os::unix::fs::symlink("bin/run", src.path().join("run")).unwrap();
-    let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    let (_, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    indexed(bytes)
+}
+
+/// An artifact's bytes, digest and index as ingest makes it (frames, skeleton).
+fn indexed(bytes: Vec<u8>) -> (Vec<u8>, Digest, FileIndex) {
+    let digest = Digest::of(&bytes);
     let listing = archive::index(&bytes[..], &options()).unwrap();
     let mut scanner = FrameScanner::new();
     scanner.feed(&bytes);
-    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, packed.digest);
-    let index = FileIndex::new(packed.digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
-    (bytes, packed.digest, index)
+    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
+    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    (bytes, digest, index)
 }
 
 fn options() -> CheckOptions {
@@ -334,13 +340,9 @@ fn frames_cut_inside_headers_and_data_still_make_the_same_release() {
         let (bytes, _, _) = package(tree);
         let tar = zstd::decode_all(&bytes[..]).unwrap();
         let bytes: Vec<u8> = tar.chunks(every).flat_map(|chunk| zstd::bulk::compress(chunk, 3).unwrap()).collect();
-        let digest = Digest::of(&bytes);
-        let listing = archive::index(&bytes[..], &options()).unwrap();
-        let mut scanner = FrameScanner::new();
-        scanner.feed(&bytes);
-        let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
-        assert!(frames.len() >= 10, "{} frames", frames.len());
-        (bytes, digest, FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton))
+        let (bytes, digest, index) = indexed(bytes);
+        assert!(index.frames.len() >= 10, "{} frames", index.frames.len());
+        (bytes, digest, index)
     }
     let mut one = first();
     let long = format!("deep/{}/{}.php", "d".repeat(150), "n".repeat(120));
@@ -398,13 +400,8 @@ fn a_node_asks_for_the_whole_artifact_or_refuses_when_frames_cannot_be_told() {
     fs::write(src.path().join("big.bin"), noise(7, 9 << 20)).unwrap();
     let (_, packed) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
     let bytes = zstd::stream::encode_all(&zstd::decode_all(&packed[..]).unwrap()[..], 3).unwrap();
-    let big = Digest::of(&bytes);
-    let listing = archive::index(&bytes[..], &options()).unwrap();
-    let mut scanner = FrameScanner::new();
-    scanner.feed(&bytes);
-    let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, big);
-    assert_eq!(frames.len(), 1, "a plain zstd stream is one frame");
-    let index = FileIndex::new(big, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    let (_, big, index) = indexed(bytes);
+    assert_eq!(index.frames.len(), 1, "a plain zstd stream is one frame");
     assert_eq!(lacking(base.path(), big, &index).frames, None, "too large to make alone: fetched whole");
     for digest in [big, other] {
         assert!(!base.path().join("releases").join(digest.hex()).exists());
@@ -435,13 +432,7 @@ fn a_tar_hard_link_to_a_file_linked_from_an_older_release_is_made_after_it() {
         header.set_mode(0o644);
         builder.append_link(&mut header, link, target).unwrap();
         let tar = builder.into_inner().unwrap();
-        let bytes: Vec<u8> = tar.chunks(20_000).flat_map(|chunk| zstd::bulk::compress(chunk, 3).unwrap()).collect();
-        let digest = Digest::of(&bytes);
-        let listing = archive::index(&bytes[..], &options()).unwrap();
-        let mut scanner = FrameScanner::new();
-        scanner.feed(&bytes);
-        let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
-        (bytes, digest, FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton))
+        indexed(tar.chunks(20_000).flat_map(|chunk| zstd::bulk::compress(chunk, 3).unwrap()).collect())
     }
     let one: Tree = (0..40u64).map(|i| (format!("vendor/p{}/f{i}.php", i % 3), noise(i, 9000))).collect();
     let (link, target) = ("public/same.php", "vendor/p0/f0.php");
