@@ -239,14 +239,15 @@ pub(super) fn walk_error(e: WalkError) -> UnpackError {
     }
 }
 
-/// Makes `dest` and unpacks into it what `walk` hands the visitor; `made`: by their place in
-/// the index, the files whose data was made, not fetched (linked, never read or compared).
+/// Makes `dest` and unpacks into it what `walk` hands the visitor; `unread`: by their place in
+/// the index, the files linked whose data is passed over, never read or compared (a sparse
+/// unpack's: made, not fetched, or found linkable when the frames to fetch were told).
 /// Nothing is left when it fails.
 pub(super) fn unpack_into(
     dest: &Path,
     modes: Modes<'_>,
     sharing: Option<Sharing<'_>>,
-    made: &[bool],
+    unread: &[bool],
     walk: impl FnOnce(&mut dyn Visitor) -> Result<Summary, UnpackError>,
 ) -> Result<Unpacked, UnpackError> {
     let write_error = |path: &Path| {
@@ -263,9 +264,9 @@ pub(super) fn unpack_into(
         None => None,
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
-    // Files whose data was made are linked by a thread of their own while the walk goes on.
+    // Files linked unread are linked by a thread of their own while the walk goes on.
     let seen = match &sharing {
-        Some(Sharing { looked: Some(looked), .. }) if made.contains(&true) => Some(&looked.seen[..]),
+        Some(Sharing { looked: Some(looked), .. }) if unread.contains(&true) => Some(&looked.seen[..]),
         _ => None,
     };
     let (dirs, linked, outcome) = std::thread::scope(|scope| {
@@ -289,11 +290,11 @@ pub(super) fn unpack_into(
             linked: Vec::new(),
             linked_at: vec![false; sharing.as_ref().map_or(0, |s| s.index.files.len())],
             not_as_said: Vec::new(),
-            made,
+            unread,
             ahead,
         };
         let mut listed = Vec::new();
-        let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| made.get(at) == Some(&true));
+        let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| unread.get(at) == Some(&true));
         let walked = match &sharing {
             None => walk(&mut unpacker),
             Some(_) => {
@@ -306,7 +307,7 @@ pub(super) fn unpack_into(
             }
         };
         let outcome = walked.and_then(|summary| match (&sharing, by_path) {
-            (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, made)
+            (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, unread)
                 .and_then(|()| older_as_said(&unpacker.not_as_said))
                 .map(|()| summary),
             _ => Ok(summary),
@@ -346,12 +347,12 @@ pub(super) fn index_by_path(index: &FileIndex) -> Result<ByPath<'_>, UnpackError
 }
 
 /// Compares what the archive held (hashed while unpacking) with its index (`files`, by path),
-/// file by file; of a file whose data was `made` (zeros: not fetched), its size and mode only.
+/// file by file; of a file linked `unread` (its data zeros or passed over), its size and mode only.
 fn matches_index(
     listed: &[IndexedFile],
     files: &[IndexedFile],
     by_path: &ByPath,
-    made: &[bool],
+    unread: &[bool],
 ) -> Result<(), UnpackError> {
     for file in listed {
         let Some(&at) = by_path.get(file.path.as_str()) else {
@@ -361,7 +362,7 @@ fn matches_index(
             )));
         };
         let said = &files[at];
-        let sha256 = if made.get(at) == Some(&true) { said.sha256 } else { file.sha256 };
+        let sha256 = if unread.get(at) == Some(&true) { said.sha256 } else { file.sha256 };
         if (said.sha256, said.size, said.executable) != (sha256, file.size, file.executable) {
             let mode = |x: bool| if x { "executable" } else { "not executable" };
             return Err(UnpackError::IndexMismatch(format!(
@@ -454,11 +455,11 @@ struct Unpacker<'a> {
     linked_at: Vec<bool>,
     /// Older files linked that do not hold what their release's index says.
     not_as_said: Vec<Candidate>,
-    /// By place in the index: the files whose data was made, not fetched (linked, never read).
-    made: &'a [bool],
+    /// By place in the index: the files linked unread (see [`unpack_into`]).
+    unread: &'a [bool],
     /// The directory of the last file linked.
     links: OpenDir,
-    /// The thread making directories and the links of `made` files, when there are some.
+    /// The thread making the links of `unread` files, when there are some.
     ahead: Option<Ahead<'a>>,
 }
 
@@ -496,7 +497,7 @@ impl<'a> Unpacker<'a> {
     /// ([`Linking::usable`]). None (write it) when there is none, or the link fails (another
     /// filesystem, too many links): sharing never fails an unpack that has the file's bytes.
     /// Some: the older file, open, and its candidate, for [`same_as_linked`] to read.
-    /// `open`: whether to open the older file (to compare; not when the bytes were not fetched).
+    /// `open`: whether to open the older file (to compare; not when its bytes are not read).
     fn link_to_older(
         &mut self,
         relative: &Path,
@@ -532,10 +533,10 @@ impl<'a> Unpacker<'a> {
         Some((opened, seen.candidate))
     }
 
-    /// [`link_to_older`](Self::link_to_older) of a file whose bytes were made, by the linking
-    /// thread: an error when there is no older file to link it to.
+    /// [`link_to_older`](Self::link_to_older) of a file linked unread, by the linking thread:
+    /// an error when there is no older file to link it to.
     fn link_ahead(&mut self, relative: &Path, at: usize, executable: bool) -> io::Result<()> {
-        let linking = self.sharing.as_ref().expect("made files are linked only with sharing");
+        let linking = self.sharing.as_ref().expect("files are linked unread only with sharing");
         let seen = linking.usable(relative, at, executable).ok_or_else(not_linkable)?;
         self.linked_at[at] = true;
         self.linked.push(Linked {
@@ -572,9 +573,9 @@ impl Visitor for Unpacker<'_> {
             Entry::File { path, executable, .. } => {
                 let relative = Path::new(path.as_str());
                 let at = self.sharing.as_ref().and_then(|s| s.by_path.get(path.as_str()).copied());
-                let made = at.is_some_and(|at| self.made.get(at) == Some(&true));
+                let unread = at.is_some_and(|at| self.unread.get(at) == Some(&true));
                 self.parent_of(relative)?;
-                if let (true, Some(at)) = (made && self.ahead.is_some(), at) {
+                if let (true, Some(at)) = (unread && self.ahead.is_some(), at) {
                     return self.link_ahead(relative, at, executable);
                 }
                 // Linked: its data (hashed by the caller, compared with the index) is compared
@@ -582,9 +583,10 @@ impl Visitor for Unpacker<'_> {
                 // which someone there may have changed, and so may its file be.
                 // Which one lied (the index sent, or the older release's) is known once the
                 // stream's bytes are compared with the index sent: the unpack fails after the walk.
-                if let Some((older, candidate)) = at.and_then(|at| self.link_to_older(relative, at, executable, !made))
+                if let Some((older, candidate)) =
+                    at.and_then(|at| self.link_to_older(relative, at, executable, !unread))
                 {
-                    // Made, not fetched: zeros, nothing to compare.
+                    // Linked unread: nothing to compare.
                     if let Some(older) = older {
                         self.theirs.resize(self.buffer.len(), 0);
                         if !same_as_linked(data, older, &mut self.buffer, &mut self.theirs)? {
@@ -593,7 +595,7 @@ impl Visitor for Unpacker<'_> {
                     }
                     return Ok(());
                 }
-                if made {
+                if unread {
                     return Err(not_linkable());
                 }
                 // create_new: a second entry for the same path is refused, never overwrites.
@@ -644,12 +646,12 @@ impl Visitor for Unpacker<'_> {
     }
 }
 
-/// Why a file whose bytes were made (not fetched) was not linked.
+/// Why a file linked unread (its bytes not fetched, or passed over) was not linked.
 pub(super) fn not_linkable() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
-        "its bytes were not fetched, to be linked from a release already here, which no longer holds it as its \
-         index says (changed or removed since the prepare began): deploy again",
+        "it was to be linked, its bytes not fetched or not read, from a release already here, which no longer \
+         holds it as its index says (changed or removed since the prepare began): deploy again",
     )
 }
 

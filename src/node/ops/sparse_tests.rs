@@ -229,6 +229,19 @@ fn a_node_asked_what_it_lacks_makes_the_same_release_from_those_frames_alone() {
         fs::metadata(older.join("vendor/p0/f0.php")).unwrap().ino()
     );
     assert_eq!(fs::metadata(answer.dir.join("vendor/p3/f10.php")).unwrap().nlink(), 1);
+    // So are the unchanged files fetched only as a changed one's neighbours in its frame:
+    // linked from the older release, not written from the frame.
+    let changed = ["vendor/p3/f10.php", "vendor/new.php"];
+    let neighbours: Vec<&str> = (index.files.iter())
+        .filter(|f| f.size > 0 && !changed.contains(&f.path.as_str()))
+        .filter(|f| index.frames_of(f).any(|n| frames.contains(&n)))
+        .map(|f| f.path.as_str())
+        .collect();
+    assert!(neighbours.len() >= 5, "{neighbours:?}");
+    for path in neighbours {
+        let ino = |dir: &Path| fs::metadata(dir.join(path)).unwrap().ino();
+        assert_eq!(ino(&answer.dir), ino(&older), "{path}");
+    }
     assert!(base.path().join(".release/ready").join(digest.hex()).exists());
     // It keeps the index's files only: the frame table and skeleton are the artifact's.
     let kept = read_kept(&base.path().join(".release/index").join(digest.hex()), digest).unwrap();
