@@ -1,14 +1,17 @@
-//! The sparse unpack's second thread: it makes the hard links of the files whose data was not
-//! fetched while the walk reads and checks the entries after them. Of a 1%-changed release
-//! those are nearly all its entries, and their links a fifth of the walk.
+//! The sparse unpack's second thread: it makes the release's directories and the hard links
+//! of the files linked unread while the walk reads and checks the entries after them. Of a
+//! 1%-changed release those are nearly all its entries, and their links and directories
+//! nearly half of the walk.
 //!
-//! The walk makes every directory itself before it hands over a link into it, and writes
-//! every other entry itself: the entries' paths are unique (the walk's rules), so nothing it
-//! writes depends on a link handed over, except a hard link entry, whose target may be one:
-//! before it, the walk waits until the thread has done all it was given.
+//! The thread does what it is handed in order, and the walk hands over a directory before
+//! any link into it. The walk writes every other entry itself, first making its directory
+//! (`create_dir_all`: made already by the thread, or about to be, is no error). The entries'
+//! paths are unique (the walk's rules), so nothing it writes depends on a link handed over,
+//! except a hard link entry, whose target may be one: before it, the walk waits until the
+//! thread has done all it was given.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::{Scope, ScopedJoinHandle};
@@ -19,6 +22,8 @@ use crate::archive::IndexedFile;
 
 /// Work handed to the thread.
 enum Op {
+    /// Make this directory (relative to the root) and its parents.
+    Dir(PathBuf),
     /// Link the index's file at this place to the older file found for it.
     Link(usize),
     /// Say, on the answer channel, whether everything before succeeded.
@@ -64,7 +69,16 @@ impl<'scope> Ahead<'scope> {
     /// Links the index's file `at` (its directory exists) to the older file seen for it; an
     /// error once a link handed over before has failed ([`finish`](Self::finish) says which).
     pub(super) fn link(&mut self, at: usize) -> io::Result<()> {
-        self.batch.push(Op::Link(at));
+        self.push(Op::Link(at))
+    }
+
+    /// Makes the directory `relative` (and its parents) before any link handed over after.
+    pub(super) fn dir(&mut self, relative: &Path) -> io::Result<()> {
+        self.push(Op::Dir(relative.to_owned()))
+    }
+
+    fn push(&mut self, op: Op) -> io::Result<()> {
+        self.batch.push(op);
         if self.batch.len() == BATCH {
             if self.failed.load(Ordering::Relaxed) {
                 return Err(gave_up());
@@ -124,6 +138,12 @@ fn work(
                     let _ = answer.send(failed.is_none());
                 }
                 _ if failed.is_some() => {}
+                Op::Dir(relative) => {
+                    if let Err(e) = std::fs::create_dir_all(root.join(&relative)) {
+                        failed = Some((relative.display().to_string(), e));
+                        gave_up.store(true, Ordering::Relaxed);
+                    }
+                }
                 Op::Link(at) => {
                     let link = root.join(&files[at].path);
                     let linked = match &seen[at] {

@@ -277,6 +277,7 @@ pub(super) fn unpack_into(
             theirs: Vec::new(),
             dirs: foldhash::HashSet::from_iter([PathBuf::new()]),
             last_dir: PathBuf::new(),
+            ensured: PathBuf::new(),
             modes,
             sharing: sharing.as_ref().zip(by_path).map(|(s, by_path)| Linking {
                 candidates: s.candidates,
@@ -445,8 +446,10 @@ struct Unpacker<'a> {
     /// The directories made so far, relative: a file's parent is made once, not looked up
     /// again for every file in it (that lookup was 8% of an unpack).
     dirs: foldhash::HashSet<PathBuf>,
-    /// The directory `make_dir` was last asked for (made).
+    /// The directory `make_dir` was last asked for (made, or handed to the thread).
     last_dir: PathBuf,
+    /// With the thread: the directory the walk last made itself, to write into it.
+    ensured: PathBuf,
     modes: Modes<'a>,
     /// The files to link to, and the index by path.
     sharing: Option<Linking<'a, 'a>>,
@@ -459,7 +462,7 @@ struct Unpacker<'a> {
     unread: &'a [bool],
     /// The directory of the last file linked.
     links: OpenDir,
-    /// The thread making the links of `unread` files, when there are some.
+    /// The thread making the directories and the links of `unread` files, when there are some.
     ahead: Option<Ahead<'a>>,
 }
 
@@ -472,7 +475,10 @@ impl<'a> Unpacker<'a> {
             return Ok(());
         }
         if !self.dirs.contains(relative) {
-            fs::create_dir_all(self.root.join(relative))?;
+            match &mut self.ahead {
+                Some(ahead) => ahead.dir(relative)?,
+                None => fs::create_dir_all(self.root.join(relative))?,
+            }
             // The root is fresh, so everything between it and this directory was made here too.
             for dir in relative.ancestors() {
                 if !self.dirs.insert(dir.to_owned()) {
@@ -490,6 +496,18 @@ impl<'a> Unpacker<'a> {
             Some(parent) => self.make_dir(parent),
             None => Ok(()),
         }
+    }
+
+    /// Makes sure the directory of `relative`, an entry the walk writes itself, exists: with
+    /// the thread, it may not be made yet (made twice is no error).
+    fn ensure_parent(&mut self, relative: &Path) -> io::Result<()> {
+        let Some(parent) = relative.parent().filter(|_| self.ahead.is_some()) else { return Ok(()) };
+        if self.ensured.as_os_str() != parent.as_os_str() {
+            fs::create_dir_all(self.root.join(parent))?;
+            self.ensured.clear();
+            self.ensured.push(parent);
+        }
+        Ok(())
     }
 
     /// Hard-links `relative` (the index's file `at`) to the file of an older release holding
@@ -578,6 +596,7 @@ impl Visitor for Unpacker<'_> {
                 if let (true, Some(at)) = (unread && self.ahead.is_some(), at) {
                     return self.link_ahead(relative, at, executable);
                 }
+                self.ensure_parent(relative)?;
                 // Linked: its data (hashed by the caller, compared with the index) is compared
                 // with the older file's bytes too: an older release's index is the node's word,
                 // which someone there may have changed, and so may its file be.
@@ -610,6 +629,7 @@ impl Visitor for Unpacker<'_> {
             Entry::Symlink { path, target } => {
                 let relative = Path::new(path.as_str());
                 self.parent_of(relative)?;
+                self.ensure_parent(relative)?;
                 std::os::unix::fs::symlink(target, self.root.join(relative))
             }
             Entry::Hardlink { path, target } => {
