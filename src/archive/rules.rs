@@ -14,22 +14,28 @@ impl RelPath {
     /// Normalizes an entry path as a tar archive spells it (`./a/b/`, `a//b`), refusing absolute
     /// paths, `..` and non-UTF-8. `Ok(None)` is the archive's root directory itself (`./`).
     pub fn parse(raw: &[u8]) -> Result<Option<RelPath>, ArchiveError> {
-        let shown = String::from_utf8_lossy(raw).into_owned();
-        let text = std::str::from_utf8(raw).map_err(|_| ArchiveError::BadPath { path: shown.clone() })?;
+        let shown = || String::from_utf8_lossy(raw).into_owned();
+        let text = std::str::from_utf8(raw).map_err(|_| ArchiveError::BadPath { path: shown() })?;
         if text.is_empty() || text.contains('\0') {
-            return Err(ArchiveError::BadPath { path: shown });
+            return Err(ArchiveError::BadPath { path: shown() });
         }
         if text.starts_with('/') {
-            return Err(ArchiveError::AbsolutePath { path: shown });
+            return Err(ArchiveError::AbsolutePath { path: shown() });
         }
-        let mut parts = Vec::new();
+        // Nearly every path is in its normal form already (no empty or `.` part): taken as it
+        // is, one copy (this ran for every entry a node unpacks).
+        let mut normal = true;
         for part in text.split('/') {
             match part {
-                "" | "." => {}
-                ".." => return Err(ArchiveError::ParentDir { path: shown }),
-                p => parts.push(p),
+                "" | "." => normal = false,
+                ".." => return Err(ArchiveError::ParentDir { path: shown() }),
+                _ => {}
             }
         }
+        if normal {
+            return Ok(Some(RelPath(text.to_owned())));
+        }
+        let parts: Vec<&str> = text.split('/').filter(|part| !matches!(*part, "" | ".")).collect();
         Ok((!parts.is_empty()).then(|| RelPath(parts.join("/"))))
     }
 
@@ -380,6 +386,26 @@ mod tests {
         assert!(matches!(RelPath::parse(b"a/../../b"), Err(ArchiveError::ParentDir { .. })));
         assert!(matches!(RelPath::parse(b"a\xffb"), Err(ArchiveError::BadPath { .. })));
         assert!(matches!(RelPath::parse(b""), Err(ArchiveError::BadPath { .. })));
+        assert!(matches!(RelPath::parse(b"a/\0b"), Err(ArchiveError::BadPath { .. })));
+        // Every spelling of a few parts: the normal form taken as it is, any other one
+        // normalized to the same path (or refused for `..` anywhere).
+        let parts = ["a", "b.php", ".", "", "..", "...", ".env"];
+        for x in parts {
+            for y in parts {
+                for z in parts {
+                    let text = format!("{x}/{y}/{z}");
+                    let kept: Vec<&str> = [x, y, z].into_iter().filter(|p| !matches!(*p, "" | ".")).collect();
+                    match RelPath::parse(text.as_bytes()) {
+                        Err(ArchiveError::AbsolutePath { .. }) if x.is_empty() => {}
+                        Err(ArchiveError::ParentDir { .. }) if [x, y, z].contains(&"..") => {}
+                        Ok(parsed) if !x.is_empty() && ![x, y, z].contains(&"..") => {
+                            assert_eq!(parsed.map(|p| p.0), (!kept.is_empty()).then(|| kept.join("/")), "{text}")
+                        }
+                        other => panic!("{text}: {other:?}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]
