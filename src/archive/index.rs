@@ -389,20 +389,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A file's place in an index, by its path; `None` for a file to hash.
+pub type PlaceOf<'a> = dyn Fn(&str) -> Option<usize> + 'a;
+
 /// A [`Visitor`] that lists every regular file with the SHA-256 of its data, handing each
 /// entry on to `inner` (which reads what it wants of the data; the rest is hashed here).
 pub struct Indexing<'a> {
     pub inner: &'a mut dyn Visitor,
     pub files: Vec<IndexedFile>,
-    /// Which files' data is not hashed (nor read here), by path: listed with their size and
-    /// the hash of nothing. A node's sparse unpack made their data (zeros), never fetched it.
-    pub unhashed: Option<&'a dyn Fn(&str) -> bool>,
+    /// Which files' data is not hashed (nor read here): their place in the index the caller
+    /// holds, by path. A node's sparse unpack links them unread (their data made, zeros, or
+    /// passed over).
+    pub unhashed: Option<&'a PlaceOf<'a>>,
+    /// The files not hashed, not in `files`: their place, size and mode (no path copied: they
+    /// are nearly all the entries of a sparse unpack).
+    pub unhashed_files: Vec<(usize, u64, bool)>,
     buffer: Vec<u8>,
 }
 
 impl<'a> Indexing<'a> {
     pub fn new(inner: &'a mut dyn Visitor) -> Indexing<'a> {
-        Indexing { inner, files: Vec::new(), unhashed: None, buffer: vec![0; 256 << 10] }
+        Indexing { inner, files: Vec::new(), unhashed: None, unhashed_files: Vec::new(), buffer: vec![0; 256 << 10] }
     }
 }
 
@@ -411,12 +418,12 @@ impl Visitor for Indexing<'_> {
         let Entry::File { path, executable, offset, size } = entry else {
             return self.inner.entry(entry, data);
         };
-        let path = path.as_str().to_owned();
-        if self.unhashed.is_some_and(|unhashed| unhashed(&path)) {
+        if let Some(at) = self.unhashed.and_then(|unhashed| unhashed(path.as_str())) {
             self.inner.entry(entry, data)?;
-            self.files.push(IndexedFile { path, executable, size, offset, sha256: Digest::of(b"") });
+            self.unhashed_files.push((at, size, executable));
             return Ok(());
         }
+        let path = path.as_str().to_owned();
         let mut hashing = Hashing { inner: data, hasher: Sha256::new(), size: 0 };
         self.inner.entry(entry, &mut hashing)?;
         loop {

@@ -294,21 +294,24 @@ pub(super) fn unpack_into(
             unread,
             ahead,
         };
-        let mut listed = Vec::new();
-        let unhashed = |path: &str| by_path.and_then(|b| b.get(path)).is_some_and(|&at| unread.get(at) == Some(&true));
+        let (mut listed, mut unhashed_files) = (Vec::new(), Vec::new());
+        let unhashed =
+            |path: &str| by_path.and_then(|b| b.get(path)).copied().filter(|&at| unread.get(at) == Some(&true));
         let walked = match &sharing {
             None => walk(&mut unpacker),
             Some(_) => {
                 let mut indexing = Indexing::new(&mut unpacker);
                 indexing.unhashed = Some(&unhashed);
-                indexing.files.reserve(by_path.map_or(0, |b| b.len()));
+                let unread_count = unread.iter().filter(|u| **u).count();
+                indexing.files.reserve(by_path.map_or(0, |b| b.len()).saturating_sub(unread_count));
+                indexing.unhashed_files.reserve(unread_count);
                 let walked = walk(&mut indexing);
-                listed = std::mem::take(&mut indexing.files);
+                (listed, unhashed_files) = (indexing.files, indexing.unhashed_files);
                 walked
             }
         };
         let outcome = walked.and_then(|summary| match (&sharing, by_path) {
-            (Some(sharing), Some(by_path)) => matches_index(&listed, &sharing.index.files, by_path, unread)
+            (Some(sharing), Some(by_path)) => matches_index(&listed, &unhashed_files, &sharing.index.files, by_path)
                 .and_then(|()| older_as_said(&unpacker.not_as_said))
                 .map(|()| summary),
             _ => Ok(summary),
@@ -347,14 +350,17 @@ pub(super) fn index_by_path(index: &FileIndex) -> Result<ByPath<'_>, UnpackError
     Ok(by_path)
 }
 
-/// Compares what the archive held (hashed while unpacking) with its index (`files`, by path),
-/// file by file; of a file linked `unread` (its data zeros or passed over), its size and mode only.
+/// Compares what the archive held (`listed`: hashed while unpacking) with its index (`files`,
+/// by path), file by file; of a file linked unread (`unhashed`: its place in the index, size
+/// and mode; its data zeros or passed over), its size and mode only. The walk's rules let no
+/// path through twice, so as many files as the index lists are all of them.
 fn matches_index(
     listed: &[IndexedFile],
+    unhashed: &[(usize, u64, bool)],
     files: &[IndexedFile],
     by_path: &ByPath,
-    unread: &[bool],
 ) -> Result<(), UnpackError> {
+    let mode = |x: bool| if x { "executable" } else { "not executable" };
     for file in listed {
         let Some(&at) = by_path.get(file.path.as_str()) else {
             return Err(UnpackError::IndexMismatch(format!(
@@ -363,13 +369,11 @@ fn matches_index(
             )));
         };
         let said = &files[at];
-        let sha256 = if unread.get(at) == Some(&true) { said.sha256 } else { file.sha256 };
-        if (said.sha256, said.size, said.executable) != (sha256, file.size, file.executable) {
-            let mode = |x: bool| if x { "executable" } else { "not executable" };
+        if (said.sha256, said.size, said.executable) != (file.sha256, file.size, file.executable) {
             return Err(UnpackError::IndexMismatch(format!(
                 "{:?} is {} ({} bytes, {}) in the archive, {} ({} bytes, {}) in the index",
                 file.path,
-                sha256,
+                file.sha256,
                 file.size,
                 mode(file.executable),
                 said.sha256,
@@ -378,8 +382,24 @@ fn matches_index(
             )));
         }
     }
-    if listed.len() != by_path.len() {
-        let held: foldhash::HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    for &(at, size, executable) in unhashed {
+        let said = &files[at];
+        if (said.size, said.executable) != (size, executable) {
+            return Err(UnpackError::IndexMismatch(format!(
+                "{:?} is {size} bytes, {} in the archive, {} bytes, {} in the index",
+                said.path,
+                mode(executable),
+                said.size,
+                mode(said.executable)
+            )));
+        }
+    }
+    if listed.len() + unhashed.len() != by_path.len() {
+        let held: foldhash::HashSet<&str> = listed
+            .iter()
+            .map(|f| f.path.as_str())
+            .chain(unhashed.iter().map(|&(at, ..)| files[at].path.as_str()))
+            .collect();
         let missing = by_path.keys().find(|p| !held.contains(*p)).expect("more listed than held");
         return Err(UnpackError::IndexMismatch(format!("it lists {missing:?}, which the archive does not hold")));
     }
@@ -503,7 +523,13 @@ impl<'a> Unpacker<'a> {
     fn ensure_parent(&mut self, relative: &Path) -> io::Result<()> {
         let Some(parent) = relative.parent().filter(|_| self.ahead.is_some()) else { return Ok(()) };
         if self.ensured.as_os_str() != parent.as_os_str() {
-            fs::create_dir_all(self.root.join(parent))?;
+            // One mkdir where `create_dir_all` of a directory that exists takes two syscalls.
+            let dir = self.root.join(parent);
+            match fs::create_dir(&dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&dir)?,
+                // Not a directory: writing into it fails, naming the entry.
+                Ok(()) | Err(_) => {}
+            }
             self.ensured.clear();
             self.ensured.push(parent);
         }
