@@ -117,11 +117,15 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
         // Without finalize hooks nothing runs in the tree before it is sealed, so its files
         // are written read-only at once and only its directories are sealed afterwards.
         let modes = if p.finalize.is_empty() { Modes::Sealed(&p.writable) } else { Modes::Writable };
-        index = sent_index(p)?;
-        let candidates = match &index {
-            Some(_) => candidates(&layout, p.digest, &p.writable),
-            None => Default::default(),
-        };
+        // The releases' files to link to are read while the index sent is (a sixth of a
+        // 1%-changed prepare's time before its walk, each).
+        let (sent, candidates) = std::thread::scope(|scope| {
+            let found = p.index.is_some().then(|| scope.spawn(|| candidates(&layout, p.digest, &p.writable)));
+            let sent = sent_index(p);
+            (sent, found.map(|found| found.join().expect("reading the older releases' indexes panicked")))
+        });
+        index = sent?;
+        let candidates = candidates.filter(|_| index.is_some()).unwrap_or_default();
         let has_skeleton = index.as_ref().is_some_and(|index| index.skeleton.is_some());
         let sharing = |looked| {
             index.as_ref().map(|index| Sharing { index, candidates: &candidates, writable: &p.writable, looked })
