@@ -392,8 +392,9 @@ impl<'a> Reader<'a> {
 /// A file's place in an index, by its path; `None` for a file to hash.
 pub type PlaceOf<'a> = dyn Fn(&str) -> Option<usize> + 'a;
 
-/// A [`Visitor`] that lists every regular file with the SHA-256 of its data, handing each
-/// entry on to `inner` (which reads what it wants of the data; the rest is hashed here).
+/// A [`Visitor`] that lists every regular file with the SHA-256 of its data (but those
+/// [`unhashed`](Self::unhashed), listed apart), handing each entry on to `inner` (which reads
+/// what it wants of the data; the rest is hashed here).
 pub struct Indexing<'a> {
     pub inner: &'a mut dyn Visitor,
     pub files: Vec<IndexedFile>,

@@ -5,10 +5,10 @@
 //!
 //! The thread does what it is handed in order, and the walk hands over a directory before
 //! any link into it. The walk writes every other entry itself, first making its directory
-//! (`create_dir_all`: made already by the thread, or about to be, is no error). The entries'
-//! paths are unique (the walk's rules), so nothing it writes depends on a link handed over,
-//! except a hard link entry, whose target may be one: before it, the walk waits until the
-//! thread has done all it was given.
+//! with one `mkdir` (made already by the thread, or about to be, is no error; its parents
+//! too when they are missing). The entries' paths are unique (the walk's rules), so nothing
+//! it writes depends on a link handed over, except a hard link entry, whose target may be
+//! one: before it, the walk waits until the thread has done all it was given.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ pub(super) struct Ahead<'scope> {
     batch: Vec<Op>,
     /// Ops handed over and not yet settled.
     unsettled: bool,
-    /// Set by the thread when a link failed: the walk stops at its next hand-over instead of
+    /// Set by the thread when a link or directory failed: the walk stops at its next hand-over instead of
     /// fetching and reading the rest of the artifact for a prepare that fails anyway.
     failed: Arc<AtomicBool>,
     ops: mpsc::Sender<Vec<Op>>,
@@ -66,8 +66,8 @@ impl<'scope> Ahead<'scope> {
         Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, ops, answers, thread }
     }
 
-    /// Links the index's file `at` (its directory exists) to the older file seen for it; an
-    /// error once a link handed over before has failed ([`finish`](Self::finish) says which).
+    /// Links the index's file `at` (its directory handed over before) to the older file seen
+    /// for it; an error once something handed over before has failed ([`finish`](Self::finish) says which).
     pub(super) fn link(&mut self, at: usize) -> io::Result<()> {
         self.push(Op::Link(at))
     }
@@ -164,5 +164,5 @@ fn work(
 
 /// What the walk is told when a link handed over failed.
 fn gave_up() -> io::Error {
-    io::Error::other("a link made beside the walk failed")
+    io::Error::other("a link or directory made beside the walk failed")
 }

@@ -6,7 +6,10 @@
 //! Given the artifact's [`FileIndex`] and the files this node already holds ([`Sharing`]), a
 //! file whose content and mode a ready release has is hard-linked to it instead of written;
 //! its bytes are still read from the stream, hashed, and compared with the index, like every
-//! other file's: an index that does not describe the artifact is refused.
+//! other file's: an index that does not describe the artifact is refused. A sparse unpack's
+//! files that an older release holds are linked unread (their bytes were not fetched, or were
+//! fetched only as a changed file's neighbours in its frame): the index sent, bound to the
+//! digest, and the older release's own check vouch for them.
 //!
 //! `sparse.rs` walks the same way a tar stream made of the frames the node fetched and of the
 //! index's skeleton, through [`unpack_into`].
@@ -468,7 +471,8 @@ struct Unpacker<'a> {
     dirs: foldhash::HashSet<PathBuf>,
     /// The directory `make_dir` was last asked for (made, or handed to the thread).
     last_dir: PathBuf,
-    /// With the thread: the directory the walk last made itself, to write into it.
+    /// With the linking thread: the directory (relative) the walk last made itself, or found
+    /// there, to write an entry into it; not made again for the next entry in it.
     ensured: PathBuf,
     modes: Modes<'a>,
     /// The files to link to, and the index by path.
@@ -526,9 +530,11 @@ impl<'a> Unpacker<'a> {
             // One mkdir where `create_dir_all` of a directory that exists takes two syscalls.
             let dir = self.root.join(parent);
             match fs::create_dir(&dir) {
+                // There already, maybe not as a directory: writing into it fails, naming the entry.
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&dir)?,
-                // Not a directory: writing into it fails, naming the entry.
-                Ok(()) | Err(_) => {}
+                Err(e) => return Err(e),
             }
             self.ensured.clear();
             self.ensured.push(parent);
