@@ -189,8 +189,10 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
         }
         let unpacked = unpacked.map_err(unpack_refusal(&layout))?;
         linked = unpacked.linked;
+        // Neither the tree nor the rename is flushed yet: one `syncfs` below flushes them with
+        // the rest before the marker is written. A crash before it leaves a tree unready, at
+        // either name, which is redone (above).
         fs::rename(&tmp, &dir).map_err(|e| io_error(&dir, e))?;
-        sync_dir(&layout.releases()).map_err(|e| io_error(&layout.releases(), e))?;
         let mut dirs = unpacked.dirs;
         link_shared(&layout, &dir, &p.shared, &mut dirs)?;
         if let Modes::Sealed(writable) = modes {
