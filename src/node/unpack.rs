@@ -322,7 +322,7 @@ pub(super) fn unpack_into(
                 .map(|()| summary),
             _ => Ok(summary),
         });
-        // Stopped (and its failure known) before anything is removed or synced.
+        // Stopped (and its failure known) before anything is removed.
         let ahead = unpacker.ahead.take().map(Ahead::finish);
         // The link that failed is the cause, unless an older release was found changed:
         // that one is named, so that it is unmarked (and the link failed maybe because of it).
@@ -525,8 +525,8 @@ impl<'a> Unpacker<'a> {
             // One mkdir where `create_dir_all` of a directory that exists takes two syscalls.
             let dir = self.root.join(parent);
             match fs::create_dir(&dir) {
-                // There already, maybe not as a directory: writing into it fails, naming the entry.
                 Ok(()) => {}
+                // There already, maybe not as a directory: writing into it fails, naming the entry.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&dir)?,
                 Err(e) => return Err(e),

@@ -129,6 +129,8 @@ fn a_hook_printing_hundreds_of_megabytes_keeps_the_agent_small() {
     let base = tempfile::tempdir().unwrap();
     let digest = format!("sha256:{}", "ab".repeat(32));
     std::fs::create_dir_all(base.path().join("releases").join("ab".repeat(32))).unwrap();
+    std::fs::create_dir_all(base.path().join(".release/ready")).unwrap();
+    std::fs::write(base.path().join(".release/ready").join("ab".repeat(32)), "").unwrap();
     let request = json!({
         "op": "exec", "base": base.path(), "digest": digest, "env": {},
         "commands": ["head -c 300000000 /dev/zero | tr '\\0' x; echo; echo the end"],

@@ -259,6 +259,14 @@ pub(super) fn exec(e: &Exec) -> Result<Ran, NodeError> {
     layout.create()?;
     let _lock = layout.lock()?;
     layout.fence(e.fence)?;
+    // A migration runs only in a release ready here (a tree without its marker may be one a
+    // crash left half unpacked), checked under the lock that a clean-up takes too.
+    if e.digest.is_some() && !layout.ready(digest).exists() {
+        return Err(NodeError::new(
+            ErrorCode::NotReady,
+            format!("{} is not marked ready on this node: no hook runs in it", dir.display()),
+        ));
+    }
     let deadline = e.hook_timeout_ms.map(Duration::from_millis);
     let env = release_env(&layout, digest, &e.env);
     let output = run_commands(&layout, &dir, &e.commands, &env, deadline, &e.run_as)?;

@@ -100,6 +100,16 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
                 format!("{} is what current points at, but it is not marked ready: not touched", dir.display()),
             ));
         }
+        // A marker without its tree (the tree removed by hand, or a cleanup's unmarking undone
+        // by a power loss while its move of the tree was not): removed for good before a tree
+        // appears under the release's name, or a crash after the rename below would leave an
+        // unfinished tree (now not even flushed) marked ready.
+        if ready.exists() {
+            fs::remove_file(&ready).map_err(|e| io_error(&ready, e))?;
+            let _ = fs::remove_file(layout.finalized_with(p.digest));
+            let markers = ready.parent().expect("ready has a parent");
+            sync_dir(markers).map_err(|e| io_error(markers, e))?;
+        }
         // An index is kept only for a release prepared (again) with one, below.
         forget_index(&layout, p.digest);
         if dir.exists() {

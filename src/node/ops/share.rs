@@ -215,6 +215,11 @@ pub(super) fn unmark_changed(layout: &Layout, releases: &[Digest]) -> String {
         }
     }
     if !unmarked.is_empty() {
+        // Unmarked for good: a power loss must not make them ready again. Not flushed, they
+        // are only unmarked the next time a prepare finds them changed.
+        if let Some(ready) = releases.first().map(|release| layout.ready(*release)) {
+            let _ = sync_dir(ready.parent().expect("ready has a parent"));
+        }
         message.push_str(&format!(
             "; no longer ready, unpacked again from their artifact when next needed: {}",
             unmarked.join(", ")

@@ -178,14 +178,23 @@ fn exec_in(base: &Path, digest: Digest, command: &str, fence: u64) -> Result<Ran
     })
 }
 
+fn mark_ready(layout: &Layout, digest: Digest) {
+    fs::create_dir_all(layout.ready(digest).parent().unwrap()).unwrap();
+    fs::write(layout.ready(digest), "").unwrap();
+}
+
 #[test]
-fn hooks_are_fenced_like_every_change() {
+fn hooks_are_fenced_like_every_change_and_run_only_in_a_ready_release() {
     let base = tempfile::tempdir().unwrap();
     let layout = Layout { base: base.path().to_owned() };
     layout.create().unwrap();
     let digest = Digest::of(b"release");
     fs::create_dir_all(layout.release(digest)).unwrap();
     layout.fence(100).unwrap();
+    let refused = exec_in(base.path(), digest, "echo ran > ran", 100).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::NotReady, "{}", refused.message);
+    assert!(refused.message.contains("not marked ready"), "{}", refused.message);
+    mark_ready(&layout, digest);
     let refused = exec_in(base.path(), digest, "echo ran > ran", 50).unwrap_err();
     assert_eq!(refused.code, ErrorCode::Fenced, "{}", refused.message);
     assert!(!layout.release(digest).join("ran").exists(), "a stale run's hook never starts");
@@ -203,6 +212,7 @@ fn a_hook_whose_agent_died_is_waited_for_and_refused_after_the_wait() {
     layout.create().unwrap();
     let digest = Digest::of(b"release");
     fs::create_dir_all(layout.release(digest)).unwrap();
+    mark_ready(&layout, digest);
     let started = |seconds: u64| {
         let child = Command::new("sleep").arg(seconds.to_string()).process_group(0).spawn().unwrap();
         layout.record_hook(child.id(), &format!("php artisan migrate # {seconds} s")).unwrap();
@@ -257,4 +267,35 @@ fn the_applications_php_is_told_from_the_web_servers_commands() {
     {
         assert!(!runs_php(other), "{other}");
     }
+}
+
+/// A ready marker whose tree is gone (removed by hand, or a cleanup half undone by a power
+/// loss) must not survive into the next prepare of that release: a crash after its tree is
+/// renamed into place, before it is finished, would leave it marked ready.
+#[test]
+fn a_marker_without_its_tree_is_gone_once_the_release_is_prepared_again() {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(5);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "public/index.php", &b"<?php"[..]).unwrap();
+    let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let digest = Digest::of(&bytes);
+    let base = tempfile::tempdir().unwrap();
+    let request = prepare_stdin(base.path(), digest);
+    let dir = prepare(&request, &mut &bytes[..], &mut io::sink()).unwrap().dir;
+    let marker = base.path().join(".release/ready").join(digest.hex());
+    assert!(marker.exists());
+    set_writable(&dir).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+
+    // Prepared again from a cut stream: refused, and the stale marker went first.
+    let err = prepare(&request, &mut &bytes[..bytes.len() / 2], &mut io::sink()).unwrap_err();
+    assert!(!marker.exists(), "the marker outlived its tree: {}", err.message);
+    assert!(!dir.exists());
+
+    // And from the whole stream: ready again, marker and tree.
+    let dir = prepare(&request, &mut &bytes[..], &mut io::sink()).unwrap().dir;
+    assert!(marker.exists() && dir.join("public/index.php").is_file());
+    set_writable(&dir).unwrap();
 }
