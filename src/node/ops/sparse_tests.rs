@@ -2,6 +2,9 @@
 //! gets only those on stdin and makes the same release a whole fetch makes; a frame that is
 //! not what the index says, frames cut short, or a file to link gone since the question:
 //! refused, nothing left.
+//!
+//! Long on purpose: every scenario here packages with the same tree and prepares on the same
+//! node helpers, and each half of a split would need them all.
 
 use std::cell::RefCell;
 use std::os::unix::fs::MetadataExt;
@@ -491,4 +494,38 @@ fn the_size_limit_counts_the_data_passed_over() {
     assert!(!base.path().join("releases").join(digest.hex()).exists());
     assert!(!base.path().join("releases").join(format!(".tmp-{}", digest.hex())).exists());
     super::prepare::set_writable(base.path()).ok();
+}
+
+/// The frames to fetch come in artifact order, each once, each in the index. The node computes
+/// that list itself, so only a bug would break it; one that does is refused before anything
+/// is fetched or made.
+#[test]
+fn frames_out_of_order_twice_or_unknown_are_refused_before_anything_is_fetched() {
+    use crate::archive::{Frame, Skeleton};
+    use crate::node::sparse::FrameSource;
+    struct Never;
+    impl FrameSource for Never {
+        fn frame(&mut self, number: usize, _: &Frame) -> io::Result<Vec<u8>> {
+            panic!("frame {number} was fetched")
+        }
+    }
+    let (_, _, index) = package(&first());
+    let last = index.frames.len() - 1;
+    assert!(last >= 1, "several frames");
+    let skeleton = Skeleton::of(&index).unwrap().unwrap();
+    let candidates = std::collections::HashMap::new();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("release");
+    let unknown = format!("no frame {} in the index", last + 1);
+    for (needed, says) in [
+        (vec![1, 0], "not in artifact order"),
+        (vec![0, 0], "not in artifact order"),
+        (vec![0, last + 1], &unknown[..]),
+    ] {
+        let sharing = Sharing { index: &index, candidates: &candidates, writable: &[], looked: None };
+        let sparse = crate::node::Sparse { skeleton: &skeleton, needed: &needed, source: &mut Never };
+        let err = crate::node::unpack_sparse(&dest, &options(), Modes::Writable, sharing, sparse).unwrap_err();
+        assert!(err.to_string().contains(says), "{needed:?}: {err}");
+        assert!(!dest.exists(), "{needed:?}: nothing made");
+    }
 }
