@@ -38,8 +38,9 @@ pub(super) struct Ahead<'scope> {
     batch: Vec<Op>,
     /// Ops handed over and not yet settled.
     unsettled: bool,
-    /// Set by the thread when a link or directory failed: the walk stops at its next hand-over instead of
-    /// fetching and reading the rest of the artifact for a prepare that fails anyway.
+    /// Set by the thread when a link or directory failed: the walk stops at its next
+    /// hand-over instead of fetching and reading the rest of the artifact for a prepare that
+    /// fails anyway.
     failed: Arc<AtomicBool>,
     ops: mpsc::Sender<Vec<Op>>,
     answers: mpsc::Receiver<bool>,
@@ -67,7 +68,8 @@ impl<'scope> Ahead<'scope> {
     }
 
     /// Links the index's file `at` (its directory handed over before) to the older file seen
-    /// for it; an error once something handed over before has failed ([`finish`](Self::finish) says which).
+    /// for it; an error once something handed over before has failed
+    /// ([`finish`](Self::finish) says which).
     pub(super) fn link(&mut self, at: usize) -> io::Result<()> {
         self.push(Op::Link(at))
     }
@@ -162,7 +164,7 @@ fn work(
     failed.map_or(Ok(()), Err)
 }
 
-/// What the walk is told when a link handed over failed.
+/// What the walk is told when a link or directory handed over failed.
 fn gave_up() -> io::Error {
     io::Error::other("a link or directory made beside the walk failed")
 }

@@ -198,9 +198,8 @@ pub struct Unpacked {
 }
 
 /// Unpacks `input` (a whole `tar`+`zstd` stream) into `dest`, which must not exist yet. Not
-/// flushed: the prepare flushes the tree once, with what it does after (one `syncfs` before
-/// the release is marked ready; on ext4 a flush is a journal commit, ~45 ms of a 1%-changed
-/// prepare's ~210, and there were two).
+/// flushed: the prepare flushes the tree once, with all it does after, before the release
+/// is marked ready (on ext4 each flush is a journal commit).
 pub fn unpack(
     input: impl BufRead,
     dest: &Path,

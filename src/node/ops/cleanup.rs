@@ -58,18 +58,10 @@ pub(super) fn cleanup(base: &Path, keep: &[Digest], fence: u64) -> Result<Cleane
                 continue;
             }
             if let Some(d) = digest {
-                let ready = layout.ready(d);
-                let _ = fs::remove_file(&ready);
-                let _ = fs::remove_file(layout.finalized_with(d));
+                let _ = layout.unmark(d);
                 forget_index(&layout, d);
-                // Unmarked for good before the tree moves: a power loss must not keep the move
-                // and lose the unmarking (separate mounts, a file system without a journal).
-                // (No marker directory yet: no release here was ever ready.)
-                let markers = ready.parent().expect("ready has a parent");
-                match sync_dir(markers) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(markers, e)),
-                    _ => {}
-                }
+                // Unmarked for good before the tree moves.
+                layout.flush_markers()?;
             }
             move_to_trash(&path, &trash.join(&name))?;
             removed.push(name);

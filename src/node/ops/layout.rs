@@ -1,4 +1,4 @@
-//! The paths of one base, its lock, its fence and the note of the hook running now.
+//! The paths of one base, its ready markers, its lock, its fence and the note of the hook running now.
 
 use super::*;
 
@@ -14,8 +14,12 @@ impl Layout {
     pub(super) fn release(&self, digest: Digest) -> PathBuf {
         self.releases().join(digest.hex())
     }
+    /// The ready markers' directory.
+    fn markers(&self) -> PathBuf {
+        self.base.join(".release/ready")
+    }
     pub(super) fn ready(&self, digest: Digest) -> PathBuf {
-        self.base.join(".release/ready").join(digest.hex())
+        self.markers().join(digest.hex())
     }
     /// The shared files a release's finalize hooks last ran with (JSON, as `shared_file`).
     pub(super) fn finalized_with(&self, digest: Digest) -> PathBuf {
@@ -33,6 +37,29 @@ impl Layout {
     }
     pub(super) fn adopted_package(&self) -> PathBuf {
         self.base.join(".release/adopted.tar.zst")
+    }
+
+    /// Takes a release's ready marker away, and the note of what its finalize hooks ran with:
+    /// no longer ready here (neither there is no error). Not durable until
+    /// [`flush_markers`](Self::flush_markers).
+    pub(super) fn unmark(&self, digest: Digest) -> io::Result<()> {
+        let _ = fs::remove_file(self.finalized_with(digest));
+        match fs::remove_file(self.ready(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the markers taken away so far stay away after a power loss (an fsync of their
+    /// directory; none yet, no release here was ever ready, is no error). Needed before a tree
+    /// moves or a new one takes an unmarked release's name: on separate mounts, or a file
+    /// system without a journal, the move could survive and the unmarking not.
+    pub(super) fn flush_markers(&self) -> Result<(), NodeError> {
+        let markers = self.markers();
+        match sync_dir(&markers) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(&markers, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `current` is a plain directory: an application deployed another way.

@@ -105,10 +105,8 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
         // appears under the release's name, or a crash after the rename below would leave an
         // unfinished tree (now not even flushed) marked ready.
         if ready.exists() {
-            fs::remove_file(&ready).map_err(|e| io_error(&ready, e))?;
-            let _ = fs::remove_file(layout.finalized_with(p.digest));
-            let markers = ready.parent().expect("ready has a parent");
-            sync_dir(markers).map_err(|e| io_error(markers, e))?;
+            layout.unmark(p.digest).map_err(|e| io_error(&ready, e))?;
+            layout.flush_markers()?;
         }
         // An index is kept only for a release prepared (again) with one, below.
         forget_index(&layout, p.digest);

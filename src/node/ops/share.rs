@@ -209,17 +209,14 @@ pub(super) fn unmark_changed(layout: &Layout, releases: &[Digest]) -> String {
                 &release.hex()[..12]
             ));
         } else {
-            let _ = fs::remove_file(layout.ready(*release));
-            let _ = fs::remove_file(layout.finalized_with(*release));
+            let _ = layout.unmark(*release);
             unmarked.push(release.hex()[..12].to_owned());
         }
     }
     if !unmarked.is_empty() {
-        // Unmarked for good: a power loss must not make them ready again. Not flushed, they
-        // are only unmarked the next time a prepare finds them changed.
-        if let Some(ready) = releases.first().map(|release| layout.ready(*release)) {
-            let _ = sync_dir(ready.parent().expect("ready has a parent"));
-        }
+        // Unmarked for good (failing that, they are unmarked again when a prepare next finds
+        // them changed).
+        let _ = layout.flush_markers();
         message.push_str(&format!(
             "; no longer ready, unpacked again from their artifact when next needed: {}",
             unmarked.join(", ")
