@@ -461,15 +461,15 @@ struct StdinFrames<'a> {
 }
 
 impl FrameSource for StdinFrames<'_> {
-    fn frame(&mut self, _: usize, frame: &Frame) -> io::Result<Vec<u8>> {
-        let mut bytes = Vec::with_capacity(frame.length as usize);
-        (&mut self.input).take(frame.length).read_to_end(&mut bytes)?;
+    fn frame(&mut self, _: usize, frame: &Frame, bytes: &mut Vec<u8>) -> io::Result<()> {
+        bytes.clear();
+        (&mut self.input).take(frame.length).read_to_end(bytes)?;
         if (bytes.len() as u64) < frame.length {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("stdin ended {} bytes into it, of {}", bytes.len(), frame.length),
             ));
         }
-        Ok(bytes)
+        Ok(())
     }
 }

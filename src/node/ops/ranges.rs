@@ -160,7 +160,7 @@ impl HttpFrames {
 }
 
 impl FrameSource for HttpFrames {
-    fn frame(&mut self, number: usize, frame: &Frame) -> io::Result<Vec<u8>> {
+    fn frame(&mut self, number: usize, frame: &Frame, bytes: &mut Vec<u8>) -> io::Result<()> {
         if !self.open.as_ref().is_some_and(|o| o.frames.contains(&number)) {
             // The run it starts (runs never asked for at all are passed over, unfetched).
             let Some(index) = (self.next..self.runs.len()).find(|&i| self.runs[i].frames.contains(&number)) else {
@@ -188,8 +188,9 @@ impl FrameSource for HttpFrames {
         // A needed frame of the run the caller passed over: read past it.
         let mut skipped = vec![0; usize::try_from(frame.offset - open.at).map_err(io::Error::other)?];
         self.read_body(&mut skipped)?;
-        let mut bytes = vec![0; usize::try_from(frame.length).map_err(io::Error::other)?];
-        self.read_body(&mut bytes)?;
+        bytes.clear();
+        bytes.resize(usize::try_from(frame.length).map_err(io::Error::other)?, 0);
+        self.read_body(bytes)?;
         if end == self.open.as_ref().expect("still open").bytes.end {
             // The run is read: its answer should end here (and the connection go back to the pool).
             let mut open = self.open.take().expect("still open");
@@ -202,7 +203,7 @@ impl FrameSource for HttpFrames {
                 )));
             }
         }
-        Ok(bytes)
+        Ok(())
     }
 }
 
@@ -215,7 +216,12 @@ pub(in crate::node) fn fetch_frames(
     stall: Duration,
 ) -> Result<(Vec<Vec<u8>>, u64), NodeError> {
     let mut source = HttpFrames::new(url, frames, needed, stall)?;
-    let read: io::Result<Vec<Vec<u8>>> = needed.iter().map(|&n| source.frame(n, &frames[n])).collect();
+    let read: io::Result<Vec<Vec<u8>>> = (needed.iter())
+        .map(|&n| {
+            let mut bytes = Vec::new();
+            source.frame(n, &frames[n], &mut bytes).map(|()| bytes)
+        })
+        .collect();
     let read = read.map_err(|e| NodeError::new(ErrorCode::Fetch, e.to_string()))?;
     Ok((read, source.fetched()))
 }

@@ -116,7 +116,7 @@ const STALL: Duration = Duration::from_secs(30);
 
 /// The frames `needed`, read in order: their bytes, or the first error.
 fn read(source: &mut HttpFrames, frames: &[Frame], needed: &[usize]) -> io::Result<Vec<Vec<u8>>> {
-    needed.iter().map(|&n| source.frame(n, &frames[n])).collect()
+    needed.iter().map(|&n| frame_of(source, n, &frames[n])).collect()
 }
 
 #[test]
@@ -183,16 +183,16 @@ fn each_run_of_needed_frames_is_one_ranged_get_and_each_frame_gets_its_bytes() {
     assert!(fetched < bytes.len() as u64);
 
     // A frame not needed, or asked for again, is refused rather than read from the wrong place.
-    let e = source.frame(3, &frames[3]).unwrap_err();
+    let e = frame_of(&mut source, 3, &frames[3]).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     assert!(e.to_string().contains("frame 3 was not among the frames needed"), "{e}");
     let mut again = HttpFrames::new(&url, &frames, &needed, STALL).unwrap();
-    again.frame(1, &frames[1]).unwrap();
-    assert!(again.frame(1, &frames[1]).unwrap_err().to_string().contains("out of order"));
+    frame_of(&mut again, 1, &frames[1]).unwrap();
+    assert!(frame_of(&mut again, 1, &frames[1]).unwrap_err().to_string().contains("out of order"));
 
     // A needed frame the caller passes over inside a run is read past, and counted.
     let mut skipping = HttpFrames::new(&url, &frames, &[4, 5, 6], STALL).unwrap();
-    assert_eq!(skipping.frame(6, &frames[6]).unwrap(), slice(&bytes, &frames[6]));
+    assert_eq!(frame_of(&mut skipping, 6, &frames[6]).unwrap(), slice(&bytes, &frames[6]));
     assert_eq!(skipping.fetched(), frames[4].length + frames[5].length + frames[6].length);
 }
 
@@ -201,13 +201,13 @@ fn a_server_that_ignores_the_range_is_refused_unless_the_whole_artifact_was_aske
     let (bytes, frames) = artifact();
     let (url, _) = serve(bytes.clone(), Mode::IgnoresRange);
     let mut source = HttpFrames::new(&url, &frames, &[3, 4], STALL).unwrap();
-    let e = source.frame(3, &frames[3]).unwrap_err();
+    let e = frame_of(&mut source, 3, &frames[3]).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("ignored the Range header"), "{e}");
     assert!(!e.to_string().contains("s3cr3t"), "{e}");
     // Even a run from the first byte: the 200 holds more than was asked.
     let mut first = HttpFrames::new(&url, &frames, &[0, 1], STALL).unwrap();
-    assert_eq!(first.frame(0, &frames[0]).unwrap_err().kind(), io::ErrorKind::Unsupported);
+    assert_eq!(frame_of(&mut first, 0, &frames[0]).unwrap_err().kind(), io::ErrorKind::Unsupported);
 
     // Every frame needed: the whole artifact is what was asked, and the 200 is exactly that.
     let all: Vec<usize> = (0..frames.len()).collect();
@@ -234,7 +234,7 @@ fn an_answer_of_another_range_is_refused() {
     let (bytes, frames) = artifact();
     let (url, _) = serve(bytes, Mode::OtherRange);
     let mut source = HttpFrames::new(&url, &frames, &[2], STALL).unwrap();
-    let e = source.frame(2, &frames[2]).unwrap_err().to_string();
+    let e = frame_of(&mut source, 2, &frames[2]).unwrap_err().to_string();
     let (first, last) = (frames[2].offset, frames[2].offset + frames[2].length - 1);
     assert!(e.contains(&format!("fetching bytes {first}-{last} of the artifact: the answer is another range")), "{e}");
     assert!(e.contains(&format!("Content-Range: bytes {}-{}/", first + 1, last + 1)), "{e}");
@@ -244,14 +244,14 @@ fn an_answer_of_another_range_is_refused() {
 fn a_refusal_or_no_server_is_named_without_the_url() {
     let (bytes, frames) = artifact();
     let (url, _) = serve(bytes, Mode::Status(403));
-    let e = HttpFrames::new(&url, &frames, &[1], STALL).unwrap().frame(1, &frames[1]).unwrap_err().to_string();
+    let e = frame_of(&mut HttpFrames::new(&url, &frames, &[1], STALL).unwrap(), 1, &frames[1]).unwrap_err().to_string();
     assert!(e.contains("HTTP 403 Forbidden"), "{e}");
     assert!(!e.contains("s3cr3t"), "{e}");
 
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/x?sig=s3cr3t", closed.local_addr().unwrap());
     drop(closed);
-    let e = HttpFrames::new(&url, &frames, &[1], STALL).unwrap().frame(1, &frames[1]).unwrap_err().to_string();
+    let e = frame_of(&mut HttpFrames::new(&url, &frames, &[1], STALL).unwrap(), 1, &frames[1]).unwrap_err().to_string();
     assert!(e.starts_with(&format!("cannot fetch bytes {}-", frames[1].offset)), "{e}");
     assert!(!e.contains("s3cr3t") && !e.contains("http://"), "{e}");
 }
@@ -261,10 +261,16 @@ fn an_answer_that_stops_sending_fails_as_stalled() {
     let (bytes, frames) = artifact();
     let (url, _) = serve(bytes, Mode::Stalls);
     let mut source = HttpFrames::new(&url, &frames, &[6], Duration::from_secs(1)).unwrap();
-    let e = source.frame(6, &frames[6]).unwrap_err();
+    let e = frame_of(&mut source, 6, &frames[6]).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     let e = e.to_string();
     assert!(e.contains("the artifact fetch stalled after"), "{e}");
     assert!(e.contains("no byte for 1 s (limits.node_fetch_stall_timeout)"), "{e}");
     assert!(!e.contains("s3cr3t"), "{e}");
+}
+
+/// [`FrameSource::frame`] into a buffer of its own.
+fn frame_of(source: &mut HttpFrames, number: usize, frame: &Frame) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    source.frame(number, frame, &mut bytes).map(|()| bytes)
 }

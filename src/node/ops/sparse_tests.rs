@@ -505,7 +505,7 @@ fn frames_out_of_order_twice_or_unknown_are_refused_before_anything_is_fetched()
     use crate::node::sparse::FrameSource;
     struct Never;
     impl FrameSource for Never {
-        fn frame(&mut self, number: usize, _: &Frame) -> io::Result<Vec<u8>> {
+        fn frame(&mut self, number: usize, _: &Frame, _: &mut Vec<u8>) -> io::Result<()> {
             panic!("frame {number} was fetched")
         }
     }
