@@ -91,6 +91,20 @@ pub struct Seen<'a> {
     pub mode: u32,
 }
 
+impl Seen<'_> {
+    /// The index's `file`, linked to this older file.
+    fn linked(&self, file: &IndexedFile) -> Linked {
+        Linked {
+            path: file.path.clone(),
+            source: self.candidate.path.clone(),
+            ino: self.ino,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            mode: self.mode,
+        }
+    }
+}
+
 /// A file an older release holds, as its index says.
 #[derive(Clone, Debug)]
 pub struct Candidate {
@@ -193,7 +207,11 @@ pub struct Unpacked {
     pub summary: Summary,
     /// Every directory of the tree, relative to its root (the root itself is `""`).
     pub dirs: Vec<PathBuf>,
-    /// The files hard-linked to an older release's (with [`unpack_sharing`]).
+    /// How many files were hard-linked to an older release's (with [`unpack_sharing`]).
+    pub shared: usize,
+    /// Those files, as they were when linked, for the check after the finalize hooks; listed
+    /// only when the tree was unpacked [`Modes::Writable`] (sealed, no hook runs in it before
+    /// it is, and ten thousand paths copied were a twentieth of a 1%-changed prepare).
     pub linked: Vec<Linked>,
 }
 
@@ -274,7 +292,7 @@ pub(super) fn unpack_into(
         Some(Sharing { looked: Some(looked), .. }) if unread.contains(&true) => Some(&looked.seen[..]),
         _ => None,
     };
-    let (dirs, linked, outcome) = std::thread::scope(|scope| {
+    let (dirs, shared, linked, outcome) = std::thread::scope(|scope| {
         let ahead = seen.zip(sharing.as_ref()).map(|(seen, s)| Ahead::start(scope, dest, &s.index.files, seen));
         let mut unpacker = Unpacker {
             root: dest.to_owned(),
@@ -293,7 +311,7 @@ pub(super) fn unpack_into(
                 sources: RefCell::default(),
             }),
             links: OpenDir::default(),
-            linked: Vec::new(),
+            linked: Vec::with_capacity(sharing.as_ref().map_or(0, |s| s.index.files.len())),
             linked_at: vec![false; sharing.as_ref().map_or(0, |s| s.index.files.len())],
             not_as_said: Vec::new(),
             unread,
@@ -330,10 +348,16 @@ pub(super) fn unpack_into(
             (Some(Err((path, source))), _) => Err(UnpackError::Write { path, source }),
             (_, outcome) => outcome,
         };
-        (unpacker.dirs, unpacker.linked, outcome)
+        let linked = match (modes, &sharing, &outcome) {
+            (Modes::Writable, Some(sharing), Ok(_)) => {
+                unpacker.linked.iter().map(|(at, seen)| seen.linked(&sharing.index.files[*at])).collect()
+            }
+            _ => Vec::new(),
+        };
+        (unpacker.dirs, unpacker.linked.len(), linked, outcome)
     });
     match outcome {
-        Ok(summary) => Ok(Unpacked { summary, dirs: dirs.into_iter().collect(), linked }),
+        Ok(summary) => Ok(Unpacked { summary, dirs: dirs.into_iter().collect(), shared, linked }),
         Err(e) => {
             let _ = remove_tree(dest);
             Err(e)
@@ -471,7 +495,8 @@ struct Unpacker<'a> {
     modes: Modes<'a>,
     /// The files to link to, and the index by path.
     sharing: Option<Linking<'a, 'a>>,
-    linked: Vec<Linked>,
+    /// The files linked (by place in the index), and the older file each is linked to.
+    linked: Vec<(usize, Seen<'a>)>,
     /// By place in the index: the files in `linked`.
     linked_at: Vec<bool>,
     /// Older files linked that do not hold what their release's index says.
@@ -566,14 +591,7 @@ impl<'a> Unpacker<'a> {
             return None;
         }
         self.linked_at[at] = true;
-        self.linked.push(Linked {
-            path: linking.files[at].path.clone(),
-            source: source.clone(),
-            ino: seen.ino,
-            size: seen.size,
-            mtime_ns: seen.mtime_ns,
-            mode: seen.mode,
-        });
+        self.linked.push((at, seen));
         Some((opened, seen.candidate))
     }
 
@@ -583,14 +601,7 @@ impl<'a> Unpacker<'a> {
         let linking = self.sharing.as_ref().expect("files are linked unread only with sharing");
         let seen = linking.usable(relative, at, executable).ok_or_else(not_linkable)?;
         self.linked_at[at] = true;
-        self.linked.push(Linked {
-            path: linking.files[at].path.clone(),
-            source: seen.candidate.path.clone(),
-            ino: seen.ino,
-            size: seen.size,
-            mtime_ns: seen.mtime_ns,
-            mode: seen.mode,
-        });
+        self.linked.push((at, seen));
         self.ahead.as_mut().expect("checked by the caller").link(at)
     }
 

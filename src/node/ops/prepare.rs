@@ -18,7 +18,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
     let dir = layout.release(p.digest);
     let ready = layout.ready(p.digest);
     let reused = dir.is_dir() && ready.exists();
-    let (linked, index);
+    let (linked, shared_files, index);
     let mut fetched = None;
     if reused {
         if p.source == Source::Stdin {
@@ -196,7 +196,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
             return Err(NodeError::new(ErrorCode::Fetch, why));
         }
         let unpacked = unpacked.map_err(unpack_refusal(&layout))?;
-        linked = unpacked.linked;
+        (linked, shared_files) = (unpacked.linked, unpacked.shared);
         // Neither the tree nor the rename is flushed yet: one `syncfs` below flushes them with
         // the rest before the marker is written. A crash before it leaves a tree unready, at
         // either name, which is redone (above).
@@ -242,7 +242,7 @@ pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Wri
         Source::Server(_) => "fetched from the release server (signed URL)",
         _ => "streamed from the server",
     };
-    let mut shared = match (&index, linked.len()) {
+    let mut shared = match (&index, shared_files) {
         (None, _) => String::new(),
         (Some(index), n) => format!(" ({n} of its {} files linked to a release already here)", index.files.len()),
     };
