@@ -45,8 +45,8 @@ pub fn main(protocol: Option<u32>) -> std::process::ExitCode {
             format!("this node agent speaks protocol {VERSION}, the server {asked}: ship the server's own binary"),
         )),
         _ => {
-            let stdin = std::io::stdin();
-            let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+            // Not locked for good: a sparse prepare reads the frames on a thread of its own.
+            let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
             let mut line = Vec::new();
             match input.read_until(b'\n', &mut line) {
                 Ok(_) => decode_request(&line)

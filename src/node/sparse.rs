@@ -12,8 +12,8 @@ use crate::archive::{self, CheckOptions, FileIndex, Frame, Skeleton, Visitor};
 use crate::digest::Digest;
 
 /// Where a sparse unpack gets the compressed bytes of the frames it needs: asked for each in
-/// artifact order, once.
-pub trait FrameSource {
+/// artifact order, once, by the thread that checks them.
+pub trait FrameSource: Send {
     /// The compressed bytes of frame `number` (`frame` says where it lies in the artifact and
     /// how long it is), into `bytes` (what it held is dropped; its memory is reused). The
     /// caller checks them against the index.
@@ -60,14 +60,13 @@ pub fn unpack_sparse(
         })
         .collect();
     let used = used_prefixes(index, &wanted, &unread);
-    // The frames fetched are checked and decompressed by a thread of their own, each while the
-    // walk goes through the frames before it.
+    // The frames are fetched, checked and decompressed by a thread of their own, a few ahead
+    // of the walk, which meanwhile goes through the frames before them.
     std::thread::scope(|scope| {
-        let (requests, asked) = mpsc::channel();
-        let (answer, results) = mpsc::channel();
-        scope.spawn(move || check_frames(&index.frames, asked, answer));
-        let checking = Checking { requests, results, asked: None, spare: Vec::new(), spare_bytes: Vec::new() };
-        let mut reader = SparseTar::new(index, skeleton, wanted, used, needed, source, checking);
+        let (answer, results) = mpsc::sync_channel(AHEAD);
+        let (give_back, spares) = mpsc::channel();
+        let fetching = scope.spawn(move || fetch_frames(&index.frames, needed, &used, source, answer, spares));
+        let mut reader = SparseTar::new(index, skeleton, wanted, results, give_back);
         let walk = |visitor: &mut dyn Visitor| {
             let walked = archive::walk_tar_seeking(&mut reader, options, visitor);
             if let Some(trouble) = reader.trouble.take() {
@@ -83,10 +82,17 @@ pub fn unpack_sparse(
             }
             Ok(summary)
         };
-        let unpacked = unpack_into(dest, modes, Some(sharing), &unread, walk)?;
-        Ok((unpacked, reader.fetched))
+        let unpacked = unpack_into(dest, modes, Some(sharing), &unread, walk);
+        // Hung up: the thread stops at its next frame.
+        drop(reader);
+        let fetched = fetching.join().map_err(|_| checker_stopped(needed.len()))?;
+        Ok((unpacked?, fetched))
     })
 }
+
+/// Frames fetched and checked ahead of the walk, at most: each waits, decompressed, for the walk
+/// to reach it.
+const AHEAD: usize = 2;
 
 /// For each frame fetched, how much of its tar stream the walk uses (the rest is made from the
 /// skeleton): up to the end of the last file in it that is written, not linked unread. Of a
@@ -104,30 +110,39 @@ fn used_prefixes(index: &FileIndex, wanted: &[bool], unread: &[bool]) -> Vec<u64
     used
 }
 
-/// What the walk asks of the checking thread: frame `number`'s compressed bytes, the first
-/// `used` bytes of its tar stream wanted, and a buffer to reuse.
-struct Check {
-    number: usize,
-    bytes: Vec<u8>,
-    used: u64,
-    buf: Vec<u8>,
-}
+/// Frame `number` checked: the part of its tar stream the walk uses, or why not.
+type Checked = (usize, Result<Vec<u8>, UnpackError>);
 
-/// What the checking thread answers: the tar stream asked for, and the compressed bytes'
-/// buffer to reuse (the walk's memory stays the same few buffers: fresh pages for every frame
-/// cost a twentieth of a 1%-changed prepare, zeroed by the kernel).
-type Checked = Result<(Vec<u8>, Vec<u8>), UnpackError>;
-
-/// The checking thread: each frame's compressed bytes in, the part of its tar stream asked for
-/// out, in the order asked, until the walk hangs up.
-fn check_frames(frames: &[Frame], asked: mpsc::Receiver<Check>, answer: mpsc::Sender<Checked>) {
+/// The fetching thread: fetches the frames `needed`, in order, from `source`, checks each
+/// against the index and decompresses the part of it `used`, and hands it to the walk; stops
+/// after a frame that failed (told to the walk when it reaches it) or when the walk hangs up.
+/// Buffers the walk is done with come back on `spares` (fresh pages for every frame cost a
+/// twentieth of a 1%-changed prepare, zeroed by the kernel). The compressed bytes fetched.
+fn fetch_frames(
+    frames: &[Frame],
+    needed: &[usize],
+    used: &[u64],
+    source: &mut dyn FrameSource,
+    answer: mpsc::SyncSender<Checked>,
+    spares: mpsc::Receiver<Vec<u8>>,
+) -> u64 {
     let mut decompressors = Decompressors::default();
-    for Check { number, bytes, used, mut buf } in asked {
-        let checked = check_frame(number, &frames[number], &bytes, used, &mut buf, &mut decompressors);
-        if answer.send(checked.map(|()| (buf, bytes))).is_err() {
-            return;
+    let (mut bytes, mut fetched) = (Vec::new(), 0);
+    for &n in needed {
+        let mut buf = spares.try_recv().unwrap_or_default();
+        let checked = match source.frame(n, &frames[n], &mut bytes) {
+            Ok(()) => {
+                fetched += bytes.len() as u64;
+                check_frame(n, &frames[n], &bytes, used[n], &mut buf, &mut decompressors).map(|()| buf)
+            }
+            Err(e) => Err(UnpackError::Frames(format!("frame {n}: {e}"))),
+        };
+        let failed = checked.is_err();
+        if answer.send((n, checked)).is_err() || failed {
+            break;
         }
     }
+    fetched
 }
 
 /// The checking thread's zstd contexts, made when first needed: one for whole frames, one for
@@ -211,22 +226,9 @@ fn decompress_part(
     }
 }
 
-/// Why frame `n` was not checked: the checking thread is gone (it panicked).
+/// Why frame `n` was not checked: the fetching thread is gone (it panicked).
 fn checker_stopped(n: usize) -> UnpackError {
-    UnpackError::Frames(format!("frame {n}: the thread checking the frames stopped"))
-}
-
-/// The walk's side of the checking thread.
-struct Checking {
-    requests: mpsc::Sender<Check>,
-    results: mpsc::Receiver<Checked>,
-    /// The frame fetched and handed over last, whose answer is awaited; or the frame that could
-    /// not be fetched, and why (told when the walk reaches it).
-    asked: Option<Result<usize, (usize, UnpackError)>>,
-    /// A buffer to hand over with the next frame.
-    spare: Vec<u8>,
-    /// A buffer for the next frame's compressed bytes.
-    spare_bytes: Vec<u8>,
+    UnpackError::Frames(format!("frame {n}: the thread fetching and checking the frames stopped"))
 }
 
 /// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
@@ -296,23 +298,20 @@ pub struct Sparse<'a> {
     pub source: &'a mut dyn FrameSource,
 }
 
-/// The tar stream of the whole artifact, frame by frame: a frame to fetch from its source,
-/// checked against the index and decompressed; any other made from the skeleton. A failure
-/// is kept in `trouble` (the walk sees only that the stream broke).
+/// The tar stream of the whole artifact, frame by frame: a frame fetched, checked against the
+/// index and decompressed (by the fetching thread); any other made from the skeleton. A
+/// failure is kept in `trouble` (the walk sees only that the stream broke).
 struct SparseTar<'a> {
     frames: &'a [Frame],
     skeleton: &'a Skeleton<'a>,
     wanted: Vec<bool>,
-    /// Of each frame fetched, the bytes of its tar stream used ([`used_prefixes`]).
-    used: Vec<u64>,
+    /// The frames fetched and checked, in order, from the fetching thread; and the buffers
+    /// given back to it.
+    results: mpsc::Receiver<Checked>,
+    give_back: mpsc::Sender<Vec<u8>>,
     /// The part of the frame being read that was not decompressed, made from the skeleton once
     /// the part decompressed is read: where it starts and ends in the tar stream.
     rest: Option<(u64, u64)>,
-    source: &'a mut dyn FrameSource,
-    /// The frames to fetch, in order, and how many were handed to the checking thread.
-    needed: &'a [usize],
-    handed: usize,
-    checking: Checking,
     /// The frame to read next.
     next: usize,
     buf: Vec<u8>,
@@ -320,8 +319,6 @@ struct SparseTar<'a> {
     /// A frame being made from the skeleton, straight into the reader's buffer: where in the
     /// tar stream, where the frame ends, and the next file (`Skeleton::read_at`).
     made: Option<(u64, u64, usize)>,
-    /// Compressed bytes fetched.
-    fetched: u64,
     /// Where in the tar stream the next byte read is.
     position: u64,
     trouble: Option<UnpackError>,
@@ -332,26 +329,20 @@ impl<'a> SparseTar<'a> {
         index: &'a FileIndex,
         skeleton: &'a Skeleton<'a>,
         wanted: Vec<bool>,
-        used: Vec<u64>,
-        needed: &'a [usize],
-        source: &'a mut dyn FrameSource,
-        checking: Checking,
+        results: mpsc::Receiver<Checked>,
+        give_back: mpsc::Sender<Vec<u8>>,
     ) -> SparseTar<'a> {
         SparseTar {
             frames: &index.frames,
             skeleton,
             wanted,
-            used,
+            results,
+            give_back,
             rest: None,
-            source,
-            needed,
-            handed: 0,
-            checking,
             next: 0,
             buf: Vec::new(),
             at: 0,
             made: None,
-            fetched: 0,
             position: 0,
             trouble: None,
         }
@@ -364,10 +355,6 @@ impl<'a> SparseTar<'a> {
             return Ok(true);
         }
         let Some(frame) = self.frames.get(self.next) else { return Ok(false) };
-        // The first frame to fetch is fetched and checked while the walk goes to it.
-        if self.handed == 0 {
-            self.hand_over();
-        }
         let n = self.next;
         self.next += 1;
         self.at = 0;
@@ -377,20 +364,15 @@ impl<'a> SparseTar<'a> {
             self.made = Some((start, start + frame.raw_length, self.skeleton.file_at(start)));
             return Ok(true);
         }
-        match self.checking.asked.take() {
-            Some(Ok(asked)) if asked == n => {}
-            Some(Err((asked, e))) if asked == n => return Err(e),
-            _ => return Err(UnpackError::Frames(format!("frame {n} was not fetched in its turn"))),
-        }
-        let (checked, bytes) = self.checking.results.recv().unwrap_or_else(|_| Err(checker_stopped(n)))?;
-        self.checking.spare = std::mem::replace(&mut self.buf, checked);
-        self.checking.spare_bytes = bytes;
+        let checked = match self.results.recv() {
+            Ok((fetched, checked)) if fetched == n => checked?,
+            Ok(_) => return Err(UnpackError::Frames(format!("frame {n} was not fetched in its turn"))),
+            Err(_) => return Err(checker_stopped(n)),
+        };
+        // A thread that is gone takes no buffers back.
+        let _ = self.give_back.send(std::mem::replace(&mut self.buf, checked));
         let used = frame.raw_offset + self.buf.len() as u64;
         self.rest = ((self.buf.len() as u64) < frame.raw_length).then_some((used, frame.raw_offset + frame.raw_length));
-        // The next one is fetched now and checked while the walk goes on to it.
-        if self.handed < self.needed.len() {
-            self.hand_over();
-        }
         Ok(true)
     }
 
@@ -401,24 +383,6 @@ impl<'a> SparseTar<'a> {
             self.trouble = Some(e);
             io::Error::other(shown)
         })
-    }
-
-    /// Fetches the next frame to fetch and hands it to the checking thread; a fetch that fails
-    /// is kept, told when the walk reaches that frame.
-    fn hand_over(&mut self) {
-        let Some(&n) = self.needed.get(self.handed) else { return };
-        self.handed += 1;
-        let spare = std::mem::take(&mut self.checking.spare);
-        let mut bytes = std::mem::take(&mut self.checking.spare_bytes);
-        let asked = match self.source.frame(n, &self.frames[n], &mut bytes) {
-            Ok(()) => {
-                self.fetched += bytes.len() as u64;
-                let check = Check { number: n, bytes, used: self.used[n], buf: spare };
-                self.checking.requests.send(check).map(|()| n).map_err(|_| (n, checker_stopped(n)))
-            }
-            Err(e) => Err((n, UnpackError::Frames(format!("frame {n}: {e}")))),
-        };
-        self.checking.asked = Some(asked);
     }
 }
 

@@ -62,7 +62,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Does what `request` asks; its answer as it goes on the wire.
 /// `output`: where a prepare asks for frames before it reads `input` (see
 /// [`Prepare::ask_frames`]); the answer is the caller's to write.
-pub fn handle(request: Request, input: &mut dyn BufRead, output: &mut dyn Write) -> Result<Value, NodeError> {
+pub fn handle(request: Request, input: &mut (dyn BufRead + Send), output: &mut dyn Write) -> Result<Value, NodeError> {
     fn wire(answer: Result<impl Answer, NodeError>) -> Result<Value, NodeError> {
         answer.map(|a| serde_json::to_value(a).expect("answers serialize"))
     }

@@ -5,7 +5,11 @@ use super::finalized::{describe_shared, note_finalized, shared_fingerprints};
 use super::ranges::HttpFrames;
 use super::*;
 
-pub(super) fn prepare(p: &Prepare, input: &mut dyn BufRead, output: &mut dyn Write) -> Result<Prepared, NodeError> {
+pub(super) fn prepare(
+    p: &Prepare,
+    input: &mut (dyn BufRead + Send),
+    output: &mut dyn Write,
+) -> Result<Prepared, NodeError> {
     let layout = Layout { base: p.base.clone() };
     layout.create()?;
     let _lock = layout.lock()?;
@@ -457,7 +461,7 @@ fn unpack_refusal(layout: &Layout) -> impl Fn(UnpackError) -> NodeError + '_ {
 
 /// The frames the server sends on stdin, each `length` bytes, in order.
 struct StdinFrames<'a> {
-    input: &'a mut dyn BufRead,
+    input: &'a mut (dyn BufRead + Send),
 }
 
 impl FrameSource for StdinFrames<'_> {

@@ -6,9 +6,8 @@
 //! Long on purpose: every scenario here packages with the same tree and prepares on the same
 //! node helpers, and each half of a split would need them all.
 
-use std::cell::RefCell;
 use std::os::unix::fs::MetadataExt;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use super::share::read_kept;
 use super::*;
@@ -82,22 +81,25 @@ fn request(base: &Path, digest: Digest, index: &FileIndex, ask_frames: bool) -> 
 /// node's first line of stdout read, and what `send` makes of the frames it names (`None`: it
 /// asks for the whole artifact) put on its stdin. What it asked (`None`: it answered without
 /// asking, a refusal), and its answer.
-fn ask(p: &Prepare, send: impl FnOnce(Option<&[usize]>) -> Vec<u8>) -> (Option<Lacking>, Result<Prepared, NodeError>) {
-    let said = Rc::new(RefCell::new(Vec::new()));
+fn ask(
+    p: &Prepare,
+    send: impl FnOnce(Option<&[usize]>) -> Vec<u8> + Send,
+) -> (Option<Lacking>, Result<Prepared, NodeError>) {
+    let said = Arc::new(Mutex::new(Vec::new()));
     let mut input = Answering { said: said.clone(), send: Some(Box::new(send)), sent: io::Cursor::new(Vec::new()) };
     let answer = prepare(p, &mut input, &mut Said(said.clone()));
-    let said = said.borrow();
+    let said = said.lock().unwrap();
     let first = said.split(|b| *b == b'\n').next().unwrap_or_default();
     let asked = serde_json::from_slice::<Asking>(first).ok().map(|asking| asking.lacking);
     (asked, answer)
 }
 
 /// The node's stdout.
-struct Said(Rc<RefCell<Vec<u8>>>);
+struct Said(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Said {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().extend_from_slice(buf);
+        self.0.lock().unwrap().extend_from_slice(buf);
         Ok(buf.len())
     }
 
@@ -107,12 +109,12 @@ impl Write for Said {
 }
 
 /// What the server sends for the frames a node asks for (`None`: the whole artifact).
-type Sending<'a> = Box<dyn FnOnce(Option<&[usize]>) -> Vec<u8> + 'a>;
+type Sending<'a> = Box<dyn FnOnce(Option<&[usize]>) -> Vec<u8> + Send + 'a>;
 
 /// The node's stdin: what the server sends once the node has asked (it panics when read
 /// before: a node that reads stdin before it asks would wait for ever).
 struct Answering<'a> {
-    said: Rc<RefCell<Vec<u8>>>,
+    said: Arc<Mutex<Vec<u8>>>,
     send: Option<Sending<'a>>,
     sent: io::Cursor<Vec<u8>>,
 }
@@ -128,7 +130,7 @@ impl Read for Answering<'_> {
 impl BufRead for Answering<'_> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if let Some(send) = self.send.take() {
-            let said = self.said.borrow();
+            let said = self.said.lock().unwrap();
             let first = said.split(|b| *b == b'\n').next().unwrap_or_default();
             let asking: Asking = serde_json::from_slice(first).expect("the node asks before it reads stdin");
             assert_eq!(asking.protocol, crate::node::VERSION);
