@@ -65,7 +65,7 @@ pub fn unpack_sparse(
     std::thread::scope(|scope| {
         let (answer, results) = mpsc::sync_channel(AHEAD);
         let (give_back, spares) = mpsc::channel();
-        let fetching = scope.spawn(move || fetch_frames(&index.frames, needed, &used, source, answer, spares));
+        let fetching = scope.spawn(move || fetch_and_check(&index.frames, needed, &used, source, answer, spares));
         let mut reader = SparseTar::new(index, skeleton, wanted, results, give_back);
         let walk = |visitor: &mut dyn Visitor| {
             let walked = archive::walk_tar_seeking(&mut reader, options, visitor);
@@ -83,21 +83,25 @@ pub fn unpack_sparse(
             Ok(summary)
         };
         let unpacked = unpack_into(dest, modes, Some(sharing), &unread, walk);
-        // Hung up: the thread stops at its next frame.
+        // Hung up: the thread stops once the frame it is fetching, if any, is in (a refusal of
+        // the walk waits for that: the server's sending of it, or the ranged GET's timeouts).
         drop(reader);
-        let fetched = fetching.join().map_err(|_| checker_stopped(needed.len()))?;
-        Ok((unpacked?, fetched))
+        let fetched = fetching.join();
+        // The walk's refusal first: an older release found changed must be named (unmarked).
+        let unpacked = unpacked?;
+        let fetched = fetched.map_err(|_| UnpackError::Frames("the thread fetching the frames stopped".into()))?;
+        Ok((unpacked, fetched))
     })
 }
 
-/// Frames fetched and checked ahead of the walk, at most: each waits, decompressed, for the walk
-/// to reach it.
+/// Frames checked and waiting for the walk, at most (and one more, done, waiting to be handed
+/// over): each holds the part of its tar stream the walk uses.
 const AHEAD: usize = 2;
 
 /// For each frame fetched, how much of its tar stream the walk uses (the rest is made from the
 /// skeleton): up to the end of the last file in it that is written, not linked unread. Of a
 /// 1%-changed release's frames, about one file each: the zstd of what follows it was a third
-/// of the checking thread's work.
+/// of the work of the thread that checks them.
 fn used_prefixes(index: &FileIndex, wanted: &[bool], unread: &[bool]) -> Vec<u64> {
     let mut used = vec![0; index.frames.len()];
     for (file, _) in index.files.iter().zip(unread).filter(|(f, unread)| f.size > 0 && !**unread) {
@@ -118,7 +122,7 @@ type Checked = (usize, Result<Vec<u8>, UnpackError>);
 /// after a frame that failed (told to the walk when it reaches it) or when the walk hangs up.
 /// Buffers the walk is done with come back on `spares` (fresh pages for every frame cost a
 /// twentieth of a 1%-changed prepare, zeroed by the kernel). The compressed bytes fetched.
-fn fetch_frames(
+fn fetch_and_check(
     frames: &[Frame],
     needed: &[usize],
     used: &[u64],
@@ -145,7 +149,7 @@ fn fetch_frames(
     fetched
 }
 
-/// The checking thread's zstd contexts, made when first needed: one for whole frames, one for
+/// The fetching thread's zstd contexts, made when first needed: one for whole frames, one for
 /// the first part of a frame.
 #[derive(Default)]
 struct Decompressors {
@@ -194,7 +198,9 @@ fn check_frame(
 }
 
 /// The first `used` bytes that the zstd frame `bytes` decompresses to, into `buf`: the
-/// decoder stops once it has made them.
+/// decoder stops once it has made them. A skippable frame among the bytes makes nothing and is
+/// passed over (a frame's own follow its zstd frame, so the first part never reaches them; an
+/// artifact beginning with one is refused at ingest, but the decoder does not rely on that).
 fn decompress_part(
     bytes: &[u8],
     used: usize,
@@ -215,8 +221,10 @@ fn decompress_part(
     let mut output = OutBuffer::around(&mut buf[..]);
     while output.pos() < used {
         let before = (input.pos(), output.pos());
-        let more = decoder.run(&mut input, &mut output).map_err(|e| format!("it does not decompress: {e}"))?;
-        if more == 0 || (input.pos(), output.pos()) == before {
+        // A frame's end (skippable or not) is no reason to stop while bytes are left: only a
+        // call that reads and makes nothing.
+        decoder.run(&mut input, &mut output).map_err(|e| format!("it does not decompress: {e}"))?;
+        if (input.pos(), output.pos()) == before {
             break;
         }
     }
@@ -457,7 +465,7 @@ mod tests {
         let tar: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let frame = zstd::bulk::compress(&tar, 3).unwrap();
         let (mut buf, mut decoder) = (Vec::new(), None);
-        // One decoder for frame after frame, as the checking thread reuses it, stopped early each time.
+        // One decoder for frame after frame, as the fetching thread reuses it, stopped early each time.
         for used in [0, 1, 4096, 131_072 + 5, tar.len()] {
             decompress_part(&frame, used, &mut buf, &mut decoder).unwrap();
             assert_eq!(buf, tar[..used], "the first {used} bytes");
@@ -466,6 +474,11 @@ mod tests {
         assert!(err.contains(&format!("decompresses to {} bytes, not the {}", tar.len(), tar.len() + 1)), "{err}");
         let err = decompress_part(&frame[..frame.len() / 2], tar.len(), &mut buf, &mut decoder).unwrap_err();
         assert!(err.contains("not the 300000 its files need"), "{err}");
+        // Led by a skippable frame: passed over, not taken for the end.
+        let mut led = vec![0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3];
+        led.extend_from_slice(&frame);
+        decompress_part(&led, 4096, &mut buf, &mut decoder).unwrap();
+        assert_eq!(buf, tar[..4096], "past the skippable frame");
         let err = decompress_part(b"not zstd at all", 10, &mut buf, &mut decoder).unwrap_err();
         assert!(err.contains("does not decompress"), "{err}");
     }
