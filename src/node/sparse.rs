@@ -89,7 +89,7 @@ pub fn unpack_sparse(
         let fetched = fetching.join();
         // The walk's refusal first: an older release found changed must be named (unmarked).
         let unpacked = unpacked?;
-        let fetched = fetched.map_err(|_| UnpackError::Frames("the thread fetching the frames stopped".into()))?;
+        let fetched = fetched.map_err(|_| UnpackError::Frames(FETCHER_STOPPED.into()))?;
         Ok((unpacked, fetched))
     })
 }
@@ -184,8 +184,7 @@ fn check_frame(
         Some(d) => d,
         None => decompressor.insert(zstd::bulk::Decompressor::new().map_err(|e| mismatch(format!("zstd: {e}")))?),
     };
-    // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way. The
-    // buffers go round (a fresh one each time cost its pages' zeroing again).
+    // Bounded by the caller: no frame over `MAX_MADE_FRAME` is unpacked this way.
     buf.clear();
     buf.reserve(frame.raw_length as usize);
     decompressor
@@ -234,9 +233,12 @@ fn decompress_part(
     }
 }
 
-/// Why frame `n` was not checked: the fetching thread is gone (it panicked).
-fn checker_stopped(n: usize) -> UnpackError {
-    UnpackError::Frames(format!("frame {n}: the thread fetching and checking the frames stopped"))
+/// Why a frame was not checked, or the fetched bytes are not known: the fetching thread is
+/// gone (it panicked).
+const FETCHER_STOPPED: &str = "the thread fetching and checking the frames stopped";
+
+fn fetcher_stopped(n: usize) -> UnpackError {
+    UnpackError::Frames(format!("frame {n}: {FETCHER_STOPPED}"))
 }
 
 /// The frames of `sharing.index` a node must fetch to unpack it: those holding data of a file
@@ -375,7 +377,7 @@ impl<'a> SparseTar<'a> {
         let checked = match self.results.recv() {
             Ok((fetched, checked)) if fetched == n => checked?,
             Ok(_) => return Err(UnpackError::Frames(format!("frame {n} was not fetched in its turn"))),
-            Err(_) => return Err(checker_stopped(n)),
+            Err(_) => return Err(fetcher_stopped(n)),
         };
         // A thread that is gone takes no buffers back.
         let _ = self.give_back.send(std::mem::replace(&mut self.buf, checked));
