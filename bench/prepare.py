@@ -21,6 +21,15 @@ work disk of the dev machines is ext4 without a journal, where unpacking after d
   4. then 1% changed again, clustered (adjacent files in path order: a few directories, as a
      change to app code or one package is): bytes sent and prepare time.
 
+Beside them, the link floor: `cp -al` of the first release (a directory made for each of its
+directories, a hard link for each of its files), alone and followed by `sync -f` of the copy
+(durable, as a prepare's release is before it is marked ready); and the bare floor, the same
+tree made here with nothing checked (mkdir(2) of each directory, link(2) of each file in two
+threads, syncfs(2), a marker file and the fsync of its directory): what a release that shares
+every file costs on this file system at the least, whatever makes it. The bench file system is flushed
+(`sync -f`) before each deploy and after each baseline, so that a prepare's own flush (syncfs)
+pays for its own writes only, not for a baseline's files written or removed just before.
+
 Bytes sent to the node: the `wchar` (bytes passed to write(2)) of the server's threads over the
 deploy (/proc/PID/task/TID/io, summed; not /proc/PID/io, which adds the reaped agent's own writes
 of the unpacked files), which is what it wrote to the agent's stdin plus its own registry and log
@@ -35,6 +44,7 @@ Usage: bench/prepare.py --binary PATH --tree DIR [--node-tree DIR] [--runs N] [-
 Everything it starts or mounts is removed on exit, also on SIGTERM.
 """
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -45,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import threading
 from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,7 +143,9 @@ class Bench:
         return int(subprocess.run(["du", "-s", "-B1", path], capture_output=True, text=True, check=True).stdout.split()[0])
 
     def deploy(self, service, digest, rollback=False):
-        """Deploys (or rolls back); the prepare phase's seconds (None if none) and the wchar delta."""
+        """Deploys (or rolls back); the prepare phase's seconds (None if none) and the wchar delta.
+        The file system is flushed first: the prepare's own flush pays for its own work only."""
+        self.settle()
         before = self.wchar()
         if rollback:
             release = self.cli("rollback", service, "--env", "staging", "--wait")
@@ -146,14 +159,72 @@ class Bench:
         seconds = ts(prep[0]["finished_at"]) - ts(prep[0]["started_at"]) if prep else None
         return seconds, sent
 
+    def settle(self):
+        """Flushes the bench file system (syncfs): what a baseline wrote and removed is not left
+        for the next prepare's own flush to pay for (on ext4, a journal commit of ~13,000 unlinks)."""
+        subprocess.run(["sync", "-f", self.root], check=True)
+
     def link_floor(self, release):
-        """Wall time of `cp -al` of a prepared release (mkdir of every directory, a hard link of
-        every file): what linking every file costs on this file system, whatever the unpacker."""
+        """Wall times of `cp -al` of a prepared release (mkdir of every directory, a hard link of
+        every file), and of it followed by `sync -f` (syncfs) of the copy: what linking every
+        file costs on this file system whatever the unpacker, and that made durable, as a
+        prepare makes its release before marking it ready."""
         dest = os.path.join(self.root, "link-floor")
+        self.settle()
         start = time.perf_counter()
         subprocess.run(["cp", "-al", release, dest], check=True)
-        seconds = time.perf_counter() - start
+        linked = time.perf_counter() - start
+        subprocess.run(["sync", "-f", dest], check=True)
+        durable = time.perf_counter() - start
         subprocess.run(["rm", "-rf", dest], check=True)
+        self.settle()
+        return linked, durable
+
+    def bare_floor(self, release):
+        """Wall time of the least a durable tree of links takes, with nothing checked: mkdir(2)
+        of each directory of the release, link(2) of each file (by names in directories held
+        open) in two threads, syncfs(2), then a marker created and its directory fsync'd (as a
+        prepare marks a release ready). What any unpacker sharing every file pays on this file
+        system, give or take Python's own time per call."""
+        tree = []  # (directory relative to the release, its files' names), parents first
+        for root, _, fs in os.walk(release):
+            tree.append((os.path.relpath(root, release), fs))
+        dest = os.path.join(self.root, "bare-floor")
+        made = [os.path.normpath(os.path.join(dest, rel)) for rel, _ in tree]
+        count, half, before = sum(len(fs) for _, fs in tree), 0, 0
+        while half < len(tree) and before < count // 2:
+            before += len(tree[half][1])
+            half += 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.settle()
+        start = time.perf_counter()
+        for path in made:
+            os.mkdir(path)
+
+        def link(part):
+            for rel, fs in part:
+                src = os.open(os.path.join(release, rel), os.O_RDONLY | os.O_DIRECTORY)
+                dst = os.open(os.path.join(dest, rel), os.O_RDONLY | os.O_DIRECTORY)
+                for f in fs:
+                    os.link(f, f, src_dir_fd=src, dst_dir_fd=dst)
+                os.close(src)
+                os.close(dst)
+        other = threading.Thread(target=link, args=(tree[half:],))
+        other.start()
+        link(tree[:half])
+        other.join()
+        fd = os.open(dest, os.O_RDONLY)
+        if libc.syncfs(fd) != 0:
+            sys.exit(f"syncfs: errno {ctypes.get_errno()}")
+        os.close(fd)
+        open(os.path.join(self.root, "bare-floor-ready"), "w").close()
+        fd = os.open(self.root, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        seconds = time.perf_counter() - start
+        os.unlink(os.path.join(self.root, "bare-floor-ready"))
+        subprocess.run(["rm", "-rf", dest], check=True)
+        self.settle()
         return seconds
 
     def untar(self, artifact):
@@ -163,6 +234,7 @@ class Bench:
         subprocess.run(f"zstd -dcq '{artifact}' | tar -x -C '{dest}'", shell=True, check=True)
         seconds = time.perf_counter() - start
         shutil.rmtree(dest)
+        self.settle()
         return seconds
 
     # --- the bench ---------------------------------------------------------------------------
@@ -225,7 +297,7 @@ class Bench:
         say(f"server up at {url}; {len(services)} services; artifacts uploaded")
 
         res = {"full": [], "full_untar": [], "node_full": [], "node_untar": [], "blocks_full": [],
-               "rollback_wchar": [], "link_floor": []}
+               "rollback_wchar": [], "link_floor": [], "durable_link_floor": [], "bare_floor": []}
         for p in CHANGES:
             res[f"c{p}"], res[f"c{p}_wchar"], res[f"c{p}_blocks"] = [], [], []
         res["full_wchar"] = []
@@ -237,7 +309,10 @@ class Bench:
             res["full_wchar"].append(sent)
             res["blocks_full"].append(self.blocks(base) - b0)
             res["full_untar"].append(self.untar(arts["laravel"]))
-            res["link_floor"].append(self.link_floor(os.path.join(base, "releases", digests["laravel"].split(":")[1])))
+            linked, durable = self.link_floor(os.path.join(base, "releases", digests["laravel"].split(":")[1]))
+            res["link_floor"].append(linked)
+            res["durable_link_floor"].append(durable)
+            res["bare_floor"].append(self.bare_floor(os.path.join(base, "releases", digests["laravel"].split(":")[1])))
             for p in CHANGES:
                 b0 = self.blocks(base)
                 t, sent = self.deploy(s, digests[f"c{p}"])
@@ -266,6 +341,12 @@ def report(r):
     print(f"{'zstd -dc | tar -x (same artifact)':<40} {med(r['full_untar']):8.3f} s")
     print(f"{'cp -al of the first release (link floor)':<40} {med(r['link_floor']):8.3f} s   "
           f"{med(r['link_floor']) / med(r['full']):.2f}x full")
+    if r.get("durable_link_floor"):
+        print(f"{'cp -al && sync -f (durable link floor)':<40} {med(r['durable_link_floor']):8.3f} s   "
+              f"{med(r['durable_link_floor']) / med(r['full']):.2f}x full")
+    if r.get("bare_floor"):
+        print(f"{'mkdir, link x2, syncfs, marker (bare)':<40} {med(r['bare_floor']):8.3f} s   "
+              f"{med(r['bare_floor']) / med(r['full']):.2f}x full")
     for p in CHANGES:
         print(f"{f'{p}% changed prepare':<40} {med(r[f'c{p}']):8.3f} s   {med(r[f'c{p}']) / med(r['full']):.2f}x full; "
               f"added {med(r[f'c{p}_blocks']) / 1e6:.1f} MB of blocks ({med(r[f'c{p}_blocks']) / med(r['blocks_full']):.0%} of the first's "
