@@ -79,6 +79,14 @@ pub enum Entry<'a> {
 /// read and dropped.
 pub trait Visitor {
     fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()>;
+
+    /// How many paths (entries, and the directories they imply) the walk will likely meet,
+    /// when the visitor knows (a node unpacking with the artifact's index): the walk's record
+    /// of them is made that large at once, not grown and copied over and over (a twentieth of
+    /// the walk of a 1%-changed prepare).
+    fn paths_hint(&self) -> usize {
+        0
+    }
 }
 
 /// Reads nothing: the check alone.
@@ -221,7 +229,7 @@ fn walk_stream<R: Read>(
     };
 
     let mut summary = Summary::default();
-    let mut tree = TreeState::new(options.max_files);
+    let mut tree = TreeState::with_capacity(options.max_files, visitor.paths_hint());
     let mut names = Extensions::default();
     let mut end_of_entries = 0u64;
     let mut buffer = vec![0u8; READ_BUFFER];

@@ -415,6 +415,10 @@ impl<'a> Indexing<'a> {
 }
 
 impl Visitor for Indexing<'_> {
+    fn paths_hint(&self) -> usize {
+        self.inner.paths_hint()
+    }
+
     fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {
         let Entry::File { path, executable, offset, size } = entry else {
             return self.inner.entry(entry, data);

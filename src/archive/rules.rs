@@ -253,9 +253,12 @@ pub struct TreeState {
 }
 
 impl TreeState {
-    pub fn new(max_paths: u64) -> TreeState {
+    /// At most `max_paths` paths, with room for `expected` of them at once (never more than
+    /// `max_paths`).
+    pub fn with_capacity(max_paths: u64, expected: usize) -> TreeState {
+        let room = expected.min(usize::try_from(max_paths).unwrap_or(usize::MAX));
         TreeState {
-            paths: HashMap::default(),
+            paths: HashMap::with_capacity_and_hasher(room, BuildHasherDefault::default()),
             symlinks: 0,
             max_paths,
             keys: [RandomState::new(), RandomState::new()],

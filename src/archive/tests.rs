@@ -185,6 +185,33 @@ fn limits_stop_the_stream_early() {
     assert_eq!(check(&compressed[..], &small), Err(ArchiveError::TooLarge { limit: 2048 }));
 }
 
+/// A visitor that expects many paths (a node's, from the artifact's index) makes room for them
+/// in the walk's record; the limit on paths stays the walk's own.
+#[test]
+fn room_made_for_the_paths_a_visitor_expects_never_lifts_the_limit() {
+    struct Expecting(usize);
+    impl Visitor for Expecting {
+        fn entry(&mut self, _: Entry<'_>, _: &mut dyn std::io::Read) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn paths_hint(&self) -> usize {
+            self.0
+        }
+    }
+    let tar = tar_of(|b| {
+        for i in 0..3 {
+            file_entry(b, &format!("d{i}/f"), b"x");
+        }
+    });
+    let compressed = zstd_of(&tar);
+    // Three files and the three directories they imply: six paths.
+    let six = CheckOptions { max_files: 6, ..options() };
+    assert!(walk(&compressed[..], &six, &mut Expecting(1_000_000)).is_ok());
+    let five = CheckOptions { max_files: 5, ..options() };
+    let refused = walk(&compressed[..], &five, &mut Expecting(1_000_000)).unwrap_err();
+    assert!(matches!(refused, WalkError::Archive(ArchiveError::TooManyFiles { limit: 5 })), "{refused:?}");
+}
+
 #[test]
 fn a_truncated_zstd_frame_is_refused() {
     let tar = tar_of(|b| file_entry(b, "a.txt", &vec![1u8; 100_000]));

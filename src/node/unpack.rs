@@ -620,6 +620,12 @@ impl<'a> Unpacker<'a> {
 }
 
 impl Visitor for Unpacker<'_> {
+    /// The index's files, and a directory for every three of them (10,229 files in 2,980
+    /// directories in the Laravel-like tree of the benchmarks; a Node tree has fewer).
+    fn paths_hint(&self) -> usize {
+        self.sharing.as_ref().map_or(0, |s| s.files.len() + s.files.len() / 3)
+    }
+
     /// Paths were checked (relative, no `..`, never under a symbolic link of the archive) and
     /// the root is a fresh directory, so joining them to it cannot leave it.
     fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {

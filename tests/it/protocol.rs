@@ -75,3 +75,49 @@ fn a_refused_protocol_is_answered_before_stdin_is_read() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("the server 999"));
     assert!(stdin.write_all(&vec![0; 8 << 20]).is_err(), "a refused agent's stdin is closed");
 }
+
+/// The agent unpacks without transparent huge pages (a prepare's memory is touched once); its
+/// hooks, and what they start (a PM2 daemon), run as the agent was started. The setting is the
+/// process's: tested on the real agent, alone in its process.
+#[test]
+fn a_prepares_hooks_run_with_the_huge_pages_setting_the_agent_was_started_with() {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(1);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "index.php", &b"x"[..]).unwrap();
+    let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let request = release::node::Request::Prepare(release::node::Prepare {
+        base: base.path().to_owned(),
+        digest: release::digest::Digest::of(&bytes),
+        source: release::node::Source::Stdin,
+        shared: vec![],
+        writable: vec![],
+        finalize: vec!["grep THP_enabled /proc/self/status".into()],
+        env: Default::default(),
+        max_unpacked_bytes: 1 << 20,
+        max_files: 100,
+        adopt: false,
+        hook_timeout_ms: None,
+        fence: 0,
+        fetch_stall_ms: None,
+        finalize_if_shared_changed: false,
+        run_as: Default::default(),
+        index: None,
+        ask_frames: false,
+    });
+    let mut child = spawn_agent(&[]);
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", serde_json::to_string(&request).unwrap()).unwrap();
+    stdin.write_all(&bytes).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    // This test process's setting is what the agent started with (inherited).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = status.lines().find(|l| l.starts_with("THP_enabled:")).expect("Linux 5.0 or later").to_owned();
+    let output = answer["output"].as_str().unwrap();
+    assert!(output.contains(&ours), "the hook saw another setting than the agent's start ({ours}): {output}");
+}

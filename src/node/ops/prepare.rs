@@ -95,6 +95,7 @@ pub(super) fn prepare(
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
         return Ok(Prepared { dir, reused: true, refinalized: false, output });
     } else {
+        let _pages = SmallPages::while_unpacking();
         if p.source == Source::Present {
             return Err(NodeError::new(ErrorCode::Missing, format!("{} is not on this node", p.digest)));
         }
@@ -255,6 +256,33 @@ pub(super) fn prepare(
         shared.push_str(&format!("; fetched {frames} of its {} frames, {bytes} of {size} bytes", index.frames.len()));
     }
     Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}{shared}\n{output}") })
+}
+
+/// Transparent huge pages off while a release is unpacked, on again (when they were) before
+/// any hook runs. An unpack touches tens of megabytes once, spread over its threads' heaps, and
+/// each first touch of a huge page zeroes all 2 MiB of it: with 1% of the files changed, 4 KiB
+/// pages made the agent ~7 ms (8%) faster. The setting is the process's and a child keeps it
+/// (a PM2 daemon that a hook starts would run without them for good): hence only here.
+struct SmallPages {
+    had_them: bool,
+}
+
+impl SmallPages {
+    fn while_unpacking() -> SmallPages {
+        let had_them = rustix::thread::transparent_huge_pages_are_disabled().is_ok_and(|off| !off);
+        if had_them {
+            let _ = rustix::thread::disable_transparent_huge_pages(true);
+        }
+        SmallPages { had_them }
+    }
+}
+
+impl Drop for SmallPages {
+    fn drop(&mut self) {
+        if self.had_them {
+            let _ = rustix::thread::disable_transparent_huge_pages(false);
+        }
+    }
 }
 
 /// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
