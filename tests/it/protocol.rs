@@ -81,12 +81,7 @@ fn a_refused_protocol_is_answered_before_stdin_is_read() {
 /// process's: tested on the real agent, alone in its process.
 #[test]
 fn a_prepares_hooks_run_with_the_huge_pages_setting_the_agent_was_started_with() {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_ustar();
-    header.set_size(1);
-    header.set_mode(0o644);
-    tar.append_data(&mut header, "index.php", &b"x"[..]).unwrap();
-    let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let bytes = crate::support::archives::valid("<?php");
     let base = tempfile::tempdir().unwrap();
     let request = release::node::Request::Prepare(release::node::Prepare {
         base: base.path().to_owned(),
