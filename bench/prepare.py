@@ -22,13 +22,14 @@ work disk of the dev machines is ext4 without a journal, where unpacking after d
      change to app code or one package is): bytes sent and prepare time.
 
 Beside them, the link floor: `cp -al` of the first release (a directory made for each of its
-directories, a hard link for each of its files), alone and followed by `sync -f` of the copy
+directories, a hard link for each of its files), alone and followed by syncfs(2) of the copy
 (durable, as a prepare's release is before it is marked ready); and the bare floor, the same
 tree made here with nothing checked (mkdir(2) of each directory, link(2) of each file in two
 threads, syncfs(2), a marker file and the fsync of its directory): what a release that shares
 every file costs on this file system at the least, whatever makes it. The bench file system is flushed
-(`sync -f`) before each deploy and after each baseline, so that a prepare's own flush (syncfs)
-pays for its own writes only, not for a baseline's files written or removed just before.
+(syncfs) before each deploy and before and after each baseline, so that a prepare's own flush
+pays for its own writes (and the server's registry and log writes of that deploy, on the same
+file system), not for a baseline's files written or removed just before.
 
 Bytes sent to the node: the `wchar` (bytes passed to write(2)) of the server's threads over the
 deploy (/proc/PID/task/TID/io, summed; not /proc/PID/io, which adds the reaped agent's own writes
@@ -61,6 +62,16 @@ from datetime import datetime
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Percent of the files changed: at random over the tree, or ("1c") clustered in path order.
 CHANGES = ["1", "10", "50", "1c"]
+
+
+def syncfs(path):
+    """syncfs(2) of the file system holding `path`, in this process (no `sync -f` started)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            sys.exit(f"syncfs {path}: errno {ctypes.get_errno()}")
+    finally:
+        os.close(fd)
 
 
 def say(msg):
@@ -161,12 +172,13 @@ class Bench:
 
     def settle(self):
         """Flushes the bench file system (syncfs): what a baseline wrote and removed is not left
-        for the next prepare's own flush to pay for (on ext4, a journal commit of ~13,000 unlinks)."""
-        subprocess.run(["sync", "-f", self.root], check=True)
+        for the next prepare's own flush to pay for (on ext4, a journal commit of ~13,000 unlinks).
+        The server's data and log are on it too: what it writes during a deploy still is."""
+        syncfs(self.root)
 
     def link_floor(self, release):
         """Wall times of `cp -al` of a prepared release (mkdir of every directory, a hard link of
-        every file), and of it followed by `sync -f` (syncfs) of the copy: what linking every
+        every file), and of it followed by syncfs(2) of the copy (as `sync -f` does): what linking every
         file costs on this file system whatever the unpacker, and that made durable, as a
         prepare makes its release before marking it ready."""
         dest = os.path.join(self.root, "link-floor")
@@ -174,7 +186,7 @@ class Bench:
         start = time.perf_counter()
         subprocess.run(["cp", "-al", release, dest], check=True)
         linked = time.perf_counter() - start
-        subprocess.run(["sync", "-f", dest], check=True)
+        syncfs(dest)
         durable = time.perf_counter() - start
         subprocess.run(["rm", "-rf", dest], check=True)
         self.settle()
@@ -186,37 +198,42 @@ class Bench:
         open) in two threads, syncfs(2), then a marker created and its directory fsync'd (as a
         prepare marks a release ready). What any unpacker sharing every file pays on this file
         system, give or take Python's own time per call."""
-        tree = []  # (directory relative to the release, its files' names), parents first
-        for root, _, fs in os.walk(release):
-            tree.append((os.path.relpath(root, release), fs))
+        # (directory relative to the release, the names to link in it: files, and symbolic
+        # links, to directories too, linked as links as cp -al does), parents first
+        tree = []
+        for root, ds, fs in os.walk(release):
+            links = [d for d in ds if os.path.islink(os.path.join(root, d))]
+            tree.append((os.path.relpath(root, release), fs + links))
         dest = os.path.join(self.root, "bare-floor")
         made = [os.path.normpath(os.path.join(dest, rel)) for rel, _ in tree]
         count, half, before = sum(len(fs) for _, fs in tree), 0, 0
         while half < len(tree) and before < count // 2:
             before += len(tree[half][1])
             half += 1
-        libc = ctypes.CDLL(None, use_errno=True)
+        failed = []
         self.settle()
         start = time.perf_counter()
         for path in made:
             os.mkdir(path)
 
         def link(part):
-            for rel, fs in part:
-                src = os.open(os.path.join(release, rel), os.O_RDONLY | os.O_DIRECTORY)
-                dst = os.open(os.path.join(dest, rel), os.O_RDONLY | os.O_DIRECTORY)
-                for f in fs:
-                    os.link(f, f, src_dir_fd=src, dst_dir_fd=dst)
-                os.close(src)
-                os.close(dst)
+            try:
+                for rel, fs in part:
+                    src = os.open(os.path.join(release, rel), os.O_RDONLY | os.O_DIRECTORY)
+                    dst = os.open(os.path.join(dest, rel), os.O_RDONLY | os.O_DIRECTORY)
+                    for f in fs:
+                        os.link(f, f, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+                    os.close(src)
+                    os.close(dst)
+            except OSError as e:
+                failed.append(e)
         other = threading.Thread(target=link, args=(tree[half:],))
         other.start()
         link(tree[:half])
         other.join()
-        fd = os.open(dest, os.O_RDONLY)
-        if libc.syncfs(fd) != 0:
-            sys.exit(f"syncfs: errno {ctypes.get_errno()}")
-        os.close(fd)
+        if failed:
+            sys.exit(f"the bare floor's links failed: {failed[0]}")
+        syncfs(dest)
         open(os.path.join(self.root, "bare-floor-ready"), "w").close()
         fd = os.open(self.root, os.O_RDONLY)
         os.fsync(fd)
@@ -230,6 +247,7 @@ class Bench:
     def untar(self, artifact):
         dest = os.path.join(self.root, "baseline")
         os.makedirs(dest)
+        self.settle()
         start = time.perf_counter()
         subprocess.run(f"zstd -dcq '{artifact}' | tar -x -C '{dest}'", shell=True, check=True)
         seconds = time.perf_counter() - start

@@ -95,7 +95,6 @@ pub(super) fn prepare(
         let output = format!("artifact: already here, finalized again\n{}", finalized?);
         return Ok(Prepared { dir, reused: true, refinalized: false, output });
     } else {
-        let _pages = SmallPages::while_unpacking();
         if p.source == Source::Present {
             return Err(NodeError::new(ErrorCode::Missing, format!("{} is not on this node", p.digest)));
         }
@@ -113,6 +112,7 @@ pub(super) fn prepare(
             layout.unmark(p.digest).map_err(|e| io_error(&ready, e))?;
             layout.flush_markers()?;
         }
+        let _pages = SmallPages::while_unpacking();
         // An index is kept only for a release prepared (again) with one, below.
         forget_index(&layout, p.digest);
         if dir.exists() {
@@ -259,10 +259,12 @@ pub(super) fn prepare(
 }
 
 /// Transparent huge pages off while a release is unpacked, on again (when they were) before
-/// any hook runs. An unpack touches tens of megabytes once, spread over its threads' heaps, and
-/// each first touch of a huge page zeroes all 2 MiB of it: with 1% of the files changed, 4 KiB
-/// pages made the agent ~7 ms (8%) faster. The setting is the process's and a child keeps it
-/// (a PM2 daemon that a hook starts would run without them for good): hence only here.
+/// any hook runs. An unpack touches tens of megabytes once, spread over its threads' heaps
+/// (mimalloc asks for huge pages where the system gives them on request, as on our machines),
+/// and each first touch of a huge page zeroes all 2 MiB of it: with the walk's map sized from
+/// the index (measured together), a 1%-changed prepare's agent went 96.8 -> 90.8 ms. The
+/// setting is the process's and a child keeps it (a PM2 daemon that a hook starts would run
+/// without them for good): hence only here.
 struct SmallPages {
     had_them: bool,
 }
