@@ -6,6 +6,7 @@ mod cleanup;
 mod finalized;
 mod hooks;
 mod layout;
+mod pages;
 mod prepare;
 mod ranges;
 mod share;

@@ -2,6 +2,7 @@
 //! mark it ready.
 
 use super::finalized::{describe_shared, note_finalized, shared_fingerprints};
+use super::pages::SmallPages;
 use super::ranges::HttpFrames;
 use super::*;
 
@@ -256,35 +257,6 @@ pub(super) fn prepare(
         shared.push_str(&format!("; fetched {frames} of its {} frames, {bytes} of {size} bytes", index.frames.len()));
     }
     Ok(Prepared { dir, reused: false, refinalized: false, output: format!("artifact: {how}{shared}\n{output}") })
-}
-
-/// Transparent huge pages off while a release is unpacked, on again (when they were) before
-/// any hook runs. An unpack touches tens of megabytes once, spread over its threads' heaps
-/// (mimalloc asks for huge pages where the system gives them on request, as on our machines),
-/// and each first touch of a huge page zeroes all 2 MiB of it: with the walk's map sized from
-/// the index (measured together), a 1%-changed prepare's agent went 96.8 -> 90.8 ms. The
-/// setting is the process's and a child keeps it (a PM2 daemon that a hook starts would run
-/// without them for good): hence only here.
-struct SmallPages {
-    had_them: bool,
-}
-
-impl SmallPages {
-    fn while_unpacking() -> SmallPages {
-        let had_them = rustix::thread::transparent_huge_pages_are_disabled().is_ok_and(|off| !off);
-        if had_them {
-            let _ = rustix::thread::disable_transparent_huge_pages(true);
-        }
-        SmallPages { had_them }
-    }
-}
-
-impl Drop for SmallPages {
-    fn drop(&mut self) {
-        if self.had_them {
-            let _ = rustix::thread::disable_transparent_huge_pages(false);
-        }
-    }
 }
 
 /// GETs the artifact. `stall` bounds the wait for the answer's head and, in reqwest's blocking
