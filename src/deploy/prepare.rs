@@ -133,8 +133,9 @@ impl NodeDeployer {
     }
 
     /// What to send a node that says which frames it lacks (its first line, [`node::Asking`]):
-    /// those frames, one ranged store read per run, or the whole artifact. A list out of order
-    /// or naming a frame the artifact does not have is refused, naming the node.
+    /// those frames, in runs of consecutive frames ([`Store::read_artifact_ranges`]), or the
+    /// whole artifact. A list out of order or naming a frame the artifact does not have is
+    /// refused, naming the node.
     fn answer_lacking(&self, target: &Target, digest: Digest, sent: &SentIndex) -> Ask {
         let (store, node, frames) = (self.store.clone(), target.name.clone(), sent.index.frames.clone());
         Box::new(move |line: Vec<u8>| {
@@ -153,7 +154,7 @@ impl NodeDeployer {
                 let payload = match asking.lacking.frames {
                     Some(lacks) => {
                         let ranges = lacked_ranges(&frames, &lacks).map_err(|e| format!("node {node}: {e}"))?;
-                        frames_of(store, digest, ranges)
+                        store.read_artifact_ranges(digest, ranges).await.map_err(|e| e.to_string())?
                     }
                     None => artifact(&store, digest).await?,
                 };
@@ -226,16 +227,6 @@ impl NodeDeployer {
 /// The whole artifact.
 async fn artifact(store: &Store, digest: Digest) -> Result<Payload, String> {
     store.read_artifact(digest, None).await.map_err(|e| e.to_string())
-}
-
-/// The bytes of the artifact in `ranges`, in order, one ranged read each.
-fn frames_of(store: Store, digest: Digest, ranges: Vec<std::ops::Range<u64>>) -> Payload {
-    use futures::TryStreamExt;
-    let reads = futures::stream::iter(ranges).then(move |range| {
-        let store = store.clone();
-        async move { store.read_artifact(digest, Some(range)).await }
-    });
-    reads.try_flatten().boxed()
 }
 
 #[cfg(test)]

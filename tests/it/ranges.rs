@@ -1,6 +1,7 @@
 //! Fewer bytes on the wire (issue 15 part 2): the server's signed node URL answers ranges as
 //! the blob route does, and a node reads only the frames it lacks, one ranged GET per run of
-//! frames, from that URL and from a real S3 server (Garage) by a presigned URL.
+//! frames, from that URL and from a real S3 server (Garage) by a presigned URL; and the
+//! store's reads of those runs, which the server sends a node that asks on its stdin.
 
 use std::fs;
 use std::sync::Arc;
@@ -171,4 +172,43 @@ fn a_node_fetches_only_the_frames_it_lacks_from_s3_by_a_presigned_url() {
     let e = release::node::fetch_frames(&forged, &frames, &[1], Duration::from_secs(60)).unwrap_err();
     assert!(e.message.contains("HTTP 403"), "{}", e.message);
     assert!(!e.message.contains("X-Amz"), "{}", e.message);
+}
+
+/// What a node that lacks some frames is sent: the artifact's bytes in those ranges, in order,
+/// across the local backend's read pieces (1 MiB) and from one open file; a range past the end
+/// is refused, naming it (S3 would answer with the bytes there are).
+fn ranged_reads(backend: Backend) {
+    let server = TestServer::start(backend);
+    let ci = server.token("ci", "ci");
+    let body = archives::zstd(&archives::RawTar::new().file("big", &archives::letters(7, 4 << 20)).finish());
+    assert!(body.len() > 2 << 20, "spans more than two read pieces: {} bytes", body.len());
+    let response = server.http().post(format!("{}/v1/artifacts?service=api", server.url)).bearer_auth(&ci);
+    assert_eq!(response.body(body.clone()).send().unwrap().status(), StatusCode::CREATED);
+    let digest = server.artifact_keys()[0];
+    let size = body.len() as u64;
+    let read = |ranges: Vec<std::ops::Range<u64>>| {
+        block_on(async {
+            use futures::TryStreamExt as _;
+            let stream = server.store().read_artifact_ranges(digest, ranges).await?;
+            stream.try_collect::<Vec<bytes::Bytes>>().await.map(|chunks| chunks.concat())
+        })
+    };
+    let ranges = vec![0..10, 10..20, 100..100 + (2 << 20) + 1000, size - 5..size];
+    let expected: Vec<u8> = ranges.iter().flat_map(|r| body[r.start as usize..r.end as usize].to_vec()).collect();
+    assert_eq!(read(ranges).unwrap(), expected);
+    assert!(read(vec![]).unwrap().is_empty());
+    let past = read(vec![0..10, size - 5..size + 5]).expect_err("a range past the end is refused");
+    let text = past.to_string();
+    assert!(text.contains(&format!("bytes {}..{}", size - 5, size + 5)), "{text}");
+    assert!(text.contains(&digest.hex()), "{text}");
+}
+
+#[test]
+fn ranged_reads_on_the_local_backend() {
+    ranged_reads(Backend::Local);
+}
+
+#[test]
+fn ranged_reads_on_s3() {
+    ranged_reads(Backend::S3);
 }
