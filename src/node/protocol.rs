@@ -192,6 +192,31 @@ impl Prepare {
     pub fn fetch_stall_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.fetch_stall_ms.unwrap_or(60_000))
     }
+
+    /// A prepare of `digest` into `base` from stdin, with nothing shared, linked or run and small
+    /// limits (1 MiB unpacked, 100 files): what the unit and integration tests start from.
+    #[doc(hidden)]
+    pub fn from_stdin(base: &std::path::Path, digest: Digest) -> Prepare {
+        Prepare {
+            base: base.to_owned(),
+            digest,
+            source: Source::Stdin,
+            shared: vec![],
+            writable: vec![],
+            finalize: vec![],
+            env: BTreeMap::new(),
+            max_unpacked_bytes: 1 << 20,
+            max_files: 100,
+            adopt: false,
+            hook_timeout_ms: None,
+            fence: 0,
+            fetch_stall_ms: None,
+            finalize_if_shared_changed: false,
+            run_as: RunAs::default(),
+            index: None,
+            ask_frames: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

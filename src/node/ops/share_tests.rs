@@ -41,7 +41,7 @@ fn request(base: &Path, digest: Digest, index: Option<FileIndex>, finalize: &[&s
         max_unpacked_bytes: 1 << 30,
         max_files: 100_000,
         index: index.map(|index| index.encode_wire()),
-        ..super::super::tests::prepare_stdin(base, digest)
+        ..Prepare::from_stdin(base, digest)
     }
 }
 

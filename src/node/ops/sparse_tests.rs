@@ -73,7 +73,7 @@ fn request(base: &Path, digest: Digest, index: &FileIndex, ask_frames: bool) -> 
         max_files: 100_000,
         index: Some(index.encode_wire()),
         ask_frames,
-        ..super::tests::prepare_stdin(base, digest)
+        ..Prepare::from_stdin(base, digest)
     }
 }
 

@@ -29,30 +29,6 @@ fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
 /// Files written read-only at once (no finalize hook) end with exactly the modes that the
 /// walk after a finalize hook gives: writable paths left alone, shared links' new parents
 /// sealed too.
-/// A prepare of `digest` into `base`, its bytes on stdin, with nothing shared, writable or
-/// run and small limits: each test sets what it is about.
-pub(super) fn prepare_stdin(base: &Path, digest: Digest) -> Prepare {
-    Prepare {
-        base: base.to_owned(),
-        digest,
-        source: Source::Stdin,
-        shared: vec![],
-        writable: vec![],
-        finalize: vec![],
-        env: BTreeMap::new(),
-        max_unpacked_bytes: 1 << 20,
-        max_files: 100,
-        adopt: false,
-        hook_timeout_ms: None,
-        fence: 0,
-        fetch_stall_ms: None,
-        finalize_if_shared_changed: false,
-        run_as: RunAs::default(),
-        index: None,
-        ask_frames: false,
-    }
-}
-
 #[test]
 fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
     // Built by hand: the packer never writes hard links, other tools do.
@@ -87,7 +63,7 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
             shared: vec![".env".into(), "data/uploads".into()],
             writable: vec!["cache".into()],
             finalize,
-            ..prepare_stdin(base.path(), digest)
+            ..Prepare::from_stdin(base.path(), digest)
         };
         let answer = prepare(&request, &mut &bytes[..], &mut io::sink()).unwrap();
         let dir = answer.dir;
@@ -151,7 +127,7 @@ fn a_release_without_finalize_hooks_still_gives_its_writable_paths_to_the_hook_u
     let request = Prepare {
         writable: vec!["bootstrap/cache".into()],
         run_as: RunAs { user: Some("nobody".into()), umask: None, php_only: false },
-        ..prepare_stdin(base.path(), Digest::of(&bytes))
+        ..Prepare::from_stdin(base.path(), Digest::of(&bytes))
     };
     let prepared = prepare(&request, &mut &bytes[..], &mut io::sink());
     if !rustix::process::geteuid().is_root() {
@@ -282,7 +258,7 @@ fn a_marker_without_its_tree_is_gone_once_the_release_is_prepared_again() {
     let bytes = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
     let digest = Digest::of(&bytes);
     let base = tempfile::tempdir().unwrap();
-    let request = prepare_stdin(base.path(), digest);
+    let request = Prepare::from_stdin(base.path(), digest);
     let dir = prepare(&request, &mut &bytes[..], &mut io::sink()).unwrap().dir;
     let marker = base.path().join(".release/ready").join(digest.hex());
     assert!(marker.exists());
