@@ -26,10 +26,11 @@ directories, a hard link for each of its files), alone and followed by syncfs(2)
 (durable, as a prepare's release is before it is marked ready); and the bare floor, the same
 tree made here with nothing checked (mkdir(2) of each directory, link(2) of each file in two
 threads, syncfs(2), a marker file and the fsync of its directory): what a release that shares
-every file costs on this file system at the least, whatever makes it. The bench file system is flushed
-(syncfs) before each deploy and before and after each baseline, so that a prepare's own flush
-pays for its own writes (and the server's registry and log writes of that deploy, on the same
-file system), not for a baseline's files written or removed just before.
+every file costs on this file system at the least, whatever makes it. The bench file system is
+flushed (syncfs) before each deploy and each baseline (what one removes is flushed before the
+next), so that a prepare's own flush pays for its own writes (and the server's registry and log
+writes of that deploy, on the same file system), not for a baseline's files written or removed
+just before.
 
 Bytes sent to the node: the `wchar` (bytes passed to write(2)) of the server's threads over the
 deploy (/proc/PID/task/TID/io, summed; not /proc/PID/io, which adds the reaped agent's own writes
@@ -189,7 +190,6 @@ class Bench:
         syncfs(dest)
         durable = time.perf_counter() - start
         subprocess.run(["rm", "-rf", dest], check=True)
-        self.settle()
         return linked, durable
 
     def bare_floor(self, release):
@@ -241,7 +241,6 @@ class Bench:
         seconds = time.perf_counter() - start
         os.unlink(os.path.join(self.root, "bare-floor-ready"))
         subprocess.run(["rm", "-rf", dest], check=True)
-        self.settle()
         return seconds
 
     def untar(self, artifact):
@@ -252,7 +251,6 @@ class Bench:
         subprocess.run(f"zstd -dcq '{artifact}' | tar -x -C '{dest}'", shell=True, check=True)
         seconds = time.perf_counter() - start
         shutil.rmtree(dest)
-        self.settle()
         return seconds
 
     # --- the bench ---------------------------------------------------------------------------
