@@ -131,7 +131,7 @@ fn run_whole(
     if let Some(dir) = dir {
         command.current_dir(dir);
     }
-    let mut child = command.spawn().ok()?;
+    let mut child = super::pages::spawn(&mut command).ok()?;
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();

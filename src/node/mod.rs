@@ -20,6 +20,7 @@ mod ahead;
 mod check;
 mod dirfd;
 mod ops;
+mod pages;
 pub mod protocol;
 pub mod sparse;
 mod unpack;
@@ -45,6 +46,7 @@ pub fn main(protocol: Option<u32>) -> std::process::ExitCode {
             format!("this node agent speaks protocol {VERSION}, the server {asked}: ship the server's own binary"),
         )),
         _ => {
+            pages::small_pages();
             // Not locked for good: a sparse prepare reads the frames on a thread of its own.
             let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
             let mut line = Vec::new();

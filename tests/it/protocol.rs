@@ -77,34 +77,22 @@ fn a_refused_protocol_is_answered_before_stdin_is_read() {
     assert!(stdin.write_all(&vec![0; 8 << 20]).is_err(), "a refused agent's stdin is closed");
 }
 
-/// The agent unpacks without transparent huge pages (a prepare's memory is touched once); its
-/// hooks, and what they start (a PM2 daemon), run as the agent was started. The setting is the
-/// process's: tested on the real agent, alone in its process.
+/// The agent runs without transparent huge pages (its memory is touched once); its hooks, and
+/// what they start (a PM2 daemon), run as the agent was started. The setting is the process's:
+/// tested on the real agent, alone in its process, read by a hook for itself and its parent.
 #[test]
 fn a_prepares_hooks_run_with_the_huge_pages_setting_the_agent_was_started_with() {
     let bytes = crate::support::archives::valid("<?php");
     let base = tempfile::tempdir().unwrap();
+    let digest = release::digest::Digest::of(&bytes);
     let request = release::node::Request::Prepare(release::node::Prepare {
-        base: base.path().to_owned(),
-        digest: release::digest::Digest::of(&bytes),
-        source: release::node::Source::Stdin,
-        shared: vec![],
-        writable: vec![],
-        finalize: vec!["grep THP_enabled /proc/self/status".into()],
-        env: Default::default(),
-        max_unpacked_bytes: 1 << 20,
-        max_files: 100,
-        adopt: false,
-        hook_timeout_ms: None,
-        fence: 0,
-        fetch_stall_ms: None,
-        finalize_if_shared_changed: false,
-        run_as: Default::default(),
-        index: None,
-        ask_frames: false,
+        finalize: vec![
+            "echo hook $(grep THP_enabled /proc/self/status); echo agent $(grep THP_enabled /proc/$PPID/status)".into(),
+        ],
+        ..release::node::Prepare::from_stdin(base.path(), digest)
     });
     // Started with huge pages allowed (this test process's setting, which the agent inherits):
-    // the hook must see them allowed again, whatever the unpack did.
+    // the hook must see them allowed again, the agent itself off.
     rustix::thread::disable_transparent_huge_pages(false).unwrap();
     let mut child = spawn_agent(&[]);
     let mut stdin = child.stdin.take().unwrap();
@@ -115,5 +103,6 @@ fn a_prepares_hooks_run_with_the_huge_pages_setting_the_agent_was_started_with()
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["ok"], json!(true), "{answer}");
     let output = answer["output"].as_str().unwrap();
-    assert!(output.contains("THP_enabled:\t1"), "the hook ran with huge pages off: {output}");
+    assert!(output.contains("hook THP_enabled: 1"), "the hook ran with huge pages off: {output}");
+    assert!(output.contains("agent THP_enabled: 0"), "the agent ran with huge pages on: {output}");
 }

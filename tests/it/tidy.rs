@@ -1,8 +1,9 @@
 //! The house rules that the compiler does not check, checked over `src/` (as rust-analyzer's
 //! tidy test does): every module file opens with a `//!` line saying what it is for, and a
 //! module imports only modules of lower layers (ARCHITECTURE.md, "Layers"), so that no
-//! import circle can come back; and no file of `src/` or `tests/` grows past [`LONG`] lines
-//! without saying at its top why it is long.
+//! import circle can come back; no file of `src/` or `tests/` grows past [`LONG`] lines
+//! without saying at its top why it is long; and the node agent starts processes only through
+//! `node::pages`.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -139,6 +140,40 @@ fn a_file_past_the_length_limit_says_why_at_its_top() {
         })
         .collect();
     assert!(long.is_empty(), "split these, or say at the top why they are long:\n{}", long.join("\n"));
+}
+
+/// The node agent runs with transparent huge pages off (`src/node/pages.rs`), a setting its
+/// children would keep for good (a PM2 daemon started by a hook): it starts processes only
+/// through that module, which gives them the setting the agent was started with.
+#[test]
+fn the_node_agent_starts_processes_only_through_its_pages_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/node"), &mut files);
+    files.sort();
+    let starting: Vec<String> = files
+        .iter()
+        .filter(|file| !file.ends_with("pages.rs") && !file.to_string_lossy().ends_with("tests.rs"))
+        .flat_map(|file| {
+            let text = fs::read_to_string(file).unwrap();
+            let lines: Vec<(usize, String)> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, line)| {
+                    let code = line.split("//").next().unwrap_or("");
+                    [".spawn()", ".output()", ".status()"].iter().any(|call| code.contains(call))
+                        && !code.contains("pages::")
+                        && !code.contains("response.status()")
+                        && !code.contains("answer.status()")
+                })
+                .map(|(n, line)| (n + 1, line.trim().to_owned()))
+                .collect();
+            lines
+                .into_iter()
+                .map(move |(n, line)| format!("{}:{n}: {line}", file.strip_prefix(root).unwrap().display()))
+        })
+        .collect();
+    assert!(starting.is_empty(), "start these through node::pages (spawn, output):\n{}", starting.join("\n"));
 }
 
 #[test]

@@ -65,25 +65,24 @@ pub(super) fn run_commands(
                 c
             }
         };
-        let mut child = shell
+        shell
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             // sudo's own complaints ("a password is required") come on its stderr, before the
             // hook's `exec 2>&1`: kept, to be shown and told apart from the hook's failures.
             .stderr(if user.is_some() { Stdio::piped() } else { Stdio::inherit() })
-            .process_group(0)
-            .spawn()
-            .map_err(|e| match user {
-                Some(user) if e.kind() == io::ErrorKind::NotFound => NodeError::new(
-                    ErrorCode::HookFailed,
-                    format!(
-                        "cannot run `{command}` as hook_user {user}: sudo is not installed on this node \
+            .process_group(0);
+        let mut child = pages::spawn(&mut shell).map_err(|e| match user {
+            Some(user) if e.kind() == io::ErrorKind::NotFound => NodeError::new(
+                ErrorCode::HookFailed,
+                format!(
+                    "cannot run `{command}` as hook_user {user}: sudo is not installed on this node \
                          (hooks run as hook_user through `sudo -n -u {user}`)"
-                    ),
                 ),
-                _ => NodeError::new(ErrorCode::HookFailed, format!("cannot run `{command}`: {e}")),
-            })?;
+            ),
+            _ => NodeError::new(ErrorCode::HookFailed, format!("cannot run `{command}`: {e}")),
+        })?;
         let sudo_said = child.stderr.take().map(|mut stderr| {
             std::thread::spawn(move || {
                 let mut said = Vec::new();
@@ -378,11 +377,7 @@ pub(super) fn pm2_cwd(
 ) -> Result<Pm2Checked, NodeError> {
     let layout = Layout { base: base.to_owned() };
     let release = fs::canonicalize(layout.release(digest)).map_err(|e| io_error(&layout.release(digest), e))?;
-    let run = Command::new("sh")
-        .args(["-c", "pm2 jlist"])
-        .envs(env)
-        .stdin(Stdio::null())
-        .output()
+    let run = pages::output(Command::new("sh").args(["-c", "pm2 jlist"]).envs(env))
         .map_err(|e| NodeError::new(ErrorCode::Pm2, format!("cannot run pm2: {e}")))?;
     if !run.status.success() {
         let mut e = NodeError::new(ErrorCode::Pm2, format!("`pm2 jlist` failed ({})", run.status));

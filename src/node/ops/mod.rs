@@ -6,7 +6,6 @@ mod cleanup;
 mod finalized;
 mod hooks;
 mod layout;
-mod pages;
 mod prepare;
 mod ranges;
 mod share;
@@ -32,7 +31,7 @@ use super::protocol::{
 };
 use super::{
     Exec, Health, Modes, NodeError, Prepare, Request, RunAs, Sharing, Source, Sparse, UnpackError, drain,
-    frames_to_fetch, is_writable, remove_tree, unpack_sharing, unpack_sparse,
+    frames_to_fetch, is_writable, pages, remove_tree, unpack_sharing, unpack_sparse,
 };
 use crate::archive::{CheckOptions, FileIndex, Frame, Skeleton};
 use crate::digest::Digest;

@@ -2,7 +2,6 @@
 //! mark it ready.
 
 use super::finalized::{describe_shared, note_finalized, shared_fingerprints};
-use super::pages::SmallPages;
 use super::ranges::HttpFrames;
 use super::*;
 
@@ -113,7 +112,6 @@ pub(super) fn prepare(
             layout.unmark(p.digest).map_err(|e| io_error(&ready, e))?;
             layout.flush_markers()?;
         }
-        let _pages = SmallPages::while_unpacking();
         // An index is kept only for a release prepared (again) with one, below.
         forget_index(&layout, p.digest);
         if dir.exists() {

@@ -79,7 +79,7 @@ pub(super) fn adopt(base: &Path, shared: &[String]) -> Result<Adopted, NodeError
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
         }
-        let copied = Command::new("cp").arg("-a").arg("--").arg(&from).arg(&to).output();
+        let copied = pages::output(Command::new("cp").arg("-a").arg("--").arg(&from).arg(&to));
         match copied {
             Ok(out) if out.status.success() => seeded.push(path.clone()),
             Ok(out) => {
