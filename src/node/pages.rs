@@ -34,7 +34,8 @@ pub(super) fn spawn(command: &mut Command) -> io::Result<Child> {
     if !TURNED_OFF.load(Ordering::Relaxed) {
         return command.spawn();
     }
-    // One child at a time: another thread's spawn must not turn them off under this one.
+    // One child at a time: another thread's spawn must not turn them off under this one. The
+    // agent's other threads may get a huge page in these microseconds: only a little slower.
     let _one = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
     let _ = rustix::thread::disable_transparent_huge_pages(false);
     let child = command.spawn();
