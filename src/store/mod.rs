@@ -342,6 +342,9 @@ impl Store {
             });
             return Ok(reads.try_flatten().boxed());
         };
+        // A blocking thread of its own for the whole stream, unlike `read_artifact`'s piece by
+        // piece (which an HTTP download, at its reader's pace, must not pin): here the reader is
+        // a node in a deploy, and the thread ends when its call ends and drops the stream.
         let key = path.to_string();
         let (send, receive) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || read_ranges(&file, &ranges, &key, &send));
