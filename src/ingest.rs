@@ -18,7 +18,9 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::archive::{self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, Summary};
+use crate::archive::{
+    self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, SentIndex, SentIndexes, Summary,
+};
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
 use crate::digest::Digest;
@@ -148,15 +150,23 @@ pub struct Ingestor {
     pub registry: Arc<Registry>,
     /// Counts every upload by outcome.
     pub metrics: Arc<Metrics>,
+    /// Every upload's file index goes there ready to send, for the deploy that follows.
+    indexes: Arc<SentIndexes>,
     /// Turns for uploads, `limits.max_concurrent_uploads` of them: what bounds the memory all
     /// uploads together may hold.
     turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingestor {
-    pub fn new(config: Arc<Config>, store: Store, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Ingestor {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        indexes: Arc<SentIndexes>,
+    ) -> Ingestor {
         let turns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_concurrent_uploads as usize));
-        Ingestor { config, store, registry, metrics, turns }
+        Ingestor { config, store, registry, metrics, indexes, turns }
     }
 
     /// How many uploads (adoptions included) hold one of the turns now.
@@ -292,13 +302,19 @@ impl Ingestor {
         let files = received.files.len() as u64;
         let digest = received.digest;
         let (frames, skeleton) = (received.frames, received.skeleton);
-        let index = tokio::task::spawn_blocking(move || {
-            FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton).encode()
+        // Made ready to send as well, for the deploy that usually follows (the same index
+        // decoded from the stored form, without reading it back).
+        let (index, sent) = tokio::task::spawn_blocking(move || {
+            let index = FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton);
+            (index.encode(), SentIndex::of_upload(index))
         })
         .await
         .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
+        if let Some(sent) = sent {
+            self.indexes.keep(index.sha256, Arc::new(sent));
+        }
 
         let new = NewArtifact {
             index: Some(index),

@@ -2,9 +2,9 @@
 //!
 //! [`pack`] writes the archive CI uploads, as independent zstd frames ([`frames`]; [`scan`]
 //! finds them again in an upload); [`check`] reads one as it streams in and refuses what could
-//! never be deployed safely ([`index`] also lists its files with their hashes); [`rules`] holds
-//! the per-entry rules both share (and that the node's unpacker applies again, never trusting
-//! the server's check alone).
+//! never be deployed safely ([`index`] also lists its files with their hashes; [`sent`] keeps
+//! the last ones ready to send to nodes); [`rules`] holds the per-entry rules both share (and
+//! that the node's unpacker applies again, never trusting the server's check alone).
 //!
 //! Architecture invariant: this module does no network or database I/O; it works on
 //! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
@@ -20,6 +20,7 @@ mod index_tests;
 mod pack;
 mod rules;
 mod scan;
+mod sent;
 mod skeleton;
 #[cfg(test)]
 mod skeleton_tests;
@@ -41,6 +42,7 @@ pub use rules::{
     MAX_SYMLINKS, RelPath,
 };
 pub use scan::FrameScanner;
+pub use sent::{SentIndex, SentIndexes};
 pub use skeleton::Skeleton;
 
 /// The first four bytes of every zstd frame.

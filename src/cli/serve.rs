@@ -34,8 +34,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let timeout = config.ssh.command_timeout.map_or(std::time::Duration::from_secs(600), |d| d.0);
         let control_dir = config.data_dir.join("ssh");
         let (limits, ssh, node_url) = (config.limits, config.ssh.clone(), config.node_url.clone());
-        let deployer = move |store| -> std::sync::Arc<dyn crate::releases::Deployer> {
-            std::sync::Arc::new(crate::deploy::NodeDeployer::new(store, limits, ssh, timeout, &control_dir, node_url))
+        let deployer = move |store, indexes| -> std::sync::Arc<dyn crate::releases::Deployer> {
+            std::sync::Arc::new(crate::deploy::NodeDeployer::new(
+                store,
+                limits,
+                ssh,
+                timeout,
+                &control_dir,
+                node_url,
+                indexes,
+            ))
         };
         // A certificate that does not load stops the start before anything else is opened.
         let tls = config.tls.as_ref().map(server::Tls::load).transpose().map_err(|e| Failure::new(exit::FAILED, e))?;

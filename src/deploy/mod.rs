@@ -28,10 +28,11 @@ use futures::future::{BoxFuture, join_all};
 
 pub use hooks::Hooks;
 use phase::{call, first_error, phase, phase_quiet, report_phase};
+use prepare::LazyIndex;
 pub use transport::{Ask, CallError, Input, Local, Payload, Transport};
 use transport::{Keep, MAX_OUTPUT, clean, typed};
 
-use crate::archive::FileIndex;
+use crate::archive::SentIndexes;
 use crate::config::{Limits, Node, ServiceKind, SshConfig};
 use crate::digest::Digest;
 use crate::node::protocol::{
@@ -60,11 +61,14 @@ pub struct NodeDeployer {
     pool: ssh::Pool,
     /// `[server] node_url`: with the local store, nodes fetch artifacts from there.
     node_url: Option<String>,
+    /// The file indexes sent or uploaded last, ready to send (shared with the ingest).
+    indexes: Arc<SentIndexes>,
 }
 
 impl NodeDeployer {
     /// `control_dir`: where the SSH masters' control sockets go (`<data_dir>/ssh`);
-    /// `node_url`: where nodes reach this server, if they may fetch artifacts from it.
+    /// `node_url`: where nodes reach this server, if they may fetch artifacts from it;
+    /// `indexes`: the file indexes kept ready to send, which uploads add to.
     pub fn new(
         store: Store,
         limits: Limits,
@@ -72,8 +76,9 @@ impl NodeDeployer {
         timeout: Duration,
         control_dir: &Path,
         node_url: Option<String>,
+        indexes: Arc<SentIndexes>,
     ) -> NodeDeployer {
-        NodeDeployer { store, limits, ssh, timeout, pool: ssh::Pool::new(control_dir), node_url }
+        NodeDeployer { store, limits, ssh, timeout, pool: ssh::Pool::new(control_dir), node_url, indexes }
     }
 
     /// How long hooks may run on a node: a little less than the server waits for an answer,
@@ -304,14 +309,12 @@ impl NodeDeployer {
             return Ok(());
         }
         self.adopt(plan, &targets).await?;
-        let index = self.file_index(plan).await;
+        let index = LazyIndex::new();
 
         // 1. Prepare everywhere; nothing that serves traffic changes yet.
         let parallel = plan.environment.parallel.max(1) as usize;
-        let preparing: Vec<BoxFuture<'_, Result<(), String>>> = targets
-            .iter()
-            .map(|t| Box::pin(self.prepare_node(plan, t, &hooks, index.as_ref())) as BoxFuture<'_, _>)
-            .collect();
+        let preparing: Vec<BoxFuture<'_, Result<(), String>>> =
+            targets.iter().map(|t| Box::pin(self.prepare_node(plan, t, &hooks, &index)) as BoxFuture<'_, _>).collect();
         let prepared: Vec<Result<(), String>> = futures::stream::iter(preparing).buffered(parallel).collect().await;
         if let Some(reason) = first_error(prepared) {
             return Err(Failure::new(reason));

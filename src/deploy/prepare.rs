@@ -6,31 +6,17 @@
 //! are sent.
 
 use super::*;
-use crate::archive::RunsError;
+use crate::archive::{RunsError, SentIndex};
 
 /// The most an index may take on a prepare's request line (base64 of its wire form): a node
 /// reads that line whole, and the server writes it for every node at once (`parallel`). A
 /// larger index costs the sharing (and the sparse fetch).
 pub(super) const MAX_SENT_INDEX_BYTES: u64 = 64 << 20;
 
-/// The artifact's index, read once per deploy: in its wire form (what is sent to every node:
-/// binary, read in a tenth of the time of the stored JSON) and decoded (where its frames lie).
-pub(super) struct SentIndex {
-    pub(super) wire: Vec<u8>,
-    pub(super) index: FileIndex,
-}
-
-/// The stored index `bytes` of `artifact`, read and made ready to send. A skeleton that does
-/// not fit its index would fail every sparse prepare: it is sent without one (nodes share
-/// files and fetch the artifact whole).
-pub(super) fn sendable(bytes: &[u8], artifact: Digest) -> Result<SentIndex, crate::archive::IndexError> {
-    let mut index = FileIndex::decode(bytes, artifact)?;
-    if let Err(e) = crate::archive::Skeleton::of(&index) {
-        tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
-        index.skeleton = None;
-    }
-    Ok(SentIndex { wire: index.encode_wire(), index })
-}
+/// The artifact's index for one deploy: read (or taken from the kept ones) the first time a
+/// node fetches, so that a rollback whose nodes all hold the release never reads it; shared by
+/// the nodes from then on.
+pub(super) type LazyIndex = tokio::sync::OnceCell<Option<Arc<SentIndex>>>;
 
 /// How many bytes `wire` takes on the request line (base64).
 pub(super) fn sent_bytes(wire: &[u8]) -> u64 {
@@ -64,7 +50,7 @@ impl NodeDeployer {
         plan: &Plan,
         target: &Target,
         hooks: &Hooks,
-        index: Option<&SentIndex>,
+        index: &LazyIndex,
     ) -> Result<(), String> {
         // A blocked artifact is not even fetched (a presigned URL would bypass the server).
         plan.gate.check().await?;
@@ -78,18 +64,19 @@ impl NodeDeployer {
                 target.set_back_to(status.current);
             }
         }
-        self.prepare(plan, target, hooks, plan.release.digest, index).await
+        self.prepare(plan, target, hooks, plan.release.digest, Some(index)).await
     }
 
     /// Prepares `digest` on one node: a check when it is already there, else a fetch (the
-    /// files `index` names that a release on the node holds are linked, not written).
+    /// files `index` names, read now if not yet, that a release on the node holds are linked,
+    /// not written).
     async fn prepare(
         &self,
         plan: &Plan,
         target: &Target,
         hooks: &Hooks,
         digest: Digest,
-        index: Option<&SentIndex>,
+        index: Option<&LazyIndex>,
     ) -> Result<(), String> {
         let status: Status = phase_quiet(target, Request::Status { base: target.base.clone() }).await?;
         let present = status.ready.contains(&digest);
@@ -106,6 +93,10 @@ impl NodeDeployer {
             }
             tracing::warn!(node = %target.name, %digest, "the release left the node between its status and prepare; fetching it");
         }
+        let index = match index {
+            Some(lazy) => lazy.get_or_init(|| self.file_index(plan)).await.as_deref(),
+            None => None,
+        };
         let source = if let Some(url) = self.store.presigned_get(digest).await.map_err(|e| e.to_string())? {
             // The node fetches from the bucket itself: the bytes do not pass through the server.
             Source::Url(url)
@@ -118,7 +109,7 @@ impl NodeDeployer {
         // On stdin: only the frames the node says it lacks, when it can tell.
         let input = match (&source, index) {
             // A node holding no release has nothing to link: the whole artifact, unasked.
-            (Source::Stdin, Some(sent)) if sent.index.skeleton.is_some() && !status.ready.is_empty() => {
+            (Source::Stdin, Some(sent)) if sent.sparse && !status.ready.is_empty() => {
                 Input::Asked(self.answer_lacking(target, digest, sent))
             }
             (Source::Stdin, _) => Input::Bytes(artifact(&self.store, digest).await?),
@@ -137,7 +128,7 @@ impl NodeDeployer {
     /// whole artifact. A list out of order or naming a frame the artifact does not have is
     /// refused, naming the node.
     fn answer_lacking(&self, target: &Target, digest: Digest, sent: &SentIndex) -> Ask {
-        let (store, node, frames) = (self.store.clone(), target.name.clone(), sent.index.frames.clone());
+        let (store, node, frames) = (self.store.clone(), target.name.clone(), Arc::clone(&sent.frames));
         Box::new(move |line: Vec<u8>| {
             Box::pin(async move {
                 let Ok(asking) = serde_json::from_slice::<Asking>(&line) else {
@@ -197,22 +188,33 @@ impl NodeDeployer {
         })
     }
 
-    /// The release's file index, read once per deploy for every node. An index that cannot
-    /// be read or does not describe the artifact costs the sharing, never the deploy: every
-    /// node then writes every file (and checks each against the artifact's digest as always).
-    pub(super) async fn file_index(&self, plan: &Plan) -> Option<SentIndex> {
+    /// The release's file index, read once per deploy for every node, or taken from the ones
+    /// kept in memory. An index that cannot be read or does not describe the artifact costs
+    /// the sharing, never the deploy: every node then writes every file (and checks each
+    /// against the artifact's digest as always).
+    pub(super) async fn file_index(&self, plan: &Plan) -> Option<Arc<SentIndex>> {
         let stored = plan.index?;
         let artifact = plan.release.digest;
         let read = async {
+            if let Some(sent) = self.indexes.get(stored) {
+                return Ok(sent);
+            }
             let bytes = self.store.get_index(stored).await.map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || sendable(&bytes, artifact))
+            let sent = tokio::task::spawn_blocking(move || SentIndex::read(&bytes, artifact))
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let sent = Arc::new(sent);
+            self.indexes.keep(stored, Arc::clone(&sent));
+            Ok::<_, String>(sent)
         };
         match read.await {
+            Ok(sent) if sent.artifact != artifact => {
+                tracing::warn!(%artifact, index = %stored, described = %sent.artifact, "deploying without the file index: it describes another artifact");
+                None
+            }
             Ok(sent) if sent_bytes(&sent.wire) > MAX_SENT_INDEX_BYTES => {
-                tracing::warn!(%artifact, index = %stored, files = sent.index.files.len(), "deploying without the file index: too large to send with every prepare");
+                tracing::warn!(%artifact, index = %stored, files = sent.files, "deploying without the file index: too large to send with every prepare");
                 None
             }
             Ok(sent) => Some(sent),
@@ -232,6 +234,7 @@ async fn artifact(store: &Store, digest: Digest) -> Result<Payload, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::FileIndex;
 
     #[test]
     fn an_index_is_measured_as_the_base64_a_node_reads_and_frames_are_sent_in_runs() {
@@ -266,12 +269,14 @@ mod tests {
         // A skeleton that does not fit (here: no bytes for ten frames' worth of stream) is
         // dropped before sending; one that fits is sent whole, in the wire form.
         let broken = index.clone().with_skeleton(Some(zstd::bulk::compress(b"short", 3).unwrap()));
-        let sent = sendable(&broken.encode(), Digest::of(b"a")).unwrap();
-        assert_eq!(sent.index.skeleton, None);
+        let sent = SentIndex::read(&broken.encode(), Digest::of(b"a")).unwrap();
+        assert!(!sent.sparse);
         assert_eq!(FileIndex::decode_wire(&sent.wire, Digest::of(b"a")).unwrap().skeleton, None);
         let whole = zstd::bulk::compress(&[0u8; 10_000], 3).unwrap();
         let fits = index.clone().with_skeleton(Some(whole));
-        let sent = sendable(&fits.encode(), Digest::of(b"a")).unwrap();
+        let sent = SentIndex::read(&fits.encode(), Digest::of(b"a")).unwrap();
+        assert!(sent.sparse);
+        assert_eq!(*sent.frames, *fits.frames);
         assert_eq!(FileIndex::decode_wire(&sent.wire, Digest::of(b"a")).unwrap(), fits);
     }
 }

@@ -92,7 +92,8 @@ fn setup_with(extra: &str) -> Setup {
     let deployer = Arc::new(Scripted::default());
     let seam: Arc<dyn Deployer> = deployer.clone();
     let metrics = Arc::new(Metrics::new());
-    let ingestor = Ingestor::new(Arc::clone(&config), store, Arc::clone(&registry), Arc::clone(&metrics));
+    let ingestor =
+        Ingestor::new(Arc::clone(&config), store, Arc::clone(&registry), Arc::clone(&metrics), Arc::default());
     let releases = Releases::new(config, Arc::clone(&registry), seam, ingestor.clone(), metrics);
     Setup { _dir: dir, registry, releases, deployer, ingestor }
 }

@@ -36,6 +36,7 @@ pub use error::ApiError;
 
 use auth::Caller;
 
+use crate::archive::SentIndexes;
 use crate::config::{Config, StorageConfig};
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
@@ -153,10 +154,10 @@ impl Opened {
     /// Locks the data directory, opens the registry and the store, sweeps stale uploads,
     /// checks the audit log against the bucket, starts the webhooks, resumes releases, and
     /// starts the audit checkpoints. `deployer` makes the deploy seam's implementation over
-    /// the one store everything shares.
+    /// the one store everything shares and the file indexes uploads keep ready to send.
     pub async fn open(
         config: Config,
-        deployer: impl FnOnce(Store) -> Arc<dyn Deployer>,
+        deployer: impl FnOnce(Store, Arc<SentIndexes>) -> Arc<dyn Deployer>,
     ) -> Result<Opened, ServerError> {
         let lock = crate::datadir::lock(&config.data_dir)?;
         let registry_path = config.registry_path();
@@ -178,7 +179,14 @@ impl Opened {
         let services: Vec<String> = config.services.values().map(|s| s.name.clone()).collect();
         let environments: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
         metrics.start_at_zero(&services, &environments);
-        let ingestor = Ingestor::new(Arc::clone(&config), store.clone(), Arc::clone(&registry), Arc::clone(&metrics));
+        let indexes = Arc::new(SentIndexes::default());
+        let ingestor = Ingestor::new(
+            Arc::clone(&config),
+            store.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&metrics),
+            Arc::clone(&indexes),
+        );
         // Before the releases start: a webhook new to the registry starts at the audit log's
         // head, and what recovery appends next is already after it.
         let webhooks = Workers::start(&config.webhooks, config.public_url.as_deref(), Arc::clone(&registry)).await?;
@@ -187,7 +195,7 @@ impl Opened {
         let releases = Releases::new(
             Arc::clone(&config),
             Arc::clone(&registry),
-            deployer(store.clone()),
+            deployer(store.clone(), indexes),
             ingestor.clone(),
             Arc::clone(&metrics),
         );

@@ -77,13 +77,16 @@ fn a_second_release_links_what_the_first_holds_and_writes_only_what_changed() {
 
 #[test]
 fn an_index_the_store_lost_costs_the_sharing_never_the_deploy_and_retention_spares_what_is_shared() {
-    let fleet = Fleet::new(1, "");
-    let base = &fleet.bases[0];
+    let mut fleet = Fleet::new(1, "");
+    let base = fleet.bases[0].clone();
+    let base = &base;
     let versions: Vec<String> = ["v1", "v2", "v3", "v4"].iter().map(|v| upload(&fleet, v)).collect();
     let [v1, v2, v3, v4] = [&versions[0], &versions[1], &versions[2], &versions[3]];
     assert_eq!(fleet.deploy(v1)["state"], "live");
 
+    // Lost from the store, and from the server's memory (where its upload left it ready).
     fleet.f.server.lose_index(v2);
+    fleet.f.server.restart();
     let second = fleet.deploy(v2);
     assert_eq!(second["state"], "live", "{second}");
     let lib = "vendor/lib0.php";
@@ -106,6 +109,34 @@ fn an_index_the_store_lost_costs_the_sharing_never_the_deploy_and_retention_spar
     for v in [v2, v3, v4] {
         assert_eq!(fs::read_to_string(file(base, v, lib)).unwrap(), "<?php // library 0\n");
     }
+}
+
+/// The index an upload made is kept in memory ready to send: the deploy that follows needs
+/// no read of the store (here, which lost it), and a rollback to a release every node holds
+/// reads no index at all (after a restart, with the store's copy gone too).
+#[test]
+fn the_deploy_after_an_upload_uses_the_index_it_made_and_a_rollback_reads_none() {
+    let mut fleet = Fleet::new(1, "");
+    let base = fleet.bases[0].clone();
+    let (v1, v2) = (upload(&fleet, "v1"), upload(&fleet, "v2"));
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+    fleet.f.server.lose_index(&v2);
+    let second = fleet.deploy(&v2);
+    assert_eq!(second["state"], "live", "{second}");
+    let lib = "vendor/lib0.php";
+    assert_eq!(ino(&file(&base, &v1, lib)), ino(&file(&base, &v2, lib)), "linked: the index was at hand");
+    for output in prepare_outputs(&fleet, &second) {
+        assert!(output.contains("(21 of its 23 files linked to a release already here)"), "{output}");
+    }
+
+    fleet.f.server.lose_index(&v1);
+    fleet.f.server.restart();
+    let back =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(back["state"], "live", "{back}");
+    fleet.assert_all_on(&v1);
+    let log = fleet.f.server.log();
+    assert!(!log.contains("deploying without the file index"), "{log}");
 }
 
 /// 1,000 files of ~12 KiB (about 95 frames once packed), those of `changed` holding other

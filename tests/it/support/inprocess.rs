@@ -37,7 +37,7 @@ impl InProcessServer {
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
-                let opened = Opened::open(config, move |_| deployer).await.unwrap();
+                let opened = Opened::open(config, move |_, _| deployer).await.unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 url_tx.send(format!("http://{}", listener.local_addr().unwrap())).unwrap();
                 let limits = opened.state.config.limits;

@@ -1,0 +1,185 @@
+//! An artifact's file index as deploys send it to nodes, and the last ones kept in memory:
+//! made ready once (the stored JSON decoded, the skeleton checked, the wire form encoded:
+//! ~12 ms for 10,000 files), then shared by every deploy, promotion and rollback of the
+//! artifact, and by the first deploy after its upload.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::{FileIndex, Frame, IndexError, Skeleton};
+use crate::digest::Digest;
+
+/// An index ready to send: what a deploy needs of it, and no more (not its files' paths).
+#[derive(Debug)]
+pub struct SentIndex {
+    /// The artifact it describes.
+    pub artifact: Digest,
+    /// Its wire form ([`FileIndex::encode_wire`]), sent to every node that fetches.
+    pub wire: Vec<u8>,
+    /// Where its frames lie in the artifact: what a node may ask for.
+    pub frames: Arc<[Frame]>,
+    /// Whether a node may unpack from frames: the index has a skeleton that fits it.
+    pub sparse: bool,
+    /// How many files it lists.
+    pub files: usize,
+}
+
+impl SentIndex {
+    /// The stored index `bytes` of `artifact`, read and made ready to send.
+    pub fn read(bytes: &[u8], artifact: Digest) -> Result<SentIndex, IndexError> {
+        Ok(SentIndex::of(FileIndex::decode(bytes, artifact)?))
+    }
+
+    /// `index` made ready to send. A skeleton that does not fit its index would fail every
+    /// sparse prepare: it is sent without one (nodes share files and fetch the artifact whole).
+    pub fn of(mut index: FileIndex) -> SentIndex {
+        if let Err(e) = Skeleton::of(&index) {
+            let artifact = index.artifact;
+            tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
+            index.skeleton = None;
+        }
+        SentIndex {
+            artifact: index.artifact,
+            wire: index.encode_wire(),
+            sparse: index.skeleton.is_some(),
+            files: index.files.len(),
+            frames: std::mem::take(&mut index.frames).into(),
+        }
+    }
+
+    /// `index`, just made by an upload, made ready to send, unless checking its skeleton
+    /// would take more than [`KEPT_BYTES`] (the tar stream but its files' data, decompressed):
+    /// an upload's memory stays bounded whatever it holds, and the first deploy of such an
+    /// artifact reads its index from the store instead.
+    pub fn of_upload(index: FileIndex) -> Option<SentIndex> {
+        let stream = index.frames.last().map_or(0, |last| last.raw_offset + last.raw_length);
+        let data: u64 = index.files.iter().map(|f| f.size).sum();
+        (index.skeleton.is_none() || stream.saturating_sub(data) <= KEPT_BYTES as u64).then(|| SentIndex::of(index))
+    }
+
+    /// The memory it holds, about.
+    fn weight(&self) -> usize {
+        self.wire.len() + self.frames.len() * size_of::<Frame>() + size_of::<SentIndex>()
+    }
+}
+
+/// The indexes sent or uploaded last, by the SHA-256 of their stored form (what the registry
+/// names), the least recently used dropped first: at most [`KEPT`] of them and
+/// [`KEPT_BYTES`] together (a 10,000-file index weighs ~0.7 MiB). One larger than a quarter
+/// of that is not kept.
+#[derive(Debug, Default)]
+pub struct SentIndexes {
+    kept: Mutex<VecDeque<(Digest, Arc<SentIndex>)>>,
+}
+
+pub const KEPT: usize = 16;
+pub const KEPT_BYTES: usize = 32 << 20;
+
+impl SentIndexes {
+    /// The index stored as `stored`, if kept; it becomes the most recently used.
+    pub fn get(&self, stored: Digest) -> Option<Arc<SentIndex>> {
+        let mut kept = self.kept.lock().expect("no code panics holding the kept indexes");
+        let at = kept.iter().position(|(key, _)| *key == stored)?;
+        let entry = kept.remove(at).expect("found just now");
+        let sent = Arc::clone(&entry.1);
+        kept.push_front(entry);
+        Some(sent)
+    }
+
+    /// Keeps `sent`, stored as `stored`, as the most recently used.
+    pub fn keep(&self, stored: Digest, sent: Arc<SentIndex>) {
+        if sent.weight() > KEPT_BYTES / 4 {
+            return;
+        }
+        let mut kept = self.kept.lock().expect("no code panics holding the kept indexes");
+        kept.retain(|(key, _)| *key != stored);
+        kept.push_front((stored, sent));
+        let mut bytes = 0;
+        let within = kept.iter().take(KEPT).take_while(|(_, s)| {
+            bytes += s.weight();
+            bytes <= KEPT_BYTES
+        });
+        let keep = within.count();
+        kept.truncate(keep);
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.kept.lock().expect("no code panics holding the kept indexes").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(files: usize, wire: usize) -> Arc<SentIndex> {
+        Arc::new(SentIndex {
+            artifact: Digest::of(b"a"),
+            wire: vec![0; wire],
+            frames: Arc::from([]),
+            sparse: true,
+            files,
+        })
+    }
+
+    #[test]
+    fn an_upload_makes_ready_only_an_index_whose_skeleton_is_checked_in_bounded_memory() {
+        let frame =
+            |raw_length: u64| Frame { offset: 0, length: 100, raw_offset: 0, raw_length, sha256: Digest::of(b"f") };
+        let skeleton = Some(zstd::bulk::compress(&[0u8; 1024], 3).unwrap());
+        let index = |raw_length| {
+            FileIndex::new(Digest::of(b"a"), vec![])
+                .with_frames(vec![frame(raw_length)])
+                .with_skeleton(skeleton.clone())
+        };
+        let small = SentIndex::of_upload(index(1024)).expect("1 KiB of skeleton is checked");
+        assert!(small.sparse);
+        assert!(SentIndex::of_upload(index(KEPT_BYTES as u64 + 1)).is_none(), "left to the first deploy");
+        // Without a skeleton there is nothing to check.
+        let bare = FileIndex::new(Digest::of(b"a"), vec![]).with_frames(vec![frame(KEPT_BYTES as u64 + 1)]);
+        assert!(!SentIndex::of_upload(bare).unwrap().sparse);
+    }
+
+    #[test]
+    fn the_least_recently_used_go_first_within_the_count_and_the_bytes() {
+        let indexes = SentIndexes::default();
+        let key = |n: usize| Digest::of(&n.to_le_bytes());
+        for n in 0..KEPT {
+            indexes.keep(key(n), sent(n, 1000));
+        }
+        assert_eq!(indexes.len(), KEPT);
+        // Used now: 0 is kept when the next one comes, 1 (the oldest unused) goes.
+        assert_eq!(indexes.get(key(0)).unwrap().files, 0);
+        indexes.keep(key(KEPT), sent(KEPT, 1000));
+        assert_eq!(indexes.len(), KEPT);
+        assert!(indexes.get(key(0)).is_some());
+        assert!(indexes.get(key(1)).is_none());
+        assert!(indexes.get(key(2)).is_some());
+
+        // Kept again under the same name: one entry, the newer.
+        indexes.keep(key(2), sent(99, 1000));
+        assert_eq!(indexes.len(), KEPT);
+        assert_eq!(indexes.get(key(2)).unwrap().files, 99);
+
+        // Bytes: four of nearly a quarter of the budget fill it; a fifth pushes out the oldest.
+        let big = KEPT_BYTES / 4 - 1000;
+        for n in 100..105 {
+            indexes.keep(key(n), sent(n, big));
+        }
+        assert!(indexes.get(key(100)).is_none(), "the oldest big one made room");
+        assert!((101..105).all(|n| indexes.get(key(n)).is_some()));
+        let weight: usize = indexes.kept.lock().unwrap().iter().map(|(_, s)| s.weight()).sum();
+        assert!(weight <= KEPT_BYTES, "{weight} bytes kept");
+
+        // Larger than a quarter: never kept, and nothing dropped for it.
+        let before = indexes.len();
+        indexes.keep(key(200), sent(200, KEPT_BYTES / 4 + 1));
+        assert!(indexes.get(key(200)).is_none());
+        assert_eq!(indexes.len(), before);
+    }
+}
