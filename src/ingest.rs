@@ -306,15 +306,13 @@ impl Ingestor {
         // decoded from the stored form, without reading it back).
         let (index, sent) = tokio::task::spawn_blocking(move || {
             let index = FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton);
-            (index.encode(), SentIndex::of_upload(index))
+            (index.encode(), SentIndex::of(index))
         })
         .await
         .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
-        if let Some(sent) = sent {
-            self.indexes.keep(index.sha256, Arc::new(sent));
-        }
+        self.indexes.keep(index.sha256, Arc::new(sent));
 
         let new = NewArtifact {
             index: Some(index),

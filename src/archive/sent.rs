@@ -30,10 +30,11 @@ impl SentIndex {
         Ok(SentIndex::of(FileIndex::decode(bytes, artifact)?))
     }
 
-    /// `index` made ready to send. A skeleton that does not fit its index would fail every
-    /// sparse prepare: it is sent without one (nodes share files and fetch the artifact whole).
+    /// `index` made ready to send, in a few MiB beside it whatever its size (an upload's memory
+    /// stays bounded). A skeleton that does not fit its index would fail every sparse prepare:
+    /// it is sent without one (nodes share files and fetch the artifact whole).
     pub fn of(mut index: FileIndex) -> SentIndex {
-        if let Err(e) = Skeleton::of(&index) {
+        if let Err(e) = Skeleton::check(&index) {
             let artifact = index.artifact;
             tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
             index.skeleton = None;
@@ -45,16 +46,6 @@ impl SentIndex {
             files: index.files.len(),
             frames: std::mem::take(&mut index.frames).into(),
         }
-    }
-
-    /// `index`, just made by an upload, made ready to send, unless checking its skeleton
-    /// would take more than [`KEPT_BYTES`] (the tar stream but its files' data, decompressed):
-    /// an upload's memory stays bounded whatever it holds, and the first deploy of such an
-    /// artifact reads its index from the store instead.
-    pub fn of_upload(index: FileIndex) -> Option<SentIndex> {
-        let stream = index.frames.last().map_or(0, |last| last.raw_offset + last.raw_length);
-        let data: u64 = index.files.iter().map(|f| f.size).sum();
-        (index.skeleton.is_none() || stream.saturating_sub(data) <= KEPT_BYTES as u64).then(|| SentIndex::of(index))
     }
 
     /// The memory it holds, about.
@@ -125,24 +116,6 @@ mod tests {
             sparse: true,
             files,
         })
-    }
-
-    #[test]
-    fn an_upload_makes_ready_only_an_index_whose_skeleton_is_checked_in_bounded_memory() {
-        let frame =
-            |raw_length: u64| Frame { offset: 0, length: 100, raw_offset: 0, raw_length, sha256: Digest::of(b"f") };
-        let skeleton = Some(zstd::bulk::compress(&[0u8; 1024], 3).unwrap());
-        let index = |raw_length| {
-            FileIndex::new(Digest::of(b"a"), vec![])
-                .with_frames(vec![frame(raw_length)])
-                .with_skeleton(skeleton.clone())
-        };
-        let small = SentIndex::of_upload(index(1024)).expect("1 KiB of skeleton is checked");
-        assert!(small.sparse);
-        assert!(SentIndex::of_upload(index(KEPT_BYTES as u64 + 1)).is_none(), "left to the first deploy");
-        // Without a skeleton there is nothing to check.
-        let bare = FileIndex::new(Digest::of(b"a"), vec![]).with_frames(vec![frame(KEPT_BYTES as u64 + 1)]);
-        assert!(!SentIndex::of_upload(bare).unwrap().sparse);
     }
 
     #[test]

@@ -72,6 +72,64 @@ impl SkeletonBuilder {
     }
 }
 
+/// Where an index's skeleton fits: its files laid out one after the other, and the bytes the
+/// tar stream leaves beside their data, which the skeleton must decompress to.
+struct Layout<'i> {
+    stored: &'i [u8],
+    /// `data_before[i]`: the data bytes of the index's first `i` files.
+    data_before: Vec<u64>,
+    /// The tar stream's length, its files' data, and the difference.
+    stream: u64,
+    total: u64,
+    expected: u64,
+}
+
+impl<'i> Layout<'i> {
+    fn of(index: &'i FileIndex) -> Result<Option<Layout<'i>>, IndexError> {
+        let (Some(stored), Some(last)) = (&index.skeleton, index.frames.last()) else { return Ok(None) };
+        let mut data_before = Vec::with_capacity(index.files.len() + 1);
+        let (mut total, mut end) = (0u64, 0u64);
+        for file in &index.files {
+            if file.offset < end {
+                return Err(bad(format!("cannot be laid out: {:?} overlaps the file before it", file.path)));
+            }
+            data_before.push(total);
+            total += file.size;
+            end = file.offset + file.size; // within the frames: checked by decode
+        }
+        data_before.push(total);
+        let stream = last.raw_offset + last.raw_length;
+        let expected = stream.saturating_sub(total);
+        if expected > MAX_INDEX_BYTES {
+            return Err(IndexError::TooLarge);
+        }
+        Ok(Some(Layout { stored, data_before, stream, total, expected }))
+    }
+
+    fn undone(&self, e: io::Error) -> IndexError {
+        let Layout { expected, stream, total, .. } = self;
+        bad(format!(
+            "does not decompress into the {expected} bytes a tar stream of {stream} bytes leaves beside its files' \
+             {total}: {e}"
+        ))
+    }
+
+    /// Whether `decompressed` bytes are what the skeleton must hold.
+    fn holds(&self, decompressed: u64) -> Result<(), IndexError> {
+        if decompressed + self.total != self.stream {
+            return Err(bad(format!(
+                "holds {decompressed} bytes, and the files {}, of a tar stream of {} bytes",
+                self.total, self.stream
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn bad(why: String) -> IndexError {
+    IndexError::Frames(format!("the skeleton {why}"))
+}
+
 /// An index's skeleton, decompressed and checked against its frames and files, ready to make
 /// the tar stream of any frame.
 pub struct Skeleton<'a> {
@@ -85,42 +143,29 @@ pub struct Skeleton<'a> {
 impl<'a> Skeleton<'a> {
     /// The skeleton of `index`; `None` when it has none (or no frame table).
     pub fn of(index: &'a FileIndex) -> Result<Option<Skeleton<'a>>, IndexError> {
-        let (Some(stored), Some(last)) = (&index.skeleton, index.frames.last()) else { return Ok(None) };
-        let bad = |why: String| IndexError::Frames(format!("the skeleton {why}"));
-        let mut data_before = Vec::with_capacity(index.files.len() + 1);
-        let (mut total, mut end) = (0u64, 0u64);
-        for file in &index.files {
-            if file.offset < end {
-                return Err(bad(format!("cannot be laid out: {:?} overlaps the file before it", file.path)));
-            }
-            data_before.push(total);
-            total += file.size;
-            end = file.offset + file.size; // within the frames: checked by decode
-        }
-        data_before.push(total);
-        let stream = last.raw_offset + last.raw_length;
+        let Some(layout) = Layout::of(index)? else { return Ok(None) };
         // What it must decompress to, known before: decompressed straight into a buffer of
         // that size (read to its end, grown and copied, it cost a tenth of a sparse prepare).
-        let expected = stream.saturating_sub(total);
-        if expected > MAX_INDEX_BYTES {
-            return Err(IndexError::TooLarge);
-        }
-        let mut raw = Vec::with_capacity(expected as usize);
+        let mut raw = Vec::with_capacity(layout.expected as usize);
         let decompressed =
-            zstd::bulk::Decompressor::new().and_then(|mut d| d.decompress_to_buffer(&stored[..], &mut raw));
+            zstd::bulk::Decompressor::new().and_then(|mut d| d.decompress_to_buffer(layout.stored, &mut raw));
         if let Err(e) = decompressed {
-            return Err(bad(format!(
-                "does not decompress into the {expected} bytes a tar stream of {stream} bytes leaves beside its files' \
-                 {total}: {e}"
-            )));
+            return Err(layout.undone(e));
         }
-        if raw.len() as u64 + total != stream {
-            return Err(bad(format!(
-                "holds {} bytes, and the files {total}, of a tar stream of {stream} bytes",
-                raw.len()
-            )));
+        layout.holds(raw.len() as u64)?;
+        Ok(Some(Skeleton { raw, files: &index.files, data_before: layout.data_before }))
+    }
+
+    /// Whether [`of`](Self::of) would make the skeleton of `index`, checked in a few MiB
+    /// whatever its size (decompressed piece by piece and counted, not kept).
+    pub fn check(index: &FileIndex) -> Result<(), IndexError> {
+        let Some(layout) = Layout::of(index)? else { return Ok(()) };
+        let counted = zstd::stream::read::Decoder::new(layout.stored)
+            .and_then(|decoder| io::copy(&mut decoder.take(layout.expected + 1), &mut io::sink()));
+        match counted {
+            Ok(n) => layout.holds(n),
+            Err(e) => Err(layout.undone(e)),
         }
-        Ok(Some(Skeleton { raw, files: &index.files, data_before }))
     }
 
     /// The tar stream `frame` decompresses to, but zeros for every file's data, into `out`.

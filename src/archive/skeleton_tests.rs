@@ -107,28 +107,41 @@ impl Visitor for Listed {
     }
 }
 
+/// `Skeleton::of` and its check in bounded memory, `Skeleton::check`, refuse alike.
 #[test]
 fn a_skeleton_that_does_not_fit_its_index_is_refused() {
     let (_, index) = packed();
+    let refusals = |index: &FileIndex| {
+        let made = Skeleton::of(index).err().expect("refused").to_string();
+        let checked = Skeleton::check(index).expect_err("refused by the check too").to_string();
+        (made, checked)
+    };
+    assert!(Skeleton::check(&index).is_ok());
     // Bytes missing (or added): it cannot be the stream but its files' data.
     let raw = zstd::decode_all(&index.skeleton.clone().unwrap()[..]).unwrap();
     for changed in [raw[..raw.len() - 512].to_vec(), [raw.clone(), vec![0; 512]].concat()] {
         let broken = index.clone().with_skeleton(Some(zstd::encode_all(&changed[..], 3).unwrap()));
-        let err = Skeleton::of(&broken).err().expect("refused");
-        let shown = err.to_string();
-        assert!(shown.contains("the skeleton holds") || shown.contains("the skeleton does not decompress"), "{err}");
+        for shown in <[String; 2]>::from(refusals(&broken)) {
+            assert!(
+                shown.contains("the skeleton holds") || shown.contains("the skeleton does not decompress"),
+                "{shown}"
+            );
+        }
     }
     // Not zstd at all.
     let broken = index.clone().with_skeleton(Some(b"not zstd".to_vec()));
-    let err = Skeleton::of(&broken).err().expect("refused");
-    assert!(err.to_string().contains("the skeleton does not decompress"), "{err}");
+    for shown in <[String; 2]>::from(refusals(&broken)) {
+        assert!(shown.contains("the skeleton does not decompress"), "{shown}");
+    }
     // Two files overlapping.
     let mut overlapping = index.clone();
     overlapping.files[3].offset = overlapping.files[2].offset + 1;
-    let err = Skeleton::of(&overlapping).err().expect("refused");
-    assert!(err.to_string().contains("overlaps"), "{err}");
+    for shown in <[String; 2]>::from(refusals(&overlapping)) {
+        assert!(shown.contains("overlaps"), "{shown}");
+    }
     // No skeleton (an index made before format 3, or none could be made): no sparse fetch.
     assert!(Skeleton::of(&index.clone().with_skeleton(None)).unwrap().is_none());
+    assert!(Skeleton::check(&index.clone().with_skeleton(None)).is_ok());
 }
 
 #[test]
