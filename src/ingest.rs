@@ -302,17 +302,20 @@ impl Ingestor {
         let files = received.files.len() as u64;
         let digest = received.digest;
         let (frames, skeleton) = (received.frames, received.skeleton);
-        // Made ready to send as well, for the deploy that usually follows (the same index
-        // decoded from the stored form, without reading it back).
+        // Made ready to send as well, for the deploy that usually follows (what reading the
+        // stored form back would give, without reading it: none where that would refuse).
         let (index, sent) = tokio::task::spawn_blocking(move || {
             let index = FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton);
-            (index.encode(), SentIndex::of(index))
+            let (stored, readable) = index.encode_checked();
+            (stored, readable.is_ok().then(|| SentIndex::of(index)))
         })
         .await
         .expect("encoding an index does not panic");
         let size = index.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
-        self.indexes.keep(index.sha256, Arc::new(sent));
+        if let Some(sent) = sent {
+            self.indexes.keep(index.sha256, Arc::new(sent));
+        }
 
         let new = NewArtifact {
             index: Some(index),

@@ -153,8 +153,17 @@ impl FileIndex {
 
     /// The stored form: deterministic (the same index, the same bytes, the same name).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_checked().0
+    }
+
+    /// [`encode`](Self::encode)'s form, and whether [`decode`](Self::decode) reads it back: it
+    /// refuses more than [`MAX_INDEX_BYTES`] of JSON and a frame table that does not hold
+    /// together (an upload keeps in memory only an index a deploy could read from the store).
+    pub fn encode_checked(&self) -> (Vec<u8>, Result<(), IndexError>) {
         let json = serde_json::to_vec(self).expect("an index serializes");
-        zstd::bulk::compress(&json, 3).expect("compressing into memory does not fail")
+        let readable =
+            if json.len() as u64 > MAX_INDEX_BYTES { Err(IndexError::TooLarge) } else { self.check_frames() };
+        (zstd::bulk::compress(&json, 3).expect("compressing into memory does not fail"), readable)
     }
 
     /// The compact form a node keeps for a release (`.release/index/<hex>`; files only): read

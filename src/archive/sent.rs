@@ -10,7 +10,7 @@ use super::{FileIndex, Frame, IndexError, Skeleton};
 use crate::digest::Digest;
 
 /// An index ready to send: what a deploy needs of it, and no more (not its files' paths).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct SentIndex {
     /// The artifact it describes.
     pub artifact: Digest,
@@ -30,18 +30,22 @@ impl SentIndex {
         Ok(SentIndex::of(FileIndex::decode(bytes, artifact)?))
     }
 
-    /// `index` made ready to send, in a few MiB beside it whatever its size (an upload's memory
-    /// stays bounded). A skeleton that does not fit its index would fail every sparse prepare:
-    /// it is sent without one (nodes share files and fetch the artifact whole).
+    /// `index` made ready to send, its skeleton checked in a few MiB whatever its size. A
+    /// skeleton that does not fit its index would fail every sparse prepare: it is sent
+    /// without one (nodes share files and fetch the artifact whole). An upload's index is made
+    /// ready only when [`FileIndex::decode`] would read its stored form back (its
+    /// [`FileIndex::encode_checked`]), so that a deploy finds the same in memory as in the store.
     pub fn of(mut index: FileIndex) -> SentIndex {
         if let Err(e) = Skeleton::check(&index) {
             let artifact = index.artifact;
             tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
             index.skeleton = None;
         }
+        // Copied to a buffer of its own length: zstd's has room for the uncompressed form.
+        let wire = index.encode_wire().as_slice().to_vec();
         SentIndex {
             artifact: index.artifact,
-            wire: index.encode_wire(),
+            wire,
             sparse: index.skeleton.is_some(),
             files: index.files.len(),
             frames: std::mem::take(&mut index.frames).into(),
@@ -50,14 +54,15 @@ impl SentIndex {
 
     /// The memory it holds, about.
     fn weight(&self) -> usize {
-        self.wire.len() + self.frames.len() * size_of::<Frame>() + size_of::<SentIndex>()
+        self.wire.capacity() + self.frames.len() * size_of::<Frame>() + size_of::<SentIndex>()
     }
 }
 
 /// The indexes sent or uploaded last, by the SHA-256 of their stored form (what the registry
 /// names), the least recently used dropped first: at most [`KEPT`] of them and
-/// [`KEPT_BYTES`] together (a 10,000-file index weighs ~0.7 MiB). One larger than a quarter
-/// of that is not kept.
+/// [`KEPT_BYTES`] together (a 10,000-file index weighs ~0.7 MiB, its wire form being
+/// compressed). One larger than a quarter of that (some 100,000 files) is not kept: every
+/// deploy of it reads it from the store.
 #[derive(Debug, Default)]
 pub struct SentIndexes {
     kept: Mutex<VecDeque<(Digest, Arc<SentIndex>)>>,
@@ -116,6 +121,36 @@ mod tests {
             sparse: true,
             files,
         })
+    }
+
+    /// What an upload keeps is what a deploy would read back from the store; and it keeps
+    /// nothing where that read would refuse.
+    #[test]
+    fn an_index_made_ready_at_upload_is_the_one_read_back_from_its_stored_form() {
+        let frame = |n: u64| Frame {
+            offset: n * 100,
+            length: 100,
+            raw_offset: n * 1000,
+            raw_length: 1000,
+            sha256: Digest::of(&n.to_le_bytes()),
+        };
+        let artifact = Digest::of(b"a");
+        let index = FileIndex::new(artifact, vec![])
+            .with_frames((0..10).map(frame).collect())
+            .with_skeleton(Some(zstd::bulk::compress(&[0u8; 10_000], 3).unwrap()));
+        let (stored, readable) = index.encode_checked();
+        assert!(readable.is_ok());
+        let kept = SentIndex::of(index.clone());
+        assert!(kept.sparse);
+        assert_eq!(kept, SentIndex::read(&stored, artifact).unwrap());
+        assert_eq!(kept.wire.capacity(), kept.wire.len(), "no room for the uncompressed form kept");
+
+        // A frame table with a gap: refused read back, so not made ready either.
+        let mut gap = index.clone();
+        gap.frames[3].offset += 1;
+        let (stored, readable) = gap.encode_checked();
+        assert!(readable.is_err());
+        assert!(SentIndex::read(&stored, artifact).is_err());
     }
 
     #[test]

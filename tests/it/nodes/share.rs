@@ -139,6 +139,32 @@ fn the_deploy_after_an_upload_uses_the_index_it_made_and_a_rollback_reads_none()
     assert!(!log.contains("deploying without the file index"), "{log}");
 }
 
+/// A rollback where one node lacks the release: the nodes that hold it read no index, the one
+/// that fetches it gets the index all the same and links what it holds.
+#[test]
+fn a_rollback_sends_the_index_to_the_node_that_lacks_the_release_only() {
+    let fleet = Fleet::new(2, "");
+    let (v1, v2) = (upload(&fleet, "v1"), upload(&fleet, "v2"));
+    assert_eq!(fleet.deploy(&v1)["state"], "live");
+    assert_eq!(fleet.deploy(&v2)["state"], "live");
+    // Root (the tests' user) removes the read-only release as retention would.
+    fs::remove_dir_all(fleet.bases[1].join("releases").join(&v1[7..])).unwrap();
+
+    let back =
+        fleet.f.cli("alice").args(["rollback", "web", "--env", "staging", "--wait", "--json"]).assert_success().json();
+    assert_eq!(back["state"], "live", "{back}");
+    fleet.assert_all_on(&v1);
+    let lib = "vendor/lib0.php";
+    let fetched = &fleet.bases[1];
+    assert_eq!(ino(&file(fetched, &v1, lib)), ino(&file(fetched, &v2, lib)), "linked to what v2 holds");
+    let outputs = prepare_outputs(&fleet, &back);
+    assert_eq!(
+        outputs.iter().filter(|o| o.contains("files linked to a release already here")).count(),
+        1,
+        "{outputs:?}"
+    );
+}
+
 /// 1,000 files of ~12 KiB (about 95 frames once packed), those of `changed` holding other
 /// bytes, and `version.txt`.
 fn thousand_files(changed: &[usize]) -> Vec<(String, Vec<u8>)> {
