@@ -68,8 +68,8 @@ pub struct SentIndexes {
     kept: Mutex<VecDeque<(Digest, Arc<SentIndex>)>>,
 }
 
-pub const KEPT: usize = 16;
-pub const KEPT_BYTES: usize = 32 << 20;
+const KEPT: usize = 16;
+const KEPT_BYTES: usize = 32 << 20;
 
 impl SentIndexes {
     /// The index stored as `stored`, if kept; it becomes the most recently used.
@@ -98,20 +98,15 @@ impl SentIndexes {
         let keep = within.count();
         kept.truncate(keep);
     }
-
-    /// How many are kept.
-    pub fn len(&self) -> usize {
-        self.kept.lock().expect("no code panics holding the kept indexes").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn len(indexes: &SentIndexes) -> usize {
+        indexes.kept.lock().unwrap().len()
+    }
 
     fn sent(files: usize, wire: usize) -> Arc<SentIndex> {
         Arc::new(SentIndex {
@@ -160,18 +155,18 @@ mod tests {
         for n in 0..KEPT {
             indexes.keep(key(n), sent(n, 1000));
         }
-        assert_eq!(indexes.len(), KEPT);
+        assert_eq!(len(&indexes), KEPT);
         // Used now: 0 is kept when the next one comes, 1 (the oldest unused) goes.
         assert_eq!(indexes.get(key(0)).unwrap().files, 0);
         indexes.keep(key(KEPT), sent(KEPT, 1000));
-        assert_eq!(indexes.len(), KEPT);
+        assert_eq!(len(&indexes), KEPT);
         assert!(indexes.get(key(0)).is_some());
         assert!(indexes.get(key(1)).is_none());
         assert!(indexes.get(key(2)).is_some());
 
         // Kept again under the same name: one entry, the newer.
         indexes.keep(key(2), sent(99, 1000));
-        assert_eq!(indexes.len(), KEPT);
+        assert_eq!(len(&indexes), KEPT);
         assert_eq!(indexes.get(key(2)).unwrap().files, 99);
 
         // Bytes: four of nearly a quarter of the budget fill it; a fifth pushes out the oldest.
@@ -185,9 +180,9 @@ mod tests {
         assert!(weight <= KEPT_BYTES, "{weight} bytes kept");
 
         // Larger than a quarter: never kept, and nothing dropped for it.
-        let before = indexes.len();
+        let before = len(&indexes);
         indexes.keep(key(200), sent(200, KEPT_BYTES / 4 + 1));
         assert!(indexes.get(key(200)).is_none());
-        assert_eq!(indexes.len(), before);
+        assert_eq!(len(&indexes), before);
     }
 }
