@@ -1,17 +1,15 @@
-//! The sparse unpack's second thread: it makes the release's directories and the hard links
-//! of the files linked unread while the walk reads and checks the entries after them. Of a
-//! 1%-changed release those are nearly all its entries, and their links and directories
-//! nearly half of the walk.
+//! The sparse unpack's linking threads: they make the hard links of the files linked unread
+//! while the walk reads and checks the entries after them. Of a 1%-changed release those are
+//! nearly all its entries, and their links nearly half of the walk.
 //!
-//! The thread does what it is handed in order, and the walk hands over a directory before
-//! any link into it. The walk writes every other entry itself, first making its directory
-//! with one `mkdir` (made already by the thread, or about to be, is no error; its parents
-//! too when they are missing). The entries' paths are unique (the walk's rules), so nothing
-//! it writes depends on a link handed over, except a hard link entry, whose target may be
-//! one: before it, the walk waits until the thread has done all it was given.
+//! The walk makes every directory itself before it hands over a link into it, and writes
+//! every other entry itself. Batches go to the threads in turn, and each does its own in
+//! order: the entries' paths are unique (the walk's rules), so no link depends on another,
+//! and nothing the walk writes depends on a link handed over, except a hard link entry, whose
+//! target may be one: before it, the walk waits until every thread has done all it was given.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::{Scope, ScopedJoinHandle};
@@ -20,38 +18,46 @@ use super::dirfd::{self, OpenDir};
 use super::unpack::{Seen, not_linkable};
 use crate::archive::IndexedFile;
 
-/// Work handed to the thread.
+/// Work handed to a thread.
 enum Op {
-    /// Make this directory (relative to the root) and its parents.
-    Dir(PathBuf),
     /// Link the index's file at this place to the older file found for it.
     Link(usize),
     /// Say, on the answer channel, whether everything before succeeded.
     Settle,
 }
 
-/// Why the thread stopped: the path it failed on and the error.
+/// Why a thread stopped: the path it failed on and the error.
 pub(super) type Failure = (String, io::Error);
 
-/// The walk's side of the thread.
+/// The walk's side of the threads.
 pub(super) struct Ahead<'scope> {
     batch: Vec<Op>,
     /// Ops handed over and not yet settled.
     unsettled: bool,
-    /// Set by the thread when a link or directory failed: the walk stops at its next
-    /// hand-over instead of fetching and reading the rest of the artifact for a prepare that
-    /// fails anyway.
+    /// Set by a thread when a link failed: the walk stops at its next hand-over instead of
+    /// fetching and reading the rest of the artifact for a prepare that fails anyway.
     failed: Arc<AtomicBool>,
-    ops: mpsc::Sender<Vec<Op>>,
+    linkers: Vec<Linker<'scope>>,
+    /// The thread the next batch goes to.
+    next: usize,
     answers: mpsc::Receiver<bool>,
-    thread: ScopedJoinHandle<'scope, Result<(), Failure>>,
+}
+
+/// One linking thread, and where its batches go.
+struct Linker<'scope> {
+    ops: mpsc::Sender<Vec<Op>>,
+    thread: ScopedJoinHandle<'scope, Result<(), (usize, Failure)>>,
 }
 
 /// Ops per batch: a hand-over per entry would cost more than the link it hands over.
 const BATCH: usize = 64;
 
+/// Linking threads, at most: a link is mostly the kernel's work on the directories, which
+/// two threads share well (the benchmarks' nodes have two cores).
+const LINKERS: usize = 2;
+
 impl<'scope> Ahead<'scope> {
-    /// Starts the thread in `scope`, linking below `root` the `files` of the index to the
+    /// Starts the threads in `scope`, linking below `root` the `files` of the index to the
     /// older files `seen` for them.
     pub(super) fn start<'env>(
         scope: &'scope Scope<'scope, 'env>,
@@ -59,28 +65,25 @@ impl<'scope> Ahead<'scope> {
         files: &'env [IndexedFile],
         seen: &'env [Option<Seen<'env>>],
     ) -> Ahead<'scope> {
-        let (ops, received) = mpsc::channel::<Vec<Op>>();
         let (answer, answers) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&failed);
-        let thread = scope.spawn(move || work(root, files, seen, received, answer, &flag));
-        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, ops, answers, thread }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(LINKERS));
+        let linkers = (0..threads)
+            .map(|_| {
+                let (ops, received) = mpsc::channel::<Vec<Op>>();
+                let (answer, flag) = (answer.clone(), Arc::clone(&failed));
+                let thread = scope.spawn(move || work(root, files, seen, received, answer, &flag));
+                Linker { ops, thread }
+            })
+            .collect();
+        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, linkers, next: 0, answers }
     }
 
-    /// Links the index's file `at` (its directory handed over before) to the older file seen
-    /// for it; an error once something handed over before has failed
-    /// ([`finish`](Self::finish) says which).
+    /// Links the index's file `at` (its directory made before) to the older file seen for
+    /// it; an error once something handed over before has failed ([`finish`](Self::finish)
+    /// says which).
     pub(super) fn link(&mut self, at: usize) -> io::Result<()> {
-        self.push(Op::Link(at))
-    }
-
-    /// Makes the directory `relative` (and its parents) before any link handed over after.
-    pub(super) fn dir(&mut self, relative: &Path) -> io::Result<()> {
-        self.push(Op::Dir(relative.to_owned()))
-    }
-
-    fn push(&mut self, op: Op) -> io::Result<()> {
-        self.batch.push(op);
+        self.batch.push(Op::Link(at));
         if self.batch.len() == BATCH {
             if self.failed.load(Ordering::Relaxed) {
                 return Err(gave_up());
@@ -94,7 +97,8 @@ impl<'scope> Ahead<'scope> {
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         self.unsettled = true;
         // A thread that is gone has failed: `finish` says how.
-        let _ = self.ops.send(batch);
+        let _ = self.linkers[self.next].ops.send(batch);
+        self.next = (self.next + 1) % self.linkers.len();
     }
 
     /// Waits until everything handed over is done; an error when some of it failed (which,
@@ -103,26 +107,47 @@ impl<'scope> Ahead<'scope> {
         if !self.unsettled && self.batch.is_empty() {
             return Ok(());
         }
-        self.batch.push(Op::Settle);
-        self.hand_over();
-        self.unsettled = false;
-        match self.answers.recv() {
-            Ok(true) => Ok(()),
-            _ => Err(gave_up()),
+        if !self.batch.is_empty() {
+            self.hand_over();
         }
+        self.unsettled = false;
+        for linker in &self.linkers {
+            let _ = linker.ops.send(vec![Op::Settle]);
+        }
+        let mut all_done = true;
+        for _ in &self.linkers {
+            all_done &= self.answers.recv() == Ok(true);
+        }
+        if !all_done {
+            return Err(gave_up());
+        }
+        Ok(())
     }
 
-    /// Does what is left and stops the thread; the first failure, if any.
+    /// Does what is left and stops the threads; the failure of the first file in the
+    /// index's order that failed, if any.
     pub(super) fn finish(mut self) -> Result<(), Failure> {
         if !self.batch.is_empty() {
             self.hand_over();
         }
-        drop(self.ops);
-        self.thread.join().unwrap_or_else(|_| Err((String::new(), io::Error::other("the linking thread panicked"))))
+        let mut first: Option<(usize, Failure)> = None;
+        for Linker { ops, thread } in self.linkers {
+            drop(ops);
+            let stopped = thread
+                .join()
+                .unwrap_or_else(|_| Err((usize::MAX, (String::new(), io::Error::other("a linking thread panicked")))));
+            if let Err((at, failure)) = stopped
+                && first.as_ref().is_none_or(|(before, _)| at < *before)
+            {
+                first = Some((at, failure));
+            }
+        }
+        first.map_or(Ok(()), |(_, failure)| Err(failure))
     }
 }
 
-/// The thread: does the ops in order until the walk hangs up; after a failure, only answers.
+/// A thread: does the ops in order until the walk hangs up; after a failure, only answers.
+/// The failure: at which file of the index, and why.
 fn work(
     root: &Path,
     files: &[IndexedFile],
@@ -130,9 +155,9 @@ fn work(
     ops: mpsc::Receiver<Vec<Op>>,
     answer: mpsc::Sender<bool>,
     gave_up: &AtomicBool,
-) -> Result<(), Failure> {
+) -> Result<(), (usize, Failure)> {
     let (mut sources, mut links) = (OpenDir::default(), OpenDir::default());
-    let mut failed: Option<Failure> = None;
+    let mut failed: Option<(usize, Failure)> = None;
     for batch in ops {
         for op in batch {
             match op {
@@ -140,12 +165,6 @@ fn work(
                     let _ = answer.send(failed.is_none());
                 }
                 _ if failed.is_some() => {}
-                Op::Dir(relative) => {
-                    if let Err(e) = std::fs::create_dir_all(root.join(&relative)) {
-                        failed = Some((relative.display().to_string(), e));
-                        gave_up.store(true, Ordering::Relaxed);
-                    }
-                }
                 Op::Link(at) => {
                     let link = root.join(&files[at].path);
                     let linked = match &seen[at] {
@@ -154,7 +173,8 @@ fn work(
                     };
                     if let Err(e) = linked {
                         let why = not_linkable();
-                        failed = Some((files[at].path.clone(), io::Error::new(e.kind(), format!("{why} ({e})"))));
+                        let failure = (files[at].path.clone(), io::Error::new(e.kind(), format!("{why} ({e})")));
+                        failed = Some((at, failure));
                         gave_up.store(true, Ordering::Relaxed);
                     }
                 }

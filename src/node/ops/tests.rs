@@ -28,7 +28,8 @@ fn modes_of(root: &Path) -> Vec<(PathBuf, u32)> {
 
 /// Files written read-only at once (no finalize hook) end with exactly the modes that the
 /// walk after a finalize hook gives: writable paths left alone, shared links' new parents
-/// sealed too.
+/// sealed too; and so do directories made sealed (root) or sealed after the walk (any other
+/// user), parents the archive does not list among them.
 #[test]
 fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize() {
     // Built by hand: the packer never writes hard links, other tools do.
@@ -55,7 +56,8 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
     let digest = Digest::of(&bytes);
 
     let mut trees = Vec::new();
-    for finalize in [vec!["true".to_owned()], vec![]] {
+    for (finalize, seal_after) in [(vec!["true".to_owned()], false), (vec![], false), (vec![], true)] {
+        crate::node::unpack::SEAL_AFTER.set(seal_after);
         let base = tempfile::tempdir().unwrap();
         fs::create_dir_all(base.path().join("shared/data/uploads")).unwrap();
         fs::write(base.path().join("shared/.env"), "A=1").unwrap();
@@ -70,10 +72,14 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
         trees.push(modes_of(&dir));
         set_writable(&dir).unwrap(); // so that the temporary directory can be removed
     }
+    crate::node::unpack::SEAL_AFTER.set(false);
     assert_eq!(trees[0], trees[1]);
+    assert_eq!(trees[1], trees[2]);
     let mode = |path: &str| trees[1].iter().find(|(p, _)| p == Path::new(path)).unwrap().1 & 0o777;
     assert_eq!(mode(""), 0o555);
     assert_eq!(mode("data"), 0o555, "made for a shared link, sealed too");
+    assert_eq!(mode("vendor/a/b"), 0o555, "not in the archive, made for its file");
+    assert_eq!(mode("vendor"), 0o555);
     assert_eq!(mode("public/index.php"), 0o444);
     assert_eq!(mode("artisan"), 0o555);
     assert_eq!(mode("cache/views/x") & 0o200, 0o200, "writable path left writable");
