@@ -148,12 +148,18 @@ pub(super) fn prepare(
         // found linkable then are linked as found (not looked at again).
         let asked = p.ask_frames && p.source == Source::Stdin;
         let by_url = matches!(p.source, Source::Url(_) | Source::Server(_));
-        let told = match sharing(None) {
-            Some(sharing) if asked || by_url => {
-                frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
-            }
-            _ => None,
+        // The skeleton is decompressed meanwhile when a release here offers files (the frames
+        // to fetch are then likely a part): the older files' stats leave a core idle at times.
+        let (told, early) = match sharing(None) {
+            Some(sharing) if asked || by_url => std::thread::scope(|scope| {
+                let early =
+                    (has_skeleton && !candidates.is_empty()).then(|| scope.spawn(|| Skeleton::of(sharing.index)));
+                let told = frames_to_fetch(&sharing, has_skeleton);
+                (told, early.map(|early| early.join().expect("decompressing the skeleton panicked")))
+            }),
+            _ => (Ok(None), None),
         };
+        let told = told.map_err(unpack_refusal(&layout))?;
         let (frames, looked) = told.map_or((None, None), |(frames, looked)| (Some(frames), Some(looked)));
         let frames = frames.filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
         if asked {
@@ -162,9 +168,9 @@ pub(super) fn prepare(
         }
         // Read (decompressed, checked against the index) only for an unpack from frames.
         let skeleton = match (&frames, &index) {
-            (Some(_), Some(index)) => {
-                Skeleton::of(index).map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?
-            }
+            (Some(_), Some(index)) => early
+                .unwrap_or_else(|| Skeleton::of(index))
+                .map_err(|e| NodeError::new(ErrorCode::IndexMismatch, e.to_string()))?,
             _ => None,
         };
         let stalled = std::rc::Rc::new(std::cell::Cell::new(None));

@@ -531,3 +531,34 @@ fn frames_out_of_order_twice_or_unknown_are_refused_before_anything_is_fetched()
         assert!(!dest.exists(), "{needed:?}: nothing made");
     }
 }
+
+/// A skeleton that does not make the tar stream the frames say (decompressed while the older
+/// files are looked at, when a release here offers some) refuses the prepare that would unpack
+/// from it, leaving nothing; a node with nothing to link fetches the whole artifact and never
+/// reads it.
+#[test]
+fn a_skeleton_that_does_not_hold_together_fails_only_the_prepare_that_unpacks_from_it() {
+    let (base, _) = base_with_first();
+    let mut second = first();
+    second.insert("vendor/p3/f10.php".into(), noise(996, 9000));
+    let (bytes, digest, index) = package(&second);
+    let broken = index.clone().with_skeleton(Some(zstd::encode_all(&[0u8; 100][..], 3).unwrap()));
+    let (asked, answer) = ask(&request(base.path(), digest, &broken, true), |frames| {
+        frames_of(&bytes, &broken, frames.expect("frames, not the whole artifact"))
+    });
+    assert!(asked.unwrap().frames.is_some_and(|f| !f.is_empty()), "it asks for the frames it lacks");
+    let err = answer.unwrap_err();
+    assert_eq!(err.code, ErrorCode::IndexMismatch, "{}", err.message);
+    assert!(err.message.contains("skeleton"), "{}", err.message);
+    let releases = base.path().join("releases");
+    assert!(!releases.join(digest.hex()).exists() && !releases.join(format!(".tmp-{}", digest.hex())).exists());
+    let empty = tempfile::tempdir().unwrap();
+    let (asked, answer) = ask(&request(empty.path(), digest, &broken, true), |frames| {
+        assert_eq!(frames, None, "nothing to link: the whole artifact");
+        bytes.clone()
+    });
+    assert_eq!(asked.unwrap().frames, None);
+    answer.unwrap();
+    super::prepare::set_writable(base.path()).ok();
+    super::prepare::set_writable(empty.path()).ok();
+}
