@@ -37,15 +37,18 @@ pub(super) struct Ahead<'scope> {
     /// Set by a thread when a link failed: the walk stops at its next hand-over instead of
     /// fetching and reading the rest of the artifact for a prepare that fails anyway.
     failed: Arc<AtomicBool>,
+    /// Set by the walk when it failed: the threads drop what is left of their batches.
+    abandoned: Arc<AtomicBool>,
     linkers: Vec<Linker<'scope>>,
     /// The thread the next batch goes to.
     next: usize,
-    answers: mpsc::Receiver<bool>,
 }
 
-/// One linking thread, and where its batches go.
+/// One linking thread, where its batches go and where it answers (its own: a thread that is
+/// gone, panicked, answers nothing, and its channel says so).
 struct Linker<'scope> {
     ops: mpsc::Sender<Vec<Op>>,
+    answers: mpsc::Receiver<bool>,
     thread: ScopedJoinHandle<'scope, Result<(), (usize, Failure)>>,
 }
 
@@ -65,18 +68,18 @@ impl<'scope> Ahead<'scope> {
         files: &'env [IndexedFile],
         seen: &'env [Option<Seen<'env>>],
     ) -> Ahead<'scope> {
-        let (answer, answers) = mpsc::channel();
-        let failed = Arc::new(AtomicBool::new(false));
+        let (failed, abandoned) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(LINKERS));
         let linkers = (0..threads)
             .map(|_| {
                 let (ops, received) = mpsc::channel::<Vec<Op>>();
-                let (answer, flag) = (answer.clone(), Arc::clone(&failed));
-                let thread = scope.spawn(move || work(root, files, seen, received, answer, &flag));
-                Linker { ops, thread }
+                let (answer, answers) = mpsc::channel();
+                let flags = Flags { failed: Arc::clone(&failed), abandoned: Arc::clone(&abandoned) };
+                let thread = scope.spawn(move || work(root, files, seen, received, answer, &flags));
+                Linker { ops, answers, thread }
             })
             .collect();
-        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, linkers, next: 0, answers }
+        Ahead { batch: Vec::with_capacity(BATCH), unsettled: false, failed, abandoned, linkers, next: 0 }
     }
 
     /// Links the index's file `at` (its directory made before) to the older file seen for
@@ -115,8 +118,8 @@ impl<'scope> Ahead<'scope> {
             let _ = linker.ops.send(vec![Op::Settle]);
         }
         let mut all_done = true;
-        for _ in &self.linkers {
-            all_done &= self.answers.recv() == Ok(true);
+        for linker in &self.linkers {
+            all_done &= linker.answers.recv() == Ok(true);
         }
         if !all_done {
             return Err(gave_up());
@@ -124,14 +127,16 @@ impl<'scope> Ahead<'scope> {
         Ok(())
     }
 
-    /// Does what is left and stops the threads; the failure of the first file in the
-    /// index's order that failed, if any.
-    pub(super) fn finish(mut self) -> Result<(), Failure> {
-        if !self.batch.is_empty() {
+    /// Does what is left (nothing more when the walk `failed`: the tree is removed) and stops
+    /// the threads; the failure of the first file in the index's order that failed, if any.
+    pub(super) fn finish(mut self, failed: bool) -> Result<(), Failure> {
+        if failed {
+            self.abandoned.store(true, Ordering::Relaxed);
+        } else if !self.batch.is_empty() {
             self.hand_over();
         }
         let mut first: Option<(usize, Failure)> = None;
-        for Linker { ops, thread } in self.linkers {
+        for Linker { ops, thread, .. } in self.linkers {
             drop(ops);
             let stopped = thread
                 .join()
@@ -146,15 +151,23 @@ impl<'scope> Ahead<'scope> {
     }
 }
 
-/// A thread: does the ops in order until the walk hangs up; after a failure, only answers.
-/// The failure: at which file of the index, and why.
+/// What a thread tells the others and the walk, and is told.
+struct Flags {
+    /// Set by a thread whose link failed.
+    failed: Arc<AtomicBool>,
+    /// Set by the walk when it failed.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// A thread: does the ops in order until the walk hangs up; after a failure, or once the
+/// walk abandoned the tree, only answers. The failure: at which file of the index, and why.
 fn work(
     root: &Path,
     files: &[IndexedFile],
     seen: &[Option<Seen>],
     ops: mpsc::Receiver<Vec<Op>>,
     answer: mpsc::Sender<bool>,
-    gave_up: &AtomicBool,
+    flags: &Flags,
 ) -> Result<(), (usize, Failure)> {
     let (mut sources, mut links) = (OpenDir::default(), OpenDir::default());
     let mut failed: Option<(usize, Failure)> = None;
@@ -164,7 +177,7 @@ fn work(
                 Op::Settle => {
                     let _ = answer.send(failed.is_none());
                 }
-                _ if failed.is_some() => {}
+                _ if failed.is_some() || flags.abandoned.load(Ordering::Relaxed) => {}
                 Op::Link(at) => {
                     let link = root.join(&files[at].path);
                     let linked = match &seen[at] {
@@ -175,7 +188,7 @@ fn work(
                         let why = not_linkable();
                         let failure = (files[at].path.clone(), io::Error::new(e.kind(), format!("{why} ({e})")));
                         failed = Some((at, failure));
-                        gave_up.store(true, Ordering::Relaxed);
+                        flags.failed.store(true, Ordering::Relaxed);
                     }
                 }
             }
@@ -186,5 +199,5 @@ fn work(
 
 /// What the walk is told when a link or directory handed over failed.
 fn gave_up() -> io::Error {
-    io::Error::other("a link or directory made beside the walk failed")
+    io::Error::other("a link made beside the walk failed")
 }

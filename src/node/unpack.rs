@@ -195,6 +195,16 @@ pub enum Modes<'a> {
     Sealed(&'a [String]),
 }
 
+impl<'a> Modes<'a> {
+    /// The writable paths of a tree sealed while unpacking.
+    fn sealed(self) -> Option<&'a [String]> {
+        match self {
+            Modes::Sealed(writable) => Some(writable),
+            Modes::Writable => None,
+        }
+    }
+}
+
 /// Whether `relative` (a path in a release) is at or under one of the `writable` paths,
 /// which stay writable when the release is sealed.
 pub fn is_writable(relative: &Path, writable: &[String]) -> bool {
@@ -266,8 +276,9 @@ pub(super) fn walk_error(e: WalkError) -> UnpackError {
 
 /// Whether this process makes entries in a directory whose mode says it cannot (root, on a
 /// file system that lets it) and a directory made with mode 555 has it: then a sealed tree's
-/// directories are made sealed. Tried in `root` (fresh), and nothing left there.
-fn writes_through_modes(root: &Path) -> io::Result<bool> {
+/// directories are made sealed. Tried in `root` (fresh), and nothing left there (failing
+/// that, an error: the caller removes `root`).
+pub(crate) fn writes_through_modes(root: &Path) -> io::Result<bool> {
     use std::os::unix::fs::PermissionsExt;
     #[cfg(test)]
     if SEAL_AFTER.get() {
@@ -316,9 +327,14 @@ pub(super) fn unpack_into(
         None => None,
     };
     fs::create_dir(dest).map_err(write_error(dest))?;
-    let sealed_at_birth = match modes {
-        Modes::Sealed(writable) => writes_through_modes(dest).map_err(write_error(dest))?.then_some(writable),
-        Modes::Writable => None,
+    let sealed_at_birth = match modes.sealed().map(|writable| (writable, writes_through_modes(dest))) {
+        Some((writable, Ok(true))) => Some(writable),
+        // The fresh directory failed to take a directory (a full disk): so would the walk.
+        Some((_, Err(e))) => {
+            let _ = remove_tree(dest);
+            return Err(write_error(dest)(e));
+        }
+        _ => None,
     };
     // Files linked unread are linked by a thread of their own while the walk goes on.
     let seen = match &sharing {
@@ -373,7 +389,7 @@ pub(super) fn unpack_into(
             _ => Ok(summary),
         });
         // Stopped (and its failure known) before anything is removed.
-        let ahead = unpacker.ahead.take().map(Ahead::finish);
+        let ahead = unpacker.ahead.take().map(|ahead| ahead.finish(outcome.is_err()));
         // The link that failed is the cause, unless an older release was found changed:
         // that one is named, so that it is unmarked (and the link failed maybe because of it).
         let outcome = match (ahead, outcome) {
@@ -543,7 +559,7 @@ struct Unpacker<'a> {
     unread: &'a [bool],
     /// The directory of the last file linked.
     links: OpenDir,
-    /// The thread making the directories and the links of `unread` files, when there are some.
+    /// The threads making the links of `unread` files, when there are some.
     ahead: Option<Ahead<'a>>,
 }
 
@@ -577,7 +593,8 @@ impl<'a> Unpacker<'a> {
         let missing = relative.ancestors().take_while(|dir| !dir.as_os_str().is_empty() && !self.dirs.contains(*dir));
         for dir in missing.collect::<Vec<_>>().into_iter().rev() {
             // As `create_dir_all` and then `seal_dirs` would leave it (555 was found to come
-            // out as asked: the umask takes nothing from it).
+            // out as asked: the umask takes nothing from it; from 777 it takes what it takes
+            // there too).
             let mode = if is_writable(dir, writable) { 0o777 } else { 0o555 };
             let path = self.root.join(dir);
             match fs::DirBuilder::new().mode(mode).create(&path) {

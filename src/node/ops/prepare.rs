@@ -150,22 +150,32 @@ pub(super) fn prepare(
         let by_url = matches!(p.source, Source::Url(_) | Source::Server(_));
         // The skeleton is decompressed meanwhile when a release here offers files (the frames
         // to fetch are then likely a part): the older files' stats leave a core idle at times.
-        let (told, early) = match sharing(None) {
-            Some(sharing) if asked || by_url => std::thread::scope(|scope| {
-                let early =
-                    (has_skeleton && !candidates.is_empty()).then(|| scope.spawn(|| Skeleton::of(sharing.index)));
-                let told = frames_to_fetch(&sharing, has_skeleton);
-                (told, early.map(|early| early.join().expect("decompressing the skeleton panicked")))
-            }),
-            _ => (Ok(None), None),
-        };
-        let told = told.map_err(unpack_refusal(&layout))?;
-        let (frames, looked) = told.map_or((None, None), |(frames, looked)| (Some(frames), Some(looked)));
-        let frames = frames.filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
-        if asked {
-            let of = index.as_ref().map_or(0, |i| i.frames.len());
-            ask(output, Lacking { frames: frames.clone(), of })?;
-        }
+        // Joined once the node has asked (the server sends the frames meanwhile); dropped unread
+        // when the whole artifact is fetched.
+        let (frames, looked, early) = std::thread::scope(|scope| {
+            let early = match &index {
+                Some(index) if (asked || by_url) && has_skeleton && !candidates.is_empty() => {
+                    Some(scope.spawn(move || Skeleton::of(index)))
+                }
+                _ => None,
+            };
+            let told = match sharing(None) {
+                Some(sharing) if asked || by_url => {
+                    frames_to_fetch(&sharing, has_skeleton).map_err(unpack_refusal(&layout))?
+                }
+                _ => None,
+            };
+            let (frames, looked) = told.map_or((None, None), |(frames, looked)| (Some(frames), Some(looked)));
+            let frames = frames.filter(|frames| index.as_ref().is_some_and(|i| frames.len() < i.frames.len()));
+            if asked {
+                let of = index.as_ref().map_or(0, |i| i.frames.len());
+                ask(output, Lacking { frames: frames.clone(), of })?;
+            }
+            let early = early
+                .filter(|_| frames.is_some())
+                .map(|early| early.join().expect("decompressing the skeleton panicked"));
+            Ok::<_, NodeError>((frames, looked, early))
+        })?;
         // Read (decompressed, checked against the index) only for an unpack from frames.
         let skeleton = match (&frames, &index) {
             (Some(_), Some(index)) => early

@@ -87,6 +87,16 @@ fn a_release_sealed_while_unpacking_has_the_modes_of_one_sealed_after_finalize()
     assert_eq!(mode("public/y") & 0o222, 0, "a hard link at a sealed path seals its inode");
 }
 
+/// Root makes directories sealed (the test above compares that with sealing after the walk
+/// only where it runs as root); any other user seals after. Nothing of the try is left.
+#[test]
+fn only_an_agent_that_writes_through_modes_makes_directories_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let through = crate::node::unpack::writes_through_modes(dir.path()).unwrap();
+    assert_eq!(through, rustix::process::geteuid().is_root());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 #[test]
 fn a_hook_users_group_gets_the_writable_paths_or_the_refusal_says_how() {
     use std::os::unix::fs::MetadataExt;
