@@ -19,7 +19,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::archive::{
-    self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, SentIndex, SentIndexes, Summary,
+    self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, MAX_INDEX_BYTES, SentIndex,
+    SentIndexes, Summary,
 };
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
@@ -298,27 +299,23 @@ impl Ingestor {
 
         // The index goes to the store before the row that names it (the row is the upload's
         // commit point); a crash in between leaves an object of a few hundred KiB that the
-        // same upload, repeated, writes again to the same key.
-        let files = received.files.len() as u64;
-        let digest = received.digest;
-        let (frames, skeleton) = (received.frames, received.skeleton);
-        // Made ready to send as well, for the deploy that usually follows (what reading the
-        // stored form back would give, without reading it: none where that would refuse).
-        let (index, sent) = tokio::task::spawn_blocking(move || {
-            let index = FileIndex::new(digest, received.files).with_frames(frames).with_skeleton(skeleton);
-            let (stored, readable) = index.encode_checked();
-            (stored, readable.is_ok().then(|| SentIndex::of(index)))
-        })
-        .await
-        .expect("encoding an index does not panic");
-        let size = index.len() as u64;
-        let index = ArtifactIndex { sha256: self.store.put_index(index).await?, files, size };
-        if let Some(sent) = sent {
-            self.indexes.keep(index.sha256, Arc::new(sent));
-        }
+        // same upload, repeated, writes again to the same key. None when it would be larger
+        // than any reader takes (the listing stopped at the ingest's budget).
+        let index = match received.files {
+            Some(files) => Some(self.put_index(received.digest, files, received.frames, received.skeleton).await?),
+            None => {
+                tracing::warn!(
+                    digest = %received.digest,
+                    files = received.summary.file_count,
+                    "no file index: it would be larger than {MAX_INDEX_BYTES} bytes; the artifact deploys without \
+                     sharing files on the nodes"
+                );
+                None
+            }
+        };
 
         let new = NewArtifact {
-            index: Some(index),
+            index,
             digest: received.digest,
             size: received.size,
             unpacked_size: received.summary.unpacked_bytes,
@@ -356,6 +353,32 @@ impl Ingestor {
             "artifact stored"
         );
         Ok(recorded)
+    }
+
+    /// Stores the index of an upload's `files`, and keeps it ready to send for the deploy that
+    /// usually follows (what reading the stored form back would give, without reading it: none
+    /// where that would refuse).
+    async fn put_index(
+        &self,
+        digest: Digest,
+        files: Vec<IndexedFile>,
+        frames: Vec<Frame>,
+        skeleton: Option<Vec<u8>>,
+    ) -> Result<ArtifactIndex, IngestError> {
+        let count = files.len() as u64;
+        let (stored, sent) = tokio::task::spawn_blocking(move || {
+            let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
+            let (stored, readable) = index.encode_checked();
+            (stored, readable.is_ok().then(|| SentIndex::of(index)))
+        })
+        .await
+        .expect("encoding an index does not panic");
+        let size = stored.len() as u64;
+        let index = ArtifactIndex { sha256: self.store.put_index(stored).await?, files: count, size };
+        if let Some(sent) = sent {
+            self.indexes.keep(index.sha256, Arc::new(sent));
+        }
+        Ok(index)
     }
 
     fn check_options(&self, service: &str) -> CheckOptions {
@@ -407,8 +430,9 @@ struct Received {
     claim: Option<Digest>,
     size: u64,
     summary: Summary,
-    /// Every regular file with its hash (the artifact's index, less its digest).
-    files: Vec<IndexedFile>,
+    /// Every regular file with its hash (the artifact's index, less its digest); `None` when
+    /// that index would be larger than [`MAX_INDEX_BYTES`].
+    files: Option<Vec<IndexedFile>>,
     /// The artifact's independent zstd frames (one when it cannot be laid out in frames).
     frames: Vec<Frame>,
     /// The tar stream but the files' data (zstd), for nodes that fetch only some frames.

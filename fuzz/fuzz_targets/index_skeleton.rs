@@ -33,7 +33,7 @@ static INDEX: LazyLock<FileIndex> = LazyLock::new(|| {
     scanner.feed(&bytes);
     let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, packed.digest);
     assert!(frames.len() > 3);
-    FileIndex::new(packed.digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton)
+    FileIndex::new(packed.digest, listing.files.unwrap()).with_frames(frames).with_skeleton(listing.skeleton)
 });
 
 /// The most tar stream made per input: a bent size may say terabytes.

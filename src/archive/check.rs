@@ -119,35 +119,42 @@ pub fn check(input: impl BufRead, options: &CheckOptions) -> Result<Summary, Arc
 
 /// What [`index`] found: the check's summary, every regular file with the SHA-256 of its data
 /// (the artifact's [`FileIndex`](super::FileIndex), less the artifact's own digest, which the
-/// caller knows), and the tar stream's skeleton (zstd; see [`Skeleton`](super::Skeleton)).
+/// caller knows; `None` when its index would be larger than
+/// [`MAX_INDEX_BYTES`](super::MAX_INDEX_BYTES): then it has none, and its files are shared
+/// on no node), and the tar stream's skeleton (zstd; see [`Skeleton`](super::Skeleton)).
 #[derive(Debug)]
 pub struct Listing {
     pub summary: Summary,
-    pub files: Vec<super::IndexedFile>,
+    pub files: Option<Vec<super::IndexedFile>>,
     pub skeleton: Option<Vec<u8>>,
 }
 
 /// [`check`], also listing every regular file and keeping the skeleton of the tar stream.
 pub fn index(input: impl BufRead, options: &CheckOptions) -> Result<Listing, ArchiveError> {
-    index_keeping(input, options, SkeletonBuilder::shared())
+    index_keeping(input, options, SkeletonBuilder::shared(), super::MAX_INDEX_BYTES)
 }
 
-/// [`index`], keeping the skeleton in `skeleton` (a test's, with a small limit).
+/// [`index`], keeping the skeleton in `skeleton` and listing files while their index takes at
+/// most `budget` bytes (a test's: small limits).
 pub(super) fn index_keeping(
     input: impl BufRead,
     options: &CheckOptions,
     skeleton: SharedBuilder,
+    budget: u64,
 ) -> Result<Listing, ArchiveError> {
     let mut nothing = Nothing;
-    let mut indexing = super::index::Indexing::new(&mut nothing);
+    let mut indexing = super::listing::Indexing::new(&mut nothing);
+    indexing.budget = Some(budget);
     let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton))).map_err(|e| match e {
         WalkError::Archive(e) => e,
         // Hashing reads only what the walk hands it; a read error there is the archive's and
         // comes back as `Archive`.
         WalkError::Visitor { path, source } => ArchiveError::Tar(format!("entry {path:?}: {source}")),
     })?;
-    let skeleton = skeleton.borrow_mut().finish();
-    Ok(Listing { summary, files: indexing.files, skeleton })
+    // A skeleton is of use only beside the files' index.
+    let skeleton = skeleton.borrow_mut().finish().filter(|_| !indexing.over_budget);
+    let files = (!indexing.over_budget).then_some(indexing.files);
+    Ok(Listing { summary, files, skeleton })
 }
 
 /// [`check`], handing every entry that passed the rules to `visitor` as it goes.

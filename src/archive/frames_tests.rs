@@ -102,7 +102,7 @@ fn a_large_file_is_cut_at_each_multiple_of_the_target_inside_its_data() {
     let (_, bytes) = pack_to_writer(dir.path(), &[], Vec::new(), &mut |_| {}).unwrap();
     let frames = scan(&bytes, 1 << 20);
     assert_frames_describe(&bytes, &frames);
-    let files = index(&bytes[..], &options()).unwrap().files;
+    let files = index(&bytes[..], &options()).unwrap().files.unwrap();
     let large = files.iter().find(|f| f.path == "public/app.js").unwrap();
     let starts: Vec<u64> = frames.iter().map(|f| f.raw_offset).collect();
     for k in 1..=3 {
@@ -336,7 +336,7 @@ fn the_index_keeps_its_frame_table_and_refuses_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
     tree(dir.path(), true);
     let (packed, bytes) = pack_to_writer(dir.path(), &[], Vec::new(), &mut |_| {}).unwrap();
-    let files = index(&bytes[..], &options()).unwrap().files;
+    let files = index(&bytes[..], &options()).unwrap().files.unwrap();
     let frames = scan(&bytes, 1 << 16);
     let stored = FileIndex::new(packed.digest, files).with_frames(frames);
     assert_eq!(FileIndex::decode(&stored.encode(), packed.digest).unwrap(), stored);

@@ -19,9 +19,7 @@
 use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-use super::check::{Entry, Visitor};
 use super::frames::Frame;
 use crate::digest::Digest;
 
@@ -33,7 +31,8 @@ pub const INDEX_VERSION: u32 = 3;
 pub const OLDEST_INDEX_VERSION: u32 = 2;
 
 /// The largest decompressed index read back (an index of the largest archive `limits.max_files`
-/// allows is far below it): bounds what a corrupt or hostile stored index can make a reader
+/// allows is far below it with paths of usual lengths; one of long paths is not made at all,
+/// see [`Indexing::budget`](super::Indexing::budget)): bounds what a corrupt or hostile stored index can make a reader
 /// allocate.
 pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
@@ -395,76 +394,6 @@ impl<'a> Reader<'a> {
         let path = self.slice(len.into()).ok_or(cut)?;
         let path = std::str::from_utf8(path).map_err(|_| "has a path that is not UTF-8")?.to_owned();
         Ok(IndexedFile { path, executable, size, offset, sha256 })
-    }
-}
-
-/// A file's place in an index, by its path; `None` for a file to hash.
-pub type PlaceOf<'a> = dyn Fn(&str) -> Option<usize> + 'a;
-
-/// A [`Visitor`] that lists every regular file with the SHA-256 of its data (but those
-/// [`unhashed`](Self::unhashed), listed apart), handing each entry on to `inner` (which reads
-/// what it wants of the data; the rest is hashed here).
-pub struct Indexing<'a> {
-    pub inner: &'a mut dyn Visitor,
-    pub files: Vec<IndexedFile>,
-    /// Which files' data is not hashed (nor read here): their place in the index the caller
-    /// holds, by path. A node's sparse unpack links them unread (their data made, zeros, or
-    /// passed over).
-    pub unhashed: Option<&'a PlaceOf<'a>>,
-    /// The files not hashed, not in `files`: their place, size and mode (no path copied: they
-    /// are nearly all the entries of a sparse unpack).
-    pub unhashed_files: Vec<(usize, u64, bool)>,
-    buffer: Vec<u8>,
-}
-
-impl<'a> Indexing<'a> {
-    pub fn new(inner: &'a mut dyn Visitor) -> Indexing<'a> {
-        Indexing { inner, files: Vec::new(), unhashed: None, unhashed_files: Vec::new(), buffer: vec![0; 256 << 10] }
-    }
-}
-
-impl Visitor for Indexing<'_> {
-    fn paths_hint(&self) -> usize {
-        self.inner.paths_hint()
-    }
-
-    fn entry(&mut self, entry: Entry<'_>, data: &mut dyn Read) -> io::Result<()> {
-        let Entry::File { path, executable, offset, size } = entry else {
-            return self.inner.entry(entry, data);
-        };
-        if let Some(at) = self.unhashed.and_then(|unhashed| unhashed(path.as_str())) {
-            self.inner.entry(entry, data)?;
-            self.unhashed_files.push((at, size, executable));
-            return Ok(());
-        }
-        let path = path.as_str().to_owned();
-        let mut hashing = Hashing { inner: data, hasher: Sha256::new(), size: 0 };
-        self.inner.entry(entry, &mut hashing)?;
-        loop {
-            let n = hashing.read(&mut self.buffer)?;
-            if n == 0 {
-                break;
-            }
-        }
-        let sha256 = Digest::from_hasher(hashing.hasher);
-        self.files.push(IndexedFile { path, executable, size: hashing.size, offset, sha256 });
-        Ok(())
-    }
-}
-
-/// Reads through, hashing and counting what passes.
-struct Hashing<'a> {
-    inner: &'a mut dyn Read,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl Read for Hashing<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
     }
 }
 

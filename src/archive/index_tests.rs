@@ -34,7 +34,8 @@ fn ingested() -> FileIndex {
     let mut scanner = FrameScanner::new();
     scanner.feed(&bytes);
     let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, packed.digest);
-    let index = FileIndex::new(packed.digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    let index =
+        FileIndex::new(packed.digest, listing.files.unwrap()).with_frames(frames).with_skeleton(listing.skeleton);
     assert!(index.frames.len() > 2 && index.skeleton.is_some() && index.files.iter().any(|f| f.executable));
     index
 }

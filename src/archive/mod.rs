@@ -17,6 +17,7 @@ mod frames_tests;
 mod index;
 #[cfg(test)]
 mod index_tests;
+mod listing;
 mod pack;
 mod rules;
 mod scan;
@@ -32,8 +33,9 @@ pub use check::{
 };
 pub use frames::{FRAME_TARGET, Frame, MAX_FRAMES, Run, RunsError, runs};
 pub use index::{
-    FileIndex, INDEX_VERSION, IndexError, IndexedFile, Indexing, MAX_INDEX_BYTES, OLDEST_INDEX_VERSION, base64_bytes,
+    FileIndex, INDEX_VERSION, IndexError, IndexedFile, MAX_INDEX_BYTES, OLDEST_INDEX_VERSION, base64_bytes,
 };
+pub use listing::Indexing;
 #[cfg(test)]
 use pack::pack_with_workers;
 pub use pack::{PackError, Packed, pack_to_file, pack_to_writer};

@@ -39,7 +39,7 @@ fn packed() -> (Vec<u8>, FileIndex) {
     scanner.feed(&bytes);
     let digest = Digest::of(&bytes);
     let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
-    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    let index = FileIndex::new(digest, listing.files.unwrap()).with_frames(frames).with_skeleton(listing.skeleton);
     (bytes, index)
 }
 
@@ -150,10 +150,36 @@ fn a_skeleton_larger_than_a_node_reads_is_not_kept_and_the_artifact_is_fetched_w
     let raw = zstd::decode_all(&index.skeleton.clone().unwrap()[..]).unwrap().len() as u64;
     let keeping = |limit| {
         let builder = super::skeleton::SkeletonBuilder::shared_with_limit(limit);
-        super::check::index_keeping(&bytes[..], &options(), builder).unwrap()
+        super::check::index_keeping(&bytes[..], &options(), builder, MAX_INDEX_BYTES).unwrap()
     };
     assert!(keeping(raw).skeleton.is_some(), "{raw} bytes: at the limit");
     let over = keeping(raw - 1);
     assert_eq!(over.skeleton, None, "one byte over: none (the check and the files are as before)");
-    assert_eq!(over.files, index.files);
+    assert_eq!(over.files, Some(index.files));
+}
+
+/// An index larger than a reader takes is not made: the listing stops at its budget (the
+/// skeleton goes with it: it is of use only beside the files), and the check is as before.
+/// The budget is estimated from below: past it, the index's JSON would be too.
+#[test]
+fn files_past_the_index_budget_are_not_listed_and_the_artifact_gets_no_index() {
+    let (bytes, index) = packed();
+    let needed: u64 = index.files.iter().map(|f| super::listing::LISTED_FILE_BYTES + f.path.len() as u64).sum();
+    let listing = |budget| {
+        super::check::index_keeping(&bytes[..], &options(), super::skeleton::SkeletonBuilder::shared(), budget).unwrap()
+    };
+    let at = listing(needed);
+    assert_eq!(at.files.as_ref(), Some(&index.files), "at the budget: every file listed");
+    assert!(at.skeleton.is_some());
+    let over = listing(needed - 1);
+    assert_eq!((over.files, over.skeleton), (None, None), "one byte over: no index");
+    assert_eq!(over.summary, at.summary, "checked all the same");
+    for file in &index.files {
+        let json = serde_json::to_vec(file).unwrap().len() as u64;
+        assert!(
+            super::listing::LISTED_FILE_BYTES + file.path.len() as u64 <= json,
+            "{json} bytes of JSON for {}",
+            file.path
+        );
+    }
 }

@@ -135,3 +135,46 @@ fn a_directory_listed_twice_is_accepted() {
     let (status, answer) = server.upload_as_new_ci(archive);
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
+
+/// 150,000 empty files in one directory 19 deep, each named by a path of ~3,800 bytes
+/// (components of 200): ~1 MB compressed, ~580 MB of paths. Their index would be larger than any reader takes
+/// (`MAX_INDEX_BYTES`, 256 MiB): the ingest once listed them all (and made the JSON of them)
+/// before it found that out.
+#[test]
+fn an_upload_whose_index_would_be_too_large_is_stored_without_one_in_bounded_memory() {
+    let server = TestServer::start(Backend::Local);
+    let mut tar = Streamed::new();
+    let middle = format!("{}/", "y".repeat(200)).repeat(18);
+    for i in 0..150_000 {
+        tar.add(RawTar::new().long(&format!("{middle}f{i}"), REGULAR, "", b""));
+    }
+    let body = tar.finish();
+    let size = body.len();
+    let digest = release::digest::Digest::of(&body);
+    let peak_before = server.peak_rss();
+    let (status, answer) = server.upload_as_new_ci(body);
+    let peak = server.peak_rss();
+    eprintln!(
+        "150,000 files x 3.8 KB paths: {size} bytes uploaded; server peak RSS {:.1} MiB (before: {:.1} MiB)",
+        peak as f64 / (1 << 20) as f64,
+        peak_before as f64 / (1 << 20) as f64,
+    );
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    // The listing stops at the budget (~64,000 of these files): it grew 304 MiB here, and
+    // 1.65 GiB when every path was listed and made into JSON.
+    assert!(peak <= peak_before + (400 << 20), "peak RSS grew from {peak_before} to {peak} bytes");
+    let conn = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("registry.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let indexes: u64 = conn
+        .query_row("SELECT count(*) FROM artifact_indexes WHERE digest = ?1", [digest.to_string()], |r| r.get(0))
+        .unwrap();
+    assert_eq!(indexes, 0, "no index named");
+    let files: u64 = conn
+        .query_row("SELECT file_count FROM artifacts WHERE digest = ?1", [digest.to_string()], |r| r.get(0))
+        .unwrap();
+    assert_eq!(files, 150_000, "the artifact and its count are recorded all the same");
+    assert!(server.log().contains("no file index"), "the server says why");
+}

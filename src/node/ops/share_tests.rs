@@ -30,7 +30,7 @@ fn package(tree: &Tree) -> (Vec<u8>, Digest, FileIndex) {
     let (packed, bytes) = archive::pack_to_writer(src.path(), &[], Vec::new(), &mut |_| {}).unwrap();
     let options =
         CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 100_000, shared: vec![], record_migrations: false };
-    let files = archive::index(&bytes[..], &options).unwrap().files;
+    let files = archive::index(&bytes[..], &options).unwrap().files.unwrap();
     (bytes, packed.digest, FileIndex::new(packed.digest, files))
 }
 
@@ -452,7 +452,7 @@ fn a_tar_hard_link_in_a_writable_path_never_shares_an_older_inode() {
         let digest = Digest::of(&bytes);
         let options =
             CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 100, shared: vec![], record_migrations: false };
-        let files = archive::index(&bytes[..], &options).unwrap().files;
+        let files = archive::index(&bytes[..], &options).unwrap().files.unwrap();
         let mut asked = request(base.path(), digest, Some(FileIndex::new(digest, files)), finalize);
         asked.run_as = RunAs { user: Some("nobody".into()), umask: None, php_only: false };
         let dir = prepare(&asked, &mut &bytes[..], &mut io::sink()).unwrap().dir;

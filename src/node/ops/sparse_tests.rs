@@ -59,7 +59,7 @@ fn indexed(bytes: Vec<u8>) -> (Vec<u8>, Digest, FileIndex) {
     let mut scanner = FrameScanner::new();
     scanner.feed(&bytes);
     let frames = scanner.finish(bytes.len() as u64, listing.summary.unpacked_bytes, digest);
-    let index = FileIndex::new(digest, listing.files).with_frames(frames).with_skeleton(listing.skeleton);
+    let index = FileIndex::new(digest, listing.files.unwrap()).with_frames(frames).with_skeleton(listing.skeleton);
     (bytes, digest, index)
 }
 
