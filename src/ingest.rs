@@ -19,8 +19,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::archive::{
-    self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexedFile, MAX_INDEX_BYTES, SentIndex,
-    SentIndexes, Summary,
+    self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexError, IndexedFile, SentIndex, SentIndexes,
+    Summary,
 };
 use crate::audit::NewEvent;
 use crate::config::{ByteSize, Config, HumanDuration, Limits, ServiceKind, is_valid_name};
@@ -299,20 +299,22 @@ impl Ingestor {
 
         // The index goes to the store before the row that names it (the row is the upload's
         // commit point); a crash in between leaves an object of a few hundred KiB that the
-        // same upload, repeated, writes again to the same key. None when it would be larger
-        // than any reader takes (the listing stopped at the ingest's budget).
+        // same upload, repeated, writes again to the same key. None when reading it back
+        // would refuse it: larger than any reader takes (the listing stopped at the ingest's
+        // budget, or its JSON at the limit), or a frame table that does not hold together.
         let index = match received.files {
-            Some(files) => Some(self.put_index(received.digest, files, received.frames, received.skeleton).await?),
-            None => {
+            Some(files) => self.put_index(received.digest, files, received.frames, received.skeleton).await?,
+            None => Err(IndexError::TooLarge),
+        };
+        let index = index
+            .inspect_err(|why| {
                 tracing::warn!(
                     digest = %received.digest,
                     files = received.summary.file_count,
-                    "no file index: it would be larger than {MAX_INDEX_BYTES} bytes; the artifact deploys without \
-                     sharing files on the nodes"
-                );
-                None
-            }
-        };
+                    "no file index ({why}): the artifact deploys without sharing files on the nodes"
+                )
+            })
+            .ok();
 
         let new = NewArtifact {
             index,
@@ -356,29 +358,32 @@ impl Ingestor {
     }
 
     /// Stores the index of an upload's `files`, and keeps it ready to send for the deploy that
-    /// usually follows (what reading the stored form back would give, without reading it: none
-    /// where that would refuse).
+    /// usually follows (what reading the stored form back would give, without reading it). An
+    /// index that reading back would refuse (too large, a frame table that does not hold
+    /// together) is not stored: why, instead.
     async fn put_index(
         &self,
         digest: Digest,
         files: Vec<IndexedFile>,
         frames: Vec<Frame>,
         skeleton: Option<Vec<u8>>,
-    ) -> Result<ArtifactIndex, IngestError> {
+    ) -> Result<Result<ArtifactIndex, IndexError>, IngestError> {
         let count = files.len() as u64;
-        let (stored, sent) = tokio::task::spawn_blocking(move || {
+        let made = tokio::task::spawn_blocking(move || {
             let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
             let (stored, readable) = index.encode_checked();
-            (stored, readable.is_ok().then(|| SentIndex::of(index)))
+            readable.map(|()| (stored, SentIndex::of(index)))
         })
         .await
         .expect("encoding an index does not panic");
+        let (stored, sent) = match made {
+            Ok(made) => made,
+            Err(why) => return Ok(Err(why)),
+        };
         let size = stored.len() as u64;
         let index = ArtifactIndex { sha256: self.store.put_index(stored).await?, files: count, size };
-        if let Some(sent) = sent {
-            self.indexes.keep(index.sha256, Arc::new(sent));
-        }
-        Ok(index)
+        self.indexes.keep(index.sha256, Arc::new(sent));
+        Ok(Ok(index))
     }
 
     fn check_options(&self, service: &str) -> CheckOptions {
@@ -431,7 +436,7 @@ struct Received {
     size: u64,
     summary: Summary,
     /// Every regular file with its hash (the artifact's index, less its digest); `None` when
-    /// that index would be larger than [`MAX_INDEX_BYTES`].
+    /// that index would be larger than [`MAX_INDEX_BYTES`](archive::MAX_INDEX_BYTES).
     files: Option<Vec<IndexedFile>>,
     /// The artifact's independent zstd frames (one when it cannot be laid out in frames).
     frames: Vec<Frame>,

@@ -158,11 +158,17 @@ impl FileIndex {
     /// [`encode`](Self::encode)'s form, and whether [`decode`](Self::decode) reads it back: it
     /// refuses more than [`MAX_INDEX_BYTES`] of JSON and a frame table that does not hold
     /// together (an upload keeps in memory only an index a deploy could read from the store).
+    /// The JSON is written at most one byte past what a reader takes: an index larger than
+    /// that (escaped paths, a skeleton's base64, a long frame table) is refused without being
+    /// made whole, and its stored form is that first part, which no reader takes either.
     pub fn encode_checked(&self) -> (Vec<u8>, Result<(), IndexError>) {
-        let json = serde_json::to_vec(self).expect("an index serializes");
-        let readable =
-            if json.len() as u64 > MAX_INDEX_BYTES { Err(IndexError::TooLarge) } else { self.check_frames() };
-        (zstd::bulk::compress(&json, 3).expect("compressing into memory does not fail"), readable)
+        let mut json = Capped { bytes: Vec::new(), room: MAX_INDEX_BYTES as usize + 1 };
+        let whole = serde_json::to_writer(&mut json, self).is_ok();
+        let readable = match whole && json.bytes.len() as u64 <= MAX_INDEX_BYTES {
+            true => self.check_frames(),
+            false => Err(IndexError::TooLarge),
+        };
+        (zstd::bulk::compress(&json.bytes, 3).expect("compressing into memory does not fail"), readable)
     }
 
     /// The compact form a node keeps for a release (`.release/index/<hex>`; files only): read
@@ -394,6 +400,35 @@ impl<'a> Reader<'a> {
         let path = self.slice(len.into()).ok_or(cut)?;
         let path = std::str::from_utf8(path).map_err(|_| "has a path that is not UTF-8")?.to_owned();
         Ok(IndexedFile { path, executable, size, offset, sha256 })
+    }
+}
+
+/// A buffer that takes `room` bytes at most (and holds no more memory); past it, a write
+/// fails.
+struct Capped {
+    bytes: Vec<u8>,
+    room: usize,
+}
+
+impl io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let take = buf.len().min(self.room - self.bytes.len());
+        // Grown as a Vec grows, but never past the room (doubling from half of it would take
+        // twice the room).
+        let needed = self.bytes.len() + take;
+        if needed > self.bytes.capacity() {
+            let grown = (2 * self.bytes.capacity()).max(needed).min(self.room);
+            self.bytes.reserve_exact(grown - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(&buf[..take]);
+        match take < buf.len() {
+            true => Err(io::Error::other("larger than an index is read")),
+            false => Ok(take),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
