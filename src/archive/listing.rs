@@ -30,9 +30,10 @@ pub struct Indexing<'a> {
     /// are nearly all the entries of a sparse unpack).
     pub unhashed_files: Vec<(usize, u64, bool)>,
     /// The most the index of the files listed may take, as JSON (estimated from below; an
-    /// index past [`MAX_INDEX_BYTES`](super::MAX_INDEX_BYTES) is not read anyway). Past it, `files` is emptied and
-    /// nothing more is listed or hashed: an upload of 500,000 files with 4 KiB paths (a few
-    /// MiB of zstd) held 2 GiB of paths before it was refused at the end.
+    /// index past [`MAX_INDEX_BYTES`](super::MAX_INDEX_BYTES) is not read anyway). Past it,
+    /// `files` is emptied and nothing more is listed or hashed: an upload of 500,000 files
+    /// with 4 KiB paths (a few MiB of zstd) held 2 GiB of paths before it was refused at the
+    /// end.
     pub budget: Option<u64>,
     /// Set once the files listed passed the budget.
     pub over_budget: bool,

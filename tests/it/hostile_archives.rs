@@ -136,6 +136,17 @@ fn a_directory_listed_twice_is_accepted() {
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
 
+/// `count` empty files in one directory 18 deep whose names are 200 of `letter`, each named
+/// by a path of ~3,600 bytes: a few hundred KB compressed.
+fn long_named_files(letter: char, count: u32) -> Vec<u8> {
+    let mut tar = Streamed::new();
+    let middle = format!("{}/", letter.to_string().repeat(200)).repeat(18);
+    for i in 0..count {
+        tar.add(RawTar::new().long(&format!("{middle}f{i}"), REGULAR, "", b""));
+    }
+    tar.finish()
+}
+
 /// Uploads `body` (`files` regular files whose index no reader would take); asserts it is
 /// stored without an index, the log saying why, and that it cost the server at most
 /// `max_growth` bytes of peak resident memory. Prints what it cost.
@@ -171,14 +182,10 @@ fn stored_without_index_cheaply(server: &TestServer, what: &str, body: Vec<u8>, 
 #[test]
 fn an_upload_whose_index_would_be_too_large_is_stored_without_one_in_bounded_memory() {
     let server = TestServer::start(Backend::Local);
-    let mut tar = Streamed::new();
-    let middle = format!("{}/", "y".repeat(200)).repeat(18);
-    for i in 0..150_000 {
-        tar.add(RawTar::new().long(&format!("{middle}f{i}"), REGULAR, "", b""));
-    }
     // The listing stops at the budget (~71,000 of these files): it grew 304 MiB here, and
     // 1.65 GiB when every path was listed and made into JSON.
-    stored_without_index_cheaply(&server, "150,000 files x 3.6 KB paths", tar.finish(), 150_000, 400 << 20);
+    let body = long_named_files('y', 150_000);
+    stored_without_index_cheaply(&server, "150,000 files x 3.6 KB paths", body, 150_000, 400 << 20);
 }
 
 /// 20,000 empty files named by paths of control characters, which JSON writes six bytes each
@@ -186,10 +193,6 @@ fn an_upload_whose_index_would_be_too_large_is_stored_without_one_in_bounded_mem
 #[test]
 fn paths_of_control_characters_count_as_their_json_takes() {
     let server = TestServer::start(Backend::Local);
-    let mut tar = Streamed::new();
-    let middle = format!("{}/", "\u{1}".repeat(200)).repeat(18);
-    for i in 0..20_000 {
-        tar.add(RawTar::new().long(&format!("{middle}f{i}"), REGULAR, "", b""));
-    }
-    stored_without_index_cheaply(&server, "20,000 files x 3.6 KB control paths", tar.finish(), 20_000, 200 << 20);
+    let body = long_named_files('\u{1}', 20_000);
+    stored_without_index_cheaply(&server, "20,000 files x 3.6 KB control paths", body, 20_000, 200 << 20);
 }
