@@ -371,8 +371,7 @@ impl Ingestor {
         let count = files.len() as u64;
         let made = tokio::task::spawn_blocking(move || {
             let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
-            let (stored, readable) = index.encode_checked();
-            readable.map(|()| (stored, SentIndex::of(index)))
+            index.into_readable().map(|(index, stored)| (stored, SentIndex::of(index)))
         })
         .await
         .expect("encoding an index does not panic");

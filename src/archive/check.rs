@@ -144,7 +144,7 @@ pub(super) fn index_keeping(
 ) -> Result<Listing, ArchiveError> {
     let mut nothing = Nothing;
     let mut indexing = super::listing::Indexing::new(&mut nothing);
-    indexing.budget = Some(budget);
+    indexing.within(budget, Rc::clone(&skeleton));
     let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton))).map_err(|e| match e {
         WalkError::Archive(e) => e,
         // Hashing reads only what the walk hands it; a read error there is the archive's and

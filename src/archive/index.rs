@@ -16,7 +16,7 @@
 //! Format 3 adds the tar stream's skeleton ([`Skeleton`](super::Skeleton)): with it, a node
 //! makes the tar stream of a frame it did not fetch.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write as _};
 
 use serde::{Deserialize, Serialize};
 
@@ -158,17 +158,32 @@ impl FileIndex {
     /// [`encode`](Self::encode)'s form, and whether [`decode`](Self::decode) reads it back: it
     /// refuses more than [`MAX_INDEX_BYTES`] of JSON and a frame table that does not hold
     /// together (an upload keeps in memory only an index a deploy could read from the store).
-    /// The JSON is written at most one byte past what a reader takes: an index larger than
-    /// that (escaped paths, a skeleton's base64, a long frame table) is refused without being
-    /// made whole, and its stored form is that first part, which no reader takes either.
+    /// The JSON goes to zstd as it is written, never whole, and stops one byte past what a
+    /// reader takes: an index larger than that (escaped paths, a skeleton's base64, a long
+    /// frame table) is refused without being made, and its stored form is that first part,
+    /// which no reader takes either.
     pub fn encode_checked(&self) -> (Vec<u8>, Result<(), IndexError>) {
-        let mut json = Capped { bytes: Vec::new(), room: MAX_INDEX_BYTES as usize + 1 };
+        let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("a zstd encoder at level 3");
+        // serde_json writes a few bytes at a time.
+        let buffered = io::BufWriter::with_capacity(64 << 10, encoder);
+        let mut json = Capped { inner: buffered, written: 0, room: MAX_INDEX_BYTES + 1 };
         let whole = serde_json::to_writer(&mut json, self).is_ok();
-        let readable = match whole && json.bytes.len() as u64 <= MAX_INDEX_BYTES {
+        let readable = match whole && json.written <= MAX_INDEX_BYTES {
             true => self.check_frames(),
             false => Err(IndexError::TooLarge),
         };
-        (zstd::bulk::compress(&json.bytes, 3).expect("compressing into memory does not fail"), readable)
+        let compressed = json.inner.into_inner().map_err(|e| e.into_error()).and_then(|encoder| encoder.finish());
+        (compressed.expect("compressing into memory does not fail"), readable)
+    }
+
+    /// The index and its stored form, when a reader takes it. The ingest's listing budget is
+    /// estimated from below, so the skeleton's base64 may be what takes the JSON past the
+    /// limit: then the index goes without it (its files are still shared, fetched whole).
+    pub fn into_readable(self) -> Result<(FileIndex, Vec<u8>), IndexError> {
+        match self.encode_checked() {
+            (_, Err(IndexError::TooLarge)) if self.skeleton.is_some() => self.with_skeleton(None).into_readable(),
+            (stored, readable) => readable.map(|()| (self, stored)),
+        }
     }
 
     /// The compact form a node keeps for a release (`.release/index/<hex>`; files only): read
@@ -216,7 +231,13 @@ impl FileIndex {
     pub fn encode_wire(&self) -> Vec<u8> {
         let files = self.files.iter().map(|f| FILE_FIXED + f.path.len()).sum::<usize>();
         let skeleton = self.skeleton.as_ref().map_or(0, |s| 8 + s.len());
-        let mut out = Vec::with_capacity(57 + FRAME_BYTES * self.frames.len() + files + skeleton);
+        let size = 57 + FRAME_BYTES * self.frames.len() + files + skeleton;
+        // Compressed as it is laid out, a piece at a time: laid out whole first (and zstd's
+        // room for as much again), an index of long paths took twice its size in memory. The
+        // size is known, so the frame says it (a node sets that much aside to read it into).
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), WIRE_LEVEL).expect("a zstd encoder");
+        encoder.set_pledged_src_size(Some(size as u64)).expect("a size before any byte");
+        let mut out = Vec::with_capacity(WIRE_PIECE + FILE_FIXED + 4096);
         out.extend_from_slice(WIRE_MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(self.artifact.as_bytes());
@@ -226,20 +247,24 @@ impl FileIndex {
                 out.extend_from_slice(&n.to_le_bytes());
             }
             out.extend_from_slice(frame.sha256.as_bytes());
+            spill(&mut out, &mut encoder, WIRE_PIECE);
         }
         out.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
         for file in &self.files {
             put_file(&mut out, file);
+            spill(&mut out, &mut encoder, WIRE_PIECE);
         }
         match &self.skeleton {
             None => out.push(0),
             Some(skeleton) => {
                 out.push(1);
                 out.extend_from_slice(&(skeleton.len() as u64).to_le_bytes());
-                out.extend_from_slice(skeleton);
+                spill(&mut out, &mut encoder, 0);
+                encoder.write_all(skeleton).expect("compressing into memory does not fail");
             }
         }
-        zstd::bulk::compress(&out, WIRE_LEVEL).expect("compressing into memory does not fail")
+        spill(&mut out, &mut encoder, 0);
+        encoder.finish().expect("compressing into memory does not fail")
     }
 
     /// Reads [`encode_wire`](Self::encode_wire)'s form back (bytes from the network: nothing
@@ -326,6 +351,17 @@ impl FileIndex {
 }
 
 /// One file in the compact forms ([`FileIndex::encode_kept`]).
+/// How much of the sent form is laid out before it goes to zstd.
+const WIRE_PIECE: usize = 64 << 10;
+
+/// `out`, once it holds `at_least` bytes, handed to `encoder` and emptied.
+fn spill(out: &mut Vec<u8>, encoder: &mut impl io::Write, at_least: usize) {
+    if out.len() >= at_least {
+        encoder.write_all(out).expect("compressing into memory does not fail");
+        out.clear();
+    }
+}
+
 fn put_file(out: &mut Vec<u8>, file: &IndexedFile) {
     out.push(u8::from(file.executable));
     out.extend_from_slice(&file.size.to_le_bytes());
@@ -403,24 +439,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A buffer that takes `room` bytes at most (and holds no more memory); past it, a write
-/// fails.
-struct Capped {
-    bytes: Vec<u8>,
-    room: usize,
+/// A writer that passes on `room` bytes at most; past it, a write fails.
+struct Capped<W> {
+    inner: W,
+    written: u64,
+    room: u64,
 }
 
-impl io::Write for Capped {
+impl<W: io::Write> io::Write for Capped<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let take = buf.len().min(self.room - self.bytes.len());
-        // Grown as a Vec grows, but never past the room (doubling from half of it would take
-        // twice the room).
-        let needed = self.bytes.len() + take;
-        if needed > self.bytes.capacity() {
-            let grown = (2 * self.bytes.capacity()).max(needed).min(self.room);
-            self.bytes.reserve_exact(grown - self.bytes.len());
-        }
-        self.bytes.extend_from_slice(&buf[..take]);
+        let take = buf.len().min((self.room - self.written) as usize);
+        self.inner.write_all(&buf[..take])?;
+        self.written += take as u64;
         match take < buf.len() {
             true => Err(io::Error::other("larger than an index is read")),
             false => Ok(take),

@@ -7,6 +7,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::check::{Entry, Visitor};
 use super::index::IndexedFile;
+use super::skeleton::SharedBuilder;
 use crate::digest::Digest;
 
 /// What a listed file adds to its index's JSON beside its path, at the least: the field names,
@@ -34,9 +35,11 @@ pub struct Indexing<'a> {
     /// `files` is emptied and nothing more is listed or hashed: an upload of 500,000 files
     /// with 4 KiB paths (a few MiB of zstd) held 2 GiB of paths before it was refused at the
     /// end.
-    pub budget: Option<u64>,
+    budget: Option<u64>,
     /// Set once the files listed passed the budget.
     pub over_budget: bool,
+    /// The skeleton being built beside the listing, in what of the budget the listing leaves.
+    skeleton: Option<SharedBuilder>,
     listed: u64,
     buffer: Vec<u8>,
 }
@@ -50,9 +53,18 @@ impl<'a> Indexing<'a> {
             unhashed_files: Vec::new(),
             budget: None,
             over_budget: false,
+            skeleton: None,
             listed: 0,
             buffer: vec![0; 256 << 10],
         }
+    }
+
+    /// Lists files while their index takes at most `budget` bytes of JSON, beside `skeleton`
+    /// (base64, 4/3 of its compressed bytes) in what they leave of it.
+    pub(super) fn within(&mut self, budget: u64, skeleton: SharedBuilder) {
+        skeleton.borrow_mut().set_room(budget / 4 * 3);
+        self.budget = Some(budget);
+        self.skeleton = Some(skeleton);
     }
 }
 
@@ -73,6 +85,9 @@ impl Visitor for Indexing<'_> {
         if let Some(budget) = self.budget {
             self.listed += LISTED_FILE_BYTES + json_len(path.as_str());
             self.over_budget |= self.listed > budget;
+            if let Some(skeleton) = &self.skeleton {
+                skeleton.borrow_mut().set_room(budget.saturating_sub(self.listed) / 4 * 3);
+            }
         }
         if self.over_budget {
             self.files = Vec::new();

@@ -26,7 +26,7 @@ mod skeleton;
 #[cfg(test)]
 mod skeleton_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use check::{
     CheckOptions, Entry, Listing, Summary, Visitor, WalkError, check, index, walk, walk_tar, walk_tar_seeking,

@@ -146,6 +146,18 @@ mod tests {
         let (stored, readable) = gap.encode_checked();
         assert!(readable.is_err());
         assert!(SentIndex::read(&stored, artifact).is_err());
+        assert!(matches!(gap.into_readable(), Err(IndexError::Frames(_))));
+
+        // A skeleton whose base64 alone passes what a reader takes: the index is kept
+        // without it (its files shared on the nodes, the artifact fetched whole).
+        let (kept, stored) = index.clone().into_readable().unwrap();
+        assert_eq!(kept, index, "one that fits is kept whole");
+        assert_eq!(FileIndex::decode(&stored, artifact).unwrap(), index);
+        let large = vec![0u8; (super::super::MAX_INDEX_BYTES / 4 * 3) as usize + 1];
+        let (kept, stored) = index.clone().with_skeleton(Some(large)).into_readable().unwrap();
+        assert_eq!(kept, index.clone().with_skeleton(None));
+        assert_eq!(FileIndex::decode(&stored, artifact).unwrap(), kept);
+        assert!(!SentIndex::of(kept).sparse);
     }
 
     #[test]

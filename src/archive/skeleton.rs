@@ -24,6 +24,12 @@ pub(super) struct SkeletonBuilder {
     /// ([`MAX_INDEX_BYTES`], hundreds of thousands of long-named entries) is not kept at all.
     kept: u64,
     limit: u64,
+    /// The most compressed bytes kept. The skeleton goes into its index's JSON as base64 (4/3
+    /// of it) beside the files listed, within one budget: the listing narrows the room as it
+    /// grows ([`set_room`](Self::set_room)). Global PAX headers of random bytes, which the
+    /// walk passes over and zstd cannot shrink, held hundreds of MiB here after the listing
+    /// had given up.
+    room: u64,
 }
 
 pub(super) type SharedBuilder = Rc<RefCell<SkeletonBuilder>>;
@@ -35,7 +41,22 @@ impl SkeletonBuilder {
 
     pub(super) fn shared_with_limit(limit: u64) -> SharedBuilder {
         let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).ok();
-        Rc::new(RefCell::new(SkeletonBuilder { encoder, pos: 0, cut_until: 0, kept: 0, limit }))
+        let room = MAX_INDEX_BYTES / 4 * 3;
+        Rc::new(RefCell::new(SkeletonBuilder { encoder, pos: 0, cut_until: 0, kept: 0, limit, room }))
+    }
+
+    /// The most compressed bytes the skeleton may take from now on; past it, none is kept.
+    pub(super) fn set_room(&mut self, room: u64) {
+        self.room = room;
+        self.drop_past_room();
+    }
+
+    /// What zstd has handed out so far is checked (it holds a block or so more, counted by
+    /// [`finish`](Self::finish)).
+    fn drop_past_room(&mut self) {
+        if self.encoder.as_ref().is_some_and(|encoder| encoder.get_ref().len() as u64 > self.room) {
+            self.encoder = None;
+        }
     }
 
     /// The next bytes of the tar stream.
@@ -53,6 +74,7 @@ impl SkeletonBuilder {
         {
             self.encoder = None;
         }
+        self.drop_past_room();
     }
 
     /// A regular file's data, at `offset` for `size` bytes: not kept. The walk cuts before it
@@ -68,7 +90,13 @@ impl SkeletonBuilder {
     /// The compressed skeleton; `None` when it could not be made (the artifact is then
     /// fetched whole by every node).
     pub(super) fn finish(&mut self) -> Option<Vec<u8>> {
-        self.encoder.take()?.finish().ok()
+        self.encoder.take()?.finish().ok().filter(|skeleton| skeleton.len() as u64 <= self.room)
+    }
+
+    /// Whether a skeleton is still being kept.
+    #[cfg(test)]
+    pub(super) fn keeping(&self) -> bool {
+        self.encoder.is_some()
     }
 }
 

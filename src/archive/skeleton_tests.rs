@@ -160,17 +160,22 @@ fn a_skeleton_larger_than_a_node_reads_is_not_kept_and_the_artifact_is_fetched_w
 
 /// An index larger than a reader takes is not made: the listing stops at its budget (the
 /// skeleton goes with it: it is of use only beside the files), and the check is as before.
-/// The budget is estimated from below: past it, the index's JSON would be too.
+/// The budget is estimated from below: past it, the index's JSON would be too. The skeleton's
+/// base64 shares the budget: what the listing leaves, or none is kept.
 #[test]
 fn files_past_the_index_budget_are_not_listed_and_the_artifact_gets_no_index() {
     let (bytes, index) = packed();
     let needed: u64 = index.files.iter().map(|f| super::listing::LISTED_FILE_BYTES + f.path.len() as u64).sum();
+    let skeleton = index.skeleton.as_ref().unwrap().len() as u64;
     let listing = |budget| {
         super::check::index_keeping(&bytes[..], &options(), super::skeleton::SkeletonBuilder::shared(), budget).unwrap()
     };
-    let at = listing(needed);
-    assert_eq!(at.files.as_ref(), Some(&index.files), "at the budget: every file listed");
-    assert!(at.skeleton.is_some());
+    let whole = listing(needed + skeleton.div_ceil(3) * 4);
+    assert_eq!(whole.files.as_ref(), Some(&index.files), "room for both: every file listed");
+    assert_eq!(whole.skeleton, index.skeleton, "and the skeleton kept");
+    let at = listing(needed + skeleton.div_ceil(3) * 4 - 8);
+    assert_eq!((at.files.as_ref(), &at.skeleton), (Some(&index.files), &None), "less room: files only");
+    assert_eq!(listing(needed).files.as_ref(), Some(&index.files), "at the budget: every file listed");
     let over = listing(needed - 1);
     assert_eq!((over.files, over.skeleton), (None, None), "one byte over: no index");
     assert_eq!(over.summary, at.summary, "checked all the same");
@@ -182,4 +187,27 @@ fn files_past_the_index_budget_are_not_listed_and_the_artifact_gets_no_index() {
             file.path
         );
     }
+}
+
+/// What zstd cannot shrink (global PAX headers of random bytes, which the walk passes over)
+/// is dropped as soon as it passes the skeleton's room, not held to the end of the upload.
+#[test]
+fn a_skeleton_past_its_room_is_dropped_as_it_is_fed() {
+    let data = super::tests::noise(1, 4 << 20);
+    let builder = super::skeleton::SkeletonBuilder::shared();
+    builder.borrow_mut().set_room(256 << 10);
+    let mut fed = 0;
+    while builder.borrow().keeping() && fed < data.len() {
+        builder.borrow_mut().feed(&data[fed..fed + (64 << 10)]);
+        fed += 64 << 10;
+    }
+    assert!(fed <= 1 << 20, "dropped only after {fed} bytes, with room for 256 KiB");
+    assert_eq!(builder.borrow_mut().finish(), None);
+
+    let builder = super::skeleton::SkeletonBuilder::shared();
+    builder.borrow_mut().feed(&data[..1 << 20]);
+    builder.borrow_mut().set_room(1 << 20);
+    assert!(builder.borrow().keeping(), "1 MiB fed, room for 1 MiB compressed");
+    builder.borrow_mut().set_room(512 << 10);
+    assert!(!builder.borrow().keeping(), "the room narrowed below what is kept: dropped at once");
 }

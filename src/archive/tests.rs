@@ -15,6 +15,19 @@ fn options() -> CheckOptions {
     CheckOptions { max_unpacked_bytes: 1 << 30, max_files: 1000, shared: vec![], record_migrations: true }
 }
 
+/// Bytes that do not compress, the same for the same seed.
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 fn pack_bytes(dir: &Path) -> (Packed, Vec<u8>) {
     pack_to_writer(dir, &[], Vec::new(), &mut |_| {}).unwrap()
 }

@@ -11,23 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use super::share::read_kept;
 use super::*;
+use crate::archive::tests::noise;
 use crate::archive::{self, CheckOptions, FrameScanner};
 
 /// A tree to package: relative path → content (`bin/*` executable).
 type Tree = BTreeMap<String, Vec<u8>>;
-
-/// Bytes that do not compress, the same for the same seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// 120 files of 9 KiB (about 9 frames), one executable, a symlink and an empty file.
 fn first() -> Tree {
