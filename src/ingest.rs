@@ -277,7 +277,11 @@ impl Ingestor {
                 return Err(IngestError::DigestMismatch { expected, actual: received.digest });
             }
         }
-        let staged = match upload.finish().await {
+        // The index is made (seconds of CPU for the largest) while the store finishes the
+        // upload, and before the guard below, which a purge waits for (and uploads behind it).
+        let made = make_index(received.digest, received.files, received.frames, received.skeleton);
+        let (finished, made) = tokio::join!(upload.finish(), made);
+        let staged = match finished {
             Ok(staged) => staged,
             Err(e) => {
                 *clean = false;
@@ -302,9 +306,9 @@ impl Ingestor {
         // same upload, repeated, writes again to the same key. None when reading it back
         // would refuse it: larger than any reader takes (the listing stopped at the ingest's
         // budget, or its JSON at the limit), or a frame table that does not hold together.
-        let index = match received.files {
-            Some(files) => self.put_index(received.digest, files, received.frames, received.skeleton).await?,
-            None => Err(IndexError::TooLarge),
+        let index = match made {
+            Ok((stored, sent)) => Ok(self.put_index(stored, sent).await?),
+            Err(why) => Err(why),
         };
         let index = index
             .inspect_err(|why| {
@@ -357,32 +361,14 @@ impl Ingestor {
         Ok(recorded)
     }
 
-    /// Stores the index of an upload's `files`, and keeps it ready to send for the deploy that
-    /// usually follows (what reading the stored form back would give, without reading it). An
-    /// index that reading back would refuse (too large, a frame table that does not hold
-    /// together) is not stored: why, instead.
-    async fn put_index(
-        &self,
-        digest: Digest,
-        files: Vec<IndexedFile>,
-        frames: Vec<Frame>,
-        skeleton: Option<Vec<u8>>,
-    ) -> Result<Result<ArtifactIndex, IndexError>, IngestError> {
-        let count = files.len() as u64;
-        let made = tokio::task::spawn_blocking(move || {
-            let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
-            index.into_readable().map(|(index, stored)| (stored, SentIndex::of(index)))
-        })
-        .await
-        .expect("encoding an index does not panic");
-        let (stored, sent) = match made {
-            Ok(made) => made,
-            Err(why) => return Ok(Err(why)),
-        };
+    /// Stores an upload's index, and keeps it ready to send for the deploy that usually
+    /// follows (what reading the stored form back would give, without reading it).
+    async fn put_index(&self, stored: Vec<u8>, sent: SentIndex) -> Result<ArtifactIndex, IngestError> {
         let size = stored.len() as u64;
-        let index = ArtifactIndex { sha256: self.store.put_index(stored).await?, files: count, size };
+        let files = sent.files as u64;
+        let index = ArtifactIndex { sha256: self.store.put_index(stored).await?, files, size };
         self.indexes.keep(index.sha256, Arc::new(sent));
-        Ok(Ok(index))
+        Ok(index)
     }
 
     fn check_options(&self, service: &str) -> CheckOptions {
@@ -395,6 +381,24 @@ impl Ingestor {
             record_migrations: configured.is_none_or(|s| s.kind == ServiceKind::Laravel),
         }
     }
+}
+
+/// The stored form of an upload's index and the form kept ready to send; why not, when reading
+/// it back would refuse it (too large: the listing stopped at the ingest's budget, or its
+/// JSON at the limit; a frame table that does not hold together).
+async fn make_index(
+    digest: Digest,
+    files: Option<Vec<IndexedFile>>,
+    frames: Vec<Frame>,
+    skeleton: Option<Vec<u8>>,
+) -> Result<(Vec<u8>, SentIndex), IndexError> {
+    let files = files.ok_or(IndexError::TooLarge)?;
+    tokio::task::spawn_blocking(move || {
+        let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
+        index.into_readable().map(|(index, stored)| (stored, SentIndex::of(index)))
+    })
+    .await
+    .expect("encoding an index does not panic")
 }
 
 /// May this token upload this request's artifact: the role, a well-formed request, the
