@@ -32,7 +32,7 @@ pub const OLDEST_INDEX_VERSION: u32 = 2;
 
 /// The largest decompressed index read back (an index of the largest archive `limits.max_files`
 /// allows is far below it with paths of usual lengths; one of long paths is not made at all,
-/// see [`Indexing::budget`](super::Indexing::budget)): bounds what a corrupt or hostile stored index can make a reader
+/// see `listing::Indexing::within`): bounds what a corrupt or hostile stored index can make a reader
 /// allocate.
 pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
@@ -350,7 +350,6 @@ impl FileIndex {
     }
 }
 
-/// One file in the compact forms ([`FileIndex::encode_kept`]).
 /// How much of the sent form is laid out before it goes to zstd.
 const WIRE_PIECE: usize = 64 << 10;
 
@@ -362,6 +361,7 @@ fn spill(out: &mut Vec<u8>, encoder: &mut impl io::Write, at_least: usize) {
     }
 }
 
+/// One file in the compact forms ([`FileIndex::encode_kept`]).
 fn put_file(out: &mut Vec<u8>, file: &IndexedFile) {
     out.push(u8::from(file.executable));
     out.extend_from_slice(&file.size.to_le_bytes());

@@ -41,7 +41,7 @@ impl SentIndex {
             tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
             index.skeleton = None;
         }
-        // Copied to a buffer of its own length: zstd's has room for the uncompressed form.
+        // Copied to a buffer of its own length: the streamed output grew by doubling.
         let wire = index.encode_wire().as_slice().to_vec();
         SentIndex {
             artifact: index.artifact,
