@@ -47,6 +47,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
         };
         // A certificate that does not load stops the start before anything else is opened.
         let tls = config.tls.as_ref().map(server::Tls::load).transpose().map_err(|e| Failure::new(exit::FAILED, e))?;
+        // Every signal handled from here, before "listening" is logged: a HUP or TERM sent as
+        // soon as the server says it listens (`systemctl reload` right after start, a test)
+        // must find its handler, not the default action, which ends the process.
+        match &tls {
+            Some(tls) => drop(std::sync::Arc::clone(tls).reload_on_sighup()?),
+            // Handled all the same: a `systemctl reload` or a stray HUP must not stop the server.
+            None => drop(ignore_sighup()?),
+        }
+        let stopped = shutdown_signal()?;
         // Bound first: while the registry and the store are opened, clients wait in the
         // listen backlog instead of being refused. Deploys a stopped server left are resolved
         // in the background once it serves (Releases::start).
@@ -55,14 +64,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let local = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(addr = %local, "listening on {scheme}://{local}");
-        match &tls {
-            Some(tls) => drop(std::sync::Arc::clone(tls).reload_on_sighup()?),
-            // Handled all the same: a `systemctl reload` or a stray HUP must not stop the server.
-            None => drop(ignore_sighup()?),
-        }
         let releases = opened.state.releases.clone();
         let stopping = async move {
-            shutdown_signal().await;
+            stopped.await;
             releases.stop_waiting(); // followers waiting for a change answer now
         };
         server::serve_tls(listener, server::router(opened.state.clone()), opened.state.config.limits, tls, stopping)
@@ -111,15 +115,18 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Completes on SIGTERM or SIGINT; requests in flight are then finished.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on either, and requests
+/// in flight are then finished.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 /// Logs each SIGHUP (there is nothing to reload without TLS) instead of dying of it.
