@@ -307,7 +307,7 @@ impl Ingestor {
         // would refuse it: larger than any reader takes (the listing stopped at the ingest's
         // budget, or its JSON at the limit), or a frame table that does not hold together.
         let index = match made {
-            Ok((stored, sent)) => Ok(self.put_index(stored, sent).await?),
+            Ok(made) => Ok(self.put_index(made).await?),
             Err(why) => Err(why),
         };
         let index = index
@@ -363,11 +363,12 @@ impl Ingestor {
 
     /// Stores an upload's index, and keeps it ready to send for the deploy that usually
     /// follows (what reading the stored form back would give, without reading it).
-    async fn put_index(&self, stored: Vec<u8>, sent: SentIndex) -> Result<ArtifactIndex, IngestError> {
-        let size = stored.len() as u64;
-        let files = sent.files as u64;
-        let index = ArtifactIndex { sha256: self.store.put_index(stored).await?, files, size };
-        self.indexes.keep(index.sha256, Arc::new(sent));
+    async fn put_index(&self, made: MadeIndex) -> Result<ArtifactIndex, IngestError> {
+        let size = made.stored.len() as u64;
+        let index = ArtifactIndex { sha256: self.store.put_index(made.stored).await?, files: made.files, size };
+        if let Some(sent) = made.sent {
+            self.indexes.keep(index.sha256, Arc::new(sent));
+        }
         Ok(index)
     }
 
@@ -383,6 +384,15 @@ impl Ingestor {
     }
 }
 
+/// An upload's index as the store gets it, and as it is kept ready to send.
+struct MadeIndex {
+    stored: Vec<u8>,
+    /// How many files it lists.
+    files: u64,
+    /// `None` when too large to keep (a deploy reads it from the store).
+    sent: Option<SentIndex>,
+}
+
 /// The stored form of an upload's index and the form kept ready to send; why not, when reading
 /// it back would refuse it (too large: the listing stopped at the ingest's budget, or its
 /// JSON at the limit; a frame table that does not hold together).
@@ -391,11 +401,13 @@ async fn make_index(
     files: Option<Vec<IndexedFile>>,
     frames: Vec<Frame>,
     skeleton: Option<Vec<u8>>,
-) -> Result<(Vec<u8>, SentIndex), IndexError> {
+) -> Result<MadeIndex, IndexError> {
     let files = files.ok_or(IndexError::TooLarge)?;
     tokio::task::spawn_blocking(move || {
         let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
-        index.into_readable().map(|(index, stored)| (stored, SentIndex::of(index)))
+        let (index, stored) = index.into_readable()?;
+        let files = index.files.len() as u64;
+        Ok(MadeIndex { stored, files, sent: SentIndex::to_keep(index) })
     })
     .await
     .expect("encoding an index does not panic")

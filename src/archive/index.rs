@@ -21,6 +21,7 @@ use std::io::{self, Read, Write as _};
 use serde::{Deserialize, Serialize};
 
 use super::frames::Frame;
+use super::spill::{Capped, Spilling};
 use crate::digest::Digest;
 
 /// The format written today. 1: files only; 2: with the frame table; 3: with the skeleton.
@@ -103,6 +104,8 @@ pub enum IndexError {
     Frames(String),
     #[error("the sent index does not read: {0}")]
     Wire(String),
+    #[error("the index is larger than a prepare sends ({} bytes in its wire form)", super::sent::MAX_WIRE_BYTES)]
+    TooLargeToSend,
 }
 
 impl FileIndex {
@@ -158,21 +161,18 @@ impl FileIndex {
     /// [`encode`](Self::encode)'s form, and whether [`decode`](Self::decode) reads it back: it
     /// refuses more than [`MAX_INDEX_BYTES`] of JSON and a frame table that does not hold
     /// together (an upload keeps in memory only an index a deploy could read from the store).
-    /// The JSON goes to zstd as it is written, never whole, and stops one byte past what a
-    /// reader takes: an index larger than that (escaped paths, a skeleton's base64, a long
-    /// frame table) is refused without being made, and its stored form is that first part,
-    /// which no reader takes either.
+    /// The JSON is held whole up to 16 MiB (see [`Spilling`]), past it goes to zstd as it is
+    /// written, and it stops one byte past what a reader takes: an index larger than that
+    /// (escaped paths, a skeleton's base64, a long frame table) is refused without being made,
+    /// and its stored form is that first part, which no reader takes either.
     pub fn encode_checked(&self) -> (Vec<u8>, Result<(), IndexError>) {
-        let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("a zstd encoder at level 3");
-        // serde_json writes a few bytes at a time.
-        let buffered = io::BufWriter::with_capacity(64 << 10, encoder);
-        let mut json = Capped { inner: buffered, written: 0, room: MAX_INDEX_BYTES + 1 };
+        let mut json = Capped::new(Spilling::default(), MAX_INDEX_BYTES + 1);
         let whole = serde_json::to_writer(&mut json, self).is_ok();
         let readable = match whole && json.written <= MAX_INDEX_BYTES {
             true => self.check_frames(),
             false => Err(IndexError::TooLarge),
         };
-        let compressed = json.inner.into_inner().map_err(|e| e.into_error()).and_then(|encoder| encoder.finish());
+        let compressed = json.inner.finish();
         (compressed.expect("compressing into memory does not fail"), readable)
     }
 
@@ -229,6 +229,12 @@ impl FileIndex {
     /// ([`encode_kept`](Self::encode_kept)); then the skeleton: 0, or 1, its length (8) and its
     /// bytes. Nothing after.
     pub fn encode_wire(&self) -> Vec<u8> {
+        self.encode_wire_within(usize::MAX).expect("no limit")
+    }
+
+    /// [`encode_wire`](Self::encode_wire)'s form if it takes at most `limit` bytes; given up
+    /// as soon as what is compressed passes it (a skeleton of random bytes does not shrink).
+    pub fn encode_wire_within(&self, limit: usize) -> Option<Vec<u8>> {
         let files = self.files.iter().map(|f| FILE_FIXED + f.path.len()).sum::<usize>();
         let skeleton = self.skeleton.as_ref().map_or(0, |s| 8 + s.len());
         let size = 57 + FRAME_BYTES * self.frames.len() + files + skeleton;
@@ -247,24 +253,28 @@ impl FileIndex {
                 out.extend_from_slice(&n.to_le_bytes());
             }
             out.extend_from_slice(frame.sha256.as_bytes());
-            spill(&mut out, &mut encoder, WIRE_PIECE);
+            spill(&mut out, &mut encoder, WIRE_PIECE, limit)?;
         }
         out.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
         for file in &self.files {
             put_file(&mut out, file);
-            spill(&mut out, &mut encoder, WIRE_PIECE);
+            spill(&mut out, &mut encoder, WIRE_PIECE, limit)?;
         }
         match &self.skeleton {
             None => out.push(0),
             Some(skeleton) => {
                 out.push(1);
                 out.extend_from_slice(&(skeleton.len() as u64).to_le_bytes());
-                spill(&mut out, &mut encoder, 0);
-                encoder.write_all(skeleton).expect("compressing into memory does not fail");
+                spill(&mut out, &mut encoder, 0, limit)?;
+                for piece in skeleton.chunks(WIRE_PIECE) {
+                    out.extend_from_slice(piece);
+                    spill(&mut out, &mut encoder, 0, limit)?;
+                }
             }
         }
-        spill(&mut out, &mut encoder, 0);
-        encoder.finish().expect("compressing into memory does not fail")
+        spill(&mut out, &mut encoder, 0, limit)?;
+        let wire = encoder.finish().expect("compressing into memory does not fail");
+        (wire.len() <= limit).then_some(wire)
     }
 
     /// Reads [`encode_wire`](Self::encode_wire)'s form back (bytes from the network: nothing
@@ -353,12 +363,19 @@ impl FileIndex {
 /// How much of the sent form is laid out before it goes to zstd.
 const WIRE_PIECE: usize = 64 << 10;
 
-/// `out`, once it holds `at_least` bytes, handed to `encoder` and emptied.
-fn spill(out: &mut Vec<u8>, encoder: &mut impl io::Write, at_least: usize) {
+/// `out`, once it holds `at_least` bytes, handed to `encoder` and emptied; `None` once what
+/// `encoder` has made passes `limit`.
+fn spill(
+    out: &mut Vec<u8>,
+    encoder: &mut zstd::stream::write::Encoder<Vec<u8>>,
+    at_least: usize,
+    limit: usize,
+) -> Option<()> {
     if out.len() >= at_least {
         encoder.write_all(out).expect("compressing into memory does not fail");
         out.clear();
     }
+    (encoder.get_ref().len() <= limit).then_some(())
 }
 
 /// One file in the compact forms ([`FileIndex::encode_kept`]).
@@ -439,29 +456,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A writer that passes on `room` bytes at most; past it, a write fails.
-struct Capped<W> {
-    inner: W,
-    written: u64,
-    room: u64,
-}
-
-impl<W: io::Write> io::Write for Capped<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let take = buf.len().min((self.room - self.written) as usize);
-        self.inner.write_all(&buf[..take])?;
-        self.written += take as u64;
-        match take < buf.len() {
-            true => Err(io::Error::other("larger than an index is read")),
-            false => Ok(take),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// `Option<Vec<u8>>` as base64 text in JSON.
 pub mod base64_bytes {
     use base64::Engine as _;
@@ -470,7 +464,9 @@ pub mod base64_bytes {
 
     pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
         match bytes {
-            Some(bytes) => serializer.serialize_str(&STANDARD.encode(bytes)),
+            // Written as it is encoded, not made whole first: a skeleton's base64 is up to
+            // 4/3 of 192 MiB.
+            Some(bytes) => serializer.collect_str(&base64::display::Base64Display::new(bytes, &STANDARD)),
             None => serializer.serialize_none(),
         }
     }

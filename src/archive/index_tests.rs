@@ -68,6 +68,9 @@ fn the_sent_form_reads_back_as_the_same_index_with_frames_and_skeleton_or_withou
     assert_eq!(wire, index.clone().encode_wire(), "the same index, the same bytes");
     assert_eq!(FileIndex::decode_wire(&wire, index.artifact).unwrap(), index);
     assert!(wire.len() < index.encode().len(), "{} bytes sent, {} stored", wire.len(), index.encode().len());
+    // The stored form is what every build before made of it: the same name in the store.
+    let json = serde_json::to_vec(&index).unwrap();
+    assert_eq!(index.encode(), zstd::bulk::compress(&json, 3).unwrap());
     // Its frame says how large it is, so a node reads it into a buffer of that size at once.
     let claimed = zstd::zstd_safe::get_frame_content_size(&wire).unwrap();
     assert_eq!(claimed, Some(raw(&index).len() as u64));

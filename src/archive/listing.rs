@@ -62,10 +62,16 @@ impl<'a> Indexing<'a> {
     /// Lists files while their index takes at most `budget` bytes of JSON, beside `skeleton`
     /// (base64, 4/3 of its compressed bytes) in what they leave of it.
     pub(super) fn within(&mut self, budget: u64, skeleton: SharedBuilder) {
-        skeleton.borrow_mut().set_room(budget / 4 * 3);
+        skeleton.borrow_mut().set_room(skeleton_room(budget));
         self.budget = Some(budget);
         self.skeleton = Some(skeleton);
     }
+}
+
+/// What a skeleton may take of `left` bytes of JSON (its base64 is 4/3 of it), and never more
+/// than a prepare sends: a larger one is useless, since no node would get it.
+fn skeleton_room(left: u64) -> u64 {
+    (left / 4 * 3).min(super::MAX_WIRE_BYTES as u64)
 }
 
 impl Visitor for Indexing<'_> {
@@ -86,7 +92,7 @@ impl Visitor for Indexing<'_> {
             self.listed += LISTED_FILE_BYTES + json_len(path.as_str());
             self.over_budget |= self.listed > budget;
             if let Some(skeleton) = &self.skeleton {
-                skeleton.borrow_mut().set_room(budget.saturating_sub(self.listed) / 4 * 3);
+                skeleton.borrow_mut().set_room(skeleton_room(budget.saturating_sub(self.listed)));
             }
         }
         if self.over_budget {

@@ -25,6 +25,7 @@ mod sent;
 mod skeleton;
 #[cfg(test)]
 mod skeleton_tests;
+mod spill;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -44,7 +45,7 @@ pub use rules::{
     MAX_SYMLINKS, RelPath,
 };
 pub use scan::FrameScanner;
-pub use sent::{SentIndex, SentIndexes};
+pub use sent::{MAX_WIRE_BYTES, SentIndex, SentIndexes};
 pub use skeleton::Skeleton;
 
 /// The first four bytes of every zstd frame.

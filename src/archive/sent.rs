@@ -27,22 +27,60 @@ pub struct SentIndex {
 impl SentIndex {
     /// The stored index `bytes` of `artifact`, read and made ready to send.
     pub fn read(bytes: &[u8], artifact: Digest) -> Result<SentIndex, IndexError> {
-        Ok(SentIndex::of(FileIndex::decode(bytes, artifact)?))
+        SentIndex::of(FileIndex::decode(bytes, artifact)?)
     }
 
     /// `index` made ready to send, its skeleton checked in a few MiB whatever its size. A
-    /// skeleton that does not fit its index would fail every sparse prepare: it is sent
-    /// without one (nodes share files and fetch the artifact whole). An upload's index is made
-    /// ready only when [`FileIndex::decode`] would read its stored form back (its
-    /// [`FileIndex::encode_checked`]), so that a deploy finds the same in memory as in the store.
-    pub fn of(mut index: FileIndex) -> SentIndex {
-        if let Err(e) = Skeleton::check(&index) {
+    /// skeleton that does not fit its index, or that takes the wire form past
+    /// [`MAX_WIRE_BYTES`], would fail (or never reach) every sparse prepare: the index is sent
+    /// without one (nodes share files and fetch the artifact whole). Refused when even its
+    /// files take it past that.
+    pub fn of(index: FileIndex) -> Result<SentIndex, IndexError> {
+        SentIndex::within(index, MAX_WIRE_BYTES)
+    }
+
+    fn within(mut index: FileIndex, limit: usize) -> Result<SentIndex, IndexError> {
+        SentIndex::check_skeleton(&mut index);
+        let wire = match index.encode_wire_within(limit) {
+            Some(wire) => wire,
+            None if index.skeleton.is_some() => {
+                let artifact = index.artifact;
+                tracing::warn!(%artifact, "the index's skeleton is too large to send: nodes fetch the whole artifact");
+                index.skeleton = None;
+                index.encode_wire_within(limit).ok_or(IndexError::TooLargeToSend)?
+            }
+            None => return Err(IndexError::TooLargeToSend),
+        };
+        Ok(SentIndex::with_wire(index, wire))
+    }
+
+    /// What an upload keeps of its index for the deploy that usually follows: [`of`]'s form
+    /// when it is small enough to keep ([`SentIndexes::keep`]); a larger one is not made (a
+    /// deploy reads it from the store). An upload's index is made ready only when
+    /// [`FileIndex::decode`] would read its stored form back (its
+    /// [`FileIndex::encode_checked`]), so that a deploy finds the same in memory as in the
+    /// store.
+    ///
+    /// [`of`]: SentIndex::of
+    pub fn to_keep(mut index: FileIndex) -> Option<SentIndex> {
+        SentIndex::check_skeleton(&mut index);
+        // As small as that, it is what `of` makes of it: `of` drops a skeleton only past
+        // MAX_WIRE_BYTES.
+        let wire = index.encode_wire_within(KEPT_BYTES / 4)?;
+        Some(SentIndex::with_wire(index, wire))
+    }
+
+    fn check_skeleton(index: &mut FileIndex) {
+        if let Err(e) = Skeleton::check(index) {
             let artifact = index.artifact;
             tracing::warn!(%artifact, error = %e, "the index's skeleton does not fit it: nodes fetch the whole artifact");
             index.skeleton = None;
         }
-        // Copied to a buffer of its own length: the streamed output grew by doubling.
-        let wire = index.encode_wire().as_slice().to_vec();
+    }
+
+    fn with_wire(mut index: FileIndex, mut wire: Vec<u8>) -> SentIndex {
+        // The streamed output grew by doubling.
+        wire.shrink_to_fit();
         SentIndex {
             artifact: index.artifact,
             wire,
@@ -70,6 +108,11 @@ pub struct SentIndexes {
 
 const KEPT: usize = 16;
 const KEPT_BYTES: usize = 32 << 20;
+
+/// The most an index's wire form may take: a prepare's request line carries its base64, at
+/// most 64 MiB, which a node reads whole and the server writes for every node at once
+/// (`parallel`). A larger skeleton is useless: the ingest stops building it there.
+pub const MAX_WIRE_BYTES: usize = 48 << 20;
 
 impl SentIndexes {
     /// The index stored as `stored`, if kept; it becomes the most recently used.
@@ -122,20 +165,12 @@ mod tests {
     /// nothing where that read would refuse.
     #[test]
     fn an_index_made_ready_at_upload_is_the_one_read_back_from_its_stored_form() {
-        let frame = |n: u64| Frame {
-            offset: n * 100,
-            length: 100,
-            raw_offset: n * 1000,
-            raw_length: 1000,
-            sha256: Digest::of(&n.to_le_bytes()),
-        };
-        let artifact = Digest::of(b"a");
-        let index = FileIndex::new(artifact, vec![])
-            .with_frames((0..10).map(frame).collect())
-            .with_skeleton(Some(zstd::bulk::compress(&[0u8; 10_000], 3).unwrap()));
+        let index = sparse_index();
+        let artifact = index.artifact;
         let (stored, readable) = index.encode_checked();
         assert!(readable.is_ok());
-        let kept = SentIndex::of(index.clone());
+        let kept = SentIndex::of(index.clone()).unwrap();
+        assert_eq!(Some(&kept), SentIndex::to_keep(index.clone()).as_ref());
         assert!(kept.sparse);
         assert_eq!(kept, SentIndex::read(&stored, artifact).unwrap());
         assert_eq!(kept.wire.capacity(), kept.wire.len(), "no room for the uncompressed form kept");
@@ -157,7 +192,59 @@ mod tests {
         let (kept, stored) = index.clone().with_skeleton(Some(large)).into_readable().unwrap();
         assert_eq!(kept, index.clone().with_skeleton(None));
         assert_eq!(FileIndex::decode(&stored, artifact).unwrap(), kept);
-        assert!(!SentIndex::of(kept).sparse);
+        assert!(!SentIndex::of(kept).unwrap().sparse);
+    }
+
+    /// An index whose skeleton fits it: ten frames of a tar stream of 10,000 zero bytes.
+    fn sparse_index() -> FileIndex {
+        let frame = |n: u64| Frame {
+            offset: n * 100,
+            length: 100,
+            raw_offset: n * 1000,
+            raw_length: 1000,
+            sha256: Digest::of(&n.to_le_bytes()),
+        };
+        FileIndex::new(Digest::of(b"a"), vec![])
+            .with_frames((0..10).map(frame).collect())
+            .with_skeleton(Some(zstd::bulk::compress(&[0u8; 10_000], 3).unwrap()))
+    }
+
+    /// A wire form is given up as soon as it passes its limit; one that passes what a prepare
+    /// sends goes without its skeleton (the files still go), and an upload keeps no sent form
+    /// larger than it would keep.
+    #[test]
+    fn a_skeleton_too_large_to_send_is_dropped_and_an_index_too_large_to_keep_is_not_made() {
+        let index = sparse_index();
+        let made = index.encode_wire();
+        assert_eq!(index.encode_wire_within(made.len()), Some(made.clone()), "a limit of its very size");
+        assert_eq!(index.encode_wire_within(made.len() - 1), None, "one byte less");
+
+        let whole = SentIndex::within(index.clone(), made.len()).unwrap();
+        assert!(whole.sparse);
+        let bare = SentIndex::within(index.clone(), made.len() - 1).unwrap();
+        assert!(!bare.sparse, "the skeleton dropped");
+        assert_eq!(bare.wire, index.clone().with_skeleton(None).encode_wire());
+        assert_eq!(bare.frames, whole.frames, "the frames still sent");
+        let frames_only = index.clone().with_skeleton(None).encode_wire().len();
+        assert!(matches!(SentIndex::within(index.clone(), frames_only - 1), Err(IndexError::TooLargeToSend)));
+
+        // Long paths that compress to half: past a quarter of what is kept, not made.
+        let noise = crate::archive::tests::noise(3, 9 << 20);
+        let files: Vec<_> = noise
+            .chunks(1500)
+            .enumerate()
+            .map(|(n, bytes)| super::super::IndexedFile {
+                path: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                executable: false,
+                size: 0,
+                offset: 512 * n as u64,
+                sha256: Digest::of(b""),
+            })
+            .collect();
+        let long = FileIndex::new(index.artifact, files);
+        assert!(long.encode_wire().len() > KEPT_BYTES / 4);
+        assert_eq!(SentIndex::to_keep(long.clone()), None);
+        assert_eq!(SentIndex::to_keep(index.clone()), Some(whole));
     }
 
     #[test]

@@ -8,20 +8,10 @@
 use super::*;
 use crate::archive::{RunsError, SentIndex};
 
-/// The most an index may take on a prepare's request line (base64 of its wire form): a node
-/// reads that line whole, and the server writes it for every node at once (`parallel`). A
-/// larger index costs the sharing (and the sparse fetch).
-pub(super) const MAX_SENT_INDEX_BYTES: u64 = 64 << 20;
-
 /// The artifact's index for one deploy: read (or taken from the kept ones) the first time a
 /// node fetches, so that a rollback whose nodes all hold the release never reads it; shared by
 /// the nodes from then on.
 pub(super) type LazyIndex = tokio::sync::OnceCell<Option<Arc<SentIndex>>>;
-
-/// How many bytes `wire` takes on the request line (base64).
-pub(super) fn sent_bytes(wire: &[u8]) -> u64 {
-    (wire.len() as u64).div_ceil(3) * 4
-}
 
 /// The byte ranges of the artifact holding `frames`, a node's answer to which frames it lacks:
 /// taken only as numbers of the index's frames in strictly increasing order (what the node
@@ -213,10 +203,6 @@ impl NodeDeployer {
                 tracing::warn!(%artifact, index = %stored, described = %sent.artifact, "deploying without the file index: it describes another artifact");
                 None
             }
-            Ok(sent) if sent_bytes(&sent.wire) > MAX_SENT_INDEX_BYTES => {
-                tracing::warn!(%artifact, index = %stored, files = sent.files, "deploying without the file index: too large to send with every prepare");
-                None
-            }
             Ok(sent) => Some(sent),
             Err(e) => {
                 tracing::warn!(%artifact, index = %stored, error = %e, "deploying without the file index: nodes write every file");
@@ -237,17 +223,18 @@ mod tests {
     use crate::archive::FileIndex;
 
     #[test]
-    fn an_index_is_measured_as_the_base64_a_node_reads_and_frames_are_sent_in_runs() {
-        for len in [0usize, 1, 2, 3, 4, 1000] {
-            let stored = vec![7u8; len];
-            #[derive(serde::Serialize)]
-            struct Line {
-                #[serde(with = "crate::archive::base64_bytes")]
-                index: Option<Vec<u8>>,
-            }
-            let line = serde_json::to_string(&Line { index: Some(stored.clone()) }).unwrap();
+    fn the_largest_index_sent_takes_64_mib_on_the_request_line_and_frames_are_sent_in_runs() {
+        #[derive(serde::Serialize)]
+        struct Line {
+            #[serde(with = "crate::archive::base64_bytes")]
+            index: Option<Vec<u8>>,
+        }
+        for (len, base64) in
+            [(crate::archive::MAX_WIRE_BYTES, 64 << 20), (crate::archive::MAX_WIRE_BYTES + 1, (64 << 20) + 4)]
+        {
+            let line = serde_json::to_string(&Line { index: Some(vec![7u8; len]) }).unwrap();
             let b64 = line.split("\"index\":\"").nth(1).unwrap().split('"').next().unwrap();
-            assert_eq!(sent_bytes(&stored), b64.len() as u64);
+            assert_eq!(b64.len(), base64, "{len} bytes");
         }
         let frame = |n: u64| crate::archive::Frame {
             offset: n * 100,

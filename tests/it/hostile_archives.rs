@@ -6,7 +6,7 @@ use std::io::Write;
 
 use reqwest::StatusCode;
 
-use crate::support::archives::{DIRECTORY, REGULAR, RawTar, SYMLINK, zstd};
+use crate::support::archives::{DIRECTORY, REGULAR, RawTar, SYMLINK, letters, zstd};
 use crate::support::{Backend, TestServer};
 
 /// A `tar`+`zstd` stream compressed as it is written, entry by entry, so a hostile archive of
@@ -211,4 +211,64 @@ fn an_index_just_within_the_limit_is_stored_and_costs_about_its_listing() {
     let server = TestServer::start(Backend::Local);
     let body = long_named_files('y', 65_000);
     assert!(uploaded_cheaply(&server, "65,000 files x 3.6 KB paths", body, 65_000, 360 << 20), "the index is named");
+}
+
+/// One file after `headers` global PAX headers, each a `comment` of 64 KiB of letters, which
+/// zstd shrinks to about 60% and the walk passes over: all of it would go into the skeleton.
+fn global_headers(headers: u64) -> Vec<u8> {
+    let mut tar = Streamed::new();
+    for n in 0..headers {
+        let value = String::from_utf8(letters(n, (64 << 10) - 32)).unwrap();
+        let record = |len: usize| format!("{len} comment={value}\n");
+        let mut len = record(0).len();
+        while record(len).len() != len {
+            len = record(len).len();
+        }
+        tar.add(RawTar::new().entry("pax_global_header", b'g', 0o644, "", record(len).as_bytes()));
+    }
+    tar.add(RawTar::new().file("public/index.php", b"<?php echo 1;"));
+    tar.finish()
+}
+
+/// 2,000 global PAX headers: 125 MiB of letters, ~78 MiB compressed, past what a prepare
+/// sends of a skeleton (`MAX_WIRE_BYTES`, 48 MiB). The skeleton is dropped as soon as it
+/// passes that, and the file is indexed. Where the skeleton's room was only what the listing
+/// left (192 MiB), and its base64 and the sent form were made whole, such uploads cost ~750 MiB.
+#[test]
+fn a_skeleton_larger_than_a_prepare_sends_is_dropped_as_the_upload_is_read() {
+    let server = TestServer::start(Backend::Local);
+    let body = global_headers(2_000);
+    let digest = release::digest::Digest::of(&body);
+    assert!(uploaded_cheaply(&server, "2,000 global headers x 64 KiB", body, 1, 200 << 20), "the index is named");
+    let conn = rusqlite::Connection::open(server.data_dir().join("registry.db")).unwrap();
+    let sql = "SELECT index_sha256 FROM artifact_indexes WHERE digest = ?1";
+    let stored: String = conn.query_row(sql, [digest.to_string()], |r| r.get(0)).unwrap();
+    let hex = stored.trim_start_matches("sha256:");
+    let bytes = std::fs::read(server.data_dir().join("objects/indexes/sha256").join(hex)).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&zstd::decode_all(&bytes[..]).unwrap()).unwrap();
+    assert_eq!(index["files"].as_array().unwrap().len(), 1, "the file is indexed");
+    assert_eq!(index.get("skeleton"), None, "without a skeleton");
+}
+
+/// 65,000 empty files named by paths of ~3,600 letters (components of 200), which zstd shrinks
+/// to about 60%: an index of 234 MB of paths, just within what a reader takes, whose stored
+/// form is ~140 MB. Its sent form (larger than the ingest keeps) is not made. Every file in
+/// directories of its own: 1.2 million entries, past the default `max_files`. It grew the
+/// server ~585 MiB here (the listing's 234 MB, the entry check's 1.2 million paths, the
+/// stored form compressed as it is made); ~725 MiB when the skeleton's base64 and the sent
+/// form were made whole.
+#[test]
+fn an_index_of_paths_that_do_not_compress_is_stored_in_bounded_memory() {
+    let server = TestServer::start_with(Backend::Local, "[limits]\nmax_files = 1300000\n");
+    let mut tar = Streamed::new();
+    for i in 0..65_000u64 {
+        let path: Vec<String> =
+            letters(i, 18 * 200).chunks(200).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+        tar.add(RawTar::new().long(&format!("{}/f", path.join("/")), REGULAR, "", b""));
+    }
+    let body = tar.finish();
+    assert!(
+        uploaded_cheaply(&server, "65,000 files x 3.6 KB random paths", body, 65_000, 500 << 20),
+        "the index is named"
+    );
 }
