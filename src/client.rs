@@ -26,7 +26,7 @@ pub enum ClientError {
     Connect { server: String, source: reqwest::Error },
     /// The server answered with an error document.
     #[error("{message} ({code}, HTTP {status})")]
-    Api { status: u16, code: String, message: String },
+    Api { status: u16, code: String, message: String, retry_after: Option<u64> },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("the download's digest is {actual}, not {expected}; nothing was written")]
@@ -214,17 +214,24 @@ impl Client {
 
 async fn api_error(response: reqwest::Response) -> ClientError {
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let text = response.text().await.unwrap_or_default();
     match serde_json::from_str::<Value>(&text) {
         Ok(v) if v["error"]["code"].is_string() => ClientError::Api {
             status: status.as_u16(),
             code: v["error"]["code"].as_str().unwrap_or_default().to_owned(),
             message: v["error"]["message"].as_str().unwrap_or_default().to_owned(),
+            retry_after,
         },
         _ => ClientError::Api {
             status: status.as_u16(),
             code: status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"),
             message: if text.is_empty() { format!("HTTP {status}") } else { text },
+            retry_after,
         },
     }
 }

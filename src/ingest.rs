@@ -10,6 +10,8 @@
 //! Long on purpose: the pipeline's stages and the refusal at each of its joints (what is
 //! aborted, what is kept) read best in one place.
 
+mod turns;
+
 use std::io::{self, BufRead, Read};
 use std::sync::Arc;
 
@@ -59,6 +61,16 @@ pub enum IngestError {
          ({rate}/s); nothing was stored"
     )]
     TooSlow { got: u64, window: HumanDuration, rate: ByteSize },
+    #[error(
+        "this token has {running} uploads received or waiting, as many as one token may ({per_token} received at \
+         once, half of limits.max_concurrent_uploads; an eighth of limits.max_connections waiting); nothing was read"
+    )]
+    TokenBusy { running: usize, per_token: usize },
+    #[error(
+        "no upload turn came free in {0} (limits.upload_stall_timeout; limits.max_concurrent_uploads are received \
+         at once); nothing was read: send it again later"
+    )]
+    NoTurn(HumanDuration),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -155,7 +167,7 @@ pub struct Ingestor {
     indexes: Arc<SentIndexes>,
     /// Turns for uploads, `limits.max_concurrent_uploads` of them: what bounds the memory all
     /// uploads together may hold.
-    turns: Arc<tokio::sync::Semaphore>,
+    turns: Arc<turns::Turns>,
 }
 
 impl Ingestor {
@@ -166,13 +178,17 @@ impl Ingestor {
         metrics: Arc<Metrics>,
         indexes: Arc<SentIndexes>,
     ) -> Ingestor {
-        let turns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_concurrent_uploads as usize));
+        let limits = &config.limits;
+        // A token's waiting uploads hold an eighth of the connections at most: room for a
+        // CI's parallel jobs, none for one token to make the server unreachable.
+        let waiting = (limits.max_connections as usize / 8).max(limits.max_concurrent_uploads as usize);
+        let turns = Arc::new(turns::Turns::new(limits.max_concurrent_uploads, waiting));
         Ingestor { config, store, registry, metrics, indexes, turns }
     }
 
     /// How many uploads (adoptions included) hold one of the turns now.
     pub fn uploads_running(&self) -> usize {
-        self.config.limits.max_concurrent_uploads as usize - self.turns.available_permits()
+        self.turns.running()
     }
 
     /// Takes one upload from its body stream to a registry row, or to nothing at all; counts
@@ -216,7 +232,15 @@ impl Ingestor {
         }
 
         let options = self.check_options(&request.service);
-        let _turn = self.turns.acquire().await.expect("the semaphore is never closed");
+        // A client's upload waits for a turn as long as it may wait for its next byte: what it
+        // sends meanwhile is not read. The server's own (an adoption) waits as long as it takes.
+        let wait = request.pace.map(|pace| pace.stall);
+        let _turn = self.turns.take(&principal.name, wait.map(|w| w.0)).await.map_err(|no| match no {
+            turns::NoTurn::TokenBusy { running } => {
+                IngestError::TokenBusy { running, per_token: self.turns.per_token() }
+            }
+            turns::NoTurn::Timeout => IngestError::NoTurn(wait.expect("only a wait times out")),
+        })?;
         // The staging key is noted in the registry before anything is written to it, and
         // forgotten once the upload ended and its staging key is gone: a server killed in
         // between leaves the note, and the next start removes exactly what this upload wrote

@@ -158,7 +158,7 @@ async fn post_in_turn(client: &Client, path: &str, body: &Value, queue: Option<D
     let mut told = false;
     loop {
         match client.post(path, body).await {
-            Err(crate::client::ClientError::Api { status: 409, code, message })
+            Err(crate::client::ClientError::Api { status: 409, code, message, .. })
                 if (code == "conflict" || code == "recovering")
                     && deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
             {

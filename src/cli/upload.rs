@@ -86,11 +86,7 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
 
     let labels =
         UploadLabels { service: args.service, version: args.version, git_sha: args.git_sha, build_url: args.build_url };
-    let bar = output.progress(Some(size), "uploading");
-    let progress_bar = bar.clone();
-    let answer = client.upload(&file, known, &labels, move |sent| progress_bar.set_position(sent)).await;
-    bar.finish_and_clear();
-    let answer = answer?;
+    let answer = upload_in_turn(&client, &file, known, &labels, size, output).await?;
     let uploaded: Uploaded = super::read(&answer)?;
     let digest = uploaded.artifact.digest.to_string();
     output.print(&answer, || {
@@ -100,6 +96,40 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
         digest
     });
     Ok(())
+}
+
+/// How long `release upload` keeps sending an upload again that the server had no turn for.
+const BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Uploads `file`; sent again, after the time the server names, while the server has no turn
+/// for it (`503 busy`: every turn held longer than `limits.upload_stall_timeout`; `429
+/// rate_limited`: this token has as many uploads running and waiting as it may), for
+/// [`BUSY_FOR`] at most. Nothing of a refused upload was read, so sending it again is safe.
+async fn upload_in_turn(
+    client: &crate::client::Client,
+    file: &std::path::Path,
+    known: Option<Digest>,
+    labels: &UploadLabels,
+    size: u64,
+    output: Output,
+) -> Result<serde_json::Value, crate::client::ClientError> {
+    use crate::client::ClientError;
+    let started = std::time::Instant::now();
+    loop {
+        let bar = output.progress(Some(size), "uploading");
+        let progress_bar = bar.clone();
+        let answer = client.upload(file, known, labels, move |sent| progress_bar.set_position(sent)).await;
+        bar.finish_and_clear();
+        match answer {
+            Err(ClientError::Api { status: 429 | 503, code, message, retry_after: Some(seconds) })
+                if (code == "busy" || code == "rate_limited") && started.elapsed() < BUSY_FOR =>
+            {
+                eprintln!("{message}; sending it again in {seconds} s");
+                tokio::time::sleep(std::time::Duration::from_secs(seconds.clamp(1, 60))).await;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// The SHA-256 of a file, read in large pieces; `progress` sees the bytes read so far.

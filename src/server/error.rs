@@ -47,11 +47,18 @@ impl ApiError {
 
     /// 429 `rate_limited`, with `Retry-After` (whole seconds, at least 1).
     pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> ApiError {
-        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-        ApiError {
-            retry_after: Some(seconds.max(1)),
-            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-        }
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(retry_after)
+    }
+
+    /// 503 `busy`: the server has no room for this now, with `Retry-After`.
+    pub fn busy(message: impl Into<String>, retry_after: std::time::Duration) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).retry_after(retry_after)
+    }
+
+    /// With `Retry-After` (whole seconds, at least 1).
+    fn retry_after(self, after: std::time::Duration) -> ApiError {
+        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        ApiError { retry_after: Some(seconds.max(1)), ..self }
     }
 
     /// A 404 for something the caller may not see, worded as for something absent; `why`
@@ -265,11 +272,17 @@ impl From<IngestError> for ApiError {
             IngestError::Stalled(_) | IngestError::TooSlow { .. } => {
                 ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_too_slow", message).closing()
             }
+            // Answered before a byte of the body is read: the connection goes with the answer.
+            IngestError::TokenBusy { .. } => ApiError::rate_limited(message, UPLOAD_RETRY_AFTER).closing(),
+            IngestError::NoTurn(_) => ApiError::busy(message, UPLOAD_RETRY_AFTER).closing(),
             IngestError::Store(e) => e.into(),
             IngestError::Registry(e) => e.into(),
         }
     }
 }
+
+/// When to send an upload again that got no turn (`release upload` does).
+const UPLOAD_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl From<ReleaseError> for ApiError {
     fn from(e: ReleaseError) -> ApiError {

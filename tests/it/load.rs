@@ -84,15 +84,13 @@ fn uploads_reads_and_deploys_at_once_lose_nothing_and_keep_threads_bounded() {
     let most_threads = Arc::new(AtomicUsize::new(idle_threads as usize));
     let client = || reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
 
-    let upload = |http: &reqwest::blocking::Client, tally: &Tally, body: Vec<u8>| -> Option<String> {
+    let upload = |http: &reqwest::blocking::Client, tally: &Tally, token: &str, body: Vec<u8>| -> Option<String> {
         let started = Instant::now();
         let sent =
-            http.post(format!("{url}/v1/artifacts?service=web")).bearer_auth(f.token("ci")).body(body).send().and_then(
-                |r| {
-                    let status = r.status();
-                    r.json::<Value>().map(|v| (status, v))
-                },
-            );
+            http.post(format!("{url}/v1/artifacts?service=web")).bearer_auth(token).body(body).send().and_then(|r| {
+                let status = r.status();
+                r.json::<Value>().map(|v| (status, v))
+            });
         tally.took("POST /v1/artifacts", started);
         match sent {
             Ok((status, answer)) if status.is_success() => answer["digest"].as_str().map(str::to_owned),
@@ -107,8 +105,11 @@ fn uploads_reads_and_deploys_at_once_lose_nothing_and_keep_threads_bounded() {
         }
     };
     let http = client();
-    let first = upload(&http, &tally, archive("first")).expect("the first upload");
-    let second = upload(&http, &tally, archive("second")).expect("the second upload");
+    let first = upload(&http, &tally, f.token("ci"), archive("first")).expect("the first upload");
+    let second = upload(&http, &tally, f.token("ci"), archive("second")).expect("the second upload");
+    // One CI token each: one token holds half the upload turns at most.
+    let uploaders: Vec<String> =
+        (0..UPLOADERS).map(|u| f.server.token_with(&format!("ci-{u}"), "ci", &["--owner", "gitlab"])).collect();
     acknowledged.lock().unwrap().extend([first.clone(), second]);
     let (status, release) =
         f.post("ci", "/v1/releases", json!({"service": "web", "environment": "staging", "digest": first}));
@@ -123,7 +124,7 @@ fn uploads_reads_and_deploys_at_once_lose_nothing_and_keep_threads_bounded() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        for u in 0..UPLOADERS {
+        for (u, token) in uploaders.iter().enumerate() {
             let (tally, acknowledged, stop) = (&tally, &acknowledged, &stop);
             let upload = &upload;
             scope.spawn(move || {
@@ -133,7 +134,7 @@ fn uploads_reads_and_deploys_at_once_lose_nothing_and_keep_threads_bounded() {
                     // Every fourth one repeats an archive others upload too.
                     let version = if n % 4 == 3 { "repeated".to_owned() } else { format!("u{u}-{n}") };
                     n += 1;
-                    if let Some(digest) = upload(&http, tally, archive(&version)) {
+                    if let Some(digest) = upload(&http, tally, token, archive(&version)) {
                         acknowledged.lock().unwrap().insert(digest);
                     }
                 }
