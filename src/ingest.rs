@@ -10,6 +10,7 @@
 //! Long on purpose: the pipeline's stages and the refusal at each of its joints (what is
 //! aborted, what is kept) read best in one place.
 
+mod repeats;
 mod turns;
 
 use std::io::{self, BufRead, Read};
@@ -168,6 +169,8 @@ pub struct Ingestor {
     /// Turns for uploads, `limits.max_concurrent_uploads` of them: what bounds the memory all
     /// uploads together may hold.
     turns: Arc<turns::Turns>,
+    /// Uploads that changed nothing, on record once per token, artifact and window.
+    repeats: Arc<std::sync::Mutex<repeats::Repeats>>,
 }
 
 impl Ingestor {
@@ -183,7 +186,7 @@ impl Ingestor {
         // CI's parallel jobs, none for one token to make the server unreachable.
         let waiting = (limits.max_connections as usize / 8).max(limits.max_concurrent_uploads as usize);
         let turns = Arc::new(turns::Turns::new(limits.max_concurrent_uploads, waiting));
-        Ingestor { config, store, registry, metrics, indexes, turns }
+        Ingestor { config, store, registry, metrics, indexes, turns, repeats: Arc::default() }
     }
 
     /// How many uploads (adoptions included) hold one of the turns now.
@@ -233,14 +236,17 @@ impl Ingestor {
 
         let options = self.check_options(&request.service);
         // A client's upload waits for a turn as long as it may wait for its next byte: what it
-        // sends meanwhile is not read. The server's own (an adoption) waits as long as it takes.
-        let wait = request.pace.map(|pace| pace.stall);
-        let _turn = self.turns.take(&principal.name, wait.map(|w| w.0)).await.map_err(|no| match no {
-            turns::NoTurn::TokenBusy { running } => {
-                IngestError::TokenBusy { running, per_token: self.turns.per_token() }
-            }
-            turns::NoTurn::Timeout => IngestError::NoTurn(wait.expect("only a wait times out")),
-        })?;
+        // sends meanwhile is not read. The server's own (an adoption, unpaced, for a deploy
+        // by `principal`) takes none of that token's turns and waits as long as it takes.
+        let _turn = match request.pace {
+            Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| match no {
+                turns::NoTurn::TokenBusy { running } => {
+                    IngestError::TokenBusy { running, per_token: self.turns.per_token() }
+                }
+                turns::NoTurn::Timeout => IngestError::NoTurn(pace.stall),
+            })?,
+            None => self.turns.take_own().await,
+        };
         // The staging key is noted in the registry before anything is written to it, and
         // forgotten once the upload ended and its staging key is gone: a server killed in
         // between leaves the note, and the next start removes exactly what this upload wrote
@@ -344,7 +350,7 @@ impl Ingestor {
             })
             .ok();
 
-        let new = NewArtifact {
+        let mut new = NewArtifact {
             index,
             digest: received.digest,
             size: received.size,
@@ -359,21 +365,32 @@ impl Ingestor {
             build_url: request.build_url,
             uploaded_by: principal.name.clone(),
             uploader_owner: principal.owner.clone(),
+            quiet_repeat: false,
         };
-        let event = NewEvent::by(
-            principal,
-            AuditAction::ArtifactUpload,
-            new.digest.to_string(),
-            serde_json::json!({
-                "service": new.service,
-                "size": new.size,
-                "version": new.version,
-                "git_sha": new.git_sha,
-                "build_url": new.build_url,
-            }),
-        );
+        let now = std::time::Instant::now();
+        let note =
+            self.repeats.lock().expect("no code panics holding the repeats").note(&principal.name, new.digest, now);
+        let mut details = serde_json::json!({
+            "service": new.service,
+            "size": new.size,
+            "version": new.version,
+            "git_sha": new.git_sha,
+            "build_url": new.build_url,
+        });
+        match note {
+            repeats::Note::Quiet => new.quiet_repeat = true,
+            repeats::Note::Record { unrecorded: 0 } => {}
+            repeats::Note::Record { unrecorded } => {
+                details["repeats_not_recorded"] = unrecorded.into();
+            }
+        }
+        let event = NewEvent::by(principal, AuditAction::ArtifactUpload, new.digest.to_string(), details);
         let registry = Arc::clone(&self.registry);
         let recorded = crate::registry::run(move || registry.record_artifact(&new, &event)).await?;
+        if !recorded.new_artifact && !recorded.new_upload {
+            let mut repeats = self.repeats.lock().expect("no code panics holding the repeats");
+            repeats.repeated(&principal.name, recorded.artifact.digest, note, now);
+        }
         tracing::info!(
             digest = %recorded.artifact.digest,
             service = %recorded.upload.service,

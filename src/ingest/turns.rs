@@ -34,8 +34,10 @@ pub enum NoTurn {
 /// A turn held; the token's count goes down when it is dropped.
 pub struct Turn<'a> {
     turns: &'a Turns,
-    token: String,
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// `None`: the server's own.
+    token: Option<String>,
+    /// The token's turn and one of all; given back when dropped.
+    permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
 }
 
 impl Turns {
@@ -55,9 +57,8 @@ impl Turns {
         self.per_token
     }
 
-    /// A turn for an upload of `token`, waited for at most `wait` (`None`: as long as it takes,
-    /// for the server's own uploads).
-    pub async fn take(&self, token: &str, wait: Option<Duration>) -> Result<Turn<'_>, NoTurn> {
+    /// A turn for an upload of `token`, waited for at most `wait`.
+    pub async fn take(&self, token: &str, wait: Duration) -> Result<Turn<'_>, NoTurn> {
         let own = {
             let mut tokens = self.tokens.lock().expect("no code panics holding the turns");
             let (own, count) =
@@ -69,18 +70,22 @@ impl Turns {
             Arc::clone(own)
         };
         // Counted from here: the guard gives the count back however this ends.
-        let mut turn = Turn { turns: self, token: token.to_owned(), _permits: None };
+        let mut turn = Turn { turns: self, token: Some(token.to_owned()), permits: (None, None) };
         let permits = async {
             let own = own.acquire_owned().await.expect("the semaphores are never closed");
             let all = Arc::clone(&self.all).acquire_owned().await.expect("the semaphores are never closed");
             (own, all)
         };
-        let permits = match wait {
-            Some(wait) => tokio::time::timeout(wait, permits).await.map_err(|_| NoTurn::Timeout)?,
-            None => permits.await,
-        };
-        turn._permits = Some(permits);
+        let (own, all) = tokio::time::timeout(wait, permits).await.map_err(|_| NoTurn::Timeout)?;
+        turn.permits = (Some(own), Some(all));
         Ok(turn)
+    }
+
+    /// A turn for the server's own upload (an adoption, which a deploy waits for): one of all
+    /// the turns, outside any token's share, waited for as long as it takes.
+    pub async fn take_own(&self) -> Turn<'_> {
+        let all = Arc::clone(&self.all).acquire_owned().await.expect("the semaphores are never closed");
+        Turn { turns: self, token: None, permits: (None, Some(all)) }
     }
 }
 
@@ -88,11 +93,12 @@ impl Drop for Turn<'_> {
     fn drop(&mut self) {
         // The permits go back just after this (the fields drop after it): the count may be
         // one below what holds a turn for that moment, never above.
+        let Some(token) = &self.token else { return };
         let mut tokens = self.turns.tokens.lock().expect("no code panics holding the turns");
-        if let Some((_, count)) = tokens.get_mut(&self.token) {
+        if let Some((_, count)) = tokens.get_mut(token) {
             *count -= 1;
             if *count == 0 {
-                tokens.remove(&self.token);
+                tokens.remove(token);
             }
         }
     }
@@ -102,7 +108,8 @@ impl Drop for Turn<'_> {
 mod tests {
     use super::*;
 
-    const WAIT: Option<Duration> = Some(Duration::from_millis(50));
+    const WAIT: Duration = Duration::from_millis(50);
+    const LONG: Duration = Duration::from_secs(3600);
 
     #[tokio::test]
     async fn a_token_holds_half_the_turns_and_has_so_many_waiting_at_most() {
@@ -119,7 +126,7 @@ mod tests {
         assert_eq!(turns.take("c", WAIT).await.err(), Some(NoTurn::Timeout), "all four held");
 
         // Four of a's uploads wait at most (`waiting`); the fifth is refused at once.
-        let waiting: Vec<_> = (0..4).map(|_| turns.take("a", None)).collect();
+        let waiting: Vec<_> = (0..4).map(|_| turns.take("a", LONG)).collect();
         let mut waiting: Vec<_> = waiting.into_iter().map(Box::pin).collect();
         for w in &mut waiting {
             assert!(futures::poll!(w.as_mut()).is_pending());
@@ -135,6 +142,21 @@ mod tests {
         assert_eq!(turns.tokens.lock().unwrap()["a"].1, 1, "a's waiting uploads gave their count back");
         drop(_a2);
         assert!(!turns.tokens.lock().unwrap().contains_key("a"), "a token with nothing running is forgotten");
+    }
+
+    /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
+    /// one of all the turns, never one of that token's, and is never refused.
+    #[tokio::test]
+    async fn the_servers_own_upload_takes_no_tokens_turn() {
+        let turns = Turns::new(4, 4);
+        let held = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+        let own = turns.take_own().await;
+        assert_eq!(turns.running(), 3);
+        assert_eq!(turns.tokens.lock().unwrap()["a"].1, 2, "not counted as a's");
+        drop(own);
+        drop(held);
+        assert!(turns.tokens.lock().unwrap().is_empty());
+        assert_eq!(turns.running(), 0);
     }
 
     #[tokio::test]
