@@ -47,15 +47,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
         };
         // A certificate that does not load stops the start before anything else is opened.
         let tls = config.tls.as_ref().map(server::Tls::load).transpose().map_err(|e| Failure::new(exit::FAILED, e))?;
-        // Every signal handled from here, before "listening" is logged: a HUP or TERM sent as
-        // soon as the server says it listens (`systemctl reload` right after start, a test)
-        // must find its handler, not the default action, which ends the process.
-        match &tls {
-            Some(tls) => drop(std::sync::Arc::clone(tls).reload_on_sighup()?),
-            // Handled all the same: a `systemctl reload` or a stray HUP must not stop the server.
-            None => drop(ignore_sighup()?),
-        }
-        let stopped = shutdown_signal()?;
         // Bound first: while the registry and the store are opened, clients wait in the
         // listen backlog instead of being refused. Deploys a stopped server left are resolved
         // in the background once it serves (Releases::start).
@@ -63,6 +54,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let opened = Opened::open(config, deployer).await.map_err(|e| Failure::new(exit::FAILED, e))?;
         let local = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
+        // Every signal handled from here, before "listening" is logged: a HUP or TERM sent as
+        // soon as the server says it listens (`systemctl reload` right after start, a test)
+        // must find its handler, not the default action, which ends the process. Not before
+        // the registry and store are open: until then, TERM or Ctrl-C stops a start that hangs.
+        match &tls {
+            Some(tls) => drop(std::sync::Arc::clone(tls).reload_on_sighup()?),
+            // Handled all the same: a `systemctl reload` or a stray HUP must not stop the server.
+            None => drop(ignore_sighup()?),
+        }
+        let stopped = shutdown_signal()?;
         tracing::info!(addr = %local, "listening on {scheme}://{local}");
         let releases = opened.state.releases.clone();
         let stopping = async move {
