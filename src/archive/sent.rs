@@ -113,6 +113,7 @@ const KEPT_BYTES: usize = 32 << 20;
 /// most 64 MiB, which a node reads whole and the server writes for every node at once
 /// (`parallel`). A larger skeleton is useless: the ingest stops building it there.
 pub const MAX_WIRE_BYTES: usize = 48 << 20;
+const _: () = assert!(MAX_WIRE_BYTES.div_ceil(3) * 4 == 64 << 20, "64 MiB of base64");
 
 impl SentIndexes {
     /// The index stored as `stored`, if kept; it becomes the most recently used.

@@ -4,11 +4,12 @@
 use std::io;
 
 /// Up to this much, an index's JSON is held whole and compressed at once: every index of a
-/// tree of up to about 100,000 files.
+/// tree of up to about 60,000 files (~200 bytes of JSON each, and the skeleton's base64).
 pub(super) const WHOLE_JSON: usize = 16 << 20;
 
 /// The stored JSON on its way to zstd. Held whole up to [`WHOLE_JSON`] and compressed at
-/// once, as the builds before 2026-12-06 did for every index: zstd's one-shot and streamed
+/// once, as every build before db92d95 did for every index (db92d95 to 4f1a706, which never
+/// landed, streamed them all): zstd's one-shot and streamed
 /// forms of the same bytes differ past about a MiB, and an index keeps its name only if its
 /// bytes do (a registry row names its index's object for good; an upload of the same bytes
 /// writes it again to that key, also after a purge). Past it, compressed as it is written, so
@@ -19,7 +20,8 @@ pub(super) enum Spilling {
     #[default]
     Empty,
     Whole(Vec<u8>),
-    Streamed(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    /// Buffered: serde_json writes a few bytes at a time.
+    Streamed(io::BufWriter<zstd::stream::write::Encoder<'static, Vec<u8>>>),
 }
 
 impl Spilling {
@@ -28,7 +30,7 @@ impl Spilling {
         match self {
             Spilling::Empty => zstd::bulk::compress(&[], 3),
             Spilling::Whole(json) => zstd::bulk::compress(&json, 3),
-            Spilling::Streamed(encoder) => encoder.finish(),
+            Spilling::Streamed(buffered) => buffered.into_inner().map_err(|e| e.into_error())?.finish(),
         }
     }
 }
@@ -42,7 +44,7 @@ impl io::Write for Spilling {
                 // to the encoder, and the buffer is dropped.
                 let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
                 encoder.write_all(json)?;
-                *self = Spilling::Streamed(encoder);
+                *self = Spilling::Streamed(io::BufWriter::with_capacity(64 << 10, encoder));
             }
             _ => {}
         }

@@ -101,10 +101,11 @@ pub async fn run(args: Args, output: Output) -> Result<(), Failure> {
 /// How long `release upload` keeps sending an upload again that the server had no turn for.
 const BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// Uploads `file`; sent again, after the time the server names, while the server has no turn
-/// for it (`503 busy`: every turn held longer than `limits.upload_stall_timeout`; `429
-/// rate_limited`: this token has as many uploads running and waiting as it may), for
-/// [`BUSY_FOR`] at most. Nothing of a refused upload was read, so sending it again is safe.
+/// Uploads `file`; sent again, after the time the answer names (`Retry-After`, 1-60 s), while
+/// the server has no turn for it (`503 busy`: every turn held longer than
+/// `limits.upload_stall_timeout`; `429 rate_limited`: this token has as many uploads running
+/// and waiting as it may) or a proxy says the same, for [`BUSY_FOR`] at most. Nothing of a
+/// refused upload was stored, and the same bytes again are a no-op: sending it again is safe.
 async fn upload_in_turn(
     client: &crate::client::Client,
     file: &std::path::Path,
@@ -121,11 +122,13 @@ async fn upload_in_turn(
         let answer = client.upload(file, known, labels, move |sent| progress_bar.set_position(sent)).await;
         bar.finish_and_clear();
         match answer {
-            Err(ClientError::Api { status: 429 | 503, code, message, retry_after: Some(seconds) })
-                if (code == "busy" || code == "rate_limited") && started.elapsed() < BUSY_FOR =>
+            // Whoever answered (this server, or a proxy before it), with the time to wait.
+            Err(ClientError::Api { status: 429 | 503, message, retry_after: Some(seconds), .. })
+                if started.elapsed() < BUSY_FOR =>
             {
+                let seconds = seconds.clamp(1, 60);
                 eprintln!("{message}; sending it again in {seconds} s");
-                tokio::time::sleep(std::time::Duration::from_secs(seconds.clamp(1, 60))).await;
+                tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
             }
             answer => return answer,
         }

@@ -223,19 +223,7 @@ mod tests {
     use crate::archive::FileIndex;
 
     #[test]
-    fn the_largest_index_sent_takes_64_mib_on_the_request_line_and_frames_are_sent_in_runs() {
-        #[derive(serde::Serialize)]
-        struct Line {
-            #[serde(with = "crate::archive::base64_bytes")]
-            index: Option<Vec<u8>>,
-        }
-        for (len, base64) in
-            [(crate::archive::MAX_WIRE_BYTES, 64 << 20), (crate::archive::MAX_WIRE_BYTES + 1, (64 << 20) + 4)]
-        {
-            let line = serde_json::to_string(&Line { index: Some(vec![7u8; len]) }).unwrap();
-            let b64 = line.split("\"index\":\"").nth(1).unwrap().split('"').next().unwrap();
-            assert_eq!(b64.len(), base64, "{len} bytes");
-        }
+    fn frames_are_sent_in_runs() {
         let frame = |n: u64| crate::archive::Frame {
             offset: n * 100,
             length: 100,

@@ -55,6 +55,10 @@ pub struct NewArtifact {
     pub uploader_owner: String,
     /// Its per-file index, stored already (none: not computed, as for adopted trees' tests).
     pub index: Option<ArtifactIndex>,
+    /// Whether an upload that turns out to change nothing (no new artifact, upload or
+    /// restore) goes without an audit event: the uploader repeated it lately, and that
+    /// repeat is on record (`ingest::repeats`).
+    pub quiet_repeat: bool,
 }
 
 /// Where an artifact's per-file index is stored, and how large it is.
@@ -144,7 +148,10 @@ impl Registry {
                     details.insert("restored".into(), true.into());
                 }
             }
-            super::audit::append(&tx, &event)?;
+            let no_op = !new_artifact && !new_upload && !restored;
+            if !(no_op && new.quiet_repeat) {
+                super::audit::append(&tx, &event)?;
+            }
             tx.commit()?;
             Ok(Recorded { new_artifact, new_upload, artifact, upload })
         })

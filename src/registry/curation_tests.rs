@@ -30,6 +30,7 @@ fn upload(registry: &Registry, content: &[u8]) -> Digest {
         uploaded_by: "ci".into(),
         uploader_owner: "gitlab".into(),
         index: None,
+        quiet_repeat: false,
     };
     registry.record_artifact(&artifact, &event()).unwrap();
     artifact.digest

@@ -30,6 +30,7 @@ fn new_artifact(service: &str, content: &[u8]) -> NewArtifact {
         uploaded_by: "ci-api".into(),
         uploader_owner: "gitlab".into(),
         index: None,
+        quiet_repeat: false,
     }
 }
 

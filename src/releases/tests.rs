@@ -125,6 +125,7 @@ fn try_requested(registry: &Registry, content: &[u8], state: State) -> Result<Re
         uploaded_by: "ci".into(),
         uploader_owner: "gitlab".into(),
         index: None,
+        quiet_repeat: false,
     };
     registry
         .record_artifact(&artifact, &NewEvent::by_server(AuditAction::ArtifactUpload, "", serde_json::json!({})))

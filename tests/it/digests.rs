@@ -96,6 +96,7 @@ fn a_prefix_naming_several_artifacts_is_refused_naming_them() {
             uploaded_by: "ci".into(),
             uploader_owner: "gitlab".into(),
             index: None,
+            quiet_repeat: false,
         };
         registry
             .record_artifact(

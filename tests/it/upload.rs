@@ -174,10 +174,29 @@ fn second_upload_changes_nothing(backend: Backend) {
     assert!(server.staging_keys().is_empty());
 
     // The same bytes for another service: already stored (200), a new upload record.
-    let other = post(&server, &ci, "service=worker", body);
+    let other = post(&server, &ci, "service=worker", body.clone());
     assert_eq!(other.status(), StatusCode::OK);
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
     assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 2);
+
+    // On record: the upload, the first repeat and the new upload record; repeats that change
+    // nothing, again and again, once per token, artifact and 10 minutes (a CI in a loop once
+    // appended an event per request). Another token's first repeat is on record.
+    let events = |actor: &str| {
+        server.count(&format!(
+            "SELECT count(*) FROM audit_events WHERE action = 'artifact.upload' AND actor = '{actor}' \
+             AND subject = '{}'",
+            keys[0]
+        ))
+    };
+    assert_eq!(events("ci"), 3);
+    for _ in 0..20 {
+        assert_eq!(post(&server, &ci, "service=api", body.clone()).status(), StatusCode::OK);
+    }
+    assert_eq!(events("ci"), 3, "repeats within the window are not each on record");
+    let ci2 = server.token("ci2", "ci");
+    assert_eq!(post(&server, &ci2, "service=api", body.clone()).status(), StatusCode::OK);
+    assert_eq!(events("ci2"), 1);
 }
 
 #[test]
