@@ -70,7 +70,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
             stopped.await;
             releases.stop_waiting(); // followers waiting for a change answer now
         };
-        server::serve_tls(listener, server::router(opened.state.clone()), opened.state.config.limits, tls, stopping)
+        let (limits, trusted) = (opened.state.config.limits, opened.state.config.trusted_proxies.clone());
+        server::serve_tls(listener, server::router(opened.state.clone()), limits, tls, &trusted, stopping)
             .await
             .map_err(|e| Failure::new(exit::FAILED, e))?;
         opened.shutdown().await;

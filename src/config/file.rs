@@ -162,6 +162,7 @@ pub(super) fn resolve(
         ("limits.max_concurrent_uploads", limits.max_concurrent_uploads.into()),
         ("limits.max_body_bytes", limits.max_body_bytes.0),
         ("limits.max_connections", limits.max_connections.into()),
+        ("limits.max_connections_per_source", limits.max_connections_per_source.into()),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than zero".into()));

@@ -157,6 +157,9 @@ pub struct Limits {
     pub max_body_bytes: ByteSize,
     /// Connections open at once; more wait in the listen backlog until one closes.
     pub max_connections: u32,
+    /// Connections open at once from one source (an IPv4 address or an IPv6 /64; trusted
+    /// proxies aside); more are closed as soon as they are accepted.
+    pub max_connections_per_source: u32,
     /// A request's line and headers must arrive within this, counted from the connection's
     /// opening or the end of the previous answer on it (so it is also the keep-alive idle limit).
     pub header_timeout: HumanDuration,
@@ -206,6 +209,7 @@ impl Default for Limits {
             max_concurrent_uploads: 4,
             max_body_bytes: ByteSize(64 << 10),
             max_connections: 1024,
+            max_connections_per_source: 256,
             header_timeout: secs(10),
             request_timeout: secs(60),
             send_timeout: secs(60),

@@ -103,6 +103,7 @@ fn semantic_errors_name_the_key() {
         ("[limits]\nmax_files = 0\n", "limits.max_files"),
         ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        ("[limits]\nmax_connections_per_source = 0\n", "limits.max_connections_per_source"),
         ("[limits]\nheader_timeout = \"0s\"\n", "limits.header_timeout"),
         ("[limits]\nrequest_timeout = \"10ms\"\n", "limits.request_timeout"),
         ("[limits]\nupload_stall_timeout = \"0s\"\n", "limits.upload_stall_timeout"),
@@ -338,7 +339,7 @@ fn the_readme_states_every_limit() {
     let section = section.split("\n## ").next().unwrap();
     let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
     let keys: Vec<&String> = example["limits"].as_table().unwrap().keys().collect();
-    assert_eq!(keys.len(), 15, "{keys:?}");
+    assert_eq!(keys.len(), 16, "{keys:?}");
     for key in keys {
         assert!(section.contains(&format!("`{key}`")), "README's Limits section does not name `{key}`");
     }

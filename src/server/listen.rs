@@ -2,16 +2,18 @@
 //! otherwise hold forever hold: a request's head must arrive within `limits.header_timeout`
 //! (also between requests on a kept-alive connection), a client that takes no byte of an answer
 //! for `limits.send_timeout` is disconnected, and at most `limits.max_connections` are open at
-//! once (more wait in the kernel's listen backlog until one closes). `axum::serve` sets no timer,
+//! once (more wait in the kernel's listen backlog until one closes), at most
+//! `limits.max_connections_per_source` of them from one source (more are closed at once). `axum::serve` sets no timer,
 //! which turns hyper's header timeout off silently. With `[server] tls_cert`/`tls_key`, each
 //! connection is HTTPS (`tls.rs`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::ServerError;
 use super::tls::Tls;
-use crate::config::Limits;
+use crate::config::{IpRange, Limits};
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes the requests in
 /// flight (connections close once their current answer is sent).
@@ -35,19 +37,23 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    serve_tls(listener, router, limits, None, shutdown).await
+    serve_tls(listener, router, limits, None, &[], shutdown).await
 }
 
 /// As [`serve`], with HTTPS when `tls` is given: the handshake must end within
-/// `limits.header_timeout`, as a request's head must.
+/// `limits.header_timeout`, as a request's head must. Connections from `trusted` proxies are
+/// not counted per source.
 pub async fn serve_tls(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     tls: Option<Arc<Tls>>,
+    trusted: &[IpRange],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let open = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let sources =
+        Arc::new(Sources { cap: limits.max_connections_per_source, trusted: trusted.to_vec(), ..Sources::default() });
     // Dropping `stop_rx` tells every connection to finish; each holds a `done_rx` until it ends.
     let (stop_tx, stop_rx) = watch::channel(());
     let (done_tx, done_rx) = watch::channel(());
@@ -70,6 +76,12 @@ pub async fn serve_tls(
             },
             () = &mut shutdown => break,
         };
+        let Some(source) = sources.admit(remote.ip()) else {
+            // Closed without a word: an answer would cost what the cap is there to save.
+            tracing::debug!(%remote, "connection closed: limits.max_connections_per_source open from its source");
+            drop((stream, turn));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = PerConnection { router: router.clone(), remote };
         let (stop_tx, done_rx) = (stop_tx.clone(), done_rx.clone());
@@ -87,7 +99,7 @@ pub async fn serve_tls(
             if let Err(e) = ended {
                 tracing::debug!(%remote, error = %e, "connection ended");
             }
-            drop((turn, done_rx));
+            drop((turn, source, done_rx));
         });
     }
     drop(listener);
@@ -95,6 +107,55 @@ pub async fn serve_tls(
     drop(done_rx);
     done_tx.closed().await;
     Ok(())
+}
+
+/// Connections open per source: an IPv4 address or an IPv6 /64 (one host holds a whole /64),
+/// as the refusal counts name them; trusted proxies are not counted (they carry everyone).
+#[derive(Default)]
+struct Sources {
+    open: Mutex<HashMap<IpAddr, u32>>,
+    cap: u32,
+    trusted: Vec<IpRange>,
+}
+
+/// A connection counted against its source until dropped.
+struct Counted {
+    sources: Arc<Sources>,
+    key: Option<IpAddr>,
+}
+
+impl Sources {
+    /// Counts a connection from `peer`, or `None` when its source has `cap` open already.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Counted> {
+        let peer = peer.to_canonical();
+        if self.trusted.iter().any(|range| range.contains(peer)) {
+            return Some(Counted { sources: Arc::clone(self), key: None });
+        }
+        let key = match peer {
+            IpAddr::V4(_) => peer,
+            IpAddr::V6(_) => crate::config::mask(peer, 64),
+        };
+        let mut open = self.open.lock().expect("no code panics holding the sources");
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.cap {
+            return None;
+        }
+        *count += 1;
+        Some(Counted { sources: Arc::clone(self), key: Some(key) })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        let mut open = self.sources.open.lock().expect("no code panics holding the sources");
+        if let Some(count) = open.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&key);
+            }
+        }
+    }
 }
 
 /// Serves one connection's requests until it closes, or until `stop_tx` closes: then the answer

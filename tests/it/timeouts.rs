@@ -386,3 +386,70 @@ fn release_upload_sends_again_when_the_server_has_no_turn() {
     drop(held);
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
 }
+
+/// A connection to the server at `url` from `source`, another loopback address.
+fn connect_from(url: &str, source: &str) -> TcpStream {
+    let server: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    let stream = crate::support::block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(source).unwrap();
+        socket.connect(server).await.unwrap().into_std().unwrap()
+    });
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Whether the server closed `stream` without an answer within 5 s.
+fn closed_unanswered(stream: &mut TcpStream) -> bool {
+    use std::io::Read;
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buffer = [0u8; 64];
+    match stream.read(&mut buffer) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+fn healthz(stream: &mut TcpStream) -> u16 {
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    raw::read_answer(stream, Duration::from_secs(10)).unwrap().status
+}
+
+/// A stranger sending slow bodies to `/login` from one host once held every connection
+/// (`/healthz` took 26 s); so could one CI machine's queued uploads. One source now holds
+/// `max_connections_per_source` at most; the next is closed at once, and other sources are
+/// served. A trusted proxy carries everyone: it is not counted.
+#[test]
+fn one_source_holds_so_many_connections_and_the_others_are_served() {
+    let server = TestServer::start_with(Backend::Local, "[limits]\nmax_connections_per_source = 3\n");
+    let slow_login = |stream: &mut TcpStream| {
+        let head = "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+                    Content-Length: 60000\r\n\r\nname=";
+        stream.write_all(head.as_bytes()).unwrap();
+    };
+    let mut held: Vec<TcpStream> = (0..3).map(|_| raw::connect(&server.url)).collect();
+    held.iter_mut().for_each(slow_login);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(closed_unanswered(&mut raw::connect(&server.url)), "a fourth from 127.0.0.1 is closed");
+    assert_eq!(healthz(&mut connect_from(&server.url, "127.0.0.2")), 200, "another source is served");
+    held.pop().unwrap().shutdown(Shutdown::Both).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(healthz(&mut raw::connect(&server.url)), 200, "one gone: 127.0.0.1 is served again");
+
+    let server = TestServer::start_with_server(
+        Backend::Local,
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        "[limits]\nmax_connections_per_source = 1\n",
+    );
+    let mut held = raw::connect(&server.url);
+    slow_login(&mut held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(healthz(&mut raw::connect(&server.url)), 200, "a trusted proxy is not counted");
+    let mut other = connect_from(&server.url, "127.0.0.2");
+    slow_login(&mut other);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(closed_unanswered(&mut connect_from(&server.url, "127.0.0.2")), "an untrusted source still is");
+}
