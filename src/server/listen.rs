@@ -267,3 +267,34 @@ impl AsyncWrite for SendTimeout {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(cap: u32, trusted: &[&str]) -> Arc<Sources> {
+        let trusted = trusted.iter().map(|t| IpRange::parse(t).unwrap()).collect();
+        Arc::new(Sources { cap, trusted, ..Sources::default() })
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64_and_its_count_goes_back_to_nothing() {
+        let sources = sources(2, &["10.0.0.1"]);
+        let a = sources.admit(ip("192.0.2.7")).unwrap();
+        let mapped = sources.admit(ip("::ffff:192.0.2.7")).unwrap();
+        assert!(sources.admit(ip("192.0.2.7")).is_none(), "an IPv4-mapped address is the same source");
+        assert!(sources.admit(ip("192.0.2.8")).is_some(), "the next address is another");
+        let v6 = [sources.admit(ip("2001:db8::1")).unwrap(), sources.admit(ip("2001:db8::ffff:2")).unwrap()];
+        assert!(sources.admit(ip("2001:db8::3")).is_none(), "one /64");
+        assert!(sources.admit(ip("2001:db8:0:1::1")).is_some(), "the next /64 is another");
+        let proxied: Vec<_> = (0..5).map(|_| sources.admit(ip("10.0.0.1")).unwrap()).collect();
+        assert!(proxied.iter().all(|c| c.key.is_none()), "a trusted proxy is not counted");
+        drop((a, mapped, v6, proxied));
+        assert!(sources.open.lock().unwrap().is_empty(), "every count given back");
+        assert!(sources.admit(ip("192.0.2.7")).is_some());
+    }
+}
