@@ -170,7 +170,7 @@ pub struct Ingestor {
     /// uploads together may hold.
     turns: Arc<turns::Turns>,
     /// Uploads that changed nothing, on record once per token, artifact and window.
-    repeats: Arc<std::sync::Mutex<repeats::Repeats>>,
+    repeats: Arc<repeats::Repeats>,
 }
 
 impl Ingestor {
@@ -240,9 +240,7 @@ impl Ingestor {
         // by `principal`) takes none of that token's turns and waits as long as it takes.
         let _turn = match request.pace {
             Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| match no {
-                turns::NoTurn::TokenBusy { running } => {
-                    IngestError::TokenBusy { running, per_token: self.turns.per_token() }
-                }
+                turns::NoTurn::TokenBusy { running, per_token } => IngestError::TokenBusy { running, per_token },
                 turns::NoTurn::Timeout => IngestError::NoTurn(pace.stall),
             })?,
             None => self.turns.take_own().await,
@@ -368,8 +366,7 @@ impl Ingestor {
             quiet_repeat: false,
         };
         let now = std::time::Instant::now();
-        let note =
-            self.repeats.lock().expect("no code panics holding the repeats").note(&principal.name, new.digest, now);
+        let note = self.repeats.note(&principal.name, new.digest, now);
         let mut details = serde_json::json!({
             "service": new.service,
             "size": new.size,
@@ -388,8 +385,7 @@ impl Ingestor {
         let registry = Arc::clone(&self.registry);
         let recorded = crate::registry::run(move || registry.record_artifact(&new, &event)).await?;
         if !recorded.new_artifact && !recorded.new_upload {
-            let mut repeats = self.repeats.lock().expect("no code panics holding the repeats");
-            repeats.repeated(&principal.name, recorded.artifact.digest, note, now);
+            self.repeats.repeated(&principal.name, recorded.artifact.digest, note, now);
         }
         tracing::info!(
             digest = %recorded.artifact.digest,

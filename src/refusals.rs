@@ -155,10 +155,10 @@ pub fn truncate(text: &str, max: usize) -> Cow<'_, str> {
 
 /// How a source is named: an IPv4 address, an IPv6 /64, or `unknown`.
 pub fn source_name(source: Option<IpAddr>) -> String {
-    match source.map(|ip| ip.to_canonical()) {
+    match source.map(crate::config::source) {
         None => "unknown".into(),
         Some(ip @ IpAddr::V4(_)) => ip.to_string(),
-        Some(ip @ IpAddr::V6(_)) => format!("{}/64", crate::config::mask(ip, 64)),
+        Some(ip @ IpAddr::V6(_)) => format!("{ip}/64"),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::digest::Digest;
 
 pub use file::is_valid_name;
 use file::*;
-pub use net::{IpRange, mask};
+pub use net::{IpRange, mask, source};
 pub use node::{Node, check_host, check_user};
 pub use units::{ByteSize, HumanDuration};
 pub use webhook::{Format, Webhook};

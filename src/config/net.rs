@@ -58,6 +58,15 @@ pub fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// What a client's address is counted under (refusals, connections): the IPv4 address, or
+/// the IPv6 /64 (one host holds a whole /64); an IPv4-mapped IPv6 address is its IPv4 one.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        ip @ IpAddr::V4(_) => ip,
+        ip @ IpAddr::V6(_) => mask(ip, 64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

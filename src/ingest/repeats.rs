@@ -3,6 +3,7 @@
 //! 20 s from one client; ~25 GB of registry a day).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
@@ -18,7 +19,7 @@ const REMEMBERED: usize = 4_096;
 /// event since.
 #[derive(Default)]
 pub struct Repeats {
-    seen: HashMap<(String, Digest), (Instant, u64)>,
+    seen: Mutex<HashMap<(String, Digest), (Instant, u64)>>,
 }
 
 /// Whether an upload, if it changes nothing, goes on record.
@@ -33,7 +34,7 @@ pub enum Note {
 impl Repeats {
     /// What an upload of `digest` by `token` would be, at `now`, if it changed nothing.
     pub fn note(&self, token: &str, digest: Digest, now: Instant) -> Note {
-        match self.seen.get(&(token.to_owned(), digest)) {
+        match self.seen().get(&(token.to_owned(), digest)) {
             Some((at, _)) if now.duration_since(*at) < WINDOW => Note::Quiet,
             Some((_, unrecorded)) => Note::Record { unrecorded: *unrecorded },
             None => Note::Record { unrecorded: 0 },
@@ -41,23 +42,28 @@ impl Repeats {
     }
 
     /// An upload of `digest` by `token` that changed nothing, on record or not (`note`).
-    pub fn repeated(&mut self, token: &str, digest: Digest, note: Note, now: Instant) {
+    pub fn repeated(&self, token: &str, digest: Digest, note: Note, now: Instant) {
+        let mut seen = self.seen();
         match note {
             Note::Record { .. } => {
-                if self.seen.len() >= REMEMBERED {
-                    self.seen.retain(|_, (at, _)| now.duration_since(*at) < WINDOW);
-                    if self.seen.len() >= REMEMBERED {
-                        self.seen.clear();
+                if seen.len() >= REMEMBERED {
+                    seen.retain(|_, (at, _)| now.duration_since(*at) < WINDOW);
+                    if seen.len() >= REMEMBERED {
+                        seen.clear();
                     }
                 }
-                self.seen.insert((token.to_owned(), digest), (now, 0));
+                seen.insert((token.to_owned(), digest), (now, 0));
             }
             Note::Quiet => {
-                if let Some((_, unrecorded)) = self.seen.get_mut(&(token.to_owned(), digest)) {
+                if let Some((_, unrecorded)) = seen.get_mut(&(token.to_owned(), digest)) {
                     *unrecorded += 1;
                 }
             }
         }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Digest), (Instant, u64)>> {
+        self.seen.lock().expect("no code panics holding the repeats")
     }
 }
 
@@ -67,7 +73,7 @@ mod tests {
 
     #[test]
     fn one_repeat_per_token_and_artifact_and_window_is_on_record_and_counts_the_others() {
-        let mut repeats = Repeats::default();
+        let repeats = Repeats::default();
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         let start = Instant::now();
         assert_eq!(repeats.note("ci", a, start), Note::Record { unrecorded: 0 });
@@ -88,6 +94,6 @@ mod tests {
         for n in 0..REMEMBERED as u64 {
             repeats.repeated("ci", Digest::of(&n.to_le_bytes()), Note::Record { unrecorded: 0 }, later);
         }
-        assert!(repeats.seen.len() <= REMEMBERED);
+        assert!(repeats.seen().len() <= REMEMBERED);
     }
 }

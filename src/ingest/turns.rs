@@ -25,8 +25,8 @@ pub struct Turns {
 /// Why an upload got no turn.
 #[derive(Debug, PartialEq)]
 pub enum NoTurn {
-    /// The token has as many uploads running and waiting as it may.
-    TokenBusy { running: usize },
+    /// The token has as many uploads running and waiting as it may, holding `per_token`.
+    TokenBusy { running: usize, per_token: usize },
     /// None came free within the wait.
     Timeout,
 }
@@ -52,11 +52,6 @@ impl Turns {
         self.size - self.all.available_permits()
     }
 
-    /// How many turns one token may hold at once.
-    pub fn per_token(&self) -> usize {
-        self.per_token
-    }
-
     /// A turn for an upload of `token`, waited for at most `wait`.
     pub async fn take(&self, token: &str, wait: Duration) -> Result<Turn<'_>, NoTurn> {
         let own = {
@@ -64,7 +59,7 @@ impl Turns {
             let (own, count) =
                 tokens.entry(token.to_owned()).or_insert_with(|| (Arc::new(Semaphore::new(self.per_token)), 0));
             if *count >= self.per_token + self.waiting {
-                return Err(NoTurn::TokenBusy { running: *count });
+                return Err(NoTurn::TokenBusy { running: *count, per_token: self.per_token });
             }
             *count += 1;
             Arc::clone(own)
@@ -114,7 +109,7 @@ mod tests {
     #[tokio::test]
     async fn a_token_holds_half_the_turns_and_has_so_many_waiting_at_most() {
         let turns = Turns::new(4, 4);
-        assert_eq!(turns.per_token(), 2);
+        assert_eq!(turns.per_token, 2);
         let a1 = turns.take("a", WAIT).await.unwrap();
         let _a2 = turns.take("a", WAIT).await.unwrap();
         assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::Timeout), "a third waits, and times out");
@@ -131,7 +126,7 @@ mod tests {
         for w in &mut waiting {
             assert!(futures::poll!(w.as_mut()).is_pending());
         }
-        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::TokenBusy { running: 6 }));
+        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::TokenBusy { running: 6, per_token: 2 }));
         // A turn of a's given back goes to the first of a's waiting; b's goes to no one of a's.
         drop(b1);
         assert!(futures::poll!(waiting[0].as_mut()).is_pending(), "a holds its two already");

@@ -109,8 +109,8 @@ pub async fn serve_tls(
     Ok(())
 }
 
-/// Connections open per source: an IPv4 address or an IPv6 /64 (one host holds a whole /64),
-/// as the refusal counts name them; trusted proxies are not counted (they carry everyone).
+/// Connections open per source (`config::source`: an IPv4 address or an IPv6 /64, as the
+/// refusal counts name them); trusted proxies are not counted (they carry everyone).
 #[derive(Default)]
 struct Sources {
     open: Mutex<HashMap<IpAddr, u32>>,
@@ -127,14 +127,10 @@ struct Counted {
 impl Sources {
     /// Counts a connection from `peer`, or `None` when its source has `cap` open already.
     fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Counted> {
-        let peer = peer.to_canonical();
         if self.trusted.iter().any(|range| range.contains(peer)) {
             return Some(Counted { sources: Arc::clone(self), key: None });
         }
-        let key = match peer {
-            IpAddr::V4(_) => peer,
-            IpAddr::V6(_) => crate::config::mask(peer, 64),
-        };
+        let key = crate::config::source(peer);
         let mut open = self.open.lock().expect("no code panics holding the sources");
         let count = open.entry(key).or_insert(0);
         if *count >= self.cap {
