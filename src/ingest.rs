@@ -72,6 +72,11 @@ pub enum IngestError {
          at once); nothing was read: send it again later"
     )]
     NoTurn(HumanDuration),
+    #[error(
+        "{waiting} uploads wait for a turn already, as many as may (a quarter of limits.max_connections); \
+         nothing was read: send it again later"
+    )]
+    TooManyWaiting { waiting: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -183,8 +188,12 @@ impl Ingestor {
     ) -> Ingestor {
         let limits = &config.limits;
         // A token's waiting uploads hold an eighth of the connections at most: room for a
-        // CI's parallel jobs, none for one token to make the server unreachable.
-        let waiting = (limits.max_connections as usize / 8).max(limits.max_concurrent_uploads as usize);
+        // CI's parallel jobs, none for one token to make the server unreachable; and all
+        // tokens' together a quarter, which leaves the rest to everything but uploads.
+        let at_least = limits.max_concurrent_uploads as usize;
+        let connections = limits.max_connections as usize;
+        let waiting =
+            turns::Waiting { per_token: (connections / 8).max(at_least), all: (connections / 4).max(at_least) };
         let turns = Arc::new(turns::Turns::new(limits.max_concurrent_uploads, waiting));
         Ingestor { config, store, registry, metrics, indexes, turns, repeats: Arc::default() }
     }
@@ -241,6 +250,7 @@ impl Ingestor {
         let _turn = match request.pace {
             Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| match no {
                 turns::NoTurn::TokenBusy { running, per_token } => IngestError::TokenBusy { running, per_token },
+                turns::NoTurn::Full { waiting } => IngestError::TooManyWaiting { waiting },
                 turns::NoTurn::Timeout => IngestError::NoTurn(pace.stall),
             })?,
             None => self.turns.take_own().await,

@@ -1,25 +1,35 @@
 //! Turns for uploads: how many are received at once, how many of those one token may hold,
-//! and how long an upload waits for one.
+//! and how many uploads may wait for one, and how long.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 /// `limits.max_concurrent_uploads` turns, which bound the memory all uploads hold together.
-/// One token holds at most half of them (at least one), so that a token trickling uploads at
-/// just above `min_upload_rate` cannot keep every other service's CI waiting for hours; and
-/// it has at most `waiting` more waiting, so that it cannot fill the server's connections
-/// with uploads nobody reads.
+///
+/// - One token holds at most half of them (at least one), and a token already holding one
+///   never takes the last free turn: two tokens trickling uploads at just above
+///   `min_upload_rate` cannot keep every other service's CI waiting for hours.
+/// - The server's own uploads (adoptions, which a deploy waits for) take one turn more than
+///   the clients may hold together, so that they wait only for each other.
+/// - Uploads waiting are capped per token and in all, so that waiting uploads cannot fill the
+///   server's connections with bodies nobody reads.
+///
+/// Turns go to waiting uploads first come, first served among those that may take one.
 pub struct Turns {
-    all: Arc<Semaphore>,
     size: usize,
     per_token: usize,
-    waiting: usize,
-    /// Per token with an upload holding or waiting for a turn: its own turns, and how many of
-    /// its uploads hold or wait.
-    tokens: Mutex<HashMap<String, (Arc<Semaphore>, usize)>>,
+    waiting: Waiting,
+    state: Mutex<State>,
+}
+
+/// How many uploads may wait for a turn: of one token, and of all.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiting {
+    pub per_token: usize,
+    pub all: usize,
 }
 
 /// Why an upload got no turn.
@@ -27,74 +37,165 @@ pub struct Turns {
 pub enum NoTurn {
     /// The token has as many uploads running and waiting as it may, holding `per_token`.
     TokenBusy { running: usize, per_token: usize },
+    /// As many uploads wait as may, of all tokens.
+    Full { waiting: usize },
     /// None came free within the wait.
     Timeout,
 }
 
-/// A turn held; the token's count goes down when it is dropped.
-pub struct Turn<'a> {
-    turns: &'a Turns,
+#[derive(Default)]
+struct State {
+    /// Turns held, the server's own included.
+    held: usize,
+    /// Per token with an upload holding or waiting for a turn.
+    tokens: HashMap<String, Count>,
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct Count {
+    holding: usize,
+    waiting: usize,
+}
+
+struct Waiter {
+    id: u64,
     /// `None`: the server's own.
     token: Option<String>,
-    /// The token's turn and one of all; given back when dropped.
-    permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+    wake: oneshot::Sender<()>,
+}
+
+/// A turn held, or waited for: given back (or the wait given up) when dropped.
+pub struct Turn<'a> {
+    turns: &'a Turns,
+    id: u64,
+    token: Option<String>,
 }
 
 impl Turns {
-    pub fn new(size: u32, waiting: usize) -> Turns {
+    pub fn new(size: u32, waiting: Waiting) -> Turns {
         let size = size.max(1) as usize;
-        let per_token = (size / 2).max(1);
-        Turns { all: Arc::new(Semaphore::new(size)), size, per_token, waiting, tokens: Mutex::default() }
+        Turns { size, per_token: (size / 2).max(1), waiting, state: Mutex::default() }
     }
 
     /// How many uploads hold a turn now.
     pub fn running(&self) -> usize {
-        self.size - self.all.available_permits()
+        self.state().held
     }
 
     /// A turn for an upload of `token`, waited for at most `wait`.
     pub async fn take(&self, token: &str, wait: Duration) -> Result<Turn<'_>, NoTurn> {
-        let own = {
-            let mut tokens = self.tokens.lock().expect("no code panics holding the turns");
-            let (own, count) =
-                tokens.entry(token.to_owned()).or_insert_with(|| (Arc::new(Semaphore::new(self.per_token)), 0));
-            if *count >= self.per_token + self.waiting {
-                return Err(NoTurn::TokenBusy { running: *count, per_token: self.per_token });
+        let (turn, woken) = {
+            let mut state = self.state();
+            let count = state.tokens.get(token).map_or(0, |c| c.holding + c.waiting);
+            if count >= self.per_token + self.waiting.per_token {
+                return Err(NoTurn::TokenBusy { running: count, per_token: self.per_token });
             }
-            *count += 1;
-            Arc::clone(own)
+            let token = Some(token.to_owned());
+            if self.may_take(&state, token.as_deref()) {
+                return Ok(self.grant(&mut state, token));
+            }
+            let waiting = state.queue.len();
+            if waiting >= self.waiting.all {
+                return Err(NoTurn::Full { waiting });
+            }
+            self.wait(&mut state, token)
         };
-        // Counted from here: the guard gives the count back however this ends.
-        let mut turn = Turn { turns: self, token: Some(token.to_owned()), permits: (None, None) };
-        let permits = async {
-            let own = own.acquire_owned().await.expect("the semaphores are never closed");
-            let all = Arc::clone(&self.all).acquire_owned().await.expect("the semaphores are never closed");
-            (own, all)
-        };
-        let (own, all) = tokio::time::timeout(wait, permits).await.map_err(|_| NoTurn::Timeout)?;
-        turn.permits = (Some(own), Some(all));
+        // The turn (a waiting one until woken) gives its place back however this ends.
+        tokio::time::timeout(wait, woken).await.map_err(|_| NoTurn::Timeout)?.expect("woken before dropped");
         Ok(turn)
     }
 
-    /// A turn for the server's own upload (an adoption, which a deploy waits for): one of all
-    /// the turns, outside any token's share, waited for as long as it takes.
+    /// A turn for the server's own upload: waited for as long as it takes, which is as long
+    /// as the server's other own uploads take at most.
     pub async fn take_own(&self) -> Turn<'_> {
-        let all = Arc::clone(&self.all).acquire_owned().await.expect("the semaphores are never closed");
-        Turn { turns: self, token: None, permits: (None, Some(all)) }
+        let (turn, woken) = {
+            let mut state = self.state();
+            if self.may_take(&state, None) {
+                return self.grant(&mut state, None);
+            }
+            self.wait(&mut state, None)
+        };
+        woken.await.expect("woken before dropped");
+        turn
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("no code panics holding the turns")
+    }
+
+    fn may_take(&self, state: &State, token: Option<&str>) -> bool {
+        let Some(token) = token else { return state.held <= self.size };
+        let holding = state.tokens.get(token).map_or(0, |c| c.holding);
+        // A token holding a turn leaves the last free one to a token holding none.
+        let needed = if holding > 0 { 2 } else { 1 };
+        holding < self.per_token && self.size.saturating_sub(state.held) >= needed
+    }
+
+    fn grant(&self, state: &mut State, token: Option<String>) -> Turn<'_> {
+        state.held += 1;
+        if let Some(token) = &token {
+            state.tokens.entry(token.clone()).or_default().holding += 1;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        Turn { turns: self, id, token }
+    }
+
+    fn wait(&self, state: &mut State, token: Option<String>) -> (Turn<'_>, oneshot::Receiver<()>) {
+        if let Some(token) = &token {
+            state.tokens.entry(token.clone()).or_default().waiting += 1;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let (wake, woken) = oneshot::channel();
+        state.queue.push_back(Waiter { id, token: token.clone(), wake });
+        (Turn { turns: self, id, token }, woken)
+    }
+
+    /// Gives free turns to the first waiting uploads that may take one.
+    fn hand_on(&self, state: &mut State) {
+        let mut at = 0;
+        while at < state.queue.len() {
+            if !self.may_take(state, state.queue[at].token.as_deref()) {
+                at += 1;
+                continue;
+            }
+            let waiter = state.queue.remove(at).expect("in the queue");
+            state.held += 1;
+            if let Some(token) = &waiter.token {
+                let count = state.tokens.get_mut(token).expect("a waiting token is counted");
+                count.waiting -= 1;
+                count.holding += 1;
+            }
+            // Its receiver lives until its turn's drop has taken it out of the queue.
+            let _ = waiter.wake.send(());
+        }
     }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        // The permits go back just after this (the fields drop after it): the count may be
-        // one below what holds a turn for that moment, never above.
-        let Some(token) = &self.token else { return };
-        let mut tokens = self.turns.tokens.lock().expect("no code panics holding the turns");
-        if let Some((_, count)) = tokens.get_mut(token) {
-            *count -= 1;
-            if *count == 0 {
-                tokens.remove(token);
+        let turns = self.turns;
+        let mut state = turns.state();
+        let state = &mut *state;
+        let waited = state.queue.iter().position(|w| w.id == self.id).and_then(|at| state.queue.remove(at));
+        if waited.is_none() {
+            state.held -= 1;
+        }
+        if let Some(token) = &self.token {
+            let count = state.tokens.get_mut(token).expect("a token holding or waiting is counted");
+            match waited {
+                Some(_) => count.waiting -= 1,
+                None => count.holding -= 1,
             }
+            if count.holding + count.waiting == 0 {
+                state.tokens.remove(token);
+            }
+        }
+        if waited.is_none() {
+            turns.hand_on(state);
         }
     }
 }
@@ -102,61 +203,139 @@ impl Drop for Turn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     const WAIT: Duration = Duration::from_millis(50);
     const LONG: Duration = Duration::from_secs(3600);
 
+    fn turns(size: u32, per_token: usize, all: usize) -> Turns {
+        Turns::new(size, Waiting { per_token, all })
+    }
+
+    fn counts(turns: &Turns, token: &str) -> Option<(usize, usize)> {
+        turns.state().tokens.get(token).map(|c| (c.holding, c.waiting))
+    }
+
     #[tokio::test]
     async fn a_token_holds_half_the_turns_and_has_so_many_waiting_at_most() {
-        let turns = Turns::new(4, 4);
+        let turns = turns(4, 4, 100);
         assert_eq!(turns.per_token, 2);
         let a1 = turns.take("a", WAIT).await.unwrap();
-        let _a2 = turns.take("a", WAIT).await.unwrap();
+        let a2 = turns.take("a", WAIT).await.unwrap();
         assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::Timeout), "a third waits, and times out");
         assert_eq!(turns.running(), 2);
-        // Another token still gets the two turns left.
-        let b1 = turns.take("b", WAIT).await.unwrap();
-        let _b2 = turns.take("b", WAIT).await.unwrap();
-        assert_eq!(turns.running(), 4);
-        assert_eq!(turns.take("c", WAIT).await.err(), Some(NoTurn::Timeout), "all four held");
+        assert_eq!(counts(&turns, "a"), Some((2, 0)), "the wait given up is not counted");
 
-        // Four of a's uploads wait at most (`waiting`); the fifth is refused at once.
-        let waiting: Vec<_> = (0..4).map(|_| turns.take("a", LONG)).collect();
-        let mut waiting: Vec<_> = waiting.into_iter().map(Box::pin).collect();
+        // Four of a's uploads wait at most; the fifth is refused at once.
+        let mut waiting: Vec<_> = (0..4).map(|_| Box::pin(turns.take("a", LONG))).collect();
         for w in &mut waiting {
-            assert!(futures::poll!(w.as_mut()).is_pending());
+            assert!(w.now_or_never().is_none());
         }
         assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::TokenBusy { running: 6, per_token: 2 }));
-        // A turn of a's given back goes to the first of a's waiting; b's goes to no one of a's.
-        drop(b1);
-        assert!(futures::poll!(waiting[0].as_mut()).is_pending(), "a holds its two already");
+        // A turn of a's given back goes to the first of a's waiting.
         drop(a1);
-        let next = waiting.remove(0).await;
-        assert_eq!(turns.running(), 3, "a's two and b's one");
+        let next = waiting.remove(0).await.unwrap();
+        assert_eq!(turns.running(), 2);
         drop((next, waiting));
-        assert_eq!(turns.tokens.lock().unwrap()["a"].1, 1, "a's waiting uploads gave their count back");
-        drop(_a2);
-        assert!(!turns.tokens.lock().unwrap().contains_key("a"), "a token with nothing running is forgotten");
+        assert_eq!(counts(&turns, "a"), Some((1, 0)), "a's waiting uploads gave their count back");
+        drop(a2);
+        assert_eq!(counts(&turns, "a"), None, "a token with nothing running is forgotten");
+        assert_eq!(turns.running(), 0);
+    }
+
+    /// N1 of the stop-33 attack: two tokens took all four turns, so that a third service's
+    /// CI waited for as long as their trickles lasted.
+    #[tokio::test]
+    async fn a_token_holding_a_turn_leaves_the_last_free_one_to_a_token_holding_none() {
+        let turns = turns(4, 4, 100);
+        let _a = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+        let b1 = turns.take("b", WAIT).await.unwrap();
+        let mut b2 = Box::pin(turns.take("b", LONG));
+        assert!((&mut b2).now_or_never().is_none(), "b holds one: the last free turn is not b's");
+        let c = turns.take("c", WAIT).await.expect("the last free turn is c's");
+        assert_eq!(turns.running(), 4);
+        // c done: one free, b holds one, so b still waits; d holds none and takes it.
+        drop(c);
+        assert!((&mut b2).now_or_never().is_none());
+        let _d = turns.take("d", WAIT).await.unwrap();
+        // b's own turn given back: its waiting upload takes it.
+        drop(b1);
+        let _b2 = b2.now_or_never().expect("b's turn").unwrap();
+        assert_eq!(turns.running(), 4);
+    }
+
+    /// A waiting upload that may not take the free turn does not keep the ones behind it
+    /// waiting; among those that may, the first come goes first.
+    #[tokio::test]
+    async fn turns_go_first_come_first_served_among_those_that_may_take_one() {
+        let turns = turns(3, 4, 100);
+        assert_eq!(turns.per_token, 1);
+        let a = turns.take("a", WAIT).await.unwrap();
+        let b = turns.take("b", WAIT).await.unwrap();
+        let c = turns.take("c", WAIT).await.unwrap();
+        let mut a2 = Box::pin(turns.take("a", LONG));
+        let mut d = Box::pin(turns.take("d", LONG));
+        let mut e = Box::pin(turns.take("e", LONG));
+        for w in [&mut a2, &mut d, &mut e] {
+            assert!(w.now_or_never().is_none());
+        }
+        drop(b);
+        assert!((&mut a2).now_or_never().is_none(), "a holds its one");
+        let _d = d.now_or_never().expect("d came before e").unwrap();
+        assert!((&mut e).now_or_never().is_none());
+        drop(a);
+        let _a2 = a2.now_or_never().expect("a came before e").unwrap();
+        assert!((&mut e).now_or_never().is_none());
+        drop(c);
+        assert!(e.now_or_never().is_some());
+    }
+
+    /// N3: many tokens' waiting uploads together could hold every connection.
+    #[tokio::test]
+    async fn so_many_uploads_wait_in_all() {
+        let turns = turns(1, 4, 3);
+        let _held = turns.take("a", WAIT).await.unwrap();
+        let mut waiting: Vec<_> = ["b", "c", "d"].map(|t| Box::pin(turns.take(t, LONG))).into();
+        for w in &mut waiting {
+            assert!(w.now_or_never().is_none());
+        }
+        assert_eq!(turns.take("e", WAIT).await.err(), Some(NoTurn::Full { waiting: 3 }));
+        drop(waiting.pop());
+        let mut e = Box::pin(turns.take("e", LONG));
+        assert!((&mut e).now_or_never().is_none(), "room again: e waits");
     }
 
     /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
-    /// one of all the turns, never one of that token's, and is never refused.
+    /// none of that token's turns, is never refused, and waits only for other adoptions.
     #[tokio::test]
-    async fn the_servers_own_upload_takes_no_tokens_turn() {
-        let turns = Turns::new(4, 4);
-        let held = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+    async fn the_servers_own_upload_waits_for_no_client() {
+        let turns = turns(4, 4, 100);
+        let held = [
+            turns.take("a", WAIT).await.unwrap(),
+            turns.take("a", WAIT).await.unwrap(),
+            turns.take("b", WAIT).await.unwrap(),
+            turns.take("c", WAIT).await.unwrap(),
+        ];
         let own = turns.take_own().await;
-        assert_eq!(turns.running(), 3);
-        assert_eq!(turns.tokens.lock().unwrap()["a"].1, 2, "not counted as a's");
+        assert_eq!(turns.running(), 5);
+        assert_eq!(counts(&turns, "a"), Some((2, 0)), "not counted as a's");
+        let mut second = Box::pin(turns.take_own());
+        assert!((&mut second).now_or_never().is_none(), "one turn beyond the clients' at most");
         drop(own);
+        let second = second.await;
         drop(held);
-        assert!(turns.tokens.lock().unwrap().is_empty());
+        // Clients' uploads may not take the server's turn.
+        let mut four: Vec<_> = ["a", "b", "c", "d"].map(|t| Box::pin(turns.take(t, LONG))).into();
+        let ready: Vec<_> = four.iter_mut().filter_map(|w| w.now_or_never()).collect();
+        assert_eq!(ready.len(), 3, "the server's one and three of the clients'");
+        drop((ready, four, second));
         assert_eq!(turns.running(), 0);
+        assert!(turns.state().tokens.is_empty());
     }
 
     #[tokio::test]
     async fn with_one_turn_a_token_may_hold_it() {
-        let turns = Turns::new(1, 1);
+        let turns = turns(1, 1, 1);
         let held = turns.take("a", WAIT).await.unwrap();
         assert_eq!(turns.take("b", WAIT).await.err(), Some(NoTurn::Timeout));
         drop(held);

@@ -382,9 +382,12 @@ async fn the_start_returns_while_a_deploy_a_stopped_server_left_is_resolved_and_
 }
 
 /// Issue 13: `Releases` built an ingestor of its own, so a node's adopted tree was kept
-/// outside `max_concurrent_uploads`, the limit that bounds what uploads hold in memory.
+/// outside `max_concurrent_uploads`, the limit that bounds what uploads hold in memory, and
+/// any number at once. Since then the adoptions share the uploads' turns: one beyond the
+/// clients', so that a deploy waits for no client's upload (N2: two CI tokens trickling once
+/// held a deploy for hours), and adoptions wait for each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_adoption_waits_for_a_turn_of_the_same_upload_limit_as_uploads() {
+async fn an_adoption_takes_the_one_turn_beyond_the_uploads_and_the_next_waits_for_it() {
     use futures::StreamExt;
 
     use crate::ingest::{Piece, UploadRequest};
@@ -401,32 +404,55 @@ async fn an_adoption_waits_for_a_turn_of_the_same_upload_limit_as_uploads() {
         tokio::spawn(async move { ingestor.ingest(&ci, request, held).await })
     };
     body.unbounded_send(Ok(Piece::Bytes(bytes::Bytes::from_static(b"not finished")))).unwrap();
-    for _ in 0..500 {
-        if s.ingestor.uploads_running() == 1 {
-            break;
+    let ingestor = &s.ingestor;
+    let running = |n| async move {
+        for _ in 0..500 {
+            if ingestor.uploads_running() == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(s.ingestor.uploads_running(), 1, "the upload holds the turn");
+        ingestor.uploads_running()
+    };
+    assert_eq!(running(1).await, 1, "the upload holds the turn");
 
-    // A node's legacy tree, packaged, to be kept as an artifact by the adoption.
-    let tree = tempfile::tempdir().unwrap();
-    std::fs::write(tree.path().join("index.html"), "legacy").unwrap();
-    let (packed, package) = crate::archive::pack_to_writer(tree.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+    // Two nodes' legacy trees, packaged, to be kept as artifacts by two adoptions for one
+    // release; the first one's bytes come through a channel, so that it holds its turn until
+    // they end.
     let release = approved(&s.registry, b"v1");
-    let adopter =
-        adopt::ServerAdopter { ingestor: s.releases.ingestor.clone(), registry: Arc::clone(&s.registry), release };
-    let kept = tokio::spawn(async move {
-        let bytes = futures::stream::iter([Ok(bytes::Bytes::from(package))]).boxed();
-        adopter.keep(packed.digest, bytes).await
+    let adoption = |content: &[u8]| {
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::write(tree.path().join("index.html"), content).unwrap();
+        let (packed, package) = crate::archive::pack_to_writer(tree.path(), &[], Vec::new(), &mut |_| {}).unwrap();
+        let adopter = adopt::ServerAdopter {
+            ingestor: s.releases.ingestor.clone(),
+            registry: Arc::clone(&s.registry),
+            release: release.clone(),
+        };
+        (packed.digest, package, adopter)
+    };
+    let (first, first_package, first_adopter) = adoption(b"legacy one");
+    let (feed, fed) = futures::channel::mpsc::unbounded();
+    let first_kept = tokio::spawn(async move { first_adopter.keep(first, fed.boxed()).await });
+    feed.unbounded_send(Ok(bytes::Bytes::from(first_package))).unwrap();
+    assert_eq!(running(2).await, 2, "the adoption takes the turn beyond the upload's");
+    let (second, second_package, second_adopter) = adoption(b"legacy two");
+    let second_kept = tokio::spawn(async move {
+        let bytes = futures::stream::iter([Ok(bytes::Bytes::from(second_package))]).boxed();
+        second_adopter.keep(second, bytes).await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!kept.is_finished(), "the adoption waits while the upload holds the only turn");
+    assert!(!second_kept.is_finished(), "the second adoption waits for the first");
 
-    // The upload ends (refused: not an archive); its turn goes to the adoption.
+    // The first adoption's bytes end: it is kept, and its turn goes to the second.
+    drop(feed);
+    first_kept.await.unwrap().expect("kept");
+    second_kept.await.unwrap().expect("kept once it had the turn");
+    for digest in [first, second] {
+        assert!(s.registry.artifact(digest).unwrap().is_some(), "the adopted tree is an artifact");
+    }
+    assert_eq!(s.ingestor.uploads_running(), 1, "the upload holds its turn all along");
     drop(body);
-    assert!(upload.await.unwrap().is_err());
-    kept.await.unwrap().expect("kept once it had the turn");
-    assert!(s.registry.artifact(packed.digest).unwrap().is_some(), "the adopted tree is an artifact");
+    assert!(upload.await.unwrap().is_err(), "refused: not an archive");
     assert_eq!(s.ingestor.uploads_running(), 0);
 }

@@ -41,5 +41,6 @@ mod timeouts;
 mod tls;
 mod tokens;
 mod tour;
+mod turns;
 mod upload;
 mod webhooks;

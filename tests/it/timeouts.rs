@@ -31,7 +31,7 @@ fn noise(size: usize) -> Vec<u8> {
     bytes
 }
 
-fn archive_of(size: usize) -> Vec<u8> {
+pub(crate) fn archive_of(size: usize) -> Vec<u8> {
     zstd(&RawTar::new().file("blob.bin", &noise(size)).finish())
 }
 
@@ -98,7 +98,7 @@ fn a_body_that_never_ends_gets_408_and_the_long_poll_answers_before_the_deadline
 }
 
 /// Sends the head of an upload of `body` and its first `first` bytes; leaves it there.
-fn stalled_upload(url: &str, token: &str, body: &[u8], first: usize) -> TcpStream {
+pub(crate) fn stalled_upload(url: &str, token: &str, body: &[u8], first: usize) -> TcpStream {
     let mut stream = raw::connect(url);
     write!(
         stream,
@@ -276,115 +276,6 @@ fn an_answer_not_begun_by_the_deadline_is_503_and_the_server_goes_on() {
     let response = server.http().get(format!("{}/v1/status", server.url)).bearer_auth(&carol).send().unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     drop(silent);
-}
-
-/// Sends `body` one byte every 300 ms, never stalling, until `stop` (or 20 s).
-fn trickle(stream: &TcpStream, body: Vec<u8>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let mut writer = stream.try_clone().unwrap();
-    let started = Instant::now();
-    std::thread::spawn(move || {
-        for byte in body {
-            let done = stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > Duration::from_secs(20);
-            if done || writer.write_all(&[byte]).is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    });
-}
-
-/// A token trickling uploads at just above the minimum rate once held every turn for hours,
-/// and any number of its uploads could wait for one, outside every timeout, until they held
-/// every connection. Now it holds half the turns, waits with an eighth of the connections at
-/// most, and waits no longer than an upload may stall.
-#[test]
-fn one_token_holds_half_the_upload_turns_and_waits_for_more_only_so_long() {
-    let server = TestServer::start_with(
-        Backend::Local,
-        "[limits]\nmax_concurrent_uploads = 2\nmax_connections = 16\nupload_stall_timeout = \"3s\"\n",
-    );
-    let ci = server.token_with("ci", "ci", &["--owner", "gitlab"]);
-    let body = archive_of(200_000);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // ci's first upload takes its one turn (half of two) and keeps it, never stalling.
-    let mut held = stalled_upload(&server.url, &ci, &body, 1000);
-    trickle(&held, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
-    std::thread::sleep(Duration::from_millis(300));
-    // Two more wait for ci's turn (an eighth of the 16 connections); a fourth is refused at once.
-    let waiting_since = Instant::now();
-    let mut waiting: Vec<TcpStream> = (0..2).map(|_| stalled_upload(&server.url, &ci, &body, 0)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut fourth = stalled_upload(&server.url, &ci, &body, 0);
-    let answer = raw::read_answer(&mut fourth, Duration::from_secs(2)).expect("refused at once");
-    assert_eq!(answer.status, 429, "{answer:?}");
-    assert_eq!(answer.json()["error"]["code"], "rate_limited");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("limits.max_concurrent_uploads"));
-    assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
-
-    // Another service's CI is not kept waiting by ci: of the two turns, ci may hold only one.
-    let web = server.token_with("ci-web", "ci", &["--owner", "gitlab"]);
-    let started = Instant::now();
-    let response = server
-        .http()
-        .post(format!("{}/v1/artifacts?service=api", server.url))
-        .bearer_auth(&web)
-        .body(archive_of(100_000))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().unwrap());
-    assert!(started.elapsed() < Duration::from_secs(2), "stored after {:?}", started.elapsed());
-
-    // ci's waiting uploads get 503 once they waited as long as an upload may stall.
-    for stream in &mut waiting {
-        let answer = raw::read_answer(stream, Duration::from_secs(10)).unwrap();
-        assert_eq!(answer.status, 503, "{answer:?}");
-        assert_eq!(answer.json()["error"]["code"], "busy");
-        assert!(answer.json()["error"]["message"].as_str().unwrap().contains("limits.upload_stall_timeout"));
-        assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
-    }
-    let waited = waiting_since.elapsed();
-    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(8), "answered after {waited:?}");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = held.shutdown(Shutdown::Both);
-    let _ = raw::read_answer(&mut held, Duration::from_secs(5));
-    server.assert_no_staging_left();
-    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
-}
-
-/// `release upload` sends an upload again, after the time the server names, when the server
-/// had no turn for it: CI goes on once the turns come free.
-#[test]
-fn release_upload_sends_again_when_the_server_has_no_turn() {
-    let server =
-        TestServer::start_with(Backend::Local, "[limits]\nmax_concurrent_uploads = 2\nupload_stall_timeout = \"2s\"\n");
-    let ci = server.token_with("ci", "ci", &["--owner", "gitlab"]);
-    let body = archive_of(200_000);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // ci's one turn held for 3 s, then stalled (and so aborted 2 s later).
-    let held = stalled_upload(&server.url, &ci, &body, 1000);
-    trickle(&held, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
-    let stopper = std::sync::Arc::clone(&stop);
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(3));
-        stopper.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    std::thread::sleep(Duration::from_millis(300));
-
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("build.tar.zst");
-    std::fs::write(&file, archive_of(100_000)).unwrap();
-    let started = Instant::now();
-    let out = server
-        .cli()
-        .env("RELEASE_TOKEN", &ci)
-        .args(["upload", file.to_str().unwrap(), "--service", "api", "--json"])
-        .assert_success();
-    eprintln!("stored after {:?}", started.elapsed());
-    assert_eq!(out.json()["created"], true, "{out}");
-    assert!(out.stderr().contains("limits.upload_stall_timeout"), "{out}");
-    assert!(out.stderr().contains("sending it again in 5 s"), "{out}");
-    drop(held);
-    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
 }
 
 /// A connection to the server at `url` from `source`, another loopback address.

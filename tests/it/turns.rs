@@ -1,0 +1,167 @@
+//! Turns for uploads (SPEC 9: one client cannot keep the others' uploads waiting): one token
+//! holds half the turns, a token holding one leaves the last free one to a token holding
+//! none, so many uploads wait per token and in all, none longer than an upload may stall, and
+//! `release upload` sends again when told to. Short limits through the configuration; every
+//! wait below is bounded.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+
+use crate::support::{Backend, TestServer, raw};
+use crate::timeouts::{archive_of, stalled_upload};
+
+/// Sends `body` one byte every 300 ms, never stalling, until `stop` (or 20 s).
+fn trickle(stream: &TcpStream, body: Vec<u8>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let mut writer = stream.try_clone().unwrap();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        for byte in body {
+            let done = stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > Duration::from_secs(20);
+            if done || writer.write_all(&[byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+}
+
+/// A token trickling uploads at just above the minimum rate once held every turn for hours,
+/// and any number of its uploads could wait for one, outside every timeout, until they held
+/// every connection. Now it holds half the turns, waits with an eighth of the connections at
+/// most, and waits no longer than an upload may stall.
+#[test]
+fn one_token_holds_half_the_upload_turns_and_waits_for_more_only_so_long() {
+    let server = TestServer::start_with(
+        Backend::Local,
+        "[limits]\nmax_concurrent_uploads = 2\nmax_connections = 16\nupload_stall_timeout = \"3s\"\n",
+    );
+    let ci = server.token_with("ci", "ci", &["--owner", "gitlab"]);
+    let body = archive_of(200_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // ci's first upload takes its one turn (half of two) and keeps it, never stalling.
+    let mut held = stalled_upload(&server.url, &ci, &body, 1000);
+    trickle(&held, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(300));
+    // Two more wait for ci's turn (an eighth of the 16 connections); a fourth is refused at once.
+    let waiting_since = Instant::now();
+    let mut waiting: Vec<TcpStream> = (0..2).map(|_| stalled_upload(&server.url, &ci, &body, 0)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = stalled_upload(&server.url, &ci, &body, 0);
+    let answer = raw::read_answer(&mut fourth, Duration::from_secs(2)).expect("refused at once");
+    assert_eq!(answer.status, 429, "{answer:?}");
+    assert_eq!(answer.json()["error"]["code"], "rate_limited");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("limits.max_concurrent_uploads"));
+    assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
+
+    // Another service's CI is not kept waiting by ci: of the two turns, ci may hold only one.
+    stored_at_once(&server);
+
+    // ci's waiting uploads get 503 once they waited as long as an upload may stall.
+    for stream in &mut waiting {
+        let answer = raw::read_answer(stream, Duration::from_secs(10)).unwrap();
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.json()["error"]["code"], "busy");
+        assert!(answer.json()["error"]["message"].as_str().unwrap().contains("limits.upload_stall_timeout"));
+        assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
+    }
+    let waited = waiting_since.elapsed();
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(8), "answered after {waited:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = held.shutdown(Shutdown::Both);
+    let _ = raw::read_answer(&mut held, Duration::from_secs(5));
+    server.assert_no_staging_left();
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
+}
+
+/// Two tokens trickling two uploads each once held all four turns, so that a third service's
+/// CI got 503 for as long as the trickles lasted (N1). A token holding a turn now leaves the
+/// last free one to a token holding none.
+#[test]
+fn two_tokens_leave_a_turn_to_a_third() {
+    let server = TestServer::start_with(
+        Backend::Local,
+        "[limits]\nmax_concurrent_uploads = 4\nmax_connections = 16\nupload_stall_timeout = \"3s\"\n",
+    );
+    let body = archive_of(200_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let [a, b] = ["ci-a", "ci-b"].map(|name| server.token_with(name, "ci", &["--owner", "gitlab"]));
+    let mut trickling = Vec::new();
+    for token in [&a, &a, &b, &b] {
+        let stream = stalled_upload(&server.url, token, &body, 1000);
+        trickle(&stream, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
+        trickling.push(stream);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let web = stored_at_once(&server);
+    // ci-web takes the last turn again; ci-b's second and three more of ci-a's wait: a quarter
+    // of the 16 connections, as many as may wait in all, so that another token's upload is
+    // told at once to come back.
+    let _last = stalled_upload(&server.url, &web, &body, 1000);
+    std::thread::sleep(Duration::from_millis(200));
+    let _more: Vec<TcpStream> = (0..3).map(|_| stalled_upload(&server.url, &a, &body, 0)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = server.token_with("ci-c", "ci", &["--owner", "gitlab"]);
+    let answer = raw::read_answer(&mut stalled_upload(&server.url, &c, &body, 0), Duration::from_secs(2)).unwrap();
+    assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("a quarter of limits.max_connections"));
+    // ci-b's second upload waited for the turn it may not take, and was told to come back.
+    let answer = raw::read_answer(&mut trickling[3], Duration::from_secs(10)).unwrap();
+    assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(trickling);
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
+}
+
+/// `release upload` sends an upload again, after the time the server names, when the server
+/// had no turn for it: CI goes on once the turns come free.
+#[test]
+fn release_upload_sends_again_when_the_server_has_no_turn() {
+    let server =
+        TestServer::start_with(Backend::Local, "[limits]\nmax_concurrent_uploads = 2\nupload_stall_timeout = \"2s\"\n");
+    let ci = server.token_with("ci", "ci", &["--owner", "gitlab"]);
+    let body = archive_of(200_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // ci's one turn held for 3 s, then stalled (and so aborted 2 s later).
+    let held = stalled_upload(&server.url, &ci, &body, 1000);
+    trickle(&held, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
+    let stopper = std::sync::Arc::clone(&stop);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        stopper.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("build.tar.zst");
+    std::fs::write(&file, archive_of(100_000)).unwrap();
+    let started = Instant::now();
+    let out = server
+        .cli()
+        .env("RELEASE_TOKEN", &ci)
+        .args(["upload", file.to_str().unwrap(), "--service", "api", "--json"])
+        .assert_success();
+    eprintln!("stored after {:?}", started.elapsed());
+    assert_eq!(out.json()["created"], true, "{out}");
+    assert!(out.stderr().contains("limits.upload_stall_timeout"), "{out}");
+    assert!(out.stderr().contains("sending it again in 5 s"), "{out}");
+    drop(held);
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+}
+
+/// Uploads as `ci-web` (a token made here), stored within 2 s; returns that token.
+fn stored_at_once(server: &TestServer) -> String {
+    let web = server.token_with("ci-web", "ci", &["--owner", "gitlab"]);
+    let started = Instant::now();
+    let response = server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&web)
+        .body(archive_of(100_000));
+    let response = response.send().unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().unwrap());
+    assert!(started.elapsed() < Duration::from_secs(2), "stored after {:?}", started.elapsed());
+    web
+}
