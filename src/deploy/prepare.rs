@@ -214,7 +214,7 @@ impl NodeDeployer {
 
 /// The whole artifact.
 async fn artifact(store: &Store, digest: Digest) -> Result<Payload, String> {
-    store.read_artifact(digest, None).await.map_err(|e| e.to_string())
+    store.read_artifact(digest, None, crate::store::READ_FOR_NODES).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

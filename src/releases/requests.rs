@@ -221,7 +221,7 @@ impl Releases {
         if self.blocking(move |r| r.shared_checked(digest, &known)).await? {
             return Ok(());
         }
-        let bytes = self.store.read_artifact(digest, None).await?;
+        let bytes = self.store.read_artifact(digest, None, crate::store::READ_FOR_NODES).await?;
         let bytes = futures::TryStreamExt::map_err(bytes, std::io::Error::other);
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(bytes));
         let options = crate::archive::CheckOptions {

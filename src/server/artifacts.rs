@@ -230,7 +230,7 @@ async fn blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (artifact, _) = readable(&state, &principal, &digest).await?;
-    ranged_bytes(&state, &artifact, &headers).await
+    ranged_bytes(&state, &artifact, &headers, crate::store::READ_FOR_CLIENTS).await
 }
 
 /// `GET /node/artifacts/{digest}?expires=&sig=`: a node fetching an artifact by the signed
@@ -254,7 +254,7 @@ pub async fn node_fetch(
     if let Some(block) = block {
         return Err(ApiError::blocked(format!("artifact {digest} is blocked: {}", block.reason)));
     }
-    ranged_bytes(&state, &artifact, &headers).await
+    ranged_bytes(&state, &artifact, &headers, crate::store::READ_FOR_NODES).await
 }
 
 #[derive(Deserialize)]
@@ -266,8 +266,13 @@ pub struct FetchQuery {
 
 /// The artifact's bytes, or the one range its `Range` header asks (206 with its
 /// Content-Range; 416 with `Content-Range: bytes */size` when it lies past the end), for
-/// every route that serves them.
-async fn ranged_bytes(state: &AppState, artifact: &Artifact, headers: &HeaderMap) -> Result<Response, ApiError> {
+/// every route that serves them, read from a local store in pieces of `read_size`.
+async fn ranged_bytes(
+    state: &AppState,
+    artifact: &Artifact,
+    headers: &HeaderMap,
+    read_size: usize,
+) -> Result<Response, ApiError> {
     let size = artifact.size;
     let requested = range::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
     let (status, range) = match requested {
@@ -279,7 +284,7 @@ async fn ranged_bytes(state: &AppState, artifact: &Artifact, headers: &HeaderMap
             return Ok(response);
         }
     };
-    bytes_of(state, artifact, status, range).await
+    bytes_of(state, artifact, status, range, read_size).await
 }
 
 /// The artifact's bytes (or a range of them) as a streamed response.
@@ -288,9 +293,10 @@ async fn bytes_of(
     artifact: &Artifact,
     status: StatusCode,
     range: Option<std::ops::Range<u64>>,
+    read_size: usize,
 ) -> Result<Response, ApiError> {
     let size = artifact.size;
-    let stream = match state.store.read_artifact(artifact.digest, range.clone()).await {
+    let stream = match state.store.read_artifact(artifact.digest, range.clone(), read_size).await {
         Err(crate::store::StoreError::NotFound { .. }) => {
             return Err(ApiError::purged(format!(
                 "the bytes of {} were purged; upload them again to restore them",

@@ -3,10 +3,10 @@
 //! hundred took all 512 and every other request waited); a token signs in a bounded number
 //! of times (each sign-in is written); idle connections up to the cap leave descriptors for
 //! the registry; long-polls woken by every write share one look at their release instead of
-//! each taking a blocking thread. Every load below is bounded in connections, bytes and
-//! time.
+//! each taking a blocking thread; downloads nobody reads hold a few hundred KiB each. Every
+//! load below is bounded in connections, bytes and time.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -217,4 +217,47 @@ fn long_polls_woken_by_every_write_share_one_look() {
     eprintln!("250 long-polls, 20 writes: threads {threads_before} -> at most {most}");
     assert!(most < threads_before + 40, "the long-polls' re-checks took {threads_before} -> {most} threads");
     drop(polls);
+}
+
+/// Downloads whose client reads nothing once held ~2.2 MiB each in the server (the local store
+/// was read in 1 MiB pieces: one queued for the connection, one read ahead), so that a few
+/// hundred of one token's took gigabytes (F3 of the stop-33 attack: 439 MiB for these 200). A
+/// token's download is read in 64 KiB pieces now: ~130 MiB for 200.
+#[test]
+fn downloads_nobody_reads_hold_little_memory() {
+    const DOWNLOADS: usize = 200;
+    let server = TestServer::start(Backend::Local);
+    let (status, stored) = server.upload_as_new_ci(crate::timeouts::archive_of(8 << 20));
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    let digest = stored["digest"].as_str().unwrap().to_owned();
+    let auditor = server.token("audrey", "auditor");
+    let path = format!("/v1/artifacts/{digest}/blob");
+    // One download read whole first, so that what the allocator keeps for it is not counted.
+    let whole = server.http().get(format!("{}{path}", server.url)).bearer_auth(&auditor).send().unwrap();
+    assert_eq!(whole.bytes().unwrap().len() as u64, stored["size"].as_u64().unwrap());
+    let (_, before) = threads_and_rss(server.pid());
+
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auditor}\r\n\r\n");
+    let unread: Vec<TcpStream> = (0..DOWNLOADS)
+        .map(|_| {
+            let mut stream = crate::support::raw::connect(&server.url);
+            stream.write_all(head.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    // Each is answered, and the server writes until the socket's buffers are full.
+    for stream in &unread {
+        let mut first = [0u8; 12];
+        stream.try_clone().unwrap().read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, after) = threads_and_rss(server.pid());
+    let grew = after.saturating_sub(before);
+    eprintln!("{DOWNLOADS} downloads nobody reads: the server grew by {} MiB", grew >> 20);
+    assert!(grew < 200 << 20, "{DOWNLOADS} unread downloads took {} MiB", grew >> 20);
+    // And the server answers meanwhile.
+    let response = server.http().get(format!("{}/v1/artifacts/{digest}", server.url)).bearer_auth(&auditor).send();
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+    drop(unread);
 }

@@ -145,7 +145,7 @@ fn second_upload_changes_nothing(backend: Backend) {
         let digest = keys[0];
         crate::support::block_on(async {
             use futures::TryStreamExt as _;
-            let stream = s.store().read_artifact(digest, None).await.unwrap();
+            let stream = s.store().read_artifact(digest, None, release::store::READ_FOR_NODES).await.unwrap();
             let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
             chunks.concat()
         })
