@@ -244,6 +244,10 @@ impl Ingestor {
         }
 
         let options = self.check_options(&request.service);
+        let mut body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0 };
+        if let Some(recorded) = self.unread_repeat(principal, &request, &mut body, limit).await? {
+            return Ok(recorded);
+        }
         // A client's upload waits for a turn as long as it may wait for its next byte: what it
         // sends meanwhile is not read. The server's own (an adoption, unpaced, for a deploy
         // by `principal`) takes none of that token's turns and waits as long as it takes.
@@ -289,7 +293,7 @@ impl Ingestor {
         id: uuid::Uuid,
         principal: &Principal,
         request: UploadRequest,
-        body: S,
+        body: Paced<S>,
         limit: u64,
         options: CheckOptions,
         clean: &mut bool,
@@ -299,7 +303,6 @@ impl Ingestor {
         E: std::fmt::Display,
     {
         let mut upload = self.store.begin_upload(id).await?;
-        let body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0 };
         let received = match receive(body, &mut upload, limit, options).await {
             Ok(received) => received,
             Err(e) => {

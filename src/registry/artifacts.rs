@@ -84,7 +84,8 @@ pub struct Recorded {
 }
 
 const ARTIFACT_COLUMNS: &str = "digest, size, unpacked_size, file_count, migrations, stored_at";
-const UPLOAD_COLUMNS: &str = "service, digest, version, git_sha, build_url, uploaded_by, uploader_owner, uploaded_at";
+pub(super) const UPLOAD_COLUMNS: &str =
+    "service, digest, version, git_sha, build_url, uploaded_by, uploader_owner, uploaded_at";
 
 impl Registry {
     /// Records verified bytes and their upload for a service, in one transaction: the commit
@@ -289,7 +290,7 @@ pub struct ListedArtifact {
     pub upload: ArtifactUpload,
 }
 
-fn query_artifact(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
+pub(super) fn query_artifact(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<Artifact>, RegistryError> {
     let row = conn
         .query_row(
             &format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?1"),
@@ -320,7 +321,7 @@ fn query_artifact(conn: &rusqlite::Connection, digest: Digest) -> Result<Option<
     .transpose()
 }
 
-fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactUpload> {
+pub(super) fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactUpload> {
     upload_from_row_at(row, 0)
 }
 

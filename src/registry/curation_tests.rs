@@ -7,7 +7,7 @@ use super::*;
 use crate::digest::Digest;
 use crate::model::audit::{AuditAction, NewEvent};
 use crate::model::release::{Kind, State};
-use crate::registry::{NewApproval, NewArtifact, NewRelease, Start};
+use crate::registry::{ArtifactIndex, NewApproval, NewArtifact, NewRelease, Start};
 
 fn open() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
@@ -16,7 +16,14 @@ fn open() -> (tempfile::TempDir, Registry) {
 }
 
 fn upload(registry: &Registry, content: &[u8]) -> Digest {
-    let artifact = NewArtifact {
+    let artifact = new_artifact(content);
+    registry.record_artifact(&artifact, &event()).unwrap();
+    artifact.digest
+}
+
+/// An upload of `content` for `api`, without an index or a shared-path check.
+fn new_artifact(content: &[u8]) -> NewArtifact {
+    NewArtifact {
         digest: Digest::of(content),
         size: content.len() as u64,
         unpacked_size: 1024,
@@ -31,9 +38,7 @@ fn upload(registry: &Registry, content: &[u8]) -> Digest {
         uploader_owner: "gitlab".into(),
         index: None,
         quiet_repeat: false,
-    };
-    registry.record_artifact(&artifact, &event()).unwrap();
-    artifact.digest
+    }
 }
 
 fn event() -> NewEvent {
@@ -291,4 +296,36 @@ fn a_blocked_artifact_is_never_the_rollback_target() {
 /// A lease that never lapses within a test.
 fn far_off() -> crate::utc::Timestamp {
     crate::utc::Timestamp::parse("2999-01-01T00:00:00.000000Z").unwrap()
+}
+
+/// What lets a repeat go unread (`ingest::repeats`): only an upload that would record nothing
+/// new — its artifact and that service's upload of it, an index, a check against the
+/// service's shared paths, and bytes not purged.
+#[test]
+fn an_upload_changes_nothing_only_when_everything_it_would_record_is_on_record() {
+    let (_dir, registry) = open();
+    let shared = vec!["storage".to_owned()];
+    let indexed = |content: &[u8]| NewArtifact {
+        index: Some(ArtifactIndex { sha256: Digest::of(b"its index"), files: 1, size: 100 }),
+        shared_checked: shared.clone(),
+        ..new_artifact(content)
+    };
+    let digest = Digest::of(b"v1");
+    assert!(registry.unchanged_by_upload(digest, "api", &shared).unwrap().is_none(), "not stored");
+    registry.record_artifact(&indexed(b"v1"), &event()).unwrap();
+    let unchanged = registry.unchanged_by_upload(digest, "api", &shared).unwrap().expect("all on record");
+    assert_eq!((unchanged.artifact.digest, unchanged.upload.service.as_str()), (digest, "api"));
+    assert!(!unchanged.new_artifact && !unchanged.new_upload);
+    assert!(registry.unchanged_by_upload(digest, "worker", &shared).unwrap().is_none(), "another service's");
+    let more = ["storage".to_owned(), "bootstrap/cache".to_owned()];
+    assert!(registry.unchanged_by_upload(digest, "api", &more).unwrap().is_none(), "not checked against all");
+    assert!(registry.unchanged_by_upload(digest, "api", &[]).unwrap().is_some(), "no shared paths to check");
+    // Without an index (stored before indexes, or too large for one), an upload may add one.
+    let unindexed = upload(&registry, b"v2");
+    assert!(registry.unchanged_by_upload(unindexed, "api", &[]).unwrap().is_none());
+    // Purged, an upload restores the bytes; once restored, it changes nothing again.
+    assert!(registry.record_purge(digest, &far_off(), "root", "root", &event()).unwrap());
+    assert!(registry.unchanged_by_upload(digest, "api", &shared).unwrap().is_none(), "purged");
+    registry.record_artifact(&indexed(b"v1"), &event()).unwrap();
+    assert!(registry.unchanged_by_upload(digest, "api", &shared).unwrap().is_some(), "restored");
 }

@@ -13,6 +13,7 @@ mod migrate;
 mod releases;
 mod staging;
 mod tokens;
+mod unchanged;
 mod web;
 mod webhooks;
 mod workers;

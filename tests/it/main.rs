@@ -29,6 +29,7 @@ mod ranges;
 mod recipes;
 mod refusals;
 mod releases;
+mod repeats;
 mod roles;
 mod scopes;
 mod server;
