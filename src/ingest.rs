@@ -73,14 +73,28 @@ pub enum IngestError {
     )]
     NoTurn(HumanDuration),
     #[error(
-        "{waiting} uploads wait for a turn already, as many as may (a quarter of limits.max_connections); \
-         nothing was read: send it again later"
+        "{waiting} uploads wait for a turn already, as many as may (a quarter of limits.max_connections, at \
+         least limits.max_concurrent_uploads); nothing was read: send it again later"
     )]
     TooManyWaiting { waiting: usize },
+    #[error(
+        "the artifact's record changed while this repeat of it was read (its bytes purged?); nothing was \
+         stored: send it again"
+    )]
+    Overtaken,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+}
+
+/// Why an upload of a client's got no turn, or may not be read without one.
+fn no_turn(no: turns::NoTurn, pace: Pace) -> IngestError {
+    match no {
+        turns::NoTurn::TokenBusy { running, per_token } => IngestError::TokenBusy { running, per_token },
+        turns::NoTurn::Full { waiting } => IngestError::TooManyWaiting { waiting },
+        turns::NoTurn::Timeout => IngestError::NoTurn(pace.stall),
+    }
 }
 
 /// One piece of an upload body as it arrives.
@@ -252,11 +266,7 @@ impl Ingestor {
         // sends meanwhile is not read. The server's own (an adoption, unpaced, for a deploy
         // by `principal`) takes none of that token's turns and waits as long as it takes.
         let _turn = match request.pace {
-            Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| match no {
-                turns::NoTurn::TokenBusy { running, per_token } => IngestError::TokenBusy { running, per_token },
-                turns::NoTurn::Full { waiting } => IngestError::TooManyWaiting { waiting },
-                turns::NoTurn::Timeout => IngestError::NoTurn(pace.stall),
-            })?,
+            Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| no_turn(no, pace))?,
             None => self.turns.take_own().await,
         };
         // The staging key is noted in the registry before anything is written to it, and

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use sha2::{Digest as _, Sha256};
 
 use super::{IngestError, Ingestor, Paced, Piece, UploadRequest};
 use crate::digest::Digest;
@@ -77,9 +78,12 @@ impl Repeats {
 impl Ingestor {
     /// An HTTP upload that names its digest before its bytes, repeating an upload of that
     /// token's on record within [`WINDOW`], of bytes the store holds, that would change
-    /// nothing on record (`Registry::unchanged_by_upload`): its body is read to its end at the
-    /// upload's pace without being looked at, and the answer is what is on record. It would
-    /// have been checked only to be dropped, and go without an event.
+    /// nothing on record (`Registry::unchanged_by_upload`): its body is hashed at the upload's
+    /// pace, counted among the token's waiting uploads but without a turn, and not checked as
+    /// an archive; bytes that hash to the digest get the answer on record. It would have been
+    /// checked only to be dropped, and go without an event. What it does not do: write the
+    /// index object again, or ready the index for the next deploy (that reads it from the
+    /// store).
     pub(super) async fn unread_repeat<S, E>(
         &self,
         principal: &Principal,
@@ -91,36 +95,56 @@ impl Ingestor {
         S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (Some(digest), Some(_)) = (request.expected, request.pace) else { return Ok(None) };
+        let (Some(digest), Some(pace)) = (request.expected, request.pace) else { return Ok(None) };
         let now = Instant::now();
         if self.repeats.note(&principal.name, digest, now) != Note::Quiet {
             return Ok(None);
         }
-        let shared = self.config.service(&request.service).map(|s| s.shared.clone()).unwrap_or_default();
-        let (registry, service) = (Arc::clone(&self.registry), request.service.clone());
-        let unchanged = crate::registry::run(move || registry.unchanged_by_upload(digest, &service, &shared)).await?;
-        let Some(recorded) = unchanged else { return Ok(None) };
-        if self.store.artifact_size(digest).await? != Some(recorded.artifact.size) {
+        let Some(recorded) = self.unchanged(digest, &request.service).await? else { return Ok(None) };
+        if request.declared_size.is_some_and(|size| size != recorded.artifact.size) {
             return Ok(None);
         }
-        let mut size = 0;
+        let _counted = self.turns.without_turn(&principal.name).map_err(|no| super::no_turn(no, pace))?;
+        let (mut hasher, mut size, mut claims) = (Sha256::new(), 0, Vec::new());
         while let Some(piece) = body.next().await? {
             match piece.map_err(|e| IngestError::Interrupted(e.to_string()))? {
-                Piece::Bytes(bytes) => size += bytes.len() as u64,
-                Piece::Claim(claim) if claim != digest.to_string() => {
-                    return Err(IngestError::BadRequest(format!(
-                        "X-Release-Digest trailer {claim:?} is not the header's {digest}"
-                    )));
+                Piece::Bytes(bytes) => {
+                    size += bytes.len() as u64;
+                    if size > limit {
+                        return Err(IngestError::TooLarge { limit });
+                    }
+                    hasher.update(&bytes);
                 }
-                Piece::Claim(_) => {}
+                Piece::Claim(text) => claims.push(
+                    text.parse::<Digest>()
+                        .map_err(|e| IngestError::BadRequest(format!("X-Release-Digest trailer: {e}")))?,
+                ),
             }
-            if size > limit {
-                return Err(IngestError::TooLarge { limit });
-            }
+        }
+        let actual = Digest::from_hasher(hasher);
+        if let Some(expected) = std::iter::once(digest).chain(claims).find(|claimed| *claimed != actual) {
+            return Err(IngestError::DigestMismatch { expected, actual });
+        }
+        // A purge may have come while the body was read: then this upload would have restored
+        // the bytes, and must be sent again to do so.
+        let _publishing = self.store.publishing().await;
+        if self.unchanged(digest, &request.service).await?.is_none() {
+            return Err(IngestError::Overtaken);
         }
         self.repeats.repeated(&principal.name, digest, Note::Quiet, now);
         tracing::debug!(%digest, token = %principal.name, size, "a repeat changing nothing, not checked again");
         Ok(Some(recorded))
+    }
+
+    /// What is on record of `digest` for `service` if an upload of it would change nothing,
+    /// the store holding its bytes.
+    async fn unchanged(&self, digest: Digest, service: &str) -> Result<Option<Recorded>, IngestError> {
+        let shared = self.config.service(service).map(|s| s.shared.clone()).unwrap_or_default();
+        let (registry, service) = (Arc::clone(&self.registry), service.to_owned());
+        let unchanged = crate::registry::run(move || registry.unchanged_by_upload(digest, &service, &shared)).await?;
+        let Some(recorded) = unchanged else { return Ok(None) };
+        let held = self.store.artifact_size(digest).await? == Some(recorded.artifact.size);
+        Ok(held.then_some(recorded))
     }
 }
 

@@ -47,6 +47,8 @@ pub enum NoTurn {
 struct State {
     /// Turns held, the server's own included.
     held: usize,
+    /// Clients' uploads waiting for a turn, or read without one ([`Turns::without_turn`]).
+    waiting: usize,
     /// Per token with an upload holding or waiting for a turn.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
@@ -56,6 +58,7 @@ struct State {
 #[derive(Default)]
 struct Count {
     holding: usize,
+    /// Waiting for a turn, or read without one.
     waiting: usize,
 }
 
@@ -88,18 +91,12 @@ impl Turns {
     pub async fn take(&self, token: &str, wait: Duration) -> Result<Turn<'_>, NoTurn> {
         let (turn, woken) = {
             let mut state = self.state();
-            let count = state.tokens.get(token).map_or(0, |c| c.holding + c.waiting);
-            if count >= self.per_token + self.waiting.per_token {
-                return Err(NoTurn::TokenBusy { running: count, per_token: self.per_token });
-            }
+            self.may_count(&state, token)?;
             let token = Some(token.to_owned());
             if self.may_take(&state, token.as_deref()) {
                 return Ok(self.grant(&mut state, token));
             }
-            let waiting = state.queue.len();
-            if waiting >= self.waiting.all {
-                return Err(NoTurn::Full { waiting });
-            }
+            self.may_wait(&state)?;
             self.wait(&mut state, token)
         };
         // The turn (a waiting one until woken) gives its place back however this ends.
@@ -121,8 +118,36 @@ impl Turns {
         turn
     }
 
+    /// Counts an upload of `token` that is read without a turn (a repeat drained unread: it
+    /// holds no memory, but a connection) among its waiting ones, and among all.
+    pub fn without_turn(&self, token: &str) -> Result<Unread<'_>, NoTurn> {
+        let mut state = self.state();
+        self.may_count(&state, token)?;
+        self.may_wait(&state)?;
+        state.tokens.entry(token.to_owned()).or_default().waiting += 1;
+        state.waiting += 1;
+        Ok(Unread { turns: self, token: token.to_owned() })
+    }
+
+    fn may_count(&self, state: &State, token: &str) -> Result<(), NoTurn> {
+        let count = state.tokens.get(token).map_or(0, |c| c.holding + c.waiting);
+        if count >= self.per_token + self.waiting.per_token {
+            return Err(NoTurn::TokenBusy { running: count, per_token: self.per_token });
+        }
+        Ok(())
+    }
+
+    fn may_wait(&self, state: &State) -> Result<(), NoTurn> {
+        if state.waiting >= self.waiting.all {
+            return Err(NoTurn::Full { waiting: state.waiting });
+        }
+        Ok(())
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("no code panics holding the turns")
+        // Nothing panics holding it, and every count stays whole between two statements that
+        // could: a poisoned lock (and a drop while unwinding) goes on with what it holds.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn may_take(&self, state: &State, token: Option<&str>) -> bool {
@@ -146,6 +171,7 @@ impl Turns {
     fn wait(&self, state: &mut State, token: Option<String>) -> (Turn<'_>, oneshot::Receiver<()>) {
         if let Some(token) = &token {
             state.tokens.entry(token.clone()).or_default().waiting += 1;
+            state.waiting += 1;
         }
         let id = state.next_id;
         state.next_id += 1;
@@ -168,6 +194,7 @@ impl Turns {
                 let count = state.tokens.get_mut(token).expect("a waiting token is counted");
                 count.waiting -= 1;
                 count.holding += 1;
+                state.waiting -= 1;
             }
             // Its receiver lives until its turn's drop has taken it out of the queue.
             let _ = waiter.wake.send(());
@@ -187,16 +214,42 @@ impl Drop for Turn<'_> {
         if let Some(token) = &self.token {
             let count = state.tokens.get_mut(token).expect("a token holding or waiting is counted");
             match waited {
-                Some(_) => count.waiting -= 1,
+                Some(_) => {
+                    count.waiting -= 1;
+                    state.waiting -= 1;
+                }
                 None => count.holding -= 1,
             }
-            if count.holding + count.waiting == 0 {
-                state.tokens.remove(token);
-            }
+            forget_if_idle(state, token);
         }
         if waited.is_none() {
             turns.hand_on(state);
         }
+    }
+}
+
+/// An upload read without a turn, counted until dropped.
+pub struct Unread<'a> {
+    turns: &'a Turns,
+    token: String,
+}
+
+impl Drop for Unread<'_> {
+    fn drop(&mut self) {
+        let mut state = self.turns.state();
+        let state = &mut *state;
+        if let Some(count) = state.tokens.get_mut(&self.token) {
+            count.waiting -= 1;
+        }
+        state.waiting -= 1;
+        forget_if_idle(state, &self.token);
+    }
+}
+
+/// A token with nothing running or waiting is forgotten.
+fn forget_if_idle(state: &mut State, token: &str) {
+    if state.tokens.get(token).is_some_and(|c| c.holding + c.waiting == 0) {
+        state.tokens.remove(token);
     }
 }
 
@@ -331,6 +384,27 @@ mod tests {
         drop((ready, four, second));
         assert_eq!(turns.running(), 0);
         assert!(turns.state().tokens.is_empty());
+    }
+
+    /// A repeat read without a turn holds a connection as a waiting upload does: it counts
+    /// among its token's and all waiting uploads. The server's own waiting uploads count in
+    /// neither.
+    #[tokio::test]
+    async fn uploads_read_without_a_turn_count_as_waiting_and_the_servers_own_do_not() {
+        let turns = turns(1, 2, 3);
+        let _held = turns.take("a", WAIT).await.unwrap();
+        let _own = turns.take_own().await;
+        let mut own_waiting = Box::pin(turns.take_own());
+        assert!((&mut own_waiting).now_or_never().is_none());
+        let [b1, _b2, _b3] = [(); 3].map(|()| turns.without_turn("b").unwrap());
+        assert_eq!(turns.running(), 2, "read without a turn");
+        assert_eq!(turns.without_turn("b").err(), Some(NoTurn::TokenBusy { running: 3, per_token: 1 }));
+        assert_eq!(turns.without_turn("c").err(), Some(NoTurn::Full { waiting: 3 }));
+        assert_eq!(turns.take("c", WAIT).await.err(), Some(NoTurn::Full { waiting: 3 }));
+        drop(b1);
+        assert_eq!(counts(&turns, "b"), Some((0, 2)));
+        drop(turns.without_turn("c").expect("room again"));
+        assert_eq!(counts(&turns, "c"), None, "given back when dropped");
     }
 
     #[tokio::test]

@@ -390,7 +390,7 @@ async fn the_start_returns_while_a_deploy_a_stopped_server_left_is_resolved_and_
 async fn an_adoption_takes_the_one_turn_beyond_the_uploads_and_the_next_waits_for_it() {
     use futures::StreamExt;
 
-    use crate::ingest::{Piece, UploadRequest};
+    use crate::ingest::{Pace, Piece, UploadRequest};
     use crate::model::access::Role;
 
     let s = setup_with("[limits]\nmax_concurrent_uploads = 1\n");
@@ -400,7 +400,10 @@ async fn an_adoption_takes_the_one_turn_beyond_the_uploads_and_the_next_waits_fo
     let (body, held) = futures::channel::mpsc::unbounded::<Result<Piece, std::io::Error>>();
     let upload = {
         let (ingestor, ci) = (s.ingestor.clone(), ci.clone());
-        let request = UploadRequest { service: "api".into(), ..UploadRequest::default() };
+        // A client's: paced (so that it takes a client's turn), never too slow here.
+        let hour = crate::config::HumanDuration(Duration::from_secs(3600));
+        let pace = Pace { stall: hour, min_rate: crate::config::ByteSize(0), window: hour };
+        let request = UploadRequest { service: "api".into(), pace: Some(pace), ..UploadRequest::default() };
         tokio::spawn(async move { ingestor.ingest(&ci, request, held).await })
     };
     body.unbounded_send(Ok(Piece::Bytes(bytes::Bytes::from_static(b"not finished")))).unwrap();

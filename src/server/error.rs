@@ -274,7 +274,7 @@ impl From<IngestError> for ApiError {
             }
             // Answered before a byte of the body is read: the connection goes with the answer.
             IngestError::TokenBusy { .. } => ApiError::rate_limited(message, UPLOAD_RETRY_AFTER).closing(),
-            IngestError::NoTurn(_) | IngestError::TooManyWaiting { .. } => {
+            IngestError::NoTurn(_) | IngestError::TooManyWaiting { .. } | IngestError::Overtaken => {
                 ApiError::busy(message, UPLOAD_RETRY_AFTER).closing()
             }
             IngestError::Store(e) => e.into(),

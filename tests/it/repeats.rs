@@ -2,13 +2,20 @@
 //! upload of ~500,000 empty files cost ~2 CPU-seconds to check, at every send of it). When
 //! the upload names its digest before its bytes (`X-Release-Digest`, as `release upload`
 //! does), the token's repeat of it is on record within the last 10 minutes, the store holds
-//! the bytes and nothing would be recorded, the body is read to its end without being looked
-//! at, and the answer is what is on record. Every other upload is checked as before.
+//! the bytes and nothing would be recorded, the body is hashed without a turn and not checked
+//! as an archive, and the answer is what is on record. Every other upload is checked as before.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{Backend, TestServer, archives};
+use crate::support::{Backend, TestServer, archives, raw};
+use crate::timeouts::{archive_of, stalled_upload};
+use crate::turns::trickle;
 
 fn post(server: &TestServer, token: &str, service: &str, digest: Option<&str>, body: &[u8]) -> (StatusCode, Value) {
     let mut request = server.http().post(format!("{}/v1/artifacts?service={service}", server.url)).bearer_auth(token);
@@ -19,11 +26,15 @@ fn post(server: &TestServer, token: &str, service: &str, digest: Option<&str>, b
     (response.status(), response.json().unwrap())
 }
 
-fn a_quiet_repeat_is_not_checked_again(backend: Backend) {
-    let server = TestServer::start(backend);
+fn a_quiet_repeat_needs_no_turn_and_is_not_checked_again(backend: Backend) {
+    let server = TestServer::start_with(
+        backend,
+        "[limits]\nmax_concurrent_uploads = 1\nupload_stall_timeout = \"2s\"\nmin_upload_rate = \"1B\"\n",
+    );
     let ci = server.token("ci", "ci");
     let body = archives::valid("<?php echo 'repeated';");
     let digest = release::digest::Digest::of(&body).to_string();
+    let named = digest.clone();
     let digest = Some(digest.as_str());
     assert_eq!(post(&server, &ci, "api", digest, &body).0, StatusCode::CREATED);
     // The first repeat is checked, and on record.
@@ -32,39 +43,66 @@ fn a_quiet_repeat_is_not_checked_again(backend: Backend) {
     let on_record = events();
     assert_eq!(on_record, 2, "the upload and its first repeat");
 
-    // The next ones are not checked: bytes that are not even an archive get the answer on record.
-    let not_an_archive = b"these bytes are not looked at".repeat(1000);
-    let (status, answer) = post(&server, &ci, "api", digest, &not_an_archive);
+    // Another token's upload holds the only turn, trickling.
+    let other = server.token("ci-other", "ci");
+    let stop = Arc::new(AtomicBool::new(false));
+    let held_body = archive_of(200_000);
+    let held = stalled_upload(&server.url, &other, &held_body, 1000);
+    trickle(&held, held_body[1000..].to_vec(), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The next repeats need no turn: answered at once, from the record.
+    let started = Instant::now();
+    let (status, answer) = post(&server, &ci, "api", digest, &body);
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!((answer["digest"].as_str(), answer["created"].as_bool()), (digest, Some(false)), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    // Still hashed: other bytes of its size under the digest, or a trailer naming other bytes,
+    // are refused. (Bytes of another size go the checked way, below.)
+    let mut other_bytes = body.clone();
+    *other_bytes.last_mut().unwrap() ^= 1;
+    let (status, answer) = post(&server, &ci, "api", digest, &other_bytes);
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("digest_mismatch")));
+    let mut chunked = raw::connect(&server.url);
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    write!(
+        chunked,
+        "POST /v1/artifacts?service=api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ci}\r\nX-Release-Digest: {}\r\n\
+         Transfer-Encoding: chunked\r\nTrailer: X-Release-Digest\r\n\r\n{:x}\r\n",
+        named,
+        body.len()
+    )
+    .unwrap();
+    chunked.write_all(&body).unwrap();
+    write!(chunked, "\r\n0\r\nX-Release-Digest: {zeros}\r\n\r\n").unwrap();
+    let answer = raw::read_answer(&mut chunked, Duration::from_secs(5)).unwrap();
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains(&zeros), "{answer:?}");
     assert_eq!(events(), on_record, "nothing recorded");
-    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
-    server.assert_no_staging_left();
 
-    // Every other upload is checked: without the digest header; another token's first repeat;
-    // for another service (a new upload record); with a trailer naming other bytes.
-    let refused = |token: &str, service: &str, digest: Option<&str>| {
-        let (status, answer) = post(&server, token, service, digest, &not_an_archive);
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{token} {service} {digest:?}: {answer}");
-    };
-    refused(&ci, "api", None);
-    let other = server.token("ci-other", "ci");
-    refused(&other, "api", digest);
-    refused(&ci, "worker", digest);
+    // Every other upload goes the checked way, which needs the turn: it waits, and is told
+    // to come back. Without the digest header; another token's first repeat; for another
+    // service (a new upload record).
+    let third = server.token("ci-third", "ci");
+    for (token, service, digest) in [(&ci, "api", None), (&third, "api", digest), (&ci, "worker", digest)] {
+        let (status, answer) = post(&server, token, service, digest, &body);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{service} {digest:?}: {answer}");
+        assert_eq!(answer["error"]["code"], "busy");
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(held);
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
     assert_eq!(server.count("SELECT count(*) FROM artifact_uploads"), 1);
+    assert_eq!(events(), on_record);
     server.assert_no_staging_left();
-    // And the real bytes, repeated quietly, are answered as before.
-    let (status, answer) = post(&server, &ci, "api", digest, &body);
-    assert_eq!((status, answer["digest"].as_str()), (StatusCode::OK, digest));
 }
 
 #[test]
-fn a_quiet_repeat_is_not_checked_again_local() {
-    a_quiet_repeat_is_not_checked_again(Backend::Local);
+fn a_quiet_repeat_needs_no_turn_and_is_not_checked_again_local() {
+    a_quiet_repeat_needs_no_turn_and_is_not_checked_again(Backend::Local);
 }
 
 #[test]
-fn a_quiet_repeat_is_not_checked_again_s3() {
-    a_quiet_repeat_is_not_checked_again(Backend::S3);
+fn a_quiet_repeat_needs_no_turn_and_is_not_checked_again_s3() {
+    a_quiet_repeat_needs_no_turn_and_is_not_checked_again(Backend::S3);
 }

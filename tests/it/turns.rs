@@ -14,7 +14,7 @@ use crate::support::{Backend, TestServer, raw};
 use crate::timeouts::{archive_of, stalled_upload};
 
 /// Sends `body` one byte every 300 ms, never stalling, until `stop` (or 20 s).
-fn trickle(stream: &TcpStream, body: Vec<u8>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+pub(crate) fn trickle(stream: &TcpStream, body: Vec<u8>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let mut writer = stream.try_clone().unwrap();
     let started = Instant::now();
     std::thread::spawn(move || {
@@ -57,7 +57,8 @@ fn one_token_holds_half_the_upload_turns_and_waits_for_more_only_so_long() {
     assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
 
     // Another service's CI is not kept waiting by ci: of the two turns, ci may hold only one.
-    stored_at_once(&server);
+    let web = server.token_with("ci-web", "ci", &["--owner", "gitlab"]);
+    stored_at_once(&server, &web);
 
     // ci's waiting uploads get 503 once they waited as long as an upload may stall.
     for stream in &mut waiting {
@@ -83,11 +84,12 @@ fn one_token_holds_half_the_upload_turns_and_waits_for_more_only_so_long() {
 fn two_tokens_leave_a_turn_to_a_third() {
     let server = TestServer::start_with(
         Backend::Local,
-        "[limits]\nmax_concurrent_uploads = 4\nmax_connections = 16\nupload_stall_timeout = \"3s\"\n",
+        "[limits]\nmax_concurrent_uploads = 4\nmax_connections = 16\nupload_stall_timeout = \"6s\"\n",
     );
     let body = archive_of(200_000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let [a, b] = ["ci-a", "ci-b"].map(|name| server.token_with(name, "ci", &["--owner", "gitlab"]));
+    let [a, b, web, c] =
+        ["ci-a", "ci-b", "ci-web", "ci-c"].map(|name| server.token_with(name, "ci", &["--owner", "gitlab"]));
     let mut trickling = Vec::new();
     for token in [&a, &a, &b, &b] {
         let stream = stalled_upload(&server.url, token, &body, 1000);
@@ -95,23 +97,23 @@ fn two_tokens_leave_a_turn_to_a_third() {
         trickling.push(stream);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let web = stored_at_once(&server);
+    stored_at_once(&server, &web);
     // ci-web takes the last turn again; ci-b's second and three more of ci-a's wait: a quarter
     // of the 16 connections, as many as may wait in all, so that another token's upload is
     // told at once to come back.
-    let _last = stalled_upload(&server.url, &web, &body, 1000);
+    let last = stalled_upload(&server.url, &web, &body, 1000);
+    trickle(&last, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(200));
     let _more: Vec<TcpStream> = (0..3).map(|_| stalled_upload(&server.url, &a, &body, 0)).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let c = server.token_with("ci-c", "ci", &["--owner", "gitlab"]);
     let answer = raw::read_answer(&mut stalled_upload(&server.url, &c, &body, 0), Duration::from_secs(2)).unwrap();
     assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
     assert!(answer.json()["error"]["message"].as_str().unwrap().contains("a quarter of limits.max_connections"));
     // ci-b's second upload waited for the turn it may not take, and was told to come back.
-    let answer = raw::read_answer(&mut trickling[3], Duration::from_secs(10)).unwrap();
+    let answer = raw::read_answer(&mut trickling[3], Duration::from_secs(15)).unwrap();
     assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    drop(trickling);
+    drop((trickling, last));
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
 }
 
@@ -151,17 +153,15 @@ fn release_upload_sends_again_when_the_server_has_no_turn() {
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
 }
 
-/// Uploads as `ci-web` (a token made here), stored within 2 s; returns that token.
-fn stored_at_once(server: &TestServer) -> String {
-    let web = server.token_with("ci-web", "ci", &["--owner", "gitlab"]);
+/// Uploads with `token`, stored within 2 s.
+fn stored_at_once(server: &TestServer, token: &str) {
     let started = Instant::now();
     let response = server
         .http()
         .post(format!("{}/v1/artifacts?service=api", server.url))
-        .bearer_auth(&web)
+        .bearer_auth(token)
         .body(archive_of(100_000));
     let response = response.send().unwrap();
     assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().unwrap());
     assert!(started.elapsed() < Duration::from_secs(2), "stored after {:?}", started.elapsed());
-    web
 }
