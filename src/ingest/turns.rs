@@ -1,7 +1,7 @@
 //! Turns for uploads: how many are received at once, how many of those one token may hold,
 //! and how many uploads may wait for one, and how long.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -52,6 +52,9 @@ struct State {
     /// Per token with an upload holding or waiting for a turn.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
+    /// Waiting uploads whose place went to another token's ([`Turns::take_place`]), until
+    /// their turn is dropped.
+    evicted: HashSet<u64>,
     next_id: u64,
 }
 
@@ -66,7 +69,8 @@ struct Waiter {
     id: u64,
     /// `None`: the server's own.
     token: Option<String>,
-    wake: oneshot::Sender<()>,
+    /// True: a turn; false: the place went to another token's upload.
+    wake: oneshot::Sender<bool>,
 }
 
 /// A turn held, or waited for: given back (or the wait given up) when dropped.
@@ -96,12 +100,18 @@ impl Turns {
             if self.may_take(&state, token.as_deref()) {
                 return Ok(self.grant(&mut state, token));
             }
-            self.may_wait(&state)?;
+            if let Err(full) = self.may_wait(&state) {
+                self.take_place(&mut state, token.as_deref().expect("a client's")).ok_or(full)?;
+            }
             self.wait(&mut state, token)
         };
         // The turn (a waiting one until woken) gives its place back however this ends.
-        tokio::time::timeout(wait, woken).await.map_err(|_| NoTurn::Timeout)?.expect("woken before dropped");
-        Ok(turn)
+        if tokio::time::timeout(wait, woken).await.map_err(|_| NoTurn::Timeout)? == Ok(true) {
+            return Ok(turn);
+        }
+        drop(turn);
+        let waiting = self.state().waiting;
+        Err(NoTurn::Full { waiting })
     }
 
     /// A turn for the server's own upload: waited for as long as it takes, which is as long
@@ -114,7 +124,8 @@ impl Turns {
             }
             self.wait(&mut state, None)
         };
-        woken.await.expect("woken before dropped");
+        let granted = woken.await.expect("woken before dropped");
+        assert!(granted, "the server's own uploads keep their place");
         turn
     }
 
@@ -168,7 +179,26 @@ impl Turns {
         Turn { turns: self, id, token }
     }
 
-    fn wait(&self, state: &mut State, token: Option<String>) -> (Turn<'_>, oneshot::Receiver<()>) {
+    /// With every waiting place taken, the newest waiting upload of the token with the most
+    /// waiting gives its place to an upload of `token`, if that has at least two fewer: two
+    /// tokens' uploads in a queue kept full once left every other token a `503` at once.
+    fn take_place(&self, state: &mut State, token: &str) -> Option<()> {
+        let mine = state.tokens.get(token).map_or(0, |c| c.waiting);
+        let (most, count) = state.tokens.iter().max_by_key(|(_, c)| c.waiting)?;
+        if count.waiting < mine + 2 {
+            return None;
+        }
+        let most = most.clone();
+        let at = state.queue.iter().rposition(|w| w.token.as_deref() == Some(most.as_str()))?;
+        let waiter = state.queue.remove(at).expect("in the queue");
+        state.tokens.get_mut(&most).expect("a waiting token is counted").waiting -= 1;
+        state.waiting -= 1;
+        state.evicted.insert(waiter.id);
+        let _ = waiter.wake.send(false);
+        Some(())
+    }
+
+    fn wait(&self, state: &mut State, token: Option<String>) -> (Turn<'_>, oneshot::Receiver<bool>) {
         if let Some(token) = &token {
             state.tokens.entry(token.clone()).or_default().waiting += 1;
             state.waiting += 1;
@@ -197,7 +227,7 @@ impl Turns {
                 state.waiting -= 1;
             }
             // Its receiver lives until its turn's drop has taken it out of the queue.
-            let _ = waiter.wake.send(());
+            let _ = waiter.wake.send(true);
         }
     }
 }
@@ -207,6 +237,13 @@ impl Drop for Turn<'_> {
         let turns = self.turns;
         let mut state = turns.state();
         let state = &mut *state;
+        if state.evicted.remove(&self.id) {
+            // Its counts went with its place.
+            if let Some(token) = &self.token {
+                forget_if_idle(state, token);
+            }
+            return;
+        }
         let waited = state.queue.iter().position(|w| w.id == self.id).and_then(|at| state.queue.remove(at));
         if waited.is_none() {
             state.held -= 1;
@@ -356,6 +393,37 @@ mod tests {
         drop(waiting.pop());
         let mut e = Box::pin(turns.take("e", LONG));
         assert!((&mut e).now_or_never().is_none(), "room again: e waits");
+    }
+
+    /// F2 of the stop-34 attack: two tokens kept the waiting room full, and every other
+    /// token's upload got `503` at once. A token with fewer waiting now takes the place of the
+    /// newest waiting upload of the token with the most, as long as that has two more.
+    #[tokio::test]
+    async fn a_token_with_fewer_waiting_takes_the_place_of_the_newest_of_the_token_with_most() {
+        let turns = turns(1, 8, 4);
+        let held = turns.take("x", WAIT).await.unwrap();
+        let mut a: Vec<_> = (0..3).map(|_| Box::pin(turns.take("a", LONG))).collect();
+        let mut b = Box::pin(turns.take("b", LONG));
+        for w in a.iter_mut().chain([&mut b]) {
+            assert!(w.now_or_never().is_none());
+        }
+        let mut c = Box::pin(turns.take("c", LONG));
+        assert!((&mut c).now_or_never().is_none(), "c waits, in a's newest place");
+        let evicted = a.pop().unwrap().now_or_never().map(|r| r.err());
+        assert_eq!(evicted, Some(Some(NoTurn::Full { waiting: 4 })));
+        let mut d = Box::pin(turns.take("d", LONG));
+        assert!((&mut d).now_or_never().is_none());
+        assert!(a.pop().unwrap().now_or_never().is_some(), "a's next newest gave its place to d");
+        // One each: nobody has two more than a newcomer.
+        assert_eq!(turns.take("e", WAIT).await.err(), Some(NoTurn::Full { waiting: 4 }));
+        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::Full { waiting: 4 }));
+        // The places kept keep their order: x's turn goes to a's first.
+        drop(held);
+        let first = a.pop().unwrap().now_or_never().expect("a's first").unwrap();
+        drop((first, b, c, d));
+        assert!(turns.state().tokens.is_empty());
+        assert!(turns.state().evicted.is_empty());
+        assert_eq!((turns.running(), turns.state().waiting), (0, 0));
     }
 
     /// An adoption is the server's own upload, asked for by a deploy's requester: it takes

@@ -77,8 +77,10 @@ pub async fn serve_tls(
             () = &mut shutdown => break,
         };
         let Some(source) = sources.admit(remote.ip()) else {
-            // Closed without a word: an answer would cost what the cap is there to save.
+            // Closed without a word: an answer would cost what the cap is there to save. Reset,
+            // not closed: a closing server keeps each such connection in TIME_WAIT for a minute.
             tracing::debug!(%remote, "connection closed: limits.max_connections_per_source open from its source");
+            let _ = stream.set_zero_linger();
             drop((stream, turn));
             continue;
         };

@@ -79,7 +79,8 @@ fn one_token_holds_half_the_upload_turns_and_waits_for_more_only_so_long() {
 
 /// Two tokens trickling two uploads each once held all four turns, so that a third service's
 /// CI got 503 for as long as the trickles lasted (N1). A token holding a turn now leaves the
-/// last free one to a token holding none.
+/// last free one to a token holding none. And two tokens' uploads kept the waiting room full,
+/// so that every other token's got 503 at once: a token with fewer waiting now takes a place.
 #[test]
 fn two_tokens_leave_a_turn_to_a_third() {
     let server = TestServer::start_with(
@@ -99,16 +100,24 @@ fn two_tokens_leave_a_turn_to_a_third() {
     }
     stored_at_once(&server, &web);
     // ci-web takes the last turn again; ci-b's second and three more of ci-a's wait: a quarter
-    // of the 16 connections, as many as may wait in all, so that another token's upload is
-    // told at once to come back.
+    // of the 16 connections, as many as may wait in all.
     let last = stalled_upload(&server.url, &web, &body, 1000);
     trickle(&last, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(200));
-    let _more: Vec<TcpStream> = (0..3).map(|_| stalled_upload(&server.url, &a, &body, 0)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let answer = raw::read_answer(&mut stalled_upload(&server.url, &c, &body, 0), Duration::from_secs(2)).unwrap();
-    assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("a quarter of limits.max_connections"));
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        more.push(stalled_upload(&server.url, &a, &body, 0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ci-c, with none waiting, takes the place of ci-a's newest, which is told at once to come
+    // back; so is a fourth of ci-a's, which has no fewer waiting than anyone else now.
+    let _c = stalled_upload(&server.url, &c, &body, 0);
+    let evicted = raw::read_answer(&mut more[2], Duration::from_secs(2)).unwrap();
+    let fourth = raw::read_answer(&mut stalled_upload(&server.url, &a, &body, 0), Duration::from_secs(2)).unwrap();
+    for answer in [evicted, fourth] {
+        assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
+        assert!(answer.json()["error"]["message"].as_str().unwrap().contains("a quarter of limits.max_connections"));
+    }
     // ci-b's second upload waited for the turn it may not take, and was told to come back.
     let answer = raw::read_answer(&mut trickling[3], Duration::from_secs(15)).unwrap();
     assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
