@@ -79,8 +79,9 @@ impl Ingestor {
     /// An HTTP upload that names its digest before its bytes, repeating an upload of that
     /// token's on record within [`WINDOW`], of bytes the store holds, that would change
     /// nothing on record (`Registry::unchanged_by_upload`): its body is hashed at the upload's
-    /// pace, counted among the token's waiting uploads but without a turn, and not checked as
-    /// an archive; bytes that hash to the digest get the answer on record. It would have been
+    /// pace, without a turn (on a budget of its own, `Turns::without_turn`; past it, the upload
+    /// takes the checked way), and not checked as an archive; bytes that hash to the digest get
+    /// the answer on record. It would have been
     /// checked only to be dropped, and go without an event. What it does not do: write the
     /// index object again, or ready the index for the next deploy (that reads it from the
     /// store).
@@ -95,7 +96,7 @@ impl Ingestor {
         S: Stream<Item = Result<Piece, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (Some(digest), Some(pace)) = (request.expected, request.pace) else { return Ok(None) };
+        let (Some(digest), Some(_)) = (request.expected, request.pace) else { return Ok(None) };
         let now = Instant::now();
         if self.repeats.note(&principal.name, digest, now) != Note::Quiet {
             return Ok(None);
@@ -104,7 +105,7 @@ impl Ingestor {
         if request.declared_size.is_some_and(|size| size != recorded.artifact.size) {
             return Ok(None);
         }
-        let _counted = self.turns.without_turn(&principal.name).map_err(|no| super::no_turn(no, pace))?;
+        let Some(_counted) = self.turns.without_turn(&principal.name) else { return Ok(None) };
         let (mut hasher, mut size, mut claims) = (Sha256::new(), 0, Vec::new());
         while let Some(piece) = body.next().await? {
             match piece.map_err(|e| IngestError::Interrupted(e.to_string()))? {

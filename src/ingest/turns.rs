@@ -47,8 +47,10 @@ pub enum NoTurn {
 struct State {
     /// Turns held, the server's own included.
     held: usize,
-    /// Clients' uploads waiting for a turn, or read without one ([`Turns::without_turn`]).
+    /// Clients' uploads waiting for a turn.
     waiting: usize,
+    /// Uploads read without a turn ([`Turns::without_turn`]).
+    unread: usize,
     /// Per token with an upload holding or waiting for a turn.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
@@ -61,8 +63,15 @@ struct State {
 #[derive(Default)]
 struct Count {
     holding: usize,
-    /// Waiting for a turn, or read without one.
     waiting: usize,
+    unread: usize,
+}
+
+impl Count {
+    /// Its uploads that hold or wait for a turn.
+    fn in_turn(&self) -> usize {
+        self.holding + self.waiting
+    }
 }
 
 struct Waiter {
@@ -129,19 +138,24 @@ impl Turns {
         turn
     }
 
-    /// Counts an upload of `token` that is read without a turn (a repeat drained unread: it
-    /// holds no memory, but a connection) among its waiting ones, and among all.
-    pub fn without_turn(&self, token: &str) -> Result<Unread<'_>, NoTurn> {
+    /// Counts an upload of `token` that may be read without a turn (a repeat hashed but not
+    /// checked: it holds no memory, but a connection), on a budget of its own: as many per
+    /// token as a token may hold turns, and as many in all as there are turns. `None`: past
+    /// it, and the upload is to take the checked way, with a turn. Outside the waiting room,
+    /// so that these cannot fill it, nor be given a place in it.
+    pub fn without_turn(&self, token: &str) -> Option<Unread<'_>> {
         let mut state = self.state();
-        self.may_count(&state, token)?;
-        self.may_wait(&state)?;
-        state.tokens.entry(token.to_owned()).or_default().waiting += 1;
-        state.waiting += 1;
-        Ok(Unread { turns: self, token: token.to_owned() })
+        let count = state.tokens.get(token).map_or(0, |c| c.unread);
+        if count >= self.per_token || state.unread >= self.size {
+            return None;
+        }
+        state.tokens.entry(token.to_owned()).or_default().unread += 1;
+        state.unread += 1;
+        Some(Unread { turns: self, token: token.to_owned() })
     }
 
     fn may_count(&self, state: &State, token: &str) -> Result<(), NoTurn> {
-        let count = state.tokens.get(token).map_or(0, |c| c.holding + c.waiting);
+        let count = state.tokens.get(token).map_or(0, Count::in_turn);
         if count >= self.per_token + self.waiting.per_token {
             return Err(NoTurn::TokenBusy { running: count, per_token: self.per_token });
         }
@@ -180,18 +194,22 @@ impl Turns {
     }
 
     /// With every waiting place taken, the newest waiting upload of the token with the most
-    /// waiting gives its place to an upload of `token`, if that has at least two fewer: two
-    /// tokens' uploads in a queue kept full once left every other token a `503` at once.
+    /// uploads holding or waiting for a turn gives its place to an upload of `token`, if that
+    /// has at least two fewer: two tokens' uploads in a queue kept full once left every other
+    /// token a `503` at once.
     fn take_place(&self, state: &mut State, token: &str) -> Option<()> {
-        let mine = state.tokens.get(token).map_or(0, |c| c.waiting);
-        let (most, count) = state.tokens.iter().max_by_key(|(_, c)| c.waiting)?;
-        if count.waiting < mine + 2 {
+        let in_turn = |state: &State, waiter: &Waiter| {
+            waiter.token.as_deref().map_or(0, |t| state.tokens.get(t).map_or(0, Count::in_turn))
+        };
+        let mine = state.tokens.get(token).map_or(0, Count::in_turn);
+        let most = state.queue.iter().map(|w| in_turn(state, w)).max()?;
+        if most < mine + 2 {
             return None;
         }
-        let most = most.clone();
-        let at = state.queue.iter().rposition(|w| w.token.as_deref() == Some(most.as_str()))?;
+        let at = state.queue.iter().rposition(|w| in_turn(state, w) == most).expect("its maximum");
         let waiter = state.queue.remove(at).expect("in the queue");
-        state.tokens.get_mut(&most).expect("a waiting token is counted").waiting -= 1;
+        let most = waiter.token.as_deref().expect("a client's: the server's own count as none");
+        state.tokens.get_mut(most).expect("a waiting token is counted").waiting -= 1;
         state.waiting -= 1;
         state.evicted.insert(waiter.id);
         let _ = waiter.wake.send(false);
@@ -276,211 +294,19 @@ impl Drop for Unread<'_> {
         let mut state = self.turns.state();
         let state = &mut *state;
         if let Some(count) = state.tokens.get_mut(&self.token) {
-            count.waiting -= 1;
+            count.unread -= 1;
         }
-        state.waiting -= 1;
+        state.unread -= 1;
         forget_if_idle(state, &self.token);
     }
 }
 
 /// A token with nothing running or waiting is forgotten.
 fn forget_if_idle(state: &mut State, token: &str) {
-    if state.tokens.get(token).is_some_and(|c| c.holding + c.waiting == 0) {
+    if state.tokens.get(token).is_some_and(|c| c.in_turn() + c.unread == 0) {
         state.tokens.remove(token);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::FutureExt;
-
-    const WAIT: Duration = Duration::from_millis(50);
-    const LONG: Duration = Duration::from_secs(3600);
-
-    fn turns(size: u32, per_token: usize, all: usize) -> Turns {
-        Turns::new(size, Waiting { per_token, all })
-    }
-
-    fn counts(turns: &Turns, token: &str) -> Option<(usize, usize)> {
-        turns.state().tokens.get(token).map(|c| (c.holding, c.waiting))
-    }
-
-    #[tokio::test]
-    async fn a_token_holds_half_the_turns_and_has_so_many_waiting_at_most() {
-        let turns = turns(4, 4, 100);
-        assert_eq!(turns.per_token, 2);
-        let a1 = turns.take("a", WAIT).await.unwrap();
-        let a2 = turns.take("a", WAIT).await.unwrap();
-        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::Timeout), "a third waits, and times out");
-        assert_eq!(turns.running(), 2);
-        assert_eq!(counts(&turns, "a"), Some((2, 0)), "the wait given up is not counted");
-
-        // Four of a's uploads wait at most; the fifth is refused at once.
-        let mut waiting: Vec<_> = (0..4).map(|_| Box::pin(turns.take("a", LONG))).collect();
-        for w in &mut waiting {
-            assert!(w.now_or_never().is_none());
-        }
-        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::TokenBusy { running: 6, per_token: 2 }));
-        // A turn of a's given back goes to the first of a's waiting.
-        drop(a1);
-        let next = waiting.remove(0).await.unwrap();
-        assert_eq!(turns.running(), 2);
-        drop((next, waiting));
-        assert_eq!(counts(&turns, "a"), Some((1, 0)), "a's waiting uploads gave their count back");
-        drop(a2);
-        assert_eq!(counts(&turns, "a"), None, "a token with nothing running is forgotten");
-        assert_eq!(turns.running(), 0);
-    }
-
-    /// N1 of the stop-33 attack: two tokens took all four turns, so that a third service's
-    /// CI waited for as long as their trickles lasted.
-    #[tokio::test]
-    async fn a_token_holding_a_turn_leaves_the_last_free_one_to_a_token_holding_none() {
-        let turns = turns(4, 4, 100);
-        let _a = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
-        let b1 = turns.take("b", WAIT).await.unwrap();
-        let mut b2 = Box::pin(turns.take("b", LONG));
-        assert!((&mut b2).now_or_never().is_none(), "b holds one: the last free turn is not b's");
-        let c = turns.take("c", WAIT).await.expect("the last free turn is c's");
-        assert_eq!(turns.running(), 4);
-        // c done: one free, b holds one, so b still waits; d holds none and takes it.
-        drop(c);
-        assert!((&mut b2).now_or_never().is_none());
-        let _d = turns.take("d", WAIT).await.unwrap();
-        // b's own turn given back: its waiting upload takes it.
-        drop(b1);
-        let _b2 = b2.now_or_never().expect("b's turn").unwrap();
-        assert_eq!(turns.running(), 4);
-    }
-
-    /// A waiting upload that may not take the free turn does not keep the ones behind it
-    /// waiting; among those that may, the first come goes first.
-    #[tokio::test]
-    async fn turns_go_first_come_first_served_among_those_that_may_take_one() {
-        let turns = turns(3, 4, 100);
-        assert_eq!(turns.per_token, 1);
-        let a = turns.take("a", WAIT).await.unwrap();
-        let b = turns.take("b", WAIT).await.unwrap();
-        let c = turns.take("c", WAIT).await.unwrap();
-        let mut a2 = Box::pin(turns.take("a", LONG));
-        let mut d = Box::pin(turns.take("d", LONG));
-        let mut e = Box::pin(turns.take("e", LONG));
-        for w in [&mut a2, &mut d, &mut e] {
-            assert!(w.now_or_never().is_none());
-        }
-        drop(b);
-        assert!((&mut a2).now_or_never().is_none(), "a holds its one");
-        let _d = d.now_or_never().expect("d came before e").unwrap();
-        assert!((&mut e).now_or_never().is_none());
-        drop(a);
-        let _a2 = a2.now_or_never().expect("a came before e").unwrap();
-        assert!((&mut e).now_or_never().is_none());
-        drop(c);
-        assert!(e.now_or_never().is_some());
-    }
-
-    /// N3: many tokens' waiting uploads together could hold every connection.
-    #[tokio::test]
-    async fn so_many_uploads_wait_in_all() {
-        let turns = turns(1, 4, 3);
-        let _held = turns.take("a", WAIT).await.unwrap();
-        let mut waiting: Vec<_> = ["b", "c", "d"].map(|t| Box::pin(turns.take(t, LONG))).into();
-        for w in &mut waiting {
-            assert!(w.now_or_never().is_none());
-        }
-        assert_eq!(turns.take("e", WAIT).await.err(), Some(NoTurn::Full { waiting: 3 }));
-        drop(waiting.pop());
-        let mut e = Box::pin(turns.take("e", LONG));
-        assert!((&mut e).now_or_never().is_none(), "room again: e waits");
-    }
-
-    /// F2 of the stop-34 attack: two tokens kept the waiting room full, and every other
-    /// token's upload got `503` at once. A token with fewer waiting now takes the place of the
-    /// newest waiting upload of the token with the most, as long as that has two more.
-    #[tokio::test]
-    async fn a_token_with_fewer_waiting_takes_the_place_of_the_newest_of_the_token_with_most() {
-        let turns = turns(1, 8, 4);
-        let held = turns.take("x", WAIT).await.unwrap();
-        let mut a: Vec<_> = (0..3).map(|_| Box::pin(turns.take("a", LONG))).collect();
-        let mut b = Box::pin(turns.take("b", LONG));
-        for w in a.iter_mut().chain([&mut b]) {
-            assert!(w.now_or_never().is_none());
-        }
-        let mut c = Box::pin(turns.take("c", LONG));
-        assert!((&mut c).now_or_never().is_none(), "c waits, in a's newest place");
-        let evicted = a.pop().unwrap().now_or_never().map(|r| r.err());
-        assert_eq!(evicted, Some(Some(NoTurn::Full { waiting: 4 })));
-        let mut d = Box::pin(turns.take("d", LONG));
-        assert!((&mut d).now_or_never().is_none());
-        assert!(a.pop().unwrap().now_or_never().is_some(), "a's next newest gave its place to d");
-        // One each: nobody has two more than a newcomer.
-        assert_eq!(turns.take("e", WAIT).await.err(), Some(NoTurn::Full { waiting: 4 }));
-        assert_eq!(turns.take("a", WAIT).await.err(), Some(NoTurn::Full { waiting: 4 }));
-        // The places kept keep their order: x's turn goes to a's first.
-        drop(held);
-        let first = a.pop().unwrap().now_or_never().expect("a's first").unwrap();
-        drop((first, b, c, d));
-        assert!(turns.state().tokens.is_empty());
-        assert!(turns.state().evicted.is_empty());
-        assert_eq!((turns.running(), turns.state().waiting), (0, 0));
-    }
-
-    /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
-    /// none of that token's turns, is never refused, and waits only for other adoptions.
-    #[tokio::test]
-    async fn the_servers_own_upload_waits_for_no_client() {
-        let turns = turns(4, 4, 100);
-        let held = [
-            turns.take("a", WAIT).await.unwrap(),
-            turns.take("a", WAIT).await.unwrap(),
-            turns.take("b", WAIT).await.unwrap(),
-            turns.take("c", WAIT).await.unwrap(),
-        ];
-        let own = turns.take_own().await;
-        assert_eq!(turns.running(), 5);
-        assert_eq!(counts(&turns, "a"), Some((2, 0)), "not counted as a's");
-        let mut second = Box::pin(turns.take_own());
-        assert!((&mut second).now_or_never().is_none(), "one turn beyond the clients' at most");
-        drop(own);
-        let second = second.await;
-        drop(held);
-        // Clients' uploads may not take the server's turn.
-        let mut four: Vec<_> = ["a", "b", "c", "d"].map(|t| Box::pin(turns.take(t, LONG))).into();
-        let ready: Vec<_> = four.iter_mut().filter_map(|w| w.now_or_never()).collect();
-        assert_eq!(ready.len(), 3, "the server's one and three of the clients'");
-        drop((ready, four, second));
-        assert_eq!(turns.running(), 0);
-        assert!(turns.state().tokens.is_empty());
-    }
-
-    /// A repeat read without a turn holds a connection as a waiting upload does: it counts
-    /// among its token's and all waiting uploads. The server's own waiting uploads count in
-    /// neither.
-    #[tokio::test]
-    async fn uploads_read_without_a_turn_count_as_waiting_and_the_servers_own_do_not() {
-        let turns = turns(1, 2, 3);
-        let _held = turns.take("a", WAIT).await.unwrap();
-        let _own = turns.take_own().await;
-        let mut own_waiting = Box::pin(turns.take_own());
-        assert!((&mut own_waiting).now_or_never().is_none());
-        let [b1, _b2, _b3] = [(); 3].map(|()| turns.without_turn("b").unwrap());
-        assert_eq!(turns.running(), 2, "read without a turn");
-        assert_eq!(turns.without_turn("b").err(), Some(NoTurn::TokenBusy { running: 3, per_token: 1 }));
-        assert_eq!(turns.without_turn("c").err(), Some(NoTurn::Full { waiting: 3 }));
-        assert_eq!(turns.take("c", WAIT).await.err(), Some(NoTurn::Full { waiting: 3 }));
-        drop(b1);
-        assert_eq!(counts(&turns, "b"), Some((0, 2)));
-        drop(turns.without_turn("c").expect("room again"));
-        assert_eq!(counts(&turns, "c"), None, "given back when dropped");
-    }
-
-    #[tokio::test]
-    async fn with_one_turn_a_token_may_hold_it() {
-        let turns = turns(1, 1, 1);
-        let held = turns.take("a", WAIT).await.unwrap();
-        assert_eq!(turns.take("b", WAIT).await.err(), Some(NoTurn::Timeout));
-        drop(held);
-        assert!(turns.take("b", WAIT).await.is_ok());
-    }
-}
+mod tests;

@@ -274,9 +274,11 @@ impl From<IngestError> for ApiError {
             }
             // Answered before a byte of the body is read: the connection goes with the answer.
             IngestError::TokenBusy { .. } => ApiError::rate_limited(message, UPLOAD_RETRY_AFTER).closing(),
-            IngestError::NoTurn(_) | IngestError::TooManyWaiting { .. } | IngestError::Overtaken => {
+            IngestError::NoTurn(_) | IngestError::TooManyWaiting { .. } => {
                 ApiError::busy(message, UPLOAD_RETRY_AFTER).closing()
             }
+            // The body was read: only the record moved under it.
+            IngestError::Overtaken => ApiError::busy(message, UPLOAD_RETRY_AFTER),
             IngestError::Store(e) => e.into(),
             IngestError::Registry(e) => e.into(),
         }
