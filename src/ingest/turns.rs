@@ -47,10 +47,6 @@ pub enum NoTurn {
 struct State {
     /// Turns held, the server's own included.
     held: usize,
-    /// Clients' uploads waiting for a turn.
-    waiting: usize,
-    /// Uploads read without a turn ([`Turns::without_turn`]).
-    unread: usize,
     /// Per token with an upload holding or waiting for a turn.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
@@ -65,6 +61,13 @@ struct Count {
     holding: usize,
     waiting: usize,
     unread: usize,
+}
+
+impl State {
+    /// Clients' uploads waiting for a turn (the server's own count as none).
+    fn waiting(&self) -> usize {
+        self.queue.iter().filter(|w| w.token.is_some()).count()
+    }
 }
 
 impl Count {
@@ -119,7 +122,7 @@ impl Turns {
             return Ok(turn);
         }
         drop(turn);
-        let waiting = self.state().waiting;
+        let waiting = self.state().waiting();
         Err(NoTurn::Full { waiting })
     }
 
@@ -146,11 +149,10 @@ impl Turns {
     pub fn without_turn(&self, token: &str) -> Option<Unread<'_>> {
         let mut state = self.state();
         let count = state.tokens.get(token).map_or(0, |c| c.unread);
-        if count >= self.per_token || state.unread >= self.size {
+        if count >= self.per_token || state.tokens.values().map(|c| c.unread).sum::<usize>() >= self.size {
             return None;
         }
         state.tokens.entry(token.to_owned()).or_default().unread += 1;
-        state.unread += 1;
         Some(Unread { turns: self, token: token.to_owned() })
     }
 
@@ -163,8 +165,9 @@ impl Turns {
     }
 
     fn may_wait(&self, state: &State) -> Result<(), NoTurn> {
-        if state.waiting >= self.waiting.all {
-            return Err(NoTurn::Full { waiting: state.waiting });
+        let waiting = state.waiting();
+        if waiting >= self.waiting.all {
+            return Err(NoTurn::Full { waiting });
         }
         Ok(())
     }
@@ -210,7 +213,6 @@ impl Turns {
         let waiter = state.queue.remove(at).expect("in the queue");
         let most = waiter.token.as_deref().expect("a client's: the server's own count as none");
         state.tokens.get_mut(most).expect("a waiting token is counted").waiting -= 1;
-        state.waiting -= 1;
         state.evicted.insert(waiter.id);
         let _ = waiter.wake.send(false);
         Some(())
@@ -219,7 +221,6 @@ impl Turns {
     fn wait(&self, state: &mut State, token: Option<String>) -> (Turn<'_>, oneshot::Receiver<bool>) {
         if let Some(token) = &token {
             state.tokens.entry(token.clone()).or_default().waiting += 1;
-            state.waiting += 1;
         }
         let id = state.next_id;
         state.next_id += 1;
@@ -242,7 +243,6 @@ impl Turns {
                 let count = state.tokens.get_mut(token).expect("a waiting token is counted");
                 count.waiting -= 1;
                 count.holding += 1;
-                state.waiting -= 1;
             }
             // Its receiver lives until its turn's drop has taken it out of the queue.
             let _ = waiter.wake.send(true);
@@ -271,7 +271,6 @@ impl Drop for Turn<'_> {
             match waited {
                 Some(_) => {
                     count.waiting -= 1;
-                    state.waiting -= 1;
                 }
                 None => count.holding -= 1,
             }
@@ -296,7 +295,6 @@ impl Drop for Unread<'_> {
         if let Some(count) = state.tokens.get_mut(&self.token) {
             count.unread -= 1;
         }
-        state.unread -= 1;
         forget_if_idle(state, &self.token);
     }
 }

@@ -131,7 +131,7 @@ async fn a_token_with_fewer_waiting_takes_the_place_of_the_newest_of_the_token_w
     drop((first, b, c, d));
     assert!(turns.state().tokens.is_empty());
     assert!(turns.state().evicted.is_empty());
-    assert_eq!((turns.running(), turns.state().waiting), (0, 0));
+    assert_eq!((turns.running(), turns.state().waiting()), (0, 0));
 }
 
 /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
@@ -176,7 +176,7 @@ async fn uploads_read_without_a_turn_and_the_servers_own_take_no_place_in_the_wa
     assert!(turns.without_turn("c").is_none(), "as many as c may hold turns");
     let _d = turns.without_turn("d").expect("d's one");
     assert!(turns.without_turn("e").is_none(), "as many in all as there are turns");
-    assert_eq!((turns.running(), turns.state().waiting), (3, 0));
+    assert_eq!((turns.running(), turns.state().waiting()), (3, 0));
     // The room's two places are the clients' to wait in.
     let mut waiting: Vec<_> = ["c", "e"].map(|t| Box::pin(turns.take(t, LONG))).into();
     for w in &mut waiting {
