@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::archive::{
     self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexError, IndexedFile, SentIndex, SentIndexes,
@@ -77,6 +78,12 @@ pub enum IngestError {
          least limits.max_concurrent_uploads); nothing was read: send it again later"
     )]
     TooManyWaiting { waiting: usize },
+    #[error(
+        "this upload was stopped to give its turn to another token's upload, which waited for one while this \
+         token held more than one (one token holds more than one of limits.max_concurrent_uploads only while no \
+         other token waits); nothing was stored: send it again later"
+    )]
+    Preempted,
     #[error(
         "the artifact's record changed while this repeat of it was read (its bytes purged?); nothing was \
          stored: send it again"
@@ -148,6 +155,8 @@ struct Paced<S> {
     pace: Option<Pace>,
     waited: std::time::Duration,
     bytes: u64,
+    /// The turn read under, cancelled when it goes to another token's upload.
+    cut: Option<CancellationToken>,
 }
 
 impl<S, E> Paced<S>
@@ -157,8 +166,16 @@ where
     async fn next(&mut self) -> Result<Option<Result<Piece, E>>, IngestError> {
         let Some(pace) = self.pace else { return Ok(self.body.next().await) };
         let started = tokio::time::Instant::now();
-        let piece =
-            tokio::time::timeout(pace.stall.0, self.body.next()).await.map_err(|_| IngestError::Stalled(pace.stall))?;
+        let next = tokio::time::timeout(pace.stall.0, self.body.next());
+        let piece = match &self.cut {
+            Some(cut) => tokio::select! {
+                biased;
+                () = cut.cancelled() => return Err(IngestError::Preempted),
+                piece = next => piece,
+            },
+            None => next.await,
+        };
+        let piece = piece.map_err(|_| IngestError::Stalled(pace.stall))?;
         self.waited += started.elapsed();
         if let Some(Ok(Piece::Bytes(bytes))) = &piece {
             self.bytes += bytes.len() as u64;
@@ -258,17 +275,18 @@ impl Ingestor {
         }
 
         let options = self.check_options(&request.service);
-        let mut body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0 };
+        let mut body = Paced { body, pace: request.pace, waited: std::time::Duration::ZERO, bytes: 0, cut: None };
         if let Some(recorded) = self.unread_repeat(principal, &request, &mut body, limit).await? {
             return Ok(recorded);
         }
         // A client's upload waits for a turn as long as it may wait for its next byte: what it
         // sends meanwhile is not read. The server's own (an adoption, unpaced, for a deploy
         // by `principal`) takes none of that token's turns and waits as long as it takes.
-        let _turn = match request.pace {
+        let turn = match request.pace {
             Some(pace) => self.turns.take(&principal.name, pace.stall.0).await.map_err(|no| no_turn(no, pace))?,
             None => self.turns.take_own().await,
         };
+        body.cut = Some(turn.cut());
         // The staging key is noted in the registry before anything is written to it, and
         // forgotten once the upload ended and its staging key is gone: a server killed in
         // between leaves the note, and the next start removes exactly what this upload wrote

@@ -103,9 +103,10 @@ const BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Uploads `file`; sent again, after the time the answer names (`Retry-After`, 1-60 s), while
 /// the server has no turn for it (`503 busy`: every turn held longer than
-/// `limits.upload_stall_timeout`; `429 rate_limited`: this token has as many uploads running
-/// and waiting as it may) or a proxy says the same, for [`BUSY_FOR`] at most. Nothing of a
-/// refused upload was stored, and the same bytes again are a no-op: sending it again is safe.
+/// `limits.upload_stall_timeout`, or this upload's turn went to another token's; `429
+/// rate_limited`: this token has as many uploads running and waiting as it may) or a proxy
+/// says the same, for [`BUSY_FOR`] at most. Nothing of a refused upload was stored, and the
+/// same bytes again are a no-op: sending it again is safe.
 async fn upload_in_turn(
     client: &crate::client::Client,
     file: &std::path::Path,

@@ -6,12 +6,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// `limits.max_concurrent_uploads` turns, which bound the memory all uploads hold together.
 ///
 /// - One token holds at most half of them (at least one), and a token already holding one
 ///   never takes the last free turn: two tokens trickling uploads at just above
 ///   `min_upload_rate` cannot keep every other service's CI waiting for hours.
+/// - A token holding more than one turn gives one up to a token holding none that waited half
+///   its wait ([`Turn::cut`]): three tokens trickling uploads once held all four turns.
 /// - The server's own uploads (adoptions, which a deploy waits for) take one turn more than
 ///   the clients may hold together, so that they wait only for each other.
 /// - Uploads waiting are capped per token and in all, so that waiting uploads cannot fill the
@@ -50,6 +53,8 @@ struct State {
     /// Per token with an upload holding or waiting for a turn.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
+    /// Clients' turns held, oldest first.
+    holders: Vec<Holder>,
     /// Waiting uploads whose place went to another token's ([`Turns::take_place`]), until
     /// their turn is dropped.
     evicted: HashSet<u64>,
@@ -83,6 +88,14 @@ struct Waiter {
     token: Option<String>,
     /// True: a turn; false: the place went to another token's upload.
     wake: oneshot::Sender<bool>,
+    cut: CancellationToken,
+}
+
+/// A client's turn held.
+struct Holder {
+    id: u64,
+    token: String,
+    cut: CancellationToken,
 }
 
 /// A turn held, or waited for: given back (or the wait given up) when dropped.
@@ -90,6 +103,15 @@ pub struct Turn<'a> {
     turns: &'a Turns,
     id: u64,
     token: Option<String>,
+    cut: CancellationToken,
+}
+
+impl Turn<'_> {
+    /// Cancelled when this turn is to be given up to another token's upload: the upload
+    /// holding it is to stop.
+    pub fn cut(&self) -> CancellationToken {
+        self.cut.clone()
+    }
 }
 
 impl Turns {
@@ -118,7 +140,15 @@ impl Turns {
             self.wait(&mut state, token)
         };
         // The turn (a waiting one until woken) gives its place back however this ends.
-        if tokio::time::timeout(wait, woken).await.map_err(|_| NoTurn::Timeout)? == Ok(true) {
+        let mut woken = woken;
+        let granted = match tokio::time::timeout(wait / 2, &mut woken).await {
+            Ok(granted) => granted,
+            Err(_) => {
+                self.cut_for(&turn);
+                tokio::time::timeout(wait - wait / 2, woken).await.map_err(|_| NoTurn::Timeout)?
+            }
+        };
+        if granted == Ok(true) {
             return Ok(turn);
         }
         drop(turn);
@@ -187,13 +217,33 @@ impl Turns {
     }
 
     fn grant(&self, state: &mut State, token: Option<String>) -> Turn<'_> {
-        state.held += 1;
-        if let Some(token) = &token {
-            state.tokens.entry(token.clone()).or_default().holding += 1;
-        }
         let id = state.next_id;
         state.next_id += 1;
-        Turn { turns: self, id, token }
+        let cut = CancellationToken::new();
+        hold(state, id, token.as_deref(), &cut);
+        Turn { turns: self, id, token, cut }
+    }
+
+    /// When `waiting` (an upload of a client's) still waits and its token holds no turn, the
+    /// newest turn of the token holding the most is cut, if that holds more than one not cut
+    /// already: the upload holding it stops, and its turn goes to a token holding none.
+    fn cut_for(&self, waiting: &Turn) {
+        let state = self.state();
+        let Some(token) = waiting.token.as_deref() else { return };
+        let holding =
+            |state: &State, t: &str| state.holders.iter().filter(|h| h.token == t && !h.cut.is_cancelled()).count();
+        if holding(&state, token) > 0 || !state.queue.iter().any(|w| w.id == waiting.id) {
+            return;
+        }
+        let most = state.holders.iter().map(|h| holding(&state, &h.token)).max().unwrap_or(0);
+        if most < 2 {
+            return;
+        }
+        let newest = state.holders.iter().rev().find(|h| !h.cut.is_cancelled() && holding(&state, &h.token) == most);
+        let newest = newest.expect("a holder of the most");
+        tracing::info!(token = %newest.token, waiting = %token, "an upload gives its turn to another token's");
+        // Its turn comes back once its upload has stopped.
+        newest.cut.cancel();
     }
 
     /// With every waiting place taken, the newest waiting upload of the token with the most
@@ -225,8 +275,9 @@ impl Turns {
         let id = state.next_id;
         state.next_id += 1;
         let (wake, woken) = oneshot::channel();
-        state.queue.push_back(Waiter { id, token: token.clone(), wake });
-        (Turn { turns: self, id, token }, woken)
+        let cut = CancellationToken::new();
+        state.queue.push_back(Waiter { id, token: token.clone(), wake, cut: cut.clone() });
+        (Turn { turns: self, id, token, cut }, woken)
     }
 
     /// Gives free turns to the first waiting uploads that may take one.
@@ -238,12 +289,10 @@ impl Turns {
                 continue;
             }
             let waiter = state.queue.remove(at).expect("in the queue");
-            state.held += 1;
             if let Some(token) = &waiter.token {
-                let count = state.tokens.get_mut(token).expect("a waiting token is counted");
-                count.waiting -= 1;
-                count.holding += 1;
+                state.tokens.get_mut(token).expect("a waiting token is counted").waiting -= 1;
             }
+            hold(state, waiter.id, waiter.token.as_deref(), &waiter.cut);
             // Its receiver lives until its turn's drop has taken it out of the queue.
             let _ = waiter.wake.send(true);
         }
@@ -265,6 +314,7 @@ impl Drop for Turn<'_> {
         let waited = state.queue.iter().position(|w| w.id == self.id).and_then(|at| state.queue.remove(at));
         if waited.is_none() {
             state.held -= 1;
+            state.holders.retain(|h| h.id != self.id);
         }
         if let Some(token) = &self.token {
             let count = state.tokens.get_mut(token).expect("a token holding or waiting is counted");
@@ -296,6 +346,15 @@ impl Drop for Unread<'_> {
             count.unread -= 1;
         }
         forget_if_idle(state, &self.token);
+    }
+}
+
+/// A turn taken, by `token` (`None`: the server's own, never cut).
+fn hold(state: &mut State, id: u64, token: Option<&str>, cut: &CancellationToken) {
+    state.held += 1;
+    if let Some(token) = token {
+        state.tokens.entry(token.to_owned()).or_default().holding += 1;
+        state.holders.push(Holder { id, token: token.to_owned(), cut: cut.clone() });
     }
 }
 

@@ -277,6 +277,8 @@ impl From<IngestError> for ApiError {
             IngestError::NoTurn(_) | IngestError::TooManyWaiting { .. } => {
                 ApiError::busy(message, UPLOAD_RETRY_AFTER).closing()
             }
+            // Answered while the body is still coming: the connection goes with the answer.
+            IngestError::Preempted => ApiError::busy(message, UPLOAD_RETRY_AFTER).closing(),
             // The body was read: only the record moved under it.
             IngestError::Overtaken => ApiError::busy(message, UPLOAD_RETRY_AFTER),
             IngestError::Store(e) => e.into(),

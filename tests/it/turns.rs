@@ -91,13 +91,7 @@ fn two_tokens_leave_a_turn_to_a_third() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let [a, b, web, c] =
         ["ci-a", "ci-b", "ci-web", "ci-c"].map(|name| server.token_with(name, "ci", &["--owner", "gitlab"]));
-    let mut trickling = Vec::new();
-    for token in [&a, &a, &b, &b] {
-        let stream = stalled_upload(&server.url, token, &body, 1000);
-        trickle(&stream, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
-        trickling.push(stream);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut trickling = trickling_uploads(&server, [&a, &a, &b, &b], &body, &stop);
     stored_at_once(&server, &web);
     // ci-web takes the last turn again; ci-b's second and three more of ci-a's wait: a quarter
     // of the 16 connections, as many as may wait in all.
@@ -124,6 +118,103 @@ fn two_tokens_leave_a_turn_to_a_third() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop((trickling, last));
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
+}
+
+/// Three tokens trickling uploads once held all four turns (one of them two), so that a
+/// fourth service's CI got 503 for as long as the trickles lasted (F1 of the stop-35 attack).
+/// A token holding none that waited half its wait now takes a turn of the token holding the
+/// most, whose newest upload is told to send it again.
+#[test]
+fn a_token_holding_two_turns_gives_one_up_to_a_token_waiting_with_none() {
+    let (server, [a, b, c, web]) = four_turns();
+    let body = archive_of(200_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut trickling = trickling_uploads(&server, [&a, &a, &b, &c], &body, &stop);
+    let started = Instant::now();
+    let response = server
+        .http()
+        .post(format!("{}/v1/artifacts?service=api", server.url))
+        .bearer_auth(&web)
+        .body(archive_of(100_000))
+        .send()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().unwrap());
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(4), "stored after {took:?}");
+    // ci-a's newest upload gave its turn up, and was told to send it again.
+    let answer = raw::read_answer(&mut trickling[1], Duration::from_secs(2)).unwrap();
+    assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("to give its turn"), "{answer:?}");
+    assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
+    // The others go on: each of the three tokens holds one turn, as any token may.
+    for at in [0, 2, 3] {
+        let still = raw::read_answer(&mut trickling[at], Duration::from_millis(300)).map(|a| a.status);
+        let kind = still.expect_err("still sending").kind();
+        assert!(matches!(kind, std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{kind:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(trickling);
+    server.assert_no_staging_left();
+    assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1, "only ci-web's upload is stored");
+}
+
+/// A client still sending its body hears why it was stopped: the answer comes before the
+/// connection goes (reqwest's async client with a streamed body, as `release upload` sends).
+#[test]
+fn a_client_still_sending_hears_that_its_turn_was_given_up() {
+    let (server, [a, b, c, web]) = four_turns();
+    let body = archive_of(200_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first = stalled_upload(&server.url, &a, &body, 1000);
+    trickle(&first, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(200));
+    let sending = std::thread::spawn({
+        let (url, body, stop) = (server.url.clone(), body.clone(), std::sync::Arc::clone(&stop));
+        move || slow_upload(&url, &a, body, stop)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _others = trickling_uploads(&server, [&b, &c], &body, &stop);
+    let _web = std::thread::spawn({
+        let (url, http) = (server.url.clone(), server.http());
+        move || http.post(format!("{url}/v1/artifacts?service=api")).bearer_auth(&web).body(archive_of(100_000)).send()
+    });
+    let answer = sending.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, text) = answer.expect("an answer, not a broken connection");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("to give its turn"), "{text}");
+}
+
+/// Uploads `body` 1 KiB every 100 ms (until `stop`), streamed by reqwest's async client.
+fn slow_upload(
+    url: &str,
+    token: &str,
+    body: Vec<u8>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> reqwest::Result<(StatusCode, String)> {
+    let (size, body) = (body.len(), bytes::Bytes::from(body));
+    let chunks = futures::stream::unfold(0, move |at| {
+        let (body, stop) = (body.clone(), std::sync::Arc::clone(&stop));
+        async move {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || at >= body.len() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let end = (at + 1024).min(body.len());
+            Some((Ok::<_, std::io::Error>(body.slice(at..end)), end))
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/artifacts?service=api"))
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await?;
+        Ok((response.status(), response.text().await?))
+    })
 }
 
 /// `release upload` sends an upload again, after the time the server names, when the server
@@ -160,6 +251,29 @@ fn release_upload_sends_again_when_the_server_has_no_turn() {
     assert!(out.stderr().contains("sending it again in 5 s"), "{out}");
     drop(held);
     assert_eq!(server.count("SELECT count(*) FROM artifacts"), 1);
+}
+
+/// A server with four upload turns, waited for 4 s at most, and four CI tokens.
+fn four_turns() -> (TestServer, [String; 4]) {
+    let server =
+        TestServer::start_with(Backend::Local, "[limits]\nmax_concurrent_uploads = 4\nupload_stall_timeout = \"4s\"\n");
+    let tokens = ["ci-a", "ci-b", "ci-c", "ci-web"].map(|name| server.token_with(name, "ci", &["--owner", "gitlab"]));
+    (server, tokens)
+}
+
+/// Uploads of `tokens` taking their turns in this order, each trickling (see [`trickle`]).
+fn trickling_uploads<const N: usize>(
+    server: &TestServer,
+    tokens: [&String; N],
+    body: &[u8],
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> [TcpStream; N] {
+    tokens.map(|token| {
+        let stream = stalled_upload(&server.url, token, body, 1000);
+        trickle(&stream, body[1000..].to_vec(), std::sync::Arc::clone(stop));
+        std::thread::sleep(Duration::from_millis(200));
+        stream
+    })
 }
 
 /// Uploads with `token`, stored within 2 s.

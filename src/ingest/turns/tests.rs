@@ -134,6 +134,43 @@ async fn a_token_with_fewer_waiting_takes_the_place_of_the_newest_of_the_token_w
     assert_eq!((turns.running(), turns.state().waiting()), (0, 0));
 }
 
+/// F1 of the stop-35 attack: three tokens (one with two uploads) held all four turns, and a
+/// fourth token's uploads waited in vain for as long as theirs trickled. A token holding none
+/// that waited half its wait now cuts the newest turn of the token holding the most, once.
+#[tokio::test(start_paused = true)]
+async fn a_token_holding_two_turns_gives_its_newest_up_to_a_token_waiting_with_none() {
+    let turns = turns(4, 4, 100);
+    let wait = Duration::from_secs(10);
+    let mut a = vec![turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+    let others = [turns.take("b", WAIT).await.unwrap(), turns.take("c", WAIT).await.unwrap()];
+    let mut a3 = Box::pin(turns.take("a", wait));
+    let mut d = Box::pin(turns.take("d", wait));
+    let mut e = Box::pin(turns.take("e", wait));
+    for w in [&mut a3, &mut d, &mut e] {
+        assert!(w.now_or_never().is_none());
+    }
+    let cut = |turns: &[Turn]| turns.iter().map(|t| t.cut().is_cancelled()).collect::<Vec<_>>();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    for w in [&mut a3, &mut d, &mut e] {
+        assert!(w.now_or_never().is_none());
+    }
+    assert_eq!(cut(&a), [false, false], "nothing cut before half the wait");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for w in [&mut a3, &mut d, &mut e] {
+        assert!(w.now_or_never().is_none());
+    }
+    // d cut a's newest; e finds none holding two not cut, and a's own waiting upload cuts nothing.
+    assert_eq!(cut(&a), [false, true]);
+    assert_eq!(cut(&others), [false, false]);
+    // a's cut upload stops: its turn goes to d, the first waiting that may take it.
+    drop(a.pop());
+    let _d = d.now_or_never().expect("d's turn").unwrap();
+    assert_eq!(counts(&turns, "a"), Some((1, 1)));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(e.now_or_never().map(|r| r.err()), Some(Some(NoTurn::Timeout)), "four tokens hold one each");
+    assert_eq!(a3.now_or_never().map(|r| r.err()), Some(Some(NoTurn::Timeout)));
+}
+
 /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
 /// none of that token's turns, is never refused, and waits only for other adoptions.
 #[tokio::test]
