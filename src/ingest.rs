@@ -348,7 +348,7 @@ impl Ingestor {
         }
         // The index is made (seconds of CPU for the largest) while the store finishes the
         // upload, and before the guard below, which a purge waits for (and uploads behind it).
-        let made = make_index(received.digest, received.files, received.frames, received.skeleton);
+        let made = make_index(&self.registry, received.digest, received.files, received.frames, received.skeleton);
         let (finished, made) = tokio::join!(upload.finish(), made);
         let staged = match finished {
             Ok(staged) => staged,
@@ -471,19 +471,27 @@ struct MadeIndex {
     sent: Option<SentIndex>,
 }
 
-/// The stored form of an upload's index and the form kept ready to send; why not, when reading
-/// it back would refuse it (too large: the listing stopped at the ingest's budget, or its
-/// JSON at the limit; a frame table that does not hold together).
+/// The stored form of an upload's index (under the name an earlier upload of the artifact
+/// gave it, when it can be) and the form kept ready to send; why not, when reading it back
+/// would refuse it (too large: the listing stopped at the ingest's budget, or its JSON at the
+/// limit; a frame table that does not hold together).
 async fn make_index(
+    registry: &Arc<Registry>,
     digest: Digest,
     files: Option<Vec<IndexedFile>>,
     frames: Vec<Frame>,
     skeleton: Option<Vec<u8>>,
 ) -> Result<MadeIndex, IndexError> {
     let files = files.ok_or(IndexError::TooLarge)?;
+    let registry = Arc::clone(registry);
     tokio::task::spawn_blocking(move || {
+        // The name an earlier upload of these bytes gave their index, which it is to keep.
+        let named = registry.artifact_index(digest).unwrap_or_else(|e| {
+            tracing::warn!(%digest, error = %e, "could not read the artifact's index row; its index is made anew");
+            None
+        });
         let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
-        let (index, stored) = index.into_readable()?;
+        let (index, stored) = index.into_readable_as(named.map(|i| i.sha256))?;
         let files = index.files.len() as u64;
         Ok(MadeIndex { stored, files, sent: SentIndex::to_keep(index) })
     })

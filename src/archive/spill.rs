@@ -3,6 +3,9 @@
 
 use std::io;
 
+use super::index::{FileIndex, IndexError};
+use crate::digest::Digest;
+
 /// Up to this much, an index's JSON is held whole and compressed at once: every index of a
 /// tree of up to about 60,000 files (~200 bytes of JSON each, and the skeleton's base64).
 pub(super) const WHOLE_JSON: usize = 16 << 20;
@@ -13,8 +16,8 @@ pub(super) const WHOLE_JSON: usize = 16 << 20;
 /// forms of the same bytes differ past about a MiB, and an index keeps its name only if its
 /// bytes do (a registry row names its index's object for good; an upload of the same bytes
 /// writes it again to that key, also after a purge). Past it, compressed as it is written, so
-/// that the largest index is never held whole: such an index, first stored by an earlier
-/// build, is written again under another name (ARCHITECTURE, "Invariants").
+/// that the largest index is never held whole, but when an earlier build stored it under its
+/// one-shot name ([`FileIndex::into_readable_as`]).
 #[derive(Default)]
 pub(super) enum Spilling {
     #[default]
@@ -61,6 +64,24 @@ impl io::Write for Spilling {
     }
 }
 
+impl FileIndex {
+    /// [`into_readable`](FileIndex::into_readable)'s index and stored form; when an earlier
+    /// upload of the artifact named its index's object `named` and the one-shot form of a JSON
+    /// past [`WHOLE_JSON`] has that name, that form: the registry row names the object for
+    /// good, and an upload after a purge is to write it again under that name. Only then is
+    /// the largest JSON held whole (up to what a reader takes).
+    pub fn into_readable_as(self, named: Option<Digest>) -> Result<(FileIndex, Vec<u8>), IndexError> {
+        let (index, stored) = self.into_readable()?;
+        let Some(named) = named.filter(|named| *named != Digest::of(&stored)) else { return Ok((index, stored)) };
+        let json = serde_json::to_vec(&index).expect("an index serializes");
+        if json.len() <= WHOLE_JSON {
+            return Ok((index, stored)); // compressed at once already
+        }
+        let whole = zstd::bulk::compress(&json, 3).expect("compressing into memory does not fail");
+        Ok((index, if Digest::of(&whole) == named { whole } else { stored }))
+    }
+}
+
 /// A writer that passes on `room` bytes at most; past it, a write fails.
 pub(super) struct Capped<W> {
     pub(super) inner: W,
@@ -95,6 +116,8 @@ mod tests {
     use std::io::Write as _;
 
     use super::{Capped, Spilling, WHOLE_JSON};
+    use crate::archive::index::{FileIndex, IndexedFile};
+    use crate::digest::Digest;
 
     fn through_spilling(json: &[u8], piece: usize) -> (Vec<u8>, bool) {
         let mut spilling = Spilling::default();
@@ -122,5 +145,30 @@ mod tests {
         capped.write_all(b"0123456").unwrap();
         assert!(capped.write_all(b"789ab").is_err());
         assert_eq!((capped.inner, capped.written), (b"0123456789".to_vec(), 10));
+    }
+
+    /// A JSON index past the threshold first stored by an earlier build (compressed at once,
+    /// under that name) is written again under that name; any other keeps its own form.
+    #[test]
+    fn an_index_named_by_an_earlier_build_keeps_that_name() {
+        let file = |i: u64| IndexedFile {
+            path: format!("vendor/{}/{i}.php", "p".repeat(200)),
+            executable: false,
+            size: 0,
+            offset: 512 * i,
+            sha256: Digest::of(&i.to_le_bytes()),
+        };
+        let index = || FileIndex::new(Digest::of(b"artifact"), (0..80_000).map(file).collect());
+        let json = serde_json::to_vec(&index()).unwrap();
+        assert!(json.len() > WHOLE_JSON, "{} bytes of JSON", json.len());
+        let earlier = zstd::bulk::compress(&json, 3).unwrap();
+        let (_, own) = index().into_readable_as(None).unwrap();
+        assert_ne!(Digest::of(&own), Digest::of(&earlier), "the streamed form is another");
+
+        let (_, again) = index().into_readable_as(Some(Digest::of(&earlier))).unwrap();
+        assert_eq!(again, earlier);
+        for named in [Digest::of(&own), Digest::of(b"another")] {
+            assert_eq!(index().into_readable_as(Some(named)).unwrap().1, own);
+        }
     }
 }
