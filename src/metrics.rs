@@ -222,7 +222,7 @@ impl Metrics {
         );
         registry.register(
             "refused_requests",
-            "Requests refused with 401, 403, 408, 409, 413 or 422 since this process started, every one (the \
+            "Requests refused with 401, 403, 408, 409, 413, 422 or 429 since this process started, every one (the \
              audit log has each, or counts it in a request.refused.aggregate event)",
             metrics.refused.clone(),
         );

@@ -379,11 +379,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 408, 409, 413, 422) is recorded in the audit log, bounded
-/// ([`crate::refusals`]): who, what, why, from where; and counted in
-/// `release_refused_requests_total`. So is a 404 that answered for something outside the
-/// token's scope (code `out_of_scope`, with the real reason). Malformed requests (400), missing
-/// things (404) and wrong methods (405) are neither.
+/// Every refused request (401, 403, 408, 409, 413, 422, and 429: a token or a source past its
+/// own limit) is recorded in the audit log, bounded ([`crate::refusals`]): who, what, why,
+/// from where; and counted in `release_refused_requests_total`. So is a 404 that answered for
+/// something outside the token's scope (code `out_of_scope`, with the real reason). Malformed
+/// requests (400), missing things (404), wrong methods (405) and the server's own want of room
+/// (503 `busy`: send it again later) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let what = format!("{} {}", request.method(), request.uri().path());
     let source = source::client(request.extensions(), request.headers(), &state.config.trusted_proxies);
@@ -391,7 +392,7 @@ async fn record_refusals(State(state): State<AppState>, request: Request, next: 
     let response = next.run(request).await;
     let status = response.status();
     let out_of_scope = response.extensions().get::<error::OutOfScope>().map(|o| o.0.clone());
-    if !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 413 | 422) && out_of_scope.is_none() {
+    if !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 413 | 422 | 429) && out_of_scope.is_none() {
         return response;
     }
     let refusal = response.extensions().get::<error::Refusal>();

@@ -39,6 +39,11 @@ fn audit_verify_walks_the_chain_at_most_once_per_interval_per_token() {
     assert!(refused["error"]["message"].as_str().unwrap().contains("limits.verify_interval"), "{refused}");
     let seconds: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
     assert!((1..=60).contains(&seconds), "Retry-After: {seconds}");
+    // A token past its own limit is a refused attempt, on record with its name (SPEC 2).
+    let refused = f.events("request.refused");
+    let limited: Vec<_> = refused.iter().filter(|e| e["details"]["code"] == "rate_limited").collect();
+    assert_eq!(limited.len(), 1, "{refused:#?}");
+    assert_eq!((&limited[0]["actor"], &limited[0]["details"]["status"]), (&json!("carol"), &json!(429)));
 
     // Another token has its own: a fresh walk, which sees the new event.
     let (status, _, fresh) = verify(&f, "root");
