@@ -107,3 +107,60 @@ fn a_quiet_repeat_needs_no_turn_and_is_not_checked_again_local() {
 fn a_quiet_repeat_needs_no_turn_and_is_not_checked_again_s3() {
     a_quiet_repeat_needs_no_turn_and_is_not_checked_again(Backend::S3);
 }
+
+/// A quiet repeat is hashed while nothing holds its record: a purge of its bytes meanwhile
+/// makes it `503 busy` after the body (nothing recorded), and the upload sent again takes the
+/// checked way and brings the bytes back.
+#[test]
+fn a_repeat_whose_bytes_are_purged_while_it_is_read_is_told_to_come_back() {
+    let server = TestServer::start_with_env(
+        Backend::Local,
+        "[limits]\nupload_stall_timeout = \"5s\"\nmin_upload_rate = \"1B\"\n",
+        &[crate::curation::SHORT_DAY],
+    );
+    let (ci, root) = (server.token("ci", "ci"), server.token("root", "admin"));
+    let body = archive_of(300_000);
+    let digest = release::digest::Digest::of(&body).to_string();
+    assert_eq!(post(&server, &ci, "api", Some(&digest), &body).0, StatusCode::CREATED);
+    assert_eq!(post(&server, &ci, "api", Some(&digest), &body).0, StatusCode::OK, "the repeat on record");
+
+    // The next one is quiet: half its body sent, then its bytes purged.
+    let mut quiet = raw::connect(&server.url);
+    write!(
+        quiet,
+        "POST /v1/artifacts?service=api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ci}\r\nX-Release-Digest: {digest}\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    quiet.write_all(&body[..body.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let purge = server
+        .http()
+        .post(format!("{}/v1/artifacts/purge", server.url))
+        .bearer_auth(&root)
+        .json(&serde_json::json!({"never_live": true, "older_than_days": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(purge.status(), StatusCode::OK);
+    assert_eq!(purge.json::<Value>().unwrap()["purged"], serde_json::json!([digest]));
+    quiet.write_all(&body[body.len() / 2..]).unwrap();
+    let answer = raw::read_answer(&mut quiet, Duration::from_secs(5)).unwrap();
+    assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("record changed"), "{answer:?}");
+    assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
+
+    // Sent again: checked, and the bytes are back.
+    let (status, answer) = post(&server, &ci, "api", Some(&digest), &body);
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let meta: Value = server
+        .http()
+        .get(format!("{}/v1/artifacts/{digest}", server.url))
+        .bearer_auth(&ci)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(meta["stored"], true, "{meta}");
+    server.assert_no_staging_left();
+}
