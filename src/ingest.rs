@@ -20,7 +20,6 @@ use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::archive::{
     self, ArchiveError, CheckOptions, FileIndex, Frame, FrameScanner, IndexError, IndexedFile, SentIndex, SentIndexes,
@@ -80,8 +79,9 @@ pub enum IngestError {
     TooManyWaiting { waiting: usize },
     #[error(
         "this upload was stopped to give its turn to another token's upload, which waited for one while this \
-         token held more than one (one token holds more than one of limits.max_concurrent_uploads only while no \
-         other token waits); nothing was stored: send it again later"
+         token held more than one (a token holding more than one of limits.max_concurrent_uploads gives one up to \
+         a token holding none that waited half of limits.upload_stall_timeout); nothing was stored: send it \
+         again later"
     )]
     Preempted,
     #[error(
@@ -155,8 +155,9 @@ struct Paced<S> {
     pace: Option<Pace>,
     waited: std::time::Duration,
     bytes: u64,
-    /// The turn read under, cancelled when it goes to another token's upload.
-    cut: Option<CancellationToken>,
+    /// The turn read under, which may be given up to another token's upload while the body
+    /// is read.
+    cut: Option<turns::Cut>,
 }
 
 impl<S, E> Paced<S>
@@ -176,6 +177,11 @@ where
             None => next.await,
         };
         let piece = piece.map_err(|_| IngestError::Stalled(pace.stall))?;
+        if piece.is_none()
+            && let Some(cut) = &self.cut
+        {
+            cut.body_read();
+        }
         self.waited += started.elapsed();
         if let Some(Ok(Piece::Bytes(bytes))) = &piece {
             self.bytes += bytes.len() as u64;

@@ -2,7 +2,8 @@
 //! and how many uploads may wait for one, and how long.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -13,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 /// - One token holds at most half of them (at least one), and a token already holding one
 ///   never takes the last free turn: two tokens trickling uploads at just above
 ///   `min_upload_rate` cannot keep every other service's CI waiting for hours.
-/// - A token holding more than one turn gives one up to a token holding none that waited half
-///   its wait ([`Turn::cut`]): three tokens trickling uploads once held all four turns.
+/// - A token holding more than one turn gives one whose body is still being read up to a token
+///   holding none that waited half its wait ([`Turns::cut_for`]): three tokens trickling
+///   uploads once held all four turns.
 /// - The server's own uploads (adoptions, which a deploy waits for) take one turn more than
 ///   the clients may hold together, so that they wait only for each other.
 /// - Uploads waiting are capped per token and in all, so that waiting uploads cannot fill the
@@ -88,14 +90,45 @@ struct Waiter {
     token: Option<String>,
     /// True: a turn; false: the place went to another token's upload.
     wake: oneshot::Sender<bool>,
-    cut: CancellationToken,
+    cut: Cut,
 }
 
 /// A client's turn held.
 struct Holder {
     id: u64,
     token: String,
-    cut: CancellationToken,
+    cut: Cut,
+}
+
+impl Holder {
+    /// Cut while its body is still being read: the turn comes back at the upload's next read.
+    fn given_up(&self) -> bool {
+        self.cut.stop.is_cancelled() && self.cut.reading()
+    }
+}
+
+/// How an upload holding a turn is told to stop, and tells that its body has all been read
+/// (then it is past stopping: it finishes, and a cut of it is spent for nothing).
+#[derive(Clone, Default)]
+pub struct Cut {
+    stop: CancellationToken,
+    read: Arc<AtomicBool>,
+}
+
+impl Cut {
+    /// Done when the upload is to stop reading its body.
+    pub async fn cancelled(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// The body has all been read: this turn is no longer one to cut.
+    pub fn body_read(&self) {
+        self.read.store(true, Ordering::Relaxed);
+    }
+
+    fn reading(&self) -> bool {
+        !self.read.load(Ordering::Relaxed)
+    }
 }
 
 /// A turn held, or waited for: given back (or the wait given up) when dropped.
@@ -103,13 +136,12 @@ pub struct Turn<'a> {
     turns: &'a Turns,
     id: u64,
     token: Option<String>,
-    cut: CancellationToken,
+    cut: Cut,
 }
 
 impl Turn<'_> {
-    /// Cancelled when this turn is to be given up to another token's upload: the upload
-    /// holding it is to stop.
-    pub fn cut(&self) -> CancellationToken {
+    /// How the upload holding this turn is told to give it up to another token's upload.
+    pub fn cut(&self) -> Cut {
         self.cut.clone()
     }
 }
@@ -139,14 +171,19 @@ impl Turns {
             }
             self.wait(&mut state, token)
         };
-        // The turn (a waiting one until woken) gives its place back however this ends.
+        // The turn (a waiting one until woken) gives its place back however this ends. From
+        // half the wait on, a turn is cut for it if it may have one, again every tenth of the
+        // wait: a cut turn whose body ended meanwhile does not come back soon.
+        let deadline = tokio::time::Instant::now() + wait;
         let mut woken = woken;
-        let granted = match tokio::time::timeout(wait / 2, &mut woken).await {
-            Ok(granted) => granted,
-            Err(_) => {
-                self.cut_for(&turn);
-                tokio::time::timeout(wait - wait / 2, woken).await.map_err(|_| NoTurn::Timeout)?
+        let mut next = tokio::time::Instant::now() + wait / 2;
+        let granted = loop {
+            match tokio::time::timeout_at(next.min(deadline), &mut woken).await {
+                Ok(granted) => break granted,
+                Err(_) if next >= deadline => return Err(NoTurn::Timeout),
+                Err(_) => self.cut_for(&turn),
             }
+            next += (wait / 10).max(Duration::from_millis(10));
         };
         if granted == Ok(true) {
             return Ok(turn);
@@ -219,31 +256,38 @@ impl Turns {
     fn grant(&self, state: &mut State, token: Option<String>) -> Turn<'_> {
         let id = state.next_id;
         state.next_id += 1;
-        let cut = CancellationToken::new();
+        let cut = Cut::default();
         hold(state, id, token.as_deref(), &cut);
         Turn { turns: self, id, token, cut }
     }
 
-    /// When `waiting` (an upload of a client's) still waits and its token holds no turn, the
-    /// newest turn of the token holding the most is cut, if that holds more than one not cut
-    /// already: the upload holding it stops, and its turn goes to a token holding none.
+    /// When `waiting` (an upload of a client's) still waits and its token holds no turn, a turn
+    /// of the token holding the most is cut, if that holds two or more not given up already:
+    /// the newest whose body is still being read. Its upload stops at its next read, and the
+    /// turn goes to the first waiting upload that may take it. No cut while as many turns are
+    /// being given up as uploads of tokens holding none wait up to this one.
     fn cut_for(&self, waiting: &Turn) {
         let state = self.state();
         let Some(token) = waiting.token.as_deref() else { return };
-        let holding =
-            |state: &State, t: &str| state.holders.iter().filter(|h| h.token == t && !h.cut.is_cancelled()).count();
-        if holding(&state, token) > 0 || !state.queue.iter().any(|w| w.id == waiting.id) {
+        let holding = |state: &State, t: &str| state.holders.iter().filter(|h| h.token == t && !h.given_up()).count();
+        let Some(at) = state.queue.iter().position(|w| w.id == waiting.id) else { return };
+        let starved =
+            state.queue.iter().take(at + 1).filter(|w| w.token.as_deref().is_some_and(|t| holding(&state, t) == 0));
+        let (starved, given_up) = (starved.count(), state.holders.iter().filter(|h| h.given_up()).count());
+        if holding(&state, token) > 0 || given_up >= starved {
             return;
         }
         let most = state.holders.iter().map(|h| holding(&state, &h.token)).max().unwrap_or(0);
-        if most < 2 {
-            return;
+        let newest = state
+            .holders
+            .iter()
+            .rev()
+            .filter(|h| !h.cut.stop.is_cancelled() && h.cut.reading())
+            .find(|h| most >= 2 && holding(&state, &h.token) == most);
+        if let Some(newest) = newest {
+            tracing::info!(token = %newest.token, waiting = %token, "an upload gives its turn to another token's");
+            newest.cut.stop.cancel();
         }
-        let newest = state.holders.iter().rev().find(|h| !h.cut.is_cancelled() && holding(&state, &h.token) == most);
-        let newest = newest.expect("a holder of the most");
-        tracing::info!(token = %newest.token, waiting = %token, "an upload gives its turn to another token's");
-        // Its turn comes back once its upload has stopped.
-        newest.cut.cancel();
     }
 
     /// With every waiting place taken, the newest waiting upload of the token with the most
@@ -275,7 +319,7 @@ impl Turns {
         let id = state.next_id;
         state.next_id += 1;
         let (wake, woken) = oneshot::channel();
-        let cut = CancellationToken::new();
+        let cut = Cut::default();
         state.queue.push_back(Waiter { id, token: token.clone(), wake, cut: cut.clone() });
         (Turn { turns: self, id, token, cut }, woken)
     }
@@ -350,7 +394,7 @@ impl Drop for Unread<'_> {
 }
 
 /// A turn taken, by `token` (`None`: the server's own, never cut).
-fn hold(state: &mut State, id: u64, token: Option<&str>, cut: &CancellationToken) {
+fn hold(state: &mut State, id: u64, token: Option<&str>, cut: &Cut) {
     state.held += 1;
     if let Some(token) = token {
         state.tokens.entry(token.to_owned()).or_default().holding += 1;

@@ -149,7 +149,7 @@ async fn a_token_holding_two_turns_gives_its_newest_up_to_a_token_waiting_with_n
     for w in [&mut a3, &mut d, &mut e] {
         assert!(w.now_or_never().is_none());
     }
-    let cut = |turns: &[Turn]| turns.iter().map(|t| t.cut().is_cancelled()).collect::<Vec<_>>();
+    let cut = |turns: &[Turn]| turns.iter().map(|t| t.cut().stop.is_cancelled()).collect::<Vec<_>>();
     tokio::time::advance(Duration::from_secs(4)).await;
     for w in [&mut a3, &mut d, &mut e] {
         assert!(w.now_or_never().is_none());
@@ -169,6 +169,33 @@ async fn a_token_holding_two_turns_gives_its_newest_up_to_a_token_waiting_with_n
     tokio::time::advance(Duration::from_secs(5)).await;
     assert_eq!(e.now_or_never().map(|r| r.err()), Some(Some(NoTurn::Timeout)), "four tokens hold one each");
     assert_eq!(a3.now_or_never().map(|r| r.err()), Some(Some(NoTurn::Timeout)));
+}
+
+/// A1 of the stop-36 attack: a cut spent on an upload past its body (a check of many seconds)
+/// gave no turn back, and no other was cut. Only turns still reading are cut, and a cut spent
+/// on one whose body then ended is made again on another at the next look.
+#[tokio::test(start_paused = true)]
+async fn only_turns_still_reading_are_cut_and_a_cut_spent_is_made_again() {
+    let turns = turns(6, 6, 100);
+    let a: Vec<_> = (0..3).map(|_| turns.take("a", WAIT).now_or_never().unwrap().unwrap()).collect();
+    let _others = ["b", "c", "x"].map(|t| turns.take(t, WAIT).now_or_never().unwrap().unwrap());
+    a[2].cut().body_read();
+    let mut d = Box::pin(turns.take("d", Duration::from_secs(10)));
+    assert!((&mut d).now_or_never().is_none());
+    let cut = || a.iter().map(|t| t.cut().stop.is_cancelled()).collect::<Vec<_>>();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!((&mut d).now_or_never().is_none());
+    assert_eq!(cut(), [false, true, false], "the newest still reading");
+    // Its body ended before it saw the cut: it finishes, and still holds its turn.
+    a[1].cut().body_read();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert!((&mut d).now_or_never().is_none());
+    assert_eq!(cut(), [false, true, false], "not before the next look");
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert!((&mut d).now_or_never().is_none());
+    assert_eq!(cut(), [true, true, false], "cut again, on the one still reading");
+    drop(a);
+    assert!(d.now_or_never().expect("d's turn").is_ok());
 }
 
 /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
