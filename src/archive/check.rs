@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use tar::EntryType;
 
+use super::counted::{Counted, MAX_EXPANSION, Sent, Trouble};
 use super::extensions::Extensions;
 use super::rules::{
     Kind, MAX_MIGRATIONS, RelPath, TreeState, check_link_target_limits, check_mode, check_path_limits,
@@ -145,7 +146,7 @@ pub(super) fn index_keeping(
     let mut nothing = Nothing;
     let mut indexing = super::listing::Indexing::new(&mut nothing);
     indexing.within(budget, Rc::clone(&skeleton));
-    let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton))).map_err(|e| match e {
+    let summary = walk_zstd(input, options, &mut indexing, Some(Rc::clone(&skeleton)), true).map_err(|e| match e {
         WalkError::Archive(e) => e,
         // Hashing reads only what the walk hands it; a read error there is the archive's and
         // comes back as `Archive`.
@@ -159,13 +160,13 @@ pub(super) fn index_keeping(
 
 /// [`check`], handing every entry that passed the rules to `visitor` as it goes.
 pub fn walk(input: impl BufRead, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
-    walk_zstd(input, options, visitor, None)
+    walk_zstd(input, options, visitor, None, false)
 }
 
 /// [`walk`] over a tar stream that is not compressed (the node's sparse unpack makes it from
 /// the frames it fetched and the index's skeleton). Read errors are the caller's to explain.
 pub fn walk_tar(input: impl Read, options: &CheckOptions, visitor: &mut dyn Visitor) -> Result<Summary, WalkError> {
-    walk_stream(input, options, visitor, None, Skip::Read)
+    walk_stream(input, options, visitor, None, Skip::Read, None)
 }
 
 /// [`walk_tar`] of a stream that can pass over bytes: the data the visitor leaves unread is
@@ -176,7 +177,7 @@ pub fn walk_tar_seeking(
     options: &CheckOptions,
     visitor: &mut dyn Visitor,
 ) -> Result<Summary, WalkError> {
-    walk_stream(input, options, visitor, None, Skip::Seek(seeking))
+    walk_stream(input, options, visitor, None, Skip::Seek(seeking), None)
 }
 
 /// How the walk passes over the data a visitor leaves unread.
@@ -191,21 +192,26 @@ fn seeking<R: Read + Seek>(archive: &mut tar::Archive<R>) -> io::Result<tar::Ent
     archive.entries_with_seek()
 }
 
+/// The walk of a `tar`+`zstd` stream; `dense`: the unpacked bytes are held to
+/// [`MAX_EXPANSION`] times the compressed ones past [`FREE_UNPACKED`].
 fn walk_zstd(
     mut input: impl BufRead,
     options: &CheckOptions,
     visitor: &mut dyn Visitor,
     skeleton: Option<SharedBuilder>,
+    dense: bool,
 ) -> Result<Summary, WalkError> {
     let mut magic = [0u8; 4];
     input.read_exact(&mut magic).map_err(|_| ArchiveError::NotZstd)?;
     if magic != ZSTD_MAGIC {
         return Err(WalkError::Archive(ArchiveError::NotZstd));
     }
+    let sent = Rc::new(Cell::new(magic.len() as u64));
+    let input = Sent { inner: input, count: Rc::clone(&sent) };
     let mut decoder = zstd::stream::read::Decoder::with_buffer(io::Cursor::new(magic).chain(input))
         .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
     decoder.window_log_max(MAX_WINDOW_LOG).map_err(|e| ArchiveError::Zstd(e.to_string()))?;
-    walk_stream(decoder, options, visitor, skeleton, Skip::Read)
+    walk_stream(decoder, options, visitor, skeleton, Skip::Read, dense.then_some(sent))
 }
 
 /// The walk of a tar stream (`decoded`), feeding `skeleton` every byte but the files' data.
@@ -215,13 +221,16 @@ fn walk_stream<R: Read>(
     visitor: &mut dyn Visitor,
     skeleton: Option<SharedBuilder>,
     skip: Skip<Counted<Tapped<R>>>,
+    sent: Option<Rc<Cell<u64>>>,
 ) -> Result<Summary, WalkError> {
     let trouble = Rc::new(Cell::new(None));
     let tapped = Tapped { inner: decoded, skeleton: skeleton.clone() };
-    let counted = Counted { inner: tapped, pos: 0, limit: options.max_unpacked_bytes, trouble: Rc::clone(&trouble) };
+    let limit = options.max_unpacked_bytes;
+    let counted = Counted { inner: tapped, pos: 0, limit, sent, trouble: Rc::clone(&trouble) };
     let mut archive = tar::Archive::new(counted);
     let read_error = |e: io::Error| match trouble.take() {
         Some(Trouble::Limit) => ArchiveError::TooLarge { limit: options.max_unpacked_bytes },
+        Some(Trouble::Dense { unpacked, sent }) => ArchiveError::TooDense { unpacked, sent, ratio: MAX_EXPANSION },
         Some(Trouble::Zstd(io::ErrorKind::UnexpectedEof, message)) => {
             ArchiveError::Truncated(format!("the zstd stream ends mid-frame ({message})"))
         }
@@ -401,52 +410,4 @@ fn check_entry(
         return Err(ArchiveError::SharedPath { path: checked.path().as_str().to_owned(), shared: shared.clone() });
     }
     Ok(Some(checked))
-}
-
-enum Trouble {
-    /// The decompressed stream ended; a tar error after this means it was cut short.
-    Eof,
-    Limit,
-    Zstd(io::ErrorKind, String),
-}
-
-/// Counts decompressed bytes and enforces the unpacked-size limit as they flow (so a bomb is
-/// stopped, not inflated).
-struct Counted<R> {
-    inner: R,
-    pos: u64,
-    limit: u64,
-    trouble: Rc<Cell<Option<Trouble>>>,
-}
-
-/// Forward from where it is (the tar reader's seeking entries skip data so), to the position
-/// `inner` says it reached: counted against the limit as if read.
-impl<R: Read + Seek> Seek for Counted<R> {
-    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        self.pos = self.inner.seek(pos).inspect_err(|e| {
-            self.trouble.set(Some(Trouble::Zstd(e.kind(), e.to_string())));
-        })?;
-        if self.pos > self.limit {
-            self.trouble.set(Some(Trouble::Limit));
-            return Err(io::Error::other("unpacked size limit reached"));
-        }
-        Ok(self.pos)
-    }
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf).inspect_err(|e| {
-            self.trouble.set(Some(Trouble::Zstd(e.kind(), e.to_string())));
-        })?;
-        if n == 0 && !buf.is_empty() {
-            self.trouble.set(Some(Trouble::Eof));
-        }
-        self.pos += n as u64;
-        if self.pos > self.limit {
-            self.trouble.set(Some(Trouble::Limit));
-            return Err(io::Error::other("unpacked size limit reached"));
-        }
-        Ok(n)
-    }
 }

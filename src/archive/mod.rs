@@ -10,6 +10,7 @@
 //! `std::io::Read`/`Write` and the file system only, so it runs on blocking threads.
 
 mod check;
+mod counted;
 mod extensions;
 mod frames;
 #[cfg(test)]
@@ -114,6 +115,11 @@ pub enum ArchiveError {
     TooManyMigrations { limit: usize },
     #[error("the archive unpacks to more than {limit} bytes (limits.max_unpacked_bytes)")]
     TooLarge { limit: u64 },
+    #[error(
+        "the archive unpacks to more than {ratio} times the bytes sent for it once past its first GiB ({unpacked} \
+         bytes from {sent}): it would cost far more to check than it weighs"
+    )]
+    TooDense { unpacked: u64, sent: u64, ratio: u64 },
 }
 
 impl ArchiveError {
@@ -123,6 +129,7 @@ impl ArchiveError {
             self,
             ArchiveError::TooManyFiles { .. }
                 | ArchiveError::TooLarge { .. }
+                | ArchiveError::TooDense { .. }
                 | ArchiveError::TooManySymlinks { .. }
                 | ArchiveError::TooManyMigrations { .. }
         )

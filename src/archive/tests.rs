@@ -619,3 +619,42 @@ fn a_kept_index_reads_back_in_its_compact_form_and_a_cut_or_foreign_one_is_refus
     assert!(FileIndex::decode_kept(&index.encode(), a).is_err());
     assert!(FileIndex::decode_kept(&FileIndex::new(a, vec![]).encode_kept(), a).unwrap().files.is_empty());
 }
+
+/// A `tar`+`zstd` archive of one file of `size` zeros, compressed as it is made.
+fn zeros_archive(size: u64) -> Vec<u8> {
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_path("zeros.bin").unwrap();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    encoder.write_all(header.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size + (512 - size % 512) % 512 + 1024;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        encoder.write_all(&zeros[..n]).unwrap();
+        left -= n as u64;
+    }
+    encoder.finish().unwrap()
+}
+
+/// A 534 KiB archive of 15 GiB of zeros took 11 CPU-seconds to check, within the unpacked-size
+/// limit (helper-60's attack): past its first GiB an upload unpacks to at most a thousand
+/// times what was sent for it.
+#[test]
+fn an_upload_unpacking_to_a_thousand_times_its_size_past_a_gib_is_refused() {
+    use super::counted::{FREE_UNPACKED, MAX_EXPANSION};
+    let big = CheckOptions { max_unpacked_bytes: 16 << 30, ..options() };
+    let bomb = zeros_archive(FREE_UNPACKED + (64 << 20));
+    let refused = index(&bomb[..], &big).unwrap_err();
+    assert!(matches!(refused, ArchiveError::TooDense { ratio: MAX_EXPANSION, .. }), "{refused}");
+    assert!(refused.is_limit());
+    assert!(refused.to_string().contains("more than 1000 times the bytes sent"), "{refused}");
+    // Within the first GiB, whatever it weighs; a node's check reads what passed the ingest.
+    let within = zeros_archive(512 << 20);
+    assert!(within.len() < (512 << 20) / MAX_EXPANSION as usize, "{} bytes", within.len());
+    assert!(index(&within[..], &big).is_ok());
+    assert!(check(&bomb[..], &big).is_ok());
+}

@@ -272,3 +272,34 @@ fn an_index_of_paths_that_do_not_compress_is_stored_in_bounded_memory() {
         "the index is named"
     );
 }
+
+/// A small archive of a great many zeros (534 KiB for 15 GiB took 11 CPU-seconds to check,
+/// within `max_unpacked_bytes`) is refused once past its first GiB it unpacks to more than a
+/// thousand times what was sent: `422 archive_too_large`, nothing stored.
+#[test]
+fn an_archive_of_many_more_zeros_than_it_weighs_is_refused() {
+    let server = TestServer::start(Backend::Local);
+    let size: u64 = 3 << 30;
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_path("zeros.bin").unwrap();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    encoder.write_all(header.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(size >> 20) + 1 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    let body = encoder.finish().unwrap();
+    let sent = body.len();
+    let cpu_before = cpu_seconds(server.pid());
+    let (status, answer) = server.upload_as_new_ci(body);
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    eprintln!("{sent} bytes for 3 GiB of zeros: server CPU {cpu:.2} s; {answer}");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "archive_too_large", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("1000 times the bytes sent"), "{answer}");
+    server.assert_nothing_stored();
+}
