@@ -185,6 +185,9 @@ where
         self.waited += started.elapsed();
         if let Some(Ok(Piece::Bytes(bytes))) = &piece {
             self.bytes += bytes.len() as u64;
+            if let Some(cut) = &self.cut {
+                cut.read_bytes(bytes.len() as u64);
+            }
         }
         if self.waited >= pace.window.0 {
             let wanted = (pace.min_rate.0 as f64 * self.waited.as_secs_f64()) as u64;
@@ -496,8 +499,10 @@ async fn make_index(
             tracing::warn!(%digest, error = %e, "could not read the artifact's index row; its index is made anew");
             None
         });
+        // Only one listing as many files could be the same JSON (not an older format's).
+        let named = named.filter(|i| i.files == files.len() as u64).map(|i| i.sha256);
         let index = FileIndex::new(digest, files).with_frames(frames).with_skeleton(skeleton);
-        let (index, stored) = index.into_readable_as(named.map(|i| i.sha256))?;
+        let (index, stored) = index.into_readable_as(named)?;
         let files = index.files.len() as u64;
         Ok(MadeIndex { stored, files, sent: SentIndex::to_keep(index) })
     })
@@ -633,12 +638,22 @@ where
     if outcome.is_ok() && !batch.is_empty() {
         hand_over(&mut batch, &mut batch_bytes, [&hash_tx, &frame_tx], &mut check_tx).await;
     }
+    // The check refused the archive while its body was still coming (then read to its end).
+    let refused_early = check_tx.is_none();
     drop(check_tx);
     drop(hash_tx);
     drop(frame_tx);
     let checked = checker.await.expect("the archive check does not panic");
     let digest = hasher.await.expect("hashing does not panic");
     let frames = framer.await.expect("scanning frames does not panic");
+    // An archive refused already (its body was being read to its end) says more than the turn
+    // given up meanwhile: the client is not to send it again.
+    if refused_early
+        && matches!(outcome, Err(IngestError::Preempted))
+        && let Err(refused) = checked
+    {
+        return Err(IngestError::Unsafe(refused));
+    }
     outcome?;
     // The check reads its input to the end unless it refuses, so a check that stopped early
     // has an error here.

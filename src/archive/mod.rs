@@ -117,7 +117,7 @@ pub enum ArchiveError {
     TooLarge { limit: u64 },
     #[error(
         "the archive unpacks to more than {ratio} times the bytes sent for it once past its first GiB ({unpacked} \
-         bytes from {sent}): it would cost far more to check than it weighs"
+         bytes from its first {sent} compressed bytes): it would cost far more to check than it weighs"
     )]
     TooDense { unpacked: u64, sent: u64, ratio: u64 },
 }

@@ -2,7 +2,7 @@
 //! and how many uploads may wait for one, and how long.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +113,8 @@ impl Holder {
 pub struct Cut {
     stop: CancellationToken,
     read: Arc<AtomicBool>,
+    /// The body's bytes read so far.
+    bytes: Arc<AtomicU64>,
 }
 
 impl Cut {
@@ -124,6 +126,11 @@ impl Cut {
     /// The body has all been read: this turn is no longer one to cut.
     pub fn body_read(&self) {
         self.read.store(true, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes of the body read: of two turns to cut, the one with fewer goes.
+    pub fn read_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     fn reading(&self) -> bool {
@@ -261,32 +268,42 @@ impl Turns {
         Turn { turns: self, id, token, cut }
     }
 
-    /// When `waiting` (an upload of a client's) still waits and its token holds no turn, a turn
-    /// of the token holding the most is cut, if that holds two or more not given up already:
-    /// the newest whose body is still being read. Its upload stops at its next read, and the
-    /// turn goes to the first waiting upload that may take it. No cut while as many turns are
-    /// being given up as uploads of tokens holding none wait up to this one.
+    /// When `waiting` (an upload of a client's, the first of its token's waiting) still waits
+    /// and its token holds no turn, a turn of a token holding two or more not given up already
+    /// is cut: of the tokens holding the most, the turn still reading its body that has read
+    /// the least (the newest of equals). Its upload stops at its next read, and the turn goes
+    /// to the first waiting upload that may take it. No cut while as many turns are being
+    /// given up as tokens holding none wait up to this one, nor when the turn given up could
+    /// not be taken (the server's own hold one beyond the clients').
     fn cut_for(&self, waiting: &Turn) {
         let state = self.state();
         let Some(token) = waiting.token.as_deref() else { return };
         let holding = |state: &State, t: &str| state.holders.iter().filter(|h| h.token == t && !h.given_up()).count();
         let Some(at) = state.queue.iter().position(|w| w.id == waiting.id) else { return };
-        let starved =
-            state.queue.iter().take(at + 1).filter(|w| w.token.as_deref().is_some_and(|t| holding(&state, t) == 0));
-        let (starved, given_up) = (starved.count(), state.holders.iter().filter(|h| h.given_up()).count());
-        if holding(&state, token) > 0 || given_up >= starved {
+        let mut seen = HashSet::new();
+        let mut starved = 0;
+        for t in state.queue.iter().take(at + 1).filter_map(|w| w.token.as_deref()) {
+            if seen.insert(t) && holding(&state, t) == 0 {
+                starved += 1;
+            }
+        }
+        let first = state.queue.iter().find(|w| w.token.as_deref() == Some(token)).map(|w| w.id);
+        let given_up = state.holders.iter().filter(|h| h.given_up()).count();
+        let free_after = (self.size + given_up + 1).saturating_sub(state.held);
+        if first != Some(waiting.id) || holding(&state, token) > 0 || given_up >= starved || free_after == 0 {
             return;
         }
-        let most = state.holders.iter().map(|h| holding(&state, &h.token)).max().unwrap_or(0);
-        let newest = state
+        let candidate = state
             .holders
             .iter()
-            .rev()
-            .filter(|h| !h.cut.stop.is_cancelled() && h.cut.reading())
-            .find(|h| most >= 2 && holding(&state, &h.token) == most);
-        if let Some(newest) = newest {
-            tracing::info!(token = %newest.token, waiting = %token, "an upload gives its turn to another token's");
-            newest.cut.stop.cancel();
+            .enumerate()
+            .filter(|(_, h)| !h.cut.stop.is_cancelled() && h.cut.reading() && holding(&state, &h.token) >= 2)
+            .max_by_key(|&(at, h)| {
+                (holding(&state, &h.token), std::cmp::Reverse(h.cut.bytes.load(Ordering::Relaxed)), at)
+            });
+        if let Some((_, holder)) = candidate {
+            tracing::info!(token = %holder.token, waiting = %token, "an upload gives its turn to another token's");
+            holder.cut.stop.cancel();
         }
     }
 

@@ -379,10 +379,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every refused request (401, 403, 408, 409, 413, 422, and 429: a token or a source past its
-/// own limit) is recorded in the audit log, bounded ([`crate::refusals`]): who, what, why,
-/// from where; and counted in `release_refused_requests_total`. So is a 404 that answered for
-/// something outside the token's scope (code `out_of_scope`, with the real reason). Malformed
+/// Every refused request (401, 403, 408, 409, 413, 422, and 429: a token past its own limit)
+/// is recorded in the audit log, bounded ([`crate::refusals`]): who, what, why, from where;
+/// and counted in `release_refused_requests_total`. So is a 404 that answered for something
+/// outside the token's scope (code `out_of_scope`, with the real reason). Malformed
 /// requests (400), missing things (404), wrong methods (405) and the server's own want of room
 /// (503 `busy`: send it again later) are neither.
 async fn record_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {

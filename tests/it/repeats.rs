@@ -124,6 +124,8 @@ fn a_repeat_whose_bytes_are_purged_while_it_is_read_is_told_to_come_back() {
     assert_eq!(post(&server, &ci, "api", Some(&digest), &body).0, StatusCode::CREATED);
     assert_eq!(post(&server, &ci, "api", Some(&digest), &body).0, StatusCode::OK, "the repeat on record");
 
+    let events = || server.count("SELECT count(*) FROM audit_events WHERE action = 'artifact.upload'");
+    let on_record = events();
     // The next one is quiet: half its body sent, then its bytes purged.
     let mut quiet = raw::connect(&server.url);
     write!(
@@ -149,6 +151,7 @@ fn a_repeat_whose_bytes_are_purged_while_it_is_read_is_told_to_come_back() {
     assert_eq!((answer.status, answer.json()["error"]["code"].as_str()), (503, Some("busy")), "{answer:?}");
     assert!(answer.json()["error"]["message"].as_str().unwrap().contains("record changed"), "{answer:?}");
     assert!(answer.head.to_ascii_lowercase().contains("retry-after: "), "{}", answer.head);
+    assert_eq!(events(), on_record, "nothing recorded");
 
     // Sent again: checked, and the bytes are back.
     let (status, answer) = post(&server, &ci, "api", Some(&digest), &body);

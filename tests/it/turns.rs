@@ -165,8 +165,9 @@ fn a_client_still_sending_hears_that_its_turn_was_given_up() {
     let (server, [a, b, c, web]) = four_turns();
     let body = archive_of(200_000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let first = stalled_upload(&server.url, &a, &body, 1000);
-    trickle(&first, body[1000..].to_vec(), std::sync::Arc::clone(&stop));
+    // ci-a's first has sent more than the second will have: the second is the one cut.
+    let first = stalled_upload(&server.url, &a, &body, 150_000);
+    trickle(&first, body[150_000..].to_vec(), std::sync::Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(200));
     let sending = std::thread::spawn({
         let (url, body, stop) = (server.url.clone(), body.clone(), std::sync::Arc::clone(&stop));

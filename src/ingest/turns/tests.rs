@@ -1,4 +1,5 @@
-//! The turns' rules, one at a time, on futures polled by hand (`now_or_never`): no timing.
+//! The turns' rules, one at a time, on futures polled by hand (`now_or_never`), on a paused
+//! clock where a rule waits.
 
 use super::*;
 use futures::FutureExt;
@@ -196,6 +197,39 @@ async fn only_turns_still_reading_are_cut_and_a_cut_spent_is_made_again() {
     assert_eq!(cut(), [true, true, false], "cut again, on the one still reading");
     drop(a);
     assert!(d.now_or_never().expect("d's turn").is_ok());
+}
+
+/// The turn cut is the one that has read least, so that a token's upload nearly sent is not
+/// the one sent again; one cut for a token however many of its uploads wait; none when the
+/// turn given up could not be taken.
+#[tokio::test(start_paused = true)]
+async fn the_turn_cut_has_read_least_and_one_token_waiting_twice_cuts_once() {
+    let turns = turns(4, 4, 100);
+    let a = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+    let _others = [turns.take("b", WAIT).await.unwrap(), turns.take("c", WAIT).await.unwrap()];
+    a[1].cut().read_bytes(1 << 30);
+    let mut d =
+        [Box::pin(turns.take("d", Duration::from_secs(10))), Box::pin(turns.take("d", Duration::from_secs(10)))];
+    for w in &mut d {
+        assert!(w.now_or_never().is_none());
+    }
+    tokio::time::advance(Duration::from_secs(6)).await;
+    for w in &mut d {
+        assert!(w.now_or_never().is_none());
+    }
+    assert_eq!(a.each_ref().map(|t| t.cut().stop.is_cancelled()), [true, false], "the one that read least, once");
+
+    // Held one beyond the clients' by the server's own, a turn given up could not be taken.
+    let turns = super::tests::turns(4, 4, 100);
+    let a = [turns.take("a", WAIT).await.unwrap(), turns.take("a", WAIT).await.unwrap()];
+    let _b = turns.take("b", WAIT).await.unwrap();
+    let _own = [turns.take_own().await, turns.take_own().await];
+    assert_eq!(turns.running(), 5);
+    let mut e = Box::pin(turns.take("e", Duration::from_secs(10)));
+    assert!((&mut e).now_or_never().is_none());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!((&mut e).now_or_never().is_none());
+    assert_eq!(a.each_ref().map(|t| t.cut().stop.is_cancelled()), [false, false]);
 }
 
 /// An adoption is the server's own upload, asked for by a deploy's requester: it takes
