@@ -52,10 +52,10 @@ pub enum NoTurn {
 struct State {
     /// Turns held, the server's own included.
     held: usize,
-    /// Per token with an upload holding or waiting for a turn.
+    /// Per token with an upload waiting for a turn, or read without one.
     tokens: HashMap<String, Count>,
     queue: VecDeque<Waiter>,
-    /// Clients' turns held, oldest first.
+    /// Clients' turns held, oldest first: what a token holds.
     holders: Vec<Holder>,
     /// Waiting uploads whose place went to another token's ([`Turns::take_place`]), until
     /// their turn is dropped.
@@ -65,7 +65,6 @@ struct State {
 
 #[derive(Default)]
 struct Count {
-    holding: usize,
     waiting: usize,
     unread: usize,
 }
@@ -75,12 +74,15 @@ impl State {
     fn waiting(&self) -> usize {
         self.queue.iter().filter(|w| w.token.is_some()).count()
     }
-}
 
-impl Count {
-    /// Its uploads that hold or wait for a turn.
-    fn in_turn(&self) -> usize {
-        self.holding + self.waiting
+    /// Turns `token` holds.
+    fn holding(&self, token: &str) -> usize {
+        self.holders.iter().filter(|h| h.token == token).count()
+    }
+
+    /// Uploads of `token` that hold or wait for a turn.
+    fn in_turn(&self, token: &str) -> usize {
+        self.holding(token) + self.tokens.get(token).map_or(0, |c| c.waiting)
     }
 }
 
@@ -231,7 +233,7 @@ impl Turns {
     }
 
     fn may_count(&self, state: &State, token: &str) -> Result<(), NoTurn> {
-        let count = state.tokens.get(token).map_or(0, Count::in_turn);
+        let count = state.in_turn(token);
         if count >= self.per_token + self.waiting.per_token {
             return Err(NoTurn::TokenBusy { running: count, per_token: self.per_token });
         }
@@ -254,7 +256,7 @@ impl Turns {
 
     fn may_take(&self, state: &State, token: Option<&str>) -> bool {
         let Some(token) = token else { return state.held <= self.size };
-        let holding = state.tokens.get(token).map_or(0, |c| c.holding);
+        let holding = state.holding(token);
         // A token holding a turn leaves the last free one to a token holding none.
         let needed = if holding > 0 { 2 } else { 1 };
         holding < self.per_token && self.size.saturating_sub(state.held) >= needed
@@ -312,10 +314,8 @@ impl Turns {
     /// has at least two fewer: two tokens' uploads in a queue kept full once left every other
     /// token a `503` at once.
     fn take_place(&self, state: &mut State, token: &str) -> Option<()> {
-        let in_turn = |state: &State, waiter: &Waiter| {
-            waiter.token.as_deref().map_or(0, |t| state.tokens.get(t).map_or(0, Count::in_turn))
-        };
-        let mine = state.tokens.get(token).map_or(0, Count::in_turn);
+        let in_turn = |state: &State, waiter: &Waiter| waiter.token.as_deref().map_or(0, |t| state.in_turn(t));
+        let mine = state.in_turn(token);
         let most = state.queue.iter().map(|w| in_turn(state, w)).max()?;
         if most < mine + 2 {
             return None;
@@ -373,18 +373,15 @@ impl Drop for Turn<'_> {
             return;
         }
         let waited = state.queue.iter().position(|w| w.id == self.id).and_then(|at| state.queue.remove(at));
-        if waited.is_none() {
-            state.held -= 1;
-            state.holders.retain(|h| h.id != self.id);
+        match (&waited, &self.token) {
+            (Some(_), Some(token)) => state.tokens.get_mut(token).expect("a waiting token is counted").waiting -= 1,
+            (Some(_), None) => {}
+            (None, _) => {
+                state.held -= 1;
+                state.holders.retain(|h| h.id != self.id);
+            }
         }
         if let Some(token) = &self.token {
-            let count = state.tokens.get_mut(token).expect("a token holding or waiting is counted");
-            match waited {
-                Some(_) => {
-                    count.waiting -= 1;
-                }
-                None => count.holding -= 1,
-            }
             forget_if_idle(state, token);
         }
         if waited.is_none() {
@@ -414,14 +411,14 @@ impl Drop for Unread<'_> {
 fn hold(state: &mut State, id: u64, token: Option<&str>, cut: &Cut) {
     state.held += 1;
     if let Some(token) = token {
-        state.tokens.entry(token.to_owned()).or_default().holding += 1;
         state.holders.push(Holder { id, token: token.to_owned(), cut: cut.clone() });
     }
 }
 
-/// A token with nothing running or waiting is forgotten.
+/// A token with nothing waiting or read without a turn is forgotten (what it holds is in
+/// `holders`).
 fn forget_if_idle(state: &mut State, token: &str) {
-    if state.tokens.get(token).is_some_and(|c| c.in_turn() + c.unread == 0) {
+    if state.tokens.get(token).is_some_and(|c| c.waiting + c.unread == 0) {
         state.tokens.remove(token);
     }
 }

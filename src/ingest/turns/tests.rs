@@ -12,7 +12,10 @@ fn turns(size: u32, per_token: usize, all: usize) -> Turns {
 }
 
 fn counts(turns: &Turns, token: &str) -> Option<(usize, usize)> {
-    turns.state().tokens.get(token).map(|c| (c.holding, c.waiting))
+    let state = turns.state();
+    let waiting = state.tokens.get(token).map(|c| c.waiting);
+    let holding = state.holding(token);
+    (holding > 0 || waiting.is_some()).then_some((holding, waiting.unwrap_or(0)))
 }
 
 #[tokio::test]
